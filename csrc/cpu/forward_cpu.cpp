@@ -1,0 +1,163 @@
+// Fused forward on the CPU. Bytes moved: x is read once from memory (the plane or group is then
+// re-read from cache for the statistics and the gate) and out is written once, at the shuffled
+// channel; mean and rstd add 2 * acc_t per plane.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../dispatch.h"
+#include "../sa_math.h"
+#include "kernels_cpu.h"
+#include "vec_loops.h"
+
+namespace sa_cuda::cpu {
+namespace {
+
+// Work per parallel_for task of at least ~32K elements, so small planes are batched.
+inline int64_t grain_for(int64_t unit_elements) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, unit_elements));
+}
+
+template <typename scalar_t>
+struct Tensors {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  scalar_t* out;
+  acc_t* mean;
+  acc_t* rstd;
+  const acc_t* cw;  // channel_weight
+  const acc_t* cb;  // channel_bias
+  const acc_t* sw;  // spatial_weight
+  const acc_t* sb;  // spatial_bias
+  const acc_t* gw;  // gn_weight
+  const acc_t* gb;  // gn_bias
+
+  explicit Tensors(const ForwardParams& p)
+      : x(static_cast<const scalar_t*>(p.x)),
+        out(static_cast<scalar_t*>(p.out)),
+        mean(static_cast<acc_t*>(p.mean)),
+        rstd(static_cast<acc_t*>(p.rstd)),
+        cw(static_cast<const acc_t*>(p.channel_weight)),
+        cb(static_cast<const acc_t*>(p.channel_bias)),
+        sw(static_cast<const acc_t*>(p.spatial_weight)),
+        sb(static_cast<const acc_t*>(p.spatial_bias)),
+        gw(static_cast<const acc_t*>(p.gn_weight)),
+        gb(static_cast<const acc_t*>(p.gn_bias)) {}
+};
+
+// Official variant: the work unit is one plane (batch item b, channel c).
+template <typename scalar_t>
+void forward_per_channel(const ForwardParams& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+  const Tensors<scalar_t> t(p);
+  const int64_t C = p.channels, m = p.branch_channels, N = p.plane_size;
+  const acc_t eps = static_cast<acc_t>(p.eps);
+
+  at::parallel_for(0, p.batch * C, grain_for(N), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(kConvert ? 2 * N : 0);  // x plane in acc_t, result plane
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t b = plane / C, c = plane % C;
+      const ChannelRole role = channel_role(c, m);
+      const acc_t* x = as_acc(t.x + plane * N, N, scratch.data());
+      scalar_t* dst = t.out + (b * C + shuffle_dst(c, C)) * N;
+      acc_t* result = result_buffer(dst, kConvert ? scratch.data() + N : nullptr);
+
+      const PlaneStats<acc_t> st = plane_stats(x, N, eps);
+      t.mean[plane] = st.mean;
+      t.rstd[plane] = st.rstd;
+      if (!role.spatial) {
+        const acc_t s = sigmoid(t.cw[role.k] * st.mean + t.cb[role.k]);
+        for_each<acc_t>(N, [&](int64_t i, auto tag) {
+          using V = decltype(tag);
+          store(result + i, load<V>(x + i) * V(s));
+        });
+      } else {
+        const int64_t k = role.k;
+        const GateAffine<acc_t> g =
+            spatial_gate_affine(t.sw[k], t.sb[k], t.gw[k], t.gb[k], st.mean, st.rstd);
+        for_each<acc_t>(N, [&](int64_t i, auto tag) {
+          using V = decltype(tag);
+          const V xv = load<V>(x + i);
+          store(result + i, xv * sigmoid(V(g.a) * xv + V(g.b)));
+        });
+      }
+      finish_store(result, dst, N);
+    }
+  });
+}
+
+// Seed variant: the work unit is one branch of one (batch item, group): m planes coupled by the
+// 1x1 convolution. The m input planes are contiguous; the m output planes are not (shuffle).
+template <typename scalar_t>
+void forward_conv1x1(const ForwardParams& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+  const Tensors<scalar_t> t(p);
+  const int64_t C = p.channels, G = p.groups, m = p.branch_channels, N = p.plane_size;
+  const acc_t eps = static_cast<acc_t>(p.eps);
+
+  at::parallel_for(0, p.batch * G * 2, grain_for(m * N), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(kConvert ? 2 * m * N : 0);  // x planes in acc_t, result planes
+    std::vector<acc_t> mu(m), r(m), z(m), M(m * m);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / (2 * G), g = (unit / 2) % G;
+      const bool spatial = unit % 2 == 1;
+      const int64_t c0 = g * 2 * m + (spatial ? m : 0);  // first channel of the branch
+      const int64_t plane0 = b * C + c0;
+      const acc_t* x = as_acc(t.x + plane0 * N, m * N, scratch.data());
+      acc_t* result0 = kConvert ? scratch.data() + m * N : nullptr;
+      auto dst = [&](int64_t j) { return t.out + (b * C + shuffle_dst(c0 + j, C)) * N; };
+      auto result = [&](int64_t j) {
+        return result_buffer(dst(j), kConvert ? result0 + j * N : nullptr);
+      };
+
+      for (int64_t j = 0; j < m; ++j) {
+        const PlaneStats<acc_t> st = plane_stats(x + j * N, N, eps);
+        t.mean[plane0 + j] = mu[j] = st.mean;
+        t.rstd[plane0 + j] = r[j] = st.rstd;
+      }
+      if (!spatial) {
+        matvec(t.cw, mu.data(), t.cb, m, z.data());
+        for (int64_t j = 0; j < m; ++j) {
+          const acc_t s = sigmoid(z[j]);
+          const acc_t* xj = x + j * N;
+          acc_t* res = result(j);
+          for_each<acc_t>(N, [&](int64_t i, auto tag) {
+            using V = decltype(tag);
+            store(res + i, load<V>(xj + i) * V(s));
+          });
+        }
+      } else {
+        spatial_gate_affine_conv(t.sw, t.sb, t.gw, t.gb, mu.data(), r.data(), m, M.data(), z.data());
+        for_each<acc_t>(N, [&](int64_t i, auto tag) {
+          using V = decltype(tag);
+          for (int64_t j = 0; j < m; ++j) {
+            V zj(z[j]);
+            for (int64_t k = 0; k < m; ++k) zj = zj + V(M[j * m + k]) * load<V>(x + k * N + i);
+            store(result(j) + i, load<V>(x + j * N + i) * sigmoid(zj));
+          }
+        });
+      }
+      if constexpr (kConvert) {
+        for (int64_t j = 0; j < m; ++j) finish_store(result(j), dst(j), N);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& params) {
+  SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_forward_cpu", [&] {
+    if (variant == Variant::kPerChannel) {
+      forward_per_channel<scalar_t>(params);
+    } else {
+      forward_conv1x1<scalar_t>(params);
+    }
+  });
+}
+
+}  // namespace sa_cuda::cpu

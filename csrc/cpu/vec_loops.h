@@ -1,0 +1,123 @@
+// Loop skeletons for the CPU kernels: a vector body over at::vec::Vectorized<acc_t> lanes and a
+// scalar tail that calls the same generic lambda with V = acc_t, so each formula is written once.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+
+#include "../sa_math.h"
+
+namespace sa_cuda::cpu {
+
+template <typename V>
+struct is_vec : std::false_type {};
+template <typename T>
+struct is_vec<at::vec::Vectorized<T>> : std::true_type {};
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  if constexpr (is_vec<V>::value) {
+    return V::loadu(p);
+  } else {
+    return *p;
+  }
+}
+
+template <typename V, typename T>
+inline void store(T* p, const V& v) {
+  if constexpr (is_vec<V>::value) {
+    v.store(p);
+  } else {
+    *p = v;
+  }
+}
+
+// f(i, V{}) for every element i of [0, n): full vectors first, then a scalar tail.
+template <typename acc_t, typename F>
+inline void for_each(int64_t n, const F& f) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) f(i, Vec());
+  for (; i < n; ++i) f(i, acc_t());
+}
+
+// sum over i of term(i, V{}): two vector accumulators (latency), lanes summed once at the end.
+template <typename acc_t, typename F>
+inline acc_t sum_over(int64_t n, const F& term) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t L = Vec::size();
+  Vec acc0(0), acc1(0);
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    acc0 = acc0 + term(i, Vec());
+    acc1 = acc1 + term(i + L, Vec());
+  }
+  for (; i + L <= n; i += L) acc0 = acc0 + term(i, Vec());
+  acc_t tail = 0;
+  for (; i < n; ++i) tail += term(i, acc_t());
+  alignas(64) acc_t lanes[L];
+  (acc0 + acc1).store(lanes);
+  acc_t total = 0;
+  for (int64_t l = 0; l < L; ++l) total += lanes[l];
+  return total + tail;
+}
+
+// A plane (or any run of elements) as acc_t values: the tensor's own memory when the dtype is
+// already acc_t, otherwise one converting read into the caller's scratch buffer.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* scratch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    at::vec::convert(src, scratch, n);
+    return scratch;
+  }
+}
+
+// Where to compute a result plane in acc_t: straight into the output when the dtype is acc_t,
+// else into scratch, followed by finish_store (one converting write).
+template <typename scalar_t, typename acc_t>
+inline acc_t* result_buffer(scalar_t* dst, acc_t* scratch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return dst;
+  } else {
+    return scratch;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void finish_store(const acc_t* result, scalar_t* dst, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(result, dst, n);
+}
+
+// Mean and centered variance (two passes over data that is in cache; never E[x^2] - mu^2).
+template <typename acc_t>
+struct PlaneStats {
+  acc_t mean;
+  acc_t rstd;
+};
+
+template <typename acc_t>
+inline PlaneStats<acc_t> plane_stats(const acc_t* x, int64_t n, acc_t eps) {
+  const acc_t mean = sum_over<acc_t>(n, [&](int64_t i, auto tag) {
+    return load<decltype(tag)>(x + i);
+  }) / acc_t(n);
+  const acc_t var = sum_over<acc_t>(n, [&](int64_t i, auto tag) {
+    using V = decltype(tag);
+    const V d = load<V>(x + i) - V(mean);
+    return d * d;
+  }) / acc_t(n);
+  return PlaneStats<acc_t>{mean, rstd_from_var(var, eps)};
+}
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  return sum_over<acc_t>(n, [&](int64_t i, auto tag) {
+    using V = decltype(tag);
+    return load<V>(a + i) * load<V>(b + i);
+  });
+}
+
+}  // namespace sa_cuda::cpu

@@ -1,0 +1,68 @@
+// Host side of the sa_cuda ops, shared by every backend: argument checks, allocation, filling the
+// params struct, and the final fixed-order reduction of the parameter-gradient partials.
+// A backend (CPU, CUDA) supplies only its kernel launchers.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+#include "sa_params.h"
+
+namespace sa_cuda {
+
+using ForwardLauncher = void (*)(Variant, c10::ScalarType, const ForwardParams&);
+using BackwardLauncher = void (*)(Variant, c10::ScalarType, const BackwardParams&);
+
+// Parameters in the order of the op schemas: channel weight, channel bias, spatial weight,
+// spatial bias, gn weight, gn bias (cweight, cbias, sweight, sbias, gn.weight, gn.bias for the
+// per-channel variant; affine1.weight, affine1.bias, affine2.weight, affine2.bias, gn.weight,
+// gn.bias for the 1x1-conv variant).
+struct LayerParams {
+  at::Tensor channel_weight, channel_bias, spatial_weight, spatial_bias, gn_weight, gn_bias;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(Variant variant, const at::Tensor& x,
+                                                           int64_t groups, const LayerParams& params,
+                                                           double eps, ForwardLauncher launch);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+run_backward(Variant variant, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+             const at::Tensor& rstd, int64_t groups, const LayerParams& params, BackwardLauncher launch);
+
+// Registers the four ops of one dispatch key (CPU, CUDA) with that backend's launchers.
+#define SA_REGISTER_BACKEND(KEY, FORWARD_LAUNCHER, BACKWARD_LAUNCHER)                              \
+  TORCH_LIBRARY_IMPL(sa_cuda, KEY, m) {                                                             \
+    m.impl("sa_layer_forward", [](const at::Tensor& x, int64_t groups, const at::Tensor& cw,        \
+                                  const at::Tensor& cb, const at::Tensor& sw, const at::Tensor& sb, \
+                                  const at::Tensor& gw, const at::Tensor& gb, double eps) {         \
+      return ::sa_cuda::run_forward(::sa_cuda::Variant::kPerChannel, x, groups,                     \
+                                    {cw, cb, sw, sb, gw, gb}, eps, FORWARD_LAUNCHER);               \
+    });                                                                                             \
+    m.impl("shuffle_attention_forward",                                                             \
+           [](const at::Tensor& x, int64_t groups, const at::Tensor& w1, const at::Tensor& b1,      \
+              const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& gw,                     \
+              const at::Tensor& gb, double eps) {                                                   \
+             return ::sa_cuda::run_forward(::sa_cuda::Variant::kConv1x1, x, groups,                 \
+                                           {w1, b1, w2, b2, gw, gb}, eps, FORWARD_LAUNCHER);        \
+           });                                                                                      \
+    m.impl("sa_layer_backward",                                                                     \
+           [](const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,              \
+              const at::Tensor& rstd, int64_t groups, const at::Tensor& cw, const at::Tensor& cb,   \
+              const at::Tensor& sw, const at::Tensor& sb, const at::Tensor& gw,                     \
+              const at::Tensor& gb) {                                                               \
+             return ::sa_cuda::run_backward(::sa_cuda::Variant::kPerChannel, grad_out, x, mean,     \
+                                            rstd, groups, {cw, cb, sw, sb, gw, gb},                 \
+                                            BACKWARD_LAUNCHER);                                     \
+           });                                                                                      \
+    m.impl("shuffle_attention_backward",                                                            \
+           [](const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,              \
+              const at::Tensor& rstd, int64_t groups, const at::Tensor& w1, const at::Tensor& b1,   \
+              const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& gw,                     \
+              const at::Tensor& gb) {                                                               \
+             return ::sa_cuda::run_backward(::sa_cuda::Variant::kConv1x1, grad_out, x, mean, rstd,  \
+                                            groups, {w1, b1, w2, b2, gw, gb}, BACKWARD_LAUNCHER);   \
+           });                                                                                      \
+  }
+
+}  // namespace sa_cuda

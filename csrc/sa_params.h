@@ -1,0 +1,58 @@
+// Plain parameter structs filled by the host code (csrc/ops.cpp) and read by every kernel.
+//
+// Layouts (all contiguous):
+//   x, out, grad_out, grad_x   [B, C, N] in the input dtype (N = H * W)
+//   mean, rstd                 [B, C] in acc_t (float; double for float64 input)
+//   parameters                 acc_t; per-channel variant: every tensor (m);
+//                              1x1-conv variant: channel_weight/spatial_weight (m, m) as
+//                              [out, in], the biases and gn_weight/gn_bias (m)
+//   backward partials          acc_t, one slot per (batch item, group), reduced on the host side
+//                              in a fixed order (no float atomics):
+//     gate_grad   [B, G, m]       dL/dz of the channel gate
+//     t_sum       [B, G, m]       sum_p t_j(p)              (t = dL/dz of the spatial gate)
+//     t_xh        [B, G, m]       sum_p t_k(p) xh_k(p)       (per-channel variant)
+//                 [B, G, m, m]    sum_p t_j(p) xh_i(p)       (1x1-conv variant, [j, i])
+#pragma once
+
+#include <cstdint>
+
+namespace sa_cuda {
+
+enum class Variant {
+  kPerChannel,  // SALayer: cweight/cbias/sweight/sbias per channel (the paper's official layer)
+  kConv1x1,     // ShuffleAttention: affine1/affine2 1x1 convolutions (the seed's layer)
+};
+
+struct ForwardParams {
+  int64_t batch;
+  int64_t channels;
+  int64_t groups;
+  int64_t branch_channels;  // m = C / (2G)
+  int64_t plane_size;       // N = H * W
+  double eps;
+
+  const void* x;
+  void* out;
+  void* mean;
+  void* rstd;
+
+  const void* channel_weight;
+  const void* channel_bias;
+  const void* spatial_weight;
+  const void* spatial_bias;
+  const void* gn_weight;
+  const void* gn_bias;
+};
+
+struct BackwardParams {
+  ForwardParams fwd;  // shapes, x, parameters; mean/rstd read (saved by the forward); out unused
+
+  const void* grad_out;
+  void* grad_x;
+
+  void* gate_grad;
+  void* t_sum;
+  void* t_xh;
+};
+
+}  // namespace sa_cuda

@@ -1,0 +1,24 @@
+"""sa_cuda: fused Shuffle Attention (SA-Net, Zhang & Yang, ICASSP 2021) for PyTorch.
+
+- ``sa_cuda.SALayer`` / ``sa_cuda.ShuffleAttention``: drop-in modules (official / seed variant).
+- ``sa_cuda.sa_layer`` / ``sa_cuda.shuffle_attention``: functionals over explicit parameters.
+- ``sa_cuda.reference``: the pure-PyTorch layers, the ground truth.
+- ``torch.ops.sa_cuda.*``: the registered ops (see sa_cuda.ops).
+"""
+
+from . import _C, reference
+from .modules import SALayer, ShuffleAttention
+from .ops import ShuffleAttentionFunction, fused_available, sa_layer, shuffle_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SALayer",
+    "ShuffleAttention",
+    "ShuffleAttentionFunction",
+    "fused_available",
+    "reference",
+    "sa_layer",
+    "shuffle_attention",
+    "__version__",
+]

@@ -30,9 +30,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 run_backward(Variant variant, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
              const at::Tensor& rstd, int64_t groups, const LayerParams& params, BackwardLauncher launch);
 
+// Defines the four op schemas in a TORCH_LIBRARY block (namespace sa_cuda, or sa_cuda_emu for the
+// emulation build of the CUDA kernels).
+#define SA_DEFINE_OPS(m)                                                                      \
+  m.def(                                                                                  \
+  "sa_layer_forward(Tensor x, int groups, Tensor cweight, Tensor cbias, Tensor sweight, " \
+  "Tensor sbias, Tensor gn_weight, Tensor gn_bias, float eps) -> (Tensor, Tensor, Tensor)");\
+  m.def(                                                                                  \
+  "sa_layer_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, int groups, "   \
+  "Tensor cweight, Tensor cbias, Tensor sweight, Tensor sbias, Tensor gn_weight, "        \
+  "Tensor gn_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");         \
+  m.def(                                                                                  \
+  "shuffle_attention_forward(Tensor x, int groups, Tensor affine1_weight, "               \
+  "Tensor affine1_bias, Tensor affine2_weight, Tensor affine2_bias, Tensor gn_weight, "   \
+  "Tensor gn_bias, float eps) -> (Tensor, Tensor, Tensor)");                              \
+  m.def(                                                                                  \
+  "shuffle_attention_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, "      \
+  "int groups, Tensor affine1_weight, Tensor affine1_bias, Tensor affine2_weight, "       \
+  "Tensor affine2_bias, Tensor gn_weight, Tensor gn_bias) -> (Tensor, Tensor, Tensor, "   \
+  "Tensor, Tensor, Tensor, Tensor)");                                                     \
+  static_assert(true)
+
 // Registers the four ops of one dispatch key (CPU, CUDA) with that backend's launchers.
-#define SA_REGISTER_BACKEND(KEY, FORWARD_LAUNCHER, BACKWARD_LAUNCHER)                              \
-  TORCH_LIBRARY_IMPL(sa_cuda, KEY, m) {                                                             \
+#define SA_REGISTER_BACKEND(NS, KEY, FORWARD_LAUNCHER, BACKWARD_LAUNCHER)                              \
+  TORCH_LIBRARY_IMPL(NS, KEY, m) {                                                             \
     m.impl("sa_layer_forward", [](const at::Tensor& x, int64_t groups, const at::Tensor& cw,        \
                                   const at::Tensor& cb, const at::Tensor& sw, const at::Tensor& sb, \
                                   const at::Tensor& gw, const at::Tensor& gb, double eps) {         \

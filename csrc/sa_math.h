@@ -96,37 +96,65 @@ SA_HOST_DEVICE GateAffine<T> spatial_gate_affine(T sw, T sb, T gw, T gb, T mu, T
 
 // 1x1-conv variant: z(p) = W2 (gw * xh(p) + gb) + b2 folded into z(p) = M x(p) + c with
 // M = W2 diag(gw * r) and c = b2 + W2 (gb - gw * r * mu); W2 is [out j, in i], row-major.
+// One output row j: writes M[j, :] and returns c[j].
+template <typename T>
+SA_HOST_DEVICE T spatial_gate_affine_row(const T* w2, const T* b2, const T* gw, const T* gb,
+                                         const T* mu, const T* r, int64_t m, int64_t j, T* M) {
+  T cj = b2[j];
+  for (int64_t i = 0; i < m; ++i) {
+    M[j * m + i] = w2[j * m + i] * gw[i] * r[i];
+    cj += w2[j * m + i] * (gb[i] - gw[i] * r[i] * mu[i]);
+  }
+  return cj;
+}
+
 template <typename T>
 SA_HOST_DEVICE void spatial_gate_affine_conv(const T* w2, const T* b2, const T* gw, const T* gb,
                                              const T* mu, const T* r, int64_t m, T* M, T* c) {
-  for (int64_t j = 0; j < m; ++j) {
-    T cj = b2[j];
-    for (int64_t i = 0; i < m; ++i) {
-      M[j * m + i] = w2[j * m + i] * gw[i] * r[i];
-      cj += w2[j * m + i] * (gb[i] - gw[i] * r[i] * mu[i]);
-    }
-    c[j] = cj;
-  }
+  for (int64_t j = 0; j < m; ++j) c[j] = spatial_gate_affine_row(w2, b2, gw, gb, mu, r, m, j, M);
 }
 
-// y = W v + bias (bias may be null), W [m, m] row-major.
+// (W v + bias)[j] (bias may be null) and (W^T v)[i], W [m, m] row-major.
+template <typename T>
+SA_HOST_DEVICE T matvec_row(const T* W, const T* v, const T* bias, int64_t m, int64_t j) {
+  T acc = bias ? bias[j] : T(0);
+  for (int64_t i = 0; i < m; ++i) acc += W[j * m + i] * v[i];
+  return acc;
+}
+
+template <typename T>
+SA_HOST_DEVICE T matvec_t_row(const T* W, const T* v, int64_t m, int64_t i) {
+  T acc = T(0);
+  for (int64_t j = 0; j < m; ++j) acc += W[j * m + i] * v[j];
+  return acc;
+}
+
 template <typename T>
 SA_HOST_DEVICE void matvec(const T* W, const T* v, const T* bias, int64_t m, T* y) {
-  for (int64_t j = 0; j < m; ++j) {
-    T acc = bias ? bias[j] : T(0);
-    for (int64_t i = 0; i < m; ++i) acc += W[j * m + i] * v[i];
-    y[j] = acc;
-  }
+  for (int64_t j = 0; j < m; ++j) y[j] = matvec_row(W, v, bias, m, j);
 }
 
-// y = W^T v, W [m, m] row-major.
 template <typename T>
 SA_HOST_DEVICE void matvec_t(const T* W, const T* v, int64_t m, T* y) {
-  for (int64_t i = 0; i < m; ++i) {
-    T acc = T(0);
-    for (int64_t j = 0; j < m; ++j) acc += W[j * m + i] * v[j];
-    y[i] = acc;
-  }
+  for (int64_t i = 0; i < m; ++i) y[i] = matvec_t_row(W, v, m, i);
+}
+
+// Per-plane backward of the per-channel variant as one element-wise formula for both branches:
+//   dx = gu * s + alpha * t + beta + gamma * xh,   t = gu * x * s (1 - s),
+// given T1 = sum_p t and T2 = sum_p t * xh over the plane. The channel branch has a constant gate
+// s (so T1 = sum(gu x) s (1 - s) = dz): alpha = gamma = 0, beta = cw * dz / N. The spatial branch
+// has dy = sw * t: alpha = gw r sw, beta = -alpha T1 / N, gamma = -alpha T2 / N.
+template <typename T>
+struct PlaneGradCoeffs {
+  T alpha, beta, gamma;
+};
+
+template <typename T>
+SA_HOST_DEVICE PlaneGradCoeffs<T> plane_grad_coeffs(bool spatial, T cw, T sw, T gw, T r, T T1, T T2,
+                                                    T inv_n) {
+  if (!spatial) return PlaneGradCoeffs<T>{T(0), cw * T1 * inv_n, T(0)};
+  const T alpha = gw * r * sw;
+  return PlaneGradCoeffs<T>{alpha, -alpha * T1 * inv_n, -alpha * T2 * inv_n};
 }
 
 template <typename T>

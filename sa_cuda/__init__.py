@@ -6,6 +6,8 @@
 - ``torch.ops.sa_cuda.*``: the registered ops (see sa_cuda.ops).
 """
 
+import torch  # noqa: F401  (loads libtorch before the extension)
+
 from . import _C, reference
 from .modules import SALayer, ShuffleAttention
 from .ops import ShuffleAttentionFunction, fused_available, sa_layer, shuffle_attention

@@ -144,8 +144,10 @@ def _fake_forward(x, groups, *params_and_eps):
 
 
 def _fake_backward(grad_out, x, mean, rstd, groups, *params):
+    # The real kernel returns every gradient contiguous (also for a non-contiguous parameter, e.g.
+    # a transposed (m, m) weight): plain empty_like(p) would keep p's strides and mislead Inductor.
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            *(torch.empty_like(p) for p in params))
+            *(torch.empty_like(p, memory_format=torch.contiguous_format) for p in params))
 
 
 for _name in _OPS:

@@ -1,0 +1,23 @@
+// Defines SA_GPU_NS::forward (included once per build: forward.cu, and the emulation build).
+#pragma once
+
+#include "../dispatch.h"
+#include "launch_common.cuh"
+#include "plane_forward.cuh"
+
+namespace sa_cuda::SA_GPU_NS {
+
+void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& f) {
+  SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_forward_cuda", [&] {
+    if (variant == Variant::kPerChannel) {
+      launch_planes<scalar_t>(f, f, aligned16(f.x) && aligned16(f.out), [](auto warp, auto vec, auto packs) {
+        return &plane_forward_kernel<scalar_t, decltype(warp)::value, decltype(vec)::value,
+                                     decltype(packs)::value>;
+      });
+    } else {
+      launch_groups<scalar_t>(f, f, false, &group_forward_kernel<scalar_t>);
+    }
+  });
+}
+
+}  // namespace sa_cuda::SA_GPU_NS

@@ -1,0 +1,16 @@
+// Test-only build of the CUDA kernels for the CPU SIMT emulator (csrc/cuda/emulator.h): the same
+// kernel source and launch code as csrc/cuda/*.cu, compiled by the host compiler, registered as
+// torch.ops.sa_cuda_emu.* (the sa_cuda schemas) for CPU tensors. Built by tests/emulation.py.
+#include <torch/library.h>
+
+#include "../cuda/backward_launch.cuh"
+#include "../cuda/forward_launch.cuh"
+#include "../ops.h"
+
+namespace sa_cuda {
+
+TORCH_LIBRARY(sa_cuda_emu, m) { SA_DEFINE_OPS(m); }
+
+SA_REGISTER_BACKEND(sa_cuda_emu, CPU, &emulated::forward, &emulated::backward)
+
+}  // namespace sa_cuda

@@ -1,0 +1,177 @@
+// Backend-independent host code of the sa_cuda ops (declared in ops.h).
+#include "ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/core/DeviceGuard.h>
+
+namespace sa_cuda {
+namespace {
+
+const char* param_name(Variant variant, int index) {
+  static const char* per_channel[] = {"cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias"};
+  static const char* conv[] = {"affine1_weight", "affine1_bias", "affine2_weight", "affine2_bias",
+                               "gn_weight", "gn_bias"};
+  return variant == Variant::kPerChannel ? per_channel[index] : conv[index];
+}
+
+struct Shape {
+  int64_t B, C, G, m, N;
+};
+
+Shape check_input(const at::Tensor& x, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, "sa_cuda: x must be 4-D [B, C, H, W], got ", x.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "sa_cuda: x must be float64, float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(groups >= 1, "sa_cuda: groups must be >= 1, got ", groups);
+  const int64_t C = x.size(1);
+  TORCH_CHECK(C % (2 * groups) == 0, "sa_cuda: C (", C, ") must be divisible by 2 * groups (2 * ",
+              groups, ")");
+  TORCH_CHECK(C > 0, "sa_cuda: C must be positive");
+  const int64_t N = x.size(2) * x.size(3);
+  TORCH_CHECK(N >= 1, "sa_cuda: H * W must be >= 1, got ", x.size(2), " x ", x.size(3));
+  return Shape{x.size(0), C, groups, C / (2 * groups), N};
+}
+
+// Parameters in acc_t (float; double for float64 input), contiguous, on x's device.
+std::vector<at::Tensor> acc_params(Variant variant, const LayerParams& p, const at::Tensor& x,
+                                   int64_t m) {
+  const at::Tensor all[] = {p.channel_weight, p.channel_bias, p.spatial_weight,
+                            p.spatial_bias,   p.gn_weight,    p.gn_bias};
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  std::vector<at::Tensor> out;
+  for (int i = 0; i < 6; ++i) {
+    const at::Tensor& t = all[i];
+    const bool is_matrix = variant == Variant::kConv1x1 && (i == 0 || i == 2);
+    const int64_t expected = is_matrix ? m * m : m;
+    TORCH_CHECK(t.defined(), "sa_cuda: ", param_name(variant, i), " is undefined");
+    TORCH_CHECK(t.device() == x.device(), "sa_cuda: ", param_name(variant, i), " is on ",
+                t.device(), " but x is on ", x.device());
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), "sa_cuda: ", param_name(variant, i),
+                " must be a floating tensor, got ", t.scalar_type());
+    TORCH_CHECK(t.numel() == expected, "sa_cuda: ", param_name(variant, i), " must have ",
+                expected, " elements (m = C / (2 * groups) = ", m, "), got shape ", t.sizes());
+    out.push_back(t.to(acc).contiguous().view(-1));
+  }
+  return out;
+}
+
+ForwardParams fill_forward(const Shape& s, double eps, const at::Tensor& x,
+                           const std::vector<at::Tensor>& p) {
+  ForwardParams f{};
+  f.batch = s.B;
+  f.channels = s.C;
+  f.groups = s.G;
+  f.branch_channels = s.m;
+  f.plane_size = s.N;
+  f.eps = eps;
+  f.x = x.const_data_ptr();
+  f.channel_weight = p[0].const_data_ptr();
+  f.channel_bias = p[1].const_data_ptr();
+  f.spatial_weight = p[2].const_data_ptr();
+  f.spatial_bias = p[3].const_data_ptr();
+  f.gn_weight = p[4].const_data_ptr();
+  f.gn_bias = p[5].const_data_ptr();
+  return f;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(Variant variant, const at::Tensor& x_in,
+                                                           int64_t groups, const LayerParams& params,
+                                                           double eps, ForwardLauncher launch) {
+  const Shape s = check_input(x_in, groups);
+  const c10::DeviceGuard device_guard(x_in.device());  // kernels launch on x's device
+  TORCH_CHECK(eps >= 0, "sa_cuda: eps must be >= 0, got ", eps);
+  const auto p = acc_params(variant, params, x_in, s.m);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor mean = at::empty({s.B, s.C}, p[0].options());
+  at::Tensor rstd = at::empty({s.B, s.C}, p[0].options());
+  if (x.numel() == 0) return {out, mean, rstd};
+
+  ForwardParams f = fill_forward(s, eps, x, p);
+  f.out = out.mutable_data_ptr();
+  f.mean = mean.mutable_data_ptr();
+  f.rstd = rstd.mutable_data_ptr();
+  launch(variant, x.scalar_type(), f);
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+run_backward(Variant variant, const at::Tensor& grad_out_in, const at::Tensor& x_in,
+             const at::Tensor& mean_in, const at::Tensor& rstd_in, int64_t groups,
+             const LayerParams& params, BackwardLauncher launch) {
+  const Shape s = check_input(x_in, groups);
+  const c10::DeviceGuard device_guard(x_in.device());
+  const auto p = acc_params(variant, params, x_in, s.m);
+  TORCH_CHECK(grad_out_in.sizes() == x_in.sizes(), "sa_cuda: grad_out must have x's shape ",
+              x_in.sizes(), ", got ", grad_out_in.sizes());
+  TORCH_CHECK(grad_out_in.device() == x_in.device(), "sa_cuda: grad_out is on ",
+              grad_out_in.device(), " but x is on ", x_in.device());
+  for (const auto* stat : {&mean_in, &rstd_in}) {
+    TORCH_CHECK(stat->sizes() == at::IntArrayRef({s.B, s.C}) &&
+                    stat->scalar_type() == p[0].scalar_type() && stat->device() == x_in.device(),
+                "sa_cuda: mean and rstd must be the forward's [B, C] ", p[0].scalar_type(),
+                " statistics on x's device, got ", stat->sizes(), " ", stat->scalar_type());
+  }
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.to(x.scalar_type()).contiguous();
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+
+  // Per-(batch item, group) partials of the parameter gradients (layout in sa_params.h).
+  const auto opts = p[0].options();
+  const int64_t t_xh_width = variant == Variant::kConv1x1 ? s.m * s.m : s.m;
+  at::Tensor gate_grad = at::zeros({s.B * s.G, s.m}, opts);
+  at::Tensor t_sum = at::zeros({s.B * s.G, s.m}, opts);
+  at::Tensor t_xh = at::zeros({s.B * s.G, t_xh_width}, opts);
+
+  if (x.numel() > 0) {
+    BackwardParams b{};
+    b.fwd = fill_forward(s, 0.0, x, p);
+    b.fwd.mean = const_cast<void*>(mean.const_data_ptr());
+    b.fwd.rstd = const_cast<void*>(rstd.const_data_ptr());
+    b.grad_out = grad_out.const_data_ptr();
+    b.grad_x = grad_x.mutable_data_ptr();
+    b.gate_grad = gate_grad.mutable_data_ptr();
+    b.t_sum = t_sum.mutable_data_ptr();
+    b.t_xh = t_xh.mutable_data_ptr();
+    launch(variant, x.scalar_type(), b);
+  }
+
+  // Fixed-order reduction over (batch item, group) in float64, then the per-parameter formulas
+  // (DESIGN.md sections 2-3). All operands are [m] or [m, m]: negligible next to the kernels.
+  const at::Tensor mu_c =
+      mean.view({s.B * s.G, 2, s.m}).select(1, 0).to(at::kDouble);  // channel-branch plane means
+  const at::Tensor dz = gate_grad.to(at::kDouble);
+  const at::Tensor T1 = t_sum.to(at::kDouble).sum(0);               // [m]: sum_p t_j
+  const at::Tensor A = t_xh.to(at::kDouble).sum(0);                 // [m] or [m*m]: sum_p t_j xh_i
+  const at::Tensor sw = p[2].to(at::kDouble), gw = p[4].to(at::kDouble), gb = p[5].to(at::kDouble);
+  at::Tensor d_cw, d_sw, d_gw, d_gb;
+  if (variant == Variant::kPerChannel) {
+    d_cw = (dz * mu_c).sum(0);
+    d_sw = gw * A + gb * T1;
+    d_gw = sw * A;
+    d_gb = sw * T1;
+  } else {
+    const at::Tensor A2 = A.view({s.m, s.m}), W2 = sw.view({s.m, s.m});
+    d_cw = at::mm(dz.t(), mu_c);                                      // [j, i] = sum dz_j mu_i
+    d_sw = A2 * gw.view({1, s.m}) + T1.view({s.m, 1}) * gb.view({1, s.m});
+    d_gw = (W2 * A2).sum(0);
+    d_gb = (W2 * T1.view({s.m, 1})).sum(0);
+  }
+  const at::Tensor d_cb = dz.sum(0), d_sb = T1;
+  auto as_param = [](const at::Tensor& g, const at::Tensor& like) {
+    return g.reshape(like.sizes()).to(like.scalar_type());
+  };
+  return {grad_x,
+          as_param(d_cw, params.channel_weight),
+          as_param(d_cb, params.channel_bias),
+          as_param(d_sw, params.spatial_weight),
+          as_param(d_sb, params.spatial_bias),
+          as_param(d_gw, params.gn_weight),
+          as_param(d_gb, params.gn_bias)};
+}
+
+}  // namespace sa_cuda

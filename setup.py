@@ -9,6 +9,7 @@ Environment (all optional):
                     building machine's CPU has AVX2 and FMA (the import refuses to run AVX2 kernels
                     on a CPU without them), else the portable build.
   SA_CUDA_NO_CUDA   1: build the CPU kernels only.
+  SA_CUDA_REQUIRE_CUDA  1: fail unless the CUDA kernels are built (CI sets it).
   CUDA_HOME         the CUDA toolkit to build with.
   TORCH_CUDA_ARCH_LIST, MAX_JOBS   as for any torch extension.
 """
@@ -55,10 +56,15 @@ def find_cuda_home():
 
 
 def with_cuda():
+    required = os.environ.get("SA_CUDA_REQUIRE_CUDA", "0") == "1"
     if os.environ.get("SA_CUDA_NO_CUDA", "0") == "1" or torch.version.cuda is None:
+        if required:
+            raise RuntimeError("SA_CUDA_REQUIRE_CUDA=1 but torch is not a CUDA build (or SA_CUDA_NO_CUDA=1)")
         return None
     home = find_cuda_home()
     if home is None:
+        if required:
+            raise RuntimeError("SA_CUDA_REQUIRE_CUDA=1 but no CUDA toolkit (nvcc) was found")
         print("sa_cuda: torch is a CUDA build but no CUDA toolkit (nvcc) was found: CPU kernels only")
         return None
     os.environ["CUDA_HOME"] = home  # read by torch.utils.cpp_extension at import

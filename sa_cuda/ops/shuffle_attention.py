@@ -19,11 +19,15 @@ from .. import _C  # noqa: F401  (loads the library that registers the ops)
 
 __all__ = ["sa_layer", "shuffle_attention", "fused_available", "ShuffleAttentionFunction"]
 
-_OPS = {
-    "sa_layer": (torch.ops.sa_cuda.sa_layer_forward, torch.ops.sa_cuda.sa_layer_backward),
-    "shuffle_attention": (torch.ops.sa_cuda.shuffle_attention_forward,
-                          torch.ops.sa_cuda.shuffle_attention_backward),
-}
+_VARIANTS = ("sa_layer", "shuffle_attention")
+
+
+def _ops(variant: str):
+    """(forward op, backward op) of "sa_layer" or "shuffle_attention"; "namespace::variant" picks
+    another library with the same schemas (the tests' sa_cuda_emu, the emulated CUDA kernels)."""
+    namespace, _, name = variant.rpartition("::")
+    library = getattr(torch.ops, namespace or "sa_cuda")
+    return getattr(library, f"{name}_forward"), getattr(library, f"{name}_backward")
 
 # Parameter names in op order, and whether each is an (m, m) matrix (else it holds m values).
 _PARAMS = {
@@ -35,13 +39,20 @@ _PARAMS = {
 }
 
 
+_DISPATCH_KEYS = {"meta": "Meta", "privateuseone": "PrivateUse1"}
+
+
 def fused_available(device: torch.device | str) -> bool:
     """True when the fused kernels are built for ``device``'s type (CPU always; CUDA when built)."""
     device_type = torch.device(device).type
     if device_type == "cpu":
         return True
-    return torch._C._dispatch_has_kernel_for_dispatch_key(
-        "sa_cuda::sa_layer_forward", device_type.upper())
+    # Dispatch key names are not always the upper-cased device type ("meta" -> "Meta").
+    key = _DISPATCH_KEYS.get(device_type, device_type.upper())
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("sa_cuda::sa_layer_forward", key)
+    except RuntimeError:  # no dispatch key of that name: no fused kernel for this device type
+        return False
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -87,13 +98,14 @@ def _check(variant: str, x: Tensor, groups: int, params: tuple, eps: float) -> N
 class ShuffleAttentionFunction(torch.autograd.Function):
     """Autograd over the fused ops: saves x and the per-plane mean/rstd, nothing else.
 
-    ``apply(variant, x, groups, eps, *params)`` with variant "sa_layer" or "shuffle_attention".
+    ``apply(variant, x, groups, eps, *params)`` with variant "sa_layer" or "shuffle_attention"
+    (optionally prefixed by an op namespace, see ``_ops``).
     Double backward is not supported (the backward is a fused kernel, not differentiable).
     """
 
     @staticmethod
     def forward(ctx, variant: str, x: Tensor, groups: int, eps: float, *params: Tensor) -> Tensor:
-        out, mean, rstd = _OPS[variant][0](x, groups, *params, eps)
+        out, mean, rstd = _ops(variant)[0](x, groups, *params, eps)
         ctx.save_for_backward(x, mean, rstd, *params)
         ctx.variant, ctx.groups = variant, groups
         return out
@@ -102,14 +114,14 @@ class ShuffleAttentionFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         x, mean, rstd, *params = ctx.saved_tensors
-        grad_x, *param_grads = _OPS[ctx.variant][1](grad_out, x, mean, rstd, ctx.groups, *params)
+        grad_x, *param_grads = _ops(ctx.variant)[1](grad_out, x, mean, rstd, ctx.groups, *params)
         needs = ctx.needs_input_grad
         grads = [g if needs[4 + i] else None for i, g in enumerate(param_grads)]
         return (None, grad_x if needs[1] else None, None, None, *grads)
 
 
 def _apply(variant: str, x: Tensor, groups: int, params: tuple, eps: float) -> Tensor:
-    _check(variant, x, groups, params, eps)
+    _check(variant.rpartition("::")[2], x, groups, params, eps)
     return ShuffleAttentionFunction.apply(variant, x, groups, float(eps), *params)
 
 
@@ -137,20 +149,38 @@ def shuffle_attention(x: Tensor, groups: int, affine1_weight: Tensor, affine1_bi
                   (affine1_weight, affine1_bias, affine2_weight, affine2_bias, gn_weight, gn_bias), eps)
 
 
-def _fake_forward(x, groups, *params_and_eps):
-    B, C = x.shape[0], x.shape[1]
-    stat = x.new_empty((B, C), dtype=_stat_dtype(x))
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stat, torch.empty_like(stat)
+def _check_same_device(x: Tensor, named) -> None:
+    # The fake kernels are also the ops' Meta kernels: a call with one argument on the meta device
+    # and the others on the CPU dispatches here, and must fail like the real kernel's device check
+    # instead of returning uninitialized CPU tensors.
+    for name, t in named:
+        if t.device != x.device:
+            raise RuntimeError(f"sa_cuda: {name} is on {t.device} but x is on {x.device}")
 
 
-def _fake_backward(grad_out, x, mean, rstd, groups, *params):
-    # The real kernel returns every gradient contiguous (also for a non-contiguous parameter, e.g.
-    # a transposed (m, m) weight): plain empty_like(p) would keep p's strides and mislead Inductor.
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            *(torch.empty_like(p, memory_format=torch.contiguous_format) for p in params))
+def _make_fake_kernels(variant: str):
+    names = [name for name, _ in _PARAMS[variant]]
+
+    def fake_forward(x, groups, *params_and_eps):
+        _check_same_device(x, zip(names, params_and_eps[:-1]))
+        B, C = x.shape[0], x.shape[1]
+        stat = x.new_empty((B, C), dtype=_stat_dtype(x))
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return out, stat, torch.empty_like(stat)
+
+    def fake_backward(grad_out, x, mean, rstd, groups, *params):
+        _check_same_device(x, zip(("grad_out", "mean", "rstd", *names),
+                                  (grad_out, mean, rstd, *params)))
+        # The real kernel returns every gradient contiguous (also for a non-contiguous parameter,
+        # e.g. a transposed (m, m) weight): plain empty_like(p) would keep p's strides and mislead
+        # Inductor.
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                *(torch.empty_like(p, memory_format=torch.contiguous_format) for p in params))
+
+    return fake_forward, fake_backward
 
 
-for _name in _OPS:
-    torch.library.register_fake(f"sa_cuda::{_name}_forward")(_fake_forward)
-    torch.library.register_fake(f"sa_cuda::{_name}_backward")(_fake_backward)
-
+for _name in _VARIANTS:
+    _fake_fwd, _fake_bwd = _make_fake_kernels(_name)
+    torch.library.register_fake(f"sa_cuda::{_name}_forward")(_fake_fwd)
+    torch.library.register_fake(f"sa_cuda::{_name}_backward")(_fake_bwd)

@@ -1,0 +1,215 @@
+// Standalone driver of the emulated CUDA kernels, built by tests/test_sanitizers.py as a plain,
+// a ThreadSanitizer and an AddressSanitizer binary (no Python, no libtorch_cpu: only libc10).
+//
+//   kernel_selftest kernels   every launch path of both variants, forward checked against a naive
+//                             float64 loop, backward run and checked finite; prints "ok"
+//   kernel_selftest race      a planted missing __syncthreads (TSan must report a data race)
+//   kernel_selftest oob       a planted out-of-bounds read (ASan must report it)
+//   kernel_selftest reject    launches the hardware would reject must throw
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda/backward_launch.cuh"
+#include "cuda/forward_launch.cuh"
+
+using namespace sa_cuda;
+
+namespace {
+
+// ---- planted bugs (test-only kernels) ---------------------------------------------------------
+SA_KERNEL void planted_race_kernel(float* out) {
+  __shared__ float buf[64];
+  buf[threadIdx.x] = static_cast<float>(threadIdx.x);
+  // BUG (planted): a __syncthreads() is missing here.
+  out[threadIdx.x] = buf[(threadIdx.x + 1) % blockDim.x];
+}
+
+SA_KERNEL void planted_oob_kernel(const float* in, float* out) {
+  out[threadIdx.x] = in[threadIdx.x + 1];  // BUG (planted): the last thread reads in[blockDim.x]
+}
+
+// ---- the real kernels -------------------------------------------------------------------------
+struct Rng {
+  unsigned long long s = 88172645463325252ull;
+  double next() {  // uniform in [-1, 1)
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    return static_cast<double>(s >> 11) / static_cast<double>(1ull << 52) - 1.0;
+  }
+};
+
+struct Case {
+  Variant variant;
+  int64_t B, C, G, H, W, offset;  // offset: elements the tensors start past a 16-byte boundary
+};
+
+// Naive float64 forward of DESIGN.md sections 2-3, for the check.
+std::vector<double> naive_forward(const Case& k, const std::vector<double>& x, const std::vector<double> (&p)[6]) {
+  const int64_t m = k.C / (2 * k.G), N = k.H * k.W;
+  std::vector<double> out(x.size()), mu(k.B * k.C), r(k.B * k.C);
+  for (int64_t pl = 0; pl < k.B * k.C; ++pl) {
+    double s = 0, q = 0;
+    for (int64_t i = 0; i < N; ++i) s += x[pl * N + i];
+    mu[pl] = s / N;
+    for (int64_t i = 0; i < N; ++i) q += (x[pl * N + i] - mu[pl]) * (x[pl * N + i] - mu[pl]);
+    r[pl] = 1.0 / std::sqrt(q / N + 1e-5);
+  }
+  for (int64_t b = 0; b < k.B; ++b) {
+    for (int64_t c = 0; c < k.C; ++c) {
+      const ChannelRole role = channel_role(c, m);
+      const int64_t c0 = c - role.k, j = role.k;  // first channel of the branch, row j
+      for (int64_t i = 0; i < N; ++i) {
+        double z = 0;
+        if (!role.spatial) {
+          if (k.variant == Variant::kPerChannel) {
+            z = p[0][j] * mu[b * k.C + c] + p[1][j];
+          } else {
+            z = p[1][j];
+            for (int64_t l = 0; l < m; ++l) z += p[0][j * m + l] * mu[b * k.C + c0 + l];
+          }
+        } else {
+          auto y = [&](int64_t l) {
+            const int64_t pl = b * k.C + c0 + l;
+            return p[4][l] * (x[pl * N + i] - mu[pl]) * r[pl] + p[5][l];
+          };
+          if (k.variant == Variant::kPerChannel) {
+            z = p[2][j] * y(j) + p[3][j];
+          } else {
+            z = p[3][j];
+            for (int64_t l = 0; l < m; ++l) z += p[2][j * m + l] * y(l);
+          }
+        }
+        out[(b * k.C + shuffle_dst(c, k.C)) * N + i] = x[(b * k.C + c) * N + i] / (1 + std::exp(-z));
+      }
+    }
+  }
+  return out;
+}
+
+template <typename T>
+bool run_case(const Case& k, c10::ScalarType dtype) {
+  const int64_t m = k.C / (2 * k.G), N = k.H * k.W, n = k.B * k.C * N;
+  Rng rng;
+  std::vector<double> x64(n), g64(n), p64[6];
+  for (auto& v : x64) v = 2 * rng.next() + 0.5;
+  for (auto& v : g64) v = rng.next();
+  for (int i = 0; i < 6; ++i) {
+    const bool matrix = k.variant == Variant::kConv1x1 && (i == 0 || i == 2);
+    p64[i].resize(matrix ? m * m : m);
+    for (auto& v : p64[i]) v = rng.next();
+  }
+  // Exactly sized heap buffers (so ASan sees any overrun), offset by k.offset elements.
+  std::vector<T> xs(n + k.offset), gs(n + k.offset), outs(n + k.offset), dxs(n + k.offset);
+  T *x = xs.data() + k.offset, *g = gs.data() + k.offset, *out = outs.data() + k.offset,
+    *dx = dxs.data() + k.offset;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = static_cast<T>(x64[i]);
+    x64[i] = static_cast<double>(x[i]);
+    g[i] = static_cast<T>(g64[i]);
+  }
+  std::vector<T> p[6];
+  for (int i = 0; i < 6; ++i) p[i].assign(p64[i].begin(), p64[i].end());
+  std::vector<T> mean(k.B * k.C), rstd(k.B * k.C), gate_grad(k.B * k.G * m), t_sum(k.B * k.G * m),
+      t_xh(k.B * k.G * m * (k.variant == Variant::kConv1x1 ? m : 1));
+
+  ForwardParams f{k.B, k.C, k.G, m, N, 1e-5, x, out, mean.data(), rstd.data(),
+                  p[0].data(), p[1].data(), p[2].data(), p[3].data(), p[4].data(), p[5].data()};
+  emulated::forward(k.variant, dtype, f);
+  const std::vector<double> want = naive_forward(k, x64, p64);
+  double err = 0, scale = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    err = std::max(err, std::abs(static_cast<double>(out[i]) - want[i]));
+    scale = std::max(scale, std::abs(want[i]));
+  }
+  BackwardParams bp{f, g, dx, gate_grad.data(), t_sum.data(), t_xh.data()};
+  emulated::backward(k.variant, dtype, bp);
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite = finite && std::isfinite(static_cast<double>(dx[i]));
+  const double tol = (sizeof(T) == 8 ? 1e-12 : 1e-5) * std::max(1.0, scale);
+  const bool ok = err <= tol && finite;
+  std::printf("%s %s B=%lld C=%lld G=%lld %lldx%lld offset=%lld: max err %.3g (tol %.3g)%s\n",
+              k.variant == Variant::kPerChannel ? "sa_layer" : "shuffle_attention",
+              sizeof(T) == 8 ? "float64" : "float32", (long long)k.B, (long long)k.C, (long long)k.G,
+              (long long)k.H, (long long)k.W, (long long)k.offset, err, tol,
+              finite ? "" : " NON-FINITE grad_x");
+  return ok;
+}
+
+int run_kernels() {
+  const Case cases[] = {
+      // per-channel: warp per plane (scalar, vector), block per plane (vector, misaligned), streamed
+      {Variant::kPerChannel, 2, 16, 2, 7, 9, 0},
+      {Variant::kPerChannel, 1, 16, 4, 8, 8, 0},
+      {Variant::kPerChannel, 1, 8, 2, 30, 30, 0},
+      {Variant::kPerChannel, 1, 8, 2, 30, 30, 1},
+      {Variant::kPerChannel, 1, 4, 1, 65, 67, 0},
+      // 1x1-conv: several tiles, partial tiles, m = 1
+      {Variant::kConv1x1, 2, 16, 2, 7, 9, 0},
+      {Variant::kConv1x1, 1, 8, 1, 40, 41, 1},
+      {Variant::kConv1x1, 1, 8, 4, 5, 5, 0},
+  };
+  bool ok = true;
+  for (const Case& k : cases) {
+    ok = run_case<float>(k, c10::ScalarType::Float) && ok;
+    ok = run_case<double>(k, c10::ScalarType::Double) && ok;
+  }
+  std::printf(ok ? "ok\n" : "FAILED\n");
+  return ok ? 0 : 1;
+}
+
+int run_race() {
+  std::vector<float> out(64);
+  emulated::launch(&planted_race_kernel, dim3(1), dim3(64), 0, nullptr, out.data());
+  std::printf("race kernel ran\n");
+  return 0;
+}
+
+int run_oob() {
+  std::vector<float> in(64), out(64);
+  emulated::launch(&planted_oob_kernel, dim3(1), dim3(64), 0, nullptr, in.data(), out.data());
+  std::printf("oob kernel ran\n");
+  return 0;
+}
+
+int run_reject() {
+  std::vector<float> out(2048);
+  struct Bad {
+    const char* what;
+    dim3 grid, block;
+    size_t smem;
+  } bad[] = {
+      {"block of 1025 threads", dim3(1), dim3(1025), 0},
+      {"block of 32 x 33 threads", dim3(1), dim3(32, 33), 0},
+      {"zero grid", dim3(0), dim3(32), 0},
+      {"grid.y of 65536", dim3(1, 65536), dim3(32), 0},
+      {"shared memory over budget", dim3(1), dim3(32), sa_emu::kMaxSharedBytes + 1},
+  };
+  int rejected = 0;
+  for (const Bad& b : bad) {
+    try {
+      emulated::launch(&planted_race_kernel, b.grid, b.block, b.smem, nullptr, out.data());
+      std::printf("NOT rejected: %s\n", b.what);
+    } catch (const std::runtime_error& e) {
+      std::printf("rejected %s: %s\n", b.what, e.what());
+      ++rejected;
+    }
+  }
+  return rejected == int(sizeof(bad) / sizeof(bad[0])) ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "kernels";
+  if (mode == "kernels") return run_kernels();
+  if (mode == "race") return run_race();
+  if (mode == "oob") return run_oob();
+  if (mode == "reject") return run_reject();
+  std::fprintf(stderr, "usage: kernel_selftest [kernels|race|oob|reject]\n");
+  return 2;
+}

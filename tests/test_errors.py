@@ -1,0 +1,221 @@
+"""Bad inputs: ValueError from the Python functionals/modules (naming the argument and the rule),
+RuntimeError (never a crash) from the raw ops torch.ops.sa_cuda.*."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from conftest import (PARAM_ARG_NAMES, VARIANTS, bwd_op, fused_class, functional, fwd_op,
+                      make_input, make_ref, params_in_op_order)
+
+C, G = 32, 4
+M = C // (2 * G)
+SHAPE = (2, C, 5, 7)
+
+
+def _setup(variant):
+    ref = make_ref(variant, C, G, seed=1)
+    params = [p.detach() for p in params_in_op_order(variant, ref)]
+    return make_input(SHAPE, seed=2), params
+
+
+# ------------------------------------------------------------------------------------------------
+# Python functionals and modules: ValueError
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("groups", [3, 5, 32])
+def test_channels_not_divisible(variant, groups):
+    x, params = _setup(variant)
+    rule = re.escape(f"C ({C}) must be divisible by 2 * groups (2 * {groups} = {2 * groups})")
+    with pytest.raises(ValueError, match=rule):
+        functional(variant)(x, groups, *params)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_module_channels_not_divisible(variant):
+    """A module built for C = 30, G = 4 (m = 30 // 8 = 3, as the reference's __init__ computes)
+    refuses its own input: 30 is not divisible by 8."""
+    module = fused_class(variant)(30, 4)
+    with pytest.raises(ValueError, match=re.escape("C (30) must be divisible by 2 * groups")):
+        module(torch.randn(2, 30, 4, 4))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("groups", [0, -1, -4])
+def test_groups_below_one(variant, groups):
+    x, params = _setup(variant)
+    with pytest.raises(ValueError, match=re.escape(f"groups must be an int >= 1, got {groups}")):
+        functional(variant)(x, groups, *params)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("groups", [4.0, True, "4"])
+def test_groups_not_int(variant, groups):
+    x, params = _setup(variant)
+    with pytest.raises(ValueError, match="groups must be an int >= 1"):
+        functional(variant)(x, groups, *params)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", [(C, 5, 7), (2, C, 5, 7, 1), (2, C), (C,)], ids=len)
+def test_x_rank(variant, shape):
+    _, params = _setup(variant)
+    x = torch.randn(shape)
+    with pytest.raises(ValueError, match=re.escape(f"x must be 4-D [B, C, H, W], got shape {shape}")):
+        functional(variant)(x, G, *params)
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        fused_class(variant)(C, G)(x)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool,
+                                   torch.complex64, torch.complex128])
+def test_x_dtype(variant, dtype):
+    _, params = _setup(variant)
+    x = torch.ones(SHAPE, dtype=dtype)
+    rule = re.escape(f"x must be float64, float32, float16 or bfloat16, got {dtype}")
+    with pytest.raises(ValueError, match=rule):
+        functional(variant)(x, G, *params)
+    with pytest.raises(ValueError, match=rule):
+        fused_class(variant)(C, G)(x)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_x_not_tensor(variant):
+    _, params = _setup(variant)
+    with pytest.raises(ValueError, match="x must be a torch.Tensor, got list"):
+        functional(variant)([[1.0]], G, *params)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("hw", [(0, 5), (5, 0)])
+def test_empty_plane(variant, hw):
+    _, params = _setup(variant)
+    x = torch.randn(2, C, *hw)
+    with pytest.raises(ValueError, match=re.escape(f"H * W must be >= 1, got {hw[0]} x {hw[1]}")):
+        functional(variant)(x, G, *params)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_negative_eps(variant):
+    x, params = _setup(variant)
+    with pytest.raises(ValueError, match="eps must be >= 0, got -1"):
+        functional(variant)(x, G, *params, eps=-1e-5)
+    with pytest.raises(ValueError, match="eps must be >= 0, got nan"):
+        functional(variant)(x, G, *params, eps=float("nan"))
+
+
+def _wrong_shapes(variant, index):
+    """Shapes that must be refused for parameter ``index`` (m = 4)."""
+    is_matrix = variant == "shuffle_attention" and index in (0, 2)
+    if is_matrix:  # needs (m, m, 1, 1) or (m, m)
+        return [(M, M - 1, 1, 1), (M * M,), (1, M * M, 1, 1), (M, 1, 1, 1), (M, M, 2), (M + 1, M + 1)]
+    return [(M + 1,), (1, M - 1, 1, 1), (M, M), (2 * M,), (1,), (0,), (M, 2)]
+
+
+@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parameter_wrong_shape(variant, index):
+    x, params = _setup(variant)
+    name = PARAM_ARG_NAMES[variant][index]
+    for shape in _wrong_shapes(variant, index):
+        bad = list(params)
+        bad[index] = torch.randn(shape)
+        with pytest.raises(ValueError, match=rf"^{name} must have shape .* m = C / \(2 \* groups\) "
+                                             rf"= {M}, got {re.escape(str(shape))}"):
+            functional(variant)(x, G, *bad)
+
+
+@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parameter_wrong_device(variant, index):
+    """A parameter on another device than x (the meta device stands in for a GPU here)."""
+    x, params = _setup(variant)
+    name = PARAM_ARG_NAMES[variant][index]
+    bad = list(params)
+    bad[index] = torch.empty(params[index].shape, device="meta")
+    with pytest.raises(ValueError, match=rf"^{name} is on meta but x is on cpu"):
+        functional(variant)(x, G, *bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parameter_wrong_dtype(variant, index, dtype):
+    x, params = _setup(variant)
+    name = PARAM_ARG_NAMES[variant][index]
+    bad = list(params)
+    bad[index] = torch.ones(params[index].shape, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"^{name} must be a floating tensor, got {dtype}"):
+        functional(variant)(x, G, *bad)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parameter_not_tensor(variant):
+    x, params = _setup(variant)
+    bad = list(params)
+    bad[3] = [0.0] * M
+    name = PARAM_ARG_NAMES[variant][3]
+    with pytest.raises(ValueError, match=rf"^{name} must be a torch.Tensor, got list"):
+        functional(variant)(x, G, *bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Raw ops: RuntimeError with the C++ check's message (and the process survives)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_raw_forward_op_errors(variant):
+    x, params = _setup(variant)
+    op = fwd_op(variant)
+    cases = [
+        ((x, 3, *params, 1e-5), r"C \(32\) must be divisible by 2 \* groups"),
+        ((x, 0, *params, 1e-5), "groups must be >= 1, got 0"),
+        ((x, -2, *params, 1e-5), "groups must be >= 1, got -2"),
+        ((x[0], G, *params, 1e-5), "x must be 4-D"),
+        ((x[..., None], G, *params, 1e-5), "x must be 4-D"),
+        ((x.to(torch.int32), G, *params, 1e-5), "x must be float64, float32, float16 or bfloat16"),
+        ((x.to(torch.complex64), G, *params, 1e-5), "x must be float64, float32, float16 or bfloat16"),
+        ((torch.randn(2, C, 0, 3), G, *params, 1e-5), r"H \* W must be >= 1"),
+        ((x, G, *params, -1.0), "eps must be >= 0"),
+        ((x, G, *params[:5], torch.randn(M + 1), 1e-5), "gn_bias must have 4 elements"),
+        ((x, G, torch.randn(M + 2), *params[1:], 1e-5), f"{PARAM_ARG_NAMES[variant][0]} must have"),
+        ((x, G, *params[:2], params[2].to(torch.int64), *params[3:], 1e-5),
+         f"{PARAM_ARG_NAMES[variant][2]} must be a floating tensor"),
+        ((x, G, *params[:4], torch.empty(M, device="meta"), params[5], 1e-5),
+         "gn_weight is on meta but x is on cpu"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_raw_backward_op_errors(variant):
+    x, params = _setup(variant)
+    _, mean, rstd = fwd_op(variant)(x, G, *params, 1e-5)
+    gy = make_input(SHAPE, seed=3)
+    op = bwd_op(variant)
+    cases = [
+        ((gy[:1], x, mean, rstd, G, *params), "grad_out must have x's shape"),
+        ((gy, x, mean[:1], rstd, G, *params), "mean and rstd must be the forward's"),
+        ((gy, x, mean, rstd.double(), G, *params), "mean and rstd must be the forward's"),
+        ((gy, x, mean, rstd[:, :-1], G, *params), "mean and rstd must be the forward's"),
+        ((gy, x, mean, rstd, 3, *params), r"C \(32\) must be divisible by 2 \* groups"),
+        ((gy, x, mean, rstd, 0, *params), "groups must be >= 1"),
+        ((gy, x.to(torch.int64), mean, rstd, G, *params), "x must be float64"),
+        ((gy, x, mean, rstd, G, *params[:5], torch.randn(M + 1)), "gn_bias must have 4 elements"),
+        ((gy.to("meta"), x, mean, rstd, G, *params), "grad_out is on meta but x is on cpu"),
+        ((gy, x, mean, rstd.to("meta"), G, *params), "rstd is on meta but x is on cpu"),
+        ((gy, x, mean, rstd, G, params[0].to("meta"), *params[1:]),
+         f"{PARAM_ARG_NAMES[variant][0]} is on meta but x is on cpu"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)
+    # the process is alive and the op still works after all those refusals
+    grads = op(gy, x, mean, rstd, G, *params)
+    assert len(grads) == 7 and grads[0].shape == x.shape
+    assert all(torch.isfinite(g).all() for g in grads)

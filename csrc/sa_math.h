@@ -80,9 +80,11 @@ SA_HOST_DEVICE V sigmoid(const V& z) {
   return V(1) / (V(1) + sa_exp(V(0) - z));
 }
 
-// The spatial branch multiplies x by sigmoid(z) with z = a * x + b, the GroupNorm and the
-// sweight/sbias affine folded into one per-plane affine map (DESIGN.md section 2):
-//   a = sw * gw * r,   b = sw * (gb - gw * mu * r) + sb.
+// The spatial branch multiplies x by sigmoid(z) with the GroupNorm and the sweight/sbias affine
+// folded into one per-plane affine map of the centered input (DESIGN.md section 2):
+//   z = a * (x - mu) + b,   a = sw * gw * r,   b = sw * gb + sb.
+// Centering before the multiply matters: the fully folded a * x + (b - a * mu) cancels two large
+// terms when |mu| >> std (r large; r = 1 / sqrt(eps) for a constant plane).
 template <typename T>
 struct GateAffine {
   T a;
@@ -90,28 +92,28 @@ struct GateAffine {
 };
 
 template <typename T>
-SA_HOST_DEVICE GateAffine<T> spatial_gate_affine(T sw, T sb, T gw, T gb, T mu, T r) {
-  return GateAffine<T>{sw * gw * r, sw * (gb - gw * mu * r) + sb};
+SA_HOST_DEVICE GateAffine<T> spatial_gate_affine(T sw, T sb, T gw, T gb, T r) {
+  return GateAffine<T>{sw * gw * r, sw * gb + sb};
 }
 
-// 1x1-conv variant: z(p) = W2 (gw * xh(p) + gb) + b2 folded into z(p) = M x(p) + c with
-// M = W2 diag(gw * r) and c = b2 + W2 (gb - gw * r * mu); W2 is [out j, in i], row-major.
-// One output row j: writes M[j, :] and returns c[j].
+// 1x1-conv variant: z(p) = W2 (gw * xh(p) + gb) + b2 folded into z(p) = M (x(p) - mu) + c with
+// M = W2 diag(gw * r) and c = b2 + W2 gb (centered first, as above); W2 is [out j, in i],
+// row-major. One output row j: writes M[j, :] and returns c[j].
 template <typename T>
 SA_HOST_DEVICE T spatial_gate_affine_row(const T* w2, const T* b2, const T* gw, const T* gb,
-                                         const T* mu, const T* r, int64_t m, int64_t j, T* M) {
+                                         const T* r, int64_t m, int64_t j, T* M) {
   T cj = b2[j];
   for (int64_t i = 0; i < m; ++i) {
     M[j * m + i] = w2[j * m + i] * gw[i] * r[i];
-    cj += w2[j * m + i] * (gb[i] - gw[i] * r[i] * mu[i]);
+    cj += w2[j * m + i] * gb[i];
   }
   return cj;
 }
 
 template <typename T>
 SA_HOST_DEVICE void spatial_gate_affine_conv(const T* w2, const T* b2, const T* gw, const T* gb,
-                                             const T* mu, const T* r, int64_t m, T* M, T* c) {
-  for (int64_t j = 0; j < m; ++j) c[j] = spatial_gate_affine_row(w2, b2, gw, gb, mu, r, m, j, M);
+                                             const T* r, int64_t m, T* M, T* c) {
+  for (int64_t j = 0; j < m; ++j) c[j] = spatial_gate_affine_row(w2, b2, gw, gb, r, m, j, M);
 }
 
 // (W v + bias)[j] (bias may be null) and (W^T v)[i], W [m, m] row-major.

@@ -52,10 +52,10 @@ class Emulated(torch.nn.Module):
         return self.inner.named_parameters(*args, **kwargs)
 
 
-def _input(shape, offset, dtype, seed):
+def _input(shape, storage_offset, dtype, seed, **kwargs):
     n = torch.Size(shape).numel()
-    flat = make_input((n + offset,), seed=seed, dtype=dtype)
-    return flat[offset:].view(shape)
+    flat = make_input((n + storage_offset,), seed=seed, dtype=dtype, **kwargs)
+    return flat[storage_offset:].view(shape)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -69,6 +69,18 @@ def test_emulated_fp32_fp64(variant, shape, groups, offset, dtype):
     R = forward_backward(ref64, x.double(), gy.double())
     E = R if dtype == torch.float64 else forward_backward(ref, x, gy)
     _check_high_precision(F, E, R, dtype)
+
+
+@pytest.mark.parametrize("shape,groups,offset", PATHS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_emulated_fp32_large_mean(variant, shape, groups, offset):
+    """|mean| >> std (x = 100 + 0.1 randn): statistics without cancellation on every path."""
+    ref = make_ref(variant, shape[1], groups, seed=5)
+    x = _input(shape, offset, torch.float32, 1, offset=100.0, scale=0.1)
+    gy = _input(shape, offset, torch.float32, 2)
+    F = forward_backward(Emulated(variant, clone_as(ref, torch.float32)), x, gy)
+    R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
+    _check_high_precision(F, forward_backward(ref, x, gy), R, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

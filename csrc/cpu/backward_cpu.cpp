@@ -89,10 +89,10 @@ void backward_per_channel(const BackwardParams& p) {
           store(dx + i, load<V>(gu + i) * V(s) + V(dmu_n));
         });
       } else {
-        const GateAffine<acc_t> ga = spatial_gate_affine(t.sw[k], t.sb[k], t.gw[k], t.gb[k], mu, r);
+        const GateAffine<acc_t> ga = spatial_gate_affine(t.sw[k], t.sb[k], t.gw[k], t.gb[k], r);
         for_each<acc_t>(N, [&](int64_t i, auto tag) {
           using V = decltype(tag);
-          store(gate + i, sigmoid(V(ga.a) * load<V>(x + i) + V(ga.b)));
+          store(gate + i, sigmoid(V(ga.a) * (load<V>(x + i) - V(mu)) + V(ga.b)));
         });
         auto t_at = [&](int64_t i, auto tag) {
           using V = decltype(tag);
@@ -131,10 +131,10 @@ void backward_conv1x1(const BackwardParams& p) {
   const acc_t inv_n = acc_t(1) / acc_t(N);
 
   at::parallel_for(0, p.fwd.batch * G * 2, grain_for(mN), [&](int64_t begin, int64_t end) {
-    // Scratch planes: x, gu, grad_x in acc_t (when converting); xh, gate s, t = dL/dz.
+    // Scratch planes: x, gu, grad_x in acc_t (when converting); x - mu, gate s, t = dL/dz.
     std::vector<acc_t> scratch((kConvert ? 6 : 3) * mN);
-    acc_t* xh = scratch.data();
-    acc_t* gate = xh + mN;
+    acc_t* xc = scratch.data();
+    acc_t* gate = xc + mN;
     acc_t* tz = gate + mN;
     acc_t* x_buf = kConvert ? tz + mN : nullptr;
     acc_t* gu_buf = kConvert ? x_buf + mN : nullptr;
@@ -174,21 +174,21 @@ void backward_conv1x1(const BackwardParams& p) {
           });
         }
       } else {
-        spatial_gate_affine_conv(t.sw, t.sb, t.gw, t.gb, mu, r, m, M.data(), z.data());
+        spatial_gate_affine_conv(t.sw, t.sb, t.gw, t.gb, r, m, M.data(), z.data());
         for (int64_t i = 0; i < m; ++i) {
           const acc_t* xi = x + i * N;
-          acc_t* xhi = xh + i * N;
+          acc_t* xci = xc + i * N;
           for_each<acc_t>(N, [&](int64_t q, auto tag) {
             using V = decltype(tag);
-            store(xhi + q, (load<V>(xi + q) - V(mu[i])) * V(r[i]));
+            store(xci + q, load<V>(xi + q) - V(mu[i]));
           });
         }
-        // Gate s_j(p) = sigmoid(z_j(p)) and t_j(p) = gu_j x_j s_j (1 - s_j).
+        // Gate s_j(p) = sigmoid(z_j(p)), z(p) = M (x(p) - mu) + c, and t_j(p) = gu_j x_j s_j (1 - s_j).
         for_each<acc_t>(N, [&](int64_t q, auto tag) {
           using V = decltype(tag);
           for (int64_t j = 0; j < m; ++j) {
             V zj(z[j]);
-            for (int64_t i = 0; i < m; ++i) zj = zj + V(M[j * m + i]) * load<V>(x + i * N + q);
+            for (int64_t i = 0; i < m; ++i) zj = zj + V(M[j * m + i]) * load<V>(xc + i * N + q);
             const V s = sigmoid(zj);
             store(gate + j * N + q, s);
             store(tz + j * N + q, gate_input_grad(load<V>(gu[j] + q), load<V>(x + j * N + q), s));
@@ -199,7 +199,7 @@ void backward_conv1x1(const BackwardParams& p) {
         // mean(dy_i xh_i) = sum_j W2[j, i] A[j, i] / N.
         for (int64_t j = 0; j < m; ++j) {
           T1[j] = sum_over<acc_t>(N, [&](int64_t q, auto tag) { return load<decltype(tag)>(tz + j * N + q); });
-          for (int64_t i = 0; i < m; ++i) A[j * m + i] = dot(tz + j * N, xh + i * N, N);
+          for (int64_t i = 0; i < m; ++i) A[j * m + i] = dot(tz + j * N, xc + i * N, N) * r[i];
           t.t_sum[slot0 + j] = T1[j];
         }
         std::copy(A.begin(), A.end(), t.t_xh + slot0 * m);
@@ -219,7 +219,7 @@ void backward_conv1x1(const BackwardParams& p) {
             for (int64_t j = 0; j < m; ++j) dy = dy + V(t.sw[j * m + i]) * load<V>(tz + j * N + q);
             store(dx + i * N + q,
                   spatial_dx(load<V>(gu[i] + q), load<V>(gate + i * N + q), dy,
-                             load<V>(xh + i * N + q), V(t.gw[i] * r[i]), V(D1[i]), V(D2[i])));
+                             load<V>(xc + i * N + q) * V(r[i]), V(t.gw[i] * r[i]), V(D1[i]), V(D2[i])));
           }
         });
       }

@@ -92,7 +92,9 @@ inline void finish_store(const acc_t* result, scalar_t* dst, int64_t n) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(result, dst, n);
 }
 
-// Mean and centered variance (two passes over data that is in cache; never E[x^2] - mu^2).
+// Mean and centered variance: two passes over data that is in cache, never E[x^2] - mu^2. The
+// mean is summed relative to the plane's first value (shift), so a large common offset
+// (|mu| >> std) does not eat the sum's precision.
 template <typename acc_t>
 struct PlaneStats {
   acc_t mean;
@@ -101,8 +103,10 @@ struct PlaneStats {
 
 template <typename acc_t>
 inline PlaneStats<acc_t> plane_stats(const acc_t* x, int64_t n, acc_t eps) {
-  const acc_t mean = sum_over<acc_t>(n, [&](int64_t i, auto tag) {
-    return load<decltype(tag)>(x + i);
+  const acc_t shift = x[0];
+  const acc_t mean = shift + sum_over<acc_t>(n, [&](int64_t i, auto tag) {
+    using V = decltype(tag);
+    return load<V>(x + i) - V(shift);
   }) / acc_t(n);
   const acc_t var = sum_over<acc_t>(n, [&](int64_t i, auto tag) {
     using V = decltype(tag);

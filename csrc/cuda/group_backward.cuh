@@ -74,7 +74,7 @@ SA_KERNEL void group_backward_kernel(BackwardParams bp, int64_t tile) {
   acc_t* gt = smem + L.tile_g();
   acc_t* st = smem + L.tile_s();
   acc_t* tt = smem + L.tile_t();
-  fold_spatial_gate(p, m, mean, rstd, M, gate);
+  fold_spatial_gate(p, m, rstd, M, gate);
   for (int64_t idx = threadIdx.x; idx < m * m; idx += blockDim.x) A[idx] = 0;
   for (int64_t j = threadIdx.x; j < m; j += blockDim.x) sums[j] = 0;
 
@@ -88,7 +88,7 @@ SA_KERNEL void group_backward_kernel(BackwardParams bp, int64_t tile) {
     for (int64_t idx = threadIdx.x; idx < m * tile; idx += blockDim.x) {
       const int64_t j = idx / tile, pt = idx % tile;
       acc_t z = gate[j];
-      for (int64_t i = 0; i < m; ++i) z += M[j * m + i] * xt[i * tile + pt];
+      for (int64_t i = 0; i < m; ++i) z += M[j * m + i] * (xt[i * tile + pt] - mean[i]);
       st[idx] = sigmoid(z);
       tt[idx] = gate_input_grad(gt[idx], xt[idx], st[idx]);
     }

@@ -48,14 +48,15 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int64_t m, int64_t N, acc_t 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int warps = blockDim.x / kWarpSize;
   for (int64_t j = warp; j < m; j += warps) {
+    const acc_t shift = static_cast<acc_t>(x[j * N]);
     Moments<acc_t> mo;
     for (int64_t q = lane; q < N; q += kWarpSize) {
       const acc_t v[1] = {static_cast<acc_t>(x[j * N + q])};
-      mo.add(v);
+      mo.add(v, shift);
     }
     mo = warp_merge(mo);
     if (lane == 0) {
-      mean[j] = mo.mean;
+      mean[j] = shift + mo.mean;
       rstd[j] = rstd_from_var(mo.m2 / acc_t(N), eps);
     }
   }
@@ -72,14 +73,15 @@ SA_DEVICE void load_tile(const PlaneOf& plane_of, int64_t m, int64_t N, int64_t 
   }
 }
 
-// Spatial gate z(p) = M x(p) + c of the unit (sa_math.h), one row per thread, into shared memory.
+// Spatial gate z(p) = M (x(p) - mu) + c of the unit (sa_math.h), one row per thread, into
+// shared memory.
 template <typename acc_t>
-SA_DEVICE void fold_spatial_gate(const ForwardParams& p, int64_t m, const acc_t* mean,
-                                 const acc_t* rstd, acc_t* M, acc_t* c) {
+SA_DEVICE void fold_spatial_gate(const ForwardParams& p, int64_t m, const acc_t* rstd, acc_t* M,
+                                 acc_t* c) {
   for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
     c[j] = spatial_gate_affine_row(
         static_cast<const acc_t*>(p.spatial_weight), static_cast<const acc_t*>(p.spatial_bias),
-        static_cast<const acc_t*>(p.gn_weight), static_cast<const acc_t*>(p.gn_bias), mean, rstd, m, j, M);
+        static_cast<const acc_t*>(p.gn_weight), static_cast<const acc_t*>(p.gn_bias), rstd, m, j, M);
   }
 }
 
@@ -122,7 +124,7 @@ SA_KERNEL void group_forward_kernel(ForwardParams p, int64_t tile) {
 
   acc_t* M = smem + L.matrix();
   acc_t* xt = smem + L.tile_x();
-  fold_spatial_gate(p, m, mean, rstd, M, gate);
+  fold_spatial_gate(p, m, rstd, M, gate);
   for (int64_t p0 = 0; p0 < N; p0 += tile) {
     __syncthreads();  // M and c are written; the previous tile is consumed
     load_tile<scalar_t, acc_t>([&](int64_t i) { return x + i * N; }, m, N, p0, tile, xt);
@@ -131,7 +133,7 @@ SA_KERNEL void group_forward_kernel(ForwardParams p, int64_t tile) {
       const int64_t j = idx / tile, pt = idx % tile;
       if (p0 + pt >= N) continue;
       acc_t z = gate[j];
-      for (int64_t i = 0; i < m; ++i) z += M[j * m + i] * xt[i * tile + pt];
+      for (int64_t i = 0; i < m; ++i) z += M[j * m + i] * (xt[i * tile + pt] - mean[i]);
       out_plane(j)[p0 + pt] = static_cast<scalar_t>(xt[j * tile + pt] * sigmoid(z));
     }
   }

@@ -28,11 +28,11 @@ struct PlaneTeam {
 };
 
 // Gate of one plane: u = x * gate(x). Channel branch: the constant sigmoid(cw * mu + cb);
-// spatial branch: sigmoid(a * x + b) (GroupNorm and sweight/sbias folded, sa_math.h).
+// spatial branch: sigmoid(a * (x - mu) + b) (GroupNorm and sweight/sbias folded, sa_math.h).
 template <typename acc_t>
 struct PlaneGate {
   bool spatial;
-  acc_t s, a, b;
+  acc_t s, mean, a, b;
 
   SA_DEVICE PlaneGate(const ForwardParams& p, const ChannelRole& role, acc_t mean, acc_t rstd) {
     const acc_t* cw = static_cast<const acc_t*>(p.channel_weight);
@@ -43,30 +43,32 @@ struct PlaneGate {
     const acc_t* gb = static_cast<const acc_t*>(p.gn_bias);
     const int64_t k = role.k;
     spatial = role.spatial;
+    this->mean = mean;
     s = sigmoid(cw[k] * mean + cb[k]);
-    const GateAffine<acc_t> g = spatial_gate_affine(sw[k], sb[k], gw[k], gb[k], mean, rstd);
+    const GateAffine<acc_t> g = spatial_gate_affine(sw[k], sb[k], gw[k], gb[k], rstd);
     a = g.a;
     b = g.b;
   }
 
-  SA_DEVICE acc_t operator()(acc_t x) const { return spatial ? sigmoid(a * x + b) : s; }
+  SA_DEVICE acc_t operator()(acc_t x) const { return spatial ? sigmoid(a * (x - mean) + b) : s; }
 };
 
-// Mean and rstd of a plane held in registers (centered two-pass over the registers).
+// Mean and rstd of a plane held in registers: centered two-pass over the registers, the mean
+// summed relative to the plane's first value `shift` (robust to |mean| >> std).
 template <bool kWarpTeam, int kPacks, int kVec, typename acc_t>
 SA_DEVICE void register_plane_stats(const acc_t (&v)[kPacks][kVec], const PlaneTeam<kWarpTeam>& team,
-                                    int64_t packs, int64_t n, acc_t eps, acc_t* scratch,
+                                    int64_t packs, int64_t n, acc_t shift, acc_t eps, acc_t* scratch,
                                     acc_t& mean, acc_t& rstd) {
   acc_t sum[1] = {0};
 #pragma unroll
   for (int k = 0; k < kPacks; ++k) {
     if (team.rank + int64_t(k) * team.size < packs) {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) sum[0] += v[k][i];
+      for (int i = 0; i < kVec; ++i) sum[0] += v[k][i] - shift;
     }
   }
   team_sum<kWarpTeam>(sum, scratch);
-  mean = sum[0] / acc_t(n);
+  mean = shift + sum[0] / acc_t(n);
   acc_t sq[1] = {0};
 #pragma unroll
   for (int k = 0; k < kPacks; ++k) {
@@ -102,15 +104,17 @@ SA_KERNEL void plane_forward_kernel(ForwardParams p) {
       const int64_t q = team.rank + int64_t(k) * team.size;
       if (q < packs) load_acc<scalar_t, acc_t, kVec>(x, q, v[k]);
     }
-    register_plane_stats<kWarpTeam, kPacks, kVec>(v, team, packs, N, eps, scratch, mean, rstd);
+    register_plane_stats<kWarpTeam, kPacks, kVec>(v, team, packs, N, static_cast<acc_t>(x[0]), eps,
+                                                  scratch, mean, rstd);
   } else {
+    const acc_t shift = static_cast<acc_t>(x[0]);
     Moments<acc_t> moments;
     for (int64_t q = team.rank; q < packs; q += team.size) {
       load_acc<scalar_t, acc_t, kVec>(x, q, v[0]);
-      moments.add(v[0]);
+      moments.add(v[0], shift);
     }
     moments = team_merge<kWarpTeam>(moments, scratch);
-    mean = moments.mean;
+    mean = shift + moments.mean;
     rstd = rstd_from_var(moments.m2 / acc_t(N), eps);
   }
   if (team.rank == 0) {

@@ -38,7 +38,9 @@ SA_DEVICE void team_sum(T (&v)[K], T* scratch) {
 }
 
 // Running mean / M2 (Welford, merged with Chan's formula): the statistics of a plane that is
-// streamed instead of held on chip, without the cancellation of E[x^2] - mean^2.
+// streamed instead of held on chip, without the cancellation of E[x^2] - mean^2. Callers feed
+// values minus a shift (the plane's first value) and add the shift back to the mean: a running
+// mean stored at the magnitude of a large common offset would lose the small deviations.
 template <typename T>
 struct Moments {
   T n = 0, mean = 0, m2 = 0;
@@ -52,16 +54,16 @@ struct Moments {
     n = total;
   }
 
-  // Adds a pack of values: its own exact two-pass moments, then one merge.
+  // Adds a pack of values minus `shift`: its own exact two-pass moments, then one merge.
   template <int N>
-  SA_DEVICE void add(const T (&v)[N]) {
+  SA_DEVICE void add(const T (&v)[N], T shift) {
     T s = 0;
 #pragma unroll
-    for (int i = 0; i < N; ++i) s += v[i];
+    for (int i = 0; i < N; ++i) s += v[i] - shift;
     const T pack_mean = s / T(N);
     T q = 0;
 #pragma unroll
-    for (int i = 0; i < N; ++i) q += (v[i] - pack_mean) * (v[i] - pack_mean);
+    for (int i = 0; i < N; ++i) q += (v[i] - shift - pack_mean) * (v[i] - shift - pack_mean);
     merge(T(N), pack_mean, q);
   }
 };

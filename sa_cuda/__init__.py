@@ -9,6 +9,7 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C, reference
+from .convert import convert, fuse
 from .modules import SALayer, ShuffleAttention
 from .ops import ShuffleAttentionFunction, fused_available, sa_layer, shuffle_attention
 
@@ -18,6 +19,8 @@ __all__ = [
     "SALayer",
     "ShuffleAttention",
     "ShuffleAttentionFunction",
+    "convert",
+    "fuse",
     "fused_available",
     "reference",
     "sa_layer",

@@ -122,7 +122,12 @@ class ShuffleAttentionFunction(torch.autograd.Function):
 
 def _apply(variant: str, x: Tensor, groups: int, params: tuple, eps: float) -> Tensor:
     _check(variant.rpartition("::")[2], x, groups, params, eps)
-    return ShuffleAttentionFunction.apply(variant, x, groups, float(eps), *params)
+    out = ShuffleAttentionFunction.apply(variant, x, groups, float(eps), *params)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        # The kernels work on NCHW planes: a channels_last x is read through one copy to NCHW
+        # (in the op) and the result is handed back channels_last (one more copy).
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def sa_layer(x: Tensor, groups: int, cweight: Tensor, cbias: Tensor, sweight: Tensor, sbias: Tensor,
@@ -131,7 +136,8 @@ def sa_layer(x: Tensor, groups: int, cweight: Tensor, cbias: Tensor, sweight: Te
 
     x: [B, C, H, W] float64/32/16 or bfloat16, C divisible by 2 * groups; with m = C / (2 * groups):
     cweight, cbias, sweight, sbias: (1, m, 1, 1) or (m,); gn_weight, gn_bias: (m,).
-    Returns [B, C, H, W] in x's dtype (contiguous), already channel-shuffled.
+    Returns [B, C, H, W] in x's dtype and memory format (NCHW-contiguous, or channels_last when
+    x is), already channel-shuffled.
     """
     return _apply("sa_layer", x, groups, (cweight, cbias, sweight, sbias, gn_weight, gn_bias), eps)
 
@@ -143,7 +149,7 @@ def shuffle_attention(x: Tensor, groups: int, affine1_weight: Tensor, affine1_bi
 
     x: [B, C, H, W]; with m = C / (2 * groups): affine1_weight, affine2_weight: (m, m, 1, 1) or
     (m, m) as [out, in]; affine1_bias, affine2_bias, gn_weight, gn_bias: (m,).
-    Returns [B, C, H, W] in x's dtype (contiguous), already channel-shuffled.
+    Returns [B, C, H, W] in x's dtype and memory format, already channel-shuffled.
     """
     return _apply("shuffle_attention", x, groups,
                   (affine1_weight, affine1_bias, affine2_weight, affine2_bias, gn_weight, gn_bias), eps)

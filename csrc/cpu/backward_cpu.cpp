@@ -90,20 +90,23 @@ void backward_per_channel(const BackwardParams& p) {
         });
       } else {
         const GateAffine<acc_t> ga = spatial_gate_affine(t.sw[k], t.sb[k], t.gw[k], t.gb[k], r);
-        for_each<acc_t>(N, [&](int64_t i, auto tag) {
-          using V = decltype(tag);
-          store(gate + i, sigmoid(V(ga.a) * (load<V>(x + i) - V(mu)) + V(ga.b)));
-        });
-        auto t_at = [&](int64_t i, auto tag) {
-          using V = decltype(tag);
-          return gate_input_grad(load<V>(gu + i), load<V>(x + i), load<V>(gate + i));
-        };
         auto xh_at = [&](int64_t i, auto tag) {
           using V = decltype(tag);
           return (load<V>(x + i) - V(mu)) * V(r);
         };
-        const acc_t T1 = sum_over<acc_t>(N, t_at);
-        const acc_t T2 = sum_over<acc_t>(N, [&](int64_t i, auto tag) { return t_at(i, tag) * xh_at(i, tag); });
+        auto t_at = [&](int64_t i, auto tag) {
+          using V = decltype(tag);
+          return gate_input_grad(load<V>(gu + i), load<V>(x + i), load<V>(gate + i));
+        };
+        // One pass: the gate s (kept for dx), T1 = sum t and T2 = sum t * xh.
+        const auto [T1, T2] = sums_over<acc_t, 2>(N, [&](int64_t i, auto tag) {
+          using V = decltype(tag);
+          const V xh = xh_at(i, tag);
+          const V s = sigmoid(V(ga.a) * (load<V>(x + i) - V(mu)) + V(ga.b));
+          store(gate + i, s);
+          const V t_i = gate_input_grad(load<V>(gu + i), load<V>(x + i), s);
+          return std::array<V, 2>{t_i, t_i * xh};
+        });
         t.t_sum[slot] = T1;
         t.t_xh[slot] = T2;
         // dy = sw * t is the gradient at the GroupNorm output.

@@ -5,6 +5,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <array>
 #include <type_traits>
 
 #include "../sa_math.h"
@@ -43,25 +44,45 @@ inline void for_each(int64_t n, const F& f) {
   for (; i < n; ++i) f(i, acc_t());
 }
 
-// sum over i of term(i, V{}): two vector accumulators (latency), lanes summed once at the end.
-template <typename acc_t, typename F>
-inline acc_t sum_over(int64_t n, const F& term) {
+// K sums over i of terms(i, V{}) (a std::array<V, K>) in one pass: two vector accumulators per
+// sum (latency), lanes added once at the end.
+template <typename acc_t, int K, typename F>
+inline std::array<acc_t, K> sums_over(int64_t n, const F& terms) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t L = Vec::size();
-  Vec acc0(0), acc1(0);
+  std::array<Vec, K> acc0, acc1;
+  acc0.fill(Vec(0));
+  acc1.fill(Vec(0));
   int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
-    acc0 = acc0 + term(i, Vec());
-    acc1 = acc1 + term(i + L, Vec());
+    const std::array<Vec, K> a = terms(i, Vec()), b = terms(i + L, Vec());
+    for (int k = 0; k < K; ++k) {
+      acc0[k] = acc0[k] + a[k];
+      acc1[k] = acc1[k] + b[k];
+    }
   }
-  for (; i + L <= n; i += L) acc0 = acc0 + term(i, Vec());
-  acc_t tail = 0;
-  for (; i < n; ++i) tail += term(i, acc_t());
-  alignas(64) acc_t lanes[L];
-  (acc0 + acc1).store(lanes);
-  acc_t total = 0;
-  for (int64_t l = 0; l < L; ++l) total += lanes[l];
-  return total + tail;
+  for (; i + L <= n; i += L) {
+    const std::array<Vec, K> a = terms(i, Vec());
+    for (int k = 0; k < K; ++k) acc0[k] = acc0[k] + a[k];
+  }
+  std::array<acc_t, K> total{};
+  for (; i < n; ++i) {
+    const std::array<acc_t, K> a = terms(i, acc_t());
+    for (int k = 0; k < K; ++k) total[k] += a[k];
+  }
+  for (int k = 0; k < K; ++k) {
+    alignas(64) acc_t lanes[L];
+    (acc0[k] + acc1[k]).store(lanes);
+    for (int64_t l = 0; l < L; ++l) total[k] += lanes[l];
+  }
+  return total;
+}
+
+template <typename acc_t, typename F>
+inline acc_t sum_over(int64_t n, const F& term) {
+  return sums_over<acc_t, 1>(n, [&](int64_t i, auto tag) {
+    return std::array<decltype(tag), 1>{term(i, tag)};
+  })[0];
 }
 
 // A plane (or any run of elements) as acc_t values: the tensor's own memory when the dtype is

@@ -107,6 +107,8 @@ run_backward(Variant variant, const at::Tensor& grad_out_in, const at::Tensor& x
   const auto p = acc_params(variant, params, x_in, s.m);
   TORCH_CHECK(grad_out_in.sizes() == x_in.sizes(), "sa_cuda: grad_out must have x's shape ",
               x_in.sizes(), ", got ", grad_out_in.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_out_in.scalar_type()),
+              "sa_cuda: grad_out must be a floating tensor, got ", grad_out_in.scalar_type());
   TORCH_CHECK(grad_out_in.device() == x_in.device(), "sa_cuda: grad_out is on ",
               grad_out_in.device(), " but x is on ", x_in.device());
   for (const auto* stat : {&mean_in, &rstd_in}) {

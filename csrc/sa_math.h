@@ -80,40 +80,31 @@ SA_HOST_DEVICE V sigmoid(const V& z) {
   return V(1) / (V(1) + sa_exp(V(0) - z));
 }
 
-// The spatial branch multiplies x by sigmoid(z) with the GroupNorm and the sweight/sbias affine
-// folded into one per-plane affine map of the centered input (DESIGN.md section 2):
-//   z = a * (x - mu) + b,   a = sw * gw * r,   b = sw * gb + sb.
-// Centering before the multiply matters: the fully folded a * x + (b - a * mu) cancels two large
-// terms when |mu| >> std (r large; r = 1 / sqrt(eps) for a constant plane).
+// The spatial branch multiplies x by sigmoid(z), z = sw * y + sb with the GroupNorm output
+// y = scale * (x - mu) + gb, scale = gw * r (DESIGN.md section 2 folds this further into
+// a * x + b; we do not): centering before the multiply keeps z accurate when |mu| >> std (r large;
+// r = 1 / sqrt(eps) for a constant plane), and keeping sw outside keeps z = +-inf, not NaN, for an
+// infinite sweight, as in the reference.
 template <typename T>
-struct GateAffine {
-  T a;
-  T b;
+struct SpatialGate {
+  T scale, shift, weight, bias;  // gw * r, gb, sw, sb
+
+  template <typename V>
+  SA_HOST_DEVICE V z(const V& x_minus_mu) const {
+    return V(weight) * (V(scale) * x_minus_mu + V(shift)) + V(bias);
+  }
 };
 
 template <typename T>
-SA_HOST_DEVICE GateAffine<T> spatial_gate_affine(T sw, T sb, T gw, T gb, T r) {
-  return GateAffine<T>{sw * gw * r, sw * gb + sb};
+SA_HOST_DEVICE SpatialGate<T> spatial_gate(T sw, T sb, T gw, T gb, T r) {
+  return SpatialGate<T>{gw * r, gb, sw, sb};
 }
 
-// 1x1-conv variant: z(p) = W2 (gw * xh(p) + gb) + b2 folded into z(p) = M (x(p) - mu) + c with
-// M = W2 diag(gw * r) and c = b2 + W2 gb (centered first, as above); W2 is [out j, in i],
-// row-major. One output row j: writes M[j, :] and returns c[j].
+// The shift for summing a plane's values as x - shift (its first value): keeps a large common
+// offset out of the sums. An infinite first value would make every term NaN: shift by 0 instead.
 template <typename T>
-SA_HOST_DEVICE T spatial_gate_affine_row(const T* w2, const T* b2, const T* gw, const T* gb,
-                                         const T* r, int64_t m, int64_t j, T* M) {
-  T cj = b2[j];
-  for (int64_t i = 0; i < m; ++i) {
-    M[j * m + i] = w2[j * m + i] * gw[i] * r[i];
-    cj += w2[j * m + i] * gb[i];
-  }
-  return cj;
-}
-
-template <typename T>
-SA_HOST_DEVICE void spatial_gate_affine_conv(const T* w2, const T* b2, const T* gw, const T* gb,
-                                             const T* r, int64_t m, T* M, T* c) {
-  for (int64_t j = 0; j < m; ++j) c[j] = spatial_gate_affine_row(w2, b2, gw, gb, r, m, j, M);
+SA_HOST_DEVICE T sum_shift(T first) {
+  return (first - first == T(0)) ? first : T(0);  // finite test that also works on the device
 }
 
 // (W v + bias)[j] (bias may be null) and (W^T v)[i], W [m, m] row-major.
@@ -141,11 +132,12 @@ SA_HOST_DEVICE void matvec_t(const T* W, const T* v, int64_t m, T* y) {
   for (int64_t i = 0; i < m; ++i) y[i] = matvec_t_row(W, v, m, i);
 }
 
-// Per-plane backward of the per-channel variant as one element-wise formula for both branches:
-//   dx = gu * s + alpha * t + beta + gamma * xh,   t = gu * x * s (1 - s),
-// given T1 = sum_p t and T2 = sum_p t * xh over the plane. The channel branch has a constant gate
-// s (so T1 = sum(gu x) s (1 - s) = dz): alpha = gamma = 0, beta = cw * dz / N. The spatial branch
-// has dy = sw * t: alpha = gw r sw, beta = -alpha T1 / N, gamma = -alpha T2 / N.
+// Per-plane backward of the per-channel variant, given T1 = sum_p t and T2 = sum_p t * xh over the
+// plane (t = gu * x * s (1 - s)):
+//   dx = gu * s + beta                               (channel branch: alpha = gamma = 0)
+//   dx = gu * s + beta + alpha * t + gamma * xh      (spatial branch)
+// The channel branch has a constant gate s, so T1 = sum(gu x) s (1 - s) = dz and beta = cw dz / N.
+// The spatial branch has dy = sw * t: alpha = gw r sw, beta = -alpha T1 / N, gamma = -alpha T2 / N.
 template <typename T>
 struct PlaneGradCoeffs {
   T alpha, beta, gamma;

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VARIANTS, clone_as, forward_backward, make_input, make_ref, max_abs, max_err
+from conftest import (VARIANTS, clone_as, forward_backward, make_input, make_ref, max_abs, max_err,
+                      params_in_op_order)
 from emulation import load_emulation
 from sa_cuda.ops.shuffle_attention import _apply
 from test_forward_backward import _check_high_precision
@@ -32,24 +33,18 @@ PATHS = [
 ]
 
 
-class Emulated(torch.nn.Module):
-    """A reference module's parameters run through the emulated CUDA kernels (autograd included)."""
+def emulated_like(variant, ref):
+    """A module with ref's parameters (and dtype) whose forward runs the emulated CUDA kernels."""
 
-    def __init__(self, variant, ref):
-        super().__init__()
-        self.variant, self.inner = variant, ref
+    class Emulated(type(ref)):
+        def forward(self, x):
+            return _apply(f"sa_cuda_emu::{variant}", x, self.groups,
+                          tuple(params_in_op_order(variant, self)), self.gn.eps)
 
-    def forward(self, x):
-        r = self.inner
-        if self.variant == "sa_layer":
-            params = (r.cweight, r.cbias, r.sweight, r.sbias, r.gn.weight, r.gn.bias)
-        else:
-            params = (r.affine1.weight, r.affine1.bias, r.affine2.weight, r.affine2.bias,
-                      r.gn.weight, r.gn.bias)
-        return _apply(f"sa_cuda_emu::{self.variant}", x, r.groups, params, r.gn.eps)
-
-    def named_parameters(self, *args, **kwargs):
-        return self.inner.named_parameters(*args, **kwargs)
+    module = Emulated(2 * ref.groups * ref.gn.num_channels, ref.groups)
+    module.load_state_dict(ref.state_dict(), strict=True)
+    module.gn.eps = ref.gn.eps
+    return module.to(next(ref.parameters()).dtype)
 
 
 def _input(shape, storage_offset, dtype, seed, **kwargs):
@@ -65,7 +60,7 @@ def test_emulated_fp32_fp64(variant, shape, groups, offset, dtype):
     ref = make_ref(variant, shape[1], groups, seed=5, dtype=dtype)
     ref64 = clone_as(ref, torch.float64)
     x, gy = _input(shape, offset, dtype, 1), _input(shape, offset, dtype, 2)
-    F = forward_backward(Emulated(variant, clone_as(ref, dtype)), x, gy)
+    F = forward_backward(emulated_like(variant, ref), x, gy)
     R = forward_backward(ref64, x.double(), gy.double())
     E = R if dtype == torch.float64 else forward_backward(ref, x, gy)
     _check_high_precision(F, E, R, dtype)
@@ -78,7 +73,7 @@ def test_emulated_fp32_large_mean(variant, shape, groups, offset):
     ref = make_ref(variant, shape[1], groups, seed=5)
     x = _input(shape, offset, torch.float32, 1, offset=100.0, scale=0.1)
     gy = _input(shape, offset, torch.float32, 2)
-    F = forward_backward(Emulated(variant, clone_as(ref, torch.float32)), x, gy)
+    F = forward_backward(emulated_like(variant, ref), x, gy)
     R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
     _check_high_precision(F, forward_backward(ref, x, gy), R, torch.float32)
 
@@ -92,7 +87,7 @@ def test_emulated_low_precision(variant, shape, groups, offset, dtype):
     low = make_ref(variant, shape[1], groups, seed=5, dtype=dtype)
     ref64 = clone_as(low, torch.float64)
     x, gy = _input(shape, offset, dtype, 1), _input(shape, offset, dtype, 2)
-    F = forward_backward(Emulated(variant, clone_as(low, dtype)), x, gy)
+    F = forward_backward(emulated_like(variant, low), x, gy)
     R = forward_backward(ref64, x.double(), gy.double())
     E = forward_backward(low, x, gy)
     eps = torch.finfo(dtype).eps
@@ -107,28 +102,23 @@ def test_emulated_low_precision(variant, shape, groups, offset, dtype):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_emulated_gradcheck(variant, shape, groups):
     ref = make_ref(variant, shape[1], groups, seed=3, dtype=torch.float64)
-    names = [n for n, _ in ref.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for _, p in ref.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in params_in_op_order(variant, ref)]
     x = make_input(shape, seed=4, dtype=torch.float64).requires_grad_()
-    order = {"sa_layer": ["cweight", "cbias", "sweight", "sbias", "gn.weight", "gn.bias"],
-             "shuffle_attention": ["affine1.weight", "affine1.bias", "affine2.weight",
-                                   "affine2.bias", "gn.weight", "gn.bias"]}[variant]
-    ordered = [params[names.index(k)] for k in order]
 
     def fn(x, *ps):
         return _apply(f"sa_cuda_emu::{variant}", x, groups, ps, 1e-5)
 
-    assert torch.autograd.gradcheck(fn, (x, *ordered), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_emulated_matches_cpu_kernels_bitwise_layout():
-    """The emulated CUDA statistics are the per-plane mean/rstd the CPU kernels save (same op
-    contract): shapes, dtypes, and values to fp32 rounding."""
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_emulated_op_contract_matches_cpu_op(variant):
+    """The emulated CUDA forward returns what the CPU op returns (out and the per-plane mean/rstd
+    saved for backward): shapes, dtypes, and values to fp32 rounding."""
     x = make_input((2, 16, 7, 9), seed=9)
-    ref = make_ref("sa_layer", 16, 2, seed=9)
-    params = [p.detach() for p in (ref.cweight, ref.cbias, ref.sweight, ref.sbias, ref.gn.weight, ref.gn.bias)]
-    cpu = torch.ops.sa_cuda.sa_layer_forward(x, 2, *params, 1e-5)
-    emu = EMU.sa_layer_forward(x, 2, *params, 1e-5)
+    params = [p.detach() for p in params_in_op_order(variant, make_ref(variant, 16, 2, seed=9))]
+    cpu = getattr(torch.ops.sa_cuda, f"{variant}_forward")(x, 2, *params, 1e-5)
+    emu = getattr(EMU, f"{variant}_forward")(x, 2, *params, 1e-5)
     for a, b in zip(cpu, emu):
         assert a.shape == b.shape and a.dtype == b.dtype
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -102,9 +102,9 @@ def test_empty_plane(variant, hw):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_negative_eps(variant):
     x, params = _setup(variant)
-    with pytest.raises(ValueError, match="eps must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="eps must be a number >= 0, got -1"):
         functional(variant)(x, G, *params, eps=-1e-5)
-    with pytest.raises(ValueError, match="eps must be >= 0, got nan"):
+    with pytest.raises(ValueError, match="eps must be a number >= 0, got nan"):
         functional(variant)(x, G, *params, eps=float("nan"))
 
 

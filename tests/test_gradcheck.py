@@ -94,11 +94,12 @@ def test_partial_requires_grad(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_double_backward_is_refused(variant):
-    """The backward is a fused kernel (once_differentiable): differentiating it again must raise,
-    not silently return a wrong second derivative."""
+    """The backward is a fused kernel: asking for its graph (create_graph=True) must raise, not
+    silently return a gradient without one (a wrong second derivative)."""
     shape, groups = (2, 8, 3, 4), 2
     x, params = _inputs(variant, shape, groups, seed=4)
     out = functional(variant)(x, groups, *params)
-    (gx,) = torch.autograd.grad(out.pow(2).sum(), [x], create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.sum().backward()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.pow(2).sum(), [x], create_graph=True)
+    (gx,) = torch.autograd.grad(functional(variant)(x, groups, *params).pow(2).sum(), [x])
+    assert gx.grad_fn is None  # a plain backward still works

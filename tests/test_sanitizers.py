@@ -64,27 +64,23 @@ def test_emulator_rejects_launches_the_hardware_rejects():
     assert "invalid launch" in result.stdout
 
 
-def test_threadsanitizer_reports_planted_missing_syncthreads():
-    result = run(build("thread"), "race")
-    assert "WARNING: ThreadSanitizer: data race" in result.stderr
-    assert "planted_race_kernel" in result.stderr
+# (sanitizer, planted bug, what the sanitizer must say, the kernel it must name)
+PLANTED = [
+    pytest.param("thread", "race", "WARNING: ThreadSanitizer: data race", "planted_race_kernel", id="tsan-missing-syncthreads"),
+    pytest.param("address", "oob", "AddressSanitizer: heap-buffer-overflow", "planted_oob_kernel", id="asan-out-of-bounds-read"),
+]
 
 
-def test_threadsanitizer_clean_on_real_kernels():
-    result = run(build("thread"), "kernels")
-    assert "ThreadSanitizer" not in result.stderr, result.stderr[:4000]
-    assert result.returncode == 0, result.stdout + result.stderr[:4000]
-    assert result.stdout.strip().endswith("ok")
+@pytest.mark.parametrize("sanitizer,mode,report,kernel", PLANTED)
+def test_sanitizer_reports_planted_bug(sanitizer, mode, report, kernel):
+    result = run(build(sanitizer), mode)
+    assert report in result.stderr, result.stderr[:4000]
+    assert kernel in result.stderr
 
 
-def test_addresssanitizer_reports_planted_out_of_bounds_read():
-    result = run(build("address"), "oob")
-    assert "AddressSanitizer: heap-buffer-overflow" in result.stderr
-    assert "planted_oob_kernel" in result.stderr
-
-
-def test_addresssanitizer_clean_on_real_kernels():
-    result = run(build("address"), "kernels")
-    assert "AddressSanitizer" not in result.stderr, result.stderr[:4000]
+@pytest.mark.parametrize("sanitizer,name", [("thread", "ThreadSanitizer"), ("address", "AddressSanitizer")])
+def test_sanitizer_clean_on_real_kernels(sanitizer, name):
+    result = run(build(sanitizer), "kernels")
+    assert name not in result.stderr, result.stderr[:4000]
     assert result.returncode == 0, result.stdout + result.stderr[:4000]
     assert result.stdout.strip().endswith("ok")

@@ -89,7 +89,7 @@ void backward_per_channel(const BackwardParams& p) {
           store(dx + i, load<V>(gu + i) * V(s) + V(dmu_n));
         });
       } else {
-        const GateAffine<acc_t> ga = spatial_gate_affine(t.sw[k], t.sb[k], t.gw[k], t.gb[k], r);
+        const SpatialGate<acc_t> ga = spatial_gate(t.sw[k], t.sb[k], t.gw[k], t.gb[k], r);
         auto xh_at = [&](int64_t i, auto tag) {
           using V = decltype(tag);
           return (load<V>(x + i) - V(mu)) * V(r);
@@ -102,7 +102,7 @@ void backward_per_channel(const BackwardParams& p) {
         const auto [T1, T2] = sums_over<acc_t, 2>(N, [&](int64_t i, auto tag) {
           using V = decltype(tag);
           const V xh = xh_at(i, tag);
-          const V s = sigmoid(V(ga.a) * (load<V>(x + i) - V(mu)) + V(ga.b));
+          const V s = sigmoid(ga.z(load<V>(x + i) - V(mu)));
           store(gate + i, s);
           const V t_i = gate_input_grad(load<V>(gu + i), load<V>(x + i), s);
           return std::array<V, 2>{t_i, t_i * xh};
@@ -134,16 +134,18 @@ void backward_conv1x1(const BackwardParams& p) {
   const acc_t inv_n = acc_t(1) / acc_t(N);
 
   at::parallel_for(0, p.fwd.batch * G * 2, grain_for(mN), [&](int64_t begin, int64_t end) {
-    // Scratch planes: x, gu, grad_x in acc_t (when converting); x - mu, gate s, t = dL/dz.
-    std::vector<acc_t> scratch((kConvert ? 6 : 3) * mN);
+    // Scratch planes: x, gu, grad_x in acc_t (when converting); x - mu, GroupNorm output y,
+    // gate s, t = dL/dz.
+    std::vector<acc_t> scratch((kConvert ? 7 : 4) * mN);
     acc_t* xc = scratch.data();
-    acc_t* gate = xc + mN;
+    acc_t* y = xc + mN;
+    acc_t* gate = y + mN;
     acc_t* tz = gate + mN;
     acc_t* x_buf = kConvert ? tz + mN : nullptr;
     acc_t* gu_buf = kConvert ? x_buf + mN : nullptr;
     acc_t* dx_buf = kConvert ? gu_buf + mN : nullptr;
     std::vector<const acc_t*> gu(m);  // grad_out planes of the unit sit at shuffled channels
-    std::vector<acc_t> z(m), dz(m), dmu(m), M(m * m), A(m * m), T1(m), D1(m), D2(m);
+    std::vector<acc_t> z(m), dz(m), dmu(m), A(m * m), T1(m), D1(m), D2(m);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / (2 * G), g = (unit / 2) % G;
       const bool spatial = unit % 2 == 1;
@@ -177,21 +179,22 @@ void backward_conv1x1(const BackwardParams& p) {
           });
         }
       } else {
-        spatial_gate_affine_conv(t.sw, t.sb, t.gw, t.gb, r, m, M.data(), z.data());
         for (int64_t i = 0; i < m; ++i) {
           const acc_t* xi = x + i * N;
-          acc_t* xci = xc + i * N;
+          const acc_t scale = t.gw[i] * r[i];
           for_each<acc_t>(N, [&](int64_t q, auto tag) {
             using V = decltype(tag);
-            store(xci + q, load<V>(xi + q) - V(mu[i]));
+            const V centered = load<V>(xi + q) - V(mu[i]);
+            store(xc + i * N + q, centered);
+            store(y + i * N + q, V(scale) * centered + V(t.gb[i]));
           });
         }
-        // Gate s_j(p) = sigmoid(z_j(p)), z(p) = M (x(p) - mu) + c, and t_j(p) = gu_j x_j s_j (1 - s_j).
+        // Gate s_j(p) = sigmoid(z_j(p)), z(p) = W2 y(p) + b2, and t_j(p) = gu_j x_j s_j (1 - s_j).
         for_each<acc_t>(N, [&](int64_t q, auto tag) {
           using V = decltype(tag);
           for (int64_t j = 0; j < m; ++j) {
-            V zj(z[j]);
-            for (int64_t i = 0; i < m; ++i) zj = zj + V(M[j * m + i]) * load<V>(xc + i * N + q);
+            V zj(t.sb[j]);
+            for (int64_t i = 0; i < m; ++i) zj = zj + V(t.sw[j * m + i]) * load<V>(y + i * N + q);
             const V s = sigmoid(zj);
             store(gate + j * N + q, s);
             store(tz + j * N + q, gate_input_grad(load<V>(gu[j] + q), load<V>(x + j * N + q), s));

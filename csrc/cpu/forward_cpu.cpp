@@ -76,11 +76,11 @@ void forward_per_channel(const ForwardParams& p) {
         });
       } else {
         const int64_t k = role.k;
-        const GateAffine<acc_t> g = spatial_gate_affine(t.sw[k], t.sb[k], t.gw[k], t.gb[k], st.rstd);
+        const SpatialGate<acc_t> g = spatial_gate(t.sw[k], t.sb[k], t.gw[k], t.gb[k], st.rstd);
         for_each<acc_t>(N, [&](int64_t i, auto tag) {
           using V = decltype(tag);
           const V xv = load<V>(x + i);
-          store(result + i, xv * sigmoid(V(g.a) * (xv - V(st.mean)) + V(g.b)));
+          store(result + i, xv * sigmoid(g.z(xv - V(st.mean))));
         });
       }
       finish_store(result, dst, N);
@@ -100,8 +100,8 @@ void forward_conv1x1(const ForwardParams& p) {
 
   at::parallel_for(0, p.batch * G * 2, grain_for(m * N), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(kConvert ? 2 * m * N : 0);  // x planes in acc_t, result planes
-    std::vector<acc_t> centered(m * N);                     // x - mu of a spatial unit
-    std::vector<acc_t> mu(m), r(m), z(m), M(m * m);
+    std::vector<acc_t> normed(m * N);  // GroupNorm output of a spatial unit
+    std::vector<acc_t> mu(m), r(m), z(m);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / (2 * G), g = (unit / 2) % G;
       const bool spatial = unit % 2 == 1;
@@ -131,20 +131,21 @@ void forward_conv1x1(const ForwardParams& p) {
           });
         }
       } else {
-        // z(p) = M (x(p) - mu) + c.
-        spatial_gate_affine_conv(t.sw, t.sb, t.gw, t.gb, r.data(), m, M.data(), z.data());
-        acc_t* xc = centered.data();
+        // y_k(p) = gw_k r_k (x_k(p) - mu_k) + gb_k, z(p) = W2 y(p) + b2: the reference's math
+        // (sa_math.h says why it is not folded).
+        acc_t* y = normed.data();
         for (int64_t k = 0; k < m; ++k) {
+          const acc_t scale = t.gw[k] * r[k];
           for_each<acc_t>(N, [&](int64_t i, auto tag) {
             using V = decltype(tag);
-            store(xc + k * N + i, load<V>(x + k * N + i) - V(mu[k]));
+            store(y + k * N + i, V(scale) * (load<V>(x + k * N + i) - V(mu[k])) + V(t.gb[k]));
           });
         }
         for_each<acc_t>(N, [&](int64_t i, auto tag) {
           using V = decltype(tag);
           for (int64_t j = 0; j < m; ++j) {
-            V zj(z[j]);
-            for (int64_t k = 0; k < m; ++k) zj = zj + V(M[j * m + k]) * load<V>(xc + k * N + i);
+            V zj(t.sb[j]);
+            for (int64_t k = 0; k < m; ++k) zj = zj + V(t.sw[j * m + k]) * load<V>(y + k * N + i);
             store(result(j) + i, load<V>(x + j * N + i) * sigmoid(zj));
           }
         });

@@ -5,6 +5,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <array>
 #include <type_traits>
 
@@ -45,37 +46,48 @@ inline void for_each(int64_t n, const F& f) {
 }
 
 // K sums over i of terms(i, V{}) (a std::array<V, K>) in one pass: two vector accumulators per
-// sum (latency), lanes added once at the end.
+// sum (latency) within blocks of kSumBlock elements whose totals are added up separately, so no
+// lane adds more than kSumBlock / (2 L) terms in a row (rounding grows with that run, not with n).
+constexpr int64_t kSumBlock = 1024;
+
+// The block totals are added in double (a plane can hold hundreds of blocks).
 template <typename acc_t, int K, typename F>
 inline std::array<acc_t, K> sums_over(int64_t n, const F& terms) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t L = Vec::size();
-  std::array<Vec, K> acc0, acc1;
-  acc0.fill(Vec(0));
-  acc1.fill(Vec(0));
-  int64_t i = 0;
-  for (; i + 2 * L <= n; i += 2 * L) {
-    const std::array<Vec, K> a = terms(i, Vec()), b = terms(i + L, Vec());
+  std::array<double, K> total{};
+  for (int64_t start = 0; start < n; start += kSumBlock) {
+    const int64_t end = std::min(n, start + kSumBlock);
+    std::array<Vec, K> acc0, acc1;
+    acc0.fill(Vec(0));
+    acc1.fill(Vec(0));
+    int64_t i = start;
+    for (; i + 2 * L <= end; i += 2 * L) {
+      const std::array<Vec, K> a = terms(i, Vec()), b = terms(i + L, Vec());
+      for (int k = 0; k < K; ++k) {
+        acc0[k] = acc0[k] + a[k];
+        acc1[k] = acc1[k] + b[k];
+      }
+    }
+    for (; i + L <= end; i += L) {
+      const std::array<Vec, K> a = terms(i, Vec());
+      for (int k = 0; k < K; ++k) acc0[k] = acc0[k] + a[k];
+    }
+    std::array<acc_t, K> block{};
+    for (; i < end; ++i) {
+      const std::array<acc_t, K> a = terms(i, acc_t());
+      for (int k = 0; k < K; ++k) block[k] += a[k];
+    }
     for (int k = 0; k < K; ++k) {
-      acc0[k] = acc0[k] + a[k];
-      acc1[k] = acc1[k] + b[k];
+      alignas(64) acc_t lanes[L];
+      (acc0[k] + acc1[k]).store(lanes);
+      for (int64_t l = 0; l < L; ++l) block[k] += lanes[l];
+      total[k] += static_cast<double>(block[k]);
     }
   }
-  for (; i + L <= n; i += L) {
-    const std::array<Vec, K> a = terms(i, Vec());
-    for (int k = 0; k < K; ++k) acc0[k] = acc0[k] + a[k];
-  }
-  std::array<acc_t, K> total{};
-  for (; i < n; ++i) {
-    const std::array<acc_t, K> a = terms(i, acc_t());
-    for (int k = 0; k < K; ++k) total[k] += a[k];
-  }
-  for (int k = 0; k < K; ++k) {
-    alignas(64) acc_t lanes[L];
-    (acc0[k] + acc1[k]).store(lanes);
-    for (int64_t l = 0; l < L; ++l) total[k] += lanes[l];
-  }
-  return total;
+  std::array<acc_t, K> result;
+  for (int k = 0; k < K; ++k) result[k] = static_cast<acc_t>(total[k]);
+  return result;
 }
 
 template <typename acc_t, typename F>
@@ -124,7 +136,7 @@ struct PlaneStats {
 
 template <typename acc_t>
 inline PlaneStats<acc_t> plane_stats(const acc_t* x, int64_t n, acc_t eps) {
-  const acc_t shift = x[0];
+  const acc_t shift = sum_shift(x[0]);
   const acc_t mean = shift + sum_over<acc_t>(n, [&](int64_t i, auto tag) {
     using V = decltype(tag);
     return load<V>(x + i) - V(shift);

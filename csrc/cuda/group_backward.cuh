@@ -65,31 +65,32 @@ SA_KERNEL void group_backward_kernel(BackwardParams bp, int64_t tile) {
     return;
   }
 
-  const acc_t* w2 = static_cast<const acc_t*>(p.spatial_weight);
   const acc_t* gw = static_cast<const acc_t*>(p.gn_weight);
   acc_t* d2 = smem + L.d2();
-  acc_t* M = smem + L.matrix();
+  acc_t* w2 = smem + L.matrix();
+  acc_t* scale = smem + L.scale();
   acc_t* A = smem + L.accum();
   acc_t* xt = smem + L.tile_x();
+  acc_t* yt = smem + L.tile_y();
   acc_t* gt = smem + L.tile_g();
   acc_t* st = smem + L.tile_s();
   acc_t* tt = smem + L.tile_t();
-  fold_spatial_gate(p, m, rstd, M, gate);
+  load_spatial_gate(p, m, rstd, w2, scale);
   for (int64_t idx = threadIdx.x; idx < m * m; idx += blockDim.x) A[idx] = 0;
   for (int64_t j = threadIdx.x; j < m; j += blockDim.x) sums[j] = 0;
 
   // One tile of pixels: x and grad_out in, gate s and t = dL/dz = gu x s (1 - s) out (t = 0 on
   // pixels past the plane's end, where x and gu are loaded as 0).
   auto gate_tile = [&](int64_t p0) {
-    __syncthreads();  // the previous tile is consumed (and M, c, A are initialized)
+    __syncthreads();  // the previous tile is consumed (and W2, scale, A are initialized)
     load_tile<scalar_t, acc_t>([&](int64_t i) { return x + i * N; }, m, N, p0, tile, xt);
     load_tile<scalar_t, acc_t>(gu_plane, m, N, p0, tile, gt);
     __syncthreads();
+    normalize_tile(p, m, tile, mean, scale, xt, yt);
+    __syncthreads();
     for (int64_t idx = threadIdx.x; idx < m * tile; idx += blockDim.x) {
       const int64_t j = idx / tile, pt = idx % tile;
-      acc_t z = gate[j];
-      for (int64_t i = 0; i < m; ++i) z += M[j * m + i] * (xt[i * tile + pt] - mean[i]);
-      st[idx] = sigmoid(z);
+      st[idx] = sigmoid(gate_preactivation(p, m, tile, w2, yt, j, pt));
       tt[idx] = gate_input_grad(gt[idx], xt[idx], st[idx]);
     }
     __syncthreads();

@@ -14,25 +14,27 @@
 
 namespace sa_cuda::SA_GPU_NS {
 
-// Shared-memory layout of a group block, in acc_t values; the forward uses the part up to
-// tile_g(). Per-channel vectors of m: mean, rstd, gate (channel s or spatial c), dz / T1,
-// dmu / D1, D2; matrices of m x m: the folded M, the backward's A; tiles of m x tile pixels: x,
-// grad_out, gate s, t.
+// Shared-memory layout of a group block, in acc_t values; the forward uses the part up to the
+// end of tile_y(). Per-channel vectors of m: mean, rstd, gate s (channel branch), scale = gw * r,
+// dz / T1, dmu / D1, D2; m x m: W2, the backward's A; tiles of m x tile pixels: x, the GroupNorm
+// output y, grad_out, gate s, t.
 struct GroupSmem {
   int64_t m, tile;
   SA_HOST_DEVICE int64_t mean() const { return 0; }
   SA_HOST_DEVICE int64_t rstd() const { return m; }
   SA_HOST_DEVICE int64_t gate() const { return 2 * m; }
-  SA_HOST_DEVICE int64_t dz_or_t1() const { return 3 * m; }
-  SA_HOST_DEVICE int64_t dmu_or_d1() const { return 4 * m; }
-  SA_HOST_DEVICE int64_t d2() const { return 5 * m; }
-  SA_HOST_DEVICE int64_t matrix() const { return 6 * m; }
-  SA_HOST_DEVICE int64_t accum() const { return 6 * m + m * m; }
-  SA_HOST_DEVICE int64_t tile_x() const { return 6 * m + 2 * m * m; }
-  SA_HOST_DEVICE int64_t tile_g() const { return tile_x() + m * tile; }
+  SA_HOST_DEVICE int64_t scale() const { return 3 * m; }
+  SA_HOST_DEVICE int64_t dz_or_t1() const { return 4 * m; }
+  SA_HOST_DEVICE int64_t dmu_or_d1() const { return 5 * m; }
+  SA_HOST_DEVICE int64_t d2() const { return 6 * m; }
+  SA_HOST_DEVICE int64_t matrix() const { return 7 * m; }
+  SA_HOST_DEVICE int64_t tile_x() const { return matrix() + m * m; }
+  SA_HOST_DEVICE int64_t tile_y() const { return tile_x() + m * tile; }
+  SA_HOST_DEVICE int64_t accum() const { return tile_y() + m * tile; }
+  SA_HOST_DEVICE int64_t tile_g() const { return accum() + m * m; }
   SA_HOST_DEVICE int64_t tile_s() const { return tile_g() + m * tile; }
   SA_HOST_DEVICE int64_t tile_t() const { return tile_s() + m * tile; }
-  SA_HOST_DEVICE int64_t values(bool backward) const { return backward ? tile_t() + m * tile : tile_g(); }
+  SA_HOST_DEVICE int64_t values(bool backward) const { return backward ? tile_t() + m * tile : accum(); }
 };
 
 // About 2048 tile values per block iteration whatever m is (m = 2 in SA-ResNet's first stage).
@@ -48,7 +50,7 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int64_t m, int64_t N, acc_t 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int warps = blockDim.x / kWarpSize;
   for (int64_t j = warp; j < m; j += warps) {
-    const acc_t shift = static_cast<acc_t>(x[j * N]);
+    const acc_t shift = sum_shift(static_cast<acc_t>(x[j * N]));
     Moments<acc_t> mo;
     for (int64_t q = lane; q < N; q += kWarpSize) {
       const acc_t v[1] = {static_cast<acc_t>(x[j * N + q])};
@@ -73,16 +75,36 @@ SA_DEVICE void load_tile(const PlaneOf& plane_of, int64_t m, int64_t N, int64_t 
   }
 }
 
-// Spatial gate z(p) = M (x(p) - mu) + c of the unit (sa_math.h), one row per thread, into
-// shared memory.
+// The spatial gate's parameters in shared memory: W2 (read m times per pixel) and the GroupNorm
+// scale gw * r per channel.
 template <typename acc_t>
-SA_DEVICE void fold_spatial_gate(const ForwardParams& p, int64_t m, const acc_t* rstd, acc_t* M,
-                                 acc_t* c) {
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
-    c[j] = spatial_gate_affine_row(
-        static_cast<const acc_t*>(p.spatial_weight), static_cast<const acc_t*>(p.spatial_bias),
-        static_cast<const acc_t*>(p.gn_weight), static_cast<const acc_t*>(p.gn_bias), rstd, m, j, M);
+SA_DEVICE void load_spatial_gate(const ForwardParams& p, int64_t m, const acc_t* rstd, acc_t* w2,
+                                 acc_t* scale) {
+  const acc_t* w = static_cast<const acc_t*>(p.spatial_weight);
+  const acc_t* gw = static_cast<const acc_t*>(p.gn_weight);
+  for (int64_t idx = threadIdx.x; idx < m * m; idx += blockDim.x) w2[idx] = w[idx];
+  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) scale[i] = gw[i] * rstd[i];
+}
+
+// After a tile of x is loaded: the GroupNorm output y_i(p) = scale_i (x_i(p) - mu_i) + gb_i of the
+// tile, then the gate's pre-activation z_j(p) = b2_j + sum_i W2[j, i] y_i(p) is z_at(j, pt).
+// Unfolded like the reference (sa_math.h: centered, and +-inf weights stay +-inf, not NaN).
+template <typename acc_t>
+SA_DEVICE void normalize_tile(const ForwardParams& p, int64_t m, int64_t tile, const acc_t* mean,
+                              const acc_t* scale, const acc_t* xt, acc_t* yt) {
+  const acc_t* gb = static_cast<const acc_t*>(p.gn_bias);
+  for (int64_t idx = threadIdx.x; idx < m * tile; idx += blockDim.x) {
+    const int64_t i = idx / tile;
+    yt[idx] = scale[i] * (xt[idx] - mean[i]) + gb[i];
   }
+}
+
+template <typename acc_t>
+SA_DEVICE acc_t gate_preactivation(const ForwardParams& p, int64_t m, int64_t tile, const acc_t* w2,
+                                   const acc_t* yt, int64_t j, int64_t pt) {
+  acc_t z = static_cast<const acc_t*>(p.spatial_bias)[j];
+  for (int64_t i = 0; i < m; ++i) z += w2[j * m + i] * yt[i * tile + pt];
+  return z;
 }
 
 template <typename scalar_t>
@@ -122,18 +144,21 @@ SA_KERNEL void group_forward_kernel(ForwardParams p, int64_t tile) {
     return;
   }
 
-  acc_t* M = smem + L.matrix();
+  acc_t* w2 = smem + L.matrix();
+  acc_t* scale = smem + L.scale();
   acc_t* xt = smem + L.tile_x();
-  fold_spatial_gate(p, m, rstd, M, gate);
+  acc_t* yt = smem + L.tile_y();
+  load_spatial_gate(p, m, rstd, w2, scale);
   for (int64_t p0 = 0; p0 < N; p0 += tile) {
-    __syncthreads();  // M and c are written; the previous tile is consumed
+    __syncthreads();  // W2 and scale are written; the previous tile is consumed
     load_tile<scalar_t, acc_t>([&](int64_t i) { return x + i * N; }, m, N, p0, tile, xt);
+    __syncthreads();
+    normalize_tile(p, m, tile, mean, scale, xt, yt);
     __syncthreads();
     for (int64_t idx = threadIdx.x; idx < m * tile; idx += blockDim.x) {
       const int64_t j = idx / tile, pt = idx % tile;
       if (p0 + pt >= N) continue;
-      acc_t z = gate[j];
-      for (int64_t i = 0; i < m; ++i) z += M[j * m + i] * (xt[i * tile + pt] - mean[i]);
+      const acc_t z = gate_preactivation(p, m, tile, w2, yt, j, pt);
       out_plane(j)[p0 + pt] = static_cast<scalar_t>(xt[j * tile + pt] * sigmoid(z));
     }
   }

@@ -38,7 +38,7 @@ SA_KERNEL void plane_backward_kernel(BackwardParams p) {
       s_[i] = gate(x_[i]);
       const acc_t t = gate_input_grad(g_[i], x_[i], s_[i]);
       sums[0] += t;
-      sums[1] += t * (x_[i] - mean) * rstd;
+      if (role.spatial) sums[1] += t * (x_[i] - mean) * rstd;
     }
   };
   if constexpr (kPacks > 0) {
@@ -74,13 +74,16 @@ SA_KERNEL void plane_backward_kernel(BackwardParams p) {
       static_cast<const acc_t*>(f.spatial_weight)[role.k],
       static_cast<const acc_t*>(f.gn_weight)[role.k], rstd, sums[0], sums[1], acc_t(1) / acc_t(N));
 
-  // Pass 2: dx = gu * s + alpha * t + beta + gamma * xh.
+  // Pass 2: dx = gu * s + beta, + alpha * t + gamma * xh on spatial planes (only there: a channel
+  // plane's rstd may be inf, eps = 0 and a constant plane, and 0 * inf is NaN).
   auto write_dx = [&](int64_t q, const acc_t(&x_)[kVec], const acc_t(&g_)[kVec], const acc_t(&s_)[kVec]) {
     acc_t d[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
-      const acc_t t = gate_input_grad(g_[i], x_[i], s_[i]);
-      d[i] = g_[i] * s_[i] + k_.alpha * t + k_.beta + k_.gamma * (x_[i] - mean) * rstd;
+      d[i] = g_[i] * s_[i] + k_.beta;
+      if (role.spatial) {
+        d[i] += k_.alpha * gate_input_grad(g_[i], x_[i], s_[i]) + k_.gamma * (x_[i] - mean) * rstd;
+      }
     }
     store_acc<scalar_t, acc_t, kVec>(dx, q, d);
   };

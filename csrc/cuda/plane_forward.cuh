@@ -28,11 +28,12 @@ struct PlaneTeam {
 };
 
 // Gate of one plane: u = x * gate(x). Channel branch: the constant sigmoid(cw * mu + cb);
-// spatial branch: sigmoid(a * (x - mu) + b) (GroupNorm and sweight/sbias folded, sa_math.h).
+// spatial branch: sigmoid(sw * (gw r (x - mu) + gb) + sb) (sa_math.h).
 template <typename acc_t>
 struct PlaneGate {
   bool spatial;
-  acc_t s, mean, a, b;
+  acc_t s, mean;
+  SpatialGate<acc_t> g;
 
   SA_DEVICE PlaneGate(const ForwardParams& p, const ChannelRole& role, acc_t mean, acc_t rstd) {
     const acc_t* cw = static_cast<const acc_t*>(p.channel_weight);
@@ -45,12 +46,10 @@ struct PlaneGate {
     spatial = role.spatial;
     this->mean = mean;
     s = sigmoid(cw[k] * mean + cb[k]);
-    const GateAffine<acc_t> g = spatial_gate_affine(sw[k], sb[k], gw[k], gb[k], rstd);
-    a = g.a;
-    b = g.b;
+    g = spatial_gate(sw[k], sb[k], gw[k], gb[k], rstd);
   }
 
-  SA_DEVICE acc_t operator()(acc_t x) const { return spatial ? sigmoid(a * (x - mean) + b) : s; }
+  SA_DEVICE acc_t operator()(acc_t x) const { return spatial ? sigmoid(g.z(x - mean)) : s; }
 };
 
 // Mean and rstd of a plane held in registers: centered two-pass over the registers, the mean
@@ -104,10 +103,10 @@ SA_KERNEL void plane_forward_kernel(ForwardParams p) {
       const int64_t q = team.rank + int64_t(k) * team.size;
       if (q < packs) load_acc<scalar_t, acc_t, kVec>(x, q, v[k]);
     }
-    register_plane_stats<kWarpTeam, kPacks, kVec>(v, team, packs, N, static_cast<acc_t>(x[0]), eps,
-                                                  scratch, mean, rstd);
+    register_plane_stats<kWarpTeam, kPacks, kVec>(v, team, packs, N, sum_shift(static_cast<acc_t>(x[0])),
+                                                  eps, scratch, mean, rstd);
   } else {
-    const acc_t shift = static_cast<acc_t>(x[0]);
+    const acc_t shift = sum_shift(static_cast<acc_t>(x[0]));
     Moments<acc_t> moments;
     for (int64_t q = team.rank; q < packs; q += team.size) {
       load_acc<scalar_t, acc_t, kVec>(x, q, v[0]);

@@ -49,6 +49,14 @@ struct Moments {
     const T total = n + nb;
     if (total == T(0)) return;
     const T delta = mean_b - mean;
+    if (!(delta - delta == T(0))) {
+      // An infinite (or NaN) value on either side: the mean is the sum's limit (+-inf, or NaN
+      // for inf - inf, as a plain sum gives), the variance is not finite.
+      mean = mean + mean_b;
+      m2 = m2 + m2_b + delta * delta;
+      n = total;
+      return;
+    }
     mean += delta * (nb / total);
     m2 += m2_b + delta * delta * (n * nb / total);
     n = total;

@@ -74,8 +74,8 @@ def _check(variant: str, x: Tensor, groups: int, params: tuple, eps: float) -> N
         raise ValueError(f"C ({C}) must be divisible by 2 * groups (2 * {groups} = {2 * groups})")
     if x.shape[2] * x.shape[3] < 1:
         raise ValueError(f"H * W must be >= 1, got {x.shape[2]} x {x.shape[3]}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
     m = C // (2 * groups)
     for (name, is_matrix), p in zip(_PARAMS[variant], params):
         if not isinstance(p, Tensor):
@@ -100,7 +100,8 @@ class ShuffleAttentionFunction(torch.autograd.Function):
 
     ``apply(variant, x, groups, eps, *params)`` with variant "sa_layer" or "shuffle_attention"
     (optionally prefixed by an op namespace, see ``_ops``).
-    Double backward is not supported (the backward is a fused kernel, not differentiable).
+    Double backward is not supported (the backward is a fused kernel, not differentiable): a
+    backward with create_graph=True raises instead of returning gradients without a graph.
     """
 
     @staticmethod
@@ -111,8 +112,11 @@ class ShuffleAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: a graph of this backward is wanted
+            raise RuntimeError(
+                "sa_cuda: double backward (create_graph=True) through the fused Shuffle Attention "
+                "op is not supported; use the sa_cuda.reference layers for higher-order gradients")
         x, mean, rstd, *params = ctx.saved_tensors
         grad_x, *param_grads = _ops(ctx.variant)[1](grad_out, x, mean, rstd, ctx.groups, *params)
         needs = ctx.needs_input_grad

@@ -258,3 +258,25 @@ def test_save_load_round_trip(cls):
     whole = torch.load(buffer, weights_only=False)
     assert type(whole) is cls
     torch.testing.assert_close(whole(x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo-exporter", "torchscript-exporter"])
+@pytest.mark.parametrize("cls", [sa_cuda.SALayer, sa_cuda.ShuffleAttention])
+def test_onnx_export_runs_the_reference_math(cls, dynamo, tmp_path):
+    """During torch.onnx.export the fused modules run the reference code, so the ONNX graph holds
+    standard ops only and an ONNX runtime reproduces the module's output."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = _net(randomize_(cls(32, 4), seed=10)).eval()
+    x = make_input((2, 32, 8, 8), seed=11)
+    path = str(tmp_path / "model.onnx")
+    if dynamo:
+        torch.onnx.export(model, (x,), dynamo=True).save(path)
+    else:
+        torch.onnx.export(model, (x,), path, dynamo=False)
+    graph = onnx.load(path).graph
+    assert all(node.domain in ("", "ai.onnx") for node in graph.node), {n.domain for n in graph.node}
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-5, atol=1e-5)

@@ -46,3 +46,77 @@ def test_fused_resnet_matches_eager():
     fused.load_state_dict(eager.state_dict(), strict=True)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     assert max_err(fused(x), eager(x)) <= 1e-10
+
+
+def test_sa_resnet50_traces_without_graph_breaks():
+    """torch._dynamo.explain over the whole SA-ResNet-50 with fused SA layers: one graph, no break
+    from the sa_cuda op (16 SA layers)."""
+    torch._dynamo.reset()
+    model = sa_resnet50(num_classes=10, fused=True).eval()
+    explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 32, 32))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    # The fused SA layers are in the graph as the autograd.Function (16 of them), not run eagerly.
+    ops = [str(n.target) for gm in explanation.graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count("autograd_function_apply") == 16
+
+
+CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "sa_cuda::sa_layer_forward", "CUDA")), reason="needs a CUDA device and the CUDA kernels")
+
+
+@CUDA
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_sa_resnet50_compile_cuda(mode):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = sa_resnet50(num_classes=10, fused=True).cuda().eval()
+    compiled = torch.compile(eager, mode=mode, fullgraph=True)
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        want = eager(x)
+        for _ in range(3):  # reduce-overhead records, then replays a CUDA graph
+            got = compiled(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@CUDA
+def test_cuda_graph_capture_and_replay():
+    torch.manual_seed(0)
+    layer = randomize_(SALayer(256, 64), seed=2).cuda()
+    static_x = torch.randn(8, 256, 28, 28, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        layer(static_x)  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out = layer(static_x)
+    for seed in (3, 4):
+        static_x.copy_(torch.randn(static_x.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
+        graph.replay()
+        with torch.no_grad():
+            torch.testing.assert_close(static_out, layer(static_x), rtol=0, atol=0)
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_training_step(dtype):
+    torch.manual_seed(0)
+    model = sa_resnet50(num_classes=10, fused=True).cuda()
+    reference_model = sa_resnet50(num_classes=10, fused=False).cuda()
+    reference_model.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        out, want = model(x), reference_model(x)
+    assert torch.isfinite(out).all()
+    assert max_err(out, want) <= 0.05 * max(1.0, want.abs().max().item())
+    scaler = torch.amp.GradScaler("cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with torch.autocast("cuda", dtype=dtype):
+        loss = model(x).float().logsumexp(1).mean()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

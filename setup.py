@@ -122,6 +122,16 @@ def extension():
     )
 
 
+def write_build_info():
+    """sa_cuda/_build_info.py: what this build targets, for `python -m sa_cuda`."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "this machine's GPU") if CUDA_HOME else ""
+    with open(os.path.join(ROOT, "sa_cuda", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write(f"CPU_ISA = {cpu_isa()!r}\nCUDA_ARCHS = {archs!r}\nCUDA_HOME = {CUDA_HOME!r}\n")
+
+
+write_build_info()
+
 setup(
     name="sa_cuda",
     version="0.1.0",

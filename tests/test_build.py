@@ -35,3 +35,6 @@ def test_python_m_sa_cuda_prints_build_info():
     assert f"sa_cuda: {sa_cuda.__version__}" in out
     assert f"CPU kernels: built ({_C.cpu_capability()})" in out
     assert ("CUDA kernels: built" in out) == _C.cuda_built()
+    if _C.cuda_built():
+        from sa_cuda._build_info import CUDA_ARCHS
+        assert CUDA_ARCHS and f"TORCH_CUDA_ARCH_LIST {CUDA_ARCHS})" in out

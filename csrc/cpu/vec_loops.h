@@ -103,6 +103,18 @@ template <typename scalar_t, typename acc_t>
 inline const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* scratch) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return src;
+  } else if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+    // bf16/fp16 -> fp32 with vector conversions (at::vec::convert is a scalar loop for these).
+    using Vec = at::vec::Vectorized<scalar_t>;
+    constexpr int64_t kFloatLanes = at::vec::Vectorized<float>::size();
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vec::loadu(src + i));
+      lo.store(scratch + i);
+      hi.store(scratch + i + kFloatLanes);
+    }
+    for (; i < n; ++i) scratch[i] = static_cast<acc_t>(src[i]);
+    return scratch;
   } else {
     at::vec::convert(src, scratch, n);
     return scratch;

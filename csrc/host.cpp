@@ -3,7 +3,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
+
+#include <algorithm>
+#include <cstdint>
 
 namespace sa_cuda {
 namespace {
@@ -56,6 +60,48 @@ std::vector<at::Tensor> acc_params(Variant variant, const LayerParams& p, const 
   return out;
 }
 
+// x as an NCHW-contiguous tensor for the kernels. A channels_last CPU tensor is transposed per
+// batch item ([H*W, C] -> [C, H*W]) in 32 x 32 tiles, moving raw element bytes: PyTorch's
+// generic strided copy is ~6x slower for this layout on the CPU.
+template <typename word_t>
+void transpose_nhwc_to_nchw(const word_t* src, word_t* dst, int64_t B, int64_t C, int64_t HW) {
+  constexpr int64_t kTile = 32;
+  const int64_t c_tiles = (C + kTile - 1) / kTile, p_tiles = (HW + kTile - 1) / kTile;
+  at::parallel_for(0, B * c_tiles * p_tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t b = tile / (c_tiles * p_tiles);
+      const int64_t c0 = (tile / p_tiles) % c_tiles * kTile, p0 = tile % p_tiles * kTile;
+      const word_t* s = src + b * HW * C;
+      word_t* d = dst + b * C * HW;
+      for (int64_t c = c0; c < std::min(C, c0 + kTile); ++c) {
+        for (int64_t p = p0; p < std::min(HW, p0 + kTile); ++p) d[c * HW + p] = s[p * C + c];
+      }
+    }
+  });
+}
+
+at::Tensor to_nchw(const at::Tensor& x) {
+  if (x.is_contiguous() || !x.is_cpu() || !x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return x.contiguous();
+  }
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  switch (x.element_size()) {
+    case 2:
+      transpose_nhwc_to_nchw(static_cast<const uint16_t*>(x.const_data_ptr()),
+                             static_cast<uint16_t*>(out.mutable_data_ptr()), B, C, HW);
+      break;
+    case 4:
+      transpose_nhwc_to_nchw(static_cast<const uint32_t*>(x.const_data_ptr()),
+                             static_cast<uint32_t*>(out.mutable_data_ptr()), B, C, HW);
+      break;
+    default:
+      transpose_nhwc_to_nchw(static_cast<const uint64_t*>(x.const_data_ptr()),
+                             static_cast<uint64_t*>(out.mutable_data_ptr()), B, C, HW);
+  }
+  return out;
+}
+
 ForwardParams fill_forward(const Shape& s, double eps, const at::Tensor& x,
                            const std::vector<at::Tensor>& p) {
   ForwardParams f{};
@@ -84,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(Variant variant, cons
   const c10::DeviceGuard device_guard(x_in.device());  // kernels launch on x's device
   TORCH_CHECK(eps >= 0, "sa_cuda: eps must be >= 0, got ", eps);
   const auto p = acc_params(variant, params, x_in, s.m);
-  const at::Tensor x = x_in.contiguous();
+  const at::Tensor x = to_nchw(x_in);
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor mean = at::empty({s.B, s.C}, p[0].options());
   at::Tensor rstd = at::empty({s.B, s.C}, p[0].options());
@@ -117,8 +163,8 @@ run_backward(Variant variant, const at::Tensor& grad_out_in, const at::Tensor& x
                 "sa_cuda: mean and rstd must be the forward's [B, C] ", p[0].scalar_type(),
                 " statistics on x's device, got ", stat->sizes(), " ", stat->scalar_type());
   }
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor grad_out = grad_out_in.to(x.scalar_type()).contiguous();
+  const at::Tensor x = to_nchw(x_in);
+  const at::Tensor grad_out = to_nchw(grad_out_in.to(x.scalar_type()));
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
 

@@ -23,39 +23,62 @@ struct Shape {
   int64_t B, C, G, m, N;
 };
 
-Shape check_input(const at::Tensor& x, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4, "sa_cuda: x must be 4-D [B, C, H, W], got ", x.dim(), "-D");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
-              "sa_cuda: x must be float64, float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(groups >= 1, "sa_cuda: groups must be >= 1, got ", groups);
-  const int64_t C = x.size(1);
-  TORCH_CHECK(C % (2 * groups) == 0, "sa_cuda: C (", C, ") must be divisible by 2 * groups (2 * ",
-              groups, ")");
-  TORCH_CHECK(C > 0, "sa_cuda: C must be positive");
-  const int64_t N = x.size(2) * x.size(3);
-  TORCH_CHECK(N >= 1, "sa_cuda: H * W must be >= 1, got ", x.size(2), " x ", x.size(3));
-  return Shape{x.size(0), C, groups, C / (2 * groups), N};
+// The dtypes the kernels are instantiated for (csrc/dispatch.h). Everything else (float8 kinds,
+// complex, integer, bool, quantized) is refused before any memory is touched.
+bool is_kernel_dtype(c10::ScalarType t) {
+  return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
-// Parameters in acc_t (float; double for float64 input), contiguous, on x's device.
+// Every tensor argument: defined, dense (strided, not sparse or nested), a kernel dtype, on x's
+// device. Views with the negative bit set are resolved by the caller (resolve_neg).
+void check_tensor(const at::Tensor& t, const char* name, const at::Tensor* x) {
+  TORCH_CHECK_VALUE(t.defined(), "sa_cuda: ", name, " is undefined");
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided && !t.is_nested(), "sa_cuda: ", name,
+                    " must be a dense (strided) tensor, got layout ", t.layout());
+  TORCH_CHECK_VALUE(is_kernel_dtype(t.scalar_type()), "sa_cuda: ", name,
+                    " must be float64, float32, float16 or bfloat16, got ", t.scalar_type());
+  if (x != nullptr) {
+    TORCH_CHECK_VALUE(t.device() == x->device(), "sa_cuda: ", name, " is on ", t.device(),
+                      " but x is on ", x->device());
+  }
+}
+
+Shape check_input(const at::Tensor& x, int64_t groups) {
+  check_tensor(x, "x", nullptr);
+  TORCH_CHECK_VALUE(x.dim() == 4, "sa_cuda: x must be 4-D [B, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(groups >= 1, "sa_cuda: groups must be an int >= 1, got ", groups);
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(C >= 1, "sa_cuda: C must be positive, got ", C);
+  // groups > C / 2 first: then 2 * groups may not even fit in int64.
+  TORCH_CHECK_VALUE(groups <= C / 2, "sa_cuda: C (", C, ") must be divisible by 2 * groups (2 * ",
+                    groups, " > C)");
+  TORCH_CHECK_VALUE(C % (2 * groups) == 0, "sa_cuda: C (", C, ") must be divisible by 2 * groups (2 * ",
+                    groups, " = ", 2 * groups, ")");
+  TORCH_CHECK_VALUE(x.size(2) >= 1 && x.size(3) >= 1, "sa_cuda: H * W must be >= 1, got ",
+                    x.size(2), " x ", x.size(3));
+  return Shape{x.size(0), C, groups, C / (2 * groups), x.size(2) * x.size(3)};
+}
+
+// acc_t of the kernels: float64 for float64 x, else float32 (parameters, statistics, partials).
+c10::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Parameters in acc_t, contiguous, on x's device.
 std::vector<at::Tensor> acc_params(Variant variant, const LayerParams& p, const at::Tensor& x,
                                    int64_t m) {
   const at::Tensor all[] = {p.channel_weight, p.channel_bias, p.spatial_weight,
                             p.spatial_bias,   p.gn_weight,    p.gn_bias};
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(x);
   std::vector<at::Tensor> out;
   for (int i = 0; i < 6; ++i) {
     const at::Tensor& t = all[i];
     const bool is_matrix = variant == Variant::kConv1x1 && (i == 0 || i == 2);
     const int64_t expected = is_matrix ? m * m : m;
-    TORCH_CHECK(t.defined(), "sa_cuda: ", param_name(variant, i), " is undefined");
-    TORCH_CHECK(t.device() == x.device(), "sa_cuda: ", param_name(variant, i), " is on ",
-                t.device(), " but x is on ", x.device());
-    TORCH_CHECK(at::isFloatingType(t.scalar_type()), "sa_cuda: ", param_name(variant, i),
-                " must be a floating tensor, got ", t.scalar_type());
-    TORCH_CHECK(t.numel() == expected, "sa_cuda: ", param_name(variant, i), " must have ",
-                expected, " elements (m = C / (2 * groups) = ", m, "), got shape ", t.sizes());
-    out.push_back(t.to(acc).contiguous().view(-1));
+    check_tensor(t, param_name(variant, i), &x);
+    TORCH_CHECK_VALUE(t.numel() == expected, "sa_cuda: ", param_name(variant, i), " must have ",
+                      expected, " elements (m = C / (2 * groups) = ", m, "), got shape ", t.sizes());
+    out.push_back(t.resolve_neg().to(acc).contiguous().view(-1));
   }
   return out;
 }
@@ -80,6 +103,7 @@ void transpose_nhwc_to_nchw(const word_t* src, word_t* dst, int64_t B, int64_t C
   });
 }
 
+// x must have passed check_tensor (a kernel dtype: 2, 4 or 8 bytes per element).
 at::Tensor to_nchw(const at::Tensor& x) {
   if (x.is_contiguous() || !x.is_cpu() || !x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     return x.contiguous();
@@ -95,9 +119,12 @@ at::Tensor to_nchw(const at::Tensor& x) {
       transpose_nhwc_to_nchw(static_cast<const uint32_t*>(x.const_data_ptr()),
                              static_cast<uint32_t*>(out.mutable_data_ptr()), B, C, HW);
       break;
-    default:
+    case 8:
       transpose_nhwc_to_nchw(static_cast<const uint64_t*>(x.const_data_ptr()),
                              static_cast<uint64_t*>(out.mutable_data_ptr()), B, C, HW);
+      break;
+    default:  // unreachable: check_tensor admits only the kernel dtypes
+      TORCH_CHECK(false, "sa_cuda: no NHWC transpose for ", x.scalar_type());
   }
   return out;
 }
@@ -128,9 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(Variant variant, cons
                                                            double eps, ForwardLauncher launch) {
   const Shape s = check_input(x_in, groups);
   const c10::DeviceGuard device_guard(x_in.device());  // kernels launch on x's device
-  TORCH_CHECK(eps >= 0, "sa_cuda: eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(eps >= 0, "sa_cuda: eps must be a number >= 0, got ", eps);
   const auto p = acc_params(variant, params, x_in, s.m);
-  const at::Tensor x = to_nchw(x_in);
+  const at::Tensor x = to_nchw(x_in.resolve_neg());
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor mean = at::empty({s.B, s.C}, p[0].options());
   at::Tensor rstd = at::empty({s.B, s.C}, p[0].options());
@@ -150,22 +177,24 @@ run_backward(Variant variant, const at::Tensor& grad_out_in, const at::Tensor& x
              const LayerParams& params, BackwardLauncher launch) {
   const Shape s = check_input(x_in, groups);
   const c10::DeviceGuard device_guard(x_in.device());
-  const auto p = acc_params(variant, params, x_in, s.m);
-  TORCH_CHECK(grad_out_in.sizes() == x_in.sizes(), "sa_cuda: grad_out must have x's shape ",
-              x_in.sizes(), ", got ", grad_out_in.sizes());
-  TORCH_CHECK(at::isFloatingType(grad_out_in.scalar_type()),
-              "sa_cuda: grad_out must be a floating tensor, got ", grad_out_in.scalar_type());
-  TORCH_CHECK(grad_out_in.device() == x_in.device(), "sa_cuda: grad_out is on ",
-              grad_out_in.device(), " but x is on ", x_in.device());
-  for (const auto* stat : {&mean_in, &rstd_in}) {
-    TORCH_CHECK(stat->sizes() == at::IntArrayRef({s.B, s.C}) &&
-                    stat->scalar_type() == p[0].scalar_type() && stat->device() == x_in.device(),
-                "sa_cuda: mean and rstd must be the forward's [B, C] ", p[0].scalar_type(),
-                " statistics on x's device, got ", stat->sizes(), " ", stat->scalar_type());
+  check_tensor(grad_out_in, "grad_out", &x_in);
+  TORCH_CHECK_VALUE(grad_out_in.sizes() == x_in.sizes(), "sa_cuda: grad_out must have x's shape ",
+                    x_in.sizes(), ", got ", grad_out_in.sizes());
+  const char* stat_names[] = {"mean", "rstd"};
+  const at::Tensor* stats[] = {&mean_in, &rstd_in};
+  for (int i = 0; i < 2; ++i) {
+    check_tensor(*stats[i], stat_names[i], &x_in);
+    TORCH_CHECK_VALUE(stats[i]->sizes() == at::IntArrayRef({s.B, s.C}) &&
+                              stats[i]->scalar_type() == acc_type(x_in),
+                      "sa_cuda: ", stat_names[i], " must be the forward's [B, C] = [", s.B, ", ",
+                      s.C, "] ", acc_type(x_in) == at::kDouble ? "float64" : "float32",
+                      " statistics, got ", stats[i]->sizes(), " ", stats[i]->scalar_type());
   }
-  const at::Tensor x = to_nchw(x_in);
-  const at::Tensor grad_out = to_nchw(grad_out_in.to(x.scalar_type()));
-  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const auto p = acc_params(variant, params, x_in, s.m);
+  const at::Tensor x = to_nchw(x_in.resolve_neg());
+  const at::Tensor grad_out = to_nchw(grad_out_in.resolve_neg().to(x.scalar_type()));
+  const at::Tensor mean = mean_in.resolve_neg().contiguous();
+  const at::Tensor rstd = rstd_in.resolve_neg().contiguous();
   at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
 
   // Per-(batch item, group) partials of the parameter gradients (layout in sa_params.h).

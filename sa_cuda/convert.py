@@ -1,98 +1,638 @@
 """Swap Shuffle Attention layers in an existing model for the fused modules, in place.
 
-Recognized, by structure (whatever the class is called):
+``convert(model)`` replaces a submodule only when it is sure that the fused module computes exactly
+what the submodule computed, forward and backward. A module is replaced when ALL of these hold:
 
-- per-channel layers: SA-Net's official ``sa_layer``, External-Attention-pytorch's
-  ``ShuffleAttention`` (groups in ``G``), ``sa_cuda.reference.SALayer``: parameters ``cweight``,
-  ``cbias``, ``sweight``, ``sbias`` of shape (1, m, 1, 1), ``gn`` = GroupNorm(m, m), an int
-  ``groups`` or ``G`` -> ``sa_cuda.SALayer``;
-- 1x1-conv layers: the seed's ``ShuffleAttention``, ``sa_cuda.reference.ShuffleAttention``:
-  ``affine1``, ``affine2`` = Conv2d(m, m, 1) with bias, ``gn`` = GroupNorm(m, m), ``groups``
-  -> ``sa_cuda.ShuffleAttention``.
+1. **Structure** (every module, registered or not): its parameters are exactly one variant's set,
+   with the right shapes, m = gn.num_channels:
 
-The fused module takes over the original's Parameter objects and its ``gn`` submodule (so an
-optimizer built before the conversion keeps updating the same tensors, state_dict keys stay the
-same, and device, dtype and requires_grad are unchanged), its forward/backward hooks and its
-training mode. Modules that are already fused, and anything else, are left alone.
+   - ``"sa_layer"`` (SA-Net's official ``sa_layer``, External-Attention-pytorch's
+     ``ShuffleAttention``): ``cweight``, ``cbias``, ``sweight``, ``sbias`` (1, m, 1, 1),
+     ``gn.weight``, ``gn.bias`` (m,) -> ``sa_cuda.SALayer``;
+   - ``"shuffle_attention"`` (the seed's 1x1-conv layer): ``affine1``/``affine2`` =
+     ``nn.Conv2d(m, m, 1)`` with bias (and stride 1, no padding, dilation 1, groups 1, zeros
+     padding mode), ``gn.weight``, ``gn.bias`` -> ``sa_cuda.ShuffleAttention``;
+
+   no buffers; submodules only ``gn`` (exactly ``nn.GroupNorm(m, m)`` with affine parameters), the
+   variant's convs, and optionally ``avg_pool`` (exactly ``nn.AdaptiveAvgPool2d(1)``) and
+   ``sigmoid`` (exactly ``nn.Sigmoid``), none of them with hooks or children of their own (the
+   fused layer never calls its submodules, so their hooks would stop firing); a positive int groups
+   attribute (``groups`` or ``G``; the registered name for registered classes), which gives
+   C = 2 * m * groups; instance attributes only of plain types (int, float, str, bool, None,
+   tuples of those), which the fused module keeps.
+2. **Code**: the class that runs is the code that was checked. For a registered class (see
+   ``register``; ``sa_cuda.reference.SALayer`` and ``ShuffleAttention`` are built in) the user
+   vouches for the code; a subclass of it counts only if it overrides nothing that forward uses.
+   An unregistered class must define ``forward`` in a direct subclass of ``nn.Module`` (a subclass
+   of a published layer may compute anything, e.g. ``2 * sa(x) + x``), and no class between it and
+   ``type(module)`` may override ``forward``, nn.Module's call machinery, or any ``self.<name>``
+   that forward (or a method it calls) touches, found by parsing the source with ``ast``. The
+   instance may not override those names in its ``__dict__`` either. An unregistered forward may
+   read only the parameters, the submodules, the groups attribute and class-level methods or
+   constants; it may not assign to ``self``, pass ``self`` on, call ``super()`` or declare
+   ``global``/``nonlocal`` names (state or side effects the fused layer would not reproduce).
+3. **Behaviour** (unregistered classes only): a probe runs the class's forward function on a
+   float64 CPU copy of the module, without its hooks and with random parameters (the default init,
+   cweight = sweight = 0, makes the gates constant and would hide e.g. a max-pool gate), on three
+   random inputs of different shapes, and compares the output and every gradient (input and
+   parameters) with ``sa_cuda.reference`` to 1e-10 relative. Any mismatch or exception: left alone.
+
+Everything else is left alone, output unchanged to the bit; ``convert(model, report=True)`` says
+which look-alikes were skipped and why, and ``reason_not_convertible(layer)`` tells for one layer.
+Instances of the fused classes are left alone (converting twice replaces nothing). The model
+itself is never replaced (use ``fuse``). Limits: the probe runs the forward once per shape on the
+copy, so global module hooks see the copy's submodule calls, and a side effect outside the module
+that does not change the result (e.g. appending to a global list) cannot be seen.
+
+The fused module takes over the original's Parameter objects and submodules (an optimizer built
+before the conversion keeps updating the same tensors; state_dict keys and their order, devices,
+dtypes and requires_grad stay the same), its hook dicts (the same dict objects: every hook kind
+keeps firing on the fused module and ``handle.remove()`` on an old handle still works; the
+deprecated ``register_backward_hook`` sees the inputs of the fused op, x and the parameters, as
+grad_input), its plain instance attributes (e.g. External-Attention's ``G`` and ``channel``) and
+its training flag. A layer used at several places is replaced everywhere by one fused module.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import ast
+import copy
+import functools
+import inspect
+import math
+import textwrap
+import types
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from . import reference
 from .modules import SALayer, ShuffleAttention
 
-__all__ = ["convert", "fuse"]
+__all__ = ["ConvertReport", "convert", "fuse", "reason_not_convertible", "register"]
 
-_PER_CHANNEL = ("cweight", "cbias", "sweight", "sbias")
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-               "_backward_pre_hooks")
-
-
-def _groups(module: nn.Module) -> Optional[int]:
-    for name in ("groups", "G"):
-        value = getattr(module, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return value
-    return None
-
-
-def _branch_norm(module: nn.Module) -> Optional[int]:
-    """m when module.gn is GroupNorm(m, m) with affine parameters, else None."""
-    gn = getattr(module, "gn", None)
-    if isinstance(gn, nn.GroupNorm) and gn.affine and gn.num_groups == gn.num_channels:
-        return gn.num_channels
-    return None
+_FUSED_CLASSES = (SALayer, ShuffleAttention)
+# What nn.Module.__init__ puts in every instance; everything else in vars(module) is the user's.
+_MODULE_STATE = frozenset(vars(nn.Module()))
+_HOOK_STATE = tuple(sorted(name for name in _MODULE_STATE if "hook" in name))
+_HOOK_DICTS = tuple(name for name in _HOOK_STATE if name.endswith("hooks"))
+# How module(x) reaches forward: a class overriding any of these changes what a call does.
+_CALL_MACHINERY = ("__call__", "_wrapped_call_impl", "_call_impl", "__getattr__",
+                   "__getattribute__")
+_FOREIGN_GROUPS_ATTRS = ("groups", "G")  # SA-Net / the seed, External-Attention-pytorch
+_PER_CHANNEL_PARAMS = ("cweight", "cbias", "sweight", "sbias")
+_GATE_CONVS = ("affine1", "affine2")
+_OPTIONAL_SUBMODULES = ("avg_pool", "sigmoid")
+_PROBE_SHAPES = ((2, 3, 5), (1, 4, 4), (3, 1, 6))  # (B, H, W): batch 1, square and 1-row planes
+_PROBE_RTOL = 1e-10
+_MISSING = object()
 
 
-def _is_per_channel(module: nn.Module, m: int) -> bool:
-    params = [getattr(module, name, None) for name in _PER_CHANNEL]
-    return all(isinstance(p, nn.Parameter) and tuple(p.shape) == (1, m, 1, 1) for p in params)
+# ---- the two variants and the registry ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Variant:
+    fused_cls: type
+    functional: Callable[..., Tensor]  # sa_cuda.reference's math over explicit parameters
+    param_names: tuple[str, ...]  # in the functional's argument order
+    gate_convs: tuple[str, ...]  # 1x1-conv submodules (none for the per-channel variant)
+
+    @staticmethod
+    def param_shape(name: str, m: int) -> tuple[int, ...]:
+        if name.startswith("gn.") or name.endswith(".bias"):
+            return (m,)
+        if name.endswith(".weight"):
+            return (m, m, 1, 1)
+        return (1, m, 1, 1)
 
 
-def _is_conv1x1(module: nn.Module, m: int) -> bool:
-    convs = [getattr(module, name, None) for name in ("affine1", "affine2")]
-    return all(isinstance(c, nn.Conv2d) and c.in_channels == m and c.out_channels == m
-               and c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0)
-               and c.dilation == (1, 1) and c.groups == 1 and c.bias is not None
-               and c.padding_mode == "zeros" for c in convs)
+_VARIANTS = {
+    "sa_layer": _Variant(SALayer, reference.sa_layer,
+                         _PER_CHANNEL_PARAMS + ("gn.weight", "gn.bias"), ()),
+    "shuffle_attention": _Variant(ShuffleAttention, reference.shuffle_attention,
+                                  ("affine1.weight", "affine1.bias", "affine2.weight",
+                                   "affine2.bias", "gn.weight", "gn.bias"), _GATE_CONVS),
+}
+_REGISTRY: dict[type, tuple[_Variant, str]] = {}
+
+
+def register(cls: type, variant: str, groups_attr: str = "groups") -> type:
+    """Declares that ``cls`` (an nn.Module subclass) computes Shuffle Attention ``variant``
+    (``"sa_layer"``: per-channel cweight/cbias/sweight/sbias + gn; ``"shuffle_attention"``: 1x1
+    convs affine1/affine2 + gn) with its group count in the attribute ``groups_attr``. Exported as
+    ``sa_cuda.register_convertible``; returns ``cls``.
+
+    You vouch for the class's code: ``convert`` then skips the behavioural probe for it (and for
+    subclasses that override nothing its forward uses) but still checks every instance's
+    structure (parameters, submodules, hooks, attributes)."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"sa_cuda.convert.register: cls must be an nn.Module subclass, got {cls!r}")
+    if variant not in _VARIANTS:
+        raise ValueError(f"sa_cuda.convert.register: variant must be one of {sorted(_VARIANTS)}, "
+                         f"got {variant!r}")
+    if not (isinstance(groups_attr, str) and groups_attr.isidentifier()):
+        raise ValueError(f"sa_cuda.convert.register: groups_attr must be an attribute name, "
+                         f"got {groups_attr!r}")
+    _REGISTRY[cls] = (_VARIANTS[variant], groups_attr)
+    return cls
+
+
+register(reference.SALayer, "sa_layer")
+register(reference.ShuffleAttention, "shuffle_attention")
+
+
+def _registered_base(cls: type) -> Optional[type]:
+    return next((base for base in cls.__mro__ if base in _REGISTRY), None)
+
+
+# ---- public entry points -----------------------------------------------------------------------
+
+@dataclass
+class ConvertReport:
+    """What ``convert(model, report=True)`` did. ``replaced``: (qualified name(s), class name) per
+    distinct module replaced (a layer used at several places lists them, comma-separated).
+    ``skipped``: (qualified name(s), class name, reason) per look-alike left alone: a module with
+    a ``gn`` and SA parameters or affine1/affine2 convs, or of a registered class ("" = the model
+    itself). ``int(report)`` and ``report.count``: the number of modules replaced."""
+
+    replaced: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.replaced)
+
+    def __int__(self) -> int:
+        return self.count
+
+
+def convert(model: nn.Module, report: bool = False) -> Union[int, ConvertReport]:
+    """Replaces, in place, every Shuffle Attention submodule of ``model`` that passes the checks of
+    this module's docstring by its fused equivalent. Returns how many distinct modules were
+    replaced, or with ``report=True`` a ``ConvertReport``. ``model`` itself is not replaced (use
+    ``fuse``)."""
+    result = ConvertReport()
+    if _looks_like_shuffle_attention(model):
+        why = reason_not_convertible(model) or ("the model itself cannot be replaced in place; "
+                                                "use sa_cuda.fuse(model)")
+        result.skipped.append(("", type(model).__name__, why))
+    for module, places in _places(model):
+        if not _looks_like_shuffle_attention(module):
+            continue
+        where = ", ".join(place.name for place in places)
+        try:
+            plan = _plan(module)
+        except _Skip as skip:
+            result.skipped.append((where, type(module).__name__, str(skip)))
+            continue
+        fused = _build_fused(module, plan)
+        for place in places:
+            setattr(place.parent, place.key, fused)
+        result.replaced.append((where, type(module).__name__))
+    return result if report else result.count
 
 
 def fuse(module: nn.Module) -> Optional[nn.Module]:
-    """The fused equivalent of one Shuffle Attention module (sharing its parameters), or None
-    when ``module`` is not one (or is fused already)."""
-    if isinstance(module, (SALayer, ShuffleAttention)):
+    """The fused equivalent of one Shuffle Attention module (sharing its parameters, submodules,
+    hooks and attributes), or None when ``module`` does not pass the checks of this module's
+    docstring (``reason_not_convertible`` says why) or is fused already."""
+    try:
+        plan = _plan(module)
+    except _Skip:
         return None
-    groups, m = _groups(module), _branch_norm(module)
-    if groups is None or m is None:
-        return None
-    if _is_per_channel(module, m):
-        fused, shared = SALayer(2 * m * groups, groups), _PER_CHANNEL + ("gn",)
-    elif _is_conv1x1(module, m):
-        fused, shared = ShuffleAttention(2 * m * groups, groups), ("affine1", "affine2", "gn")
+    return _build_fused(module, plan)
+
+
+def reason_not_convertible(module: nn.Module) -> Optional[str]:
+    """None when ``fuse(module)`` would replace ``module``, else the reason it is left alone."""
+    try:
+        _plan(module)
+    except _Skip as skip:
+        return str(skip)
+    return None
+
+
+# ---- the decision ------------------------------------------------------------------------------
+
+class _Skip(Exception):
+    """Raised by the checks, with the human-readable reason the module is left alone."""
+
+
+def _require(condition: bool, reason: str) -> None:
+    if not condition:
+        raise _Skip(reason)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    variant: _Variant
+    m: int
+    groups: int
+    attributes: dict  # the original's plain instance attributes, for the fused module
+
+
+def _looks_like_shuffle_attention(module: nn.Module) -> bool:
+    if isinstance(module, _FUSED_CLASSES):
+        return False
+    if _registered_base(type(module)) is not None:
+        return True
+    return "gn" in module._modules and (any(n in module._parameters for n in _PER_CHANNEL_PARAMS)
+                                        or any(n in module._modules for n in _GATE_CONVS))
+
+
+def _plan(module: nn.Module) -> _Plan:
+    """Runs every check, cheapest first; raises _Skip when the module must be left alone."""
+    _require(not isinstance(module, _FUSED_CLASSES), "already a fused sa_cuda module")
+    registered = _registered_base(type(module))
+    variant = _REGISTRY[registered][0] if registered is not None else _foreign_variant(module)
+    m = _check_structure(module, variant)
+    forward, scan = _check_code(module, registered)
+    if registered is not None:
+        groups_attr = _REGISTRY[registered][1]
     else:
-        return None
-    for name in shared:  # take over the original's Parameters and submodules
-        setattr(fused, name, getattr(module, name))
-    for name in _HOOK_DICTS:  # and the hooks registered on it
-        if hasattr(module, name) and hasattr(fused, name):
-            setattr(fused, name, getattr(module, name))
-    fused.train(module.training)
+        groups_attr = _foreign_groups_attr(module, scan)
+    groups = getattr(module, groups_attr, None)
+    _require(_is_positive_int(groups), f"{groups_attr} = {groups!r} is not a positive int")
+    attributes = _carried_attributes(module, variant, groups)
+    if registered is None:
+        _check_reads(module, scan, groups_attr)
+        _probe(module, forward, variant, m, groups)
+    return _Plan(variant, m, groups, attributes)
+
+
+def _foreign_variant(module: nn.Module) -> _Variant:
+    has_convs = any(name in module._modules for name in _GATE_CONVS)
+    return _VARIANTS["shuffle_attention" if has_convs else "sa_layer"]
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_plain(value: object) -> bool:
+    if isinstance(value, tuple):
+        return all(_is_plain(item) for item in value)
+    return value is None or isinstance(value, (int, float, str))
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__ if value is not None else "None"
+
+
+# ---- 1. structure ------------------------------------------------------------------------------
+
+def _check_structure(module: nn.Module, variant: _Variant) -> int:
+    """m = gn.num_channels, when the module has exactly the variant's parameters and submodules."""
+    gn = module._modules.get("gn")
+    _require(type(gn) is nn.GroupNorm, f"gn is {_type_name(gn)}, not exactly nn.GroupNorm")
+    m = gn.num_channels
+    _require(gn.num_groups == m and gn.affine,
+             f"gn is GroupNorm({gn.num_groups}, {m}, affine={gn.affine}), not GroupNorm(m, m) with "
+             f"affine parameters")
+    _check_submodules(module, variant, m)
+    _check_parameters(module, variant, m)
+    return m
+
+
+def _check_submodules(module: nn.Module, variant: _Variant, m: int) -> None:
+    extra = sorted(set(module._modules) - {"gn", *_OPTIONAL_SUBMODULES, *variant.gate_convs})
+    _require(not extra, f"extra submodule(s) {', '.join(extra)}")
+    for name in variant.gate_convs:
+        _require(name in module._modules, f"no {name} submodule")
+    for name, sub in module._modules.items():
+        _require(sub is not None, f"submodule {name} is None")
+        _require(not sub._modules, f"{name} has submodules of its own")
+        hooked = [kind for kind in _HOOK_DICTS if getattr(sub, kind)]
+        _require(not hooked, f"{name} has hooks ({', '.join(hooked)}); the fused layer does not "
+                             f"call its submodules")
+    for name in variant.gate_convs:
+        conv = module._modules[name]
+        _require(type(conv) is nn.Conv2d, f"{name} is {_type_name(conv)}, not exactly nn.Conv2d")
+        config = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+        _require(config == (m, m, (1, 1), (1, 1), (0, 0), (1, 1), 1, True, "zeros"),
+                 f"{name} is {conv!r}, not Conv2d({m}, {m}, kernel_size=1) with bias")
+    pool = module._modules.get("avg_pool", _MISSING)
+    _require(pool is _MISSING
+             or (type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1))),
+             f"avg_pool is {pool!r}, not nn.AdaptiveAvgPool2d(1)")
+    sigmoid = module._modules.get("sigmoid", _MISSING)
+    _require(sigmoid is _MISSING or type(sigmoid) is nn.Sigmoid,
+             f"sigmoid is {_type_name(sigmoid)}, not exactly nn.Sigmoid")
+
+
+def _check_parameters(module: nn.Module, variant: _Variant, m: int) -> None:
+    owners = [("", module)] + [(f"{name}.", sub) for name, sub in module._modules.items()]
+    found = {prefix + key: p for prefix, owner in owners for key, p in owner._parameters.items()}
+    extra = sorted(set(found) - set(variant.param_names))
+    missing = sorted(set(variant.param_names) - set(found))
+    _require(not extra, f"extra parameter(s) {', '.join(extra)}")
+    _require(not missing, f"missing parameter(s) {', '.join(missing)}")
+    for name in variant.param_names:
+        param, shape = found[name], variant.param_shape(name, m)
+        _require(isinstance(param, nn.Parameter), f"{name} is {_type_name(param)}, not a Parameter")
+        _require(tuple(param.shape) == shape, f"{name} has shape {tuple(param.shape)}, not {shape}")
+    buffers = [prefix + key for prefix, owner in owners for key in owner._buffers]
+    _require(not buffers, f"buffer(s) {', '.join(buffers)}, which the fused layer would not use")
+
+
+def _carried_attributes(module: nn.Module, variant: _Variant, groups: int) -> dict:
+    """The original's own instance attributes (plain values only) for the fused module; none may
+    hide something the fused layer has (its fallback path runs the reference code on it)."""
+    fused_cls, carried = variant.fused_cls, {}
+    for name, value in vars(module).items():
+        if name in _MODULE_STATE:
+            continue
+        _require(_is_plain(value), f"instance attribute {name!r} holds a {_type_name(value)}; "
+                                   f"only plain values are carried over")
+        if name == "groups":  # the fused module's own attribute: it must say the same
+            _require(value == groups,
+                     f"groups = {value!r}, but the layer computes with {groups} groups")
+            continue
+        same_on_class = (inspect.getattr_static(fused_cls, name, _MISSING)
+                         is inspect.getattr_static(type(module), name, _MISSING))
+        _require(same_on_class and name not in _fused_instance_names(fused_cls),
+                 f"instance attribute {name!r} would hide the fused layer's {name}")
+        carried[name] = value
+    return carried
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_instance_names(fused_cls: type) -> frozenset:
+    with torch.device("meta"):
+        template = fused_cls(2, 1)
+    return frozenset({*vars(template), *template._parameters, *template._modules,
+                      *template._buffers})
+
+
+# ---- 2. code -----------------------------------------------------------------------------------
+
+@dataclass
+class _Scan:
+    """What methods' source does with ``self`` (their first parameter)."""
+
+    names: set = field(default_factory=set)  # every self.<name> touched
+    assigned: set = field(default_factory=set)  # self.<name> = ..., del self.<name>
+    problems: list = field(default_factory=list)  # self passed on, super(), global/nonlocal
+
+    def merge(self, other: "_Scan") -> None:
+        self.names |= other.names
+        self.assigned |= other.assigned
+        self.problems += other.problems
+
+
+def _check_code(module: nn.Module, registered: Optional[type]) -> tuple[Callable, _Scan]:
+    """(the forward function, what it touches on self), when the module's class runs the code
+    that was vouched for (registered) or will be probed (foreign)."""
+    cls = type(module)
+    owner = registered if registered is not None else _foreign_forward_owner(cls)
+    scan = _scan_methods(owner, allow_missing_source=registered is cls)
+    for name in sorted({"forward", *_CALL_MACHINERY, *scan.names}):
+        on_class = inspect.getattr_static(cls, name, _MISSING)
+        _require(on_class is inspect.getattr_static(owner, name, _MISSING),
+                 f"{cls.__name__} overrides {name!r} of {owner.__name__}")
+        if name in vars(module):
+            slot = name in module._parameters or name in module._modules or name in module._buffers
+            _require(not (slot or name == "forward" or name in _CALL_MACHINERY
+                          or (on_class is not _MISSING and not _is_plain(on_class))),
+                     f"the instance overrides {name!r} in its __dict__")
+    forward = inspect.getattr_static(cls, "forward")
+    _require(registered is not None or isinstance(forward, types.FunctionType),
+             f"{cls.__name__}.forward is a {_type_name(forward)}, not a plain function")
+    return forward, scan
+
+
+def _foreign_forward_owner(cls: type) -> type:
+    """The class that defines forward, when it is a direct nn.Module subclass that keeps
+    nn.Module's call machinery."""
+    owner = next(klass for klass in cls.__mro__ if "forward" in vars(klass))
+    _require(owner is not nn.Module, f"{cls.__name__} has no forward")
+    _require(owner.__bases__ == (nn.Module,),
+             f"forward is defined by {owner.__name__}, a subclass of "
+             f"{', '.join(base.__name__ for base in owner.__bases__)} (not a registered class), "
+             f"which may change what the layer computes")
+    for name in _CALL_MACHINERY:
+        _require(inspect.getattr_static(owner, name) is inspect.getattr_static(nn.Module, name),
+                 f"{owner.__name__} overrides nn.Module.{name}")
+    return owner
+
+
+def _scan_methods(owner: type, allow_missing_source: bool) -> _Scan:
+    """Scans forward and, transitively, every method of owner's own classes it calls on self."""
+    total, pending, seen = _Scan(), ["forward"], set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        function = _user_function(owner, name)
+        if function is None:
+            continue
+        try:
+            scan = _scan_function(function)
+        except _Skip:
+            if allow_missing_source:  # an exact registered class: the user vouched for its code
+                continue
+            raise
+        total.merge(scan)
+        pending.extend(scan.names)
+    return total
+
+
+def _user_function(owner: type, name: str) -> Optional[types.FunctionType]:
+    """The plain function ``name`` resolves to on owner, when a class other than nn.Module and
+    object defines it (staticmethods have no self to scan)."""
+    for klass in owner.__mro__:
+        if name in vars(klass):
+            attr = vars(klass)[name]
+            if klass in (nn.Module, object) or not isinstance(attr, types.FunctionType):
+                return None
+            return attr
+    return None
+
+
+def _scan_function(function: types.FunctionType) -> _Scan:
+    label = function.__qualname__
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError) as error:
+        raise _Skip(f"the source of {label} is not available ({error})") from None
+    definition = tree.body[0] if tree.body else None
+    _require(isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)),
+             f"the source of {label} is not a def statement")
+    positional = definition.args.posonlyargs + definition.args.args
+    _require(bool(positional), f"{label} takes no self argument")
+    self_name, scan, attribute_bases = positional[0].arg, _Scan(), set()
+    for node in ast.walk(definition):
+        if isinstance(node, ast.Attribute) and _is_name(node.value, self_name):
+            scan.names.add(node.attr)
+            attribute_bases.add(id(node.value))
+            if not isinstance(node.ctx, ast.Load):
+                scan.assigned.add(node.attr)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            scan.problems.append(f"{label} declares global/nonlocal names (side effects)")
+        elif isinstance(node, ast.Call) and _is_name(node.func, "super"):
+            scan.problems.append(f"{label} calls super()")
+    if any(_is_name(node, self_name) and id(node) not in attribute_bases
+           for node in ast.walk(definition)):
+        scan.problems.append(f"{label} passes {self_name} on to other code")
+    return scan
+
+
+def _is_name(node: ast.AST, name: str) -> bool:
+    return isinstance(node, ast.Name) and node.id == name
+
+
+def _foreign_groups_attr(module: nn.Module, scan: _Scan) -> str:
+    """groups or G, preferring the one forward reads (the probe confirms the choice)."""
+    read = [name for name in _FOREIGN_GROUPS_ATTRS if name in scan.names]
+    for name in read or _FOREIGN_GROUPS_ATTRS:
+        if _is_positive_int(getattr(module, name, None)):
+            return name
+    raise _Skip("no positive int groups attribute (groups or G)")
+
+
+def _check_reads(module: nn.Module, scan: _Scan, groups_attr: str) -> None:
+    """An unregistered forward may read only what the fused layer uses too: the parameters, the
+    submodules, the groups attribute, and class-level methods or constants."""
+    _require(not scan.problems, scan.problems[0] if scan.problems else "")
+    cls = type(module)
+    for name in sorted(scan.names):
+        _require(name not in scan.assigned,
+                 f"forward assigns self.{name} (state the fused layer would not keep)")
+        if name == groups_attr or name in module._parameters or name in module._modules:
+            continue
+        _require(name not in vars(module),
+                 f"forward reads self.{name}, an instance attribute the fused layer ignores")
+        attr = inspect.getattr_static(cls, name, _MISSING)
+        _require(attr is not _MISSING,
+                 f"forward reads self.{name}, which {cls.__name__} does not have")
+        is_method = isinstance(attr, (types.FunctionType, staticmethod, classmethod))
+        _require(is_method or _is_plain(attr),
+                 f"forward reads self.{name}, a {_type_name(attr)} whose value may depend on state")
+
+
+# ---- 3. behaviour ------------------------------------------------------------------------------
+
+def _probe(module: nn.Module, forward: Callable, variant: _Variant, m: int, groups: int) -> None:
+    """Compares forward(copy, x), output and gradients, with the reference math on random
+    parameters and inputs; raises _Skip on any difference or exception."""
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            generator = torch.Generator().manual_seed(0)
+            twin = _probe_twin(module, generator)
+            for batch, height, width in _PROBE_SHAPES:
+                x = torch.randn((batch, 2 * m * groups, height, width), generator=generator,
+                                dtype=torch.float64, requires_grad=True)
+                _compare_with_reference(twin, forward, variant, groups, x, generator)
+    except _Skip:
+        raise
+    except Exception as error:  # whatever the forward raises means: not Shuffle Attention
+        raise _Skip(f"the probe (forward on a float64 CPU copy) raised {type(error).__name__}: "
+                    f"{error}") from None
+
+
+def _probe_twin(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """A float64 CPU copy of module without hooks (none fires, no hook owner is copied), with
+    random parameters that require grad."""
+    no_hooks = {id(getattr(sub, kind)): OrderedDict()
+                for sub in module.modules() for kind in _HOOK_DICTS}
+    twin = copy.deepcopy(module, no_hooks).to_empty(device="cpu").to(torch.float64)
+    with torch.no_grad():
+        for param in twin.parameters():
+            is_matrix = param.dim() == 4 and param.shape[0] > 1  # a 1x1 conv weight (m, m, 1, 1)
+            std = 1.5 / math.sqrt(param.shape[1]) if is_matrix else 0.75  # gates not saturated
+            param.normal_(0.0, std, generator=generator)
+            param.requires_grad_(True)
+    return twin
+
+
+def _compare_with_reference(twin: nn.Module, forward: Callable, variant: _Variant, groups: int,
+                            x: Tensor, generator: torch.Generator) -> None:
+    named = dict(twin.named_parameters())
+    params = [named[name] for name in variant.param_names]
+    where = f"on a {list(x.shape)} probe"
+    got = forward(twin, x)  # the function itself: no __call__, so no hook of the module fires
+    want = variant.functional(x, groups, *params, eps=twin.gn.eps)
+    _require(isinstance(got, Tensor) and got.shape == want.shape and got.dtype == want.dtype,
+             f"forward returns {_type_name(got)} {list(getattr(got, 'shape', []))} {where}, not a "
+             f"float64 tensor {list(want.shape)}")
+    grad_out = torch.randn(want.shape, generator=generator, dtype=want.dtype)
+    inputs = [x, *params]
+    got_grads = (torch.autograd.grad(got, inputs, grad_out, allow_unused=True) if got.requires_grad
+                 else [None] * len(inputs))
+    want_grads = torch.autograd.grad(want, inputs, grad_out)
+    labels = ["output", "gradient of x", *(f"gradient of {name}" for name in variant.param_names)]
+    for label, value, expected in zip(labels, [got, *got_grads], [want, *want_grads]):
+        _require(value is not None, f"forward gives no {label} {where}")
+        error = (value.detach() - expected).abs().max().item()
+        scale = max(1.0, expected.abs().max().item())
+        _require(error <= _PROBE_RTOL * scale,  # also False for NaN
+                 f"{label} differs from Shuffle Attention's by {error:.3g} {where}")
+
+
+# ---- the replacement ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Place:
+    parent: nn.Module
+    key: str
+    name: str  # qualified name
+
+
+def _places(model: nn.Module) -> list[tuple[nn.Module, list[_Place]]]:
+    """Every distinct submodule of model, in module order, with every place it occupies (a layer
+    used twice, even in the same parent, has two places)."""
+    by_name = dict(model.named_modules(remove_duplicate=False))  # a shared module has several names
+    found: dict[int, tuple[nn.Module, list[_Place]]] = {}
+    for name, module in by_name.items():
+        if name:
+            parent_name, _, key = name.rpartition(".")
+            place = _Place(by_name[parent_name], key, name)
+            found.setdefault(id(module), (module, []))[1].append(place)
+    return list(found.values())
+
+
+def _build_fused(module: nn.Module, plan: _Plan) -> nn.Module:
+    with torch.device("meta"):  # no memory and no RNG draws: its parameters are replaced below
+        fused = plan.variant.fused_cls(2 * plan.m * plan.groups, plan.groups)
+    own_submodules = dict(fused._modules)
+    for name, param in module._parameters.items():
+        setattr(fused, name, param)
+    for name, sub in module._modules.items():
+        setattr(fused, name, sub)
+    _order_like(fused._parameters, list(module._parameters))  # state_dict keys in the same order
+    _order_like(fused._modules, list(module._modules))
+    for name, sub in own_submodules.items():
+        if fused._modules[name] is sub:  # avg_pool / sigmoid the original did not have
+            sub.training = module.training
+    fused.training = module.training  # not train(): that would also set the taken-over gn's flag
+    for name, value in plan.attributes.items():
+        setattr(fused, name, value)
+    _take_over_hooks(module, fused)
     return fused
 
 
-def convert(model: nn.Module) -> int:
-    """Replaces, in place, every Shuffle Attention submodule of ``model`` by its fused
-    equivalent; returns how many were replaced. ``model`` itself is not replaced (use
-    ``sa_cuda.fuse(model)`` for a single layer)."""
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            fused = fuse(child)
-            if fused is not None:
-                setattr(parent, name, fused)
-                replaced += 1
-    return replaced
+def _order_like(entries: dict, order: list) -> None:
+    for key in [*order, *(key for key in list(entries) if key not in order)]:
+        entries[key] = entries.pop(key)
+
+
+def _take_over_hooks(module: nn.Module, fused: nn.Module) -> None:
+    """The fused module uses the original's hook dicts themselves, so hooks fire on it and an
+    old RemovableHandle still removes them; ``_is_full_backward_hook`` says how _backward_hooks
+    are run (full or deprecated)."""
+    for name in _HOOK_STATE:
+        fused.__dict__[name] = getattr(module, name)
+    for hook in fused._load_state_dict_pre_hooks.values():
+        # register_load_state_dict_pre_hook keeps a weak reference to the module it passes to the
+        # hook: point it at the fused module (the original may now be garbage collected).
+        bound = getattr(hook, "module", None)
+        with_module = getattr(hook, "with_module", False)
+        if with_module and isinstance(bound, weakref.ref) and bound() is module:
+            hook.module = weakref.ref(fused)
+

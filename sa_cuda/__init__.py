@@ -9,20 +9,26 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C, reference
-from .convert import convert, fuse
+from .convert import ConvertReport, convert, fuse, reason_not_convertible
+from .convert import register as register_convertible
 from .modules import SALayer, ShuffleAttention
 from .ops import ShuffleAttentionFunction, fused_available, sa_layer, shuffle_attention
+from . import models  # noqa: E402  (after modules: the models use them)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConvertReport",
     "SALayer",
     "ShuffleAttention",
     "ShuffleAttentionFunction",
     "convert",
     "fuse",
     "fused_available",
+    "models",
+    "reason_not_convertible",
     "reference",
+    "register_convertible",
     "sa_layer",
     "shuffle_attention",
     "__version__",

@@ -94,12 +94,14 @@ def test_partial_requires_grad(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_double_backward_is_refused(variant):
-    """The backward is a fused kernel: asking for its graph (create_graph=True) must raise, not
-    silently return a gradient without one (a wrong second derivative)."""
+    """The backward is a fused kernel: differentiating its result must raise, not silently give a
+    second derivative without the kernel's part. create_graph=True alone gives the right first
+    derivative (torch.func.grad runs that way)."""
     shape, groups = (2, 8, 3, 4), 2
     x, params = _inputs(variant, shape, groups, seed=4)
     out = functional(variant)(x, groups, *params)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), [x], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(out.pow(2).sum(), [x], create_graph=True)
+        torch.autograd.grad(g.sum(), [x])
     (gx,) = torch.autograd.grad(functional(variant)(x, groups, *params).pow(2).sum(), [x])
     assert gx.grad_fn is None  # a plain backward still works

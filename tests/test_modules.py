@@ -263,11 +263,14 @@ def test_module_bfloat16(variant, device):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_meta_device(variant):
-    """On the meta device the module runs the op's fake kernel: shapes and dtypes only."""
+    """On the meta device the module runs the op's fake kernel: shapes and dtypes only (bf16 x
+    with fp32 parameters promotes to fp32, as eager does outside autocast)."""
     fused = fused_class(variant)(64, 8).to("meta")
     x = torch.empty((2, 64, 5, 7), device="meta", dtype=torch.bfloat16)
     out = fused.to(torch.float32)(x)
-    assert out.device.type == "meta" and out.shape == x.shape and out.dtype == torch.bfloat16
+    assert out.device.type == "meta" and out.shape == x.shape and out.dtype == torch.float32
+    out = fused.to(torch.bfloat16)(x)
+    assert out.dtype == torch.bfloat16
 
 
 def test_fused_available():
@@ -277,3 +280,73 @@ def test_fused_available():
     assert sa_cuda.fused_available(torch.device("meta")) is True
     for device_type in ("mps", "xpu", "privateuseone", "hpu"):
         assert isinstance(sa_cuda.fused_available(device_type), bool)
+
+
+# ------------------------------------------------------------------------------------------------
+# Construction, dtype promotion, package layout
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [None, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", [None, "cpu", "meta"])
+def test_factory_kwargs(variant, dtype, device):
+    """device= and dtype= as PyTorch's own modules take them (timm passes them to attention
+    layers): parameters on that device in that dtype, same keys and shapes as the reference."""
+    torch.manual_seed(0)
+    layer = fused_class(variant)(64, 4, device=device, dtype=dtype)
+    torch.manual_seed(0)
+    ref = ref_class(variant)(64, 4)
+    assert list(layer.state_dict()) == list(ref.state_dict())
+    for (name, p), (_, q) in zip(layer.named_parameters(), ref.named_parameters()):
+        assert p.shape == q.shape, name
+        assert p.dtype == (dtype or torch.get_default_dtype()), name
+        assert p.device.type == (device or "cpu"), name
+    if device != "meta":
+        for p, q in zip(layer.parameters(), ref.parameters()):  # the reference's init, converted
+            torch.testing.assert_close(p, q.to(p.dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_factory_dtype_must_be_a_kernel_dtype(variant):
+    for dtype in (torch.int32, torch.complex64, torch.float8_e4m3fn):
+        with pytest.raises(ValueError, match="dtype must be one of"):
+            fused_class(variant)(64, 4, dtype=dtype)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("x_dtype, p_dtype", [(torch.bfloat16, torch.float32),
+                                              (torch.float16, torch.float32),
+                                              (torch.float32, torch.float64),
+                                              (torch.bfloat16, torch.float64)])
+def test_mixed_dtypes_promote_like_eager(variant, x_dtype, p_dtype):
+    """Outside autocast, x of one dtype and parameters of another compute in the promoted dtype,
+    as the eager SALayer does (bf16 x, fp32 parameters -> fp32 result), with the result of the
+    reference run on the promoted input."""
+    ref, fused = make_pair(variant, 32, 4, dtype=p_dtype)
+    x = make_input((2, 32, 5, 6), dtype=x_dtype).requires_grad_(True)
+    out = fused(x)
+    promoted = torch.promote_types(x_dtype, p_dtype)
+    assert out.dtype == promoted
+    if variant == "sa_layer" and p_dtype == torch.float32:
+        assert ref(x).dtype == promoted  # eager's own promotion (other pairs: eager refuses them)
+    want = ref(x.detach().to(promoted))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out.backward(torch.ones_like(out))
+    assert x.grad.dtype == x_dtype
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_autocast_keeps_x_dtype(variant):
+    """Under autocast the layer keeps x's dtype (documented; the next autocast op wants it)."""
+    _, fused = make_pair(variant, 32, 4)
+    x = make_input((2, 32, 5, 6), dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused(x).dtype == torch.bfloat16
+
+
+def test_models_available_after_import_sa_cuda():
+    import subprocess
+    import sys
+    code = "import sa_cuda; m = sa_cuda.models.sa_resnet50(num_classes=10); print(type(m).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "SAResNet"

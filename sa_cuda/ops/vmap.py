@@ -1,0 +1,56 @@
+"""vmap rules of the sa_cuda ops, so that torch.func transforms (vmap, grad, vjp, jacrev and their
+compositions, e.g. per-sample gradients ``vmap(grad(f))``) work over the functionals.
+
+Forward: when only x is mapped, the mapped dimension is folded into the batch (one kernel call on
+[V * B, C, H, W]; every plane is independent). When a parameter is mapped too, every slice has its
+own parameters: the op runs once per slice.
+Backward: the parameter gradients are sums over the batch, and under vmap every slice needs its
+own sum, so the op runs once per slice (grad_x alone could be folded, but the op returns both).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_VARIANTS = ("sa_layer", "shuffle_attention")
+
+
+def _slice(args, in_dims, index: int) -> list:
+    return [a if d is None else a.select(d, index) for a, d in zip(args, in_dims)]
+
+
+def _per_slice(op, info, args, in_dims):
+    """Runs ``op`` on every slice of the mapped arguments and stacks its outputs along dim 0."""
+    results = [op(*_slice(args, in_dims, v)) for v in range(info.batch_size)]
+    outputs = tuple(torch.stack(list(column)) for column in zip(*results))
+    return outputs, (0,) * len(outputs)
+
+
+def _forward_rule(op):
+    def rule(info, in_dims, x, groups, *params_and_eps):
+        args = (x, groups, *params_and_eps)
+        x_dim = in_dims[0]
+        if any(d is not None for d in in_dims[1:]):
+            return _per_slice(op, info, args, in_dims)
+        # Only x is mapped: [V, B, C, H, W] -> [V * B, C, H, W], one call.
+        x = x.movedim(x_dim, 0)
+        V, B = x.shape[0], x.shape[1]
+        out, mean, rstd = op(x.reshape(V * B, *x.shape[2:]), groups, *params_and_eps)
+        return (out.view(V, B, *out.shape[1:]), mean.view(V, B, -1), rstd.view(V, B, -1)), (0, 0, 0)
+
+    return rule
+
+
+def _backward_rule(op):
+    def rule(info, in_dims, *args):
+        return _per_slice(op, info, args, in_dims)
+
+    return rule
+
+
+def register() -> None:
+    for variant in _VARIANTS:
+        forward = getattr(torch.ops.sa_cuda, f"{variant}_forward").default
+        backward = getattr(torch.ops.sa_cuda, f"{variant}_backward").default
+        torch.library.register_vmap(f"sa_cuda::{variant}_forward", _forward_rule(forward))
+        torch.library.register_vmap(f"sa_cuda::{variant}_backward", _backward_rule(backward))

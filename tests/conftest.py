@@ -10,6 +10,7 @@ into constants and would hide almost every bug in the gate math and its gradient
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -169,3 +170,11 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.numel() == 0:
         return 0.0
     return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def autocast_if_mixed(x: torch.Tensor, params):
+    """torch.autocast when a low-precision x meets parameters of another dtype, the mode in which
+    they meet in training: there the fused layer keeps x's dtype. (Outside autocast it computes in
+    the promoted dtype, as eager does: tests/test_modules.py.)"""
+    mixed = x.dtype in (torch.float16, torch.bfloat16) and any(p.dtype != x.dtype for p in params)
+    return torch.autocast(x.device.type, dtype=x.dtype) if mixed else contextlib.nullcontext()

@@ -90,6 +90,9 @@ def test_x_not_tensor(variant):
     _, params = _setup(variant)
     with pytest.raises(ValueError, match="x must be a torch.Tensor, got list"):
         functional(variant)([[1.0]], G, *params)
+    for x in ([[1.0]], None, 3.0, torch.randn(SHAPE).numpy()):
+        with pytest.raises(ValueError, match="x must be a torch.Tensor"):
+            fused_class(variant)(C, G)(x)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -174,8 +177,8 @@ def test_raw_forward_op_errors(variant):
     op = fwd_op(variant)
     cases = [
         ((x, 3, *params, 1e-5), r"C \(32\) must be divisible by 2 \* groups"),
-        ((x, 0, *params, 1e-5), "groups must be >= 1, got 0"),
-        ((x, -2, *params, 1e-5), "groups must be >= 1, got -2"),
+        ((x, 0, *params, 1e-5), "groups must be an int >= 1, got 0"),
+        ((x, -2, *params, 1e-5), "groups must be an int >= 1, got -2"),
         ((x[0], G, *params, 1e-5), "x must be 4-D"),
         ((x[..., None], G, *params, 1e-5), "x must be 4-D"),
         ((x.to(torch.int32), G, *params, 1e-5), "x must be float64, float32, float16 or bfloat16"),
@@ -206,7 +209,7 @@ def test_raw_backward_op_errors(variant):
         ((gy, x, mean, rstd.double(), G, *params), r"(mean|rstd) must be"),
         ((gy, x, mean, rstd[:, :-1], G, *params), r"(mean|rstd) must be"),
         ((gy, x, mean, rstd, 3, *params), r"C \(32\) must be divisible by 2 \* groups"),
-        ((gy, x, mean, rstd, 0, *params), "groups must be >= 1"),
+        ((gy, x, mean, rstd, 0, *params), "groups must be an int >= 1"),
         ((gy, x.to(torch.int64), mean, rstd, G, *params), "x must be float64"),
         ((gy, x, mean, rstd, G, *params[:5], torch.randn(M + 1)), "gn_bias must have 4 elements"),
         ((gy.to("meta"), x, mean, rstd, G, *params), "grad_out is on meta but x is on cpu"),

@@ -38,7 +38,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (DEVICES, VARIANTS, clone_as, forward_backward, make_fused_like, make_input,
+from conftest import (DEVICES, VARIANTS, autocast_if_mixed, clone_as, forward_backward, make_fused_like, make_input,
                       make_ref, max_abs, max_err, ref_class)
 
 # (B, C, H, W), groups
@@ -141,7 +141,8 @@ def test_low_precision(variant, shape, groups, dtype, params, device):
 
     x = make_input(shape, seed=1, dtype=dtype, device=device)
     gy = make_input(shape, seed=2, dtype=dtype, device=device)
-    F = forward_backward(fused, x, gy)
+    with autocast_if_mixed(x, list(fused.parameters())):
+        F = forward_backward(fused, x, gy)
     RF = forward_backward(ref64_fused, x.double(), gy.double())
     try:
         E = forward_backward(eager, x, gy)

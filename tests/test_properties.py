@@ -30,7 +30,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import VARIANTS, functional, make_ref, max_abs, max_err, params_in_op_order, ref_functional
+from conftest import VARIANTS, autocast_if_mixed, functional, make_ref, max_abs, max_err, params_in_op_order, ref_functional
 from emulation import load_emulation
 from sa_cuda.ops.shuffle_attention import _apply
 from test_forward_backward import _check_high_precision
@@ -90,7 +90,8 @@ def strided(shape, layout, dtype, seed, *, requires_grad=False):
 def grads(fn, x, params, gy, x_requires_grad):
     """{"out", "x" (if x requires grad), "p0".."p5"}: fn(x, *params) and its gradients."""
     params = [p.detach().clone().requires_grad_(True) for p in params]
-    out = fn(x, *params)
+    with autocast_if_mixed(x, params):
+        out = fn(x, *params)
     inputs = ([x] if x_requires_grad else []) + params
     gs = torch.autograd.grad(out, inputs, gy, allow_unused=False)
     res = {"out": out.detach()}

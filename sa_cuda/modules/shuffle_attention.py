@@ -17,6 +17,10 @@ from ..ops.shuffle_attention import KERNEL_DTYPES
 
 
 def _use_fused(x: Tensor) -> bool:
+    """False only where the reference must run: a device without fused kernels, ONNX export. A
+    non-tensor x goes to the fused path, whose checks name the problem."""
+    if not isinstance(x, Tensor):
+        return True
     return fused_available(x.device) and not torch.onnx.is_in_onnx_export()
 
 

@@ -75,36 +75,170 @@ SA_HOST_DEVICE V sa_exp(const V& v) {
   return v.exp();
 }
 
+// a * b + c rounded once. Vector lanes: at::vec's fmadd, found by argument-dependent lookup (a
+// fused instruction in the AVX2 build; a * b + c in the portable one, which is the same value for
+// the power-of-two b this file passes).
+SA_HOST_DEVICE float sa_fma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return fmaf(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+SA_HOST_DEVICE double sa_fma(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return ::fma(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+template <typename V>
+SA_HOST_DEVICE V sa_fma(const V& a, const V& b, const V& c) {
+  return fmadd(a, b, c);
+}
+
+SA_HOST_DEVICE float sa_frexp(float v, int* e) {
+#if defined(__CUDA_ARCH__)
+  return frexpf(v, e);
+#else
+  return std::frexp(v, e);
+#endif
+}
+SA_HOST_DEVICE double sa_frexp(double v, int* e) {
+#if defined(__CUDA_ARCH__)
+  return ::frexp(v, e);
+#else
+  return std::frexp(v, e);
+#endif
+}
+SA_HOST_DEVICE float sa_ldexp(float v, int e) {
+#if defined(__CUDA_ARCH__)
+  return ldexpf(v, e);
+#else
+  return std::ldexp(v, e);
+#endif
+}
+SA_HOST_DEVICE double sa_ldexp(double v, int e) {
+#if defined(__CUDA_ARCH__)
+  return ::ldexp(v, e);
+#else
+  return std::ldexp(v, e);
+#endif
+}
+
+// Finite test that also works on the device and under any floating-point mode (inf - inf and
+// NaN - NaN are NaN).
+template <typename T>
+SA_HOST_DEVICE bool sa_isfinite(T v) {
+  return v - v == T(0);
+}
+
+// max(a, b) that propagates NaN (so that a plane holding a NaN has a non-finite max|x|).
+template <typename T>
+SA_HOST_DEVICE T max_nan(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
 template <typename V>
 SA_HOST_DEVICE V sigmoid(const V& z) {
   return V(1) / (V(1) + sa_exp(V(0) - z));
 }
 
-// The spatial branch multiplies x by sigmoid(z), z = sw * y + sb with the GroupNorm output
-// y = scale * (x - mu) + gb, scale = gw * r (DESIGN.md section 2 folds this further into
-// a * x + b; we do not): centering before the multiply keeps z accurate when |mu| >> std (r large;
-// r = 1 / sqrt(eps) for a constant plane), and keeping sw outside keeps z = +-inf, not NaN, for an
-// infinite sweight, as in the reference.
+// A plane's statistics, as stored and as the gate uses them.
+//
+// mean and rstd = 1 / sqrt(var + eps) are the plane's true statistics: stored for the backward and
+// returned by the op. The gate needs the normalized value (x - mean) * rstd, computed as
+//   fma(x, input_scale, -center) * gate_rstd
+// without forming x - mean. On the fast path input_scale = 1, center = mean, gate_rstd = rstd
+// (fma(x, 1, -mean) is x - mean rounded once, bit for bit). A plane whose statistics overflow the
+// accumulation type (|x| near its largest finite value: x - shift or the squared deviations are
+// not representable) is standardized scaled by input_scale = 2^-e, e from max|x| (scaled values
+// below 1 in magnitude): center = mean * input_scale, gate_rstd = 1 / sqrt(var_s + eps s^2) with
+// var_s the variance of the scaled values. Then rstd = gate_rstd * input_scale may be subnormal
+// (it only feeds the backward) and the gate keeps full precision.
 template <typename T>
-struct SpatialGate {
-  T scale, shift, weight, bias;  // gw * r, gb, sw, sb
+struct Standardizer {
+  T mean, rstd;                      // the plane's true statistics
+  T input_scale, center, gate_rstd;  // (x - mean) * rstd = (x * input_scale - center) * gate_rstd
 
+  // (x - mean) * input_scale, rounded once.
   template <typename V>
-  SA_HOST_DEVICE V z(const V& x_minus_mu) const {
-    return V(weight) * (V(scale) * x_minus_mu + V(shift)) + V(bias);
+  SA_HOST_DEVICE V centered(const V& x) const {
+    return sa_fma(x, V(input_scale), V(-center));
   }
 };
 
 template <typename T>
-SA_HOST_DEVICE SpatialGate<T> spatial_gate(T sw, T sb, T gw, T gb, T r) {
-  return SpatialGate<T>{gw * r, gb, sw, sb};
+SA_HOST_DEVICE T rstd_from_var(T var, T eps) {
+  return T(1) / sa_sqrt(var + eps);
+}
+
+// The Standardizer of a plane whose moments were accumulated over the values x * 2^-e: their mean
+// mean_s and (biased) variance var_s. e = 0 (unscaled) gives today's statistics bit for bit.
+template <typename T>
+SA_HOST_DEVICE Standardizer<T> finish_stats(T mean_s, T var_s, T eps, int e) {
+  if (e == 0) {
+    const T r = rstd_from_var(var_s, eps);
+    return Standardizer<T>{mean_s, r, T(1), mean_s, r};
+  }
+  const T gate_rstd = T(1) / sa_sqrt(var_s + sa_ldexp(eps, -2 * e));
+  return Standardizer<T>{sa_ldexp(mean_s, e), sa_ldexp(gate_rstd, -e), sa_ldexp(T(1), -e), mean_s,
+                         gate_rstd};
+}
+
+// The Standardizer of saved statistics (the backward's), unscaled.
+template <typename T>
+SA_HOST_DEVICE Standardizer<T> saved_stats(T mean, T rstd) {
+  return Standardizer<T>{mean, rstd, T(1), mean, rstd};
+}
+
+// Whether the unscaled statistics overflowed. Every term they sum is finite unless x - shift,
+// x - mean or its square is out of range, and a sum with a non-finite term is not finite: so an
+// overflow anywhere shows as a non-finite mean or variance (a plane holding inf or NaN too).
+template <typename T>
+SA_HOST_DEVICE bool stats_overflowed(T mean, T var) {
+  return !(sa_isfinite(mean) && sa_isfinite(var));
+}
+
+// The exponent e of the rescale 2^-e for a plane with the given max|x| (frexp: max|x| = f 2^e,
+// 0.5 <= f < 1, so every |x| 2^-e < 1, and x 2^-e - shift 2^-e and the squared deviations of the
+// scaled values stay below 4), or 0 for "keep the unscaled statistics": a plane holding inf or
+// NaN (max|x| not finite) keeps them, inf or NaN as in the reference.
+template <typename T>
+SA_HOST_DEVICE int rescale_exponent(T max_abs) {
+  if (!sa_isfinite(max_abs)) return 0;
+  int e = 0;
+  sa_frexp(max_abs, &e);
+  return e > 0 ? e : 0;
+}
+
+// The spatial branch multiplies x by sigmoid(z), z = sw * y + sb with the GroupNorm output
+// y = scale * xc + gb, xc = (x - mu) * input_scale, scale = gw * gate_rstd (DESIGN.md section 2
+// folds this further into a * x + b; we do not): centering before the multiply keeps z accurate
+// when |mu| >> std (r large; r = 1 / sqrt(eps) for a constant plane), and keeping sw outside keeps
+// z = +-inf, not NaN, for an infinite sweight, as in the reference.
+template <typename T>
+struct SpatialGate {
+  T scale, shift, weight, bias;  // gw * gate_rstd, gb, sw, sb
+  T input_scale, center;         // of the plane's Standardizer
+
+  template <typename V>
+  SA_HOST_DEVICE V z(const V& x) const {
+    const V xc = sa_fma(x, V(input_scale), V(-center));
+    return V(weight) * (V(scale) * xc + V(shift)) + V(bias);
+  }
+};
+
+template <typename T>
+SA_HOST_DEVICE SpatialGate<T> spatial_gate(T sw, T sb, T gw, T gb, const Standardizer<T>& st) {
+  return SpatialGate<T>{gw * st.gate_rstd, gb, sw, sb, st.input_scale, st.center};
 }
 
 // The shift for summing a plane's values as x - shift (its first value): keeps a large common
 // offset out of the sums. An infinite first value would make every term NaN: shift by 0 instead.
 template <typename T>
 SA_HOST_DEVICE T sum_shift(T first) {
-  return (first - first == T(0)) ? first : T(0);  // finite test that also works on the device
+  return sa_isfinite(first) ? first : T(0);
 }
 
 // (W v + bias)[j] (bias may be null) and (W^T v)[i], W [m, m] row-major.
@@ -149,11 +283,6 @@ SA_HOST_DEVICE PlaneGradCoeffs<T> plane_grad_coeffs(bool spatial, T cw, T sw, T 
   if (!spatial) return PlaneGradCoeffs<T>{T(0), cw * T1 * inv_n, T(0)};
   const T alpha = gw * r * sw;
   return PlaneGradCoeffs<T>{alpha, -alpha * T1 * inv_n, -alpha * T2 * inv_n};
-}
-
-template <typename T>
-SA_HOST_DEVICE T rstd_from_var(T var, T eps) {
-  return T(1) / sa_sqrt(var + eps);
 }
 
 // d sigmoid(z) / dz expressed with s = sigmoid(z).

@@ -89,7 +89,7 @@ void backward_per_channel(const BackwardParams& p) {
           store(dx + i, load<V>(gu + i) * V(s) + V(dmu_n));
         });
       } else {
-        const SpatialGate<acc_t> ga = spatial_gate(t.sw[k], t.sb[k], t.gw[k], t.gb[k], r);
+        const SpatialGate<acc_t> ga = spatial_gate(t.sw[k], t.sb[k], t.gw[k], t.gb[k], saved_stats(mu, r));
         auto xh_at = [&](int64_t i, auto tag) {
           using V = decltype(tag);
           return (load<V>(x + i) - V(mu)) * V(r);
@@ -102,7 +102,7 @@ void backward_per_channel(const BackwardParams& p) {
         const auto [T1, T2] = sums_over<acc_t, 2>(N, [&](int64_t i, auto tag) {
           using V = decltype(tag);
           const V xh = xh_at(i, tag);
-          const V s = sigmoid(ga.z(load<V>(x + i) - V(mu)));
+          const V s = sigmoid(ga.z(load<V>(x + i)));
           store(gate + i, s);
           const V t_i = gate_input_grad(load<V>(gu + i), load<V>(x + i), s);
           return std::array<V, 2>{t_i, t_i * xh};

@@ -65,7 +65,7 @@ void forward_per_channel(const ForwardParams& p) {
       scalar_t* dst = t.out + (b * C + shuffle_dst(c, C)) * N;
       acc_t* result = result_buffer(dst, kConvert ? scratch.data() + N : nullptr);
 
-      const PlaneStats<acc_t> st = plane_stats(x, N, eps);
+      const Standardizer<acc_t> st = plane_stats(x, N, eps);
       t.mean[plane] = st.mean;
       t.rstd[plane] = st.rstd;
       if (!role.spatial) {
@@ -76,11 +76,11 @@ void forward_per_channel(const ForwardParams& p) {
         });
       } else {
         const int64_t k = role.k;
-        const SpatialGate<acc_t> g = spatial_gate(t.sw[k], t.sb[k], t.gw[k], t.gb[k], st.rstd);
+        const SpatialGate<acc_t> g = spatial_gate(t.sw[k], t.sb[k], t.gw[k], t.gb[k], st);
         for_each<acc_t>(N, [&](int64_t i, auto tag) {
           using V = decltype(tag);
           const V xv = load<V>(x + i);
-          store(result + i, xv * sigmoid(g.z(xv - V(st.mean))));
+          store(result + i, xv * sigmoid(g.z(xv)));
         });
       }
       finish_store(result, dst, N);
@@ -101,7 +101,8 @@ void forward_conv1x1(const ForwardParams& p) {
   at::parallel_for(0, p.batch * G * 2, grain_for(m * N), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(kConvert ? 2 * m * N : 0);  // x planes in acc_t, result planes
     std::vector<acc_t> normed(m * N);  // GroupNorm output of a spatial unit
-    std::vector<acc_t> mu(m), r(m), z(m);
+    std::vector<Standardizer<acc_t>> st(m);
+    std::vector<acc_t> mu(m), z(m);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / (2 * G), g = (unit / 2) % G;
       const bool spatial = unit % 2 == 1;
@@ -115,9 +116,9 @@ void forward_conv1x1(const ForwardParams& p) {
       };
 
       for (int64_t j = 0; j < m; ++j) {
-        const PlaneStats<acc_t> st = plane_stats(x + j * N, N, eps);
-        t.mean[plane0 + j] = mu[j] = st.mean;
-        t.rstd[plane0 + j] = r[j] = st.rstd;
+        st[j] = plane_stats(x + j * N, N, eps);
+        t.mean[plane0 + j] = mu[j] = st[j].mean;
+        t.rstd[plane0 + j] = st[j].rstd;
       }
       if (!spatial) {
         matvec(t.cw, mu.data(), t.cb, m, z.data());
@@ -132,13 +133,14 @@ void forward_conv1x1(const ForwardParams& p) {
         }
       } else {
         // y_k(p) = gw_k r_k (x_k(p) - mu_k) + gb_k, z(p) = W2 y(p) + b2: the reference's math
-        // (sa_math.h says why it is not folded).
+        // (sa_math.h says why it is not folded), r_k (x_k - mu_k) through the plane's Standardizer.
         acc_t* y = normed.data();
         for (int64_t k = 0; k < m; ++k) {
-          const acc_t scale = t.gw[k] * r[k];
+          const Standardizer<acc_t>& sk = st[k];
+          const acc_t scale = t.gw[k] * sk.gate_rstd;
           for_each<acc_t>(N, [&](int64_t i, auto tag) {
             using V = decltype(tag);
-            store(y + k * N + i, V(scale) * (load<V>(x + k * N + i) - V(mu[k])) + V(t.gb[k]));
+            store(y + k * N + i, V(scale) * sk.centered(load<V>(x + k * N + i)) + V(t.gb[k]));
           });
         }
         for_each<acc_t>(N, [&](int64_t i, auto tag) {

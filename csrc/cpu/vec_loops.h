@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <type_traits>
 
 #include "../sa_math.h"
@@ -137,28 +138,65 @@ inline void finish_store(const acc_t* result, scalar_t* dst, int64_t n) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(result, dst, n);
 }
 
-// Mean and centered variance: two passes over data that is in cache, never E[x^2] - mu^2. The
-// mean is summed relative to the plane's first value (shift), so a large common offset
-// (|mu| >> std) does not eat the sum's precision.
+// Mean and centered variance of the values x * scale (scale a power of two; 1 for the plane
+// itself): two passes over data that is in cache, never E[x^2] - mu^2. The mean is summed relative
+// to the plane's first value (shift), so a large common offset (|mu| >> std) does not eat the
+// sum's precision. Terms are fma(x, scale, -c): x - c rounded once for scale = 1 (today's values
+// bit for bit), and no overflow of x - c for the scale of a plane near the top of the range
+// (sa_math.h, Standardizer).
 template <typename acc_t>
-struct PlaneStats {
+struct PlaneMoments {
   acc_t mean;
-  acc_t rstd;
+  acc_t var;
 };
 
 template <typename acc_t>
-inline PlaneStats<acc_t> plane_stats(const acc_t* x, int64_t n, acc_t eps) {
-  const acc_t shift = sum_shift(x[0]);
-  const acc_t mean = shift + sum_over<acc_t>(n, [&](int64_t i, auto tag) {
+inline acc_t shifted_mean(const acc_t* x, int64_t n, acc_t scale) {
+  const acc_t shift = sum_shift(x[0]) * scale;
+  return shift + sum_over<acc_t>(n, [&](int64_t i, auto tag) {
     using V = decltype(tag);
-    return load<V>(x + i) - V(shift);
+    return sa_fma(load<V>(x + i), V(scale), V(-shift));
   }) / acc_t(n);
-  const acc_t var = sum_over<acc_t>(n, [&](int64_t i, auto tag) {
+}
+
+template <typename acc_t>
+inline acc_t centered_var(const acc_t* x, int64_t n, acc_t scale, acc_t mean) {
+  return sum_over<acc_t>(n, [&](int64_t i, auto tag) {
     using V = decltype(tag);
-    const V d = load<V>(x + i) - V(mean);
+    const V d = sa_fma(load<V>(x + i), V(scale), V(-mean));
     return d * d;
   }) / acc_t(n);
-  return PlaneStats<acc_t>{mean, rstd_from_var(var, eps)};
+}
+
+// max|x| over the plane; NaN if it holds a NaN (at::vec::maximum propagates NaN).
+template <typename acc_t>
+inline acc_t max_abs(const acc_t* x, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  Vec vmax(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + i).abs());
+  alignas(64) acc_t lanes[Vec::size()];
+  vmax.store(lanes);
+  acc_t result = 0;
+  for (int64_t l = 0; l < Vec::size(); ++l) result = max_nan(result, lanes[l]);
+  for (; i < n; ++i) result = max_nan(result, std::abs(x[i]));
+  return result;
+}
+
+// The plane's Standardizer: unscaled moments, redone scaled by 2^-e when they overflowed.
+template <typename acc_t>
+inline Standardizer<acc_t> plane_stats(const acc_t* x, int64_t n, acc_t eps) {
+  auto moments = [&](acc_t scale) {
+    const acc_t mean = shifted_mean(x, n, scale);
+    return PlaneMoments<acc_t>{mean, centered_var(x, n, scale, mean)};
+  };
+  PlaneMoments<acc_t> mo = moments(acc_t(1));
+  int e = 0;
+  if (stats_overflowed(mo.mean, mo.var)) {
+    e = rescale_exponent(max_abs(x, n));
+    if (e != 0) mo = moments(sa_ldexp(acc_t(1), -e));
+  }
+  return finish_stats(mo.mean, mo.var, eps, e);
 }
 
 template <typename acc_t>

@@ -24,15 +24,16 @@ SA_KERNEL void group_backward_kernel(BackwardParams bp, int64_t tile) {
   const scalar_t* grad_out = static_cast<const scalar_t*>(bp.grad_out);
   auto gu_plane = [&](int64_t j) { return grad_out + (b * C + shuffle_dst(c0 + j, C)) * N; };
   scalar_t* dx = static_cast<scalar_t*>(bp.grad_x) + plane0 * N;
-  acc_t* mean = smem + L.mean();
-  acc_t* rstd = smem + L.rstd();
+  const GroupStats<acc_t> stats(smem, L);
+  const acc_t* mean = stats.mean;
+  const acc_t* rstd = stats.rstd;
   acc_t* gate = smem + L.gate();
   acc_t* sums = smem + L.dz_or_t1();
   acc_t* d1 = smem + L.dmu_or_d1();
   const acc_t inv_n = acc_t(1) / acc_t(N);
   for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
-    mean[j] = static_cast<const acc_t*>(p.mean)[plane0 + j];
-    rstd[j] = static_cast<const acc_t*>(p.rstd)[plane0 + j];
+    stats.set(j, saved_stats(static_cast<const acc_t*>(p.mean)[plane0 + j],
+                             static_cast<const acc_t*>(p.rstd)[plane0 + j]));
   }
   __syncthreads();
 
@@ -75,7 +76,7 @@ SA_KERNEL void group_backward_kernel(BackwardParams bp, int64_t tile) {
   acc_t* gt = smem + L.tile_g();
   acc_t* st = smem + L.tile_s();
   acc_t* tt = smem + L.tile_t();
-  load_spatial_gate(p, m, rstd, w2, scale);
+  load_spatial_gate(p, m, stats, w2, scale);
   for (int64_t idx = threadIdx.x; idx < m * m; idx += blockDim.x) A[idx] = 0;
   for (int64_t j = threadIdx.x; j < m; j += blockDim.x) sums[j] = 0;
 
@@ -86,7 +87,7 @@ SA_KERNEL void group_backward_kernel(BackwardParams bp, int64_t tile) {
     load_tile<scalar_t, acc_t>([&](int64_t i) { return x + i * N; }, m, N, p0, tile, xt);
     load_tile<scalar_t, acc_t>(gu_plane, m, N, p0, tile, gt);
     __syncthreads();
-    normalize_tile(p, m, tile, mean, scale, xt, yt);
+    normalize_tile(p, m, tile, stats, scale, xt, yt);
     __syncthreads();
     for (int64_t idx = threadIdx.x; idx < m * tile; idx += blockDim.x) {
       const int64_t j = idx / tile, pt = idx % tile;

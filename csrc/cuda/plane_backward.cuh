@@ -26,7 +26,7 @@ SA_KERNEL void plane_backward_kernel(BackwardParams p) {
   scalar_t* dx = static_cast<scalar_t*>(p.grad_x) + team.plane * N;
   const acc_t mean = static_cast<const acc_t*>(f.mean)[team.plane];
   const acc_t rstd = static_cast<const acc_t*>(f.rstd)[team.plane];
-  const PlaneGate<acc_t> gate(f, role, mean, rstd);
+  const PlaneGate<acc_t> gate(f, role, saved_stats(mean, rstd));
 
   // Pass 1: T1 = sum t, T2 = sum t * xh with t = gu * x * s (1 - s) = dL/dz.
   acc_t xv[kPacks > 0 ? kPacks : 1][kVec], gv[kPacks > 0 ? kPacks : 1][kVec];

@@ -28,14 +28,15 @@ struct PlaneTeam {
 };
 
 // Gate of one plane: u = x * gate(x). Channel branch: the constant sigmoid(cw * mu + cb);
-// spatial branch: sigmoid(sw * (gw r (x - mu) + gb) + sb) (sa_math.h).
+// spatial branch: sigmoid(sw * (gw r (x - mu) + gb) + sb) through the plane's Standardizer
+// (sa_math.h).
 template <typename acc_t>
 struct PlaneGate {
   bool spatial;
-  acc_t s, mean;
+  acc_t s;
   SpatialGate<acc_t> g;
 
-  SA_DEVICE PlaneGate(const ForwardParams& p, const ChannelRole& role, acc_t mean, acc_t rstd) {
+  SA_DEVICE PlaneGate(const ForwardParams& p, const ChannelRole& role, const Standardizer<acc_t>& st) {
     const acc_t* cw = static_cast<const acc_t*>(p.channel_weight);
     const acc_t* cb = static_cast<const acc_t*>(p.channel_bias);
     const acc_t* sw = static_cast<const acc_t*>(p.spatial_weight);
@@ -44,26 +45,26 @@ struct PlaneGate {
     const acc_t* gb = static_cast<const acc_t*>(p.gn_bias);
     const int64_t k = role.k;
     spatial = role.spatial;
-    this->mean = mean;
-    s = sigmoid(cw[k] * mean + cb[k]);
-    g = spatial_gate(sw[k], sb[k], gw[k], gb[k], rstd);
+    s = sigmoid(cw[k] * st.mean + cb[k]);
+    g = spatial_gate(sw[k], sb[k], gw[k], gb[k], st);
   }
 
-  SA_DEVICE acc_t operator()(acc_t x) const { return spatial ? sigmoid(g.z(x - mean)) : s; }
+  SA_DEVICE acc_t operator()(acc_t x) const { return spatial ? sigmoid(g.z(x)) : s; }
 };
 
-// Mean and rstd of a plane held in registers: centered two-pass over the registers, the mean
-// summed relative to the plane's first value `shift` (robust to |mean| >> std).
+// Mean and variance of the values v * scale (scale a power of two, 1 for the values themselves)
+// of a plane held in registers: centered two-pass over the registers, the mean summed relative to
+// `shift` (the plane's first value, times scale: robust to |mean| >> std).
 template <bool kWarpTeam, int kPacks, int kVec, typename acc_t>
-SA_DEVICE void register_plane_stats(const acc_t (&v)[kPacks][kVec], const PlaneTeam<kWarpTeam>& team,
-                                    int64_t packs, int64_t n, acc_t shift, acc_t eps, acc_t* scratch,
-                                    acc_t& mean, acc_t& rstd) {
+SA_DEVICE void register_moments(const acc_t (&v)[kPacks][kVec], const PlaneTeam<kWarpTeam>& team,
+                                int64_t packs, int64_t n, acc_t shift, acc_t scale, acc_t* scratch,
+                                acc_t& mean, acc_t& var) {
   acc_t sum[1] = {0};
 #pragma unroll
   for (int k = 0; k < kPacks; ++k) {
     if (team.rank + int64_t(k) * team.size < packs) {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) sum[0] += v[k][i] - shift;
+      for (int i = 0; i < kVec; ++i) sum[0] += sa_fma(v[k][i], scale, -shift);
     }
   }
   team_sum<kWarpTeam>(sum, scratch);
@@ -73,11 +74,45 @@ SA_DEVICE void register_plane_stats(const acc_t (&v)[kPacks][kVec], const PlaneT
   for (int k = 0; k < kPacks; ++k) {
     if (team.rank + int64_t(k) * team.size < packs) {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) sq[0] += (v[k][i] - mean) * (v[k][i] - mean);
+      for (int i = 0; i < kVec; ++i) {
+        const acc_t d = sa_fma(v[k][i], scale, -mean);
+        sq[0] += d * d;
+      }
     }
   }
   team_sum<kWarpTeam>(sq, scratch);
-  rstd = rstd_from_var(sq[0] / acc_t(n), eps);
+  var = sq[0] / acc_t(n);
+}
+
+// The Standardizer of a plane held in registers: its moments, redone scaled by 2^-e (e from
+// max|x|) when they overflowed. team_sum gives every thread the same totals, so the branch is
+// uniform over the team.
+template <bool kWarpTeam, int kPacks, int kVec, typename acc_t>
+SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec],
+                                                   const PlaneTeam<kWarpTeam>& team, int64_t packs,
+                                                   int64_t n, acc_t first, acc_t eps, acc_t* scratch) {
+  const acc_t shift = sum_shift(first);
+  acc_t mean, var;
+  register_moments<kWarpTeam, kPacks, kVec>(v, team, packs, n, shift, acc_t(1), scratch, mean, var);
+  int e = 0;
+  if (stats_overflowed(mean, var)) {
+    acc_t amax[1] = {0};
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) {
+      if (team.rank + int64_t(k) * team.size < packs) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) amax[0] = max_nan(amax[0], v[k][i] < acc_t(0) ? -v[k][i] : v[k][i]);
+      }
+    }
+    team_reduce<kWarpTeam>(amax, scratch, MaxOp{});
+    e = rescale_exponent(amax[0]);
+    if (e != 0) {
+      const acc_t scale = sa_ldexp(acc_t(1), -e);
+      register_moments<kWarpTeam, kPacks, kVec>(v, team, packs, n, shift * scale, scale, scratch, mean,
+                                                var);
+    }
+  }
+  return finish_stats(mean, var, eps, e);
 }
 
 template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks>
@@ -96,32 +131,31 @@ SA_KERNEL void plane_forward_kernel(ForwardParams p) {
   const acc_t eps = static_cast<acc_t>(p.eps);
 
   acc_t v[kPacks > 0 ? kPacks : 1][kVec];
-  acc_t mean, rstd;
+  Standardizer<acc_t> st;
   if constexpr (kPacks > 0) {
 #pragma unroll
     for (int k = 0; k < kPacks; ++k) {
       const int64_t q = team.rank + int64_t(k) * team.size;
       if (q < packs) load_acc<scalar_t, acc_t, kVec>(x, q, v[k]);
     }
-    register_plane_stats<kWarpTeam, kPacks, kVec>(v, team, packs, N, sum_shift(static_cast<acc_t>(x[0])),
-                                                  eps, scratch, mean, rstd);
+    st = register_plane_stats<kWarpTeam, kPacks, kVec>(v, team, packs, N, static_cast<acc_t>(x[0]), eps,
+                                                       scratch);
   } else {
-    const acc_t shift = sum_shift(static_cast<acc_t>(x[0]));
-    Moments<acc_t> moments;
-    for (int64_t q = team.rank; q < packs; q += team.size) {
-      load_acc<scalar_t, acc_t, kVec>(x, q, v[0]);
-      moments.add(v[0], shift);
-    }
-    moments = team_merge<kWarpTeam>(moments, scratch);
-    mean = shift + moments.mean;
-    rstd = rstd_from_var(moments.m2 / acc_t(N), eps);
+    st = streamed_plane_stats<kWarpTeam>(
+        [&](const auto& f) {
+          for (int64_t q = team.rank; q < packs; q += team.size) {
+            load_acc<scalar_t, acc_t, kVec>(x, q, v[0]);
+            f(v[0]);
+          }
+        },
+        static_cast<acc_t>(x[0]), N, eps, scratch);
   }
   if (team.rank == 0) {
-    static_cast<acc_t*>(p.mean)[team.plane] = mean;
-    static_cast<acc_t*>(p.rstd)[team.plane] = rstd;
+    static_cast<acc_t*>(p.mean)[team.plane] = st.mean;
+    static_cast<acc_t*>(p.rstd)[team.plane] = st.rstd;
   }
 
-  const PlaneGate<acc_t> gate(p, role, mean, rstd);
+  const PlaneGate<acc_t> gate(p, role, st);
   auto apply = [&](int64_t q, const acc_t(&xv)[kVec]) {
     acc_t u[kVec];
 #pragma unroll

@@ -3,6 +3,7 @@
 // block team, one round through shared memory. Written in the portable subset (portable.cuh).
 #pragma once
 
+#include "../sa_math.h"
 #include "portable.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
@@ -16,25 +17,48 @@ SA_DEVICE T warp_sum(T v) {
   return v;
 }
 
-// Sums K values over the team; every thread of the team gets the totals. A block team needs
+// max over the warp (propagating NaN); like warp_sum, every lane gets the same value.
+template <typename T>
+SA_DEVICE T warp_max(T v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = max_nan(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
+}
+
+struct SumOp {
+  template <typename T>
+  SA_DEVICE T warp(T v) const { return warp_sum(v); }
+};
+struct MaxOp {  // of values >= 0 (0 is its identity)
+  template <typename T>
+  SA_DEVICE T warp(T v) const { return warp_max(v); }
+};
+
+// Reduces K values over the team (Op: SumOp or MaxOp); every thread of the team gets the results,
+// bit for bit the same (a butterfly of commutative operations). A block team needs
 // blockDim.x % 32 == 0 and `scratch` of 32 * K values in shared memory, and every thread of the
 // block must call it (it synchronizes the block).
-template <bool kWarpTeam, int K, typename T>
-SA_DEVICE void team_sum(T (&v)[K], T* scratch) {
+template <bool kWarpTeam, int K, typename T, typename Op>
+SA_DEVICE void team_reduce(T (&v)[K], T* scratch, Op op) {
 #pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = warp_sum(v[k]);
+  for (int k = 0; k < K; ++k) v[k] = op.warp(v[k]);
   if constexpr (!kWarpTeam) {
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int warps = blockDim.x / kWarpSize;
-    __syncthreads();  // a previous team_sum may still be reading scratch
+    __syncthreads();  // a previous team reduction may still be reading scratch
     if (lane == 0) {
 #pragma unroll
       for (int k = 0; k < K; ++k) scratch[k * kWarpSize + warp] = v[k];
     }
     __syncthreads();
 #pragma unroll
-    for (int k = 0; k < K; ++k) v[k] = warp_sum(lane < warps ? scratch[k * kWarpSize + lane] : T(0));
+    for (int k = 0; k < K; ++k) v[k] = op.warp(lane < warps ? scratch[k * kWarpSize + lane] : T(0));
   }
+}
+
+template <bool kWarpTeam, int K, typename T>
+SA_DEVICE void team_sum(T (&v)[K], T* scratch) {
+  team_reduce<kWarpTeam>(v, scratch, SumOp{});
 }
 
 // Running mean / M2 (Welford, merged with Chan's formula): the statistics of a plane that is
@@ -62,16 +86,22 @@ struct Moments {
     n = total;
   }
 
-  // Adds a pack of values minus `shift`: its own exact two-pass moments, then one merge.
+  // Adds a pack of values v * scale - shift (scale a power of two, 1 for the values themselves;
+  // fma: rounded once, so v - shift exactly as a subtraction gives it for scale = 1): its own
+  // exact two-pass moments, then one merge.
   template <int N>
-  SA_DEVICE void add(const T (&v)[N], T shift) {
+  SA_DEVICE void add(const T (&v)[N], T shift, T scale = T(1)) {
+    T d[N];
     T s = 0;
 #pragma unroll
-    for (int i = 0; i < N; ++i) s += v[i] - shift;
+    for (int i = 0; i < N; ++i) {
+      d[i] = sa_fma(v[i], scale, -shift);
+      s += d[i];
+    }
     const T pack_mean = s / T(N);
     T q = 0;
 #pragma unroll
-    for (int i = 0; i < N; ++i) q += (v[i] - shift - pack_mean) * (v[i] - shift - pack_mean);
+    for (int i = 0; i < N; ++i) q += (d[i] - pack_mean) * (d[i] - pack_mean);
     merge(T(N), pack_mean, q);
   }
 };
@@ -112,6 +142,44 @@ SA_DEVICE Moments<T> team_merge(Moments<T> a, T* scratch) {
     a = warp_merge(b);
   }
   return a;
+}
+
+// A decision every thread of the team takes the same way, whatever the thread computed: lane 0's
+// (in a block team every warp's lane 0 holds the same value after team_merge or team_reduce: each
+// warp reduces the same scratch values in the same order). Team collectives inside a branch on it
+// are then safe. Moments merges are not symmetric (lanes may differ in the last bits), hence this.
+SA_DEVICE bool team_uniform(bool flag) {
+  return __shfl_sync(kFullMask, static_cast<int>(flag), 0) != 0;
+}
+
+// The Standardizer of a plane that the team streams instead of holding on chip.
+// for_each_pack(f) calls f(v) with this thread's packs of values (acc_t[kVec]), the same packs in
+// every call. Moments of x - shift (shift: `first`, the plane's first value); when they overflow
+// (sa_math.h: Standardizer), max|x| and the moments of x * 2^-e - shift * 2^-e, two more passes.
+template <bool kWarpTeam, typename acc_t, typename ForEachPack>
+SA_DEVICE Standardizer<acc_t> streamed_plane_stats(const ForEachPack& for_each_pack, acc_t first,
+                                                   int64_t n, acc_t eps, acc_t* scratch) {
+  const acc_t shift = sum_shift(first);
+  acc_t mean, var;
+  auto moments = [&](acc_t scale) {
+    Moments<acc_t> mo;
+    for_each_pack([&](const auto& v) { mo.add(v, shift * scale, scale); });
+    mo = team_merge<kWarpTeam>(mo, scratch);
+    mean = shift * scale + mo.mean;
+    var = mo.m2 / acc_t(n);
+  };
+  moments(acc_t(1));
+  int e = 0;
+  if (team_uniform(stats_overflowed(mean, var))) {
+    acc_t amax[1] = {0};
+    for_each_pack([&](const auto& v) {
+      for (const acc_t value : v) amax[0] = max_nan(amax[0], value < acc_t(0) ? -value : value);
+    });
+    team_reduce<kWarpTeam>(amax, scratch, MaxOp{});
+    e = rescale_exponent(amax[0]);
+    if (e != 0) moments(sa_ldexp(acc_t(1), -e));
+  }
+  return finish_stats(mean, var, eps, e);
 }
 
 // A plane of N elements, moved in packs of kVec elements (a 16-byte access when kVec > 1; the

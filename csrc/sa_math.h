@@ -186,6 +186,22 @@ SA_HOST_DEVICE Standardizer<T> finish_stats(T mean_s, T var_s, T eps, int e) {
                          gate_rstd};
 }
 
+// The mean of a channel-branch plane, whose gate sigmoid(cw * mu + cb) uses the mean itself: the
+// sum of x * scale formed and summed in double (for float x every term is exact and the sum cannot
+// overflow), divided once, so the float mean is correctly rounded but for near-ties. The shifted
+// sum's mean is only accurate to u |mu - shift| (u * std for a centered plane, where |mu| << std),
+// and that error reaches the output as |x| s (1 - s) |cw| d mu, which is not scale-invariant (at
+// std ~ 1e4, ten times eager's error). The CPU kernels vectorize the same sum (vec_loops.h).
+template <typename T>
+SA_HOST_DEVICE double wide_term(T x, T scale) {
+  return static_cast<double>(x) * static_cast<double>(scale);
+}
+
+template <typename T>
+SA_HOST_DEVICE T wide_mean(double sum, int64_t n) {
+  return static_cast<T>(sum / static_cast<double>(n));
+}
+
 // The Standardizer of saved statistics (the backward's), unscaled.
 template <typename T>
 SA_HOST_DEVICE Standardizer<T> saved_stats(T mean, T rstd) {

@@ -65,7 +65,7 @@ void forward_per_channel(const ForwardParams& p) {
       scalar_t* dst = t.out + (b * C + shuffle_dst(c, C)) * N;
       acc_t* result = result_buffer(dst, kConvert ? scratch.data() + N : nullptr);
 
-      const Standardizer<acc_t> st = plane_stats(x, N, eps);
+      const Standardizer<acc_t> st = plane_stats(x, N, eps, !role.spatial);
       t.mean[plane] = st.mean;
       t.rstd[plane] = st.rstd;
       if (!role.spatial) {
@@ -116,7 +116,7 @@ void forward_conv1x1(const ForwardParams& p) {
       };
 
       for (int64_t j = 0; j < m; ++j) {
-        st[j] = plane_stats(x + j * N, N, eps);
+        st[j] = plane_stats(x + j * N, N, eps, !spatial);
         t.mean[plane0 + j] = mu[j] = st[j].mean;
         t.rstd[plane0 + j] = st[j].rstd;
       }

@@ -168,6 +168,43 @@ inline acc_t centered_var(const acc_t* x, int64_t n, acc_t scale, acc_t mean) {
   }) / acc_t(n);
 }
 
+// Four values from p as double lanes (exact for float).
+inline at::vec::Vectorized<double> load_wide(const float* p) {
+  using VecD = at::vec::Vectorized<double>;
+#if defined(CPU_CAPABILITY_AVX2)
+  static_assert(VecD::size() == 4);
+  return VecD(_mm256_cvtps_pd(_mm_loadu_ps(p)));
+#else
+  alignas(64) double d[VecD::size()];
+  for (int64_t l = 0; l < VecD::size(); ++l) d[l] = p[l];
+  return VecD::loadu(d);
+#endif
+}
+inline at::vec::Vectorized<double> load_wide(const double* p) { return at::vec::Vectorized<double>::loadu(p); }
+
+// wide_mean (sa_math.h) of the values x * scale: the sum in double lanes. For float x the scale is
+// applied to the sum (the same value: every term is exact and the sum cannot overflow double).
+template <typename acc_t>
+inline acc_t plane_wide_mean(const acc_t* x, int64_t n, acc_t scale) {
+  using VecD = at::vec::Vectorized<double>;
+  constexpr int64_t L = VecD::size();
+  constexpr bool kFloat = std::is_same_v<acc_t, float>;
+  const VecD s(kFloat ? 1.0 : static_cast<double>(scale));
+  std::array<VecD, 4> acc;
+  acc.fill(VecD(0));
+  int64_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    for (int k = 0; k < 4; ++k) acc[k] = acc[k] + load_wide(x + i + k * L) * s;
+  }
+  for (; i + L <= n; i += L) acc[0] = acc[0] + load_wide(x + i) * s;
+  alignas(64) double lanes[L];
+  ((acc[0] + acc[1]) + (acc[2] + acc[3])).store(lanes);
+  double total = 0;
+  for (int64_t l = 0; l < L; ++l) total += lanes[l];
+  for (; i < n; ++i) total += wide_term(x[i], kFloat ? acc_t(1) : scale);
+  return wide_mean<acc_t>(kFloat ? total * static_cast<double>(scale) : total, n);
+}
+
 // max|x| over the plane; NaN if it holds a NaN (at::vec::maximum propagates NaN).
 template <typename acc_t>
 inline acc_t max_abs(const acc_t* x, int64_t n) {
@@ -183,11 +220,12 @@ inline acc_t max_abs(const acc_t* x, int64_t n) {
   return result;
 }
 
-// The plane's Standardizer: unscaled moments, redone scaled by 2^-e when they overflowed.
+// The plane's Standardizer: unscaled moments, redone scaled by 2^-e when they overflowed. With
+// exact_mean (channel-branch planes: the gate uses the mean itself) the mean is plane_wide_mean.
 template <typename acc_t>
-inline Standardizer<acc_t> plane_stats(const acc_t* x, int64_t n, acc_t eps) {
+inline Standardizer<acc_t> plane_stats(const acc_t* x, int64_t n, acc_t eps, bool exact_mean) {
   auto moments = [&](acc_t scale) {
-    const acc_t mean = shifted_mean(x, n, scale);
+    const acc_t mean = exact_mean ? plane_wide_mean(x, n, scale) : shifted_mean(x, n, scale);
     return PlaneMoments<acc_t>{mean, centered_var(x, n, scale, mean)};
   };
   PlaneMoments<acc_t> mo = moments(acc_t(1));

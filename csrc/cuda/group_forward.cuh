@@ -69,9 +69,9 @@ inline int64_t group_tile_pixels(int64_t m) {
 }
 
 // Statistics of the unit's m planes: warp w takes planes w, w + warps, ... (a warp team streaming
-// its plane, team.cuh).
+// its plane, team.cuh); exact_mean for a channel-branch unit (its gate uses the means).
 template <typename scalar_t, typename acc_t>
-SA_DEVICE void group_plane_stats(const scalar_t* x, int64_t m, int64_t N, acc_t eps,
+SA_DEVICE void group_plane_stats(const scalar_t* x, int64_t m, int64_t N, acc_t eps, bool exact_mean,
                                  const GroupStats<acc_t>& stats) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int warps = blockDim.x / kWarpSize;
@@ -84,7 +84,8 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int64_t m, int64_t N, acc_t 
             f(v);
           }
         },
-        static_cast<acc_t>(plane[0]), N, eps, static_cast<acc_t*>(nullptr));
+        static_cast<acc_t>(plane[0]), N, eps, exact_mean, static_cast<acc_t*>(nullptr),
+        static_cast<double*>(nullptr));
     if (lane == 0) stats.set(j, st);
   }
 }
@@ -150,7 +151,7 @@ SA_KERNEL void group_forward_kernel(ForwardParams p, int64_t tile) {
   const acc_t* mean = stats.mean;
   acc_t* gate = smem + L.gate();
 
-  group_plane_stats<scalar_t, acc_t>(x, m, N, static_cast<acc_t>(p.eps), stats);
+  group_plane_stats<scalar_t, acc_t>(x, m, N, static_cast<acc_t>(p.eps), !spatial, stats);
   __syncthreads();
   for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
     static_cast<acc_t*>(p.mean)[plane0 + j] = stats.mean[j];

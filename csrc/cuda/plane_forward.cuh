@@ -54,21 +54,35 @@ struct PlaneGate {
 
 // Mean and variance of the values v * scale (scale a power of two, 1 for the values themselves)
 // of a plane held in registers: centered two-pass over the registers, the mean summed relative to
-// `shift` (the plane's first value, times scale: robust to |mean| >> std).
+// `shift` (the plane's first value, times scale: robust to |mean| >> std), or with exact_mean (a
+// channel-branch plane) the wide mean (sa_math.h; wide_scratch: 32 doubles of shared memory).
 template <bool kWarpTeam, int kPacks, int kVec, typename acc_t>
 SA_DEVICE void register_moments(const acc_t (&v)[kPacks][kVec], const PlaneTeam<kWarpTeam>& team,
-                                int64_t packs, int64_t n, acc_t shift, acc_t scale, acc_t* scratch,
-                                acc_t& mean, acc_t& var) {
-  acc_t sum[1] = {0};
+                                int64_t packs, int64_t n, acc_t shift, acc_t scale, bool exact_mean,
+                                acc_t* scratch, double* wide_scratch, acc_t& mean, acc_t& var) {
+  if (exact_mean) {
+    double sum[1] = {0};
 #pragma unroll
-  for (int k = 0; k < kPacks; ++k) {
-    if (team.rank + int64_t(k) * team.size < packs) {
+    for (int k = 0; k < kPacks; ++k) {
+      if (team.rank + int64_t(k) * team.size < packs) {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) sum[0] += sa_fma(v[k][i], scale, -shift);
+        for (int i = 0; i < kVec; ++i) sum[0] += wide_term(v[k][i], scale);
+      }
     }
+    team_sum<kWarpTeam>(sum, wide_scratch);
+    mean = wide_mean<acc_t>(sum[0], n);
+  } else {
+    acc_t sum[1] = {0};
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) {
+      if (team.rank + int64_t(k) * team.size < packs) {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) sum[0] += sa_fma(v[k][i], scale, -shift);
+      }
+    }
+    team_sum<kWarpTeam>(sum, scratch);
+    mean = shift + sum[0] / acc_t(n);
   }
-  team_sum<kWarpTeam>(sum, scratch);
-  mean = shift + sum[0] / acc_t(n);
   acc_t sq[1] = {0};
 #pragma unroll
   for (int k = 0; k < kPacks; ++k) {
@@ -86,14 +100,16 @@ SA_DEVICE void register_moments(const acc_t (&v)[kPacks][kVec], const PlaneTeam<
 
 // The Standardizer of a plane held in registers: its moments, redone scaled by 2^-e (e from
 // max|x|) when they overflowed. team_sum gives every thread the same totals, so the branch is
-// uniform over the team.
+// uniform over the team (and exact_mean is: one plane per team).
 template <bool kWarpTeam, int kPacks, int kVec, typename acc_t>
 SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec],
                                                    const PlaneTeam<kWarpTeam>& team, int64_t packs,
-                                                   int64_t n, acc_t first, acc_t eps, acc_t* scratch) {
+                                                   int64_t n, acc_t first, acc_t eps, bool exact_mean,
+                                                   acc_t* scratch, double* wide_scratch) {
   const acc_t shift = sum_shift(first);
   acc_t mean, var;
-  register_moments<kWarpTeam, kPacks, kVec>(v, team, packs, n, shift, acc_t(1), scratch, mean, var);
+  register_moments<kWarpTeam, kPacks, kVec>(v, team, packs, n, shift, acc_t(1), exact_mean, scratch,
+                                            wide_scratch, mean, var);
   int e = 0;
   if (stats_overflowed(mean, var)) {
     acc_t amax[1] = {0};
@@ -108,8 +124,8 @@ SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec
     e = rescale_exponent(amax[0]);
     if (e != 0) {
       const acc_t scale = sa_ldexp(acc_t(1), -e);
-      register_moments<kWarpTeam, kPacks, kVec>(v, team, packs, n, shift * scale, scale, scratch, mean,
-                                                var);
+      register_moments<kWarpTeam, kPacks, kVec>(v, team, packs, n, shift * scale, scale, exact_mean,
+                                                scratch, wide_scratch, mean, var);
     }
   }
   return finish_stats(mean, var, eps, e);
@@ -119,6 +135,7 @@ template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks>
 SA_KERNEL void plane_forward_kernel(ForwardParams p) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t scratch[3 * kWarpSize];
+  __shared__ double wide_scratch[kWarpSize];
   const PlaneTeam<kWarpTeam> team;
   // A warp team past the last plane leaves as a whole; warp teams never synchronize the block.
   if (kWarpTeam && team.plane >= p.batch * p.channels) return;
@@ -139,7 +156,7 @@ SA_KERNEL void plane_forward_kernel(ForwardParams p) {
       if (q < packs) load_acc<scalar_t, acc_t, kVec>(x, q, v[k]);
     }
     st = register_plane_stats<kWarpTeam, kPacks, kVec>(v, team, packs, N, static_cast<acc_t>(x[0]), eps,
-                                                       scratch);
+                                                       !role.spatial, scratch, wide_scratch);
   } else {
     st = streamed_plane_stats<kWarpTeam>(
         [&](const auto& f) {
@@ -148,7 +165,7 @@ SA_KERNEL void plane_forward_kernel(ForwardParams p) {
             f(v[0]);
           }
         },
-        static_cast<acc_t>(x[0]), N, eps, scratch);
+        static_cast<acc_t>(x[0]), N, eps, !role.spatial, scratch, wide_scratch);
   }
   if (team.rank == 0) {
     static_cast<acc_t*>(p.mean)[team.plane] = st.mean;

@@ -154,19 +154,32 @@ SA_DEVICE bool team_uniform(bool flag) {
 
 // The Standardizer of a plane that the team streams instead of holding on chip.
 // for_each_pack(f) calls f(v) with this thread's packs of values (acc_t[kVec]), the same packs in
-// every call. Moments of x - shift (shift: `first`, the plane's first value); when they overflow
+// every call. Moments of x - shift (shift: `first`, the plane's first value), and with exact_mean
+// (a channel-branch plane) the wide mean (sa_math.h) in the same pass; when they overflow
 // (sa_math.h: Standardizer), max|x| and the moments of x * 2^-e - shift * 2^-e, two more passes.
+// wide_scratch: 32 doubles of shared memory for a block team.
 template <bool kWarpTeam, typename acc_t, typename ForEachPack>
 SA_DEVICE Standardizer<acc_t> streamed_plane_stats(const ForEachPack& for_each_pack, acc_t first,
-                                                   int64_t n, acc_t eps, acc_t* scratch) {
+                                                   int64_t n, acc_t eps, bool exact_mean, acc_t* scratch,
+                                                   double* wide_scratch) {
   const acc_t shift = sum_shift(first);
   acc_t mean, var;
   auto moments = [&](acc_t scale) {
     Moments<acc_t> mo;
-    for_each_pack([&](const auto& v) { mo.add(v, shift * scale, scale); });
+    double wide[1] = {0};
+    for_each_pack([&](const auto& v) {
+      mo.add(v, shift * scale, scale);
+      if (exact_mean) {
+        for (const acc_t value : v) wide[0] += wide_term(value, scale);
+      }
+    });
     mo = team_merge<kWarpTeam>(mo, scratch);
     mean = shift * scale + mo.mean;
     var = mo.m2 / acc_t(n);
+    if (exact_mean) {
+      team_sum<kWarpTeam>(wide, wide_scratch);
+      mean = wide_mean<acc_t>(wide[0], n);
+    }
   };
   moments(acc_t(1));
   int e = 0;

@@ -166,6 +166,13 @@ struct Standardizer {
   SA_HOST_DEVICE V centered(const V& x) const {
     return sa_fma(x, V(input_scale), V(-center));
   }
+
+  // The normalized value xh = (x - mean) * rstd. Products with xh (t * xh in the backward) are
+  // formed after normalizing: t * (x - mean) would be of order |x|^2 and overflow first.
+  template <typename V>
+  SA_HOST_DEVICE V normalized(const V& x) const {
+    return centered(x) * V(gate_rstd);
+  }
 };
 
 template <typename T>

@@ -89,10 +89,11 @@ void backward_per_channel(const BackwardParams& p) {
           store(dx + i, load<V>(gu + i) * V(s) + V(dmu_n));
         });
       } else {
-        const SpatialGate<acc_t> ga = spatial_gate(t.sw[k], t.sb[k], t.gw[k], t.gb[k], saved_stats(mu, r));
+        const Standardizer<acc_t> st = saved_stats(mu, r);
+        const SpatialGate<acc_t> ga = spatial_gate(t.sw[k], t.sb[k], t.gw[k], t.gb[k], st);
         auto xh_at = [&](int64_t i, auto tag) {
           using V = decltype(tag);
-          return (load<V>(x + i) - V(mu)) * V(r);
+          return st.normalized(load<V>(x + i));
         };
         auto t_at = [&](int64_t i, auto tag) {
           using V = decltype(tag);
@@ -134,11 +135,11 @@ void backward_conv1x1(const BackwardParams& p) {
   const acc_t inv_n = acc_t(1) / acc_t(N);
 
   at::parallel_for(0, p.fwd.batch * G * 2, grain_for(mN), [&](int64_t begin, int64_t end) {
-    // Scratch planes: x, gu, grad_x in acc_t (when converting); x - mu, GroupNorm output y,
-    // gate s, t = dL/dz.
+    // Scratch planes: x, gu, grad_x in acc_t (when converting); xh = (x - mu) r, GroupNorm
+    // output y, gate s, t = dL/dz.
     std::vector<acc_t> scratch((kConvert ? 7 : 4) * mN);
-    acc_t* xc = scratch.data();
-    acc_t* y = xc + mN;
+    acc_t* xh = scratch.data();
+    acc_t* y = xh + mN;
     acc_t* gate = y + mN;
     acc_t* tz = gate + mN;
     acc_t* x_buf = kConvert ? tz + mN : nullptr;
@@ -181,11 +182,12 @@ void backward_conv1x1(const BackwardParams& p) {
       } else {
         for (int64_t i = 0; i < m; ++i) {
           const acc_t* xi = x + i * N;
-          const acc_t scale = t.gw[i] * r[i];
+          const Standardizer<acc_t> st = saved_stats(mu[i], r[i]);
+          const acc_t scale = t.gw[i] * st.gate_rstd;
           for_each<acc_t>(N, [&](int64_t q, auto tag) {
             using V = decltype(tag);
-            const V centered = load<V>(xi + q) - V(mu[i]);
-            store(xc + i * N + q, centered);
+            const V centered = st.centered(load<V>(xi + q));
+            store(xh + i * N + q, centered * V(st.gate_rstd));
             store(y + i * N + q, V(scale) * centered + V(t.gb[i]));
           });
         }
@@ -200,12 +202,13 @@ void backward_conv1x1(const BackwardParams& p) {
             store(tz + j * N + q, gate_input_grad(load<V>(gu[j] + q), load<V>(x + j * N + q), s));
           }
         });
-        // A[j, i] = sum_p t_j xh_i, T1[j] = sum_p t_j; the gradient at the GroupNorm output is
+        // A[j, i] = sum_p t_j xh_i (xh first: t_j (x_i - mu_i) would be of order |x|^2 and overflow
+        // first), T1[j] = sum_p t_j; the gradient at the GroupNorm output is
         // dy(p) = W2^T t(p), so mean(dy_i) = sum_j W2[j, i] T1[j] / N and
         // mean(dy_i xh_i) = sum_j W2[j, i] A[j, i] / N.
         for (int64_t j = 0; j < m; ++j) {
           T1[j] = sum_over<acc_t>(N, [&](int64_t q, auto tag) { return load<decltype(tag)>(tz + j * N + q); });
-          for (int64_t i = 0; i < m; ++i) A[j * m + i] = dot(tz + j * N, xc + i * N, N) * r[i];
+          for (int64_t i = 0; i < m; ++i) A[j * m + i] = dot(tz + j * N, xh + i * N, N);
           t.t_sum[slot0 + j] = T1[j];
         }
         std::copy(A.begin(), A.end(), t.t_xh + slot0 * m);
@@ -225,7 +228,7 @@ void backward_conv1x1(const BackwardParams& p) {
             for (int64_t j = 0; j < m; ++j) dy = dy + V(t.sw[j * m + i]) * load<V>(tz + j * N + q);
             store(dx + i * N + q,
                   spatial_dx(load<V>(gu[i] + q), load<V>(gate + i * N + q), dy,
-                             load<V>(xc + i * N + q) * V(r[i]), V(t.gw[i] * r[i]), V(D1[i]), V(D2[i])));
+                             load<V>(xh + i * N + q), V(t.gw[i] * r[i]), V(D1[i]), V(D2[i])));
           }
         });
       }

@@ -81,7 +81,8 @@ SA_KERNEL void group_backward_kernel(BackwardParams bp, int64_t tile) {
   for (int64_t j = threadIdx.x; j < m; j += blockDim.x) sums[j] = 0;
 
   // One tile of pixels: x and grad_out in, gate s and t = dL/dz = gu x s (1 - s) out (t = 0 on
-  // pixels past the plane's end, where x and gu are loaded as 0).
+  // pixels past the plane's end, where x and gu are loaded as 0); then the x tile is replaced by
+  // xh = (x - mu) r (each entry by the thread that read it: nobody else reads xt in that loop).
   auto gate_tile = [&](int64_t p0) {
     __syncthreads();  // the previous tile is consumed (and W2, scale, A are initialized)
     load_tile<scalar_t, acc_t>([&](int64_t i) { return x + i * N; }, m, N, p0, tile, xt);
@@ -93,18 +94,20 @@ SA_KERNEL void group_backward_kernel(BackwardParams bp, int64_t tile) {
       const int64_t j = idx / tile, pt = idx % tile;
       st[idx] = sigmoid(gate_preactivation(p, m, tile, w2, yt, j, pt));
       tt[idx] = gate_input_grad(gt[idx], xt[idx], st[idx]);
+      xt[idx] = sa_fma(xt[idx], stats.input_scale[j], -stats.center[j]) * stats.gate_rstd[j];
     }
     __syncthreads();
   };
 
-  // Pass 1: T1[j] = sum_p t_j, A[j, i] = sum_p t_j xh_i; each entry owned by one thread.
+  // Pass 1: T1[j] = sum_p t_j, A[j, i] = sum_p t_j xh_i (xh first: t_j (x_i - mu_i) would be of
+  // order |x|^2 and overflow first); each entry owned by one thread.
   for (int64_t p0 = 0; p0 < N; p0 += tile) {
     gate_tile(p0);
     for (int64_t idx = threadIdx.x; idx < m * m; idx += blockDim.x) {
       const int64_t j = idx / m, i = idx % m;
       acc_t a = 0;
-      for (int64_t pt = 0; pt < tile; ++pt) a += tt[j * tile + pt] * (xt[i * tile + pt] - mean[i]);
-      A[idx] += a * rstd[i];
+      for (int64_t pt = 0; pt < tile; ++pt) a += tt[j * tile + pt] * xt[i * tile + pt];
+      A[idx] += a;
     }
     for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
       acc_t t1 = 0;
@@ -136,9 +139,8 @@ SA_KERNEL void group_backward_kernel(BackwardParams bp, int64_t tile) {
       if (p0 + pt >= N) continue;
       acc_t dy = 0;
       for (int64_t j = 0; j < m; ++j) dy += w2[j * m + i] * tt[j * tile + pt];
-      const acc_t xh = (xt[idx] - mean[i]) * rstd[i];
       dx[i * N + p0 + pt] = static_cast<scalar_t>(
-          spatial_dx(gt[idx], st[idx], dy, xh, gw[i] * rstd[i], d1[i], d2[i]));
+          spatial_dx(gt[idx], st[idx], dy, xt[idx], gw[i] * rstd[i], d1[i], d2[i]));
     }
   }
 }

@@ -26,7 +26,8 @@ SA_KERNEL void plane_backward_kernel(BackwardParams p) {
   scalar_t* dx = static_cast<scalar_t*>(p.grad_x) + team.plane * N;
   const acc_t mean = static_cast<const acc_t*>(f.mean)[team.plane];
   const acc_t rstd = static_cast<const acc_t*>(f.rstd)[team.plane];
-  const PlaneGate<acc_t> gate(f, role, saved_stats(mean, rstd));
+  const Standardizer<acc_t> st = saved_stats(mean, rstd);
+  const PlaneGate<acc_t> gate(f, role, st);
 
   // Pass 1: T1 = sum t, T2 = sum t * xh with t = gu * x * s (1 - s) = dL/dz.
   acc_t xv[kPacks > 0 ? kPacks : 1][kVec], gv[kPacks > 0 ? kPacks : 1][kVec];
@@ -38,7 +39,7 @@ SA_KERNEL void plane_backward_kernel(BackwardParams p) {
       s_[i] = gate(x_[i]);
       const acc_t t = gate_input_grad(g_[i], x_[i], s_[i]);
       sums[0] += t;
-      if (role.spatial) sums[1] += t * (x_[i] - mean) * rstd;
+      if (role.spatial) sums[1] += t * st.normalized(x_[i]);
     }
   };
   if constexpr (kPacks > 0) {
@@ -82,7 +83,7 @@ SA_KERNEL void plane_backward_kernel(BackwardParams p) {
     for (int i = 0; i < kVec; ++i) {
       d[i] = g_[i] * s_[i] + k_.beta;
       if (role.spatial) {
-        d[i] += k_.alpha * gate_input_grad(g_[i], x_[i], s_[i]) + k_.gamma * (x_[i] - mean) * rstd;
+        d[i] += k_.alpha * gate_input_grad(g_[i], x_[i], s_[i]) + k_.gamma * st.normalized(x_[i]);
       }
     }
     store_acc<scalar_t, acc_t, kVec>(dx, q, d);

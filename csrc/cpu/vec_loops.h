@@ -189,14 +189,20 @@ inline acc_t plane_wide_mean(const acc_t* x, int64_t n, acc_t scale) {
   using VecD = at::vec::Vectorized<double>;
   constexpr int64_t L = VecD::size();
   constexpr bool kFloat = std::is_same_v<acc_t, float>;
-  const VecD s(kFloat ? 1.0 : static_cast<double>(scale));
+  auto term = [&](int64_t i) {
+    if constexpr (kFloat) {
+      return load_wide(x + i);
+    } else {
+      return load_wide(x + i) * VecD(scale);
+    }
+  };
   std::array<VecD, 4> acc;
   acc.fill(VecD(0));
   int64_t i = 0;
   for (; i + 4 * L <= n; i += 4 * L) {
-    for (int k = 0; k < 4; ++k) acc[k] = acc[k] + load_wide(x + i + k * L) * s;
+    for (int k = 0; k < 4; ++k) acc[k] = acc[k] + term(i + k * L);
   }
-  for (; i + L <= n; i += L) acc[0] = acc[0] + load_wide(x + i) * s;
+  for (; i + L <= n; i += L) acc[0] = acc[0] + term(i);
   alignas(64) double lanes[L];
   ((acc[0] + acc[1]) + (acc[2] + acc[3])).store(lanes);
   double total = 0;

@@ -306,4 +306,4 @@ for _name in _VARIANTS:
     torch.library.register_fake(f"sa_cuda::{_name}_backward")(_fake_bwd)
 
 
-_vmap.register()
+_vmap.register(_VARIANTS)

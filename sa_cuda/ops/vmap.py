@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import torch
 
-_VARIANTS = ("sa_layer", "shuffle_attention")
-
 
 def _slice(args, in_dims, index: int) -> list:
     return [a if d is None else a.select(d, index) for a, d in zip(args, in_dims)]
@@ -48,8 +46,9 @@ def _backward_rule(op):
     return rule
 
 
-def register() -> None:
-    for variant in _VARIANTS:
+def register(variants) -> None:
+    """vmap rules for the forward and backward op of each variant ("sa_layer", ...)."""
+    for variant in variants:
         forward = getattr(torch.ops.sa_cuda, f"{variant}_forward").default
         backward = getattr(torch.ops.sa_cuda, f"{variant}_backward").default
         torch.library.register_vmap(f"sa_cuda::{variant}_forward", _forward_rule(forward))

@@ -10,7 +10,7 @@
 namespace sa_cuda::SA_GPU_NS {
 
 template <typename scalar_t>
-SA_KERNEL void group_backward_kernel(BackwardParams bp, int64_t tile) {
+SA_KERNEL_BOUNDS(kGroupThreads) void group_backward_kernel(BackwardParams bp, int64_t tile) {
   using acc_t = at::opmath_type<scalar_t>;
   SA_DYNAMIC_SHARED(acc_t, smem);
   const ForwardParams& p = bp.fwd;

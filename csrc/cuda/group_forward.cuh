@@ -14,6 +14,8 @@
 
 namespace sa_cuda::SA_GPU_NS {
 
+constexpr int kGroupThreads = 256;  // threads per block of the group kernels
+
 // Shared-memory layout of a group block, in acc_t values; the forward uses the part up to the
 // end of tile_y(). Per-channel vectors of m: mean, rstd (the true statistics), gate s (channel
 // branch), scale = gw * gate_rstd, dz / T1, dmu / D1, D2, and the Standardizer's input_scale,
@@ -135,7 +137,7 @@ SA_DEVICE acc_t gate_preactivation(const ForwardParams& p, int64_t m, int64_t ti
 }
 
 template <typename scalar_t>
-SA_KERNEL void group_forward_kernel(ForwardParams p, int64_t tile) {
+SA_KERNEL_BOUNDS(kGroupThreads) void group_forward_kernel(ForwardParams p, int64_t tile) {
   using acc_t = at::opmath_type<scalar_t>;
   SA_DYNAMIC_SHARED(acc_t, smem);
   const int64_t m = p.branch_channels, N = p.plane_size, C = p.channels, G = p.groups;

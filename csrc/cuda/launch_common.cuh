@@ -14,13 +14,9 @@
 #include <type_traits>
 
 #include "group_forward.cuh"
+#include "plane_forward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
-
-constexpr int kPlaneItems = 8;          // elements per thread held in registers
-constexpr int kWarpTeamBlock = 256;     // threads per block of warp teams
-constexpr int kMaxPlaneTeam = 512;      // threads of the largest block team
-constexpr int kGroupThreads = 256;
 
 template <int V>
 using int_c = std::integral_constant<int, V>;
@@ -42,13 +38,13 @@ void launch_planes(const Params& params, const ForwardParams& f, bool pointers_a
     const Stream stream = current_stream();
     if (N <= kWarpSize * kPlaneItems) {
       const int64_t planes_per_block = kWarpTeamBlock / kWarpSize;
-      launch(pick(bool_c<true>(), vec, int_c<kPacks>()), dim3(ceil_div(planes, planes_per_block)),
-             dim3(kWarpTeamBlock), 0, stream, params);
+      launch(pick(bool_c<true>(), vec, int_c<kPacks>()), ceil_div(planes, planes_per_block), kWarpTeamBlock,
+             0, stream, params);
     } else if (N <= kMaxPlaneTeam * kPlaneItems) {
-      const int64_t threads = ceil_div(ceil_div(N, kPlaneItems), kWarpSize) * kWarpSize;
-      launch(pick(bool_c<false>(), vec, int_c<kPacks>()), dim3(planes), dim3(threads), 0, stream, params);
+      const int threads = static_cast<int>(ceil_div(ceil_div(N, kPlaneItems), kWarpSize) * kWarpSize);
+      launch(pick(bool_c<false>(), vec, int_c<kPacks>()), planes, threads, 0, stream, params);
     } else {
-      launch(pick(bool_c<false>(), vec, int_c<0>()), dim3(planes), dim3(kMaxPlaneTeam), 0, stream, params);
+      launch(pick(bool_c<false>(), vec, int_c<0>()), planes, kMaxPlaneTeam, 0, stream, params);
     }
   };
   if (pointers_aligned && N % kVecMax == 0) {
@@ -67,8 +63,7 @@ void launch_groups(const Params& params, const ForwardParams& f, bool backward, 
               " needs ", smem, " bytes of shared memory per block in the CUDA ",
               backward ? "backward" : "forward", " of ShuffleAttention; the device allows ",
               max_dynamic_shared_bytes());
-  launch(kernel, dim3(f.batch * f.groups * 2), dim3(kGroupThreads), size_t(smem), current_stream(),
-         params, tile);
+  launch(kernel, f.batch * f.groups * 2, kGroupThreads, size_t(smem), current_stream(), params, tile);
 }
 
 }  // namespace sa_cuda::SA_GPU_NS

@@ -11,9 +11,9 @@
 namespace sa_cuda::SA_GPU_NS {
 
 template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks>
-SA_KERNEL void plane_backward_kernel(BackwardParams p) {
+SA_KERNEL_BOUNDS(kWarpTeam ? kWarpTeamBlock : kMaxPlaneTeam) void plane_backward_kernel(BackwardParams p) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t scratch[2 * kWarpSize];
+  SA_SHARED_ARRAY(acc_t, scratch, 2 * kWarpSize);
   const ForwardParams& f = p.fwd;
   const PlaneTeam<kWarpTeam> team;
   if (kWarpTeam && team.plane >= f.batch * f.channels) return;

@@ -14,6 +14,10 @@
 
 namespace sa_cuda::SA_GPU_NS {
 
+constexpr int kPlaneItems = 8;       // elements per thread held in registers
+constexpr int kWarpTeamBlock = 256;  // threads per block of warp teams
+constexpr int kMaxPlaneTeam = 512;   // threads of the largest block team
+
 // The team of a plane: a warp (kWarpTeam: blockDim.x / 32 planes per block) or the whole block.
 template <bool kWarpTeam>
 struct PlaneTeam {
@@ -132,10 +136,10 @@ SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec
 }
 
 template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks>
-SA_KERNEL void plane_forward_kernel(ForwardParams p) {
+SA_KERNEL_BOUNDS(kWarpTeam ? kWarpTeamBlock : kMaxPlaneTeam) void plane_forward_kernel(ForwardParams p) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t scratch[3 * kWarpSize];
-  __shared__ double wide_scratch[kWarpSize];
+  SA_SHARED_ARRAY(acc_t, scratch, 3 * kWarpSize);
+  SA_SHARED_ARRAY(double, wide_scratch, kWarpSize);
   const PlaneTeam<kWarpTeam> team;
   // A warp team past the last plane leaves as a whole; warp teams never synchronize the block.
   if (kWarpTeam && team.plane >= p.batch * p.channels) return;

@@ -5,14 +5,36 @@
 // the very same kernel source runs in CI without a GPU, under ThreadSanitizer and ASan too.
 //
 // The subset: threadIdx/blockIdx/blockDim/gridDim (.x), __syncthreads, full-mask warp shuffles
-// (__shfl_xor_sync, __shfl_down_sync, __shfl_sync), static shared memory (__shared__ arrays in
-// kernels), dynamic shared memory (SA_DYNAMIC_SHARED), aligned vector loads/stores (Pack),
-// expf/exp/sqrtf/sqrt through sa_math.h, and launches through sa_cuda::gpu::launch.
+// (__shfl_xor_sync, __shfl_down_sync, __shfl_sync), static shared arrays (SA_SHARED_ARRAY),
+// dynamic shared memory (SA_DYNAMIC_SHARED), aligned vector loads/stores (Pack), expf/exp/sqrtf/sqrt
+// through sa_math.h, kernels declared with SA_KERNEL_BOUNDS(max threads per block), and 1-D launches
+// through sa_cuda::SA_GPU_NS::launch (the block count checked against the grid limit before it is
+// narrowed to the hardware's 32 bits).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <utility>
+
+#include <c10/util/Exception.h>
+
+#if defined(__CUDACC__)
+#include <cuda_runtime.h>
+#else
+#include "emulator.h"
+#endif
+
+namespace sa_cuda {
+
+// A 1-D grid of `blocks` blocks. dim3 holds 32-bit counts and the hardware allows 2^31 - 1 blocks
+// in x: a larger int64 count would wrap silently (and launch a fraction of the work).
+inline dim3 grid_1d(int64_t blocks) {
+  TORCH_CHECK(blocks >= 1 && blocks <= 2147483647, "sa_cuda: a launch needs ", blocks,
+              " blocks; the grid limit is 2^31 - 1");
+  return dim3(static_cast<unsigned>(blocks));
+}
+
+}  // namespace sa_cuda
 
 // The kernels' namespace: sa_cuda::gpu in the CUDA build, sa_cuda::emulated in the emulation
 // build, so both can be loaded into one process without their symbols interposing.
@@ -21,10 +43,12 @@
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 
 #define SA_GPU_NS gpu
-#define SA_KERNEL __global__
+// A kernel's largest block: lets ptxas budget registers for it (without it, a kernel that grows
+// past 65536 / threads registers fails to launch, on the hardware only).
+#define SA_KERNEL_BOUNDS(max_threads) __global__ __launch_bounds__(max_threads)
+#define SA_SHARED_ARRAY(T, name, count) __shared__ T name[count]
 #define SA_DEVICE __device__ __forceinline__
 #define SA_DYNAMIC_SHARED(T, name)                                   \
   extern __shared__ __align__(16) unsigned char sa_dynamic_smem_[]; \
@@ -45,13 +69,14 @@ inline int max_dynamic_shared_bytes() {
 }
 
 template <typename... KernelArgs, typename... Args>
-void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes, Stream stream,
+void launch(void (*kernel)(KernelArgs...), int64_t blocks, int threads, size_t smem_bytes, Stream stream,
             Args&&... args) {
+  const dim3 grid = grid_1d(blocks);
   if (smem_bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem_bytes)));
   }
-  kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+  kernel<<<grid, dim3(threads), smem_bytes, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -59,12 +84,10 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_by
 
 #else  // host compiler: the SIMT emulator
 
-#include "emulator.h"
-
 #define SA_GPU_NS emulated
-#define SA_KERNEL
+#define SA_KERNEL_BOUNDS(max_threads)
 #define SA_DEVICE inline
-#define __shared__ static
+#define SA_SHARED_ARRAY(T, name, count) static T name[count]
 #define SA_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::sa_emu::dynamic_shared_memory())
 
 namespace sa_cuda::SA_GPU_NS {
@@ -76,9 +99,9 @@ inline Stream current_stream() { return nullptr; }
 inline int max_dynamic_shared_bytes() { return static_cast<int>(::sa_emu::kMaxSharedBytes); }
 
 template <typename... KernelArgs, typename... Args>
-void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem_bytes, Stream,
+void launch(void (*kernel)(KernelArgs...), int64_t blocks, int threads, size_t smem_bytes, Stream,
             Args&&... args) {
-  ::sa_emu::launch(grid, block, smem_bytes, [&] { kernel(args...); });
+  ::sa_emu::launch(grid_1d(blocks), dim3(threads), smem_bytes, [&] { kernel(args...); });
 }
 
 }  // namespace sa_cuda::SA_GPU_NS

@@ -47,7 +47,8 @@ class Net(nn.Module):
         y = self.sal(x)
         y = self.sha(y * 0.5 + x)
         if self.fused:
-            y = sa_cuda.sa_layer(y, G, *self.p1)
+            cw, cb, sw, sb, gw, gb = self.p1  # not *self.p1: Dynamo 2.11 cannot star-unpack a ParameterList
+            y = sa_cuda.sa_layer(y, G, cw, cb, sw, sb, gw, gb)
             w1, b1, w2, b2, gw, gb = self.p2
             y = sa_cuda.shuffle_attention(y, G, w1.t(), b1, w2.t(), b2, gw, gb)
         else:

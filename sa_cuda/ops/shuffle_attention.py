@@ -215,12 +215,20 @@ class ShuffleAttentionFunction(torch.autograd.Function):
         return (None, grads[0], None, None, *grads[1:])
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """Whether autocast knows the device type (torch.is_autocast_enabled raises for one it does
+    not, e.g. meta). A constant per device type; Dynamo before 2.14 cannot trace the check itself
+    (a graph break), so it takes the value at trace time."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _compute_dtype(x: Tensor, params: tuple) -> torch.dtype:
     """Outside autocast the layer computes in the promoted dtype of x and its parameters, as the
     eager layer does (bf16 x with fp32 parameters gives fp32). Under autocast it keeps x's dtype
     (the parameters are used in fp32 anyway), which is what the next autocast op wants."""
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return x.dtype
     dtype = x.dtype
     for p in params:

@@ -9,12 +9,16 @@
 # CSV parser on a fixture, the summary), against the package already built in place; it builds
 # nothing. Logs, JSON and PNG go to OUTDIR; the summary table is printed last.
 # Exit code: 0 when every step that ran passed, 1 otherwise, 2 for bad arguments.
+#
+# The steps' commands are single-quoted `bash -c` scripts on purpose: the child shell expands the
+# exported PY, HELPERS, OUT and STEP_BOX.
+# shellcheck disable=SC2016
 set -u -o pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 HELPERS=$HERE/gpu_check
-STEPS_GPU="env build resources check memcheck tests timing ncu racecheck synccheck initcheck"
+STEPS_GPU="env build resources check memcheck racecheck tests ncu timing synccheck initcheck"
 
 usage() {
   cat <<EOF
@@ -145,36 +149,26 @@ sanitize() {  # sanitize TOOL BOX MIN [compute-sanitizer options...]
   local tool=$1 box=$2 min=$3
   shift 3
   if [ "$MODE" = cpu ]; then gpu_only "$tool" "$box"; return; fi
-  local env=()
+  local env=(env)
   [ "$tool" = memcheck ] || [ "$tool" = initcheck ] && env=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1)
   run_step "$tool" "$box" "$min" TERM 1 "${env[@]}" compute-sanitizer --tool "$tool" --error-exitcode 1 \
     --print-limit 30 "$@" "$PY" "$LAUNCH_PATHS" --backend cuda --set small --json "$OUT/sanitizers/$tool.json"
 }
 sanitize memcheck 60 30
+sanitize racecheck 50 30 --racecheck-report all
 
 # ---- the CUDA tests (skips visible); without what the visit cannot afford and what cannot import
 if [ "$MODE" = gpu ]; then
-  IGNORES=()
-  for f in $(grep -l "load_emulation()" tests/test_*.py); do IGNORES+=("--ignore=$f"); done  # builds the emulator
+  PYTEST_ARGS=(-k "cuda and not more_than_2_31 and not resnet50_compile")
+  "$PY" -c "import xdist" 2> /dev/null && PYTEST_ARGS+=(-n 8)
+  while IFS= read -r f; do PYTEST_ARGS+=("--ignore=$f"); done < <(grep -l "load_emulation()" tests/test_*.py)  # builds the emulator
   if ! "$PY" -c "import expecttest" 2> /dev/null; then
-    for f in $(grep -lE "^\s*(import|from) expecttest" tests/*.py); do IGNORES+=("--ignore=$f"); done
+    while IFS= read -r f; do PYTEST_ARGS+=("--ignore=$f"); done < <(grep -lE "^\s*(import|from) expecttest" tests/*.py)
   fi
-  run_step tests 100 40 INT 1 "$PY" -m pytest tests -n 8 -rs -q -p no:cacheprovider \
-    --continue-on-collection-errors --durations=10 \
-    -k "cuda and not more_than_2_31 and not resnet50_compile" "${IGNORES[@]}"
+  run_step tests 100 40 INT 1 "$PY" -m pytest tests -rs -q -p no:cacheprovider \
+    --continue-on-collection-errors --durations=10 "${PYTEST_ARGS[@]}"
 else
   gpu_only tests 100
-fi
-
-# ---- timing: eager / torch.compile / fused vs a copy of the same bytes
-if [ "$MODE" = gpu ]; then
-  run_step timing 130 40 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cuda \
-    --budget $((STEP_BOX - 25)) --json "$OUT/timing.json" --png "$OUT/timing.png"'
-else
-  run_step timing 90 20 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cpu --tiny --batches 1 \
-    --dtypes fp32 --compile-batches 1 --compile-backend aot_eager --compile-reserve 10 \
-    --budget $((STEP_BOX - 15)) \
-    --json "$OUT/timing.json" --png "$OUT/timing.png"'
 fi
 
 # ---- ncu on the main forward and backward kernels (CPU mode: the parser on a fixture CSV)
@@ -193,7 +187,17 @@ else
       --json "$OUT/ncu/ncu.json"'
 fi
 
-sanitize racecheck 50 30 --racecheck-report all
+# ---- timing: eager / torch.compile / fused vs a copy of the same bytes
+if [ "$MODE" = gpu ]; then
+  run_step timing 150 40 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cuda \
+    --budget $((STEP_BOX - 25)) --json "$OUT/timing.json" --png "$OUT/timing.png"'
+else
+  run_step timing 90 20 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cpu --tiny --batches 1 \
+    --dtypes fp32 --compile-batches 1 --compile-backend aot_eager --compile-reserve 10 \
+    --budget $((STEP_BOX - 15)) \
+    --json "$OUT/timing.json" --png "$OUT/timing.png"'
+fi
+
 sanitize synccheck 40 25
 sanitize initcheck 40 25
 

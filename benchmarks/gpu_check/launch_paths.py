@@ -146,12 +146,15 @@ def run_op(ops, variant: str, x, grad_out, groups: int, params) -> list[torch.Te
 
 
 def poison_allocator(device: torch.device) -> bool:
-    """Leaves NaN bytes (0xff) in the blocks the CUDA caching allocator hands out next: a large
-    block (large pool) and 2 MiB of small blocks (the small pool serves requests <= 1 MiB)."""
+    """Leaves NaN bytes (0xff) in every block the CUDA caching allocator holds: the cache is
+    emptied first (so no block keeps a previous run's valid-looking results), then a 64 MiB block
+    (large pool) and 8 MiB of small blocks (the small pool serves requests <= 1 MiB) are filled
+    and freed, and the next allocations are carved from them."""
     if not caching_allocator_active(device):
         return False
+    torch.cuda.empty_cache()
     blocks = [torch.full((64 << 20,), 255, dtype=torch.uint8, device=device)]
-    blocks += [torch.full((512 << 10,), 255, dtype=torch.uint8, device=device) for _ in range(4)]
+    blocks += [torch.full((512 << 10,), 255, dtype=torch.uint8, device=device) for _ in range(16)]
     del blocks
     return True
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
@@ -57,7 +56,7 @@ class GraphTimer:
         self.stream = torch.cuda.Stream(device)
 
     def copies_for(self, bytes_per_call: int) -> int:
-        return max(1, min(8, math.ceil(2 * self.l2_bytes / max(bytes_per_call, 1))))
+        return max(1, min(16, math.ceil(2 * self.l2_bytes / max(bytes_per_call, 1))))
 
     def time(self, make_fns, bytes_per_call: int) -> dict:
         s = self.stream
@@ -148,7 +147,7 @@ def time_config(timer, variant, shape, dname, device, impls, passes, args, deadl
             # a compile (of a new graph) takes tens of seconds: start one only with time to spare
             reserve = args.compile_reserve if impl == "compile" and mod is None else 0.0
             if time.monotonic() + reserve > deadline:
-                row.update(status="skipped: time budget")
+                row.update(status="skipped: time")
                 continue
             try:
                 if mod is None:
@@ -157,8 +156,9 @@ def time_config(timer, variant, shape, dname, device, impls, passes, args, deadl
                 params = list((fused if impl == "fused" else ref).parameters())
 
                 def make_fns(count, mod=mod, pass_=pass_, params=params):
-                    xs = [x] + [x.detach().clone().requires_grad_(True) for _ in range(count - 1)]
-                    return [bench.pass_fn(impl, pass_, mod, xi, gy, params) for xi in xs]
+                    pairs = [(x, gy)] + [(x.detach().clone().requires_grad_(True), gy.clone())
+                                         for _ in range(count - 1)]
+                    return [bench.pass_fn(impl, pass_, mod, xi, gyi, params) for xi, gyi in pairs]
 
                 # no donated buffers: the compiled backward must accept retain_graph (bench.py)
                 with torch._functorch.config.patch(donated_buffer=False):
@@ -286,12 +286,16 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.json, report)
 
     # eager and fused everywhere first; torch.compile (slow to build) with the time left
-    phases = [[i for i in impls if i != "compile"], ["compile"] if "compile" in impls else []]
-    for phase_impls in phases:
-        for variant, shape, dname in configs:
+    # the compile phase goes as far as the budget allows: stages 1 and 4 first, then 2 and 3
+    stage_rank = {"l1": 0, "l4": 1, "l2": 2, "l3": 3}
+    compile_configs = sorted((c for c in configs if c[1].B in compile_batches),
+                             key=lambda c: (c[1].B, stage_rank[c[1].name.split("-")[1]],
+                                            dtypes.index(c[2])))
+    phases = [([i for i in impls if i != "compile"], configs),
+              (["compile"] if "compile" in impls else [], compile_configs)]
+    for phase_impls, phase_configs in phases:
+        for variant, shape, dname in phase_configs:
             if not phase_impls:
-                continue
-            if phase_impls == ["compile"] and shape.B not in compile_batches:
                 continue
             cfg_rows, check = time_config(timer, variant, shape, dname, device, phase_impls, PASSES,
                                           args, deadline, copies, inputs_cache)

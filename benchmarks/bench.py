@@ -267,7 +267,7 @@ def accuracy_bound(dtype: torch.dtype, max_abs_ref: float, err_eager: float | No
     """The largest max|fused - ref64| accepted for a tensor of ``dtype`` whose float64 reference
     has max|ref64| = ``max_abs_ref``, given eager's error in the same dtype (None: no eager).
 
-    fp32 (and fp64): max(FP32_REL (1e-10) * max(1, max|ref64|), 2 * err_eager).
+    fp32 (and fp64): max(rel * max(1, max|ref64|), 2 * err_eager), rel = FP32_REL (fp64: 1e-10).
     bf16/fp16 (flash-attention criterion, DESIGN.md section 5):
     2 * err_eager + eps(dtype) * max|ref64| + 1e-10 (2 * eps * max|ref64| without eager).
     """

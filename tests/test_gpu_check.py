@@ -222,3 +222,18 @@ def test_log_parsers_read_real_tool_output():
     assert usage["plane_forward"] == {"kernels": 2, "reg_min": 40, "reg_max": 64, "local_max": 24,
                                       "stack_max": 16}
     assert usage["group_backward"]["reg_max"] == 72
+
+
+def test_steps_selects_and_the_rest_is_listed_as_not_selected(tmp_path):
+    result = run_script("--cpu", "--steps", "ncu", str(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
+    assert [s["name"] for s in steps] == STEPS
+    for s in steps:
+        if s["name"] == "ncu":
+            assert s["status"] == "ran" and s["rc"] == 0 and s["verdict"] == "9 kernels, attribution ok"
+        else:
+            assert s["status"] == "skipped" and s["note"] in ("not selected (--steps)",
+                                                              "cpu mode (needs a GPU)",
+                                                              "cpu mode (builds nothing; uses the "
+                                                              "package built in place)")

@@ -74,12 +74,15 @@ def parse_csv(text: str) -> list[dict]:
         raise ValueError("no header row (first column 'ID') in the ncu CSV")
     header, body = rows[start], rows[start + 1:]
     col = {name: i for i, name in enumerate(header)}
+    name_col = next((col[c] for c in ("Kernel Name", "Function Name", "Demangled Name") if c in col), None)
+    if name_col is None:
+        raise ValueError("no kernel name column in the ncu CSV")
     kernels: dict[int, dict] = {}
 
     def kernel(row: list[str]) -> dict:
         kid = int(row[col["ID"]])
         return kernels.setdefault(kid, {
-            "id": kid, "name": row[col["Kernel Name"]],
+            "id": kid, "name": row[name_col],
             "block": row[col["Block Size"]] if "Block Size" in col else None,
             "grid": row[col["Grid Size"]] if "Grid Size" in col else None, "metrics": {}})
 
@@ -92,8 +95,9 @@ def parse_csv(text: str) -> list[dict]:
         units = [""] * len(header)
         if body and body[0] and body[0][0] == "":
             units, body = body[0], body[1:]
-        first_metric = max(col.get(c, -1) for c in ("Kernel Name", "Block Size", "Grid Size", "CC",
-                                                    "Device", "Stream", "Context")) + 1
+        first_metric = max(col.get(c, -1) for c in ("Kernel Name", "Function Name", "Demangled Name",
+                                                    "Block Size", "Grid Size", "CC", "Device",
+                                                    "Stream", "Context")) + 1
         for row in body:
             if len(row) != len(header):
                 continue

@@ -1,0 +1,239 @@
+"""The GPU check (benchmarks/gpu_check.sh) in its CPU mode, so that the one-command GPU visit cannot
+rot between visits: argument handling, the launch-path check on the emulated CUDA kernels (and that
+it really compares values: a corrupted output must FAIL), the timing code on a tiny CPU shape, the
+ncu CSV parser on a hand-written fixture, the sanitizer/pytest/cuobjdump log parsers, the summary.
+Builds nothing: runs against the package built in place and the cached emulation build."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+HELPERS = os.path.join(ROOT, "benchmarks", "gpu_check")
+FIXTURE = os.path.join(HELPERS, "fixtures", "ncu_raw_page.csv")
+sys.path.insert(0, HELPERS)
+
+import ncu_report  # noqa: E402
+import summary  # noqa: E402
+
+STEPS = ["env", "build", "resources", "check", "memcheck", "racecheck", "tests", "ncu", "timing",
+         "synccheck", "initcheck"]
+
+
+def run_script(*args, timeout=300):
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("SA_GPU_CHECK_CPU", None)
+    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check_cpu")
+    result = run_script("--cpu", str(out))
+    return result, out
+
+
+def test_cpu_mode_passes_and_prints_the_summary_last(cpu_run):
+    result, out = cpu_run
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    tail = result.stdout[result.stdout.index("=== sa_cuda GPU check summary"):]
+    table = tail.split("\n\n")[0].splitlines()[2:]
+    assert [line.split()[0] for line in table] == STEPS
+    status = {line.split()[0]: line.split()[1] for line in table}
+    assert {s for s, v in status.items() if v == "ran"} == {"env", "check", "timing", "ncu"}
+    assert "cpu mode" in tail.split("\n\n")[0]
+    assert tail.rstrip().splitlines()[-1].startswith("RESULT: PASS")
+    assert (out / "summary.txt").read_text().strip() == tail.strip()
+
+
+def test_cpu_mode_json_holds_the_results(cpu_run):
+    _, out = cpu_run
+    s = json.loads((out / "summary.json").read_text())
+    assert s["mode"] == "cpu" and s["result"] == "PASS" and s["failed_steps"] == []
+    assert [step["name"] for step in s["steps"]] == STEPS
+    for step in s["steps"]:
+        assert step["status"] in ("ran", "skipped")
+        if step["status"] == "ran":
+            assert step["rc"] == 0 and 0 <= step["seconds"] <= step["box"] + 20
+    assert s["check"]["backend"] == "emulated" and s["check"]["failed"] == 0
+    assert s["check"]["passed"] >= 4
+    assert s["ncu"]["attribution"] == "ok" and len(s["ncu"]["passes"]) == 8
+    assert s["timing"]["fused_checks_failed"] == 0 and s["timing"]["timed"] >= 12
+
+
+def test_cpu_mode_launch_path_check_compared_real_values(cpu_run):
+    _, out = cpu_run
+    check = json.loads((out / "check.json").read_text())
+    paths = {c["path"] for c in check["cases"]}
+    assert any(p.startswith("warp") for p in paths) and any(p.startswith("group") for p in paths)
+    assert {c["offset"] for c in check["cases"]} == {0, 1}
+    assert {c["dtype"] for c in check["cases"]} == {"fp32", "bf16"}
+    for case in check["cases"]:
+        names = ["out", "mean", "rstd", "grad_x"]
+        assert list(case["outputs"])[:4] == names and len(case["outputs"]) == 10
+        for o in case["outputs"].values():
+            assert o["ok"] and o["finite"] and o["bitwise_repeat"]
+            assert 0 <= o["err"] <= o["bound"] and o["max_abs_ref"] > 0
+            if case["dtype"] == "bf16":  # eager bf16 misses the float64 result: a real yardstick
+                assert o["err_eager"] > 0
+
+
+def test_cpu_mode_timing_rows_and_plot(cpu_run):
+    _, out = cpu_run
+    timing = json.loads((out / "timing.json").read_text())
+    assert all(c["ok"] for c in timing["checks"]) and len(timing["checks"]) == 2
+    ok = [r for r in timing["rows"] if r["status"] == "ok"]
+    assert {r["impl"] for r in ok} >= {"eager", "fused"}
+    assert {r["pass"] for r in ok} == {"fwd", "bwd", "fwdbwd"}
+    for r in ok:
+        assert r["median_ms"] > 0 and r["copy_gbps"] > 0
+        assert r["gbps"] == pytest.approx(r["model_bytes"] / r["median_ms"] / 1e6)
+        assert r["pct_of_copy"] == pytest.approx(100 * r["gbps"] / r["copy_gbps"])
+    with open(out / "timing.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_launch_path_check_fails_on_a_corrupted_output(tmp_path):
+    import launch_paths
+    report = tmp_path / "check.json"
+    rc = launch_paths.main(["--backend", "emulated", "--set", "small", "--cases", "warp N=63",
+                            "--dtypes", "fp32", "--offsets", "0", "--corrupt", "grad_x",
+                            "--json", str(report)])
+    assert rc == 1
+    [case] = json.loads(report.read_text())["cases"]
+    assert not case["ok"]
+    for name, o in case["outputs"].items():
+        assert o["accuracy"] == (name != "grad_x"), name
+        assert o["bitwise_repeat"] == (name != "grad_x"), name
+    assert case["outputs"]["grad_x"]["err"] > case["outputs"]["grad_x"]["bound"]
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "OUTDIR is required"),
+    (["--budget", "abc", "out"], "--budget must be an integer"),
+    (["--budget", "10", "out"], "--budget must be an integer >= 60"),
+    (["--steps", "check,bogus", "out"], "unknown step 'bogus'"),
+    (["--frobnicate", "out"], "unknown option --frobnicate"),
+    (["a", "b"], "one OUTDIR only"),
+])
+def test_bad_arguments_exit_2_with_usage(args, message):
+    result = run_script(*args, timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr and "usage: bash benchmarks/gpu_check.sh" in result.stderr
+
+
+def test_script_syntax_and_help():
+    assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
+    result = run_script("--help", timeout=30)
+    assert result.returncode == 0 and ",".join(STEPS) in result.stdout
+
+
+def test_ncu_parser_reads_the_raw_page_fixture():
+    with open(FIXTURE) as f:
+        kernels = ncu_report.parse_csv(f.read())
+    assert [k["id"] for k in kernels] == list(range(9))
+    k0 = kernels[0]
+    assert k0["name"].startswith("void sa_cuda::sa_gpu::plane_forward_kernel<float, false, 4, 2>")
+    assert k0["block"] == "(512, 1, 1)" and k0["grid"] == "(2048, 1, 1)"
+    m = k0["metrics"]
+    assert m["gpu__time_duration.sum"] == pytest.approx(22_400)      # 22.40 usecond in ns
+    assert m["dram__bytes_read.sum"] == 25_731_072                   # thousands separators
+    assert m["dram__bytes_write.sum"] == pytest.approx(25.69e6)       # Mbyte
+    assert m["launch__grid_size"] == 2048
+    assert set(m) == set(ncu_report.METRICS)
+
+
+def _fixture_manifest():
+    # what ncu_workload.py --dry-run --dtypes fp32 writes (8 calls: 2 shapes x 2 variants x fwd, bwd)
+    items = []
+    for shape in ([8, 256, 56, 56], [8, 2048, 7, 7]):
+        n = shape[0] * shape[1] * shape[2] * shape[3]
+        for variant in ("sa_layer", "shuffle_attention"):
+            for pass_, factor in (("fwd", 2), ("bwd", 3)):
+                items.append({"variant": variant, "shape": shape, "groups": 64, "dtype": "fp32",
+                              "pass": pass_, "model_bytes": factor * n * 4})
+    return items
+
+
+def test_ncu_report_attributes_kernels_and_computes_headlines():
+    with open(FIXTURE) as f:
+        result = ncu_report.report(f.read(), _fixture_manifest())
+    assert result["attribution"] == "ok"
+    passes = result["passes"]
+    assert [len(p["kernels"]) for p in passes] == [1, 1, 1, 1, 2, 1, 1, 1]  # gate kernel joins its fwd
+    first = passes[0]
+    assert first["dram_bytes"] == pytest.approx(25_731_072 + 25.69e6)
+    assert first["dram_over_model"] == pytest.approx((25_731_072 + 25.69e6) / 51_380_224)
+    assert first["dram_gbps"] == pytest.approx((25_731_072 + 25.69e6) / 22_400)
+    assert first["ld_sectors_per_request"] == 16 and first["registers"] == 40
+    two = passes[4]
+    assert two["duration_us"] == pytest.approx(4.10 + 1.20)
+    assert two["registers"] == 38  # of the longest kernel of the pass
+    table = ncu_report.format_table(passes)
+    assert "shuffle_attention (8, 2048, 7, 7)" in table and "16.0" in table
+
+
+def test_ncu_report_refuses_an_attribution_that_does_not_line_up():
+    with open(FIXTURE) as f:
+        text = f.read()
+    assert ncu_report.report(text, _fixture_manifest()[:6])["attribution"] == "failed"
+    assert ncu_report.report(text, _fixture_manifest() + _fixture_manifest()[:2])["attribution"] == "failed"
+
+
+def test_ncu_parser_reads_the_details_page_long_form():
+    text = "\n".join([
+        '==PROF== Disconnected from process 1',
+        '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+        '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"',
+        '"0","1","python3.12","127.0.0.1","group_forward_kernel","1","7","(256, 1, 1)","(16, 1, 1)",'
+        '"0","9.0","GPU Speed Of Light Throughput","Duration","usecond","1,234.50"',
+        '"0","1","python3.12","127.0.0.1","group_forward_kernel","1","7","(256, 1, 1)","(16, 1, 1)",'
+        '"0","9.0","Memory Workload Analysis","dram__bytes_read.sum","Kbyte","2.5"',
+    ])
+    [k] = ncu_report.parse_csv(text)
+    assert k["metrics"] == {"Duration": pytest.approx(1_234_500), "dram__bytes_read.sum": 2500}
+
+
+def test_log_parsers_read_real_tool_output():
+    memcheck = "========= COMPUTE-SANITIZER\nlaunch paths ...\n========= ERROR SUMMARY: 0 errors\n"
+    racecheck = "========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n"
+    assert summary.sanitizer_verdict(memcheck) == "ERROR SUMMARY: 0 errors"
+    assert summary.sanitizer_verdict(racecheck) == "RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)"
+    assert summary.sanitizer_verdict("Killed\n") is None
+    pytest_log = ("SKIPPED [2] tests/test_x.py:10: no CUDA\n"
+                  "3 failed, 250 passed, 8 skipped in 80.12s (0:01:20)\n")
+    assert summary.pytest_verdict(pytest_log) == "3 failed, 250 passed, 8 skipped in 80.12s (0:01:20)"
+    cuobjdump = (
+        "Resource usage:\n Common:\n  GLOBAL:0\n"
+        " Function _ZN7sa_cuda6sa_gpu20plane_forward_kernelIfLb1ELi4ELi2EEEvNS_13ForwardParamsE:\n"
+        "  REG:40 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0\n"
+        " Function _ZN7sa_cuda6sa_gpu20plane_forward_kernelIdLb0ELi1ELi8EEEvNS_13ForwardParamsE:\n"
+        "  REG:64 STACK:16 SHARED:0 LOCAL:24 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0\n"
+        " Function _ZN7sa_cuda6sa_gpu21group_backward_kernelIfEEvNS_14BackwardParamsEl:\n"
+        "  REG:72 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:700 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
+    usage = summary.resource_usage(cuobjdump)
+    assert usage["plane_forward"] == {"kernels": 2, "reg_min": 40, "reg_max": 64, "local_max": 24,
+                                      "stack_max": 16}
+    assert usage["group_backward"]["reg_max"] == 72
+
+
+def test_steps_selects_and_the_rest_is_listed_as_not_selected(tmp_path):
+    result = run_script("--cpu", "--steps", "ncu", str(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
+    assert [s["name"] for s in steps] == STEPS
+    for s in steps:
+        if s["name"] == "ncu":
+            assert s["status"] == "ran" and s["rc"] == 0 and s["verdict"] == "9 kernels, attribution ok"
+        else:
+            assert s["status"] == "skipped" and s["note"] in ("not selected (--steps)",
+                                                              "cpu mode (needs a GPU)",
+                                                              "cpu mode (builds nothing; uses the "
+                                                              "package built in place)")

@@ -140,5 +140,5 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.11"],  # the oldest torch CI tests (scripts/test_oldest_torch.sh)
 )

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# CI's check of the oldest supported torch (requirements-oldest.txt, 2.11): builds the CPU kernels
+# against it in a copy of the tracked sources (build/oldest-torch/src: the in-place build of .venv's
+# torch stays untouched), then runs the tests of the Python layer there (fake kernels, autograd,
+# vmap, modules, torch.compile, convert, opcheck). The emulated-kernel tests do not depend on
+# torch's Python APIs and run once, in the main suite.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="$ROOT/.venv-oldest-torch"
+SRC="$ROOT/build/oldest-torch/src"
+if [ ! -x "$VENV/bin/python" ]; then
+  "${PYTHON:-python3}" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements-oldest.txt"
+rm -rf "$SRC" && mkdir -p "$SRC"
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard -- csrc sa_cuda tests setup.py pytest.ini |
+  xargs -0 cp --parents -t "$SRC")
+cd "$SRC"
+SA_CUDA_NO_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" setup.py -q build_ext --inplace > build.log 2>&1 ||
+  { cat build.log; exit 1; }
+"$VENV/bin/python" -c "import torch, sa_cuda; print('sa_cuda on torch', torch.__version__)"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+  tests/test_compile.py tests/test_fake_kernels.py tests/test_opcheck.py tests/test_torch_func.py \
+  tests/test_modules.py tests/test_errors.py tests/test_convert.py "$@"

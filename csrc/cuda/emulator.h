@@ -125,28 +125,21 @@ class BlockOrder {
 // Thrown in the threads of a launch that an error ends (caught by launch()).
 struct Abort {};
 
-// Where a thread waits at the block barrier.
+// Where a thread waits: at a barrier of the block, or at a warp shuffle.
 struct Arrival {
-  enum Kind : unsigned char { kSyncthreads, kBlockBoundary, kLeft } kind;
-  std::source_location where;  // of the __syncthreads
+  enum Kind : unsigned char { kSyncthreads, kBlockBoundary, kShuffle } kind;
+  std::source_location where;  // of the __syncthreads or the shuffle
 
   bool same_barrier(const Arrival& o) const {
     if (kind != o.kind) return false;
-    if (kind != kSyncthreads) return true;
+    if (kind == kBlockBoundary) return true;
     return where.line() == o.where.line() && where.column() == o.where.column() &&
            (where.file_name() == o.where.file_name() || std::strcmp(where.file_name(), o.where.file_name()) == 0);
   }
   std::string describe() const {
-    switch (kind) {
-      case kSyncthreads:
-        return "wait at __syncthreads() at " + std::string(where.file_name()) + ":" + std::to_string(where.line()) +
-               ":" + std::to_string(where.column());
-      case kBlockBoundary:
-        return "returned from the kernel";
-      case kLeft:
-        break;
-    }
-    return "left the launch";
+    if (kind == kBlockBoundary) return "returned from the kernel";
+    return std::string(kind == kSyncthreads ? "wait at __syncthreads() at " : "wait at a warp shuffle at ") +
+           where.file_name() + ":" + std::to_string(where.line()) + ":" + std::to_string(where.column());
   }
 };
 
@@ -171,11 +164,12 @@ class Block {
         order_(blocks_, seed),
         sync_(threads_, Completion{this}),
         arrivals_(threads_),
+        slots_(threads_),
         dynamic_(allocate_shared(dynamic_bytes)),
-        dynamic_bytes_(dynamic_bytes),
-        slots(threads_) {
+        dynamic_bytes_(dynamic_bytes) {
     for (unsigned base = 0; base < threads_; base += kWarpSize) {
-      warps.push_back(std::make_unique<std::barrier<>>(std::min(kWarpSize, threads_ - base)));
+      warps_.push_back(std::make_unique<std::barrier<WarpCompletion>>(std::min(kWarpSize, threads_ - base),
+                                                                      WarpCompletion{this, base}));
     }
   }
 
@@ -184,20 +178,38 @@ class Block {
 
   // A barrier of the block for thread tid; throws Abort when the launch has failed. At a block
   // boundary the completion step moves every thread to the next block (finished() once done).
+  // The thread also arrives (without waiting) at its warp's barrier: a lane still waiting at a
+  // shuffle there is then released, and the warp's completion step reports the divergence.
   void arrive(unsigned tid, Arrival arrival) {
     arrivals_[tid] = arrival;
+    static_cast<void>(warps_[tid / kWarpSize]->arrive());
     sync_.arrive_and_wait();
-    if (failed_.load(std::memory_order_acquire)) throw Abort{};
+    if (failed()) throw Abort{};
   }
   bool finished() const { return finished_; }
   dim3 current() const { return current_; }
 
-  // Thread tid threw: record the error (the first one wins) and leave the barriers so that the
-  // other threads are not left waiting for it.
-  void leave(unsigned tid, const std::string& what) {
-    fail("thread " + std::to_string(tid) + " of block " + to_string(current_) + " threw: " + what);
-    arrivals_[tid] = Arrival{Arrival::kLeft, {}};
-    warps[tid / kWarpSize]->arrive_and_drop();
+  // One warp-wide exchange (warp_exchange): every lane publishes v, then reads lane src's value
+  // (its own value for a lane outside the warp).
+  unsigned long long exchange(unsigned tid, unsigned long long v, int src_lane, std::source_location where) {
+    const unsigned base = tid - tid % kWarpSize, width = std::min(kWarpSize, threads_ - base);
+    std::barrier<WarpCompletion>& warp = *warps_[tid / kWarpSize];
+    arrivals_[tid] = {Arrival::kShuffle, where};
+    slots_[tid] = v;
+    warp.arrive_and_wait();
+    if (failed()) throw Abort{};
+    const unsigned long long out =
+        src_lane >= 0 && static_cast<unsigned>(src_lane) < width ? slots_[base + src_lane] : v;
+    warp.arrive_and_wait();  // nobody overwrites a slot before every lane has read
+    if (failed()) throw Abort{};
+    return out;
+  }
+
+  // Thread tid ends early, the launch having failed (what: the exception it threw, if any): it
+  // leaves the barriers so that the other threads are not left waiting for it.
+  void leave(unsigned tid, const char* what) {
+    if (what != nullptr) fail("thread " + std::to_string(tid) + " of block " + to_string(current_) + " threw: " + what);
+    warps_[tid / kWarpSize]->arrive_and_drop();
     sync_.arrive_and_drop();
   }
 
@@ -252,6 +264,11 @@ class Block {
     Block* self;
     void operator()() noexcept { self->on_barrier(); }
   };
+  struct WarpCompletion {
+    Block* self;
+    unsigned base;  // the warp's first thread
+    void operator()() noexcept { self->on_warp_barrier(base); }
+  };
 
   void fail(const std::string& what) {
     std::lock_guard<std::mutex> lock(error_mutex_);
@@ -263,24 +280,16 @@ class Block {
   // Run by the last thread to arrive, before any is released.
   void on_barrier() noexcept {
     if (failed()) return;
-    const Arrival* first = nullptr;
-    bool agree = true;
+    const Arrival& first = arrivals_[0];
     for (const Arrival& a : arrivals_) {
-      if (a.kind == Arrival::kLeft) continue;
-      if (first == nullptr) {
-        first = &a;
-      } else if (!a.same_barrier(*first)) {
-        agree = false;
-      }
-    }
-    if (!agree) {
+      if (a.same_barrier(first)) continue;
       fail("the threads of block " + to_string(current_) + " reached different barriers (its barrier #" +
-           std::to_string(barriers_in_block_ + 1) + "): " + describe_arrivals() +
+           std::to_string(barriers_in_block_ + 1) + "): " + describe_arrivals(0, threads_) +
            ". Every thread of a block must reach the same __syncthreads() (on the GPU, a barrier in "
            "divergent code hangs or corrupts shared memory).");
       return;
     }
-    if (first == nullptr || first->kind != Arrival::kBlockBoundary) {
+    if (first.kind != Arrival::kBlockBoundary) {
       ++barriers_in_block_;
       return;
     }
@@ -297,12 +306,26 @@ class Block {
     for (unsigned i = 0; i < statics; ++i) std::memset(statics_[i].bytes.get(), kSharedPoison, statics_[i].size);
   }
 
+  // Run by the last lane of the warp to arrive. Lanes at a shuffle and lanes at a barrier of the
+  // block (or past the kernel's end) in one phase: the shuffle lacks lanes (undefined on the GPU).
+  void on_warp_barrier(unsigned base) noexcept {
+    if (failed()) return;
+    const unsigned end = std::min(base + kWarpSize, threads_);
+    unsigned shuffling = 0;
+    for (unsigned tid = base; tid < end; ++tid) shuffling += arrivals_[tid].kind == Arrival::kShuffle;
+    if (shuffling == 0 || shuffling == end - base) return;
+    fail("the lanes of warp " + std::to_string(base / kWarpSize) + " of block " + to_string(current_) +
+         " diverged at a shuffle: " + describe_arrivals(base, end) +
+         ". Every lane of the warp must take part in a full-mask shuffle (on the GPU, a shuffle that "
+         "names an absent lane is undefined).");
+  }
+
   // "threads 0-31 wait at ...; threads 32-63 returned from the kernel" (runs of equal arrivals).
-  std::string describe_arrivals() const {
+  std::string describe_arrivals(unsigned begin, unsigned end) const {
     std::string out;
-    unsigned runs = 0, start = 0;
-    for (unsigned tid = 1; tid <= threads_; ++tid) {
-      if (tid < threads_ && arrivals_[tid].same_barrier(arrivals_[start])) continue;
+    unsigned runs = 0, start = begin;
+    for (unsigned tid = begin + 1; tid <= end; ++tid) {
+      if (tid < end && arrivals_[tid].same_barrier(arrivals_[start])) continue;
       if (++runs > 8) {
         out += "; ...";
         break;
@@ -322,7 +345,9 @@ class Block {
   const uint64_t blocks_;
   const BlockOrder order_;
   std::barrier<Completion> sync_;
-  std::vector<Arrival> arrivals_;  // each thread's own slot, read by the completion step
+  std::vector<std::unique_ptr<std::barrier<WarpCompletion>>> warps_;
+  std::vector<Arrival> arrivals_;  // each thread's own slot, read by the completion steps
+  std::vector<unsigned long long> slots_;  // one 8-byte exchange slot per thread
   // Written by the completion step only (the barrier orders it before the threads' reads).
   uint64_t next_ordinal_ = 0;
   dim3 current_{0, 0, 0};
@@ -338,11 +363,6 @@ class Block {
   std::atomic<bool> failed_{false};
   mutable std::mutex error_mutex_;
   std::string error_;
-
- public:
-  // The warp exchanges (warp_exchange).
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
-  std::vector<unsigned long long> slots;  // one 8-byte exchange slot per thread
 };
 
 inline thread_local Block* current_block = nullptr;
@@ -400,6 +420,7 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const Body& body) {
         body();
       }
     } catch (const Abort&) {
+      state.leave(tid, nullptr);
     } catch (const std::exception& e) {
       state.leave(tid, e.what());
     } catch (...) {
@@ -418,20 +439,14 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const Body& body) {
 // outside the (possibly partial) warp yields the caller's own value, as on the hardware for
 // __shfl_down_sync past the end.
 template <typename T>
-T warp_exchange(unsigned mask, T v, int src_lane) {
+T warp_exchange(unsigned mask, T v, int src_lane, std::source_location where) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffle of an 8-byte value at most");
   if (mask != 0xffffffffu) throw std::runtime_error("sa_cuda emulator: only full-mask shuffles are supported");
-  Block& b = *current_block;
-  const unsigned base = linear_tid - linear_tid % kWarpSize;
-  const unsigned width = std::min(kWarpSize, b.threads() - base);
-  std::barrier<>& warp = *b.warps[linear_tid / kWarpSize];
-  std::memcpy(&b.slots[linear_tid], &v, sizeof(T));
-  warp.arrive_and_wait();
-  T out = v;
-  if (src_lane >= 0 && static_cast<unsigned>(src_lane) < width) {
-    std::memcpy(&out, &b.slots[base + src_lane], sizeof(T));
-  }
-  warp.arrive_and_wait();  // nobody overwrites a slot before every lane has read
+  unsigned long long bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  bits = current_block->exchange(linear_tid, bits, src_lane, where);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
   return out;
 }
 
@@ -444,21 +459,24 @@ inline void __syncthreads(std::source_location where = std::source_location::cur
 }
 
 template <typename T>
-T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32,
+                  std::source_location where = std::source_location::current()) {
   const int lane = static_cast<int>(sa_emu::lane_id());
   const int src = (lane ^ lane_mask);
-  return sa_emu::warp_exchange(mask, v, (src / width == lane / width) ? src : lane);
+  return sa_emu::warp_exchange(mask, v, (src / width == lane / width) ? src : lane, where);
 }
 
 template <typename T>
-T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32,
+                   std::source_location where = std::source_location::current()) {
   const int lane = static_cast<int>(sa_emu::lane_id());
   const int src = lane + static_cast<int>(delta);
-  return sa_emu::warp_exchange(mask, v, (src / width == lane / width) ? src : lane);
+  return sa_emu::warp_exchange(mask, v, (src / width == lane / width) ? src : lane, where);
 }
 
 template <typename T>
-T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32,
+              std::source_location where = std::source_location::current()) {
   const int lane = static_cast<int>(sa_emu::lane_id());
-  return sa_emu::warp_exchange(mask, v, (lane / width) * width + src_lane % width);
+  return sa_emu::warp_exchange(mask, v, (lane / width) * width + src_lane % width, where);
 }

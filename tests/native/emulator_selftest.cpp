@@ -93,6 +93,7 @@ void print_running_count(const char* name, int blocks) {
 
 // ---- barriers ---------------------------------------------------------------------------------
 // 64 threads; each kernel writes out[threadIdx.x]. The "planted" lines are found by the test.
+// (A shuffle is a barrier of the warp: every lane of a full-mask shuffle must reach it.)
 SA_KERNEL_BOUNDS(64) void sync_in_first_warp_kernel(float* out) {
   out[threadIdx.x] = 1;
   if (threadIdx.x < 32) __syncthreads();  // planted: barrier of warp 0 only
@@ -119,6 +120,12 @@ SA_KERNEL_BOUNDS(64) void sync_after_early_return_kernel(float* out) {
   if (threadIdx.x >= 32) return;  // planted: returns, yet the others sync below
   out[threadIdx.x] = 1;
   __syncthreads();  // reached by threads 0-31 only
+}
+
+SA_KERNEL_BOUNDS(64) void shuffle_in_half_warp_kernel(float* out) {
+  float v = static_cast<float>(threadIdx.x);
+  if (threadIdx.x % 32 < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);  // planted: half of each warp shuffles
+  out[threadIdx.x] = v;
 }
 
 // The fixes: the barrier out of the divergent code.
@@ -148,6 +155,7 @@ constexpr BarrierKernel kBarrierKernels[] = {
     {"sync_in_one_branch", &sync_in_one_branch_kernel},
     {"sync_count_per_thread", &sync_count_per_thread_kernel},
     {"sync_after_early_return", &sync_after_early_return_kernel},
+    {"shuffle_in_half_warp", &shuffle_in_half_warp_kernel},
     {"sync_uniform", &sync_uniform_kernel},
     {"warp_early_return", &warp_early_return_kernel},
 };

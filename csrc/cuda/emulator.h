@@ -3,6 +3,8 @@
 // A launch runs one host thread per CUDA thread of a block; the threads run the grid's blocks
 // together, one block at a time. __syncthreads is a std::barrier over the block, a warp exchange is
 // a std::barrier over the warp around a slot array. Launches are serialized by a global mutex.
+// Checks cost no per-access instrumentation: a memset per block, a scan of the arrivals per
+// barrier.
 //
 // Besides running the kernels, the emulator checks what the hardware leaves undefined or silent,
 // so that such a bug fails in CI instead of on a GPU (each check has a planted-bug test,
@@ -13,11 +15,13 @@
 // - Blocks run in a pseudo-random order, a permutation of the grid drawn from a seed: the
 //   environment variable SA_EMU_SEED (an integer) or a fixed default, so a run is reproducible. A
 //   kernel whose block reads what another block of the same launch wrote gives wrong results.
-// - Barriers are checked: every thread records where it waits (the call site of __syncthreads, or
-//   the end of the block), and the barrier's completion step, run once all threads arrived,
-//   compares them. Threads of one block at different barriers (a __syncthreads in divergent code,
-//   or a thread that returned while others still synchronize) raise an error naming the sites and
-//   the threads; never a hang. A warp that returns early is fine when nobody syncs afterwards.
+// - Barriers are checked: every thread records where it waits (the call site of __syncthreads or
+//   of a shuffle, or the end of the block), and the barrier's completion step, run once all
+//   threads arrived, compares them. Threads of one block at different barriers (a __syncthreads in
+//   divergent code, or a thread that returned while others still synchronize) raise an error
+//   naming the sites and the threads; never a hang. A warp that returns early is fine when nobody
+//   syncs afterwards. A thread at a block barrier also arrives (without waiting) at its warp's
+//   barrier, so a shuffle that only some lanes reach completes too, and is reported.
 // - Launches the hardware would reject raise std::runtime_error: block and grid sizes, dynamic
 //   shared memory over the budget, static shared memory over 48 KiB.
 // - An exception thrown in a kernel thread (say, an emulator check) ends the launch: the thread
@@ -234,10 +238,14 @@ class Block {
     }
     size_t total = bytes;
     for (unsigned i = 0; i < count; ++i) total += statics_[i].size;
-    if (count == kMaxStaticArrays) throw std::runtime_error("sa_cuda emulator: more than 16 SA_SHARED_ARRAYs in a kernel");
+    if (count == kMaxStaticArrays) {
+      throw std::runtime_error("sa_cuda emulator: more than " + std::to_string(kMaxStaticArrays) +
+                               " SA_SHARED_ARRAYs in a kernel");
+    }
     if (total > kMaxStaticSharedBytes) {
       throw std::runtime_error("sa_cuda emulator: " + std::to_string(total) +
-                               " bytes of static shared memory (SA_SHARED_ARRAY) in a block; the limit is 49152");
+                               " bytes of static shared memory (SA_SHARED_ARRAY) in a block; the limit is " +
+                               std::to_string(kMaxStaticSharedBytes));
     }
     if (total + dynamic_bytes_ > kMaxSharedBytes) {
       throw std::runtime_error("sa_cuda emulator: " + std::to_string(total) + " bytes of static and " +

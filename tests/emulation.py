@@ -1,16 +1,20 @@
 """Builds (once, cached under build/emulation) and loads the emulation build of the CUDA kernels:
-torch.ops.sa_cuda_emu.* run csrc/cuda's kernels on CPU tensors through the SIMT emulator."""
+torch.ops.sa_cuda_emu.* run csrc/cuda's kernels on CPU tensors through the SIMT emulator. Also
+builds the native drivers under tests/native (standalone binaries of emulated kernels)."""
 
 from __future__ import annotations
 
 import functools
 import os
+import subprocess
 
 import torch
 from torch.utils.cpp_extension import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
+NATIVE_BUILD = os.path.join(ROOT, "build", "native")
+TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,3 +32,28 @@ def load_emulation():
         verbose=False,
     )
     return torch.ops.sa_cuda_emu
+
+
+def _newest_input_mtime(source: str) -> float:
+    paths = [source]
+    for folder in (CSRC, os.path.join(CSRC, "cuda")):
+        paths += [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".h", ".cuh"))]
+    return max(os.path.getmtime(p) for p in paths)
+
+
+def build_native(source: str, sanitizer: str | None = None) -> str:
+    """Compiles a tests/native driver (no Python, no libtorch_cpu: only libc10), plain or under
+    -fsanitize=<sanitizer>; cached until it or a kernel header changes. Returns the binary."""
+    os.makedirs(NATIVE_BUILD, exist_ok=True)
+    name = os.path.splitext(os.path.basename(source))[0]
+    binary = os.path.join(NATIVE_BUILD, f"{name}_{sanitizer or 'plain'}")
+    if os.path.exists(binary) and os.path.getmtime(binary) > _newest_input_mtime(source):
+        return binary
+    cmd = ["g++", "-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer", "-pthread",
+           "-I", CSRC, "-I", os.path.join(TORCH_DIR, "include"), source,
+           "-L", os.path.join(TORCH_DIR, "lib"), "-lc10", f"-Wl,-rpath,{os.path.join(TORCH_DIR, 'lib')}",
+           "-o", binary]
+    if sanitizer:
+        cmd.insert(1, f"-fsanitize={sanitizer}")
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return binary

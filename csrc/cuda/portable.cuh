@@ -87,7 +87,11 @@ void launch(void (*kernel)(KernelArgs...), int64_t blocks, int threads, size_t s
 #define SA_GPU_NS emulated
 #define SA_KERNEL_BOUNDS(max_threads)
 #define SA_DEVICE inline
-#define SA_SHARED_ARRAY(T, name, count) static T name[count]
+// Per-launch storage keyed by the declaration site (the address of a tag local to the kernel, one
+// per template instantiation), shared by the block's threads and poisoned at each block start.
+#define SA_SHARED_ARRAY(T, name, count) \
+  static char sa_shared_site_##name;    \
+  T(&name)[count] = ::sa_emu::shared_array<T, (count)>(&sa_shared_site_##name)
 #define SA_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::sa_emu::dynamic_shared_memory())
 
 namespace sa_cuda::SA_GPU_NS {

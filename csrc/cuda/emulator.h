@@ -8,7 +8,9 @@
 // per process). Launches the hardware would reject raise std::runtime_error.
 #pragma once
 
+#include <atomic>
 #include <barrier>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -56,6 +58,14 @@ inline thread_local unsigned linear_tid = 0;
 
 inline unsigned char* dynamic_shared_memory() { return current_block->shared.data(); }
 
+// Kernel launches since the process started: tests count the launches of one op call.
+inline std::atomic<int64_t>& launch_counter() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+inline int64_t launches() { return launch_counter().load(); }
+
 inline std::mutex& launch_mutex() {
   static std::mutex m;
   return m;
@@ -85,6 +95,7 @@ inline void check_launch(const dim3& grid, const dim3& block, size_t smem_bytes)
 template <typename Body>
 void launch(dim3 grid, dim3 block, size_t smem_bytes, const Body& body) {
   check_launch(grid, block, smem_bytes);
+  ++launch_counter();
   std::lock_guard<std::mutex> lock(launch_mutex());
   const unsigned threads = block.x * block.y * block.z;
   Block state(threads);

@@ -1,6 +1,7 @@
 // Fused backward on the CPU. Bytes moved: x and grad_out (at the shuffled channel) are read once
 // from memory, grad_x is written once; every other pass re-reads the unit from cache. Parameter
-// gradients leave as per-(batch item, group) partials (sa_params.h) reduced by the host code.
+// gradients leave the kernels as per-(batch item, group) partials (sa_params.h), reduced at the
+// end by param_grads.h's loop.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "../dispatch.h"
+#include "../param_grads.h"
 #include "../sa_math.h"
 #include "kernels_cpu.h"
 #include "vec_loops.h"
@@ -237,8 +239,19 @@ void backward_conv1x1(const BackwardParams& p) {
   });
 }
 
+// The parameter gradients, one entry per iteration (each entry's sums in a fixed order).
+template <typename acc_t>
+void reduce_param_grads(Variant variant, const BackwardParams& p) {
+  const int64_t slots = p.fwd.batch * p.fwd.groups;
+  at::parallel_for(0, param_grad_entries(variant, p.fwd.branch_channels), grain_for(slots),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t e = begin; e < end; ++e) reduce_param_grad_entry<acc_t>(p, variant, e);
+                   });
+}
+
 }  // namespace
 
+// An empty batch (B = 0) runs no kernel unit (empty parallel_for) and gets zero gradients.
 void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& params) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_backward_cpu", [&] {
     if (variant == Variant::kPerChannel) {
@@ -246,6 +259,7 @@ void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& para
     } else {
       backward_conv1x1<scalar_t>(params);
     }
+    reduce_param_grads<at::opmath_type<scalar_t>>(variant, params);
   });
 }
 

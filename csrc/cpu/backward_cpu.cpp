@@ -239,11 +239,15 @@ void backward_conv1x1(const BackwardParams& p) {
   });
 }
 
-// The parameter gradients, one entry per iteration (each entry's sums in a fixed order).
+// The parameter gradients, one entry per iteration (each entry's sums in a fixed order). An entry
+// costs about B * G slot terms (m of them for the 1x1-conv d_gw, d_gb); chunks of at least 2^16
+// terms keep the usual case (all entries: tens of microseconds) out of a parallel region, whose
+// start and join would cost more than the loop.
 template <typename acc_t>
 void reduce_param_grads(Variant variant, const BackwardParams& p) {
   const int64_t slots = p.fwd.batch * p.fwd.groups;
-  at::parallel_for(0, param_grad_entries(variant, p.fwd.branch_channels), grain_for(slots),
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, slots));
+  at::parallel_for(0, param_grad_entries(variant, p.fwd.branch_channels), grain,
                    [&](int64_t begin, int64_t end) {
                      for (int64_t e = begin; e < end; ++e) reduce_param_grad_entry<acc_t>(p, variant, e);
                    });

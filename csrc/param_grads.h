@@ -1,6 +1,7 @@
 // The parameter gradients from the backward kernels' per-(batch item, group) partials
-// (sa_params.h), shared by the CPU loop (csrc/cpu/backward_cpu.cpp) and the CUDA kernel
-// (csrc/cuda/param_grad_reduce.cuh).
+// (sa_params.h): the terms, their weighting and the stores, shared by the CPU loop
+// (csrc/cpu/backward_cpu.cpp) and the CUDA kernel (csrc/cuda/param_grad_reduce.cuh), which only
+// choose the order of each sum.
 //
 // Each gradient entry is a short weighted list of slot sums,
 //   grad = w_0 S_0 + w_1 S_1 + ...,   S_k = sum over the B * G slots s of term_k(s),
@@ -137,16 +138,6 @@ SA_HOST_DEVICE ParamGradEntry<acc_t> param_grad_entry(const BackwardParams& p, V
   const bool weighted_pair = which == 2;                             // d_sw: A and T1
   const bool column = variant == Variant::kConv1x1 && which >= 4;   // d_gw, d_gb: m rows
   return ParamGradEntry<acc_t>{&p, variant, which, e, weighted_pair ? 2 : column ? int(m) : 1};
-}
-
-// The whole entry, one sum after the other (the CPU backend's loop body).
-template <typename acc_t>
-SA_HOST_DEVICE void reduce_param_grad_entry(const BackwardParams& p, Variant variant, int64_t e) {
-  const ParamGradEntry<acc_t> entry = param_grad_entry<acc_t>(p, variant, e);
-  const int64_t slots = p.fwd.batch * p.fwd.groups;
-  double total = 0;
-  for (int k = 0; k < entry.terms; ++k) total = entry.accumulate(total, k, slot_sum(entry.term(k), 0, 1, slots));
-  entry.store(total);
 }
 
 }  // namespace sa_cuda

@@ -239,18 +239,44 @@ void backward_conv1x1(const BackwardParams& p) {
   });
 }
 
-// The parameter gradients, one entry per iteration (each entry's sums in a fixed order). An entry
-// costs about B * G slot terms (m of them for the 1x1-conv d_gw, d_gb); chunks of at least 2^16
-// terms keep the usual case (all entries: tens of microseconds) out of a parallel region, whose
-// start and join would cost more than the loop.
+// The parameter gradients (param_grads.h). Each entry's sums run over the slots in order, as one
+// sum per entry would; the slot loop is outermost over a run of up to 64 consecutive entries of
+// one gradient, so each slot's partials are read along a row instead of one value per cache line
+// (t_xh rows are m * m long). An entry costs about B * G terms (m times that for the 1x1-conv
+// d_gw, d_gb); chunks of at least 2^16 terms keep the usual case (tens of microseconds in all)
+// out of a parallel region, whose start and join would cost more than the loop.
 template <typename acc_t>
 void reduce_param_grads(Variant variant, const BackwardParams& p) {
+  constexpr size_t kRun = 64;
   const int64_t slots = p.fwd.batch * p.fwd.groups;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, slots));
   at::parallel_for(0, param_grad_entries(variant, p.fwd.branch_channels), grain,
                    [&](int64_t begin, int64_t end) {
-                     for (int64_t e = begin; e < end; ++e) reduce_param_grad_entry<acc_t>(p, variant, e);
-                   });
+    std::vector<ParamGradEntry<acc_t>> run;
+    std::vector<SlotTerm<acc_t>> terms;
+    std::vector<double> sums, totals;
+    for (int64_t e = begin; e < end;) {
+      run.clear();
+      run.push_back(param_grad_entry<acc_t>(p, variant, e++));
+      while (e < end && run.size() < kRun) {
+        const ParamGradEntry<acc_t> next = param_grad_entry<acc_t>(p, variant, e);
+        if (next.which != run[0].which) break;
+        run.push_back(next);
+        ++e;
+      }
+      totals.assign(run.size(), 0.0);
+      for (int k = 0; k < run[0].terms; ++k) {  // every entry of a gradient has as many terms
+        terms.clear();
+        for (const auto& entry : run) terms.push_back(entry.term(k));
+        sums.assign(run.size(), 0.0);
+        for (int64_t slot = 0; slot < slots; ++slot) {
+          for (size_t r = 0; r < run.size(); ++r) sums[r] += terms[r](slot);
+        }
+        for (size_t r = 0; r < run.size(); ++r) totals[r] = run[r].accumulate(totals[r], k, sums[r]);
+      }
+      for (size_t r = 0; r < run.size(); ++r) run[r].store(totals[r]);
+    }
+  });
 }
 
 }  // namespace

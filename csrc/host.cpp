@@ -59,6 +59,22 @@ Shape check_input(const at::Tensor& x, int64_t groups) {
   return Shape{x.size(0), C, groups, C / (2 * groups), x.size(2) * x.size(3)};
 }
 
+// t in dtype: t itself when it already is (no dispatch of a no-op .to: host time per call).
+at::Tensor as_dtype(const at::Tensor& t, c10::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+// The kernels' tag for a parameter dtype (check_tensor admits only these four).
+ParamDtype param_dtype(c10::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return ParamDtype::kFloat64;
+    case at::kFloat: return ParamDtype::kFloat32;
+    case at::kHalf: return ParamDtype::kFloat16;
+    case at::kBFloat16: return ParamDtype::kBFloat16;
+    default: TORCH_CHECK(false, "sa_cuda: no parameter gradient for ", t);  // unreachable
+  }
+}
+
 // acc_t of the kernels: float64 for float64 x, else float32 (parameters, statistics, partials).
 c10::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -78,7 +94,7 @@ std::vector<at::Tensor> acc_params(Variant variant, const LayerParams& p, const 
     check_tensor(t, param_name(variant, i), &x);
     TORCH_CHECK_VALUE(t.numel() == expected, "sa_cuda: ", param_name(variant, i), " must have ",
                       expected, " elements (m = C / (2 * groups) = ", m, "), got shape ", t.sizes());
-    out.push_back(t.resolve_neg().to(acc).contiguous().view(-1));
+    out.push_back(as_dtype(t.resolve_neg(), acc).contiguous().view(-1));
   }
   return out;
 }
@@ -192,63 +208,40 @@ run_backward(Variant variant, const at::Tensor& grad_out_in, const at::Tensor& x
   }
   const auto p = acc_params(variant, params, x_in, s.m);
   const at::Tensor x = to_nchw(x_in.resolve_neg());
-  const at::Tensor grad_out = to_nchw(grad_out_in.resolve_neg().to(x.scalar_type()));
+  const at::Tensor grad_out = to_nchw(as_dtype(grad_out_in.resolve_neg(), x.scalar_type()));
   const at::Tensor mean = mean_in.resolve_neg().contiguous();
   const at::Tensor rstd = rstd_in.resolve_neg().contiguous();
   at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
 
-  // Per-(batch item, group) partials of the parameter gradients (layout in sa_params.h).
-  const auto opts = p[0].options();
+  // The per-(batch item, group) partials of the parameter gradients (layout in sa_params.h), in
+  // one allocation: every slot is written by the backward kernel before the reduction reads it.
+  const int64_t slots = s.B * s.G;
   const int64_t t_xh_width = variant == Variant::kConv1x1 ? s.m * s.m : s.m;
-  at::Tensor gate_grad = at::zeros({s.B * s.G, s.m}, opts);
-  at::Tensor t_sum = at::zeros({s.B * s.G, s.m}, opts);
-  at::Tensor t_xh = at::zeros({s.B * s.G, t_xh_width}, opts);
+  at::Tensor partials = at::empty({slots * (2 * s.m + t_xh_width)}, p[0].options());
+  const at::Tensor all_params[] = {params.channel_weight, params.channel_bias, params.spatial_weight,
+                                   params.spatial_bias,   params.gn_weight,    params.gn_bias};
+  at::Tensor param_grads[6];
 
-  if (x.numel() > 0) {
-    BackwardParams b{};
-    b.fwd = fill_forward(s, 0.0, x, p);
-    b.fwd.mean = const_cast<void*>(mean.const_data_ptr());
-    b.fwd.rstd = const_cast<void*>(rstd.const_data_ptr());
-    b.grad_out = grad_out.const_data_ptr();
-    b.grad_x = grad_x.mutable_data_ptr();
-    b.gate_grad = gate_grad.mutable_data_ptr();
-    b.t_sum = t_sum.mutable_data_ptr();
-    b.t_xh = t_xh.mutable_data_ptr();
-    launch(variant, x.scalar_type(), b);
+  BackwardParams b{};
+  b.fwd = fill_forward(s, 0.0, x, p);
+  b.fwd.mean = const_cast<void*>(mean.const_data_ptr());
+  b.fwd.rstd = const_cast<void*>(rstd.const_data_ptr());
+  b.grad_out = grad_out.const_data_ptr();
+  b.grad_x = grad_x.mutable_data_ptr();
+  b.gate_grad = partials.mutable_data_ptr();
+  b.t_sum = static_cast<char*>(b.gate_grad) + slots * s.m * partials.element_size();
+  b.t_xh = static_cast<char*>(b.t_sum) + slots * s.m * partials.element_size();
+  for (int i = 0; i < 6; ++i) {
+    // Written in full by the reduction, in the parameter's own shape and dtype.
+    param_grads[i] = at::empty(all_params[i].sizes(), x.options().dtype(all_params[i].scalar_type()));
+    b.param_grads[i] = param_grads[i].mutable_data_ptr();
+    b.param_grad_dtypes[i] = param_dtype(all_params[i].scalar_type());
   }
-
-  // Fixed-order reduction over (batch item, group) in float64, then the per-parameter formulas
-  // (DESIGN.md sections 2-3). All operands are [m] or [m, m]: negligible next to the kernels.
-  const at::Tensor mu_c =
-      mean.view({s.B * s.G, 2, s.m}).select(1, 0).to(at::kDouble);  // channel-branch plane means
-  const at::Tensor dz = gate_grad.to(at::kDouble);
-  const at::Tensor T1 = t_sum.to(at::kDouble).sum(0);               // [m]: sum_p t_j
-  const at::Tensor A = t_xh.to(at::kDouble).sum(0);                 // [m] or [m*m]: sum_p t_j xh_i
-  const at::Tensor sw = p[2].to(at::kDouble), gw = p[4].to(at::kDouble), gb = p[5].to(at::kDouble);
-  at::Tensor d_cw, d_sw, d_gw, d_gb;
-  if (variant == Variant::kPerChannel) {
-    d_cw = (dz * mu_c).sum(0);
-    d_sw = gw * A + gb * T1;
-    d_gw = sw * A;
-    d_gb = sw * T1;
-  } else {
-    const at::Tensor A2 = A.view({s.m, s.m}), W2 = sw.view({s.m, s.m});
-    d_cw = at::mm(dz.t(), mu_c);                                      // [j, i] = sum dz_j mu_i
-    d_sw = A2 * gw.view({1, s.m}) + T1.view({s.m, 1}) * gb.view({1, s.m});
-    d_gw = (W2 * A2).sum(0);
-    d_gb = (W2 * T1.view({s.m, 1})).sum(0);
-  }
-  const at::Tensor d_cb = dz.sum(0), d_sb = T1;
-  auto as_param = [](const at::Tensor& g, const at::Tensor& like) {
-    return g.reshape(like.sizes()).to(like.scalar_type());
-  };
-  return {grad_x,
-          as_param(d_cw, params.channel_weight),
-          as_param(d_cb, params.channel_bias),
-          as_param(d_sw, params.spatial_weight),
-          as_param(d_sb, params.spatial_bias),
-          as_param(d_gw, params.gn_weight),
-          as_param(d_gb, params.gn_bias)};
+  // The backward kernel (none for B = 0), then one fixed-order reduction of the partials into
+  // the six gradients (param_grads.h; exact zeros for B = 0).
+  launch(variant, x.scalar_type(), b);
+  return {grad_x,         param_grads[0], param_grads[1], param_grads[2],
+          param_grads[3], param_grads[4], param_grads[5]};
 }
 
 }  // namespace sa_cuda

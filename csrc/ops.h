@@ -1,6 +1,7 @@
 // Host side of the sa_cuda ops, shared by every backend: argument checks, allocation, filling the
-// params struct, and the final fixed-order reduction of the parameter-gradient partials.
-// A backend (CPU, CUDA) supplies only its kernel launchers.
+// params struct. A backend (CPU, CUDA) supplies only its kernel launchers; the backward launcher
+// also reduces the parameter-gradient partials into the gradients (param_grads.h), and is called
+// for an empty batch too (it then writes zero gradients).
 #pragma once
 
 #include <ATen/core/Tensor.h>

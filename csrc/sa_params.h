@@ -1,4 +1,4 @@
-// Plain parameter structs filled by the host code (csrc/ops.cpp) and read by every kernel.
+// Plain parameter structs filled by the host code (csrc/host.cpp) and read by every kernel.
 //
 // Layouts (all contiguous):
 //   x, out, grad_out, grad_x   [B, C, N] in the input dtype (N = H * W)
@@ -6,8 +6,9 @@
 //   parameters                 acc_t; per-channel variant: every tensor (m);
 //                              1x1-conv variant: channel_weight/spatial_weight (m, m) as
 //                              [out, in], the biases and gn_weight/gn_bias (m)
-//   backward partials          acc_t, one slot per (batch item, group), reduced on the host side
-//                              in a fixed order (no float atomics):
+//   backward partials          acc_t, one slot per (batch item, group), every slot written by the
+//                              backward kernel, then reduced in a fixed order (no float atomics)
+//                              into the parameter gradients (param_grads.h):
 //     gate_grad   [B, G, m]       dL/dz of the channel gate
 //     t_sum       [B, G, m]       sum_p t_j(p)              (t = dL/dz of the spatial gate)
 //     t_xh        [B, G, m]       sum_p t_k(p) xh_k(p)       (per-channel variant)
@@ -44,6 +45,9 @@ struct ForwardParams {
   const void* gn_bias;
 };
 
+// The dtype of one parameter (and of its gradient): each may differ from x's and from the others.
+enum class ParamDtype : int8_t { kFloat64, kFloat32, kFloat16, kBFloat16 };
+
 struct BackwardParams {
   ForwardParams fwd;  // shapes, x, parameters; mean/rstd read (saved by the forward); out unused
 
@@ -53,6 +57,10 @@ struct BackwardParams {
   void* gate_grad;
   void* t_sum;
   void* t_xh;
+
+  // The six parameter gradients in schema order, each in its parameter's shape and dtype.
+  void* param_grads[6];
+  ParamDtype param_grad_dtypes[6];
 };
 
 }  // namespace sa_cuda

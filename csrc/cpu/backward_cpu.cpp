@@ -1,6 +1,7 @@
 // Fused backward on the CPU. Bytes moved: x and grad_out (at the shuffled channel) are read once
 // from memory, grad_x is written once; every other pass re-reads the unit from cache. Parameter
-// gradients leave as per-(batch item, group) partials (sa_params.h) reduced by the host code.
+// gradients leave the kernels as per-(batch item, group) partials (sa_params.h), reduced at the
+// end by param_grads.h's loop.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "../dispatch.h"
+#include "../param_grads.h"
 #include "../sa_math.h"
 #include "kernels_cpu.h"
 #include "vec_loops.h"
@@ -237,8 +239,75 @@ void backward_conv1x1(const BackwardParams& p) {
   });
 }
 
+// The parameter gradients (param_grads.h). A plain slot sum (no mean factor) is a column total of
+// one partial array: the totals are taken once, slot after slot along the rows (the order
+// slot_sum takes, so the same bits), and looked up; the 1x1-conv d_sw, d_sb, d_gw and d_gb share
+// the totals of A and T1 instead of re-summing them per entry. Only d_cw's sums of dz * mu are
+// taken per entry, in runs of up to 64 consecutive entries so that each slot's row is read along
+// the row. The whole reduction reads the partials a few times: tens of microseconds, serial (a
+// parallel region would cost more).
+template <typename acc_t>
+void reduce_param_grads(Variant variant, const BackwardParams& p) {
+  constexpr size_t kRun = 64;
+  const int64_t slots = p.fwd.batch * p.fwd.groups, m = p.fwd.branch_channels;
+  struct ColumnTotals {
+    const acc_t* values;
+    std::vector<double> total;
+  };
+  auto column_totals = [&](const void* partials, int64_t width) {
+    ColumnTotals c{static_cast<const acc_t*>(partials), std::vector<double>(width, 0.0)};
+    for (int64_t slot = 0; slot < slots; ++slot) {
+      const acc_t* row = c.values + slot * width;
+      for (int64_t w = 0; w < width; ++w) c.total[w] += static_cast<double>(row[w]);
+    }
+    return c;
+  };
+  const ColumnTotals columns[] = {
+      column_totals(p.gate_grad, m), column_totals(p.t_sum, m),
+      column_totals(p.t_xh, variant == Variant::kConv1x1 ? m * m : m)};
+  auto plain_sum = [&](const SlotTerm<acc_t>& term) {
+    const ColumnTotals& c = term.values == columns[0].values   ? columns[0]
+                            : term.values == columns[1].values ? columns[1]
+                                                               : columns[2];
+    TORCH_INTERNAL_ASSERT(term.values == c.values && term.mu == nullptr);
+    return c.total[term.offset];
+  };
+
+  const int64_t entries = param_grad_entries(variant, m);
+  std::vector<ParamGradEntry<acc_t>> run;
+  std::vector<SlotTerm<acc_t>> mean_terms;
+  std::vector<double> mean_sums;
+  for (int64_t e = 0; e < entries;) {
+    run.clear();
+    run.push_back(param_grad_entry<acc_t>(p, variant, e++));
+    while (e < entries && run.size() < kRun) {
+      const ParamGradEntry<acc_t> next = param_grad_entry<acc_t>(p, variant, e);
+      if (next.which != run[0].which) break;
+      run.push_back(next);
+      ++e;
+    }
+    if (run[0].term(0).mu == nullptr) {
+      for (const auto& entry : run) {
+        double total = 0;
+        for (int k = 0; k < entry.terms; ++k) total = entry.accumulate(total, k, plain_sum(entry.term(k)));
+        entry.store(total);
+      }
+      continue;
+    }
+    // d_cw: one term per entry, sum_s dz * mu, the run's entries side by side.
+    mean_terms.clear();
+    for (const auto& entry : run) mean_terms.push_back(entry.term(0));
+    mean_sums.assign(run.size(), 0.0);
+    for (int64_t slot = 0; slot < slots; ++slot) {
+      for (size_t r = 0; r < run.size(); ++r) mean_sums[r] += mean_terms[r](slot);
+    }
+    for (size_t r = 0; r < run.size(); ++r) run[r].store(run[r].accumulate(0.0, 0, mean_sums[r]));
+  }
+}
+
 }  // namespace
 
+// An empty batch (B = 0) runs no kernel unit (empty parallel_for) and gets zero gradients.
 void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& params) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_backward_cpu", [&] {
     if (variant == Variant::kPerChannel) {
@@ -246,6 +315,7 @@ void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& para
     } else {
       backward_conv1x1<scalar_t>(params);
     }
+    reduce_param_grads<at::opmath_type<scalar_t>>(variant, params);
   });
 }
 

@@ -4,21 +4,28 @@
 #include "../dispatch.h"
 #include "group_backward.cuh"
 #include "launch_common.cuh"
+#include "param_grad_reduce.cuh"
 #include "plane_backward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
 
+// Two launches: the backward kernel (grad_x and the per-(batch item, group) partials; none for
+// an empty batch, which has no unit), then the reduction of the partials into the six parameter
+// gradients.
 void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& b) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_backward_cuda", [&] {
-    if (variant == Variant::kPerChannel) {
-      const bool aligned = aligned16(b.fwd.x) && aligned16(b.grad_out) && aligned16(b.grad_x);
-      launch_planes<scalar_t>(b, b.fwd, aligned, [](auto warp, auto vec, auto packs) {
-        return &plane_backward_kernel<scalar_t, decltype(warp)::value, decltype(vec)::value,
-                                      decltype(packs)::value>;
-      });
-    } else {
-      launch_groups<scalar_t>(b, b.fwd, true, &group_backward_kernel<scalar_t>);
+    if (b.fwd.batch > 0) {
+      if (variant == Variant::kPerChannel) {
+        const bool aligned = aligned16(b.fwd.x) && aligned16(b.grad_out) && aligned16(b.grad_x);
+        launch_planes<scalar_t>(b, b.fwd, aligned, [](auto warp, auto vec, auto packs) {
+          return &plane_backward_kernel<scalar_t, decltype(warp)::value, decltype(vec)::value,
+                                        decltype(packs)::value>;
+        });
+      } else {
+        launch_groups<scalar_t>(b, b.fwd, true, &group_backward_kernel<scalar_t>);
+      }
     }
+    launch_param_grad_reduce<at::opmath_type<scalar_t>>(variant, b);
   });
 }
 

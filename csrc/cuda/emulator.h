@@ -383,6 +383,14 @@ T (&shared_array(const void* site))[N] {
   return *reinterpret_cast<T(*)[N]>(current_block->static_shared(site, sizeof(T) * N));
 }
 
+// Kernel launches since the process started: tests count the launches of one op call.
+inline std::atomic<int64_t>& launch_counter() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+inline int64_t launches() { return launch_counter().load(); }
+
 inline std::mutex& launch_mutex() {
   static std::mutex m;
   return m;
@@ -412,6 +420,7 @@ template <typename Body>
 void launch(dim3 grid, dim3 block, size_t smem_bytes, const Body& body) {
   check_launch(grid, block, smem_bytes);
   const uint64_t seed = block_order_seed();
+  ++launch_counter();
   std::lock_guard<std::mutex> lock(launch_mutex());
   Block state(grid, block, smem_bytes, seed);
   auto run_thread = [&](unsigned tid) {

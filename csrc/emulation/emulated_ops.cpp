@@ -9,7 +9,11 @@
 
 namespace sa_cuda {
 
-TORCH_LIBRARY(sa_cuda_emu, m) { SA_DEFINE_OPS(m); }
+TORCH_LIBRARY(sa_cuda_emu, m) {
+  SA_DEFINE_OPS(m);
+  // Emulated kernel launches so far in this process (tests take the difference around a call).
+  m.def("emulated_launches() -> int", [] { return ::sa_emu::launches(); });
+}
 
 SA_REGISTER_BACKEND(sa_cuda_emu, CPU, &emulated::forward, &emulated::backward)
 

@@ -21,14 +21,14 @@ using namespace sa_cuda;
 namespace {
 
 // ---- planted bugs (test-only kernels) ---------------------------------------------------------
-SA_KERNEL void planted_race_kernel(float* out) {
-  __shared__ float buf[64];
+SA_KERNEL_BOUNDS(64) void planted_race_kernel(float* out) {
+  SA_SHARED_ARRAY(float, buf, 64);
   buf[threadIdx.x] = static_cast<float>(threadIdx.x);
   // BUG (planted): a __syncthreads() is missing here.
   out[threadIdx.x] = buf[(threadIdx.x + 1) % blockDim.x];
 }
 
-SA_KERNEL void planted_oob_kernel(const float* in, float* out) {
+SA_KERNEL_BOUNDS(64) void planted_oob_kernel(const float* in, float* out) {
   out[threadIdx.x] = in[threadIdx.x + 1];  // BUG (planted): the last thread reads in[blockDim.x]
 }
 
@@ -167,14 +167,14 @@ int run_kernels() {
 
 int run_race() {
   std::vector<float> out(64);
-  emulated::launch(&planted_race_kernel, dim3(1), dim3(64), 0, nullptr, out.data());
+  emulated::launch(&planted_race_kernel, 1, 64, 0, nullptr, out.data());
   std::printf("race kernel ran\n");
   return 0;
 }
 
 int run_oob() {
   std::vector<float> in(64), out(64);
-  emulated::launch(&planted_oob_kernel, dim3(1), dim3(64), 0, nullptr, in.data(), out.data());
+  emulated::launch(&planted_oob_kernel, 1, 64, 0, nullptr, in.data(), out.data());
   std::printf("oob kernel ran\n");
   return 0;
 }
@@ -195,7 +195,8 @@ int run_reject() {
   int rejected = 0;
   for (const Bad& b : bad) {
     try {
-      emulated::launch(&planted_race_kernel, b.grid, b.block, b.smem, nullptr, out.data());
+      // The emulator's own launch: emulated::launch takes a 1-D block count (checked there).
+      sa_emu::launch(b.grid, b.block, b.smem, [&] { planted_race_kernel(out.data()); });
       std::printf("NOT rejected: %s\n", b.what);
     } catch (const std::runtime_error& e) {
       std::printf("rejected %s: %s\n", b.what, e.what());

@@ -24,9 +24,10 @@ constexpr int kStreamLoads = 4;      // loads in flight per thread on the stream
 
 // Low B * C (B = 1 inference, detection heads): fewer planes than about twice the SM count leave
 // SMs idle on every block-per-plane path. Splitting a plane over several blocks would need a
-// partial-statistics kernel, a workspace and a second launch (plus a third pass over x); for
-// planes held in registers (N <= 4096: at most 2 * 132 * 16 KiB of fp32 in flight in all) the
-// whole launch is a few microseconds, the cost of the extra launch. The streamed path's large
+// partial-statistics kernel, a workspace and a second launch, and a second read of x where the
+// plane now stays in registers; but there (N <= 4096: under 2 * 132 planes of at most 16 KiB
+// of fp32, 4 MiB in all) the whole launch takes a few microseconds, the cost of the extra
+// launch. The streamed path's large
 // planes are where the time goes, and there one block per SM with one load in flight per thread
 // is latency-bound: it keeps kStreamLoads independent loads in flight per thread instead
 // (unrolled_stream, team.cuh), in the same per-thread order, so the same bits.
@@ -37,7 +38,8 @@ constexpr int kStreamLoads = 4;      // loads in flight per thread on the stream
 // kernels to 64 registers and spilled 56 and 8 bytes); the largest plane kernel (fp64 backward,
 // kVec = 1) needs 96. A higher min-blocks, e.g. (512, 4) for 4 blocks of 416 threads per SM at
 // 56x56, would be a 32-register budget: below what the fp32 kernels hold (8 values, the
-// statistics and the gate: 37-62 registers), so they would spill.
+// statistics, the parameters and the gate: 44-64 registers); compiled so, every plane kernel
+// spills.
 constexpr int plane_block_threads(bool warp_team) { return warp_team ? kWarpTeamBlock : kMaxPlaneTeam; }
 constexpr int plane_min_blocks(bool warp_team) { return kMaxPlaneTeam / plane_block_threads(warp_team); }
 #define SA_PLANE_KERNEL_BOUNDS(warp_team) \

@@ -16,8 +16,8 @@ void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& b) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_backward_cuda", [&] {
     if (b.fwd.batch > 0) {
       if (variant == Variant::kPerChannel) {
-        const bool aligned = aligned16(b.fwd.x) && aligned16(b.grad_out) && aligned16(b.grad_x);
-        launch_planes<scalar_t>(b, b.fwd, aligned, [](auto warp, auto vec, auto packs) {
+        const int pack = plane_pack_elements<scalar_t>(b.fwd.plane_size, {b.fwd.x, b.grad_out, b.grad_x});
+        launch_planes<scalar_t>(b, b.fwd, pack, [](auto warp, auto vec, auto packs) {
           return &plane_backward_kernel<scalar_t, decltype(warp)::value, decltype(vec)::value,
                                         decltype(packs)::value>;
         });

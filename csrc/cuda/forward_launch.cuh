@@ -10,7 +10,8 @@ namespace sa_cuda::SA_GPU_NS {
 void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& f) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_forward_cuda", [&] {
     if (variant == Variant::kPerChannel) {
-      launch_planes<scalar_t>(f, f, aligned16(f.x) && aligned16(f.out), [](auto warp, auto vec, auto packs) {
+      const int pack = plane_pack_elements<scalar_t>(f.plane_size, {f.x, f.out});
+      launch_planes<scalar_t>(f, f, pack, [](auto warp, auto vec, auto packs) {
         return &plane_forward_kernel<scalar_t, decltype(warp)::value, decltype(vec)::value,
                                      decltype(packs)::value>;
       });

@@ -2,15 +2,19 @@
 //
 // Per-channel variant, one team per plane:
 //   N <= 256              a warp per plane, 8 planes per 256-thread block, plane in registers
+//                         (no per-plane pack wider than one element: the block's 8 planes are
+//                         read as one chunk through shared memory with 16-byte loads)
 //   N <= 4096             a block per plane (32..512 threads, 8 elements each), plane in registers
 //   larger                a block of 512 per plane, streamed twice (moments, then the gate)
+// Per-plane accesses move the widest pack (16, 8 or 4 bytes, else one element) that N and every
+// plane pointer allow (plane_pack_elements).
 // 1x1-conv variant: a block of 256 per (batch item, group, branch), tiles in shared memory.
-// 16-byte packs when every plane pointer is 16-byte aligned, else scalar accesses.
 #pragma once
 
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "group_forward.cuh"
@@ -25,33 +29,46 @@ using bool_c = std::integral_constant<bool, V>;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// Elements per pack of a per-plane access: the widest pack of 16, 8 or 4 bytes (or one element)
+// such that every plane of every tensor starts aligned to it (base pointers aligned to its bytes,
+// N a multiple of its elements).
+template <typename scalar_t>
+int plane_pack_elements(int64_t N, std::initializer_list<const void*> tensors) {
+  for (int vec = 16 / int(sizeof(scalar_t)); vec > 1; vec /= 2) {
+    bool fits = N % vec == 0;
+    for (const void* t : tensors) fits = fits && reinterpret_cast<uintptr_t>(t) % (vec * sizeof(scalar_t)) == 0;
+    if (fits) return vec;
+  }
+  return 1;
+}
 
-// pick(bool_c<warp team>, int_c<kVec>, int_c<kPacks>) returns the kernel to launch.
+// Calls go(int_c<vec>()) for a runtime vec, a power of two <= kVec.
+template <int kVec, typename Go>
+void with_pack_elements(int vec, const Go& go) {
+  if constexpr (kVec > 1) {
+    if (vec < kVec) return with_pack_elements<kVec / 2>(vec, go);
+  }
+  go(int_c<kVec>());
+}
+
+// pick(bool_c<warp team>, int_c<kVec>, int_c<kPacks>) returns the kernel to launch; vec from
+// plane_pack_elements over the kernel's plane tensors.
 template <typename scalar_t, typename Params, typename Pick>
-void launch_planes(const Params& params, const ForwardParams& f, bool pointers_aligned, const Pick& pick) {
-  constexpr int kVecMax = 16 / sizeof(scalar_t);
+void launch_planes(const Params& params, const ForwardParams& f, int vec, const Pick& pick) {
   const int64_t planes = f.batch * f.channels, N = f.plane_size;
-  auto go = [&](auto vec) {
-    constexpr int kVec = decltype(vec)::value;
-    constexpr int kPacks = kPlaneItems / kVec;
+  with_pack_elements<16 / int(sizeof(scalar_t))>(vec, [&](auto vec_c) {
+    constexpr int kPacks = kPlaneItems / decltype(vec_c)::value;
     const Stream stream = current_stream();
     if (N <= kWarpSize * kPlaneItems) {
-      const int64_t planes_per_block = kWarpTeamBlock / kWarpSize;
-      launch(pick(bool_c<true>(), vec, int_c<kPacks>()), ceil_div(planes, planes_per_block), kWarpTeamBlock,
-             0, stream, params);
+      launch(pick(bool_c<true>(), vec_c, int_c<kPacks>()), ceil_div(planes, kPlanesPerWarpBlock),
+             kWarpTeamBlock, 0, stream, params);
     } else if (N <= kMaxPlaneTeam * kPlaneItems) {
       const int threads = static_cast<int>(ceil_div(ceil_div(N, kPlaneItems), kWarpSize) * kWarpSize);
-      launch(pick(bool_c<false>(), vec, int_c<kPacks>()), planes, threads, 0, stream, params);
+      launch(pick(bool_c<false>(), vec_c, int_c<kPacks>()), planes, threads, 0, stream, params);
     } else {
-      launch(pick(bool_c<false>(), vec, int_c<0>()), planes, kMaxPlaneTeam, 0, stream, params);
+      launch(pick(bool_c<false>(), vec_c, int_c<0>()), planes, kMaxPlaneTeam, 0, stream, params);
     }
-  };
-  if (pointers_aligned && N % kVecMax == 0) {
-    go(int_c<kVecMax>());
-  } else {
-    go(int_c<1>());
-  }
+  });
 }
 
 template <typename scalar_t, typename Params, typename Kernel>

@@ -3,7 +3,11 @@
 // Bytes moved: x and grad_out (at the shuffled channel) read once, grad_x written once, plus the
 // saved mean/rstd and two acc_t partials per plane (sa_params.h), reduced later by the host code
 // in a fixed order. kPacks > 0 keeps x, grad_out and the gate in registers between the reduction
-// and dx; kPacks == 0 streams the plane twice (sums, then dx), the second read from L2.
+// and dx; kPacks == 0 streams the plane twice (sums, then dx), the second read from L2, with
+// kStreamLoads / 2 packs of each in flight per thread (kStreamLoads loads: as many as the forward's,
+// in as many registers). The staged warp-team path (kVec == 1) stages
+// x through shared memory as the forward does; grad_out's planes lie at shuffled channels (not
+// one chunk) and are read per plane.
 #pragma once
 
 #include "plane_forward.cuh"
@@ -11,27 +15,36 @@
 namespace sa_cuda::SA_GPU_NS {
 
 template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks>
-SA_KERNEL_BOUNDS(kWarpTeam ? kWarpTeamBlock : kMaxPlaneTeam) void plane_backward_kernel(BackwardParams p) {
+SA_PLANE_KERNEL_BOUNDS(kWarpTeam) void plane_backward_kernel(BackwardParams p) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kStaged = kWarpTeam && kVec == 1;  // as in plane_forward_kernel
   SA_SHARED_ARRAY(acc_t, scratch, 2 * kWarpSize);
   const ForwardParams& f = p.fwd;
   const PlaneTeam<kWarpTeam> team;
-  if (kWarpTeam && team.plane >= f.batch * f.channels) return;
-
-  const int64_t N = f.plane_size, packs = N / kVec, C = f.channels, m = f.branch_channels;
-  const int64_t b = team.plane / C, c = team.plane % C;
-  const ChannelRole role = channel_role(c, m);
-  const scalar_t* x = static_cast<const scalar_t*>(f.x) + team.plane * N;
-  const scalar_t* gu = static_cast<const scalar_t*>(p.grad_out) + (b * C + shuffle_dst(c, C)) * N;
-  scalar_t* dx = static_cast<scalar_t*>(p.grad_x) + team.plane * N;
-  const acc_t mean = static_cast<const acc_t*>(f.mean)[team.plane];
-  const acc_t rstd = static_cast<const acc_t*>(f.rstd)[team.plane];
-  const Standardizer<acc_t> st = saved_stats(mean, rstd);
-  const PlaneGate<acc_t> gate(f, role, st);
-
-  // Pass 1: T1 = sum t, T2 = sum t * xh with t = gu * x * s (1 - s) = dL/dz.
+  const int64_t planes = f.batch * f.channels, N = f.plane_size, packs = N / kVec, C = f.channels;
+  const scalar_t* x_planes = static_cast<const scalar_t*>(f.x);
   acc_t xv[kPacks > 0 ? kPacks : 1][kVec], gv[kPacks > 0 ? kPacks : 1][kVec];
   acc_t sv[kPacks > 0 ? kPacks : 1][kVec];
+  if constexpr (kStaged) load_staged_plane(x_planes, team, planes, N, xv);
+  if (kWarpTeam && team.plane >= planes) return;
+
+  const int64_t m = f.branch_channels, b = team.plane / C, c = team.plane % C;
+  const ChannelRole role = channel_role(c, m);
+  const PlaneParams<acc_t> w = load_plane_params<acc_t>(f, role.k);
+  const acc_t mean = static_cast<const acc_t*>(f.mean)[team.plane];
+  const acc_t rstd = static_cast<const acc_t*>(f.rstd)[team.plane];
+  const scalar_t* x = x_planes + team.plane * N;
+  const scalar_t* gu = static_cast<const scalar_t*>(p.grad_out) + (b * C + shuffle_dst(c, C)) * N;
+  scalar_t* dx = static_cast<scalar_t*>(p.grad_x) + team.plane * N;
+  const Standardizer<acc_t> st = saved_stats(mean, rstd);
+  const PlaneGate<acc_t> gate(w, role.spatial, st);
+  // A streamed pack: x and grad_out.
+  auto load_pair = [&](int64_t q, acc_t(&pair)[2][kVec]) {
+    load_acc<scalar_t, acc_t, kVec>(x, q, pair[0]);
+    load_acc<scalar_t, acc_t, kVec>(gu, q, pair[1]);
+  };
+
+  // Pass 1: T1 = sum t, T2 = sum t * xh with t = gu * x * s (1 - s) = dL/dz.
   acc_t sums[2] = {0, 0};
   auto accumulate = [&](const acc_t(&x_)[kVec], const acc_t(&g_)[kVec], acc_t(&s_)[kVec]) {
 #pragma unroll
@@ -43,21 +56,16 @@ SA_KERNEL_BOUNDS(kWarpTeam ? kWarpTeamBlock : kMaxPlaneTeam) void plane_backward
     }
   };
   if constexpr (kPacks > 0) {
+    if constexpr (!kStaged) load_plane_packs<scalar_t, kWarpTeam, kVec, kPacks>(x, team, packs, xv);
+    load_plane_packs<scalar_t, kWarpTeam, kVec, kPacks>(gu, team, packs, gv);
 #pragma unroll
     for (int k = 0; k < kPacks; ++k) {
-      const int64_t q = team.rank + int64_t(k) * team.size;
-      if (q < packs) {
-        load_acc<scalar_t, acc_t, kVec>(x, q, xv[k]);
-        load_acc<scalar_t, acc_t, kVec>(gu, q, gv[k]);
-        accumulate(xv[k], gv[k], sv[k]);
-      }
+      if (team.rank + int64_t(k) * team.size < packs) accumulate(xv[k], gv[k], sv[k]);
     }
   } else {
-    for (int64_t q = team.rank; q < packs; q += team.size) {
-      load_acc<scalar_t, acc_t, kVec>(x, q, xv[0]);
-      load_acc<scalar_t, acc_t, kVec>(gu, q, gv[0]);
-      accumulate(xv[0], gv[0], sv[0]);
-    }
+    unrolled_stream<kStreamLoads / 2, acc_t[2][kVec]>(
+        team.rank, team.size, packs, load_pair,
+        [&](int64_t, const acc_t(&pair)[2][kVec]) { accumulate(pair[0], pair[1], sv[0]); });
   }
   team_sum<kWarpTeam>(sums, scratch);
 
@@ -70,10 +78,8 @@ SA_KERNEL_BOUNDS(kWarpTeam ? kWarpTeamBlock : kMaxPlaneTeam) void plane_backward
       static_cast<acc_t*>(p.gate_grad)[slot] = sums[0];  // = dz: the gate is constant
     }
   }
-  const PlaneGradCoeffs<acc_t> k_ = plane_grad_coeffs(
-      role.spatial, static_cast<const acc_t*>(f.channel_weight)[role.k],
-      static_cast<const acc_t*>(f.spatial_weight)[role.k],
-      static_cast<const acc_t*>(f.gn_weight)[role.k], rstd, sums[0], sums[1], acc_t(1) / acc_t(N));
+  const PlaneGradCoeffs<acc_t> k_ =
+      plane_grad_coeffs(role.spatial, w.cw, w.sw, w.gw, rstd, sums[0], sums[1], acc_t(1) / acc_t(N));
 
   // Pass 2: dx = gu * s + beta, + alpha * t + gamma * xh on spatial planes (only there: a channel
   // plane's rstd may be inf, eps = 0 and a constant plane, and 0 * inf is NaN).
@@ -95,13 +101,12 @@ SA_KERNEL_BOUNDS(kWarpTeam ? kWarpTeamBlock : kMaxPlaneTeam) void plane_backward
       if (q < packs) write_dx(q, xv[k], gv[k], sv[k]);
     }
   } else {
-    for (int64_t q = team.rank; q < packs; q += team.size) {
-      load_acc<scalar_t, acc_t, kVec>(x, q, xv[0]);
-      load_acc<scalar_t, acc_t, kVec>(gu, q, gv[0]);
+    auto recompute_dx = [&](int64_t q, const acc_t(&pair)[2][kVec]) {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) sv[0][i] = gate(xv[0][i]);
-      write_dx(q, xv[0], gv[0], sv[0]);
-    }
+      for (int i = 0; i < kVec; ++i) sv[0][i] = gate(pair[0][i]);
+      write_dx(q, pair[0], pair[1], sv[0]);
+    };
+    unrolled_stream<kStreamLoads / 2, acc_t[2][kVec]>(team.rank, team.size, packs, load_pair, recompute_dx);
   }
 }
 

@@ -3,7 +3,9 @@
 // Bytes moved: x read once, out written once at the shuffled channel, 2 * acc_t of statistics per
 // plane. kPacks > 0: the plane is held in registers (kPacks packs of kVec per thread) between the
 // reductions and the gate. kPacks == 0: the plane is too large for the team's registers and is
-// streamed twice (moments, then gate); the second read comes from L2.
+// streamed twice (moments, then gate), kStreamLoads packs in flight per thread; the second read
+// comes from L2. A warp team with kVec == 1 (no per-plane pack wider than one element, e.g. 7x7)
+// reads its block's planes as one chunk staged through shared memory (load_staged_plane).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -16,7 +18,32 @@ namespace sa_cuda::SA_GPU_NS {
 
 constexpr int kPlaneItems = 8;       // elements per thread held in registers
 constexpr int kWarpTeamBlock = 256;  // threads per block of warp teams
+constexpr int kPlanesPerWarpBlock = kWarpTeamBlock / kWarpSize;
 constexpr int kMaxPlaneTeam = 512;   // threads of the largest block team
+constexpr int kStreamLoads = 4;      // loads in flight per thread on the streamed path
+
+// Low B * C (B = 1 inference, detection heads): fewer planes than about twice the SM count leave
+// SMs idle on every block-per-plane path. Splitting a plane over several blocks would need a
+// partial-statistics kernel, a workspace and a second launch, and a second read of x where the
+// plane now stays in registers; but there (N <= 4096: under 2 * 132 planes of at most 16 KiB
+// of fp32, 4 MiB in all) the whole launch takes a few microseconds, the cost of the extra
+// launch. The streamed path's large
+// planes are where the time goes, and there one block per SM with one load in flight per thread
+// is latency-bound: it keeps kStreamLoads independent loads in flight per thread instead
+// (unrolled_stream, team.cuh), in the same per-thread order, so the same bits.
+
+// Register budget: min blocks per SM = kMaxPlaneTeam / block size, i.e. the register file (64 Ki)
+// over 512 threads = 128 registers per thread for every plane kernel. Given only the max block
+// size, ptxas picks its own occupancy target and trades spills for it (it held the fp64 kVec = 2
+// kernels to 64 registers and spilled 56 and 8 bytes); the largest plane kernel (fp64 backward,
+// kVec = 1) needs 96. A higher min-blocks, e.g. (512, 4) for 4 blocks of 416 threads per SM at
+// 56x56, would be a 32-register budget: below what the fp32 kernels hold (8 values, the
+// statistics, the parameters and the gate: 44-64 registers); compiled so, every plane kernel
+// spills.
+constexpr int plane_block_threads(bool warp_team) { return warp_team ? kWarpTeamBlock : kMaxPlaneTeam; }
+constexpr int plane_min_blocks(bool warp_team) { return kMaxPlaneTeam / plane_block_threads(warp_team); }
+#define SA_PLANE_KERNEL_BOUNDS(warp_team) \
+  SA_KERNEL_BOUNDS(plane_block_threads(warp_team), plane_min_blocks(warp_team))
 
 // The team of a plane: a warp (kWarpTeam: blockDim.x / 32 planes per block) or the whole block.
 template <bool kWarpTeam>
@@ -31,6 +58,26 @@ struct PlaneTeam {
                         : int64_t(blockIdx.x)) {}
 };
 
+// The per-channel parameters of branch index k (acc_t, sa_params.h). Read at the kernel's start,
+// before the plane's reductions: they do not depend on the statistics, so their latency hides
+// behind the plane's loads, and the restrict-qualified const pointers tell the compiler that no
+// store of the kernel (out, mean, rstd, the partials) writes them.
+template <typename acc_t>
+struct PlaneParams {
+  acc_t cw, cb, sw, sb, gw, gb;
+};
+
+template <typename acc_t>
+SA_DEVICE PlaneParams<acc_t> load_plane_params(const ForwardParams& p, int64_t k) {
+  const acc_t* __restrict__ cw = static_cast<const acc_t*>(p.channel_weight);
+  const acc_t* __restrict__ cb = static_cast<const acc_t*>(p.channel_bias);
+  const acc_t* __restrict__ sw = static_cast<const acc_t*>(p.spatial_weight);
+  const acc_t* __restrict__ sb = static_cast<const acc_t*>(p.spatial_bias);
+  const acc_t* __restrict__ gw = static_cast<const acc_t*>(p.gn_weight);
+  const acc_t* __restrict__ gb = static_cast<const acc_t*>(p.gn_bias);
+  return PlaneParams<acc_t>{cw[k], cb[k], sw[k], sb[k], gw[k], gb[k]};
+}
+
 // Gate of one plane: u = x * gate(x). Channel branch: the constant sigmoid(cw * mu + cb);
 // spatial branch: sigmoid(sw * (gw r (x - mu) + gb) + sb) through the plane's Standardizer
 // (sa_math.h).
@@ -40,21 +87,45 @@ struct PlaneGate {
   acc_t s;
   SpatialGate<acc_t> g;
 
-  SA_DEVICE PlaneGate(const ForwardParams& p, const ChannelRole& role, const Standardizer<acc_t>& st) {
-    const acc_t* cw = static_cast<const acc_t*>(p.channel_weight);
-    const acc_t* cb = static_cast<const acc_t*>(p.channel_bias);
-    const acc_t* sw = static_cast<const acc_t*>(p.spatial_weight);
-    const acc_t* sb = static_cast<const acc_t*>(p.spatial_bias);
-    const acc_t* gw = static_cast<const acc_t*>(p.gn_weight);
-    const acc_t* gb = static_cast<const acc_t*>(p.gn_bias);
-    const int64_t k = role.k;
-    spatial = role.spatial;
-    s = sigmoid(cw[k] * st.mean + cb[k]);
-    g = spatial_gate(sw[k], sb[k], gw[k], gb[k], st);
-  }
+  SA_DEVICE PlaneGate(const PlaneParams<acc_t>& w, bool spatial_, const Standardizer<acc_t>& st)
+      : spatial(spatial_), s(sigmoid(w.cw * st.mean + w.cb)), g(spatial_gate(w.sw, w.sb, w.gw, w.gb, st)) {}
 
   SA_DEVICE acc_t operator()(acc_t x) const { return spatial ? sigmoid(g.z(x)) : s; }
 };
+
+// This thread's packs of a plane, q = rank + k * size (k < kPacks, q < packs), into registers.
+template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks, typename acc_t>
+SA_DEVICE void load_plane_packs(const scalar_t* plane, const PlaneTeam<kWarpTeam>& team, int64_t packs,
+                                acc_t (&v)[kPacks][kVec]) {
+#pragma unroll
+  for (int k = 0; k < kPacks; ++k) {
+    const int64_t q = team.rank + int64_t(k) * team.size;
+    if (q < packs) load_acc<scalar_t, acc_t, kVec>(plane, q, v[k]);
+  }
+}
+
+// The staged warp-team path: the block's kPlanesPerWarpBlock planes (fewer in the last block) are
+// consecutive in x, one chunk of at most 8 * 256 values, which the whole block copies to shared
+// memory with 16-byte loads (stage_chunk) however the planes lie against 16 bytes; then each warp
+// reads its own plane's values (element q = rank + 32 k) from there. Every thread of the block
+// calls it (a barrier), also the warps past the last plane.
+template <typename scalar_t, typename acc_t>
+SA_DEVICE void load_staged_plane(const scalar_t* x, const PlaneTeam<true>& team, int64_t planes, int64_t N,
+                                 acc_t (&v)[kPlaneItems][1]) {
+  using ChunkPack = Pack<scalar_t, kChunkVec<scalar_t>>;
+  SA_SHARED_ARRAY(ChunkPack, chunk, chunk_packs<scalar_t>(kPlanesPerWarpBlock * kWarpSize * kPlaneItems));
+  const int64_t first = int64_t(blockIdx.x) * kPlanesPerWarpBlock;
+  const int64_t count = (planes - first < kPlanesPerWarpBlock ? planes - first : kPlanesPerWarpBlock) * N;
+  const int lead = stage_chunk(x + first * N, count, chunk);
+  __syncthreads();
+  if (team.plane >= planes) return;
+  const scalar_t* plane = reinterpret_cast<const scalar_t*>(chunk) + lead + (team.plane - first) * N;
+#pragma unroll
+  for (int k = 0; k < kPlaneItems; ++k) {
+    const int64_t q = team.rank + int64_t(k) * kWarpSize;
+    if (q < N) v[k][0] = static_cast<acc_t>(plane[q]);
+  }
+}
 
 // Mean and variance of the values v * scale (scale a power of two, 1 for the values themselves)
 // of a plane held in registers: centered two-pass over the registers, the mean summed relative to
@@ -136,47 +207,43 @@ SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec
 }
 
 template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks>
-SA_KERNEL_BOUNDS(kWarpTeam ? kWarpTeamBlock : kMaxPlaneTeam) void plane_forward_kernel(ForwardParams p) {
+SA_PLANE_KERNEL_BOUNDS(kWarpTeam) void plane_forward_kernel(ForwardParams p) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kStaged = kWarpTeam && kVec == 1;  // launch_common.cuh picks it for such planes
   SA_SHARED_ARRAY(acc_t, scratch, 3 * kWarpSize);
   SA_SHARED_ARRAY(double, wide_scratch, kWarpSize);
   const PlaneTeam<kWarpTeam> team;
-  // A warp team past the last plane leaves as a whole; warp teams never synchronize the block.
-  if (kWarpTeam && team.plane >= p.batch * p.channels) return;
+  const int64_t planes = p.batch * p.channels, N = p.plane_size, packs = N / kVec, C = p.channels;
+  const scalar_t* x_planes = static_cast<const scalar_t*>(p.x);
+  acc_t v[kPacks > 0 ? kPacks : 1][kVec];
+  if constexpr (kStaged) load_staged_plane(x_planes, team, planes, N, v);
+  // A warp team past the last plane leaves as a whole; warp teams never synchronize the block
+  // (but for the staging above).
+  if (kWarpTeam && team.plane >= planes) return;
 
-  const int64_t N = p.plane_size, packs = N / kVec, C = p.channels;
   const int64_t b = team.plane / C, c = team.plane % C;
   const ChannelRole role = channel_role(c, p.branch_channels);
-  const scalar_t* x = static_cast<const scalar_t*>(p.x) + team.plane * N;
+  const PlaneParams<acc_t> w = load_plane_params<acc_t>(p, role.k);
+  const scalar_t* x = x_planes + team.plane * N;
   scalar_t* out = static_cast<scalar_t*>(p.out) + (b * C + shuffle_dst(c, C)) * N;
   const acc_t eps = static_cast<acc_t>(p.eps);
+  auto load_x = [&](int64_t q, acc_t(&xv)[kVec]) { load_acc<scalar_t, acc_t, kVec>(x, q, xv); };
 
-  acc_t v[kPacks > 0 ? kPacks : 1][kVec];
   Standardizer<acc_t> st;
   if constexpr (kPacks > 0) {
-#pragma unroll
-    for (int k = 0; k < kPacks; ++k) {
-      const int64_t q = team.rank + int64_t(k) * team.size;
-      if (q < packs) load_acc<scalar_t, acc_t, kVec>(x, q, v[k]);
-    }
+    if constexpr (!kStaged) load_plane_packs<scalar_t, kWarpTeam, kVec, kPacks>(x, team, packs, v);
     st = register_plane_stats<kWarpTeam, kPacks, kVec>(v, team, packs, N, static_cast<acc_t>(x[0]), eps,
                                                        !role.spatial, scratch, wide_scratch);
   } else {
     st = streamed_plane_stats<kWarpTeam>(
         [&](const auto& f) {
-          for (int64_t q = team.rank; q < packs; q += team.size) {
-            load_acc<scalar_t, acc_t, kVec>(x, q, v[0]);
-            f(v[0]);
-          }
+          unrolled_stream<kStreamLoads, acc_t[kVec]>(team.rank, team.size, packs, load_x,
+                                                      [&](int64_t, const acc_t(&xv)[kVec]) { f(xv); });
         },
         static_cast<acc_t>(x[0]), N, eps, !role.spatial, scratch, wide_scratch);
   }
-  if (team.rank == 0) {
-    static_cast<acc_t*>(p.mean)[team.plane] = st.mean;
-    static_cast<acc_t*>(p.rstd)[team.plane] = st.rstd;
-  }
 
-  const PlaneGate<acc_t> gate(p, role, st);
+  const PlaneGate<acc_t> gate(w, role.spatial, st);
   auto apply = [&](int64_t q, const acc_t(&xv)[kVec]) {
     acc_t u[kVec];
 #pragma unroll
@@ -190,10 +257,11 @@ SA_KERNEL_BOUNDS(kWarpTeam ? kWarpTeamBlock : kMaxPlaneTeam) void plane_forward_
       if (q < packs) apply(q, v[k]);
     }
   } else {
-    for (int64_t q = team.rank; q < packs; q += team.size) {
-      load_acc<scalar_t, acc_t, kVec>(x, q, v[0]);
-      apply(q, v[0]);
-    }
+    unrolled_stream<kStreamLoads, acc_t[kVec]>(team.rank, team.size, packs, load_x, apply);
+  }
+  if (team.rank == 0) {
+    static_cast<acc_t*>(p.mean)[team.plane] = st.mean;
+    static_cast<acc_t*>(p.rstd)[team.plane] = st.rstd;
   }
 }
 

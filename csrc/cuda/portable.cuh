@@ -7,7 +7,7 @@
 // The subset: threadIdx/blockIdx/blockDim/gridDim (.x), __syncthreads, full-mask warp shuffles
 // (__shfl_xor_sync, __shfl_down_sync, __shfl_sync), static shared arrays (SA_SHARED_ARRAY),
 // dynamic shared memory (SA_DYNAMIC_SHARED), aligned vector loads/stores (Pack), expf/exp/sqrtf/sqrt
-// through sa_math.h, kernels declared with SA_KERNEL_BOUNDS(max threads per block), and 1-D launches
+// through sa_math.h, kernels declared with SA_KERNEL_BOUNDS(max threads per block[, min blocks per SM]), and 1-D launches
 // through sa_cuda::SA_GPU_NS::launch (the block count checked against the grid limit before it is
 // narrowed to the hardware's 32 bits).
 #pragma once
@@ -45,9 +45,10 @@ inline dim3 grid_1d(int64_t blocks) {
 #include <c10/cuda/CUDAStream.h>
 
 #define SA_GPU_NS gpu
-// A kernel's largest block: lets ptxas budget registers for it (without it, a kernel that grows
-// past 65536 / threads registers fails to launch, on the hardware only).
-#define SA_KERNEL_BOUNDS(max_threads) __global__ __launch_bounds__(max_threads)
+// A kernel's largest block, optionally with the blocks per SM it must fit (__launch_bounds__):
+// lets ptxas budget registers for it (without it, a kernel that grows past 65536 / threads
+// registers fails to launch, on the hardware only).
+#define SA_KERNEL_BOUNDS(...) __global__ __launch_bounds__(__VA_ARGS__)
 #define SA_SHARED_ARRAY(T, name, count) __shared__ T name[count]
 #define SA_DEVICE __device__ __forceinline__
 #define SA_DYNAMIC_SHARED(T, name)                                   \
@@ -85,7 +86,7 @@ void launch(void (*kernel)(KernelArgs...), int64_t blocks, int threads, size_t s
 #else  // host compiler: the SIMT emulator
 
 #define SA_GPU_NS emulated
-#define SA_KERNEL_BOUNDS(max_threads)
+#define SA_KERNEL_BOUNDS(...)
 #define SA_DEVICE inline
 // Per-launch storage keyed by the declaration site (the address of a tag local to the kernel, one
 // per template instantiation), shared by the block's threads and poisoned at each block start.

@@ -195,9 +195,9 @@ SA_DEVICE Standardizer<acc_t> streamed_plane_stats(const ForEachPack& for_each_p
   return finish_stats(mean, var, eps, e);
 }
 
-// A plane of N elements, moved in packs of kVec elements (a 16-byte access when kVec > 1; the
-// host picks kVec = 1 when a pointer or N is not aligned for it). Thread `rank` of a team of
-// `team` threads owns packs rank, rank + team, rank + 2 * team, ... (coalesced).
+// A plane of N elements, moved in packs of kVec elements (one 16-, 8- or 4-byte access; the host
+// picks the widest that N and every plane pointer allow, kVec = 1 when none does). Thread `rank`
+// of a team of `team` threads owns packs rank, rank + team, rank + 2 * team, ... (coalesced).
 template <typename scalar_t, typename acc_t, int kVec>
 SA_DEVICE void load_acc(const scalar_t* plane, int64_t pack, acc_t (&v)[kVec]) {
   const Pack<scalar_t, kVec> raw = load_pack<scalar_t, kVec>(plane + pack * kVec);
@@ -211,6 +211,60 @@ SA_DEVICE void store_acc(scalar_t* plane, int64_t pack, const acc_t (&v)[kVec]) 
 #pragma unroll
   for (int i = 0; i < kVec; ++i) raw.val[i] = static_cast<scalar_t>(v[i]);
   store_pack<scalar_t, kVec>(plane + pack * kVec, raw);
+}
+
+// Visits this thread's packs q = first, first + stride, ... < count in that order: load(q, slot)
+// reads pack q into a Slot, use(q, slot) consumes it. kUnroll packs are loaded before the first of
+// them is used, so a thread keeps kUnroll independent loads in flight instead of one: a streamed
+// plane is latency-bound when few blocks share an SM (B * C below a few times the SM count).
+template <int kUnroll, typename Slot, typename Load, typename Use>
+SA_DEVICE void unrolled_stream(int64_t first, int64_t stride, int64_t count, const Load& load, const Use& use) {
+  for (int64_t base = first; base < count; base += kUnroll * stride) {
+    Slot slot[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * stride < count) load(base + u * stride, slot[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * stride < count) use(base + u * stride, slot[u]);
+    }
+  }
+}
+
+// Values per 16-byte pack, the unit in which stage_chunk moves a chunk.
+template <typename T>
+constexpr int kChunkVec = static_cast<int>(16 / sizeof(T));
+
+// The shared-memory packs stage_chunk needs for a chunk of up to `count` values.
+template <typename T>
+constexpr int64_t chunk_packs(int64_t count) {
+  return (count + kChunkVec<T> - 1) / kChunkVec<T> + 1;
+}
+
+// Copies count consecutive values src[0, count) of global memory to shared memory, as
+// dst[lead + i] = src[i] with lead = (src's offset from the 16-byte boundary below it) / sizeof(T),
+// and returns lead: src's 16-byte packs then land on dst's 16-byte packs, and each moves as one
+// 128-bit global load and one 128-bit shared store; the values before the first and after the
+// last whole pack (at most kChunkVec - 1 each) move one by one. Every thread of the block takes
+// part; the caller synchronizes the block before reading dst (chunk_packs(count) packs).
+template <typename T>
+SA_DEVICE int stage_chunk(const T* src, int64_t count, Pack<T, kChunkVec<T>>* dst) {
+  constexpr int kVec = kChunkVec<T>;
+  const int lead = static_cast<int>(reinterpret_cast<uintptr_t>(src) % (kVec * sizeof(T)) / sizeof(T));
+  const int64_t end = lead + count;  // dst index one past the chunk
+  // Whole packs [first_pack, last_pack) of dst; an empty range when the chunk lies inside one.
+  const int64_t first_pack = (lead + kVec - 1) / kVec;
+  const int64_t last_pack = end / kVec > first_pack ? end / kVec : first_pack;
+  for (int64_t q = first_pack + threadIdx.x; q < last_pack; q += blockDim.x) {
+    dst[q] = load_pack<T, kVec>(src + (q * kVec - lead));
+  }
+  T* values = reinterpret_cast<T*>(dst);
+  const int64_t head_end = first_pack * kVec < end ? first_pack * kVec : end;
+  if (lead + int64_t(threadIdx.x) < head_end) values[lead + threadIdx.x] = src[threadIdx.x];
+  const int64_t tail = last_pack * kVec + threadIdx.x;
+  if (tail >= head_end && tail < end) values[tail] = src[tail - lead];
+  return lead;
 }
 
 }  // namespace sa_cuda::SA_GPU_NS

@@ -141,10 +141,13 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
 
 int run_kernels() {
   const Case cases[] = {
-      // per-channel: warp per plane (scalar, vector), block per plane (vector, misaligned), streamed
+      // per-channel: warp per plane (staged chunk, vector; staged with a partial last block and a
+      // misaligned chunk), block per plane (16-byte, 8-byte (float), misaligned), streamed
       {Variant::kPerChannel, 2, 16, 2, 7, 9, 0},
       {Variant::kPerChannel, 1, 16, 4, 8, 8, 0},
+      {Variant::kPerChannel, 3, 4, 1, 7, 7, 1},
       {Variant::kPerChannel, 1, 8, 2, 30, 30, 0},
+      {Variant::kPerChannel, 1, 4, 1, 30, 31, 0},
       {Variant::kPerChannel, 1, 8, 2, 30, 30, 1},
       {Variant::kPerChannel, 1, 4, 1, 65, 67, 0},
       // 1x1-conv: several tiles, partial tiles, m = 1

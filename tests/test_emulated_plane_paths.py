@@ -1,0 +1,110 @@
+"""The per-channel (SALayer) CUDA kernels' access paths, executed by the SIMT emulator.
+
+launch_common.cuh picks, per launch, the widest pack (16, 8 or 4 bytes, else one element) that N
+and every plane pointer allow; a warp team whose planes allow no pack wider than one element
+stages its block's 8 consecutive planes through shared memory as one chunk (16-byte loads,
+however the chunk lies against 16 bytes); the streamed path (N > 4096) keeps several loads in
+flight per thread, with a tail when a thread's packs are not a multiple of the unroll. The cases
+below select each of these by N, dtype and the storage offset of x and grad_out (the comment of
+each case says which); values and every gradient are checked against the float64 reference with
+the criteria of test_emulated_kernels.py, and a second run must give the same bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import clone_as, forward_backward, make_input, make_ref, max_abs, max_err, params_in_op_order
+from emulation import load_emulation
+from sa_cuda.ops.shuffle_attention import _apply
+from test_emulated_kernels import _input, emulated_like
+from test_forward_backward import _check_high_precision
+
+EMU = load_emulation()
+
+# dtype, (B, C, H, W), groups, storage offset in elements of x and grad_out
+CASES = [
+    # warp team (N <= 256), per-plane packs
+    pytest.param(torch.float16, (2, 8, 8, 8), 2, 0, id="warp-fp16-16B"),
+    pytest.param(torch.float16, (2, 8, 14, 14), 2, 0, id="warp-fp16-8B"),         # 196 % 8 = 4
+    pytest.param(torch.bfloat16, (2, 8, 14, 14), 2, 2, id="warp-bf16-4B-offset"),  # 4-byte offset
+    pytest.param(torch.float32, (2, 8, 7, 14), 2, 0, id="warp-fp32-8B"),           # 98 % 4 = 2
+    pytest.param(torch.float32, (2, 8, 8, 8), 2, 2, id="warp-fp32-8B-offset"),     # 8-byte offset
+    # warp team, no pack wider than one element: the block's planes staged as one chunk
+    pytest.param(torch.float32, (3, 12, 7, 7), 3, 0, id="staged-fp32-7x7"),         # B*C = 36
+    pytest.param(torch.bfloat16, (5, 4, 7, 7), 1, 3, id="staged-bf16-7x7-offset"),  # B*C = 20
+    pytest.param(torch.float16, (1, 6, 7, 7), 3, 1, id="staged-fp16-one-block"),    # B*C = 6 < 8
+    pytest.param(torch.float64, (3, 4, 7, 7), 1, 1, id="staged-fp64-7x7-offset"),
+    pytest.param(torch.float32, (2, 10, 15, 17), 5, 0, id="staged-fp32-255"),       # 8 * 255 per chunk
+    pytest.param(torch.float32, (3, 2, 1, 3), 1, 1, id="staged-fp32-n3"),           # chunk inside one pack
+    # block team (256 < N <= 4096)
+    pytest.param(torch.float32, (1, 4, 30, 31), 1, 0, id="block-fp32-8B"),          # 930 % 4 = 2
+    pytest.param(torch.bfloat16, (1, 4, 20, 30), 1, 4, id="block-bf16-8B-offset"),  # 8-byte offset
+    pytest.param(torch.float16, (1, 4, 17, 18), 1, 0, id="block-fp16-4B"),          # 306 % 4 = 2
+    pytest.param(torch.float64, (1, 4, 17, 19), 1, 0, id="block-fp64-scalar"),
+    # streamed (N > 4096), few planes (low B * C): unrolled loads with a tail
+    pytest.param(torch.float32, (1, 4, 96, 100), 1, 0, id="streamed-fp32-16B"),     # 2400 packs / 512
+    pytest.param(torch.float32, (1, 2, 66, 70), 1, 2, id="streamed-fp32-8B-offset"),
+    pytest.param(torch.float16, (1, 2, 65, 66), 1, 0, id="streamed-fp16-4B"),       # 4290 % 4 = 2
+    pytest.param(torch.float32, (1, 2, 97, 99), 1, 0, id="streamed-fp32-scalar"),   # 9603 packs / 512
+    pytest.param(torch.float64, (1, 2, 65, 65), 1, 1, id="streamed-fp64-scalar"),
+]
+
+
+def _check(F, E, R, dtype):
+    if dtype in (torch.float32, torch.float64):
+        _check_high_precision(F, E, R, dtype)
+        return
+    # DESIGN.md section 5 (as test_emulated_kernels.test_emulated_low_precision): error vs
+    # float64 at most 2x the eager reference's in the same dtype, + one unit of the dtype at the
+    # largest magnitude.
+    eps = torch.finfo(dtype).eps
+    for key in F:
+        assert F[key].dtype == dtype, key
+        err, err_eager = max_err(F[key], R[key]), max_err(E[key], R[key])
+        bound = 2.0 * err_eager + eps * max_abs(R[key]) + 1e-10
+        assert err <= bound, f"{key}: fused {err:.3g} > bound {bound:.3g} (eager {err_eager:.3g})"
+
+
+@pytest.mark.parametrize("dtype,shape,groups,offset", CASES)
+def test_plane_paths_match_reference_bitwise_repeatable(dtype, shape, groups, offset):
+    ref = make_ref("sa_layer", shape[1], groups, seed=5, dtype=dtype)
+    x, gy = _input(shape, offset, dtype, 1), _input(shape, offset, dtype, 2)
+    emulated = emulated_like("sa_layer", ref)
+    F = forward_backward(emulated, x, gy)
+    R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
+    E = R if dtype == torch.float64 else forward_backward(ref, x, gy)
+    _check(F, E, R, dtype)
+    again = forward_backward(emulated, x, gy)
+    for key in F:
+        assert torch.equal(F[key], again[key]), f"{key}: a rerun gives other bits"
+
+
+@pytest.mark.parametrize("dtype,shape,groups,offset", [
+    pytest.param(torch.float32, (1, 4, 96, 100), 1, 0, id="streamed"),
+    pytest.param(torch.float32, (3, 12, 7, 7), 3, 0, id="staged"),
+])
+def test_plane_paths_large_mean(dtype, shape, groups, offset):
+    """|mean| >> std (x = 100 + 0.1 randn) on the streamed and staged paths."""
+    ref = make_ref("sa_layer", shape[1], groups, seed=5, dtype=dtype)
+    x = _input(shape, offset, dtype, 1, offset=100.0, scale=0.1)
+    gy = _input(shape, offset, dtype, 2)
+    F = forward_backward(emulated_like("sa_layer", ref), x, gy)
+    R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
+    _check_high_precision(F, forward_backward(ref, x, gy), R, dtype)
+
+
+@pytest.mark.parametrize("shape,groups,offset", [
+    pytest.param((3, 4, 3, 3), 1, 1, id="staged"),
+    pytest.param((1, 4, 5, 6), 2, 0, id="warp-scalar-pack"),
+])
+def test_plane_paths_gradcheck(shape, groups, offset):
+    ref = make_ref("sa_layer", shape[1], groups, seed=3, dtype=torch.float64)
+    params = [p.detach().clone().requires_grad_() for p in params_in_op_order("sa_layer", ref)]
+    n = torch.Size(shape).numel()
+    x = make_input((n + offset,), seed=4, dtype=torch.float64)[offset:].view(shape).requires_grad_()
+
+    def fn(x, *ps):
+        return _apply("sa_cuda_emu::sa_layer", x, groups, ps, 1e-5)
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)

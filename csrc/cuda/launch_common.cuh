@@ -5,12 +5,14 @@
 //   N <= 4096             a block per plane (32..512 threads, 8 elements each), plane in registers
 //   larger                a block of 512 per plane, streamed twice (moments, then the gate)
 // 1x1-conv variant: a block of 256 per (batch item, group, branch), tiles in shared memory.
-// 16-byte packs when every plane pointer is 16-byte aligned, else scalar accesses.
+// Per-channel variant: 16-byte packs when every plane pointer is 16-byte aligned, else scalar
+// accesses; 1x1-conv variant: 16-, 8- or 4-byte packs, else scalar accesses.
 #pragma once
 
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "group_forward.cuh"
@@ -54,16 +56,38 @@ void launch_planes(const Params& params, const ForwardParams& f, bool pointers_a
   }
 }
 
-template <typename scalar_t, typename Params, typename Kernel>
-void launch_groups(const Params& params, const ForwardParams& f, bool backward, Kernel kernel) {
+// pick(int_c<kVec>) returns the kernel to launch; `planes` are the base pointers of every tensor
+// the kernel streams (plane k at base + k N). kVec: the widest access (16, 8 or 4 bytes, else one
+// element) that every plane start is aligned to.
+template <typename scalar_t, typename Params, typename Pick>
+void launch_groups(const Params& params, const ForwardParams& f, bool backward,
+                   std::initializer_list<const void*> planes, const Pick& pick) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t m = f.branch_channels, tile = group_tile_pixels(m);
+  const int64_t m = f.branch_channels, N = f.plane_size, tile = group_tile_pixels(m, N);
   const int64_t smem = GroupSmem{m, tile}.values(backward) * int64_t(sizeof(acc_t));
   TORCH_CHECK(smem <= max_dynamic_shared_bytes(), "sa_cuda: m = C / (2 * groups) = ", m,
               " needs ", smem, " bytes of shared memory per block in the CUDA ",
               backward ? "backward" : "forward", " of ShuffleAttention; the device allows ",
               max_dynamic_shared_bytes());
-  launch(kernel, f.batch * f.groups * 2, kGroupThreads, size_t(smem), current_stream(), params, tile);
+  auto aligned = [&](int64_t bytes) {
+    if (N % (bytes / int64_t(sizeof(scalar_t))) != 0) return false;
+    for (const void* base : planes) {
+      if (reinterpret_cast<uintptr_t>(base) % bytes != 0) return false;
+    }
+    return true;
+  };
+  auto go = [&](auto vec) {
+    launch(pick(vec), f.batch * f.groups * 2, kGroupThreads, size_t(smem), current_stream(), params, tile);
+  };
+  constexpr int kVecMax = 16 / sizeof(scalar_t);
+  if (aligned(16)) return go(int_c<kVecMax>());
+  if constexpr (kVecMax >= 4) {
+    if (aligned(8)) return go(int_c<kVecMax / 2>());
+  }
+  if constexpr (kVecMax >= 8) {
+    if (aligned(4)) return go(int_c<kVecMax / 4>());
+  }
+  go(int_c<1>());
 }
 
 }  // namespace sa_cuda::SA_GPU_NS

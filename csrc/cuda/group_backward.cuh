@@ -17,7 +17,9 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_backward_kernel(BackwardParams bp, in
   using acc_t = at::opmath_type<scalar_t>;
   SA_DYNAMIC_SHARED(acc_t, smem);
   const ForwardParams& p = bp.fwd;
-  const int64_t m = p.branch_channels, N = p.plane_size;
+  // m is small (the launch checked its tiles against the shared memory): int tile indices.
+  const int m = static_cast<int>(p.branch_channels);
+  const int64_t N = p.plane_size;
   const GroupSmem L{m, tile};
   const GroupUnit unit(p);
   const scalar_t* x = static_cast<const scalar_t*>(p.x) + unit.plane0 * N;
@@ -30,7 +32,7 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_backward_kernel(BackwardParams bp, in
   acc_t* sums = smem + L.dz_or_t1();
   acc_t* d1 = smem + L.dmu_or_d1();
   const acc_t inv_n = acc_t(1) / acc_t(N);
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
     stats.set(j, saved_stats(static_cast<const acc_t*>(p.mean)[unit.plane0 + j],
                              static_cast<const acc_t*>(p.rstd)[unit.plane0 + j]));
   }
@@ -43,10 +45,10 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_backward_kernel(BackwardParams bp, in
     const acc_t* b1 = static_cast<const acc_t*>(p.channel_bias);
     const GroupPieces pieces(m, N / kVec);
     acc_t* dots = smem + L.tile_x();
-    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) gate[j] = sigmoid(matvec_row(w1, mean, b1, m, j));
-    pieces.for_warp([&](int64_t k, int64_t j, int64_t begin, int64_t end) {
+    for (int j = threadIdx.x; j < m; j += blockDim.x) gate[j] = sigmoid(matvec_row(w1, mean, b1, m, j));
+    pieces.for_warp([&](int k, int j, int64_t begin, int64_t end) {
       acc_t s = 0;
-      // Half the statistics' steps per plane: as many bytes in flight for the two planes.
+      // Half the statistics' steps per plane: as many values per step for the two planes.
       warp_stream<group_unroll<kVec>() / 2, kVec, acc_t>(begin, end, [&](const auto& v) {
         for (size_t i = 0; i < std::size(v[0]); ++i) s += v[0][i] * v[1][i];
       }, gu + 2 * j * N, x + j * N);
@@ -54,16 +56,16 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_backward_kernel(BackwardParams bp, in
       if (threadIdx.x % kWarpSize == 0) dots[k] = s;
     });
     __syncthreads();
-    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
+    for (int j = threadIdx.x; j < m; j += blockDim.x) {
       acc_t s = 0;
-      for (int64_t k = j * pieces.per_plane; k < (j + 1) * pieces.per_plane; ++k) s += dots[k];
+      for (int k = j * pieces.per_plane; k < (j + 1) * pieces.per_plane; ++k) s += dots[k];
       sums[j] = s * sigmoid_grad(gate[j]);
       static_cast<acc_t*>(bp.gate_grad)[unit.slot0 + j] = sums[j];
     }
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < m; i += blockDim.x) d1[i] = matvec_t_row(w1, sums, m, i) * inv_n;
+    for (int i = threadIdx.x; i < m; i += blockDim.x) d1[i] = matvec_t_row(w1, sums, m, i) * inv_n;
     __syncthreads();
-    for_each_cell(m, N / kVec, [&](int64_t j, int64_t q) {
+    for_each_cell(int64_t(m), N / kVec, [&](int64_t j, int64_t q) {
       acc_t g[kVec], d[kVec];
       load_acc<scalar_t, acc_t, kVec>(gu + 2 * j * N, q, g);
 #pragma unroll
@@ -83,24 +85,24 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_backward_kernel(BackwardParams bp, in
   acc_t* st = smem + L.tile_s();
   acc_t* tt = smem + L.tile_t();
   acc_t* accum = smem + L.accum();
-  const int64_t ts = L.stride();
+  const int ts = static_cast<int>(L.stride());
   load_spatial_gate(p, m, stats, w2, scale);
   for (int64_t idx = threadIdx.x; idx < L.accum_values(); idx += blockDim.x) accum[idx] = 0;
 
   // One tile of pixels [p0, p0 + n): x and grad_out in, gate s and t = dL/dz = gu x s (1 - s) out;
   // then the x tile is replaced by xh = (x - mu) r (each entry by the thread that read it: nobody
   // else reads xt in that loop).
-  auto gate_tile = [&](int64_t p0, int64_t n) {
+  auto gate_tile = [&](int64_t p0, int n) {
     __syncthreads();  // the previous tile is consumed (and W2, scale, the partials are initialized)
-    for_each_cell(m, n, [&](int64_t i, int64_t pt) {
+    for_each_cell(m, n, [&](int i, int pt) {
       const acc_t v = static_cast<acc_t>(x[i * N + p0 + pt]);
       xt[i * ts + pt] = v;
       gt[i * ts + pt] = static_cast<acc_t>(gu[2 * i * N + p0 + pt]);
       yt[i * ts + pt] = group_norm_output(p, stats, scale, i, v);
     });
     __syncthreads();
-    for_each_cell(m, n, [&](int64_t j, int64_t pt) {
-      const int64_t c = j * ts + pt;
+    for_each_cell(m, n, [&](int j, int pt) {
+      const int c = j * ts + pt;
       st[c] = sigmoid(gate_preactivation(p, m, ts, w2, yt, j, pt));
       tt[c] = gate_input_grad(gt[c], xt[c], st[c]);
       xt[c] = sa_fma(xt[c], stats.input_scale[j], -stats.center[j]) * stats.gate_rstd[j];
@@ -115,20 +117,20 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_backward_kernel(BackwardParams bp, in
   // tile pixels slice, + slices, ... . The thread of an item adds its tile sums to the item's own
   // entries of the slice's partials (one writer each; T1 by the items with ib = 0), which are
   // reduced over the slices in slice order at the end: the same bits every run.
-  const int64_t half = (m + 1) / 2, slices = L.slices(), items = slices * half * half;
+  const int half = (m + 1) / 2, slices = static_cast<int>(L.slices()), items = slices * half * half;
   const int64_t tiles = (N + tile - 1) / tile;
   for (int64_t p0 = 0; p0 < N; p0 += tile) {
-    const int64_t n = N - p0 < tile ? N - p0 : tile;
+    const int n = static_cast<int>(N - p0 < tile ? N - p0 : tile);
     gate_tile(p0, n);
-    for (int64_t w = threadIdx.x; w < items; w += blockDim.x) {
-      const int64_t block = w / slices, slice = w % slices, jb = block / half, ib = block % half;
+    for (int w = threadIdx.x; w < items; w += blockDim.x) {
+      const int block = w / slices, slice = w % slices, jb = block / half, ib = block % half;
       const bool j1_in = jb + half < m, i1_in = ib + half < m;
       const acc_t* t0 = tt + jb * ts;
       const acc_t* t1 = tt + (j1_in ? jb + half : jb) * ts;
       const acc_t* x0 = xt + ib * ts;
       const acc_t* x1 = xt + (i1_in ? ib + half : ib) * ts;
       acc_t a00 = 0, a01 = 0, a10 = 0, a11 = 0, s0 = 0, s1 = 0;
-      for (int64_t pt = slice; pt < n; pt += slices) {
+      for (int pt = slice; pt < n; pt += slices) {
         a00 += t0[pt] * x0[pt];
         a01 += t0[pt] * x1[pt];
         a10 += t1[pt] * x0[pt];
@@ -149,20 +151,20 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_backward_kernel(BackwardParams bp, in
     }
   }
   __syncthreads();
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
     acc_t t1 = 0;
-    for (int64_t slice = 0; slice < slices; ++slice) t1 += accum[slices * m * m + slice * m + j];
+    for (int slice = 0; slice < slices; ++slice) t1 += accum[slices * m * m + slice * m + j];
     sums[j] = t1;
     static_cast<acc_t*>(bp.t_sum)[unit.slot0 + j] = t1;
   }
   __syncthreads();
   // dy = W2^T t at the GroupNorm output: mean(dy_i) = D1_i, mean(dy_i xh_i) = D2_i; thread i
   // reduces column i of A over the slices and stores it.
-  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
+  for (int i = threadIdx.x; i < m; i += blockDim.x) {
     acc_t a = 0, c = 0;
-    for (int64_t j = 0; j < m; ++j) {
+    for (int j = 0; j < m; ++j) {
       acc_t A_ji = 0;
-      for (int64_t slice = 0; slice < slices; ++slice) A_ji += accum[slice * m * m + j * m + i];
+      for (int slice = 0; slice < slices; ++slice) A_ji += accum[slice * m * m + j * m + i];
       static_cast<acc_t*>(bp.t_xh)[unit.slot0 * m + j * m + i] = A_ji;
       a += w2[j * m + i] * sums[j];
       c += w2[j * m + i] * A_ji;
@@ -175,12 +177,12 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_backward_kernel(BackwardParams bp, in
   // Pass 2: dx_i = gu_i s_i + gw_i r_i (dy_i - D1_i - xh_i D2_i). A plane within one tile still
   // has it in shared memory from pass 1.
   for (int64_t p0 = 0; p0 < N; p0 += tile) {
-    const int64_t n = N - p0 < tile ? N - p0 : tile;
+    const int n = static_cast<int>(N - p0 < tile ? N - p0 : tile);
     if (tiles > 1) gate_tile(p0, n);
-    for_each_cell(m, n, [&](int64_t i, int64_t pt) {
+    for_each_cell(m, n, [&](int i, int pt) {
       acc_t dy = 0;
-      for (int64_t j = 0; j < m; ++j) dy += w2[j * m + i] * tt[j * ts + pt];
-      const int64_t c = i * ts + pt;
+      for (int j = 0; j < m; ++j) dy += w2[j * m + i] * tt[j * ts + pt];
+      const int c = i * ts + pt;
       dx[i * N + p0 + pt] =
           static_cast<scalar_t>(spatial_dx(gt[c], st[c], dy, xt[c], gw[i] * rstd[i], d1[i], d2[i]));
     });

@@ -100,10 +100,12 @@ struct GroupUnit {
 // Calls f(r, c) for the cells of a rows x cols grid that this thread owns: cells threadIdx.x,
 // + blockDim.x, ... in row-major order, the row and column advanced by constant steps (no division
 // per cell). A warp's 32 consecutive cells are consecutive columns (coalesced, conflict-free).
-template <typename F>
-SA_DEVICE void for_each_cell(int64_t rows, int64_t cols, const F& f) {
-  const int64_t step_r = blockDim.x / cols, step_c = blockDim.x % cols;
-  int64_t r = threadIdx.x / cols, c = threadIdx.x % cols;
+// Index: int for a tile (m x at most 1024 pixels), int64_t for whole planes.
+template <typename Index, typename F>
+SA_DEVICE void for_each_cell(Index rows, Index cols, const F& f) {
+  const Index threads = static_cast<Index>(blockDim.x), tid = static_cast<Index>(threadIdx.x);
+  const Index step_r = threads / cols, step_c = threads % cols;
+  Index r = tid / cols, c = tid % cols;
   while (r < rows) {
     f(r, c);
     r += step_r;
@@ -121,10 +123,11 @@ SA_DEVICE void for_each_cell(int64_t rows, int64_t cols, const F& f) {
 // takes pieces w, w + 8, ...; piece k is part k % per_plane of plane k / per_plane, and piece
 // j * per_plane (the start of plane j) is never empty.
 struct GroupPieces {
-  int64_t per_plane, count, packs, packs_per_piece;
+  int per_plane, count;
+  int64_t packs, packs_per_piece;
 
-  SA_DEVICE GroupPieces(int64_t m, int64_t packs_) : packs(packs_) {
-    int64_t common = kGroupWarps;  // gcd(m, 8): 8 is a power of two
+  SA_DEVICE GroupPieces(int m, int64_t packs_) : packs(packs_) {
+    int common = kGroupWarps;  // gcd(m, 8): 8 is a power of two
     while (m % common != 0) common /= 2;
     per_plane = kGroupWarps / common;
     count = m * per_plane;
@@ -134,7 +137,7 @@ struct GroupPieces {
   // f(k, j, begin, end): the calling warp's pieces, whole warps (warp-uniform arguments).
   template <typename F>
   SA_DEVICE void for_warp(const F& f) const {
-    for (int64_t k = threadIdx.x / kWarpSize; k < count; k += kGroupWarps) {
+    for (int k = static_cast<int>(threadIdx.x) / kWarpSize; k < count; k += kGroupWarps) {
       const int64_t begin = (k % per_plane) * packs_per_piece;
       const int64_t end = begin + packs_per_piece;
       f(k, k / per_plane, begin < packs ? begin : packs, end < packs ? end : packs);
@@ -172,10 +175,11 @@ SA_DEVICE void warp_stream(int64_t begin, int64_t end, const F& f, const scalar_
   }
 }
 
-// Packs per streaming step: 4 (16-byte packs: 64 bytes in flight per lane), 8 for narrower packs.
+// Packs per streaming step: 2 of 4 or 8 elements, 4 narrower ones (Moments::add holds the step's
+// values and deviations in registers).
 template <int kVec>
 constexpr int group_unroll() {
-  return kVec >= 4 ? 4 : 8;
+  return kVec >= 4 ? 2 : 4;
 }
 
 // A Standardizer per channel in shared memory (the slots of GroupSmem).
@@ -224,28 +228,28 @@ struct PiecePartials {
 // overflowed (its max|x| pending), e > 0 rescaled by 2^-e. Ends with every plane's Standardizer
 // written by its thread j (the caller synchronizes before reading them).
 template <typename scalar_t, typename acc_t, int kVec>
-SA_DEVICE void group_plane_stats(const scalar_t* x, int64_t m, int64_t N, acc_t eps, bool exact_mean,
+SA_DEVICE void group_plane_stats(const scalar_t* x, int m, int64_t N, acc_t eps, bool exact_mean,
                                  acc_t* smem, const GroupSmem& L, const GroupStats<acc_t>& stats) {
   constexpr int kUnroll = group_unroll<kVec>();
   const GroupPieces pieces(m, N / kVec);
   const PiecePartials<acc_t> part(smem, L, pieces.count);
   acc_t* exponent = smem + L.exponent();
   const int lane = threadIdx.x % kWarpSize;
-  auto scale_of = [&](int64_t j) { return sa_ldexp(acc_t(1), -static_cast<int>(exponent[j])); };
-  auto shift_of = [&](int64_t j, acc_t scale) { return sum_shift(static_cast<acc_t>(x[j * N])) * scale; };
+  auto scale_of = [&](int j) { return sa_ldexp(acc_t(1), -static_cast<int>(exponent[j])); };
+  auto shift_of = [&](int j, acc_t scale) { return sum_shift(static_cast<acc_t>(x[j * N])) * scale; };
 
   // The moments of the pieces of the planes with selected(j), at each plane's scale.
   auto moments_round = [&](const auto& selected) {
-    pieces.for_warp([&](int64_t k, int64_t j, int64_t begin, int64_t end) {
+    pieces.for_warp([&](int k, int j, int64_t begin, int64_t end) {
       if (!selected(j)) return;
       const acc_t scale = scale_of(j), shift = shift_of(j, scale);
       Moments<acc_t> mo;
       double wide = 0;
       warp_stream<kUnroll, kVec, acc_t>(begin, end, [&](const auto& v) {
-        mo.add(v[0], shift, scale);
         if (exact_mean) {
           for (const acc_t value : v[0]) wide += wide_term(value, scale);
         }
+        mo.add(v[0], shift, scale);  // last use of v: its registers take the deviations
       }, x + j * N);
       mo = warp_merge(mo);
       wide = warp_sum(wide);
@@ -259,11 +263,11 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int64_t m, int64_t N, acc_t 
     __syncthreads();
   };
   // Plane j's mean and variance from its pieces (empty ones skipped), merged in piece order.
-  auto combine = [&](int64_t j, acc_t& mean, acc_t& var) {
-    const int64_t k0 = j * pieces.per_plane;
+  auto combine = [&](int j, acc_t& mean, acc_t& var) {
+    const int k0 = j * pieces.per_plane;
     Moments<acc_t> mo{part.n[k0], part.mean[k0], part.m2[k0]};
     double wide = part.wide[k0];
-    for (int64_t k = k0 + 1; k < k0 + pieces.per_plane; ++k) {
+    for (int k = k0 + 1; k < k0 + pieces.per_plane; ++k) {
       if (part.n[k] == acc_t(0)) continue;
       mo.merge(part.n[k], part.mean[k], part.m2[k]);
       wide += part.wide[k];
@@ -272,10 +276,10 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int64_t m, int64_t N, acc_t 
     var = mo.m2 / acc_t(N);
   };
 
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) exponent[j] = 0;
+  for (int j = threadIdx.x; j < m; j += blockDim.x) exponent[j] = 0;
   __syncthreads();
-  moments_round([](int64_t) { return true; });
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
+  moments_round([](int) { return true; });
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
     acc_t mean, var;
     combine(j, mean, var);
     stats.set(j, finish_stats(mean, var, eps, 0));  // kept unless the plane is rescaled
@@ -283,10 +287,10 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int64_t m, int64_t N, acc_t 
   }
   __syncthreads();
   int overflowed = 0;  // the same count in every warp: a uniform branch
-  for (int64_t j = lane; j < m; j += kWarpSize) overflowed += exponent[j] < acc_t(0);
+  for (int j = lane; j < m; j += kWarpSize) overflowed += exponent[j] < acc_t(0);
   if (warp_sum(overflowed) == 0) return;
 
-  pieces.for_warp([&](int64_t k, int64_t j, int64_t begin, int64_t end) {
+  pieces.for_warp([&](int k, int j, int64_t begin, int64_t end) {
     if (exponent[j] >= acc_t(0)) return;
     acc_t amax = 0;
     warp_stream<kUnroll, kVec, acc_t>(begin, end, [&](const auto& v) {
@@ -296,15 +300,15 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int64_t m, int64_t N, acc_t 
     if (lane == 0) part.m2[k] = amax;
   });
   __syncthreads();
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
     if (exponent[j] >= acc_t(0)) continue;
     acc_t amax = 0;
-    for (int64_t k = j * pieces.per_plane; k < (j + 1) * pieces.per_plane; ++k) amax = max_nan(amax, part.m2[k]);
+    for (int k = j * pieces.per_plane; k < (j + 1) * pieces.per_plane; ++k) amax = max_nan(amax, part.m2[k]);
     exponent[j] = static_cast<acc_t>(rescale_exponent(amax));  // 0: inf or NaN, keep the unscaled
   }
   __syncthreads();
-  moments_round([&](int64_t j) { return exponent[j] > acc_t(0); });
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
+  moments_round([&](int j) { return exponent[j] > acc_t(0); });
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
     if (exponent[j] <= acc_t(0)) continue;
     acc_t mean, var;
     combine(j, mean, var);
@@ -335,10 +339,10 @@ SA_DEVICE acc_t group_norm_output(const ForwardParams& p, const GroupStats<acc_t
 }
 
 template <typename acc_t>
-SA_DEVICE acc_t gate_preactivation(const ForwardParams& p, int64_t m, int64_t stride, const acc_t* w2,
-                                   const acc_t* yt, int64_t j, int64_t pt) {
+SA_DEVICE acc_t gate_preactivation(const ForwardParams& p, int m, int stride, const acc_t* w2, const acc_t* yt,
+                                   int j, int pt) {
   acc_t z = static_cast<const acc_t*>(p.spatial_bias)[j];
-  for (int64_t i = 0; i < m; ++i) z += w2[j * m + i] * yt[i * stride + pt];
+  for (int i = 0; i < m; ++i) z += w2[j * m + i] * yt[i * stride + pt];
   return z;
 }
 
@@ -346,7 +350,9 @@ template <typename scalar_t, int kVec>
 SA_KERNEL_BOUNDS(kGroupThreads) void group_forward_kernel(ForwardParams p, int64_t tile) {
   using acc_t = at::opmath_type<scalar_t>;
   SA_DYNAMIC_SHARED(acc_t, smem);
-  const int64_t m = p.branch_channels, N = p.plane_size;
+  // m is small (the launch checked its tiles against the shared memory): int tile indices.
+  const int m = static_cast<int>(p.branch_channels);
+  const int64_t N = p.plane_size;
   const GroupSmem L{m, tile};
   const GroupUnit unit(p);
   const scalar_t* x = static_cast<const scalar_t*>(p.x) + unit.plane0 * N;
@@ -356,7 +362,7 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_forward_kernel(ForwardParams p, int64
 
   group_plane_stats<scalar_t, acc_t, kVec>(x, m, N, static_cast<acc_t>(p.eps), !unit.spatial, smem, L, stats);
   __syncthreads();
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
     static_cast<acc_t*>(p.mean)[unit.plane0 + j] = stats.mean[j];
     static_cast<acc_t*>(p.rstd)[unit.plane0 + j] = stats.rstd[j];
   }
@@ -365,9 +371,9 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_forward_kernel(ForwardParams p, int64
     // s = sigmoid(W1 mu + b1), one scalar per plane.
     const acc_t* w1 = static_cast<const acc_t*>(p.channel_weight);
     const acc_t* b1 = static_cast<const acc_t*>(p.channel_bias);
-    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) gate[j] = sigmoid(matvec_row(w1, stats.mean, b1, m, j));
+    for (int j = threadIdx.x; j < m; j += blockDim.x) gate[j] = sigmoid(matvec_row(w1, stats.mean, b1, m, j));
     __syncthreads();
-    for_each_cell(m, N / kVec, [&](int64_t j, int64_t q) {
+    for_each_cell(int64_t(m), N / kVec, [&](int64_t j, int64_t q) {
       acc_t v[kVec];
       load_acc<scalar_t, acc_t, kVec>(x + j * N, q, v);
 #pragma unroll
@@ -381,18 +387,18 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_forward_kernel(ForwardParams p, int64
   acc_t* scale = smem + L.scale();
   acc_t* xt = smem + L.tile_x();
   acc_t* yt = smem + L.tile_y();
-  const int64_t ts = L.stride();
+  const int ts = static_cast<int>(L.stride());
   load_spatial_gate(p, m, stats, w2, scale);
   for (int64_t p0 = 0; p0 < N; p0 += tile) {
-    const int64_t n = N - p0 < tile ? N - p0 : tile;
+    const int n = static_cast<int>(N - p0 < tile ? N - p0 : tile);
     __syncthreads();  // W2 and scale are written; the previous tile is consumed
-    for_each_cell(m, n, [&](int64_t i, int64_t pt) {
+    for_each_cell(m, n, [&](int i, int pt) {
       const acc_t v = static_cast<acc_t>(x[i * N + p0 + pt]);
       xt[i * ts + pt] = v;
       yt[i * ts + pt] = group_norm_output(p, stats, scale, i, v);
     });
     __syncthreads();
-    for_each_cell(m, n, [&](int64_t j, int64_t pt) {
+    for_each_cell(m, n, [&](int j, int pt) {
       const acc_t z = gate_preactivation(p, m, ts, w2, yt, j, pt);
       out[2 * j * N + p0 + pt] = static_cast<scalar_t>(xt[j * ts + pt] * sigmoid(z));
     });

@@ -31,7 +31,6 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_backward_kernel(BackwardParams bp, in
   acc_t* gate = smem + L.gate();
   acc_t* sums = smem + L.dz_or_t1();
   acc_t* d1 = smem + L.dmu_or_d1();
-  const acc_t inv_n = acc_t(1) / acc_t(N);
   for (int j = threadIdx.x; j < m; j += blockDim.x) {
     stats.set(j, saved_stats(static_cast<const acc_t*>(p.mean)[unit.plane0 + j],
                              static_cast<const acc_t*>(p.rstd)[unit.plane0 + j]));
@@ -63,7 +62,7 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_backward_kernel(BackwardParams bp, in
       static_cast<acc_t*>(bp.gate_grad)[unit.slot0 + j] = sums[j];
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < m; i += blockDim.x) d1[i] = matvec_t_row(w1, sums, m, i) * inv_n;
+    for (int i = threadIdx.x; i < m; i += blockDim.x) d1[i] = matvec_t_row(w1, sums, m, i) * (acc_t(1) / acc_t(N));
     __syncthreads();
     for_each_cell(int64_t(m), N / kVec, [&](int64_t j, int64_t q) {
       acc_t g[kVec], d[kVec];
@@ -169,6 +168,7 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_backward_kernel(BackwardParams bp, in
       a += w2[j * m + i] * sums[j];
       c += w2[j * m + i] * A_ji;
     }
+    const acc_t inv_n = acc_t(1) / acc_t(N);
     d1[i] = a * inv_n;
     d2[i] = c * inv_n;
   }

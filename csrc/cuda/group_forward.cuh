@@ -79,7 +79,6 @@ inline int64_t group_tile_pixels(int64_t m, int64_t N) {
 // of the channels (c0 and C / 2 = G m are multiples of m), so channel_shuffle sends channel c0 + j
 // to shuffle_dst(c0) + 2 j: plane j of out / grad_out is 2 j planes after the first.
 struct GroupUnit {
-  int64_t b, g;
   bool spatial;
   int64_t plane0;      // b * C + c0: the unit's first plane of x (mean, rstd, grad_x alike)
   int64_t out_plane0;  // b * C + shuffle_dst(c0): its first plane of out / grad_out
@@ -87,8 +86,7 @@ struct GroupUnit {
 
   SA_DEVICE explicit GroupUnit(const ForwardParams& p) {
     const int64_t m = p.branch_channels, C = p.channels, G = p.groups, unit = blockIdx.x;
-    b = unit / (2 * G);
-    g = (unit / 2) % G;
+    const int64_t b = unit / (2 * G), g = (unit / 2) % G;
     spatial = unit % 2 == 1;
     const int64_t c0 = g * 2 * m + (spatial ? m : 0);
     plane0 = b * C + c0;

@@ -22,7 +22,9 @@ void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& b) {
                                         decltype(packs)::value>;
         });
       } else {
-        launch_groups<scalar_t>(b, b.fwd, true, &group_backward_kernel<scalar_t>);
+        launch_groups<scalar_t>(b, b.fwd, true, {b.fwd.x, b.grad_out, b.grad_x}, [](auto vec) {
+          return &group_backward_kernel<scalar_t, decltype(vec)::value>;
+        });
       }
     }
     launch_param_grad_reduce<at::opmath_type<scalar_t>>(variant, b);

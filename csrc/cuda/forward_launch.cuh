@@ -16,7 +16,9 @@ void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& f) {
                                      decltype(packs)::value>;
       });
     } else {
-      launch_groups<scalar_t>(f, f, false, &group_forward_kernel<scalar_t>);
+      launch_groups<scalar_t>(f, f, false, {f.x, f.out}, [](auto vec) {
+        return &group_forward_kernel<scalar_t, decltype(vec)::value>;
+      });
     }
   });
 }

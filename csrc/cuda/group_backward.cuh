@@ -1,68 +1,76 @@
 // 1x1-conv variant (ShuffleAttention), backward: one block per branch of one (batch item, group).
 //
 // Bytes moved: x and grad_out (shuffled channels) read twice (sums, then dx; the second read hits
-// L2), grad_x written once, saved mean/rstd and the per-unit partials (sa_params.h: dz for the
-// channel branch, T1 and A = sum_p t xh^T for the spatial branch) reduced later by the host code.
+// L2, and is skipped by the spatial branch when the plane fits one tile), grad_x written once,
+// saved mean/rstd and the per-unit partials (sa_params.h: dz for the channel branch, T1 and
+// A = sum_p t xh^T for the spatial branch) reduced later by the host code.
 #pragma once
+
+#include <iterator>
 
 #include "group_forward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
 
-template <typename scalar_t>
-SA_KERNEL_BOUNDS(kGroupThreads) void group_backward_kernel(BackwardParams bp, int64_t tile) {
+template <typename scalar_t, int kVec>
+SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void group_backward_kernel(BackwardParams bp, int64_t tile) {
   using acc_t = at::opmath_type<scalar_t>;
   SA_DYNAMIC_SHARED(acc_t, smem);
   const ForwardParams& p = bp.fwd;
-  const int64_t m = p.branch_channels, N = p.plane_size, C = p.channels, G = p.groups;
+  // m is small (the launch checked its tiles against the shared memory): int tile indices.
+  const int m = static_cast<int>(p.branch_channels);
+  const int64_t N = p.plane_size;
   const GroupSmem L{m, tile};
-  const int64_t unit = blockIdx.x;
-  const int64_t b = unit / (2 * G), g = (unit / 2) % G;
-  const bool spatial = unit % 2 == 1;
-  const int64_t c0 = g * 2 * m + (spatial ? m : 0), plane0 = b * C + c0, slot0 = (b * G + g) * m;
-  const scalar_t* x = static_cast<const scalar_t*>(p.x) + plane0 * N;
-  const scalar_t* grad_out = static_cast<const scalar_t*>(bp.grad_out);
-  auto gu_plane = [&](int64_t j) { return grad_out + (b * C + shuffle_dst(c0 + j, C)) * N; };
-  scalar_t* dx = static_cast<scalar_t*>(bp.grad_x) + plane0 * N;
+  const GroupUnit unit(p);
+  const scalar_t* x = static_cast<const scalar_t*>(p.x) + unit.plane0 * N;
+  const scalar_t* gu = static_cast<const scalar_t*>(bp.grad_out) + unit.out_plane0 * N;  // plane j at gu + 2 j N
+  scalar_t* dx = static_cast<scalar_t*>(bp.grad_x) + unit.plane0 * N;
   const GroupStats<acc_t> stats(smem, L);
   const acc_t* mean = stats.mean;
   const acc_t* rstd = stats.rstd;
   acc_t* gate = smem + L.gate();
   acc_t* sums = smem + L.dz_or_t1();
   acc_t* d1 = smem + L.dmu_or_d1();
-  const acc_t inv_n = acc_t(1) / acc_t(N);
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
-    stats.set(j, saved_stats(static_cast<const acc_t*>(p.mean)[plane0 + j],
-                             static_cast<const acc_t*>(p.rstd)[plane0 + j]));
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
+    stats.set(j, saved_stats(static_cast<const acc_t*>(p.mean)[unit.plane0 + j],
+                             static_cast<const acc_t*>(p.rstd)[unit.plane0 + j]));
   }
   __syncthreads();
 
-  if (!spatial) {
+  if (!unit.spatial) {
     // s = sigmoid(W1 mu + b1); dz_j = sum_p(gu_j x_j) s_j (1 - s_j); dmu = W1^T dz;
-    // dx_j = gu_j s_j + dmu_j / N.
+    // dx_j = gu_j s_j + dmu_j / N. sum_p(gu_j x_j) by pieces (GroupPieces), then in piece order.
     const acc_t* w1 = static_cast<const acc_t*>(p.channel_weight);
     const acc_t* b1 = static_cast<const acc_t*>(p.channel_bias);
-    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) gate[j] = sigmoid(matvec_row(w1, mean, b1, m, j));
-    __syncthreads();
-    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-    const int warps = blockDim.x / kWarpSize;
-    for (int64_t j = warp; j < m; j += warps) {
-      const scalar_t* gj = gu_plane(j);
+    const GroupPieces pieces(m, N / kVec);
+    acc_t* dots = smem + L.tile_x();
+    for (int j = threadIdx.x; j < m; j += blockDim.x) gate[j] = sigmoid(matvec_row(w1, mean, b1, m, j));
+    pieces.for_warp([&](int k, int j, int64_t begin, int64_t end) {
       acc_t s = 0;
-      for (int64_t q = lane; q < N; q += kWarpSize) s += static_cast<acc_t>(gj[q]) * static_cast<acc_t>(x[j * N + q]);
+      // Half the statistics' steps per plane: as many values per step for the two planes.
+      warp_stream<group_unroll<kVec>() / 2, kVec, acc_t>(begin, end, [&](const auto& v) {
+        for (size_t i = 0; i < std::size(v[0]); ++i) s += v[0][i] * v[1][i];
+      }, gu + 2 * j * N, x + j * N);
       s = warp_sum(s);
-      if (lane == 0) {
-        sums[j] = s * sigmoid_grad(gate[j]);
-        static_cast<acc_t*>(bp.gate_grad)[slot0 + j] = sums[j];
-      }
+      if (threadIdx.x % kWarpSize == 0) dots[k] = s;
+    });
+    __syncthreads();
+    for (int j = threadIdx.x; j < m; j += blockDim.x) {
+      acc_t s = 0;
+      for (int k = j * pieces.per_plane; k < (j + 1) * pieces.per_plane; ++k) s += dots[k];
+      sums[j] = s * sigmoid_grad(gate[j]);
+      static_cast<acc_t*>(bp.gate_grad)[unit.slot0 + j] = sums[j];
     }
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < m; i += blockDim.x) d1[i] = matvec_t_row(w1, sums, m, i) * inv_n;
+    for (int i = threadIdx.x; i < m; i += blockDim.x) d1[i] = matvec_t_row(w1, sums, m, i) * (acc_t(1) / acc_t(N));
     __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < m * N; idx += blockDim.x) {
-      const int64_t j = idx / N, q = idx % N;
-      dx[idx] = static_cast<scalar_t>(static_cast<acc_t>(gu_plane(j)[q]) * gate[j] + d1[j]);
-    }
+    for_each_cell(int64_t(m), N / kVec, [&](int64_t j, int64_t q) {
+      acc_t g[kVec], d[kVec];
+      load_acc<scalar_t, acc_t, kVec>(gu + 2 * j * N, q, g);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) d[i] = g[i] * gate[j] + d1[j];
+      store_acc<scalar_t, acc_t, kVec>(dx + j * N, q, d);
+    });
     return;
   }
 
@@ -70,78 +78,114 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_backward_kernel(BackwardParams bp, in
   acc_t* d2 = smem + L.d2();
   acc_t* w2 = smem + L.matrix();
   acc_t* scale = smem + L.scale();
-  acc_t* A = smem + L.accum();
   acc_t* xt = smem + L.tile_x();
   acc_t* yt = smem + L.tile_y();
   acc_t* gt = smem + L.tile_g();
   acc_t* st = smem + L.tile_s();
   acc_t* tt = smem + L.tile_t();
+  acc_t* accum = smem + L.accum();
+  const int ts = static_cast<int>(L.stride());
   load_spatial_gate(p, m, stats, w2, scale);
-  for (int64_t idx = threadIdx.x; idx < m * m; idx += blockDim.x) A[idx] = 0;
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) sums[j] = 0;
+  for (int64_t idx = threadIdx.x; idx < L.accum_values(); idx += blockDim.x) accum[idx] = 0;
 
-  // One tile of pixels: x and grad_out in, gate s and t = dL/dz = gu x s (1 - s) out (t = 0 on
-  // pixels past the plane's end, where x and gu are loaded as 0); then the x tile is replaced by
-  // xh = (x - mu) r (each entry by the thread that read it: nobody else reads xt in that loop).
-  auto gate_tile = [&](int64_t p0) {
-    __syncthreads();  // the previous tile is consumed (and W2, scale, A are initialized)
-    load_tile<scalar_t, acc_t>([&](int64_t i) { return x + i * N; }, m, N, p0, tile, xt);
-    load_tile<scalar_t, acc_t>(gu_plane, m, N, p0, tile, gt);
+  // One tile of pixels [p0, p0 + n): x and grad_out in, gate s and t = dL/dz = gu x s (1 - s) out;
+  // then the x tile is replaced by xh = (x - mu) r (each entry by the thread that read it: nobody
+  // else reads xt in that loop).
+  auto gate_tile = [&](int64_t p0, int n) {
+    __syncthreads();  // the previous tile is consumed (and W2, scale, the partials are initialized)
+    for_each_cell(m, n, [&](int i, int pt) {
+      const acc_t v = static_cast<acc_t>(x[i * N + p0 + pt]);
+      xt[i * ts + pt] = v;
+      gt[i * ts + pt] = static_cast<acc_t>(gu[2 * i * N + p0 + pt]);
+      yt[i * ts + pt] = group_norm_output(p, stats, scale, i, v);
+    });
     __syncthreads();
-    normalize_tile(p, m, tile, stats, scale, xt, yt);
-    __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < m * tile; idx += blockDim.x) {
-      const int64_t j = idx / tile, pt = idx % tile;
-      st[idx] = sigmoid(gate_preactivation(p, m, tile, w2, yt, j, pt));
-      tt[idx] = gate_input_grad(gt[idx], xt[idx], st[idx]);
-      xt[idx] = sa_fma(xt[idx], stats.input_scale[j], -stats.center[j]) * stats.gate_rstd[j];
-    }
+    for_each_cell(m, n, [&](int j, int pt) {
+      const int c = j * ts + pt;
+      st[c] = sigmoid(gate_preactivation(p, m, ts, w2, yt, j, pt));
+      tt[c] = gate_input_grad(gt[c], xt[c], st[c]);
+      xt[c] = sa_fma(xt[c], stats.input_scale[j], -stats.center[j]) * stats.gate_rstd[j];
+    });
     __syncthreads();
   };
 
   // Pass 1: T1[j] = sum_p t_j, A[j, i] = sum_p t_j xh_i (xh first: t_j (x_i - mu_i) would be of
-  // order |x|^2 and overflow first); each entry owned by one thread.
+  // order |x|^2 and overflow first). Work item w = (block, slice) of the slices() x half^2 items
+  // (half = ceil(m / 2)): block (jb, ib) holds the 2 x 2 entries j in {jb, jb + half},
+  // i in {ib, ib + half} (a row past m stands in for itself and is not stored), its slice the
+  // tile pixels slice, + slices, ... . The thread of an item adds its tile sums to the item's own
+  // entries of the slice's partials (one writer each; T1 by the items with ib = 0), which are
+  // reduced over the slices in slice order at the end: the same bits every run.
+  const int half = (m + 1) / 2, slices = static_cast<int>(L.slices()), items = slices * half * half;
+  const int64_t tiles = (N + tile - 1) / tile;
   for (int64_t p0 = 0; p0 < N; p0 += tile) {
-    gate_tile(p0);
-    for (int64_t idx = threadIdx.x; idx < m * m; idx += blockDim.x) {
-      const int64_t j = idx / m, i = idx % m;
-      acc_t a = 0;
-      for (int64_t pt = 0; pt < tile; ++pt) a += tt[j * tile + pt] * xt[i * tile + pt];
-      A[idx] += a;
-    }
-    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
-      acc_t t1 = 0;
-      for (int64_t pt = 0; pt < tile; ++pt) t1 += tt[j * tile + pt];
-      sums[j] += t1;
+    const int n = static_cast<int>(N - p0 < tile ? N - p0 : tile);
+    gate_tile(p0, n);
+    for (int w = threadIdx.x; w < items; w += blockDim.x) {
+      const int block = w / slices, slice = w % slices, jb = block / half, ib = block % half;
+      const bool j1_in = jb + half < m, i1_in = ib + half < m;
+      const acc_t* t0 = tt + jb * ts;
+      const acc_t* t1 = tt + (j1_in ? jb + half : jb) * ts;
+      const acc_t* x0 = xt + ib * ts;
+      const acc_t* x1 = xt + (i1_in ? ib + half : ib) * ts;
+      acc_t a00 = 0, a01 = 0, a10 = 0, a11 = 0, s0 = 0, s1 = 0;
+      for (int pt = slice; pt < n; pt += slices) {
+        a00 += t0[pt] * x0[pt];
+        a01 += t0[pt] * x1[pt];
+        a10 += t1[pt] * x0[pt];
+        a11 += t1[pt] * x1[pt];
+        s0 += t0[pt];
+        s1 += t1[pt];
+      }
+      acc_t* A = accum + slice * m * m;
+      acc_t* T1 = accum + slices * m * m + slice * m;
+      A[jb * m + ib] += a00;
+      if (i1_in) A[jb * m + ib + half] += a01;
+      if (j1_in) A[(jb + half) * m + ib] += a10;
+      if (j1_in && i1_in) A[(jb + half) * m + ib + half] += a11;
+      if (ib == 0) {
+        T1[jb] += s0;
+        if (j1_in) T1[jb + half] += s1;
+      }
     }
   }
   __syncthreads();
-  // dy = W2^T t at the GroupNorm output: mean(dy_i) = D1_i, mean(dy_i xh_i) = D2_i.
-  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
+    acc_t t1 = 0;
+    for (int slice = 0; slice < slices; ++slice) t1 += accum[slices * m * m + slice * m + j];
+    sums[j] = t1;
+    static_cast<acc_t*>(bp.t_sum)[unit.slot0 + j] = t1;
+  }
+  __syncthreads();
+  // dy = W2^T t at the GroupNorm output: mean(dy_i) = D1_i, mean(dy_i xh_i) = D2_i; thread i
+  // reduces column i of A over the slices and stores it.
+  for (int i = threadIdx.x; i < m; i += blockDim.x) {
     acc_t a = 0, c = 0;
-    for (int64_t j = 0; j < m; ++j) {
+    for (int j = 0; j < m; ++j) {
+      acc_t A_ji = 0;
+      for (int slice = 0; slice < slices; ++slice) A_ji += accum[slice * m * m + j * m + i];
+      static_cast<acc_t*>(bp.t_xh)[unit.slot0 * m + j * m + i] = A_ji;
       a += w2[j * m + i] * sums[j];
-      c += w2[j * m + i] * A[j * m + i];
+      c += w2[j * m + i] * A_ji;
     }
+    const acc_t inv_n = acc_t(1) / acc_t(N);
     d1[i] = a * inv_n;
     d2[i] = c * inv_n;
-    static_cast<acc_t*>(bp.t_sum)[slot0 + i] = sums[i];
   }
-  for (int64_t idx = threadIdx.x; idx < m * m; idx += blockDim.x) {
-    static_cast<acc_t*>(bp.t_xh)[slot0 * m + idx] = A[idx];
-  }
+  __syncthreads();
 
-  // Pass 2: dx_i = gu_i s_i + gw_i r_i (dy_i - D1_i - xh_i D2_i).
+  // Pass 2: dx_i = gu_i s_i + gw_i r_i (dy_i - D1_i - xh_i D2_i). A plane within one tile still
+  // has it in shared memory from pass 1.
   for (int64_t p0 = 0; p0 < N; p0 += tile) {
-    gate_tile(p0);
-    for (int64_t idx = threadIdx.x; idx < m * tile; idx += blockDim.x) {
-      const int64_t i = idx / tile, pt = idx % tile;
-      if (p0 + pt >= N) continue;
+    const int n = static_cast<int>(N - p0 < tile ? N - p0 : tile);
+    if (tiles > 1) gate_tile(p0, n);
+    for_each_cell(m, n, [&](int i, int pt) {
       acc_t dy = 0;
-      for (int64_t j = 0; j < m; ++j) dy += w2[j * m + i] * tt[j * tile + pt];
-      dx[i * N + p0 + pt] = static_cast<scalar_t>(
-          spatial_dx(gt[idx], st[idx], dy, xt[idx], gw[i] * rstd[i], d1[i], d2[i]));
-    }
+      for (int j = 0; j < m; ++j) dy += w2[j * m + i] * tt[j * ts + pt];
+      const int c = i * ts + pt;
+      dx[i * N + p0 + pt] =
+          static_cast<scalar_t>(spatial_dx(gt[c], st[c], dy, xt[c], gw[i] * rstd[i], d1[i], d2[i]));
+    });
   }
 }
 

@@ -2,8 +2,12 @@
 // i.e. m planes coupled by the m x m gate matrix.
 //
 // Bytes moved: x read twice (plane moments, then the gate; the second read hits L2, the unit is at
-// most a few hundred KB), out written once at the shuffled channels. The spatial gate needs all m
-// channels of a pixel: pixels go through shared memory in tiles of m x tile_pixels values.
+// most a few hundred KB), out written once at the shuffled channels. The moments stream the planes
+// in packs of kVec elements (16-, 8- or 4-byte accesses, or scalars: launch_groups picks the widest
+// that N and every plane pointer allow), cut into pieces so that all 8 warps work whatever m is.
+// The spatial gate needs all m channels of a pixel: pixels go through shared memory in tiles of
+// m rows x tile pixels, rows tile + 1 values apart (a thread walking down a column meets a new
+// bank on every row).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -15,14 +19,22 @@
 namespace sa_cuda::SA_GPU_NS {
 
 constexpr int kGroupThreads = 256;  // threads per block of the group kernels
+// Register budget: at least 2 blocks per SM, 65536 / (2 * 256) = 128 registers per thread. Given
+// only the max block size, ptxas picks its own occupancy target and trades spills for it (it held
+// the fp64 scalar-pack forward to 64 registers with 56 bytes of spill stores).
+constexpr int kGroupMinBlocks = 2;
+constexpr int kGroupWarps = kGroupThreads / kWarpSize;
 
-// Shared-memory layout of a group block, in acc_t values; the forward uses the part up to the
-// end of tile_y(). Per-channel vectors of m: mean, rstd (the true statistics), gate s (channel
-// branch), scale = gw * gate_rstd, dz / T1, dmu / D1, D2, and the Standardizer's input_scale,
-// center, gate_rstd (sa_math.h); m x m: W2, the backward's A; tiles of m x tile pixels: x, the
-// GroupNorm output y, grad_out, gate s, t.
+// Shared-memory layout of a group block, in acc_t values. Per-channel vectors of m: mean, rstd
+// (the true statistics), gate s (channel branch), scale = gw * gate_rstd, dz / T1, dmu / D1, D2,
+// the Standardizer's input_scale, center, gate_rstd (sa_math.h), and the statistics' rescale
+// exponent; m x m: W2. Then the tiles of m x stride() values (16-byte aligned): x (then xh in the
+// backward), the GroupNorm output y, and for the backward grad_out, gate s, t; the statistics'
+// per-piece partials use the same space before the first tile. Last, the backward's partials of
+// A and T1 over its pixel slices.
 struct GroupSmem {
   int64_t m, tile;
+  SA_HOST_DEVICE int64_t stride() const { return tile + 1; }
   SA_HOST_DEVICE int64_t mean() const { return 0; }
   SA_HOST_DEVICE int64_t rstd() const { return m; }
   SA_HOST_DEVICE int64_t gate() const { return 2 * m; }
@@ -33,15 +45,144 @@ struct GroupSmem {
   SA_HOST_DEVICE int64_t input_scale() const { return 7 * m; }
   SA_HOST_DEVICE int64_t center() const { return 8 * m; }
   SA_HOST_DEVICE int64_t gate_rstd() const { return 9 * m; }
-  SA_HOST_DEVICE int64_t matrix() const { return 10 * m; }
-  SA_HOST_DEVICE int64_t tile_x() const { return matrix() + m * m; }
-  SA_HOST_DEVICE int64_t tile_y() const { return tile_x() + m * tile; }
-  SA_HOST_DEVICE int64_t accum() const { return tile_y() + m * tile; }
-  SA_HOST_DEVICE int64_t tile_g() const { return accum() + m * m; }
-  SA_HOST_DEVICE int64_t tile_s() const { return tile_g() + m * tile; }
-  SA_HOST_DEVICE int64_t tile_t() const { return tile_s() + m * tile; }
-  SA_HOST_DEVICE int64_t values(bool backward) const { return backward ? tile_t() + m * tile : accum(); }
+  SA_HOST_DEVICE int64_t exponent() const { return 10 * m; }
+  SA_HOST_DEVICE int64_t matrix() const { return 11 * m; }
+  SA_HOST_DEVICE int64_t tile_x() const { return (matrix() + m * m + 3) / 4 * 4; }
+  SA_HOST_DEVICE int64_t tile_y() const { return tile_x() + m * stride(); }
+  SA_HOST_DEVICE int64_t tile_g() const { return tile_y() + m * stride(); }
+  SA_HOST_DEVICE int64_t tile_s() const { return tile_g() + m * stride(); }
+  SA_HOST_DEVICE int64_t tile_t() const { return tile_s() + m * stride(); }
+  SA_HOST_DEVICE int64_t accum() const { return tile_t() + m * stride(); }
+  // Pixel slices of the backward's A = sum_p t xh^T: (ceil(m / 2))^2 blocks of 2 x 2 entries, each
+  // block's tile pixels split over `slices` threads so that the block's threads all work.
+  SA_HOST_DEVICE int64_t slices() const {
+    const int64_t half = (m + 1) / 2, per_block = kGroupThreads / (half * half);
+    return per_block > 1 ? per_block : 1;
+  }
+  // Partials per slice: A [m, m] and T1 [m].
+  SA_HOST_DEVICE int64_t accum_values() const { return slices() * m * (m + 1); }
+  // The statistics' partials: at most kGroupWarps * m pieces of 3 acc_t and a double.
+  SA_HOST_DEVICE int64_t piece_values() const { return kGroupWarps * m * 5; }
+  SA_HOST_DEVICE int64_t values(bool backward) const {
+    if (backward) return accum() + accum_values();
+    const int64_t tiles = 2 * m * stride();
+    return tile_x() + (tiles > piece_values() ? tiles : piece_values());
+  }
 };
+
+// About 2048 tile values per block iteration whatever m is (m = 2 in SA-ResNet's first stage), at
+// most the plane (rounded up to a warp's 32 pixels).
+inline int64_t group_tile_pixels(int64_t m, int64_t N) {
+  const int64_t p = (2048 / m) / kWarpSize * kWarpSize;
+  const int64_t target = p < kWarpSize ? kWarpSize : (p > 1024 ? 1024 : p);
+  const int64_t plane = (N + kWarpSize - 1) / kWarpSize * kWarpSize;
+  return plane < target ? plane : target;
+}
+
+// The block's (batch item, group, branch). The unit's channels c0 .. c0 + m - 1 lie in one half
+// of the channels (c0 and C / 2 = G m are multiples of m), so channel_shuffle sends channel c0 + j
+// to shuffle_dst(c0) + 2 j: plane j of out / grad_out is 2 j planes after the first.
+struct GroupUnit {
+  bool spatial;
+  int64_t plane0;      // b * C + c0: the unit's first plane of x (mean, rstd, grad_x alike)
+  int64_t out_plane0;  // b * C + shuffle_dst(c0): its first plane of out / grad_out
+  int64_t slot0;       // (b * G + g) * m: its first slot of the backward's partials
+
+  SA_DEVICE explicit GroupUnit(const ForwardParams& p) {
+    const int64_t m = p.branch_channels, C = p.channels, G = p.groups, unit = blockIdx.x;
+    const int64_t b = unit / (2 * G), g = (unit / 2) % G;
+    spatial = unit % 2 == 1;
+    const int64_t c0 = g * 2 * m + (spatial ? m : 0);
+    plane0 = b * C + c0;
+    out_plane0 = b * C + shuffle_dst(c0, C);
+    slot0 = (b * G + g) * m;
+  }
+};
+
+// Calls f(r, c) for the cells of a rows x cols grid that this thread owns: cells threadIdx.x,
+// + blockDim.x, ... in row-major order, the row and column advanced by constant steps (no division
+// per cell). A warp's 32 consecutive cells are consecutive columns (coalesced, conflict-free).
+// Index: int for a tile (m x at most 1024 pixels), int64_t for whole planes.
+template <typename Index, typename F>
+SA_DEVICE void for_each_cell(Index rows, Index cols, const F& f) {
+  const Index threads = static_cast<Index>(blockDim.x), tid = static_cast<Index>(threadIdx.x);
+  const Index step_r = threads / cols, step_c = threads % cols;
+  Index r = tid / cols, c = tid % cols;
+  while (r < rows) {
+    f(r, c);
+    r += step_r;
+    c += step_c;
+    if (c >= cols) {
+      c -= cols;
+      ++r;
+    }
+  }
+}
+
+// The unit's m planes of `packs` packs cut into pieces for the warps: per_plane = 8 / gcd(m, 8)
+// pieces per plane, so that the m * per_plane pieces are a multiple of the 8 warps and every warp
+// streams the same amount (m = 2: each plane in 4 pieces; m a multiple of 8: whole planes). Warp w
+// takes pieces w, w + 8, ...; piece k is part k % per_plane of plane k / per_plane, and piece
+// j * per_plane (the start of plane j) is never empty.
+struct GroupPieces {
+  int per_plane, count;
+  int64_t packs, packs_per_piece;
+
+  SA_DEVICE GroupPieces(int m, int64_t packs_) : packs(packs_) {
+    int common = kGroupWarps;  // gcd(m, 8): 8 is a power of two
+    while (m % common != 0) common /= 2;
+    per_plane = kGroupWarps / common;
+    count = m * per_plane;
+    packs_per_piece = (packs + per_plane - 1) / per_plane;
+  }
+
+  // f(k, j, begin, end): the calling warp's pieces, whole warps (warp-uniform arguments).
+  template <typename F>
+  SA_DEVICE void for_warp(const F& f) const {
+    for (int k = static_cast<int>(threadIdx.x) / kWarpSize; k < count; k += kGroupWarps) {
+      const int64_t begin = (k % per_plane) * packs_per_piece;
+      const int64_t end = begin + packs_per_piece;
+      f(k, k / per_plane, begin < packs ? begin : packs, end < packs ? end : packs);
+    }
+  }
+};
+
+// Streams packs [begin, end) of the given planes over a warp: lane l takes packs begin + l, + 32,
+// ... . kUnroll packs per plane at a time (that many loads in flight per lane), then one pack at a
+// time for the rest; f(v) gets this lane's values as v[plane][i], acc_t[kPlanes][kUnroll * kVec]
+// or acc_t[kPlanes][kVec].
+template <int kUnroll, int kVec, typename acc_t, typename F, typename scalar_t, typename... More>
+SA_DEVICE void warp_stream(int64_t begin, int64_t end, const F& f, const scalar_t* plane, const More*... more) {
+  constexpr int kPlanes = 1 + sizeof...(More);
+  const scalar_t* planes[kPlanes] = {plane, more...};
+  auto load = [&](auto& v, int64_t q, int slot) {
+#pragma unroll
+    for (int k = 0; k < kPlanes; ++k) {
+      const Pack<scalar_t, kVec> raw = load_pack<scalar_t, kVec>(planes[k] + q * kVec);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) v[k][slot * kVec + i] = static_cast<acc_t>(raw.val[i]);
+    }
+  };
+  int64_t q = begin + threadIdx.x % kWarpSize;
+  for (; q + (kUnroll - 1) * kWarpSize < end; q += kUnroll * kWarpSize) {
+    acc_t v[kPlanes][kUnroll * kVec];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) load(v, q + u * kWarpSize, u);
+    f(v);
+  }
+  for (; q < end; q += kWarpSize) {
+    acc_t v[kPlanes][kVec];
+    load(v, q, 0);
+    f(v);
+  }
+}
+
+// Packs per streaming step: 2 of 4 or 8 elements, 4 narrower ones (Moments::add holds the step's
+// values and deviations in registers).
+template <int kVec>
+constexpr int group_unroll() {
+  return kVec >= 4 ? 2 : 4;
+}
 
 // A Standardizer per channel in shared memory (the slots of GroupSmem).
 template <typename acc_t>
@@ -64,42 +205,116 @@ struct GroupStats {
   }
 };
 
-// About 2048 tile values per block iteration whatever m is (m = 2 in SA-ResNet's first stage).
-inline int64_t group_tile_pixels(int64_t m) {
-  const int64_t p = (2048 / m) / kWarpSize * kWarpSize;
-  return p < kWarpSize ? kWarpSize : (p > 1024 ? 1024 : p);
-}
+// Per-piece partials of the statistics, at the start of the tile space: the wide sum (double, for
+// the channel branch's mean), and the piece's Moments (n, mean, m2; m2 holds max|x| in the
+// rescale's max round).
+template <typename acc_t>
+struct PiecePartials {
+  double* wide;
+  acc_t *n, *mean, *m2;
 
-// Statistics of the unit's m planes: warp w takes planes w, w + warps, ... (a warp team streaming
-// its plane, team.cuh); exact_mean for a channel-branch unit (its gate uses the means).
-template <typename scalar_t, typename acc_t>
-SA_DEVICE void group_plane_stats(const scalar_t* x, int64_t m, int64_t N, acc_t eps, bool exact_mean,
-                                 const GroupStats<acc_t>& stats) {
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
-  for (int64_t j = warp; j < m; j += warps) {
-    const scalar_t* plane = x + j * N;
-    const Standardizer<acc_t> st = streamed_plane_stats<true>(
-        [&](const auto& f) {
-          for (int64_t q = lane; q < N; q += kWarpSize) {
-            const acc_t v[1] = {static_cast<acc_t>(plane[q])};
-            f(v);
-          }
-        },
-        static_cast<acc_t>(plane[0]), N, eps, exact_mean, static_cast<acc_t*>(nullptr),
-        static_cast<double*>(nullptr));
-    if (lane == 0) stats.set(j, st);
+  SA_DEVICE PiecePartials(acc_t* smem, const GroupSmem& L, int64_t count)
+      : wide(reinterpret_cast<double*>(smem + L.tile_x())),
+        n(reinterpret_cast<acc_t*>(wide + count)),
+        mean(n + count),
+        m2(mean + count) {}
+};
+
+// Statistics of the unit's m planes, streamed by pieces (GroupPieces): each lane's Moments over
+// whole steps of kUnroll packs (Moments::add: the step's exact two-pass moments, then one merge: no
+// divide per element), merged over the warp, then per plane over its pieces in piece order by
+// thread j. The same semantics as streamed_plane_stats (team.cuh): moments of x - shift, shift
+// the plane's first value; with exact_mean (a channel-branch unit: its gate uses the means) the
+// wide mean; planes whose moments overflowed get max|x| and, when it is finite, their moments
+// redone on x * 2^-e (sa_math.h: Standardizer). exponent[j] tracks plane j: 0 unscaled, -1
+// overflowed (its max|x| pending), e > 0 rescaled by 2^-e. Ends with every plane's Standardizer
+// written by its thread j (the caller synchronizes before reading them).
+template <typename scalar_t, typename acc_t, int kVec>
+SA_DEVICE void group_plane_stats(const scalar_t* x, int m, int64_t N, acc_t eps, bool exact_mean,
+                                 acc_t* smem, const GroupSmem& L, const GroupStats<acc_t>& stats) {
+  constexpr int kUnroll = group_unroll<kVec>();
+  const GroupPieces pieces(m, N / kVec);
+  const PiecePartials<acc_t> part(smem, L, pieces.count);
+  acc_t* exponent = smem + L.exponent();
+  const int lane = threadIdx.x % kWarpSize;
+  auto scale_of = [&](int j) { return sa_ldexp(acc_t(1), -static_cast<int>(exponent[j])); };
+  auto shift_of = [&](int j, acc_t scale) { return sum_shift(static_cast<acc_t>(x[j * N])) * scale; };
+
+  // The moments of the pieces of the planes with selected(j), at each plane's scale.
+  auto moments_round = [&](const auto& selected) {
+    pieces.for_warp([&](int k, int j, int64_t begin, int64_t end) {
+      if (!selected(j)) return;
+      const acc_t scale = scale_of(j), shift = shift_of(j, scale);
+      Moments<acc_t> mo;
+      double wide = 0;
+      warp_stream<kUnroll, kVec, acc_t>(begin, end, [&](const auto& v) {
+        if (exact_mean) {
+          for (const acc_t value : v[0]) wide += wide_term(value, scale);
+        }
+        mo.add(v[0], shift, scale);  // last use of v: its registers take the deviations
+      }, x + j * N);
+      mo = warp_merge(mo);
+      wide = warp_sum(wide);
+      if (lane == 0) {
+        part.n[k] = mo.n;
+        part.mean[k] = mo.mean;
+        part.m2[k] = mo.m2;
+        part.wide[k] = wide;
+      }
+    });
+    __syncthreads();
+  };
+  // Plane j's mean and variance from its pieces (empty ones skipped), merged in piece order.
+  auto combine = [&](int j, acc_t& mean, acc_t& var) {
+    const int k0 = j * pieces.per_plane;
+    Moments<acc_t> mo{part.n[k0], part.mean[k0], part.m2[k0]};
+    double wide = part.wide[k0];
+    for (int k = k0 + 1; k < k0 + pieces.per_plane; ++k) {
+      if (part.n[k] == acc_t(0)) continue;
+      mo.merge(part.n[k], part.mean[k], part.m2[k]);
+      wide += part.wide[k];
+    }
+    mean = exact_mean ? wide_mean<acc_t>(wide, N) : shift_of(j, scale_of(j)) + mo.mean;
+    var = mo.m2 / acc_t(N);
+  };
+
+  for (int j = threadIdx.x; j < m; j += blockDim.x) exponent[j] = 0;
+  __syncthreads();
+  moments_round([](int) { return true; });
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
+    acc_t mean, var;
+    combine(j, mean, var);
+    stats.set(j, finish_stats(mean, var, eps, 0));  // kept unless the plane is rescaled
+    if (stats_overflowed(mean, var)) exponent[j] = -1;
   }
-}
+  __syncthreads();
+  int overflowed = 0;  // the same count in every warp: a uniform branch
+  for (int j = lane; j < m; j += kWarpSize) overflowed += exponent[j] < acc_t(0);
+  if (warp_sum(overflowed) == 0) return;
 
-// Loads pixels [p0, p0 + tile) of m planes into tile[i * tile + p] (zero past the plane's end).
-// plane_of(i) gives plane i's base pointer (the grad_out planes of a unit sit at shuffled channels).
-template <typename scalar_t, typename acc_t, typename PlaneOf>
-SA_DEVICE void load_tile(const PlaneOf& plane_of, int64_t m, int64_t N, int64_t p0, int64_t tile,
-                         acc_t* out) {
-  for (int64_t idx = threadIdx.x; idx < m * tile; idx += blockDim.x) {
-    const int64_t i = idx / tile, p = p0 + idx % tile;
-    out[idx] = p < N ? static_cast<acc_t>(plane_of(i)[p]) : acc_t(0);
+  pieces.for_warp([&](int k, int j, int64_t begin, int64_t end) {
+    if (exponent[j] >= acc_t(0)) return;
+    acc_t amax = 0;
+    warp_stream<kUnroll, kVec, acc_t>(begin, end, [&](const auto& v) {
+      for (const acc_t value : v[0]) amax = max_nan(amax, value < acc_t(0) ? -value : value);
+    }, x + j * N);
+    amax = warp_max(amax);
+    if (lane == 0) part.m2[k] = amax;
+  });
+  __syncthreads();
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
+    if (exponent[j] >= acc_t(0)) continue;
+    acc_t amax = 0;
+    for (int k = j * pieces.per_plane; k < (j + 1) * pieces.per_plane; ++k) amax = max_nan(amax, part.m2[k]);
+    exponent[j] = static_cast<acc_t>(rescale_exponent(amax));  // 0: inf or NaN, keep the unscaled
+  }
+  __syncthreads();
+  moments_round([&](int j) { return exponent[j] > acc_t(0); });
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
+    if (exponent[j] <= acc_t(0)) continue;
+    acc_t mean, var;
+    combine(j, mean, var);
+    stats.set(j, finish_stats(mean, var, eps, static_cast<int>(exponent[j])));
   }
 }
 
@@ -114,62 +329,59 @@ SA_DEVICE void load_spatial_gate(const ForwardParams& p, int64_t m, const GroupS
   for (int64_t i = threadIdx.x; i < m; i += blockDim.x) scale[i] = gw[i] * stats.gate_rstd[i];
 }
 
-// After a tile of x is loaded: the GroupNorm output y_i(p) = scale_i xc_i(p) + gb_i of the tile,
-// xc = (x - mu) * input_scale (the Standardizer's fma), then the gate's pre-activation
-// z_j(p) = b2_j + sum_i W2[j, i] y_i(p) is gate_preactivation(j, pt). Unfolded like the reference
-// (sa_math.h: centered, and +-inf weights stay +-inf, not NaN).
+// The GroupNorm output y_i = scale_i xc_i + gb_i of a value x of channel i, xc = (x - mu) *
+// input_scale (the Standardizer's fma). The gate's pre-activation at tile pixel pt is then
+// z_j = b2_j + sum_i W2[j, i] y_i (yt: the tile of y, rows `stride` apart). Unfolded like the
+// reference (sa_math.h: centered, and +-inf weights stay +-inf, not NaN).
 template <typename acc_t>
-SA_DEVICE void normalize_tile(const ForwardParams& p, int64_t m, int64_t tile, const GroupStats<acc_t>& stats,
-                              const acc_t* scale, const acc_t* xt, acc_t* yt) {
+SA_DEVICE acc_t group_norm_output(const ForwardParams& p, const GroupStats<acc_t>& stats, const acc_t* scale,
+                                  int64_t i, acc_t x) {
   const acc_t* gb = static_cast<const acc_t*>(p.gn_bias);
-  for (int64_t idx = threadIdx.x; idx < m * tile; idx += blockDim.x) {
-    const int64_t i = idx / tile;
-    yt[idx] = scale[i] * sa_fma(xt[idx], stats.input_scale[i], -stats.center[i]) + gb[i];
-  }
+  return scale[i] * sa_fma(x, stats.input_scale[i], -stats.center[i]) + gb[i];
 }
 
 template <typename acc_t>
-SA_DEVICE acc_t gate_preactivation(const ForwardParams& p, int64_t m, int64_t tile, const acc_t* w2,
-                                   const acc_t* yt, int64_t j, int64_t pt) {
+SA_DEVICE acc_t gate_preactivation(const ForwardParams& p, int m, int stride, const acc_t* w2, const acc_t* yt,
+                                   int j, int pt) {
   acc_t z = static_cast<const acc_t*>(p.spatial_bias)[j];
-  for (int64_t i = 0; i < m; ++i) z += w2[j * m + i] * yt[i * tile + pt];
+  for (int i = 0; i < m; ++i) z += w2[j * m + i] * yt[i * stride + pt];
   return z;
 }
 
-template <typename scalar_t>
-SA_KERNEL_BOUNDS(kGroupThreads) void group_forward_kernel(ForwardParams p, int64_t tile) {
+template <typename scalar_t, int kVec>
+SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void group_forward_kernel(ForwardParams p, int64_t tile) {
   using acc_t = at::opmath_type<scalar_t>;
   SA_DYNAMIC_SHARED(acc_t, smem);
-  const int64_t m = p.branch_channels, N = p.plane_size, C = p.channels, G = p.groups;
+  // m is small (the launch checked its tiles against the shared memory): int tile indices.
+  const int m = static_cast<int>(p.branch_channels);
+  const int64_t N = p.plane_size;
   const GroupSmem L{m, tile};
-  const int64_t unit = blockIdx.x;
-  const int64_t b = unit / (2 * G), g = (unit / 2) % G;
-  const bool spatial = unit % 2 == 1;
-  const int64_t c0 = g * 2 * m + (spatial ? m : 0), plane0 = b * C + c0;
-  const scalar_t* x = static_cast<const scalar_t*>(p.x) + plane0 * N;
-  scalar_t* out = static_cast<scalar_t*>(p.out);
-  auto out_plane = [&](int64_t j) { return out + (b * C + shuffle_dst(c0 + j, C)) * N; };
+  const GroupUnit unit(p);
+  const scalar_t* x = static_cast<const scalar_t*>(p.x) + unit.plane0 * N;
+  scalar_t* out = static_cast<scalar_t*>(p.out) + unit.out_plane0 * N;  // plane j at out + 2 j N
   const GroupStats<acc_t> stats(smem, L);
-  const acc_t* mean = stats.mean;
   acc_t* gate = smem + L.gate();
 
-  group_plane_stats<scalar_t, acc_t>(x, m, N, static_cast<acc_t>(p.eps), !spatial, stats);
+  group_plane_stats<scalar_t, acc_t, kVec>(x, m, N, static_cast<acc_t>(p.eps), !unit.spatial, smem, L, stats);
   __syncthreads();
-  for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
-    static_cast<acc_t*>(p.mean)[plane0 + j] = stats.mean[j];
-    static_cast<acc_t*>(p.rstd)[plane0 + j] = stats.rstd[j];
+  for (int j = threadIdx.x; j < m; j += blockDim.x) {
+    static_cast<acc_t*>(p.mean)[unit.plane0 + j] = stats.mean[j];
+    static_cast<acc_t*>(p.rstd)[unit.plane0 + j] = stats.rstd[j];
   }
 
-  if (!spatial) {
+  if (!unit.spatial) {
     // s = sigmoid(W1 mu + b1), one scalar per plane.
     const acc_t* w1 = static_cast<const acc_t*>(p.channel_weight);
     const acc_t* b1 = static_cast<const acc_t*>(p.channel_bias);
-    for (int64_t j = threadIdx.x; j < m; j += blockDim.x) gate[j] = sigmoid(matvec_row(w1, mean, b1, m, j));
+    for (int j = threadIdx.x; j < m; j += blockDim.x) gate[j] = sigmoid(matvec_row(w1, stats.mean, b1, m, j));
     __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < m * N; idx += blockDim.x) {
-      const int64_t j = idx / N, q = idx % N;
-      out_plane(j)[q] = static_cast<scalar_t>(static_cast<acc_t>(x[idx]) * gate[j]);
-    }
+    for_each_cell(int64_t(m), N / kVec, [&](int64_t j, int64_t q) {
+      acc_t v[kVec];
+      load_acc<scalar_t, acc_t, kVec>(x + j * N, q, v);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) v[i] *= gate[j];
+      store_acc<scalar_t, acc_t, kVec>(out + 2 * j * N, q, v);
+    });
     return;
   }
 
@@ -177,19 +389,21 @@ SA_KERNEL_BOUNDS(kGroupThreads) void group_forward_kernel(ForwardParams p, int64
   acc_t* scale = smem + L.scale();
   acc_t* xt = smem + L.tile_x();
   acc_t* yt = smem + L.tile_y();
+  const int ts = static_cast<int>(L.stride());
   load_spatial_gate(p, m, stats, w2, scale);
   for (int64_t p0 = 0; p0 < N; p0 += tile) {
+    const int n = static_cast<int>(N - p0 < tile ? N - p0 : tile);
     __syncthreads();  // W2 and scale are written; the previous tile is consumed
-    load_tile<scalar_t, acc_t>([&](int64_t i) { return x + i * N; }, m, N, p0, tile, xt);
+    for_each_cell(m, n, [&](int i, int pt) {
+      const acc_t v = static_cast<acc_t>(x[i * N + p0 + pt]);
+      xt[i * ts + pt] = v;
+      yt[i * ts + pt] = group_norm_output(p, stats, scale, i, v);
+    });
     __syncthreads();
-    normalize_tile(p, m, tile, stats, scale, xt, yt);
-    __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < m * tile; idx += blockDim.x) {
-      const int64_t j = idx / tile, pt = idx % tile;
-      if (p0 + pt >= N) continue;
-      const acc_t z = gate_preactivation(p, m, tile, w2, yt, j, pt);
-      out_plane(j)[p0 + pt] = static_cast<scalar_t>(xt[j * tile + pt] * sigmoid(z));
-    }
+    for_each_cell(m, n, [&](int j, int pt) {
+      const acc_t z = gate_preactivation(p, m, ts, w2, yt, j, pt);
+      out[2 * j * N + p0 + pt] = static_cast<scalar_t>(xt[j * ts + pt] * sigmoid(z));
+    });
   }
 }
 

@@ -6,9 +6,9 @@
 //                         read as one chunk through shared memory with 16-byte loads)
 //   N <= 4096             a block per plane (32..512 threads, 8 elements each), plane in registers
 //   larger                a block of 512 per plane, streamed twice (moments, then the gate)
-// Per-plane accesses move the widest pack (16, 8 or 4 bytes, else one element) that N and every
-// plane pointer allow (plane_pack_elements).
 // 1x1-conv variant: a block of 256 per (batch item, group, branch), tiles in shared memory.
+// Both move the widest pack (16, 8 or 4 bytes, else one element) that N and every plane pointer
+// allow (plane_pack_elements).
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -71,16 +71,22 @@ void launch_planes(const Params& params, const ForwardParams& f, int vec, const 
   });
 }
 
-template <typename scalar_t, typename Params, typename Kernel>
-void launch_groups(const Params& params, const ForwardParams& f, bool backward, Kernel kernel) {
+// pick(int_c<kVec>) returns the kernel to launch; `planes` are the base pointers of every tensor
+// the kernel streams (plane k at base + k N). kVec: the widest access (16, 8 or 4 bytes, else one
+// element) that every plane start is aligned to.
+template <typename scalar_t, typename Params, typename Pick>
+void launch_groups(const Params& params, const ForwardParams& f, bool backward,
+                   std::initializer_list<const void*> planes, const Pick& pick) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t m = f.branch_channels, tile = group_tile_pixels(m);
+  const int64_t m = f.branch_channels, N = f.plane_size, tile = group_tile_pixels(m, N);
   const int64_t smem = GroupSmem{m, tile}.values(backward) * int64_t(sizeof(acc_t));
   TORCH_CHECK(smem <= max_dynamic_shared_bytes(), "sa_cuda: m = C / (2 * groups) = ", m,
               " needs ", smem, " bytes of shared memory per block in the CUDA ",
               backward ? "backward" : "forward", " of ShuffleAttention; the device allows ",
               max_dynamic_shared_bytes());
-  launch(kernel, f.batch * f.groups * 2, kGroupThreads, size_t(smem), current_stream(), params, tile);
+  with_pack_elements<16 / int(sizeof(scalar_t))>(plane_pack_elements<scalar_t>(N, planes), [&](auto vec) {
+    launch(pick(vec), f.batch * f.groups * 2, kGroupThreads, size_t(smem), current_stream(), params, tile);
+  });
 }
 
 }  // namespace sa_cuda::SA_GPU_NS

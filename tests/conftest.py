@@ -172,6 +172,18 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
+def assert_low_precision_close(F: dict, E: dict, R: dict, dtype: torch.dtype) -> None:
+    """The bf16/fp16 criterion (test_forward_backward.py): every output of the fused run F is in
+    dtype and its error against the float64 run R is at most twice the eager run E's (same dtype),
+    plus one unit of the dtype at R's largest magnitude."""
+    eps = torch.finfo(dtype).eps
+    for key in F:
+        assert F[key].dtype == dtype, key
+        err, err_eager = max_err(F[key], R[key]), max_err(E[key], R[key])
+        bound = 2.0 * err_eager + eps * max_abs(R[key]) + 1e-10
+        assert err <= bound, f"{key}: fused {err:.3g} > bound {bound:.3g} (eager {err_eager:.3g})"
+
+
 def autocast_if_mixed(x: torch.Tensor, params):
     """torch.autocast when a low-precision x meets parameters of another dtype, the mode in which
     they meet in training: there the fused layer keeps x's dtype. (Outside autocast it computes in

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (VARIANTS, clone_as, forward_backward, make_input, make_ref, max_abs, max_err,
+from conftest import (VARIANTS, assert_low_precision_close, clone_as, forward_backward, make_input, make_ref,
                       params_in_op_order)
 from emulation import load_emulation
 from sa_cuda.ops.shuffle_attention import _apply
@@ -90,12 +90,7 @@ def test_emulated_low_precision(variant, shape, groups, offset, dtype):
     F = forward_backward(emulated_like(variant, low), x, gy)
     R = forward_backward(ref64, x.double(), gy.double())
     E = forward_backward(low, x, gy)
-    eps = torch.finfo(dtype).eps
-    for key in F:
-        assert F[key].dtype == dtype, key
-        err, err_eager = max_err(F[key], R[key]), max_err(E[key], R[key])
-        bound = 2.0 * err_eager + eps * max_abs(R[key]) + 1e-10
-        assert err <= bound, f"{key}: fused {err:.3g} > bound {bound:.3g} (eager {err_eager:.3g})"
+    assert_low_precision_close(F, E, R, dtype)
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 8, 3, 4), 2), ((1, 12, 2, 3), 3), ((2, 8, 2, 2), 4)])

@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import clone_as, forward_backward, make_input, make_ref, max_abs, max_err, params_in_op_order
+from conftest import (assert_low_precision_close, clone_as, forward_backward, make_input, make_ref,
+                      params_in_op_order)
 from emulation import load_emulation
 from sa_cuda.ops.shuffle_attention import _apply
 from test_emulated_kernels import _input, emulated_like
@@ -55,15 +56,7 @@ def _check(F, E, R, dtype):
     if dtype in (torch.float32, torch.float64):
         _check_high_precision(F, E, R, dtype)
         return
-    # DESIGN.md section 5 (as test_emulated_kernels.test_emulated_low_precision): error vs
-    # float64 at most 2x the eager reference's in the same dtype, + one unit of the dtype at the
-    # largest magnitude.
-    eps = torch.finfo(dtype).eps
-    for key in F:
-        assert F[key].dtype == dtype, key
-        err, err_eager = max_err(F[key], R[key]), max_err(E[key], R[key])
-        bound = 2.0 * err_eager + eps * max_abs(R[key]) + 1e-10
-        assert err <= bound, f"{key}: fused {err:.3g} > bound {bound:.3g} (eager {err_eager:.3g})"
+    assert_low_precision_close(F, E, R, dtype)
 
 
 @pytest.mark.parametrize("dtype,shape,groups,offset", CASES)

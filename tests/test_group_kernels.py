@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import clone_as, forward_backward, make_ref, max_abs, max_err, params_in_op_order
+from conftest import assert_low_precision_close, clone_as, forward_backward, make_ref, params_in_op_order
 from emulation import load_emulation
 from sa_cuda.ops.shuffle_attention import _apply
 from test_emulated_kernels import _input, emulated_like
@@ -73,12 +73,7 @@ def test_group_kernels_low_precision(dtype, offset):
     F = forward_backward(emulated_like(VARIANT, low), x, gy)
     R = forward_backward(clone_as(low, torch.float64), x.double(), gy.double())
     E = forward_backward(low, x, gy)
-    eps = torch.finfo(dtype).eps
-    for key in F:
-        assert F[key].dtype == dtype, key
-        err, err_eager = max_err(F[key], R[key]), max_err(E[key], R[key])
-        bound = 2.0 * err_eager + eps * max_abs(R[key]) + 1e-10
-        assert err <= bound, f"{key}: fused {err:.3g} > bound {bound:.3g} (eager {err_eager:.3g})"
+    assert_low_precision_close(F, E, R, dtype)
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 12, 30, 25), 2), ((1, 32, 15, 11), 1)],

@@ -23,7 +23,7 @@ CUDA events with an explicit L2 flush when triton is missing; CPU
 ``torch.utils.benchmark.Timer(...).blocked_autorange`` with ``--threads`` threads (default: all
 cores); median and IQR of the blocks.
 
-Model bytes (DESIGN.md section 4), n = B*C*H*W, e = element size: fwd/infer 2*n*e, bwd 3*n*e,
+Model bytes (docs/design.md#traffic), n = B*C*H*W, e = element size: fwd/infer 2*n*e, bwd 3*n*e,
 fwdbwd 5*n*e. Achieved bandwidth = model bytes / median time (for eager/compile this is an
 "effective" bandwidth: they move more bytes than the model). ``frac_of_copy`` = achieved
 bandwidth / bandwidth of the copy (x.copy_(y) of n elements moves 2*n*e bytes) timed in this run.
@@ -268,7 +268,7 @@ def accuracy_bound(dtype: torch.dtype, max_abs_ref: float, err_eager: float | No
     has max|ref64| = ``max_abs_ref``, given eager's error in the same dtype (None: no eager).
 
     fp32 (and fp64): max(rel * max(1, max|ref64|), 2 * err_eager), rel = FP32_REL (fp64: 1e-10).
-    bf16/fp16 (flash-attention criterion, DESIGN.md section 5):
+    bf16/fp16 (flash-attention criterion, docs/design.md#accuracy):
     2 * err_eager + eps(dtype) * max|ref64| + 1e-10 (2 * eps * max|ref64| without eager).
     """
     if dtype in (torch.float32, torch.float64):

@@ -2,7 +2,7 @@
 //
 // Everything here is a small inline function of scalars (or of at::vec::Vectorized lanes on the
 // CPU: the element-wise formulas are templates over the value type, so the vector body and the
-// scalar tail of a loop run the same expression). DESIGN.md sections 1-3 give the math.
+// scalar tail of a loop run the same expression). docs/design.md gives the math.
 #pragma once
 
 #include <cmath>
@@ -236,8 +236,8 @@ SA_HOST_DEVICE int rescale_exponent(T max_abs) {
 }
 
 // The spatial branch multiplies x by sigmoid(z), z = sw * y + sb with the GroupNorm output
-// y = scale * xc + gb, xc = (x - mu) * input_scale, scale = gw * gate_rstd (DESIGN.md section 2
-// folds this further into a * x + b; we do not): centering before the multiply keeps z accurate
+// y = scale * xc + gb, xc = (x - mu) * input_scale, scale = gw * gate_rstd (not folded further
+// into a * x + b, docs/design.md#forward): centering before the multiply keeps z accurate
 // when |mu| >> std (r large; r = 1 / sqrt(eps) for a constant plane), and keeping sw outside keeps
 // z = +-inf, not NaN, for an infinite sweight, as in the reference.
 template <typename T>
@@ -314,7 +314,7 @@ SA_HOST_DEVICE V sigmoid_grad(const V& s) {
   return s * (V(1) - s);
 }
 
-// Spatial branch backward, per element (DESIGN.md sections 2-3):
+// Spatial branch backward, per element (docs/design.md#backward):
 //   t  = dL/dz = gu * x * s * (1 - s)
 //   dx = gu * s + coef * (dy - dy_mean - xh * dyxh_mean)
 // with coef = gw * r and dy = dL/dy the gradient at the GroupNorm output (sw * t for the

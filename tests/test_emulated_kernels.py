@@ -1,4 +1,4 @@
-"""The CUDA kernels, executed on the CPU by the SIMT emulator (DESIGN.md section 6).
+"""The CUDA kernels, executed on the CPU by the SIMT emulator (docs/emulator.md).
 
 torch.ops.sa_cuda_emu.* is csrc/cuda's kernel and launch source compiled by the host compiler
 (tests/emulation.py). Shapes are chosen to hit every launch path of launch_common.cuh; values and
@@ -82,7 +82,7 @@ def test_emulated_fp32_large_mean(variant, shape, groups, offset):
 @pytest.mark.parametrize("shape,groups,offset", PATHS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_emulated_low_precision(variant, shape, groups, offset, dtype):
-    """DESIGN.md section 5: error vs float64 at most 2x the eager reference's in the same dtype
+    """docs/design.md#accuracy: error vs float64 at most 2x the eager reference's in the same dtype
     (+ one unit of the dtype at the largest magnitude, see test_forward_backward.py)."""
     low = make_ref(variant, shape[1], groups, seed=5, dtype=dtype)
     ref64 = clone_as(low, torch.float64)

@@ -1,6 +1,6 @@
 """Fused vs reference: outputs and ALL gradients (x and every parameter), both variants.
 
-Criteria (DESIGN.md section 5):
+Criteria (docs/design.md#accuracy):
 
 * float32 / float64 -- ground truth is the reference module in float64 with the same parameter
   values, on the same input values (the fp32 input upcast exactly). The fused result must satisfy
@@ -20,7 +20,7 @@ Criteria (DESIGN.md section 5):
   becomes 2x the eager error -- the same rule as the low-precision criterion below. This never
   loosens a well-conditioned case (there the eager error is ~1e-7).
 
-* bfloat16 / float16 -- the flash-attention criterion of DESIGN.md section 5:
+* bfloat16 / float16 -- the flash-attention criterion of docs/design.md#accuracy:
   max|fused - ref64| <= 2 * max|eager_lowp - ref64'| + eps(dtype) * max|ref64| + 1e-10, where
   ref64 is the float64 reference with the fused module's parameter values, eager_lowp the
   reference module run entirely in the low dtype and ref64' the float64 reference with the eager
@@ -108,7 +108,7 @@ def test_fp32_fp64(variant, shape, groups, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fp32_large_mean(variant, device):
-    """|mean| >> std (x = 100 + 0.1 * randn): DESIGN.md section 5 asks for cancellation-free
+    """|mean| >> std (x = 100 + 0.1 * randn): docs/design.md#statistics asks for cancellation-free
     statistics in this regime. Same criterion as test_fp32_fp64 (here the eager fp32 reference
     itself errs by ~1e-5..1e-4 of max|ref64|, so the bound is 2x the eager error)."""
     F, E, R = _run_high_precision(variant, (2, 64, 16, 16), 8, torch.float32, device,
@@ -176,8 +176,9 @@ def test_low_precision(variant, shape, groups, dtype, params, device):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_deterministic(variant):
-    """Parameter gradients are reduced in a fixed order (DESIGN.md section 2): repeated runs and
-    different thread counts give bitwise identical results (and all equal the reference)."""
+    """Parameter gradients are reduced in a fixed order (docs/design.md#deterministic-reductions):
+    repeated runs and different thread counts give bitwise identical results (and all equal the
+    reference)."""
     shape, groups = (2, 256, 14, 14), 8
     ref = make_ref(variant, shape[1], groups, seed=3)
     fused = make_fused_like(variant, ref)

@@ -243,7 +243,7 @@ def test_module_double(variant, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_module_bfloat16(variant, device):
-    """module.to(torch.bfloat16): bf16 output and gradients, and the DESIGN.md section 5
+    """module.to(torch.bfloat16): bf16 output and gradients, and the docs/design.md#accuracy
     criterion against the float64 reference with the same (bf16-rounded) parameters."""
     ref, fused = make_pair(variant, 64, 8, seed=19, device=device)
     fused = fused.to(torch.bfloat16)

@@ -1,5 +1,6 @@
-// C++ CPU kernels: one fused pass per work unit (DESIGN.md sections 2-3), at::parallel_for over
-// units, at::vec inner loops, acc_t = at::opmath_type<scalar_t> (float; double for float64).
+// C++ CPU kernels (docs/kernels.md#cpu): one fused pass per work unit (docs/design.md#forward,
+// #backward), at::parallel_for over units, at::vec inner loops, acc_t = at::opmath_type<scalar_t>
+// (float; double for float64).
 #pragma once
 
 #include <c10/core/ScalarType.h>

@@ -47,7 +47,7 @@ struct Case {
   int64_t B, C, G, H, W, offset;  // offset: elements the tensors start past a 16-byte boundary
 };
 
-// Naive float64 forward of DESIGN.md sections 2-3, for the check.
+// Naive float64 forward of docs/design.md#forward, for the check.
 std::vector<double> naive_forward(const Case& k, const std::vector<double>& x, const std::vector<double> (&p)[6]) {
   const int64_t m = k.C / (2 * k.G), N = k.H * k.W;
   std::vector<double> out(x.size()), mu(k.B * k.C), r(k.B * k.C);

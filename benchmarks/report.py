@@ -244,10 +244,11 @@ def plot(result: dict, path: Path) -> bool:
             if i == len(baselines) - 1:
                 ax.set_xlabel("shape (B, C, H, W)", fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
+    height = fig.get_figheight()  # title and legend above the panels, not on the bars
     fig.legend(handles, labels, loc="upper center", ncol=len(series), fontsize=8,
-               bbox_to_anchor=(0.5, 0.955), frameon=False)
-    fig.suptitle(plot_title(result, dtypes), fontsize=10, y=0.99)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+               bbox_to_anchor=(0.5, 1 - 0.3 / height), frameon=False)
+    fig.suptitle(plot_title(result, dtypes), fontsize=10, y=1 - 0.05 / height)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -139,14 +139,17 @@ def plot(rows: list[dict], impls: list[str], title: str, path: Path) -> bool:
             ax.axhline(100, color="black", linewidth=0.8)
             ax.set_xticks(range(len(shapes)))
             ax.set_xticklabels(shapes, rotation=45, ha="right", fontsize=7)
-            ax.set_xlabel("shape (stage, batch)", fontsize=8)
-            ax.set_ylabel("% of copy bandwidth", fontsize=8)
+            ax.set_xlabel("shape (SA-ResNet-50 stage l<i>, batch b<B>)", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("bandwidth, % of a copy of the same bytes", fontsize=8)
             ax.set_title(f"{variant} {dname} {pass_}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    height = fig.get_figheight()  # title and legend above the panels, not on the bars
+    fig.legend(handles, labels, loc="upper center", ncol=len(impls), fontsize=8,
+               bbox_to_anchor=(0.5, 1 - 0.3 / height), frameon=False)
+    fig.suptitle(title, fontsize=9, y=1 - 0.05 / height)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / height))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True

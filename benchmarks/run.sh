@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks: sets up .venv and builds sa_cuda (scripts/setup_env.sh), then runs
-# benchmarks/bench.py with the given flags, e.g.
+# python -m benchmarks.bench with the given flags, e.g.
 #   benchmarks/run.sh --quick                      # CI smoke test (seconds)
 #   benchmarks/run.sh --device cpu --shapes r50-l2-b8 --dtypes fp32
 #   benchmarks/run.sh                              # everything (CUDA when available)
@@ -9,4 +9,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=../scripts/setup_env.sh
 source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
-python benchmarks/bench.py "$@"
+python -m benchmarks.bench "$@"

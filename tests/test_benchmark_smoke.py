@@ -1,5 +1,6 @@
 """The benchmark's quick mode (CI smoke test): runs, checks every fused result against the float64
-reference before timing it, writes its JSON. Asserts nothing about speed."""
+reference before timing it, writes its JSON, reports speedups only where they mean something, and
+redraws its plot from the JSON. Asserts nothing about speed."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_bench_quick(tmp_path):
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--quick", "--device", "cpu",
+        [sys.executable, "-m", "benchmarks.bench", "--quick", "--device", "cpu",
          "--out-dir", str(tmp_path), "--no-plot"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     files = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
     assert len(files) == 1
@@ -23,3 +24,15 @@ def test_bench_quick(tmp_path):
     assert report["checks"] and all(check["ok"] for check in report["checks"])
     assert {row["impl"] for row in report["results"]} >= {"eager", "fused"}
     assert all(row["status"] == "ok" for row in report["results"])
+    for row in report["results"]:  # a speedup only over a baseline the implementation replaces
+        if row["impl"] == "eager":
+            assert "speedup_vs_eager" not in row and "speedup_vs_compile" not in row, row
+        else:
+            assert row["speedup_vs_eager"] > 0, row
+
+    replot = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--replot",
+                             str(tmp_path / files[0])],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert replot.returncode == 0, replot.stdout[-4000:] + replot.stderr[-4000:]
+    png = (tmp_path / files[0]).with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,9 +1,9 @@
 """Shared by the GPU check's Python helpers: import paths, the two kernel backends, the JSON writer.
 
-The helpers reuse the benchmark harness (benchmarks/bench.py: shapes, modules, inputs, the accuracy
-bound, the CPU timer) and the test suite's fixtures (tests/conftest.py: randomised parameters,
-parameter order of the ops; tests/emulation.py: the emulation build), so both folders go on
-sys.path here.
+The helpers reuse the benchmark harness (the package benchmarks: shapes, modules, inputs, timers,
+the correctness check), the accuracy criterion (sa_cuda.testing) and the test suite's fixtures
+(tests/conftest.py: randomised parameters, parameter order of the ops; tests/emulation.py: the
+emulation build), so the repository root and tests/ go on sys.path here.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-for folder in (ROOT, ROOT / "benchmarks", ROOT / "tests"):
+for folder in (ROOT, ROOT / "tests"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
-import sa_cuda  # noqa: E402,F401  (registers torch.ops.sa_cuda)
+import sa_cuda  # noqa: E402  (registers torch.ops.sa_cuda)
+from benchmarks import configs  # noqa: E402
 
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16,
-          "bf16": torch.bfloat16}
-VARIANTS = ("sa_layer", "shuffle_attention")
+DTYPES = configs.DTYPES
+VARIANTS = tuple(configs.VARIANTS)
 
 # Where the kernels under test run: "cuda" = the compiled CUDA kernels on the GPU (torch.ops.sa_cuda
 # on CUDA tensors); "emulated" = the same kernel source run by the SIMT emulator on CPU tensors

@@ -38,8 +38,11 @@ CUDA_SOURCES = ("csrc/cuda/*.cpp", "csrc/cuda/*.cu")
 
 
 def is_toolkit(path) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
-        os.path.join(path, "include", "cuda_runtime.h"))
+    return (
+        bool(path)
+        and os.path.isfile(os.path.join(path, "bin", "nvcc"))
+        and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+    )
 
 
 def find_cuda_home():
@@ -55,8 +58,12 @@ def find_cuda_home():
     if is_toolkit(candidate):
         return candidate
     try:
-        dry = subprocess.run([nvcc, "--dryrun", "-v", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                             capture_output=True, text=True, timeout=60)
+        dry = subprocess.run(
+            [nvcc, "--dryrun", "-v", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         top = re.search(r"^#\$ TOP=(.*)$", dry.stdout + dry.stderr, re.MULTILINE)
         if top and is_toolkit(os.path.realpath(top.group(1).strip())):
             return os.path.realpath(top.group(1).strip())
@@ -70,13 +77,17 @@ def cuda_toolkit():
     required = os.environ.get("SA_CUDA_REQUIRE_CUDA", "0") == "1"
     if os.environ.get("SA_CUDA_NO_CUDA", "0") == "1" or torch.version.cuda is None:
         if required:
-            raise RuntimeError("SA_CUDA_REQUIRE_CUDA=1 but torch is not a CUDA build (or SA_CUDA_NO_CUDA=1)")
+            raise RuntimeError(
+                "SA_CUDA_REQUIRE_CUDA=1 but torch is not a CUDA build (or SA_CUDA_NO_CUDA=1)"
+            )
         return None
     home = find_cuda_home()
     if home is None:
         if required:
             raise RuntimeError("SA_CUDA_REQUIRE_CUDA=1 but no CUDA toolkit (nvcc) was found")
-        print("sa_cuda: torch is a CUDA build but no CUDA toolkit (nvcc) was found: CPU kernels only")
+        print(
+            "sa_cuda: torch is a CUDA build but no CUDA toolkit (nvcc) was found: CPU kernels only"
+        )
     return home
 
 
@@ -116,13 +127,16 @@ def extension(cuda_home, isa: str):
     """sa_cuda._C: the CPU kernels, plus the CUDA kernels when cuda_home is a toolkit."""
     common = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     if cuda_home is None:
-        return CppExtension("sa_cuda._C", sources(CPU_SOURCES), extra_compile_args={"cxx": cxx_flags(isa)},
-                            **common)
+        return CppExtension(
+            "sa_cuda._C", sources(CPU_SOURCES), extra_compile_args={"cxx": cxx_flags(isa)}, **common
+        )
     return CUDAExtension(
         "sa_cuda._C",
         sources(CPU_SOURCES + CUDA_SOURCES),
-        extra_compile_args={"cxx": cxx_flags(isa) + ["-DSA_CUDA_WITH_CUDA"],
-                            "nvcc": ["-O3", "-lineinfo", "-DSA_CUDA_WITH_CUDA"]},
+        extra_compile_args={
+            "cxx": cxx_flags(isa) + ["-DSA_CUDA_WITH_CUDA"],
+            "nvcc": ["-O3", "-lineinfo", "-DSA_CUDA_WITH_CUDA"],
+        },
         **common,
     )
 
@@ -143,8 +157,10 @@ class BuildSACuda(BuildExtension):
             os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = self.cuda_home
             if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-            print(f"sa_cuda: building the CUDA kernels with {self.cuda_home} for TORCH_CUDA_ARCH_LIST="
-                  f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(this GPU)')}")
+            print(
+                f"sa_cuda: building the CUDA kernels with {self.cuda_home} for TORCH_CUDA_ARCH_LIST="
+                f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(this GPU)')}"
+            )
         # Configures the described extension in place: setuptools has annotated that object (its
         # full name, output file) when it finalized this command.
         configured = extension(self.cuda_home, self.isa)
@@ -164,10 +180,14 @@ class BuildSACuda(BuildExtension):
 
     def write_build_info(self):
         """What this build targets, for `python -m sa_cuda`."""
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "this machine's GPU") if self.cuda_home else ""
+        archs = (
+            os.environ.get("TORCH_CUDA_ARCH_LIST", "this machine's GPU") if self.cuda_home else ""
+        )
         with open(self.build_info_path(), "w") as f:
             f.write("# Written by setup.py (build_ext) at build time.\n")
-            f.write(f"CPU_ISA = {self.isa!r}\nCUDA_ARCHS = {archs!r}\nCUDA_HOME = {self.cuda_home!r}\n")
+            f.write(
+                f"CPU_ISA = {self.isa!r}\nCUDA_ARCHS = {archs!r}\nCUDA_HOME = {self.cuda_home!r}\n"
+            )
 
     def get_outputs(self):
         return super().get_outputs() + [self.build_info_path()]

@@ -1,5 +1,9 @@
 """Builds sa_cuda._C: the C++ CPU kernels always, the CUDA kernels when torch and nvcc allow.
 
+Metadata and the version live in pyproject.toml (the version in sa_cuda/_version.py). Importing
+this file only describes the extension; every decision that depends on the machine (CUDA or not,
+the CUDA toolkit and architectures, the CPU ISA) is taken when build_ext runs, by BuildSACuda.
+
 The CUDA kernels (csrc/cuda/*.cu) are built when torch is a CUDA build and nvcc is found (CUDA_HOME,
 else the toolkit behind the nvcc on PATH, even when that nvcc is a wrapper script). With no GPU
 visible and no TORCH_CUDA_ARCH_LIST, they are built for sm_80 and sm_90.
@@ -10,8 +14,10 @@ Environment (all optional):
                     on a CPU without them), else the portable build.
   SA_CUDA_NO_CUDA   1: build the CPU kernels only.
   SA_CUDA_REQUIRE_CUDA  1: fail unless the CUDA kernels are built (CI sets it).
-  CUDA_HOME         the CUDA toolkit to build with.
-  TORCH_CUDA_ARCH_LIST, MAX_JOBS   as for any torch extension.
+  CUDA_HOME         the CUDA toolkit to build with (CUDA_PATH is read too).
+  TORCH_CUDA_ARCH_LIST  the CUDA architectures, e.g. "8.0;9.0" (default: the visible GPU's, else
+                    8.0;9.0).
+  MAX_JOBS          parallel compile jobs (ninja), as for any torch extension.
 """
 
 import glob
@@ -22,14 +28,21 @@ import shutil
 import subprocess
 
 import torch
-from setuptools import find_packages, setup
+import torch.utils.cpp_extension as cpp_extension
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+CPU_SOURCES = ("csrc/*.cpp", "csrc/cpu/*.cpp")
+CUDA_SOURCES = ("csrc/cuda/*.cpp", "csrc/cuda/*.cu")
 
 
 def is_toolkit(path) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
-        os.path.join(path, "include", "cuda_runtime.h"))
+    return (
+        bool(path)
+        and os.path.isfile(os.path.join(path, "bin", "nvcc"))
+        and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+    )
 
 
 def find_cuda_home():
@@ -45,8 +58,12 @@ def find_cuda_home():
     if is_toolkit(candidate):
         return candidate
     try:
-        dry = subprocess.run([nvcc, "--dryrun", "-v", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                             capture_output=True, text=True, timeout=60)
+        dry = subprocess.run(
+            [nvcc, "--dryrun", "-v", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         top = re.search(r"^#\$ TOP=(.*)$", dry.stdout + dry.stderr, re.MULTILINE)
         if top and is_toolkit(os.path.realpath(top.group(1).strip())):
             return os.path.realpath(top.group(1).strip())
@@ -55,27 +72,23 @@ def find_cuda_home():
     return None
 
 
-def with_cuda():
+def cuda_toolkit():
+    """The CUDA toolkit to build the CUDA kernels with, or None for a CPU-only build."""
     required = os.environ.get("SA_CUDA_REQUIRE_CUDA", "0") == "1"
     if os.environ.get("SA_CUDA_NO_CUDA", "0") == "1" or torch.version.cuda is None:
         if required:
-            raise RuntimeError("SA_CUDA_REQUIRE_CUDA=1 but torch is not a CUDA build (or SA_CUDA_NO_CUDA=1)")
+            raise RuntimeError(
+                "SA_CUDA_REQUIRE_CUDA=1 but torch is not a CUDA build (or SA_CUDA_NO_CUDA=1)"
+            )
         return None
     home = find_cuda_home()
     if home is None:
         if required:
             raise RuntimeError("SA_CUDA_REQUIRE_CUDA=1 but no CUDA toolkit (nvcc) was found")
-        print("sa_cuda: torch is a CUDA build but no CUDA toolkit (nvcc) was found: CPU kernels only")
-        return None
-    os.environ["CUDA_HOME"] = home  # read by torch.utils.cpp_extension at import
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        print(
+            "sa_cuda: torch is a CUDA build but no CUDA toolkit (nvcc) was found: CPU kernels only"
+        )
     return home
-
-
-CUDA_HOME = with_cuda()
-
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def cpu_has_avx2() -> bool:
@@ -96,49 +109,93 @@ def cpu_isa() -> str:
     return isa
 
 
-def cxx_flags() -> list:
+def cxx_flags(isa: str) -> list:
     flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
-    if cpu_isa() == "avx2":
+    if isa == "avx2":
         # at::vec::Vectorized picks its AVX2 implementation from these macros (its exp calls
         # the Sleef functions exported by libtorch_cpu).
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return flags
 
 
-def extension():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+def sources(patterns) -> list:
+    """Relative paths (setuptools wants them so for sdists), globbed: no file list to keep up to date."""
+    return sorted(path for pattern in patterns for path in glob.glob(pattern, root_dir=ROOT))
+
+
+def extension(cuda_home, isa: str):
+    """sa_cuda._C: the CPU kernels, plus the CUDA kernels when cuda_home is a toolkit."""
     common = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
-    if CUDA_HOME is None:
-        return CppExtension("sa_cuda._C", sources, extra_compile_args={"cxx": cxx_flags()}, **common)
-    print(f"sa_cuda: building the CUDA kernels with {CUDA_HOME} for TORCH_CUDA_ARCH_LIST="
-          f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(this GPU)')}")
-    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")) + glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    if cuda_home is None:
+        return CppExtension(
+            "sa_cuda._C", sources(CPU_SOURCES), extra_compile_args={"cxx": cxx_flags(isa)}, **common
+        )
     return CUDAExtension(
         "sa_cuda._C",
-        sources,
-        extra_compile_args={"cxx": cxx_flags() + ["-DSA_CUDA_WITH_CUDA"],
-                            "nvcc": ["-O3", "-lineinfo", "-DSA_CUDA_WITH_CUDA"]},
+        sources(CPU_SOURCES + CUDA_SOURCES),
+        extra_compile_args={
+            "cxx": cxx_flags(isa) + ["-DSA_CUDA_WITH_CUDA"],
+            "nvcc": ["-O3", "-lineinfo", "-DSA_CUDA_WITH_CUDA"],
+        },
         **common,
     )
 
 
-def write_build_info():
-    """sa_cuda/_build_info.py: what this build targets, for `python -m sa_cuda`."""
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "this machine's GPU") if CUDA_HOME else ""
-    with open(os.path.join(ROOT, "sa_cuda", "_build_info.py"), "w") as f:
-        f.write("# Written by setup.py at build time.\n")
-        f.write(f"CPU_ISA = {cpu_isa()!r}\nCUDA_ARCHS = {archs!r}\nCUDA_HOME = {CUDA_HOME!r}\n")
+class BuildSACuda(BuildExtension):
+    """torch's build_ext (ninja) that first chooses CUDA or not, the toolkit, the architectures and
+    the CPU ISA, and after a successful build writes sa_cuda/_build_info.py beside the extension."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs, use_ninja=True)
 
-write_build_info()
+    def run(self):
+        self.cuda_home = cuda_toolkit()
+        self.isa = cpu_isa()
+        if self.cuda_home is not None:
+            # torch.utils.cpp_extension read its CUDA_HOME when imported, from the nvcc on PATH,
+            # which may be a wrapper script outside the toolkit.
+            os.environ["CUDA_HOME"] = cpp_extension.CUDA_HOME = self.cuda_home
+            if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            print(
+                f"sa_cuda: building the CUDA kernels with {self.cuda_home} for TORCH_CUDA_ARCH_LIST="
+                f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(this GPU)')}"
+            )
+        # Configures the described extension in place: setuptools has annotated that object (its
+        # full name, output file) when it finalized this command.
+        configured = extension(self.cuda_home, self.isa)
+        for ext in self.extensions:
+            vars(ext).update({k: v for k, v in vars(configured).items() if not k.startswith("_")})
+        super().run()
+        self.write_build_info()
+
+    def build_info_path(self) -> str:
+        """Beside the built sa_cuda/_C: in the source tree for --inplace (and editable installs),
+        else in build_lib, which the wheel is made from."""
+        if self.inplace:
+            package_dir = self.get_finalized_command("build_py").get_package_dir("sa_cuda")
+        else:
+            package_dir = os.path.join(self.build_lib, "sa_cuda")
+        return os.path.join(package_dir, "_build_info.py")
+
+    def write_build_info(self):
+        """What this build targets, for `python -m sa_cuda`."""
+        archs = (
+            os.environ.get("TORCH_CUDA_ARCH_LIST", "this machine's GPU") if self.cuda_home else ""
+        )
+        with open(self.build_info_path(), "w") as f:
+            f.write("# Written by setup.py (build_ext) at build time.\n")
+            f.write(
+                f"CPU_ISA = {self.isa!r}\nCUDA_ARCHS = {archs!r}\nCUDA_HOME = {self.cuda_home!r}\n"
+            )
+
+    def get_outputs(self):
+        return super().get_outputs() + [self.build_info_path()]
+
 
 setup(
-    name="sa_cuda",
-    version="0.1.0",
-    description="Fused Shuffle Attention (SA-Net) forward and backward kernels for PyTorch",
-    packages=find_packages(include=["sa_cuda", "sa_cuda.*"]),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.11"],  # the oldest torch CI tests (scripts/test_oldest_torch.sh)
+    # Replaced by BuildSACuda.run with the one for the building machine; this one names the module
+    # and its sources for the commands that build nothing (sdist, egg_info).
+    ext_modules=[extension(cuda_home=None, isa="default")],
+    cmdclass={"build_ext": BuildSACuda},
 )

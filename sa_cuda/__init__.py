@@ -9,13 +9,12 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C, reference
+from ._version import __version__
 from .convert import ConvertReport, convert, fuse, reason_not_convertible
 from .convert import register as register_convertible
 from .modules import SALayer, ShuffleAttention
 from .ops import ShuffleAttentionFunction, fused_available, sa_layer, shuffle_attention
 from . import models  # noqa: E402  (after modules: the models use them)
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ConvertReport",

@@ -13,7 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements-oldest.txt"
 rm -rf "$SRC" && mkdir -p "$SRC"
-(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard -- csrc sa_cuda tests setup.py pytest.ini |
+(cd "$ROOT" && git ls-files -z --cached --others --exclude-standard -- csrc sa_cuda tests setup.py pyproject.toml README.md pytest.ini |
   xargs -0 cp --parents -t "$SRC")
 cd "$SRC"
 SA_CUDA_REQUIRE_CUDA=0 SA_CUDA_NO_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" setup.py -q build_ext --inplace > build.log 2>&1 ||

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +13,8 @@ import torch
 
 import sa_cuda
 from sa_cuda import _C
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OPS = ("sa_layer_forward", "sa_layer_backward", "shuffle_attention_forward", "shuffle_attention_backward")
 
@@ -38,3 +42,14 @@ def test_python_m_sa_cuda_prints_build_info():
     if _C.cuda_built():
         from sa_cuda._build_info import CUDA_ARCHS
         assert CUDA_ARCHS and f"TORCH_CUDA_ARCH_LIST {CUDA_ARCHS})" in out
+
+
+def test_installed_metadata_has_the_version():
+    """pip's metadata of the install of this tree (scripts/setup_env.sh's `pip install -e`) states the
+    version sa_cuda reports; they differ when sa_cuda/_version.py changed after the install."""
+    installs = [dist for dist in importlib.metadata.distributions(name="sa-cuda")
+                if json.loads(dist.read_text("direct_url.json") or "{}").get("url") == f"file://{ROOT}"]
+    if not installs:
+        pytest.skip("this tree is not pip-installed (built in place only)")
+    for dist in installs:
+        assert dist.version == sa_cuda.__version__, "stale install: pip install --no-build-isolation -e ."

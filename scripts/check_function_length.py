@@ -30,7 +30,8 @@ def long_functions(path: pathlib.Path, max_lines: int) -> list[str]:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             length = node.end_lineno - node.lineno + 1
             if length > max_lines:
-                found.append(f"{path}:{node.lineno}: {node.name} is {length} lines (max {max_lines})")
+                found.append(f"{path}:{node.lineno}: {node.name} is {length} lines "
+                             f"(max {max_lines})")
     return found
 
 

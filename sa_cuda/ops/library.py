@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..variants import VARIANTS, Variant, variant as variant_named
+from ..variants import SA_LAYER, VARIANTS, Variant, variant as variant_named
 from . import vmap as _vmap
 from .checks import check_backward_args, check_forward_args, stat_dtype
 
@@ -202,7 +202,7 @@ class OpLibrary:
         key = _DISPATCH_KEYS.get(device_type, device_type.upper())
         try:
             return torch._C._dispatch_has_kernel_for_dispatch_key(
-                self._forward_ops["sa_layer"]._qualified_op_name, key)
+                self._forward_ops[SA_LAYER.name]._qualified_op_name, key)
         except RuntimeError:  # no dispatch key of that name: no kernel for this device type
             return False
 

@@ -6,7 +6,9 @@ sa_cuda._C) and ``sa_cuda_emu`` (the CUDA kernels run on CPU tensors by the SIMT
 only by the tests: tests/emulation.py). ``register_library(namespace)`` equips one namespace and
 returns its ``OpLibrary``; sa_cuda.ops does it for ``sa_cuda`` at import, tests/emulation.py for
 ``sa_cuda_emu`` after loading the emulation build. Everything above the ops (the functionals'
-``library=`` keyword, ``OpLibrary.apply``, the modules) is then one code path for both.
+``library=`` keyword, ``OpLibrary.apply``, the modules) is then one code path for both. (The
+emulated kernels cannot sit behind the sa_cuda ops themselves: they take CPU tensors, and the CPU
+dispatch key of the sa_cuda ops belongs to the CPU kernels.)
 
 Why the autograd is a torch.autograd.Function per library and not ``torch.library.
 register_autograd`` on the forward op: torch.func (grad, vjp, vmap of grad) cannot transform a

@@ -1,6 +1,10 @@
 """sa_cuda: fused Shuffle Attention (SA-Net, Zhang & Yang, ICASSP 2021) for PyTorch.
 
-- ``sa_cuda.SALayer`` / ``sa_cuda.ShuffleAttention``: drop-in modules (official / seed variant).
+Two layers (``sa_cuda.variants`` describes both: names, parameters, state_dict keys):
+SALayer (``sa_layer``, the layer of SA-Net's code release, per-channel gate parameters) and
+ShuffleAttention (``shuffle_attention``, the same layer with 1x1-conv gates).
+
+- ``sa_cuda.SALayer`` / ``sa_cuda.ShuffleAttention``: drop-in fused modules.
 - ``sa_cuda.sa_layer`` / ``sa_cuda.shuffle_attention``: functionals over explicit parameters.
 - ``sa_cuda.reference``: the pure-PyTorch layers, the ground truth.
 - ``torch.ops.sa_cuda.*``: the registered ops (see sa_cuda.ops).
@@ -8,7 +12,7 @@
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C, reference
+from . import _C, reference, variants
 from ._version import __version__
 from .convert import ConvertReport, convert, fuse, reason_not_convertible
 from .convert import register as register_convertible
@@ -30,5 +34,6 @@ __all__ = [
     "register_convertible",
     "sa_layer",
     "shuffle_attention",
+    "variants",
     "__version__",
 ]

@@ -6,10 +6,10 @@ what the submodule computed, forward and backward. A module is replaced when ALL
 1. **Structure** (every module, registered or not): its parameters are exactly one variant's set,
    with the right shapes, m = gn.num_channels:
 
-   - ``"sa_layer"`` (SA-Net's official ``sa_layer``, External-Attention-pytorch's
-     ``ShuffleAttention``): ``cweight``, ``cbias``, ``sweight``, ``sbias`` (1, m, 1, 1),
-     ``gn.weight``, ``gn.bias`` (m,) -> ``sa_cuda.SALayer``;
-   - ``"shuffle_attention"`` (the seed's 1x1-conv layer): ``affine1``/``affine2`` =
+   - ``"sa_layer"`` (SA-Net's ``sa_layer``, External-Attention-pytorch's ``ShuffleAttention``):
+     ``cweight``, ``cbias``, ``sweight``, ``sbias`` (1, m, 1, 1), ``gn.weight``, ``gn.bias`` (m,)
+     -> ``sa_cuda.SALayer``;
+   - ``"shuffle_attention"`` (1x1-conv gates): ``affine1``/``affine2`` =
      ``nn.Conv2d(m, m, 1)`` with bias (and stride 1, no padding, dilation 1, groups 1, zeros
      padding mode), ``gn.weight``, ``gn.bias`` -> ``sa_cuda.ShuffleAttention``;
 
@@ -70,8 +70,9 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import reference
+from . import modules, reference
 from .modules import SALayer, ShuffleAttention
+from .variants import SA_LAYER, SHUFFLE_ATTENTION, VARIANTS, Variant
 
 __all__ = ["ConvertReport", "convert", "fuse", "reason_not_convertible", "register"]
 
@@ -83,9 +84,10 @@ _HOOK_DICTS = tuple(name for name in _HOOK_STATE if name.endswith("hooks"))
 # How module(x) reaches forward: a class overriding any of these changes what a call does.
 _CALL_MACHINERY = ("__call__", "_wrapped_call_impl", "_call_impl", "__getattr__",
                    "__getattribute__")
-_FOREIGN_GROUPS_ATTRS = ("groups", "G")  # SA-Net / the seed, External-Attention-pytorch
-_PER_CHANNEL_PARAMS = ("cweight", "cbias", "sweight", "sbias")
-_GATE_CONVS = ("affine1", "affine2")
+_FOREIGN_GROUPS_ATTRS = ("groups", "G")  # SA-Net, External-Attention-pytorch
+# What marks a look-alike: the layer's own gate parameters (SALayer's cweight, ...) or gate convs.
+_OWN_PARAMS = tuple(p.state_key for v in VARIANTS for p in v.params if p.submodule is None)
+_GATE_CONVS = tuple(conv for v in VARIANTS for conv in v.gate_convs)
 _OPTIONAL_SUBMODULES = ("avg_pool", "sigmoid")
 _PROBE_SHAPES = ((2, 3, 5), (1, 4, 4), (3, 1, 6))  # (B, H, W): batch 1, square and 1-row planes
 _PROBE_RTOL = 1e-10
@@ -96,35 +98,35 @@ _MISSING = object()
 
 @dataclass(frozen=True)
 class _Variant:
+    """A layer of sa_cuda.variants with what convert needs of it."""
+
+    spec: Variant
     fused_cls: type
     functional: Callable[..., Tensor]  # sa_cuda.reference's math over explicit parameters
-    param_names: tuple[str, ...]  # in the functional's argument order
-    gate_convs: tuple[str, ...]  # 1x1-conv submodules (none for the per-channel variant)
 
-    @staticmethod
-    def param_shape(name: str, m: int) -> tuple[int, ...]:
-        if name.startswith("gn.") or name.endswith(".bias"):
-            return (m,)
-        if name.endswith(".weight"):
-            return (m, m, 1, 1)
-        return (1, m, 1, 1)
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """The state_dict keys, in the functional's argument order."""
+        return self.spec.state_keys
+
+    @property
+    def gate_convs(self) -> tuple[str, ...]:
+        return self.spec.gate_convs
+
+    def param_shapes(self, m: int) -> dict[str, tuple[int, ...]]:
+        return {p.state_key: p.module_shape(m) for p in self.spec.params}
 
 
-_VARIANTS = {
-    "sa_layer": _Variant(SALayer, reference.sa_layer,
-                         _PER_CHANNEL_PARAMS + ("gn.weight", "gn.bias"), ()),
-    "shuffle_attention": _Variant(ShuffleAttention, reference.shuffle_attention,
-                                  ("affine1.weight", "affine1.bias", "affine2.weight",
-                                   "affine2.bias", "gn.weight", "gn.bias"), _GATE_CONVS),
-}
+_VARIANTS = {v.name: _Variant(v, getattr(modules, v.module_name), getattr(reference, v.name))
+             for v in VARIANTS}
 _REGISTRY: dict[type, tuple[_Variant, str]] = {}
 
 
 def register(cls: type, variant: str, groups_attr: str = "groups") -> type:
     """Declares that ``cls`` (an nn.Module subclass) computes Shuffle Attention ``variant``
-    (``"sa_layer"``: per-channel cweight/cbias/sweight/sbias + gn; ``"shuffle_attention"``: 1x1
-    convs affine1/affine2 + gn) with its group count in the attribute ``groups_attr``. Exported as
-    ``sa_cuda.register_convertible``; returns ``cls``.
+    (``"sa_layer"``: the gate parameters cweight/cbias/sweight/sbias + gn; ``"shuffle_attention"``:
+    1x1 convs affine1/affine2 + gn) with its group count in the attribute ``groups_attr``.
+    Exported as ``sa_cuda.register_convertible``; returns ``cls``.
 
     You vouch for the class's code: ``convert`` then skips the behavioural probe for it (and for
     subclasses that override nothing its forward uses) but still checks every instance's
@@ -141,8 +143,8 @@ def register(cls: type, variant: str, groups_attr: str = "groups") -> type:
     return cls
 
 
-register(reference.SALayer, "sa_layer")
-register(reference.ShuffleAttention, "shuffle_attention")
+for _spec in VARIANTS:
+    register(getattr(reference, _spec.module_name), _spec.name)
 
 
 def _registered_base(cls: type) -> Optional[type]:
@@ -240,7 +242,7 @@ def _looks_like_shuffle_attention(module: nn.Module) -> bool:
         return False
     if _registered_base(type(module)) is not None:
         return True
-    return "gn" in module._modules and (any(n in module._parameters for n in _PER_CHANNEL_PARAMS)
+    return "gn" in module._modules and (any(n in module._parameters for n in _OWN_PARAMS)
                                         or any(n in module._modules for n in _GATE_CONVS))
 
 
@@ -266,7 +268,7 @@ def _plan(module: nn.Module) -> _Plan:
 
 def _foreign_variant(module: nn.Module) -> _Variant:
     has_convs = any(name in module._modules for name in _GATE_CONVS)
-    return _VARIANTS["shuffle_attention" if has_convs else "sa_layer"]
+    return _VARIANTS[(SHUFFLE_ATTENTION if has_convs else SA_LAYER).name]
 
 
 def _is_positive_int(value: object) -> bool:
@@ -332,8 +334,8 @@ def _check_parameters(module: nn.Module, variant: _Variant, m: int) -> None:
     missing = sorted(set(variant.param_names) - set(found))
     _require(not extra, f"extra parameter(s) {', '.join(extra)}")
     _require(not missing, f"missing parameter(s) {', '.join(missing)}")
-    for name in variant.param_names:
-        param, shape = found[name], variant.param_shape(name, m)
+    for name, shape in variant.param_shapes(m).items():
+        param = found[name]
         _require(isinstance(param, nn.Parameter), f"{name} is {_type_name(param)}, not a Parameter")
         _require(tuple(param.shape) == shape, f"{name} has shape {tuple(param.shape)}, not {shape}")
     buffers = [prefix + key for prefix, owner in owners for key in owner._buffers]

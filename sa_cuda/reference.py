@@ -1,10 +1,11 @@
-"""Pure-PyTorch references of both Shuffle Attention variants: the ground truth of every test and
+"""Pure-PyTorch references of both Shuffle Attention layers: the ground truth of every test and
 benchmark.
 
-``SALayer`` is the paper's official layer (SA-Net's ``sa_layer``: per-channel cweight, cbias,
-sweight, sbias); ``ShuffleAttention`` is the seed's layer (1x1 convolutions affine1, affine2).
-Their ``forward`` is the published code, line for line; ``sa_layer`` and ``shuffle_attention`` are
-the same math as functions of explicit parameters.
+``SALayer`` is the layer of SA-Net's code release (``sa_layer``: gate parameters cweight, cbias,
+sweight, sbias); ``ShuffleAttention`` is the same layer with 1x1-conv gates (affine1, affine2).
+sa_cuda.variants lists their parameters. Their ``forward`` is the published code, line for line;
+``sa_layer`` and ``shuffle_attention`` are the same math as functions of explicit parameters (the
+math and shapes: docs/design.md).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _merge(xn: Tensor, xs: Tensor, b: int) -> Tensor:
 
 def sa_layer(x: Tensor, groups: int, cweight: Tensor, cbias: Tensor, sweight: Tensor, sbias: Tensor,
              gn_weight: Tensor, gn_bias: Tensor, eps: float = 1e-5) -> Tensor:
-    """Official SA layer of ``x`` [B, C, H, W]; cweight/cbias/sweight/sbias (1, m, 1, 1), gn (m,),
+    """SALayer of ``x`` [B, C, H, W]; cweight/cbias/sweight/sbias (1, m, 1, 1), gn (m,),
     m = C / (2 * groups). Returns [B, C, H, W]."""
     x_0, x_1 = _branches(x, groups)
     xn = x_0 * torch.sigmoid(cweight * F.adaptive_avg_pool2d(x_0, 1) + cbias)
@@ -49,7 +50,7 @@ def sa_layer(x: Tensor, groups: int, cweight: Tensor, cbias: Tensor, sweight: Te
 def shuffle_attention(x: Tensor, groups: int, affine1_weight: Tensor, affine1_bias: Tensor,
                       affine2_weight: Tensor, affine2_bias: Tensor, gn_weight: Tensor, gn_bias: Tensor,
                       eps: float = 1e-5) -> Tensor:
-    """Seed SA layer of ``x`` [B, C, H, W]; affine weights (m, m, 1, 1), biases and gn (m,)."""
+    """ShuffleAttention of ``x`` [B, C, H, W]; affine weights (m, m, 1, 1), biases and gn (m,)."""
     x_0, x_1 = _branches(x, groups)
     xn = x_0 * torch.sigmoid(F.conv2d(F.adaptive_avg_pool2d(x_0, 1), affine1_weight, affine1_bias))
     xs = F.group_norm(x_1, x_1.shape[1], gn_weight, gn_bias, eps)
@@ -58,7 +59,7 @@ def shuffle_attention(x: Tensor, groups: int, affine1_weight: Tensor, affine1_bi
 
 
 class SALayer(nn.Module):
-    """SA-Net's official ``sa_layer`` (github.com/wofmanaf/SA-Net), unchanged."""
+    """SA-Net's ``sa_layer`` (github.com/wofmanaf/SA-Net), unchanged."""
 
     def __init__(self, channel: int, groups: int = 64):
         super().__init__()
@@ -95,7 +96,7 @@ class SALayer(nn.Module):
 
 
 class ShuffleAttention(nn.Module):
-    """The seed document's ``ShuffleAttention`` (1x1-conv gates), unchanged."""
+    """``ShuffleAttention``: the Shuffle Attention layer with 1x1-conv gates, unchanged."""
 
     def __init__(self, channel: int, groups: int = 64):
         super().__init__()

@@ -50,17 +50,9 @@ _FWD_OP = {"sa_layer": "sa_layer_forward", "shuffle_attention": "shuffle_attenti
 _BWD_OP = {"sa_layer": "sa_layer_backward", "shuffle_attention": "shuffle_attention_backward"}
 
 # state_dict / named_parameters keys in the order of the functionals' / ops' parameter arguments.
-PARAM_KEYS = {
-    "sa_layer": ("cweight", "cbias", "sweight", "sbias", "gn.weight", "gn.bias"),
-    "shuffle_attention": ("affine1.weight", "affine1.bias", "affine2.weight", "affine2.bias",
-                          "gn.weight", "gn.bias"),
-}
+PARAM_KEYS = {v.name: v.state_keys for v in sa_cuda.variants.VARIANTS}
 # Names of the functionals' parameter arguments (the Python ValueError messages use these).
-PARAM_ARG_NAMES = {
-    "sa_layer": ("cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias"),
-    "shuffle_attention": ("affine1_weight", "affine1_bias", "affine2_weight", "affine2_bias",
-                          "gn_weight", "gn_bias"),
-}
+PARAM_ARG_NAMES = {v.name: v.param_names for v in sa_cuda.variants.VARIANTS}
 
 
 def ref_class(variant):

@@ -1,6 +1,9 @@
 """Builds (once, cached under build/emulation) and loads the emulation build of the CUDA kernels:
-torch.ops.sa_cuda_emu.* run csrc/cuda's kernels on CPU tensors through the SIMT emulator. Also
-builds the native drivers under tests/native (standalone binaries of emulated kernels)."""
+torch.ops.sa_cuda_emu.* run csrc/cuda's kernels on CPU tensors through the SIMT emulator, with the
+fake kernels, vmap rules and autograd of sa_cuda.ops.register_library, so that
+``emulated_library().apply(variant, ...)`` or ``sa_cuda.sa_layer(..., library=emulated_library())``
+takes the public functionals' path. Also builds the native drivers under tests/native (standalone
+binaries of emulated kernels)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import subprocess
 
 import torch
 from torch.utils.cpp_extension import load
+
+from sa_cuda.ops import OpLibrary, register_library
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -31,7 +36,14 @@ def load_emulation():
         is_python_module=False,
         verbose=False,
     )
+    register_library("sa_cuda_emu")
     return torch.ops.sa_cuda_emu
+
+
+def emulated_library() -> OpLibrary:
+    """The emulated kernels as an OpLibrary (built and loaded first if need be)."""
+    load_emulation()
+    return register_library("sa_cuda_emu")
 
 
 def _newest_input_mtime(source: str) -> float:

@@ -12,11 +12,11 @@ import torch
 
 from conftest import (VARIANTS, assert_low_precision_close, clone_as, forward_backward, make_input, make_ref,
                       params_in_op_order)
-from emulation import load_emulation
-from sa_cuda.ops.shuffle_attention import _apply
+from emulation import emulated_library, load_emulation
 from test_forward_backward import _check_high_precision
 
 EMU = load_emulation()
+EMULATED = emulated_library()  # the functionals' path over the emulated kernels
 
 # (B, C, H, W), groups, storage offset in elements (1: every plane pointer misaligned)
 PATHS = [
@@ -38,7 +38,7 @@ def emulated_like(variant, ref):
 
     class Emulated(type(ref)):
         def forward(self, x):
-            return _apply(f"sa_cuda_emu::{variant}", x, self.groups,
+            return EMULATED.apply(variant, x, self.groups,
                           tuple(params_in_op_order(variant, self)), self.gn.eps)
 
     module = Emulated(2 * ref.groups * ref.gn.num_channels, ref.groups)
@@ -101,7 +101,7 @@ def test_emulated_gradcheck(variant, shape, groups):
     x = make_input(shape, seed=4, dtype=torch.float64).requires_grad_()
 
     def fn(x, *ps):
-        return _apply(f"sa_cuda_emu::{variant}", x, groups, ps, 1e-5)
+        return EMULATED.apply(variant, x, groups, ps, 1e-5)
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 

@@ -16,12 +16,12 @@ import torch
 
 from conftest import (assert_low_precision_close, clone_as, forward_backward, make_input, make_ref,
                       params_in_op_order)
-from emulation import load_emulation
-from sa_cuda.ops.shuffle_attention import _apply
+from emulation import emulated_library, load_emulation
 from test_emulated_kernels import _input, emulated_like
 from test_forward_backward import _check_high_precision
 
 EMU = load_emulation()
+EMULATED = emulated_library()  # the functionals' path over the emulated kernels
 
 # dtype, (B, C, H, W), groups, storage offset in elements of x and grad_out
 CASES = [
@@ -98,6 +98,6 @@ def test_plane_paths_gradcheck(shape, groups, offset):
     x = make_input((n + offset,), seed=4, dtype=torch.float64)[offset:].view(shape).requires_grad_()
 
     def fn(x, *ps):
-        return _apply("sa_cuda_emu::sa_layer", x, groups, ps, 1e-5)
+        return EMULATED.apply("sa_layer", x, groups, ps, 1e-5)
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -45,10 +45,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import VARIANTS, functional, make_ref, params_in_op_order, ref_functional
-from emulation import load_emulation
-from sa_cuda.ops.shuffle_attention import _apply
+from emulation import emulated_library, load_emulation
 
 EMU = load_emulation()
+EMULATED = emulated_library()  # the functionals' path over the emulated kernels
 
 SLACK = 2.0
 ACC32 = 8.0
@@ -114,7 +114,7 @@ def fused_apply(impl, variant, groups):
     if impl.startswith("cpu"):
         f = functional(variant)
         return lambda x, *p: f(x, groups, *p)
-    return lambda x, *p: _apply(f"sa_cuda_emu::{variant}", x, groups, tuple(p), 1e-5)
+    return lambda x, *p: EMULATED.apply(variant, x, groups, tuple(p), 1e-5)
 
 
 def check_item(fused, eager, ref64, dtype, what):

@@ -24,13 +24,13 @@ import pytest
 import torch
 
 from conftest import assert_low_precision_close, clone_as, forward_backward, make_ref, params_in_op_order
-from emulation import load_emulation
-from sa_cuda.ops.shuffle_attention import _apply
+from emulation import emulated_library, load_emulation
 from test_emulated_kernels import _input, emulated_like
 from test_extreme_magnitudes import check_item, check_stats
 from test_forward_backward import _check_high_precision
 
 EMU = load_emulation()
+EMULATED = emulated_library()  # the functionals' path over the emulated kernels
 VARIANT = "shuffle_attention"
 
 # (B, C, H, W), groups, storage offset in elements, dtype
@@ -121,7 +121,7 @@ def test_group_kernels_gradcheck_pieces_and_tiles():
     x = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).requires_grad_()
 
     def fn(x, *ps):
-        return _apply(f"sa_cuda_emu::{VARIANT}", x, groups, ps, 1e-5)
+        return EMULATED.apply(VARIANT, x, groups, ps, 1e-5)
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 

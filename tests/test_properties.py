@@ -31,11 +31,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import VARIANTS, autocast_if_mixed, functional, make_ref, max_abs, max_err, params_in_op_order, ref_functional
-from emulation import load_emulation
-from sa_cuda.ops.shuffle_attention import _apply
+from emulation import emulated_library, load_emulation
 from test_forward_backward import _check_high_precision
 
 EMU = load_emulation()
+EMULATED = emulated_library()  # the functionals' path over the emulated kernels
 
 LAYOUTS = ("contiguous", "channels_last", "slice", "transpose_hw", "storage_offset", "batch_stride",
            "expand_h")
@@ -127,7 +127,7 @@ def fused_fn(variant, impl, groups, eps):
     if impl == "cpu":
         f = functional(variant)
         return lambda x, *p: f(x, groups, *p, eps=eps)
-    return lambda x, *p: _apply(f"sa_cuda_emu::{variant}", x, groups, tuple(p), eps)
+    return lambda x, *p: EMULATED.apply(variant, x, groups, tuple(p), eps)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from conftest import (CUDA_OK, CUDA_REASON, PARAM_ARG_NAMES, VARIANTS, bwd_op, clone_as,
                       forward_backward, fused_class, functional, fwd_op, make_fused_like, make_input,
                       make_ref, max_abs, max_err, params_in_op_order, ref_functional)
-from emulation import load_emulation
-from sa_cuda.ops.shuffle_attention import _apply
+from emulation import emulated_library, load_emulation
 from sa_cuda.reference import _merge
 from test_emulated_kernels import emulated_like
 from test_forward_backward import _check_high_precision
 
 EMU = load_emulation()
+EMULATED = emulated_library()  # the functionals' path over the emulated kernels
 IMPLS = ["cpu", "emu"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -287,7 +287,7 @@ def nonfinite_check(variant, impl, x, groups, params, gy):
         f = functional(variant)
         Fu = all_grads(lambda x_, *p: f(x_, groups, *p), x, params, gy)
     else:
-        Fu = all_grads(lambda x_, *p: _apply(f"sa_cuda_emu::{variant}", x_, groups, tuple(p), 1e-5),
+        Fu = all_grads(lambda x_, *p: EMULATED.apply(variant, x_, groups, tuple(p), 1e-5),
                        x, params, gy)
     reports = []
     for name, fn in (("reference", ref_functional(variant)),
@@ -519,7 +519,7 @@ def _fwd_bwd_functional(variant, impl, x, groups, params, gy):
     if impl == "cpu":
         fn = functional(variant)
         return all_grads(lambda x_, *p: fn(x_, groups, *p), x, params, gy)
-    return all_grads(lambda x_, *p: _apply(f"sa_cuda_emu::{variant}", x_, groups, tuple(p), 1e-5),
+    return all_grads(lambda x_, *p: EMULATED.apply(variant, x_, groups, tuple(p), 1e-5),
                      x, params, gy)
 
 

@@ -1,8 +1,8 @@
-"""Networks built on the SA layer: SA-ResNet-50/101/152 with the official SA-Net layout.
+"""Networks built on the SA layer: SA-ResNet-50/101/152 with the layout of SA-Net's code release.
 
 ``fused=True`` puts ``sa_cuda.SALayer`` (fused kernels) in every bottleneck, ``fused=False`` the
 pure-PyTorch ``sa_cuda.reference.SALayer``; the parameter names are identical, so state_dicts load
-strictly into either, and official SA-Net checkpoints load into both (see
+strictly into either, and the release's checkpoints load into both (see
 ``convert_official_state_dict``).
 """
 

@@ -1,23 +1,23 @@
-"""SA-ResNet-50/101/152: the layout of the official SA-Net code (github.com/wofmanaf/SA-Net,
-``models/sa_resnet.py``), with the SA layer either fused or the pure-PyTorch reference.
+"""SA-ResNet-50/101/152: the layout of SA-Net's code release (github.com/wofmanaf/SA-Net,
+``models/sa_resnet.py``), with SALayer either fused or the pure-PyTorch reference.
 
-The module tree, attribute names and hence the state_dict keys are the official ones:
+The module tree, attribute names and hence the state_dict keys are the release's:
 
     conv1, bn1, layer1..layer4 (nn.Sequential of SABottleneck), avgpool, fc
     SABottleneck: conv1, bn1, conv2, bn2, conv3, bn3, sa (after bn3), relu, downsample
     sa: cweight, cbias, sweight, sbias (1, m, 1, 1), gn.weight, gn.bias (m,), m = C / (2 * 64)
     downsample: nn.Sequential(conv1x1 as "0", BatchNorm2d as "1")
 
-so official checkpoints load with ``strict=True`` (after ``convert_official_state_dict``, which
-unwraps ``{"state_dict": ...}`` and strips DataParallel's ``module.`` prefix).
+so the release's checkpoints load with ``strict=True`` (after ``convert_official_state_dict``,
+which unwraps ``{"state_dict": ...}`` and strips DataParallel's ``module.`` prefix).
 
-Differences from the official file, none of which touches the parameters or the math:
+Differences from the released file, none of which touches the parameters or the math:
 - ``fused`` selects ``sa_cuda.SALayer`` or ``sa_cuda.reference.SALayer`` (same parameter names).
-- ``sa_groups`` (default 64, the official value) is exposed.
-- The official ``ResNet.__init__`` sets ``self._norm_layer`` only when ``norm_layer is None``
+- ``sa_groups`` (default 64, the release's value) is exposed.
+- The released ``ResNet.__init__`` sets ``self._norm_layer`` only when ``norm_layer is None``
   (passing a norm layer raised AttributeError); here it is always set.
-- The official ``sa_resnet101`` forgets ``return model``; here every builder returns the model.
-- No ``pretrained`` download (the official URLs are empty): load a checkpoint yourself.
+- The released ``sa_resnet101`` forgets ``return model``; here every builder returns the model.
+- No ``pretrained`` download (the release's URLs are empty): load a checkpoint yourself.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _sa_layer(channel: int, groups: int, fused: bool) -> nn.Module:
 
 
 class SABottleneck(nn.Module):
-    """ResNet bottleneck with an SA layer after bn3 (official ``SABottleneck``).
+    """ResNet bottleneck with an SA layer after bn3 (the release's ``SABottleneck``).
 
     x [B, inplanes, H, W] -> [B, planes * 4, H / stride, W / stride].
     """
@@ -83,30 +83,15 @@ class SABottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, inplanes, H, W] -> [B, planes * 4, H', W']."""
-        identity = x
-
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-
-        out = self.conv2(out)
-        out = self.bn2(out)
-        out = self.relu(out)
-
-        out = self.conv3(out)
-        out = self.bn3(out)
-        out = self.sa(out)
-
-        if self.downsample is not None:
-            identity = self.downsample(x)
-
-        out += identity
-        out = self.relu(out)
-        return out
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.sa(self.bn3(self.conv3(out)))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
 
 
 class SAResNet(nn.Module):
-    """Official SA-Net ``ResNet``: images [B, 3, H, W] -> logits [B, num_classes].
+    """SA-Net's ``ResNet``: images [B, 3, H, W] -> logits [B, num_classes].
 
     At 224x224 the SA layers see (C, H, W) = (256, 56, 56), (512, 28, 28), (1024, 14, 14),
     (2048, 7, 7) in layer1..layer4.
@@ -190,24 +175,13 @@ class SAResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [B, 3, H, W] -> logits [B, num_classes]."""
-        x = self.conv1(x)
-        x = self.bn1(x)
-        x = self.relu(x)
-        x = self.maxpool(x)
-
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
-
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        x = self.fc(x)
-        return x
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def convert_official_state_dict(checkpoint: Mapping[str, object]) -> "OrderedDict[str, Tensor]":
-    """An official SA-Net checkpoint (``torch.load`` of ``main.py``'s ``*.pth.tar``, i.e.
+    """A checkpoint of SA-Net's code release (``torch.load`` of ``main.py``'s ``*.pth.tar``, i.e.
     ``{"state_dict": ..., "optimizer": ...}`` with DataParallel's ``module.`` prefix, or a bare
     state_dict) -> a state_dict for ``SAResNet.load_state_dict(..., strict=True)``."""
     state_dict = checkpoint.get("state_dict", checkpoint)

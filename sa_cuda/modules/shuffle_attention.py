@@ -1,4 +1,4 @@
-"""``SALayer`` (the paper's official layer) and ``ShuffleAttention`` (the seed's layer), fused.
+"""``SALayer`` and ``ShuffleAttention`` (sa_cuda.variants), fused.
 
 Each subclasses its reference in sa_cuda.reference, so parameters, initialisation, attribute names
 and state_dict keys are the reference's by construction (strict loads work both ways). forward runs
@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..ops import fused_available, sa_layer, shuffle_attention
-from ..ops.shuffle_attention import KERNEL_DTYPES
+from ..ops import KERNEL_DTYPES, SA_CUDA_LIBRARY, fused_available
+from ..variants import SA_LAYER, SHUFFLE_ATTENTION, Variant
 
 
 def _use_fused(x: Tensor) -> bool:
@@ -35,44 +35,49 @@ def _check_layout(channel, groups) -> None:
                          f"channel / (2 * groups) channels")
 
 
-def _init_layer(module: torch.nn.Module, reference_init, channel, groups, device, dtype) -> None:
-    """Runs the reference's __init__ after checking its arguments. ``device=`` and ``dtype=`` work
-    as for PyTorch's own modules (timm passes both to an attention layer): parameters are created
-    on ``device`` and converted to ``dtype``."""
-    _check_layout(channel, groups)
-    if dtype is not None and dtype not in KERNEL_DTYPES:
-        raise ValueError(f"sa_cuda: dtype must be one of {KERNEL_DTYPES}, got {dtype!r}")
-    if device is None:
-        reference_init(channel, groups)
-    else:
-        with torch.device(device):
-            reference_init(channel, groups)
-    if dtype is not None:
-        module.to(dtype=dtype)
+def _parameter(module: torch.nn.Module, state_key: str) -> Tensor:
+    """The parameter of ``module`` under ``state_key`` ("cweight", "gn.weight")."""
+    for name in state_key.split("."):
+        module = getattr(module, name)
+    return module
 
 
-class SALayer(reference.SALayer):
-    """Fused SA-Net ``sa_layer``: x [B, C, H, W] -> [B, C, H, W], C divisible by 2 * groups."""
+class _FusedLayer:
+    """What both fused modules add to their reference: checked construction with ``device=`` and
+    ``dtype=``, and a fused forward over the parameters of ``_variant``."""
+
+    _variant: Variant
 
     def __init__(self, channel: int, groups: int = 64, *, device=None, dtype=None):
-        _init_layer(self, super().__init__, channel, groups, device, dtype)
+        """``device=`` and ``dtype=`` work as for PyTorch's own modules (timm passes both to an
+        attention layer): parameters are created on ``device`` and converted to ``dtype``."""
+        _check_layout(channel, groups)
+        if dtype is not None and dtype not in KERNEL_DTYPES:
+            raise ValueError(f"sa_cuda: dtype must be one of {KERNEL_DTYPES}, got {dtype!r}")
+        if device is None:
+            super().__init__(channel, groups)
+        else:
+            with torch.device(device):
+                super().__init__(channel, groups)
+        if dtype is not None:
+            self.to(dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if not _use_fused(x):
             return super().forward(x)
-        return sa_layer(x, self.groups, self.cweight, self.cbias, self.sweight, self.sbias,
-                        self.gn.weight, self.gn.bias, self.gn.eps)
+        params = tuple(_parameter(self, key) for key in self._variant.state_keys)
+        return SA_CUDA_LIBRARY.apply(self._variant.name, x, self.groups, params, self.gn.eps)
 
 
-class ShuffleAttention(reference.ShuffleAttention):
-    """Fused seed ``ShuffleAttention``: x [B, C, H, W] -> [B, C, H, W], C divisible by 2 * groups."""
+class SALayer(_FusedLayer, reference.SALayer):
+    """Fused SALayer (SA-Net's ``sa_layer``): x [B, C, H, W] -> [B, C, H, W], C divisible by
+    2 * groups."""
 
-    def __init__(self, channel: int, groups: int = 64, *, device=None, dtype=None):
-        _init_layer(self, super().__init__, channel, groups, device, dtype)
+    _variant = SA_LAYER
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not _use_fused(x):
-            return super().forward(x)
-        return shuffle_attention(x, self.groups, self.affine1.weight, self.affine1.bias,
-                                 self.affine2.weight, self.affine2.bias, self.gn.weight,
-                                 self.gn.bias, self.gn.eps)
+
+class ShuffleAttention(_FusedLayer, reference.ShuffleAttention):
+    """Fused ShuffleAttention (1x1-conv gates): x [B, C, H, W] -> [B, C, H, W], C divisible by
+    2 * groups."""
+
+    _variant = SHUFFLE_ATTENTION

@@ -1,5 +1,6 @@
-"""vmap rules of the sa_cuda ops, so that torch.func transforms (vmap, grad, vjp, jacrev and their
-compositions, e.g. per-sample gradients ``vmap(grad(f))``) work over the functionals.
+"""vmap rules of the fused ops (of every namespace: library.py registers them), so that torch.func
+transforms (vmap, grad, vjp, jacrev and their compositions, e.g. per-sample gradients
+``vmap(grad(f))``) work over the functionals.
 
 Forward: when only x is mapped, the mapped dimension is folded into the batch (one kernel call on
 [V * B, C, H, W]; every plane is independent). When a parameter is mapped too, every slice has its
@@ -46,10 +47,7 @@ def _backward_rule(op):
     return rule
 
 
-def register(variants) -> None:
-    """vmap rules for the forward and backward op of each variant ("sa_layer", ...)."""
-    for variant in variants:
-        forward = getattr(torch.ops.sa_cuda, f"{variant}_forward").default
-        backward = getattr(torch.ops.sa_cuda, f"{variant}_backward").default
-        torch.library.register_vmap(f"sa_cuda::{variant}_forward", _forward_rule(forward))
-        torch.library.register_vmap(f"sa_cuda::{variant}_backward", _backward_rule(backward))
+def register(forward, backward) -> None:
+    """vmap rules for one variant's forward and backward op (OpOverloads of any namespace)."""
+    torch.library.register_vmap(forward, _forward_rule(forward))
+    torch.library.register_vmap(backward, _backward_rule(backward))

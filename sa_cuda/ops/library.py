@@ -1,0 +1,236 @@
+"""One library of the fused ops: the four ops of one op namespace, with their fake kernels, vmap
+rules and autograd, and the path every functional call takes through them.
+
+Two namespaces hold the same four op schemas (csrc/ops.h): ``sa_cuda`` (the CPU and CUDA kernels,
+sa_cuda._C) and ``sa_cuda_emu`` (the CUDA kernels run on CPU tensors by the SIMT emulator, built
+only by the tests: tests/emulation.py). ``register_library(namespace)`` equips one namespace and
+returns its ``OpLibrary``; sa_cuda.ops does it for ``sa_cuda`` at import, tests/emulation.py for
+``sa_cuda_emu`` after loading the emulation build. Everything above the ops (the functionals'
+``library=`` keyword, ``OpLibrary.apply``, the modules) is then one code path for both. (The
+emulated kernels cannot sit behind the sa_cuda ops themselves: they take CPU tensors, and the CPU
+dispatch key of the sa_cuda ops belongs to the CPU kernels.)
+
+Why the autograd is a torch.autograd.Function per library and not ``torch.library.
+register_autograd`` on the forward op: torch.func (grad, vjp, vmap of grad) cannot transform a
+C++-defined op's registered autograd (it needs an autograd.Function with ``setup_context``), and
+the fused layer must work under torch.func. Each library therefore builds its own
+autograd.Function class over its own ops; ``sa_cuda.ShuffleAttentionFunction`` is the one of
+``sa_cuda``. The variant travels through it as its name, a constant for torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..variants import SA_LAYER, VARIANTS, Variant, variant as variant_named
+from . import vmap as _vmap
+from .checks import check_backward_args, check_forward_args, stat_dtype
+
+__all__ = ["OpLibrary", "register_library"]
+
+# Dispatch key names are not always the upper-cased device type ("meta" -> "Meta").
+_DISPATCH_KEYS = {"meta": "Meta", "privateuseone": "PrivateUse1"}
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """The identity on the gradients of the fused backward, hung on the graph of x and the
+    parameters when a backward runs with create_graph=True: differentiating those gradients again
+    (a gradient penalty, grad of grad) reaches this node and raises, instead of silently giving a
+    second derivative without the kernel's part. First-order uses of create_graph=True (which
+    torch.func.grad makes) are unaffected."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(n_grads: int, *grads_then_inputs: Tensor):
+        return tuple(g.clone() for g in grads_then_inputs[:n_grads])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "sa_cuda: double backward (differentiating a gradient) through the fused Shuffle "
+            "Attention op is not supported: its backward is a fused kernel. Use the "
+            "sa_cuda.reference layers for higher-order gradients")
+
+
+def _guard_second_derivative(grads: list, x: Tensor, params: list) -> list:
+    """With create_graph=True: the gradients, routed through _NoSecondDerivative."""
+    inputs = [t for t in (x, *params) if t.requires_grad]
+    kept = [g for g in grads if g is not None]
+    if not (inputs and kept):
+        return grads
+    wrapped = iter(_NoSecondDerivative.apply(len(kept), *kept, *inputs))
+    return [None if g is None else next(wrapped) for g in grads]
+
+
+def _autograd_function(forward_ops: dict, backward_ops: dict) -> type[torch.autograd.Function]:
+    """The autograd.Function over one library's ops (keyed by variant name)."""
+
+    class ShuffleAttentionFunction(torch.autograd.Function):
+        """Autograd over the fused ops: saves x and the per-plane mean/rstd, nothing else.
+
+        ``apply(variant, x, groups, eps, *params) -> (out, mean, rstd)`` with variant "sa_layer" or
+        "shuffle_attention"; mean and rstd are not differentiable. Works under torch.func
+        (``vmap``, ``grad``, ``vjp``, their compositions): the vmap rules of the ops
+        (sa_cuda/ops/vmap.py) fold a mapped x into the batch. The backward is a fused kernel and
+        is not itself differentiable: first-order gradients work with create_graph=True, and
+        differentiating them again raises.
+        """
+
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(variant: str, x: Tensor, groups: int, eps: float, *params: Tensor):
+            return forward_ops[variant](x, groups, *params, eps)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            variant, x, groups, _, *params = inputs
+            _, mean, rstd = output
+            ctx.mark_non_differentiable(mean, rstd)
+            ctx.save_for_backward(x, mean, rstd, *params)
+            ctx.variant, ctx.groups = variant, groups
+
+        @staticmethod
+        def backward(ctx, grad_out: Tensor, _grad_mean, _grad_rstd):
+            create_graph = torch.is_grad_enabled()
+            x, mean, rstd, *params = ctx.saved_tensors
+            with torch.no_grad():
+                grad_x, *param_grads = backward_ops[ctx.variant](grad_out, x, mean, rstd,
+                                                                 ctx.groups, *params)
+            needs = ctx.needs_input_grad
+            grads = [grad_x if needs[1] else None] + [g if needs[4 + i] else None
+                                                       for i, g in enumerate(param_grads)]
+            if create_graph:
+                grads = _guard_second_derivative(grads, x, params)
+            return (None, grads[0], None, None, *grads[1:])
+
+    return ShuffleAttentionFunction
+
+
+def _fake_kernels(variant: Variant):
+    """(forward, backward) fake kernels: the argument checks, then outputs of the real shapes."""
+
+    def fake_forward(x, groups, *params_and_eps):
+        *params, eps = params_and_eps
+        check_forward_args(variant, x, groups, tuple(params), eps)
+        B, C = x.shape[0], x.shape[1]
+        stat = x.new_empty((B, C), dtype=stat_dtype(x))
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return out, stat, torch.empty_like(stat)
+
+    def fake_backward(grad_out, x, mean, rstd, groups, *params):
+        check_backward_args(variant, grad_out, x, mean, rstd, groups, params)
+        # The real kernel returns every gradient contiguous (also for a non-contiguous parameter,
+        # e.g. a transposed (m, m) weight): plain empty_like(p) would keep p's strides and mislead
+        # Inductor.
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                *(torch.empty_like(p, memory_format=torch.contiguous_format) for p in params))
+
+    return fake_forward, fake_backward
+
+
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """Whether autocast knows the device type (torch.is_autocast_enabled raises for one it does
+    not, e.g. meta). A constant per device type; Dynamo before 2.14 cannot trace the check itself
+    (a graph break), so it takes the value at trace time."""
+    return torch.amp.is_autocast_available(device_type)
+
+
+def _compute_dtype(x: Tensor, params: tuple) -> torch.dtype:
+    """Outside autocast the layer computes in the promoted dtype of x and its parameters, as the
+    eager layer does (bf16 x with fp32 parameters gives fp32). Under autocast it keeps x's dtype
+    (the parameters are used in fp32 anyway), which is what the next autocast op wants."""
+    device_type = x.device.type
+    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return x.dtype
+    dtype = x.dtype
+    for p in params:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    """x.is_contiguous(memory_format=torch.channels_last) and not NCHW-contiguous, from the strides
+    (the memory-format query is not implemented inside torch.func.vmap)."""
+    if x.is_contiguous():
+        return False
+    expected = 1
+    for dim in (1, 3, 2, 0):  # C, W, H, B from the innermost out; size-1 dims have any stride
+        if x.shape[dim] != 1 and x.stride(dim) != expected:
+            return False
+        expected *= x.shape[dim]
+    return True
+
+
+class OpLibrary:
+    """The fused ops of one namespace, equipped with fake kernels, vmap rules and autograd. Made
+    by ``register_library``; one per namespace."""
+
+    def __init__(self, namespace: str):
+        ops = getattr(torch.ops, namespace)
+        self.namespace = namespace
+        self._forward_ops = {v.name: getattr(ops, v.forward_op_name) for v in VARIANTS}
+        self._backward_ops = {v.name: getattr(ops, v.backward_op_name) for v in VARIANTS}
+        #: The autograd.Function over these ops (``sa_cuda.ShuffleAttentionFunction`` for sa_cuda).
+        self.function = _autograd_function(self._forward_ops, self._backward_ops)
+        for variant in VARIANTS:
+            forward, backward = self._forward_ops[variant.name], self._backward_ops[variant.name]
+            fake_forward, fake_backward = _fake_kernels(variant)
+            torch.library.register_fake(forward.default)(fake_forward)
+            torch.library.register_fake(backward.default)(fake_backward)
+            _vmap.register(forward.default, backward.default)
+
+    def __repr__(self) -> str:
+        return f"OpLibrary({self.namespace!r})"
+
+    def forward_op(self, variant: str):
+        """torch.ops.<namespace>.<variant>_forward."""
+        return self._forward_ops[variant_named(variant).name]
+
+    def backward_op(self, variant: str):
+        """torch.ops.<namespace>.<variant>_backward."""
+        return self._backward_ops[variant_named(variant).name]
+
+    def available(self, device: torch.device | str) -> bool:
+        """True when this library has kernels for ``device``'s type."""
+        device_type = torch.device(device).type
+        key = _DISPATCH_KEYS.get(device_type, device_type.upper())
+        try:
+            return torch._C._dispatch_has_kernel_for_dispatch_key(
+                self._forward_ops[SA_LAYER.name]._qualified_op_name, key)
+        except RuntimeError:  # no dispatch key of that name: no kernel for this device type
+            return False
+
+    def apply(self, variant: str, x: Tensor, groups: int, params: tuple, eps: float) -> Tensor:
+        """The functionals' path: argument checks, the compute dtype, the autograd.Function, and
+        the memory format of x. ``params``: the variant's six parameters in op order."""
+        spec = variant_named(variant)
+        check_forward_args(spec, x, groups, params, eps, param_shapes=True)
+        dtype = _compute_dtype(x, params)
+        if dtype != x.dtype:
+            x = x.to(dtype)
+        out = self.function.apply(spec.name, x, groups, float(eps), *params)[0]
+        if _is_channels_last(x):
+            # The kernels work on NCHW planes: a channels_last x is read through one copy to NCHW
+            # (in the op) and the result is handed back channels_last (one more copy; written as
+            # an NHWC permute so that it also works inside torch.func.vmap).
+            out = out.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        return out
+
+
+_LIBRARIES: dict[str, OpLibrary] = {}
+
+
+def register_library(namespace: str) -> OpLibrary:
+    """The OpLibrary of the op namespace ``namespace`` (whose four ops must be registered, e.g.
+    "sa_cuda" or "sa_cuda_emu"); registers its fake kernels and vmap rules the first time."""
+    if namespace not in _LIBRARIES:
+        _LIBRARIES[namespace] = OpLibrary(namespace)
+    return _LIBRARIES[namespace]

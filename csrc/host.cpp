@@ -16,7 +16,7 @@ const char* param_name(Variant variant, int index) {
   static const char* per_channel[] = {"cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias"};
   static const char* conv[] = {"affine1_weight", "affine1_bias", "affine2_weight", "affine2_bias",
                                "gn_weight", "gn_bias"};
-  return variant == Variant::kPerChannel ? per_channel[index] : conv[index];
+  return variant == Variant::kSALayer ? per_channel[index] : conv[index];
 }
 
 struct Shape {
@@ -89,7 +89,7 @@ std::vector<at::Tensor> acc_params(Variant variant, const LayerParams& p, const 
   std::vector<at::Tensor> out;
   for (int i = 0; i < 6; ++i) {
     const at::Tensor& t = all[i];
-    const bool is_matrix = variant == Variant::kConv1x1 && (i == 0 || i == 2);
+    const bool is_matrix = variant == Variant::kShuffleAttention && (i == 0 || i == 2);
     const int64_t expected = is_matrix ? m * m : m;
     check_tensor(t, param_name(variant, i), &x);
     TORCH_CHECK_VALUE(t.numel() == expected, "sa_cuda: ", param_name(variant, i), " must have ",
@@ -216,7 +216,7 @@ run_backward(Variant variant, const at::Tensor& grad_out_in, const at::Tensor& x
   // The per-(batch item, group) partials of the parameter gradients (layout in sa_params.h), in
   // one allocation: every slot is written by the backward kernel before the reduction reads it.
   const int64_t slots = s.B * s.G;
-  const int64_t t_xh_width = variant == Variant::kConv1x1 ? s.m * s.m : s.m;
+  const int64_t t_xh_width = variant == Variant::kShuffleAttention ? s.m * s.m : s.m;
   at::Tensor partials = at::empty({slots * (2 * s.m + t_xh_width)}, p[0].options());
   const at::Tensor all_params[] = {params.channel_weight, params.channel_bias, params.spatial_weight,
                                    params.spatial_bias,   params.gn_weight,    params.gn_bias};

@@ -58,14 +58,14 @@ run_backward(Variant variant, const at::Tensor& grad_out, const at::Tensor& x, c
     m.impl("sa_layer_forward", [](const at::Tensor& x, int64_t groups, const at::Tensor& cw,        \
                                   const at::Tensor& cb, const at::Tensor& sw, const at::Tensor& sb, \
                                   const at::Tensor& gw, const at::Tensor& gb, double eps) {         \
-      return ::sa_cuda::run_forward(::sa_cuda::Variant::kPerChannel, x, groups,                     \
+      return ::sa_cuda::run_forward(::sa_cuda::Variant::kSALayer, x, groups,                     \
                                     {cw, cb, sw, sb, gw, gb}, eps, FORWARD_LAUNCHER);               \
     });                                                                                             \
     m.impl("shuffle_attention_forward",                                                             \
            [](const at::Tensor& x, int64_t groups, const at::Tensor& w1, const at::Tensor& b1,      \
               const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& gw,                     \
               const at::Tensor& gb, double eps) {                                                   \
-             return ::sa_cuda::run_forward(::sa_cuda::Variant::kConv1x1, x, groups,                 \
+             return ::sa_cuda::run_forward(::sa_cuda::Variant::kShuffleAttention, x, groups,                 \
                                            {w1, b1, w2, b2, gw, gb}, eps, FORWARD_LAUNCHER);        \
            });                                                                                      \
     m.impl("sa_layer_backward",                                                                     \
@@ -73,7 +73,7 @@ run_backward(Variant variant, const at::Tensor& grad_out, const at::Tensor& x, c
               const at::Tensor& rstd, int64_t groups, const at::Tensor& cw, const at::Tensor& cb,   \
               const at::Tensor& sw, const at::Tensor& sb, const at::Tensor& gw,                     \
               const at::Tensor& gb) {                                                               \
-             return ::sa_cuda::run_backward(::sa_cuda::Variant::kPerChannel, grad_out, x, mean,     \
+             return ::sa_cuda::run_backward(::sa_cuda::Variant::kSALayer, grad_out, x, mean,     \
                                             rstd, groups, {cw, cb, sw, sb, gw, gb},                 \
                                             BACKWARD_LAUNCHER);                                     \
            });                                                                                      \
@@ -82,7 +82,7 @@ run_backward(Variant variant, const at::Tensor& grad_out, const at::Tensor& x, c
               const at::Tensor& rstd, int64_t groups, const at::Tensor& w1, const at::Tensor& b1,   \
               const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& gw,                     \
               const at::Tensor& gb) {                                                               \
-             return ::sa_cuda::run_backward(::sa_cuda::Variant::kConv1x1, grad_out, x, mean, rstd,  \
+             return ::sa_cuda::run_backward(::sa_cuda::Variant::kShuffleAttention, grad_out, x, mean, rstd,  \
                                             groups, {w1, b1, w2, b2, gw, gb}, BACKWARD_LAUNCHER);   \
            });                                                                                      \
   }

@@ -30,11 +30,11 @@ namespace sa_cuda {
 // Gradients in the order of the op schemas: channel weight, channel bias, spatial weight,
 // spatial bias, gn weight, gn bias. The 1x1-conv weights are [m, m], everything else [m].
 SA_HOST_DEVICE int64_t param_grad_numel(Variant variant, int64_t m, int which) {
-  return variant == Variant::kConv1x1 && (which == 0 || which == 2) ? m * m : m;
+  return variant == Variant::kShuffleAttention && (which == 0 || which == 2) ? m * m : m;
 }
 
 SA_HOST_DEVICE int64_t param_grad_entries(Variant variant, int64_t m) {
-  return variant == Variant::kConv1x1 ? 2 * m * m + 4 * m : 6 * m;
+  return variant == Variant::kShuffleAttention ? 2 * m * m + 4 * m : 6 * m;
 }
 
 // term(s) = values[s * stride + offset], times mu[s * 2m + mu_offset] when mu is set.
@@ -80,7 +80,7 @@ struct ParamGradEntry {
     const acc_t* gw = static_cast<const acc_t*>(f.gn_weight);
     const acc_t* gb = static_cast<const acc_t*>(f.gn_bias);
     // The mean of channel-branch channel k of slot s = (b, g) sits at b * C + g * 2m + k = s * 2m + k.
-    if (variant == Variant::kPerChannel) {
+    if (variant == Variant::kSALayer) {
       const int64_t k_ = index;
       switch (which) {
         case 0: return {dz, m, k_, mean, 2 * m, k_, 1.0};
@@ -136,7 +136,7 @@ SA_HOST_DEVICE ParamGradEntry<acc_t> param_grad_entry(const BackwardParams& p, V
   int which = 0;
   while (e >= param_grad_numel(variant, m, which)) e -= param_grad_numel(variant, m, which++);
   const bool weighted_pair = which == 2;                             // d_sw: A and T1
-  const bool column = variant == Variant::kConv1x1 && which >= 4;   // d_gw, d_gb: m rows
+  const bool column = variant == Variant::kShuffleAttention && which >= 4;   // d_gw, d_gb: m rows
   return ParamGradEntry<acc_t>{&p, variant, which, e, weighted_pair ? 2 : column ? int(m) : 1};
 }
 

@@ -31,7 +31,7 @@ import pytest
 
 import sa_cuda
 
-# plane_{forward,backward}_kernel<scalar_t, kWarpTeam, kVec, kPacks> (plane_forward.cuh), mangled.
+# sa_layer_{forward,backward}_kernel<scalar_t, kWarpTeam, kVec, kPacks> (sa_layer_forward.cuh), mangled.
 PLANE_KERNEL = re.compile(r"(plane_(?:forward|backward)_kernel)I(N3c108BFloat16E|N3c104HalfE|f|d)"
                           r"Lb([01])ELi(\d+)ELi(\d+)E")
 ELEMENT_BYTES = {"N3c108BFloat16E": 2, "N3c104HalfE": 2, "f": 4, "d": 8}
@@ -154,8 +154,8 @@ def test_sass_lists_both_variants_kernels(sass):
     kernels, usage = sass
     for arch in {arch for arch, _ in kernels}:
         names = [name for a, name in kernels if a == arch]
-        for kernel in ("plane_forward_kernel", "plane_backward_kernel", "group_forward_kernel",
-                       "group_backward_kernel"):
+        for kernel in ("sa_layer_forward_kernel", "sa_layer_backward_kernel", "shuffle_attention_forward_kernel",
+                       "shuffle_attention_backward_kernel"):
             assert any(kernel in n for n in names), f"{arch}: no {kernel} in the SASS listing"
         assert all((arch, n) in usage for n in names), f"{arch}: -res-usage misses kernels"
 

@@ -56,9 +56,9 @@ struct Tensors {
         t_xh(static_cast<acc_t*>(p.t_xh)) {}
 };
 
-// Official variant, one plane per work unit.
+// SALayer, one plane per work unit.
 template <typename scalar_t>
-void backward_per_channel(const BackwardParams& p) {
+void backward_sa_layer(const BackwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   const Tensors<scalar_t> t(p);
@@ -126,9 +126,9 @@ void backward_per_channel(const BackwardParams& p) {
   });
 }
 
-// Seed variant, one branch of one (batch item, group) per work unit.
+// ShuffleAttention, one branch of one (batch item, group) per work unit.
 template <typename scalar_t>
-void backward_conv1x1(const BackwardParams& p) {
+void backward_shuffle_attention(const BackwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   const Tensors<scalar_t> t(p);
@@ -241,7 +241,7 @@ void backward_conv1x1(const BackwardParams& p) {
 
 // The parameter gradients (param_grads.h). A plain slot sum (no mean factor) is a column total of
 // one partial array: the totals are taken once, slot after slot along the rows (the order
-// slot_sum takes, so the same bits), and looked up; the 1x1-conv d_sw, d_sb, d_gw and d_gb share
+// slot_sum takes, so the same bits), and looked up; ShuffleAttention's d_sw, d_sb, d_gw and d_gb share
 // the totals of A and T1 instead of re-summing them per entry. Only d_cw's sums of dz * mu are
 // taken per entry, in runs of up to 64 consecutive entries so that each slot's row is read along
 // the row. The whole reduction reads the partials a few times: tens of microseconds, serial (a
@@ -264,7 +264,7 @@ void reduce_param_grads(Variant variant, const BackwardParams& p) {
   };
   const ColumnTotals columns[] = {
       column_totals(p.gate_grad, m), column_totals(p.t_sum, m),
-      column_totals(p.t_xh, variant == Variant::kConv1x1 ? m * m : m)};
+      column_totals(p.t_xh, variant == Variant::kShuffleAttention ? m * m : m)};
   auto plain_sum = [&](const SlotTerm<acc_t>& term) {
     const ColumnTotals& c = term.values == columns[0].values   ? columns[0]
                             : term.values == columns[1].values ? columns[1]
@@ -310,10 +310,10 @@ void reduce_param_grads(Variant variant, const BackwardParams& p) {
 // An empty batch (B = 0) runs no kernel unit (empty parallel_for) and gets zero gradients.
 void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& params) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_backward_cpu", [&] {
-    if (variant == Variant::kPerChannel) {
-      backward_per_channel<scalar_t>(params);
+    if (variant == Variant::kSALayer) {
+      backward_sa_layer<scalar_t>(params);
     } else {
-      backward_conv1x1<scalar_t>(params);
+      backward_shuffle_attention<scalar_t>(params);
     }
     reduce_param_grads<at::opmath_type<scalar_t>>(variant, params);
   });

@@ -47,9 +47,9 @@ struct Tensors {
         gb(static_cast<const acc_t*>(p.gn_bias)) {}
 };
 
-// Official variant: the work unit is one plane (batch item b, channel c).
+// SALayer: the work unit is one plane (batch item b, channel c).
 template <typename scalar_t>
-void forward_per_channel(const ForwardParams& p) {
+void forward_sa_layer(const ForwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   const Tensors<scalar_t> t(p);
@@ -88,10 +88,10 @@ void forward_per_channel(const ForwardParams& p) {
   });
 }
 
-// Seed variant: the work unit is one branch of one (batch item, group): m planes coupled by the
+// ShuffleAttention: the work unit is one branch of one (batch item, group): m planes coupled by the
 // 1x1 convolution. The m input planes are contiguous; the m output planes are not (shuffle).
 template <typename scalar_t>
-void forward_conv1x1(const ForwardParams& p) {
+void forward_shuffle_attention(const ForwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   const Tensors<scalar_t> t(p);
@@ -163,10 +163,10 @@ void forward_conv1x1(const ForwardParams& p) {
 
 void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& params) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_forward_cpu", [&] {
-    if (variant == Variant::kPerChannel) {
-      forward_per_channel<scalar_t>(params);
+    if (variant == Variant::kSALayer) {
+      forward_sa_layer<scalar_t>(params);
     } else {
-      forward_conv1x1<scalar_t>(params);
+      forward_shuffle_attention<scalar_t>(params);
     }
   });
 }

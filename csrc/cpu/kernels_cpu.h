@@ -1,4 +1,4 @@
-// C++ CPU kernels: one fused pass per work unit (DESIGN.md sections 2-3), at::parallel_for over
+// C++ CPU kernels: one fused pass per work unit (docs/design.md), at::parallel_for over
 // units, at::vec inner loops, acc_t = at::opmath_type<scalar_t> (float; double for float64).
 #pragma once
 

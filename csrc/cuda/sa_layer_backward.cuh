@@ -1,4 +1,4 @@
-// Per-channel variant (SALayer), backward: one team per plane.
+// SALayer, backward: one team per plane.
 //
 // Bytes moved: x and grad_out (at the shuffled channel) read once, grad_x written once, plus the
 // saved mean/rstd and two acc_t partials per plane (sa_params.h), reduced later by the host code
@@ -10,14 +10,14 @@
 // one chunk) and are read per plane.
 #pragma once
 
-#include "plane_forward.cuh"
+#include "sa_layer_forward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
 
 template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks>
-SA_PLANE_KERNEL_BOUNDS(kWarpTeam) void plane_backward_kernel(BackwardParams p) {
+SA_LAYER_KERNEL_BOUNDS(kWarpTeam) void sa_layer_backward_kernel(BackwardParams p) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kStaged = kWarpTeam && kVec == 1;  // as in plane_forward_kernel
+  constexpr bool kStaged = kWarpTeam && kVec == 1;  // as in sa_layer_forward_kernel
   SA_SHARED_ARRAY(acc_t, scratch, 2 * kWarpSize);
   const ForwardParams& f = p.fwd;
   const PlaneTeam<kWarpTeam> team;

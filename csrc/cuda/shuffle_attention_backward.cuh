@@ -1,4 +1,4 @@
-// 1x1-conv variant (ShuffleAttention), backward: one block per branch of one (batch item, group).
+// ShuffleAttention, backward: one block per branch of one (batch item, group).
 //
 // Bytes moved: x and grad_out (shuffled channels) read twice (sums, then dx; the second read hits
 // L2, and is skipped by the spatial branch when the plane fits one tile), grad_x written once,
@@ -8,12 +8,12 @@
 
 #include <iterator>
 
-#include "group_forward.cuh"
+#include "shuffle_attention_forward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
 
 template <typename scalar_t, int kVec>
-SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void group_backward_kernel(BackwardParams bp, int64_t tile) {
+SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
   using acc_t = at::opmath_type<scalar_t>;
   SA_DYNAMIC_SHARED(acc_t, smem);
   const ForwardParams& p = bp.fwd;

@@ -1,9 +1,9 @@
-// 1x1-conv variant (ShuffleAttention), forward: one block per branch of one (batch item, group),
+// ShuffleAttention, forward: one block per branch of one (batch item, group),
 // i.e. m planes coupled by the m x m gate matrix.
 //
 // Bytes moved: x read twice (plane moments, then the gate; the second read hits L2, the unit is at
 // most a few hundred KB), out written once at the shuffled channels. The moments stream the planes
-// in packs of kVec elements (16-, 8- or 4-byte accesses, or scalars: launch_groups picks the widest
+// in packs of kVec elements (16-, 8- or 4-byte accesses, or scalars: launch_shuffle_attention picks the widest
 // that N and every plane pointer allow), cut into pieces so that all 8 warps work whatever m is.
 // The spatial gate needs all m channels of a pixel: pixels go through shared memory in tiles of
 // m rows x tile pixels, rows tile + 1 values apart (a thread walking down a column meets a new
@@ -18,14 +18,14 @@
 
 namespace sa_cuda::SA_GPU_NS {
 
-constexpr int kGroupThreads = 256;  // threads per block of the group kernels
+constexpr int kGroupThreads = 256;  // threads per block of the ShuffleAttention kernels
 // Register budget: at least 2 blocks per SM, 65536 / (2 * 256) = 128 registers per thread. Given
 // only the max block size, ptxas picks its own occupancy target and trades spills for it (it held
 // the fp64 scalar-pack forward to 64 registers with 56 bytes of spill stores).
 constexpr int kGroupMinBlocks = 2;
 constexpr int kGroupWarps = kGroupThreads / kWarpSize;
 
-// Shared-memory layout of a group block, in acc_t values. Per-channel vectors of m: mean, rstd
+// Shared-memory layout of a ShuffleAttention block, in acc_t values. Per-channel vectors of m: mean, rstd
 // (the true statistics), gate s (channel branch), scale = gw * gate_rstd, dz / T1, dmu / D1, D2,
 // the Standardizer's input_scale, center, gate_rstd (sa_math.h), and the statistics' rescale
 // exponent; m x m: W2. Then the tiles of m x stride() values (16-byte aligned): x (then xh in the
@@ -349,7 +349,7 @@ SA_DEVICE acc_t gate_preactivation(const ForwardParams& p, int m, int stride, co
 }
 
 template <typename scalar_t, int kVec>
-SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void group_forward_kernel(ForwardParams p, int64_t tile) {
+SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void shuffle_attention_forward_kernel(ForwardParams p, int64_t tile) {
   using acc_t = at::opmath_type<scalar_t>;
   SA_DYNAMIC_SHARED(acc_t, smem);
   // m is small (the launch checked its tiles against the shared memory): int tile indices.

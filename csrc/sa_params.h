@@ -8,7 +8,7 @@
 //                              [out, in], the biases and gn_weight/gn_bias (m)
 //   backward partials          acc_t, one slot per (batch item, group), every slot written by the
 //                              backward kernel, then reduced in a fixed order (no float atomics)
-//                              into the parameter gradients (param_grads.h):
+//                              into the parameter gradients (sa_math.h):
 //     gate_grad   [B, G, m]       dL/dz of the channel gate
 //     t_sum       [B, G, m]       sum_p t_j(p)              (t = dL/dz of the spatial gate)
 //     t_xh        [B, G, m]       sum_p t_k(p) xh_k(p)       (SALayer)
@@ -23,6 +23,10 @@ enum class Variant {
   kSALayer,           // SALayer (the paper's layer): cweight/cbias/sweight/sbias, one per channel
   kShuffleAttention,  // ShuffleAttention: the gates are the 1x1 convolutions affine1/affine2
 };
+
+// The layer's parameters (and their gradients), in the order of the op schemas and of the
+// pointers below: channel weight, channel bias, spatial weight, spatial bias, gn weight, gn bias.
+constexpr int kParamCount = 6;
 
 struct ForwardParams {
   int64_t batch;
@@ -58,9 +62,9 @@ struct BackwardParams {
   void* t_sum;
   void* t_xh;
 
-  // The six parameter gradients in schema order, each in its parameter's shape and dtype.
-  void* param_grads[6];
-  ParamDtype param_grad_dtypes[6];
+  // The parameter gradients in schema order, each in its parameter's shape and dtype.
+  void* param_grads[kParamCount];
+  ParamDtype param_grad_dtypes[kParamCount];
 };
 
 }  // namespace sa_cuda

@@ -213,7 +213,7 @@ SA_LAYER_KERNEL_BOUNDS(kWarpTeam) void sa_layer_forward_kernel(ForwardParams p) 
   SA_SHARED_ARRAY(acc_t, scratch, 3 * kWarpSize);
   SA_SHARED_ARRAY(double, wide_scratch, kWarpSize);
   const PlaneTeam<kWarpTeam> team;
-  const int64_t planes = p.batch * p.channels, N = p.plane_size, packs = N / kVec, C = p.channels;
+  const int64_t planes = p.batch * p.channels, N = p.plane_size, packs = N / kVec;
   const scalar_t* x_planes = static_cast<const scalar_t*>(p.x);
   acc_t v[kPacks > 0 ? kPacks : 1][kVec];
   if constexpr (kStaged) load_staged_plane(x_planes, team, planes, N, v);
@@ -221,11 +221,11 @@ SA_LAYER_KERNEL_BOUNDS(kWarpTeam) void sa_layer_forward_kernel(ForwardParams p) 
   // (but for the staging above).
   if (kWarpTeam && team.plane >= planes) return;
 
-  const int64_t b = team.plane / C, c = team.plane % C;
-  const ChannelRole role = channel_role(c, p.branch_channels);
+  const PlaneUnit unit = plane_unit(p, team.plane);
+  const ChannelRole& role = unit.role;
   const PlaneParams<acc_t> w = load_plane_params<acc_t>(p, role.k);
   const scalar_t* x = x_planes + team.plane * N;
-  scalar_t* out = static_cast<scalar_t*>(p.out) + (b * C + shuffle_dst(c, C)) * N;
+  scalar_t* out = static_cast<scalar_t*>(p.out) + unit.out_plane * N;
   const acc_t eps = static_cast<acc_t>(p.eps);
   auto load_x = [&](int64_t q, acc_t(&xv)[kVec]) { load_acc<scalar_t, acc_t, kVec>(x, q, xv); };
 

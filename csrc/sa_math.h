@@ -387,10 +387,16 @@ SA_HOST_DEVICE V channel_input_grad(const V& gu, const V& s, const V& beta) {
   return gu * s + beta;
 }
 
+// What the spatial branch adds to channel_input_grad(gu, s, beta).
+template <typename V, typename T>
+SA_HOST_DEVICE V spatial_grad_terms(const V& dy, const V& xh, const InputGradCoeffs<T>& k) {
+  return V(k.alpha) * dy + V(k.gamma) * xh;
+}
+
 template <typename V, typename T>
 SA_HOST_DEVICE V spatial_input_grad(const V& gu, const V& s, const V& dy, const V& xh,
                                     const InputGradCoeffs<T>& k) {
-  return gu * s + V(k.beta) + (V(k.alpha) * dy + V(k.gamma) * xh);
+  return channel_input_grad(gu, s, V(k.beta)) + spatial_grad_terms(dy, xh, k);
 }
 
 // ShuffleAttention's spatial branch: dy(p) = W2^T t(p), so for channel i

@@ -9,7 +9,7 @@ kernel under a "Function : <mangled name>" header, and this file asserts per ker
   both cost a round trip through L1/L2 per access, which these kernels are written to avoid. A
   stack frame alone is not the criterion (-res-usage STACK): a frame that is never accessed costs
   nothing, and any access to one is an LDL/STL, which this catches;
-- the per-channel kernels whose pack is 16 bytes move their planes with 128-bit global loads and
+- the SALayer kernels whose pack is 16 bytes move their planes with 128-bit global loads and
   stores (LDG.E.128, STG.E.128): the packs exist to become these, and a change of alignment,
   layout or type can silently turn them into 2 or 4 narrower accesses; and the staged warp-team
   kernels (a pack of one element) read their chunk with LDG.E.128.
@@ -125,7 +125,7 @@ def check_sass(kernels: dict[tuple[str, str], str], usage: dict[tuple[str, str],
             problems.append(f"{where}: staged warp team without LDG.E.128 for its chunk")
     for arch in sorted({arch for arch, _ in kernels}):
         if sixteen_byte[arch] != EXPECTED_16_BYTE_PLANE_KERNELS:
-            problems.append(f"{arch}: {sixteen_byte[arch]} per-channel kernels with 16-byte packs, "
+            problems.append(f"{arch}: {sixteen_byte[arch]} SALayer kernels with 16-byte packs, "
                             f"expected {EXPECTED_16_BYTE_PLANE_KERNELS}")
     return problems
 

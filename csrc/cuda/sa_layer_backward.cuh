@@ -83,14 +83,16 @@ SA_LAYER_KERNEL_BOUNDS(kWarpTeam) void sa_layer_backward_kernel(BackwardParams p
                                             ? spatial_grad_coeffs(w.gw * rstd * w.sw, sums[0], sums[1], inv_n)
                                             : channel_grad_coeffs(w.cw * sums[0], inv_n);
 
-  // Pass 2: dx (sa_math.h: channel_input_grad, spatial_input_grad).
+  // Pass 2: dx = gu * s + beta, + alpha * t + gamma * xh on spatial planes (sa_math.h:
+  // spatial_input_grad, here with the spatial terms only where they apply).
   auto write_dx = [&](int64_t q, const acc_t(&x_)[kVec], const acc_t(&g_)[kVec], const acc_t(&s_)[kVec]) {
     acc_t d[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
-      d[i] = role.spatial ? spatial_input_grad(g_[i], s_[i], gate_input_grad(g_[i], x_[i], s_[i]),
-                                               st.normalized(x_[i]), coeffs)
-                          : channel_input_grad(g_[i], s_[i], coeffs.beta);
+      d[i] = channel_input_grad(g_[i], s_[i], coeffs.beta);
+      if (role.spatial) {
+        d[i] += spatial_grad_terms(gate_input_grad(g_[i], x_[i], s_[i]), st.normalized(x_[i]), coeffs);
+      }
     }
     store_acc<scalar_t, acc_t, kVec>(dx, q, d);
   };

@@ -175,7 +175,7 @@ fi
 if [ "$MODE" = gpu ]; then
   run_step ncu 75 40 TERM 1 bash -c '
     METRICS=$("$PY" "$HELPERS/ncu_report.py" --print-metrics) || exit 1
-    ncu --clock-control none --target-processes all -k "regex:plane_|group_" --metrics "$METRICS" \
+    ncu --clock-control none --target-processes all -k "regex:sa_layer_|shuffle_attention_" --metrics "$METRICS" \
       -f -o "$OUT/ncu/report" "$PY" "$HELPERS/ncu_workload.py" --manifest "$OUT/ncu/manifest.json" || exit 1
     ncu --import "$OUT/ncu/report.ncu-rep" --csv --page raw --print-units base > "$OUT/ncu/raw.csv" || exit 1
     "$PY" "$HELPERS/ncu_report.py" "$OUT/ncu/raw.csv" --manifest "$OUT/ncu/manifest.json" --json "$OUT/ncu/ncu.json"'

@@ -8,15 +8,20 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
+
+#include "sa_math.h"
 
 namespace sa_cuda {
 namespace {
 
-const char* param_name(Variant variant, int index) {
-  static const char* per_channel[] = {"cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias"};
-  static const char* conv[] = {"affine1_weight", "affine1_bias", "affine2_weight", "affine2_bias",
-                               "gn_weight", "gn_bias"};
-  return variant == Variant::kPerChannel ? per_channel[index] : conv[index];
+const char* param_name(Variant variant, int index) { return variant_ops(variant).param_names[index]; }
+
+// ", Tensor <name>" for each of the variant's parameters, in schema order.
+std::string param_schema(const VariantOps& ops) {
+  std::string params;
+  for (const char* name : ops.param_names) params += std::string(", Tensor ") + name;
+  return params;
 }
 
 struct Shape {
@@ -83,14 +88,11 @@ c10::ScalarType acc_type(const at::Tensor& x) {
 // Parameters in acc_t, contiguous, on x's device.
 std::vector<at::Tensor> acc_params(Variant variant, const LayerParams& p, const at::Tensor& x,
                                    int64_t m) {
-  const at::Tensor all[] = {p.channel_weight, p.channel_bias, p.spatial_weight,
-                            p.spatial_bias,   p.gn_weight,    p.gn_bias};
   const auto acc = acc_type(x);
   std::vector<at::Tensor> out;
-  for (int i = 0; i < 6; ++i) {
-    const at::Tensor& t = all[i];
-    const bool is_matrix = variant == Variant::kConv1x1 && (i == 0 || i == 2);
-    const int64_t expected = is_matrix ? m * m : m;
+  for (int i = 0; i < kParamCount; ++i) {
+    const at::Tensor& t = p[i];
+    const int64_t expected = param_numel(variant, m, i);
     check_tensor(t, param_name(variant, i), &x);
     TORCH_CHECK_VALUE(t.numel() == expected, "sa_cuda: ", param_name(variant, i), " must have ",
                       expected, " elements (m = C / (2 * groups) = ", m, "), got shape ", t.sizes());
@@ -155,20 +157,26 @@ ForwardParams fill_forward(const Shape& s, double eps, const at::Tensor& x,
   f.plane_size = s.N;
   f.eps = eps;
   f.x = x.const_data_ptr();
-  f.channel_weight = p[0].const_data_ptr();
-  f.channel_bias = p[1].const_data_ptr();
-  f.spatial_weight = p[2].const_data_ptr();
-  f.spatial_bias = p[3].const_data_ptr();
-  f.gn_weight = p[4].const_data_ptr();
-  f.gn_bias = p[5].const_data_ptr();
+  const void** param_ptrs[kParamCount] = {&f.channel_weight, &f.channel_bias, &f.spatial_weight,
+                                          &f.spatial_bias,   &f.gn_weight,    &f.gn_bias};
+  for (int i = 0; i < kParamCount; ++i) *param_ptrs[i] = p[i].const_data_ptr();
   return f;
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(Variant variant, const at::Tensor& x_in,
-                                                           int64_t groups, const LayerParams& params,
-                                                           double eps, ForwardLauncher launch) {
+void define_ops(torch::Library& library) {
+  for (const VariantOps& ops : kVariantOps) {
+    const std::string name = ops.name, params = param_schema(ops);
+    library.def((name + "_forward(Tensor x, int groups" + params +
+                 ", float eps) -> (Tensor, Tensor, Tensor)").c_str());
+    library.def((name + "_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, int groups" +
+                 params + ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)").c_str());
+  }
+}
+
+ForwardResult run_forward(Variant variant, const at::Tensor& x_in, int64_t groups,
+                          const LayerParams& params, double eps, ForwardLauncher launch) {
   const Shape s = check_input(x_in, groups);
   const c10::DeviceGuard device_guard(x_in.device());  // kernels launch on x's device
   TORCH_CHECK_VALUE(eps >= 0, "sa_cuda: eps must be a number >= 0, got ", eps);
@@ -187,10 +195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(Variant variant, cons
   return {out, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-run_backward(Variant variant, const at::Tensor& grad_out_in, const at::Tensor& x_in,
-             const at::Tensor& mean_in, const at::Tensor& rstd_in, int64_t groups,
-             const LayerParams& params, BackwardLauncher launch) {
+BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                            const at::Tensor& mean_in, const at::Tensor& rstd_in, int64_t groups,
+                            const LayerParams& params, BackwardLauncher launch) {
   const Shape s = check_input(x_in, groups);
   const c10::DeviceGuard device_guard(x_in.device());
   check_tensor(grad_out_in, "grad_out", &x_in);
@@ -216,11 +223,8 @@ run_backward(Variant variant, const at::Tensor& grad_out_in, const at::Tensor& x
   // The per-(batch item, group) partials of the parameter gradients (layout in sa_params.h), in
   // one allocation: every slot is written by the backward kernel before the reduction reads it.
   const int64_t slots = s.B * s.G;
-  const int64_t t_xh_width = variant == Variant::kConv1x1 ? s.m * s.m : s.m;
-  at::Tensor partials = at::empty({slots * (2 * s.m + t_xh_width)}, p[0].options());
-  const at::Tensor all_params[] = {params.channel_weight, params.channel_bias, params.spatial_weight,
-                                   params.spatial_bias,   params.gn_weight,    params.gn_bias};
-  at::Tensor param_grads[6];
+  at::Tensor partials = at::empty({slots * (2 * s.m + t_xh_width(variant, s.m))}, p[0].options());
+  at::Tensor param_grads[kParamCount];
 
   BackwardParams b{};
   b.fwd = fill_forward(s, 0.0, x, p);
@@ -231,14 +235,14 @@ run_backward(Variant variant, const at::Tensor& grad_out_in, const at::Tensor& x
   b.gate_grad = partials.mutable_data_ptr();
   b.t_sum = static_cast<char*>(b.gate_grad) + slots * s.m * partials.element_size();
   b.t_xh = static_cast<char*>(b.t_sum) + slots * s.m * partials.element_size();
-  for (int i = 0; i < 6; ++i) {
+  for (int i = 0; i < kParamCount; ++i) {
     // Written in full by the reduction, in the parameter's own shape and dtype.
-    param_grads[i] = at::empty(all_params[i].sizes(), x.options().dtype(all_params[i].scalar_type()));
+    param_grads[i] = at::empty(params[i].sizes(), x.options().dtype(params[i].scalar_type()));
     b.param_grads[i] = param_grads[i].mutable_data_ptr();
-    b.param_grad_dtypes[i] = param_dtype(all_params[i].scalar_type());
+    b.param_grad_dtypes[i] = param_dtype(params[i].scalar_type());
   }
   // The backward kernel (none for B = 0), then one fixed-order reduction of the partials into
-  // the six gradients (param_grads.h; exact zeros for B = 0).
+  // the six gradients (sa_math.h; exact zeros for B = 0).
   launch(variant, x.scalar_type(), b);
   return {grad_x,         param_grads[0], param_grads[1], param_grads[2],
           param_grads[3], param_grads[4], param_grads[5]};

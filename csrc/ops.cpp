@@ -7,9 +7,9 @@
 
 namespace sa_cuda {
 
-TORCH_LIBRARY(sa_cuda, m) { SA_DEFINE_OPS(m); }
+TORCH_LIBRARY(sa_cuda, m) { define_ops(m); }
 
-SA_REGISTER_BACKEND(sa_cuda, CPU, &cpu::forward, &cpu::backward)
+TORCH_LIBRARY_IMPL(sa_cuda, CPU, m) { register_backend<&cpu::forward, &cpu::backward>(m); }
 
 }  // namespace sa_cuda
 // Build information for `python -m sa_cuda` and the tests.

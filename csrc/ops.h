@@ -1,11 +1,14 @@
-// Host side of the sa_cuda ops, shared by every backend: argument checks, allocation, filling the
-// params struct. A backend (CPU, CUDA) supplies only its kernel launchers; the backward launcher
-// also reduces the parameter-gradient partials into the gradients (param_grads.h), and is called
-// for an empty batch too (it then writes zero gradients).
+// The op contract of sa_cuda, shared by every backend: the four op schemas (built from one table of
+// the two variants), the host code (argument checks, allocation, filling the params struct), and
+// the registration of a backend's kernel launchers. A backend (CPU, CUDA, the emulated CUDA) only
+// supplies its launchers; the backward launcher also reduces the parameter-gradient partials into
+// the gradients (sa_math.h), and is called for an empty batch too (it then writes zero gradients).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
+#include <array>
 #include <tuple>
 
 #include "sa_params.h"
@@ -15,76 +18,83 @@ namespace sa_cuda {
 using ForwardLauncher = void (*)(Variant, c10::ScalarType, const ForwardParams&);
 using BackwardLauncher = void (*)(Variant, c10::ScalarType, const BackwardParams&);
 
-// Parameters in the order of the op schemas: channel weight, channel bias, spatial weight,
-// spatial bias, gn weight, gn bias (cweight, cbias, sweight, sbias, gn.weight, gn.bias for the
-// per-channel variant; affine1.weight, affine1.bias, affine2.weight, affine2.bias, gn.weight,
-// gn.bias for the 1x1-conv variant).
-struct LayerParams {
-  at::Tensor channel_weight, channel_bias, spatial_weight, spatial_bias, gn_weight, gn_bias;
+// One variant's ops: <name>_forward and <name>_backward, whose schemas take the six parameters
+// under these names, in this order: channel weight, channel bias, spatial weight, spatial bias,
+// GroupNorm weight, GroupNorm bias (the order of ForwardParams and of the returned gradients).
+struct VariantOps {
+  Variant variant;
+  const char* name;
+  std::array<const char*, kParamCount> param_names;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward(Variant variant, const at::Tensor& x,
-                                                           int64_t groups, const LayerParams& params,
-                                                           double eps, ForwardLauncher launch);
+inline constexpr VariantOps kVariantOps[] = {
+    {Variant::kSALayer, "sa_layer", {"cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias"}},
+    {Variant::kShuffleAttention,
+     "shuffle_attention",
+     {"affine1_weight", "affine1_bias", "affine2_weight", "affine2_bias", "gn_weight", "gn_bias"}},
+};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-run_backward(Variant variant, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
-             const at::Tensor& rstd, int64_t groups, const LayerParams& params, BackwardLauncher launch);
+constexpr const VariantOps& variant_ops(Variant variant) {
+  return kVariantOps[static_cast<int>(variant)];
+}
+
+// The six parameter tensors of one call, in schema order.
+struct LayerParams {
+  std::array<at::Tensor, kParamCount> tensors;
+  const at::Tensor& operator[](int i) const { return tensors[i]; }
+};
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // out, mean, rstd
+// grad_x, then the six parameter gradients in schema order.
+using BackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardResult run_forward(Variant variant, const at::Tensor& x, int64_t groups, const LayerParams& params,
+                          double eps, ForwardLauncher launch);
+
+BackwardResult run_backward(Variant variant, const at::Tensor& grad_out, const at::Tensor& x,
+                            const at::Tensor& mean, const at::Tensor& rstd, int64_t groups,
+                            const LayerParams& params, BackwardLauncher launch);
 
 // Defines the four op schemas in a TORCH_LIBRARY block (namespace sa_cuda, or sa_cuda_emu for the
 // emulation build of the CUDA kernels).
-#define SA_DEFINE_OPS(m)                                                                      \
-  m.def(                                                                                  \
-  "sa_layer_forward(Tensor x, int groups, Tensor cweight, Tensor cbias, Tensor sweight, " \
-  "Tensor sbias, Tensor gn_weight, Tensor gn_bias, float eps) -> (Tensor, Tensor, Tensor)");\
-  m.def(                                                                                  \
-  "sa_layer_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, int groups, "   \
-  "Tensor cweight, Tensor cbias, Tensor sweight, Tensor sbias, Tensor gn_weight, "        \
-  "Tensor gn_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");         \
-  m.def(                                                                                  \
-  "shuffle_attention_forward(Tensor x, int groups, Tensor affine1_weight, "               \
-  "Tensor affine1_bias, Tensor affine2_weight, Tensor affine2_bias, Tensor gn_weight, "   \
-  "Tensor gn_bias, float eps) -> (Tensor, Tensor, Tensor)");                              \
-  m.def(                                                                                  \
-  "shuffle_attention_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, "      \
-  "int groups, Tensor affine1_weight, Tensor affine1_bias, Tensor affine2_weight, "       \
-  "Tensor affine2_bias, Tensor gn_weight, Tensor gn_bias) -> (Tensor, Tensor, Tensor, "   \
-  "Tensor, Tensor, Tensor, Tensor)");                                                     \
-  static_assert(true)
+void define_ops(torch::Library& library);
 
-// Registers the four ops of one dispatch key (CPU, CUDA) with that backend's launchers.
-#define SA_REGISTER_BACKEND(NS, KEY, FORWARD_LAUNCHER, BACKWARD_LAUNCHER)                              \
-  TORCH_LIBRARY_IMPL(NS, KEY, m) {                                                             \
-    m.impl("sa_layer_forward", [](const at::Tensor& x, int64_t groups, const at::Tensor& cw,        \
-                                  const at::Tensor& cb, const at::Tensor& sw, const at::Tensor& sb, \
-                                  const at::Tensor& gw, const at::Tensor& gb, double eps) {         \
-      return ::sa_cuda::run_forward(::sa_cuda::Variant::kPerChannel, x, groups,                     \
-                                    {cw, cb, sw, sb, gw, gb}, eps, FORWARD_LAUNCHER);               \
-    });                                                                                             \
-    m.impl("shuffle_attention_forward",                                                             \
-           [](const at::Tensor& x, int64_t groups, const at::Tensor& w1, const at::Tensor& b1,      \
-              const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& gw,                     \
-              const at::Tensor& gb, double eps) {                                                   \
-             return ::sa_cuda::run_forward(::sa_cuda::Variant::kConv1x1, x, groups,                 \
-                                           {w1, b1, w2, b2, gw, gb}, eps, FORWARD_LAUNCHER);        \
-           });                                                                                      \
-    m.impl("sa_layer_backward",                                                                     \
-           [](const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,              \
-              const at::Tensor& rstd, int64_t groups, const at::Tensor& cw, const at::Tensor& cb,   \
-              const at::Tensor& sw, const at::Tensor& sb, const at::Tensor& gw,                     \
-              const at::Tensor& gb) {                                                               \
-             return ::sa_cuda::run_backward(::sa_cuda::Variant::kPerChannel, grad_out, x, mean,     \
-                                            rstd, groups, {cw, cb, sw, sb, gw, gb},                 \
-                                            BACKWARD_LAUNCHER);                                     \
-           });                                                                                      \
-    m.impl("shuffle_attention_backward",                                                            \
-           [](const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,              \
-              const at::Tensor& rstd, int64_t groups, const at::Tensor& w1, const at::Tensor& b1,   \
-              const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& gw,                     \
-              const at::Tensor& gb) {                                                               \
-             return ::sa_cuda::run_backward(::sa_cuda::Variant::kConv1x1, grad_out, x, mean, rstd,  \
-                                            groups, {w1, b1, w2, b2, gw, gb}, BACKWARD_LAUNCHER);   \
-           });                                                                                      \
-  }
+// The ops' kernels: one signature per direction, instantiated per variant and backend (stateless,
+// so the dispatcher takes them as plain functions).
+template <Variant kVariant, ForwardLauncher kLaunch>
+ForwardResult forward_op(const at::Tensor& x, int64_t groups, const at::Tensor& channel_weight,
+                         const at::Tensor& channel_bias, const at::Tensor& spatial_weight,
+                         const at::Tensor& spatial_bias, const at::Tensor& gn_weight,
+                         const at::Tensor& gn_bias, double eps) {
+  const LayerParams params{
+      {channel_weight, channel_bias, spatial_weight, spatial_bias, gn_weight, gn_bias}};
+  return run_forward(kVariant, x, groups, params, eps, kLaunch);
+}
+
+template <Variant kVariant, BackwardLauncher kLaunch>
+BackwardResult backward_op(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+                           const at::Tensor& rstd, int64_t groups, const at::Tensor& channel_weight,
+                           const at::Tensor& channel_bias, const at::Tensor& spatial_weight,
+                           const at::Tensor& spatial_bias, const at::Tensor& gn_weight,
+                           const at::Tensor& gn_bias) {
+  const LayerParams params{
+      {channel_weight, channel_bias, spatial_weight, spatial_bias, gn_weight, gn_bias}};
+  return run_backward(kVariant, grad_out, x, mean, rstd, groups, params, kLaunch);
+}
+
+// Registers the four ops of one dispatch key with that backend's launchers; called in the
+// backend's TORCH_LIBRARY_IMPL block.
+template <ForwardLauncher kForward, BackwardLauncher kBackward>
+void register_backend(torch::Library& library) {
+  auto register_variant = [&](auto variant) {
+    constexpr Variant kVariant = decltype(variant)::value;
+    const std::string name = variant_ops(kVariant).name;
+    library.impl((name + "_forward").c_str(), TORCH_FN((forward_op<kVariant, kForward>)));
+    library.impl((name + "_backward").c_str(), TORCH_FN((backward_op<kVariant, kBackward>)));
+  };
+  register_variant(std::integral_constant<Variant, Variant::kSALayer>());
+  register_variant(std::integral_constant<Variant, Variant::kShuffleAttention>());
+}
 
 }  // namespace sa_cuda

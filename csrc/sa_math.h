@@ -1,12 +1,19 @@
-// Shuffle Attention math shared by every kernel (C++ CPU and CUDA alike).
+// Shuffle Attention math shared by every kernel (C++ CPU and CUDA alike): the one place of the
+// work-unit bookkeeping, the statistics, the gates, the input gradient and the parameter
+// gradients. The kernels only choose the order of work and of each sum.
 //
 // Everything here is a small inline function of scalars (or of at::vec::Vectorized lanes on the
 // CPU: the element-wise formulas are templates over the value type, so the vector body and the
 // scalar tail of a loop run the same expression). docs/design.md gives the math.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <cstdint>
+
+#include "sa_params.h"
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define SA_HOST_DEVICE __host__ __device__ __forceinline__
@@ -36,6 +43,52 @@ SA_HOST_DEVICE ChannelRole channel_role(int64_t c, int64_t m) {
 SA_HOST_DEVICE int64_t shuffle_dst(int64_t c, int64_t channels) {
   const int64_t half = channels / 2;
   return 2 * (c % half) + c / half;
+}
+
+// The six parameters (ForwardParams) as acc_t arrays, schema order.
+template <typename acc_t>
+struct ParamArrays {
+  const acc_t *cw, *cb, *sw, *sb, *gw, *gb;
+};
+
+template <typename acc_t>
+SA_HOST_DEVICE ParamArrays<acc_t> param_arrays(const ForwardParams& f) {
+  return ParamArrays<acc_t>{
+      static_cast<const acc_t*>(f.channel_weight), static_cast<const acc_t*>(f.channel_bias),
+      static_cast<const acc_t*>(f.spatial_weight), static_cast<const acc_t*>(f.spatial_bias),
+      static_cast<const acc_t*>(f.gn_weight),      static_cast<const acc_t*>(f.gn_bias)};
+}
+
+// The work unit of SALayer: one plane (batch item b, channel c) of the B * C.
+struct PlaneUnit {
+  ChannelRole role;
+  int64_t out_plane;  // b * C + shuffle_dst(c): its plane of out / grad_out
+  int64_t slot;       // (b * G + g) * m + k: its slot of the backward's partials
+};
+
+SA_HOST_DEVICE PlaneUnit plane_unit(const ForwardParams& f, int64_t plane) {
+  const int64_t C = f.channels, b = plane / C, c = plane % C;
+  const ChannelRole role = channel_role(c, f.branch_channels);
+  return PlaneUnit{role, b * C + shuffle_dst(c, C), (b * f.groups + role.group) * f.branch_channels + role.k};
+}
+
+// The work unit of ShuffleAttention: one branch of one (batch item b, group g) of the B * G * 2,
+// i.e. m planes coupled by the m x m gate matrix. The unit's channels c0 .. c0 + m - 1 lie in one
+// half of the channels (c0 and C / 2 = G m are multiples of m), so channel_shuffle sends channel
+// c0 + j to shuffle_dst(c0) + 2 j: plane j of out / grad_out is 2 j planes after the first.
+struct BranchUnit {
+  bool spatial;
+  int64_t plane0;      // b * C + c0: the unit's first plane of x (mean, rstd, grad_x alike)
+  int64_t out_plane0;  // b * C + shuffle_dst(c0): its first plane of out / grad_out
+  int64_t slot0;       // (b * G + g) * m: its first slot of the backward's partials
+};
+
+SA_HOST_DEVICE BranchUnit branch_unit(const ForwardParams& f, int64_t unit) {
+  const int64_t m = f.branch_channels, C = f.channels, G = f.groups;
+  const int64_t b = unit / (2 * G), g = (unit / 2) % G;
+  const bool spatial = unit % 2 == 1;
+  const int64_t c0 = g * 2 * m + (spatial ? m : 0);
+  return BranchUnit{spatial, b * C + c0, b * C + shuffle_dst(c0, C), (b * G + g) * m};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -236,8 +289,8 @@ SA_HOST_DEVICE int rescale_exponent(T max_abs) {
 }
 
 // The spatial branch multiplies x by sigmoid(z), z = sw * y + sb with the GroupNorm output
-// y = scale * xc + gb, xc = (x - mu) * input_scale, scale = gw * gate_rstd (not folded further
-// into a * x + b, docs/design.md#forward): centering before the multiply keeps z accurate
+// y = scale * xc + gb, xc = (x - mu) * input_scale, scale = gw * gate_rstd (docs/design.md
+// folds this further into a * x + b; we do not): centering before the multiply keeps z accurate
 // when |mu| >> std (r large; r = 1 / sqrt(eps) for a constant plane), and keeping sw outside keeps
 // z = +-inf, not NaN, for an infinite sweight, as in the reference.
 template <typename T>
@@ -289,45 +342,214 @@ SA_HOST_DEVICE void matvec_t(const T* W, const T* v, int64_t m, T* y) {
   for (int64_t i = 0; i < m; ++i) y[i] = matvec_t_row(W, v, m, i);
 }
 
-// Per-plane backward of the per-channel variant, given T1 = sum_p t and T2 = sum_p t * xh over the
-// plane (t = gu * x * s (1 - s)):
-//   dx = gu * s + beta                               (channel branch: alpha = gamma = 0)
-//   dx = gu * s + beta + alpha * t + gamma * xh      (spatial branch)
-// The channel branch has a constant gate s, so T1 = sum(gu x) s (1 - s) = dz and beta = cw dz / N.
-// The spatial branch has dy = sw * t: alpha = gw r sw, beta = -alpha T1 / N, gamma = -alpha T2 / N.
-template <typename T>
-struct PlaneGradCoeffs {
-  T alpha, beta, gamma;
-};
-
-template <typename T>
-SA_HOST_DEVICE PlaneGradCoeffs<T> plane_grad_coeffs(bool spatial, T cw, T sw, T gw, T r, T T1, T T2,
-                                                    T inv_n) {
-  if (!spatial) return PlaneGradCoeffs<T>{T(0), cw * T1 * inv_n, T(0)};
-  const T alpha = gw * r * sw;
-  return PlaneGradCoeffs<T>{alpha, -alpha * T1 * inv_n, -alpha * T2 * inv_n};
-}
-
 // d sigmoid(z) / dz expressed with s = sigmoid(z).
 template <typename V>
 SA_HOST_DEVICE V sigmoid_grad(const V& s) {
   return s * (V(1) - s);
 }
 
-// Spatial branch backward, per element (docs/design.md#backward):
-//   t  = dL/dz = gu * x * s * (1 - s)
-//   dx = gu * s + coef * (dy - dy_mean - xh * dyxh_mean)
-// with coef = gw * r and dy = dL/dy the gradient at the GroupNorm output (sw * t for the
-// per-channel variant, W2^T t for the 1x1-conv variant).
+// The backward (docs/design.md), per element: u = x * s, the gate's input gradient
+//   t = dL/dz = gu * x * s (1 - s)
+// and the input gradient of a plane, one formula for both variants and every kernel:
+//   dx = gu * s + beta                                   (channel branch)
+//   dx = gu * s + beta + (alpha * dy + gamma * xh)       (spatial branch)
+// dy is the gradient at the GroupNorm output up to the factor alpha takes: t itself for SALayer
+// (dy = sw t), W2^T t for ShuffleAttention. The channel branch has a constant gate s (its z
+// depends on the mean only), dL/dmu = dmu and beta = dmu / N. The spatial branch, with
+// coef = gw * r, mean(dy) = D1 and mean(dy * xh) = D2, is gu s + coef (dy - D1 - xh D2):
+//   alpha = coef (times sw for SALayer), beta = -alpha D1, gamma = -alpha D2.
+// gamma * xh is added only on spatial planes: a channel plane's rstd may be inf (eps = 0 and a
+// constant plane), and 0 * inf is NaN.
 template <typename V>
 SA_HOST_DEVICE V gate_input_grad(const V& gu, const V& x, const V& s) {
   return gu * x * sigmoid_grad(s);
 }
 
+template <typename T>
+struct InputGradCoeffs {
+  T alpha, beta, gamma;
+};
+
+template <typename T>
+SA_HOST_DEVICE InputGradCoeffs<T> channel_grad_coeffs(T dmu, T inv_n) {
+  return InputGradCoeffs<T>{T(0), dmu * inv_n, T(0)};
+}
+
+// d1_sum = N D1 and d2_sum = N D2, without the factor alpha takes (SALayer: T1 = sum_p t and
+// T2 = sum_p t xh; ShuffleAttention: shuffle_attention_spatial_coeffs).
+template <typename T>
+SA_HOST_DEVICE InputGradCoeffs<T> spatial_grad_coeffs(T alpha, T d1_sum, T d2_sum, T inv_n) {
+  return InputGradCoeffs<T>{alpha, -alpha * d1_sum * inv_n, -alpha * d2_sum * inv_n};
+}
+
 template <typename V>
-SA_HOST_DEVICE V spatial_dx(const V& gu, const V& s, const V& dy, const V& xh, const V& coef,
-                            const V& dy_mean, const V& dyxh_mean) {
-  return gu * s + coef * (dy - dy_mean - xh * dyxh_mean);
+SA_HOST_DEVICE V channel_input_grad(const V& gu, const V& s, const V& beta) {
+  return gu * s + beta;
+}
+
+// What the spatial branch adds to channel_input_grad(gu, s, beta).
+template <typename V, typename T>
+SA_HOST_DEVICE V spatial_grad_terms(const V& dy, const V& xh, const InputGradCoeffs<T>& k) {
+  return V(k.alpha) * dy + V(k.gamma) * xh;
+}
+
+template <typename V, typename T>
+SA_HOST_DEVICE V spatial_input_grad(const V& gu, const V& s, const V& dy, const V& xh,
+                                    const InputGradCoeffs<T>& k) {
+  return channel_input_grad(gu, s, V(k.beta)) + spatial_grad_terms(dy, xh, k);
+}
+
+// ShuffleAttention's spatial branch: dy(p) = W2^T t(p), so for channel i
+//   N mean(dy_i) = sum_j W2[j, i] T1[j],   N mean(dy_i xh_i) = sum_j W2[j, i] A[j, i]
+// with T1[j] = sum_p t_j and A[j, i] = sum_p t_j xh_i (W2 and A [m, m] row-major).
+template <typename T>
+SA_HOST_DEVICE InputGradCoeffs<T> shuffle_attention_spatial_coeffs(const T* W2, const T* T1, const T* A,
+                                                                   int64_t m, int64_t i, T coef, T inv_n) {
+  T d1 = 0, d2 = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    d1 += W2[j * m + i] * T1[j];
+    d2 += W2[j * m + i] * A[j * m + i];
+  }
+  return spatial_grad_coeffs(coef, d1, d2, inv_n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The parameter gradients from the backward kernels' per-(batch item, group) partials
+// (sa_params.h): the terms, their weighting and the stores, shared by the CPU loop
+// (csrc/cpu/backward_cpu.cpp) and the CUDA kernel (csrc/cuda/param_grad_reduce.cuh), which only
+// choose the order of each sum.
+// ---------------------------------------------------------------------------------------------
+//
+// Each gradient entry is a short weighted list of slot sums,
+//   grad = w_0 S_0 + w_1 S_1 + ...,   S_k = sum over the B * G slots s of term_k(s),
+// every sum taken in double in a fixed order and weighted after it is complete (an infinite
+// parameter times a zero sum is NaN, as in the reference; it must not meet a partial sum). With
+// dz = gate_grad, T1 = sum_s t_sum, A = sum_s t_xh and mu the channel-branch plane means:
+//   SALayer [k]:      d_cw = sum_s dz mu    d_cb = sum_s dz     d_sw = gw A + gb T1
+//                     d_sb = T1             d_gw = sw A         d_gb = sw T1
+//   ShuffleAttention
+//             [j, i]: d_cw = sum_s dz_j mu_i                    d_sw = gw_i A[j, i] + gb_i T1[j]
+//             [j]:    d_cb = sum_s dz_j     d_sb = T1[j]
+//             [i]:    d_gw = sum_j W2[j, i] A[j, i]             d_gb = sum_j W2[j, i] T1[j]
+// The entry is stored converted to its parameter's dtype (double -> float -> half/bfloat16, as
+// PyTorch's conversion of a double tensor does).
+
+// Elements of parameter `which` (schema order, kParamCount) and of its gradient: ShuffleAttention's
+// two weights are [m, m], everything else [m].
+SA_HOST_DEVICE int64_t param_numel(Variant variant, int64_t m, int which) {
+  return variant == Variant::kShuffleAttention && (which == 0 || which == 2) ? m * m : m;
+}
+
+// Partials per slot of t_xh (sa_params.h): m for SALayer, m * m for ShuffleAttention.
+SA_HOST_DEVICE int64_t t_xh_width(Variant variant, int64_t m) {
+  return variant == Variant::kShuffleAttention ? m * m : m;
+}
+
+SA_HOST_DEVICE int64_t param_grad_entries(Variant variant, int64_t m) {
+  return variant == Variant::kShuffleAttention ? 2 * m * m + 4 * m : 6 * m;
+}
+
+// term(s) = values[s * stride + offset], times mu[s * 2m + mu_offset] when mu is set.
+template <typename acc_t>
+struct SlotTerm {
+  const acc_t* values;
+  int64_t stride, offset;
+  const acc_t* mu;
+  int64_t mu_stride, mu_offset;
+  double weight;
+
+  SA_HOST_DEVICE double operator()(int64_t s) const {
+    const double v = static_cast<double>(values[s * stride + offset]);
+    return mu ? v * static_cast<double>(mu[s * mu_stride + mu_offset]) : v;
+  }
+};
+
+// sum_{s = first, first + step, ... < slots} term(s) in double, in this order.
+template <typename acc_t>
+SA_HOST_DEVICE double slot_sum(const SlotTerm<acc_t>& term, int64_t first, int64_t step, int64_t slots) {
+  double sum = 0;
+  for (int64_t s = first; s < slots; s += step) sum += term(s);
+  return sum;
+}
+
+// One gradient entry: which gradient (0..5), its element, its weighted slot sums.
+template <typename acc_t>
+struct ParamGradEntry {
+  const BackwardParams* p;
+  Variant variant;
+  int which;
+  int64_t index;
+  int terms;  // number of weighted sums
+
+  SA_HOST_DEVICE SlotTerm<acc_t> term(int k) const {
+    const ForwardParams& f = p->fwd;
+    const int64_t m = f.branch_channels;
+    const acc_t* dz = static_cast<const acc_t*>(p->gate_grad);
+    const acc_t* t_sum = static_cast<const acc_t*>(p->t_sum);
+    const acc_t* t_xh = static_cast<const acc_t*>(p->t_xh);
+    const acc_t* mean = static_cast<const acc_t*>(f.mean);
+    const acc_t* sw = static_cast<const acc_t*>(f.spatial_weight);
+    const acc_t* gw = static_cast<const acc_t*>(f.gn_weight);
+    const acc_t* gb = static_cast<const acc_t*>(f.gn_bias);
+    // The mean of channel-branch channel k of slot s = (b, g) sits at b * C + g * 2m + k = s * 2m + k.
+    if (variant == Variant::kSALayer) {
+      const int64_t k_ = index;
+      switch (which) {
+        case 0: return {dz, m, k_, mean, 2 * m, k_, 1.0};
+        case 1: return {dz, m, k_, nullptr, 0, 0, 1.0};
+        case 2: return k == 0 ? SlotTerm<acc_t>{t_xh, m, k_, nullptr, 0, 0, double(gw[k_])}
+                              : SlotTerm<acc_t>{t_sum, m, k_, nullptr, 0, 0, double(gb[k_])};
+        case 3: return {t_sum, m, k_, nullptr, 0, 0, 1.0};
+        case 4: return {t_xh, m, k_, nullptr, 0, 0, double(sw[k_])};
+        default: return {t_sum, m, k_, nullptr, 0, 0, double(sw[k_])};
+      }
+    }
+    const int64_t j = index / m, i = index % m;  // [j, i] of the matrices
+    switch (which) {
+      case 0: return {dz, m, j, mean, 2 * m, i, 1.0};
+      case 1: return {dz, m, index, nullptr, 0, 0, 1.0};
+      case 2: return k == 0 ? SlotTerm<acc_t>{t_xh, m * m, index, nullptr, 0, 0, double(gw[i])}
+                            : SlotTerm<acc_t>{t_sum, m, j, nullptr, 0, 0, double(gb[i])};
+      case 3: return {t_sum, m, index, nullptr, 0, 0, 1.0};
+      // d_gw[i], d_gb[i]: term k is row j = k of column i.
+      case 4: return {t_xh, m * m, k * m + index, nullptr, 0, 0, double(sw[k * m + index])};
+      default: return {t_sum, m, k, nullptr, 0, 0, double(sw[k * m + index])};
+    }
+  }
+
+  // total after term k's sum: w_0 S_0 first (no 0 + that would turn -0 into +0), then + w_k S_k.
+  SA_HOST_DEVICE double accumulate(double total, int k, double sum) const {
+    const double weighted = term(k).weight * sum;
+    return k == 0 ? weighted : total + weighted;
+  }
+
+  // Stores the entry. An empty batch (no slots, no kernel ran) has exactly zero gradients: the
+  // formulas would give 0 * inf = NaN for an infinite parameter.
+  SA_HOST_DEVICE void store(double total) const {
+    const double v = p->fwd.batch == 0 ? 0.0 : total;
+    void* out = p->param_grads[which];
+    switch (p->param_grad_dtypes[which]) {
+      case ParamDtype::kFloat64: static_cast<double*>(out)[index] = v; break;
+      case ParamDtype::kFloat32: static_cast<float*>(out)[index] = static_cast<float>(v); break;
+      case ParamDtype::kFloat16:
+        static_cast<c10::Half*>(out)[index] = c10::Half(static_cast<float>(v));
+        break;
+      case ParamDtype::kBFloat16:
+        static_cast<c10::BFloat16*>(out)[index] = c10::BFloat16(static_cast<float>(v));
+        break;
+    }
+  }
+};
+
+// Entry e of the gradients laid end to end in schema order.
+template <typename acc_t>
+SA_HOST_DEVICE ParamGradEntry<acc_t> param_grad_entry(const BackwardParams& p, Variant variant, int64_t e) {
+  const int64_t m = p.fwd.branch_channels;
+  int which = 0;
+  while (e >= param_numel(variant, m, which)) e -= param_numel(variant, m, which++);
+  const bool weighted_pair = which == 2;                             // d_sw: A and T1
+  const bool column = variant == Variant::kShuffleAttention && which >= 4;   // d_gw, d_gb: m rows
+  return ParamGradEntry<acc_t>{&p, variant, which, e, weighted_pair ? 2 : column ? int(m) : 1};
 }
 
 }  // namespace sa_cuda

@@ -3,16 +3,16 @@
 // Layouts (all contiguous):
 //   x, out, grad_out, grad_x   [B, C, N] in the input dtype (N = H * W)
 //   mean, rstd                 [B, C] in acc_t (float; double for float64 input)
-//   parameters                 acc_t; per-channel variant: every tensor (m);
-//                              1x1-conv variant: channel_weight/spatial_weight (m, m) as
+//   parameters                 acc_t; SALayer: every tensor (m);
+//                              ShuffleAttention: channel_weight/spatial_weight (m, m) as
 //                              [out, in], the biases and gn_weight/gn_bias (m)
 //   backward partials          acc_t, one slot per (batch item, group), every slot written by the
 //                              backward kernel, then reduced in a fixed order (no float atomics)
-//                              into the parameter gradients (param_grads.h):
+//                              into the parameter gradients (sa_math.h):
 //     gate_grad   [B, G, m]       dL/dz of the channel gate
 //     t_sum       [B, G, m]       sum_p t_j(p)              (t = dL/dz of the spatial gate)
-//     t_xh        [B, G, m]       sum_p t_k(p) xh_k(p)       (per-channel variant)
-//                 [B, G, m, m]    sum_p t_j(p) xh_i(p)       (1x1-conv variant, [j, i])
+//     t_xh        [B, G, m]       sum_p t_k(p) xh_k(p)       (SALayer)
+//                 [B, G, m, m]    sum_p t_j(p) xh_i(p)       (ShuffleAttention, [j, i])
 #pragma once
 
 #include <cstdint>
@@ -20,9 +20,13 @@
 namespace sa_cuda {
 
 enum class Variant {
-  kPerChannel,  // SALayer: cweight/cbias/sweight/sbias per channel (the paper's official layer)
-  kConv1x1,     // ShuffleAttention: affine1/affine2 1x1 convolutions (the seed's layer)
+  kSALayer,           // SALayer (the paper's layer): cweight/cbias/sweight/sbias, one per channel
+  kShuffleAttention,  // ShuffleAttention: the gates are the 1x1 convolutions affine1/affine2
 };
+
+// The layer's parameters (and their gradients), in the order of the op schemas and of the
+// pointers below: channel weight, channel bias, spatial weight, spatial bias, gn weight, gn bias.
+constexpr int kParamCount = 6;
 
 struct ForwardParams {
   int64_t batch;
@@ -58,9 +62,9 @@ struct BackwardParams {
   void* t_sum;
   void* t_xh;
 
-  // The six parameter gradients in schema order, each in its parameter's shape and dtype.
-  void* param_grads[6];
-  ParamDtype param_grad_dtypes[6];
+  // The parameter gradients in schema order, each in its parameter's shape and dtype.
+  void* param_grads[kParamCount];
+  ParamDtype param_grad_dtypes[kParamCount];
 };
 
 }  // namespace sa_cuda

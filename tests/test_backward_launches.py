@@ -1,4 +1,4 @@
-"""The backward's launches and its parameter-gradient reduction (csrc/param_grads.h).
+"""The backward's launches and its parameter-gradient reduction (csrc/sa_math.h).
 
 A backward is the backward kernel (grad_x and per-(batch item, group) partials) plus one reduction
 of the partials into the six parameter gradients, each written in its parameter's own dtype:

@@ -140,7 +140,7 @@ def test_ncu_parser_reads_the_raw_page_fixture():
         kernels = ncu_report.parse_csv(f.read())
     assert [k["id"] for k in kernels] == list(range(9))
     k0 = kernels[0]
-    assert k0["name"].startswith("void sa_cuda::sa_gpu::plane_forward_kernel<float, false, 4, 2>")
+    assert k0["name"].startswith("void sa_cuda::sa_gpu::sa_layer_forward_kernel<float, false, 4, 2>")
     assert k0["block"] == "(512, 1, 1)" and k0["grid"] == "(2048, 1, 1)"
     m = k0["metrics"]
     assert m["gpu__time_duration.sum"] == pytest.approx(22_400)      # 22.40 usecond in ns
@@ -192,9 +192,9 @@ def test_ncu_parser_reads_the_details_page_long_form():
         '==PROF== Disconnected from process 1',
         '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
         '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"',
-        '"0","1","python3.12","127.0.0.1","group_forward_kernel","1","7","(256, 1, 1)","(16, 1, 1)",'
+        '"0","1","python3.12","127.0.0.1","shuffle_attention_forward_kernel","1","7","(256, 1, 1)","(16, 1, 1)",'
         '"0","9.0","GPU Speed Of Light Throughput","Duration","usecond","1,234.50"',
-        '"0","1","python3.12","127.0.0.1","group_forward_kernel","1","7","(256, 1, 1)","(16, 1, 1)",'
+        '"0","1","python3.12","127.0.0.1","shuffle_attention_forward_kernel","1","7","(256, 1, 1)","(16, 1, 1)",'
         '"0","9.0","Memory Workload Analysis","dram__bytes_read.sum","Kbyte","2.5"',
     ])
     [k] = ncu_report.parse_csv(text)
@@ -212,16 +212,16 @@ def test_log_parsers_read_real_tool_output():
     assert summary.pytest_verdict(pytest_log) == "3 failed, 250 passed, 8 skipped in 80.12s (0:01:20)"
     cuobjdump = (
         "Resource usage:\n Common:\n  GLOBAL:0\n"
-        " Function _ZN7sa_cuda6sa_gpu20plane_forward_kernelIfLb1ELi4ELi2EEEvNS_13ForwardParamsE:\n"
+        " Function _ZN7sa_cuda6sa_gpu23sa_layer_forward_kernelIfLb1ELi4ELi2EEEvNS_13ForwardParamsE:\n"
         "  REG:40 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0\n"
-        " Function _ZN7sa_cuda6sa_gpu20plane_forward_kernelIdLb0ELi1ELi8EEEvNS_13ForwardParamsE:\n"
+        " Function _ZN7sa_cuda6sa_gpu23sa_layer_forward_kernelIdLb0ELi1ELi8EEEvNS_13ForwardParamsE:\n"
         "  REG:64 STACK:16 SHARED:0 LOCAL:24 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0\n"
-        " Function _ZN7sa_cuda6sa_gpu21group_backward_kernelIfEEvNS_14BackwardParamsEl:\n"
+        " Function _ZN7sa_cuda6sa_gpu33shuffle_attention_backward_kernelIfEEvNS_14BackwardParamsEl:\n"
         "  REG:72 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:700 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
     usage = summary.resource_usage(cuobjdump)
-    assert usage["plane_forward"] == {"kernels": 2, "reg_min": 40, "reg_max": 64, "local_max": 24,
+    assert usage["sa_layer_forward"] == {"kernels": 2, "reg_min": 40, "reg_max": 64, "local_max": 24,
                                       "stack_max": 16}
-    assert usage["group_backward"]["reg_max"] == 72
+    assert usage["shuffle_attention_backward"]["reg_max"] == 72
 
 
 def test_steps_selects_and_the_rest_is_listed_as_not_selected(tmp_path):

@@ -1,5 +1,5 @@
-"""The 1x1-conv (ShuffleAttention) CUDA kernels, executed on the CPU by the SIMT emulator, on the
-launch choices of csrc/cuda/group_forward.cuh and launch_groups (launch_common.cuh):
+"""The ShuffleAttention CUDA kernels, executed on the CPU by the SIMT emulator, on the
+launch choices of csrc/cuda/shuffle_attention_forward.cuh and launch_shuffle_attention (launch_common.cuh):
 
 * the statistics' pieces: m < 8 splits each plane over 8 / gcd(m, 8) warps (m = 1, 2, 3, 6: planes
   of 8, 4, 8, 4 pieces, some of them empty for N < 8 * 32), m a multiple of 8 gives whole planes;

@@ -9,7 +9,7 @@ kernel under a "Function : <mangled name>" header, and this file asserts per ker
   both cost a round trip through L1/L2 per access, which these kernels are written to avoid. A
   stack frame alone is not the criterion (-res-usage STACK): a frame that is never accessed costs
   nothing, and any access to one is an LDL/STL, which this catches;
-- the per-channel kernels whose pack is 16 bytes move their planes with 128-bit global loads and
+- the SALayer kernels whose pack is 16 bytes move their planes with 128-bit global loads and
   stores (LDG.E.128, STG.E.128): the packs exist to become these, and a change of alignment,
   layout or type can silently turn them into 2 or 4 narrower accesses; and the staged warp-team
   kernels (a pack of one element) read their chunk with LDG.E.128.
@@ -31,7 +31,7 @@ import pytest
 
 import sa_cuda
 
-# plane_{forward,backward}_kernel<scalar_t, kWarpTeam, kVec, kPacks> (plane_forward.cuh), mangled.
+# sa_layer_{forward,backward}_kernel<scalar_t, kWarpTeam, kVec, kPacks> (sa_layer_forward.cuh), mangled.
 PLANE_KERNEL = re.compile(r"(plane_(?:forward|backward)_kernel)I(N3c108BFloat16E|N3c104HalfE|f|d)"
                           r"Lb([01])ELi(\d+)ELi(\d+)E")
 ELEMENT_BYTES = {"N3c108BFloat16E": 2, "N3c104HalfE": 2, "f": 4, "d": 8}
@@ -125,7 +125,7 @@ def check_sass(kernels: dict[tuple[str, str], str], usage: dict[tuple[str, str],
             problems.append(f"{where}: staged warp team without LDG.E.128 for its chunk")
     for arch in sorted({arch for arch, _ in kernels}):
         if sixteen_byte[arch] != EXPECTED_16_BYTE_PLANE_KERNELS:
-            problems.append(f"{arch}: {sixteen_byte[arch]} per-channel kernels with 16-byte packs, "
+            problems.append(f"{arch}: {sixteen_byte[arch]} SALayer kernels with 16-byte packs, "
                             f"expected {EXPECTED_16_BYTE_PLANE_KERNELS}")
     return problems
 
@@ -154,8 +154,8 @@ def test_sass_lists_both_variants_kernels(sass):
     kernels, usage = sass
     for arch in {arch for arch, _ in kernels}:
         names = [name for a, name in kernels if a == arch]
-        for kernel in ("plane_forward_kernel", "plane_backward_kernel", "group_forward_kernel",
-                       "group_backward_kernel"):
+        for kernel in ("sa_layer_forward_kernel", "sa_layer_backward_kernel", "shuffle_attention_forward_kernel",
+                       "shuffle_attention_backward_kernel"):
             assert any(kernel in n for n in names), f"{arch}: no {kernel} in the SASS listing"
         assert all((arch, n) in usage for n in names), f"{arch}: -res-usage misses kernels"
 

@@ -52,11 +52,11 @@ class Spec:
     small: tuple[str, ...] = ()            # dtypes of this spec in the small set (none: not in it)
 
 
-PLANE = VARIANTS            # plane kernels (sa_layer); shuffle_attention sees the same N/offsets
+PLANE = VARIANTS            # the SALayer kernels; shuffle_attention sees the same N/offsets
 GROUP = ("shuffle_attention",)
-# Per-channel variant (plane_* kernels): warp team N <= 256, block team N <= 4096, streamed above;
+# SALayer (sa_layer_* kernels): warp team N <= 256, block team N <= 4096, streamed above;
 # packs when the plane pointers are aligned and N is a multiple of the pack, else scalar accesses.
-# 1x1-conv variant (group_* kernels): tiles of group_tile_pixels(m) pixels (1024 for m <= 2, 512
+# ShuffleAttention (shuffle_attention_* kernels): tiles of group_tile_pixels(m) pixels (1024 for m <= 2, 512
 # for m = 4, ..., 64 for m = 32, 32 for m >= 48); dynamic shared memory above 48 KiB (opt-in) for
 # the fp32 backward from m = 32 and the fp64 one from m = 16; one spec with N below and one above
 # the tile per m.

@@ -10,7 +10,7 @@ separators; byte, time and rate units with SI prefixes are normalised (bytes, ns
 Attribution: ncu_workload.py writes a manifest of its op calls in launch order, alternating the
 forward and the backward of each (variant, shape, dtype). Profiled kernels are walked in ID order:
 a kernel whose name says "forward" or "backward" (the kernels' naming convention:
-plane_forward_kernel, group_backward_kernel, ...) belongs to the next call of that pass, or to the
+sa_layer_forward_kernel, shuffle_attention_backward_kernel, ...) belongs to the next call of that pass, or to the
 current one if that already is of that pass; a kernel naming neither belongs to the current call.
 If the walk does not end on the manifest's last call with a kernel for every call, the
 attribution is reported as failed and only the per-kernel rows are given.

@@ -58,11 +58,11 @@ def pytest_verdict(log: str) -> str | None:
 
 
 def resource_usage(log: str) -> dict:
-    """cuobjdump -res-usage: per kernel family (plane/group forward/backward) the register range
+    """cuobjdump -res-usage: per kernel family (sa_layer/shuffle_attention forward/backward) the register range
     and the largest local memory (spills) and stack."""
     families: dict[str, dict] = {}
     for name, body in re.findall(r"Function ([^\s:]+):\s*\n\s*(REG:[^\n]*)", log):
-        fam = re.search(r"(plane|group)_\w*?(forward|backward)", name)
+        fam = re.search(r"(sa_layer|shuffle_attention)_(forward|backward)_kernel", name)
         key = f"{fam.group(1)}_{fam.group(2)}" if fam else "other"
         vals = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", body)}
         f = families.setdefault(key, {"kernels": 0, "reg_min": 10**9, "reg_max": 0, "local_max": 0,

@@ -15,68 +15,38 @@
 namespace sa_cuda::cpu {
 namespace {
 
-// Work per parallel_for task of at least ~32K elements, so small planes are batched.
-inline int64_t grain_for(int64_t unit_elements) {
-  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, unit_elements));
-}
+constexpr int64_t kTaskElements = int64_t{1} << 15;  // elements per parallel_for task, at least
 
+// SALayer: the work unit is one plane (batch item b, channel c).
 template <typename scalar_t>
-struct Tensors {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* x;
-  scalar_t* out;
-  acc_t* mean;
-  acc_t* rstd;
-  const acc_t* cw;  // channel_weight
-  const acc_t* cb;  // channel_bias
-  const acc_t* sw;  // spatial_weight
-  const acc_t* sb;  // spatial_bias
-  const acc_t* gw;  // gn_weight
-  const acc_t* gb;  // gn_bias
-
-  explicit Tensors(const ForwardParams& p)
-      : x(static_cast<const scalar_t*>(p.x)),
-        out(static_cast<scalar_t*>(p.out)),
-        mean(static_cast<acc_t*>(p.mean)),
-        rstd(static_cast<acc_t*>(p.rstd)),
-        cw(static_cast<const acc_t*>(p.channel_weight)),
-        cb(static_cast<const acc_t*>(p.channel_bias)),
-        sw(static_cast<const acc_t*>(p.spatial_weight)),
-        sb(static_cast<const acc_t*>(p.spatial_bias)),
-        gw(static_cast<const acc_t*>(p.gn_weight)),
-        gb(static_cast<const acc_t*>(p.gn_bias)) {}
-};
-
-// Official variant: the work unit is one plane (batch item b, channel c).
-template <typename scalar_t>
-void forward_per_channel(const ForwardParams& p) {
+void forward_sa_layer(const ForwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
-  const Tensors<scalar_t> t(p);
-  const int64_t C = p.channels, m = p.branch_channels, N = p.plane_size;
+  const ForwardTensors<scalar_t> t(p);
+  const int64_t N = p.plane_size;
   const acc_t eps = static_cast<acc_t>(p.eps);
 
-  at::parallel_for(0, p.batch * C, grain_for(N), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.batch * p.channels, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(kConvert ? 2 * N : 0);  // x plane in acc_t, result plane
     for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t b = plane / C, c = plane % C;
-      const ChannelRole role = channel_role(c, m);
+      const PlaneUnit unit = plane_unit(p, plane);
+      const ChannelRole& role = unit.role;
       const acc_t* x = as_acc(t.x + plane * N, N, scratch.data());
-      scalar_t* dst = t.out + (b * C + shuffle_dst(c, C)) * N;
+      scalar_t* dst = t.out + unit.out_plane * N;
       acc_t* result = result_buffer(dst, kConvert ? scratch.data() + N : nullptr);
 
       const Standardizer<acc_t> st = plane_stats(x, N, eps, !role.spatial);
       t.mean[plane] = st.mean;
       t.rstd[plane] = st.rstd;
       if (!role.spatial) {
-        const acc_t s = sigmoid(t.cw[role.k] * st.mean + t.cb[role.k]);
+        const acc_t s = sigmoid(t.w.cw[role.k] * st.mean + t.w.cb[role.k]);
         for_each<acc_t>(N, [&](int64_t i, auto tag) {
           using V = decltype(tag);
           store(result + i, load<V>(x + i) * V(s));
         });
       } else {
         const int64_t k = role.k;
-        const SpatialGate<acc_t> g = spatial_gate(t.sw[k], t.sb[k], t.gw[k], t.gb[k], st);
+        const SpatialGate<acc_t> g = spatial_gate(t.w.sw[k], t.w.sb[k], t.w.gw[k], t.w.gb[k], st);
         for_each<acc_t>(N, [&](int64_t i, auto tag) {
           using V = decltype(tag);
           const V xv = load<V>(x + i);
@@ -88,29 +58,28 @@ void forward_per_channel(const ForwardParams& p) {
   });
 }
 
-// Seed variant: the work unit is one branch of one (batch item, group): m planes coupled by the
+// ShuffleAttention: the work unit is one branch of one (batch item, group): m planes coupled by the
 // 1x1 convolution. The m input planes are contiguous; the m output planes are not (shuffle).
 template <typename scalar_t>
-void forward_conv1x1(const ForwardParams& p) {
+void forward_shuffle_attention(const ForwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
-  const Tensors<scalar_t> t(p);
-  const int64_t C = p.channels, G = p.groups, m = p.branch_channels, N = p.plane_size;
+  const ForwardTensors<scalar_t> t(p);
+  const int64_t m = p.branch_channels, N = p.plane_size;
   const acc_t eps = static_cast<acc_t>(p.eps);
 
-  at::parallel_for(0, p.batch * G * 2, grain_for(m * N), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.batch * p.groups * 2, grain_for(m * N, kTaskElements), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(kConvert ? 2 * m * N : 0);  // x planes in acc_t, result planes
     std::vector<acc_t> normed(m * N);  // GroupNorm output of a spatial unit
     std::vector<Standardizer<acc_t>> st(m);
     std::vector<acc_t> mu(m), z(m);
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t b = unit / (2 * G), g = (unit / 2) % G;
-      const bool spatial = unit % 2 == 1;
-      const int64_t c0 = g * 2 * m + (spatial ? m : 0);  // first channel of the branch
-      const int64_t plane0 = b * C + c0;
+      const BranchUnit u = branch_unit(p, unit);
+      const bool spatial = u.spatial;
+      const int64_t plane0 = u.plane0;
       const acc_t* x = as_acc(t.x + plane0 * N, m * N, scratch.data());
       acc_t* result0 = kConvert ? scratch.data() + m * N : nullptr;
-      auto dst = [&](int64_t j) { return t.out + (b * C + shuffle_dst(c0 + j, C)) * N; };
+      auto dst = [&](int64_t j) { return t.out + (u.out_plane0 + 2 * j) * N; };
       auto result = [&](int64_t j) {
         return result_buffer(dst(j), kConvert ? result0 + j * N : nullptr);
       };
@@ -121,7 +90,7 @@ void forward_conv1x1(const ForwardParams& p) {
         t.rstd[plane0 + j] = st[j].rstd;
       }
       if (!spatial) {
-        matvec(t.cw, mu.data(), t.cb, m, z.data());
+        matvec(t.w.cw, mu.data(), t.w.cb, m, z.data());
         for (int64_t j = 0; j < m; ++j) {
           const acc_t s = sigmoid(z[j]);
           const acc_t* xj = x + j * N;
@@ -137,17 +106,17 @@ void forward_conv1x1(const ForwardParams& p) {
         acc_t* y = normed.data();
         for (int64_t k = 0; k < m; ++k) {
           const Standardizer<acc_t>& sk = st[k];
-          const acc_t scale = t.gw[k] * sk.gate_rstd;
+          const acc_t scale = t.w.gw[k] * sk.gate_rstd;
           for_each<acc_t>(N, [&](int64_t i, auto tag) {
             using V = decltype(tag);
-            store(y + k * N + i, V(scale) * sk.centered(load<V>(x + k * N + i)) + V(t.gb[k]));
+            store(y + k * N + i, V(scale) * sk.centered(load<V>(x + k * N + i)) + V(t.w.gb[k]));
           });
         }
         for_each<acc_t>(N, [&](int64_t i, auto tag) {
           using V = decltype(tag);
           for (int64_t j = 0; j < m; ++j) {
-            V zj(t.sb[j]);
-            for (int64_t k = 0; k < m; ++k) zj = zj + V(t.sw[j * m + k]) * load<V>(y + k * N + i);
+            V zj(t.w.sb[j]);
+            for (int64_t k = 0; k < m; ++k) zj = zj + V(t.w.sw[j * m + k]) * load<V>(y + k * N + i);
             store(result(j) + i, load<V>(x + j * N + i) * sigmoid(zj));
           }
         });
@@ -163,10 +132,10 @@ void forward_conv1x1(const ForwardParams& p) {
 
 void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& params) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_forward_cpu", [&] {
-    if (variant == Variant::kPerChannel) {
-      forward_per_channel<scalar_t>(params);
+    if (variant == Variant::kSALayer) {
+      forward_sa_layer<scalar_t>(params);
     } else {
-      forward_conv1x1<scalar_t>(params);
+      forward_shuffle_attention<scalar_t>(params);
     }
   });
 }

@@ -14,6 +14,12 @@
 
 namespace sa_cuda::cpu {
 
+// The at::parallel_for grain for work units of unit_elements each: tasks of at least
+// task_elements elements, so that small units are batched.
+inline int64_t grain_for(int64_t unit_elements, int64_t task_elements) {
+  return std::max<int64_t>(1, task_elements / std::max<int64_t>(1, unit_elements));
+}
+
 template <typename V>
 struct is_vec : std::false_type {};
 template <typename T>

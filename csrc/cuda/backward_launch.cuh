@@ -2,10 +2,10 @@
 #pragma once
 
 #include "../dispatch.h"
-#include "group_backward.cuh"
+#include "shuffle_attention_backward.cuh"
 #include "launch_common.cuh"
 #include "param_grad_reduce.cuh"
-#include "plane_backward.cuh"
+#include "sa_layer_backward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
 
@@ -15,15 +15,15 @@ namespace sa_cuda::SA_GPU_NS {
 void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& b) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_backward_cuda", [&] {
     if (b.fwd.batch > 0) {
-      if (variant == Variant::kPerChannel) {
+      if (variant == Variant::kSALayer) {
         const int pack = plane_pack_elements<scalar_t>(b.fwd.plane_size, {b.fwd.x, b.grad_out, b.grad_x});
-        launch_planes<scalar_t>(b, b.fwd, pack, [](auto warp, auto vec, auto packs) {
-          return &plane_backward_kernel<scalar_t, decltype(warp)::value, decltype(vec)::value,
+        launch_sa_layer<scalar_t>(b, b.fwd, pack, [](auto warp, auto vec, auto packs) {
+          return &sa_layer_backward_kernel<scalar_t, decltype(warp)::value, decltype(vec)::value,
                                         decltype(packs)::value>;
         });
       } else {
-        launch_groups<scalar_t>(b, b.fwd, true, {b.fwd.x, b.grad_out, b.grad_x}, [](auto vec) {
-          return &group_backward_kernel<scalar_t, decltype(vec)::value>;
+        launch_shuffle_attention<scalar_t>(b, b.fwd, true, {b.fwd.x, b.grad_out, b.grad_x}, [](auto vec) {
+          return &shuffle_attention_backward_kernel<scalar_t, decltype(vec)::value>;
         });
       }
     }

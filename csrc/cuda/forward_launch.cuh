@@ -3,21 +3,21 @@
 
 #include "../dispatch.h"
 #include "launch_common.cuh"
-#include "plane_forward.cuh"
+#include "sa_layer_forward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
 
 void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& f) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_forward_cuda", [&] {
-    if (variant == Variant::kPerChannel) {
+    if (variant == Variant::kSALayer) {
       const int pack = plane_pack_elements<scalar_t>(f.plane_size, {f.x, f.out});
-      launch_planes<scalar_t>(f, f, pack, [](auto warp, auto vec, auto packs) {
-        return &plane_forward_kernel<scalar_t, decltype(warp)::value, decltype(vec)::value,
+      launch_sa_layer<scalar_t>(f, f, pack, [](auto warp, auto vec, auto packs) {
+        return &sa_layer_forward_kernel<scalar_t, decltype(warp)::value, decltype(vec)::value,
                                      decltype(packs)::value>;
       });
     } else {
-      launch_groups<scalar_t>(f, f, false, {f.x, f.out}, [](auto vec) {
-        return &group_forward_kernel<scalar_t, decltype(vec)::value>;
+      launch_shuffle_attention<scalar_t>(f, f, false, {f.x, f.out}, [](auto vec) {
+        return &shuffle_attention_forward_kernel<scalar_t, decltype(vec)::value>;
       });
     }
   });

@@ -1,12 +1,12 @@
 // Launch shapes, chosen from the problem (included by the forward and backward launch files).
 //
-// Per-channel variant, one team per plane:
+// SALayer, one team per plane:
 //   N <= 256              a warp per plane, 8 planes per 256-thread block, plane in registers
 //                         (no per-plane pack wider than one element: the block's 8 planes are
 //                         read as one chunk through shared memory with 16-byte loads)
 //   N <= 4096             a block per plane (32..512 threads, 8 elements each), plane in registers
 //   larger                a block of 512 per plane, streamed twice (moments, then the gate)
-// 1x1-conv variant: a block of 256 per (batch item, group, branch), tiles in shared memory.
+// ShuffleAttention: a block of 256 per (batch item, group, branch), tiles in shared memory.
 // Both move the widest pack (16, 8 or 4 bytes, else one element) that N and every plane pointer
 // allow (plane_pack_elements).
 #pragma once
@@ -17,8 +17,8 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "group_forward.cuh"
-#include "plane_forward.cuh"
+#include "shuffle_attention_forward.cuh"
+#include "sa_layer_forward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
 
@@ -54,7 +54,7 @@ void with_pack_elements(int vec, const Go& go) {
 // pick(bool_c<warp team>, int_c<kVec>, int_c<kPacks>) returns the kernel to launch; vec from
 // plane_pack_elements over the kernel's plane tensors.
 template <typename scalar_t, typename Params, typename Pick>
-void launch_planes(const Params& params, const ForwardParams& f, int vec, const Pick& pick) {
+void launch_sa_layer(const Params& params, const ForwardParams& f, int vec, const Pick& pick) {
   const int64_t planes = f.batch * f.channels, N = f.plane_size;
   with_pack_elements<16 / int(sizeof(scalar_t))>(vec, [&](auto vec_c) {
     constexpr int kPacks = kPlaneItems / decltype(vec_c)::value;
@@ -75,7 +75,7 @@ void launch_planes(const Params& params, const ForwardParams& f, int vec, const 
 // the kernel streams (plane k at base + k N). kVec: the widest access (16, 8 or 4 bytes, else one
 // element) that every plane start is aligned to.
 template <typename scalar_t, typename Params, typename Pick>
-void launch_groups(const Params& params, const ForwardParams& f, bool backward,
+void launch_shuffle_attention(const Params& params, const ForwardParams& f, bool backward,
                    std::initializer_list<const void*> planes, const Pick& pick) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t m = f.branch_channels, N = f.plane_size, tile = group_tile_pixels(m, N);

@@ -1,5 +1,5 @@
 // The parameter gradients from the backward kernel's per-(batch item, group) partials: one block
-// per gradient entry (param_grads.h gives the math, shared with the CPU backend).
+// per gradient entry (sa_math.h gives the math, shared with the CPU backend).
 //
 // Bytes moved: each entry reads its terms' B * G partials (acc_t, plus the saved channel-branch
 // means for d_cw) and writes one value in its parameter's dtype; the partials are a few KiB, so
@@ -12,7 +12,7 @@
 
 #include <cstdint>
 
-#include "../param_grads.h"
+#include "../sa_math.h"
 #include "../sa_params.h"
 #include "team.cuh"
 

@@ -1,4 +1,4 @@
-// The portable CUDA subset the kernels are written in (docs/kernels.md#portable).
+// The portable CUDA subset the kernels are written in (docs/kernels.md).
 //
 // Under nvcc these are CUDA itself. Under a host compiler they map to the CPU SIMT emulator in
 // emulator.h (one host thread per CUDA thread, barriers for __syncthreads and warp exchanges), so

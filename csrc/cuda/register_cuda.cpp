@@ -6,6 +6,6 @@
 
 namespace sa_cuda {
 
-SA_REGISTER_BACKEND(sa_cuda, CUDA, &gpu::forward, &gpu::backward)
+TORCH_LIBRARY_IMPL(sa_cuda, CUDA, m) { register_backend<&gpu::forward, &gpu::backward>(m); }
 
 }  // namespace sa_cuda

@@ -10,11 +10,11 @@
 namespace sa_cuda {
 
 TORCH_LIBRARY(sa_cuda_emu, m) {
-  SA_DEFINE_OPS(m);
+  define_ops(m);
   // Emulated kernel launches so far in this process (tests take the difference around a call).
   m.def("emulated_launches() -> int", [] { return ::sa_emu::launches(); });
 }
 
-SA_REGISTER_BACKEND(sa_cuda_emu, CPU, &emulated::forward, &emulated::backward)
+TORCH_LIBRARY_IMPL(sa_cuda_emu, CPU, m) { register_backend<&emulated::forward, &emulated::backward>(m); }
 
 }  // namespace sa_cuda

@@ -47,7 +47,7 @@ struct Case {
   int64_t B, C, G, H, W, offset;  // offset: elements the tensors start past a 16-byte boundary
 };
 
-// Naive float64 forward of docs/design.md#forward, for the check.
+// Naive float64 forward (docs/design.md), for the check.
 std::vector<double> naive_forward(const Case& k, const std::vector<double>& x, const std::vector<double> (&p)[6]) {
   const int64_t m = k.C / (2 * k.G), N = k.H * k.W;
   std::vector<double> out(x.size()), mu(k.B * k.C), r(k.B * k.C);
@@ -65,7 +65,7 @@ std::vector<double> naive_forward(const Case& k, const std::vector<double>& x, c
       for (int64_t i = 0; i < N; ++i) {
         double z = 0;
         if (!role.spatial) {
-          if (k.variant == Variant::kPerChannel) {
+          if (k.variant == Variant::kSALayer) {
             z = p[0][j] * mu[b * k.C + c] + p[1][j];
           } else {
             z = p[1][j];
@@ -76,7 +76,7 @@ std::vector<double> naive_forward(const Case& k, const std::vector<double>& x, c
             const int64_t pl = b * k.C + c0 + l;
             return p[4][l] * (x[pl * N + i] - mu[pl]) * r[pl] + p[5][l];
           };
-          if (k.variant == Variant::kPerChannel) {
+          if (k.variant == Variant::kSALayer) {
             z = p[2][j] * y(j) + p[3][j];
           } else {
             z = p[3][j];
@@ -98,7 +98,7 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
   for (auto& v : x64) v = 2 * rng.next() + 0.5;
   for (auto& v : g64) v = rng.next();
   for (int i = 0; i < 6; ++i) {
-    const bool matrix = k.variant == Variant::kConv1x1 && (i == 0 || i == 2);
+    const bool matrix = k.variant == Variant::kShuffleAttention && (i == 0 || i == 2);
     p64[i].resize(matrix ? m * m : m);
     for (auto& v : p64[i]) v = rng.next();
   }
@@ -114,7 +114,7 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
   std::vector<T> p[6];
   for (int i = 0; i < 6; ++i) p[i].assign(p64[i].begin(), p64[i].end());
   std::vector<T> mean(k.B * k.C), rstd(k.B * k.C), gate_grad(k.B * k.G * m), t_sum(k.B * k.G * m),
-      t_xh(k.B * k.G * m * (k.variant == Variant::kConv1x1 ? m : 1));
+      t_xh(k.B * k.G * m * (k.variant == Variant::kShuffleAttention ? m : 1));
 
   ForwardParams f{k.B, k.C, k.G, m, N, 1e-5, x, out, mean.data(), rstd.data(),
                   p[0].data(), p[1].data(), p[2].data(), p[3].data(), p[4].data(), p[5].data()};
@@ -141,7 +141,7 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
   const double tol = (sizeof(T) == 8 ? 1e-12 : 1e-5) * std::max(1.0, scale);
   const bool ok = err <= tol && finite;
   std::printf("%s %s B=%lld C=%lld G=%lld %lldx%lld offset=%lld: max err %.3g (tol %.3g)%s\n",
-              k.variant == Variant::kPerChannel ? "sa_layer" : "shuffle_attention",
+              k.variant == Variant::kSALayer ? "sa_layer" : "shuffle_attention",
               sizeof(T) == 8 ? "float64" : "float32", (long long)k.B, (long long)k.C, (long long)k.G,
               (long long)k.H, (long long)k.W, (long long)k.offset, err, tol,
               finite ? "" : " NON-FINITE gradient");
@@ -150,19 +150,19 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
 
 int run_kernels() {
   const Case cases[] = {
-      // per-channel: warp per plane (staged chunk, vector; staged with a partial last block and a
+      // SALayer: warp per plane (staged chunk, vector; staged with a partial last block and a
       // misaligned chunk), block per plane (16-byte, 8-byte (float), misaligned), streamed
-      {Variant::kPerChannel, 2, 16, 2, 7, 9, 0},
-      {Variant::kPerChannel, 1, 16, 4, 8, 8, 0},
-      {Variant::kPerChannel, 3, 4, 1, 7, 7, 1},
-      {Variant::kPerChannel, 1, 8, 2, 30, 30, 0},
-      {Variant::kPerChannel, 1, 4, 1, 30, 31, 0},
-      {Variant::kPerChannel, 1, 8, 2, 30, 30, 1},
-      {Variant::kPerChannel, 1, 4, 1, 65, 67, 0},
-      // 1x1-conv: several tiles, partial tiles, m = 1
-      {Variant::kConv1x1, 2, 16, 2, 7, 9, 0},
-      {Variant::kConv1x1, 1, 8, 1, 40, 41, 1},
-      {Variant::kConv1x1, 1, 8, 4, 5, 5, 0},
+      {Variant::kSALayer, 2, 16, 2, 7, 9, 0},
+      {Variant::kSALayer, 1, 16, 4, 8, 8, 0},
+      {Variant::kSALayer, 3, 4, 1, 7, 7, 1},
+      {Variant::kSALayer, 1, 8, 2, 30, 30, 0},
+      {Variant::kSALayer, 1, 4, 1, 30, 31, 0},
+      {Variant::kSALayer, 1, 8, 2, 30, 30, 1},
+      {Variant::kSALayer, 1, 4, 1, 65, 67, 0},
+      // ShuffleAttention: several tiles, partial tiles, m = 1
+      {Variant::kShuffleAttention, 2, 16, 2, 7, 9, 0},
+      {Variant::kShuffleAttention, 1, 8, 1, 40, 41, 1},
+      {Variant::kShuffleAttention, 1, 8, 4, 5, 5, 0},
   };
   bool ok = true;
   for (const Case& k : cases) {

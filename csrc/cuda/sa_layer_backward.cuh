@@ -1,4 +1,4 @@
-// Per-channel variant (SALayer), backward: one team per plane.
+// SALayer, backward: one team per plane.
 //
 // Bytes moved: x and grad_out (at the shuffled channel) read once, grad_x written once, plus the
 // saved mean/rstd and two acc_t partials per plane (sa_params.h), reduced later by the host code
@@ -10,31 +10,31 @@
 // one chunk) and are read per plane.
 #pragma once
 
-#include "plane_forward.cuh"
+#include "sa_layer_forward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
 
 template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks>
-SA_PLANE_KERNEL_BOUNDS(kWarpTeam) void plane_backward_kernel(BackwardParams p) {
+SA_LAYER_KERNEL_BOUNDS(kWarpTeam) void sa_layer_backward_kernel(BackwardParams p) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kStaged = kWarpTeam && kVec == 1;  // as in plane_forward_kernel
+  constexpr bool kStaged = kWarpTeam && kVec == 1;  // as in sa_layer_forward_kernel
   SA_SHARED_ARRAY(acc_t, scratch, 2 * kWarpSize);
   const ForwardParams& f = p.fwd;
   const PlaneTeam<kWarpTeam> team;
-  const int64_t planes = f.batch * f.channels, N = f.plane_size, packs = N / kVec, C = f.channels;
+  const int64_t planes = f.batch * f.channels, N = f.plane_size, packs = N / kVec;
   const scalar_t* x_planes = static_cast<const scalar_t*>(f.x);
   acc_t xv[kPacks > 0 ? kPacks : 1][kVec], gv[kPacks > 0 ? kPacks : 1][kVec];
   acc_t sv[kPacks > 0 ? kPacks : 1][kVec];
   if constexpr (kStaged) load_staged_plane(x_planes, team, planes, N, xv);
   if (kWarpTeam && team.plane >= planes) return;
 
-  const int64_t m = f.branch_channels, b = team.plane / C, c = team.plane % C;
-  const ChannelRole role = channel_role(c, m);
+  const PlaneUnit unit = plane_unit(f, team.plane);
+  const ChannelRole& role = unit.role;
   const PlaneParams<acc_t> w = load_plane_params<acc_t>(f, role.k);
   const acc_t mean = static_cast<const acc_t*>(f.mean)[team.plane];
   const acc_t rstd = static_cast<const acc_t*>(f.rstd)[team.plane];
   const scalar_t* x = x_planes + team.plane * N;
-  const scalar_t* gu = static_cast<const scalar_t*>(p.grad_out) + (b * C + shuffle_dst(c, C)) * N;
+  const scalar_t* gu = static_cast<const scalar_t*>(p.grad_out) + unit.out_plane * N;
   scalar_t* dx = static_cast<scalar_t*>(p.grad_x) + team.plane * N;
   const Standardizer<acc_t> st = saved_stats(mean, rstd);
   const PlaneGate<acc_t> gate(w, role.spatial, st);
@@ -69,7 +69,7 @@ SA_PLANE_KERNEL_BOUNDS(kWarpTeam) void plane_backward_kernel(BackwardParams p) {
   }
   team_sum<kWarpTeam>(sums, scratch);
 
-  const int64_t slot = (b * f.groups + role.group) * m + role.k;
+  const int64_t slot = unit.slot;
   if (team.rank == 0) {
     if (role.spatial) {
       static_cast<acc_t*>(p.t_sum)[slot] = sums[0];
@@ -78,18 +78,20 @@ SA_PLANE_KERNEL_BOUNDS(kWarpTeam) void plane_backward_kernel(BackwardParams p) {
       static_cast<acc_t*>(p.gate_grad)[slot] = sums[0];  // = dz: the gate is constant
     }
   }
-  const PlaneGradCoeffs<acc_t> k_ =
-      plane_grad_coeffs(role.spatial, w.cw, w.sw, w.gw, rstd, sums[0], sums[1], acc_t(1) / acc_t(N));
+  const acc_t inv_n = acc_t(1) / acc_t(N);
+  const InputGradCoeffs<acc_t> coeffs = role.spatial
+                                            ? spatial_grad_coeffs(w.gw * rstd * w.sw, sums[0], sums[1], inv_n)
+                                            : channel_grad_coeffs(w.cw * sums[0], inv_n);
 
-  // Pass 2: dx = gu * s + beta, + alpha * t + gamma * xh on spatial planes (only there: a channel
-  // plane's rstd may be inf, eps = 0 and a constant plane, and 0 * inf is NaN).
+  // Pass 2: dx = gu * s + beta, + alpha * t + gamma * xh on spatial planes (sa_math.h:
+  // spatial_input_grad, here with the spatial terms only where they apply).
   auto write_dx = [&](int64_t q, const acc_t(&x_)[kVec], const acc_t(&g_)[kVec], const acc_t(&s_)[kVec]) {
     acc_t d[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
-      d[i] = g_[i] * s_[i] + k_.beta;
+      d[i] = channel_input_grad(g_[i], s_[i], coeffs.beta);
       if (role.spatial) {
-        d[i] += k_.alpha * gate_input_grad(g_[i], x_[i], s_[i]) + k_.gamma * st.normalized(x_[i]);
+        d[i] += spatial_grad_terms(gate_input_grad(g_[i], x_[i], s_[i]), st.normalized(x_[i]), coeffs);
       }
     }
     store_acc<scalar_t, acc_t, kVec>(dx, q, d);

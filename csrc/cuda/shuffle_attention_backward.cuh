@@ -1,4 +1,4 @@
-// 1x1-conv variant (ShuffleAttention), backward: one block per branch of one (batch item, group).
+// ShuffleAttention, backward: one block per branch of one (batch item, group).
 //
 // Bytes moved: x and grad_out (shuffled channels) read twice (sums, then dx; the second read hits
 // L2, and is skipped by the spatial branch when the plane fits one tile), grad_x written once,
@@ -8,12 +8,12 @@
 
 #include <iterator>
 
-#include "group_forward.cuh"
+#include "shuffle_attention_forward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
 
 template <typename scalar_t, int kVec>
-SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void group_backward_kernel(BackwardParams bp, int64_t tile) {
+SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
   using acc_t = at::opmath_type<scalar_t>;
   SA_DYNAMIC_SHARED(acc_t, smem);
   const ForwardParams& p = bp.fwd;
@@ -21,7 +21,7 @@ SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void group_backward_kernel(Back
   const int m = static_cast<int>(p.branch_channels);
   const int64_t N = p.plane_size;
   const GroupSmem L{m, tile};
-  const GroupUnit unit(p);
+  const BranchUnit unit = branch_unit(p, blockIdx.x);
   const scalar_t* x = static_cast<const scalar_t*>(p.x) + unit.plane0 * N;
   const scalar_t* gu = static_cast<const scalar_t*>(bp.grad_out) + unit.out_plane0 * N;  // plane j at gu + 2 j N
   scalar_t* dx = static_cast<scalar_t*>(bp.grad_x) + unit.plane0 * N;
@@ -30,7 +30,7 @@ SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void group_backward_kernel(Back
   const acc_t* rstd = stats.rstd;
   acc_t* gate = smem + L.gate();
   acc_t* sums = smem + L.dz_or_t1();
-  acc_t* d1 = smem + L.dmu_or_d1();
+  acc_t* beta = smem + L.beta();
   for (int j = threadIdx.x; j < m; j += blockDim.x) {
     stats.set(j, saved_stats(static_cast<const acc_t*>(p.mean)[unit.plane0 + j],
                              static_cast<const acc_t*>(p.rstd)[unit.plane0 + j]));
@@ -62,20 +62,22 @@ SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void group_backward_kernel(Back
       static_cast<acc_t*>(bp.gate_grad)[unit.slot0 + j] = sums[j];
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < m; i += blockDim.x) d1[i] = matvec_t_row(w1, sums, m, i) * (acc_t(1) / acc_t(N));
+    for (int i = threadIdx.x; i < m; i += blockDim.x) {
+      beta[i] = channel_grad_coeffs(matvec_t_row(w1, sums, m, i), acc_t(1) / acc_t(N)).beta;
+    }
     __syncthreads();
     for_each_cell(int64_t(m), N / kVec, [&](int64_t j, int64_t q) {
       acc_t g[kVec], d[kVec];
       load_acc<scalar_t, acc_t, kVec>(gu + 2 * j * N, q, g);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) d[i] = g[i] * gate[j] + d1[j];
+      for (int i = 0; i < kVec; ++i) d[i] = channel_input_grad(g[i], gate[j], beta[j]);
       store_acc<scalar_t, acc_t, kVec>(dx + j * N, q, d);
     });
     return;
   }
 
   const acc_t* gw = static_cast<const acc_t*>(p.gn_weight);
-  acc_t* d2 = smem + L.d2();
+  acc_t* gamma = smem + L.gamma();
   acc_t* w2 = smem + L.matrix();
   acc_t* scale = smem + L.scale();
   acc_t* xt = smem + L.tile_x();
@@ -157,25 +159,25 @@ SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void group_backward_kernel(Back
     static_cast<acc_t*>(bp.t_sum)[unit.slot0 + j] = t1;
   }
   __syncthreads();
-  // dy = W2^T t at the GroupNorm output: mean(dy_i) = D1_i, mean(dy_i xh_i) = D2_i; thread i
-  // reduces column i of A over the slices and stores it.
+  // Thread i reduces column i of A over the slices (into slice 0's entries of the column, which
+  // only it reads) and stores it, then takes channel i's input-gradient coefficients through
+  // dy = W2^T t (sa_math.h: shuffle_attention_spatial_coeffs; alpha = gw_i r_i is recomputed).
   for (int i = threadIdx.x; i < m; i += blockDim.x) {
-    acc_t a = 0, c = 0;
     for (int j = 0; j < m; ++j) {
       acc_t A_ji = 0;
       for (int slice = 0; slice < slices; ++slice) A_ji += accum[slice * m * m + j * m + i];
+      accum[j * m + i] = A_ji;
       static_cast<acc_t*>(bp.t_xh)[unit.slot0 * m + j * m + i] = A_ji;
-      a += w2[j * m + i] * sums[j];
-      c += w2[j * m + i] * A_ji;
     }
-    const acc_t inv_n = acc_t(1) / acc_t(N);
-    d1[i] = a * inv_n;
-    d2[i] = c * inv_n;
+    const InputGradCoeffs<acc_t> k =
+        shuffle_attention_spatial_coeffs(w2, sums, accum, m, i, gw[i] * rstd[i], acc_t(1) / acc_t(N));
+    beta[i] = k.beta;
+    gamma[i] = k.gamma;
   }
   __syncthreads();
 
-  // Pass 2: dx_i = gu_i s_i + gw_i r_i (dy_i - D1_i - xh_i D2_i). A plane within one tile still
-  // has it in shared memory from pass 1.
+  // Pass 2: dx_i = gu_i s_i + beta_i + (alpha_i dy_i + gamma_i xh_i) (sa_math.h). A plane within
+  // one tile still has it in shared memory from pass 1.
   for (int64_t p0 = 0; p0 < N; p0 += tile) {
     const int n = static_cast<int>(N - p0 < tile ? N - p0 : tile);
     if (tiles > 1) gate_tile(p0, n);
@@ -183,8 +185,8 @@ SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void group_backward_kernel(Back
       acc_t dy = 0;
       for (int j = 0; j < m; ++j) dy += w2[j * m + i] * tt[j * ts + pt];
       const int c = i * ts + pt;
-      dx[i * N + p0 + pt] =
-          static_cast<scalar_t>(spatial_dx(gt[c], st[c], dy, xt[c], gw[i] * rstd[i], d1[i], d2[i]));
+      const InputGradCoeffs<acc_t> k{gw[i] * rstd[i], beta[i], gamma[i]};
+      dx[i * N + p0 + pt] = static_cast<scalar_t>(spatial_input_grad(gt[c], st[c], dy, xt[c], k));
     });
   }
 }

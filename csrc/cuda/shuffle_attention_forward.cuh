@@ -1,9 +1,9 @@
-// 1x1-conv variant (ShuffleAttention), forward: one block per branch of one (batch item, group),
+// ShuffleAttention, forward: one block per branch of one (batch item, group),
 // i.e. m planes coupled by the m x m gate matrix.
 //
 // Bytes moved: x read twice (plane moments, then the gate; the second read hits L2, the unit is at
 // most a few hundred KB), out written once at the shuffled channels. The moments stream the planes
-// in packs of kVec elements (16-, 8- or 4-byte accesses, or scalars: launch_groups picks the widest
+// in packs of kVec elements (16-, 8- or 4-byte accesses, or scalars: launch_shuffle_attention picks the widest
 // that N and every plane pointer allow), cut into pieces so that all 8 warps work whatever m is.
 // The spatial gate needs all m channels of a pixel: pixels go through shared memory in tiles of
 // m rows x tile pixels, rows tile + 1 values apart (a thread walking down a column meets a new
@@ -18,15 +18,16 @@
 
 namespace sa_cuda::SA_GPU_NS {
 
-constexpr int kGroupThreads = 256;  // threads per block of the group kernels
+constexpr int kGroupThreads = 256;  // threads per block of the ShuffleAttention kernels
 // Register budget: at least 2 blocks per SM, 65536 / (2 * 256) = 128 registers per thread. Given
 // only the max block size, ptxas picks its own occupancy target and trades spills for it (it held
 // the fp64 scalar-pack forward to 64 registers with 56 bytes of spill stores).
 constexpr int kGroupMinBlocks = 2;
 constexpr int kGroupWarps = kGroupThreads / kWarpSize;
 
-// Shared-memory layout of a group block, in acc_t values. Per-channel vectors of m: mean, rstd
-// (the true statistics), gate s (channel branch), scale = gw * gate_rstd, dz / T1, dmu / D1, D2,
+// Shared-memory layout of a ShuffleAttention block, in acc_t values. Per-channel vectors of m: mean, rstd
+// (the true statistics), gate s (channel branch), scale = gw * gate_rstd, dz / T1, the input
+// gradient's coefficients beta and gamma (sa_math.h: InputGradCoeffs),
 // the Standardizer's input_scale, center, gate_rstd (sa_math.h), and the statistics' rescale
 // exponent; m x m: W2. Then the tiles of m x stride() values (16-byte aligned): x (then xh in the
 // backward), the GroupNorm output y, and for the backward grad_out, gate s, t; the statistics'
@@ -40,8 +41,8 @@ struct GroupSmem {
   SA_HOST_DEVICE int64_t gate() const { return 2 * m; }
   SA_HOST_DEVICE int64_t scale() const { return 3 * m; }
   SA_HOST_DEVICE int64_t dz_or_t1() const { return 4 * m; }
-  SA_HOST_DEVICE int64_t dmu_or_d1() const { return 5 * m; }
-  SA_HOST_DEVICE int64_t d2() const { return 6 * m; }
+  SA_HOST_DEVICE int64_t beta() const { return 5 * m; }
+  SA_HOST_DEVICE int64_t gamma() const { return 6 * m; }
   SA_HOST_DEVICE int64_t input_scale() const { return 7 * m; }
   SA_HOST_DEVICE int64_t center() const { return 8 * m; }
   SA_HOST_DEVICE int64_t gate_rstd() const { return 9 * m; }
@@ -78,26 +79,6 @@ inline int64_t group_tile_pixels(int64_t m, int64_t N) {
   const int64_t plane = (N + kWarpSize - 1) / kWarpSize * kWarpSize;
   return plane < target ? plane : target;
 }
-
-// The block's (batch item, group, branch). The unit's channels c0 .. c0 + m - 1 lie in one half
-// of the channels (c0 and C / 2 = G m are multiples of m), so channel_shuffle sends channel c0 + j
-// to shuffle_dst(c0) + 2 j: plane j of out / grad_out is 2 j planes after the first.
-struct GroupUnit {
-  bool spatial;
-  int64_t plane0;      // b * C + c0: the unit's first plane of x (mean, rstd, grad_x alike)
-  int64_t out_plane0;  // b * C + shuffle_dst(c0): its first plane of out / grad_out
-  int64_t slot0;       // (b * G + g) * m: its first slot of the backward's partials
-
-  SA_DEVICE explicit GroupUnit(const ForwardParams& p) {
-    const int64_t m = p.branch_channels, C = p.channels, G = p.groups, unit = blockIdx.x;
-    const int64_t b = unit / (2 * G), g = (unit / 2) % G;
-    spatial = unit % 2 == 1;
-    const int64_t c0 = g * 2 * m + (spatial ? m : 0);
-    plane0 = b * C + c0;
-    out_plane0 = b * C + shuffle_dst(c0, C);
-    slot0 = (b * G + g) * m;
-  }
-};
 
 // Calls f(r, c) for the cells of a rows x cols grid that this thread owns: cells threadIdx.x,
 // + blockDim.x, ... in row-major order, the row and column advanced by constant steps (no division
@@ -349,14 +330,14 @@ SA_DEVICE acc_t gate_preactivation(const ForwardParams& p, int m, int stride, co
 }
 
 template <typename scalar_t, int kVec>
-SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void group_forward_kernel(ForwardParams p, int64_t tile) {
+SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void shuffle_attention_forward_kernel(ForwardParams p, int64_t tile) {
   using acc_t = at::opmath_type<scalar_t>;
   SA_DYNAMIC_SHARED(acc_t, smem);
   // m is small (the launch checked its tiles against the shared memory): int tile indices.
   const int m = static_cast<int>(p.branch_channels);
   const int64_t N = p.plane_size;
   const GroupSmem L{m, tile};
-  const GroupUnit unit(p);
+  const BranchUnit unit = branch_unit(p, blockIdx.x);
   const scalar_t* x = static_cast<const scalar_t*>(p.x) + unit.plane0 * N;
   scalar_t* out = static_cast<scalar_t*>(p.out) + unit.out_plane0 * N;  // plane j at out + 2 j N
   const GroupStats<acc_t> stats(smem, L);

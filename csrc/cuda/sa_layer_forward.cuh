@@ -1,4 +1,4 @@
-// Per-channel variant (SALayer), forward: one team per plane.
+// SALayer, forward: one team per plane.
 //
 // Bytes moved: x read once, out written once at the shuffled channel, 2 * acc_t of statistics per
 // plane. kPacks > 0: the plane is held in registers (kPacks packs of kVec per thread) between the
@@ -33,16 +33,16 @@ constexpr int kStreamLoads = 4;      // loads in flight per thread on the stream
 // (unrolled_stream, team.cuh), in the same per-thread order, so the same bits.
 
 // Register budget: min blocks per SM = kMaxPlaneTeam / block size, i.e. the register file (64 Ki)
-// over 512 threads = 128 registers per thread for every plane kernel. Given only the max block
+// over 512 threads = 128 registers per thread for every SALayer kernel. Given only the max block
 // size, ptxas picks its own occupancy target and trades spills for it (it held the fp64 kVec = 2
-// kernels to 64 registers and spilled 56 and 8 bytes); the largest plane kernel (fp64 backward,
+// kernels to 64 registers and spilled 56 and 8 bytes); the largest SALayer kernel (fp64 backward,
 // kVec = 1) needs 96. A higher min-blocks, e.g. (512, 4) for 4 blocks of 416 threads per SM at
 // 56x56, would be a 32-register budget: below what the fp32 kernels hold (8 values, the
-// statistics, the parameters and the gate: 44-64 registers); compiled so, every plane kernel
+// statistics, the parameters and the gate: 44-64 registers); compiled so, every SALayer kernel
 // spills.
 constexpr int plane_block_threads(bool warp_team) { return warp_team ? kWarpTeamBlock : kMaxPlaneTeam; }
 constexpr int plane_min_blocks(bool warp_team) { return kMaxPlaneTeam / plane_block_threads(warp_team); }
-#define SA_PLANE_KERNEL_BOUNDS(warp_team) \
+#define SA_LAYER_KERNEL_BOUNDS(warp_team) \
   SA_KERNEL_BOUNDS(plane_block_threads(warp_team), plane_min_blocks(warp_team))
 
 // The team of a plane: a warp (kWarpTeam: blockDim.x / 32 planes per block) or the whole block.
@@ -58,7 +58,7 @@ struct PlaneTeam {
                         : int64_t(blockIdx.x)) {}
 };
 
-// The per-channel parameters of branch index k (acc_t, sa_params.h). Read at the kernel's start,
+// The SALayer parameters of branch index k (acc_t, sa_params.h). Read at the kernel's start,
 // before the plane's reductions: they do not depend on the statistics, so their latency hides
 // behind the plane's loads, and the restrict-qualified const pointers tell the compiler that no
 // store of the kernel (out, mean, rstd, the partials) writes them.
@@ -207,13 +207,13 @@ SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec
 }
 
 template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks>
-SA_PLANE_KERNEL_BOUNDS(kWarpTeam) void plane_forward_kernel(ForwardParams p) {
+SA_LAYER_KERNEL_BOUNDS(kWarpTeam) void sa_layer_forward_kernel(ForwardParams p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kStaged = kWarpTeam && kVec == 1;  // launch_common.cuh picks it for such planes
   SA_SHARED_ARRAY(acc_t, scratch, 3 * kWarpSize);
   SA_SHARED_ARRAY(double, wide_scratch, kWarpSize);
   const PlaneTeam<kWarpTeam> team;
-  const int64_t planes = p.batch * p.channels, N = p.plane_size, packs = N / kVec, C = p.channels;
+  const int64_t planes = p.batch * p.channels, N = p.plane_size, packs = N / kVec;
   const scalar_t* x_planes = static_cast<const scalar_t*>(p.x);
   acc_t v[kPacks > 0 ? kPacks : 1][kVec];
   if constexpr (kStaged) load_staged_plane(x_planes, team, planes, N, v);
@@ -221,11 +221,11 @@ SA_PLANE_KERNEL_BOUNDS(kWarpTeam) void plane_forward_kernel(ForwardParams p) {
   // (but for the staging above).
   if (kWarpTeam && team.plane >= planes) return;
 
-  const int64_t b = team.plane / C, c = team.plane % C;
-  const ChannelRole role = channel_role(c, p.branch_channels);
+  const PlaneUnit unit = plane_unit(p, team.plane);
+  const ChannelRole& role = unit.role;
   const PlaneParams<acc_t> w = load_plane_params<acc_t>(p, role.k);
   const scalar_t* x = x_planes + team.plane * N;
-  scalar_t* out = static_cast<scalar_t*>(p.out) + (b * C + shuffle_dst(c, C)) * N;
+  scalar_t* out = static_cast<scalar_t*>(p.out) + unit.out_plane * N;
   const acc_t eps = static_cast<acc_t>(p.eps);
   auto load_x = [&](int64_t q, acc_t(&xv)[kVec]) { load_acc<scalar_t, acc_t, kVec>(x, q, xv); };
 

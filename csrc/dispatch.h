@@ -3,5 +3,6 @@
 
 #include <ATen/Dispatch.h>
 
-#define SA_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
+#define SA_DISPATCH_FLOATING_TYPES(TYPE, NAME, ...)                                           \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, \
+                                  __VA_ARGS__)

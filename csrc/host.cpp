@@ -15,7 +15,9 @@
 namespace sa_cuda {
 namespace {
 
-const char* param_name(Variant variant, int index) { return variant_ops(variant).param_names[index]; }
+const char* param_name(Variant variant, int index) {
+  return variant_ops(variant).param_names[index];
+}
 
 // ", Tensor <name>" for each of the variant's parameters, in schema order.
 std::string param_schema(const VariantOps& ops) {
@@ -57,8 +59,8 @@ Shape check_input(const at::Tensor& x, int64_t groups) {
   // groups > C / 2 first: then 2 * groups may not even fit in int64.
   TORCH_CHECK_VALUE(groups <= C / 2, "sa_cuda: C (", C, ") must be divisible by 2 * groups (2 * ",
                     groups, " > C)");
-  TORCH_CHECK_VALUE(C % (2 * groups) == 0, "sa_cuda: C (", C, ") must be divisible by 2 * groups (2 * ",
-                    groups, " = ", 2 * groups, ")");
+  TORCH_CHECK_VALUE(C % (2 * groups) == 0, "sa_cuda: C (", C,
+                    ") must be divisible by 2 * groups (2 * ", groups, " = ", 2 * groups, ")");
   TORCH_CHECK_VALUE(x.size(2) >= 1 && x.size(3) >= 1, "sa_cuda: H * W must be >= 1, got ",
                     x.size(2), " x ", x.size(3));
   return Shape{x.size(0), C, groups, C / (2 * groups), x.size(2) * x.size(3)};
@@ -72,11 +74,16 @@ at::Tensor as_dtype(const at::Tensor& t, c10::ScalarType dtype) {
 // The kernels' tag for a parameter dtype (check_tensor admits only these four).
 ParamDtype param_dtype(c10::ScalarType t) {
   switch (t) {
-    case at::kDouble: return ParamDtype::kFloat64;
-    case at::kFloat: return ParamDtype::kFloat32;
-    case at::kHalf: return ParamDtype::kFloat16;
-    case at::kBFloat16: return ParamDtype::kBFloat16;
-    default: TORCH_CHECK(false, "sa_cuda: no parameter gradient for ", t);  // unreachable
+    case at::kDouble:
+      return ParamDtype::kFloat64;
+    case at::kFloat:
+      return ParamDtype::kFloat32;
+    case at::kHalf:
+      return ParamDtype::kFloat16;
+    case at::kBFloat16:
+      return ParamDtype::kBFloat16;
+    default:
+      TORCH_CHECK(false, "sa_cuda: no parameter gradient for ", t);  // unreachable
   }
 }
 
@@ -95,7 +102,8 @@ std::vector<at::Tensor> acc_params(Variant variant, const LayerParams& p, const 
     const int64_t expected = param_numel(variant, m, i);
     check_tensor(t, param_name(variant, i), &x);
     TORCH_CHECK_VALUE(t.numel() == expected, "sa_cuda: ", param_name(variant, i), " must have ",
-                      expected, " elements (m = C / (2 * groups) = ", m, "), got shape ", t.sizes());
+                      expected, " elements (m = C / (2 * groups) = ", m, "), got shape ",
+                      t.sizes());
     out.push_back(as_dtype(t.resolve_neg(), acc).contiguous().view(-1));
   }
   return out;
@@ -169,9 +177,12 @@ void define_ops(torch::Library& library) {
   for (const VariantOps& ops : kVariantOps) {
     const std::string name = ops.name, params = param_schema(ops);
     library.def((name + "_forward(Tensor x, int groups" + params +
-                 ", float eps) -> (Tensor, Tensor, Tensor)").c_str());
-    library.def((name + "_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, int groups" +
-                 params + ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)").c_str());
+                 ", float eps) -> (Tensor, Tensor, Tensor)")
+                    .c_str());
+    library.def((name +
+                 "_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, int groups" +
+                 params + ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+                    .c_str());
   }
 }
 
@@ -208,7 +219,7 @@ BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, cons
   for (int i = 0; i < 2; ++i) {
     check_tensor(*stats[i], stat_names[i], &x_in);
     TORCH_CHECK_VALUE(stats[i]->sizes() == at::IntArrayRef({s.B, s.C}) &&
-                              stats[i]->scalar_type() == acc_type(x_in),
+                          stats[i]->scalar_type() == acc_type(x_in),
                       "sa_cuda: ", stat_names[i], " must be the forward's [B, C] = [", s.B, ", ",
                       s.C, "] ", acc_type(x_in) == at::kDouble ? "float64" : "float32",
                       " statistics, got ", stats[i]->sizes(), " ", stats[i]->scalar_type());

@@ -28,7 +28,9 @@ struct VariantOps {
 };
 
 inline constexpr VariantOps kVariantOps[] = {
-    {Variant::kSALayer, "sa_layer", {"cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias"}},
+    {Variant::kSALayer,
+     "sa_layer",
+     {"cweight", "cbias", "sweight", "sbias", "gn_weight", "gn_bias"}},
     {Variant::kShuffleAttention,
      "shuffle_attention",
      {"affine1_weight", "affine1_bias", "affine2_weight", "affine2_bias", "gn_weight", "gn_bias"}},
@@ -49,8 +51,8 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // out, m
 using BackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-ForwardResult run_forward(Variant variant, const at::Tensor& x, int64_t groups, const LayerParams& params,
-                          double eps, ForwardLauncher launch);
+ForwardResult run_forward(Variant variant, const at::Tensor& x, int64_t groups,
+                          const LayerParams& params, double eps, ForwardLauncher launch);
 
 BackwardResult run_backward(Variant variant, const at::Tensor& grad_out, const at::Tensor& x,
                             const at::Tensor& mean, const at::Tensor& rstd, int64_t groups,

@@ -69,7 +69,8 @@ struct PlaneUnit {
 SA_HOST_DEVICE PlaneUnit plane_unit(const ForwardParams& f, int64_t plane) {
   const int64_t C = f.channels, b = plane / C, c = plane % C;
   const ChannelRole role = channel_role(c, f.branch_channels);
-  return PlaneUnit{role, b * C + shuffle_dst(c, C), (b * f.groups + role.group) * f.branch_channels + role.k};
+  return PlaneUnit{role, b * C + shuffle_dst(c, C),
+                   (b * f.groups + role.group) * f.branch_channels + role.k};
 }
 
 // The work unit of ShuffleAttention: one branch of one (batch item b, group g) of the B * G * 2,
@@ -296,7 +297,7 @@ SA_HOST_DEVICE int rescale_exponent(T max_abs) {
 template <typename T>
 struct SpatialGate {
   T scale, shift, weight, bias;  // gw * gate_rstd, gb, sw, sb
-  T input_scale, center;         // of the plane's Standardizer
+  T input_scale, center;  // of the plane's Standardizer
 
   template <typename V>
   SA_HOST_DEVICE V z(const V& x) const {
@@ -403,8 +404,9 @@ SA_HOST_DEVICE V spatial_input_grad(const V& gu, const V& s, const V& dy, const 
 //   N mean(dy_i) = sum_j W2[j, i] T1[j],   N mean(dy_i xh_i) = sum_j W2[j, i] A[j, i]
 // with T1[j] = sum_p t_j and A[j, i] = sum_p t_j xh_i (W2 and A [m, m] row-major).
 template <typename T>
-SA_HOST_DEVICE InputGradCoeffs<T> shuffle_attention_spatial_coeffs(const T* W2, const T* T1, const T* A,
-                                                                   int64_t m, int64_t i, T coef, T inv_n) {
+SA_HOST_DEVICE InputGradCoeffs<T> shuffle_attention_spatial_coeffs(const T* W2, const T* T1,
+                                                                   const T* A, int64_t m, int64_t i,
+                                                                   T coef, T inv_n) {
   T d1 = 0, d2 = 0;
   for (int64_t j = 0; j < m; ++j) {
     d1 += W2[j * m + i] * T1[j];
@@ -466,7 +468,8 @@ struct SlotTerm {
 
 // sum_{s = first, first + step, ... < slots} term(s) in double, in this order.
 template <typename acc_t>
-SA_HOST_DEVICE double slot_sum(const SlotTerm<acc_t>& term, int64_t first, int64_t step, int64_t slots) {
+SA_HOST_DEVICE double slot_sum(const SlotTerm<acc_t>& term, int64_t first, int64_t step,
+                               int64_t slots) {
   double sum = 0;
   for (int64_t s = first; s < slots; s += step) sum += term(s);
   return sum;
@@ -491,29 +494,42 @@ struct ParamGradEntry {
     const acc_t* sw = static_cast<const acc_t*>(f.spatial_weight);
     const acc_t* gw = static_cast<const acc_t*>(f.gn_weight);
     const acc_t* gb = static_cast<const acc_t*>(f.gn_bias);
-    // The mean of channel-branch channel k of slot s = (b, g) sits at b * C + g * 2m + k = s * 2m + k.
+    // The mean of channel-branch channel k of slot s = (b, g) sits at b * C + g * 2m + k = s * 2m +
+    // k.
     if (variant == Variant::kSALayer) {
       const int64_t k_ = index;
       switch (which) {
-        case 0: return {dz, m, k_, mean, 2 * m, k_, 1.0};
-        case 1: return {dz, m, k_, nullptr, 0, 0, 1.0};
-        case 2: return k == 0 ? SlotTerm<acc_t>{t_xh, m, k_, nullptr, 0, 0, double(gw[k_])}
-                              : SlotTerm<acc_t>{t_sum, m, k_, nullptr, 0, 0, double(gb[k_])};
-        case 3: return {t_sum, m, k_, nullptr, 0, 0, 1.0};
-        case 4: return {t_xh, m, k_, nullptr, 0, 0, double(sw[k_])};
-        default: return {t_sum, m, k_, nullptr, 0, 0, double(sw[k_])};
+        case 0:
+          return {dz, m, k_, mean, 2 * m, k_, 1.0};
+        case 1:
+          return {dz, m, k_, nullptr, 0, 0, 1.0};
+        case 2:
+          return k == 0 ? SlotTerm<acc_t>{t_xh, m, k_, nullptr, 0, 0, double(gw[k_])}
+                        : SlotTerm<acc_t>{t_sum, m, k_, nullptr, 0, 0, double(gb[k_])};
+        case 3:
+          return {t_sum, m, k_, nullptr, 0, 0, 1.0};
+        case 4:
+          return {t_xh, m, k_, nullptr, 0, 0, double(sw[k_])};
+        default:
+          return {t_sum, m, k_, nullptr, 0, 0, double(sw[k_])};
       }
     }
     const int64_t j = index / m, i = index % m;  // [j, i] of the matrices
     switch (which) {
-      case 0: return {dz, m, j, mean, 2 * m, i, 1.0};
-      case 1: return {dz, m, index, nullptr, 0, 0, 1.0};
-      case 2: return k == 0 ? SlotTerm<acc_t>{t_xh, m * m, index, nullptr, 0, 0, double(gw[i])}
-                            : SlotTerm<acc_t>{t_sum, m, j, nullptr, 0, 0, double(gb[i])};
-      case 3: return {t_sum, m, index, nullptr, 0, 0, 1.0};
+      case 0:
+        return {dz, m, j, mean, 2 * m, i, 1.0};
+      case 1:
+        return {dz, m, index, nullptr, 0, 0, 1.0};
+      case 2:
+        return k == 0 ? SlotTerm<acc_t>{t_xh, m * m, index, nullptr, 0, 0, double(gw[i])}
+                      : SlotTerm<acc_t>{t_sum, m, j, nullptr, 0, 0, double(gb[i])};
+      case 3:
+        return {t_sum, m, index, nullptr, 0, 0, 1.0};
       // d_gw[i], d_gb[i]: term k is row j = k of column i.
-      case 4: return {t_xh, m * m, k * m + index, nullptr, 0, 0, double(sw[k * m + index])};
-      default: return {t_sum, m, k, nullptr, 0, 0, double(sw[k * m + index])};
+      case 4:
+        return {t_xh, m * m, k * m + index, nullptr, 0, 0, double(sw[k * m + index])};
+      default:
+        return {t_sum, m, k, nullptr, 0, 0, double(sw[k * m + index])};
     }
   }
 
@@ -529,8 +545,12 @@ struct ParamGradEntry {
     const double v = p->fwd.batch == 0 ? 0.0 : total;
     void* out = p->param_grads[which];
     switch (p->param_grad_dtypes[which]) {
-      case ParamDtype::kFloat64: static_cast<double*>(out)[index] = v; break;
-      case ParamDtype::kFloat32: static_cast<float*>(out)[index] = static_cast<float>(v); break;
+      case ParamDtype::kFloat64:
+        static_cast<double*>(out)[index] = v;
+        break;
+      case ParamDtype::kFloat32:
+        static_cast<float*>(out)[index] = static_cast<float>(v);
+        break;
       case ParamDtype::kFloat16:
         static_cast<c10::Half*>(out)[index] = c10::Half(static_cast<float>(v));
         break;
@@ -543,12 +563,13 @@ struct ParamGradEntry {
 
 // Entry e of the gradients laid end to end in schema order.
 template <typename acc_t>
-SA_HOST_DEVICE ParamGradEntry<acc_t> param_grad_entry(const BackwardParams& p, Variant variant, int64_t e) {
+SA_HOST_DEVICE ParamGradEntry<acc_t> param_grad_entry(const BackwardParams& p, Variant variant,
+                                                      int64_t e) {
   const int64_t m = p.fwd.branch_channels;
   int which = 0;
   while (e >= param_numel(variant, m, which)) e -= param_numel(variant, m, which++);
-  const bool weighted_pair = which == 2;                             // d_sw: A and T1
-  const bool column = variant == Variant::kShuffleAttention && which >= 4;   // d_gw, d_gb: m rows
+  const bool weighted_pair = which == 2;  // d_sw: A and T1
+  const bool column = variant == Variant::kShuffleAttention && which >= 4;  // d_gw, d_gb: m rows
   return ParamGradEntry<acc_t>{&p, variant, which, e, weighted_pair ? 2 : column ? int(m) : 1};
 }
 

@@ -20,7 +20,7 @@
 namespace sa_cuda {
 
 enum class Variant {
-  kSALayer,           // SALayer (the paper's layer): cweight/cbias/sweight/sbias, one per channel
+  kSALayer,  // SALayer (the paper's layer): cweight/cbias/sweight/sbias, one per channel
   kShuffleAttention,  // ShuffleAttention: the gates are the 1x1 convolutions affine1/affine2
 };
 
@@ -33,7 +33,7 @@ struct ForwardParams {
   int64_t channels;
   int64_t groups;
   int64_t branch_channels;  // m = C / (2G)
-  int64_t plane_size;       // N = H * W
+  int64_t plane_size;  // N = H * W
   double eps;
 
   const void* x;

@@ -48,54 +48,59 @@ void backward_sa_layer(const BackwardParams& p) {
   const int64_t N = p.fwd.plane_size;
   const acc_t inv_n = acc_t(1) / acc_t(N);
 
-  at::parallel_for(0, p.fwd.batch * p.fwd.channels, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
-    // x, grad_out and grad_x planes in acc_t (when converting); the spatial gate s.
-    std::vector<acc_t> scratch((kConvert ? 3 : 0) * N + N);
-    acc_t* gate = scratch.data() + (kConvert ? 3 : 0) * N;
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const PlaneUnit unit = plane_unit(p.fwd, plane);
-      const ChannelRole& role = unit.role;
-      const int64_t k = role.k, slot = unit.slot;
-      const acc_t* x = as_acc(t.fwd.x + plane * N, N, scratch.data());
-      const acc_t* gu = as_acc(t.grad_out + unit.out_plane * N, N, scratch.data() + N);
-      acc_t* dx = result_buffer(t.grad_x + plane * N, kConvert ? scratch.data() + 2 * N : nullptr);
-      const acc_t mu = t.fwd.mean[plane], r = t.fwd.rstd[plane];
-      const ParamArrays<acc_t>& w = t.fwd.w;
+  at::parallel_for(
+      0, p.fwd.batch * p.fwd.channels, grain_for(N, kTaskElements),
+      [&](int64_t begin, int64_t end) {
+        // x, grad_out and grad_x planes in acc_t (when converting); the spatial gate s.
+        std::vector<acc_t> scratch((kConvert ? 3 : 0) * N + N);
+        acc_t* gate = scratch.data() + (kConvert ? 3 : 0) * N;
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const PlaneUnit unit = plane_unit(p.fwd, plane);
+          const ChannelRole& role = unit.role;
+          const int64_t k = role.k, slot = unit.slot;
+          const acc_t* x = as_acc(t.fwd.x + plane * N, N, scratch.data());
+          const acc_t* gu = as_acc(t.grad_out + unit.out_plane * N, N, scratch.data() + N);
+          acc_t* dx =
+              result_buffer(t.grad_x + plane * N, kConvert ? scratch.data() + 2 * N : nullptr);
+          const acc_t mu = t.fwd.mean[plane], r = t.fwd.rstd[plane];
+          const ParamArrays<acc_t>& w = t.fwd.w;
 
-      if (!role.spatial) {
-        // u = x * s with s = sigmoid(cw * mu + cb): dz = sum(gu * x) * s(1 - s), dmu = cw * dz.
-        const acc_t s = sigmoid(w.cw[k] * mu + w.cb[k]);
-        const acc_t dz = dot(gu, x, N) * sigmoid_grad(s);
-        t.gate_grad[slot] = dz;
-        const acc_t beta = channel_grad_coeffs(w.cw[k] * dz, inv_n).beta;
-        for_each<acc_t>(N, [&](int64_t i, auto tag) {
-          using V = decltype(tag);
-          store(dx + i, channel_input_grad(load<V>(gu + i), V(s), V(beta)));
-        });
-      } else {
-        const Standardizer<acc_t> st = saved_stats(mu, r);
-        const SpatialGate<acc_t> ga = spatial_gate(w.sw[k], w.sb[k], w.gw[k], w.gb[k], st);
-        // One pass: the gate s (kept for dx), T1 = sum t and T2 = sum t * xh.
-        const auto [T1, T2] = sums_over<acc_t, 2>(N, [&](int64_t i, auto tag) {
-          using V = decltype(tag);
-          const V xh = st.normalized(load<V>(x + i));
-          const V s = sigmoid(ga.z(load<V>(x + i)));
-          store(gate + i, s);
-          const V t_i = gate_input_grad(load<V>(gu + i), load<V>(x + i), s);
-          return std::array<V, 2>{t_i, t_i * xh};
-        });
-        t.t_sum[slot] = T1;
-        t.t_xh[slot] = T2;
-        const InputGradCoeffs<acc_t> coeffs = spatial_grad_coeffs(w.gw[k] * r * w.sw[k], T1, T2, inv_n);
-        for_each<acc_t>(N, [&](int64_t i, auto tag) {
-          using V = decltype(tag);
-          const V gu_i = load<V>(gu + i), x_i = load<V>(x + i), s = load<V>(gate + i);
-          store(dx + i, spatial_input_grad(gu_i, s, gate_input_grad(gu_i, x_i, s), st.normalized(x_i), coeffs));
-        });
-      }
-      finish_store(dx, t.grad_x + plane * N, N);
-    }
-  });
+          if (!role.spatial) {
+            // u = x * s with s = sigmoid(cw * mu + cb): dz = sum(gu * x) * s(1 - s), dmu = cw * dz.
+            const acc_t s = sigmoid(w.cw[k] * mu + w.cb[k]);
+            const acc_t dz = dot(gu, x, N) * sigmoid_grad(s);
+            t.gate_grad[slot] = dz;
+            const acc_t beta = channel_grad_coeffs(w.cw[k] * dz, inv_n).beta;
+            for_each<acc_t>(N, [&](int64_t i, auto tag) {
+              using V = decltype(tag);
+              store(dx + i, channel_input_grad(load<V>(gu + i), V(s), V(beta)));
+            });
+          } else {
+            const Standardizer<acc_t> st = saved_stats(mu, r);
+            const SpatialGate<acc_t> ga = spatial_gate(w.sw[k], w.sb[k], w.gw[k], w.gb[k], st);
+            // One pass: the gate s (kept for dx), T1 = sum t and T2 = sum t * xh.
+            const auto [T1, T2] = sums_over<acc_t, 2>(N, [&](int64_t i, auto tag) {
+              using V = decltype(tag);
+              const V xh = st.normalized(load<V>(x + i));
+              const V s = sigmoid(ga.z(load<V>(x + i)));
+              store(gate + i, s);
+              const V t_i = gate_input_grad(load<V>(gu + i), load<V>(x + i), s);
+              return std::array<V, 2>{t_i, t_i * xh};
+            });
+            t.t_sum[slot] = T1;
+            t.t_xh[slot] = T2;
+            const InputGradCoeffs<acc_t> coeffs =
+                spatial_grad_coeffs(w.gw[k] * r * w.sw[k], T1, T2, inv_n);
+            for_each<acc_t>(N, [&](int64_t i, auto tag) {
+              using V = decltype(tag);
+              const V gu_i = load<V>(gu + i), x_i = load<V>(x + i), s = load<V>(gate + i);
+              store(dx + i, spatial_input_grad(gu_i, s, gate_input_grad(gu_i, x_i, s),
+                                               st.normalized(x_i), coeffs));
+            });
+          }
+          finish_store(dx, t.grad_x + plane * N, N);
+        }
+      });
 }
 
 // One ShuffleAttention work unit in acc_t: its m planes of x (contiguous), of grad_out (at the
@@ -139,7 +144,8 @@ void channel_branch_backward(const ParamArrays<acc_t>& w, acc_t* gate_grad, int6
 
 // The spatial branch's forward again (xh, y, the gate s) and t = dL/dz, per pixel.
 template <typename acc_t>
-void spatial_branch_gate(const ParamArrays<acc_t>& w, int64_t m, int64_t N, BranchPlanes<acc_t>& u) {
+void spatial_branch_gate(const ParamArrays<acc_t>& w, int64_t m, int64_t N,
+                         BranchPlanes<acc_t>& u) {
   for (int64_t i = 0; i < m; ++i) {
     const acc_t* xi = u.x + i * N;
     const Standardizer<acc_t> st = saved_stats(u.mu[i], u.r[i]);
@@ -167,12 +173,13 @@ void spatial_branch_gate(const ParamArrays<acc_t>& w, int64_t m, int64_t N, Bran
 // A[j, i] = sum_p t_j xh_i (xh first: t_j (x_i - mu_i) would be of order |x|^2 and overflow
 // first), T1[j] = sum_p t_j; then dx through dy(p) = W2^T t(p) (sa_math.h).
 template <typename acc_t>
-void spatial_branch_backward(const ParamArrays<acc_t>& w, acc_t* t_sum, acc_t* t_xh, int64_t m, int64_t N,
-                             BranchPlanes<acc_t>& u) {
+void spatial_branch_backward(const ParamArrays<acc_t>& w, acc_t* t_sum, acc_t* t_xh, int64_t m,
+                             int64_t N, BranchPlanes<acc_t>& u) {
   spatial_branch_gate(w, m, N, u);
   std::vector<acc_t>& T1 = u.vec_a;
   for (int64_t j = 0; j < m; ++j) {
-    T1[j] = sum_over<acc_t>(N, [&](int64_t q, auto tag) { return load<decltype(tag)>(u.tz + j * N + q); });
+    T1[j] = sum_over<acc_t>(
+        N, [&](int64_t q, auto tag) { return load<decltype(tag)>(u.tz + j * N + q); });
     for (int64_t i = 0; i < m; ++i) u.A[j * m + i] = dot(u.tz + j * N, u.xh + i * N, N);
     t_sum[u.slot0 + j] = T1[j];
   }
@@ -180,15 +187,16 @@ void spatial_branch_backward(const ParamArrays<acc_t>& w, acc_t* t_sum, acc_t* t
   const acc_t inv_n = acc_t(1) / acc_t(N);
   std::vector<InputGradCoeffs<acc_t>> coeffs(m);
   for (int64_t i = 0; i < m; ++i) {
-    coeffs[i] = shuffle_attention_spatial_coeffs(w.sw, T1.data(), u.A.data(), m, i, w.gw[i] * u.r[i], inv_n);
+    coeffs[i] = shuffle_attention_spatial_coeffs(w.sw, T1.data(), u.A.data(), m, i,
+                                                 w.gw[i] * u.r[i], inv_n);
   }
   for_each<acc_t>(N, [&](int64_t q, auto tag) {
     using V = decltype(tag);
     for (int64_t i = 0; i < m; ++i) {
       V dy(0);
       for (int64_t j = 0; j < m; ++j) dy = dy + V(w.sw[j * m + i]) * load<V>(u.tz + j * N + q);
-      store(u.dx + i * N + q, spatial_input_grad(load<V>(u.gu[i] + q), load<V>(u.gate + i * N + q), dy,
-                                                 load<V>(u.xh + i * N + q), coeffs[i]));
+      store(u.dx + i * N + q, spatial_input_grad(load<V>(u.gu[i] + q), load<V>(u.gate + i * N + q),
+                                                 dy, load<V>(u.xh + i * N + q), coeffs[i]));
     }
   });
 }
@@ -201,43 +209,54 @@ void backward_shuffle_attention(const BackwardParams& p) {
   const BackwardTensors<scalar_t> t(p);
   const int64_t m = p.fwd.branch_channels, N = p.fwd.plane_size, mN = m * N;
 
-  at::parallel_for(0, p.fwd.batch * p.fwd.groups * 2, grain_for(mN, kTaskElements), [&](int64_t begin, int64_t end) {
-    // Scratch planes: xh, y, gate, t; x, gu, grad_x in acc_t (when converting).
-    std::vector<acc_t> scratch((kConvert ? 7 : 4) * mN);
-    acc_t* x_buf = kConvert ? scratch.data() + 4 * mN : nullptr;
-    acc_t* gu_buf = kConvert ? x_buf + mN : nullptr;
-    acc_t* dx_buf = kConvert ? gu_buf + mN : nullptr;
-    BranchPlanes<acc_t> u{nullptr, std::vector<const acc_t*>(m), nullptr, nullptr, nullptr, 0,
-                          scratch.data(), scratch.data() + mN, scratch.data() + 2 * mN,
-                          scratch.data() + 3 * mN, std::vector<acc_t>(m), std::vector<acc_t>(m),
-                          std::vector<acc_t>(m * m)};
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const BranchUnit b = branch_unit(p.fwd, unit);
-      u.x = as_acc(t.fwd.x + b.plane0 * N, mN, x_buf);
-      for (int64_t j = 0; j < m; ++j) {
-        u.gu[j] = as_acc(t.grad_out + (b.out_plane0 + 2 * j) * N, N, kConvert ? gu_buf + j * N : nullptr);
-      }
-      u.dx = result_buffer(t.grad_x + b.plane0 * N, dx_buf);
-      u.mu = t.fwd.mean + b.plane0;
-      u.r = t.fwd.rstd + b.plane0;
-      u.slot0 = b.slot0;
-      if (b.spatial) {
-        spatial_branch_backward(t.fwd.w, t.t_sum, t.t_xh, m, N, u);
-      } else {
-        channel_branch_backward(t.fwd.w, t.gate_grad, m, N, u);
-      }
-      finish_store(u.dx, t.grad_x + b.plane0 * N, mN);
-    }
-  });
+  at::parallel_for(0, p.fwd.batch * p.fwd.groups * 2, grain_for(mN, kTaskElements),
+                   [&](int64_t begin, int64_t end) {
+                     // Scratch planes: xh, y, gate, t; x, gu, grad_x in acc_t (when converting).
+                     std::vector<acc_t> scratch((kConvert ? 7 : 4) * mN);
+                     acc_t* x_buf = kConvert ? scratch.data() + 4 * mN : nullptr;
+                     acc_t* gu_buf = kConvert ? x_buf + mN : nullptr;
+                     acc_t* dx_buf = kConvert ? gu_buf + mN : nullptr;
+                     BranchPlanes<acc_t> u{nullptr,
+                                           std::vector<const acc_t*>(m),
+                                           nullptr,
+                                           nullptr,
+                                           nullptr,
+                                           0,
+                                           scratch.data(),
+                                           scratch.data() + mN,
+                                           scratch.data() + 2 * mN,
+                                           scratch.data() + 3 * mN,
+                                           std::vector<acc_t>(m),
+                                           std::vector<acc_t>(m),
+                                           std::vector<acc_t>(m * m)};
+                     for (int64_t unit = begin; unit < end; ++unit) {
+                       const BranchUnit b = branch_unit(p.fwd, unit);
+                       u.x = as_acc(t.fwd.x + b.plane0 * N, mN, x_buf);
+                       for (int64_t j = 0; j < m; ++j) {
+                         u.gu[j] = as_acc(t.grad_out + (b.out_plane0 + 2 * j) * N, N,
+                                          kConvert ? gu_buf + j * N : nullptr);
+                       }
+                       u.dx = result_buffer(t.grad_x + b.plane0 * N, dx_buf);
+                       u.mu = t.fwd.mean + b.plane0;
+                       u.r = t.fwd.rstd + b.plane0;
+                       u.slot0 = b.slot0;
+                       if (b.spatial) {
+                         spatial_branch_backward(t.fwd.w, t.t_sum, t.t_xh, m, N, u);
+                       } else {
+                         channel_branch_backward(t.fwd.w, t.gate_grad, m, N, u);
+                       }
+                       finish_store(u.dx, t.grad_x + b.plane0 * N, mN);
+                     }
+                   });
 }
 
 // The parameter gradients (sa_math.h). A plain slot sum (no mean factor) is a column total of
 // one partial array: the totals are taken once, slot after slot along the rows (the order
-// slot_sum takes, so the same bits), and looked up; ShuffleAttention's d_sw, d_sb, d_gw and d_gb share
-// the totals of A and T1 instead of re-summing them per entry. Only d_cw's sums of dz * mu are
-// taken per entry, in runs of up to 64 consecutive entries so that each slot's row is read along
-// the row. The whole reduction reads the partials a few times: tens of microseconds, serial (a
-// parallel region would cost more).
+// slot_sum takes, so the same bits), and looked up; ShuffleAttention's d_sw, d_sb, d_gw and d_gb
+// share the totals of A and T1 instead of re-summing them per entry. Only d_cw's sums of dz * mu
+// are taken per entry, in runs of up to 64 consecutive entries so that each slot's row is read
+// along the row. The whole reduction reads the partials a few times: tens of microseconds, serial
+// (a parallel region would cost more).
 template <typename acc_t>
 void reduce_param_grads(Variant variant, const BackwardParams& p) {
   constexpr size_t kRun = 64;
@@ -254,9 +273,8 @@ void reduce_param_grads(Variant variant, const BackwardParams& p) {
     }
     return c;
   };
-  const ColumnTotals columns[] = {
-      column_totals(p.gate_grad, m), column_totals(p.t_sum, m),
-      column_totals(p.t_xh, t_xh_width(variant, m))};
+  const ColumnTotals columns[] = {column_totals(p.gate_grad, m), column_totals(p.t_sum, m),
+                                  column_totals(p.t_xh, t_xh_width(variant, m))};
   auto plain_sum = [&](const SlotTerm<acc_t>& term) {
     const ColumnTotals& c = term.values == columns[0].values   ? columns[0]
                             : term.values == columns[1].values ? columns[1]
@@ -281,7 +299,8 @@ void reduce_param_grads(Variant variant, const BackwardParams& p) {
     if (run[0].term(0).mu == nullptr) {
       for (const auto& entry : run) {
         double total = 0;
-        for (int k = 0; k < entry.terms; ++k) total = entry.accumulate(total, k, plain_sum(entry.term(k)));
+        for (int k = 0; k < entry.terms; ++k)
+          total = entry.accumulate(total, k, plain_sum(entry.term(k)));
         entry.store(total);
       }
       continue;

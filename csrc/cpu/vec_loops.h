@@ -99,9 +99,8 @@ inline std::array<acc_t, K> sums_over(int64_t n, const F& terms) {
 
 template <typename acc_t, typename F>
 inline acc_t sum_over(int64_t n, const F& term) {
-  return sums_over<acc_t, 1>(n, [&](int64_t i, auto tag) {
-    return std::array<decltype(tag), 1>{term(i, tag)};
-  })[0];
+  return sums_over<acc_t, 1>(
+      n, [&](int64_t i, auto tag) { return std::array<decltype(tag), 1>{term(i, tag)}; })[0];
 }
 
 // A plane (or any run of elements) as acc_t values: the tensor's own memory when the dtype is
@@ -160,18 +159,20 @@ template <typename acc_t>
 inline acc_t shifted_mean(const acc_t* x, int64_t n, acc_t scale) {
   const acc_t shift = sum_shift(x[0]) * scale;
   return shift + sum_over<acc_t>(n, [&](int64_t i, auto tag) {
-    using V = decltype(tag);
-    return sa_fma(load<V>(x + i), V(scale), V(-shift));
-  }) / acc_t(n);
+                   using V = decltype(tag);
+                   return sa_fma(load<V>(x + i), V(scale), V(-shift));
+                 }) / acc_t(n);
 }
 
 template <typename acc_t>
 inline acc_t centered_var(const acc_t* x, int64_t n, acc_t scale, acc_t mean) {
-  return sum_over<acc_t>(n, [&](int64_t i, auto tag) {
-    using V = decltype(tag);
-    const V d = sa_fma(load<V>(x + i), V(scale), V(-mean));
-    return d * d;
-  }) / acc_t(n);
+  return sum_over<acc_t>(n,
+                         [&](int64_t i, auto tag) {
+                           using V = decltype(tag);
+                           const V d = sa_fma(load<V>(x + i), V(scale), V(-mean));
+                           return d * d;
+                         }) /
+         acc_t(n);
 }
 
 // Four values from p as double lanes (exact for float).
@@ -186,7 +187,9 @@ inline at::vec::Vectorized<double> load_wide(const float* p) {
   return VecD::loadu(d);
 #endif
 }
-inline at::vec::Vectorized<double> load_wide(const double* p) { return at::vec::Vectorized<double>::loadu(p); }
+inline at::vec::Vectorized<double> load_wide(const double* p) {
+  return at::vec::Vectorized<double>::loadu(p);
+}
 
 // wide_mean (sa_math.h) of the values x * scale: the sum in double lanes. For float x the scale is
 // applied to the sum (the same value: every term is exact and the sum cannot overflow double).
@@ -223,7 +226,8 @@ inline acc_t max_abs(const acc_t* x, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
   Vec vmax(0);
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + i).abs());
+  for (; i + Vec::size() <= n; i += Vec::size())
+    vmax = at::vec::maximum(vmax, Vec::loadu(x + i).abs());
   alignas(64) acc_t lanes[Vec::size()];
   vmax.store(lanes);
   acc_t result = 0;

@@ -2,10 +2,10 @@
 #pragma once
 
 #include "../dispatch.h"
-#include "shuffle_attention_backward.cuh"
 #include "launch_common.cuh"
 #include "param_grad_reduce.cuh"
 #include "sa_layer_backward.cuh"
+#include "shuffle_attention_backward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
 
@@ -16,15 +16,17 @@ void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& b) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_backward_cuda", [&] {
     if (b.fwd.batch > 0) {
       if (variant == Variant::kSALayer) {
-        const int pack = plane_pack_elements<scalar_t>(b.fwd.plane_size, {b.fwd.x, b.grad_out, b.grad_x});
+        const int pack =
+            plane_pack_elements<scalar_t>(b.fwd.plane_size, {b.fwd.x, b.grad_out, b.grad_x});
         launch_sa_layer<scalar_t>(b, b.fwd, pack, [](auto warp, auto vec, auto packs) {
           return &sa_layer_backward_kernel<scalar_t, decltype(warp)::value, decltype(vec)::value,
-                                        decltype(packs)::value>;
+                                           decltype(packs)::value>;
         });
       } else {
-        launch_shuffle_attention<scalar_t>(b, b.fwd, true, {b.fwd.x, b.grad_out, b.grad_x}, [](auto vec) {
-          return &shuffle_attention_backward_kernel<scalar_t, decltype(vec)::value>;
-        });
+        launch_shuffle_attention<scalar_t>(
+            b, b.fwd, true, {b.fwd.x, b.grad_out, b.grad_x}, [](auto vec) {
+              return &shuffle_attention_backward_kernel<scalar_t, decltype(vec)::value>;
+            });
       }
     }
     launch_param_grad_reduce<at::opmath_type<scalar_t>>(variant, b);

@@ -1,4 +1,5 @@
-// CPU SIMT emulator for the portable CUDA subset (portable.cuh includes this under a host compiler).
+// CPU SIMT emulator for the portable CUDA subset (portable.cuh includes this under a host
+// compiler).
 //
 // A launch runs one host thread per CUDA thread of a block; the threads run the grid's blocks
 // together, one block at a time. __syncthreads is a std::barrier over the block, a warp exchange is
@@ -87,7 +88,9 @@ inline uint64_t block_order_seed() {
   if (text == nullptr || *text == '\0') return kDefaultBlockOrderSeed;
   char* end = nullptr;
   const uint64_t seed = std::strtoull(text, &end, 0);
-  if (*end != '\0') throw std::runtime_error(std::string("sa_cuda emulator: SA_EMU_SEED=") + text + " is not an integer");
+  if (*end != '\0')
+    throw std::runtime_error(std::string("sa_cuda emulator: SA_EMU_SEED=") + text +
+                             " is not an integer");
   return seed;
 }
 
@@ -138,12 +141,15 @@ struct Arrival {
     if (kind != o.kind) return false;
     if (kind == kBlockBoundary) return true;
     return where.line() == o.where.line() && where.column() == o.where.column() &&
-           (where.file_name() == o.where.file_name() || std::strcmp(where.file_name(), o.where.file_name()) == 0);
+           (where.file_name() == o.where.file_name() ||
+            std::strcmp(where.file_name(), o.where.file_name()) == 0);
   }
   std::string describe() const {
     if (kind == kBlockBoundary) return "returned from the kernel";
-    return std::string(kind == kSyncthreads ? "wait at __syncthreads() at " : "wait at a warp shuffle at ") +
-           where.file_name() + ":" + std::to_string(where.line()) + ":" + std::to_string(where.column());
+    return std::string(kind == kSyncthreads ? "wait at __syncthreads() at "
+                                            : "wait at a warp shuffle at ") +
+           where.file_name() + ":" + std::to_string(where.line()) + ":" +
+           std::to_string(where.column());
   }
 };
 
@@ -154,7 +160,8 @@ using SharedBytes = std::unique_ptr<unsigned char, AlignedFree>;
 
 // An exactly sized 16-byte aligned allocation (so AddressSanitizer sees any overrun).
 inline SharedBytes allocate_shared(size_t bytes) {
-  return SharedBytes(static_cast<unsigned char*>(::operator new(bytes > 0 ? bytes : 1, std::align_val_t(16))));
+  return SharedBytes(
+      static_cast<unsigned char*>(::operator new(bytes > 0 ? bytes : 1, std::align_val_t(16))));
 }
 
 // The state of one launch: the block its threads run, its shared memory, its barriers.
@@ -172,8 +179,8 @@ class Block {
         dynamic_(allocate_shared(dynamic_bytes)),
         dynamic_bytes_(dynamic_bytes) {
     for (unsigned base = 0; base < threads_; base += kWarpSize) {
-      warps_.push_back(std::make_unique<std::barrier<WarpCompletion>>(std::min(kWarpSize, threads_ - base),
-                                                                      WarpCompletion{this, base}));
+      warps_.push_back(std::make_unique<std::barrier<WarpCompletion>>(
+          std::min(kWarpSize, threads_ - base), WarpCompletion{this, base}));
     }
   }
 
@@ -195,7 +202,8 @@ class Block {
 
   // One warp-wide exchange (warp_exchange): every lane publishes v, then reads lane src's value
   // (its own value for a lane outside the warp).
-  unsigned long long exchange(unsigned tid, unsigned long long v, int src_lane, std::source_location where) {
+  unsigned long long exchange(unsigned tid, unsigned long long v, int src_lane,
+                              std::source_location where) {
     const unsigned base = tid - tid % kWarpSize, width = std::min(kWarpSize, threads_ - base);
     std::barrier<WarpCompletion>& warp = *warps_[tid / kWarpSize];
     arrivals_[tid] = {Arrival::kShuffle, where};
@@ -212,7 +220,9 @@ class Block {
   // Thread tid ends early, the launch having failed (what: the exception it threw, if any): it
   // leaves the barriers so that the other threads are not left waiting for it.
   void leave(unsigned tid, const char* what) {
-    if (what != nullptr) fail("thread " + std::to_string(tid) + " of block " + to_string(current_) + " threw: " + what);
+    if (what != nullptr)
+      fail("thread " + std::to_string(tid) + " of block " + to_string(current_) +
+           " threw: " + what);
     warps_[tid / kWarpSize]->arrive_and_drop();
     sync_.arrive_and_drop();
   }
@@ -220,12 +230,13 @@ class Block {
   bool failed() const { return failed_.load(std::memory_order_acquire); }
   std::string error() const {
     std::lock_guard<std::mutex> lock(error_mutex_);
-    return error_ + " [emulated launch of grid " + to_string(grid_) + ", block order seed " + std::to_string(seed_) +
-           ": SA_EMU_SEED=" + std::to_string(seed_) + " reproduces it]";
+    return error_ + " [emulated launch of grid " + to_string(grid_) + ", block order seed " +
+           std::to_string(seed_) + ": SA_EMU_SEED=" + std::to_string(seed_) + " reproduces it]";
   }
 
   // The storage of the SA_SHARED_ARRAY declared at `site` (bytes long), created (poisoned) by the
-  // first thread that reaches the declaration in this launch and poisoned again at each block start.
+  // first thread that reaches the declaration in this launch and poisoned again at each block
+  // start.
   unsigned char* static_shared(const void* site, size_t bytes) {
     const unsigned known = static_count_.load(std::memory_order_acquire);
     for (unsigned i = 0; i < known; ++i) {
@@ -243,13 +254,15 @@ class Block {
                                " SA_SHARED_ARRAYs in a kernel");
     }
     if (total > kMaxStaticSharedBytes) {
-      throw std::runtime_error("sa_cuda emulator: " + std::to_string(total) +
-                               " bytes of static shared memory (SA_SHARED_ARRAY) in a block; the limit is " +
-                               std::to_string(kMaxStaticSharedBytes));
+      throw std::runtime_error(
+          "sa_cuda emulator: " + std::to_string(total) +
+          " bytes of static shared memory (SA_SHARED_ARRAY) in a block; the limit is " +
+          std::to_string(kMaxStaticSharedBytes));
     }
     if (total + dynamic_bytes_ > kMaxSharedBytes) {
-      throw std::runtime_error("sa_cuda emulator: " + std::to_string(total) + " bytes of static and " +
-                               std::to_string(dynamic_bytes_) + " of dynamic shared memory in a block; the budget is " +
+      throw std::runtime_error("sa_cuda emulator: " + std::to_string(total) +
+                               " bytes of static and " + std::to_string(dynamic_bytes_) +
+                               " of dynamic shared memory in a block; the budget is " +
                                std::to_string(kMaxSharedBytes));
     }
     StaticArray& a = statics_[count];
@@ -291,10 +304,12 @@ class Block {
     const Arrival& first = arrivals_[0];
     for (const Arrival& a : arrivals_) {
       if (a.same_barrier(first)) continue;
-      fail("the threads of block " + to_string(current_) + " reached different barriers (its barrier #" +
-           std::to_string(barriers_in_block_ + 1) + "): " + describe_arrivals(0, threads_) +
-           ". Every thread of a block must reach the same __syncthreads() (on the GPU, a barrier in "
-           "divergent code hangs or corrupts shared memory).");
+      fail(
+          "the threads of block " + to_string(current_) +
+          " reached different barriers (its barrier #" + std::to_string(barriers_in_block_ + 1) +
+          "): " + describe_arrivals(0, threads_) +
+          ". Every thread of a block must reach the same __syncthreads() (on the GPU, a barrier in "
+          "divergent code hangs or corrupts shared memory).");
       return;
     }
     if (first.kind != Arrival::kBlockBoundary) {
@@ -311,7 +326,8 @@ class Block {
     barriers_in_block_ = 0;
     std::memset(dynamic_.get(), kSharedPoison, dynamic_bytes_);
     const unsigned statics = static_count_.load(std::memory_order_acquire);
-    for (unsigned i = 0; i < statics; ++i) std::memset(statics_[i].bytes.get(), kSharedPoison, statics_[i].size);
+    for (unsigned i = 0; i < statics; ++i)
+      std::memset(statics_[i].bytes.get(), kSharedPoison, statics_[i].size);
   }
 
   // Run by the last lane of the warp to arrive. Lanes at a shuffle and lanes at a barrier of the
@@ -320,11 +336,13 @@ class Block {
     if (failed()) return;
     const unsigned end = std::min(base + kWarpSize, threads_);
     unsigned shuffling = 0;
-    for (unsigned tid = base; tid < end; ++tid) shuffling += arrivals_[tid].kind == Arrival::kShuffle;
+    for (unsigned tid = base; tid < end; ++tid)
+      shuffling += arrivals_[tid].kind == Arrival::kShuffle;
     if (shuffling == 0 || shuffling == end - base) return;
-    fail("the lanes of warp " + std::to_string(base / kWarpSize) + " of block " + to_string(current_) +
-         " diverged at a shuffle: " + describe_arrivals(base, end) +
-         ". Every lane of the warp must take part in a full-mask shuffle (on the GPU, a shuffle that "
+    fail("the lanes of warp " + std::to_string(base / kWarpSize) + " of block " +
+         to_string(current_) + " diverged at a shuffle: " + describe_arrivals(base, end) +
+         ". Every lane of the warp must take part in a full-mask shuffle (on the GPU, a shuffle "
+         "that "
          "names an absent lane is undefined).");
   }
 
@@ -339,9 +357,10 @@ class Block {
         break;
       }
       if (!out.empty()) out += "; ";
-      out += (tid - start == 1 ? "thread " + std::to_string(start)
-                               : "threads " + std::to_string(start) + "-" + std::to_string(tid - 1)) +
-             " " + arrivals_[start].describe();
+      out +=
+          (tid - start == 1 ? "thread " + std::to_string(start)
+                            : "threads " + std::to_string(start) + "-" + std::to_string(tid - 1)) +
+          " " + arrivals_[start].describe();
       start = tid;
     }
     return out;
@@ -379,9 +398,8 @@ inline thread_local unsigned linear_tid = 0;
 inline unsigned char* dynamic_shared_memory() { return current_block->dynamic_shared(); }
 
 template <typename T, size_t N>
-T (&shared_array(const void* site))[N] {
-  return *reinterpret_cast<T(*)[N]>(current_block->static_shared(site, sizeof(T) * N));
-}
+T (&shared_array(const void* site))
+[N] { return *reinterpret_cast<T(*)[N]>(current_block->static_shared(site, sizeof(T) * N)); }
 
 // Kernel launches since the process started: tests count the launches of one op call.
 inline std::atomic<int64_t>& launch_counter() {
@@ -457,8 +475,10 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const Body& body) {
 // __shfl_down_sync past the end.
 template <typename T>
 T warp_exchange(unsigned mask, T v, int src_lane, std::source_location where) {
-  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffle of an 8-byte value at most");
-  if (mask != 0xffffffffu) throw std::runtime_error("sa_cuda emulator: only full-mask shuffles are supported");
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8,
+                "shuffle of an 8-byte value at most");
+  if (mask != 0xffffffffu)
+    throw std::runtime_error("sa_cuda emulator: only full-mask shuffles are supported");
   unsigned long long bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   bits = current_block->exchange(linear_tid, bits, src_lane, where);

@@ -13,7 +13,7 @@ void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& f) {
       const int pack = plane_pack_elements<scalar_t>(f.plane_size, {f.x, f.out});
       launch_sa_layer<scalar_t>(f, f, pack, [](auto warp, auto vec, auto packs) {
         return &sa_layer_forward_kernel<scalar_t, decltype(warp)::value, decltype(vec)::value,
-                                     decltype(packs)::value>;
+                                        decltype(packs)::value>;
       });
     } else {
       launch_shuffle_attention<scalar_t>(f, f, false, {f.x, f.out}, [](auto vec) {

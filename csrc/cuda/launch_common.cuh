@@ -17,8 +17,8 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "shuffle_attention_forward.cuh"
 #include "sa_layer_forward.cuh"
+#include "shuffle_attention_forward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
 
@@ -36,7 +36,8 @@ template <typename scalar_t>
 int plane_pack_elements(int64_t N, std::initializer_list<const void*> tensors) {
   for (int vec = 16 / int(sizeof(scalar_t)); vec > 1; vec /= 2) {
     bool fits = N % vec == 0;
-    for (const void* t : tensors) fits = fits && reinterpret_cast<uintptr_t>(t) % (vec * sizeof(scalar_t)) == 0;
+    for (const void* t : tensors)
+      fits = fits && reinterpret_cast<uintptr_t>(t) % (vec * sizeof(scalar_t)) == 0;
     if (fits) return vec;
   }
   return 1;
@@ -63,7 +64,8 @@ void launch_sa_layer(const Params& params, const ForwardParams& f, int vec, cons
       launch(pick(bool_c<true>(), vec_c, int_c<kPacks>()), ceil_div(planes, kPlanesPerWarpBlock),
              kWarpTeamBlock, 0, stream, params);
     } else if (N <= kMaxPlaneTeam * kPlaneItems) {
-      const int threads = static_cast<int>(ceil_div(ceil_div(N, kPlaneItems), kWarpSize) * kWarpSize);
+      const int threads =
+          static_cast<int>(ceil_div(ceil_div(N, kPlaneItems), kWarpSize) * kWarpSize);
       launch(pick(bool_c<false>(), vec_c, int_c<kPacks>()), planes, threads, 0, stream, params);
     } else {
       launch(pick(bool_c<false>(), vec_c, int_c<0>()), planes, kMaxPlaneTeam, 0, stream, params);
@@ -76,17 +78,19 @@ void launch_sa_layer(const Params& params, const ForwardParams& f, int vec, cons
 // element) that every plane start is aligned to.
 template <typename scalar_t, typename Params, typename Pick>
 void launch_shuffle_attention(const Params& params, const ForwardParams& f, bool backward,
-                   std::initializer_list<const void*> planes, const Pick& pick) {
+                              std::initializer_list<const void*> planes, const Pick& pick) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t m = f.branch_channels, N = f.plane_size, tile = group_tile_pixels(m, N);
   const int64_t smem = GroupSmem{m, tile}.values(backward) * int64_t(sizeof(acc_t));
-  TORCH_CHECK(smem <= max_dynamic_shared_bytes(), "sa_cuda: m = C / (2 * groups) = ", m,
-              " needs ", smem, " bytes of shared memory per block in the CUDA ",
+  TORCH_CHECK(smem <= max_dynamic_shared_bytes(), "sa_cuda: m = C / (2 * groups) = ", m, " needs ",
+              smem, " bytes of shared memory per block in the CUDA ",
               backward ? "backward" : "forward", " of ShuffleAttention; the device allows ",
               max_dynamic_shared_bytes());
-  with_pack_elements<16 / int(sizeof(scalar_t))>(plane_pack_elements<scalar_t>(N, planes), [&](auto vec) {
-    launch(pick(vec), f.batch * f.groups * 2, kGroupThreads, size_t(smem), current_stream(), params, tile);
-  });
+  with_pack_elements<16 / int(sizeof(scalar_t))>(
+      plane_pack_elements<scalar_t>(N, planes), [&](auto vec) {
+        launch(pick(vec), f.batch * f.groups * 2, kGroupThreads, size_t(smem), current_stream(),
+               params, tile);
+      });
 }
 
 }  // namespace sa_cuda::SA_GPU_NS

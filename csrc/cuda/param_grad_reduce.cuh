@@ -21,7 +21,8 @@ namespace sa_cuda::SA_GPU_NS {
 constexpr int kParamGradMaxThreads = 256;
 
 template <typename acc_t>
-SA_KERNEL_BOUNDS(kParamGradMaxThreads) void param_grad_reduce_kernel(BackwardParams p, Variant variant) {
+SA_KERNEL_BOUNDS(kParamGradMaxThreads)
+void param_grad_reduce_kernel(BackwardParams p, Variant variant) {
   SA_SHARED_ARRAY(double, scratch, kWarpSize);
   const ParamGradEntry<acc_t> entry = param_grad_entry<acc_t>(p, variant, blockIdx.x);
   const int64_t slots = p.fwd.batch * p.fwd.groups;

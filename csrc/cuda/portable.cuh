@@ -6,10 +6,10 @@
 //
 // The subset: threadIdx/blockIdx/blockDim/gridDim (.x), __syncthreads, full-mask warp shuffles
 // (__shfl_xor_sync, __shfl_down_sync, __shfl_sync), static shared arrays (SA_SHARED_ARRAY),
-// dynamic shared memory (SA_DYNAMIC_SHARED), aligned vector loads/stores (Pack), expf/exp/sqrtf/sqrt
-// through sa_math.h, kernels declared with SA_KERNEL_BOUNDS(max threads per block[, min blocks per SM]), and 1-D launches
-// through sa_cuda::SA_GPU_NS::launch (the block count checked against the grid limit before it is
-// narrowed to the hardware's 32 bits).
+// dynamic shared memory (SA_DYNAMIC_SHARED), aligned vector loads/stores (Pack),
+// expf/exp/sqrtf/sqrt through sa_math.h, kernels declared with SA_KERNEL_BOUNDS(max threads per
+// block[, min blocks per SM]), and 1-D launches through sa_cuda::SA_GPU_NS::launch (the block count
+// checked against the grid limit before it is narrowed to the hardware's 32 bits).
 #pragma once
 
 #include <cstddef>
@@ -51,7 +51,7 @@ inline dim3 grid_1d(int64_t blocks) {
 #define SA_KERNEL_BOUNDS(...) __global__ __launch_bounds__(__VA_ARGS__)
 #define SA_SHARED_ARRAY(T, name, count) __shared__ T name[count]
 #define SA_DEVICE __device__ __forceinline__
-#define SA_DYNAMIC_SHARED(T, name)                                   \
+#define SA_DYNAMIC_SHARED(T, name)                                  \
   extern __shared__ __align__(16) unsigned char sa_dynamic_smem_[]; \
   T* name = reinterpret_cast<T*>(sa_dynamic_smem_)
 
@@ -70,8 +70,8 @@ inline int max_dynamic_shared_bytes() {
 }
 
 template <typename... KernelArgs, typename... Args>
-void launch(void (*kernel)(KernelArgs...), int64_t blocks, int threads, size_t smem_bytes, Stream stream,
-            Args&&... args) {
+void launch(void (*kernel)(KernelArgs...), int64_t blocks, int threads, size_t smem_bytes,
+            Stream stream, Args&&... args) {
   const dim3 grid = grid_1d(blocks);
   if (smem_bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -4,10 +4,10 @@
 // saved mean/rstd and two acc_t partials per plane (sa_params.h), reduced later by the host code
 // in a fixed order. kPacks > 0 keeps x, grad_out and the gate in registers between the reduction
 // and dx; kPacks == 0 streams the plane twice (sums, then dx), the second read from L2, with
-// kStreamLoads / 2 packs of each in flight per thread (kStreamLoads loads: as many as the forward's,
-// in as many registers). The staged warp-team path (kVec == 1) stages
-// x through shared memory as the forward does; grad_out's planes lie at shuffled channels (not
-// one chunk) and are read per plane.
+// kStreamLoads / 2 packs of each in flight per thread (kStreamLoads loads: as many as the
+// forward's, in as many registers). The staged warp-team path (kVec == 1) stages x through shared
+// memory as the forward does; grad_out's planes lie at shuffled channels (not one chunk) and are
+// read per plane.
 #pragma once
 
 #include "sa_layer_forward.cuh"
@@ -15,7 +15,8 @@
 namespace sa_cuda::SA_GPU_NS {
 
 template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks>
-SA_LAYER_KERNEL_BOUNDS(kWarpTeam) void sa_layer_backward_kernel(BackwardParams p) {
+SA_LAYER_KERNEL_BOUNDS(kWarpTeam)
+void sa_layer_backward_kernel(BackwardParams p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kStaged = kWarpTeam && kVec == 1;  // as in sa_layer_forward_kernel
   SA_SHARED_ARRAY(acc_t, scratch, 2 * kWarpSize);
@@ -79,19 +80,21 @@ SA_LAYER_KERNEL_BOUNDS(kWarpTeam) void sa_layer_backward_kernel(BackwardParams p
     }
   }
   const acc_t inv_n = acc_t(1) / acc_t(N);
-  const InputGradCoeffs<acc_t> coeffs = role.spatial
-                                            ? spatial_grad_coeffs(w.gw * rstd * w.sw, sums[0], sums[1], inv_n)
-                                            : channel_grad_coeffs(w.cw * sums[0], inv_n);
+  const InputGradCoeffs<acc_t> coeffs =
+      role.spatial ? spatial_grad_coeffs(w.gw * rstd * w.sw, sums[0], sums[1], inv_n)
+                   : channel_grad_coeffs(w.cw * sums[0], inv_n);
 
   // Pass 2: dx = gu * s + beta, + alpha * t + gamma * xh on spatial planes (sa_math.h:
   // spatial_input_grad, here with the spatial terms only where they apply).
-  auto write_dx = [&](int64_t q, const acc_t(&x_)[kVec], const acc_t(&g_)[kVec], const acc_t(&s_)[kVec]) {
+  auto write_dx = [&](int64_t q, const acc_t(&x_)[kVec], const acc_t(&g_)[kVec],
+                      const acc_t(&s_)[kVec]) {
     acc_t d[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
       d[i] = channel_input_grad(g_[i], s_[i], coeffs.beta);
       if (role.spatial) {
-        d[i] += spatial_grad_terms(gate_input_grad(g_[i], x_[i], s_[i]), st.normalized(x_[i]), coeffs);
+        d[i] +=
+            spatial_grad_terms(gate_input_grad(g_[i], x_[i], s_[i]), st.normalized(x_[i]), coeffs);
       }
     }
     store_acc<scalar_t, acc_t, kVec>(dx, q, d);
@@ -108,7 +111,8 @@ SA_LAYER_KERNEL_BOUNDS(kWarpTeam) void sa_layer_backward_kernel(BackwardParams p
       for (int i = 0; i < kVec; ++i) sv[0][i] = gate(pair[0][i]);
       write_dx(q, pair[0], pair[1], sv[0]);
     };
-    unrolled_stream<kStreamLoads / 2, acc_t[2][kVec]>(team.rank, team.size, packs, load_pair, recompute_dx);
+    unrolled_stream<kStreamLoads / 2, acc_t[2][kVec]>(team.rank, team.size, packs, load_pair,
+                                                      recompute_dx);
   }
 }
 

@@ -40,8 +40,12 @@ constexpr int kStreamLoads = 4;      // loads in flight per thread on the stream
 // 56x56, would be a 32-register budget: below what the fp32 kernels hold (8 values, the
 // statistics, the parameters and the gate: 44-64 registers); compiled so, every SALayer kernel
 // spills.
-constexpr int plane_block_threads(bool warp_team) { return warp_team ? kWarpTeamBlock : kMaxPlaneTeam; }
-constexpr int plane_min_blocks(bool warp_team) { return kMaxPlaneTeam / plane_block_threads(warp_team); }
+constexpr int plane_block_threads(bool warp_team) {
+  return warp_team ? kWarpTeamBlock : kMaxPlaneTeam;
+}
+constexpr int plane_min_blocks(bool warp_team) {
+  return kMaxPlaneTeam / plane_block_threads(warp_team);
+}
 #define SA_LAYER_KERNEL_BOUNDS(warp_team) \
   SA_KERNEL_BOUNDS(plane_block_threads(warp_team), plane_min_blocks(warp_team))
 
@@ -88,15 +92,17 @@ struct PlaneGate {
   SpatialGate<acc_t> g;
 
   SA_DEVICE PlaneGate(const PlaneParams<acc_t>& w, bool spatial_, const Standardizer<acc_t>& st)
-      : spatial(spatial_), s(sigmoid(w.cw * st.mean + w.cb)), g(spatial_gate(w.sw, w.sb, w.gw, w.gb, st)) {}
+      : spatial(spatial_),
+        s(sigmoid(w.cw * st.mean + w.cb)),
+        g(spatial_gate(w.sw, w.sb, w.gw, w.gb, st)) {}
 
   SA_DEVICE acc_t operator()(acc_t x) const { return spatial ? sigmoid(g.z(x)) : s; }
 };
 
 // This thread's packs of a plane, q = rank + k * size (k < kPacks, q < packs), into registers.
 template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks, typename acc_t>
-SA_DEVICE void load_plane_packs(const scalar_t* plane, const PlaneTeam<kWarpTeam>& team, int64_t packs,
-                                acc_t (&v)[kPacks][kVec]) {
+SA_DEVICE void load_plane_packs(const scalar_t* plane, const PlaneTeam<kWarpTeam>& team,
+                                int64_t packs, acc_t (&v)[kPacks][kVec]) {
 #pragma unroll
   for (int k = 0; k < kPacks; ++k) {
     const int64_t q = team.rank + int64_t(k) * team.size;
@@ -110,16 +116,19 @@ SA_DEVICE void load_plane_packs(const scalar_t* plane, const PlaneTeam<kWarpTeam
 // reads its own plane's values (element q = rank + 32 k) from there. Every thread of the block
 // calls it (a barrier), also the warps past the last plane.
 template <typename scalar_t, typename acc_t>
-SA_DEVICE void load_staged_plane(const scalar_t* x, const PlaneTeam<true>& team, int64_t planes, int64_t N,
-                                 acc_t (&v)[kPlaneItems][1]) {
+SA_DEVICE void load_staged_plane(const scalar_t* x, const PlaneTeam<true>& team, int64_t planes,
+                                 int64_t N, acc_t (&v)[kPlaneItems][1]) {
   using ChunkPack = Pack<scalar_t, kChunkVec<scalar_t>>;
-  SA_SHARED_ARRAY(ChunkPack, chunk, chunk_packs<scalar_t>(kPlanesPerWarpBlock * kWarpSize * kPlaneItems));
+  SA_SHARED_ARRAY(ChunkPack, chunk,
+                  chunk_packs<scalar_t>(kPlanesPerWarpBlock * kWarpSize * kPlaneItems));
   const int64_t first = int64_t(blockIdx.x) * kPlanesPerWarpBlock;
-  const int64_t count = (planes - first < kPlanesPerWarpBlock ? planes - first : kPlanesPerWarpBlock) * N;
+  const int64_t count =
+      (planes - first < kPlanesPerWarpBlock ? planes - first : kPlanesPerWarpBlock) * N;
   const int lead = stage_chunk(x + first * N, count, chunk);
   __syncthreads();
   if (team.plane >= planes) return;
-  const scalar_t* plane = reinterpret_cast<const scalar_t*>(chunk) + lead + (team.plane - first) * N;
+  const scalar_t* plane =
+      reinterpret_cast<const scalar_t*>(chunk) + lead + (team.plane - first) * N;
 #pragma unroll
   for (int k = 0; k < kPlaneItems; ++k) {
     const int64_t q = team.rank + int64_t(k) * kWarpSize;
@@ -179,8 +188,9 @@ SA_DEVICE void register_moments(const acc_t (&v)[kPacks][kVec], const PlaneTeam<
 template <bool kWarpTeam, int kPacks, int kVec, typename acc_t>
 SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec],
                                                    const PlaneTeam<kWarpTeam>& team, int64_t packs,
-                                                   int64_t n, acc_t first, acc_t eps, bool exact_mean,
-                                                   acc_t* scratch, double* wide_scratch) {
+                                                   int64_t n, acc_t first, acc_t eps,
+                                                   bool exact_mean, acc_t* scratch,
+                                                   double* wide_scratch) {
   const acc_t shift = sum_shift(first);
   acc_t mean, var;
   register_moments<kWarpTeam, kPacks, kVec>(v, team, packs, n, shift, acc_t(1), exact_mean, scratch,
@@ -192,7 +202,8 @@ SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec
     for (int k = 0; k < kPacks; ++k) {
       if (team.rank + int64_t(k) * team.size < packs) {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) amax[0] = max_nan(amax[0], v[k][i] < acc_t(0) ? -v[k][i] : v[k][i]);
+        for (int i = 0; i < kVec; ++i)
+          amax[0] = max_nan(amax[0], v[k][i] < acc_t(0) ? -v[k][i] : v[k][i]);
       }
     }
     team_reduce<kWarpTeam>(amax, scratch, MaxOp{});
@@ -207,7 +218,8 @@ SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec
 }
 
 template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks>
-SA_LAYER_KERNEL_BOUNDS(kWarpTeam) void sa_layer_forward_kernel(ForwardParams p) {
+SA_LAYER_KERNEL_BOUNDS(kWarpTeam)
+void sa_layer_forward_kernel(ForwardParams p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kStaged = kWarpTeam && kVec == 1;  // launch_common.cuh picks it for such planes
   SA_SHARED_ARRAY(acc_t, scratch, 3 * kWarpSize);
@@ -232,13 +244,13 @@ SA_LAYER_KERNEL_BOUNDS(kWarpTeam) void sa_layer_forward_kernel(ForwardParams p) 
   Standardizer<acc_t> st;
   if constexpr (kPacks > 0) {
     if constexpr (!kStaged) load_plane_packs<scalar_t, kWarpTeam, kVec, kPacks>(x, team, packs, v);
-    st = register_plane_stats<kWarpTeam, kPacks, kVec>(v, team, packs, N, static_cast<acc_t>(x[0]), eps,
-                                                       !role.spatial, scratch, wide_scratch);
+    st = register_plane_stats<kWarpTeam, kPacks, kVec>(v, team, packs, N, static_cast<acc_t>(x[0]),
+                                                       eps, !role.spatial, scratch, wide_scratch);
   } else {
     st = streamed_plane_stats<kWarpTeam>(
         [&](const auto& f) {
-          unrolled_stream<kStreamLoads, acc_t[kVec]>(team.rank, team.size, packs, load_x,
-                                                      [&](int64_t, const acc_t(&xv)[kVec]) { f(xv); });
+          unrolled_stream<kStreamLoads, acc_t[kVec]>(
+              team.rank, team.size, packs, load_x, [&](int64_t, const acc_t(&xv)[kVec]) { f(xv); });
         },
         static_cast<acc_t>(x[0]), N, eps, !role.spatial, scratch, wide_scratch);
   }

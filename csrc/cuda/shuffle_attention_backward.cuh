@@ -13,7 +13,8 @@
 namespace sa_cuda::SA_GPU_NS {
 
 template <typename scalar_t, int kVec>
-SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
+SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks)
+void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
   using acc_t = at::opmath_type<scalar_t>;
   SA_DYNAMIC_SHARED(acc_t, smem);
   const ForwardParams& p = bp.fwd;
@@ -23,7 +24,8 @@ SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void shuffle_attention_backward
   const GroupSmem L{m, tile};
   const BranchUnit unit = branch_unit(p, blockIdx.x);
   const scalar_t* x = static_cast<const scalar_t*>(p.x) + unit.plane0 * N;
-  const scalar_t* gu = static_cast<const scalar_t*>(bp.grad_out) + unit.out_plane0 * N;  // plane j at gu + 2 j N
+  const scalar_t* gu =
+      static_cast<const scalar_t*>(bp.grad_out) + unit.out_plane0 * N;  // plane j at gu + 2 j N
   scalar_t* dx = static_cast<scalar_t*>(bp.grad_x) + unit.plane0 * N;
   const GroupStats<acc_t> stats(smem, L);
   const acc_t* mean = stats.mean;
@@ -44,13 +46,17 @@ SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void shuffle_attention_backward
     const acc_t* b1 = static_cast<const acc_t*>(p.channel_bias);
     const GroupPieces pieces(m, N / kVec);
     acc_t* dots = smem + L.tile_x();
-    for (int j = threadIdx.x; j < m; j += blockDim.x) gate[j] = sigmoid(matvec_row(w1, mean, b1, m, j));
+    for (int j = threadIdx.x; j < m; j += blockDim.x)
+      gate[j] = sigmoid(matvec_row(w1, mean, b1, m, j));
     pieces.for_warp([&](int k, int j, int64_t begin, int64_t end) {
       acc_t s = 0;
       // Half the statistics' steps per plane: as many values per step for the two planes.
-      warp_stream<group_unroll<kVec>() / 2, kVec, acc_t>(begin, end, [&](const auto& v) {
-        for (size_t i = 0; i < std::size(v[0]); ++i) s += v[0][i] * v[1][i];
-      }, gu + 2 * j * N, x + j * N);
+      warp_stream<group_unroll<kVec>() / 2, kVec, acc_t>(
+          begin, end,
+          [&](const auto& v) {
+            for (size_t i = 0; i < std::size(v[0]); ++i) s += v[0][i] * v[1][i];
+          },
+          gu + 2 * j * N, x + j * N);
       s = warp_sum(s);
       if (threadIdx.x % kWarpSize == 0) dots[k] = s;
     });
@@ -169,8 +175,8 @@ SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void shuffle_attention_backward
       accum[j * m + i] = A_ji;
       static_cast<acc_t*>(bp.t_xh)[unit.slot0 * m + j * m + i] = A_ji;
     }
-    const InputGradCoeffs<acc_t> k =
-        shuffle_attention_spatial_coeffs(w2, sums, accum, m, i, gw[i] * rstd[i], acc_t(1) / acc_t(N));
+    const InputGradCoeffs<acc_t> k = shuffle_attention_spatial_coeffs(
+        w2, sums, accum, m, i, gw[i] * rstd[i], acc_t(1) / acc_t(N));
     beta[i] = k.beta;
     gamma[i] = k.gamma;
   }

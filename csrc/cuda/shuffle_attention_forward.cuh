@@ -3,11 +3,11 @@
 //
 // Bytes moved: x read twice (plane moments, then the gate; the second read hits L2, the unit is at
 // most a few hundred KB), out written once at the shuffled channels. The moments stream the planes
-// in packs of kVec elements (16-, 8- or 4-byte accesses, or scalars: launch_shuffle_attention picks the widest
-// that N and every plane pointer allow), cut into pieces so that all 8 warps work whatever m is.
-// The spatial gate needs all m channels of a pixel: pixels go through shared memory in tiles of
-// m rows x tile pixels, rows tile + 1 values apart (a thread walking down a column meets a new
-// bank on every row).
+// in packs of kVec elements (16-, 8- or 4-byte accesses, or scalars: launch_shuffle_attention picks
+// the widest that N and every plane pointer allow), cut into pieces so that all 8 warps work
+// whatever m is. The spatial gate needs all m channels of a pixel: pixels go through shared memory
+// in tiles of m rows x tile pixels, rows tile + 1 values apart (a thread walking down a column
+// meets a new bank on every row).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -25,14 +25,14 @@ constexpr int kGroupThreads = 256;  // threads per block of the ShuffleAttention
 constexpr int kGroupMinBlocks = 2;
 constexpr int kGroupWarps = kGroupThreads / kWarpSize;
 
-// Shared-memory layout of a ShuffleAttention block, in acc_t values. Per-channel vectors of m: mean, rstd
-// (the true statistics), gate s (channel branch), scale = gw * gate_rstd, dz / T1, the input
-// gradient's coefficients beta and gamma (sa_math.h: InputGradCoeffs),
-// the Standardizer's input_scale, center, gate_rstd (sa_math.h), and the statistics' rescale
-// exponent; m x m: W2. Then the tiles of m x stride() values (16-byte aligned): x (then xh in the
-// backward), the GroupNorm output y, and for the backward grad_out, gate s, t; the statistics'
-// per-piece partials use the same space before the first tile. Last, the backward's partials of
-// A and T1 over its pixel slices.
+// Shared-memory layout of a ShuffleAttention block, in acc_t values. Per-channel vectors of m:
+// mean, rstd (the true statistics), gate s (channel branch), scale = gw * gate_rstd, dz / T1, the
+// input gradient's coefficients beta and gamma (sa_math.h: InputGradCoeffs), the Standardizer's
+// input_scale, center, gate_rstd (sa_math.h), and the statistics' rescale exponent; m x m: W2. Then
+// the tiles of m x stride() values (16-byte aligned): x (then xh in the backward), the GroupNorm
+// output y, and for the backward grad_out, gate s, t; the statistics' per-piece partials use the
+// same space before the first tile. Last, the backward's partials of A and T1 over its pixel
+// slices.
 struct GroupSmem {
   int64_t m, tile;
   SA_HOST_DEVICE int64_t stride() const { return tile + 1; }
@@ -133,7 +133,8 @@ struct GroupPieces {
 // time for the rest; f(v) gets this lane's values as v[plane][i], acc_t[kPlanes][kUnroll * kVec]
 // or acc_t[kPlanes][kVec].
 template <int kUnroll, int kVec, typename acc_t, typename F, typename scalar_t, typename... More>
-SA_DEVICE void warp_stream(int64_t begin, int64_t end, const F& f, const scalar_t* plane, const More*... more) {
+SA_DEVICE void warp_stream(int64_t begin, int64_t end, const F& f, const scalar_t* plane,
+                           const More*... more) {
   constexpr int kPlanes = 1 + sizeof...(More);
   const scalar_t* planes[kPlanes] = {plane, more...};
   auto load = [&](auto& v, int64_t q, int slot) {
@@ -219,7 +220,9 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int m, int64_t N, acc_t eps,
   acc_t* exponent = smem + L.exponent();
   const int lane = threadIdx.x % kWarpSize;
   auto scale_of = [&](int j) { return sa_ldexp(acc_t(1), -static_cast<int>(exponent[j])); };
-  auto shift_of = [&](int j, acc_t scale) { return sum_shift(static_cast<acc_t>(x[j * N])) * scale; };
+  auto shift_of = [&](int j, acc_t scale) {
+    return sum_shift(static_cast<acc_t>(x[j * N])) * scale;
+  };
 
   // The moments of the pieces of the planes with selected(j), at each plane's scale.
   auto moments_round = [&](const auto& selected) {
@@ -228,12 +231,15 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int m, int64_t N, acc_t eps,
       const acc_t scale = scale_of(j), shift = shift_of(j, scale);
       Moments<acc_t> mo;
       double wide = 0;
-      warp_stream<kUnroll, kVec, acc_t>(begin, end, [&](const auto& v) {
-        if (exact_mean) {
-          for (const acc_t value : v[0]) wide += wide_term(value, scale);
-        }
-        mo.add(v[0], shift, scale);  // last use of v: its registers take the deviations
-      }, x + j * N);
+      warp_stream<kUnroll, kVec, acc_t>(
+          begin, end,
+          [&](const auto& v) {
+            if (exact_mean) {
+              for (const acc_t value : v[0]) wide += wide_term(value, scale);
+            }
+            mo.add(v[0], shift, scale);  // last use of v: its registers take the deviations
+          },
+          x + j * N);
       mo = warp_merge(mo);
       wide = warp_sum(wide);
       if (lane == 0) {
@@ -276,9 +282,12 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int m, int64_t N, acc_t eps,
   pieces.for_warp([&](int k, int j, int64_t begin, int64_t end) {
     if (exponent[j] >= acc_t(0)) return;
     acc_t amax = 0;
-    warp_stream<kUnroll, kVec, acc_t>(begin, end, [&](const auto& v) {
-      for (const acc_t value : v[0]) amax = max_nan(amax, value < acc_t(0) ? -value : value);
-    }, x + j * N);
+    warp_stream<kUnroll, kVec, acc_t>(
+        begin, end,
+        [&](const auto& v) {
+          for (const acc_t value : v[0]) amax = max_nan(amax, value < acc_t(0) ? -value : value);
+        },
+        x + j * N);
     amax = warp_max(amax);
     if (lane == 0) part.m2[k] = amax;
   });
@@ -286,7 +295,8 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int m, int64_t N, acc_t eps,
   for (int j = threadIdx.x; j < m; j += blockDim.x) {
     if (exponent[j] >= acc_t(0)) continue;
     acc_t amax = 0;
-    for (int k = j * pieces.per_plane; k < (j + 1) * pieces.per_plane; ++k) amax = max_nan(amax, part.m2[k]);
+    for (int k = j * pieces.per_plane; k < (j + 1) * pieces.per_plane; ++k)
+      amax = max_nan(amax, part.m2[k]);
     exponent[j] = static_cast<acc_t>(rescale_exponent(amax));  // 0: inf or NaN, keep the unscaled
   }
   __syncthreads();
@@ -315,22 +325,23 @@ SA_DEVICE void load_spatial_gate(const ForwardParams& p, int64_t m, const GroupS
 // z_j = b2_j + sum_i W2[j, i] y_i (yt: the tile of y, rows `stride` apart). Unfolded like the
 // reference (sa_math.h: centered, and +-inf weights stay +-inf, not NaN).
 template <typename acc_t>
-SA_DEVICE acc_t group_norm_output(const ForwardParams& p, const GroupStats<acc_t>& stats, const acc_t* scale,
-                                  int64_t i, acc_t x) {
+SA_DEVICE acc_t group_norm_output(const ForwardParams& p, const GroupStats<acc_t>& stats,
+                                  const acc_t* scale, int64_t i, acc_t x) {
   const acc_t* gb = static_cast<const acc_t*>(p.gn_bias);
   return scale[i] * sa_fma(x, stats.input_scale[i], -stats.center[i]) + gb[i];
 }
 
 template <typename acc_t>
-SA_DEVICE acc_t gate_preactivation(const ForwardParams& p, int m, int stride, const acc_t* w2, const acc_t* yt,
-                                   int j, int pt) {
+SA_DEVICE acc_t gate_preactivation(const ForwardParams& p, int m, int stride, const acc_t* w2,
+                                   const acc_t* yt, int j, int pt) {
   acc_t z = static_cast<const acc_t*>(p.spatial_bias)[j];
   for (int i = 0; i < m; ++i) z += w2[j * m + i] * yt[i * stride + pt];
   return z;
 }
 
 template <typename scalar_t, int kVec>
-SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void shuffle_attention_forward_kernel(ForwardParams p, int64_t tile) {
+SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks)
+void shuffle_attention_forward_kernel(ForwardParams p, int64_t tile) {
   using acc_t = at::opmath_type<scalar_t>;
   SA_DYNAMIC_SHARED(acc_t, smem);
   // m is small (the launch checked its tiles against the shared memory): int tile indices.
@@ -343,7 +354,8 @@ SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void shuffle_attention_forward_
   const GroupStats<acc_t> stats(smem, L);
   acc_t* gate = smem + L.gate();
 
-  group_plane_stats<scalar_t, acc_t, kVec>(x, m, N, static_cast<acc_t>(p.eps), !unit.spatial, smem, L, stats);
+  group_plane_stats<scalar_t, acc_t, kVec>(x, m, N, static_cast<acc_t>(p.eps), !unit.spatial, smem,
+                                           L, stats);
   __syncthreads();
   for (int j = threadIdx.x; j < m; j += blockDim.x) {
     static_cast<acc_t*>(p.mean)[unit.plane0 + j] = stats.mean[j];
@@ -354,7 +366,8 @@ SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks) void shuffle_attention_forward_
     // s = sigmoid(W1 mu + b1), one scalar per plane.
     const acc_t* w1 = static_cast<const acc_t*>(p.channel_weight);
     const acc_t* b1 = static_cast<const acc_t*>(p.channel_bias);
-    for (int j = threadIdx.x; j < m; j += blockDim.x) gate[j] = sigmoid(matvec_row(w1, stats.mean, b1, m, j));
+    for (int j = threadIdx.x; j < m; j += blockDim.x)
+      gate[j] = sigmoid(matvec_row(w1, stats.mean, b1, m, j));
     __syncthreads();
     for_each_cell(int64_t(m), N / kVec, [&](int64_t j, int64_t q) {
       acc_t v[kVec];

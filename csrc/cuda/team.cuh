@@ -13,7 +13,8 @@ constexpr int kWarpSize = 32;
 template <typename T>
 SA_DEVICE T warp_sum(T v) {
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(kFullMask, v, offset);
   return v;
 }
 
@@ -21,17 +22,22 @@ SA_DEVICE T warp_sum(T v) {
 template <typename T>
 SA_DEVICE T warp_max(T v) {
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v = max_nan(v, __shfl_xor_sync(kFullMask, v, offset));
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    v = max_nan(v, __shfl_xor_sync(kFullMask, v, offset));
   return v;
 }
 
 struct SumOp {
   template <typename T>
-  SA_DEVICE T warp(T v) const { return warp_sum(v); }
+  SA_DEVICE T warp(T v) const {
+    return warp_sum(v);
+  }
 };
 struct MaxOp {  // of values >= 0 (0 is its identity)
   template <typename T>
-  SA_DEVICE T warp(T v) const { return warp_max(v); }
+  SA_DEVICE T warp(T v) const {
+    return warp_max(v);
+  }
 };
 
 // Reduces K values over the team (Op: SumOp or MaxOp); every thread of the team gets the results,
@@ -160,8 +166,8 @@ SA_DEVICE bool team_uniform(bool flag) {
 // wide_scratch: 32 doubles of shared memory for a block team.
 template <bool kWarpTeam, typename acc_t, typename ForEachPack>
 SA_DEVICE Standardizer<acc_t> streamed_plane_stats(const ForEachPack& for_each_pack, acc_t first,
-                                                   int64_t n, acc_t eps, bool exact_mean, acc_t* scratch,
-                                                   double* wide_scratch) {
+                                                   int64_t n, acc_t eps, bool exact_mean,
+                                                   acc_t* scratch, double* wide_scratch) {
   const acc_t shift = sum_shift(first);
   acc_t mean, var;
   auto moments = [&](acc_t scale) {
@@ -218,7 +224,8 @@ SA_DEVICE void store_acc(scalar_t* plane, int64_t pack, const acc_t (&v)[kVec]) 
 // them is used, so a thread keeps kUnroll independent loads in flight instead of one: a streamed
 // plane is latency-bound when few blocks share an SM (B * C below a few times the SM count).
 template <int kUnroll, typename Slot, typename Load, typename Use>
-SA_DEVICE void unrolled_stream(int64_t first, int64_t stride, int64_t count, const Load& load, const Use& use) {
+SA_DEVICE void unrolled_stream(int64_t first, int64_t stride, int64_t count, const Load& load,
+                               const Use& use) {
   for (int64_t base = first; base < count; base += kUnroll * stride) {
     Slot slot[kUnroll];
 #pragma unroll
@@ -251,7 +258,8 @@ constexpr int64_t chunk_packs(int64_t count) {
 template <typename T>
 SA_DEVICE int stage_chunk(const T* src, int64_t count, Pack<T, kChunkVec<T>>* dst) {
   constexpr int kVec = kChunkVec<T>;
-  const int lead = static_cast<int>(reinterpret_cast<uintptr_t>(src) % (kVec * sizeof(T)) / sizeof(T));
+  const int lead =
+      static_cast<int>(reinterpret_cast<uintptr_t>(src) % (kVec * sizeof(T)) / sizeof(T));
   const int64_t end = lead + count;  // dst index one past the chunk
   // Whole packs [first_pack, last_pack) of dst; an empty range when the chunk lies inside one.
   const int64_t first_pack = (lead + kVec - 1) / kVec;

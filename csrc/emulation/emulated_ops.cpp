@@ -15,6 +15,8 @@ TORCH_LIBRARY(sa_cuda_emu, m) {
   m.def("emulated_launches() -> int", [] { return ::sa_emu::launches(); });
 }
 
-TORCH_LIBRARY_IMPL(sa_cuda_emu, CPU, m) { register_backend<&emulated::forward, &emulated::backward>(m); }
+TORCH_LIBRARY_IMPL(sa_cuda_emu, CPU, m) {
+  register_backend<&emulated::forward, &emulated::backward>(m);
+}
 
 }  // namespace sa_cuda

@@ -1,12 +1,13 @@
 // Planted bugs for the checks of the SIMT emulator (csrc/cuda/emulator.h), each next to the same
 // kernel without the bug. Built and driven by tests/test_emulator.py, which asserts on the output.
 //
-//   emulator_selftest poison        a shared-memory read before any thread wrote (static and dynamic
+//   emulator_selftest poison        a shared-memory read before any thread wrote (static and
+//   dynamic
 //                                   shared memory): prints each block's result
 //   emulator_selftest order         a block reading what the previous block wrote: prints the order
 //                                   the blocks ran in and both kernels' results
-//   emulator_selftest barrier NAME  one barrier kernel (see kBarrierKernels): prints "ok" or the error
-//   emulator_selftest launch        launches the hardware rejects: prints each error
+//   emulator_selftest barrier NAME  one barrier kernel (see kBarrierKernels): prints "ok" or the
+//   error emulator_selftest launch        launches the hardware rejects: prints each error
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -21,7 +22,9 @@ using namespace sa_cuda;
 namespace {
 
 // c10::Error appends a backtrace to its message.
-std::string first_line(const char* what) { return std::string(what).substr(0, std::string(what).find('\n')); }
+std::string first_line(const char* what) {
+  return std::string(what).substr(0, std::string(what).find('\n'));
+}
 
 constexpr int kThreads = 128;
 constexpr int kSlots = 32;  // a reduction scratch sized for the largest block (1024 / 32 warps)
@@ -30,7 +33,8 @@ constexpr int kSlots = 32;  // a reduction scratch sized for the largest block (
 // Each warp publishes its partial sum, then thread 0 adds the partials. The planted bug adds all 32
 // slots instead of the block's 4 warps: slots nobody wrote (zero-filled shared memory hid it).
 template <bool kDynamic, bool kPlantedBug>
-SA_KERNEL_BOUNDS(kThreads) void warp_partials_sum_kernel(const float* in, float* out) {
+SA_KERNEL_BOUNDS(kThreads)
+void warp_partials_sum_kernel(const float* in, float* out) {
   SA_SHARED_ARRAY(float, static_partials, kSlots);
   SA_DYNAMIC_SHARED(float, dynamic_partials);
   float* partials = kDynamic ? dynamic_partials : static_partials;
@@ -63,7 +67,8 @@ void print_partials_sums(const char* name) {
 // Block b's value is block b-1's plus one: right only if the blocks run in order (the planted
 // bug); the fixed kernel computes it from b alone. Thread 0 also logs the order the blocks ran in.
 template <bool kPlantedBug>
-SA_KERNEL_BOUNDS(32) void running_count_kernel(float* out, int* order, int* ran) {
+SA_KERNEL_BOUNDS(32)
+void running_count_kernel(float* out, int* order, int* ran) {
   if (threadIdx.x != 0) return;
   order[(*ran)++] = static_cast<int>(blockIdx.x);
   if (kPlantedBug) {
@@ -84,7 +89,8 @@ void print_running_count(const char* name, int blocks) {
   std::vector<float> out(blocks, 0.0f);
   std::vector<int> order(blocks, -1);
   int ran = 0;
-  emulated::launch(&running_count_kernel<kPlantedBug>, blocks, 32, 0, nullptr, out.data(), order.data(), &ran);
+  emulated::launch(&running_count_kernel<kPlantedBug>, blocks, 32, 0, nullptr, out.data(),
+                   order.data(), &ran);
   print_ints("order", order);
   std::printf("%s", name);
   for (float v : out) std::printf(" %.9g", v);
@@ -112,7 +118,8 @@ SA_KERNEL_BOUNDS(64) void sync_in_one_branch_kernel(float* out) {
 }
 
 SA_KERNEL_BOUNDS(64) void sync_count_per_thread_kernel(float* out) {
-  for (unsigned i = 0; i <= threadIdx.x % 2; ++i) __syncthreads();  // planted: odd threads sync twice
+  for (unsigned i = 0; i <= threadIdx.x % 2; ++i)
+    __syncthreads();  // planted: odd threads sync twice
   out[threadIdx.x] = 1;
 }
 
@@ -124,7 +131,8 @@ SA_KERNEL_BOUNDS(64) void sync_after_early_return_kernel(float* out) {
 
 SA_KERNEL_BOUNDS(64) void shuffle_in_half_warp_kernel(float* out) {
   float v = static_cast<float>(threadIdx.x);
-  if (threadIdx.x % 32 < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);  // planted: half of each warp shuffles
+  if (threadIdx.x % 32 < 16)
+    v = __shfl_xor_sync(0xffffffffu, v, 1);  // planted: half of each warp shuffles
   out[threadIdx.x] = v;
 }
 

@@ -48,7 +48,8 @@ struct Case {
 };
 
 // Naive float64 forward (docs/design.md), for the check.
-std::vector<double> naive_forward(const Case& k, const std::vector<double>& x, const std::vector<double> (&p)[6]) {
+std::vector<double> naive_forward(const Case& k, const std::vector<double>& x,
+                                  const std::vector<double> (&p)[6]) {
   const int64_t m = k.C / (2 * k.G), N = k.H * k.W;
   std::vector<double> out(x.size()), mu(k.B * k.C), r(k.B * k.C);
   for (int64_t pl = 0; pl < k.B * k.C; ++pl) {
@@ -83,7 +84,8 @@ std::vector<double> naive_forward(const Case& k, const std::vector<double>& x, c
             for (int64_t l = 0; l < m; ++l) z += p[2][j * m + l] * y(l);
           }
         }
-        out[(b * k.C + shuffle_dst(c, k.C)) * N + i] = x[(b * k.C + c) * N + i] / (1 + std::exp(-z));
+        out[(b * k.C + shuffle_dst(c, k.C)) * N + i] =
+            x[(b * k.C + c) * N + i] / (1 + std::exp(-z));
       }
     }
   }
@@ -116,8 +118,9 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
   std::vector<T> mean(k.B * k.C), rstd(k.B * k.C), gate_grad(k.B * k.G * m), t_sum(k.B * k.G * m),
       t_xh(k.B * k.G * m * (k.variant == Variant::kShuffleAttention ? m : 1));
 
-  ForwardParams f{k.B, k.C, k.G, m, N, 1e-5, x, out, mean.data(), rstd.data(),
-                  p[0].data(), p[1].data(), p[2].data(), p[3].data(), p[4].data(), p[5].data()};
+  ForwardParams f{k.B,         k.C,         k.G,         m,           N,           1e-5,
+                  x,           out,         mean.data(), rstd.data(), p[0].data(), p[1].data(),
+                  p[2].data(), p[3].data(), p[4].data(), p[5].data()};
   emulated::forward(k.variant, dtype, f);
   const std::vector<double> want = naive_forward(k, x64, p64);
   double err = 0, scale = 0;
@@ -142,8 +145,8 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
   const bool ok = err <= tol && finite;
   std::printf("%s %s B=%lld C=%lld G=%lld %lldx%lld offset=%lld: max err %.3g (tol %.3g)%s\n",
               k.variant == Variant::kSALayer ? "sa_layer" : "shuffle_attention",
-              sizeof(T) == 8 ? "float64" : "float32", (long long)k.B, (long long)k.C, (long long)k.G,
-              (long long)k.H, (long long)k.W, (long long)k.offset, err, tol,
+              sizeof(T) == 8 ? "float64" : "float32", (long long)k.B, (long long)k.C,
+              (long long)k.G, (long long)k.H, (long long)k.W, (long long)k.offset, err, tol,
               finite ? "" : " NON-FINITE gradient");
   return ok;
 }

@@ -14,7 +14,7 @@ import pytest
 
 from emulation import build_native
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE = os.path.join(ROOT, "tests", "native", "kernel_selftest.cpp")
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")

@@ -1,22 +1,22 @@
-"""The CUDA kernels, executed on the CPU by the SIMT emulator (DESIGN.md section 6).
+"""The CUDA kernels on every launch path: executed on the CPU by the SIMT emulator (docs/emulator.md;
+torch.ops.sa_cuda_emu.* is csrc/cuda's kernel and launch source compiled by the host compiler,
+tests/emulation.py) and, where there is a GPU, on the GPU (the ``backend`` fixture).
 
-torch.ops.sa_cuda_emu.* is csrc/cuda's kernel and launch source compiled by the host compiler
-(tests/emulation.py). Shapes are chosen to hit every launch path of launch_common.cuh; values and
-all gradients are checked against the reference with the criteria of test_forward_backward.py, and
-gradcheck runs through the emulated forward and backward in float64."""
+Shapes are chosen to hit every launch path of launch_common.cuh; values and all gradients are
+checked against the reference with sa_cuda.testing.assert_close_to_reference, and gradcheck runs
+through the kernels' forward and backward in float64."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import (VARIANTS, assert_low_precision_close, clone_as, forward_backward, make_input, make_ref,
+from conftest import (VARIANTS, clone_as, forward_backward, input_at_offset, make_input, make_ref,
                       params_in_op_order)
-from emulation import load_emulation
-from sa_cuda.ops.shuffle_attention import _apply
-from test_forward_backward import _check_high_precision
+from sa_cuda.testing import assert_close_to_reference
 
-EMU = load_emulation()
+# The CUDA kernels: emulated on the CPU, and on a GPU where there is one.
+pytestmark = pytest.mark.parametrize("backend", ["emulated", "cuda"], indirect=True)
 
 # (B, C, H, W), groups, storage offset in elements (1: every plane pointer misaligned)
 PATHS = [
@@ -33,87 +33,73 @@ PATHS = [
 ]
 
 
-def emulated_like(variant, ref):
-    """A module with ref's parameters (and dtype) whose forward runs the emulated CUDA kernels."""
-
-    class Emulated(type(ref)):
-        def forward(self, x):
-            return _apply(f"sa_cuda_emu::{variant}", x, self.groups,
-                          tuple(params_in_op_order(variant, self)), self.gn.eps)
-
-    module = Emulated(2 * ref.groups * ref.gn.num_channels, ref.groups)
-    module.load_state_dict(ref.state_dict(), strict=True)
-    module.gn.eps = ref.gn.eps
-    return module.to(next(ref.parameters()).dtype)
-
-
-def _input(shape, storage_offset, dtype, seed, **kwargs):
-    n = torch.Size(shape).numel()
-    flat = make_input((n + storage_offset,), seed=seed, dtype=dtype, **kwargs)
-    return flat[storage_offset:].view(shape)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape,groups,offset", PATHS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_emulated_fp32_fp64(variant, shape, groups, offset, dtype):
-    ref = make_ref(variant, shape[1], groups, seed=5, dtype=dtype)
+def test_kernels_fp32_fp64(backend, variant, shape, groups, offset, dtype):
+    dev = backend.device
+    ref = make_ref(variant, shape[1], groups, seed=5, dtype=dtype, device=dev)
     ref64 = clone_as(ref, torch.float64)
-    x, gy = _input(shape, offset, dtype, 1), _input(shape, offset, dtype, 2)
-    F = forward_backward(emulated_like(variant, ref), x, gy)
+    x = input_at_offset(shape, offset, dtype, 1, device=dev)
+    gy = input_at_offset(shape, offset, dtype, 2, device=dev)
+    F = forward_backward(backend.module_like(variant, ref), x, gy)
     R = forward_backward(ref64, x.double(), gy.double())
     E = R if dtype == torch.float64 else forward_backward(ref, x, gy)
-    _check_high_precision(F, E, R, dtype)
+    assert_close_to_reference(F, R, dtype, eager=E)
 
 
 @pytest.mark.parametrize("shape,groups,offset", PATHS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_emulated_fp32_large_mean(variant, shape, groups, offset):
+def test_kernels_fp32_large_mean(backend, variant, shape, groups, offset):
     """|mean| >> std (x = 100 + 0.1 randn): statistics without cancellation on every path."""
-    ref = make_ref(variant, shape[1], groups, seed=5)
-    x = _input(shape, offset, torch.float32, 1, offset=100.0, scale=0.1)
-    gy = _input(shape, offset, torch.float32, 2)
-    F = forward_backward(emulated_like(variant, ref), x, gy)
+    dev = backend.device
+    ref = make_ref(variant, shape[1], groups, seed=5, device=dev)
+    x = input_at_offset(shape, offset, torch.float32, 1, offset=100.0, scale=0.1, device=dev)
+    gy = input_at_offset(shape, offset, torch.float32, 2, device=dev)
+    F = forward_backward(backend.module_like(variant, ref), x, gy)
     R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
-    _check_high_precision(F, forward_backward(ref, x, gy), R, torch.float32)
+    assert_close_to_reference(F, R, torch.float32, eager=forward_backward(ref, x, gy))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("shape,groups,offset", PATHS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_emulated_low_precision(variant, shape, groups, offset, dtype):
-    """DESIGN.md section 5: error vs float64 at most 2x the eager reference's in the same dtype
-    (+ one unit of the dtype at the largest magnitude, see test_forward_backward.py)."""
-    low = make_ref(variant, shape[1], groups, seed=5, dtype=dtype)
+def test_kernels_low_precision(backend, variant, shape, groups, offset, dtype):
+    """Error vs float64 at most 2x the eager reference's in the same dtype (+ one unit of the dtype
+    at the largest magnitude: sa_cuda.testing.accuracy_bound)."""
+    dev = backend.device
+    low = make_ref(variant, shape[1], groups, seed=5, dtype=dtype, device=dev)
     ref64 = clone_as(low, torch.float64)
-    x, gy = _input(shape, offset, dtype, 1), _input(shape, offset, dtype, 2)
-    F = forward_backward(emulated_like(variant, low), x, gy)
+    x = input_at_offset(shape, offset, dtype, 1, device=dev)
+    gy = input_at_offset(shape, offset, dtype, 2, device=dev)
+    F = forward_backward(backend.module_like(variant, low), x, gy)
     R = forward_backward(ref64, x.double(), gy.double())
     E = forward_backward(low, x, gy)
-    assert_low_precision_close(F, E, R, dtype)
+    assert_close_to_reference(F, R, dtype, eager=E)
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 8, 3, 4), 2), ((1, 12, 2, 3), 3), ((2, 8, 2, 2), 4)])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_emulated_gradcheck(variant, shape, groups):
-    ref = make_ref(variant, shape[1], groups, seed=3, dtype=torch.float64)
+def test_kernels_gradcheck(backend, variant, shape, groups):
+    ref = make_ref(variant, shape[1], groups, seed=3, dtype=torch.float64, device=backend.device)
     params = [p.detach().clone().requires_grad_() for p in params_in_op_order(variant, ref)]
-    x = make_input(shape, seed=4, dtype=torch.float64).requires_grad_()
+    x = make_input(shape, seed=4, dtype=torch.float64, device=backend.device).requires_grad_()
 
     def fn(x, *ps):
-        return _apply(f"sa_cuda_emu::{variant}", x, groups, ps, 1e-5)
+        return backend.apply(variant, x, groups, ps)
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_emulated_op_contract_matches_cpu_op(variant):
-    """The emulated CUDA forward returns what the CPU op returns (out and the per-plane mean/rstd
-    saved for backward): shapes, dtypes, and values to fp32 rounding."""
+def test_kernels_op_contract_matches_cpu_op(backend, variant):
+    """The CUDA forward returns what the CPU op returns (out and the per-plane mean/rstd saved for
+    backward): shapes, dtypes, and values to fp32 rounding."""
     x = make_input((2, 16, 7, 9), seed=9)
     params = [p.detach() for p in params_in_op_order(variant, make_ref(variant, 16, 2, seed=9))]
     cpu = getattr(torch.ops.sa_cuda, f"{variant}_forward")(x, 2, *params, 1e-5)
-    emu = getattr(EMU, f"{variant}_forward")(x, 2, *params, 1e-5)
-    for a, b in zip(cpu, emu):
+    dev = backend.device
+    kernels = backend.forward_op(variant)(x.to(dev), 2, *[p.to(dev) for p in params], 1e-5)
+    for a, b in zip(cpu, kernels):
         assert a.shape == b.shape and a.dtype == b.dtype
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-5, atol=1e-5)

@@ -195,7 +195,7 @@ def all_grads(fn, x, params, gy):
 def autocast_if_mixed(x: torch.Tensor, params):
     """torch.autocast when a low-precision x meets parameters of another dtype, the mode in which
     they meet in training: there the fused layer keeps x's dtype. (Outside autocast it computes in
-    the promoted dtype, as eager does: tests/test_modules.py.)"""
+    the promoted dtype, as eager does: tests/modules/test_modules.py.)"""
     mixed = x.dtype in (torch.float16, torch.bfloat16) and any(p.dtype != x.dtype for p in params)
     return torch.autocast(x.device.type, dtype=x.dtype) if mixed else contextlib.nullcontext()
 

@@ -55,7 +55,7 @@ def test_cpu_bitwise_repeatable_across_threads(variant, shape, groups, dtype):
 ])
 @pytest.mark.parametrize("backend", ["emulated", "cuda"], indirect=True)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_cuda_kernels_bitwise_repeatable(backend, variant, shape, groups, offset):
+def test_kernels_bitwise_repeatable(backend, variant, shape, groups, offset):
     params = op_params(variant, shape[1], groups, 7)
     n = torch.Size(shape).numel()
     x = make_input((n + offset,), seed=8)[offset:].view(shape)

@@ -80,6 +80,7 @@ def test_single_pixel_planes(backend, variant, shape, groups, dtype):
     assert_close_to_reference(Fu, R, dtype, eager=E)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_large_plane_512x512(backend, variant):
     """One 512 x 512 plane per channel (B = 1, C = 4, G = 1): 262144-element reductions, against

@@ -78,8 +78,22 @@ def test_kernels_low_precision(backend, variant, shape, groups, offset, dtype):
     assert_close_to_reference(F, R, dtype, eager=E)
 
 
-@pytest.mark.parametrize("shape,groups", [((2, 8, 3, 4), 2), ((1, 12, 2, 3), 3), ((2, 8, 2, 2), 4)])
-@pytest.mark.parametrize("variant", VARIANTS)
+# gradcheck runs the forward twice per input element and the backward once per output element.
+# SALayer: a warp per plane, 8 planes per block (cheap to emulate). ShuffleAttention: a block of
+# 256 threads per (batch item, group, branch), so its cases are kept to the fewest blocks that
+# still cover B > 1, G > 1 (odd G), m = 2 (4 pieces per plane) and m = 1 (8 pieces, some empty).
+GRADCHECK_CASES = [
+    pytest.param("sa_layer", (2, 8, 3, 4), 2, id="sa_layer-2x8x3x4-g2"),
+    pytest.param("sa_layer", (1, 12, 2, 3), 3, id="sa_layer-1x12x2x3-g3"),
+    pytest.param("sa_layer", (2, 8, 2, 2), 4, id="sa_layer-2x8x2x2-g4"),
+    pytest.param("shuffle_attention", (2, 4, 3, 4), 1, id="shuffle_attention-m2-2x4x3x4-g1"),
+    pytest.param("shuffle_attention", (1, 12, 1, 3), 3, id="shuffle_attention-m2-1x12x1x3-g3"),
+    pytest.param("shuffle_attention", (1, 8, 2, 2), 4, id="shuffle_attention-m1-1x8x2x2-g4"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,shape,groups", GRADCHECK_CASES)
 def test_kernels_gradcheck(backend, variant, shape, groups):
     ref = make_ref(variant, shape[1], groups, seed=3, dtype=torch.float64, device=backend.device)
     params = [p.detach().clone().requires_grad_() for p in params_in_op_order(variant, ref)]

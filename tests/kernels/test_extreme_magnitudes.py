@@ -249,6 +249,7 @@ def test_cpu_property(case):
     check_case(case)
 
 
+@pytest.mark.slow
 @settings(max_examples=15, **SETTINGS)
 @given(case=cases(EMU_PATHS))
 def test_emulated_property(case):

@@ -41,15 +41,17 @@ from conftest import (DEVICES, VARIANTS, autocast_if_mixed, clone_as, forward_ba
                       make_input, make_ref, ref_class)
 from sa_cuda.testing import assert_close_to_reference
 
+SLOW = pytest.mark.slow  # the largest shapes (over 10^5 elements, float64 reference)
+
 # (B, C, H, W), groups
 SHAPES = [
-    pytest.param((2, 256, 56, 56), 64, id="resnet50-stage1-256x56x56"),
-    pytest.param((2, 512, 28, 28), 64, id="resnet50-stage2-512x28x28"),
-    pytest.param((2, 1024, 14, 14), 64, id="resnet50-stage3-1024x14x14"),
-    pytest.param((2, 2048, 7, 7), 64, id="resnet50-stage4-2048x7x7"),
+    pytest.param((2, 256, 56, 56), 64, id="resnet50-stage1-256x56x56", marks=SLOW),
+    pytest.param((2, 512, 28, 28), 64, id="resnet50-stage2-512x28x28", marks=SLOW),
+    pytest.param((2, 1024, 14, 14), 64, id="resnet50-stage3-1024x14x14", marks=SLOW),
+    pytest.param((2, 2048, 7, 7), 64, id="resnet50-stage4-2048x7x7", marks=SLOW),
     # The seed's example is (32, 256, 24, 24); batch 4 keeps CI time small (the batch index only
     # offsets the planes: the kernels treat every batch item identically).
-    pytest.param((4, 256, 24, 24), 64, id="seed-256x24x24-b4"),
+    pytest.param((4, 256, 24, 24), 64, id="seed-256x24x24-b4", marks=SLOW),
     pytest.param((3, 64, 1, 1), 8, id="hw1"),
     pytest.param((2, 32, 7, 9), 4, id="odd-7x9"),
     pytest.param((2, 24, 5, 3), 3, id="odd-5x3"),

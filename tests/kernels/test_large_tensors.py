@@ -127,6 +127,7 @@ def test_cuda_more_than_2_31_elements(variant, by, shape, groups):
         torch.cuda.empty_cache()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cpu_largest_quick_shape(variant):
     """(1, 64, 256, 256): 4.2M elements, 65536 per plane (a couple of seconds with the float64

@@ -205,6 +205,7 @@ def test_cpu_fused_matches_reference(case):
     check_case(case, "cpu")
 
 
+@pytest.mark.slow
 @settings(max_examples=25, **SETTINGS)
 @given(case=cases(small=True))
 def test_emulated_cuda_matches_reference(case):

@@ -77,6 +77,7 @@ def test_plane_paths_large_mean(dtype, shape, groups, offset):
     assert_close_to_reference(F, R, dtype, eager=forward_backward(ref, x, gy))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,groups,offset", [
     pytest.param((3, 4, 3, 3), 1, 1, id="staged"),
     pytest.param((1, 4, 5, 6), 2, 0, id="warp-scalar-pack"),

@@ -110,6 +110,7 @@ def test_group_kernels_overflow_next_to_ordinary_planes():
     assert_true_statistics(mean, rstd, x, 1e-5, "mixed unit")
 
 
+@pytest.mark.slow
 def test_group_kernels_gradcheck_pieces_and_tiles():
     """gradcheck through the emulated kernels at m = 3 (pieces, odd m) in float64."""
     shape, groups = (1, 6, 2, 3), 1

@@ -122,6 +122,7 @@ def test_seed_example(input_kind, device):
     assert_close_to_reference({"out": out}, {"out": expected}, torch.float32, eager={"out": eager})
 
 
+@pytest.mark.slow
 def test_seed_example_random_params_backward():
     """The seed's shape with random parameters, forward and backward (batch 32 kept: this is the
     one test of the full seed shape with gradients)."""

@@ -15,10 +15,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.mark.slow
 def test_bench_quick(tmp_path):
+    # The checkout under test first on the path (as gpu_check.sh does): a script's sys.path starts
+    # at its own folder, so bench.py would otherwise import whichever sa_cuda is installed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--quick", "--device", "cpu",
          "--out-dir", str(tmp_path), "--no-plot"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     files = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
     assert len(files) == 1

@@ -9,7 +9,7 @@ Per case (variant, shape, groups, dtype, storage offset):
   kernels never write, or a read of memory they never wrote, shows as NaN instead of stale values;
 - the kernels run twice on the same inputs: every output must be bitwise identical;
 - each output is compared with the CPU op in float64 on the same (rounded) values, within
-  benchmarks/bench.py's accuracy_bound: relative to the error eager PyTorch (sa_cuda.reference in
+  sa_cuda.testing.accuracy_bound: relative to the error eager PyTorch (sa_cuda.reference in
   the case's dtype) makes against that float64 result. mean/rstd (float32 statistics, float64 for
   float64 input) are held to the bound of their own dtype, eager's error being torch.var_mean's.
 
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from common import BACKENDS, DTYPES, VARIANTS, backend_ops, caching_allocator_active, write_json
-from bench import accuracy_bound
-from conftest import PARAM_ARG_NAMES, PARAM_KEYS, forward_backward, make_ref, max_abs, max_err
+from conftest import PARAM_ARG_NAMES, PARAM_KEYS, forward_backward, make_ref
+from sa_cuda.testing import accuracy_bound, max_abs, max_err
 
 EPS = 1e-5
 OFFSETS = (0, 1, 2, 4)

@@ -161,9 +161,9 @@ sanitize racecheck 50 30 --racecheck-report all
 if [ "$MODE" = gpu ]; then
   PYTEST_ARGS=(-k "cuda and not more_than_2_31 and not resnet50_compile")
   "$PY" -c "import xdist" 2> /dev/null && PYTEST_ARGS+=(-n 8)
-  while IFS= read -r f; do PYTEST_ARGS+=("--ignore=$f"); done < <(grep -l "load_emulation()" tests/test_*.py)  # builds the emulator
+  while IFS= read -r f; do PYTEST_ARGS+=("--ignore=$f"); done < <(grep -rlE "load_emulation\(\)|EMULATED\.ops" tests --include="test_*.py")  # builds the emulator
   if ! "$PY" -c "import expecttest" 2> /dev/null; then
-    while IFS= read -r f; do PYTEST_ARGS+=("--ignore=$f"); done < <(grep -lE "^\s*(import|from) expecttest" tests/*.py)
+    while IFS= read -r f; do PYTEST_ARGS+=("--ignore=$f"); done < <(grep -rlE "^\s*(import|from) expecttest" tests --include="*.py")
   fi
   run_step tests 100 40 INT 1 "$PY" -m pytest tests -rs -q -p no:cacheprovider \
     --continue-on-collection-errors --durations=10 "${PYTEST_ARGS[@]}"

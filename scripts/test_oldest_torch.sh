@@ -20,5 +20,5 @@ SA_CUDA_REQUIRE_CUDA=0 SA_CUDA_NO_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/py
   { cat build.log; exit 1; }
 "$VENV/bin/python" -c "import torch, sa_cuda; print('sa_cuda on torch', torch.__version__)"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-  tests/test_compile.py tests/test_fake_kernels.py tests/test_opcheck.py tests/test_torch_func.py \
-  tests/test_modules.py tests/test_errors.py tests/test_convert.py "$@"
+  tests/ops/test_compile.py tests/ops/test_fake_kernels.py tests/ops/test_opcheck.py \
+  tests/ops/test_torch_func.py tests/modules/test_modules.py tests/ops/test_errors.py tests/test_convert.py "$@"

@@ -1,5 +1,18 @@
 """Shared fixtures and helpers of the sa_cuda test suite.
 
+Layout: tests/<folder> mirrors the package (ops/, modules/, models/, test_convert.py) and the
+layers below it (kernels/: values of the CPU and CUDA kernels; emulator/: the SIMT emulator that
+runs the CUDA source on the CPU; build/, benchmarks/). Helpers shared by several test files live
+here, in emulation.py, hostile_inputs.py and (the accuracy criteria, also used by the benchmarks)
+sa_cuda/testing.py; test files never import from each other.
+
+Running: ``python -m pytest tests -q`` (what CI runs); ``-m "not slow"`` leaves out the tests
+marked slow (the emulated gradchecks and the largest shapes: pytest.ini) for a quick local run.
+
+Backends (the ``backend`` fixture): "cpu" (the C++ kernels, torch.ops.sa_cuda), "emulated" (the
+CUDA source compiled for the CPU SIMT emulator, torch.ops.sa_cuda_emu: tests/emulation.py) and
+"cuda" (the CUDA kernels on a GPU; skipped, with the reason, without one).
+
 Every test compares the fused implementation (sa_cuda.SALayer / sa_cuda.ShuffleAttention, the
 functionals sa_cuda.sa_layer / sa_cuda.shuffle_attention and the raw ops torch.ops.sa_cuda.*)
 with the pure-PyTorch reference in sa_cuda.reference, run on the same parameter values.
@@ -18,7 +31,9 @@ import pytest
 import torch
 
 import sa_cuda
+from emulation import emulated_library
 from sa_cuda import reference
+from sa_cuda.ops import SA_CUDA_LIBRARY
 
 # ------------------------------------------------------------------------------------------------
 # Devices: CPU always; CUDA when a GPU is present AND the extension was built with CUDA kernels.
@@ -46,8 +61,6 @@ _REF_CLS = {"sa_layer": reference.SALayer, "shuffle_attention": reference.Shuffl
 _FUSED_CLS = {"sa_layer": sa_cuda.SALayer, "shuffle_attention": sa_cuda.ShuffleAttention}
 _FUNCTIONAL = {"sa_layer": sa_cuda.sa_layer, "shuffle_attention": sa_cuda.shuffle_attention}
 _REF_FUNCTIONAL = {"sa_layer": reference.sa_layer, "shuffle_attention": reference.shuffle_attention}
-_FWD_OP = {"sa_layer": "sa_layer_forward", "shuffle_attention": "shuffle_attention_forward"}
-_BWD_OP = {"sa_layer": "sa_layer_backward", "shuffle_attention": "shuffle_attention_backward"}
 
 # state_dict / named_parameters keys in the order of the functionals' / ops' parameter arguments.
 PARAM_KEYS = {v.name: v.state_keys for v in sa_cuda.variants.VARIANTS}
@@ -72,11 +85,11 @@ def ref_functional(variant):
 
 
 def fwd_op(variant):
-    return getattr(torch.ops.sa_cuda, _FWD_OP[variant])
+    return SA_CUDA_LIBRARY.forward_op(variant)
 
 
 def bwd_op(variant):
-    return getattr(torch.ops.sa_cuda, _BWD_OP[variant])
+    return SA_CUDA_LIBRARY.backward_op(variant)
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -154,31 +167,102 @@ def forward_backward(module, x, grad_out):
     return res
 
 
-def max_abs(t: torch.Tensor) -> float:
-    return t.detach().double().abs().max().item() if t.numel() else 0.0
+def op_params(variant, channels, groups, seed, dtype=torch.float32):
+    """Random parameters (detached) in the ops' argument order."""
+    ref = make_ref(variant, channels, groups, seed=seed)
+    return [p.detach().to(dtype) for p in params_in_op_order(variant, ref)]
 
 
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.numel() == 0:
-        return 0.0
-    return (a.detach().double() - b.detach().double()).abs().max().item()
-
-
-def assert_low_precision_close(F: dict, E: dict, R: dict, dtype: torch.dtype) -> None:
-    """The bf16/fp16 criterion (test_forward_backward.py): every output of the fused run F is in
-    dtype and its error against the float64 run R is at most twice the eager run E's (same dtype),
-    plus one unit of the dtype at R's largest magnitude."""
-    eps = torch.finfo(dtype).eps
-    for key in F:
-        assert F[key].dtype == dtype, key
-        err, err_eager = max_err(F[key], R[key]), max_err(E[key], R[key])
-        bound = 2.0 * err_eager + eps * max_abs(R[key]) + 1e-10
-        assert err <= bound, f"{key}: fused {err:.3g} > bound {bound:.3g} (eager {err_eager:.3g})"
+def all_grads(fn, x, params, gy):
+    """{"out", "x", "p0".."p5"}: fn(x, *params) on fresh leaf copies and its gradients for gy."""
+    x = x.detach().clone().requires_grad_(True)
+    ps = [p.detach().clone().requires_grad_(True) for p in params]
+    out = fn(x, *ps)
+    gs = torch.autograd.grad(out, [x, *ps], gy)
+    return {"out": out.detach(), "x": gs[0], **{f"p{i}": g for i, g in enumerate(gs[1:])}}
 
 
 def autocast_if_mixed(x: torch.Tensor, params):
     """torch.autocast when a low-precision x meets parameters of another dtype, the mode in which
     they meet in training: there the fused layer keeps x's dtype. (Outside autocast it computes in
-    the promoted dtype, as eager does: tests/test_modules.py.)"""
+    the promoted dtype, as eager does: tests/modules/test_modules.py.)"""
     mixed = x.dtype in (torch.float16, torch.bfloat16) and any(p.dtype != x.dtype for p in params)
     return torch.autocast(x.device.type, dtype=x.dtype) if mixed else contextlib.nullcontext()
+
+
+def input_at_offset(shape, storage_offset, dtype, seed, **kwargs):
+    """make_input's values as a contiguous view that starts ``storage_offset`` elements into its
+    storage (1: every plane pointer misaligned, which selects the kernels' scalar paths)."""
+    n = torch.Size(shape).numel()
+    flat = make_input((n + storage_offset,), seed=seed, dtype=dtype, **kwargs)
+    return flat[storage_offset:].view(shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backends
+# ------------------------------------------------------------------------------------------------
+class Backend:
+    """One implementation of the fused ops, as the tests drive it."""
+
+    def __init__(self, name: str, device: str):
+        self.name = name
+        self.device = device  # where inputs and parameters live
+
+    def __repr__(self):
+        return f"Backend({self.name!r})"
+
+    @property
+    def library(self):
+        """The op library (sa_cuda.ops.OpLibrary): sa_cuda (cpu, cuda) or sa_cuda_emu (emulated,
+        built on first use by tests/emulation.py)."""
+        return emulated_library() if self.name == "emulated" else SA_CUDA_LIBRARY
+
+    @property
+    def ops(self):
+        """The op namespace: torch.ops.sa_cuda (cpu, cuda) or torch.ops.sa_cuda_emu (emulated)."""
+        return getattr(torch.ops, self.library.namespace)
+
+    def forward_op(self, variant):
+        return self.library.forward_op(variant)
+
+    def backward_op(self, variant):
+        return self.library.backward_op(variant)
+
+    def apply(self, variant, x, groups, params, eps=1e-5):
+        """The fused layer over explicit parameters, with autograd: the functionals' own path
+        (OpLibrary.apply) over this backend's ops."""
+        return self.library.apply(variant, x, groups, tuple(params), eps)
+
+    def module_like(self, variant, ref, dtype=None):
+        """A module with ref's parameter values (in ``dtype``, default ref's) and GroupNorm eps,
+        on this backend's device, whose forward runs this backend."""
+        dtype = dtype or next(ref.parameters()).dtype
+        if self.name != "emulated":
+            fused = make_fused_like(variant, ref, dtype=dtype, device=self.device)
+            fused.gn.eps = ref.gn.eps
+            return fused
+        backend = self
+
+        class Emulated(type(ref)):
+            def forward(self, x):
+                return backend.apply(variant, x, self.groups, params_in_op_order(variant, self),
+                                     self.gn.eps)
+
+        module = Emulated(2 * ref.groups * ref.gn.num_channels, ref.groups)
+        module.load_state_dict(ref.state_dict(), strict=True)
+        module.gn.eps = ref.gn.eps
+        return module.to(dtype)
+
+
+BACKENDS = {"cpu": Backend("cpu", "cpu"), "emulated": Backend("emulated", "cpu"),
+            "cuda": Backend("cuda", "cuda")}
+EMULATED = BACKENDS["emulated"]  # for the tests of launch paths that only the CUDA source has
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request) -> Backend:
+    """Each backend in turn (narrow it with @pytest.mark.parametrize("backend", [...],
+    indirect=True)); "cuda" is skipped, with the reason, where there is no GPU."""
+    if request.param == "cuda" and not CUDA_OK:
+        pytest.skip(CUDA_REASON)
+    return BACKENDS[request.param]

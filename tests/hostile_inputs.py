@@ -1,5 +1,5 @@
 """Runs every entry point of sa_cuda on tensors of the given dtypes in every layout, in a child
-process of tests/test_hostile_inputs.py (a crash or a hang there cannot take pytest down).
+process of tests/ops/test_hostile_inputs.py (a crash or a hang there cannot take pytest down).
 
 Usage: python tests/hostile_inputs.py DTYPE [DTYPE ...]   (names of torch dtypes, e.g. float8_e4m3fn)
 

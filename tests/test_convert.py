@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import sa_cuda
-from conftest import DEVICES, forward_backward, make_input, max_err, randomize_
+from conftest import DEVICES, forward_backward, make_input, randomize_
 from sa_cuda.convert import _REGISTRY, ConvertReport, reason_not_convertible, register
+from sa_cuda.testing import max_err
 
 SHAPE = (2, 32, 7, 9)  # input of _net: B, C, H, W
 

@@ -9,7 +9,7 @@ Per case (variant, shape, groups, dtype, storage offset):
   kernels never write, or a read of memory they never wrote, shows as NaN instead of stale values;
 - the kernels run twice on the same inputs: every output must be bitwise identical;
 - each output is compared with the CPU op in float64 on the same (rounded) values, within
-  sa_cuda.testing's accuracy_bound: relative to the error eager PyTorch (sa_cuda.reference in
+  sa_cuda.testing.accuracy_bound: relative to the error eager PyTorch (sa_cuda.reference in
   the case's dtype) makes against that float64 result. mean/rstd (float32 statistics, float64 for
   float64 input) are held to the bound of their own dtype, eager's error being torch.var_mean's.
 
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 
 from common import BACKENDS, DTYPES, VARIANTS, backend_ops, caching_allocator_active, write_json
-from sa_cuda.testing import accuracy_bound
-from conftest import PARAM_ARG_NAMES, PARAM_KEYS, forward_backward, make_ref, max_abs, max_err
+from conftest import PARAM_ARG_NAMES, PARAM_KEYS, forward_backward, make_ref
+from sa_cuda.testing import accuracy_bound, max_abs, max_err
 
 EPS = 1e-5
 OFFSETS = (0, 1, 2, 4)
@@ -52,11 +52,11 @@ class Spec:
     small: tuple[str, ...] = ()            # dtypes of this spec in the small set (none: not in it)
 
 
-PLANE = VARIANTS            # the SALayer kernels; shuffle_attention sees the same N/offsets
+PLANE = VARIANTS            # plane kernels (sa_layer); shuffle_attention sees the same N/offsets
 GROUP = ("shuffle_attention",)
-# SALayer (sa_layer_* kernels): warp team N <= 256, block team N <= 4096, streamed above;
+# Per-channel variant (plane_* kernels): warp team N <= 256, block team N <= 4096, streamed above;
 # packs when the plane pointers are aligned and N is a multiple of the pack, else scalar accesses.
-# ShuffleAttention (shuffle_attention_* kernels): tiles of group_tile_pixels(m) pixels (1024 for m <= 2, 512
+# 1x1-conv variant (group_* kernels): tiles of group_tile_pixels(m) pixels (1024 for m <= 2, 512
 # for m = 4, ..., 64 for m = 32, 32 for m >= 48); dynamic shared memory above 48 KiB (opt-in) for
 # the fp32 backward from m = 32 and the fp64 one from m = 16; one spec with N below and one above
 # the tile per m.

@@ -9,7 +9,7 @@
 //
 // Besides running the kernels, the emulator checks what the hardware leaves undefined or silent,
 // so that such a bug fails in CI instead of on a GPU (each check has a planted-bug test,
-// tests/test_emulator.py):
+// tests/emulator/test_emulator.py):
 // - Shared memory is per block and poisoned (0xFF bytes: NaN as float or double, -1 as an integer)
 //   before each block runs: the dynamic buffer and every SA_SHARED_ARRAY, which gets storage of its
 //   own per launch, keyed by its declaration site. A read before any thread wrote shows up as NaN.

@@ -9,11 +9,12 @@ values in double (sa_math.h, wide_mean).
 
 Rule, for every (magnitude, offset) pattern, dtype, variant and implementation (the CPU op, and the
 CUDA kernels through the SIMT emulator on every launch path: warp team N <= 256, block team
-N <= 4096, streamed N > 4096, vector and scalar packs, the group kernel of the 1x1-conv variant):
+N <= 4096, streamed N > 4096, vector and scalar packs, the ShuffleAttention kernels):
 
   ref64 = the reference in float64 on the same values (x cast exactly; the parameters are rounded
   to the dtype first, so eager, fused and ref64 use the same parameter values), eager = the
   reference run in the dtype, fused = the op.
+  (criteria 1-4: sa_cuda.testing.assert_extreme_close and assert_true_statistics)
   1. fused is finite wherever eager is (here: everywhere, as the inputs are finite).
   2. over the elements where eager is finite,
        max|fused - ref64| <= max|eager - ref64| + SLACK * eps(dtype) * max|ref64| + sub,
@@ -44,15 +45,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import VARIANTS, functional, make_ref, params_in_op_order, ref_functional
-from emulation import emulated_library, load_emulation
-
-EMU = load_emulation()
-EMULATED = emulated_library()  # the functionals' path over the emulated kernels
-
-SLACK = 2.0
-ACC32 = 8.0
-F32 = torch.finfo(torch.float32)
+from conftest import BACKENDS, VARIANTS, make_ref, params_in_op_order, ref_functional
+from sa_cuda.testing import assert_extreme_close, assert_true_statistics
 
 MAGNITUDES = {
     torch.float32: (1e-38, 1e-30, 1e-3, 1.0, 1e4, 1e20, 1e30, 1e36, 2e38, 3e38),
@@ -100,57 +94,17 @@ def layer_params(variant, C, G, dtype, seed=3):
     return ps, [p.float() for p in ps], [p.double() for p in ps]
 
 
-def subnormal_spacing(dtype):
-    fi = torch.finfo(dtype)
-    return fi.smallest_normal * fi.eps
+def backend_of(impl):
+    """The backend that runs ``impl`` (a key of SHAPES: "cpu*" or "emu-<launch path>")."""
+    return BACKENDS["cpu" if impl.startswith("cpu") else "emulated"]
 
 
 def fused_forward(impl, variant):
-    lib = torch.ops.sa_cuda if impl.startswith("cpu") else EMU
-    return getattr(lib, f"{variant}_forward")
+    return backend_of(impl).forward_op(variant)
 
 
 def fused_apply(impl, variant, groups):
-    if impl.startswith("cpu"):
-        f = functional(variant)
-        return lambda x, *p: f(x, groups, *p)
-    return lambda x, *p: EMULATED.apply(variant, x, groups, tuple(p), 1e-5)
-
-
-def check_item(fused, eager, ref64, dtype, what):
-    """Criteria 1-3 on one batch item."""
-    eps, sub = torch.finfo(dtype).eps, subnormal_spacing(dtype)
-    fused, eager = fused.double(), eager.double()
-    assert ref64.isfinite().all(), what
-    assert fused.isfinite().all(), f"{what}: {int((~fused.isfinite()).sum())} non-finite outputs"
-    scale = ref64.abs().max().item()
-    err = (fused - ref64).abs()
-    acc_bound = (eps / 2 + ACC32 * F32.eps) * scale + sub
-    assert err.max().item() <= acc_bound, (
-        f"{what}: max|fused - ref64| = {err.max().item():.3g} > {acc_bound:.3g} "
-        f"({err.max().item() / scale / eps:.2f} units of the dtype at max|ref64| = {scale:.3g})")
-    finite = eager.isfinite()
-    if finite.any():
-        err_f = err[finite].max().item()
-        err_e = (eager[finite] - ref64[finite]).abs().max().item()
-        bound = err_e + SLACK * eps * scale + sub
-        assert err_f <= bound, (f"{what}: max|fused - ref64| = {err_f:.3g} > max|eager - ref64| "
-                                f"{err_e:.3g} + {SLACK} eps max|ref64| = {bound:.3g}")
-
-
-def check_stats(mean, rstd, x, eps, what):
-    """Criterion 4: the per-plane statistics [B, C] the op returns."""
-    x64 = x.double()
-    mu64 = x64.mean((2, 3))
-    var64 = (x64 - mu64[..., None, None]).square().mean((2, 3))
-    r64 = 1.0 / torch.sqrt(var64 + eps)
-    amax = x64.abs().amax((2, 3))
-    sub = subnormal_spacing(torch.float32)
-    assert mean.isfinite().all() and rstd.isfinite().all() and (rstd > 0).all(), what
-    assert ((mean.double() - mu64).abs() <= ACC32 * F32.eps * amax + sub).all(), (
-        f"{what}: mean error {(mean.double() - mu64).abs().max().item():.3g}")
-    assert ((rstd.double() - r64).abs() <= ACC32 * F32.eps * r64 + sub).all(), (
-        f"{what}: rstd relative error {((rstd.double() - r64).abs() / r64).max().item():.3g}")
+    return lambda x, *p: backend_of(impl).apply(variant, x, groups, p)
 
 
 def run_forward(variant, impl, dtype, pats, seed=1):
@@ -164,8 +118,8 @@ def run_forward(variant, impl, dtype, pats, seed=1):
     assert out.dtype == dtype
     for b, (m, r) in enumerate(pats):
         what = f"{variant} {impl} {DTYPE_IDS[dtype]} magnitude {m:g} offset {r}"
-        check_item(out[b], eager[b], ref64[b], dtype, what)
-    check_stats(mean, rstd, x, 1e-5, f"{variant} {impl} {DTYPE_IDS[dtype]}")
+        assert_extreme_close(out[b], eager[b], ref64[b], dtype, what)
+    assert_true_statistics(mean, rstd, x, 1e-5, f"{variant} {impl} {DTYPE_IDS[dtype]}")
 
 
 def run_backward(variant, impl, dtype, pats, seed=1):
@@ -295,6 +249,7 @@ def test_cpu_property(case):
     check_case(case)
 
 
+@pytest.mark.slow
 @settings(max_examples=15, **SETTINGS)
 @given(case=cases(EMU_PATHS))
 def test_emulated_property(case):

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import sa_cuda
-from conftest import DEVICES, forward_backward, make_input, max_err, randomize_
+from conftest import DEVICES, forward_backward, make_input, randomize_
+from sa_cuda.testing import max_err
 
 
 def _net(layer):

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 import sa_cuda
-from conftest import (DEVICES, clone_as, make_input, max_abs, max_err, randomize_)
+from conftest import DEVICES, clone_as, make_input, randomize_
 from sa_cuda import reference
+from sa_cuda.testing import max_abs, max_err
 
 C, G = 48, 4
 M = C // (2 * G)

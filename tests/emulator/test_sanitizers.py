@@ -14,10 +14,11 @@ import pytest
 
 from emulation import build_native
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE = os.path.join(ROOT, "tests", "native", "kernel_selftest.cpp")
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+# Each sanitizer build compiles every kernel: slow.
+pytestmark = [pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++"), pytest.mark.slow]
 
 
 def build(sanitizer: str | None) -> str:

@@ -9,14 +9,17 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_bench_quick(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench", "--quick", "--device", "cpu",
          "--out-dir", str(tmp_path), "--no-plot"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT)
+        capture_output=True, text=True, timeout=600, cwd=ROOT)  # -m: the checkout's sa_cuda first
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     files = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
     assert len(files) == 1

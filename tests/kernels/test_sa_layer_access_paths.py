@@ -1,4 +1,4 @@
-"""The per-channel (SALayer) CUDA kernels' access paths, executed by the SIMT emulator.
+"""The SALayer CUDA kernels' access paths, executed by the SIMT emulator.
 
 launch_common.cuh picks, per launch, the widest pack (16, 8 or 4 bytes, else one element) that N
 and every plane pointer allow; a warp team whose planes allow no pack wider than one element
@@ -7,21 +7,18 @@ however the chunk lies against 16 bytes); the streamed path (N > 4096) keeps sev
 flight per thread, with a tail when a thread's packs are not a multiple of the unroll. The cases
 below select each of these by N, dtype and the storage offset of x and grad_out (the comment of
 each case says which); values and every gradient are checked against the float64 reference with
-the criteria of test_emulated_kernels.py, and a second run must give the same bits."""
+sa_cuda.testing.assert_close_to_reference, and a second run must give the same bits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import (assert_low_precision_close, clone_as, forward_backward, make_input, make_ref,
+from conftest import (EMULATED, clone_as, forward_backward, input_at_offset, make_input, make_ref,
                       params_in_op_order)
-from emulation import emulated_library, load_emulation
-from test_emulated_kernels import _input, emulated_like
-from test_forward_backward import _check_high_precision
+from sa_cuda.testing import assert_close_to_reference
 
-EMU = load_emulation()
-EMULATED = emulated_library()  # the functionals' path over the emulated kernels
+EMU = EMULATED.ops
 
 # dtype, (B, C, H, W), groups, storage offset in elements of x and grad_out
 CASES = [
@@ -52,22 +49,15 @@ CASES = [
 ]
 
 
-def _check(F, E, R, dtype):
-    if dtype in (torch.float32, torch.float64):
-        _check_high_precision(F, E, R, dtype)
-        return
-    assert_low_precision_close(F, E, R, dtype)
-
-
 @pytest.mark.parametrize("dtype,shape,groups,offset", CASES)
-def test_plane_paths_match_reference_bitwise_repeatable(dtype, shape, groups, offset):
+def test_sa_layer_paths_match_reference_bitwise_repeatable(dtype, shape, groups, offset):
     ref = make_ref("sa_layer", shape[1], groups, seed=5, dtype=dtype)
-    x, gy = _input(shape, offset, dtype, 1), _input(shape, offset, dtype, 2)
-    emulated = emulated_like("sa_layer", ref)
+    x, gy = input_at_offset(shape, offset, dtype, 1), input_at_offset(shape, offset, dtype, 2)
+    emulated = EMULATED.module_like("sa_layer", ref)
     F = forward_backward(emulated, x, gy)
     R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
     E = R if dtype == torch.float64 else forward_backward(ref, x, gy)
-    _check(F, E, R, dtype)
+    assert_close_to_reference(F, R, dtype, eager=E)
     again = forward_backward(emulated, x, gy)
     for key in F:
         assert torch.equal(F[key], again[key]), f"{key}: a rerun gives other bits"
@@ -77,27 +67,28 @@ def test_plane_paths_match_reference_bitwise_repeatable(dtype, shape, groups, of
     pytest.param(torch.float32, (1, 4, 96, 100), 1, 0, id="streamed"),
     pytest.param(torch.float32, (3, 12, 7, 7), 3, 0, id="staged"),
 ])
-def test_plane_paths_large_mean(dtype, shape, groups, offset):
+def test_sa_layer_paths_large_mean(dtype, shape, groups, offset):
     """|mean| >> std (x = 100 + 0.1 randn) on the streamed and staged paths."""
     ref = make_ref("sa_layer", shape[1], groups, seed=5, dtype=dtype)
-    x = _input(shape, offset, dtype, 1, offset=100.0, scale=0.1)
-    gy = _input(shape, offset, dtype, 2)
-    F = forward_backward(emulated_like("sa_layer", ref), x, gy)
+    x = input_at_offset(shape, offset, dtype, 1, offset=100.0, scale=0.1)
+    gy = input_at_offset(shape, offset, dtype, 2)
+    F = forward_backward(EMULATED.module_like("sa_layer", ref), x, gy)
     R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
-    _check_high_precision(F, forward_backward(ref, x, gy), R, dtype)
+    assert_close_to_reference(F, R, dtype, eager=forward_backward(ref, x, gy))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,groups,offset", [
     pytest.param((3, 4, 3, 3), 1, 1, id="staged"),
     pytest.param((1, 4, 5, 6), 2, 0, id="warp-scalar-pack"),
 ])
-def test_plane_paths_gradcheck(shape, groups, offset):
+def test_sa_layer_paths_gradcheck(shape, groups, offset):
     ref = make_ref("sa_layer", shape[1], groups, seed=3, dtype=torch.float64)
     params = [p.detach().clone().requires_grad_() for p in params_in_op_order("sa_layer", ref)]
     n = torch.Size(shape).numel()
     x = make_input((n + offset,), seed=4, dtype=torch.float64)[offset:].view(shape).requires_grad_()
 
     def fn(x, *ps):
-        return EMULATED.apply("sa_layer", x, groups, ps, 1e-5)
+        return EMULATED.apply("sa_layer", x, groups, ps)
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (DEVICES, VARIANTS, bwd_op, fwd_op, make_input, make_ref, max_abs,
-                      params_in_op_order, ref_functional)
+from conftest import (DEVICES, VARIANTS, bwd_op, fwd_op, make_input, make_ref, params_in_op_order,
+                      ref_functional)
+from sa_cuda.testing import max_abs
 
 # x dtype, parameter dtype
 DTYPES = [

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import sa_cuda
-from conftest import VARIANTS, functional, make_input, make_pair, max_err, params_in_op_order, ref_functional
+from conftest import VARIANTS, functional, make_input, make_pair, params_in_op_order, ref_functional
+from sa_cuda.testing import max_err
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hostile_inputs.py")
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hostile_inputs.py")
 
 _FAMILIES = {
     "float8": ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import max_err, randomize_
+from conftest import randomize_
 from sa_cuda import SALayer, reference
 from sa_cuda.models import convert_official_state_dict, sa_resnet50, sa_resnet101, sa_resnet152
+from sa_cuda.testing import max_err
 
 # Key counts and parameter counts of the official models/sa_resnet.py (wofmanaf/SA-Net): 416 / 824 /
 # 1232 state_dict entries; 25.56M / 44.55M / 60.2M parameters (the official README's numbers).

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VARIANTS, functional, make_input, make_ref, params_in_op_order, ref_functional
+from conftest import (VARIANTS, functional, make_fused_like, make_input, make_ref,
+                      params_in_op_order, ref_functional)
 
 # (B, C, H, W), groups -> m = C / (2 * groups)
 CASES = [
@@ -92,16 +93,39 @@ def test_partial_requires_grad(variant):
             assert p.grad is None
 
 
+@pytest.mark.parametrize("how", ["squared-loss", "grad-out-requires-grad"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_double_backward_is_refused(variant):
-    """The backward is a fused kernel: differentiating its result must raise, not silently give a
-    second derivative without the kernel's part. create_graph=True alone gives the right first
-    derivative (torch.func.grad runs that way)."""
-    shape, groups = (2, 8, 3, 4), 2
-    x, params = _inputs(variant, shape, groups, seed=4)
-    out = functional(variant)(x, groups, *params)
-    (g,) = torch.autograd.grad(out.pow(2).sum(), [x], create_graph=True)
+def test_double_backward_raises(variant, how):
+    """The backward is a fused kernel: differentiating a gradient of the fused op must raise, not
+    silently give a second derivative without the kernel's part. create_graph=True alone works and
+    gives the right first derivative (torch.func.grad runs that way); a plain backward's gradient
+    has no graph."""
+    ref = make_ref(variant, 16, 2, seed=1)
+    fused = make_fused_like(variant, ref)
+    x = make_input((2, 16, 5, 6), seed=2).requires_grad_(True)
+    y = fused(x)
+    if how == "squared-loss":
+        g, = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+        want, = torch.autograd.grad((y * y).sum(), x, retain_graph=True)
+    else:
+        gy = make_input(y.shape, seed=3).requires_grad_(True)
+        g, = torch.autograd.grad(y, x, gy, create_graph=True)
+        want, = torch.autograd.grad(y, x, gy.detach())
+    torch.testing.assert_close(g.detach(), want, rtol=0, atol=0)
+    assert want.grad_fn is None
     with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(g.sum(), [x])
-    (gx,) = torch.autograd.grad(functional(variant)(x, groups, *params).pow(2).sum(), [x])
-    assert gx.grad_fn is None  # a plain backward still works
+        g.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_double_backward_never_silently_wrong(variant):
+    """A gradient penalty (WGAN-GP style: grad of y.sum() with create_graph=True, its norm added to
+    the loss) needs the second derivative. The fused op must raise, never return a gradient that
+    silently has no graph (the penalty's parameter gradient would then be dropped without a word)."""
+    ref = make_ref(variant, 16, 2, seed=1)
+    fused = make_fused_like(variant, ref)
+    x = make_input((2, 16, 5, 6), seed=2).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        y = fused(x)
+        g, = torch.autograd.grad(y.sum(), x, create_graph=True)
+        (y.mean() + g.pow(2).sum()).backward()

@@ -12,10 +12,10 @@ launch choices of csrc/cuda/shuffle_attention_forward.cuh and launch_shuffle_att
 * the shared-memory opt-in path (> 48 KiB: fp32 backward m = 48, fp64 backward m = 16) and the
   error for an m beyond the device's shared memory.
 
-Values and all gradients against the float64 reference with the criteria of
-test_forward_backward.py; bitwise determinism; planes whose statistics overflow fp32 next to
-ordinary planes of the same unit (the rescale rounds run on the overflowed planes only), with the
-criteria of test_extreme_magnitudes.py.
+Values and all gradients against the float64 reference (sa_cuda.testing.assert_close_to_reference);
+bitwise determinism; planes whose statistics overflow fp32 next to ordinary planes of the same unit
+(the rescale rounds run on the overflowed planes only), with the criteria of
+test_extreme_magnitudes.py (sa_cuda.testing.assert_extreme_close, assert_true_statistics).
 """
 
 from __future__ import annotations
@@ -23,14 +23,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_low_precision_close, clone_as, forward_backward, make_ref, params_in_op_order
-from emulation import emulated_library, load_emulation
-from test_emulated_kernels import _input, emulated_like
-from test_extreme_magnitudes import check_item, check_stats
-from test_forward_backward import _check_high_precision
+from conftest import (EMULATED, clone_as, forward_backward, input_at_offset, make_ref,
+                      params_in_op_order)
+from sa_cuda.testing import assert_close_to_reference, assert_extreme_close, assert_true_statistics
 
-EMU = load_emulation()
-EMULATED = emulated_library()  # the functionals' path over the emulated kernels
+EMU = EMULATED.ops
 VARIANT = "shuffle_attention"
 
 # (B, C, H, W), groups, storage offset in elements, dtype
@@ -53,36 +50,36 @@ CASES = [
 
 
 @pytest.mark.parametrize("shape,groups,offset,dtype", CASES)
-def test_group_kernels_fp32_fp64(shape, groups, offset, dtype):
+def test_shuffle_attention_kernels_fp32_fp64(shape, groups, offset, dtype):
     ref = make_ref(VARIANT, shape[1], groups, seed=7, dtype=dtype)
-    x, gy = _input(shape, offset, dtype, 1), _input(shape, offset, dtype, 2)
-    F = forward_backward(emulated_like(VARIANT, ref), x, gy)
+    x, gy = input_at_offset(shape, offset, dtype, 1), input_at_offset(shape, offset, dtype, 2)
+    F = forward_backward(EMULATED.module_like(VARIANT, ref), x, gy)
     R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
     E = R if dtype == torch.float64 else forward_backward(ref, x, gy)
-    _check_high_precision(F, E, R, dtype)
+    assert_close_to_reference(F, R, dtype, eager=E)
 
 
 # bf16 / fp16 packs: 16 bytes (8 elements), 8 bytes (offset 4), 4 bytes (offset 2), scalars (offset 1).
 @pytest.mark.parametrize("offset", [0, 4, 2, 1], ids=["16byte", "8byte", "4byte", "scalar"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_group_kernels_low_precision(dtype, offset):
-    """test_forward_backward.py's low-precision criterion (error at most 2x eager's + one unit)."""
+def test_shuffle_attention_kernels_low_precision(dtype, offset):
+    """The low-precision criterion (error at most 2x eager's + one unit: accuracy_bound)."""
     shape, groups = (1, 12, 4, 8), 2  # m = 3, N = 32
     low = make_ref(VARIANT, shape[1], groups, seed=7, dtype=dtype)
-    x, gy = _input(shape, offset, dtype, 1), _input(shape, offset, dtype, 2)
-    F = forward_backward(emulated_like(VARIANT, low), x, gy)
+    x, gy = input_at_offset(shape, offset, dtype, 1), input_at_offset(shape, offset, dtype, 2)
+    F = forward_backward(EMULATED.module_like(VARIANT, low), x, gy)
     R = forward_backward(clone_as(low, torch.float64), x.double(), gy.double())
     E = forward_backward(low, x, gy)
-    assert_low_precision_close(F, E, R, dtype)
+    assert_close_to_reference(F, R, dtype, eager=E)
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 12, 30, 25), 2), ((1, 32, 15, 11), 1)],
                          ids=["m3-two-tiles", "m16-two-tiles"])
-def test_group_kernels_bitwise_deterministic(shape, groups):
+def test_shuffle_attention_kernels_bitwise_deterministic(shape, groups):
     """Fixed-order reductions (pieces, pixel slices, warps): the same input gives the same bits."""
     ref = make_ref(VARIANT, shape[1], groups, seed=8)
-    x, gy = _input(shape, 0, torch.float32, 3), _input(shape, 0, torch.float32, 4)
-    module = emulated_like(VARIANT, ref)
+    x, gy = input_at_offset(shape, 0, torch.float32, 3), input_at_offset(shape, 0, torch.float32, 4)
+    module = EMULATED.module_like(VARIANT, ref)
     first, second = forward_backward(module, x, gy), forward_backward(module, x, gy)
     for key in first:
         assert torch.equal(first[key], second[key]), key
@@ -92,7 +89,7 @@ def test_group_kernels_bitwise_deterministic(shape, groups):
         assert torch.equal(u, v)
 
 
-def test_group_kernels_overflow_next_to_ordinary_planes():
+def test_shuffle_attention_kernels_overflow_next_to_ordinary_planes():
     """One unit holds planes whose fp32 statistics overflow (the rescale rounds select them) next to
     ordinary planes: every output plane and the statistics meet test_extreme_magnitudes.py's
     criteria 1-4."""
@@ -109,11 +106,12 @@ def test_group_kernels_overflow_next_to_ordinary_planes():
     ref64 = ref(x.double(), G, *[p.double() for p in params])
     eager = ref(x, G, *params)
     for c in range(C):
-        check_item(out[0, c], eager[0, c], ref64[0, c], torch.float32, f"output plane {c}")
-    check_stats(mean, rstd, x, 1e-5, "mixed unit")
+        assert_extreme_close(out[0, c], eager[0, c], ref64[0, c], torch.float32, f"output plane {c}")
+    assert_true_statistics(mean, rstd, x, 1e-5, "mixed unit")
 
 
-def test_group_kernels_gradcheck_pieces_and_tiles():
+@pytest.mark.slow
+def test_shuffle_attention_kernels_gradcheck_pieces_and_tiles():
     """gradcheck through the emulated kernels at m = 3 (pieces, odd m) in float64."""
     shape, groups = (1, 6, 2, 3), 1
     ref = make_ref(VARIANT, shape[1], groups, seed=3, dtype=torch.float64)
@@ -121,12 +119,12 @@ def test_group_kernels_gradcheck_pieces_and_tiles():
     x = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).requires_grad_()
 
     def fn(x, *ps):
-        return EMULATED.apply(VARIANT, x, groups, ps, 1e-5)
+        return EMULATED.apply(VARIANT, x, groups, ps)
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_group_kernels_shared_memory_error():
+def test_shuffle_attention_kernels_shared_memory_error():
     """An m whose backward tiles exceed the device's shared memory (the emulator's budget is an
     H100's 227 KiB): a clear error naming m and the bytes, not a failed launch."""
     m, G = 160, 1

@@ -16,10 +16,10 @@ M = C // (2 * G)
 SHAPE = (2, C, 5, 7)
 
 
-def _setup(variant):
+def _setup(variant, dtype=torch.float32):
     ref = make_ref(variant, C, G, seed=1)
     params = [p.detach() for p in params_in_op_order(variant, ref)]
-    return make_input(SHAPE, seed=2), params
+    return make_input(SHAPE, seed=2, dtype=dtype), params
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,16 +73,22 @@ def test_x_rank(variant, shape):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool,
-                                   torch.complex64, torch.complex128])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
+                                   torch.bool, torch.complex64, torch.complex128])
 def test_x_dtype(variant, dtype):
+    """A non-floating x is refused as x by the functional (even with parameters that require
+    grad), the module and the raw op, not by failing somewhere inside."""
     _, params = _setup(variant)
     x = torch.ones(SHAPE, dtype=dtype)
     rule = re.escape(f"x must be float64, float32, float16 or bfloat16, got {dtype}")
     with pytest.raises(ValueError, match=rule):
         functional(variant)(x, G, *params)
     with pytest.raises(ValueError, match=rule):
+        functional(variant)(x, G, *[p.clone().requires_grad_() for p in params])
+    with pytest.raises(ValueError, match=rule):
         fused_class(variant)(C, G)(x)
+    with pytest.raises(ValueError, match="x must be float64, float32, float16 or bfloat16"):
+        fwd_op(variant)(x, G, *params, 1e-5)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -224,3 +230,131 @@ def test_raw_backward_op_errors(variant):
     grads = op(gy, x, mean, rstd, G, *params)
     assert len(grads) == 7 and grads[0].shape == x.shape
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+# ------------------------------------------------------------------------------------------------
+# Devices, the raw backward's arguments, eps
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_x_on_meta_params_on_cpu(variant):
+    """x on another device than the parameters (meta stands in for a GPU): ValueError naming the
+    first parameter, from the functional and the module; RuntimeError from the raw op."""
+    x, params = _setup(variant)
+    first = PARAM_ARG_NAMES[variant][0]
+    with pytest.raises(ValueError, match=rf"^{first} is on cpu but x is on meta"):
+        functional(variant)(x.to("meta"), G, *params)
+    module = fused_class(variant)(C, G)
+    with pytest.raises(ValueError, match=rf"^{first} is on cpu but x is on meta"):
+        module(x.to("meta"))
+    with pytest.raises(ValueError, match=rf"{first} is on cpu but x is on meta"):
+        fwd_op(variant)(x.to("meta"), G, *params, 1e-5)
+
+
+@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_raw_ops_parameter_on_meta(variant, index):
+    x, params = _setup(variant)
+    name = PARAM_ARG_NAMES[variant][index]
+    bad = list(params)
+    bad[index] = params[index].to("meta")
+    with pytest.raises(ValueError, match=rf"{name} is on meta but x is on cpu"):
+        fwd_op(variant)(x, G, *bad, 1e-5)
+    _, mean, rstd = fwd_op(variant)(x, G, *params, 1e-5)
+    with pytest.raises(ValueError, match=rf"{name} is on meta but x is on cpu"):
+        bwd_op(variant)(torch.randn(SHAPE), x, mean, rstd, G, *bad)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_raw_backward_mixed_meta(variant):
+    x, params = _setup(variant)
+    _, mean, rstd = fwd_op(variant)(x, G, *params, 1e-5)
+    gy = make_input(SHAPE, seed=3)
+    op = bwd_op(variant)
+    cases = [
+        ((gy, x.to("meta"), mean, rstd, G, *params), "grad_out is on cpu but x is on meta"),
+        ((gy, x, mean.to("meta"), rstd, G, *params), "mean is on meta but x is on cpu"),
+        ((gy.to("meta"), x.to("meta"), mean.to("meta"), rstd.to("meta"), G, *params),
+         f"{PARAM_ARG_NAMES[variant][0]} is on cpu but x is on meta"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            op(*args)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_all_on_meta_gives_shapes(variant):
+    """Everything on meta is not an error: shapes and dtypes only (the fake kernels)."""
+    x, params = _setup(variant)
+    mx, mp = x.to("meta"), [p.to("meta") for p in params]
+    out, mean, rstd = fwd_op(variant)(mx, G, *mp, 1e-5)
+    assert out.device.type == "meta" and out.shape == SHAPE and out.dtype == x.dtype
+    assert mean.shape == (2, C) and rstd.shape == (2, C) and mean.dtype == torch.float32
+    grads = bwd_op(variant)(torch.empty(SHAPE, device="meta"), mx, mean, rstd, G, *mp)
+    assert grads[0].shape == SHAPE
+    assert all(g.shape == p.shape and g.dtype == p.dtype for g, p in zip(grads[1:], mp))
+    assert functional(variant)(mx, G, *mp).shape == SHAPE
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_raw_backward_parameter_wrong_dtype(variant, index, dtype):
+    x, params = _setup(variant)
+    _, mean, rstd = fwd_op(variant)(x, G, *params, 1e-5)
+    name = PARAM_ARG_NAMES[variant][index]
+    bad = list(params)
+    bad[index] = torch.ones(params[index].shape, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"{name} must be float64, float32, float16 or bfloat16"):
+        bwd_op(variant)(make_input(SHAPE, seed=3), x, mean, rstd, G, *bad)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_raw_backward_grad_out_wrong_shape(variant):
+    x, params = _setup(variant)
+    _, mean, rstd = fwd_op(variant)(x, G, *params, 1e-5)
+    B, C_, H, W = SHAPE
+    for shape in [(B, C_, W, H), (B, C_, H * W), (B, C_ + 2 * 2 * G, H, W), (B + 1, C_, H, W),
+                  (B, C_, H, W, 1), (B * C_ * H * W,), (1, C_, H, W), ()]:
+        with pytest.raises(ValueError, match=re.escape("grad_out must have x's shape")):
+            bwd_op(variant)(torch.randn(shape), x, mean, rstd, G, *params)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64, torch.bool], ids=str)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_raw_backward_grad_out_not_floating(variant, dtype):
+    """grad_out must be a floating tensor (any floating dtype is converted to x's): a complex
+    grad_out would lose its imaginary part, an integer/bool one is not a gradient."""
+    x, params = _setup(variant)
+    _, mean, rstd = fwd_op(variant)(x, G, *params, 1e-5)
+    gy = torch.ones(SHAPE, dtype=dtype)
+    with pytest.raises(ValueError, match="grad_out"):
+        bwd_op(variant)(gy, x, mean, rstd, G, *params)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_raw_backward_statistics_wrong(variant, x_dtype):
+    """mean / rstd must be the forward's [B, C] statistics: float32 (float64 for float64 x)."""
+    x, params = _setup(variant, x_dtype)
+    _, mean, rstd = fwd_op(variant)(x, G, *params, 1e-5)
+    stat = torch.float64 if x_dtype == torch.float64 else torch.float32
+    assert mean.dtype == stat and rstd.dtype == stat
+    other = torch.float32 if stat == torch.float64 else torch.float64
+    wrong = [mean.to(other), mean.half(), mean.bfloat16(), mean.to(torch.int64), mean.t(),
+             mean.reshape(-1), mean[..., None], mean[None], torch.cat([mean, mean]),
+             mean[:, :C // 2], torch.zeros((), dtype=stat)]
+    gy = make_input(SHAPE, seed=3, dtype=x_dtype)
+    op = bwd_op(variant)
+    for bad in wrong:
+        for args in ((gy, x, bad, rstd, G, *params), (gy, x, mean, bad, G, *params)):
+            with pytest.raises(ValueError, match=r"(mean|rstd) must be"):
+                op(*args)
+
+
+@pytest.mark.parametrize("eps", ["1e-5", None, [1e-5]], ids=["str", "None", "list"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_eps_not_a_number(variant, eps):
+    """eps of a wrong type: ValueError/RuntimeError naming eps (like groups = "4" does)."""
+    x, params = _setup(variant)
+    with pytest.raises((ValueError, RuntimeError), match="eps"):
+        functional(variant)(x, G, *params, eps=eps)

@@ -18,12 +18,11 @@ import math
 import pytest
 import torch
 
-from conftest import VARIANTS, make_input, make_ref, params_in_op_order
-from emulation import load_emulation
+from conftest import EMULATED, VARIANTS, make_input, make_ref, params_in_op_order
 
-EMU = load_emulation()
-
-BACKENDS = [pytest.param(torch.ops.sa_cuda, id="cpu"), pytest.param(EMU, id="emulated")]
+EMU = EMULATED.ops
+# The reduction tests build their inputs on the CPU: the cpu and emulated backends.
+CPU_BACKENDS = pytest.mark.parametrize("backend", ["cpu", "emulated"], indirect=True)
 
 # ATen events that allocate or only make new metadata over the same storage: no kernel on a GPU,
 # no pass over memory on the CPU. A copying variant of any of them (a reshape or contiguous that
@@ -114,16 +113,16 @@ def shuffled_channels_of(b, g, shape, groups):
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.float64], ids=["x-fp32", "x-fp64"])
-@pytest.mark.parametrize("ns", BACKENDS)
+@CPU_BACKENDS
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_gradient_is_sum_over_slots(variant, ns, x_dtype):
+def test_gradient_is_sum_over_slots(variant, backend, x_dtype):
     """Every parameter gradient is linear in the per-slot partials. With grad_out zero outside one
     (batch item, group) slot, every other slot's partials are exact zeros and the op returns that
     slot's own terms; the full gradient is their sum, in float64 (float64 parameters: the stores
     are the float64 results themselves)."""
     shape, groups = (3, 24, 5, 6), 3  # m = 4, 9 slots
-    args = op_inputs(ns, variant, shape, groups, dtype=x_dtype, param_dtypes=[torch.float64] * 6)
-    full = backward(ns, variant, args)[1:]
+    args = op_inputs(backend.ops, variant, shape, groups, dtype=x_dtype, param_dtypes=[torch.float64] * 6)
+    full = backward(backend.ops, variant, args)[1:]
     grad_out = args[0]
     per_slot = []
     for b in range(shape[0]):
@@ -131,7 +130,7 @@ def test_gradient_is_sum_over_slots(variant, ns, x_dtype):
             only = torch.zeros_like(grad_out)
             channels = shuffled_channels_of(b, g, shape, groups)
             only[b, channels] = grad_out[b, channels]
-            per_slot.append(backward(ns, variant, [only, *args[1:]])[1:])
+            per_slot.append(backward(backend.ops, variant, [only, *args[1:]])[1:])
     for i, got in enumerate(full):
         assert got.dtype == torch.float64 and got.shape == args[5 + i].shape
         terms = torch.stack([s[i] for s in per_slot])
@@ -152,28 +151,28 @@ MIXED = [
 
 
 @pytest.mark.parametrize("param_dtypes", MIXED)
-@pytest.mark.parametrize("ns", BACKENDS)
+@CPU_BACKENDS
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_gradient_dtypes(variant, ns, param_dtypes):
+def test_gradient_dtypes(variant, backend, param_dtypes):
     """A gradient in a parameter's own dtype is the float64 gradient (same parameter values, so the
     same acc_t parameters, partials and sums) converted as PyTorch converts float64."""
     shape, groups = (2, 16, 6, 7), 2
-    args = op_inputs(ns, variant, shape, groups, param_dtypes=param_dtypes, seed=3)
+    args = op_inputs(backend.ops, variant, shape, groups, param_dtypes=param_dtypes, seed=3)
     wide = args[:5] + [p.to(torch.float64) for p in args[5:]]
-    got = backward(ns, variant, args)[1:]
-    ref = backward(ns, variant, wide)[1:]
+    got = backward(backend.ops, variant, args)[1:]
+    ref = backward(backend.ops, variant, wide)[1:]
     for i, (g, r, p) in enumerate(zip(got, ref, args[5:])):
         assert g.dtype == p.dtype and g.shape == p.shape, f"gradient {i}: {g.dtype} {g.shape}"
         assert torch.equal(g, r.to(p.dtype)), f"gradient {i} ({p.dtype})"
 
 
-@pytest.mark.parametrize("ns", BACKENDS)
+@CPU_BACKENDS
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_every_slot_and_entry_written(variant, ns):
+def test_every_slot_and_entry_written(variant, backend):
     """Partials and gradients are allocated uninitialized: with PyTorch filling every
     uninitialized allocation with NaN, the results are unchanged bit for bit."""
-    args = op_inputs(ns, variant, (2, 24, 5, 5), 3, seed=7)
-    plain = backward(ns, variant, args)
+    args = op_inputs(backend.ops, variant, (2, 24, 5, 5), 3, seed=7)
+    plain = backward(backend.ops, variant, args)
     assert all(bool(t.isfinite().all()) for t in plain)
     deterministic = torch.are_deterministic_algorithms_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
@@ -181,7 +180,7 @@ def test_every_slot_and_entry_written(variant, ns):
         torch.use_deterministic_algorithms(True)
         torch.utils.deterministic.fill_uninitialized_memory = True
         assert torch.empty(4).isnan().all(), "uninitialized memory is not NaN-filled: test is void"
-        filled = backward(ns, variant, args)
+        filled = backward(backend.ops, variant, args)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.utils.deterministic.fill_uninitialized_memory = fill
@@ -189,20 +188,20 @@ def test_every_slot_and_entry_written(variant, ns):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("ns", BACKENDS)
+@CPU_BACKENDS
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_empty_batch_gives_zero_gradients(variant, ns):
+def test_empty_batch_gives_zero_gradients(variant, backend):
     """B = 0: no kernel unit runs; the gradients are exact zeros in each parameter's shape and
     dtype, even for infinite parameters (0 * inf would be NaN), in NaN-filled allocations."""
     dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float32,
               torch.float64]
-    args = op_inputs(ns, variant, (0, 16, 4, 4), 2, param_dtypes=dtypes)
+    args = op_inputs(backend.ops, variant, (0, 16, 4, 4), 2, param_dtypes=dtypes)
     args[5 + 2] = torch.full_like(args[5 + 2], math.inf)  # spatial weight
     args[5 + 4] = torch.full_like(args[5 + 4], -math.inf)  # gn weight
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        grads = backward(ns, variant, args)
+        grads = backward(backend.ops, variant, args)
     finally:
         torch.use_deterministic_algorithms(deterministic)
     assert grads[0].shape == args[1].shape

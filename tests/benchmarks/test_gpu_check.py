@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
 HELPERS = os.path.join(ROOT, "benchmarks", "gpu_check")
 FIXTURE = os.path.join(HELPERS, "fixtures", "ncu_raw_page.csv")

@@ -27,8 +27,9 @@ from benchmarks.configs import DTYPES, PASSES, SHAPES, Plan, make_plan, parse_ar
 from benchmarks.harness import BYTES_FACTOR, Bencher
 
 
-def run_configs(plan: Plan, bencher: Bencher, seed: int, progress: report.Progress,
-                failures: list[str]) -> dict:
+def run_configs(
+    plan: Plan, bencher: Bencher, seed: int, progress: report.Progress, failures: list[str]
+) -> dict:
     """Checks and times every config of the plan: {"checks", "copy", "results", "memory"}."""
     out = {"checks": [], "copy": [], "results": [], "memory": []}
     copies: dict[tuple[int, str], dict] = {}
@@ -46,8 +47,10 @@ def run_configs(plan: Plan, bencher: Bencher, seed: int, progress: report.Progre
             fused_ok = chk["ok"]
         progress.step(f"{cfg.key} check")
         if (shape.n, dname) not in copies:
-            copies[(shape.n, dname)] = {"dtype": dname,
-                                        **harness.time_copy(bencher, shape.n, dtype, plan.device)}
+            copies[(shape.n, dname)] = {
+                "dtype": dname,
+                **harness.time_copy(bencher, shape.n, dtype, plan.device),
+            }
         progress.step(f"{cfg.key} copy")
         if any(i.startswith("compile") for i in plan.impls):
             torch._dynamo.reset()  # fresh caches: no recompile limit, no stale guards
@@ -56,8 +59,9 @@ def run_configs(plan: Plan, bencher: Bencher, seed: int, progress: report.Progre
             if impl == "fused" and not fused_ok:
                 rows, mem = measure.failed_impl(cfg, impl, plan.passes, progress)
             else:
-                rows, mem = measure.measure_impl(cfg, bencher, impl, plan.passes,
-                                                 copies[(shape.n, dname)]["gbps"], progress)
+                rows, mem = measure.measure_impl(
+                    cfg, bencher, impl, plan.passes, copies[(shape.n, dname)]["gbps"], progress
+                )
             cfg_rows += rows
             out["memory"].append(mem)
         measure.add_speedups(cfg_rows)
@@ -74,9 +78,16 @@ def run_e2e(plan: Plan, progress: report.Progress, failures: list[str]) -> dict 
     if any(i.startswith("compile") for i in plan.impls):
         torch._dynamo.reset()
     cfg = plan.e2e
-    rows, e2e_failures = e2e.run_e2e(plan.device, cfg["modes"], cfg["batches"], cfg["resolution"],
-                                     cfg["warmup"], cfg["iters"], log=progress.write,
-                                     tick=lambda: progress.step("e2e"))
+    rows, e2e_failures = e2e.run_e2e(
+        plan.device,
+        cfg["modes"],
+        cfg["batches"],
+        cfg["resolution"],
+        cfg["warmup"],
+        cfg["iters"],
+        log=progress.write,
+        tick=lambda: progress.step("e2e"),
+    )
     failures += e2e_failures
     return {"config": cfg, "results": rows}
 
@@ -95,9 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     if not plan.cuda:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    bencher = Bencher(plan.device, threads, plan.min_run_time,
-                      cuda_warmup_ms=10 if plan.quick else 25,
-                      cuda_rep_ms=20 if plan.quick else 100)
+    bencher = Bencher(
+        plan.device,
+        threads,
+        plan.min_run_time,
+        cuda_warmup_ms=10 if plan.quick else 25,
+        cuda_rep_ms=20 if plan.quick else 100,
+    )
     label = report.device_label(plan.device, threads)
     date = datetime.date.today().isoformat()
     tag = args.tag or ("quick" if plan.quick else None)
@@ -108,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     load_before = report.loadavg()
     failures: list[str] = []
     if "fused" in plan.impls and not sa_cuda.fused_available(plan.device):
-        failures.append(f"fused kernels are not built for {plan.device.type} "
-                        "(sa_cuda.fused_available is False): nothing fused to measure")
+        failures.append(
+            f"fused kernels are not built for {plan.device.type} "
+            "(sa_cuda.fused_available is False): nothing fused to measure"
+        )
         plan.impls = [i for i in plan.impls if i != "fused"]
     progress = report.Progress(progress_steps(plan))
     measured = run_configs(plan, bencher, args.seed, progress, failures)
@@ -118,16 +135,24 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "title": f"sa_cuda {sa_cuda.__version__} | {label} | torch {torch.__version__} | {date}",
-        "date": date, "device": label, "device_name": report.device_name(plan.device),
-        "threads": threads, "torch": torch.__version__, "sa_cuda": sa_cuda.__version__,
-        "python": platform.python_version(), "command": " ".join([sys.executable, *sys.argv]),
+        "date": date,
+        "device": label,
+        "device_name": report.device_name(plan.device),
+        "threads": threads,
+        "torch": torch.__version__,
+        "sa_cuda": sa_cuda.__version__,
+        "python": platform.python_version(),
+        "command": " ".join([sys.executable, *sys.argv]),
         "timer": bencher.description(),
         "model_bytes": {p: f"{BYTES_FACTOR[p]}*n*e" for p in PASSES},
         "bwd_method": "retain_graph: one forward outside the timed region, timed "
-                      "torch.autograd.grad(out, [x, *params], grad_out, retain_graph=True); "
-                      "'subtract' rows: t(fwdbwd) - t(fwd)",
-        "loadavg_1_5_15min": {"start": load_before, "end": report.loadavg(),
-                              "cores": os.cpu_count()},
+        "torch.autograd.grad(out, [x, *params], grad_out, retain_graph=True); "
+        "'subtract' rows: t(fwdbwd) - t(fwd)",
+        "loadavg_1_5_15min": {
+            "start": load_before,
+            "end": report.loadavg(),
+            "cores": os.cpu_count(),
+        },
         "quick": plan.quick,
         "shapes": {s: vars(SHAPES[s]) for s in plan.shapes},
         **measured,

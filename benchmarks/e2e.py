@@ -21,7 +21,7 @@ import argparse
 import contextlib
 import copy
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -39,8 +39,9 @@ def _autocast(device: torch.device, mode: str):
     return torch.autocast(device_type=device.type, dtype=E2E_AMP_DTYPES[mode])
 
 
-def time_iters(fn: Callable[[], object], device: torch.device, warmup: int,
-               iters: int) -> list[float]:
+def time_iters(
+    fn: Callable[[], object], device: torch.device, warmup: int, iters: int
+) -> list[float]:
     """Seconds of each of ``iters`` calls of fn (after ``warmup`` calls), synchronized per call
     (a training step is long enough for the host clock)."""
     for _ in range(warmup):
@@ -74,8 +75,13 @@ def make_models(device: torch.device, seed: int = 0) -> dict[str, nn.Module]:
     return {"eager": eager.to(device), "fused": fused.to(device)}
 
 
-def _check(models: dict[str, nn.Module], images: torch.Tensor, labels: torch.Tensor,
-           device: torch.device, mode: str) -> dict:
+def _check(
+    models: dict[str, nn.Module],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    mode: str,
+) -> dict:
     """Eval logits and train-mode loss of fused vs eager (copies: BN statistics stay untouched)."""
     out = {}
     with torch.no_grad(), _autocast(device, mode):
@@ -83,8 +89,12 @@ def _check(models: dict[str, nn.Module], images: torch.Tensor, labels: torch.Ten
         scale = e.abs().max().item()
         out["logits_max_abs_diff"] = (e - f).abs().max().item()
         out["logits_max_abs"] = scale
-        le, lf = (nn.functional.cross_entropy(copy.deepcopy(models[k]).train()(images).float(),
-                                              labels).item() for k in ("eager", "fused"))
+        le, lf = (
+            nn.functional.cross_entropy(
+                copy.deepcopy(models[k]).train()(images).float(), labels
+            ).item()
+            for k in ("eager", "fused")
+        )
         out["train_loss_eager"], out["train_loss_fused"] = le, lf
     rel = out["logits_max_abs_diff"] / max(scale, 1e-30)
     out["logits_rel_diff"] = rel
@@ -95,8 +105,9 @@ def _check(models: dict[str, nn.Module], images: torch.Tensor, labels: torch.Ten
     return out
 
 
-def step_fns(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-             mode: str) -> dict[str, Callable[[], None]]:
+def step_fns(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, mode: str
+) -> dict[str, Callable[[], None]]:
     """{"train": one SGD training step, "infer": one inference forward, "train_forward": the
     training step's forward and loss alone (what autograd saves memory for)}."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
@@ -118,23 +129,39 @@ def step_fns(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, devic
     return {"train": train, "infer": infer, "train_forward": train_forward}
 
 
-def measure_step(row: dict, model: nn.Module, fns: dict, device: torch.device, warmup: int,
-                 iters: int) -> None:
+def measure_step(
+    row: dict, model: nn.Module, fns: dict, device: torch.device, warmup: int, iters: int
+) -> None:
     """Times ``row["step"]`` of ``model`` and measures its memory, into ``row``."""
     step, batch = row["step"], row["batch"]
     model.train(step == "train")
     p25, med, p75 = quartiles(time_iters(fns[step], device, warmup, iters))
-    row.update(status="ok", median_s=med, p25_s=p25, p75_s=p75, iqr_s=p75 - p25, n=iters,
-               images_per_s=batch / med)
+    row.update(
+        status="ok",
+        median_s=med,
+        p25_s=p25,
+        p75_s=p75,
+        iqr_s=p75 - p25,
+        n=iters,
+        images_per_s=batch / med,
+    )
     if device.type == "cuda":
         row["peak_bytes"] = peak_cuda_bytes(fns[step], device, warmup=False)
     if step == "train":
         row["saved_bytes"] = saved_tensor_bytes(fns["train_forward"])[0]
 
 
-def run_config(device: torch.device, mode: str, batch: int, resolution: int, warmup: int,
-               iters: int, log: Callable[[str], None], tick: Callable[[], None],
-               failures: list[str]) -> list[dict]:
+def run_config(
+    device: torch.device,
+    mode: str,
+    batch: int,
+    resolution: int,
+    warmup: int,
+    iters: int,
+    log: Callable[[str], None],
+    tick: Callable[[], None],
+    failures: list[str],
+) -> list[dict]:
     """The rows of one (mode, batch): the check, then each model's train and infer steps."""
     key = f"e2e/sa_resnet50/{mode}/b{batch}/{resolution}px"
     models = make_models(device)
@@ -152,8 +179,16 @@ def run_config(device: torch.device, mode: str, batch: int, resolution: int, war
     for name, model in models.items():
         fns = step_fns(model, images, labels, device, mode)
         for step in STEPS:
-            row = {"key": key, "model": "sa_resnet50", "impl": name, "step": step, "mode": mode,
-                   "batch": batch, "resolution": resolution, "check": check}
+            row = {
+                "key": key,
+                "model": "sa_resnet50",
+                "impl": name,
+                "step": step,
+                "mode": mode,
+                "batch": batch,
+                "resolution": resolution,
+                "check": check,
+            }
             rows.append(row)
             if name == "fused" and not check["ok"]:
                 row["status"] = "FAILED"
@@ -168,9 +203,16 @@ def run_config(device: torch.device, mode: str, batch: int, resolution: int, war
     return rows
 
 
-def run_e2e(device: torch.device, modes: list[str], batches: list[int], resolution: int,
-            warmup: int, iters: int, log: Callable[[str], None] = print,
-            tick: Callable[[], None] = lambda: None) -> tuple[list[dict], list[str]]:
+def run_e2e(
+    device: torch.device,
+    modes: list[str],
+    batches: list[int],
+    resolution: int,
+    warmup: int,
+    iters: int,
+    log: Callable[[str], None] = print,
+    tick: Callable[[], None] = lambda: None,
+) -> tuple[list[dict], list[str]]:
     """Returns (rows, failures). One row per (mode, batch, model, step)."""
     rows: list[dict] = []
     failures: list[str] = []
@@ -190,21 +232,27 @@ def run_e2e(device: torch.device, modes: list[str], batches: list[int], resoluti
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'model':<12} {'mode':<9} {'batch':>5} {'res':>4} {'step':<6} {'impl':<6} "
-            f"{'median ms':>10} {'IQR ms':>8} {'img/s':>8} {'x eager':>8} {'peak MiB':>9} "
-            f"{'saved MiB':>9}")
+    head = (
+        f"{'model':<12} {'mode':<9} {'batch':>5} {'res':>4} {'step':<6} {'impl':<6} "
+        f"{'median ms':>10} {'IQR ms':>8} {'img/s':>8} {'x eager':>8} {'peak MiB':>9} "
+        f"{'saved MiB':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lead = (f"{r['model']:<12} {r['mode']:<9} {r['batch']:>5} {r['resolution']:>4} "
-                f"{r['step']:<6} {r['impl']:<6} ")
+        lead = (
+            f"{r['model']:<12} {r['mode']:<9} {r['batch']:>5} {r['resolution']:>4} "
+            f"{r['step']:<6} {r['impl']:<6} "
+        )
         if r.get("status") != "ok":
             lines.append(lead + r.get("status", "?").upper())
             continue
         peak = f"{r['peak_bytes'] / 2**20:9.1f}" if "peak_bytes" in r else f"{'-':>9}"
         saved = f"{r['saved_bytes'] / 2**20:9.1f}" if "saved_bytes" in r else f"{'-':>9}"
         sp = f"{r['speedup_vs_eager']:8.2f}" if "speedup_vs_eager" in r else f"{'':>8}"
-        lines.append(lead + f"{r['median_s'] * 1e3:10.2f} {r['iqr_s'] * 1e3:8.2f} "
-                     f"{r['images_per_s']:8.1f} {sp} {peak} {saved}")
+        lines.append(
+            lead + f"{r['median_s'] * 1e3:10.2f} {r['iqr_s'] * 1e3:8.2f} "
+            f"{r['images_per_s']:8.1f} {sp} {peak} {saved}"
+        )
     return "\n".join(lines)
 
 
@@ -220,10 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     modes = csv_choice("--modes", args.modes, ["fp32", "amp-bf16"] if cuda else ["fp32"], E2E_MODES)
-    batches = ([int(b) for b in args.batches.split(",")] if args.batches
-               else ([32, 64] if cuda else [8]))
-    rows, failures = run_e2e(device, modes, batches, args.resolution or (224 if cuda else 112),
-                             args.warmup or (10 if cuda else 2), args.iters or (30 if cuda else 5))
+    batches = (
+        [int(b) for b in args.batches.split(",")] if args.batches else ([32, 64] if cuda else [8])
+    )
+    rows, failures = run_e2e(
+        device,
+        modes,
+        batches,
+        args.resolution or (224 if cuda else 112),
+        args.warmup or (10 if cuda else 2),
+        args.iters or (30 if cuda else 5),
+    )
     print(format_table(rows))
     for f in failures:
         print("FAILED:", f)

@@ -23,16 +23,15 @@ import gc
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.utils.benchmark  # noqa: F401  (imported before any progress bar: see below)
 from torch import Tensor, nn
 
-from sa_cuda.testing import accuracy_bound
-
 from benchmarks.configs import VARIANTS, Shape
+from sa_cuda.testing import accuracy_bound
 
 # torch.utils.benchmark imports torch.utils.cpp_extension, which logs "No CUDA runtime is found,
 # using CUDA_HOME=..." when it is imported on a machine without a GPU. Importing it here, at start
@@ -51,6 +50,7 @@ def element_size(dtype: torch.dtype) -> int:
 
 # --------------------------------------------------------------------------------------------
 # timers
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -78,15 +78,27 @@ class Timing:
         return self.p75_ms - self.p25_ms
 
     def as_dict(self) -> dict:
-        return {"median_ms": self.median_ms, "p25_ms": self.p25_ms, "p75_ms": self.p75_ms,
-                "iqr_ms": self.iqr_ms, "n_measurements": self.n, "timer": self.timer}
+        return {
+            "median_ms": self.median_ms,
+            "p25_ms": self.p25_ms,
+            "p75_ms": self.p75_ms,
+            "iqr_ms": self.iqr_ms,
+            "n_measurements": self.n,
+            "timer": self.timer,
+        }
 
 
 class Bencher:
     """Times a zero-argument callable on one device (the module docstring says how)."""
 
-    def __init__(self, device: torch.device, threads: int, min_run_time: float,
-                 cuda_warmup_ms: int = 25, cuda_rep_ms: int = 100) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        threads: int,
+        min_run_time: float,
+        cuda_warmup_ms: int = 25,
+        cuda_rep_ms: int = 100,
+    ) -> None:
         self.device, self.threads, self.min_run_time = device, threads, min_run_time
         self.cuda_warmup_ms, self.cuda_rep_ms = cuda_warmup_ms, cuda_rep_ms
         self.do_bench = None
@@ -94,6 +106,7 @@ class Bencher:
         if device.type == "cuda":
             try:
                 from triton.testing import do_bench
+
                 self.do_bench = do_bench
             except ImportError:
                 self._flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
@@ -107,25 +120,36 @@ class Bencher:
 
     def description(self) -> str:
         if self.device.type == "cuda":
-            return ("triton.testing.do_bench (L2 flushed), quantiles 25/50/75" if self.do_bench
-                    else "CUDA events, L2 flushed with a 256 MiB write per call")
-        return (f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={self.min_run_time}"
-                f"), {self.threads} threads; median and IQR of the blocks")
+            return (
+                "triton.testing.do_bench (L2 flushed), quantiles 25/50/75"
+                if self.do_bench
+                else "CUDA events, L2 flushed with a 256 MiB write per call"
+            )
+        return (
+            f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={self.min_run_time}"
+            f"), {self.threads} threads; median and IQR of the blocks"
+        )
 
     def _cpu(self, fn: Callable[[], object]) -> Timing:
         for _ in range(2):  # warm-up (first-call allocations, compile caches)
             fn()
         m = torch.utils.benchmark.Timer(
-            stmt="fn()", globals={"fn": fn}, num_threads=self.threads,
-            label="sa_cuda").blocked_autorange(min_run_time=self.min_run_time)
+            stmt="fn()", globals={"fn": fn}, num_threads=self.threads, label="sa_cuda"
+        ).blocked_autorange(min_run_time=self.min_run_time)
         p25, median, p75 = quartiles(sorted(m.times))
-        return Timing(median * 1e3, p25 * 1e3, p75 * 1e3, len(m.times),
-                      f"torch.utils.benchmark.Timer.blocked_autorange({self.threads} threads)")
+        return Timing(
+            median * 1e3,
+            p25 * 1e3,
+            p75 * 1e3,
+            len(m.times),
+            f"torch.utils.benchmark.Timer.blocked_autorange({self.threads} threads)",
+        )
 
     def _cuda(self, fn: Callable[[], object]) -> Timing:
         if self.do_bench is not None:
-            q = self.do_bench(fn, warmup=self.cuda_warmup_ms, rep=self.cuda_rep_ms,
-                              quantiles=[0.25, 0.5, 0.75])
+            q = self.do_bench(
+                fn, warmup=self.cuda_warmup_ms, rep=self.cuda_rep_ms, quantiles=[0.25, 0.5, 0.75]
+            )
             return Timing(q[1], q[0], q[2], -1, "triton.testing.do_bench (L2 flushed)")
         # CUDA events, L2 flushed by writing a 256 MiB buffer before every call
         for _ in range(5):
@@ -136,8 +160,10 @@ class Bencher:
         sync(self.device)
         est = max(time.perf_counter() - t0, 1e-6)
         iters = int(min(max(self.cuda_rep_ms * 1e-3 / est, 10), 1000))
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(iters)]
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(iters)
+        ]
         for start, end in events:
             self._flush.zero_()
             start.record()
@@ -163,7 +189,9 @@ class GraphTimer:
     def time(self, make_fns: Callable[[int], list], bytes_per_call: int) -> dict:
         s = self.stream
         s.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(s):  # the backward of a retained forward runs on the forward's stream
+        with torch.cuda.stream(
+            s
+        ):  # the backward of a retained forward runs on the forward's stream
             fns = make_fns(self.copies_for(bytes_per_call))
             iters = len(fns) * self._rounds(fns)
             graph = torch.cuda.CUDAGraph()
@@ -175,8 +203,14 @@ class GraphTimer:
         torch.cuda.current_stream(self.device).wait_stream(s)
         del graph, fns
         p25, median, p75 = quartiles(times)
-        return {"median_ms": median, "p25_ms": p25, "p75_ms": p75, "iters_per_graph": iters,
-                "input_copies": self.copies_for(bytes_per_call), "timer": "CUDA graph replay"}
+        return {
+            "median_ms": median,
+            "p25_ms": p25,
+            "p75_ms": p75,
+            "iters_per_graph": iters,
+            "input_copies": self.copies_for(bytes_per_call),
+            "timer": "CUDA graph replay",
+        }
 
     def _rounds(self, fns: list) -> int:
         """Rounds over the input copies per graph: enough for ~target_ms, at most 200 calls."""
@@ -201,8 +235,13 @@ def time_copy(timer, elems: int, dtype: torch.dtype, device: torch.device) -> di
     nbytes = 2 * elems * element_size(dtype)
 
     def make_fns(count: int) -> list[Callable[[], object]]:
-        pairs = [(torch.empty(elems, dtype=dtype, device=device).normal_(),
-                  torch.empty(elems, dtype=dtype, device=device)) for _ in range(count)]
+        pairs = [
+            (
+                torch.empty(elems, dtype=dtype, device=device).normal_(),
+                torch.empty(elems, dtype=dtype, device=device),
+            )
+            for _ in range(count)
+        ]
         return [lambda src=src, dst=dst: dst.copy_(src) for src, dst in pairs]
 
     t = timer.time(make_fns, nbytes)
@@ -212,8 +251,10 @@ def time_copy(timer, elems: int, dtype: torch.dtype, device: torch.device) -> di
 # --------------------------------------------------------------------------------------------
 # modules, inputs, correctness
 
-def make_modules(variant: str, shape: Shape, dtype: torch.dtype, device: torch.device,
-                 seed: int) -> tuple[nn.Module, nn.Module]:
+
+def make_modules(
+    variant: str, shape: Shape, dtype: torch.dtype, device: torch.device, seed: int
+) -> tuple[nn.Module, nn.Module]:
     """(reference, fused) with identical, non-trivial parameters (SA-Net's init has
     cweight = sweight = 0, which would make the gates constant), in ``dtype`` on ``device``."""
     ref_cls, fused_cls = VARIANTS[variant]
@@ -228,16 +269,21 @@ def make_modules(variant: str, shape: Shape, dtype: torch.dtype, device: torch.d
     return ref.to(device=device, dtype=dtype), fused.to(device=device, dtype=dtype)
 
 
-def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device,
-                seed: int) -> tuple[Tensor, Tensor]:
+def make_inputs(
+    shape: Shape, dtype: torch.dtype, device: torch.device, seed: int
+) -> tuple[Tensor, Tensor]:
     """(x requiring grad, grad_out)."""
     g = torch.Generator().manual_seed(seed + 2)
     size = (shape.B, shape.C, shape.H, shape.W)
     # a per-channel offset and scale, so that means and variances differ between planes
-    x = (torch.randn(size, generator=g) * (0.5 + torch.rand(1, shape.C, 1, 1, generator=g))
-         + torch.randn(1, shape.C, 1, 1, generator=g))
+    x = torch.randn(size, generator=g) * (
+        0.5 + torch.rand(1, shape.C, 1, 1, generator=g)
+    ) + torch.randn(1, shape.C, 1, 1, generator=g)
     gy = torch.randn(size, generator=g)
-    return (x.to(device=device, dtype=dtype).requires_grad_(True), gy.to(device=device, dtype=dtype))
+    return (
+        x.to(device=device, dtype=dtype).requires_grad_(True),
+        gy.to(device=device, dtype=dtype),
+    )
 
 
 def forward_backward(mod: nn.Module, x: Tensor, gy: Tensor) -> dict[str, Tensor]:
@@ -245,8 +291,11 @@ def forward_backward(mod: nn.Module, x: Tensor, gy: Tensor) -> dict[str, Tensor]
     names, params = zip(*mod.named_parameters())
     out = mod(x)
     grads = torch.autograd.grad(out, [x, *params], gy)
-    return {"out": out.detach(), "grad_x": grads[0],
-            **{f"grad_{n}": g for n, g in zip(names, grads[1:])}}
+    return {
+        "out": out.detach(),
+        "grad_x": grads[0],
+        **{f"grad_{n}": g for n, g in zip(names, grads[1:])},
+    }
 
 
 def _max_err(a: Tensor, b: Tensor) -> float:
@@ -277,14 +326,20 @@ def check_fused(ref: nn.Module, fused: nn.Module, x: Tensor, gy: Tensor) -> dict
         want_dtype = (E if E is not None else F)[key].dtype  # eager's dtype for this tensor
         good = finite and err <= bound and f.shape == r.shape and f.dtype == want_dtype
         ok &= good
-        details[key] = {"err": err, "bound": bound, "err_eager": err_eager, "max_abs_ref": scale,
-                        "ok": good}
+        details[key] = {
+            "err": err,
+            "bound": bound,
+            "err_eager": err_eager,
+            "max_abs_ref": scale,
+            "ok": good,
+        }
     del R, F, E
     return {"ok": ok, "tensors": details, "eager_error": eager_error}
 
 
 # --------------------------------------------------------------------------------------------
 # what is timed
+
 
 def build_impl(name: str, ref: nn.Module, fused: nn.Module) -> nn.Module | Callable:
     if name == "eager":
@@ -303,22 +358,26 @@ def step_begin(impl: str) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-def pass_fn(impl: str, pass_: str, mod: Callable, x: Tensor, gy: Tensor,
-            params: list[Tensor]) -> Callable[[], object]:
+def pass_fn(
+    impl: str, pass_: str, mod: Callable, x: Tensor, gy: Tensor, params: list[Tensor]
+) -> Callable[[], object]:
     """The timed statement of ``pass_`` (README, "What is measured") as a zero-argument callable.
     ``bwd`` runs its one forward here, outside the timed region, and raises if ``mod``'s graph
     cannot be back-propagated with retain_graph."""
     inputs = [x, *params]
     if pass_ == "fwd":
+
         def fn():
             step_begin(impl)
             return mod(x)
     elif pass_ == "infer":
+
         def fn():
             step_begin(impl)
             with torch.no_grad():
                 return mod(x)
     elif pass_ == "fwdbwd":
+
         def fn():
             step_begin(impl)
             out = mod(x)
@@ -338,8 +397,8 @@ def pass_fn(impl: str, pass_: str, mod: Callable, x: Tensor, gy: Tensor,
 # --------------------------------------------------------------------------------------------
 # memory
 
-def saved_tensor_bytes(fn: Callable[[], object],
-                       exclude: list[Tensor] = ()) -> tuple[int, int]:
+
+def saved_tensor_bytes(fn: Callable[[], object], exclude: list[Tensor] = ()) -> tuple[int, int]:
     """(bytes of unique storages autograd saves while fn runs, the same without the storages
     of ``exclude`` (the input and the parameters, which the caller keeps alive anyway))."""
     storages: dict[tuple[int, int], int] = {}
@@ -372,4 +431,3 @@ def peak_cuda_bytes(fn: Callable[[], object], device: torch.device, warmup: bool
     peak = torch.cuda.max_memory_allocated(device) - base
     del res
     return peak
-

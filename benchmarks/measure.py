@@ -41,8 +41,16 @@ class Config:
     def common(self) -> dict:
         """The fields every row of this config starts with."""
         s = self.shape
-        return {"variant": self.variant, "shape": s.name, "B": s.B, "C": s.C, "H": s.H, "W": s.W,
-                "G": s.G, "dtype": self.dname}
+        return {
+            "variant": self.variant,
+            "shape": s.name,
+            "B": s.B,
+            "C": s.C,
+            "H": s.H,
+            "W": s.W,
+            "G": s.G,
+            "dtype": self.dname,
+        }
 
     def params(self, impl: str) -> list[Tensor]:
         return list((self.fused if impl == "fused" else self.ref).parameters())
@@ -53,8 +61,11 @@ def check(cfg: Config, progress: Progress) -> dict:
     try:
         chk = harness.check_fused(cfg.ref, cfg.fused, cfg.x, cfg.gy)
     except Exception as exc:  # noqa: BLE001
-        chk = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-               "traceback": traceback.format_exc()}
+        chk = {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
     if not chk["ok"]:
         bad = {k: v for k, v in chk.get("tensors", {}).items() if not v["ok"]}
         msg = f"{cfg.key}: fused check FAILED: {chk.get('error') or bad}"
@@ -69,22 +80,26 @@ def memory(cfg: Config, impl: str, mod) -> dict:
     mem = {**cfg.common, "impl": impl, "input_bytes": cfg.shape.n * harness.element_size(dtype)}
     params = cfg.params(impl)
     try:
+
         def fwd_only() -> object:
             harness.step_begin(impl)
             return mod(cfg.x)
+
         total, beyond = harness.saved_tensor_bytes(fwd_only, [cfg.x, *params])
         mem.update(saved_bytes=total, saved_bytes_beyond_inputs=beyond)
         if cfg.x.device.type == "cuda":
             mem["peak_bytes"] = harness.peak_cuda_bytes(
-                harness.pass_fn(impl, "fwdbwd", mod, cfg.x, cfg.gy, params), cfg.x.device)
+                harness.pass_fn(impl, "fwdbwd", mod, cfg.x, cfg.gy, params), cfg.x.device
+            )
     except Exception as exc:  # noqa: BLE001
         mem["error"] = f"{type(exc).__name__}: {exc}"
         cfg.failures.append(f"{cfg.key} {impl} memory: {mem['error'].splitlines()[0]}")
     return mem
 
 
-def time_pass(cfg: Config, bencher: Bencher, impl: str, pass_: str, mod,
-              progress: Progress) -> tuple[Timing, str]:
+def time_pass(
+    cfg: Config, bencher: Bencher, impl: str, pass_: str, mod, progress: Progress
+) -> tuple[Timing, str]:
     """(timing, method) of one pass; raises what the implementation raises."""
     params = cfg.params(impl)
     if pass_ != "bwd":
@@ -101,16 +116,25 @@ def time_pass(cfg: Config, bencher: Bencher, impl: str, pass_: str, mod,
             return bencher(fn), "retain_graph, donated_buffer=False"
         return bencher(harness.pass_fn(impl, pass_, mod, cfg.x, cfg.gy, params)), "retain_graph"
     except RuntimeError as exc:
-        progress.write(f"{cfg.key} {impl} bwd: retain_graph backward failed ({exc}); "
-                       "timing fwdbwd - fwd instead")
-    fb, f = (bencher(harness.pass_fn(impl, q, mod, cfg.x, cfg.gy, params))
-             for q in ("fwdbwd", "fwd"))
+        progress.write(
+            f"{cfg.key} {impl} bwd: retain_graph backward failed ({exc}); "
+            "timing fwdbwd - fwd instead"
+        )
+    fb, f = (
+        bencher(harness.pass_fn(impl, q, mod, cfg.x, cfg.gy, params)) for q in ("fwdbwd", "fwd")
+    )
     med, half = fb.median_ms - f.median_ms, (fb.iqr_ms + f.iqr_ms) / 2
     return Timing(med, med - half, med + half, 0, fb.timer), "subtract"
 
 
-def measure_impl(cfg: Config, bencher: Bencher, impl: str, passes: list[str], copy_gbps: float,
-                 progress: Progress) -> tuple[list[dict], dict]:
+def measure_impl(
+    cfg: Config,
+    bencher: Bencher,
+    impl: str,
+    passes: list[str],
+    copy_gbps: float,
+    progress: Progress,
+) -> tuple[list[dict], dict]:
     """(one row per pass, in the order of ``passes``; the memory row) of one implementation."""
     base = {**cfg.common, "impl": impl}
     try:
@@ -129,8 +153,13 @@ def measure_impl(cfg: Config, bencher: Bencher, impl: str, passes: list[str], co
                 raise RuntimeError(build_error)
             t, row["method"] = time_pass(cfg, bencher, impl, pass_, mod, progress)
             gbps = nbytes / t.median_ms / 1e6
-            row.update(status="ok", **t.as_dict(), gbps=gbps, copy_gbps=copy_gbps,
-                       frac_of_copy=gbps / copy_gbps)
+            row.update(
+                status="ok",
+                **t.as_dict(),
+                gbps=gbps,
+                copy_gbps=copy_gbps,
+                frac_of_copy=gbps / copy_gbps,
+            )
         except Exception as exc:  # noqa: BLE001
             row.update(status="error", error=f"{type(exc).__name__}: {exc}".strip())
             cfg.failures.append(f"{desc}: {row['error'].splitlines()[0]}")
@@ -149,8 +178,9 @@ def add_speedups(rows: list[dict]) -> None:
                 row[f"speedup_vs_{base}"] = ok[(base, pass_)]["median_ms"] / row["median_ms"]
 
 
-def failed_impl(cfg: Config, impl: str, passes: list[str],
-                progress: Progress) -> tuple[list[dict], dict]:
+def failed_impl(
+    cfg: Config, impl: str, passes: list[str], progress: Progress
+) -> tuple[list[dict], dict]:
     """The rows of an implementation that is not timed because its check FAILED."""
     base = {**cfg.common, "impl": impl}
     rows = [{**base, "pass": q, "status": "FAILED"} for q in passes]

@@ -53,6 +53,7 @@ class Progress:
 # --------------------------------------------------------------------------------------------
 # the machine
 
+
 def slug(text: str) -> str:
     text = re.sub(r"\((r|tm|c)\)", "", text.lower())
     return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
@@ -90,16 +91,20 @@ def loadavg() -> list[float] | None:
 # --------------------------------------------------------------------------------------------
 # tables
 
+
 def format_table(rows: list[dict]) -> str:
     """Timings; a speedup column is filled only where the row's implementation is meant to
     replace that baseline (configs.SPEEDUP_BASELINES)."""
-    head = (f"{'variant':<17} {'shape':<13} {'dtype':<5} {'pass':<6} {'impl':<20} "
-            f"{'median ms':>10} {'IQR ms':>8} {'GB/s':>8} {'%copy':>6} {'x eager':>8} "
-            f"{'x compile':>9}")
+    head = (
+        f"{'variant':<17} {'shape':<13} {'dtype':<5} {'pass':<6} {'impl':<20} "
+        f"{'median ms':>10} {'IQR ms':>8} {'GB/s':>8} {'%copy':>6} {'x eager':>8} "
+        f"{'x compile':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lead = (f"{r['variant']:<17} {r['shape']:<13} {r['dtype']:<5} {r['pass']:<6} "
-                f"{r['impl']:<20} ")
+        lead = (
+            f"{r['variant']:<17} {r['shape']:<13} {r['dtype']:<5} {r['pass']:<6} {r['impl']:<20} "
+        )
         if r["status"] != "ok":
             lines.append(lead + f"{r['status']}" + (f": {r['error'][:60]}" if "error" in r else ""))
             continue
@@ -108,24 +113,31 @@ def format_table(rows: list[dict]) -> str:
             v = r.get(key)
             return f"{v:{width}.2f}" if v is not None else " " * width
 
-        lines.append(lead + f"{r['median_ms']:10.4f} {r['iqr_ms']:8.4f} {r['gbps']:8.1f} "
-                     f"{100 * r['frac_of_copy']:5.0f}% {opt('speedup_vs_eager', 8)} "
-                     f"{opt('speedup_vs_compile', 9)}"
-                     + ("  (bwd = fwdbwd - fwd)" if r.get("method") == "subtract" else ""))
+        lines.append(
+            lead + f"{r['median_ms']:10.4f} {r['iqr_ms']:8.4f} {r['gbps']:8.1f} "
+            f"{100 * r['frac_of_copy']:5.0f}% {opt('speedup_vs_eager', 8)} "
+            f"{opt('speedup_vs_compile', 9)}"
+            + ("  (bwd = fwdbwd - fwd)" if r.get("method") == "subtract" else "")
+        )
     return "\n".join(lines)
 
 
 def format_memory(rows: list[dict], cuda: bool) -> str:
-    head = (f"{'variant':<17} {'shape':<13} {'dtype':<5} {'impl':<20} {'saved MiB':>10} "
-            f"{'x input':>8} {'beyond x MiB':>12}" + (f" {'peak MiB':>9} {'x input':>8}" if cuda else ""))
+    head = (
+        f"{'variant':<17} {'shape':<13} {'dtype':<5} {'impl':<20} {'saved MiB':>10} "
+        f"{'x input':>8} {'beyond x MiB':>12}"
+        + (f" {'peak MiB':>9} {'x input':>8}" if cuda else "")
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lead = f"{r['variant']:<17} {r['shape']:<13} {r['dtype']:<5} {r['impl']:<20} "
         if "saved_bytes" not in r:
             lines.append(lead + r.get("error", "n/a")[:60])
             continue
-        line = (lead + f"{r['saved_bytes'] / 2**20:10.2f} {r['saved_bytes'] / r['input_bytes']:8.2f} "
-                f"{r['saved_bytes_beyond_inputs'] / 2**20:12.2f}")
+        line = (
+            lead + f"{r['saved_bytes'] / 2**20:10.2f} {r['saved_bytes'] / r['input_bytes']:8.2f} "
+            f"{r['saved_bytes_beyond_inputs'] / 2**20:12.2f}"
+        )
         if cuda and "peak_bytes" in r:
             line += f" {r['peak_bytes'] / 2**20:9.2f} {r['peak_bytes'] / r['input_bytes']:8.2f}"
         lines.append(line)
@@ -140,24 +152,33 @@ def print_report(result: dict) -> None:
     load = result["loadavg_1_5_15min"]
     busy, cores = (load["start"] or [None])[0], load["cores"] or 1
     if not cuda and busy is not None and busy > 0.5 * cores:
-        print(f"WARNING: load average {busy:.1f} on {cores} cores when the run started: other "
-              "processes compete for the CPU, timings are unreliable (a multi-threaded region "
-              "waits for its descheduled threads)")
-    print("model bytes: fwd/infer 2ne, bwd 3ne, fwdbwd 5ne; GB/s = model bytes / median; "
-          "%copy = GB/s / (copy of n elements, 2ne bytes, same run); x eager / x compile = "
-          "speedup over that baseline, for the implementations that replace it\n")
+        print(
+            f"WARNING: load average {busy:.1f} on {cores} cores when the run started: other "
+            "processes compete for the CPU, timings are unreliable (a multi-threaded region "
+            "waits for its descheduled threads)"
+        )
+    print(
+        "model bytes: fwd/infer 2ne, bwd 3ne, fwdbwd 5ne; GB/s = model bytes / median; "
+        "%copy = GB/s / (copy of n elements, 2ne bytes, same run); x eager / x compile = "
+        "speedup over that baseline, for the implementations that replace it\n"
+    )
     print(format_table(result["results"]))
     print("\ncopy of n elements (x.copy_(y), 2*n*e bytes):")
     for c in result["copy"]:
         print(f"  n={c['n']:>10} {c['dtype']:<8} {c['median_ms']:9.4f} ms  {c['gbps']:8.1f} GB/s")
-    print("\nmemory of one forward+backward (saved = bytes autograd keeps for backward, unique "
-          "storages; 'beyond x' excludes the input and the parameters"
-          + ("; peak = max_memory_allocated delta" if cuda else "") + "):")
+    print(
+        "\nmemory of one forward+backward (saved = bytes autograd keeps for backward, unique "
+        "storages; 'beyond x' excludes the input and the parameters"
+        + ("; peak = max_memory_allocated delta" if cuda else "")
+        + "):"
+    )
     print(format_memory(result["memory"], cuda))
     if result["e2e"] and result["e2e"]["results"]:
         cfg = result["e2e"]["config"]
-        print(f"\nend-to-end SA-ResNet-50 (eager = reference SA layers, fused = sa_cuda.SALayer, "
-              f"same weights; {cfg['warmup']} warm-up + {cfg['iters']} timed steps):")
+        print(
+            f"\nend-to-end SA-ResNet-50 (eager = reference SA layers, fused = sa_cuda.SALayer, "
+            f"same weights; {cfg['warmup']} warm-up + {cfg['iters']} timed steps):"
+        )
         print(e2e.format_table(result["e2e"]["results"]))
 
 
@@ -168,22 +189,30 @@ def write_json(path: Path, result: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # plot
 
-PASS_TITLES = {"fwd": "fwd (forward, autograd recording)", "bwd": "bwd (backward alone)",
-               "fwdbwd": "fwdbwd (forward + backward)", "infer": "infer (forward, no_grad)"}
+PASS_TITLES = {
+    "fwd": "fwd (forward, autograd recording)",
+    "bwd": "bwd (backward alone)",
+    "fwdbwd": "fwdbwd (forward + backward)",
+    "infer": "infer (forward, no_grad)",
+}
 
 
 def plot_title(result: dict, dtypes: list[str]) -> str:
     cpu = result["device"].startswith("cpu-")
-    where = f"{result['device_name']}, {result['threads']} threads" if cpu else result["device_name"]
-    return (f"sa_cuda {result['sa_cuda']}: fused speedup per shape | {where} | "
-            f"{', '.join(dtypes)} | torch {result['torch']} | {result['date']}")
+    where = (
+        f"{result['device_name']}, {result['threads']} threads" if cpu else result["device_name"]
+    )
+    return (
+        f"sa_cuda {result['sa_cuda']}: fused speedup per shape | {where} | "
+        f"{', '.join(dtypes)} | torch {result['torch']} | {result['date']}"
+    )
 
 
 def speedup_ticks(lo: float, hi: float) -> list[float]:
     """Powers of two from below ``lo`` to above ``hi`` (1 always among them)."""
     k_lo = math.floor(math.log2(min(lo, 1.0)))
     k_hi = math.ceil(math.log2(max(hi, 1.0)))
-    return [2.0 ** k for k in range(k_lo, k_hi + 1)]
+    return [2.0**k for k in range(k_lo, k_hi + 1)]
 
 
 def plot(result: dict, path: Path) -> bool:
@@ -191,6 +220,7 @@ def plot(result: dict, path: Path) -> bool:
     bars per shape, one series per (variant, dtype); value labels on the bars."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
@@ -204,14 +234,20 @@ def plot(result: dict, path: Path) -> bool:
     passes = [p for p in PASSES if any(r["pass"] == p for r in fused)]
     shapes = [s for s in result["shapes"] if any(r["shape"] == s for r in fused)]
     dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in fused)]
-    series = sorted({(r["variant"], r["dtype"]) for r in fused},
-                    key=lambda s: (s[0], dtypes.index(s[1])))
+    series = sorted(
+        {(r["variant"], r["dtype"]) for r in fused}, key=lambda s: (s[0], dtypes.index(s[1]))
+    )
     colors = plt.get_cmap("tab20").colors  # dark/light pairs: one hue per variant
     variants = sorted({v for v, _ in series})
     speedups = [r[f"speedup_vs_{b}"] for r in fused for b in baselines if f"speedup_vs_{b}" in r]
     ticks = speedup_ticks(min(speedups), max(speedups))
-    fig, axes = plt.subplots(len(baselines), len(passes), squeeze=False, sharey=True,
-                             figsize=(max(5.5 * len(passes), 7), 4.2 * len(baselines) + 1.4))
+    fig, axes = plt.subplots(
+        len(baselines),
+        len(passes),
+        squeeze=False,
+        sharey=True,
+        figsize=(max(5.5 * len(passes), 7), 4.2 * len(baselines) + 1.4),
+    )
     width = 0.8 / len(series)
     for i, base in enumerate(baselines):
         for j, pass_ in enumerate(passes):
@@ -219,8 +255,12 @@ def plot(result: dict, path: Path) -> bool:
             for k, (variant, dtype) in enumerate(series):
                 vals = []
                 for s in shapes:
-                    hit = [r for r in fused if (r["shape"], r["pass"], r["variant"], r["dtype"])
-                           == (s, pass_, variant, dtype)]
+                    hit = [
+                        r
+                        for r in fused
+                        if (r["shape"], r["pass"], r["variant"], r["dtype"])
+                        == (s, pass_, variant, dtype)
+                    ]
                     vals.append(hit[0].get(f"speedup_vs_{base}", math.nan) if hit else math.nan)
                 xs = [x + (k - (len(series) - 1) / 2) * width for x in range(len(shapes))]
                 color = colors[2 * variants.index(variant) + min(dtypes.index(dtype), 1)]
@@ -234,9 +274,17 @@ def plot(result: dict, path: Path) -> bool:
             ax.set_ylim(ticks[0] / 1.2, ticks[-1] * 2.2)  # room above the bars for their labels
             ax.set_xticks(range(len(shapes)))
             shape_of = result["shapes"]
-            ax.set_xticklabels([f"{s}\n({shape_of[s]['B']}, {shape_of[s]['C']}, "
-                                f"{shape_of[s]['H']}, {shape_of[s]['W']})" for s in shapes],
-                               rotation=45, ha="right", rotation_mode="anchor", fontsize=7)
+            ax.set_xticklabels(
+                [
+                    f"{s}\n({shape_of[s]['B']}, {shape_of[s]['C']}, "
+                    f"{shape_of[s]['H']}, {shape_of[s]['W']})"
+                    for s in shapes
+                ],
+                rotation=45,
+                ha="right",
+                rotation_mode="anchor",
+                fontsize=7,
+            )
             ax.set_title(f"{PASS_TITLES[pass_]}: fused vs {base}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
             if j == 0:
@@ -245,8 +293,15 @@ def plot(result: dict, path: Path) -> bool:
                 ax.set_xlabel("shape (B, C, H, W)", fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
     height = fig.get_figheight()  # title and legend above the panels, not on the bars
-    fig.legend(handles, labels, loc="upper center", ncol=len(series), fontsize=8,
-               bbox_to_anchor=(0.5, 1 - 0.3 / height), frameon=False)
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncol=len(series),
+        fontsize=8,
+        bbox_to_anchor=(0.5, 1 - 0.3 / height),
+        frameon=False,
+    )
     fig.suptitle(plot_title(result, dtypes), fontsize=10, y=1 - 0.05 / height)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / height))
     fig.savefig(path, dpi=110)

@@ -12,13 +12,17 @@ ShuffleAttention (``shuffle_attention``, the same layer with 1x1-conv gates).
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C, reference, variants
+from . import (
+    _C,  # noqa: F401  (loads the library that registers the ops)
+    models,
+    reference,
+    variants,
+)
 from ._version import __version__
 from .convert import ConvertReport, convert, fuse, reason_not_convertible
 from .convert import register as register_convertible
 from .modules import SALayer, ShuffleAttention
 from .ops import ShuffleAttentionFunction, fused_available, sa_layer, shuffle_attention
-from . import models  # noqa: E402  (after modules: the models use them)
 
 __all__ = [
     "ConvertReport",

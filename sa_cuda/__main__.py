@@ -23,11 +23,15 @@ def build_info() -> dict:
         "torch": torch.__version__,
         "torch CUDA": torch.version.cuda,
         "CPU kernels": f"built ({_C.cpu_capability()})",
-        "CUDA kernels": f"built (TORCH_CUDA_ARCH_LIST {_build_info()})" if cuda_built else "not built",
+        "CUDA kernels": f"built (TORCH_CUDA_ARCH_LIST {_build_info()})"
+        if cuda_built
+        else "not built",
         "CUDA device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "fused on this machine": ", ".join(d for d in ("cpu", "cuda")
-                                           if (d == "cpu" or torch.cuda.is_available())
-                                           and sa_cuda.fused_available(d)),
+        "fused on this machine": ", ".join(
+            d
+            for d in ("cpu", "cuda")
+            if (d == "cpu" or torch.cuda.is_available()) and sa_cuda.fused_available(d)
+        ),
     }
 
 

@@ -64,8 +64,8 @@ import textwrap
 import types
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -82,8 +82,13 @@ _MODULE_STATE = frozenset(vars(nn.Module()))
 _HOOK_STATE = tuple(sorted(name for name in _MODULE_STATE if "hook" in name))
 _HOOK_DICTS = tuple(name for name in _HOOK_STATE if name.endswith("hooks"))
 # How module(x) reaches forward: a class overriding any of these changes what a call does.
-_CALL_MACHINERY = ("__call__", "_wrapped_call_impl", "_call_impl", "__getattr__",
-                   "__getattribute__")
+_CALL_MACHINERY = (
+    "__call__",
+    "_wrapped_call_impl",
+    "_call_impl",
+    "__getattr__",
+    "__getattribute__",
+)
 _FOREIGN_GROUPS_ATTRS = ("groups", "G")  # SA-Net, External-Attention-pytorch
 # What marks a look-alike: the layer's own gate parameters (SALayer's cweight, ...) or gate convs.
 _OWN_PARAMS = tuple(p.state_key for v in VARIANTS for p in v.params if p.submodule is None)
@@ -95,6 +100,7 @@ _MISSING = object()
 
 
 # ---- the two variants and the registry ---------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Variant:
@@ -117,8 +123,10 @@ class _Variant:
         return {p.state_key: p.module_shape(m) for p in self.spec.params}
 
 
-_VARIANTS = {v.name: _Variant(v, getattr(modules, v.module_name), getattr(reference, v.name))
-             for v in VARIANTS}
+_VARIANTS = {
+    v.name: _Variant(v, getattr(modules, v.module_name), getattr(reference, v.name))
+    for v in VARIANTS
+}
 _REGISTRY: dict[type, tuple[_Variant, str]] = {}
 
 
@@ -134,11 +142,13 @@ def register(cls: type, variant: str, groups_attr: str = "groups") -> type:
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"sa_cuda.convert.register: cls must be an nn.Module subclass, got {cls!r}")
     if variant not in _VARIANTS:
-        raise ValueError(f"sa_cuda.convert.register: variant must be one of {sorted(_VARIANTS)}, "
-                         f"got {variant!r}")
+        raise ValueError(
+            f"sa_cuda.convert.register: variant must be one of {sorted(_VARIANTS)}, got {variant!r}"
+        )
     if not (isinstance(groups_attr, str) and groups_attr.isidentifier()):
-        raise ValueError(f"sa_cuda.convert.register: groups_attr must be an attribute name, "
-                         f"got {groups_attr!r}")
+        raise ValueError(
+            f"sa_cuda.convert.register: groups_attr must be an attribute name, got {groups_attr!r}"
+        )
     _REGISTRY[cls] = (_VARIANTS[variant], groups_attr)
     return cls
 
@@ -147,11 +157,12 @@ for _spec in VARIANTS:
     register(getattr(reference, _spec.module_name), _spec.name)
 
 
-def _registered_base(cls: type) -> Optional[type]:
+def _registered_base(cls: type) -> type | None:
     return next((base for base in cls.__mro__ if base in _REGISTRY), None)
 
 
 # ---- public entry points -----------------------------------------------------------------------
+
 
 @dataclass
 class ConvertReport:
@@ -172,15 +183,16 @@ class ConvertReport:
         return self.count
 
 
-def convert(model: nn.Module, report: bool = False) -> Union[int, ConvertReport]:
+def convert(model: nn.Module, report: bool = False) -> int | ConvertReport:
     """Replaces, in place, every Shuffle Attention submodule of ``model`` that passes the checks of
     this module's docstring by its fused equivalent. Returns how many distinct modules were
     replaced, or with ``report=True`` a ``ConvertReport``. ``model`` itself is not replaced (use
     ``fuse``)."""
     result = ConvertReport()
     if _looks_like_shuffle_attention(model):
-        why = reason_not_convertible(model) or ("the model itself cannot be replaced in place; "
-                                                "use sa_cuda.fuse(model)")
+        why = reason_not_convertible(model) or (
+            "the model itself cannot be replaced in place; use sa_cuda.fuse(model)"
+        )
         result.skipped.append(("", type(model).__name__, why))
     for module, places in _places(model):
         if not _looks_like_shuffle_attention(module):
@@ -198,7 +210,7 @@ def convert(model: nn.Module, report: bool = False) -> Union[int, ConvertReport]
     return result if report else result.count
 
 
-def fuse(module: nn.Module) -> Optional[nn.Module]:
+def fuse(module: nn.Module) -> nn.Module | None:
     """The fused equivalent of one Shuffle Attention module (sharing its parameters, submodules,
     hooks and attributes), or None when ``module`` does not pass the checks of this module's
     docstring (``reason_not_convertible`` says why) or is fused already."""
@@ -209,7 +221,7 @@ def fuse(module: nn.Module) -> Optional[nn.Module]:
     return _build_fused(module, plan)
 
 
-def reason_not_convertible(module: nn.Module) -> Optional[str]:
+def reason_not_convertible(module: nn.Module) -> str | None:
     """None when ``fuse(module)`` would replace ``module``, else the reason it is left alone."""
     try:
         _plan(module)
@@ -219,6 +231,7 @@ def reason_not_convertible(module: nn.Module) -> Optional[str]:
 
 
 # ---- the decision ------------------------------------------------------------------------------
+
 
 class _Skip(Exception):
     """Raised by the checks, with the human-readable reason the module is left alone."""
@@ -242,8 +255,10 @@ def _looks_like_shuffle_attention(module: nn.Module) -> bool:
         return False
     if _registered_base(type(module)) is not None:
         return True
-    return "gn" in module._modules and (any(n in module._parameters for n in _OWN_PARAMS)
-                                        or any(n in module._modules for n in _GATE_CONVS))
+    return "gn" in module._modules and (
+        any(n in module._parameters for n in _OWN_PARAMS)
+        or any(n in module._modules for n in _GATE_CONVS)
+    )
 
 
 def _plan(module: nn.Module) -> _Plan:
@@ -287,14 +302,17 @@ def _type_name(value: object) -> str:
 
 # ---- 1. structure ------------------------------------------------------------------------------
 
+
 def _check_structure(module: nn.Module, variant: _Variant) -> int:
     """m = gn.num_channels, when the module has exactly the variant's parameters and submodules."""
     gn = module._modules.get("gn")
     _require(type(gn) is nn.GroupNorm, f"gn is {_type_name(gn)}, not exactly nn.GroupNorm")
     m = gn.num_channels
-    _require(gn.num_groups == m and gn.affine,
-             f"gn is GroupNorm({gn.num_groups}, {m}, affine={gn.affine}), not GroupNorm(m, m) with "
-             f"affine parameters")
+    _require(
+        gn.num_groups == m and gn.affine,
+        f"gn is GroupNorm({gn.num_groups}, {m}, affine={gn.affine}), not GroupNorm(m, m) with "
+        f"affine parameters",
+    )
     _check_submodules(module, variant, m)
     _check_parameters(module, variant, m)
     return m
@@ -309,22 +327,39 @@ def _check_submodules(module: nn.Module, variant: _Variant, m: int) -> None:
         _require(sub is not None, f"submodule {name} is None")
         _require(not sub._modules, f"{name} has submodules of its own")
         hooked = [kind for kind in _HOOK_DICTS if getattr(sub, kind)]
-        _require(not hooked, f"{name} has hooks ({', '.join(hooked)}); the fused layer does not "
-                             f"call its submodules")
+        _require(
+            not hooked,
+            f"{name} has hooks ({', '.join(hooked)}); the fused layer does not call its submodules",
+        )
     for name in variant.gate_convs:
         conv = module._modules[name]
         _require(type(conv) is nn.Conv2d, f"{name} is {_type_name(conv)}, not exactly nn.Conv2d")
-        config = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
-        _require(config == (m, m, (1, 1), (1, 1), (0, 0), (1, 1), 1, True, "zeros"),
-                 f"{name} is {conv!r}, not Conv2d({m}, {m}, kernel_size=1) with bias")
+        config = (
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+        )
+        _require(
+            config == (m, m, (1, 1), (1, 1), (0, 0), (1, 1), 1, True, "zeros"),
+            f"{name} is {conv!r}, not Conv2d({m}, {m}, kernel_size=1) with bias",
+        )
     pool = module._modules.get("avg_pool", _MISSING)
-    _require(pool is _MISSING
-             or (type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1))),
-             f"avg_pool is {pool!r}, not nn.AdaptiveAvgPool2d(1)")
+    _require(
+        pool is _MISSING
+        or (type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1))),
+        f"avg_pool is {pool!r}, not nn.AdaptiveAvgPool2d(1)",
+    )
     sigmoid = module._modules.get("sigmoid", _MISSING)
-    _require(sigmoid is _MISSING or type(sigmoid) is nn.Sigmoid,
-             f"sigmoid is {_type_name(sigmoid)}, not exactly nn.Sigmoid")
+    _require(
+        sigmoid is _MISSING or type(sigmoid) is nn.Sigmoid,
+        f"sigmoid is {_type_name(sigmoid)}, not exactly nn.Sigmoid",
+    )
 
 
 def _check_parameters(module: nn.Module, variant: _Variant, m: int) -> None:
@@ -349,29 +384,38 @@ def _carried_attributes(module: nn.Module, variant: _Variant, groups: int) -> di
     for name, value in vars(module).items():
         if name in _MODULE_STATE:
             continue
-        _require(_is_plain(value), f"instance attribute {name!r} holds a {_type_name(value)}; "
-                                   f"only plain values are carried over")
+        _require(
+            _is_plain(value),
+            f"instance attribute {name!r} holds a {_type_name(value)}; "
+            f"only plain values are carried over",
+        )
         if name == "groups":  # the fused module's own attribute: it must say the same
-            _require(value == groups,
-                     f"groups = {value!r}, but the layer computes with {groups} groups")
+            _require(
+                value == groups, f"groups = {value!r}, but the layer computes with {groups} groups"
+            )
             continue
-        same_on_class = (inspect.getattr_static(fused_cls, name, _MISSING)
-                         is inspect.getattr_static(type(module), name, _MISSING))
-        _require(same_on_class and name not in _fused_instance_names(fused_cls),
-                 f"instance attribute {name!r} would hide the fused layer's {name}")
+        same_on_class = inspect.getattr_static(fused_cls, name, _MISSING) is inspect.getattr_static(
+            type(module), name, _MISSING
+        )
+        _require(
+            same_on_class and name not in _fused_instance_names(fused_cls),
+            f"instance attribute {name!r} would hide the fused layer's {name}",
+        )
         carried[name] = value
     return carried
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fused_instance_names(fused_cls: type) -> frozenset:
     with torch.device("meta"):
         template = fused_cls(2, 1)
-    return frozenset({*vars(template), *template._parameters, *template._modules,
-                      *template._buffers})
+    return frozenset(
+        {*vars(template), *template._parameters, *template._modules, *template._buffers}
+    )
 
 
 # ---- 2. code -----------------------------------------------------------------------------------
+
 
 @dataclass
 class _Scan:
@@ -381,13 +425,13 @@ class _Scan:
     assigned: set = field(default_factory=set)  # self.<name> = ..., del self.<name>
     problems: list = field(default_factory=list)  # self passed on, super(), global/nonlocal
 
-    def merge(self, other: "_Scan") -> None:
+    def merge(self, other: _Scan) -> None:
         self.names |= other.names
         self.assigned |= other.assigned
         self.problems += other.problems
 
 
-def _check_code(module: nn.Module, registered: Optional[type]) -> tuple[Callable, _Scan]:
+def _check_code(module: nn.Module, registered: type | None) -> tuple[Callable, _Scan]:
     """(the forward function, what it touches on self), when the module's class runs the code
     that was vouched for (registered) or will be probed (foreign)."""
     cls = type(module)
@@ -395,16 +439,26 @@ def _check_code(module: nn.Module, registered: Optional[type]) -> tuple[Callable
     scan = _scan_methods(owner, allow_missing_source=registered is cls)
     for name in sorted({"forward", *_CALL_MACHINERY, *scan.names}):
         on_class = inspect.getattr_static(cls, name, _MISSING)
-        _require(on_class is inspect.getattr_static(owner, name, _MISSING),
-                 f"{cls.__name__} overrides {name!r} of {owner.__name__}")
+        _require(
+            on_class is inspect.getattr_static(owner, name, _MISSING),
+            f"{cls.__name__} overrides {name!r} of {owner.__name__}",
+        )
         if name in vars(module):
             slot = name in module._parameters or name in module._modules or name in module._buffers
-            _require(not (slot or name == "forward" or name in _CALL_MACHINERY
-                          or (on_class is not _MISSING and not _is_plain(on_class))),
-                     f"the instance overrides {name!r} in its __dict__")
+            _require(
+                not (
+                    slot
+                    or name == "forward"
+                    or name in _CALL_MACHINERY
+                    or (on_class is not _MISSING and not _is_plain(on_class))
+                ),
+                f"the instance overrides {name!r} in its __dict__",
+            )
     forward = inspect.getattr_static(cls, "forward")
-    _require(registered is not None or isinstance(forward, types.FunctionType),
-             f"{cls.__name__}.forward is a {_type_name(forward)}, not a plain function")
+    _require(
+        registered is not None or isinstance(forward, types.FunctionType),
+        f"{cls.__name__}.forward is a {_type_name(forward)}, not a plain function",
+    )
     return forward, scan
 
 
@@ -413,13 +467,17 @@ def _foreign_forward_owner(cls: type) -> type:
     nn.Module's call machinery."""
     owner = next(klass for klass in cls.__mro__ if "forward" in vars(klass))
     _require(owner is not nn.Module, f"{cls.__name__} has no forward")
-    _require(owner.__bases__ == (nn.Module,),
-             f"forward is defined by {owner.__name__}, a subclass of "
-             f"{', '.join(base.__name__ for base in owner.__bases__)} (not a registered class), "
-             f"which may change what the layer computes")
+    _require(
+        owner.__bases__ == (nn.Module,),
+        f"forward is defined by {owner.__name__}, a subclass of "
+        f"{', '.join(base.__name__ for base in owner.__bases__)} (not a registered class), "
+        f"which may change what the layer computes",
+    )
     for name in _CALL_MACHINERY:
-        _require(inspect.getattr_static(owner, name) is inspect.getattr_static(nn.Module, name),
-                 f"{owner.__name__} overrides nn.Module.{name}")
+        _require(
+            inspect.getattr_static(owner, name) is inspect.getattr_static(nn.Module, name),
+            f"{owner.__name__} overrides nn.Module.{name}",
+        )
     return owner
 
 
@@ -445,7 +503,7 @@ def _scan_methods(owner: type, allow_missing_source: bool) -> _Scan:
     return total
 
 
-def _user_function(owner: type, name: str) -> Optional[types.FunctionType]:
+def _user_function(owner: type, name: str) -> types.FunctionType | None:
     """The plain function ``name`` resolves to on owner, when a class other than nn.Module and
     object defines it (staticmethods have no self to scan)."""
     for klass in owner.__mro__:
@@ -464,8 +522,10 @@ def _scan_function(function: types.FunctionType) -> _Scan:
     except (OSError, TypeError, SyntaxError) as error:
         raise _Skip(f"the source of {label} is not available ({error})") from None
     definition = tree.body[0] if tree.body else None
-    _require(isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)),
-             f"the source of {label} is not a def statement")
+    _require(
+        isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)),
+        f"the source of {label} is not a def statement",
+    )
     positional = definition.args.posonlyargs + definition.args.args
     _require(bool(positional), f"{label} takes no self argument")
     self_name, scan, attribute_bases = positional[0].arg, _Scan(), set()
@@ -479,8 +539,10 @@ def _scan_function(function: types.FunctionType) -> _Scan:
             scan.problems.append(f"{label} declares global/nonlocal names (side effects)")
         elif isinstance(node, ast.Call) and _is_name(node.func, "super"):
             scan.problems.append(f"{label} calls super()")
-    if any(_is_name(node, self_name) and id(node) not in attribute_bases
-           for node in ast.walk(definition)):
+    if any(
+        _is_name(node, self_name) and id(node) not in attribute_bases
+        for node in ast.walk(definition)
+    ):
         scan.problems.append(f"{label} passes {self_name} on to other code")
     return scan
 
@@ -504,21 +566,29 @@ def _check_reads(module: nn.Module, scan: _Scan, groups_attr: str) -> None:
     _require(not scan.problems, scan.problems[0] if scan.problems else "")
     cls = type(module)
     for name in sorted(scan.names):
-        _require(name not in scan.assigned,
-                 f"forward assigns self.{name} (state the fused layer would not keep)")
+        _require(
+            name not in scan.assigned,
+            f"forward assigns self.{name} (state the fused layer would not keep)",
+        )
         if name == groups_attr or name in module._parameters or name in module._modules:
             continue
-        _require(name not in vars(module),
-                 f"forward reads self.{name}, an instance attribute the fused layer ignores")
+        _require(
+            name not in vars(module),
+            f"forward reads self.{name}, an instance attribute the fused layer ignores",
+        )
         attr = inspect.getattr_static(cls, name, _MISSING)
-        _require(attr is not _MISSING,
-                 f"forward reads self.{name}, which {cls.__name__} does not have")
+        _require(
+            attr is not _MISSING, f"forward reads self.{name}, which {cls.__name__} does not have"
+        )
         is_method = isinstance(attr, (types.FunctionType, staticmethod, classmethod))
-        _require(is_method or _is_plain(attr),
-                 f"forward reads self.{name}, a {_type_name(attr)} whose value may depend on state")
+        _require(
+            is_method or _is_plain(attr),
+            f"forward reads self.{name}, a {_type_name(attr)} whose value may depend on state",
+        )
 
 
 # ---- 3. behaviour ------------------------------------------------------------------------------
+
 
 def _probe(module: nn.Module, forward: Callable, variant: _Variant, m: int, groups: int) -> None:
     """Compares forward(copy, x), output and gradients, with the reference math on random
@@ -528,21 +598,27 @@ def _probe(module: nn.Module, forward: Callable, variant: _Variant, m: int, grou
             generator = torch.Generator().manual_seed(0)
             twin = _probe_twin(module, generator)
             for batch, height, width in _PROBE_SHAPES:
-                x = torch.randn((batch, 2 * m * groups, height, width), generator=generator,
-                                dtype=torch.float64, requires_grad=True)
+                x = torch.randn(
+                    (batch, 2 * m * groups, height, width),
+                    generator=generator,
+                    dtype=torch.float64,
+                    requires_grad=True,
+                )
                 _compare_with_reference(twin, forward, variant, groups, x, generator)
     except _Skip:
         raise
     except Exception as error:  # whatever the forward raises means: not Shuffle Attention
-        raise _Skip(f"the probe (forward on a float64 CPU copy) raised {type(error).__name__}: "
-                    f"{error}") from None
+        raise _Skip(
+            f"the probe (forward on a float64 CPU copy) raised {type(error).__name__}: {error}"
+        ) from None
 
 
 def _probe_twin(module: nn.Module, generator: torch.Generator) -> nn.Module:
     """A float64 CPU copy of module without hooks (none fires, no hook owner is copied), with
     random parameters that require grad."""
-    no_hooks = {id(getattr(sub, kind)): OrderedDict()
-                for sub in module.modules() for kind in _HOOK_DICTS}
+    no_hooks = {
+        id(getattr(sub, kind)): OrderedDict() for sub in module.modules() for kind in _HOOK_DICTS
+    }
     twin = copy.deepcopy(module, no_hooks).to_empty(device="cpu").to(torch.float64)
     with torch.no_grad():
         for param in twin.parameters():
@@ -553,31 +629,45 @@ def _probe_twin(module: nn.Module, generator: torch.Generator) -> nn.Module:
     return twin
 
 
-def _compare_with_reference(twin: nn.Module, forward: Callable, variant: _Variant, groups: int,
-                            x: Tensor, generator: torch.Generator) -> None:
+def _compare_with_reference(
+    twin: nn.Module,
+    forward: Callable,
+    variant: _Variant,
+    groups: int,
+    x: Tensor,
+    generator: torch.Generator,
+) -> None:
     named = dict(twin.named_parameters())
     params = [named[name] for name in variant.param_names]
     where = f"on a {list(x.shape)} probe"
     got = forward(twin, x)  # the function itself: no __call__, so no hook of the module fires
     want = variant.functional(x, groups, *params, eps=twin.gn.eps)
-    _require(isinstance(got, Tensor) and got.shape == want.shape and got.dtype == want.dtype,
-             f"forward returns {_type_name(got)} {list(getattr(got, 'shape', []))} {where}, not a "
-             f"float64 tensor {list(want.shape)}")
+    _require(
+        isinstance(got, Tensor) and got.shape == want.shape and got.dtype == want.dtype,
+        f"forward returns {_type_name(got)} {list(getattr(got, 'shape', []))} {where}, not a "
+        f"float64 tensor {list(want.shape)}",
+    )
     grad_out = torch.randn(want.shape, generator=generator, dtype=want.dtype)
     inputs = [x, *params]
-    got_grads = (torch.autograd.grad(got, inputs, grad_out, allow_unused=True) if got.requires_grad
-                 else [None] * len(inputs))
+    got_grads = (
+        torch.autograd.grad(got, inputs, grad_out, allow_unused=True)
+        if got.requires_grad
+        else [None] * len(inputs)
+    )
     want_grads = torch.autograd.grad(want, inputs, grad_out)
     labels = ["output", "gradient of x", *(f"gradient of {name}" for name in variant.param_names)]
     for label, value, expected in zip(labels, [got, *got_grads], [want, *want_grads]):
         _require(value is not None, f"forward gives no {label} {where}")
         error = (value.detach() - expected).abs().max().item()
         scale = max(1.0, expected.abs().max().item())
-        _require(error <= _PROBE_RTOL * scale,  # also False for NaN
-                 f"{label} differs from Shuffle Attention's by {error:.3g} {where}")
+        _require(
+            error <= _PROBE_RTOL * scale,  # also False for NaN
+            f"{label} differs from Shuffle Attention's by {error:.3g} {where}",
+        )
 
 
 # ---- the replacement ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Place:
@@ -637,4 +727,3 @@ def _take_over_hooks(module: nn.Module, fused: nn.Module) -> None:
         with_module = getattr(hook, "with_module", False)
         if with_module and isinstance(bound, weakref.ref) and bound() is module:
             hook.module = weakref.ref(fused)
-

@@ -36,8 +36,17 @@ def _merge(xn: Tensor, xs: Tensor, b: int) -> Tensor:
     return channel_shuffle(out, 2)
 
 
-def sa_layer(x: Tensor, groups: int, cweight: Tensor, cbias: Tensor, sweight: Tensor, sbias: Tensor,
-             gn_weight: Tensor, gn_bias: Tensor, eps: float = 1e-5) -> Tensor:
+def sa_layer(
+    x: Tensor,
+    groups: int,
+    cweight: Tensor,
+    cbias: Tensor,
+    sweight: Tensor,
+    sbias: Tensor,
+    gn_weight: Tensor,
+    gn_bias: Tensor,
+    eps: float = 1e-5,
+) -> Tensor:
     """SALayer of ``x`` [B, C, H, W]; cweight/cbias/sweight/sbias (1, m, 1, 1), gn (m,),
     m = C / (2 * groups). Returns [B, C, H, W]."""
     x_0, x_1 = _branches(x, groups)
@@ -47,9 +56,17 @@ def sa_layer(x: Tensor, groups: int, cweight: Tensor, cbias: Tensor, sweight: Te
     return _merge(xn, xs, x.shape[0])
 
 
-def shuffle_attention(x: Tensor, groups: int, affine1_weight: Tensor, affine1_bias: Tensor,
-                      affine2_weight: Tensor, affine2_bias: Tensor, gn_weight: Tensor, gn_bias: Tensor,
-                      eps: float = 1e-5) -> Tensor:
+def shuffle_attention(
+    x: Tensor,
+    groups: int,
+    affine1_weight: Tensor,
+    affine1_bias: Tensor,
+    affine2_weight: Tensor,
+    affine2_bias: Tensor,
+    gn_weight: Tensor,
+    gn_bias: Tensor,
+    eps: float = 1e-5,
+) -> Tensor:
     """ShuffleAttention of ``x`` [B, C, H, W]; affine weights (m, m, 1, 1), biases and gn (m,)."""
     x_0, x_1 = _branches(x, groups)
     xn = x_0 * torch.sigmoid(F.conv2d(F.adaptive_avg_pool2d(x_0, 1), affine1_weight, affine1_bias))

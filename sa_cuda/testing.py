@@ -21,8 +21,9 @@ import torch
 FP32_REL = 1e-4
 
 
-def accuracy_bound(dtype: torch.dtype, max_abs_ref: float, err_eager: float | None, *,
-                   rel: float = FP32_REL) -> float:
+def accuracy_bound(
+    dtype: torch.dtype, max_abs_ref: float, err_eager: float | None, *, rel: float = FP32_REL
+) -> float:
     """The largest max|fused - ref64| accepted for a tensor of ``dtype`` whose float64 reference
     has max|ref64| = ``max_abs_ref``, given eager's error in the same dtype (None: no eager).
 
@@ -62,9 +63,16 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
-def assert_close_to_reference(fused: dict, ref64: dict, dtype: torch.dtype, *, eager: dict | None = None,
-                              eager_ref64: dict | None = None, param_dtype: torch.dtype | None = None,
-                              rel: float = TEST_FP32_REL) -> None:
+def assert_close_to_reference(
+    fused: dict,
+    ref64: dict,
+    dtype: torch.dtype,
+    *,
+    eager: dict | None = None,
+    eager_ref64: dict | None = None,
+    param_dtype: torch.dtype | None = None,
+    rel: float = TEST_FP32_REL,
+) -> None:
     """Every tensor of ``fused`` (``{"out": ..., "x": grad_x, <parameter>: grad, ...}``, the
     results of one forward + backward on an input of ``dtype``) within ``accuracy_bound`` of the
     float64 run ``ref64`` of the same function (same input values, same parameter values).
@@ -88,8 +96,10 @@ def assert_close_to_reference(fused: dict, ref64: dict, dtype: torch.dtype, *, e
         err = max_err(got, want)
         if not err <= bound:
             eager_says = "no eager" if err_eager is None else f"eager {dtype}: {err_eager:.3g}"
-            problems.append(f"{key}: max|fused - ref64| = {err:.3g} > bound {bound:.3g} "
-                            f"({eager_says}, max|ref64| = {max_abs(want):.3g})")
+            problems.append(
+                f"{key}: max|fused - ref64| = {err:.3g} > bound {bound:.3g} "
+                f"({eager_says}, max|ref64| = {max_abs(want):.3g})"
+            )
     assert not problems, "\n".join(problems)
 
 
@@ -108,12 +118,17 @@ def subnormal_spacing(dtype: torch.dtype) -> float:
     return fi.smallest_normal * fi.eps
 
 
-def assert_extreme_close(fused: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor,
-                         dtype: torch.dtype, what: str) -> None:
+def assert_extreme_close(
+    fused: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype, what: str
+) -> None:
     """One output plane (or batch item) at an extreme magnitude: fused finite (1); within
     (eps(dtype) / 2 + EXTREME_FP32_UNITS eps(fp32)) max|ref64| + sub of ref64 (3); and, where eager
     is finite, no worse than eager + SLACK eps(dtype) max|ref64| + sub (2)."""
-    eps, sub, eps32 = torch.finfo(dtype).eps, subnormal_spacing(dtype), torch.finfo(torch.float32).eps
+    eps, sub, eps32 = (
+        torch.finfo(dtype).eps,
+        subnormal_spacing(dtype),
+        torch.finfo(torch.float32).eps,
+    )
     fused, eager = fused.double(), eager.double()
     assert ref64.isfinite().all(), what
     assert fused.isfinite().all(), f"{what}: {int((~fused.isfinite()).sum())} non-finite outputs"
@@ -122,18 +137,22 @@ def assert_extreme_close(fused: torch.Tensor, eager: torch.Tensor, ref64: torch.
     acc_bound = (eps / 2 + EXTREME_FP32_UNITS * eps32) * scale + sub
     assert err.max().item() <= acc_bound, (
         f"{what}: max|fused - ref64| = {err.max().item():.3g} > {acc_bound:.3g} "
-        f"({err.max().item() / scale / eps:.2f} units of the dtype at max|ref64| = {scale:.3g})")
+        f"({err.max().item() / scale / eps:.2f} units of the dtype at max|ref64| = {scale:.3g})"
+    )
     finite = eager.isfinite()
     if finite.any():
         err_f = err[finite].max().item()
         err_e = (eager[finite] - ref64[finite]).abs().max().item()
         bound = err_e + SLACK * eps * scale + sub
-        assert err_f <= bound, (f"{what}: max|fused - ref64| = {err_f:.3g} > max|eager - ref64| "
-                                f"{err_e:.3g} + {SLACK} eps max|ref64| = {bound:.3g}")
+        assert err_f <= bound, (
+            f"{what}: max|fused - ref64| = {err_f:.3g} > max|eager - ref64| "
+            f"{err_e:.3g} + {SLACK} eps max|ref64| = {bound:.3g}"
+        )
 
 
-def assert_true_statistics(mean: torch.Tensor, rstd: torch.Tensor, x: torch.Tensor, eps: float,
-                           what: str) -> None:
+def assert_true_statistics(
+    mean: torch.Tensor, rstd: torch.Tensor, x: torch.Tensor, eps: float, what: str
+) -> None:
     """The per-plane statistics [B, C] a forward op returns are finite and the true ones (4):
     |mean - mean64| <= EXTREME_FP32_UNITS eps(fp32) max|x| + sub(fp32), |rstd - rstd64| <=
     EXTREME_FP32_UNITS eps(fp32) rstd64 + sub(fp32) (rstd is subnormal for planes near 3e38)."""
@@ -145,6 +164,8 @@ def assert_true_statistics(mean: torch.Tensor, rstd: torch.Tensor, x: torch.Tens
     sub, tol = subnormal_spacing(torch.float32), EXTREME_FP32_UNITS * torch.finfo(torch.float32).eps
     assert mean.isfinite().all() and rstd.isfinite().all() and (rstd > 0).all(), what
     assert ((mean.double() - mu64).abs() <= tol * amax + sub).all(), (
-        f"{what}: mean error {(mean.double() - mu64).abs().max().item():.3g}")
+        f"{what}: mean error {(mean.double() - mu64).abs().max().item():.3g}"
+    )
     assert ((rstd.double() - r64).abs() <= tol * r64 + sub).all(), (
-        f"{what}: rstd relative error {((rstd.double() - r64).abs() / r64).max().item():.3g}")
+        f"{what}: rstd relative error {((rstd.double() - r64).abs() / r64).max().item():.3g}"
+    )

@@ -87,8 +87,9 @@ def _variant(name: str, module_name: str, conv_gates: bool) -> Variant:
     gates the two gate weights (the first and third parameters) are (m, m) matrices."""
     schema = getattr(torch.ops.sa_cuda, f"{name}_forward").default._schema
     names = [argument.name for argument in schema.arguments][2:-1]
-    return Variant(name, module_name, tuple(Param(n, conv_gates and i in (0, 2))
-                                            for i, n in enumerate(names)))
+    return Variant(
+        name, module_name, tuple(Param(n, conv_gates and i in (0, 2)) for i, n in enumerate(names))
+    )
 
 
 SA_LAYER = _variant("sa_layer", "SALayer", conv_gates=False)

@@ -30,8 +30,9 @@ def long_functions(path: pathlib.Path, max_lines: int) -> list[str]:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             length = node.end_lineno - node.lineno + 1
             if length > max_lines:
-                found.append(f"{path}:{node.lineno}: {node.name} is {length} lines "
-                             f"(max {max_lines})")
+                found.append(
+                    f"{path}:{node.lineno}: {node.name} is {length} lines (max {max_lines})"
+                )
     return found
 
 
@@ -40,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max", type=int, default=80, help="longest allowed function (lines)")
     parser.add_argument("paths", nargs="+", help=".py files or folders")
     args = parser.parse_args(argv)
-    violations = [line for path in python_files(args.paths)
-                  for line in long_functions(path, args.max)]
-    print("\n".join(violations) if violations else
-          f"no function longer than {args.max} lines")
+    violations = [
+        line for path in python_files(args.paths) for line in long_functions(path, args.max)
+    ]
+    print("\n".join(violations) if violations else f"no function longer than {args.max} lines")
     return 1 if violations else 0
 
 

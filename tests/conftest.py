@@ -29,9 +29,9 @@ import math
 
 import pytest
 import torch
+from emulation import emulated_library
 
 import sa_cuda
-from emulation import emulated_library
 from sa_cuda import reference
 from sa_cuda.ops import SA_CUDA_LIBRARY
 
@@ -245,8 +245,9 @@ class Backend:
 
         class Emulated(type(ref)):
             def forward(self, x):
-                return backend.apply(variant, x, self.groups, params_in_op_order(variant, self),
-                                     self.gn.eps)
+                return backend.apply(
+                    variant, x, self.groups, params_in_op_order(variant, self), self.gn.eps
+                )
 
         module = Emulated(2 * ref.groups * ref.gn.num_channels, ref.groups)
         module.load_state_dict(ref.state_dict(), strict=True)
@@ -254,8 +255,11 @@ class Backend:
         return module.to(dtype)
 
 
-BACKENDS = {"cpu": Backend("cpu", "cpu"), "emulated": Backend("emulated", "cpu"),
-            "cuda": Backend("cuda", "cuda")}
+BACKENDS = {
+    "cpu": Backend("cpu", "cpu"),
+    "emulated": Backend("emulated", "cpu"),
+    "cuda": Backend("cuda", "cuda"),
+}
 EMULATED = BACKENDS["emulated"]  # for the tests of launch paths that only the CUDA source has
 
 

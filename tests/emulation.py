@@ -22,13 +22,16 @@ NATIVE_BUILD = os.path.join(ROOT, "build", "native")
 TORCH_DIR = os.path.dirname(torch.__file__)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_emulation():
     build = os.path.join(ROOT, "build", "emulation")
     os.makedirs(build, exist_ok=True)
     load(
         name="sa_cuda_emulation",
-        sources=[os.path.join(CSRC, "host.cpp"), os.path.join(CSRC, "emulation", "emulated_ops.cpp")],
+        sources=[
+            os.path.join(CSRC, "host.cpp"),
+            os.path.join(CSRC, "emulation", "emulated_ops.cpp"),
+        ],
         extra_include_paths=[CSRC],
         extra_cflags=["-O2", "-std=c++20", "-pthread"],
         extra_ldflags=["-pthread"],
@@ -61,10 +64,25 @@ def build_native(source: str, sanitizer: str | None = None) -> str:
     binary = os.path.join(NATIVE_BUILD, f"{name}_{sanitizer or 'plain'}")
     if os.path.exists(binary) and os.path.getmtime(binary) > _newest_input_mtime(source):
         return binary
-    cmd = ["g++", "-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer", "-pthread",
-           "-I", CSRC, "-I", os.path.join(TORCH_DIR, "include"), source,
-           "-L", os.path.join(TORCH_DIR, "lib"), "-lc10", f"-Wl,-rpath,{os.path.join(TORCH_DIR, 'lib')}",
-           "-o", binary]
+    cmd = [
+        "g++",
+        "-std=c++20",
+        "-O1",
+        "-g",
+        "-fno-omit-frame-pointer",
+        "-pthread",
+        "-I",
+        CSRC,
+        "-I",
+        os.path.join(TORCH_DIR, "include"),
+        source,
+        "-L",
+        os.path.join(TORCH_DIR, "lib"),
+        "-lc10",
+        f"-Wl,-rpath,{os.path.join(TORCH_DIR, 'lib')}",
+        "-o",
+        binary,
+    ]
     if sanitizer:
         cmd.insert(1, f"-fsanitize={sanitizer}")
     subprocess.run(cmd, check=True, capture_output=True, text=True)

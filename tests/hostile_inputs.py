@@ -45,7 +45,7 @@ def layouts(t: torch.Tensor):
         ("channels_last", lambda: t.contiguous(memory_format=torch.channels_last)),
         ("transposed", lambda: t.transpose(2, 3)),
         ("expanded", lambda: t[:, :, :1, :1].expand(t.shape)),
-        ("offset", lambda: torch.cat([t.flatten(), t.flatten()])[1:1 + t.numel()].view(t.shape)),
+        ("offset", lambda: torch.cat([t.flatten(), t.flatten()])[1 : 1 + t.numel()].view(t.shape)),
     ):
         try:
             yield name, build()
@@ -72,7 +72,9 @@ def entry_points(variant: str, x: torch.Tensor, dtype: torch.dtype):
     fwd = getattr(torch.ops.sa_cuda, f"{variant}_forward")
     bwd = getattr(torch.ops.sa_cuda, f"{variant}_backward")
     functional = getattr(sa_cuda, variant)
-    module = (sa_cuda.SALayer if variant == "sa_layer" else sa_cuda.ShuffleAttention)(SHAPE[1], GROUPS)
+    module = (sa_cuda.SALayer if variant == "sa_layer" else sa_cuda.ShuffleAttention)(
+        SHAPE[1], GROUPS
+    )
     _, mean, rstd = fwd(good_x, GROUPS, *good_p, 1e-5)
     bad_stat = make(dtype, mean.shape)
 
@@ -89,8 +91,14 @@ def entry_points(variant: str, x: torch.Tensor, dtype: torch.dtype):
     yield "backward_op(grad_out)", lambda: bwd(x, good_x, mean, rstd, GROUPS, *good_p)
     yield "backward_op(param)", lambda: bwd(torch.randn(SHAPE), good_x, mean, rstd, GROUPS, *bad_p)
     if bad_stat is not None:
-        yield "backward_op(mean)", lambda: bwd(torch.randn(SHAPE), good_x, bad_stat, rstd, GROUPS, *good_p)
-        yield "backward_op(rstd)", lambda: bwd(torch.randn(SHAPE), good_x, mean, bad_stat, GROUPS, *good_p)
+        yield (
+            "backward_op(mean)",
+            lambda: bwd(torch.randn(SHAPE), good_x, bad_stat, rstd, GROUPS, *good_p),
+        )
+        yield (
+            "backward_op(rstd)",
+            lambda: bwd(torch.randn(SHAPE), good_x, mean, bad_stat, GROUPS, *good_p),
+        )
     yield "autograd(grad_out)", backward_through_module
 
 

@@ -16,10 +16,10 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES, forward_backward, make_input, randomize_
 from torch import nn
 
 import sa_cuda
-from conftest import DEVICES, forward_backward, make_input, randomize_
 from sa_cuda.convert import _REGISTRY, ConvertReport, reason_not_convertible, register
 from sa_cuda.testing import max_err
 
@@ -119,7 +119,7 @@ class ExternalAttentionShuffleAttention(nn.Module):
     def init_weights(self):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out')
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
 
     @staticmethod
     def channel_shuffle(x, groups):
@@ -339,8 +339,17 @@ class DetachedGate(nn.Module):
 
 def _official_math(module, x):
     """The official layer's math over module's attributes."""
-    return sa_cuda.reference.sa_layer(x, module.groups, module.cweight, module.cbias, module.sweight,
-                                      module.sbias, module.gn.weight, module.gn.bias, module.gn.eps)
+    return sa_cuda.reference.sa_layer(
+        x,
+        module.groups,
+        module.cweight,
+        module.cbias,
+        module.sweight,
+        module.sbias,
+        module.gn.weight,
+        module.gn.bias,
+        module.gn.eps,
+    )
 
 
 class FlagBranch(nn.Module):
@@ -372,8 +381,17 @@ class CountingOnSelf(nn.Module):
 
     def forward(self, x):
         self.calls += 1
-        return sa_cuda.reference.sa_layer(x, self.groups, self.cweight, self.cbias, self.sweight,
-                                          self.sbias, self.gn.weight, self.gn.bias, self.gn.eps)
+        return sa_cuda.reference.sa_layer(
+            x,
+            self.groups,
+            self.cweight,
+            self.cbias,
+            self.sweight,
+            self.sbias,
+            self.gn.weight,
+            self.gn.bias,
+            self.gn.eps,
+        )
 
 
 class RaisesOnNarrowPlanes(nn.Module):
@@ -473,11 +491,13 @@ def _subclassed_gn():
 
 def _with(make, **factories):
     """A maker of make() with some attributes replaced by fresh factory() values."""
+
     def build():
         layer = make()
         for name, factory in factories.items():
             setattr(layer, name, factory())
         return layer
+
     return build
 
 
@@ -503,6 +523,7 @@ def _registered_subclass_overriding_forward():
     class Doubled(sa_cuda.reference.SALayer):
         def forward(self, x):
             return 2 * super().forward(x)
+
     return Doubled(32, 4)
 
 
@@ -519,43 +540,85 @@ def _non_affine_gn():
 
 
 NEGATIVES = [
-    pytest.param(lambda: ScaledResidual(32, 4), "forward is defined by ScaledResidual", id="subclass-2sa+x"),
-    pytest.param(lambda: CountingSubclass(32, 4), "forward is defined by CountingSubclass", id="subclass-side-effect"),
+    pytest.param(
+        lambda: ScaledResidual(32, 4), "forward is defined by ScaledResidual", id="subclass-2sa+x"
+    ),
+    pytest.param(
+        lambda: CountingSubclass(32, 4),
+        "forward is defined by CountingSubclass",
+        id="subclass-side-effect",
+    ),
     pytest.param(lambda: NoShuffle(32, 4), "overrides 'channel_shuffle'", id="subclass-no-shuffle"),
     pytest.param(lambda: ExtraParameter(32, 2), "extra parameter(s) scale", id="extra-parameter"),
     pytest.param(lambda: ExtraBuffer(32, 4), "buffer(s) mask", id="extra-buffer"),
     pytest.param(lambda: ExtraSubmodule(32, 4), "extra submodule(s) proj", id="extra-submodule"),
     pytest.param(lambda: MaxPoolGate(32, 4), "output differs", id="max-pool-gate"),
-    pytest.param(lambda: SquareInputBranch(32, 4), "output differs from Shuffle Attention's by",
-                 id="shape-dependent-branch"),
+    pytest.param(
+        lambda: SquareInputBranch(32, 4),
+        "output differs from Shuffle Attention's by",
+        id="shape-dependent-branch",
+    ),
     pytest.param(lambda: DetachedGate(32, 4), "gradient of x differs", id="detached-gate"),
     pytest.param(lambda: FlagBranch(32, 4), "forward reads self.shuffle", id="flag-branch"),
     pytest.param(lambda: CountingOnSelf(32, 4), "forward assigns self.calls", id="counter-on-self"),
     pytest.param(lambda: PassesSelfOn(32, 4), "passes self on to other code", id="self-passed-on"),
     pytest.param(_hooked_gn, "gn has hooks", id="hook-on-gn"),
-    pytest.param(_instance_forward_override, "the instance overrides 'forward'", id="instance-forward"),
-    pytest.param(_instance_channel_shuffle_override, "the instance overrides 'channel_shuffle'",
-                 id="instance-channel_shuffle"),
-    pytest.param(_subclassed_gn, "gn is GroupNormSubclass, not exactly nn.GroupNorm", id="groupnorm-subclass"),
+    pytest.param(
+        _instance_forward_override, "the instance overrides 'forward'", id="instance-forward"
+    ),
+    pytest.param(
+        _instance_channel_shuffle_override,
+        "the instance overrides 'channel_shuffle'",
+        id="instance-channel_shuffle",
+    ),
+    pytest.param(
+        _subclassed_gn, "gn is GroupNormSubclass, not exactly nn.GroupNorm", id="groupnorm-subclass"
+    ),
     pytest.param(_non_affine_gn, "not GroupNorm(m, m) with affine", id="gn-not-affine"),
     pytest.param(_conv_without_bias, "affine2 is Conv2d", id="conv-without-bias"),
-    pytest.param(lambda: RaisesOnNarrowPlanes(32, 4), "raised ValueError: planes must be at least 6 wide",
-                 id="probe-raises"),
-    pytest.param(lambda: TrainingBranch(32, 4), "forward reads self.training", id="training-branch"),
-    pytest.param(lambda: NoGradForward(32, 4), "forward gives no gradient of x", id="no-grad-forward"),
-    pytest.param(lambda: CallOverride(32, 4), "CallOverride overrides '__call__'", id="subclass-__call__"),
-    pytest.param(_with(lambda: OfficialSaLayer(32, 4), avg_pool=lambda: nn.AdaptiveMaxPool2d(1)),
-                 "avg_pool is AdaptiveMaxPool2d", id="max-pool-module"),
-    pytest.param(_with(lambda: SeedShuffleAttention(32, 4), sigmoid=nn.Hardsigmoid),
-                 "sigmoid is Hardsigmoid", id="hardsigmoid-module"),
-    pytest.param(_with(lambda: OfficialSaLayer(32, 4), gn=lambda: nn.GroupNorm(1, 4)), "not GroupNorm(m, m)",
-                 id="gn-one-group"),
-    pytest.param(_parametrized_cweight, "extra submodule(s) parametrizations", id="parametrized-cweight"),
-    pytest.param(_hides_fused_attribute, "would hide the fused layer's channel_shuffle",
-                 id="attribute-hides-fused"),
+    pytest.param(
+        lambda: RaisesOnNarrowPlanes(32, 4),
+        "raised ValueError: planes must be at least 6 wide",
+        id="probe-raises",
+    ),
+    pytest.param(
+        lambda: TrainingBranch(32, 4), "forward reads self.training", id="training-branch"
+    ),
+    pytest.param(
+        lambda: NoGradForward(32, 4), "forward gives no gradient of x", id="no-grad-forward"
+    ),
+    pytest.param(
+        lambda: CallOverride(32, 4), "CallOverride overrides '__call__'", id="subclass-__call__"
+    ),
+    pytest.param(
+        _with(lambda: OfficialSaLayer(32, 4), avg_pool=lambda: nn.AdaptiveMaxPool2d(1)),
+        "avg_pool is AdaptiveMaxPool2d",
+        id="max-pool-module",
+    ),
+    pytest.param(
+        _with(lambda: SeedShuffleAttention(32, 4), sigmoid=nn.Hardsigmoid),
+        "sigmoid is Hardsigmoid",
+        id="hardsigmoid-module",
+    ),
+    pytest.param(
+        _with(lambda: OfficialSaLayer(32, 4), gn=lambda: nn.GroupNorm(1, 4)),
+        "not GroupNorm(m, m)",
+        id="gn-one-group",
+    ),
+    pytest.param(
+        _parametrized_cweight, "extra submodule(s) parametrizations", id="parametrized-cweight"
+    ),
+    pytest.param(
+        _hides_fused_attribute,
+        "would hide the fused layer's channel_shuffle",
+        id="attribute-hides-fused",
+    ),
     pytest.param(_list_attribute, "instance attribute 'history' holds a list", id="list-attribute"),
-    pytest.param(_registered_subclass_overriding_forward, "Doubled overrides 'forward' of SALayer",
-                 id="registered-subclass-forward"),
+    pytest.param(
+        _registered_subclass_overriding_forward,
+        "Doubled overrides 'forward' of SALayer",
+        id="registered-subclass-forward",
+    ),
 ]
 
 
@@ -564,27 +627,47 @@ def _net(layer):
 
 
 def _inputs(dtype=torch.float64, device="cpu"):
-    return (make_input(SHAPE, seed=1, dtype=dtype, device=device),
-            make_input(SHAPE, seed=2, dtype=dtype, device=device))
+    return (
+        make_input(SHAPE, seed=1, dtype=dtype, device=device),
+        make_input(SHAPE, seed=2, dtype=dtype, device=device),
+    )
 
 
 def _assert_same(after, before, rtol=1e-10):
     for key in before:
-        assert max_err(after[key], before[key]) <= rtol * max(1.0, before[key].abs().max().item()), key
+        assert max_err(after[key], before[key]) <= rtol * max(
+            1.0, before[key].abs().max().item()
+        ), key
 
 
 # ---- replaced: same outputs, gradients, parameters, keys -----------------------------------------
 POSITIVES = [
     pytest.param(lambda: OfficialSaLayer(32, groups=4), sa_cuda.SALayer, id="official-sa_layer"),
-    pytest.param(lambda: CommentedSaLayer(32, groups=4), sa_cuda.SALayer, id="official-commented-renamed"),
-    pytest.param(lambda: ExternalAttentionShuffleAttention(32, G=2), sa_cuda.SALayer, id="external-attention-G"),
+    pytest.param(
+        lambda: CommentedSaLayer(32, groups=4), sa_cuda.SALayer, id="official-commented-renamed"
+    ),
+    pytest.param(
+        lambda: ExternalAttentionShuffleAttention(32, G=2),
+        sa_cuda.SALayer,
+        id="external-attention-G",
+    ),
     pytest.param(lambda: SeedShuffleAttention(32, groups=4), sa_cuda.ShuffleAttention, id="seed"),
-    pytest.param(lambda: RenamedSeedShuffleAttention(32, groups=2), sa_cuda.ShuffleAttention, id="seed-renamed"),
+    pytest.param(
+        lambda: RenamedSeedShuffleAttention(32, groups=2),
+        sa_cuda.ShuffleAttention,
+        id="seed-renamed",
+    ),
     pytest.param(lambda: sa_cuda.reference.SALayer(32, 4), sa_cuda.SALayer, id="reference-SALayer"),
-    pytest.param(lambda: sa_cuda.reference.ShuffleAttention(32, 8), sa_cuda.ShuffleAttention,
-                 id="reference-ShuffleAttention"),
-    pytest.param(_with(lambda: OfficialSaLayer(32, 4), gn=lambda: nn.GroupNorm(4, 4, eps=1e-3)), sa_cuda.SALayer,
-                 id="official-gn-eps"),
+    pytest.param(
+        lambda: sa_cuda.reference.ShuffleAttention(32, 8),
+        sa_cuda.ShuffleAttention,
+        id="reference-ShuffleAttention",
+    ),
+    pytest.param(
+        _with(lambda: OfficialSaLayer(32, 4), gn=lambda: nn.GroupNorm(4, 4, eps=1e-3)),
+        sa_cuda.SALayer,
+        id="official-gn-eps",
+    ),
     pytest.param(lambda: SubclassAddsNothingRelevant(32), sa_cuda.SALayer, id="foreign-subclass"),
     pytest.param(lambda: ReferenceSubclass(32, 2), sa_cuda.SALayer, id="registered-subclass"),
 ]
@@ -663,11 +746,23 @@ def test_flagged_look_alikes_really_differ():
     """The negatives are real: each computes something other than Shuffle Attention for some input
     or state (so converting them would change the model)."""
     x = make_input((1, 32, 4, 4), seed=7, dtype=torch.float64)
-    for make in (lambda: ScaledResidual(32, 4), lambda: NoShuffle(32, 4), lambda: MaxPoolGate(32, 4),
-                 lambda: SquareInputBranch(32, 4)):
+    for make in (
+        lambda: ScaledResidual(32, 4),
+        lambda: NoShuffle(32, 4),
+        lambda: MaxPoolGate(32, 4),
+        lambda: SquareInputBranch(32, 4),
+    ):
         layer = randomize_(make().double(), seed=8)
-        want = sa_cuda.reference.sa_layer(x, 4, layer.cweight, layer.cbias, layer.sweight, layer.sbias,
-                                          layer.gn.weight, layer.gn.bias)
+        want = sa_cuda.reference.sa_layer(
+            x,
+            4,
+            layer.cweight,
+            layer.cbias,
+            layer.sweight,
+            layer.sbias,
+            layer.gn.weight,
+            layer.gn.bias,
+        )
         assert max_err(layer(x), want) > 1e-3
     layer = randomize_(FlagBranch(32, 4).double(), seed=8)
     before = layer(x)
@@ -683,25 +778,37 @@ def test_not_look_alikes_are_not_reported():
 # ---- hooks -------------------------------------------------------------------------------------
 def _register_every_hook(layer, seen):
     """Every hook kind on layer; each records what it sees into seen[kind]."""
+
     def record(kind, *values):
-        seen.setdefault(kind, []).append(tuple(v.detach().clone() if torch.is_tensor(v) else v for v in values))
+        seen.setdefault(kind, []).append(
+            tuple(v.detach().clone() if torch.is_tensor(v) else v for v in values)
+        )
 
     return [
         layer.register_forward_pre_hook(lambda mod, args: record("pre", args[0])),
-        layer.register_forward_pre_hook(lambda mod, args, kwargs: record("pre_kwargs", args[0], len(kwargs)),
-                                        with_kwargs=True),
+        layer.register_forward_pre_hook(
+            lambda mod, args, kwargs: record("pre_kwargs", args[0], len(kwargs)), with_kwargs=True
+        ),
         layer.register_forward_hook(lambda mod, args, out: record("forward", args[0], out)),
-        layer.register_forward_hook(lambda mod, args, kwargs, out: record("forward_kwargs", out, len(kwargs)),
-                                    with_kwargs=True),
+        layer.register_forward_hook(
+            lambda mod, args, kwargs, out: record("forward_kwargs", out, len(kwargs)),
+            with_kwargs=True,
+        ),
         layer.register_forward_hook(lambda mod, args, out: record("always", out), always_call=True),
         layer.register_full_backward_pre_hook(lambda mod, gout: record("backward_pre", gout[0])),
-        layer.register_full_backward_hook(lambda mod, gin, gout: record("backward", gin[0], gout[0])),
+        layer.register_full_backward_hook(
+            lambda mod, gin, gout: record("backward", gin[0], gout[0])
+        ),
         layer.register_state_dict_pre_hook(lambda mod, prefix, keep_vars: record("sd_pre", prefix)),
-        layer.register_state_dict_post_hook(lambda mod, sd, prefix, meta: record("sd_post", prefix, len(sd))),
+        layer.register_state_dict_post_hook(
+            lambda mod, sd, prefix, meta: record("sd_post", prefix, len(sd))
+        ),
         layer.register_load_state_dict_pre_hook(
-            lambda mod, sd, prefix, *rest: record("load_pre", prefix, type(mod).__name__)),
+            lambda mod, sd, prefix, *rest: record("load_pre", prefix, type(mod).__name__)
+        ),
         layer.register_load_state_dict_post_hook(
-            lambda mod, keys: record("load_post", len(keys.missing_keys), type(mod).__name__)),
+            lambda mod, keys: record("load_post", len(keys.missing_keys), type(mod).__name__)
+        ),
     ]
 
 
@@ -778,7 +885,9 @@ def test_deprecated_backward_hook_keeps_firing():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation warning
         twin[1].register_backward_hook(lambda mod, gin, gout: seen["before"].append((gin, gout)))
-        handle = model[1].register_backward_hook(lambda mod, gin, gout: seen["after"].append((gin, gout)))
+        handle = model[1].register_backward_hook(
+            lambda mod, gin, gout: seen["after"].append((gin, gout))
+        )
         full[1].register_full_backward_hook(lambda mod, gin, gout: seen["full"].append((gin, gout)))
         assert sa_cuda.convert(model) == 1
         x, grad_out = _inputs(torch.float32)
@@ -802,9 +911,20 @@ def test_shared_instance_is_replaced_everywhere_by_one_fused_module():
     report = sa_cuda.convert(model, report=True)
     assert report.replaced == [("0, 2", "OfficialSaLayer")] and report.count == 1
     assert type(model[0]) is sa_cuda.SALayer and model[0] is model[2]
-    assert list(model.state_dict()) == ["0.cweight", "0.cbias", "0.sweight", "0.sbias", "0.gn.weight",
-                                        "0.gn.bias", "2.cweight", "2.cbias", "2.sweight", "2.sbias",
-                                        "2.gn.weight", "2.gn.bias"]
+    assert list(model.state_dict()) == [
+        "0.cweight",
+        "0.cbias",
+        "0.sweight",
+        "0.sbias",
+        "0.gn.weight",
+        "0.gn.bias",
+        "2.cweight",
+        "2.cbias",
+        "2.sweight",
+        "2.sbias",
+        "2.gn.weight",
+        "2.gn.bias",
+    ]
     _assert_same(forward_backward(model, x, grad_out), before)
 
 
@@ -817,12 +937,19 @@ def test_shared_instance_in_different_parents():
 
 
 def test_report_lists_replaced_and_skipped_look_alikes():
-    model = nn.Sequential(NotShuffleAttention(),
-                          nn.Sequential(OfficialSaLayer(16, 2), SeedShuffleAttention(16, 2)),
-                          ScaledResidual(16, 4), sa_cuda.SALayer(16, 2), OfficialSaLayer(16, 4))
+    model = nn.Sequential(
+        NotShuffleAttention(),
+        nn.Sequential(OfficialSaLayer(16, 2), SeedShuffleAttention(16, 2)),
+        ScaledResidual(16, 4),
+        sa_cuda.SALayer(16, 2),
+        OfficialSaLayer(16, 4),
+    )
     report = sa_cuda.convert(model, report=True)
-    assert report.replaced == [("1.0", "OfficialSaLayer"), ("1.1", "SeedShuffleAttention"),
-                               ("4", "OfficialSaLayer")]
+    assert report.replaced == [
+        ("1.0", "OfficialSaLayer"),
+        ("1.1", "SeedShuffleAttention"),
+        ("4", "OfficialSaLayer"),
+    ]
     assert [(name, cls) for name, cls, _ in report.skipped] == [("2", "ScaledResidual")]
     assert int(report) == 3 and model[4].groups == 4
     assert type(model[0]) is NotShuffleAttention and type(model[2]) is ScaledResidual
@@ -833,12 +960,24 @@ def test_the_model_itself_is_not_replaced():
     layer = OfficialSaLayer(16, 2)
     report = sa_cuda.convert(layer, report=True)
     assert report.count == 0
-    assert report.skipped == [("", "OfficialSaLayer", "the model itself cannot be replaced in place; "
-                                                      "use sa_cuda.fuse(model)")]
+    assert report.skipped == [
+        (
+            "",
+            "OfficialSaLayer",
+            "the model itself cannot be replaced in place; use sa_cuda.fuse(model)",
+        )
+    ]
     fused = sa_cuda.fuse(layer)
-    assert isinstance(fused, sa_cuda.SALayer) and fused.cweight is layer.cweight and fused.gn is layer.gn
+    assert (
+        isinstance(fused, sa_cuda.SALayer)
+        and fused.cweight is layer.cweight
+        and fused.gn is layer.gn
+    )
     assert sa_cuda.fuse(nn.Linear(2, 2)) is None
-    assert sa_cuda.fuse(fused) is None and reason_not_convertible(fused) == "already a fused sa_cuda module"
+    assert (
+        sa_cuda.fuse(fused) is None
+        and reason_not_convertible(fused) == "already a fused sa_cuda module"
+    )
     assert reason_not_convertible(layer) is None
 
 
@@ -907,7 +1046,10 @@ def test_registered_user_class_is_converted():
     x, grad_out = _inputs()
     before = forward_backward(model, x, grad_out)
     report = sa_cuda.convert(model, report=True)
-    assert report.count == 0 and "source of NoSourceSaLayer.forward is not available" in report.skipped[0][2]
+    assert (
+        report.count == 0
+        and "source of NoSourceSaLayer.forward is not available" in report.skipped[0][2]
+    )
 
     assert register(cls, "sa_layer", groups_attr="n_groups") is cls
     try:

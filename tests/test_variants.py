@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_input, make_ref, params_in_op_order
 
 import sa_cuda
 from sa_cuda import reference
 from sa_cuda.ops import SA_CUDA_LIBRARY, register_library
 from sa_cuda.variants import VARIANTS, variant
-
-from conftest import make_input, make_ref, params_in_op_order
 
 
 @pytest.mark.parametrize("spec", VARIANTS, ids=lambda v: v.name)
@@ -31,8 +30,9 @@ def test_state_keys_and_shapes_are_the_reference_modules(spec):
     assert sorted(shapes) == sorted(spec.state_keys)
     for param in spec.params:
         assert shapes[param.state_key] == param.module_shape(m), param.name
-    assert set(spec.gate_convs) == {name for name, sub in module.named_children()
-                                    if isinstance(sub, torch.nn.Conv2d)}
+    assert set(spec.gate_convs) == {
+        name for name, sub in module.named_children() if isinstance(sub, torch.nn.Conv2d)
+    }
     assert issubclass(getattr(sa_cuda, spec.module_name), type(module))
 
 
@@ -45,18 +45,23 @@ def test_one_library_per_namespace():
     assert register_library("sa_cuda") is SA_CUDA_LIBRARY
     assert sa_cuda.ShuffleAttentionFunction is SA_CUDA_LIBRARY.function
     assert SA_CUDA_LIBRARY.forward_op("sa_layer") is torch.ops.sa_cuda.sa_layer_forward
-    assert SA_CUDA_LIBRARY.backward_op("shuffle_attention") is \
-        torch.ops.sa_cuda.shuffle_attention_backward
+    assert (
+        SA_CUDA_LIBRARY.backward_op("shuffle_attention")
+        is torch.ops.sa_cuda.shuffle_attention_backward
+    )
 
 
 @pytest.mark.parametrize("spec", VARIANTS, ids=lambda v: v.name)
 def test_functional_library_keyword(spec):
     """library= selects whose ops run; the default is sa_cuda's."""
     x = make_input((2, 16, 5, 4), dtype=torch.float64)
-    params = [p.detach() for p in params_in_op_order(spec.name, make_ref(spec.name, 16, 2,
-                                                                          dtype=torch.float64))]
+    params = [
+        p.detach()
+        for p in params_in_op_order(spec.name, make_ref(spec.name, 16, 2, dtype=torch.float64))
+    ]
     functional = getattr(sa_cuda, spec.name)
     want = getattr(reference, spec.name)(x, 2, *params)
-    torch.testing.assert_close(functional(x, 2, *params, library=SA_CUDA_LIBRARY), want,
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        functional(x, 2, *params, library=SA_CUDA_LIBRARY), want, rtol=1e-10, atol=1e-10
+    )
     torch.testing.assert_close(functional(x, 2, *params), want, rtol=1e-10, atol=1e-10)

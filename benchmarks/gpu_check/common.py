@@ -36,10 +36,13 @@ def backend_ops(backend: str):
     """(ops namespace, device) of a backend."""
     if backend == "cuda":
         if not (torch.cuda.is_available() and sa_cuda.fused_available("cuda")):
-            raise SystemExit("backend cuda: no CUDA device, or sa_cuda was built without CUDA kernels")
+            raise SystemExit(
+                "backend cuda: no CUDA device, or sa_cuda was built without CUDA kernels"
+            )
         return torch.ops.sa_cuda, torch.device("cuda")
     if backend == "emulated":
         from emulation import load_emulation
+
         return load_emulation(), torch.device("cpu")
     raise SystemExit(f"unknown backend {backend!r}; choose from {BACKENDS}")
 

@@ -33,9 +33,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-
 from common import BACKENDS, DTYPES, VARIANTS, backend_ops, caching_allocator_active, write_json
 from conftest import PARAM_ARG_NAMES, PARAM_KEYS, forward_backward, make_ref
+
 from sa_cuda.testing import accuracy_bound, max_abs, max_err
 
 EPS = 1e-5
@@ -45,14 +45,14 @@ SMALL_OFFSETS = (0, 1)
 
 @dataclass(frozen=True)
 class Spec:
-    path: str                              # the launch path the shape is chosen for
-    shape: tuple[int, int, int, int]       # (B, C, H, W)
+    path: str  # the launch path the shape is chosen for
+    shape: tuple[int, int, int, int]  # (B, C, H, W)
     groups: int
-    variants: tuple[str, ...] = VARIANTS   # the first one alone in the small set
-    small: tuple[str, ...] = ()            # dtypes of this spec in the small set (none: not in it)
+    variants: tuple[str, ...] = VARIANTS  # the first one alone in the small set
+    small: tuple[str, ...] = ()  # dtypes of this spec in the small set (none: not in it)
 
 
-PLANE = VARIANTS            # plane kernels (sa_layer); shuffle_attention sees the same N/offsets
+PLANE = VARIANTS  # plane kernels (sa_layer); shuffle_attention sees the same N/offsets
 GROUP = ("shuffle_attention",)
 # Per-channel variant (plane_* kernels): warp team N <= 256, block team N <= 4096, streamed above;
 # packs when the plane pointers are aligned and N is a multiple of the pack, else scalar accesses.
@@ -107,15 +107,16 @@ class Case:
     spec: Spec
     variant: str
     dtype: str
-    offsets: tuple[int, ...]   # one case per offset; they share the reference computations
+    offsets: tuple[int, ...]  # one case per offset; they share the reference computations
 
     @property
     def label(self) -> str:
         return f"{self.variant:<17} {self.spec.path:<24} {str(self.spec.shape):<17} G={self.spec.groups}"
 
 
-def cases(which: str, dtypes: list[str] | None, offsets: list[int] | None,
-          pattern: str | None) -> list[Case]:
+def cases(
+    which: str, dtypes: list[str] | None, offsets: list[int] | None, pattern: str | None
+) -> list[Case]:
     out = []
     for spec in SPECS:
         if which == "small":
@@ -170,7 +171,9 @@ def at_offset(values: torch.Tensor, offset: int, device: torch.device) -> torch.
 def bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+    return torch.equal(
+        a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)
+    )
 
 
 def references(case: Case, seed: int):
@@ -181,20 +184,33 @@ def references(case: Case, seed: int):
     gen = torch.Generator().manual_seed(seed + 1)
     # per-channel offsets and scales, so planes have different means and variances
     C = spec.shape[1]
-    x = (torch.randn(spec.shape, generator=gen, dtype=torch.float64)
-         * (0.5 + torch.rand(1, C, 1, 1, generator=gen, dtype=torch.float64))
-         + torch.randn(1, C, 1, 1, generator=gen, dtype=torch.float64)).to(dtype)
+    x = (
+        torch.randn(spec.shape, generator=gen, dtype=torch.float64)
+        * (0.5 + torch.rand(1, C, 1, 1, generator=gen, dtype=torch.float64))
+        + torch.randn(1, C, 1, 1, generator=gen, dtype=torch.float64)
+    ).to(dtype)
     grad_out = torch.randn(spec.shape, generator=gen, dtype=torch.float64).to(dtype)
     named = dict(ref.named_parameters())
     params = [named[k].detach() for k in PARAM_KEYS[variant]]
 
-    truth = run_op(torch.ops.sa_cuda, variant, x.double(), grad_out.double(), spec.groups,
-                   [p.double() for p in params])
+    truth = run_op(
+        torch.ops.sa_cuda,
+        variant,
+        x.double(),
+        grad_out.double(),
+        spec.groups,
+        [p.double() for p in params],
+    )
     eager = forward_backward(ref, x, grad_out)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     var, mean = torch.var_mean(x.to(acc), dim=(2, 3), unbiased=False)
-    eager_list = [eager["out"], mean, (var + EPS).rsqrt(), eager["x"],
-                  *(eager[k] for k in PARAM_KEYS[variant])]
+    eager_list = [
+        eager["out"],
+        mean,
+        (var + EPS).rsqrt(),
+        eager["x"],
+        *(eager[k] for k in PARAM_KEYS[variant]),
+    ]
     want_dtypes = [dtype, acc, acc, dtype, *([dtype] * 6)]
     return x, grad_out, params, truth, eager_list, want_dtypes
 
@@ -208,10 +224,21 @@ def compare(names, got, again, truth, eager, want_dtypes) -> dict:
         bound = accuracy_bound(want, scale, err_eager)
         finite = bool(torch.isfinite(g_cpu).all())
         err = max_err(g_cpu, r) if g_cpu.shape == r.shape else float("inf")
-        checks = {"finite": finite, "dtype": g.dtype == want, "shape": g.shape == r.shape,
-                  "accuracy": finite and err <= bound, "bitwise_repeat": bit_identical(g, g2)}
-        result[name] = {"err": err, "bound": bound, "err_eager": err_eager, "max_abs_ref": scale,
-                        **checks, "ok": all(checks.values())}
+        checks = {
+            "finite": finite,
+            "dtype": g.dtype == want,
+            "shape": g.shape == r.shape,
+            "accuracy": finite and err <= bound,
+            "bitwise_repeat": bit_identical(g, g2),
+        }
+        result[name] = {
+            "err": err,
+            "bound": bound,
+            "err_eager": err_eager,
+            "max_abs_ref": scale,
+            **checks,
+            "ok": all(checks.values()),
+        }
     return result
 
 
@@ -232,10 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=BACKENDS, default="cuda")
     p.add_argument("--set", dest="which", choices=("full", "small"), default="full")
     p.add_argument("--dtypes", help="comma list of " + ",".join(DTYPES) + " (default: the set's)")
-    p.add_argument("--offsets", help="comma list of storage offsets in elements (default: the set's)")
+    p.add_argument(
+        "--offsets", help="comma list of storage offsets in elements (default: the set's)"
+    )
     p.add_argument("--cases", help="regular expression on the case label (variant, path, shape)")
-    p.add_argument("--corrupt", choices=output_names("sa_layer") + output_names("shuffle_attention"),
-                   help="test hook: perturb this output of the kernels' result before the check")
+    p.add_argument(
+        "--corrupt",
+        choices=output_names("sa_layer") + output_names("shuffle_attention"),
+        help="test hook: perturb this output of the kernels' result before the check",
+    )
     p.add_argument("--json", help="write the per-case results here")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
     p.add_argument("--seed", type=int, default=0)
@@ -257,10 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     results, passed, failed = [], 0, 0
-    report = {"backend": args.backend, "device": str(device), "set": args.which,
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "poisoned_allocator": caching_allocator_active(device), "corrupt": args.corrupt,
-              "cases": results}
+    report = {
+        "backend": args.backend,
+        "device": str(device),
+        "set": args.which,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "poisoned_allocator": caching_allocator_active(device),
+        "corrupt": args.corrupt,
+        "cases": results,
+    }
     for index, case in enumerate(todo):
         names = output_names(case.variant)
         try:
@@ -269,8 +306,14 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001  (the yardstick itself failed: report, go on)
             error = f"reference: {type(exc).__name__}: {exc}"
         for offset in case.offsets:
-            row = {"path": case.spec.path, "variant": case.variant, "shape": case.spec.shape,
-                   "groups": case.spec.groups, "dtype": case.dtype, "offset": offset}
+            row = {
+                "path": case.spec.path,
+                "variant": case.variant,
+                "shape": case.spec.shape,
+                "groups": case.spec.groups,
+                "dtype": case.dtype,
+                "offset": offset,
+            }
             try:
                 if error:
                     raise RuntimeError(error)
@@ -278,8 +321,13 @@ def main(argv: list[str] | None = None) -> int:
                 runs = []
                 for _ in range(2):
                     poison_allocator(device)
-                    x_dev, gy_dev = at_offset(x, offset, device), at_offset(grad_out, offset, device)
-                    runs.append(run_op(ops, case.variant, x_dev, gy_dev, case.spec.groups, params_dev))
+                    x_dev, gy_dev = (
+                        at_offset(x, offset, device),
+                        at_offset(grad_out, offset, device),
+                    )
+                    runs.append(
+                        run_op(ops, case.variant, x_dev, gy_dev, case.spec.groups, params_dev)
+                    )
                     del x_dev, gy_dev
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -289,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["outputs"] = compare(names, runs[0], runs[1], truth, eager, want_dtypes)
                 row["ok"] = all(o["ok"] for o in row["outputs"].values())
                 detail = describe_failure(row["outputs"])
-                worst = max(o["err"] / o["bound"] if o["bound"] > 0 else 0.0
-                            for o in row["outputs"].values())
+                worst = max(
+                    o["err"] / o["bound"] if o["bound"] > 0 else 0.0
+                    for o in row["outputs"].values()
+                )
                 summary = f"max err/bound {worst:.2g}"
             except Exception as exc:  # noqa: BLE001  (a crash is a failure; go on with the rest)
                 row.update(ok=False, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
@@ -298,13 +348,18 @@ def main(argv: list[str] | None = None) -> int:
             results.append(row)
             passed += row["ok"]
             failed += not row["ok"]
-            print(f"{'PASS' if row['ok'] else 'FAIL'} {case.label} {case.dtype:<4} off={offset} "
-                  f"{summary}{'  ' + detail if detail else ''}", flush=True)
+            print(
+                f"{'PASS' if row['ok'] else 'FAIL'} {case.label} {case.dtype:<4} off={offset} "
+                f"{summary}{'  ' + detail if detail else ''}",
+                flush=True,
+            )
         report.update(passed=passed, failed=failed, seconds=round(time.perf_counter() - t0, 1))
         write_json(args.json, report)
-    print(f"launch paths ({args.backend}, set {args.which}): {passed} PASS, {failed} FAIL "
-          f"({report['seconds']} s; allocator poisoned with NaN: "
-          f"{'yes' if report['poisoned_allocator'] else 'no'})")
+    print(
+        f"launch paths ({args.backend}, set {args.which}): {passed} PASS, {failed} FAIL "
+        f"({report['seconds']} s; allocator poisoned with NaN: "
+        f"{'yes' if report['poisoned_allocator'] else 'no'})"
+    )
     return 1 if failed else 0
 
 

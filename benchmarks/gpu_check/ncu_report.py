@@ -36,8 +36,8 @@ METRICS = [
     "launch__block_size",
     "launch__grid_size",
     "launch__shared_mem_per_block_dynamic",
-    "sm__warps_active.avg.pct_of_peak_sustained_active",      # achieved occupancy
-    "sm__maximum_warps_per_active_cycle_pct",                  # theoretical occupancy
+    "sm__warps_active.avg.pct_of_peak_sustained_active",  # achieved occupancy
+    "sm__maximum_warps_per_active_cycle_pct",  # theoretical occupancy
     "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum",
     "l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum",
     "l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum",
@@ -46,8 +46,16 @@ METRICS = [
 ]
 
 _PREFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-_TIME = {"nsecond": 1.0, "usecond": 1e3, "msecond": 1e6, "second": 1e9,
-         "ns": 1.0, "us": 1e3, "ms": 1e6, "s": 1e9}
+_TIME = {
+    "nsecond": 1.0,
+    "usecond": 1e3,
+    "msecond": 1e6,
+    "second": 1e9,
+    "ns": 1.0,
+    "us": 1e3,
+    "ms": 1e6,
+    "s": 1e9,
+}
 
 
 def to_number(text: str, unit: str = "") -> float | None:
@@ -72,32 +80,55 @@ def parse_csv(text: str) -> list[dict]:
     start = next((i for i, r in enumerate(rows) if r and r[0] == "ID"), None)
     if start is None:
         raise ValueError("no header row (first column 'ID') in the ncu CSV")
-    header, body = rows[start], rows[start + 1:]
+    header, body = rows[start], rows[start + 1 :]
     col = {name: i for i, name in enumerate(header)}
-    name_col = next((col[c] for c in ("Kernel Name", "Function Name", "Demangled Name") if c in col), None)
+    name_col = next(
+        (col[c] for c in ("Kernel Name", "Function Name", "Demangled Name") if c in col), None
+    )
     if name_col is None:
         raise ValueError("no kernel name column in the ncu CSV")
     kernels: dict[int, dict] = {}
 
     def kernel(row: list[str]) -> dict:
         kid = int(row[col["ID"]])
-        return kernels.setdefault(kid, {
-            "id": kid, "name": row[name_col],
-            "block": row[col["Block Size"]] if "Block Size" in col else None,
-            "grid": row[col["Grid Size"]] if "Grid Size" in col else None, "metrics": {}})
+        return kernels.setdefault(
+            kid,
+            {
+                "id": kid,
+                "name": row[name_col],
+                "block": row[col["Block Size"]] if "Block Size" in col else None,
+                "grid": row[col["Grid Size"]] if "Grid Size" in col else None,
+                "metrics": {},
+            },
+        )
 
     if "Metric Name" in col:  # --page details: one row per metric
         for row in body:
             if len(row) == len(header):
                 kernel(row)["metrics"][row[col["Metric Name"]]] = to_number(
-                    row[col["Metric Value"]], row[col["Metric Unit"]])
+                    row[col["Metric Value"]], row[col["Metric Unit"]]
+                )
     else:  # --page raw: one row per kernel, a units row first
         units = [""] * len(header)
         if body and body[0] and body[0][0] == "":
             units, body = body[0], body[1:]
-        first_metric = max(col.get(c, -1) for c in ("Kernel Name", "Function Name", "Demangled Name",
-                                                    "Block Size", "Grid Size", "CC", "Device",
-                                                    "Stream", "Context")) + 1
+        first_metric = (
+            max(
+                col.get(c, -1)
+                for c in (
+                    "Kernel Name",
+                    "Function Name",
+                    "Demangled Name",
+                    "Block Size",
+                    "Grid Size",
+                    "CC",
+                    "Device",
+                    "Stream",
+                    "Context",
+                )
+            )
+            + 1
+        )
         for row in body:
             if len(row) != len(header):
                 continue
@@ -150,18 +181,23 @@ def headline(item: dict, kernels: list[dict]) -> dict:
         "duration_us": ns / 1e3 if ns is not None else None,
         "dram_bytes": dram,
         "dram_over_model": _ratio(dram, item["model_bytes"]),
-        "dram_gbps": _ratio(dram, ns),            # bytes per ns = GB/s
+        "dram_gbps": _ratio(dram, ns),  # bytes per ns = GB/s
         "model_gbps": _ratio(item["model_bytes"], ns),
         "dram_pct_of_peak": m.get("dram__throughput.avg.pct_of_peak_sustained_elapsed"),
         "registers": m.get("launch__registers_per_thread"),
-        "block": main["block"], "grid": main["grid"],
+        "block": main["block"],
+        "grid": main["grid"],
         "dynamic_smem_bytes": m.get("launch__shared_mem_per_block_dynamic"),
         "achieved_occupancy_pct": m.get("sm__warps_active.avg.pct_of_peak_sustained_active"),
         "theoretical_occupancy_pct": m.get("sm__maximum_warps_per_active_cycle_pct"),
-        "ld_sectors_per_request": _ratio(_sum(kernels, "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum"),
-                                         _sum(kernels, "l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum")),
-        "st_sectors_per_request": _ratio(_sum(kernels, "l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum"),
-                                         _sum(kernels, "l1tex__t_requests_pipe_lsu_mem_global_op_st.sum")),
+        "ld_sectors_per_request": _ratio(
+            _sum(kernels, "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum"),
+            _sum(kernels, "l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum"),
+        ),
+        "st_sectors_per_request": _ratio(
+            _sum(kernels, "l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum"),
+            _sum(kernels, "l1tex__t_requests_pipe_lsu_mem_global_op_st.sum"),
+        ),
         "smem_bank_conflicts": _sum(kernels, "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum"),
     }
 
@@ -176,15 +212,20 @@ def report(csv_text: str, manifest: list[dict]) -> dict:
 def format_table(passes: list[dict]) -> str:
     def f(v, fmt):
         return format(v, fmt) if v is not None else "n/a"
-    head = (f"{'variant':<17} {'shape':<18} {'dtype':<5} {'pass':<4} {'us':>8} {'DRAM/model':>10} "
-            f"{'DRAM GB/s':>9} {'%peak':>5} {'regs':>4} {'occ%':>5} {'ld sec/req':>10} {'st sec/req':>10}")
+
+    head = (
+        f"{'variant':<17} {'shape':<18} {'dtype':<5} {'pass':<4} {'us':>8} {'DRAM/model':>10} "
+        f"{'DRAM GB/s':>9} {'%peak':>5} {'regs':>4} {'occ%':>5} {'ld sec/req':>10} {'st sec/req':>10}"
+    )
     lines = [head, "-" * len(head)]
     for p in passes:
-        lines.append(f"{p['variant']:<17} {str(tuple(p['shape'])):<18} {p['dtype']:<5} {p['pass']:<4} "
-                     f"{f(p['duration_us'], '8.1f')} {f(p['dram_over_model'], '10.2f')} "
-                     f"{f(p['dram_gbps'], '9.0f')} {f(p['dram_pct_of_peak'], '5.0f')} "
-                     f"{f(p['registers'], '4.0f')} {f(p['achieved_occupancy_pct'], '5.0f')} "
-                     f"{f(p['ld_sectors_per_request'], '10.1f')} {f(p['st_sectors_per_request'], '10.1f')}")
+        lines.append(
+            f"{p['variant']:<17} {str(tuple(p['shape'])):<18} {p['dtype']:<5} {p['pass']:<4} "
+            f"{f(p['duration_us'], '8.1f')} {f(p['dram_over_model'], '10.2f')} "
+            f"{f(p['dram_gbps'], '9.0f')} {f(p['dram_pct_of_peak'], '5.0f')} "
+            f"{f(p['registers'], '4.0f')} {f(p['achieved_occupancy_pct'], '5.0f')} "
+            f"{f(p['ld_sectors_per_request'], '10.1f')} {f(p['st_sectors_per_request'], '10.1f')}"
+        )
     return "\n".join(lines)
 
 
@@ -206,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"ncu: {len(result['kernels'])} kernels profiled, attribution {result['attribution']}")
     if result["passes"]:
-        print("(model bytes: fwd 2*n*e, bwd 3*n*e; DRAM/model = measured DRAM bytes / model bytes; "
-              "sectors/request 16 = 128-bit accesses of a full warp)")
+        print(
+            "(model bytes: fwd 2*n*e, bwd 3*n*e; DRAM/model = measured DRAM bytes / model bytes; "
+            "sectors/request 16 = 128-bit accesses of a full warp)"
+        )
         print(format_table(result["passes"]))
     else:
         for k in result["kernels"]:

@@ -13,7 +13,6 @@ import math
 import sys
 
 import torch
-
 from common import DTYPES, VARIANTS, write_json
 
 # the largest and the smallest plane of SA-ResNet-50 (stages 1 and 4), batch 8, G = 64
@@ -29,9 +28,16 @@ def items(dtypes: list[str]) -> list[dict]:
             e = torch.empty((), dtype=DTYPES[dname]).element_size()
             for variant in VARIANTS:
                 for pass_, factor in PASS_BYTES.items():  # fwd then bwd: ncu_report.py relies on it
-                    out.append({"variant": variant, "shape": list(shape), "groups": GROUPS,
-                                "dtype": dname, "pass": pass_,
-                                "model_bytes": factor * math.prod(shape) * e})
+                    out.append(
+                        {
+                            "variant": variant,
+                            "shape": list(shape),
+                            "groups": GROUPS,
+                            "dtype": dname,
+                            "pass": pass_,
+                            "model_bytes": factor * math.prod(shape) * e,
+                        }
+                    )
     return out
 
 
@@ -48,12 +54,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ops = torch.ops.sa_cuda
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for fwd, bwd in zip(todo[::2], todo[1::2]):
+    for fwd in todo[::2]:  # items come in (forward, backward) pairs of one config; both run here
         variant, shape, dtype = fwd["variant"], fwd["shape"], DTYPES[fwd["dtype"]]
         m = shape[1] // (2 * GROUPS)
         matrix = variant == "shuffle_attention"
-        params = [torch.randn((m, m) if matrix and i in (0, 2) else (m,), generator=gen, device="cuda",
-                              dtype=dtype) * 0.5 for i in range(6)]
+        params = [
+            torch.randn(
+                (m, m) if matrix and i in (0, 2) else (m,),
+                generator=gen,
+                device="cuda",
+                dtype=dtype,
+            )
+            * 0.5
+            for i in range(6)
+        ]
         x = torch.randn(shape, generator=gen, device="cuda", dtype=dtype)
         grad_out = torch.randn(shape, generator=gen, device="cuda", dtype=dtype)
         out, mean, rstd = getattr(ops, f"{variant}_forward")(x, GROUPS, *params, 1e-5)

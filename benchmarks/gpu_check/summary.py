@@ -39,8 +39,16 @@ def read_steps(out: Path) -> list[dict]:
     steps = []
     for line in read_text(out / "steps.tsv").splitlines():
         name, status, rc, seconds, box, note = (line.split("\t") + [""] * 6)[:6]
-        steps.append({"name": name, "status": status, "rc": None if rc == "-" else int(rc),
-                      "seconds": int(seconds), "box": int(box), "note": note})
+        steps.append(
+            {
+                "name": name,
+                "status": status,
+                "rc": None if rc == "-" else int(rc),
+                "seconds": int(seconds),
+                "box": int(box),
+                "note": note,
+            }
+        )
     return steps
 
 
@@ -65,8 +73,9 @@ def resource_usage(log: str) -> dict:
         fam = re.search(r"(sa_layer|shuffle_attention)_(forward|backward)_kernel", name)
         key = f"{fam.group(1)}_{fam.group(2)}" if fam else "other"
         vals = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", body)}
-        f = families.setdefault(key, {"kernels": 0, "reg_min": 10**9, "reg_max": 0, "local_max": 0,
-                                      "stack_max": 0})
+        f = families.setdefault(
+            key, {"kernels": 0, "reg_min": 10**9, "reg_max": 0, "local_max": 0, "stack_max": 0}
+        )
         f["kernels"] += 1
         f["reg_min"] = min(f["reg_min"], vals.get("REG", 0))
         f["reg_max"] = max(f["reg_max"], vals.get("REG", 0))
@@ -79,11 +88,16 @@ def format_timing_table(rows: list[dict], impls: list[str]) -> str:
     """timing.py's rows: per (variant, shape, dtype, pass) each impl's ms and % of the copy's
     bandwidth, then the fused GB/s and the copy's."""
     cells = {(r["variant"], r["shape"], r["dtype"], r["pass"], r["impl"]): r for r in rows}
-    head = f"{'variant':<17} {'shape':<11} {'dtype':<5} {'pass':<6}" + "".join(
-        f" | {impl + ' ms':>12} {'%copy':>5}" for impl in impls) + f" | {'fused GB/s':>10} {'copy GB/s':>9}"
+    head = (
+        f"{'variant':<17} {'shape':<11} {'dtype':<5} {'pass':<6}"
+        + "".join(f" | {impl + ' ms':>12} {'%copy':>5}" for impl in impls)
+        + f" | {'fused GB/s':>10} {'copy GB/s':>9}"
+    )
     lines = [head, "-" * len(head)]
-    keys = sorted({k[:4] for k in cells}, key=lambda k: (k[0], int(k[1].split("-b")[-1]), k[1], k[2],
-                                                         PASSES.index(k[3])))
+    keys = sorted(
+        {k[:4] for k in cells},
+        key=lambda k: (k[0], int(k[1].split("-b")[-1]), k[1], k[2], PASSES.index(k[3])),
+    )
     for k in keys:
         line = f"{k[0]:<17} {k[1]:<11} {k[2]:<5} {k[3]:<6}"
         for impl in impls:
@@ -105,23 +119,32 @@ def verdicts(out: Path, steps: list[dict]) -> tuple[dict, dict]:
     v, details = {}, {}
     check = read_json(out / "check.json")
     if check:
-        v["check"] = f"{check['passed']} PASS, {check['failed']} FAIL ({check['backend']}, set {check['set']})"
-        details["check"] = {k: check[k] for k in ("backend", "set", "passed", "failed", "poisoned_allocator")}
+        v["check"] = (
+            f"{check['passed']} PASS, {check['failed']} FAIL ({check['backend']}, set {check['set']})"
+        )
+        details["check"] = {
+            k: check[k] for k in ("backend", "set", "passed", "failed", "poisoned_allocator")
+        }
         details["check"]["failures"] = [c for c in check["cases"] if not c["ok"]][:50]
     for tool in SANITIZERS:
         line = sanitizer_verdict(read_text(logs / f"{tool}.log"))
         res = read_json(out / "sanitizers" / f"{tool}.json")
         counts = f"; {res['passed']} PASS, {res['failed']} FAIL" if res else ""
         v[tool] = (line or "no sanitizer summary line") + counts
-        details[tool] = {"summary_line": line, **({"passed": res["passed"], "failed": res["failed"]}
-                                                  if res else {})}
+        details[tool] = {
+            "summary_line": line,
+            **({"passed": res["passed"], "failed": res["failed"]} if res else {}),
+        }
     tests = pytest_verdict(read_text(logs / "tests.log"))
     v["tests"] = tests or "no pytest summary line"
     details["tests"] = {"summary_line": tests}
     res = resource_usage(read_text(logs / "resources.log"))
     if res:
-        v["resources"] = "; ".join(f"{k}: {f['kernels']} kernels, {f['reg_min']}-{f['reg_max']} regs, "
-                                   f"local {f['local_max']} B" for k, f in sorted(res.items()))
+        v["resources"] = "; ".join(
+            f"{k}: {f['kernels']} kernels, {f['reg_min']}-{f['reg_max']} regs, "
+            f"local {f['local_max']} B"
+            for k, f in sorted(res.items())
+        )
         details["resources"] = res
     timing = read_json(out / "timing.json")
     if timing:
@@ -129,15 +152,24 @@ def verdicts(out: Path, steps: list[dict]) -> tuple[dict, dict]:
         ok = sum(r["status"] == "ok" for r in rows)
         bad_checks = sum(not c["ok"] for c in timing["checks"])
         skipped = sum(r["status"].startswith("skipped") for r in rows)
-        v["timing"] = (f"{ok}/{len(rows)} timed, {skipped} skipped for time, fused checks "
-                       f"{len(timing['checks']) - bad_checks} ok / {bad_checks} FAILED")
-        details["timing"] = {"timed": ok, "rows": len(rows), "skipped": skipped,
-                             "fused_checks_failed": bad_checks}
+        v["timing"] = (
+            f"{ok}/{len(rows)} timed, {skipped} skipped for time, fused checks "
+            f"{len(timing['checks']) - bad_checks} ok / {bad_checks} FAILED"
+        )
+        details["timing"] = {
+            "timed": ok,
+            "rows": len(rows),
+            "skipped": skipped,
+            "fused_checks_failed": bad_checks,
+        }
     ncu = read_json(out / "ncu" / "ncu.json")
     if ncu:
         v["ncu"] = f"{len(ncu['kernels'])} kernels, attribution {ncu['attribution']}"
-        details["ncu"] = {"kernels": len(ncu["kernels"]), "attribution": ncu["attribution"],
-                          "passes": ncu["passes"]}
+        details["ncu"] = {
+            "kernels": len(ncu["kernels"]),
+            "attribution": ncu["attribution"],
+            "passes": ncu["passes"],
+        }
     build_log = read_text(logs / "build.log")
     built = re.findall(r"^built: [^\n]*", build_log, re.MULTILINE)
     if built:
@@ -159,37 +191,68 @@ def main(argv: list[str] | None = None) -> int:
     ran = [s for s in steps if s["status"] == "ran"]
     result = "FAIL" if failed or not ran else "PASS"
 
-    lines = [f"=== sa_cuda GPU check summary: mode {args.mode}, {args.total} s of a {args.budget} s budget ===",
-             f"{'step':<10} {'status':<8} {'rc':>4} {'seconds':>7} {'box':>5}  verdict / note"]
+    lines = [
+        f"=== sa_cuda GPU check summary: mode {args.mode}, {args.total} s of a {args.budget} s budget ===",
+        f"{'step':<10} {'status':<8} {'rc':>4} {'seconds':>7} {'box':>5}  verdict / note",
+    ]
     for s in steps:
         rc = "-" if s["rc"] is None else str(s["rc"])
-        text = "; ".join(t for t in (s["note"], v.get(s["name"], "") if s["status"] == "ran" else "") if t)
-        lines.append(f"{s['name']:<10} {s['status']:<8} {rc:>4} {s['seconds']:>7} {s['box']:>5}  {text}")
+        text = "; ".join(
+            t for t in (s["note"], v.get(s["name"], "") if s["status"] == "ran" else "") if t
+        )
+        lines.append(
+            f"{s['name']:<10} {s['status']:<8} {rc:>4} {s['seconds']:>7} {s['box']:>5}  {text}"
+        )
     timing = read_json(out / "timing.json")
     if timing and timing["rows"]:
-        impls = [i for i in ("eager", "compile", "fused") if any(r["impl"] == i for r in timing["rows"])]
-        lines += ["", f"timing ({timing['timer']}; {timing['model_bytes']}; compile: "
-                  f"batches {timing['compile']['batches']}, backend {timing['compile']['backend']}):",
-                  format_timing_table(timing["rows"], impls)]
+        impls = [
+            i for i in ("eager", "compile", "fused") if any(r["impl"] == i for r in timing["rows"])
+        ]
+        lines += [
+            "",
+            f"timing ({timing['timer']}; {timing['model_bytes']}; compile: "
+            f"batches {timing['compile']['batches']}, backend {timing['compile']['backend']}):",
+            format_timing_table(timing["rows"], impls),
+        ]
     if details.get("ncu", {}).get("passes"):
-        lines += ["", "ncu (DRAM/model = measured DRAM bytes / model bytes; sectors/request 16 = "
-                  "128-bit accesses of a full warp):", format_ncu_table(details["ncu"]["passes"])]
+        lines += [
+            "",
+            "ncu (DRAM/model = measured DRAM bytes / model bytes; sectors/request 16 = "
+            "128-bit accesses of a full warp):",
+            format_ncu_table(details["ncu"]["passes"]),
+        ]
     failures = details.get("check", {}).get("failures", [])
     if failures:
         lines += ["", "launch-path failures (first 10):"]
-        lines += [f"  {c['variant']} {c['path']} {tuple(c['shape'])} {c['dtype']} off={c['offset']}: "
-                  f"{c.get('error') or [k for k, o in c['outputs'].items() if not o['ok']]}"
-                  for c in failures[:10]]
+        lines += [
+            f"  {c['variant']} {c['path']} {tuple(c['shape'])} {c['dtype']} off={c['offset']}: "
+            f"{c.get('error') or [k for k, o in c['outputs'].items() if not o['ok']]}"
+            for c in failures[:10]
+        ]
     skipped = [s["name"] for s in steps if s["status"] != "ran"]
-    lines += ["", f"RESULT: {result} ({len(ran)} steps ran"
-              + (f", failed: {', '.join(failed)}" if failed else "")
-              + (f"; skipped: {', '.join(skipped)}" if skipped else "") + ")"]
+    lines += [
+        "",
+        f"RESULT: {result} ({len(ran)} steps ran"
+        + (f", failed: {', '.join(failed)}" if failed else "")
+        + (f"; skipped: {', '.join(skipped)}" if skipped else "")
+        + ")",
+    ]
     text = "\n".join(lines)
     (out / "summary.txt").write_text(text + "\n")
-    (out / "summary.json").write_text(json.dumps(
-        {"mode": args.mode, "budget_s": args.budget, "total_s": args.total, "result": result,
-         "failed_steps": failed, "steps": [{**s, "verdict": v.get(s["name"])} for s in steps],
-         **details}, indent=1))
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "mode": args.mode,
+                "budget_s": args.budget,
+                "total_s": args.total,
+                "result": result,
+                "failed_steps": failed,
+                "steps": [{**s, "verdict": v.get(s["name"])} for s in steps],
+                **details,
+            },
+            indent=1,
+        )
+    )
     print(text)
     return 1 if result == "FAIL" else 0
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch._functorch.config  # noqa: F401  (patched below)
-
 from common import DTYPES, VARIANTS, write_json
 from summary import format_timing_table
 
@@ -43,14 +42,23 @@ def compiled(ref: torch.nn.Module, backend: str) -> torch.nn.Module:
     return torch.compile(ref, dynamic=False, backend=backend)
 
 
-def time_config(timer, variant, shape, dname, device, impls, passes, args, deadline, copies,
-                inputs_cache) -> tuple[list[dict], dict | None]:
+def time_config(
+    timer, variant, shape, dname, device, impls, passes, args, deadline, copies, inputs_cache
+) -> tuple[list[dict], dict | None]:
     """Rows of one (variant, shape, dtype) for `impls`, and the fused check (None if not run)."""
     dtype = DTYPES[dname]
     e = torch.empty((), dtype=dtype).element_size()
     n = shape.n
-    common = {"variant": variant, "shape": shape.name, "B": shape.B, "C": shape.C, "H": shape.H,
-              "W": shape.W, "G": shape.G, "dtype": dname}
+    common = {
+        "variant": variant,
+        "shape": shape.name,
+        "B": shape.B,
+        "C": shape.C,
+        "H": shape.H,
+        "W": shape.W,
+        "G": shape.G,
+        "dtype": dname,
+    }
     ref, fused = harness.make_modules(variant, shape, dtype, device, args.seed)
     key = (shape.name, dname)
     if key not in inputs_cache:
@@ -82,13 +90,18 @@ def time_config(timer, variant, shape, dname, device, impls, passes, args, deadl
                 continue
             try:
                 if mod is None:
-                    mod = (compiled(ref, args.compile_backend) if impl == "compile"
-                           else harness.build_impl(impl, ref, fused))
+                    mod = (
+                        compiled(ref, args.compile_backend)
+                        if impl == "compile"
+                        else harness.build_impl(impl, ref, fused)
+                    )
                 params = list((fused if impl == "fused" else ref).parameters())
 
                 def make_fns(count, mod=mod, pass_=pass_, params=params):
-                    pairs = [(x, gy)] + [(x.detach().clone().requires_grad_(True), gy.clone())
-                                         for _ in range(count - 1)]
+                    pairs = [(x, gy)] + [
+                        (x.detach().clone().requires_grad_(True), gy.clone())
+                        for _ in range(count - 1)
+                    ]
                     return [harness.pass_fn(impl, pass_, mod, xi, gyi, params) for xi, gyi in pairs]
 
                 # no donated buffers: the compiled backward must accept retain_graph (benchmarks.harness.pass_fn)
@@ -96,14 +109,24 @@ def time_config(timer, variant, shape, dname, device, impls, passes, args, deadl
                     t = timer.time(make_fns, model_bytes)
                 copy_elems = model_bytes // (2 * e)
                 if (copy_elems, dname) not in copies:
-                    copies[(copy_elems, dname)] = {"dtype": dname,
-                                                   **time_copy(timer, copy_elems, dtype, device)}
+                    copies[(copy_elems, dname)] = {
+                        "dtype": dname,
+                        **time_copy(timer, copy_elems, dtype, device),
+                    }
                 c = copies[(copy_elems, dname)]
                 gbps = model_bytes / t["median_ms"] / 1e6
-                row.update(status="ok", **t, gbps=gbps, copy_ms=c["median_ms"], copy_gbps=c["gbps"],
-                           pct_of_copy=100 * gbps / c["gbps"])
+                row.update(
+                    status="ok",
+                    **t,
+                    gbps=gbps,
+                    copy_ms=c["median_ms"],
+                    copy_gbps=c["gbps"],
+                    pct_of_copy=100 * gbps / c["gbps"],
+                )
             except Exception as exc:  # noqa: BLE001  (recorded; the other rows go on)
-                row.update(status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+                row.update(
+                    status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                )
         del mod
     return rows, check
 
@@ -112,6 +135,7 @@ def plot(rows: list[dict], impls: list[str], title: str, path: Path) -> bool:
     """Per (variant, dtype) row and pass column: each impl's bandwidth as % of the copy's, per shape."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -122,8 +146,13 @@ def plot(rows: list[dict], impls: list[str], title: str, path: Path) -> bool:
         return False
     series = sorted({(r["variant"], r["dtype"]) for r in ok})
     shapes = sorted({r["shape"] for r in rows}, key=lambda s: (int(s.split("-b")[1]), s))
-    fig, axes = plt.subplots(len(series), len(PASSES), squeeze=False, sharey=True,
-                             figsize=(5 * len(PASSES), 3.2 * len(series) + 0.8))
+    fig, axes = plt.subplots(
+        len(series),
+        len(PASSES),
+        squeeze=False,
+        sharey=True,
+        figsize=(5 * len(PASSES), 3.2 * len(series) + 0.8),
+    )
     width = 0.8 / len(impls)
     for i, (variant, dname) in enumerate(series):
         for j, pass_ in enumerate(PASSES):
@@ -131,8 +160,12 @@ def plot(rows: list[dict], impls: list[str], title: str, path: Path) -> bool:
             for k, impl in enumerate(impls):
                 vals = []
                 for s in shapes:
-                    hit = [r for r in ok if (r["variant"], r["dtype"], r["pass"], r["impl"], r["shape"])
-                           == (variant, dname, pass_, impl, s)]
+                    hit = [
+                        r
+                        for r in ok
+                        if (r["variant"], r["dtype"], r["pass"], r["impl"], r["shape"])
+                        == (variant, dname, pass_, impl, s)
+                    ]
                     vals.append(hit[0]["pct_of_copy"] if hit else math.nan)
                 xs = [x + (k - (len(impls) - 1) / 2) * width for x in range(len(shapes))]
                 ax.bar(xs, vals, width, label=impl)
@@ -146,8 +179,15 @@ def plot(rows: list[dict], impls: list[str], title: str, path: Path) -> bool:
             ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     height = fig.get_figheight()  # title and legend above the panels, not on the bars
-    fig.legend(handles, labels, loc="upper center", ncol=len(impls), fontsize=8,
-               bbox_to_anchor=(0.5, 1 - 0.3 / height), frameon=False)
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncol=len(impls),
+        fontsize=8,
+        bbox_to_anchor=(0.5, 1 - 0.3 / height),
+        frameon=False,
+    )
     fig.suptitle(title, fontsize=9, y=1 - 0.05 / height)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / height))
     fig.savefig(path, dpi=100)
@@ -162,15 +202,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--impls", default=",".join(IMPLS))
-    p.add_argument("--compile-batches", default="8",
-                   help="batches at which torch.compile is timed (each new graph costs tens of s)")
-    p.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend (the CPU mode uses aot_eager: no code generation)")
-    p.add_argument("--compile-reserve", type=float, default=45.0,
-                   help="seconds of budget a config's torch.compile needs to start")
+    p.add_argument(
+        "--compile-batches",
+        default="8",
+        help="batches at which torch.compile is timed (each new graph costs tens of s)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (the CPU mode uses aot_eager: no code generation)",
+    )
+    p.add_argument(
+        "--compile-reserve",
+        type=float,
+        default=45.0,
+        help="seconds of budget a config's torch.compile needs to start",
+    )
     p.add_argument("--tiny", action="store_true", help="a tiny shape (the CPU mode)")
-    p.add_argument("--budget", type=float, default=120.0,
-                   help="seconds: timings that would start later are listed as skipped")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=120.0,
+        help="seconds: timings that would start later are listed as skipped",
+    )
     p.add_argument("--min-run-time", type=float, default=0.02, help="CPU seconds per measurement")
     p.add_argument("--json")
     p.add_argument("--png")
@@ -192,9 +246,10 @@ def phases(args: argparse.Namespace) -> list[tuple[list[str], list[tuple]]]:
     shapes = stage_shapes(args.batches, args.tiny)
     configs = [(v, s, d) for s in shapes for d in args.dtypes for v in args.variants]
     stage_rank = {"l1": 0, "l4": 1, "l2": 2, "l3": 3}
-    compile_configs = sorted((c for c in configs if c[1].B in args.compile_batches),
-                             key=lambda c: (c[1].B, stage_rank[c[1].name.split("-")[1]],
-                                            args.dtypes.index(c[2])))
+    compile_configs = sorted(
+        (c for c in configs if c[1].B in args.compile_batches),
+        key=lambda c: (c[1].B, stage_rank[c[1].name.split("-")[1]], args.dtypes.index(c[2])),
+    )
     out = [([i for i in args.impls if i != "compile"], configs)]
     if "compile" in args.impls:
         out.append((["compile"], compile_configs))
@@ -206,18 +261,24 @@ def print_summary(result: dict, args: argparse.Namespace) -> tuple[list[dict], l
     rows, checks = result["rows"], result["checks"]
     print()
     print(result["title"])
-    print(f"timer: {result['timer']}; model bytes: {result['model_bytes']}; %copy = model bytes / "
-          f"time relative to the copy's bandwidth; torch.compile at batch "
-          f"{sorted(args.compile_batches)} only (backend {args.compile_backend}), as far as the "
-          f"{args.budget:.0f} s budget went")
+    print(
+        f"timer: {result['timer']}; model bytes: {result['model_bytes']}; %copy = model bytes / "
+        f"time relative to the copy's bandwidth; torch.compile at batch "
+        f"{sorted(args.compile_batches)} only (backend {args.compile_backend}), as far as the "
+        f"{args.budget:.0f} s budget went"
+    )
     print(format_timing_table(rows, args.impls))
     failed = [c for c in checks if not c["ok"]]
     errors = [r for r in rows if r["status"] == "error"]
     skipped = [r for r in rows if r["status"].startswith("skipped")]
-    print(f"fused checks: {len(checks) - len(failed)} ok, {len(failed)} FAILED; "
-          f"timing errors: {len(errors)}; skipped for time: {len(skipped)}")
+    print(
+        f"fused checks: {len(checks) - len(failed)} ok, {len(failed)} FAILED; "
+        f"timing errors: {len(errors)}; skipped for time: {len(skipped)}"
+    )
     for r in errors:
-        print(f"  error {r['variant']} {r['shape']} {r['dtype']} {r['impl']} {r['pass']}: {r['error']}")
+        print(
+            f"  error {r['variant']} {r['shape']} {r['dtype']} {r['impl']} {r['pass']}: {r['error']}"
+        )
     return failed, errors
 
 
@@ -228,17 +289,26 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device")
-    timer = (GraphTimer(device) if device.type == "cuda"
-             else Bencher(device, torch.get_num_threads(), args.min_run_time))
+    timer = (
+        GraphTimer(device)
+        if device.type == "cuda"
+        else Bencher(device, torch.get_num_threads(), args.min_run_time)
+    )
     label = report.device_name(device)
     title = f"sa_cuda {sa_cuda.__version__} | {label} | torch {torch.__version__}"
     rows, checks, copies, inputs_cache = [], [], {}, {}
-    result = {"title": title, "device": label, "torch": torch.__version__,
-              "timer": ("CUDA graph replay" if device.type == "cuda"
-                        else "benchmarks.harness.Bencher CPU timer"),
-              "model_bytes": "fwd 2*n*e, bwd 3*n*e, fwdbwd 5*n*e; copy of the same bytes",
-              "compile": {"batches": sorted(args.compile_batches), "backend": args.compile_backend},
-              "rows": rows, "checks": checks}
+    result = {
+        "title": title,
+        "device": label,
+        "torch": torch.__version__,
+        "timer": (
+            "CUDA graph replay" if device.type == "cuda" else "benchmarks.harness.Bencher CPU timer"
+        ),
+        "model_bytes": "fwd 2*n*e, bwd 3*n*e, fwdbwd 5*n*e; copy of the same bytes",
+        "compile": {"batches": sorted(args.compile_batches), "backend": args.compile_backend},
+        "rows": rows,
+        "checks": checks,
+    }
 
     def save():
         result["copies"] = list(copies.values())
@@ -247,18 +317,35 @@ def main(argv: list[str] | None = None) -> int:
 
     for phase_impls, phase_configs in phases(args):
         for variant, shape, dname in phase_configs:
-            cfg_rows, check = time_config(timer, variant, shape, dname, device, phase_impls, PASSES,
-                                          args, deadline, copies, inputs_cache)
+            cfg_rows, check = time_config(
+                timer,
+                variant,
+                shape,
+                dname,
+                device,
+                phase_impls,
+                PASSES,
+                args,
+                deadline,
+                copies,
+                inputs_cache,
+            )
             rows.extend(cfg_rows)
             if check is not None:
                 checks.append(check)
                 if not check["ok"]:
-                    print(f"FAILED fused check {variant} {shape.name} {dname}: "
-                          f"{check.get('error') or check.get('tensors')}", flush=True)
+                    print(
+                        f"FAILED fused check {variant} {shape.name} {dname}: "
+                        f"{check.get('error') or check.get('tensors')}",
+                        flush=True,
+                    )
             save()
             done = [r for r in cfg_rows if r["status"] == "ok"]
-            print(f"[{time.monotonic() - t0:6.1f}s] {variant} {shape.name} {dname} "
-                  f"{','.join(phase_impls)}: {len(done)}/{len(cfg_rows)} timed", flush=True)
+            print(
+                f"[{time.monotonic() - t0:6.1f}s] {variant} {shape.name} {dname} "
+                f"{','.join(phase_impls)}: {len(done)}/{len(cfg_rows)} timed",
+                flush=True,
+            )
         inputs_cache.clear()
     failed, errors = print_summary(result, args)
     save()

@@ -6,8 +6,20 @@ strictly into either, and the release's checkpoints load into both (see
 ``convert_official_state_dict``).
 """
 
-from .sa_resnet import (SABottleneck, SAResNet, convert_official_state_dict, sa_resnet50,
-                        sa_resnet101, sa_resnet152)
+from .sa_resnet import (
+    SABottleneck,
+    SAResNet,
+    convert_official_state_dict,
+    sa_resnet50,
+    sa_resnet101,
+    sa_resnet152,
+)
 
-__all__ = ["SABottleneck", "SAResNet", "convert_official_state_dict", "sa_resnet50",
-           "sa_resnet101", "sa_resnet152"]
+__all__ = [
+    "SABottleneck",
+    "SAResNet",
+    "convert_official_state_dict",
+    "sa_resnet50",
+    "sa_resnet101",
+    "sa_resnet152",
+]

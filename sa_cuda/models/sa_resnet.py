@@ -23,7 +23,7 @@ Differences from the released file, none of which touches the parameters or the 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -31,15 +31,30 @@ from torch import Tensor, nn
 from .. import reference
 from ..modules import SALayer as FusedSALayer
 
-__all__ = ["SABottleneck", "SAResNet", "convert_official_state_dict", "sa_resnet50",
-           "sa_resnet101", "sa_resnet152"]
+__all__ = [
+    "SABottleneck",
+    "SAResNet",
+    "convert_official_state_dict",
+    "sa_resnet50",
+    "sa_resnet101",
+    "sa_resnet152",
+]
 
 
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1,
-            dilation: int = 1) -> nn.Conv2d:
+def conv3x3(
+    in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1
+) -> nn.Conv2d:
     """3x3 convolution with padding, no bias: [B, in, H, W] -> [B, out, H/stride, W/stride]."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
-                     groups=groups, bias=False, dilation=dilation)
+    return nn.Conv2d(
+        in_planes,
+        out_planes,
+        kernel_size=3,
+        stride=stride,
+        padding=dilation,
+        groups=groups,
+        bias=False,
+        dilation=dilation,
+    )
 
 
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -61,10 +76,19 @@ class SABottleneck(nn.Module):
 
     expansion: int = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None, groups: int = 1, base_width: int = 64,
-                 dilation: int = 1, norm_layer: Callable[[int], nn.Module] | None = None,
-                 sa_groups: int = 64, fused: bool = True) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        sa_groups: int = 64,
+        fused: bool = True,
+    ) -> None:
         super().__init__()
         if norm_layer is None:
             norm_layer = nn.BatchNorm2d
@@ -97,11 +121,19 @@ class SAResNet(nn.Module):
     (2048, 7, 7) in layer1..layer4.
     """
 
-    def __init__(self, block: type[SABottleneck], layers: list[int], num_classes: int = 1000,
-                 zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64,
-                 replace_stride_with_dilation: list[bool] | None = None,
-                 norm_layer: Callable[[int], nn.Module] | None = None, sa_groups: int = 64,
-                 fused: bool = True) -> None:
+    def __init__(
+        self,
+        block: type[SABottleneck],
+        layers: list[int],
+        num_classes: int = 1000,
+        zero_init_residual: bool = False,
+        groups: int = 1,
+        width_per_group: int = 64,
+        replace_stride_with_dilation: list[bool] | None = None,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        sa_groups: int = 64,
+        fused: bool = True,
+    ) -> None:
         super().__init__()
         if norm_layer is None:
             norm_layer = nn.BatchNorm2d
@@ -115,8 +147,10 @@ class SAResNet(nn.Module):
             # each element says whether to replace the 2x2 stride with a dilated convolution
             replace_stride_with_dilation = [False, False, False]
         if len(replace_stride_with_dilation) != 3:
-            raise ValueError("replace_stride_with_dilation should be None "
-                             f"or a 3-element tuple, got {replace_stride_with_dilation}")
+            raise ValueError(
+                "replace_stride_with_dilation should be None "
+                f"or a 3-element tuple, got {replace_stride_with_dilation}"
+            )
         self.groups = groups
         self.base_width = width_per_group
 
@@ -126,12 +160,15 @@ class SAResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2,
-                                       dilate=replace_stride_with_dilation[0])
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2,
-                                       dilate=replace_stride_with_dilation[1])
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2,
-                                       dilate=replace_stride_with_dilation[2])
+        self.layer2 = self._make_layer(
+            block, 128, layers[1], stride=2, dilate=replace_stride_with_dilation[0]
+        )
+        self.layer3 = self._make_layer(
+            block, 256, layers[2], stride=2, dilate=replace_stride_with_dilation[1]
+        )
+        self.layer4 = self._make_layer(
+            block, 512, layers[3], stride=2, dilate=replace_stride_with_dilation[2]
+        )
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
 
@@ -148,8 +185,14 @@ class SAResNet(nn.Module):
                 if isinstance(m, SABottleneck):
                     nn.init.constant_(m.bn3.weight, 0)
 
-    def _make_layer(self, block: type[SABottleneck], planes: int, blocks: int, stride: int = 1,
-                    dilate: bool = False) -> nn.Sequential:
+    def _make_layer(
+        self,
+        block: type[SABottleneck],
+        planes: int,
+        blocks: int,
+        stride: int = 1,
+        dilate: bool = False,
+    ) -> nn.Sequential:
         norm_layer = self._norm_layer
         downsample = None
         previous_dilation = self.dilation
@@ -162,15 +205,34 @@ class SAResNet(nn.Module):
                 norm_layer(planes * block.expansion),
             )
 
-        layers = [block(self.inplanes, planes, stride, downsample, self.groups, self.base_width,
-                        previous_dilation, norm_layer, sa_groups=self._sa_groups,
-                        fused=self._fused)]
+        layers = [
+            block(
+                self.inplanes,
+                planes,
+                stride,
+                downsample,
+                self.groups,
+                self.base_width,
+                previous_dilation,
+                norm_layer,
+                sa_groups=self._sa_groups,
+                fused=self._fused,
+            )
+        ]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):
-            layers.append(block(self.inplanes, planes, groups=self.groups,
-                                base_width=self.base_width, dilation=self.dilation,
-                                norm_layer=norm_layer, sa_groups=self._sa_groups,
-                                fused=self._fused))
+            layers.append(
+                block(
+                    self.inplanes,
+                    planes,
+                    groups=self.groups,
+                    base_width=self.base_width,
+                    dilation=self.dilation,
+                    norm_layer=norm_layer,
+                    sa_groups=self._sa_groups,
+                    fused=self._fused,
+                )
+            )
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -180,14 +242,14 @@ class SAResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def convert_official_state_dict(checkpoint: Mapping[str, object]) -> "OrderedDict[str, Tensor]":
+def convert_official_state_dict(checkpoint: Mapping[str, object]) -> OrderedDict[str, Tensor]:
     """A checkpoint of SA-Net's code release (``torch.load`` of ``main.py``'s ``*.pth.tar``, i.e.
     ``{"state_dict": ..., "optimizer": ...}`` with DataParallel's ``module.`` prefix, or a bare
     state_dict) -> a state_dict for ``SAResNet.load_state_dict(..., strict=True)``."""
     state_dict = checkpoint.get("state_dict", checkpoint)
     out: OrderedDict[str, Tensor] = OrderedDict()
     for key, value in state_dict.items():  # type: ignore[union-attr]
-        out[key[len("module."):] if key.startswith("module.") else key] = value
+        out[key[len("module.") :] if key.startswith("module.") else key] = value
     return out
 
 

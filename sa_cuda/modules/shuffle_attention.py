@@ -30,9 +30,11 @@ def _check_layout(channel, groups) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"sa_cuda: {name} must be an int >= 1, got {value!r}")
     if channel % (2 * groups) != 0:
-        raise ValueError(f"sa_cuda: channel ({channel}) must be a positive multiple of 2 * groups "
-                         f"(groups = {groups}): each group splits into two branches of "
-                         f"channel / (2 * groups) channels")
+        raise ValueError(
+            f"sa_cuda: channel ({channel}) must be a positive multiple of 2 * groups "
+            f"(groups = {groups}): each group splits into two branches of "
+            f"channel / (2 * groups) channels"
+        )
 
 
 def _parameter(module: torch.nn.Module, state_key: str) -> Tensor:

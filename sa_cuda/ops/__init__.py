@@ -9,8 +9,21 @@
 
 from .checks import KERNEL_DTYPES
 from .library import OpLibrary, register_library
-from .shuffle_attention import (SA_CUDA_LIBRARY, ShuffleAttentionFunction, fused_available,
-                                sa_layer, shuffle_attention)
+from .shuffle_attention import (
+    SA_CUDA_LIBRARY,
+    ShuffleAttentionFunction,
+    fused_available,
+    sa_layer,
+    shuffle_attention,
+)
 
-__all__ = ["KERNEL_DTYPES", "OpLibrary", "SA_CUDA_LIBRARY", "ShuffleAttentionFunction",
-           "fused_available", "register_library", "sa_layer", "shuffle_attention"]
+__all__ = [
+    "KERNEL_DTYPES",
+    "OpLibrary",
+    "SA_CUDA_LIBRARY",
+    "ShuffleAttentionFunction",
+    "fused_available",
+    "register_library",
+    "sa_layer",
+    "shuffle_attention",
+]

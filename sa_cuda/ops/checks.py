@@ -51,8 +51,9 @@ def _check_x(x, groups) -> int:
     return C // (2 * groups)
 
 
-def _check_params(variant: Variant, x: Tensor, m: int, params: tuple, *,
-                  param_shapes: bool = False) -> None:
+def _check_params(
+    variant: Variant, x: Tensor, m: int, params: tuple, *, param_shapes: bool = False
+) -> None:
     """param_shapes: the functionals' rule (non-unit sizes (m,) or (m, m)) instead of the op's
     element count."""
     for param, p in zip(variant.params, params):
@@ -64,15 +65,20 @@ def _check_params(variant: Variant, x: Tensor, m: int, params: tuple, *,
             sizes = [s for s in p.shape if s != 1]
             if p.numel() != expected or (m > 1 and sizes != ([m, m] if param.is_matrix else [m])):
                 shape = "(m, m, 1, 1) or (m, m)" if param.is_matrix else "(1, m, 1, 1) or (m,)"
-                raise ValueError(f"{param.name} must have shape {shape} with m = C / (2 * groups) "
-                                 f"= {m}, got {tuple(p.shape)}")
+                raise ValueError(
+                    f"{param.name} must have shape {shape} with m = C / (2 * groups) "
+                    f"= {m}, got {tuple(p.shape)}"
+                )
         elif p.numel() != expected:
-            raise ValueError(f"{param.name} must have {expected} elements (m = C / (2 * groups) = "
-                             f"{m}), got shape {tuple(p.shape)}")
+            raise ValueError(
+                f"{param.name} must have {expected} elements (m = C / (2 * groups) = "
+                f"{m}), got shape {tuple(p.shape)}"
+            )
 
 
-def check_forward_args(variant: Variant, x, groups, params: tuple, eps, *,
-                       param_shapes: bool = False) -> None:
+def check_forward_args(
+    variant: Variant, x, groups, params: tuple, eps, *, param_shapes: bool = False
+) -> None:
     """The forward op's rules; ``param_shapes=True``: the functionals' rules, the op's with
     parameter shapes that say (m,) or (m, m)."""
     m = _check_x(x, groups)
@@ -86,13 +92,16 @@ def check_backward_args(variant: Variant, grad_out, x, mean, rstd, groups, param
     m = _check_x(x, groups)
     _check_tensor(grad_out, "grad_out", x)
     if grad_out.shape != x.shape:
-        raise ValueError(f"grad_out must have x's shape {list(x.shape)}, got "
-                         f"{list(grad_out.shape)}")
+        raise ValueError(
+            f"grad_out must have x's shape {list(x.shape)}, got {list(grad_out.shape)}"
+        )
     want = (x.shape[0], x.shape[1])
     for name, stat in (("mean", mean), ("rstd", rstd)):
         _check_tensor(stat, name, x)
         if tuple(stat.shape) != want or stat.dtype != stat_dtype(x):
             stat_name = str(stat_dtype(x)).removeprefix("torch.")
-            raise ValueError(f"{name} must be the forward's [B, C] = {list(want)} {stat_name} "
-                             f"statistics, got {tuple(stat.shape)} {stat.dtype}")
+            raise ValueError(
+                f"{name} must be the forward's [B, C] = {list(want)} {stat_name} "
+                f"statistics, got {tuple(stat.shape)} {stat.dtype}"
+            )
     _check_params(variant, x, m, params)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..variants import SA_LAYER, VARIANTS, Variant, variant as variant_named
+from ..variants import SA_LAYER, VARIANTS, Variant
+from ..variants import variant as variant_named
 from . import vmap as _vmap
 from .checks import check_backward_args, check_forward_args, stat_dtype
 
@@ -55,7 +56,8 @@ class _NoSecondDerivative(torch.autograd.Function):
         raise RuntimeError(
             "sa_cuda: double backward (differentiating a gradient) through the fused Shuffle "
             "Attention op is not supported: its backward is a fused kernel. Use the "
-            "sa_cuda.reference layers for higher-order gradients")
+            "sa_cuda.reference layers for higher-order gradients"
+        )
 
 
 def _guard_second_derivative(grads: list, x: Tensor, params: list) -> list:
@@ -101,11 +103,13 @@ def _autograd_function(forward_ops: dict, backward_ops: dict) -> type[torch.auto
             create_graph = torch.is_grad_enabled()
             x, mean, rstd, *params = ctx.saved_tensors
             with torch.no_grad():
-                grad_x, *param_grads = backward_ops[ctx.variant](grad_out, x, mean, rstd,
-                                                                 ctx.groups, *params)
+                grad_x, *param_grads = backward_ops[ctx.variant](
+                    grad_out, x, mean, rstd, ctx.groups, *params
+                )
             needs = ctx.needs_input_grad
-            grads = [grad_x if needs[1] else None] + [g if needs[4 + i] else None
-                                                       for i, g in enumerate(param_grads)]
+            grads = [grad_x if needs[1] else None] + [
+                g if needs[4 + i] else None for i, g in enumerate(param_grads)
+            ]
             if create_graph:
                 grads = _guard_second_derivative(grads, x, params)
             return (None, grads[0], None, None, *grads[1:])
@@ -129,8 +133,10 @@ def _fake_kernels(variant: Variant):
         # The real kernel returns every gradient contiguous (also for a non-contiguous parameter,
         # e.g. a transposed (m, m) weight): plain empty_like(p) would keep p's strides and mislead
         # Inductor.
-        return (torch.empty_like(x, memory_format=torch.contiguous_format),
-                *(torch.empty_like(p, memory_format=torch.contiguous_format) for p in params))
+        return (
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            *(torch.empty_like(p, memory_format=torch.contiguous_format) for p in params),
+        )
 
     return fake_forward, fake_backward
 
@@ -204,7 +210,8 @@ class OpLibrary:
         key = _DISPATCH_KEYS.get(device_type, device_type.upper())
         try:
             return torch._C._dispatch_has_kernel_for_dispatch_key(
-                self._forward_ops[SA_LAYER.name]._qualified_op_name, key)
+                self._forward_ops[SA_LAYER.name]._qualified_op_name, key
+            )
         except RuntimeError:  # no dispatch key of that name: no kernel for this device type
             return False
 

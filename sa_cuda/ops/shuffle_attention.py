@@ -22,8 +22,13 @@ from torch import Tensor
 from .. import _C  # noqa: F401  (loads the library that registers the ops)
 from .library import OpLibrary, register_library
 
-__all__ = ["sa_layer", "shuffle_attention", "fused_available", "ShuffleAttentionFunction",
-           "SA_CUDA_LIBRARY"]
+__all__ = [
+    "sa_layer",
+    "shuffle_attention",
+    "fused_available",
+    "ShuffleAttentionFunction",
+    "SA_CUDA_LIBRARY",
+]
 
 #: The ops of sa_cuda._C (namespace ``sa_cuda``), the default of every functional and module.
 SA_CUDA_LIBRARY = register_library("sa_cuda")
@@ -37,9 +42,19 @@ def fused_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu" or SA_CUDA_LIBRARY.available(device)
 
 
-def sa_layer(x: Tensor, groups: int, cweight: Tensor, cbias: Tensor, sweight: Tensor, sbias: Tensor,
-             gn_weight: Tensor, gn_bias: Tensor, eps: float = 1e-5, *,
-             library: OpLibrary | None = None) -> Tensor:
+def sa_layer(
+    x: Tensor,
+    groups: int,
+    cweight: Tensor,
+    cbias: Tensor,
+    sweight: Tensor,
+    sbias: Tensor,
+    gn_weight: Tensor,
+    gn_bias: Tensor,
+    eps: float = 1e-5,
+    *,
+    library: OpLibrary | None = None,
+) -> Tensor:
     """Fused SALayer (SA-Net's ``sa_layer``).
 
     x: [B, C, H, W] float64/32/16 or bfloat16, C divisible by 2 * groups; with m = C / (2 * groups):
@@ -48,13 +63,23 @@ def sa_layer(x: Tensor, groups: int, cweight: Tensor, cbias: Tensor, sweight: Te
     x is), already channel-shuffled. ``library``: whose ops run (default sa_cuda's).
     """
     return (library or SA_CUDA_LIBRARY).apply(
-        "sa_layer", x, groups, (cweight, cbias, sweight, sbias, gn_weight, gn_bias), eps)
+        "sa_layer", x, groups, (cweight, cbias, sweight, sbias, gn_weight, gn_bias), eps
+    )
 
 
-def shuffle_attention(x: Tensor, groups: int, affine1_weight: Tensor, affine1_bias: Tensor,
-                      affine2_weight: Tensor, affine2_bias: Tensor, gn_weight: Tensor,
-                      gn_bias: Tensor, eps: float = 1e-5, *,
-                      library: OpLibrary | None = None) -> Tensor:
+def shuffle_attention(
+    x: Tensor,
+    groups: int,
+    affine1_weight: Tensor,
+    affine1_bias: Tensor,
+    affine2_weight: Tensor,
+    affine2_bias: Tensor,
+    gn_weight: Tensor,
+    gn_bias: Tensor,
+    eps: float = 1e-5,
+    *,
+    library: OpLibrary | None = None,
+) -> Tensor:
     """Fused ShuffleAttention (1x1-conv gates).
 
     x: [B, C, H, W]; with m = C / (2 * groups): affine1_weight, affine2_weight: (m, m, 1, 1) or
@@ -63,5 +88,9 @@ def shuffle_attention(x: Tensor, groups: int, affine1_weight: Tensor, affine1_bi
     whose ops run (default sa_cuda's).
     """
     return (library or SA_CUDA_LIBRARY).apply(
-        "shuffle_attention", x, groups,
-        (affine1_weight, affine1_bias, affine2_weight, affine2_bias, gn_weight, gn_bias), eps)
+        "shuffle_attention",
+        x,
+        groups,
+        (affine1_weight, affine1_bias, affine2_weight, affine2_bias, gn_weight, gn_bias),
+        eps,
+    )

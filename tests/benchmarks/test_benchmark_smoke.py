@@ -17,9 +17,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.mark.slow
 def test_bench_quick(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench", "--quick", "--device", "cpu",
-         "--out-dir", str(tmp_path), "--no-plot"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT)  # -m: the checkout's sa_cuda first
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench",
+            "--quick",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path),
+            "--no-plot",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )  # -m: the checkout's sa_cuda first
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     files = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
     assert len(files) == 1
@@ -33,9 +46,13 @@ def test_bench_quick(tmp_path):
         else:
             assert row["speedup_vs_eager"] > 0, row
 
-    replot = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--replot",
-                             str(tmp_path / files[0])],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    replot = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench", "--replot", str(tmp_path / files[0])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert replot.returncode == 0, replot.stdout[-4000:] + replot.stderr[-4000:]
     png = (tmp_path / files[0]).with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

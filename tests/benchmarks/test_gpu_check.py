@@ -22,15 +22,27 @@ sys.path.insert(0, HELPERS)
 import ncu_report  # noqa: E402
 import summary  # noqa: E402
 
-STEPS = ["env", "build", "resources", "check", "memcheck", "racecheck", "tests", "ncu", "timing",
-         "synccheck", "initcheck"]
+STEPS = [
+    "env",
+    "build",
+    "resources",
+    "check",
+    "memcheck",
+    "racecheck",
+    "tests",
+    "ncu",
+    "timing",
+    "synccheck",
+    "initcheck",
+]
 
 
 def run_script(*args, timeout=300):
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("SA_GPU_CHECK_CPU", None)
-    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=ROOT)
+    return subprocess.run(
+        ["bash", SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +55,7 @@ def cpu_run(tmp_path_factory):
 def test_cpu_mode_passes_and_prints_the_summary_last(cpu_run):
     result, out = cpu_run
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    tail = result.stdout[result.stdout.index("=== sa_cuda GPU check summary"):]
+    tail = result.stdout[result.stdout.index("=== sa_cuda GPU check summary") :]
     table = tail.split("\n\n")[0].splitlines()[2:]
     assert [line.split()[0] for line in table] == STEPS
     status = {line.split()[0]: line.split()[1] for line in table}
@@ -102,10 +114,26 @@ def test_cpu_mode_timing_rows_and_plot(cpu_run):
 
 def test_launch_path_check_fails_on_a_corrupted_output(tmp_path):
     import launch_paths
+
     report = tmp_path / "check.json"
-    rc = launch_paths.main(["--backend", "emulated", "--set", "small", "--cases", "warp N=63",
-                            "--dtypes", "fp32", "--offsets", "0", "--corrupt", "grad_x",
-                            "--json", str(report)])
+    rc = launch_paths.main(
+        [
+            "--backend",
+            "emulated",
+            "--set",
+            "small",
+            "--cases",
+            "warp N=63",
+            "--dtypes",
+            "fp32",
+            "--offsets",
+            "0",
+            "--corrupt",
+            "grad_x",
+            "--json",
+            str(report),
+        ]
+    )
     assert rc == 1
     [case] = json.loads(report.read_text())["cases"]
     assert not case["ok"]
@@ -115,14 +143,17 @@ def test_launch_path_check_fails_on_a_corrupted_output(tmp_path):
     assert case["outputs"]["grad_x"]["err"] > case["outputs"]["grad_x"]["bound"]
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "OUTDIR is required"),
-    (["--budget", "abc", "out"], "--budget must be an integer"),
-    (["--budget", "10", "out"], "--budget must be an integer >= 60"),
-    (["--steps", "check,bogus", "out"], "unknown step 'bogus'"),
-    (["--frobnicate", "out"], "unknown option --frobnicate"),
-    (["a", "b"], "one OUTDIR only"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "OUTDIR is required"),
+        (["--budget", "abc", "out"], "--budget must be an integer"),
+        (["--budget", "10", "out"], "--budget must be an integer >= 60"),
+        (["--steps", "check,bogus", "out"], "unknown step 'bogus'"),
+        (["--frobnicate", "out"], "unknown option --frobnicate"),
+        (["a", "b"], "one OUTDIR only"),
+    ],
+)
 def test_bad_arguments_exit_2_with_usage(args, message):
     result = run_script(*args, timeout=30)
     assert result.returncode == 2
@@ -140,12 +171,14 @@ def test_ncu_parser_reads_the_raw_page_fixture():
         kernels = ncu_report.parse_csv(f.read())
     assert [k["id"] for k in kernels] == list(range(9))
     k0 = kernels[0]
-    assert k0["name"].startswith("void sa_cuda::sa_gpu::sa_layer_forward_kernel<float, false, 4, 2>")
+    assert k0["name"].startswith(
+        "void sa_cuda::sa_gpu::sa_layer_forward_kernel<float, false, 4, 2>"
+    )
     assert k0["block"] == "(512, 1, 1)" and k0["grid"] == "(2048, 1, 1)"
     m = k0["metrics"]
-    assert m["gpu__time_duration.sum"] == pytest.approx(22_400)      # 22.40 usecond in ns
-    assert m["dram__bytes_read.sum"] == 25_731_072                   # thousands separators
-    assert m["dram__bytes_write.sum"] == pytest.approx(25.69e6)       # Mbyte
+    assert m["gpu__time_duration.sum"] == pytest.approx(22_400)  # 22.40 usecond in ns
+    assert m["dram__bytes_read.sum"] == 25_731_072  # thousands separators
+    assert m["dram__bytes_write.sum"] == pytest.approx(25.69e6)  # Mbyte
     assert m["launch__grid_size"] == 2048
     assert set(m) == set(ncu_report.METRICS)
 
@@ -157,8 +190,16 @@ def _fixture_manifest():
         n = shape[0] * shape[1] * shape[2] * shape[3]
         for variant in ("sa_layer", "shuffle_attention"):
             for pass_, factor in (("fwd", 2), ("bwd", 3)):
-                items.append({"variant": variant, "shape": shape, "groups": 64, "dtype": "fp32",
-                              "pass": pass_, "model_bytes": factor * n * 4})
+                items.append(
+                    {
+                        "variant": variant,
+                        "shape": shape,
+                        "groups": 64,
+                        "dtype": "fp32",
+                        "pass": pass_,
+                        "model_bytes": factor * n * 4,
+                    }
+                )
     return items
 
 
@@ -167,7 +208,16 @@ def test_ncu_report_attributes_kernels_and_computes_headlines():
         result = ncu_report.report(f.read(), _fixture_manifest())
     assert result["attribution"] == "ok"
     passes = result["passes"]
-    assert [len(p["kernels"]) for p in passes] == [1, 1, 1, 1, 2, 1, 1, 1]  # gate kernel joins its fwd
+    assert [len(p["kernels"]) for p in passes] == [
+        1,
+        1,
+        1,
+        1,
+        2,
+        1,
+        1,
+        1,
+    ]  # gate kernel joins its fwd
     first = passes[0]
     assert first["dram_bytes"] == pytest.approx(25_731_072 + 25.69e6)
     assert first["dram_over_model"] == pytest.approx((25_731_072 + 25.69e6) / 51_380_224)
@@ -184,19 +234,24 @@ def test_ncu_report_refuses_an_attribution_that_does_not_line_up():
     with open(FIXTURE) as f:
         text = f.read()
     assert ncu_report.report(text, _fixture_manifest()[:6])["attribution"] == "failed"
-    assert ncu_report.report(text, _fixture_manifest() + _fixture_manifest()[:2])["attribution"] == "failed"
+    assert (
+        ncu_report.report(text, _fixture_manifest() + _fixture_manifest()[:2])["attribution"]
+        == "failed"
+    )
 
 
 def test_ncu_parser_reads_the_details_page_long_form():
-    text = "\n".join([
-        '==PROF== Disconnected from process 1',
-        '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
-        '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"',
-        '"0","1","python3.12","127.0.0.1","shuffle_attention_forward_kernel","1","7","(256, 1, 1)","(16, 1, 1)",'
-        '"0","9.0","GPU Speed Of Light Throughput","Duration","usecond","1,234.50"',
-        '"0","1","python3.12","127.0.0.1","shuffle_attention_forward_kernel","1","7","(256, 1, 1)","(16, 1, 1)",'
-        '"0","9.0","Memory Workload Analysis","dram__bytes_read.sum","Kbyte","2.5"',
-    ])
+    text = "\n".join(
+        [
+            "==PROF== Disconnected from process 1",
+            '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+            '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"',
+            '"0","1","python3.12","127.0.0.1","shuffle_attention_forward_kernel","1","7","(256, 1, 1)","(16, 1, 1)",'
+            '"0","9.0","GPU Speed Of Light Throughput","Duration","usecond","1,234.50"',
+            '"0","1","python3.12","127.0.0.1","shuffle_attention_forward_kernel","1","7","(256, 1, 1)","(16, 1, 1)",'
+            '"0","9.0","Memory Workload Analysis","dram__bytes_read.sum","Kbyte","2.5"',
+        ]
+    )
     [k] = ncu_report.parse_csv(text)
     assert k["metrics"] == {"Duration": pytest.approx(1_234_500), "dram__bytes_read.sum": 2500}
 
@@ -205,11 +260,18 @@ def test_log_parsers_read_real_tool_output():
     memcheck = "========= COMPUTE-SANITIZER\nlaunch paths ...\n========= ERROR SUMMARY: 0 errors\n"
     racecheck = "========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n"
     assert summary.sanitizer_verdict(memcheck) == "ERROR SUMMARY: 0 errors"
-    assert summary.sanitizer_verdict(racecheck) == "RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)"
+    assert (
+        summary.sanitizer_verdict(racecheck)
+        == "RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)"
+    )
     assert summary.sanitizer_verdict("Killed\n") is None
-    pytest_log = ("SKIPPED [2] tests/test_x.py:10: no CUDA\n"
-                  "3 failed, 250 passed, 8 skipped in 80.12s (0:01:20)\n")
-    assert summary.pytest_verdict(pytest_log) == "3 failed, 250 passed, 8 skipped in 80.12s (0:01:20)"
+    pytest_log = (
+        "SKIPPED [2] tests/test_x.py:10: no CUDA\n"
+        "3 failed, 250 passed, 8 skipped in 80.12s (0:01:20)\n"
+    )
+    assert (
+        summary.pytest_verdict(pytest_log) == "3 failed, 250 passed, 8 skipped in 80.12s (0:01:20)"
+    )
     cuobjdump = (
         "Resource usage:\n Common:\n  GLOBAL:0\n"
         " Function _ZN7sa_cuda6sa_gpu23sa_layer_forward_kernelIfLb1ELi4ELi2EEEvNS_13ForwardParamsE:\n"
@@ -217,10 +279,16 @@ def test_log_parsers_read_real_tool_output():
         " Function _ZN7sa_cuda6sa_gpu23sa_layer_forward_kernelIdLb0ELi1ELi8EEEvNS_13ForwardParamsE:\n"
         "  REG:64 STACK:16 SHARED:0 LOCAL:24 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0\n"
         " Function _ZN7sa_cuda6sa_gpu33shuffle_attention_backward_kernelIfEEvNS_14BackwardParamsEl:\n"
-        "  REG:72 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:700 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
+        "  REG:72 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:700 TEXTURE:0 SURFACE:0 SAMPLER:0\n"
+    )
     usage = summary.resource_usage(cuobjdump)
-    assert usage["sa_layer_forward"] == {"kernels": 2, "reg_min": 40, "reg_max": 64, "local_max": 24,
-                                      "stack_max": 16}
+    assert usage["sa_layer_forward"] == {
+        "kernels": 2,
+        "reg_min": 40,
+        "reg_max": 64,
+        "local_max": 24,
+        "stack_max": 16,
+    }
     assert usage["shuffle_attention_backward"]["reg_max"] == 72
 
 
@@ -231,9 +299,14 @@ def test_steps_selects_and_the_rest_is_listed_as_not_selected(tmp_path):
     assert [s["name"] for s in steps] == STEPS
     for s in steps:
         if s["name"] == "ncu":
-            assert s["status"] == "ran" and s["rc"] == 0 and s["verdict"] == "9 kernels, attribution ok"
+            assert (
+                s["status"] == "ran"
+                and s["rc"] == 0
+                and s["verdict"] == "9 kernels, attribution ok"
+            )
         else:
-            assert s["status"] == "skipped" and s["note"] in ("not selected (--steps)",
-                                                              "cpu mode (needs a GPU)",
-                                                              "cpu mode (builds nothing; uses the "
-                                                              "package built in place)")
+            assert s["status"] == "skipped" and s["note"] in (
+                "not selected (--steps)",
+                "cpu mode (needs a GPU)",
+                "cpu mode (builds nothing; uses the package built in place)",
+            )

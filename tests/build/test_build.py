@@ -16,7 +16,12 @@ from sa_cuda import _C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-OPS = ("sa_layer_forward", "sa_layer_backward", "shuffle_attention_forward", "shuffle_attention_backward")
+OPS = (
+    "sa_layer_forward",
+    "sa_layer_backward",
+    "shuffle_attention_forward",
+    "shuffle_attention_backward",
+)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -35,21 +40,29 @@ def test_cuda_kernels_registered_when_built(op):
 
 
 def test_python_m_sa_cuda_prints_build_info():
-    out = subprocess.run([sys.executable, "-m", "sa_cuda"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "sa_cuda"], capture_output=True, text=True, check=True
+    ).stdout
     assert f"sa_cuda: {sa_cuda.__version__}" in out
     assert f"CPU kernels: built ({_C.cpu_capability()})" in out
     assert ("CUDA kernels: built" in out) == _C.cuda_built()
     if _C.cuda_built():
         from sa_cuda._build_info import CUDA_ARCHS
+
         assert CUDA_ARCHS and f"TORCH_CUDA_ARCH_LIST {CUDA_ARCHS})" in out
 
 
 def test_installed_metadata_has_the_version():
     """pip's metadata of the install of this tree (scripts/setup_env.sh's `pip install -e`) states the
     version sa_cuda reports; they differ when sa_cuda/_version.py changed after the install."""
-    installs = [dist for dist in importlib.metadata.distributions(name="sa-cuda")
-                if json.loads(dist.read_text("direct_url.json") or "{}").get("url") == f"file://{ROOT}"]
+    installs = [
+        dist
+        for dist in importlib.metadata.distributions(name="sa-cuda")
+        if json.loads(dist.read_text("direct_url.json") or "{}").get("url") == f"file://{ROOT}"
+    ]
     if not installs:
         pytest.skip("this tree is not pip-installed (built in place only)")
     for dist in installs:
-        assert dist.version == sa_cuda.__version__, "stale install: pip install --no-build-isolation -e ."
+        assert dist.version == sa_cuda.__version__, (
+            "stale install: pip install --no-build-isolation -e ."
+        )

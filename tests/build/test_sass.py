@@ -32,8 +32,10 @@ import pytest
 import sa_cuda
 
 # sa_layer_{forward,backward}_kernel<scalar_t, kWarpTeam, kVec, kPacks> (sa_layer_forward.cuh), mangled.
-PLANE_KERNEL = re.compile(r"(plane_(?:forward|backward)_kernel)I(N3c108BFloat16E|N3c104HalfE|f|d)"
-                          r"Lb([01])ELi(\d+)ELi(\d+)E")
+PLANE_KERNEL = re.compile(
+    r"(plane_(?:forward|backward)_kernel)I(N3c108BFloat16E|N3c104HalfE|f|d)"
+    r"Lb([01])ELi(\d+)ELi(\d+)E"
+)
 ELEMENT_BYTES = {"N3c108BFloat16E": 2, "N3c104HalfE": 2, "f": 4, "d": 8}
 LOCAL_MEMORY = re.compile(r"\b(?:LDL|STL)\b")
 LOAD_128 = re.compile(r"\bLDG\.E(?:\.\w+)*\.128\b")
@@ -125,8 +127,10 @@ def check_sass(kernels: dict[tuple[str, str], str], usage: dict[tuple[str, str],
             problems.append(f"{where}: staged warp team without LDG.E.128 for its chunk")
     for arch in sorted({arch for arch, _ in kernels}):
         if sixteen_byte[arch] != EXPECTED_16_BYTE_PLANE_KERNELS:
-            problems.append(f"{arch}: {sixteen_byte[arch]} SALayer kernels with 16-byte packs, "
-                            f"expected {EXPECTED_16_BYTE_PLANE_KERNELS}")
+            problems.append(
+                f"{arch}: {sixteen_byte[arch]} SALayer kernels with 16-byte packs, "
+                f"expected {EXPECTED_16_BYTE_PLANE_KERNELS}"
+            )
     return problems
 
 
@@ -137,16 +141,23 @@ def sass():
         pytest.skip("sa_cuda/_C*.so is not built (python setup.py build_ext --inplace)")
     tool = _cuobjdump()
     if tool is None:
-        pytest.skip("no cuobjdump: neither in the CUDA toolkit (CUDA_HOME/bin, PATH) nor in the triton wheel")
+        pytest.skip(
+            "no cuobjdump: neither in the CUDA toolkit (CUDA_HOME/bin, PATH) nor in the triton wheel"
+        )
     listing = subprocess.run([tool, "-sass", lib], capture_output=True, text=True)
     kernels = parse_sass(listing.stdout)
     if not kernels:
         if "does not contain device code" in listing.stderr:
-            pytest.skip(f"{os.path.basename(lib)} holds no device code (a build without CUDA kernels)")
-        pytest.fail(f"cuobjdump -sass {lib} listed no kernel (exit {listing.returncode}): "
-                    f"{listing.stderr.strip()[:500]}")
-    usage = parse_res_usage(subprocess.run([tool, "-res-usage", lib], capture_output=True, text=True,
-                                           check=True).stdout)
+            pytest.skip(
+                f"{os.path.basename(lib)} holds no device code (a build without CUDA kernels)"
+            )
+        pytest.fail(
+            f"cuobjdump -sass {lib} listed no kernel (exit {listing.returncode}): "
+            f"{listing.stderr.strip()[:500]}"
+        )
+    usage = parse_res_usage(
+        subprocess.run([tool, "-res-usage", lib], capture_output=True, text=True, check=True).stdout
+    )
     return kernels, usage
 
 
@@ -154,8 +165,12 @@ def test_sass_lists_both_variants_kernels(sass):
     kernels, usage = sass
     for arch in {arch for arch, _ in kernels}:
         names = [name for a, name in kernels if a == arch]
-        for kernel in ("sa_layer_forward_kernel", "sa_layer_backward_kernel", "shuffle_attention_forward_kernel",
-                       "shuffle_attention_backward_kernel"):
+        for kernel in (
+            "sa_layer_forward_kernel",
+            "sa_layer_backward_kernel",
+            "shuffle_attention_forward_kernel",
+            "shuffle_attention_backward_kernel",
+        ):
             assert any(kernel in n for n in names), f"{arch}: no {kernel} in the SASS listing"
         assert all((arch, n) in usage for n in names), f"{arch}: -res-usage misses kernels"
 

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from emulation import ROOT, build_native
 
 SOURCE = os.path.join(ROOT, "tests", "native", "emulator_selftest.cpp")
@@ -28,7 +27,9 @@ def run(*args: str, seed: str | None = None) -> subprocess.CompletedProcess:
     if seed is not None:
         env["SA_EMU_SEED"] = seed
     # The timeout turns a hang (a barrier nobody completes) into a failure.
-    return subprocess.run([build_native(SOURCE), *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [build_native(SOURCE), *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def rows(stdout: str) -> dict[str, list[str]]:
@@ -56,6 +57,7 @@ def site(marker: str) -> str:
 
 # ---- 1. shared memory is poisoned before each block ----------------------------------------------
 
+
 def test_shared_memory_read_before_write_is_nan_in_every_block():
     result = run("poison")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -79,7 +81,11 @@ def order_run(seed: str | None):
     result = run("order", str(BLOCKS), seed=seed)
     assert result.returncode == 0, result.stdout + result.stderr
     got = rows(result.stdout)
-    return [int(v) for v in got["order"]], [float(v) for v in got["fixed"]], [float(v) for v in got["planted"]]
+    return (
+        [int(v) for v in got["order"]],
+        [float(v) for v in got["fixed"]],
+        [float(v) for v in got["planted"]],
+    )
 
 
 @pytest.mark.parametrize("seed", [None, "1", "2", "0xdeadbeef"])
@@ -107,23 +113,50 @@ def test_malformed_seed_is_an_error():
 
 # kernel, the regular expressions its error must match (the sites are found in the source)
 DIVERGENT = [
-    pytest.param("sync_in_first_warp", lambda: [
-        rf"the threads of block \(\d, 0, 0\) reached different barriers \(its barrier #1\): threads 0-31 wait at "
-        rf"__syncthreads\(\) at {site('planted: barrier of warp 0 only')}; "
-        r"threads 32-63 returned from the kernel"], id="sync-in-first-warp"),
-    pytest.param("sync_in_one_branch", lambda: [
-        rf"its barrier #1\): threads 0-47 wait at __syncthreads\(\) at {site('planted: barrier in one branch')}; "
-        rf"threads 48-63 wait at __syncthreads\(\) at {site('planted: the other branch')}"], id="sync-in-one-branch"),
-    pytest.param("sync_count_per_thread", lambda: [
-        rf"its barrier #2\): thread 0 returned from the kernel; thread 1 wait at __syncthreads\(\) at "
-        rf"{site('planted: odd threads sync twice')}; thread 2 returned"], id="sync-count-per-thread"),
-    pytest.param("sync_after_early_return", lambda: [
-        rf"its barrier #1\): threads 0-31 wait at __syncthreads\(\) at {site('reached by threads 0-31 only')}; "
-        r"threads 32-63 returned from the kernel"], id="sync-after-early-return"),
-    pytest.param("shuffle_in_half_warp", lambda: [
-        rf"the lanes of warp [01] of block \(\d, 0, 0\) diverged at a shuffle: threads (0|32)-(15|47) wait at a warp "
-        rf"shuffle at {site('planted: half of each warp shuffles')}; threads (16|48)-(31|63) returned from the kernel",
-        r"must take part in a full-mask shuffle"], id="shuffle-in-half-warp"),
+    pytest.param(
+        "sync_in_first_warp",
+        lambda: [
+            rf"the threads of block \(\d, 0, 0\) reached different barriers \(its barrier #1\): threads 0-31 wait at "
+            rf"__syncthreads\(\) at {site('planted: barrier of warp 0 only')}; "
+            r"threads 32-63 returned from the kernel"
+        ],
+        id="sync-in-first-warp",
+    ),
+    pytest.param(
+        "sync_in_one_branch",
+        lambda: [
+            rf"its barrier #1\): threads 0-47 wait at __syncthreads\(\) at {site('planted: barrier in one branch')}; "
+            rf"threads 48-63 wait at __syncthreads\(\) at {site('planted: the other branch')}"
+        ],
+        id="sync-in-one-branch",
+    ),
+    pytest.param(
+        "sync_count_per_thread",
+        lambda: [
+            rf"its barrier #2\): thread 0 returned from the kernel; thread 1 wait at __syncthreads\(\) at "
+            rf"{site('planted: odd threads sync twice')}; thread 2 returned"
+        ],
+        id="sync-count-per-thread",
+    ),
+    pytest.param(
+        "sync_after_early_return",
+        lambda: [
+            rf"its barrier #1\): threads 0-31 wait at __syncthreads\(\) at {site('reached by threads 0-31 only')}; "
+            r"threads 32-63 returned from the kernel"
+        ],
+        id="sync-after-early-return",
+    ),
+    pytest.param(
+        "shuffle_in_half_warp",
+        lambda: [
+            rf"the lanes of warp [01] of block \(\d, 0, 0\) diverged at a shuffle: "
+            rf"threads (0|32)-(15|47) wait at a warp shuffle at "
+            rf"{site('planted: half of each warp shuffles')}; "
+            rf"threads (16|48)-(31|63) returned from the kernel",
+            r"must take part in a full-mask shuffle",
+        ],
+        id="shuffle-in-half-warp",
+    ),
 ]
 
 
@@ -159,9 +192,12 @@ REJECTED = {
     "-1 blocks": "a launch needs -1 blocks; the grid limit is 2^31 - 1",
     "1025 threads": "invalid launch: block of 1025 threads (the limit is 1024, z <= 64)",
     "0 threads": "invalid launch: a block dimension is 0",
-    "dynamic shared memory over budget": "invalid launch: 232449 bytes of dynamic shared memory (the budget is 232448)",
-    "static shared memory over 48 KiB":
-        "49160 bytes of static shared memory (SA_SHARED_ARRAY) in a block; the limit is 49152",
+    "dynamic shared memory over budget": (
+        "invalid launch: 232449 bytes of dynamic shared memory (the budget is 232448)"
+    ),
+    "static shared memory over 48 KiB": (
+        "49160 bytes of static shared memory (SA_SHARED_ARRAY) in a block; the limit is 49152"
+    ),
 }
 
 
@@ -170,6 +206,8 @@ def test_launches_over_the_hardware_limits_are_rejected_before_any_block_runs():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "NOT rejected" not in result.stdout, result.stdout
     for what, message in REJECTED.items():
-        assert re.search(rf"^rejected {re.escape(what)}: .*{re.escape(message)}", result.stdout, re.M), what
+        assert re.search(
+            rf"^rejected {re.escape(what)}: .*{re.escape(message)}", result.stdout, re.M
+        ), what
     # No rejected launch ran a block (a wrapped count would have); the limits themselves launch.
     assert re.findall(r"^kernel runs (\d+)$", result.stdout, re.M) == ["0", "3"]

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from emulation import build_native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,8 +38,20 @@ def test_plain_build_runs_every_launch_path_correctly():
 
 # (sanitizer, planted bug, what the sanitizer must say, the kernel it must name)
 PLANTED = [
-    pytest.param("thread", "race", "WARNING: ThreadSanitizer: data race", "planted_race_kernel", id="tsan-missing-syncthreads"),
-    pytest.param("address", "oob", "AddressSanitizer: heap-buffer-overflow", "planted_oob_kernel", id="asan-out-of-bounds-read"),
+    pytest.param(
+        "thread",
+        "race",
+        "WARNING: ThreadSanitizer: data race",
+        "planted_race_kernel",
+        id="tsan-missing-syncthreads",
+    ),
+    pytest.param(
+        "address",
+        "oob",
+        "AddressSanitizer: heap-buffer-overflow",
+        "planted_oob_kernel",
+        id="asan-out-of-bounds-read",
+    ),
 ]
 
 
@@ -51,7 +62,9 @@ def test_sanitizer_reports_planted_bug(sanitizer, mode, report, kernel):
     assert kernel in result.stderr
 
 
-@pytest.mark.parametrize("sanitizer,name", [("thread", "ThreadSanitizer"), ("address", "AddressSanitizer")])
+@pytest.mark.parametrize(
+    "sanitizer,name", [("thread", "ThreadSanitizer"), ("address", "AddressSanitizer")]
+)
 def test_sanitizer_clean_on_real_kernels(sanitizer, name):
     result = run(build(sanitizer), "kernels")
     assert name not in result.stderr, result.stderr[:4000]

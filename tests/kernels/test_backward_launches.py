@@ -17,7 +17,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import EMULATED, VARIANTS, make_input, make_ref, params_in_op_order
 
 EMU = EMULATED.ops
@@ -74,12 +73,15 @@ def backward(ns, variant, args):
 # ------------------------------------------------------------------------------------------------
 # Launches and ATen ops
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape,groups", [
-    pytest.param((2, 16, 7, 9), 2, id="warp-per-plane"),
-    pytest.param((1, 8, 30, 32), 2, id="block-per-plane"),
-    pytest.param((1, 4, 64, 72), 1, id="streamed"),
-    pytest.param((2, 16, 8, 8), 4, id="m2"),
-])
+@pytest.mark.parametrize(
+    "shape,groups",
+    [
+        pytest.param((2, 16, 7, 9), 2, id="warp-per-plane"),
+        pytest.param((1, 8, 30, 32), 2, id="block-per-plane"),
+        pytest.param((1, 4, 64, 72), 1, id="streamed"),
+        pytest.param((2, 16, 8, 8), 4, id="m2"),
+    ],
+)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_launches_per_backward(variant, shape, groups):
     """At most 3 launches per backward on a GPU: the emulated kernel launches (the backward kernel
@@ -88,7 +90,9 @@ def test_launches_per_backward(variant, shape, groups):
     before = EMU.emulated_launches()
     aten = compute_aten_ops(lambda: backward(EMU, variant, args))
     kernels = EMU.emulated_launches() - before
-    assert kernels >= 2, f"{kernels} emulated launches: the backward kernel and the reduction expected"
+    assert kernels >= 2, (
+        f"{kernels} emulated launches: the backward kernel and the reduction expected"
+    )
     assert kernels + len(aten) <= 3, f"{kernels} kernel launches + compute ATen ops {aten}"
 
 
@@ -121,7 +125,9 @@ def test_gradient_is_sum_over_slots(variant, backend, x_dtype):
     slot's own terms; the full gradient is their sum, in float64 (float64 parameters: the stores
     are the float64 results themselves)."""
     shape, groups = (3, 24, 5, 6), 3  # m = 4, 9 slots
-    args = op_inputs(backend.ops, variant, shape, groups, dtype=x_dtype, param_dtypes=[torch.float64] * 6)
+    args = op_inputs(
+        backend.ops, variant, shape, groups, dtype=x_dtype, param_dtypes=[torch.float64] * 6
+    )
     full = backward(backend.ops, variant, args)[1:]
     grad_out = args[0]
     per_slot = []
@@ -135,7 +141,7 @@ def test_gradient_is_sum_over_slots(variant, backend, x_dtype):
         assert got.dtype == torch.float64 and got.shape == args[5 + i].shape
         terms = torch.stack([s[i] for s in per_slot])
         # Both sides sum 9 float64 values (each a float64 product of float64 partial sums).
-        bound = 64 * 2.0 ** -52 * terms.abs().sum(0)
+        bound = 64 * 2.0**-52 * terms.abs().sum(0)
         err = (got - terms.sum(0)).abs()
         assert bool((err <= bound).all()), f"gradient {i}: max error {err.max().item()}"
         assert terms.abs().sum().item() > 0, "a gradient that is zero in every slot tests nothing"
@@ -145,8 +151,10 @@ MIXED = [
     pytest.param([torch.float32] * 6, id="all-fp32"),
     pytest.param([torch.float16] * 6, id="all-fp16"),
     pytest.param([torch.bfloat16] * 6, id="all-bf16"),
-    pytest.param([torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float32,
-                  torch.float16], id="mixed"),
+    pytest.param(
+        [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float32, torch.float16],
+        id="mixed",
+    ),
 ]
 
 
@@ -193,8 +201,14 @@ def test_every_slot_and_entry_written(variant, backend):
 def test_empty_batch_gives_zero_gradients(variant, backend):
     """B = 0: no kernel unit runs; the gradients are exact zeros in each parameter's shape and
     dtype, even for infinite parameters (0 * inf would be NaN), in NaN-filled allocations."""
-    dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float32,
-              torch.float64]
+    dtypes = [
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+    ]
     args = op_inputs(backend.ops, variant, (0, 16, 4, 4), 2, param_dtypes=dtypes)
     args[5 + 2] = torch.full_like(args[5 + 2], math.inf)  # spatial weight
     args[5 + 4] = torch.full_like(args[5 + 4], -math.inf)  # gn weight

@@ -8,27 +8,42 @@ import concurrent.futures
 
 import pytest
 import torch
-
-from conftest import (BACKENDS, VARIANTS, all_grads, make_input, make_ref, op_params,
-                      params_in_op_order)
+from conftest import (
+    BACKENDS,
+    VARIANTS,
+    all_grads,
+    make_input,
+    make_ref,
+    op_params,
+    params_in_op_order,
+)
 
 
 def _fwd_bwd_functional(variant, backend, x, groups, params, gy):
     dev = backend.device
-    return all_grads(lambda x_, *p: backend.apply(variant, x_, groups, p), x.to(dev),
-                     [p.to(dev) for p in params], gy.to(dev))
+    return all_grads(
+        lambda x_, *p: backend.apply(variant, x_, groups, p),
+        x.to(dev),
+        [p.to(dev) for p in params],
+        gy.to(dev),
+    )
 
 
 def _assert_bitwise(a, b, what):
     for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), f"{what}: {key} differs"
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (
+            f"{what}: {key} differs"
+        )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
-                         ids=["fp32", "fp64", "bf16"])
-@pytest.mark.parametrize("shape,groups", [((2, 64, 16, 16), 8), ((2, 256, 14, 14), 8), ((1, 8, 72, 64), 2),
-                                          ((3, 16, 1, 1), 4)],
-                         ids=["2x64x16x16", "2x256x14x14", "1x8x72x64", "hw1"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"]
+)
+@pytest.mark.parametrize(
+    "shape,groups",
+    [((2, 64, 16, 16), 8), ((2, 256, 14, 14), 8), ((1, 8, 72, 64), 2), ((3, 16, 1, 1), 4)],
+    ids=["2x64x16x16", "2x256x14x14", "1x8x72x64", "hw1"],
+)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cpu_bitwise_repeatable_across_threads(variant, shape, groups, dtype):
     """Forward, backward and every parameter gradient are bitwise identical over repeated runs
@@ -47,12 +62,15 @@ def test_cpu_bitwise_repeatable_across_threads(variant, shape, groups, dtype):
         _assert_bitwise(runs[0][1], res, f"{n} thread(s) vs 2 threads")
 
 
-@pytest.mark.parametrize("shape,groups,offset", [
-    pytest.param((2, 16, 7, 9), 2, 0, id="warp"),
-    pytest.param((1, 8, 30, 32), 2, 1, id="block-misaligned"),
-    pytest.param((1, 4, 65, 67), 1, 0, id="streamed"),
-    pytest.param((1, 64, 9, 7), 1, 0, id="m32"),
-])
+@pytest.mark.parametrize(
+    "shape,groups,offset",
+    [
+        pytest.param((2, 16, 7, 9), 2, 0, id="warp"),
+        pytest.param((1, 8, 30, 32), 2, 1, id="block-misaligned"),
+        pytest.param((1, 4, 65, 67), 1, 0, id="streamed"),
+        pytest.param((1, 64, 9, 7), 1, 0, id="m32"),
+    ],
+)
 @pytest.mark.parametrize("backend", ["emulated", "cuda"], indirect=True)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_kernels_bitwise_repeatable(backend, variant, shape, groups, offset):
@@ -62,7 +80,9 @@ def test_kernels_bitwise_repeatable(backend, variant, shape, groups, offset):
     gy = make_input(shape, seed=9)
     first = _fwd_bwd_functional(variant, backend, x, groups, params, gy)
     for _ in range(2):
-        _assert_bitwise(first, _fwd_bwd_functional(variant, backend, x, groups, params, gy), "rerun")
+        _assert_bitwise(
+            first, _fwd_bwd_functional(variant, backend, x, groups, params, gy), "rerun"
+        )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -72,8 +92,12 @@ def test_concurrent_python_threads_match_serial(backend, variant):
     shapes = [((2, 32, 12, 12), 4), ((1, 32, 20, 20), 4), ((3, 32, 5, 7), 4), ((2, 32, 1, 1), 4)]
     if backend.name == "emulated":
         shapes = [((1, 16, 7, 9), 2), ((1, 16, 20, 20), 2), ((2, 16, 5, 3), 2), ((1, 16, 1, 1), 2)]
-    params = [p.detach() for p in params_in_op_order(variant, make_ref(variant, shapes[0][0][1],
-                                                                     shapes[0][1], seed=5))]
+    params = [
+        p.detach()
+        for p in params_in_op_order(
+            variant, make_ref(variant, shapes[0][0][1], shapes[0][1], seed=5)
+        )
+    ]
     tasks = []
     for i, (shape, groups) in enumerate(shapes * 2):
         tasks.append((make_input(shape, seed=20 + i), groups, make_input(shape, seed=40 + i)))

@@ -13,15 +13,40 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    VARIANTS,
+    all_grads,
+    clone_as,
+    forward_backward,
+    make_input,
+    make_ref,
+    params_in_op_order,
+    ref_functional,
+)
 
-from conftest import (VARIANTS, all_grads, clone_as, forward_backward, make_input, make_ref,
-                      params_in_op_order, ref_functional)
 from sa_cuda.reference import _merge
-from sa_cuda.testing import TEST_FP32_REL, accuracy_bound, assert_close_to_reference, max_abs, max_err
+from sa_cuda.testing import (
+    TEST_FP32_REL,
+    accuracy_bound,
+    assert_close_to_reference,
+    max_abs,
+    max_err,
+)
 
 
-def run_high_precision(variant, backend, shape, groups, *, dtype=torch.float32, seeds=(11, 1, 2),
-                       offset=0.0, scale=1.0, x=None, eps=1e-5):
+def run_high_precision(
+    variant,
+    backend,
+    shape,
+    groups,
+    *,
+    dtype=torch.float32,
+    seeds=(11, 1, 2),
+    offset=0.0,
+    scale=1.0,
+    x=None,
+    eps=1e-5,
+):
     """(fused, eager reference in dtype, float64 reference) results of forward + backward, the
     seeds of test_forward_backward._run_high_precision by default."""
     dev = backend.device
@@ -41,8 +66,9 @@ def run_high_precision(variant, backend, shape, groups, *, dtype=torch.float32, 
 # ================================================================================================
 # Edge inputs
 # ================================================================================================
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
-                         ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"]
+)
 @pytest.mark.parametrize("channels,groups", [(16, 2), (64, 8)])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_empty_batch(backend, variant, channels, groups, dtype):
@@ -71,8 +97,11 @@ def test_empty_batch(backend, variant, channels, groups, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("shape,groups", [((3, 16, 1, 1), 4), ((2, 4, 1, 1), 2), ((4, 64, 1, 1), 8)],
-                         ids=["m2", "m1", "m4"])
+@pytest.mark.parametrize(
+    "shape,groups",
+    [((3, 16, 1, 1), 4), ((2, 4, 1, 1), 2), ((4, 64, 1, 1), 8)],
+    ids=["m2", "m1", "m4"],
+)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_single_pixel_planes(backend, variant, shape, groups, dtype):
     """H * W = 1: variance 0, rstd = 1 / sqrt(eps), xh = 0, d gn.weight = 0 exactly."""
@@ -115,7 +144,7 @@ def constant_planes_input(shape, groups):
         v[:, 0] = 0.0
         v[:, 1, 0] = 3.0
     const = torch.zeros(B, C, dtype=torch.bool)
-    const[0, :2 * m] = True
+    const[0, : 2 * m] = True
     if B > 1:
         const[1].view(groups, 2, m)[:, 0] = True
         const[1].view(groups, 2, m)[:, 1, 0] = True
@@ -130,13 +159,18 @@ def check_masks_and_values(Fu, R, E=None, what="reference"):
         f, r = Fu[key].double(), R[key].double()
         if not torch.equal(f.isnan(), r.isnan()):
             differ = int((f.isnan() != r.isnan()).sum())
-            problems.append(f"{key}: NaN at {int(f.isnan().sum())} entries, {what} at "
-                            f"{int(r.isnan().sum())} (differ at {differ})")
+            problems.append(
+                f"{key}: NaN at {int(f.isnan().sum())} entries, {what} at "
+                f"{int(r.isnan().sum())} (differ at {differ})"
+            )
             continue
-        if not (torch.equal(f == math.inf, r == math.inf)
-                and torch.equal(f == -math.inf, r == -math.inf)):
-            problems.append(f"{key}: +-Inf at {int(f.isinf().sum())} entries, {what} at "
-                            f"{int(r.isinf().sum())}")
+        if not (
+            torch.equal(f == math.inf, r == math.inf)
+            and torch.equal(f == -math.inf, r == -math.inf)
+        ):
+            problems.append(
+                f"{key}: +-Inf at {int(f.isinf().sum())} entries, {what} at {int(r.isinf().sum())}"
+            )
             continue
         fin = torch.isfinite(r)
         if not fin.any():
@@ -176,8 +210,9 @@ def test_constant_planes(backend, variant, shape, groups, eps):
         B, C = shape[:2]
         const = const.to(backend.device)
         assert torch.equal(mean[const], x.view(B, C, -1)[..., 0][const]), "mean of a constant plane"
-        torch.testing.assert_close(rstd[const], torch.full_like(rstd[const], 1.0 / math.sqrt(eps)),
-                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            rstd[const], torch.full_like(rstd[const], 1.0 / math.sqrt(eps)), rtol=1e-6, atol=0
+        )
     else:
         problems = check_masks_and_values(Fu, R, E)
         assert not problems, "\n".join(problems)
@@ -190,8 +225,14 @@ def test_constant_planes(backend, variant, shape, groups, eps):
 MAGNITUDE_CASES = [
     pytest.param("cpu", (2, 64, 16, 16), 8, id="cpu-2x64x16x16"),
     pytest.param("cpu", (3, 16, 1, 1), 4, id="cpu-hw1"),
-] + [pytest.param(b, shape, g, id=f"{b}-{path}") for b in ("emulated", "cuda")
-     for shape, g, path in (((2, 16, 7, 9), 2, "warp-2x16x7x9"), ((1, 4, 64, 72), 1, "streamed-1x4x64x72"))]
+] + [
+    pytest.param(b, shape, g, id=f"{b}-{path}")
+    for b in ("emulated", "cuda")
+    for shape, g, path in (
+        ((2, 16, 7, 9), 2, "warp-2x16x7x9"),
+        ((1, 4, 64, 72), 1, "streamed-1x4x64x72"),
+    )
+]
 
 
 @pytest.mark.parametrize("backend,shape,groups", MAGNITUDE_CASES, indirect=["backend"])
@@ -209,15 +250,20 @@ def test_large_magnitude_small_spread(backend, variant, shape, groups):
     gradients the eager reference gets exactly, e.g. 0)."""
     err_fused, err_eager, unit = {}, {}, {}
     for s in range(4):
-        Fu, E, R = run_high_precision(variant, backend, shape, groups, seeds=(s, 100 + s, 200 + s),
-                                      offset=1e4)
+        Fu, E, R = run_high_precision(
+            variant, backend, shape, groups, seeds=(s, 100 + s, 200 + s), offset=1e4
+        )
         for key in Fu:
             assert torch.isfinite(Fu[key]).all(), key
             err_fused[key] = err_fused.get(key, 0.0) + max_err(Fu[key], R[key])
             err_eager[key] = err_eager.get(key, 0.0) + max_err(E[key], R[key])
             unit[key] = unit.get(key, 0.0) + torch.finfo(torch.float32).eps * max_abs(R[key])
-    bad = [f"{k}: sum of max|fused - ref64| = {err_fused[k]:.3g} > 2 * eager {err_eager[k]:.3g} "
-           f"+ {unit[k]:.3g}" for k in err_fused if not err_fused[k] <= 2 * err_eager[k] + unit[k]]
+    bad = [
+        f"{k}: sum of max|fused - ref64| = {err_fused[k]:.3g} > 2 * eager {err_eager[k]:.3g} "
+        f"+ {unit[k]:.3g}"
+        for k in err_fused
+        if not err_fused[k] <= 2 * err_eager[k] + unit[k]
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -242,7 +288,9 @@ def literal_layer(variant, x, groups, p0, p1, p2, p3, gn_weight, gn_bias, eps=1e
     xn = x0 * torch.sigmoid(gate(mu0, p0, p1))
     mu1 = x1.mean((2, 3), keepdim=True)
     var1 = ((x1 - mu1) ** 2).mean((2, 3), keepdim=True)
-    y = (x1 - mu1) / torch.sqrt(var1 + eps) * gn_weight.reshape(1, m, 1, 1) + gn_bias.reshape(1, m, 1, 1)
+    y = (x1 - mu1) / torch.sqrt(var1 + eps) * gn_weight.reshape(1, m, 1, 1) + gn_bias.reshape(
+        1, m, 1, 1
+    )
     return _merge(xn, x1 * torch.sigmoid(gate(y, p2, p3)), b)
 
 
@@ -254,13 +302,18 @@ def nonfinite_check(variant, backend, x, groups, params, gy):
     x, gy, params = x.to(dev), gy.to(dev), [p.to(dev) for p in params]
     Fu = all_grads(lambda x_, *p: backend.apply(variant, x_, groups, p), x, params, gy)
     reports = []
-    for name, fn in (("reference", ref_functional(variant)),
-                     ("literal formula", lambda x_, g, *p: literal_layer(variant, x_, g, *p))):
+    for name, fn in (
+        ("reference", ref_functional(variant)),
+        ("literal formula", lambda x_, g, *p: literal_layer(variant, x_, g, *p)),
+    ):
         O32 = all_grads(lambda x_, *p: fn(x_, groups, *p), x, params, gy)
-        O64 = all_grads(lambda x_, *p: fn(x_, groups, *p), x.double(), [p.double() for p in params],
-                        gy.double())
+        O64 = all_grads(
+            lambda x_, *p: fn(x_, groups, *p), x.double(), [p.double() for p in params], gy.double()
+        )
         # the NaN/Inf pattern of the float32 oracle (float64 can round differently at saturation)
-        problems = [p for p in check_masks_and_values(Fu, O32, what=name) if "finite entries" not in p]
+        problems = [
+            p for p in check_masks_and_values(Fu, O32, what=name) if "finite entries" not in p
+        ]
         if not problems:
             for key in O64:  # values: float64 oracle where both oracles are finite
                 keep = torch.isfinite(O32[key])
@@ -280,8 +333,11 @@ NONFINITE_X_CASES = [
     pytest.param((1, 16, 72, 64), "middle", id="streamed-middle"),
     pytest.param((2, 16, 1, 1), "first", id="hw1"),
 ]
-VALUES = [pytest.param(math.nan, id="nan"), pytest.param(math.inf, id="inf"),
-          pytest.param(-math.inf, id="-inf")]
+VALUES = [
+    pytest.param(math.nan, id="nan"),
+    pytest.param(math.inf, id="inf"),
+    pytest.param(-math.inf, id="-inf"),
+]
 
 
 @pytest.mark.parametrize("value", VALUES)
@@ -303,8 +359,11 @@ def test_nonfinite_x_propagates_like_reference(backend, variant, shape, where, v
 
 
 @pytest.mark.parametrize("value", VALUES)
-@pytest.mark.parametrize("index", range(6), ids=["p0-channel_w", "p1-channel_b", "p2-spatial_w",
-                                                 "p3-spatial_b", "p4-gn_w", "p5-gn_b"])
+@pytest.mark.parametrize(
+    "index",
+    range(6),
+    ids=["p0-channel_w", "p1-channel_b", "p2-spatial_w", "p3-spatial_b", "p4-gn_w", "p5-gn_b"],
+)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_nonfinite_parameter_propagates_like_reference(backend, variant, index, value):
     """NaN / +-Inf in one entry (k = 1) of one parameter. The oracle is the reference or, where
@@ -314,4 +373,6 @@ def test_nonfinite_parameter_propagates_like_reference(backend, variant, index, 
     params = [p.detach().clone() for p in params_in_op_order(variant, ref)]
     params[index].view(-1)[1] = value
     shape = (2, 16, 5, 6)
-    nonfinite_check(variant, backend, make_input(shape, seed=0), 2, params, make_input(shape, seed=1))
+    nonfinite_check(
+        variant, backend, make_input(shape, seed=0), 2, params, make_input(shape, seed=1)
+    )

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    VARIANTS,
+    clone_as,
+    forward_backward,
+    input_at_offset,
+    make_input,
+    make_ref,
+    params_in_op_order,
+)
 
-from conftest import (VARIANTS, clone_as, forward_backward, input_at_offset, make_input, make_ref,
-                      params_in_op_order)
 from sa_cuda.testing import assert_close_to_reference
 
 # The CUDA kernels: emulated on the CPU, and on a GPU where there is one.

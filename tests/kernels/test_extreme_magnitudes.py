@@ -42,10 +42,10 @@ import random
 
 import pytest
 import torch
+from conftest import BACKENDS, VARIANTS, make_ref, params_in_op_order, ref_functional
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import BACKENDS, VARIANTS, make_ref, params_in_op_order, ref_functional
 from sa_cuda.testing import assert_extreme_close, assert_true_statistics
 
 MAGNITUDES = {
@@ -90,7 +90,10 @@ def make_x(pats, chw, dtype, seed):
 
 def layer_params(variant, C, G, dtype, seed=3):
     """Random parameters rounded to dtype: (in the dtype for eager, in float32 for the op, float64)."""
-    ps = [p.detach().to(dtype) for p in params_in_op_order(variant, make_ref(variant, C, G, seed=seed))]
+    ps = [
+        p.detach().to(dtype)
+        for p in params_in_op_order(variant, make_ref(variant, C, G, seed=seed))
+    ]
     return ps, [p.float() for p in ps], [p.double() for p in ps]
 
 
@@ -126,7 +129,9 @@ def run_backward(variant, impl, dtype, pats, seed=1):
     """Criterion 5: every gradient finite wherever eager's is."""
     (C, H, W), G = SHAPES[impl]
     x = make_x(pats, (C, H, W), dtype, seed)
-    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype)
+    gy = torch.randn(
+        x.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64
+    ).to(dtype)
     low, p32, _ = layer_params(variant, C, G, dtype)
 
     def grads(fn, params):
@@ -139,8 +144,10 @@ def run_backward(variant, impl, dtype, pats, seed=1):
     E = grads(lambda x_, *p: ref(x_, G, *p), low)
     for name, f, e in zip(["x", "p0", "p1", "p2", "p3", "p4", "p5"], F, E):
         bad = e.isfinite() & ~f.isfinite()
-        assert not bad.any(), (f"{variant} {impl} {DTYPE_IDS[dtype]} grad {name}: "
-                               f"{int(bad.sum())} elements non-finite where eager's are finite")
+        assert not bad.any(), (
+            f"{variant} {impl} {DTYPE_IDS[dtype]} grad {name}: "
+            f"{int(bad.sum())} elements non-finite where eager's are finite"
+        )
     return F, E
 
 
@@ -168,32 +175,53 @@ GROUP_GRID = [
 
 
 def _grid(variant, grid):
-    return [pytest.param(variant, impl, dtype, id=f"{variant}-{impl}-{DTYPE_IDS[dtype]}")
-            for impl, dtypes in grid for dtype in dtypes]
+    return [
+        pytest.param(variant, impl, dtype, id=f"{variant}-{impl}-{DTYPE_IDS[dtype]}")
+        for impl, dtypes in grid
+        for dtype in dtypes
+    ]
 
 
-@pytest.mark.parametrize("variant,impl,dtype", _grid("sa_layer", GRID) + _grid("shuffle_attention", GROUP_GRID))
+@pytest.mark.parametrize(
+    "variant,impl,dtype", _grid("sa_layer", GRID) + _grid("shuffle_attention", GROUP_GRID)
+)
 def test_forward_grid(variant, impl, dtype):
     run_forward(variant, impl, dtype, patterns(dtype, impl))
 
 
 # The backward through the emulator costs as much as the forward: the cheap launch paths.
-@pytest.mark.parametrize("variant,impl,dtype", [
-    pytest.param(v, impl, d, id=f"{v}-{impl}-{DTYPE_IDS[d]}")
-    for v in VARIANTS for impl in ("cpu", "cpu-large") for d in (torch.float32, torch.bfloat16)
-] + [
-    pytest.param("sa_layer", "emu-warp-vector", torch.float32, id="sa_layer-emu-warp-vector-fp32"),
-    pytest.param("sa_layer", "emu-block-scalar", torch.float32, id="sa_layer-emu-block-scalar-fp32"),
-    pytest.param("shuffle_attention", "emu-group", torch.float32, id="shuffle_attention-emu-group-fp32"),
-])
+@pytest.mark.parametrize(
+    "variant,impl,dtype",
+    [
+        pytest.param(v, impl, d, id=f"{v}-{impl}-{DTYPE_IDS[d]}")
+        for v in VARIANTS
+        for impl in ("cpu", "cpu-large")
+        for d in (torch.float32, torch.bfloat16)
+    ]
+    + [
+        pytest.param(
+            "sa_layer", "emu-warp-vector", torch.float32, id="sa_layer-emu-warp-vector-fp32"
+        ),
+        pytest.param(
+            "sa_layer", "emu-block-scalar", torch.float32, id="sa_layer-emu-block-scalar-fp32"
+        ),
+        pytest.param(
+            "shuffle_attention", "emu-group", torch.float32, id="shuffle_attention-emu-group-fp32"
+        ),
+    ],
+)
 def test_backward_grid_finite_where_eager_is(variant, impl, dtype):
     run_backward(variant, impl, dtype, patterns(dtype, impl))
 
 
-@pytest.mark.parametrize("variant,impl", [
-    pytest.param(v, impl, id=f"{v}-{impl}") for v in VARIANTS
-    for impl in ("cpu", "emu-warp-vector" if v == "sa_layer" else "emu-group")
-])
+@pytest.mark.parametrize(
+    "variant,impl",
+    [
+        pytest.param(v, impl, id=f"{v}-{impl}")
+        for v in VARIANTS
+        for impl in ("cpu", "emu-warp-vector" if v == "sa_layer" else "emu-group")
+    ],
+)
 def test_backward_grad_x_up_to_1e36(variant, impl):
     """Where the fused backward does better than eager: grad_x (of order 1) is finite and accurate
     for planes up to 1e36, where eager's backward overflows (NaN). The partial sums are of t and
@@ -216,8 +244,12 @@ def test_backward_grad_x_up_to_1e36(variant, impl):
 # ------------------------------------------------------------------------------------------------
 # Property test
 # ------------------------------------------------------------------------------------------------
-SETTINGS = dict(derandomize=True, deadline=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = dict(
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 EMU_PATHS = ("emu-warp-vector", "emu-warp-scalar", "emu-block-vector", "emu-block-scalar")
 
 
@@ -233,8 +265,15 @@ def cases(draw, impls):
     if variant == "shuffle_attention" and impl.startswith("emu"):
         impl = rng.choice(("emu-group", "emu-group-tiles"))
     magnitude = math.exp(rng.uniform(math.log(lo), math.log(hi)))
-    return dict(variant=variant, impl=impl, dtype=dtype, magnitude=magnitude,
-                offset=rng.choice((0.0, 0.5, 0.9, 0.99)), batch=rng.choice((1, 2)), seed=seed % 2**31)
+    return dict(
+        variant=variant,
+        impl=impl,
+        dtype=dtype,
+        magnitude=magnitude,
+        offset=rng.choice((0.0, 0.5, 0.9, 0.99)),
+        batch=rng.choice((1, 2)),
+        seed=seed % 2**31,
+    )
 
 
 def check_case(case):

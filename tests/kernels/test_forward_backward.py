@@ -36,9 +36,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    DEVICES,
+    VARIANTS,
+    autocast_if_mixed,
+    clone_as,
+    forward_backward,
+    make_fused_like,
+    make_input,
+    make_ref,
+    ref_class,
+)
 
-from conftest import (DEVICES, VARIANTS, autocast_if_mixed, clone_as, forward_backward, make_fused_like,
-                      make_input, make_ref, ref_class)
 from sa_cuda.testing import assert_close_to_reference
 
 SLOW = pytest.mark.slow  # the largest shapes (over 10^5 elements, float64 reference)
@@ -62,6 +71,7 @@ SHAPES = [
     pytest.param((2, 256, 14, 14), 8, id="g8-m16"),
     pytest.param((1, 1024, 7, 7), 8, id="g8-m64"),
 ]
+
 
 def _run_high_precision(variant, shape, groups, dtype, device, *, offset=0.0, scale=1.0):
     C = shape[1]
@@ -92,8 +102,9 @@ def test_fp32_large_mean(variant, device):
     """|mean| >> std (x = 100 + 0.1 * randn): docs/design.md asks for cancellation-free
     statistics in this regime. Same criterion as test_fp32_fp64 (here the eager fp32 reference
     itself errs by ~1e-5..1e-4 of max|ref64|, so the bound is 2x the eager error)."""
-    F, E, R = _run_high_precision(variant, (2, 64, 16, 16), 8, torch.float32, device,
-                                  offset=100.0, scale=0.1)
+    F, E, R = _run_high_precision(
+        variant, (2, 64, 16, 16), 8, torch.float32, device, offset=100.0, scale=0.1
+    )
     assert_close_to_reference(F, R, torch.float32, eager=E)
 
 

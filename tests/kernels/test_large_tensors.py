@@ -8,9 +8,22 @@ import gc
 
 import pytest
 import torch
+from conftest import (
+    BACKENDS,
+    CUDA_OK,
+    CUDA_REASON,
+    PARAM_ARG_NAMES,
+    VARIANTS,
+    bwd_op,
+    clone_as,
+    forward_backward,
+    fwd_op,
+    make_input,
+    make_ref,
+    op_params,
+    ref_functional,
+)
 
-from conftest import (BACKENDS, CUDA_OK, CUDA_REASON, PARAM_ARG_NAMES, VARIANTS, bwd_op, clone_as,
-                      forward_backward, fwd_op, make_input, make_ref, op_params, ref_functional)
 from sa_cuda.testing import assert_close_to_reference, max_abs, max_err
 
 
@@ -40,35 +53,53 @@ def check_in_chunks(variant, x, groups, params, gy, *, by="group", eps=1e-5, chu
         chunks = list(range(B)) if everything else chunks
     psum = [torch.zeros(p.shape, dtype=torch.float64, device=x.device) for p in params]
     j = torch.arange(2 * m, device=x.device)
-    local = 2 * (j % m) + j // m                      # chunk-local output position of u_j
+    local = 2 * (j % m) + j // m  # chunk-local output position of u_j
     for chunk in chunks:
         ps = [p.detach().float().requires_grad_(True) for p in params]
         if by == "group":
             b, g = chunk
-            cs = g * 2 * m + j                        # input (pre-shuffle) channels of the chunk
-            dst = 2 * (cs % half) + cs // half        # their output channels
-            xc = x[b:b + 1, g * 2 * m:(g + 1) * 2 * m].float().requires_grad_(True)
+            cs = g * 2 * m + j  # input (pre-shuffle) channels of the chunk
+            dst = 2 * (cs % half) + cs // half  # their output channels
+            xc = x[b : b + 1, g * 2 * m : (g + 1) * 2 * m].float().requires_grad_(True)
             yc = ref_functional(variant)(xc, 1, *ps, eps=eps)
             gyc = torch.empty_like(yc)
             gyc[0, local] = gy[b, dst].float()
             gs = torch.autograd.grad(yc, [xc, *ps], gyc)
-            pairs = (("out", out[b, dst], yc.detach()[0, local]), ("grad_x", grad_x[b, cs], gs[0][0]))
+            pairs = (
+                ("out", out[b, dst], yc.detach()[0, local]),
+                ("grad_x", grad_x[b, cs], gs[0][0]),
+            )
             stats = (mean[b, cs], rstd[b, cs])
         else:
             b, cs = chunk, slice(None)
-            xc = x[b:b + 1].float().requires_grad_(True)
+            xc = x[b : b + 1].float().requires_grad_(True)
             yc = ref_functional(variant)(xc, groups, *ps, eps=eps)
-            gs = torch.autograd.grad(yc, [xc, *ps], gy[b:b + 1].float())
+            gs = torch.autograd.grad(yc, [xc, *ps], gy[b : b + 1].float())
             pairs = (("out", out[b], yc.detach()[0]), ("grad_x", grad_x[b], gs[0][0]))
             stats = (mean[b], rstd[b])
         for name, got, want in pairs:
-            torch.testing.assert_close(got.float(), want, rtol=unit, atol=unit * max(1.0, max_abs(want)),
-                                       msg=lambda s: f"{name} of chunk {chunk}: {s}")
+            torch.testing.assert_close(
+                got.float(),
+                want,
+                rtol=unit,
+                atol=unit * max(1.0, max_abs(want)),
+                msg=lambda s: f"{name} of chunk {chunk}: {s}",
+            )
         var, mu = torch.var_mean(xc.detach()[0], dim=(1, 2), unbiased=False)
-        torch.testing.assert_close(stats[0].float(), mu, rtol=0, atol=unit * max(1.0, max_abs(xc)),
-                                   msg=lambda s: f"mean of chunk {chunk}: {s}")
-        torch.testing.assert_close(stats[1].float(), torch.rsqrt(var + eps), rtol=unit, atol=0,
-                                   msg=lambda s: f"rstd of chunk {chunk}: {s}")
+        torch.testing.assert_close(
+            stats[0].float(),
+            mu,
+            rtol=0,
+            atol=unit * max(1.0, max_abs(xc)),
+            msg=lambda s: f"mean of chunk {chunk}: {s}",
+        )
+        torch.testing.assert_close(
+            stats[1].float(),
+            torch.rsqrt(var + eps),
+            rtol=unit,
+            atol=0,
+            msg=lambda s: f"rstd of chunk {chunk}: {s}",
+        )
         for acc, gp in zip(psum, gs[1:]):
             acc += gp.double()
         del xc, ps, yc, gs, pairs
@@ -76,14 +107,22 @@ def check_in_chunks(variant, x, groups, params, gy, *, by="group", eps=1e-5, chu
         for i, (acc, got) in enumerate(zip(psum, pgrads)):
             assert got.shape == params[i].shape and got.dtype == params[i].dtype
             bound = unit * max(1.0, max_abs(acc))
-            assert max_err(got, acc) <= bound, (f"{PARAM_ARG_NAMES[variant][i]}: max|fused - ref| = "
-                                                f"{max_err(got, acc):.3g} > {bound:.3g}")
+            assert max_err(got, acc) <= bound, (
+                f"{PARAM_ARG_NAMES[variant][i]}: max|fused - ref| = "
+                f"{max_err(got, acc):.3g} > {bound:.3g}"
+            )
 
 
-@pytest.mark.parametrize("by,shape,groups", [
-    ("group", (2, 16, 24, 20), 8), ("group", (1, 16, 9, 33), 2), ("group", (3, 8, 5, 5), 4),
-    ("batch", (3, 32, 12, 10), 4), ("batch", (2, 16, 1, 1), 8),
-])
+@pytest.mark.parametrize(
+    "by,shape,groups",
+    [
+        ("group", (2, 16, 24, 20), 8),
+        ("group", (1, 16, 9, 33), 2),
+        ("group", (3, 8, 5, 5), 4),
+        ("batch", (3, 32, 12, 10), 4),
+        ("batch", (2, 16, 1, 1), 8),
+    ],
+)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_chunked_checker_on_cpu(variant, by, shape, groups):
     """The chunked checker of the > 2^31-element CUDA test, run here on the CPU kernels (fp16 x,
@@ -98,14 +137,17 @@ def test_chunked_checker_on_cpu(variant, by, shape, groups):
 
 
 @pytest.mark.skipif(not CUDA_OK, reason=CUDA_REASON)
-@pytest.mark.parametrize("by,shape,groups", [
-    # 65536 planes of 256 x 256 (G = 64, m = 8 as in SA-ResNet): batch items 32..63 start beyond
-    # element 2^31; reference per batch item (64M elements).
-    pytest.param("batch", (64, 1024, 256, 256), 64, id="many-planes-64x1024x256x256"),
-    # 16 planes of 2^28 elements (G = 8, m = 1): planes 8..15 start beyond element 2^31;
-    # reference per group (2 planes, 2 GiB in fp32).
-    pytest.param("group", (1, 16, 16384, 16384), 8, id="huge-planes-1x16x16384x16384"),
-])
+@pytest.mark.parametrize(
+    "by,shape,groups",
+    [
+        # 65536 planes of 256 x 256 (G = 64, m = 8 as in SA-ResNet): batch items 32..63 start beyond
+        # element 2^31; reference per batch item (64M elements).
+        pytest.param("batch", (64, 1024, 256, 256), 64, id="many-planes-64x1024x256x256"),
+        # 16 planes of 2^28 elements (G = 8, m = 1): planes 8..15 start beyond element 2^31;
+        # reference per group (2 planes, 2 GiB in fp32).
+        pytest.param("group", (1, 16, 16384, 16384), 8, id="huge-planes-1x16x16384x16384"),
+    ],
+)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cuda_more_than_2_31_elements(variant, by, shape, groups):
     """x float16 with 2^32 elements (8 GiB; x, grad_out, out and grad_x: 32 GiB), fp32 parameters:

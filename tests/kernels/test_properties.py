@@ -27,20 +27,37 @@ import random
 
 import pytest
 import torch
+from conftest import (
+    BACKENDS,
+    VARIANTS,
+    autocast_if_mixed,
+    make_ref,
+    params_in_op_order,
+    ref_functional,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (BACKENDS, VARIANTS, autocast_if_mixed, make_ref, params_in_op_order,
-                      ref_functional)
 from sa_cuda.testing import assert_close_to_reference, max_abs, max_err
 
-LAYOUTS = ("contiguous", "channels_last", "slice", "transpose_hw", "storage_offset", "batch_stride",
-           "expand_h")
+LAYOUTS = (
+    "contiguous",
+    "channels_last",
+    "slice",
+    "transpose_hw",
+    "storage_offset",
+    "batch_stride",
+    "expand_h",
+)
 GRAD_LAYOUTS = ("contiguous", "channels_last", "transpose_hw", "slice")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
-SETTINGS = dict(derandomize=True, deadline=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = dict(
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,7 +82,7 @@ def strided(shape, layout, dtype, seed, *, requires_grad=False):
         view = leaf.permute(0, 3, 1, 2)
     elif layout == "slice":  # gaps in every dimension but B, offset 1 + row offset
         leaf = randn(B, C + 1, H + 2, 2 * W)
-        view = leaf[:, 1:, 1:H + 1, ::2]
+        view = leaf[:, 1:, 1 : H + 1, ::2]
     elif layout == "transpose_hw":
         leaf = randn(B, C, W, H)
         view = leaf.transpose(2, 3)
@@ -144,8 +161,12 @@ def cases(draw, small=False):
     m = size(1, 3 if small else 4)
     return dict(
         variant=rng.choice(VARIANTS),
-        shape=(0 if rng.random() < 0.125 else size(1, 2 if small else 3), 2 * G * m,
-               size(1, 20), size(1, 20)),
+        shape=(
+            0 if rng.random() < 0.125 else size(1, 2 if small else 3),
+            2 * G * m,
+            size(1, 20),
+            size(1, 20),
+        ),
         groups=G,
         dtype=dtype,
         eps=rng.choice((1e-5, 1e-3, 0.25)),
@@ -186,8 +207,11 @@ def check_case(case, impl):
 
     R = ref_grads(variant, x, G, fused_params, gy, eps, xrg, torch.float64)
     if dtype in (torch.float32, torch.float64):
-        E = R if dtype == torch.float64 else ref_grads(variant, x, G, fused_params, gy, eps, xrg,
-                                                      torch.float32)
+        E = (
+            R
+            if dtype == torch.float64
+            else ref_grads(variant, x, G, fused_params, gy, eps, xrg, torch.float32)
+        )
         assert_close_to_reference(F, R, dtype, eager=E)
         return
 
@@ -196,7 +220,9 @@ def check_case(case, impl):
     low = [p.to(dtype) for p in base]
     E = ref_grads(variant, x, G, low, gy, eps, xrg, dtype)
     RE = ref_grads(variant, x, G, low, gy, eps, xrg, torch.float64)
-    assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=fused_params[0].dtype)
+    assert_close_to_reference(
+        F, R, dtype, eager=E, eager_ref64=RE, param_dtype=fused_params[0].dtype
+    )
 
 
 @settings(max_examples=30, **SETTINGS)
@@ -225,8 +251,10 @@ def test_forward_statistics(impl, case):
     (the planes here have <= 400 elements; the kernels sum <= ~50 terms per accumulator)."""
     variant, shape, G, dtype = case["variant"], case["shape"], case["groups"], case["dtype"]
     eps = case["eps"]
-    params = [p.detach() for p in params_in_op_order(variant, make_ref(variant, shape[1], G,
-                                                                         seed=case["seed"]))]
+    params = [
+        p.detach()
+        for p in params_in_op_order(variant, make_ref(variant, shape[1], G, seed=case["seed"]))
+    ]
     _, x = strided(shape, case["layout"], dtype, case["seed"] + 1)
     out, mean, rstd = BACKENDS[impl].forward_op(variant)(x, G, *params, eps)
     stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32

@@ -13,9 +13,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    EMULATED,
+    clone_as,
+    forward_backward,
+    input_at_offset,
+    make_input,
+    make_ref,
+    params_in_op_order,
+)
 
-from conftest import (EMULATED, clone_as, forward_backward, input_at_offset, make_input, make_ref,
-                      params_in_op_order)
 from sa_cuda.testing import assert_close_to_reference
 
 EMU = EMULATED.ops
@@ -24,27 +31,29 @@ EMU = EMULATED.ops
 CASES = [
     # warp team (N <= 256), per-plane packs
     pytest.param(torch.float16, (2, 8, 8, 8), 2, 0, id="warp-fp16-16B"),
-    pytest.param(torch.float16, (2, 8, 14, 14), 2, 0, id="warp-fp16-8B"),         # 196 % 8 = 4
+    pytest.param(torch.float16, (2, 8, 14, 14), 2, 0, id="warp-fp16-8B"),  # 196 % 8 = 4
     pytest.param(torch.bfloat16, (2, 8, 14, 14), 2, 2, id="warp-bf16-4B-offset"),  # 4-byte offset
-    pytest.param(torch.float32, (2, 8, 7, 14), 2, 0, id="warp-fp32-8B"),           # 98 % 4 = 2
-    pytest.param(torch.float32, (2, 8, 8, 8), 2, 2, id="warp-fp32-8B-offset"),     # 8-byte offset
+    pytest.param(torch.float32, (2, 8, 7, 14), 2, 0, id="warp-fp32-8B"),  # 98 % 4 = 2
+    pytest.param(torch.float32, (2, 8, 8, 8), 2, 2, id="warp-fp32-8B-offset"),  # 8-byte offset
     # warp team, no pack wider than one element: the block's planes staged as one chunk
-    pytest.param(torch.float32, (3, 12, 7, 7), 3, 0, id="staged-fp32-7x7"),         # B*C = 36
+    pytest.param(torch.float32, (3, 12, 7, 7), 3, 0, id="staged-fp32-7x7"),  # B*C = 36
     pytest.param(torch.bfloat16, (5, 4, 7, 7), 1, 3, id="staged-bf16-7x7-offset"),  # B*C = 20
-    pytest.param(torch.float16, (1, 6, 7, 7), 3, 1, id="staged-fp16-one-block"),    # B*C = 6 < 8
+    pytest.param(torch.float16, (1, 6, 7, 7), 3, 1, id="staged-fp16-one-block"),  # B*C = 6 < 8
     pytest.param(torch.float64, (3, 4, 7, 7), 1, 1, id="staged-fp64-7x7-offset"),
-    pytest.param(torch.float32, (2, 10, 15, 17), 5, 0, id="staged-fp32-255"),       # 8 * 255 per chunk
-    pytest.param(torch.float32, (3, 2, 1, 3), 1, 1, id="staged-fp32-n3"),           # chunk inside one pack
+    pytest.param(torch.float32, (2, 10, 15, 17), 5, 0, id="staged-fp32-255"),  # 8 * 255 per chunk
+    pytest.param(torch.float32, (3, 2, 1, 3), 1, 1, id="staged-fp32-n3"),  # chunk inside one pack
     # block team (256 < N <= 4096)
-    pytest.param(torch.float32, (1, 4, 30, 31), 1, 0, id="block-fp32-8B"),          # 930 % 4 = 2
+    pytest.param(torch.float32, (1, 4, 30, 31), 1, 0, id="block-fp32-8B"),  # 930 % 4 = 2
     pytest.param(torch.bfloat16, (1, 4, 20, 30), 1, 4, id="block-bf16-8B-offset"),  # 8-byte offset
-    pytest.param(torch.float16, (1, 4, 17, 18), 1, 0, id="block-fp16-4B"),          # 306 % 4 = 2
+    pytest.param(torch.float16, (1, 4, 17, 18), 1, 0, id="block-fp16-4B"),  # 306 % 4 = 2
     pytest.param(torch.float64, (1, 4, 17, 19), 1, 0, id="block-fp64-scalar"),
     # streamed (N > 4096), few planes (low B * C): unrolled loads with a tail
-    pytest.param(torch.float32, (1, 4, 96, 100), 1, 0, id="streamed-fp32-16B"),     # 2400 packs / 512
+    pytest.param(torch.float32, (1, 4, 96, 100), 1, 0, id="streamed-fp32-16B"),  # 2400 packs / 512
     pytest.param(torch.float32, (1, 2, 66, 70), 1, 2, id="streamed-fp32-8B-offset"),
-    pytest.param(torch.float16, (1, 2, 65, 66), 1, 0, id="streamed-fp16-4B"),       # 4290 % 4 = 2
-    pytest.param(torch.float32, (1, 2, 97, 99), 1, 0, id="streamed-fp32-scalar"),   # 9603 packs / 512
+    pytest.param(torch.float16, (1, 2, 65, 66), 1, 0, id="streamed-fp16-4B"),  # 4290 % 4 = 2
+    pytest.param(
+        torch.float32, (1, 2, 97, 99), 1, 0, id="streamed-fp32-scalar"
+    ),  # 9603 packs / 512
     pytest.param(torch.float64, (1, 2, 65, 65), 1, 1, id="streamed-fp64-scalar"),
 ]
 
@@ -63,10 +72,13 @@ def test_sa_layer_paths_match_reference_bitwise_repeatable(dtype, shape, groups,
         assert torch.equal(F[key], again[key]), f"{key}: a rerun gives other bits"
 
 
-@pytest.mark.parametrize("dtype,shape,groups,offset", [
-    pytest.param(torch.float32, (1, 4, 96, 100), 1, 0, id="streamed"),
-    pytest.param(torch.float32, (3, 12, 7, 7), 3, 0, id="staged"),
-])
+@pytest.mark.parametrize(
+    "dtype,shape,groups,offset",
+    [
+        pytest.param(torch.float32, (1, 4, 96, 100), 1, 0, id="streamed"),
+        pytest.param(torch.float32, (3, 12, 7, 7), 3, 0, id="staged"),
+    ],
+)
 def test_sa_layer_paths_large_mean(dtype, shape, groups, offset):
     """|mean| >> std (x = 100 + 0.1 randn) on the streamed and staged paths."""
     ref = make_ref("sa_layer", shape[1], groups, seed=5, dtype=dtype)
@@ -78,10 +90,13 @@ def test_sa_layer_paths_large_mean(dtype, shape, groups, offset):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape,groups,offset", [
-    pytest.param((3, 4, 3, 3), 1, 1, id="staged"),
-    pytest.param((1, 4, 5, 6), 2, 0, id="warp-scalar-pack"),
-])
+@pytest.mark.parametrize(
+    "shape,groups,offset",
+    [
+        pytest.param((3, 4, 3, 3), 1, 1, id="staged"),
+        pytest.param((1, 4, 5, 6), 2, 0, id="warp-scalar-pack"),
+    ],
+)
 def test_sa_layer_paths_gradcheck(shape, groups, offset):
     ref = make_ref("sa_layer", shape[1], groups, seed=3, dtype=torch.float64)
     params = [p.detach().clone().requires_grad_() for p in params_in_op_order("sa_layer", ref)]

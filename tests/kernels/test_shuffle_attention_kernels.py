@@ -22,9 +22,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    EMULATED,
+    clone_as,
+    forward_backward,
+    input_at_offset,
+    make_ref,
+    params_in_op_order,
+)
 
-from conftest import (EMULATED, clone_as, forward_backward, input_at_offset, make_ref,
-                      params_in_op_order)
 from sa_cuda.testing import assert_close_to_reference, assert_extreme_close, assert_true_statistics
 
 EMU = EMULATED.ops
@@ -73,8 +79,11 @@ def test_shuffle_attention_kernels_low_precision(dtype, offset):
     assert_close_to_reference(F, R, dtype, eager=E)
 
 
-@pytest.mark.parametrize("shape,groups", [((2, 12, 30, 25), 2), ((1, 32, 15, 11), 1)],
-                         ids=["m3-two-tiles", "m16-two-tiles"])
+@pytest.mark.parametrize(
+    "shape,groups",
+    [((2, 12, 30, 25), 2), ((1, 32, 15, 11), 1)],
+    ids=["m3-two-tiles", "m16-two-tiles"],
+)
 def test_shuffle_attention_kernels_bitwise_deterministic(shape, groups):
     """Fixed-order reductions (pieces, pixel slices, warps): the same input gives the same bits."""
     ref = make_ref(VARIANT, shape[1], groups, seed=8)
@@ -94,8 +103,9 @@ def test_shuffle_attention_kernels_overflow_next_to_ordinary_planes():
     ordinary planes: every output plane and the statistics meet test_extreme_magnitudes.py's
     criteria 1-4."""
     C, H, W, G = 12, 5, 7, 2  # m = 3: each plane in 8 pieces
-    mags = torch.tensor([3e38, 1.0, 1e-3, 1e36, 2e38, 1e4, 1.0, 3e38, 1e20, 1e-30, 2e38, 1.0],
-                        dtype=torch.float64).view(1, C, 1, 1)
+    mags = torch.tensor(
+        [3e38, 1.0, 1e-3, 1e36, 2e38, 1e4, 1.0, 3e38, 1e20, 1e-30, 2e38, 1.0], dtype=torch.float64
+    ).view(1, C, 1, 1)
     gen = torch.Generator().manual_seed(5)
     u = torch.rand((1, C, H, W), generator=gen, dtype=torch.float64) * 2 - 1
     x = ((0.9 + 0.1 * u) * mags).float()
@@ -103,10 +113,13 @@ def test_shuffle_attention_kernels_overflow_next_to_ordinary_planes():
     params = [p.detach() for p in params_in_op_order(VARIANT, make_ref(VARIANT, C, G, seed=3))]
     out, mean, rstd = EMU.shuffle_attention_forward(x, G, *params, 1e-5)
     from sa_cuda.reference import shuffle_attention as ref
+
     ref64 = ref(x.double(), G, *[p.double() for p in params])
     eager = ref(x, G, *params)
     for c in range(C):
-        assert_extreme_close(out[0, c], eager[0, c], ref64[0, c], torch.float32, f"output plane {c}")
+        assert_extreme_close(
+            out[0, c], eager[0, c], ref64[0, c], torch.float32, f"output plane {c}"
+        )
     assert_true_statistics(mean, rstd, x, 1e-5, "mixed unit")
 
 
@@ -116,7 +129,9 @@ def test_shuffle_attention_kernels_gradcheck_pieces_and_tiles():
     shape, groups = (1, 6, 2, 3), 1
     ref = make_ref(VARIANT, shape[1], groups, seed=3, dtype=torch.float64)
     params = [p.detach().clone().requires_grad_() for p in params_in_op_order(VARIANT, ref)]
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).requires_grad_()
+    x = torch.randn(
+        shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64
+    ).requires_grad_()
 
     def fn(x, *ps):
         return EMULATED.apply(VARIANT, x, groups, ps)
@@ -129,7 +144,11 @@ def test_shuffle_attention_kernels_shared_memory_error():
     H100's 227 KiB): a clear error naming m and the bytes, not a failed launch."""
     m, G = 160, 1
     x = torch.randn(1, 2 * G * m, 1, 2)
-    params = [p.detach() for p in params_in_op_order(VARIANT, make_ref(VARIANT, 2 * G * m, G, seed=1))]
+    params = [
+        p.detach() for p in params_in_op_order(VARIANT, make_ref(VARIANT, 2 * G * m, G, seed=1))
+    ]
     out, mean, rstd = EMU.shuffle_attention_forward(x, G, *params, 1e-5)  # the forward fits
-    with pytest.raises(RuntimeError, match=r"m = C / \(2 \* groups\) = 160 needs \d+ bytes of shared memory"):
+    with pytest.raises(
+        RuntimeError, match=r"m = C / \(2 \* groups\) = 160 needs \d+ bytes of shared memory"
+    ):
         EMU.shuffle_attention_backward(torch.ones_like(x), x, mean, rstd, G, *params)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import randomize_
+
 from sa_cuda import SALayer, reference
 from sa_cuda.models import convert_official_state_dict, sa_resnet50, sa_resnet101, sa_resnet152
 from sa_cuda.testing import max_err
@@ -20,20 +20,27 @@ def test_official_key_set_and_shapes(build, n_keys, n_params):
     fused, eager = build(fused=True), build(fused=False)
     sd_fused, sd_eager = fused.state_dict(), eager.state_dict()
     assert len(sd_fused) == n_keys
-    assert {k: tuple(v.shape) for k, v in sd_fused.items()} == {k: tuple(v.shape) for k, v in sd_eager.items()}
+    assert {k: tuple(v.shape) for k, v in sd_fused.items()} == {
+        k: tuple(v.shape) for k, v in sd_eager.items()
+    }
     assert abs(sum(p.numel() for p in fused.parameters()) - n_params) / n_params < 0.005
     # The SA layer after bn3 of a bottleneck, with G = 64 (m = 4 * planes / 128).
     assert tuple(sd_fused["layer1.0.sa.cweight"].shape) == (1, 2, 1, 1)
     assert tuple(sd_fused["layer4.2.sa.gn.weight"].shape) == (16,)
     assert "layer1.0.downsample.0.weight" in sd_fused and "fc.weight" in sd_fused
-    assert sum(isinstance(m, SALayer) for m in fused.modules()) == sum(1 for k in sd_fused if k.endswith("sa.cweight"))
+    assert sum(isinstance(m, SALayer) for m in fused.modules()) == sum(
+        1 for k in sd_fused if k.endswith("sa.cweight")
+    )
     eager.load_state_dict(sd_fused, strict=True)
     fused.load_state_dict(sd_eager, strict=True)
 
 
 def test_official_checkpoint_format_loads():
     eager = sa_resnet50(fused=False)
-    checkpoint = {"epoch": 1, "state_dict": {f"module.{k}": v for k, v in eager.state_dict().items()}}
+    checkpoint = {
+        "epoch": 1,
+        "state_dict": {f"module.{k}": v for k, v in eager.state_dict().items()},
+    }
     sa_resnet50(fused=True).load_state_dict(convert_official_state_dict(checkpoint), strict=True)
 
 
@@ -58,12 +65,22 @@ def test_sa_resnet50_traces_without_graph_breaks():
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     # The fused SA layers are in the graph as the autograd.Function (16 of them), not run eagerly.
-    ops = [str(n.target) for gm in explanation.graphs for n in gm.graph.nodes if n.op == "call_function"]
+    ops = [
+        str(n.target)
+        for gm in explanation.graphs
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+    ]
     assert ops.count("autograd_function_apply") == 16
 
 
-CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "sa_cuda::sa_layer_forward", "CUDA")), reason="needs a CUDA device and the CUDA kernels")
+CUDA = pytest.mark.skipif(
+    not (
+        torch.cuda.is_available()
+        and torch._C._dispatch_has_kernel_for_dispatch_key("sa_cuda::sa_layer_forward", "CUDA")
+    ),
+    reason="needs a CUDA device and the CUDA kernels",
+)
 
 
 @CUDA
@@ -95,7 +112,11 @@ def test_cuda_graph_capture_and_replay():
     with torch.cuda.graph(graph), torch.no_grad():
         static_out = layer(static_x)
     for seed in (3, 4):
-        static_x.copy_(torch.randn(static_x.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)))
+        static_x.copy_(
+            torch.randn(
+                static_x.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)
+            )
+        )
         graph.replay()
         with torch.no_grad():
             torch.testing.assert_close(static_out, layer(static_x), rtol=0, atol=0)

@@ -7,10 +7,10 @@ import io
 
 import pytest
 import torch
+from conftest import DEVICES, forward_backward, make_input, randomize_
 from torch import nn
 
 import sa_cuda
-from conftest import DEVICES, forward_backward, make_input, randomize_
 from sa_cuda.testing import max_err
 
 
@@ -23,7 +23,9 @@ def _net(layer):
 def test_channels_last_in_channels_last_out(cls, device):
     layer = randomize_(cls(32, 4), seed=1).to(device)
     ref = randomize_(getattr(sa_cuda.reference, cls.__name__)(32, 4), seed=1).to(device)
-    x = make_input((2, 32, 6, 5), seed=2, device=device).contiguous(memory_format=torch.channels_last)
+    x = make_input((2, 32, 6, 5), seed=2, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
     gy = make_input((2, 32, 6, 5), seed=3, device=device)
     out = layer(x)
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -102,7 +104,9 @@ def test_onnx_export_runs_the_reference_math(cls, dynamo, tmp_path):
     else:
         torch.onnx.export(model, (x,), path, dynamo=False)
     graph = onnx.load(path).graph
-    assert all(node.domain in ("", "ai.onnx") for node in graph.node), {n.domain for n in graph.node}
+    assert all(node.domain in ("", "ai.onnx") for node in graph.node), {
+        n.domain for n in graph.node
+    }
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():

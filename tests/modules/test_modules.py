@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    DEVICES,
+    VARIANTS,
+    clone_as,
+    forward_backward,
+    fused_class,
+    make_fused_like,
+    make_input,
+    make_pair,
+    make_ref,
+    randomize_,
+    ref_class,
+)
 
 import sa_cuda
-from conftest import (DEVICES, VARIANTS, clone_as, forward_backward, fused_class, make_fused_like,
-                      make_input, make_pair, make_ref, randomize_, ref_class)
 from sa_cuda import reference
 from sa_cuda.testing import assert_close_to_reference
 
@@ -43,8 +54,11 @@ def test_strict_load_both_ways(variant):
     ref = make_ref(variant, channels, groups, seed=3)
     fused = fused_class(variant)(channels, groups)
     fused.load_state_dict(ref.state_dict(), strict=True)
-    assert_close_to_reference(forward_backward(fused, x, gy),
-                              forward_backward(clone_as(ref, torch.float64), x.double(), gy.double()), torch.float32)
+    assert_close_to_reference(
+        forward_backward(fused, x, gy),
+        forward_backward(clone_as(ref, torch.float64), x.double(), gy.double()),
+        torch.float32,
+    )
 
     # fused -> reference
     fused2 = randomize_(fused_class(variant)(channels, groups), seed=4)
@@ -52,8 +66,11 @@ def test_strict_load_both_ways(variant):
     ref2.load_state_dict(fused2.state_dict(), strict=True)
     for key, value in fused2.state_dict().items():
         assert torch.equal(ref2.state_dict()[key], value), key
-    assert_close_to_reference(forward_backward(fused2, x, gy),
-                              forward_backward(clone_as(ref2, torch.float64), x.double(), gy.double()), torch.float32)
+    assert_close_to_reference(
+        forward_backward(fused2, x, gy),
+        forward_backward(clone_as(ref2, torch.float64), x.double(), gy.double()),
+        torch.float32,
+    )
 
     # a state_dict of another m is refused (strict shapes)
     other = ref_class(variant)(channels * 2, groups)
@@ -72,8 +89,14 @@ def test_default_init_identical(variant, channels, groups):
         assert k1 == k2 and torch.equal(v1, v2), k1
     m = channels // (2 * groups)
     if variant == "sa_layer":  # SA-Net's init: gates start as constants
-        expected = {"cweight": 0.0, "cbias": 1.0, "sweight": 0.0, "sbias": 1.0,
-                    "gn.weight": 1.0, "gn.bias": 0.0}
+        expected = {
+            "cweight": 0.0,
+            "cbias": 1.0,
+            "sweight": 0.0,
+            "sbias": 1.0,
+            "gn.weight": 1.0,
+            "gn.bias": 0.0,
+        }
         for key, value in expected.items():
             t = fused.state_dict()[key]
             assert t.shape == ((1, m, 1, 1) if "." not in key else (m,))
@@ -82,9 +105,13 @@ def test_default_init_identical(variant, channels, groups):
         assert fused.affine1.weight.shape == (m, m, 1, 1)
         assert torch.equal(fused.gn.weight, torch.ones(m))
         assert torch.equal(fused.gn.bias, torch.zeros(m))
-        bound = 1.0 / m ** 0.5  # kaiming_uniform(a=sqrt(5)) and bias bounds for fan_in = m
-        for w in (fused.affine1.weight, fused.affine2.weight, fused.affine1.bias,
-                  fused.affine2.bias):
+        bound = 1.0 / m**0.5  # kaiming_uniform(a=sqrt(5)) and bias bounds for fan_in = m
+        for w in (
+            fused.affine1.weight,
+            fused.affine2.weight,
+            fused.affine1.bias,
+            fused.affine2.bias,
+        ):
             assert w.abs().max() <= bound
         assert not torch.equal(fused.affine1.weight, fused.affine2.weight)
 
@@ -96,8 +123,11 @@ def test_default_init_forward(variant):
     ref = ref_class(variant)(64, 8)
     fused = make_fused_like(variant, ref)
     x, gy = make_input((2, 64, 5, 7), seed=1), make_input((2, 64, 5, 7), seed=2)
-    assert_close_to_reference(forward_backward(fused, x, gy),
-                              forward_backward(clone_as(ref, torch.float64), x.double(), gy.double()), torch.float32)
+    assert_close_to_reference(
+        forward_backward(fused, x, gy),
+        forward_backward(clone_as(ref, torch.float64), x.double(), gy.double()),
+        torch.float32,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,8 +141,11 @@ def test_seed_example(input_kind, device):
     assert ref.groups == 64
     fused = make_fused_like("shuffle_attention", ref)
     shape = (32, 256, 24, 24)
-    x = (torch.ones(shape, device=device) if input_kind == "ones"
-         else make_input(shape, seed=3, device=device))
+    x = (
+        torch.ones(shape, device=device)
+        if input_kind == "ones"
+        else make_input(shape, seed=3, device=device)
+    )
     out = fused(x)
     assert out.shape == (32, 256, 24, 24) and out.dtype == torch.float32
     ref64 = clone_as(ref, torch.float64)
@@ -164,10 +197,10 @@ def _layout_case(variant, make_view, grad_layout=None, device="cpu"):
 
 
 LAYOUTS = {
-    "sliced-w": lambda b: b[..., ::2],                                # non-dense view
-    "transposed-hw": lambda b: b.transpose(2, 3),                     # permuted, dense
+    "sliced-w": lambda b: b[..., ::2],  # non-dense view
+    "transposed-hw": lambda b: b.transpose(2, 3),  # permuted, dense
     "channels_last": lambda b: b.contiguous(memory_format=torch.channels_last),
-    "sliced-c": lambda b: torch.cat([b, b], 1)[:, 32:96],             # storage offset
+    "sliced-c": lambda b: torch.cat([b, b], 1)[:, 32:96],  # storage offset
     "permuted-batch": lambda b: b.transpose(0, 1).contiguous().transpose(0, 1),
 }
 
@@ -201,8 +234,10 @@ def test_module_double(variant, device):
     ref, fused = make_pair(variant, 64, 8, seed=17, device=device)
     fused = fused.double()
     assert all(p.dtype == torch.float64 for p in fused.parameters())
-    x, gy = make_input((2, 64, 7, 9), seed=1, device=device), make_input((2, 64, 7, 9), seed=2,
-                                                                         device=device)
+    x, gy = (
+        make_input((2, 64, 7, 9), seed=1, device=device),
+        make_input((2, 64, 7, 9), seed=2, device=device),
+    )
     got = forward_backward(fused, x.double(), gy.double())
     assert got["out"].dtype == torch.float64
     ref64 = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
@@ -278,10 +313,15 @@ def test_factory_dtype_must_be_a_kernel_dtype(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("x_dtype, p_dtype", [(torch.bfloat16, torch.float32),
-                                              (torch.float16, torch.float32),
-                                              (torch.float32, torch.float64),
-                                              (torch.bfloat16, torch.float64)])
+@pytest.mark.parametrize(
+    "x_dtype, p_dtype",
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.float64),
+        (torch.bfloat16, torch.float64),
+    ],
+)
 def test_mixed_dtypes_promote_like_eager(variant, x_dtype, p_dtype):
     """Outside autocast, x of one dtype and parameters of another compute in the promoted dtype,
     as the eager SALayer does (bf16 x, fp32 parameters -> fp32 result), with the result of the
@@ -311,6 +351,7 @@ def test_autocast_keeps_x_dtype(variant):
 def test_models_available_after_import_sa_cuda():
     import subprocess
     import sys
+
     code = "import sa_cuda; m = sa_cuda.models.sa_resnet50(num_classes=10); print(type(m).__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

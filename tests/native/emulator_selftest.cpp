@@ -1,5 +1,6 @@
 // Planted bugs for the checks of the SIMT emulator (csrc/cuda/emulator.h), each next to the same
-// kernel without the bug. Built and driven by tests/emulator/test_emulator.py, which asserts on the output.
+// kernel without the bug. Built and driven by tests/emulator/test_emulator.py, which asserts on the
+// output.
 //
 //   emulator_selftest poison        a shared-memory read before any thread wrote (static and
 //   dynamic

@@ -1,5 +1,6 @@
-// Standalone driver of the emulated CUDA kernels, built by tests/emulator/test_sanitizers.py as a plain,
-// a ThreadSanitizer and an AddressSanitizer binary (no Python, no libtorch_cpu: only libc10).
+// Standalone driver of the emulated CUDA kernels, built by tests/emulator/test_sanitizers.py as a
+// plain, a ThreadSanitizer and an AddressSanitizer binary (no Python, no libtorch_cpu: only
+// libc10).
 //
 //   kernel_selftest kernels   every launch path of both variants, forward checked against a naive
 //                             float64 loop, backward run and checked finite; prints "ok"

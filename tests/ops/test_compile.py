@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES, clone_as, make_input, randomize_
 from torch import nn
 
 import sa_cuda
-from conftest import DEVICES, clone_as, make_input, randomize_
 from sa_cuda import reference
 from sa_cuda.testing import max_abs, max_err
 
@@ -41,14 +41,17 @@ class Net(nn.Module):
         # sa_layer functional: cweight, cbias, sweight, sbias, gn_weight, gn_bias, all (m,)
         self.p1 = nn.ParameterList([nn.Parameter(torch.empty(M)) for _ in range(6)])
         # shuffle_attention functional: two (m, m) weights (used transposed) and four (m,) vectors
-        self.p2 = nn.ParameterList([nn.Parameter(torch.empty(M, M) if i in (0, 2) else
-                                                 torch.empty(M)) for i in range(6)])
+        self.p2 = nn.ParameterList(
+            [nn.Parameter(torch.empty(M, M) if i in (0, 2) else torch.empty(M)) for i in range(6)]
+        )
 
     def forward(self, x):
         y = self.sal(x)
         y = self.sha(y * 0.5 + x)
         if self.fused:
-            cw, cb, sw, sb, gw, gb = self.p1  # not *self.p1: Dynamo 2.11 cannot star-unpack a ParameterList
+            cw, cb, sw, sb, gw, gb = (
+                self.p1
+            )  # not *self.p1: Dynamo 2.11 cannot star-unpack a ParameterList
             y = sa_cuda.sa_layer(y, G, cw, cb, sw, sb, gw, gb)
             w1, b1, w2, b2, gw, gb = self.p2
             y = sa_cuda.shuffle_attention(y, G, w1.t(), b1, w2.t(), b2, gw, gb)
@@ -57,8 +60,9 @@ class Net(nn.Module):
             gw, gb = self.p1[4], self.p1[5]
             y = reference.sa_layer(y, G, cw, cb, sw, sb, gw, gb)
             w1, b1, w2, b2, gw, gb = self.p2
-            y = reference.shuffle_attention(y, G, w1.t().reshape(M, M, 1, 1), b1,
-                                            w2.t().reshape(M, M, 1, 1), b2, gw, gb)
+            y = reference.shuffle_attention(
+                y, G, w1.t().reshape(M, M, 1, 1), b1, w2.t().reshape(M, M, 1, 1), b2, gw, gb
+            )
         return y * 1.5
 
 
@@ -67,7 +71,7 @@ def _nets(device):
     randomize_(fused, seed=21)
     with torch.no_grad():  # ParameterList matrices are 2-D: scale them like the conv weights
         for w in (fused.p2[0], fused.p2[2]):
-            w.mul_(1.5 / M ** 0.5 / 0.75)
+            w.mul_(1.5 / M**0.5 / 0.75)
     ref = Net(fused=False)
     ref.load_state_dict(fused.state_dict(), strict=True)
     return fused.to(device), ref.to(device)
@@ -95,8 +99,10 @@ def _assert_matches(got, ref64, *, rel=1e-5, what=""):
 @pytest.fixture(autouse=True)
 def _fresh_compile_state():
     torch._dynamo.reset()
-    with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
+    with (
+        torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
         yield
     torch._dynamo.reset()
 

@@ -7,9 +7,17 @@ import re
 
 import pytest
 import torch
-
-from conftest import (PARAM_ARG_NAMES, VARIANTS, bwd_op, fused_class, functional, fwd_op,
-                      make_input, make_ref, params_in_op_order)
+from conftest import (
+    PARAM_ARG_NAMES,
+    VARIANTS,
+    bwd_op,
+    functional,
+    fused_class,
+    fwd_op,
+    make_input,
+    make_ref,
+    params_in_op_order,
+)
 
 C, G = 32, 4
 M = C // (2 * G)
@@ -36,8 +44,10 @@ def test_channels_not_divisible(variant, groups):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("channel, groups", [(30, 4), (100, 64), (64, 0), (64, -2), (0, 1),
-                                             (64, 2.0), (64.0, 2), (64, True)])
+@pytest.mark.parametrize(
+    "channel, groups",
+    [(30, 4), (100, 64), (64, 0), (64, -2), (0, 1), (64, 2.0), (64.0, 2), (64, True)],
+)
 def test_module_bad_channel_or_groups(variant, channel, groups):
     """The constructor refuses a layout the layer cannot have (the reference's __init__ would
     build GroupNorm(0, 0) and die with ZeroDivisionError, or a layer that refuses every input)."""
@@ -66,15 +76,28 @@ def test_groups_not_int(variant, groups):
 def test_x_rank(variant, shape):
     _, params = _setup(variant)
     x = torch.randn(shape)
-    with pytest.raises(ValueError, match=re.escape(f"x must be 4-D [B, C, H, W], got shape {shape}")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"x must be 4-D [B, C, H, W], got shape {shape}")
+    ):
         functional(variant)(x, G, *params)
     with pytest.raises(ValueError, match="x must be 4-D"):
         fused_class(variant)(C, G)(x)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8,
-                                   torch.bool, torch.complex64, torch.complex128])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
+    ],
+)
 def test_x_dtype(variant, dtype):
     """A non-floating x is refused as x by the functional (even with parameters that require
     grad), the module and the raw op, not by failing somewhere inside."""
@@ -123,7 +146,14 @@ def _wrong_shapes(variant, index):
     """Shapes that must be refused for parameter ``index`` (m = 4)."""
     is_matrix = variant == "shuffle_attention" and index in (0, 2)
     if is_matrix:  # needs (m, m, 1, 1) or (m, m)
-        return [(M, M - 1, 1, 1), (M * M,), (1, M * M, 1, 1), (M, 1, 1, 1), (M, M, 2), (M + 1, M + 1)]
+        return [
+            (M, M - 1, 1, 1),
+            (M * M,),
+            (1, M * M, 1, 1),
+            (M, 1, 1, 1),
+            (M, M, 2),
+            (M + 1, M + 1),
+        ]
     return [(M + 1,), (1, M - 1, 1, 1), (M, M), (2 * M,), (1,), (0,), (M, 2)]
 
 
@@ -135,8 +165,11 @@ def test_parameter_wrong_shape(variant, index):
     for shape in _wrong_shapes(variant, index):
         bad = list(params)
         bad[index] = torch.randn(shape)
-        with pytest.raises(ValueError, match=rf"^{name} must have shape .* m = C / \(2 \* groups\) "
-                                             rf"= {M}, got {re.escape(str(shape))}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"^{name} must have shape .* m = C / \(2 \* groups\) "
+            rf"= {M}, got {re.escape(str(shape))}",
+        ):
             functional(variant)(x, G, *bad)
 
 
@@ -160,7 +193,9 @@ def test_parameter_wrong_dtype(variant, index, dtype):
     name = PARAM_ARG_NAMES[variant][index]
     bad = list(params)
     bad[index] = torch.ones(params[index].shape, dtype=dtype)
-    with pytest.raises(ValueError, match=rf"^{name} must be float64, float32, float16 or bfloat16, got {dtype}"):
+    with pytest.raises(
+        ValueError, match=rf"^{name} must be float64, float32, float16 or bfloat16, got {dtype}"
+    ):
         functional(variant)(x, G, *bad)
 
 
@@ -188,15 +223,22 @@ def test_raw_forward_op_errors(variant):
         ((x[0], G, *params, 1e-5), "x must be 4-D"),
         ((x[..., None], G, *params, 1e-5), "x must be 4-D"),
         ((x.to(torch.int32), G, *params, 1e-5), "x must be float64, float32, float16 or bfloat16"),
-        ((x.to(torch.complex64), G, *params, 1e-5), "x must be float64, float32, float16 or bfloat16"),
+        (
+            (x.to(torch.complex64), G, *params, 1e-5),
+            "x must be float64, float32, float16 or bfloat16",
+        ),
         ((torch.randn(2, C, 0, 3), G, *params, 1e-5), r"H \* W must be >= 1"),
         ((x, G, *params, -1.0), "eps must be a number >= 0"),
         ((x, G, *params[:5], torch.randn(M + 1), 1e-5), "gn_bias must have 4 elements"),
         ((x, G, torch.randn(M + 2), *params[1:], 1e-5), f"{PARAM_ARG_NAMES[variant][0]} must have"),
-        ((x, G, *params[:2], params[2].to(torch.int64), *params[3:], 1e-5),
-         f"{PARAM_ARG_NAMES[variant][2]} must be float64, float32, float16 or bfloat16"),
-        ((x, G, *params[:4], torch.empty(M, device="meta"), params[5], 1e-5),
-         "gn_weight is on meta but x is on cpu"),
+        (
+            (x, G, *params[:2], params[2].to(torch.int64), *params[3:], 1e-5),
+            f"{PARAM_ARG_NAMES[variant][2]} must be float64, float32, float16 or bfloat16",
+        ),
+        (
+            (x, G, *params[:4], torch.empty(M, device="meta"), params[5], 1e-5),
+            "gn_weight is on meta but x is on cpu",
+        ),
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -220,8 +262,10 @@ def test_raw_backward_op_errors(variant):
         ((gy, x, mean, rstd, G, *params[:5], torch.randn(M + 1)), "gn_bias must have 4 elements"),
         ((gy.to("meta"), x, mean, rstd, G, *params), "grad_out is on meta but x is on cpu"),
         ((gy, x, mean, rstd.to("meta"), G, *params), "rstd is on meta but x is on cpu"),
-        ((gy, x, mean, rstd, G, params[0].to("meta"), *params[1:]),
-         f"{PARAM_ARG_NAMES[variant][0]} is on meta but x is on cpu"),
+        (
+            (gy, x, mean, rstd, G, params[0].to("meta"), *params[1:]),
+            f"{PARAM_ARG_NAMES[variant][0]} is on meta but x is on cpu",
+        ),
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -273,8 +317,10 @@ def test_raw_backward_mixed_meta(variant):
     cases = [
         ((gy, x.to("meta"), mean, rstd, G, *params), "grad_out is on cpu but x is on meta"),
         ((gy, x, mean.to("meta"), rstd, G, *params), "mean is on meta but x is on cpu"),
-        ((gy.to("meta"), x.to("meta"), mean.to("meta"), rstd.to("meta"), G, *params),
-         f"{PARAM_ARG_NAMES[variant][0]} is on cpu but x is on meta"),
+        (
+            (gy.to("meta"), x.to("meta"), mean.to("meta"), rstd.to("meta"), G, *params),
+            f"{PARAM_ARG_NAMES[variant][0]} is on cpu but x is on meta",
+        ),
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -313,8 +359,16 @@ def test_raw_backward_grad_out_wrong_shape(variant):
     x, params = _setup(variant)
     _, mean, rstd = fwd_op(variant)(x, G, *params, 1e-5)
     B, C_, H, W = SHAPE
-    for shape in [(B, C_, W, H), (B, C_, H * W), (B, C_ + 2 * 2 * G, H, W), (B + 1, C_, H, W),
-                  (B, C_, H, W, 1), (B * C_ * H * W,), (1, C_, H, W), ()]:
+    for shape in [
+        (B, C_, W, H),
+        (B, C_, H * W),
+        (B, C_ + 2 * 2 * G, H, W),
+        (B + 1, C_, H, W),
+        (B, C_, H, W, 1),
+        (B * C_ * H * W,),
+        (1, C_, H, W),
+        (),
+    ]:
         with pytest.raises(ValueError, match=re.escape("grad_out must have x's shape")):
             bwd_op(variant)(torch.randn(shape), x, mean, rstd, G, *params)
 
@@ -340,9 +394,19 @@ def test_raw_backward_statistics_wrong(variant, x_dtype):
     stat = torch.float64 if x_dtype == torch.float64 else torch.float32
     assert mean.dtype == stat and rstd.dtype == stat
     other = torch.float32 if stat == torch.float64 else torch.float64
-    wrong = [mean.to(other), mean.half(), mean.bfloat16(), mean.to(torch.int64), mean.t(),
-             mean.reshape(-1), mean[..., None], mean[None], torch.cat([mean, mean]),
-             mean[:, :C // 2], torch.zeros((), dtype=stat)]
+    wrong = [
+        mean.to(other),
+        mean.half(),
+        mean.bfloat16(),
+        mean.to(torch.int64),
+        mean.t(),
+        mean.reshape(-1),
+        mean[..., None],
+        mean[None],
+        torch.cat([mean, mean]),
+        mean[:, : C // 2],
+        torch.zeros((), dtype=stat),
+    ]
     gy = make_input(SHAPE, seed=3, dtype=x_dtype)
     op = bwd_op(variant)
     for bad in wrong:

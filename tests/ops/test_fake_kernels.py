@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-
 from conftest import VARIANTS, bwd_op, fused_class, fwd_op, make_input, make_ref, params_in_op_order
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 G, C, M, SHAPE = 2, 16, 4, (2, 16, 5, 3)
 
@@ -112,8 +111,11 @@ def test_meta_and_fake_accept_what_the_kernel_accepts(variant):
 @pytest.mark.parametrize("bad", ["3-D", "channels", "float8"])
 def test_compile_reports_the_eager_error(variant, bad):
     layer = fused_class(variant)(C, G)
-    x = {"3-D": torch.randn(16, 5, 3), "channels": torch.randn(2, 12, 5, 3),
-         "float8": torch.randn(SHAPE).to(torch.float8_e4m3fn)}[bad]
+    x = {
+        "3-D": torch.randn(16, 5, 3),
+        "channels": torch.randn(2, 12, 5, 3),
+        "float8": torch.randn(SHAPE).to(torch.float8_e4m3fn),
+    }[bad]
     with pytest.raises(ValueError) as eager:
         layer(x)
     torch._dynamo.reset()

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from conftest import (VARIANTS, functional, make_fused_like, make_input, make_ref,
-                      params_in_op_order, ref_functional)
+from conftest import (
+    VARIANTS,
+    functional,
+    make_fused_like,
+    make_input,
+    make_ref,
+    params_in_op_order,
+    ref_functional,
+)
 
 # (B, C, H, W), groups -> m = C / (2 * groups)
 CASES = [
@@ -42,10 +48,12 @@ def test_gradcheck(variant, shape, groups):
 
     # The forward itself must be the reference function (else gradcheck would certify the gradient
     # of a wrong function).
-    torch.testing.assert_close(f(x, *params), ref_functional(variant)(x, groups, *params),
-                               rtol=1e-10, atol=1e-10)
-    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5,
-                                     fast_mode=False)
+    torch.testing.assert_close(
+        f(x, *params), ref_functional(variant)(x, groups, *params), rtol=1e-10, atol=1e-10
+    )
+    assert torch.autograd.gradcheck(
+        f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=False
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -55,8 +63,10 @@ def test_gradcheck_flat_parameter_shapes(variant):
     x, params = _inputs(variant, shape, groups, seed=5)
     m = shape[1] // (2 * groups)
     matrices = (0, 2) if variant == "shuffle_attention" else ()
-    flat = [p.detach().reshape((m, m) if i in matrices else (m,)).clone().requires_grad_(True)
-            for i, p in enumerate(params)]
+    flat = [
+        p.detach().reshape((m, m) if i in matrices else (m,)).clone().requires_grad_(True)
+        for i, p in enumerate(params)
+    ]
     fn = functional(variant)
 
     def f(x, *ps):
@@ -105,12 +115,12 @@ def test_double_backward_raises(variant, how):
     x = make_input((2, 16, 5, 6), seed=2).requires_grad_(True)
     y = fused(x)
     if how == "squared-loss":
-        g, = torch.autograd.grad((y * y).sum(), x, create_graph=True)
-        want, = torch.autograd.grad((y * y).sum(), x, retain_graph=True)
+        (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+        (want,) = torch.autograd.grad((y * y).sum(), x, retain_graph=True)
     else:
         gy = make_input(y.shape, seed=3).requires_grad_(True)
-        g, = torch.autograd.grad(y, x, gy, create_graph=True)
-        want, = torch.autograd.grad(y, x, gy.detach())
+        (g,) = torch.autograd.grad(y, x, gy, create_graph=True)
+        (want,) = torch.autograd.grad(y, x, gy.detach())
     torch.testing.assert_close(g.detach(), want, rtol=0, atol=0)
     assert want.grad_fn is None
     with pytest.raises(RuntimeError, match="double backward"):
@@ -127,5 +137,5 @@ def test_double_backward_never_silently_wrong(variant):
     x = make_input((2, 16, 5, 6), seed=2).requires_grad_(True)
     with pytest.raises(RuntimeError, match="double backward"):
         y = fused(x)
-        g, = torch.autograd.grad(y.sum(), x, create_graph=True)
+        (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
         (y.mean() + g.pow(2).sum()).backward()

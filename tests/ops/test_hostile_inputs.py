@@ -16,16 +16,24 @@ import sys
 
 import pytest
 import torch
+from conftest import VARIANTS, functional, make_input, make_pair, params_in_op_order, ref_functional
 
 import sa_cuda
-from conftest import VARIANTS, functional, make_input, make_pair, params_in_op_order, ref_functional
 from sa_cuda.testing import max_err
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hostile_inputs.py")
+SCRIPT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hostile_inputs.py"
+)
 
 _FAMILIES = {
-    "float8": ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
-               "float4_e2m1fn_x2"],
+    "float8": [
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "float4_e2m1fn_x2",
+    ],
     "complex": ["complex32", "complex64", "complex128"],
     "signed": ["int8", "int16", "int32", "int64"],
     "unsigned": ["uint8", "uint16", "uint32", "uint64", "uint1", "uint4", "uint7"],
@@ -37,8 +45,13 @@ _RAW_OPS = ("forward_op", "backward_op")
 
 def _run(names):
     names = [n for n in names if hasattr(torch, n)]
-    proc = subprocess.run([sys.executable, SCRIPT, *names], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, *names],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+    )
     return proc, [line.split(" ", 1) for line in proc.stdout.splitlines() if line.strip()]
 
 
@@ -46,8 +59,9 @@ def _run(names):
 def test_bad_dtype_every_entry_point_every_layout(family):
     proc, lines = _run(_FAMILIES[family])
     last = lines[-1][0] if lines else "(none)"
-    assert proc.returncode == 0, (f"child died with {proc.returncode} after case {last}:\n"
-                                  f"{proc.stderr[-3000:]}")
+    assert proc.returncode == 0, (
+        f"child died with {proc.returncode} after case {last}:\n{proc.stderr[-3000:]}"
+    )
     cases = [(case, outcome) for case, outcome in lines if outcome != "UNAVAILABLE"]
     assert cases, f"no case ran for {family}"
     for case, outcome in cases:
@@ -100,7 +114,9 @@ def test_groups_near_int64_max_is_refused():
     x = make_input((1, 8, 2, 2))
     ps = [torch.zeros(1)] * 6
     for groups in (2**62, 2**63 - 1):
-        with pytest.raises(ValueError, match=r"C \(8\) must be divisible by 2 \* groups \(2 \* \d+ > C\)"):
+        with pytest.raises(
+            ValueError, match=r"C \(8\) must be divisible by 2 \* groups \(2 \* \d+ > C\)"
+        ):
             torch.ops.sa_cuda.sa_layer_forward(x, groups, *ps, 1e-5)
         with pytest.raises(ValueError, match=r"C \(8\) must be divisible by 2 \* groups"):
             sa_cuda.sa_layer(x, groups, *ps)

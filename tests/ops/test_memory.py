@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import VARIANTS, make_fused_like, make_input, make_ref
 
 
@@ -34,9 +33,11 @@ def saved_bytes(module, x):
     return sum(t.untyped_storage().nbytes() for t in new), new, saved
 
 
-@pytest.mark.parametrize("dtype,stat_bytes",
-                         [(torch.float32, 4), (torch.float64, 8), (torch.bfloat16, 4)],
-                         ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize(
+    "dtype,stat_bytes",
+    [(torch.float32, 4), (torch.float64, 8), (torch.bfloat16, 4)],
+    ids=["fp32", "fp64", "bf16"],
+)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_autograd_saves_only_x_and_statistics(variant, dtype, stat_bytes):
     """The fused forward saves x itself (no copy), the parameters, and 2 * B * C statistics
@@ -52,8 +53,10 @@ def test_autograd_saves_only_x_and_statistics(variant, dtype, stat_bytes):
     ref_bytes, _, _ = saved_bytes(ref, x)
     x_bytes = x.numel() * x.element_size()
     assert ref_bytes >= x_bytes, (ref_bytes, x_bytes)  # the difference the fused op makes
-    print(f"{variant} {dtype}: fused saves {nbytes} new bytes, the reference {ref_bytes} "
-          f"({ref_bytes / x_bytes:.2f} x the input's {x_bytes})")
+    print(
+        f"{variant} {dtype}: fused saves {nbytes} new bytes, the reference {ref_bytes} "
+        f"({ref_bytes / x_bytes:.2f} x the input's {x_bytes})"
+    )
 
 
 def _rss_bytes():

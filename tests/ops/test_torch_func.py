@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.func import grad, jacrev, vjp, vmap
-
 from conftest import VARIANTS, functional, make_input, make_ref, params_in_op_order, ref_functional
+from torch.func import grad, jacrev, vjp, vmap
 
 G, C, SHAPE = 2, 16, (3, 16, 5, 4)
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
 def _params(variant, seed=1):
-    return [p.detach() for p in params_in_op_order(variant, make_ref(variant, C, G, seed=seed,
-                                                                       dtype=torch.float64))]
+    return [
+        p.detach()
+        for p in params_in_op_order(
+            variant, make_ref(variant, C, G, seed=seed, dtype=torch.float64)
+        )
+    ]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -32,8 +35,14 @@ def test_vmap_over_x(variant, in_dim):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_vmap_over_channels_last_x(variant):
     params = _params(variant)
-    xs = torch.stack([make_input(SHAPE, seed=s, dtype=torch.float64)
-                      .contiguous(memory_format=torch.channels_last) for s in range(3)])
+    xs = torch.stack(
+        [
+            make_input(SHAPE, seed=s, dtype=torch.float64).contiguous(
+                memory_format=torch.channels_last
+            )
+            for s in range(3)
+        ]
+    )
     fused = vmap(lambda x: functional(variant)(x, G, *params))(xs)
     want = torch.stack([ref_functional(variant)(x, G, *params) for x in xs])
     torch.testing.assert_close(fused, want, **TOL)
@@ -80,6 +89,7 @@ def test_per_sample_gradients(variant):
     def per_sample(impl):
         def loss(ps, x, gy):
             return (impl(x[None], G, *ps)[0] * gy).sum()
+
         return vmap(grad(loss), in_dims=(None, 0, 0))(params, xs, gys)
 
     fused, want = per_sample(functional(variant)), per_sample(ref_functional(variant))
@@ -96,8 +106,10 @@ def test_per_sample_gradients(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_jacrev(variant):
-    small = [p.detach() for p in params_in_op_order(variant, make_ref(variant, 8, 2, seed=2,
-                                                                       dtype=torch.float64))]
+    small = [
+        p.detach()
+        for p in params_in_op_order(variant, make_ref(variant, 8, 2, seed=2, dtype=torch.float64))
+    ]
     x = make_input((1, 8, 2, 2), dtype=torch.float64)
     fused = jacrev(lambda x_: functional(variant)(x_, 2, *small))(x)
     want = jacrev(lambda x_: ref_functional(variant)(x_, 2, *small))(x)

@@ -215,6 +215,51 @@ def speedup_ticks(lo: float, hi: float) -> list[float]:
     return [2.0**k for k in range(k_lo, k_hi + 1)]
 
 
+def shape_label(name: str, shape: dict) -> str:
+    return f"{name}\n({shape['B']}, {shape['C']}, {shape['H']}, {shape['W']})"
+
+
+def style_axis(ax, ticks, xlabels, *, title, ylabel, xlabel) -> None:
+    """A speedup panel: log y with ticks 1x 2x 4x (no minor ticks), the 1x line, shape labels."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_ylim(ticks[0] / 1.2, ticks[-1] * 2.2)  # room above the bars for their labels
+    ax.set_xticks(range(len(xlabels)))
+    ax.set_xticklabels(xlabels, rotation=45, ha="right", rotation_mode="anchor", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=8)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=8)
+
+
+def save_figure(fig, axes, ncol: int, title: str, path: Path, *, dpi: int) -> None:
+    """Title and legend (the first panel's series) above the panels, not on the bars; saves."""
+    import matplotlib.pyplot as plt
+
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    height = fig.get_figheight()
+    fig.legend(
+        handles,
+        labels,
+        loc="upper center",
+        ncol=ncol,
+        fontsize=8,
+        bbox_to_anchor=(0.5, 1 - 0.3 / height),
+        frameon=False,
+    )
+    fig.suptitle(title, fontsize=10, y=1 - 0.05 / height)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / height))
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def plot(result: dict, path: Path) -> bool:
     """Fused speedup over eager (top row) and over torch.compile (bottom row), one panel per pass;
     bars per shape, one series per (variant, dtype); value labels on the bars."""
@@ -223,7 +268,6 @@ def plot(result: dict, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return False
@@ -266,46 +310,15 @@ def plot(result: dict, path: Path) -> bool:
                 color = colors[2 * variants.index(variant) + min(dtypes.index(dtype), 1)]
                 bars = ax.bar(xs, vals, width, color=color, label=f"{variant} {dtype}")
                 ax.bar_label(bars, fmt="%.1f", fontsize=6, rotation=90, padding=2)
-            ax.axhline(1.0, color="black", linewidth=0.8)
-            ax.set_yscale("log")
-            ax.yaxis.set_major_locator(FixedLocator(ticks))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-            ax.yaxis.set_minor_locator(NullLocator())
-            ax.set_ylim(ticks[0] / 1.2, ticks[-1] * 2.2)  # room above the bars for their labels
-            ax.set_xticks(range(len(shapes)))
-            shape_of = result["shapes"]
-            ax.set_xticklabels(
-                [
-                    f"{s}\n({shape_of[s]['B']}, {shape_of[s]['C']}, "
-                    f"{shape_of[s]['H']}, {shape_of[s]['W']})"
-                    for s in shapes
-                ],
-                rotation=45,
-                ha="right",
-                rotation_mode="anchor",
-                fontsize=7,
+            style_axis(
+                ax,
+                ticks,
+                [shape_label(s, result["shapes"][s]) for s in shapes],
+                title=f"{PASS_TITLES[pass_]}: fused vs {base}",
+                ylabel=f"speedup over {base} (x), log scale" if j == 0 else None,
+                xlabel="shape (B, C, H, W)" if i == len(baselines) - 1 else None,
             )
-            ax.set_title(f"{PASS_TITLES[pass_]}: fused vs {base}", fontsize=9)
-            ax.grid(axis="y", alpha=0.3)
-            if j == 0:
-                ax.set_ylabel(f"speedup over {base} (x), log scale", fontsize=8)
-            if i == len(baselines) - 1:
-                ax.set_xlabel("shape (B, C, H, W)", fontsize=8)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    height = fig.get_figheight()  # title and legend above the panels, not on the bars
-    fig.legend(
-        handles,
-        labels,
-        loc="upper center",
-        ncol=len(series),
-        fontsize=8,
-        bbox_to_anchor=(0.5, 1 - 0.3 / height),
-        frameon=False,
-    )
-    fig.suptitle(plot_title(result, dtypes), fontsize=10, y=1 - 0.05 / height)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / height))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, axes, len(series), plot_title(result, dtypes), path, dpi=110)
     return True
 
 

@@ -254,7 +254,7 @@ def describe_failure(outputs: dict) -> str:
     return "; ".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", choices=BACKENDS, default="cuda")
     p.add_argument("--set", dest="which", choices=("full", "small"), default="full")
@@ -271,8 +271,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the per-case results here")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p, p.parse_args(argv)
 
+
+def check_offset(ops, device, case, offset, prepared, corrupt) -> tuple[dict, str, str]:
+    """One case at one storage offset: two poisoned runs, compared with the references.
+    ``prepared``: references()'s result, or the error string of a failed reference.
+    Returns (row, detail of a failure, summary)."""
+    row = {
+        "path": case.spec.path,
+        "variant": case.variant,
+        "shape": case.spec.shape,
+        "groups": case.spec.groups,
+        "dtype": case.dtype,
+        "offset": offset,
+    }
+    names = output_names(case.variant)
+    try:
+        if isinstance(prepared, str):
+            raise RuntimeError(prepared)
+        x, grad_out, params, truth, eager, want_dtypes = prepared
+        params_dev = [t.to(device) for t in params]
+        runs = []
+        for _ in range(2):
+            poison_allocator(device)
+            x_dev = at_offset(x, offset, device)
+            gy_dev = at_offset(grad_out, offset, device)
+            runs.append(run_op(ops, case.variant, x_dev, gy_dev, case.spec.groups, params_dev))
+            del x_dev, gy_dev
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if corrupt in names:
+            bad = runs[0][names.index(corrupt)]
+            bad.view(-1)[0] += 1.0 + bad.detach().abs().max()
+        row["outputs"] = compare(names, runs[0], runs[1], truth, eager, want_dtypes)
+        row["ok"] = all(o["ok"] for o in row["outputs"].values())
+        worst = max(
+            o["err"] / o["bound"] if o["bound"] > 0 else 0.0 for o in row["outputs"].values()
+        )
+        return row, describe_failure(row["outputs"]), f"max err/bound {worst:.2g}"
+    except Exception as exc:  # noqa: BLE001  (a crash is a failure; go on with the rest)
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+        return row, row["error"], ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p, args = parse_args(argv)
     dtypes = args.dtypes.split(",") if args.dtypes else None
     if dtypes and not set(dtypes) <= set(DTYPES):
         p.error(f"unknown dtype in {dtypes}; choose from {list(DTYPES)}")
@@ -299,52 +343,12 @@ def main(argv: list[str] | None = None) -> int:
         "cases": results,
     }
     for index, case in enumerate(todo):
-        names = output_names(case.variant)
         try:
-            x, grad_out, params, truth, eager, want_dtypes = references(case, args.seed + index)
-            error = None
+            prepared = references(case, args.seed + index)
         except Exception as exc:  # noqa: BLE001  (the yardstick itself failed: report, go on)
-            error = f"reference: {type(exc).__name__}: {exc}"
+            prepared = f"reference: {type(exc).__name__}: {exc}"
         for offset in case.offsets:
-            row = {
-                "path": case.spec.path,
-                "variant": case.variant,
-                "shape": case.spec.shape,
-                "groups": case.spec.groups,
-                "dtype": case.dtype,
-                "offset": offset,
-            }
-            try:
-                if error:
-                    raise RuntimeError(error)
-                params_dev = [t.to(device) for t in params]
-                runs = []
-                for _ in range(2):
-                    poison_allocator(device)
-                    x_dev, gy_dev = (
-                        at_offset(x, offset, device),
-                        at_offset(grad_out, offset, device),
-                    )
-                    runs.append(
-                        run_op(ops, case.variant, x_dev, gy_dev, case.spec.groups, params_dev)
-                    )
-                    del x_dev, gy_dev
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if args.corrupt in names:
-                    bad = runs[0][names.index(args.corrupt)]
-                    bad.view(-1)[0] += 1.0 + bad.detach().abs().max()
-                row["outputs"] = compare(names, runs[0], runs[1], truth, eager, want_dtypes)
-                row["ok"] = all(o["ok"] for o in row["outputs"].values())
-                detail = describe_failure(row["outputs"])
-                worst = max(
-                    o["err"] / o["bound"] if o["bound"] > 0 else 0.0
-                    for o in row["outputs"].values()
-                )
-                summary = f"max err/bound {worst:.2g}"
-            except Exception as exc:  # noqa: BLE001  (a crash is a failure; go on with the rest)
-                row.update(ok=False, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
-                detail, summary = row["error"], ""
+            row, detail, summary = check_offset(ops, device, case, offset, prepared, args.corrupt)
             results.append(row)
             passed += row["ok"]
             failed += not row["ok"]

@@ -42,12 +42,43 @@ def compiled(ref: torch.nn.Module, backend: str) -> torch.nn.Module:
     return torch.compile(ref, dynamic=False, backend=backend)
 
 
+def measure(timer, impl, pass_, mod, inputs, params, model_bytes, copies) -> dict:
+    """One pass of one implementation timed, with the same-run copy of its model bytes."""
+    x, gy = inputs
+
+    def make_fns(count):
+        pairs = [(x, gy)] + [
+            (x.detach().clone().requires_grad_(True), gy.clone()) for _ in range(count - 1)
+        ]
+        return [harness.pass_fn(impl, pass_, mod, xi, gyi, params) for xi, gyi in pairs]
+
+    # no donated buffers: the compiled backward must accept retain_graph (harness.pass_fn)
+    with torch._functorch.config.patch(donated_buffer=False):
+        t = timer.time(make_fns, model_bytes)
+    dname = next(k for k, v in DTYPES.items() if v == x.dtype)
+    copy_elems = model_bytes // (2 * x.element_size())
+    if (copy_elems, dname) not in copies:
+        copies[(copy_elems, dname)] = {
+            "dtype": dname,
+            **time_copy(timer, copy_elems, x.dtype, x.device),
+        }
+    c = copies[(copy_elems, dname)]
+    gbps = model_bytes / t["median_ms"] / 1e6
+    return dict(
+        status="ok",
+        **t,
+        gbps=gbps,
+        copy_ms=c["median_ms"],
+        copy_gbps=c["gbps"],
+        pct_of_copy=100 * gbps / c["gbps"],
+    )
+
+
 def time_config(
     timer, variant, shape, dname, device, impls, passes, args, deadline, copies, inputs_cache
 ) -> tuple[list[dict], dict | None]:
     """Rows of one (variant, shape, dtype) for `impls`, and the fused check (None if not run)."""
     dtype = DTYPES[dname]
-    e = torch.empty((), dtype=dtype).element_size()
     n = shape.n
     common = {
         "variant": variant,
@@ -96,33 +127,7 @@ def time_config(
                         else harness.build_impl(impl, ref, fused)
                     )
                 params = list((fused if impl == "fused" else ref).parameters())
-
-                def make_fns(count, mod=mod, pass_=pass_, params=params):
-                    pairs = [(x, gy)] + [
-                        (x.detach().clone().requires_grad_(True), gy.clone())
-                        for _ in range(count - 1)
-                    ]
-                    return [harness.pass_fn(impl, pass_, mod, xi, gyi, params) for xi, gyi in pairs]
-
-                # no donated buffers: the compiled backward must accept retain_graph (benchmarks.harness.pass_fn)
-                with torch._functorch.config.patch(donated_buffer=False):
-                    t = timer.time(make_fns, model_bytes)
-                copy_elems = model_bytes // (2 * e)
-                if (copy_elems, dname) not in copies:
-                    copies[(copy_elems, dname)] = {
-                        "dtype": dname,
-                        **time_copy(timer, copy_elems, dtype, device),
-                    }
-                c = copies[(copy_elems, dname)]
-                gbps = model_bytes / t["median_ms"] / 1e6
-                row.update(
-                    status="ok",
-                    **t,
-                    gbps=gbps,
-                    copy_ms=c["median_ms"],
-                    copy_gbps=c["gbps"],
-                    pct_of_copy=100 * gbps / c["gbps"],
-                )
+                row.update(measure(timer, impl, pass_, mod, (x, gy), params, model_bytes, copies))
             except Exception as exc:  # noqa: BLE001  (recorded; the other rows go on)
                 row.update(
                     status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -177,21 +182,7 @@ def plot(rows: list[dict], impls: list[str], title: str, path: Path) -> bool:
                 ax.set_ylabel("bandwidth, % of a copy of the same bytes", fontsize=8)
             ax.set_title(f"{variant} {dname} {pass_}", fontsize=9)
             ax.grid(axis="y", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    height = fig.get_figheight()  # title and legend above the panels, not on the bars
-    fig.legend(
-        handles,
-        labels,
-        loc="upper center",
-        ncol=len(impls),
-        fontsize=8,
-        bbox_to_anchor=(0.5, 1 - 0.3 / height),
-        frameon=False,
-    )
-    fig.suptitle(title, fontsize=9, y=1 - 0.05 / height)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / height))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, axes, len(impls), title, path, dpi=100)
     return True
 
 

@@ -31,15 +31,6 @@ from torch import Tensor, nn
 from .. import reference
 from ..modules import SALayer as FusedSALayer
 
-__all__ = [
-    "SABottleneck",
-    "SAResNet",
-    "convert_official_state_dict",
-    "sa_resnet50",
-    "sa_resnet101",
-    "sa_resnet152",
-]
-
 
 def conv3x3(
     in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1

@@ -27,6 +27,25 @@ from conftest import (
 from sa_cuda.testing import assert_close_to_reference, max_abs, max_err
 
 
+def assert_chunk_stats(chunk, mean, rstd, x_chunk, unit, eps) -> None:
+    """The kernels' per-plane mean/rstd of one chunk against torch.var_mean of its input."""
+    var, mu = torch.var_mean(x_chunk, dim=(1, 2), unbiased=False)
+    torch.testing.assert_close(
+        mean.float(),
+        mu,
+        rtol=0,
+        atol=unit * max(1.0, max_abs(x_chunk)),
+        msg=lambda s: f"mean of chunk {chunk}: {s}",
+    )
+    torch.testing.assert_close(
+        rstd.float(),
+        torch.rsqrt(var + eps),
+        rtol=unit,
+        atol=0,
+        msg=lambda s: f"rstd of chunk {chunk}: {s}",
+    )
+
+
 def check_in_chunks(variant, x, groups, params, gy, *, by="group", eps=1e-5, chunks=None):
     """The fused raw ops on the whole x against the reference evaluated chunk by chunk, so that no
     reference tensor is larger than one chunk: ``by="group"``: one (batch item, group) at a time
@@ -85,21 +104,7 @@ def check_in_chunks(variant, x, groups, params, gy, *, by="group", eps=1e-5, chu
                 atol=unit * max(1.0, max_abs(want)),
                 msg=lambda s: f"{name} of chunk {chunk}: {s}",
             )
-        var, mu = torch.var_mean(xc.detach()[0], dim=(1, 2), unbiased=False)
-        torch.testing.assert_close(
-            stats[0].float(),
-            mu,
-            rtol=0,
-            atol=unit * max(1.0, max_abs(xc)),
-            msg=lambda s: f"mean of chunk {chunk}: {s}",
-        )
-        torch.testing.assert_close(
-            stats[1].float(),
-            torch.rsqrt(var + eps),
-            rtol=unit,
-            atol=0,
-            msg=lambda s: f"rstd of chunk {chunk}: {s}",
-        )
+        assert_chunk_stats(chunk, *stats, xc.detach()[0], unit, eps)
         for acc, gp in zip(psum, gs[1:]):
             acc += gp.double()
         del xc, ps, yc, gs, pairs

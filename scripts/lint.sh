@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Lint and format checks (CI runs this first; it builds nothing): ruff check and ruff format --check
-# over the Python code (settings in pyproject.toml), clang-format --dry-run --Werror over the C++ and
+# over the Python code (settings in pyproject.toml), the 80-line limit on Python functions
+# (scripts/check_function_length.py), clang-format --dry-run --Werror over the C++ and
 # CUDA sources in csrc/ and tests/native (settings in .clang-format). Exits nonzero when any would
 # change something (clang-format -i FILE shows or applies the changes to a file it names);
 # `ruff check --fix . && ruff format . && clang-format -i FILES` applies them all.
@@ -18,6 +19,8 @@ export PATH="$ROOT/.venv/bin:$PATH"
 status=0
 ruff check . || status=1
 ruff format --check . || status=1
+# No Python function over 80 lines (the C++ outside the kernels is held to the same by review).
+python3 scripts/check_function_length.py --max 80 sa_cuda benchmarks scripts tests setup.py || status=1
 mapfile -t cxx < <(git ls-files --cached --others --exclude-standard -- \
   'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cuh' 'csrc/*.cu' 'tests/native/*.h' 'tests/native/*.cpp' 'tests/native/*.cuh' 'tests/native/*.cu')
 for file in "${cxx[@]}"; do

@@ -353,34 +353,38 @@ SA_HOST_DEVICE V sigmoid_grad(const V& s) {
 //   t = dL/dz = gu * x * s (1 - s)
 // and the input gradient of a plane, one formula for both variants and every kernel:
 //   dx = gu * s + beta                                   (channel branch)
-//   dx = gu * s + beta + (alpha * dy + gamma * xh)       (spatial branch)
+//   dx = gu * s + alpha * (dy - d1 - xh * d2)            (spatial branch)
 // dy is the gradient at the GroupNorm output up to the factor alpha takes: t itself for SALayer
 // (dy = sw t), W2^T t for ShuffleAttention. The channel branch has a constant gate s (its z
 // depends on the mean only), dL/dmu = dmu and beta = dmu / N. The spatial branch, with
-// coef = gw * r, mean(dy) = D1 and mean(dy * xh) = D2, is gu s + coef (dy - D1 - xh D2):
-//   alpha = coef (times sw for SALayer), beta = -alpha D1, gamma = -alpha D2.
-// gamma * xh is added only on spatial planes: a channel plane's rstd may be inf (eps = 0 and a
-// constant plane), and 0 * inf is NaN.
+// coef = gw * r, is gu s + coef (dy - mean(dy) - xh mean(dy xh)): alpha = coef (times sw for
+// SALayer), d1 = mean(dy), d2 = mean(dy xh) without that factor. dy - d1 is taken before the
+// multiply by alpha: on a near-constant plane r (so alpha) is large and dy - d1 cancels, and
+// alpha * dy - alpha * d1 would lose the difference to the rounding of the two products.
+// The spatial terms are added only on spatial planes: a channel plane's rstd may be inf (eps = 0
+// and a constant plane), and 0 * inf is NaN.
 template <typename V>
 SA_HOST_DEVICE V gate_input_grad(const V& gu, const V& x, const V& s) {
   return gu * x * sigmoid_grad(s);
 }
 
+// beta: the channel branch's constant term (0 on spatial planes); alpha, d1, d2: the spatial
+// branch's (0 on channel planes).
 template <typename T>
 struct InputGradCoeffs {
-  T alpha, beta, gamma;
+  T alpha, beta, d1, d2;
 };
 
 template <typename T>
 SA_HOST_DEVICE InputGradCoeffs<T> channel_grad_coeffs(T dmu, T inv_n) {
-  return InputGradCoeffs<T>{T(0), dmu * inv_n, T(0)};
+  return InputGradCoeffs<T>{T(0), dmu * inv_n, T(0), T(0)};
 }
 
-// d1_sum = N D1 and d2_sum = N D2, without the factor alpha takes (SALayer: T1 = sum_p t and
-// T2 = sum_p t xh; ShuffleAttention: shuffle_attention_spatial_coeffs).
+// d1_sum = N d1 and d2_sum = N d2 (SALayer: T1 = sum_p t and T2 = sum_p t xh;
+// ShuffleAttention: shuffle_attention_spatial_coeffs).
 template <typename T>
 SA_HOST_DEVICE InputGradCoeffs<T> spatial_grad_coeffs(T alpha, T d1_sum, T d2_sum, T inv_n) {
-  return InputGradCoeffs<T>{alpha, -alpha * d1_sum * inv_n, -alpha * d2_sum * inv_n};
+  return InputGradCoeffs<T>{alpha, T(0), d1_sum * inv_n, d2_sum * inv_n};
 }
 
 template <typename V>
@@ -391,7 +395,7 @@ SA_HOST_DEVICE V channel_input_grad(const V& gu, const V& s, const V& beta) {
 // What the spatial branch adds to channel_input_grad(gu, s, beta).
 template <typename V, typename T>
 SA_HOST_DEVICE V spatial_grad_terms(const V& dy, const V& xh, const InputGradCoeffs<T>& k) {
-  return V(k.alpha) * dy + V(k.gamma) * xh;
+  return V(k.alpha) * (dy - V(k.d1) - xh * V(k.d2));
 }
 
 template <typename V, typename T>

@@ -84,7 +84,7 @@ void sa_layer_backward_kernel(BackwardParams p) {
       role.spatial ? spatial_grad_coeffs(w.gw * rstd * w.sw, sums[0], sums[1], inv_n)
                    : channel_grad_coeffs(w.cw * sums[0], inv_n);
 
-  // Pass 2: dx = gu * s + beta, + alpha * t + gamma * xh on spatial planes (sa_math.h:
+  // Pass 2: dx = gu * s + beta, + alpha * (t - d1 - xh * d2) on spatial planes (sa_math.h:
   // spatial_input_grad, here with the spatial terms only where they apply).
   auto write_dx = [&](int64_t q, const acc_t(&x_)[kVec], const acc_t(&g_)[kVec],
                       const acc_t(&s_)[kVec]) {

@@ -83,7 +83,10 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
   }
 
   const acc_t* gw = static_cast<const acc_t*>(p.gn_weight);
-  acc_t* gamma = smem + L.gamma();
+  // The spatial branch's d1 = mean(dy) per channel in the channel branch's beta slot, d2 =
+  // mean(dy xh) in its own.
+  acc_t* dy_mean = beta;
+  acc_t* dyxh_mean = smem + L.d2();
   acc_t* w2 = smem + L.matrix();
   acc_t* scale = smem + L.scale();
   acc_t* xt = smem + L.tile_x();
@@ -177,12 +180,12 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
     }
     const InputGradCoeffs<acc_t> k = shuffle_attention_spatial_coeffs(
         w2, sums, accum, m, i, gw[i] * rstd[i], acc_t(1) / acc_t(N));
-    beta[i] = k.beta;
-    gamma[i] = k.gamma;
+    dy_mean[i] = k.d1;
+    dyxh_mean[i] = k.d2;
   }
   __syncthreads();
 
-  // Pass 2: dx_i = gu_i s_i + beta_i + (alpha_i dy_i + gamma_i xh_i) (sa_math.h). A plane within
+  // Pass 2: dx_i = gu_i s_i + alpha_i (dy_i - d1_i - xh_i d2_i) (sa_math.h). A plane within
   // one tile still has it in shared memory from pass 1.
   for (int64_t p0 = 0; p0 < N; p0 += tile) {
     const int n = static_cast<int>(N - p0 < tile ? N - p0 : tile);
@@ -191,7 +194,7 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
       acc_t dy = 0;
       for (int j = 0; j < m; ++j) dy += w2[j * m + i] * tt[j * ts + pt];
       const int c = i * ts + pt;
-      const InputGradCoeffs<acc_t> k{gw[i] * rstd[i], beta[i], gamma[i]};
+      const InputGradCoeffs<acc_t> k{gw[i] * rstd[i], acc_t(0), dy_mean[i], dyxh_mean[i]};
       dx[i * N + p0 + pt] = static_cast<scalar_t>(spatial_input_grad(gt[c], st[c], dy, xt[c], k));
     });
   }

@@ -27,12 +27,12 @@ constexpr int kGroupWarps = kGroupThreads / kWarpSize;
 
 // Shared-memory layout of a ShuffleAttention block, in acc_t values. Per-channel vectors of m:
 // mean, rstd (the true statistics), gate s (channel branch), scale = gw * gate_rstd, dz / T1, the
-// input gradient's coefficients beta and gamma (sa_math.h: InputGradCoeffs), the Standardizer's
-// input_scale, center, gate_rstd (sa_math.h), and the statistics' rescale exponent; m x m: W2. Then
-// the tiles of m x stride() values (16-byte aligned): x (then xh in the backward), the GroupNorm
-// output y, and for the backward grad_out, gate s, t; the statistics' per-piece partials use the
-// same space before the first tile. Last, the backward's partials of A and T1 over its pixel
-// slices.
+// input gradient's coefficients beta (channel branch) or d1 and d2 (sa_math.h: InputGradCoeffs),
+// the Standardizer's input_scale, center, gate_rstd (sa_math.h), and the statistics' rescale
+// exponent; m x m: W2. Then the tiles of m x stride() values (16-byte aligned): x (then xh in the
+// backward), the GroupNorm output y, and for the backward grad_out, gate s, t; the statistics'
+// per-piece partials use the same space before the first tile. Last, the backward's partials of A
+// and T1 over its pixel slices.
 struct GroupSmem {
   int64_t m, tile;
   SA_HOST_DEVICE int64_t stride() const { return tile + 1; }
@@ -42,7 +42,7 @@ struct GroupSmem {
   SA_HOST_DEVICE int64_t scale() const { return 3 * m; }
   SA_HOST_DEVICE int64_t dz_or_t1() const { return 4 * m; }
   SA_HOST_DEVICE int64_t beta() const { return 5 * m; }
-  SA_HOST_DEVICE int64_t gamma() const { return 6 * m; }
+  SA_HOST_DEVICE int64_t d2() const { return 6 * m; }
   SA_HOST_DEVICE int64_t input_scale() const { return 7 * m; }
   SA_HOST_DEVICE int64_t center() const { return 8 * m; }
   SA_HOST_DEVICE int64_t gate_rstd() const { return 9 * m; }

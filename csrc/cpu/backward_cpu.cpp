@@ -57,7 +57,7 @@ void backward_sa_layer(const BackwardParams& p) {
         for (int64_t plane = begin; plane < end; ++plane) {
           const PlaneUnit unit = plane_unit(p.fwd, plane);
           const ChannelRole& role = unit.role;
-          const int64_t k = role.k, slot = unit.slot;
+          const int64_t k = role.k, slot = unit.slot(p.fwd);
           const acc_t* x = as_acc(t.fwd.x + plane * N, N, scratch.data());
           const acc_t* gu = as_acc(t.grad_out + unit.out_plane * N, N, scratch.data() + N);
           acc_t* dx =

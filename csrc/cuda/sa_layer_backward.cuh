@@ -70,7 +70,7 @@ void sa_layer_backward_kernel(BackwardParams p) {
   }
   team_sum<kWarpTeam>(sums, scratch);
 
-  const int64_t slot = unit.slot;
+  const int64_t slot = unit.slot(f);
   if (team.rank == 0) {
     if (role.spatial) {
       static_cast<acc_t*>(p.t_sum)[slot] = sums[0];

@@ -40,10 +40,16 @@ PATHS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+    ids=["fp64", "fp32", "bf16", "fp16"],
+)
 @pytest.mark.parametrize("shape,groups,offset", PATHS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_kernels_fp32_fp64(backend, variant, shape, groups, offset, dtype):
+def test_kernels_every_dtype(backend, variant, shape, groups, offset, dtype):
+    """Output and all gradients against float64, within sa_cuda.testing.accuracy_bound: relative to
+    the eager reference's error in the same dtype (fp64: the reference itself)."""
     dev = backend.device
     ref = make_ref(variant, shape[1], groups, seed=5, dtype=dtype, device=dev)
     ref64 = clone_as(ref, torch.float64)
@@ -66,23 +72,6 @@ def test_kernels_fp32_large_mean(backend, variant, shape, groups, offset):
     F = forward_backward(backend.module_like(variant, ref), x, gy)
     R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
     assert_close_to_reference(F, R, torch.float32, eager=forward_backward(ref, x, gy))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape,groups,offset", PATHS)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_kernels_low_precision(backend, variant, shape, groups, offset, dtype):
-    """Error vs float64 at most 2x the eager reference's in the same dtype (+ one unit of the dtype
-    at the largest magnitude: sa_cuda.testing.accuracy_bound)."""
-    dev = backend.device
-    low = make_ref(variant, shape[1], groups, seed=5, dtype=dtype, device=dev)
-    ref64 = clone_as(low, torch.float64)
-    x = input_at_offset(shape, offset, dtype, 1, device=dev)
-    gy = input_at_offset(shape, offset, dtype, 2, device=dev)
-    F = forward_backward(backend.module_like(variant, low), x, gy)
-    R = forward_backward(ref64, x.double(), gy.double())
-    E = forward_backward(low, x, gy)
-    assert_close_to_reference(F, R, dtype, eager=E)
 
 
 # gradcheck runs the forward twice per input element and the backward once per output element.

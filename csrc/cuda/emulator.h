@@ -1,9 +1,10 @@
 // CPU SIMT emulator for the portable CUDA subset (portable.cuh includes this under a host
 // compiler).
 //
-// A launch runs one host thread per CUDA thread of a block; the threads run the grid's blocks
-// together, one block at a time. __syncthreads is a std::barrier over the block, a warp exchange is
-// a std::barrier over the warp around a slot array. Launches are serialized by a global mutex.
+// A launch runs the CUDA threads of a block as fibers on the launching host thread
+// (emulator_fibers.h); they run the grid's blocks together, one block at a time. __syncthreads is a
+// barrier over the block, a warp exchange is a barrier over the warp around a slot array. Launches
+// are serialized by a global mutex.
 // Checks cost no per-access instrumentation: a memset per block, a scan of the arrivals per
 // barrier.
 //
@@ -33,7 +34,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -43,9 +43,10 @@
 #include <source_location>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <vector>
+
+#include "emulator_fibers.h"
 
 struct dim3 {
   unsigned x, y, z;
@@ -179,7 +180,7 @@ class Block {
         dynamic_(allocate_shared(dynamic_bytes)),
         dynamic_bytes_(dynamic_bytes) {
     for (unsigned base = 0; base < threads_; base += kWarpSize) {
-      warps_.push_back(std::make_unique<std::barrier<WarpCompletion>>(
+      warps_.push_back(std::make_unique<FiberBarrier<WarpCompletion>>(
           std::min(kWarpSize, threads_ - base), WarpCompletion{this, base}));
     }
   }
@@ -193,7 +194,7 @@ class Block {
   // shuffle there is then released, and the warp's completion step reports the divergence.
   void arrive(unsigned tid, Arrival arrival) {
     arrivals_[tid] = arrival;
-    static_cast<void>(warps_[tid / kWarpSize]->arrive());
+    warps_[tid / kWarpSize]->arrive();
     sync_.arrive_and_wait();
     if (failed()) throw Abort{};
   }
@@ -205,7 +206,7 @@ class Block {
   unsigned long long exchange(unsigned tid, unsigned long long v, int src_lane,
                               std::source_location where) {
     const unsigned base = tid - tid % kWarpSize, width = std::min(kWarpSize, threads_ - base);
-    std::barrier<WarpCompletion>& warp = *warps_[tid / kWarpSize];
+    FiberBarrier<WarpCompletion>& warp = *warps_[tid / kWarpSize];
     arrivals_[tid] = {Arrival::kShuffle, where};
     slots_[tid] = v;
     warp.arrive_and_wait();
@@ -229,7 +230,6 @@ class Block {
 
   bool failed() const { return failed_.load(std::memory_order_acquire); }
   std::string error() const {
-    std::lock_guard<std::mutex> lock(error_mutex_);
     return error_ + " [emulated launch of grid " + to_string(grid_) + ", block order seed " +
            std::to_string(seed_) + ": SA_EMU_SEED=" + std::to_string(seed_) + " reproduces it]";
   }
@@ -238,13 +238,10 @@ class Block {
   // first thread that reaches the declaration in this launch and poisoned again at each block
   // start.
   unsigned char* static_shared(const void* site, size_t bytes) {
-    const unsigned known = static_count_.load(std::memory_order_acquire);
-    for (unsigned i = 0; i < known; ++i) {
-      if (statics_[i].site == site) return statics_[i].bytes.get();
-    }
-    std::lock_guard<std::mutex> lock(static_mutex_);
-    const unsigned count = static_count_.load(std::memory_order_relaxed);
-    for (unsigned i = known; i < count; ++i) {
+    // The count is atomic for ThreadSanitizer only (the fibers run on one host thread): its
+    // release and acquire order the array's creation before the other CUDA threads' use.
+    const unsigned count = static_count_.load(std::memory_order_acquire);
+    for (unsigned i = 0; i < count; ++i) {
       if (statics_[i].site == site) return statics_[i].bytes.get();
     }
     size_t total = bytes;
@@ -292,8 +289,7 @@ class Block {
   };
 
   void fail(const std::string& what) {
-    std::lock_guard<std::mutex> lock(error_mutex_);
-    if (failed_.load(std::memory_order_relaxed)) return;
+    if (failed()) return;
     error_ = "sa_cuda emulator: " + what;
     failed_.store(true, std::memory_order_release);
   }
@@ -325,8 +321,7 @@ class Block {
                     unsigned(linear / (uint64_t(grid_.x) * grid_.y)));
     barriers_in_block_ = 0;
     std::memset(dynamic_.get(), kSharedPoison, dynamic_bytes_);
-    const unsigned statics = static_count_.load(std::memory_order_acquire);
-    for (unsigned i = 0; i < statics; ++i)
+    for (unsigned i = 0; i < static_count_.load(std::memory_order_relaxed); ++i)
       std::memset(statics_[i].bytes.get(), kSharedPoison, statics_[i].size);
   }
 
@@ -371,8 +366,8 @@ class Block {
   const uint64_t seed_;
   const uint64_t blocks_;
   const BlockOrder order_;
-  std::barrier<Completion> sync_;
-  std::vector<std::unique_ptr<std::barrier<WarpCompletion>>> warps_;
+  FiberBarrier<Completion> sync_;
+  std::vector<std::unique_ptr<FiberBarrier<WarpCompletion>>> warps_;
   std::vector<Arrival> arrivals_;  // each thread's own slot, read by the completion steps
   std::vector<unsigned long long> slots_;  // one 8-byte exchange slot per thread
   // Written by the completion step only (the barrier orders it before the threads' reads).
@@ -385,10 +380,8 @@ class Block {
   const size_t dynamic_bytes_;
   StaticArray statics_[kMaxStaticArrays];
   std::atomic<unsigned> static_count_{0};
-  std::mutex static_mutex_;
 
-  std::atomic<bool> failed_{false};
-  mutable std::mutex error_mutex_;
+  std::atomic<bool> failed_{false};  // atomic for ThreadSanitizer, as static_count_
   std::string error_;
 };
 
@@ -441,17 +434,22 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const Body& body) {
   ++launch_counter();
   std::lock_guard<std::mutex> lock(launch_mutex());
   Block state(grid, block, smem_bytes, seed);
-  auto run_thread = [&](unsigned tid) {
-    current_block = &state;
+  // The CUDA built-ins are thread-locals of the launching thread, which runs every fiber: the
+  // launch-wide ones are set once, the per-thread ones each time a fiber is resumed.
+  current_block = &state;
+  blockDim = block;
+  gridDim = grid;
+  auto resume = [&](unsigned tid) {
     linear_tid = tid;
-    blockDim = block;
-    gridDim = grid;
     threadIdx = dim3(tid % block.x, (tid / block.x) % block.y, tid / (block.x * block.y));
+  };
+  auto run_thread = [&](unsigned tid) {
     try {
       // Each block boundary (before the first block, after every block) picks the next block.
       for (state.arrive(tid, {Arrival::kBlockBoundary, {}}); !state.finished();
            state.arrive(tid, {Arrival::kBlockBoundary, {}})) {
-        blockIdx = state.current();
+        // The first thread past the boundary sets it for all: they share the host thread.
+        untracked([&] { blockIdx = state.current(); });
         body();
       }
     } catch (const Abort&) {
@@ -461,12 +459,11 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const Body& body) {
     } catch (...) {
       state.leave(tid, "an exception that is not a std::exception");
     }
-    current_block = nullptr;
   };
-  std::vector<std::thread> pool;
-  pool.reserve(state.threads());
-  for (unsigned tid = 0; tid < state.threads(); ++tid) pool.emplace_back(run_thread, tid);
-  for (auto& t : pool) t.join();
+  struct Detach {
+    ~Detach() { current_block = nullptr; }
+  } detach;
+  Fibers::run(state.threads(), run_thread, resume);
   if (state.failed()) throw std::runtime_error(state.error());
 }
 

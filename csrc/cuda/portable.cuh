@@ -1,7 +1,7 @@
 // The portable CUDA subset the kernels are written in (docs/kernels.md).
 //
 // Under nvcc these are CUDA itself. Under a host compiler they map to the CPU SIMT emulator in
-// emulator.h (one host thread per CUDA thread, barriers for __syncthreads and warp exchanges), so
+// emulator.h (a fiber per CUDA thread, barriers for __syncthreads and warp exchanges), so
 // the very same kernel source runs in CI without a GPU, under ThreadSanitizer and ASan too.
 //
 // The subset: threadIdx/blockIdx/blockDim/gridDim (.x), __syncthreads, full-mask warp shuffles

@@ -20,16 +20,23 @@ SOURCE = os.path.join(ROOT, "tests", "native", "emulator_selftest.cpp")
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
+# Every check runs with both context switches of the emulator's fibers (csrc/cuda/emulator_fibers.h):
+# the hand-written stack switch (x86-64) and glibc's swapcontext (the fallback elsewhere).
+SWITCHES = {"stack-switch": (), "ucontext": ("SA_EMU_UCONTEXT=1",)}
 
-def run(*args: str, seed: str | None = None) -> subprocess.CompletedProcess:
+
+@pytest.fixture(params=sorted(SWITCHES))
+def binary(request) -> str:
+    return build_native(SOURCE, defines=SWITCHES[request.param])
+
+
+def run(binary: str, *args: str, seed: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("SA_EMU_SEED", None)
     if seed is not None:
         env["SA_EMU_SEED"] = seed
     # The timeout turns a hang (a barrier nobody completes) into a failure.
-    return subprocess.run(
-        [build_native(SOURCE), *args], capture_output=True, text=True, env=env, timeout=120
-    )
+    return subprocess.run([binary, *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 def rows(stdout: str) -> dict[str, list[str]]:
@@ -58,8 +65,8 @@ def site(marker: str) -> str:
 # ---- 1. shared memory is poisoned before each block ----------------------------------------------
 
 
-def test_shared_memory_read_before_write_is_nan_in_every_block():
-    result = run("poison")
+def test_shared_memory_read_before_write_is_nan_in_every_block(binary):
+    result = run(binary, "poison")
     assert result.returncode == 0, result.stdout + result.stderr
     got = rows(result.stdout)
     threads, blocks = 128, 3
@@ -77,8 +84,8 @@ def test_shared_memory_read_before_write_is_nan_in_every_block():
 BLOCKS = 100
 
 
-def order_run(seed: str | None):
-    result = run("order", str(BLOCKS), seed=seed)
+def order_run(binary: str, seed: str | None):
+    result = run(binary, "order", str(BLOCKS), seed=seed)
     assert result.returncode == 0, result.stdout + result.stderr
     got = rows(result.stdout)
     return (
@@ -89,22 +96,22 @@ def order_run(seed: str | None):
 
 
 @pytest.mark.parametrize("seed", [None, "1", "2", "0xdeadbeef"])
-def test_block_order_is_a_seeded_permutation_that_exposes_inter_block_dependence(seed):
-    order, fixed, planted = order_run(seed)
+def test_block_order_is_a_seeded_permutation_that_exposes_inter_block_dependence(binary, seed):
+    order, fixed, planted = order_run(binary, seed)
     in_order = [float(b + 1) for b in range(BLOCKS)]
     assert sorted(order) == list(range(BLOCKS)) and order != sorted(order)
     assert fixed == in_order
     # Block b adds one to block b-1's value: right only when block b-1 ran first.
     assert planted != in_order
-    assert order_run(seed) == (order, fixed, planted)  # the seed reproduces the run
+    assert order_run(binary, seed) == (order, fixed, planted)  # the seed reproduces the run
 
 
-def test_different_seeds_give_different_orders():
-    assert len({tuple(order_run(seed)[0]) for seed in ("1", "2", "3")}) == 3
+def test_different_seeds_give_different_orders(binary):
+    assert len({tuple(order_run(binary, seed)[0]) for seed in ("1", "2", "3")}) == 3
 
 
-def test_malformed_seed_is_an_error():
-    result = run("order", "4", seed="12abc")
+def test_malformed_seed_is_an_error(binary):
+    result = run(binary, "order", "4", seed="12abc")
     assert result.returncode != 0
     assert "SA_EMU_SEED=12abc is not an integer" in result.stderr
 
@@ -161,8 +168,8 @@ DIVERGENT = [
 
 
 @pytest.mark.parametrize("kernel,patterns", DIVERGENT)
-def test_divergent_barrier_is_an_error_not_a_hang(kernel, patterns):
-    result = run("barrier", kernel)
+def test_divergent_barrier_is_an_error_not_a_hang(binary, kernel, patterns):
+    result = run(binary, "barrier", kernel)
     assert result.returncode == 0, result.stdout + result.stderr
     message = result.stdout
     assert message.startswith("error: sa_cuda emulator: the "), message
@@ -171,14 +178,14 @@ def test_divergent_barrier_is_an_error_not_a_hang(kernel, patterns):
     assert re.search(r"block order seed \d+: SA_EMU_SEED=\d+ reproduces it", message)
 
 
-def test_barrier_out_of_divergent_code_runs():
-    result = run("barrier", "sync_uniform")
+def test_barrier_out_of_divergent_code_runs(binary):
+    result = run(binary, "barrier", "sync_uniform")
     assert result.returncode == 0, result.stdout + result.stderr
     assert rows(result.stdout)["ok"] == [str(63 - t if t < 48 else 0) for t in range(64)]
 
 
-def test_warp_that_returns_early_with_no_later_barrier_runs():
-    result = run("barrier", "warp_early_return")
+def test_warp_that_returns_early_with_no_later_barrier_runs(binary):
+    result = run(binary, "barrier", "warp_early_return")
     assert result.returncode == 0, result.stdout + result.stderr
     assert rows(result.stdout)["ok"] == [str(t ^ 1 if t < 32 else 0) for t in range(64)]
 
@@ -201,8 +208,8 @@ REJECTED = {
 }
 
 
-def test_launches_over_the_hardware_limits_are_rejected_before_any_block_runs():
-    result = run("launch")
+def test_launches_over_the_hardware_limits_are_rejected_before_any_block_runs(binary):
+    result = run(binary, "launch")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "NOT rejected" not in result.stdout, result.stdout
     for what, message in REJECTED.items():

@@ -8,7 +8,7 @@ Checked: output and every gradient (x and all six parameters), on
 
 * the CPU fused op (sa_cuda.sa_layer / sa_cuda.shuffle_attention), and
 * the CUDA kernels compiled for the CPU SIMT emulator (torch.ops.sa_cuda_emu, through the same
-  autograd Function); these examples are kept small (one host thread per CUDA thread),
+  autograd Function); these examples are kept small (every CUDA thread runs on one core),
 
 and, through the raw forward ops, the per-plane statistics (mean, rstd).
 

@@ -11,6 +11,8 @@
 #                                     PATH, and the built sa_cuda/_C*.so (a build by other means
 #                                     or a deleted module rebuilds)
 # Delete a stamp to force its step.
+#   --requirements-only: stop after the requirements (.ci/run installs the oldest torch's
+#                        environment in the background while this one builds).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -48,6 +50,9 @@ if up_to_date "$VENV/sa_cuda-requirements.stamp" requirements_inputs; then
 else
   python -m pip install -q --disable-pip-version-check -r "$ROOT/requirements-dev.txt"
   requirements_inputs | sha256sum > "$VENV/sa_cuda-requirements.stamp"
+fi
+if [ "${1:-}" = "--requirements-only" ]; then
+  return 0 2> /dev/null || exit 0
 fi
 
 if up_to_date "$VENV/sa_cuda-build.stamp" build_inputs; then

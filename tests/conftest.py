@@ -6,7 +6,8 @@ runs the CUDA source on the CPU; build/, benchmarks/). Helpers shared by several
 here, in emulation.py, hostile_inputs.py and (the accuracy criteria, also used by the benchmarks)
 sa_cuda/testing.py; test files never import from each other.
 
-Running: ``python -m pytest tests -q`` (what CI runs); ``-m "not slow"`` leaves out the tests
+Running: ``python -m pytest tests -q -n auto --dist loadfile`` (what CI runs: one pytest-xdist
+worker per core, each test file on one worker); ``-m "not slow"`` leaves out the tests
 marked slow (the emulated gradchecks and the largest shapes: pytest.ini) for a quick local run.
 
 Backends (the ``backend`` fixture): "cpu" (the C++ kernels, torch.ops.sa_cuda), "emulated" (the

@@ -3,7 +3,10 @@ torch.ops.sa_cuda_emu.* run csrc/cuda's kernels on CPU tensors through the SIMT 
 fake kernels, vmap rules and autograd of sa_cuda.ops.register_library, so that
 ``emulated_library().apply(variant, ...)`` or ``sa_cuda.sa_layer(..., library=emulated_library())``
 takes the public functionals' path. Also builds the native drivers under tests/native (standalone
-binaries of emulated kernels)."""
+binaries of emulated kernels).
+
+``python tests/emulation.py`` builds all of these ahead of the suite (CI runs it while sa_cuda
+itself builds): they need torch, not sa_cuda."""
 
 from __future__ import annotations
 
@@ -14,16 +17,22 @@ import subprocess
 import torch
 from torch.utils.cpp_extension import load
 
-from sa_cuda.ops import OpLibrary, register_library
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 NATIVE_BUILD = os.path.join(ROOT, "build", "native")
 TORCH_DIR = os.path.dirname(torch.__file__)
 
+# The native drivers and the builds of them that the tests run.
+KERNEL_SELFTEST = os.path.join(ROOT, "tests", "native", "kernel_selftest.cpp")
+EMULATOR_SELFTEST = os.path.join(ROOT, "tests", "native", "emulator_selftest.cpp")
+SANITIZERS = (None, "thread", "address")  # kernel_selftest: plain and under each sanitizer
+UCONTEXT = (
+    "SA_EMU_UCONTEXT=1",
+)  # the emulator's fibers on glibc's swapcontext (emulator_fibers.h)
 
-@functools.cache
-def load_emulation():
+
+def build_emulation() -> None:
+    """Compiles (cached) and loads the emulation library, which defines torch.ops.sa_cuda_emu.*."""
     build = os.path.join(ROOT, "build", "emulation")
     os.makedirs(build, exist_ok=True)
     load(
@@ -39,12 +48,22 @@ def load_emulation():
         is_python_module=False,
         verbose=False,
     )
+
+
+@functools.cache
+def load_emulation():
+    build_emulation()
+    # Imported here, not at the top: `python tests/emulation.py` builds before sa_cuda is built.
+    from sa_cuda.ops import register_library
+
     register_library("sa_cuda_emu")
     return torch.ops.sa_cuda_emu
 
 
-def emulated_library() -> OpLibrary:
+def emulated_library():
     """The emulated kernels as an OpLibrary (built and loaded first if need be)."""
+    from sa_cuda.ops import register_library
+
     load_emulation()
     return register_library("sa_cuda_emu")
 
@@ -98,3 +117,12 @@ def build_native(source: str, sanitizer: str | None = None, defines: tuple = ())
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     os.replace(partial, binary)
     return binary
+
+
+if __name__ == "__main__":
+    build_emulation()
+    for sanitizer in SANITIZERS:
+        build_native(KERNEL_SELFTEST, sanitizer)
+    for defines in ((), UCONTEXT):
+        build_native(EMULATOR_SELFTEST, defines=defines)
+    print(f"emulation: built {os.path.join(ROOT, 'build')}/{{emulation,native}}")

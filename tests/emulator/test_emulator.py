@@ -14,15 +14,14 @@ import shutil
 import subprocess
 
 import pytest
-from emulation import ROOT, build_native
-
-SOURCE = os.path.join(ROOT, "tests", "native", "emulator_selftest.cpp")
+from emulation import EMULATOR_SELFTEST as SOURCE
+from emulation import UCONTEXT, build_native
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 # Every check runs with both context switches of the emulator's fibers (csrc/cuda/emulator_fibers.h):
 # the hand-written stack switch (x86-64) and glibc's swapcontext (the fallback elsewhere).
-SWITCHES = {"stack-switch": (), "ucontext": ("SA_EMU_UCONTEXT=1",)}
+SWITCHES = {"stack-switch": (), "ucontext": UCONTEXT}
 
 
 @pytest.fixture(params=sorted(SWITCHES))

@@ -12,10 +12,8 @@ import shutil
 import subprocess
 
 import pytest
+from emulation import KERNEL_SELFTEST as SOURCE
 from emulation import build_native
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SOURCE = os.path.join(ROOT, "tests", "native", "kernel_selftest.cpp")
 
 # Each sanitizer build compiles every kernel: slow. pytest-xdist runs a test file on one worker
 # (--dist loadfile, scripts/test.sh), so each build is made once.

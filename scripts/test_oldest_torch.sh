@@ -18,7 +18,8 @@ if [ "$MODE" != --test-only ]; then
   if [ ! -x "$VENV/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$VENV"
   fi
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements-oldest.txt"
+  # --no-compile: as in setup_env.sh, Python compiles what it imports, not pip everything.
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile -r "$ROOT/requirements-oldest.txt"
   rm -rf "$SRC" && mkdir -p "$SRC"
   (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard -- csrc sa_cuda tests setup.py pyproject.toml README.md pytest.ini |
     xargs -0 cp --parents -t "$SRC")

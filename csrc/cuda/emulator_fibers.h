@@ -203,7 +203,7 @@ class Fibers {
   template <typename Entry, typename Resume>
   static void run(unsigned count, const Entry& entry, const Resume& resume) {
     Fibers fibers(count);
-    Runner<Entry> runner{&fibers, &entry};
+    Runner<Entry> runner{&entry};
     fibers.runner_ = &runner;
     fibers.start_all(&Runner<Entry>::trampoline);
     fibers.schedule(resume);
@@ -229,7 +229,6 @@ class Fibers {
 
   template <typename Entry>
   struct Runner {
-    Fibers* fibers;
     const Entry* entry;
     // Where every fiber of the launch starts: the running Fibers say which fiber and what entry.
     static void trampoline() {
@@ -271,9 +270,11 @@ class Fibers {
   // The round-robin loop: resumes every fiber whose wait is over until all are done.
   template <typename Resume>
   void schedule(const Resume& resume) {
-    Fibers*& outer = running();
-    Fibers* saved = outer;
-    outer = this;
+    struct Running {  // this launch's Fibers are the thread's running ones until schedule() ends
+      Fibers* saved;
+      explicit Running(Fibers* self) : saved(running()) { running() = self; }
+      ~Running() { running() = saved; }
+    } running_now(this);
 #if defined(SA_EMU_TSAN)
     __tsan_ignore_thread_begin();  // the scheduler's accesses: bookkeeping only (see above)
     struct Track {
@@ -296,12 +297,10 @@ class Fibers {
       // The barriers complete whenever every live thread has arrived, so some fiber can always
       // run; a round where none could is an emulator bug, reported instead of hanging.
       if (!progressed) {
-        outer = saved;
         throw std::logic_error("sa_cuda emulator: every CUDA thread waits and none can go on (" +
                                std::to_string(alive) + " threads)");
       }
     }
-    outer = saved;
   }
 
   void switch_to_fiber(unsigned i) {
@@ -312,8 +311,8 @@ class Fibers {
 #endif
 #if defined(SA_EMU_TSAN)
     if (scheduler_tsan_ == nullptr) scheduler_tsan_ = __tsan_get_current_fiber();
-    __tsan_switch_to_fiber(slots()[i].tsan(),
-                           0);  // what the launcher did happens before the fiber goes on
+    // With sync (flags 0): what the launcher did happens before the fiber goes on.
+    __tsan_switch_to_fiber(slots()[i].tsan(), 0);
 #endif
     swap_context(scheduler_, f.context);
 #if defined(SA_EMU_ASAN)

@@ -18,7 +18,7 @@ set -u -o pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 HELPERS=$HERE/gpu_check
-STEPS_GPU="env build resources check memcheck racecheck tests ncu timing synccheck initcheck"
+STEPS_GPU="env build resources check timing memcheck racecheck ncu tests synccheck initcheck"
 
 usage() {
   cat <<EOF
@@ -144,6 +144,17 @@ else
     --json "$OUT/check.json"
 fi
 
+# ---- timing: eager / torch.compile / fused vs a copy of the same bytes
+if [ "$MODE" = gpu ]; then
+  run_step timing 200 40 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cuda \
+    --budget $((STEP_BOX - 25)) --json "$OUT/timing.json" --png "$OUT/timing.png"'
+else
+  run_step timing 90 20 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cpu --tiny --batches 1 \
+    --dtypes fp32 --compile-batches 1 --compile-backend aot_eager --compile-reserve 10 \
+    --budget $((STEP_BOX - 15)) \
+    --json "$OUT/timing.json" --png "$OUT/timing.png"'
+fi
+
 # ---- compute-sanitizer on the small launch-path set (no caching allocator for memcheck/initcheck)
 sanitize() {  # sanitize TOOL BOX MIN [compute-sanitizer options...]
   local tool=$1 box=$2 min=$3
@@ -155,21 +166,7 @@ sanitize() {  # sanitize TOOL BOX MIN [compute-sanitizer options...]
     --print-limit 30 "$@" "$PY" "$LAUNCH_PATHS" --backend cuda --set small --json "$OUT/sanitizers/$tool.json"
 }
 sanitize memcheck 60 30
-sanitize racecheck 50 30 --racecheck-report all
-
-# ---- the CUDA tests (skips visible); without what the visit cannot afford and what cannot import
-if [ "$MODE" = gpu ]; then
-  PYTEST_ARGS=(-k "cuda and not more_than_2_31 and not resnet50_compile")
-  "$PY" -c "import xdist" 2> /dev/null && PYTEST_ARGS+=(-n 8)
-  while IFS= read -r f; do PYTEST_ARGS+=("--ignore=$f"); done < <(grep -rlE "load_emulation\(\)|EMULATED\.ops" tests --include="test_*.py")  # builds the emulator
-  if ! "$PY" -c "import expecttest" 2> /dev/null; then
-    while IFS= read -r f; do PYTEST_ARGS+=("--ignore=$f"); done < <(grep -rlE "^\s*(import|from) expecttest" tests --include="*.py")
-  fi
-  run_step tests 100 40 INT 1 "$PY" -m pytest tests -rs -q -p no:cacheprovider \
-    --continue-on-collection-errors --durations=10 "${PYTEST_ARGS[@]}"
-else
-  gpu_only tests 100
-fi
+sanitize racecheck 120 30 --racecheck-report all
 
 # ---- ncu on the main forward and backward kernels (CPU mode: the parser on a fixture CSV)
 if [ "$MODE" = gpu ]; then
@@ -187,15 +184,18 @@ else
       --json "$OUT/ncu/ncu.json"'
 fi
 
-# ---- timing: eager / torch.compile / fused vs a copy of the same bytes
+# ---- the CUDA tests (skips visible); without what the visit cannot afford and what cannot import
 if [ "$MODE" = gpu ]; then
-  run_step timing 150 40 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cuda \
-    --budget $((STEP_BOX - 25)) --json "$OUT/timing.json" --png "$OUT/timing.png"'
+  PYTEST_ARGS=(-k "cuda and not more_than_2_31 and not resnet50_compile")
+  "$PY" -c "import xdist" 2> /dev/null && PYTEST_ARGS+=(-n 8)
+  while IFS= read -r f; do PYTEST_ARGS+=("--ignore=$f"); done < <(grep -rlE "load_emulation\(\)|EMULATED\.ops" tests --include="test_*.py")  # builds the emulator
+  if ! "$PY" -c "import expecttest" 2> /dev/null; then
+    while IFS= read -r f; do PYTEST_ARGS+=("--ignore=$f"); done < <(grep -rlE "^\s*(import|from) expecttest" tests --include="*.py")
+  fi
+  run_step tests 100 40 INT 1 "$PY" -m pytest tests -rs -q -p no:cacheprovider \
+    --continue-on-collection-errors --durations=10 "${PYTEST_ARGS[@]}"
 else
-  run_step timing 90 20 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cpu --tiny --batches 1 \
-    --dtypes fp32 --compile-batches 1 --compile-backend aot_eager --compile-reserve 10 \
-    --budget $((STEP_BOX - 15)) \
-    --json "$OUT/timing.json" --png "$OUT/timing.png"'
+  gpu_only tests 100
 fi
 
 sanitize synccheck 40 25

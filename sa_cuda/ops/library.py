@@ -149,6 +149,18 @@ def _autocast_available(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type)
 
 
+@torch.compiler.assume_constant_result
+def _has_kernel(qualified_op_name: str, device_type: str) -> bool:
+    """Whether the op has a kernel for the device type. Dynamo cannot trace the dispatcher query
+    (a torch.* call returning a bool: a graph break, an error under fullgraph=True), so it takes
+    the value at trace time; kernels are registered when the extension loads, before any trace."""
+    key = _DISPATCH_KEYS.get(device_type, device_type.upper())
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(qualified_op_name, key)
+    except RuntimeError:  # no dispatch key of that name: no kernel for this device type
+        return False
+
+
 def _compute_dtype(x: Tensor, params: tuple) -> torch.dtype:
     """Outside autocast the layer computes in the promoted dtype of x and its parameters, as the
     eager layer does (bf16 x with fp32 parameters gives fp32). Under autocast it keeps x's dtype
@@ -207,13 +219,7 @@ class OpLibrary:
     def available(self, device: torch.device | str) -> bool:
         """True when this library has kernels for ``device``'s type."""
         device_type = torch.device(device).type
-        key = _DISPATCH_KEYS.get(device_type, device_type.upper())
-        try:
-            return torch._C._dispatch_has_kernel_for_dispatch_key(
-                self._forward_ops[SA_LAYER.name]._qualified_op_name, key
-            )
-        except RuntimeError:  # no dispatch key of that name: no kernel for this device type
-            return False
+        return _has_kernel(self._forward_ops[SA_LAYER.name]._qualified_op_name, device_type)
 
     def apply(self, variant: str, x: Tensor, groups: int, params: tuple, eps: float) -> Tensor:
         """The functionals' path: argument checks, the compute dtype, the autograd.Function, and

@@ -27,11 +27,11 @@ STEPS = [
     "build",
     "resources",
     "check",
+    "timing",
     "memcheck",
     "racecheck",
-    "tests",
     "ncu",
-    "timing",
+    "tests",
     "synccheck",
     "initcheck",
 ]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from conftest import randomize_
+from conftest import DEVICES, randomize_
 
 from sa_cuda import SALayer, reference
 from sa_cuda.models import convert_official_state_dict, sa_resnet50, sa_resnet101, sa_resnet152
-from sa_cuda.testing import max_err
+from sa_cuda.testing import accuracy_bound, max_abs, max_err
 
 # Key counts and parameter counts of the official models/sa_resnet.py (wofmanaf/SA-Net): 416 / 824 /
 # 1232 state_dict entries; 25.56M / 44.55M / 60.2M parameters (the official README's numbers).
@@ -122,23 +124,42 @@ def test_cuda_graph_capture_and_replay():
             torch.testing.assert_close(static_out, layer(static_x), rtol=0, atol=0)
 
 
-@CUDA
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_autocast_training_step(dtype):
+def test_autocast_training_step(dtype, device):
+    """SA-ResNet-50 under autocast, in training mode: the fused model's output is as close to the
+    float64 model as eager's autocast output is (sa_cuda.testing.accuracy_bound: 2x eager's error
+    plus one ulp), and AMP training with a GradScaler gets to a step it takes. Measured against
+    float64 and not against eager autocast: 50 layers of bf16 put eager itself 15% away from the
+    float64 output (0.21 of max 1.39 on CPU), so two bf16 runs differ by as much as either errs."""
     torch.manual_seed(0)
-    model = sa_resnet50(num_classes=10, fused=True).cuda()
-    reference_model = sa_resnet50(num_classes=10, fused=False).cuda()
+    model = sa_resnet50(num_classes=10, fused=True).to(device)
+    reference_model = sa_resnet50(num_classes=10, fused=False).to(device)
     reference_model.load_state_dict(model.state_dict())
-    x = torch.randn(4, 3, 64, 64, device="cuda")
-    with torch.autocast("cuda", dtype=dtype):
+    x = torch.randn(4, 3, 64, 64, device=device)
+    want64 = copy.deepcopy(reference_model).double()(x.double())
+    with torch.autocast(device, dtype=dtype):
         out, want = model(x), reference_model(x)
     assert torch.isfinite(out).all()
-    assert max_err(out, want) <= 0.05 * max(1.0, want.abs().max().item())
-    scaler = torch.amp.GradScaler("cuda")
+    bound = accuracy_bound(dtype, max_abs(want64), max_err(want, want64))
+    assert max_err(out, want64) <= bound, (max_err(out, want64), max_err(want, want64))
+    scaler = torch.amp.GradScaler(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with torch.autocast("cuda", dtype=dtype):
-        loss = model(x).float().logsumexp(1).mean()
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    before = [p.detach().clone() for p in model.parameters()]
+    # fp16 gradients overflow at the initial scale 2**16 (eager's too, in conv1): the scaler skips
+    # such a step and halves the scale; it must get to a step it takes.
+    for _ in range(8):
+        opt.zero_grad()
+        with torch.autocast(device, dtype=dtype):
+            loss = model(x).float().logsumexp(1).mean()
+        scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if scaler.get_scale() >= scale:  # no inf/NaN found: the step was taken
+            break
+    else:
+        pytest.fail(f"GradScaler skipped 8 steps (scale now {scaler.get_scale()})")
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))

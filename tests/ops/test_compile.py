@@ -152,3 +152,21 @@ def test_compile_dynamic(module, device):
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             got = _run(compiled, x, gy)
         _assert_matches(got, _run(ref64, x.double(), gy.double()), what=f"{shape}: ")
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda", "meta"])
+def test_availability_query_does_not_break_the_graph(device_type):
+    """The modules ask fused_available(x.device) on every call. On CPU it is answered in Python;
+    for any other device type it is a dispatcher query, which Dynamo cannot trace (a graph break,
+    an error under fullgraph=True). The first GPU visit found the fullgraph tests failing on CUDA
+    for that reason while they passed on CPU: this asks every device type from a CPU graph."""
+    expected = sa_cuda.fused_available(device_type)
+
+    def pick(x):
+        return x + 1 if sa_cuda.fused_available(torch.device(device_type)) else x - 1
+
+    x = torch.zeros(3)
+    explanation = torch._dynamo.explain(pick)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    got = torch.compile(pick, fullgraph=True, backend="eager")(x)
+    assert torch.equal(got, x + 1 if expected else x - 1)

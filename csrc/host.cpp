@@ -88,7 +88,7 @@ ParamDtype param_dtype(c10::ScalarType t) {
     case at::kBFloat16:
       return ParamDtype::kBFloat16;
     default:
-      TORCH_CHECK(false, "sa_cuda: no parameter gradient for ", t);  // unreachable
+      TORCH_CHECK(false, "sa_cuda: no kernel parameter dtype ", t);  // unreachable
   }
 }
 
@@ -97,10 +97,10 @@ c10::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Parameters in acc_t, contiguous, on x's device.
-std::vector<at::Tensor> acc_params(Variant variant, const LayerParams& p, const at::Tensor& x,
-                                   int64_t m) {
-  const auto acc = acc_type(x);
+// The parameters checked, contiguous, in their own dtypes: the kernels convert on read
+// (sa_math.h: ParamView), so a bfloat16 model's call launches no cast kernel.
+std::vector<at::Tensor> kernel_params(Variant variant, const LayerParams& p, const at::Tensor& x,
+                                      int64_t m) {
   std::vector<at::Tensor> out;
   for (int i = 0; i < kParamCount; ++i) {
     const at::Tensor& t = p[i];
@@ -109,7 +109,7 @@ std::vector<at::Tensor> acc_params(Variant variant, const LayerParams& p, const 
     TORCH_CHECK_VALUE(t.numel() == expected, "sa_cuda: ", param_name(variant, i), " must have ",
                       expected, " elements (m = C / (2 * groups) = ", m, "), got shape ",
                       t.sizes());
-    out.push_back(as_dtype(t.resolve_neg(), acc).contiguous().view(-1));
+    out.push_back(t.resolve_neg().contiguous());
   }
   return out;
 }
@@ -170,9 +170,10 @@ ForwardParams fill_forward(const Shape& s, double eps, const at::Tensor& x,
   f.plane_size = s.N;
   f.eps = eps;
   f.x = x.const_data_ptr();
-  const void** param_ptrs[kParamCount] = {&f.channel_weight, &f.channel_bias, &f.spatial_weight,
-                                          &f.spatial_bias,   &f.gn_weight,    &f.gn_bias};
-  for (int i = 0; i < kParamCount; ++i) *param_ptrs[i] = p[i].const_data_ptr();
+  for (int i = 0; i < kParamCount; ++i) {
+    f.params[i] = p[i].const_data_ptr();
+    f.param_dtypes[i] = param_dtype(p[i].scalar_type());
+  }
   return f;
 }
 
@@ -196,11 +197,11 @@ ForwardResult run_forward(Variant variant, const at::Tensor& x_in, int64_t group
   const Shape s = check_input(x_in, groups);
   const c10::DeviceGuard device_guard(x_in.device());  // kernels launch on x's device
   TORCH_CHECK_VALUE(eps >= 0, "sa_cuda: eps must be a number >= 0, got ", eps);
-  const auto p = acc_params(variant, params, x_in, s.m);
+  const auto p = kernel_params(variant, params, x_in, s.m);
   const at::Tensor x = to_nchw(x_in.resolve_neg());
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor mean = at::empty({s.B, s.C}, p[0].options());
-  at::Tensor rstd = at::empty({s.B, s.C}, p[0].options());
+  at::Tensor mean = at::empty({s.B, s.C}, x.options().dtype(acc_type(x)));
+  at::Tensor rstd = at::empty({s.B, s.C}, x.options().dtype(acc_type(x)));
   if (x.numel() == 0) return {out, mean, rstd};
 
   ForwardParams f = fill_forward(s, eps, x, p);
@@ -229,7 +230,7 @@ BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, cons
                       s.C, "] ", acc_type(x_in) == at::kDouble ? "float64" : "float32",
                       " statistics, got ", stats[i]->sizes(), " ", stats[i]->scalar_type());
   }
-  const auto p = acc_params(variant, params, x_in, s.m);
+  const auto p = kernel_params(variant, params, x_in, s.m);
   const at::Tensor x = to_nchw(x_in.resolve_neg());
   const at::Tensor grad_out = to_nchw(as_dtype(grad_out_in.resolve_neg(), x.scalar_type()));
   const at::Tensor mean = mean_in.resolve_neg().contiguous();
@@ -239,7 +240,8 @@ BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, cons
   // The per-(batch item, group) partials of the parameter gradients (layout in sa_params.h), in
   // one allocation: every slot is written by the backward kernel before the reduction reads it.
   const int64_t slots = s.B * s.G;
-  at::Tensor partials = at::empty({slots * (2 * s.m + t_xh_width(variant, s.m))}, p[0].options());
+  at::Tensor partials =
+      at::empty({slots * (2 * s.m + t_xh_width(variant, s.m))}, x.options().dtype(acc_type(x)));
   at::Tensor param_grads[kParamCount];
 
   BackwardParams b{};
@@ -255,7 +257,6 @@ BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, cons
     // Written in full by the reduction, in the parameter's own shape and dtype.
     param_grads[i] = at::empty(params[i].sizes(), x.options().dtype(params[i].scalar_type()));
     b.param_grads[i] = param_grads[i].mutable_data_ptr();
-    b.param_grad_dtypes[i] = param_dtype(params[i].scalar_type());
   }
   // The backward kernel (none for B = 0), then one fixed-order reduction of the partials into
   // the six gradients (sa_math.h; exact zeros for B = 0).

@@ -45,18 +45,37 @@ SA_HOST_DEVICE int64_t shuffle_dst(int64_t c, int64_t channels) {
   return 2 * (c % half) + c / half;
 }
 
-// The six parameters (ForwardParams) as acc_t arrays, schema order.
-template <typename acc_t>
-struct ParamArrays {
-  const acc_t *cw, *cb, *sw, *sb, *gw, *gb;
+// Element i of a parameter stored in `dtype`, as T. The same conversion as PyTorch's .to(T) of
+// the tensor (double -> float rounds to nearest; half and bfloat16 widen exactly).
+template <typename T>
+SA_HOST_DEVICE T param_value(const void* data, ParamDtype dtype, int64_t i) {
+  switch (dtype) {
+    case ParamDtype::kFloat64:
+      return static_cast<T>(static_cast<const double*>(data)[i]);
+    case ParamDtype::kFloat32:
+      return static_cast<T>(static_cast<const float*>(data)[i]);
+    case ParamDtype::kFloat16:
+      return static_cast<T>(static_cast<float>(static_cast<const c10::Half*>(data)[i]));
+    default:
+      return static_cast<T>(static_cast<float>(static_cast<const c10::BFloat16*>(data)[i]));
+  }
+}
+
+// One parameter of ForwardParams read as T (p[i]): the kernels read each parameter in its own
+// dtype instead of the host casting it (a kernel launch per parameter and call). The dtype is the
+// same for every thread, so the switch is a uniform branch; the CUDA kernels read each element a
+// few times per block (or stage it in shared memory), the CPU kernels convert once per call
+// (csrc/cpu/kernels_cpu.h).
+template <typename T>
+struct ParamView {
+  const void* data;
+  ParamDtype dtype;
+  SA_HOST_DEVICE T operator[](int64_t i) const { return param_value<T>(data, dtype, i); }
 };
 
-template <typename acc_t>
-SA_HOST_DEVICE ParamArrays<acc_t> param_arrays(const ForwardParams& f) {
-  return ParamArrays<acc_t>{
-      static_cast<const acc_t*>(f.channel_weight), static_cast<const acc_t*>(f.channel_bias),
-      static_cast<const acc_t*>(f.spatial_weight), static_cast<const acc_t*>(f.spatial_bias),
-      static_cast<const acc_t*>(f.gn_weight),      static_cast<const acc_t*>(f.gn_bias)};
+template <typename T>
+SA_HOST_DEVICE ParamView<T> param_view(const ForwardParams& f, int which) {
+  return ParamView<T>{f.params[which], f.param_dtypes[which]};
 }
 
 // The work unit of SALayer: plane b * C + c (batch item b, channel c) of the B * C.
@@ -323,16 +342,17 @@ SA_HOST_DEVICE T sum_shift(T first) {
   return sa_isfinite(first) ? first : T(0);
 }
 
-// (W v + bias)[j] (bias may be null) and (W^T v)[i], W [m, m] row-major.
-template <typename T>
-SA_HOST_DEVICE T matvec_row(const T* W, const T* v, const T* bias, int64_t m, int64_t j) {
-  T acc = bias ? bias[j] : T(0);
+// (W v + bias)[j] and (W^T v)[i], W [m, m] row-major; W and bias are anything indexable as T
+// (a T pointer, a ParamView<T>).
+template <typename T, typename Weight, typename Bias>
+SA_HOST_DEVICE T matvec_row(const Weight& W, const T* v, const Bias& bias, int64_t m, int64_t j) {
+  T acc = bias[j];
   for (int64_t i = 0; i < m; ++i) acc += W[j * m + i] * v[i];
   return acc;
 }
 
-template <typename T>
-SA_HOST_DEVICE T matvec_t_row(const T* W, const T* v, int64_t m, int64_t i) {
+template <typename T, typename Weight>
+SA_HOST_DEVICE T matvec_t_row(const Weight& W, const T* v, int64_t m, int64_t i) {
   T acc = T(0);
   for (int64_t j = 0; j < m; ++j) acc += W[j * m + i] * v[j];
   return acc;
@@ -341,11 +361,6 @@ SA_HOST_DEVICE T matvec_t_row(const T* W, const T* v, int64_t m, int64_t i) {
 template <typename T>
 SA_HOST_DEVICE void matvec(const T* W, const T* v, const T* bias, int64_t m, T* y) {
   for (int64_t j = 0; j < m; ++j) y[j] = matvec_row(W, v, bias, m, j);
-}
-
-template <typename T>
-SA_HOST_DEVICE void matvec_t(const T* W, const T* v, int64_t m, T* y) {
-  for (int64_t i = 0; i < m; ++i) y[i] = matvec_t_row(W, v, m, i);
 }
 
 // d sigmoid(z) / dz expressed with s = sigmoid(z).
@@ -500,9 +515,10 @@ struct ParamGradEntry {
     const acc_t* t_sum = static_cast<const acc_t*>(p->t_sum);
     const acc_t* t_xh = static_cast<const acc_t*>(p->t_xh);
     const acc_t* mean = static_cast<const acc_t*>(f.mean);
-    const acc_t* sw = static_cast<const acc_t*>(f.spatial_weight);
-    const acc_t* gw = static_cast<const acc_t*>(f.gn_weight);
-    const acc_t* gb = static_cast<const acc_t*>(f.gn_bias);
+    // The weights as the kernels' math reads them (acc_t), then widened.
+    const ParamView<acc_t> sw = param_view<acc_t>(f, kSpatialWeight);
+    const ParamView<acc_t> gw = param_view<acc_t>(f, kGnWeight);
+    const ParamView<acc_t> gb = param_view<acc_t>(f, kGnBias);
     // The mean of channel-branch channel k of slot s = (b, g) sits at b * C + g * 2m + k = s * 2m +
     // k.
     if (variant == Variant::kSALayer) {
@@ -553,7 +569,7 @@ struct ParamGradEntry {
   SA_HOST_DEVICE void store(double total) const {
     const double v = p->fwd.batch == 0 ? 0.0 : total;
     void* out = p->param_grads[which];
-    switch (p->param_grad_dtypes[which]) {
+    switch (p->fwd.param_dtypes[which]) {
       case ParamDtype::kFloat64:
         static_cast<double*>(out)[index] = v;
         break;

@@ -3,9 +3,11 @@
 // Layouts (all contiguous):
 //   x, out, grad_out, grad_x   [B, C, N] in the input dtype (N = H * W)
 //   mean, rstd                 [B, C] in acc_t (float; double for float64 input)
-//   parameters                 acc_t; SALayer: every tensor (m);
-//                              ShuffleAttention: channel_weight/spatial_weight (m, m) as
-//                              [out, in], the biases and gn_weight/gn_bias (m)
+//   parameters                 each in its own dtype (param_dtypes; any of the four kernel
+//                              dtypes, independently of x's), read as acc_t through ParamView
+//                              (sa_math.h): no cast kernel per call for a bfloat16 model.
+//                              SALayer: every tensor (m); ShuffleAttention: the channel and
+//                              spatial weights (m, m) as [out, in], every other tensor (m)
 //   backward partials          acc_t, one slot per (batch item, group), every slot written by the
 //                              backward kernel, then reduced in a fixed order (no float atomics)
 //                              into the parameter gradients (sa_math.h):
@@ -24,9 +26,20 @@ enum class Variant {
   kShuffleAttention,  // ShuffleAttention: the gates are the 1x1 convolutions affine1/affine2
 };
 
-// The layer's parameters (and their gradients), in the order of the op schemas and of the
-// pointers below: channel weight, channel bias, spatial weight, spatial bias, gn weight, gn bias.
+// The layer's parameters (and their gradients), in the order of the op schemas and of
+// ForwardParams::params.
 constexpr int kParamCount = 6;
+enum ParamIndex : int {
+  kChannelWeight,
+  kChannelBias,
+  kSpatialWeight,
+  kSpatialBias,
+  kGnWeight,
+  kGnBias,
+};
+
+// The dtype of one parameter (and of its gradient): each may differ from x's and from the others.
+enum class ParamDtype : int8_t { kFloat64, kFloat32, kFloat16, kBFloat16 };
 
 struct ForwardParams {
   int64_t batch;
@@ -41,16 +54,9 @@ struct ForwardParams {
   void* mean;
   void* rstd;
 
-  const void* channel_weight;
-  const void* channel_bias;
-  const void* spatial_weight;
-  const void* spatial_bias;
-  const void* gn_weight;
-  const void* gn_bias;
+  const void* params[kParamCount];  // ParamIndex order, contiguous
+  ParamDtype param_dtypes[kParamCount];
 };
-
-// The dtype of one parameter (and of its gradient): each may differ from x's and from the others.
-enum class ParamDtype : int8_t { kFloat64, kFloat32, kFloat16, kBFloat16 };
 
 struct BackwardParams {
   ForwardParams fwd;  // shapes, x, parameters; mean/rstd read (saved by the forward); out unused
@@ -62,9 +68,9 @@ struct BackwardParams {
   void* t_sum;
   void* t_xh;
 
-  // The parameter gradients in schema order, each in its parameter's shape and dtype.
+  // The parameter gradients in schema order, each in its parameter's shape and dtype
+  // (fwd.param_dtypes).
   void* param_grads[kParamCount];
-  ParamDtype param_grad_dtypes[kParamCount];
 };
 
 }  // namespace sa_cuda

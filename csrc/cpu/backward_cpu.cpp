@@ -30,8 +30,8 @@ struct BackwardTensors {
   acc_t* t_sum;
   acc_t* t_xh;
 
-  explicit BackwardTensors(const BackwardParams& p)
-      : fwd(p.fwd),
+  BackwardTensors(const BackwardParams& p, Variant variant)
+      : fwd(p.fwd, variant),
         grad_out(static_cast<const scalar_t*>(p.grad_out)),
         grad_x(static_cast<scalar_t*>(p.grad_x)),
         gate_grad(static_cast<acc_t*>(p.gate_grad)),
@@ -44,7 +44,7 @@ template <typename scalar_t>
 void backward_sa_layer(const BackwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
-  const BackwardTensors<scalar_t> t(p);
+  const BackwardTensors<scalar_t> t(p, Variant::kSALayer);
   const int64_t N = p.fwd.plane_size;
   const acc_t inv_n = acc_t(1) / acc_t(N);
 
@@ -206,7 +206,7 @@ template <typename scalar_t>
 void backward_shuffle_attention(const BackwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
-  const BackwardTensors<scalar_t> t(p);
+  const BackwardTensors<scalar_t> t(p, Variant::kShuffleAttention);
   const int64_t m = p.fwd.branch_channels, N = p.fwd.plane_size, mN = m * N;
 
   at::parallel_for(0, p.fwd.batch * p.fwd.groups * 2, grain_for(mN, kTaskElements),

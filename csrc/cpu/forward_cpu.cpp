@@ -22,7 +22,7 @@ template <typename scalar_t>
 void forward_sa_layer(const ForwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
-  const ForwardTensors<scalar_t> t(p);
+  const ForwardTensors<scalar_t> t(p, Variant::kSALayer);
   const int64_t N = p.plane_size;
   const acc_t eps = static_cast<acc_t>(p.eps);
 
@@ -66,7 +66,7 @@ template <typename scalar_t>
 void forward_shuffle_attention(const ForwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
-  const ForwardTensors<scalar_t> t(p);
+  const ForwardTensors<scalar_t> t(p, Variant::kShuffleAttention);
   const int64_t m = p.branch_channels, N = p.plane_size;
   const acc_t eps = static_cast<acc_t>(p.eps);
 

@@ -5,10 +5,43 @@
 #include <ATen/OpMathType.h>
 #include <c10/core/ScalarType.h>
 
+#include <type_traits>
+#include <vector>
+
 #include "../sa_math.h"
 #include "../sa_params.h"
 
 namespace sa_cuda::cpu {
+
+// The six parameters as plain acc_t arrays for the vectorized loops (ForwardParams gives each in
+// its own dtype): a parameter already in acc_t is read in place, any other is converted once per
+// call (a few KiB). Not copyable: the arrays may point into `converted_`.
+template <typename acc_t>
+struct ParamArrays {
+  const acc_t *cw, *cb, *sw, *sb, *gw, *gb;
+
+  ParamArrays(const ForwardParams& f, Variant variant) {
+    constexpr ParamDtype kAcc =
+        std::is_same_v<acc_t, double> ? ParamDtype::kFloat64 : ParamDtype::kFloat32;
+    const acc_t** arrays[kParamCount] = {&cw, &cb, &sw, &sb, &gw, &gb};
+    for (int i = 0; i < kParamCount; ++i) {
+      if (f.param_dtypes[i] == kAcc) {
+        *arrays[i] = static_cast<const acc_t*>(f.params[i]);
+        continue;
+      }
+      const ParamView<acc_t> view = param_view<acc_t>(f, i);
+      std::vector<acc_t>& converted = converted_[i];
+      converted.resize(param_numel(variant, f.branch_channels, i));
+      for (size_t e = 0; e < converted.size(); ++e) converted[e] = view[int64_t(e)];
+      *arrays[i] = converted.data();
+    }
+  }
+  ParamArrays(const ParamArrays&) = delete;
+  ParamArrays& operator=(const ParamArrays&) = delete;
+
+ private:
+  std::vector<acc_t> converted_[kParamCount];
+};
 
 // The forward's tensors, typed: x and out in the input dtype, the rest in acc_t.
 template <typename scalar_t>
@@ -20,12 +53,12 @@ struct ForwardTensors {
   acc_t* rstd;
   ParamArrays<acc_t> w;
 
-  explicit ForwardTensors(const ForwardParams& p)
+  ForwardTensors(const ForwardParams& p, Variant variant)
       : x(static_cast<const scalar_t*>(p.x)),
         out(static_cast<scalar_t*>(p.out)),
         mean(static_cast<acc_t*>(p.mean)),
         rstd(static_cast<acc_t*>(p.rstd)),
-        w(param_arrays<acc_t>(p)) {}
+        w(p, variant) {}
 };
 
 void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& params);

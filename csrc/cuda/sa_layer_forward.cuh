@@ -62,10 +62,9 @@ struct PlaneTeam {
                         : int64_t(blockIdx.x)) {}
 };
 
-// The SALayer parameters of branch index k (acc_t, sa_params.h). Read at the kernel's start,
-// before the plane's reductions: they do not depend on the statistics, so their latency hides
-// behind the plane's loads, and the restrict-qualified const pointers tell the compiler that no
-// store of the kernel (out, mean, rstd, the partials) writes them.
+// The SALayer parameters of branch index k, as acc_t (each read in its own dtype: ParamView).
+// Read at the kernel's start, before the plane's reductions: they do not depend on the
+// statistics, so their latency hides behind the plane's loads.
 template <typename acc_t>
 struct PlaneParams {
   acc_t cw, cb, sw, sb, gw, gb;
@@ -73,13 +72,12 @@ struct PlaneParams {
 
 template <typename acc_t>
 SA_DEVICE PlaneParams<acc_t> load_plane_params(const ForwardParams& p, int64_t k) {
-  const acc_t* __restrict__ cw = static_cast<const acc_t*>(p.channel_weight);
-  const acc_t* __restrict__ cb = static_cast<const acc_t*>(p.channel_bias);
-  const acc_t* __restrict__ sw = static_cast<const acc_t*>(p.spatial_weight);
-  const acc_t* __restrict__ sb = static_cast<const acc_t*>(p.spatial_bias);
-  const acc_t* __restrict__ gw = static_cast<const acc_t*>(p.gn_weight);
-  const acc_t* __restrict__ gb = static_cast<const acc_t*>(p.gn_bias);
-  return PlaneParams<acc_t>{cw[k], cb[k], sw[k], sb[k], gw[k], gb[k]};
+  return PlaneParams<acc_t>{param_view<acc_t>(p, kChannelWeight)[k],
+                            param_view<acc_t>(p, kChannelBias)[k],
+                            param_view<acc_t>(p, kSpatialWeight)[k],
+                            param_view<acc_t>(p, kSpatialBias)[k],
+                            param_view<acc_t>(p, kGnWeight)[k],
+                            param_view<acc_t>(p, kGnBias)[k]};
 }
 
 // Gate of one plane: u = x * gate(x). Channel branch: the constant sigmoid(cw * mu + cb);

@@ -42,8 +42,8 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
   if (!unit.spatial) {
     // s = sigmoid(W1 mu + b1); dz_j = sum_p(gu_j x_j) s_j (1 - s_j); dmu = W1^T dz;
     // dx_j = gu_j s_j + dmu_j / N. sum_p(gu_j x_j) by pieces (GroupPieces), then in piece order.
-    const acc_t* w1 = static_cast<const acc_t*>(p.channel_weight);
-    const acc_t* b1 = static_cast<const acc_t*>(p.channel_bias);
+    const ParamView<acc_t> w1 = param_view<acc_t>(p, kChannelWeight);
+    const ParamView<acc_t> b1 = param_view<acc_t>(p, kChannelBias);
     const GroupPieces pieces(m, N / kVec);
     acc_t* dots = smem + L.tile_x();
     for (int j = threadIdx.x; j < m; j += blockDim.x)
@@ -82,13 +82,13 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
     return;
   }
 
-  const acc_t* gw = static_cast<const acc_t*>(p.gn_weight);
   // The spatial branch's d1 = mean(dy) per channel in the channel branch's beta slot, d2 =
   // mean(dy xh) in its own.
   acc_t* dy_mean = beta;
   acc_t* dyxh_mean = smem + L.d2();
-  acc_t* w2 = smem + L.matrix();
-  acc_t* scale = smem + L.scale();
+  const SpatialGateParams<acc_t> gp(smem, L);
+  const acc_t* w2 = gp.w2;
+  const acc_t* gw = gp.gw;
   acc_t* xt = smem + L.tile_x();
   acc_t* yt = smem + L.tile_y();
   acc_t* gt = smem + L.tile_g();
@@ -96,24 +96,24 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
   acc_t* tt = smem + L.tile_t();
   acc_t* accum = smem + L.accum();
   const int ts = static_cast<int>(L.stride());
-  load_spatial_gate(p, m, stats, w2, scale);
+  gp.stage(p, m, stats);
   for (int64_t idx = threadIdx.x; idx < L.accum_values(); idx += blockDim.x) accum[idx] = 0;
 
   // One tile of pixels [p0, p0 + n): x and grad_out in, gate s and t = dL/dz = gu x s (1 - s) out;
   // then the x tile is replaced by xh = (x - mu) r (each entry by the thread that read it: nobody
   // else reads xt in that loop).
   auto gate_tile = [&](int64_t p0, int n) {
-    __syncthreads();  // the previous tile is consumed (and W2, scale, the partials are initialized)
+    __syncthreads();  // the previous tile is consumed (and the gate parameters, the partials are set)
     for_each_cell(m, n, [&](int i, int pt) {
       const acc_t v = static_cast<acc_t>(x[i * N + p0 + pt]);
       xt[i * ts + pt] = v;
       gt[i * ts + pt] = static_cast<acc_t>(gu[2 * i * N + p0 + pt]);
-      yt[i * ts + pt] = group_norm_output(p, stats, scale, i, v);
+      yt[i * ts + pt] = gp.group_norm_output(stats, i, v);
     });
     __syncthreads();
     for_each_cell(m, n, [&](int j, int pt) {
       const int c = j * ts + pt;
-      st[c] = sigmoid(gate_preactivation(p, m, ts, w2, yt, j, pt));
+      st[c] = sigmoid(gp.preactivation(m, ts, yt, j, pt));
       tt[c] = gate_input_grad(gt[c], xt[c], st[c]);
       xt[c] = sa_fma(xt[c], stats.input_scale[j], -stats.center[j]) * stats.gate_rstd[j];
     });

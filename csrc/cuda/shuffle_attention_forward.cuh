@@ -28,8 +28,9 @@ constexpr int kGroupWarps = kGroupThreads / kWarpSize;
 // Shared-memory layout of a ShuffleAttention block, in acc_t values. Per-channel vectors of m:
 // mean, rstd (the true statistics), gate s (channel branch), scale = gw * gate_rstd, dz / T1, the
 // input gradient's coefficients beta (channel branch) or d1 and d2 (sa_math.h: InputGradCoeffs),
-// the Standardizer's input_scale, center, gate_rstd (sa_math.h), and the statistics' rescale
-// exponent; m x m: W2. Then the tiles of m x stride() values (16-byte aligned): x (then xh in the
+// the Standardizer's input_scale, center, gate_rstd (sa_math.h), the statistics' rescale
+// exponent, and the spatial gate's b2, gw, gb; m x m: W2 (the spatial branch's parameters staged
+// in acc_t: read per pixel, each in its own dtype in global memory). Then the tiles of m x stride() values (16-byte aligned): x (then xh in the
 // backward), the GroupNorm output y, and for the backward grad_out, gate s, t; the statistics'
 // per-piece partials use the same space before the first tile. Last, the backward's partials of A
 // and T1 over its pixel slices.
@@ -47,7 +48,10 @@ struct GroupSmem {
   SA_HOST_DEVICE int64_t center() const { return 8 * m; }
   SA_HOST_DEVICE int64_t gate_rstd() const { return 9 * m; }
   SA_HOST_DEVICE int64_t exponent() const { return 10 * m; }
-  SA_HOST_DEVICE int64_t matrix() const { return 11 * m; }
+  SA_HOST_DEVICE int64_t gate_bias() const { return 11 * m; }
+  SA_HOST_DEVICE int64_t gn_weight() const { return 12 * m; }
+  SA_HOST_DEVICE int64_t gn_bias() const { return 13 * m; }
+  SA_HOST_DEVICE int64_t matrix() const { return 14 * m; }
   SA_HOST_DEVICE int64_t tile_x() const { return (matrix() + m * m + 3) / 4 * 4; }
   SA_HOST_DEVICE int64_t tile_y() const { return tile_x() + m * stride(); }
   SA_HOST_DEVICE int64_t tile_g() const { return tile_y() + m * stride(); }
@@ -309,35 +313,49 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int m, int64_t N, acc_t eps,
   }
 }
 
-// The spatial gate's parameters in shared memory: W2 (read m times per pixel) and the GroupNorm
-// scale gw * gate_rstd per channel.
+// The spatial gate's parameters in shared memory, in acc_t: W2 (read m times per pixel), b2, gw,
+// gb, and the GroupNorm scale gw * gate_rstd per channel. stage() converts them from their own
+// dtypes (ParamView) once per block; the caller synchronizes before reading them.
 template <typename acc_t>
-SA_DEVICE void load_spatial_gate(const ForwardParams& p, int64_t m, const GroupStats<acc_t>& stats,
-                                 acc_t* w2, acc_t* scale) {
-  const acc_t* w = static_cast<const acc_t*>(p.spatial_weight);
-  const acc_t* gw = static_cast<const acc_t*>(p.gn_weight);
-  for (int64_t idx = threadIdx.x; idx < m * m; idx += blockDim.x) w2[idx] = w[idx];
-  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) scale[i] = gw[i] * stats.gate_rstd[i];
-}
+struct SpatialGateParams {
+  acc_t *w2, *b2, *gw, *gb, *scale;
 
-// The GroupNorm output y_i = scale_i xc_i + gb_i of a value x of channel i, xc = (x - mu) *
-// input_scale (the Standardizer's fma). The gate's pre-activation at tile pixel pt is then
-// z_j = b2_j + sum_i W2[j, i] y_i (yt: the tile of y, rows `stride` apart). Unfolded like the
-// reference (sa_math.h: centered, and +-inf weights stay +-inf, not NaN).
-template <typename acc_t>
-SA_DEVICE acc_t group_norm_output(const ForwardParams& p, const GroupStats<acc_t>& stats,
-                                  const acc_t* scale, int64_t i, acc_t x) {
-  const acc_t* gb = static_cast<const acc_t*>(p.gn_bias);
-  return scale[i] * sa_fma(x, stats.input_scale[i], -stats.center[i]) + gb[i];
-}
+  SA_DEVICE SpatialGateParams(acc_t* smem, const GroupSmem& L)
+      : w2(smem + L.matrix()),
+        b2(smem + L.gate_bias()),
+        gw(smem + L.gn_weight()),
+        gb(smem + L.gn_bias()),
+        scale(smem + L.scale()) {}
 
-template <typename acc_t>
-SA_DEVICE acc_t gate_preactivation(const ForwardParams& p, int m, int stride, const acc_t* w2,
-                                   const acc_t* yt, int j, int pt) {
-  acc_t z = static_cast<const acc_t*>(p.spatial_bias)[j];
-  for (int i = 0; i < m; ++i) z += w2[j * m + i] * yt[i * stride + pt];
-  return z;
-}
+  SA_DEVICE void stage(const ForwardParams& p, int64_t m, const GroupStats<acc_t>& stats) const {
+    const ParamView<acc_t> w = param_view<acc_t>(p, kSpatialWeight);
+    for (int64_t idx = threadIdx.x; idx < m * m; idx += blockDim.x) w2[idx] = w[idx];
+    const ParamView<acc_t> bias = param_view<acc_t>(p, kSpatialBias);
+    const ParamView<acc_t> gn_weight = param_view<acc_t>(p, kGnWeight);
+    const ParamView<acc_t> gn_bias = param_view<acc_t>(p, kGnBias);
+    for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
+      b2[i] = bias[i];
+      gw[i] = gn_weight[i];
+      gb[i] = gn_bias[i];
+      scale[i] = gw[i] * stats.gate_rstd[i];
+    }
+  }
+
+  // The GroupNorm output y_i = scale_i xc_i + gb_i of a value x of channel i, xc = (x - mu) *
+  // input_scale (the Standardizer's fma). Unfolded like the reference (sa_math.h: centered, and
+  // +-inf weights stay +-inf, not NaN).
+  SA_DEVICE acc_t group_norm_output(const GroupStats<acc_t>& stats, int64_t i, acc_t x) const {
+    return scale[i] * sa_fma(x, stats.input_scale[i], -stats.center[i]) + gb[i];
+  }
+
+  // The gate's pre-activation at tile pixel pt: z_j = b2_j + sum_i W2[j, i] y_i (yt: the tile of
+  // y, rows `stride` apart).
+  SA_DEVICE acc_t preactivation(int m, int stride, const acc_t* yt, int j, int pt) const {
+    acc_t z = b2[j];
+    for (int i = 0; i < m; ++i) z += w2[j * m + i] * yt[i * stride + pt];
+    return z;
+  }
+};
 
 template <typename scalar_t, int kVec>
 SA_KERNEL_BOUNDS(kGroupThreads, kGroupMinBlocks)
@@ -364,8 +382,8 @@ void shuffle_attention_forward_kernel(ForwardParams p, int64_t tile) {
 
   if (!unit.spatial) {
     // s = sigmoid(W1 mu + b1), one scalar per plane.
-    const acc_t* w1 = static_cast<const acc_t*>(p.channel_weight);
-    const acc_t* b1 = static_cast<const acc_t*>(p.channel_bias);
+    const ParamView<acc_t> w1 = param_view<acc_t>(p, kChannelWeight);
+    const ParamView<acc_t> b1 = param_view<acc_t>(p, kChannelBias);
     for (int j = threadIdx.x; j < m; j += blockDim.x)
       gate[j] = sigmoid(matvec_row(w1, stats.mean, b1, m, j));
     __syncthreads();
@@ -379,23 +397,22 @@ void shuffle_attention_forward_kernel(ForwardParams p, int64_t tile) {
     return;
   }
 
-  acc_t* w2 = smem + L.matrix();
-  acc_t* scale = smem + L.scale();
+  const SpatialGateParams<acc_t> gp(smem, L);
   acc_t* xt = smem + L.tile_x();
   acc_t* yt = smem + L.tile_y();
   const int ts = static_cast<int>(L.stride());
-  load_spatial_gate(p, m, stats, w2, scale);
+  gp.stage(p, m, stats);
   for (int64_t p0 = 0; p0 < N; p0 += tile) {
     const int n = static_cast<int>(N - p0 < tile ? N - p0 : tile);
-    __syncthreads();  // W2 and scale are written; the previous tile is consumed
+    __syncthreads();  // the gate's parameters are staged; the previous tile is consumed
     for_each_cell(m, n, [&](int i, int pt) {
       const acc_t v = static_cast<acc_t>(x[i * N + p0 + pt]);
       xt[i * ts + pt] = v;
-      yt[i * ts + pt] = group_norm_output(p, stats, scale, i, v);
+      yt[i * ts + pt] = gp.group_norm_output(stats, i, v);
     });
     __syncthreads();
     for_each_cell(m, n, [&](int j, int pt) {
-      const acc_t z = gate_preactivation(p, m, ts, w2, yt, j, pt);
+      const acc_t z = gp.preactivation(m, ts, yt, j, pt);
       out[2 * j * N + p0 + pt] = static_cast<scalar_t>(xt[j * ts + pt] * sigmoid(z));
     });
   }

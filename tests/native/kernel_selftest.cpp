@@ -119,9 +119,11 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
   std::vector<T> mean(k.B * k.C), rstd(k.B * k.C), gate_grad(k.B * k.G * m), t_sum(k.B * k.G * m),
       t_xh(k.B * k.G * m * (k.variant == Variant::kShuffleAttention ? m : 1));
 
-  ForwardParams f{k.B,         k.C,         k.G,         m,           N,           1e-5,
-                  x,           out,         mean.data(), rstd.data(), p[0].data(), p[1].data(),
-                  p[2].data(), p[3].data(), p[4].data(), p[5].data()};
+  ForwardParams f{k.B, k.C, k.G, m, N, 1e-5, x, out, mean.data(), rstd.data()};
+  for (int i = 0; i < 6; ++i) {
+    f.params[i] = p[i].data();
+    f.param_dtypes[i] = sizeof(T) == 8 ? ParamDtype::kFloat64 : ParamDtype::kFloat32;
+  }
   emulated::forward(k.variant, dtype, f);
   const std::vector<double> want = naive_forward(k, x64, p64);
   double err = 0, scale = 0;
@@ -134,7 +136,6 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
   for (int i = 0; i < 6; ++i) {
     param_grads[i].resize(p[i].size());
     bp.param_grads[i] = param_grads[i].data();
-    bp.param_grad_dtypes[i] = sizeof(T) == 8 ? ParamDtype::kFloat64 : ParamDtype::kFloat32;
   }
   emulated::backward(k.variant, dtype, bp);
   bool finite = true;

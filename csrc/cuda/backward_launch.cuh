@@ -18,7 +18,7 @@ void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& b) {
       if (variant == Variant::kSALayer) {
         const int pack =
             plane_pack_elements<scalar_t>(b.fwd.plane_size, {b.fwd.x, b.grad_out, b.grad_x});
-        launch_sa_layer<scalar_t>(b, b.fwd, pack, [](auto warp, auto vec, auto packs) {
+        launch_sa_layer<scalar_t, true>(b, b.fwd, pack, [](auto warp, auto vec, auto packs) {
           return &sa_layer_backward_kernel<scalar_t, decltype(warp)::value, decltype(vec)::value,
                                            decltype(packs)::value>;
         });

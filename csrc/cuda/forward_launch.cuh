@@ -11,7 +11,7 @@ void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& f) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_forward_cuda", [&] {
     if (variant == Variant::kSALayer) {
       const int pack = plane_pack_elements<scalar_t>(f.plane_size, {f.x, f.out});
-      launch_sa_layer<scalar_t>(f, f, pack, [](auto warp, auto vec, auto packs) {
+      launch_sa_layer<scalar_t, false>(f, f, pack, [](auto warp, auto vec, auto packs) {
         return &sa_layer_forward_kernel<scalar_t, decltype(warp)::value, decltype(vec)::value,
                                         decltype(packs)::value>;
       });

@@ -4,7 +4,8 @@
 //   N <= 256              a warp per plane, 8 planes per 256-thread block, plane in registers
 //                         (no per-plane pack wider than one element: the block's 8 planes are
 //                         read as one chunk through shared memory with 16-byte loads)
-//   N <= 4096             a block per plane (32..512 threads, 8 elements each), plane in registers
+//   N <= 4096             a block per plane (32..512 threads, block_team_packs packs each),
+//                         plane in registers
 //   larger                a block of 512 per plane, streamed twice (moments, then the gate)
 // ShuffleAttention: a block of 256 per (batch item, group, branch), tiles in shared memory.
 // Both move the widest pack (16, 8 or 4 bytes, else one element) that N and every plane pointer
@@ -54,19 +55,21 @@ void with_pack_elements(int vec, const Go& go) {
 
 // pick(bool_c<warp team>, int_c<kVec>, int_c<kPacks>) returns the kernel to launch; vec from
 // plane_pack_elements over the kernel's plane tensors.
-template <typename scalar_t, typename Params, typename Pick>
+template <typename scalar_t, bool kBackward, typename Params, typename Pick>
 void launch_sa_layer(const Params& params, const ForwardParams& f, int vec, const Pick& pick) {
   const int64_t planes = f.batch * f.channels, N = f.plane_size;
   with_pack_elements<16 / int(sizeof(scalar_t))>(vec, [&](auto vec_c) {
-    constexpr int kPacks = kPlaneItems / decltype(vec_c)::value;
+    constexpr int kVec = decltype(vec_c)::value;
+    constexpr int kBlockPacks = block_team_packs<scalar_t, kBackward, kVec>();
     const Stream stream = current_stream();
-    if (N <= kWarpSize * kPlaneItems) {
-      launch(pick(bool_c<true>(), vec_c, int_c<kPacks>()), ceil_div(planes, kPlanesPerWarpBlock),
-             kWarpTeamBlock, 0, stream, params);
-    } else if (N <= kMaxPlaneTeam * kPlaneItems) {
+    if (N <= kWarpSize * kWarpTeamItems) {
+      launch(pick(bool_c<true>(), vec_c, int_c<kWarpTeamItems / kVec>()),
+             ceil_div(planes, kPlanesPerWarpBlock), kWarpTeamBlock, 0, stream, params);
+    } else if (N <= kMaxRegisterPlane) {
       const int threads =
-          static_cast<int>(ceil_div(ceil_div(N, kPlaneItems), kWarpSize) * kWarpSize);
-      launch(pick(bool_c<false>(), vec_c, int_c<kPacks>()), planes, threads, 0, stream, params);
+          static_cast<int>(ceil_div(ceil_div(N, kBlockPacks * kVec), kWarpSize) * kWarpSize);
+      launch(pick(bool_c<false>(), vec_c, int_c<kBlockPacks>()), planes, threads, 0, stream,
+             params);
     } else {
       launch(pick(bool_c<false>(), vec_c, int_c<0>()), planes, kMaxPlaneTeam, 0, stream, params);
     }

@@ -16,11 +16,29 @@
 
 namespace sa_cuda::SA_GPU_NS {
 
-constexpr int kPlaneItems = 8;       // elements per thread held in registers
-constexpr int kWarpTeamBlock = 256;  // threads per block of warp teams
+constexpr int kWarpTeamItems = 8;     // elements per lane of a warp team, held in registers
+constexpr int kWarpTeamBlock = 256;   // threads per block of warp teams
 constexpr int kPlanesPerWarpBlock = kWarpTeamBlock / kWarpSize;
-constexpr int kMaxPlaneTeam = 512;   // threads of the largest block team
-constexpr int kStreamLoads = 4;      // loads in flight per thread on the streamed path
+constexpr int kMaxPlaneTeam = 512;    // threads of the streamed path's block team
+constexpr int64_t kMaxRegisterPlane = 4096;  // the largest plane a block team holds in registers
+constexpr int kStreamLoads = 4;       // loads in flight per thread on the streamed path
+
+// Elements per thread of a block team holding its plane in registers (256 < N <= 4096). A block
+// loads its plane, reduces it twice (barriers, no load in flight) and stores it: the time of a
+// plane is a latency, so an SM's bandwidth is the bytes of the planes it holds at once, and those
+// are bounded by registers, not by threads. The first GPU visit measured 8 elements per thread
+// (416 threads at 56x56, 3 blocks per SM): the bfloat16 forward took as long as the float32 one
+// for half the bytes (docs/gpu.md, section 8). Fewer threads per plane, each holding 64 bytes
+// of x (float32: 16 elements, 224 threads at 56x56; 2-byte types: 32, 128 threads) let more
+// planes share an SM for the same registers, and cut the warps each reduction waits for. The
+// backward holds x, grad_out and the gate per element (three registers each): 16 elements, and
+// float64 keeps 8 in both. Packs narrower than 16 bytes carry an index and a bound check each:
+// at most 8 packs a thread (more spill at the 128-register cap, e.g. 32 scalar bfloat16 packs).
+template <typename scalar_t, bool kBackward, int kVec>
+constexpr int block_team_packs() {
+  constexpr int items = sizeof(scalar_t) == 8 ? 8 : kBackward ? 16 : 64 / int(sizeof(scalar_t));
+  return items / kVec < 8 ? items / kVec : 8;
+}
 
 // Low B * C (B = 1 inference, detection heads): fewer planes than about twice the SM count leave
 // SMs idle on every block-per-plane path. Splitting a plane over several blocks would need a
@@ -115,10 +133,10 @@ SA_DEVICE void load_plane_packs(const scalar_t* plane, const PlaneTeam<kWarpTeam
 // calls it (a barrier), also the warps past the last plane.
 template <typename scalar_t, typename acc_t>
 SA_DEVICE void load_staged_plane(const scalar_t* x, const PlaneTeam<true>& team, int64_t planes,
-                                 int64_t N, acc_t (&v)[kPlaneItems][1]) {
+                                 int64_t N, acc_t (&v)[kWarpTeamItems][1]) {
   using ChunkPack = Pack<scalar_t, kChunkVec<scalar_t>>;
   SA_SHARED_ARRAY(ChunkPack, chunk,
-                  chunk_packs<scalar_t>(kPlanesPerWarpBlock * kWarpSize * kPlaneItems));
+                  chunk_packs<scalar_t>(kPlanesPerWarpBlock * kWarpSize * kWarpTeamItems));
   const int64_t first = int64_t(blockIdx.x) * kPlanesPerWarpBlock;
   const int64_t count =
       (planes - first < kPlanesPerWarpBlock ? planes - first : kPlanesPerWarpBlock) * N;
@@ -128,7 +146,7 @@ SA_DEVICE void load_staged_plane(const scalar_t* x, const PlaneTeam<true>& team,
   const scalar_t* plane =
       reinterpret_cast<const scalar_t*>(chunk) + lead + (team.plane - first) * N;
 #pragma unroll
-  for (int k = 0; k < kPlaneItems; ++k) {
+  for (int k = 0; k < kWarpTeamItems; ++k) {
     const int64_t q = team.rank + int64_t(k) * kWarpSize;
     if (q < N) v[k][0] = static_cast<acc_t>(plane[q]);
   }

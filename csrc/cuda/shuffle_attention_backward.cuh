@@ -86,7 +86,7 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
   // mean(dy xh) in its own.
   acc_t* dy_mean = beta;
   acc_t* dyxh_mean = smem + L.d2();
-  const SpatialGateParams<acc_t> gp(smem, L);
+  const SpatialGateParams<acc_t> gp(p, smem, L);
   const acc_t* w2 = gp.w2;
   const acc_t* gw = gp.gw;
   acc_t* xt = smem + L.tile_x();

@@ -29,8 +29,8 @@ constexpr int kGroupWarps = kGroupThreads / kWarpSize;
 // mean, rstd (the true statistics), gate s (channel branch), scale = gw * gate_rstd, dz / T1, the
 // input gradient's coefficients beta (channel branch) or d1 and d2 (sa_math.h: InputGradCoeffs),
 // the Standardizer's input_scale, center, gate_rstd (sa_math.h), the statistics' rescale
-// exponent, and the spatial gate's b2, gw, gb; m x m: W2 (the spatial branch's parameters staged
-// in acc_t: read per pixel, each in its own dtype in global memory). Then the tiles of m x stride() values (16-byte aligned): x (then xh in the
+// exponent, and the GroupNorm weight gw; m x m: W2 (the spatial gate's parameters read per pixel,
+// staged in acc_t). Then the tiles of m x stride() values (16-byte aligned): x (then xh in the
 // backward), the GroupNorm output y, and for the backward grad_out, gate s, t; the statistics'
 // per-piece partials use the same space before the first tile. Last, the backward's partials of A
 // and T1 over its pixel slices.
@@ -48,10 +48,8 @@ struct GroupSmem {
   SA_HOST_DEVICE int64_t center() const { return 8 * m; }
   SA_HOST_DEVICE int64_t gate_rstd() const { return 9 * m; }
   SA_HOST_DEVICE int64_t exponent() const { return 10 * m; }
-  SA_HOST_DEVICE int64_t gate_bias() const { return 11 * m; }
-  SA_HOST_DEVICE int64_t gn_weight() const { return 12 * m; }
-  SA_HOST_DEVICE int64_t gn_bias() const { return 13 * m; }
-  SA_HOST_DEVICE int64_t matrix() const { return 14 * m; }
+  SA_HOST_DEVICE int64_t gn_weight() const { return 11 * m; }
+  SA_HOST_DEVICE int64_t matrix() const { return 12 * m; }
   SA_HOST_DEVICE int64_t tile_x() const { return (matrix() + m * m + 3) / 4 * 4; }
   SA_HOST_DEVICE int64_t tile_y() const { return tile_x() + m * stride(); }
   SA_HOST_DEVICE int64_t tile_g() const { return tile_y() + m * stride(); }
@@ -313,30 +311,29 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int m, int64_t N, acc_t eps,
   }
 }
 
-// The spatial gate's parameters in shared memory, in acc_t: W2 (read m times per pixel), b2, gw,
-// gb, and the GroupNorm scale gw * gate_rstd per channel. stage() converts them from their own
-// dtypes (ParamView) once per block; the caller synchronizes before reading them.
+// The spatial gate's parameters: W2 (read m times per pixel), gw and the GroupNorm scale
+// gw * gate_rstd per channel staged in shared memory in acc_t (stage(): once per block, the caller
+// synchronizes before reading them); b2 and gb read in their own dtypes (ParamView, a uniform
+// branch) where used: their addresses come from the kernel's parameters, not registers, which
+// the backward kernel has none to spare for.
 template <typename acc_t>
 struct SpatialGateParams {
-  acc_t *w2, *b2, *gw, *gb, *scale;
+  acc_t *w2, *gw, *scale;
+  ParamView<acc_t> b2, gb;
 
-  SA_DEVICE SpatialGateParams(acc_t* smem, const GroupSmem& L)
+  SA_DEVICE SpatialGateParams(const ForwardParams& p, acc_t* smem, const GroupSmem& L)
       : w2(smem + L.matrix()),
-        b2(smem + L.gate_bias()),
         gw(smem + L.gn_weight()),
-        gb(smem + L.gn_bias()),
-        scale(smem + L.scale()) {}
+        scale(smem + L.scale()),
+        b2(param_view<acc_t>(p, kSpatialBias)),
+        gb(param_view<acc_t>(p, kGnBias)) {}
 
   SA_DEVICE void stage(const ForwardParams& p, int64_t m, const GroupStats<acc_t>& stats) const {
     const ParamView<acc_t> w = param_view<acc_t>(p, kSpatialWeight);
     for (int64_t idx = threadIdx.x; idx < m * m; idx += blockDim.x) w2[idx] = w[idx];
-    const ParamView<acc_t> bias = param_view<acc_t>(p, kSpatialBias);
     const ParamView<acc_t> gn_weight = param_view<acc_t>(p, kGnWeight);
-    const ParamView<acc_t> gn_bias = param_view<acc_t>(p, kGnBias);
     for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
-      b2[i] = bias[i];
       gw[i] = gn_weight[i];
-      gb[i] = gn_bias[i];
       scale[i] = gw[i] * stats.gate_rstd[i];
     }
   }
@@ -397,7 +394,7 @@ void shuffle_attention_forward_kernel(ForwardParams p, int64_t tile) {
     return;
   }
 
-  const SpatialGateParams<acc_t> gp(smem, L);
+  const SpatialGateParams<acc_t> gp(p, smem, L);
   acc_t* xt = smem + L.tile_x();
   acc_t* yt = smem + L.tile_y();
   const int ts = static_cast<int>(L.stride());

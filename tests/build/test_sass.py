@@ -33,7 +33,7 @@ import sa_cuda
 
 # sa_layer_{forward,backward}_kernel<scalar_t, kWarpTeam, kVec, kPacks> (sa_layer_forward.cuh), mangled.
 PLANE_KERNEL = re.compile(
-    r"(plane_(?:forward|backward)_kernel)I(N3c108BFloat16E|N3c104HalfE|f|d)"
+    r"(sa_layer_(?:forward|backward)_kernel)I(N3c108BFloat16E|N3c104HalfE|f|d)"
     r"Lb([01])ELi(\d+)ELi(\d+)E"
 )
 ELEMENT_BYTES = {"N3c108BFloat16E": 2, "N3c104HalfE": 2, "f": 4, "d": 8}

@@ -1,9 +1,11 @@
 // Launch shapes, chosen from the problem (included by the forward and backward launch files).
 //
 // SALayer, one team per plane:
-//   N <= 256              a warp per plane, 8 planes per 256-thread block, plane in registers
-//                         (no per-plane pack wider than one element: the block's 8 planes are
-//                         read as one chunk through shared memory with 16-byte loads)
+//   N <= 256              a team of warp_team_lanes(N) lanes per plane (8 elements a lane, a
+//                         power of two <= 32: 8 lanes at 7x7), 256 / lanes planes per 256-thread
+//                         block, plane in registers (no per-plane pack wider than one element:
+//                         the block's planes are read as one chunk through shared memory with
+//                         16-byte loads)
 //   N <= 4096             a block per plane (32..512 threads, block_team_packs packs each),
 //                         plane in registers
 //   larger                a block of 512 per plane, streamed twice (moments, then the gate)
@@ -64,7 +66,8 @@ void launch_sa_layer(const Params& params, const ForwardParams& f, int vec, cons
     const Stream stream = current_stream();
     if (N <= kWarpSize * kWarpTeamItems) {
       launch(pick(bool_c<true>(), vec_c, int_c<kWarpTeamItems / kVec>()),
-             ceil_div(planes, kPlanesPerWarpBlock), kWarpTeamBlock, 0, stream, params);
+             ceil_div(planes, kWarpTeamBlock / warp_team_lanes(N)), kWarpTeamBlock, 0, stream,
+             params);
     } else if (N <= kMaxRegisterPlane) {
       const int threads =
           static_cast<int>(ceil_div(ceil_div(N, kBlockPacks * kVec), kWarpSize) * kWarpSize);

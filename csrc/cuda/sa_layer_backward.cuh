@@ -21,13 +21,12 @@ void sa_layer_backward_kernel(BackwardParams p) {
   constexpr bool kStaged = kWarpTeam && kVec == 1;  // as in sa_layer_forward_kernel
   SA_SHARED_ARRAY(acc_t, scratch, 2 * kWarpSize);
   const ForwardParams& f = p.fwd;
-  const PlaneTeam<kWarpTeam> team;
   const int64_t planes = f.batch * f.channels, N = f.plane_size, packs = N / kVec;
+  const PlaneTeam<kWarpTeam> team(planes, N);
   const scalar_t* x_planes = static_cast<const scalar_t*>(f.x);
   acc_t xv[kPacks > 0 ? kPacks : 1][kVec], gv[kPacks > 0 ? kPacks : 1][kVec];
   acc_t sv[kPacks > 0 ? kPacks : 1][kVec];
   if constexpr (kStaged) load_staged_plane(x_planes, team, planes, N, xv);
-  if (kWarpTeam && team.plane >= planes) return;
 
   const PlaneUnit unit = plane_unit(f, team.plane);
   const ChannelRole& role = unit.role;
@@ -68,10 +67,10 @@ void sa_layer_backward_kernel(BackwardParams p) {
         team.rank, team.size, packs, load_pair,
         [&](int64_t, const acc_t(&pair)[2][kVec]) { accumulate(pair[0], pair[1], sv[0]); });
   }
-  team_sum<kWarpTeam>(sums, scratch);
+  team.sum(sums, scratch);
 
   const int64_t slot = unit.slot(f);
-  if (team.rank == 0) {
+  if (team.rank == 0 && team.active) {
     if (role.spatial) {
       static_cast<acc_t*>(p.t_sum)[slot] = sums[0];
       static_cast<acc_t*>(p.t_xh)[slot] = sums[1];
@@ -97,7 +96,7 @@ void sa_layer_backward_kernel(BackwardParams p) {
             spatial_grad_terms(gate_input_grad(g_[i], x_[i], s_[i]), st.normalized(x_[i]), coeffs);
       }
     }
-    store_acc<scalar_t, acc_t, kVec>(dx, q, d);
+    if (team.active) store_acc<scalar_t, acc_t, kVec>(dx, q, d);
   };
   if constexpr (kPacks > 0) {
 #pragma unroll

@@ -18,25 +18,25 @@ namespace sa_cuda::SA_GPU_NS {
 
 constexpr int kWarpTeamItems = 8;     // elements per lane of a warp team, held in registers
 constexpr int kWarpTeamBlock = 256;   // threads per block of warp teams
-constexpr int kPlanesPerWarpBlock = kWarpTeamBlock / kWarpSize;
 constexpr int kMaxPlaneTeam = 512;    // threads of the streamed path's block team
 constexpr int64_t kMaxRegisterPlane = 4096;  // the largest plane a block team holds in registers
 constexpr int kStreamLoads = 4;       // loads in flight per thread on the streamed path
 
 // Elements per thread of a block team holding its plane in registers (256 < N <= 4096). A block
-// loads its plane, reduces it twice (barriers, no load in flight) and stores it: the time of a
-// plane is a latency, so an SM's bandwidth is the bytes of the planes it holds at once, and those
-// are bounded by registers, not by threads. The first GPU visit measured 8 elements per thread
-// (416 threads at 56x56, 3 blocks per SM): the bfloat16 forward took as long as the float32 one
-// for half the bytes (docs/gpu.md, section 8). Fewer threads per plane, each holding 64 bytes
-// of x (float32: 16 elements, 224 threads at 56x56; 2-byte types: 32, 128 threads) let more
-// planes share an SM for the same registers, and cut the warps each reduction waits for. The
-// backward holds x, grad_out and the gate per element (three registers each): 16 elements, and
-// float64 keeps 8 in both. Packs narrower than 16 bytes carry an index and a bound check each:
-// at most 8 packs a thread (more spill at the 128-register cap, e.g. 32 scalar bfloat16 packs).
+// loads its plane, reduces it twice (barriers, no load in flight) and stores it, so an SM's
+// bandwidth is set by the planes it holds at once and by the warps that hide each other's
+// latencies, both bounded by registers. Measured on an H200 at (64, 256, 56, 56) (docs/gpu.md,
+// section 9): 8 elements a thread everywhere (416 threads at 56x56) gave the bfloat16 passes the
+// float32 passes' time for half the bytes; 64 bytes of x a thread in the forward (float32 16
+// elements, 224 threads; 2-byte types 32, 128 threads) took the bfloat16 forward from 31% to 44%
+// of the copy and the float32 one from 63% to 67%. The backward holds x, grad_out and the gate
+// (three registers an element): 32 bytes of x a thread (bfloat16 16 elements: 30% to 39%; float32
+// 16 elements fell from 63% to 56%, 86 registers: float32 keeps 8). float64 keeps 8 in both.
+// Packs narrower than 16 bytes carry an index and a bound check each: at most 8 packs a thread
+// (more spill at the 128-register cap, e.g. 32 scalar bfloat16 packs).
 template <typename scalar_t, bool kBackward, int kVec>
 constexpr int block_team_packs() {
-  constexpr int items = sizeof(scalar_t) == 8 ? 8 : kBackward ? 16 : 64 / int(sizeof(scalar_t));
+  constexpr int items = sizeof(scalar_t) == 8 ? 8 : (kBackward ? 32 : 64) / int(sizeof(scalar_t));
   return items / kVec < 8 ? items / kVec : 8;
 }
 
@@ -67,17 +67,55 @@ constexpr int plane_min_blocks(bool warp_team) {
 #define SA_LAYER_KERNEL_BOUNDS(warp_team) \
   SA_KERNEL_BOUNDS(plane_block_threads(warp_team), plane_min_blocks(warp_team))
 
-// The team of a plane: a warp (kWarpTeam: blockDim.x / 32 planes per block) or the whole block.
+// Lanes of a warp team (N <= 256): the smallest power of two that holds the plane at
+// kWarpTeamItems per lane. A 7x7 plane takes 8 lanes, so 4 planes share a warp and 32 a block:
+// each reduction is 3 shuffle steps instead of 5, and a warp keeps 4 planes' loads in flight
+// where a warp per plane had 49 values (the first visit: 2-4% of DRAM peak at 7x7).
+SA_HOST_DEVICE int warp_team_lanes(int64_t N) {
+  int lanes = 1;
+  while (lanes < kWarpSize && lanes * kWarpTeamItems < N) lanes *= 2;
+  return lanes;
+}
+
+// The team of a plane: an aligned group of warp_team_lanes(N) lanes of a warp (kWarpTeam) or the
+// whole block. The teams of the last block past the last plane work on the last plane and store
+// nothing (active false): every lane of a warp runs the teams' shuffles together.
 template <bool kWarpTeam>
 struct PlaneTeam {
   int size, rank;
   int64_t plane;
+  bool active;
 
-  SA_DEVICE PlaneTeam()
-      : size(kWarpTeam ? kWarpSize : static_cast<int>(blockDim.x)),
-        rank(kWarpTeam ? static_cast<int>(threadIdx.x) % kWarpSize : static_cast<int>(threadIdx.x)),
-        plane(kWarpTeam ? int64_t(blockIdx.x) * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize
-                        : int64_t(blockIdx.x)) {}
+  SA_DEVICE PlaneTeam(int64_t planes, int64_t N) {
+    if constexpr (kWarpTeam) {
+      size = warp_team_lanes(N);
+      rank = static_cast<int>(threadIdx.x) % size;
+      const int64_t own = int64_t(blockIdx.x) * (blockDim.x / size) + threadIdx.x / size;
+      active = own < planes;
+      plane = active ? own : planes - 1;
+    } else {
+      size = static_cast<int>(blockDim.x);
+      rank = static_cast<int>(threadIdx.x);
+      plane = int64_t(blockIdx.x);
+      active = true;
+    }
+  }
+
+  // Team reductions over this team (team.cuh): every thread of the warp (or block) calls them.
+  template <int K, typename T>
+  SA_DEVICE void sum(T (&v)[K], T* scratch) const {
+    team_sum<kWarpTeam>(v, scratch, size);
+  }
+  template <int K, typename T>
+  SA_DEVICE void max(T (&v)[K], T* scratch) const {
+    team_reduce<kWarpTeam>(v, scratch, MaxOp{}, size);
+  }
+  // Whether teams share a warp (fewer than 32 lanes): then a branch around collectives must be
+  // taken by every lane of the warp.
+  SA_DEVICE bool shares_warp() const { return kWarpTeam && size < kWarpSize; }
+  // A branch taken by every team of the warp (or the block) when any takes it: the collectives
+  // inside it then run on every lane.
+  SA_DEVICE bool any(bool flag) const { return shares_warp() ? warp_any(flag) : flag; }
 };
 
 // The SALayer parameters of branch index k, as acc_t (each read in its own dtype: ParamView).
@@ -126,28 +164,27 @@ SA_DEVICE void load_plane_packs(const scalar_t* plane, const PlaneTeam<kWarpTeam
   }
 }
 
-// The staged warp-team path: the block's kPlanesPerWarpBlock planes (fewer in the last block) are
+// The staged warp-team path: the block's 256 / lanes planes (fewer in the last block) are
 // consecutive in x, one chunk of at most 8 * 256 values, which the whole block copies to shared
-// memory with 16-byte loads (stage_chunk) however the planes lie against 16 bytes; then each warp
-// reads its own plane's values (element q = rank + 32 k) from there. Every thread of the block
-// calls it (a barrier), also the warps past the last plane.
+// memory with 16-byte loads (stage_chunk) however the planes lie against 16 bytes; then each team
+// reads its own plane's values (element q = rank + lanes k) from there. Every thread of the block
+// calls it (a barrier), also the teams past the last plane.
 template <typename scalar_t, typename acc_t>
 SA_DEVICE void load_staged_plane(const scalar_t* x, const PlaneTeam<true>& team, int64_t planes,
                                  int64_t N, acc_t (&v)[kWarpTeamItems][1]) {
   using ChunkPack = Pack<scalar_t, kChunkVec<scalar_t>>;
   SA_SHARED_ARRAY(ChunkPack, chunk,
-                  chunk_packs<scalar_t>(kPlanesPerWarpBlock * kWarpSize * kWarpTeamItems));
-  const int64_t first = int64_t(blockIdx.x) * kPlanesPerWarpBlock;
-  const int64_t count =
-      (planes - first < kPlanesPerWarpBlock ? planes - first : kPlanesPerWarpBlock) * N;
+                  chunk_packs<scalar_t>(kWarpTeamBlock * kWarpTeamItems));
+  const int64_t per_block = kWarpTeamBlock / team.size;
+  const int64_t first = int64_t(blockIdx.x) * per_block;
+  const int64_t count = (planes - first < per_block ? planes - first : per_block) * N;
   const int lead = stage_chunk(x + first * N, count, chunk);
   __syncthreads();
-  if (team.plane >= planes) return;
   const scalar_t* plane =
       reinterpret_cast<const scalar_t*>(chunk) + lead + (team.plane - first) * N;
 #pragma unroll
   for (int k = 0; k < kWarpTeamItems; ++k) {
-    const int64_t q = team.rank + int64_t(k) * kWarpSize;
+    const int64_t q = team.rank + int64_t(k) * team.size;
     if (q < N) v[k][0] = static_cast<acc_t>(plane[q]);
   }
 }
@@ -156,33 +193,30 @@ SA_DEVICE void load_staged_plane(const scalar_t* x, const PlaneTeam<true>& team,
 // of a plane held in registers: centered two-pass over the registers, the mean summed relative to
 // `shift` (the plane's first value, times scale: robust to |mean| >> std), or with exact_mean (a
 // channel-branch plane) the wide mean (sa_math.h; wide_scratch: 32 doubles of shared memory).
+// exact_mean is uniform over a block team (one plane) but not over the teams sharing a warp: a
+// warp runs both sums' shuffles, and each team keeps its own.
 template <bool kWarpTeam, int kPacks, int kVec, typename acc_t>
 SA_DEVICE void register_moments(const acc_t (&v)[kPacks][kVec], const PlaneTeam<kWarpTeam>& team,
                                 int64_t packs, int64_t n, acc_t shift, acc_t scale, bool exact_mean,
                                 acc_t* scratch, double* wide_scratch, acc_t& mean, acc_t& var) {
-  if (exact_mean) {
-    double sum[1] = {0};
+  double wide[1] = {0};
+  acc_t sum[1] = {0};
 #pragma unroll
-    for (int k = 0; k < kPacks; ++k) {
-      if (team.rank + int64_t(k) * team.size < packs) {
+  for (int k = 0; k < kPacks; ++k) {
+    if (team.rank + int64_t(k) * team.size < packs) {
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) sum[0] += wide_term(v[k][i], scale);
+      for (int i = 0; i < kVec; ++i) {
+        if (exact_mean) {
+          wide[0] += wide_term(v[k][i], scale);
+        } else {
+          sum[0] += sa_fma(v[k][i], scale, -shift);
+        }
       }
     }
-    team_sum<kWarpTeam>(sum, wide_scratch);
-    mean = wide_mean<acc_t>(sum[0], n);
-  } else {
-    acc_t sum[1] = {0};
-#pragma unroll
-    for (int k = 0; k < kPacks; ++k) {
-      if (team.rank + int64_t(k) * team.size < packs) {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) sum[0] += sa_fma(v[k][i], scale, -shift);
-      }
-    }
-    team_sum<kWarpTeam>(sum, scratch);
-    mean = shift + sum[0] / acc_t(n);
   }
+  if (team.shares_warp() || exact_mean) team.sum(wide, wide_scratch);
+  if (team.shares_warp() || !exact_mean) team.sum(sum, scratch);
+  mean = exact_mean ? wide_mean<acc_t>(wide[0], n) : shift + sum[0] / acc_t(n);
   acc_t sq[1] = {0};
 #pragma unroll
   for (int k = 0; k < kPacks; ++k) {
@@ -194,13 +228,14 @@ SA_DEVICE void register_moments(const acc_t (&v)[kPacks][kVec], const PlaneTeam<
       }
     }
   }
-  team_sum<kWarpTeam>(sq, scratch);
+  team.sum(sq, scratch);
   var = sq[0] / acc_t(n);
 }
 
 // The Standardizer of a plane held in registers: its moments, redone scaled by 2^-e (e from
-// max|x|) when they overflowed. team_sum gives every thread the same totals, so the branch is
-// uniform over the team (and exact_mean is: one plane per team).
+// max|x|) when they overflowed. team_sum gives every thread of a team the same totals; the teams
+// sharing a warp take the branch together (team.any), and a team whose moments did not overflow
+// redoes them unscaled (e = 0), the same bits.
 template <bool kWarpTeam, int kPacks, int kVec, typename acc_t>
 SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec],
                                                    const PlaneTeam<kWarpTeam>& team, int64_t packs,
@@ -212,7 +247,8 @@ SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec
   register_moments<kWarpTeam, kPacks, kVec>(v, team, packs, n, shift, acc_t(1), exact_mean, scratch,
                                             wide_scratch, mean, var);
   int e = 0;
-  if (stats_overflowed(mean, var)) {
+  const bool overflowed = stats_overflowed(mean, var);
+  if (team.any(overflowed)) {
     acc_t amax[1] = {0};
 #pragma unroll
     for (int k = 0; k < kPacks; ++k) {
@@ -222,9 +258,9 @@ SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec
           amax[0] = max_nan(amax[0], v[k][i] < acc_t(0) ? -v[k][i] : v[k][i]);
       }
     }
-    team_reduce<kWarpTeam>(amax, scratch, MaxOp{});
-    e = rescale_exponent(amax[0]);
-    if (e != 0) {
+    team.max(amax, scratch);
+    e = overflowed ? rescale_exponent(amax[0]) : 0;
+    if (team.any(e != 0)) {
       const acc_t scale = sa_ldexp(acc_t(1), -e);
       register_moments<kWarpTeam, kPacks, kVec>(v, team, packs, n, shift * scale, scale, exact_mean,
                                                 scratch, wide_scratch, mean, var);
@@ -240,14 +276,11 @@ void sa_layer_forward_kernel(ForwardParams p) {
   constexpr bool kStaged = kWarpTeam && kVec == 1;  // launch_common.cuh picks it for such planes
   SA_SHARED_ARRAY(acc_t, scratch, 3 * kWarpSize);
   SA_SHARED_ARRAY(double, wide_scratch, kWarpSize);
-  const PlaneTeam<kWarpTeam> team;
   const int64_t planes = p.batch * p.channels, N = p.plane_size, packs = N / kVec;
+  const PlaneTeam<kWarpTeam> team(planes, N);
   const scalar_t* x_planes = static_cast<const scalar_t*>(p.x);
   acc_t v[kPacks > 0 ? kPacks : 1][kVec];
   if constexpr (kStaged) load_staged_plane(x_planes, team, planes, N, v);
-  // A warp team past the last plane leaves as a whole; warp teams never synchronize the block
-  // (but for the staging above).
-  if (kWarpTeam && team.plane >= planes) return;
 
   const PlaneUnit unit = plane_unit(p, team.plane);
   const ChannelRole& role = unit.role;
@@ -276,7 +309,7 @@ void sa_layer_forward_kernel(ForwardParams p) {
     acc_t u[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) u[i] = xv[i] * gate(xv[i]);
-    store_acc<scalar_t, acc_t, kVec>(out, q, u);
+    if (team.active) store_acc<scalar_t, acc_t, kVec>(out, q, u);
   };
   if constexpr (kPacks > 0) {
 #pragma unroll
@@ -287,7 +320,7 @@ void sa_layer_forward_kernel(ForwardParams p) {
   } else {
     unrolled_stream<kStreamLoads, acc_t[kVec]>(team.rank, team.size, packs, load_x, apply);
   }
-  if (team.rank == 0) {
+  if (team.rank == 0 && team.active) {
     static_cast<acc_t*>(p.mean)[team.plane] = st.mean;
     static_cast<acc_t*>(p.rstd)[team.plane] = st.rstd;
   }

@@ -10,44 +10,54 @@ namespace sa_cuda::SA_GPU_NS {
 
 constexpr int kWarpSize = 32;
 
+// The sum over each aligned group of `width` lanes (a power of two, at most the warp): every lane
+// of the warp calls it with the same width, and every lane gets its group's sum, bit for bit the
+// same within the group (a butterfly). Width 32: the whole warp.
 template <typename T>
-SA_DEVICE T warp_sum(T v) {
+SA_DEVICE T warp_sum(T v, int width = kWarpSize) {
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-    v += __shfl_xor_sync(kFullMask, v, offset);
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    if (offset < width) v += __shfl_xor_sync(kFullMask, v, offset);
+  }
   return v;
 }
 
-// max over the warp (propagating NaN); like warp_sum, every lane gets the same value.
+// max over each group of `width` lanes (propagating NaN), as warp_sum.
 template <typename T>
-SA_DEVICE T warp_max(T v) {
+SA_DEVICE T warp_max(T v, int width = kWarpSize) {
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-    v = max_nan(v, __shfl_xor_sync(kFullMask, v, offset));
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    if (offset < width) v = max_nan(v, __shfl_xor_sync(kFullMask, v, offset));
+  }
   return v;
 }
+
+// Whether the flag is set on any lane of the warp; every lane gets the answer. Lets teams that
+// share a warp take a branch with collectives in it together.
+SA_DEVICE bool warp_any(bool flag) { return warp_sum(flag ? 1 : 0) != 0; }
 
 struct SumOp {
   template <typename T>
-  SA_DEVICE T warp(T v) const {
-    return warp_sum(v);
+  SA_DEVICE T warp(T v, int width) const {
+    return warp_sum(v, width);
   }
 };
 struct MaxOp {  // of values >= 0 (0 is its identity)
   template <typename T>
-  SA_DEVICE T warp(T v) const {
-    return warp_max(v);
+  SA_DEVICE T warp(T v, int width) const {
+    return warp_max(v, width);
   }
 };
 
 // Reduces K values over the team (Op: SumOp or MaxOp); every thread of the team gets the results,
-// bit for bit the same (a butterfly of commutative operations). A block team needs
-// blockDim.x % 32 == 0 and `scratch` of 32 * K values in shared memory, and every thread of the
-// block must call it (it synchronizes the block).
+// bit for bit the same (a butterfly of commutative operations). A warp team is an aligned group of
+// `lanes` lanes (a power of two <= 32); every lane of the warp must call it with the same lanes. A
+// block team needs blockDim.x % 32 == 0 and `scratch` of 32 * K values in shared memory, and every
+// thread of the block must call it (it synchronizes the block).
 template <bool kWarpTeam, int K, typename T, typename Op>
-SA_DEVICE void team_reduce(T (&v)[K], T* scratch, Op op) {
+SA_DEVICE void team_reduce(T (&v)[K], T* scratch, Op op, int lanes = kWarpSize) {
 #pragma unroll
-  for (int k = 0; k < K; ++k) v[k] = op.warp(v[k]);
+  for (int k = 0; k < K; ++k) v[k] = op.warp(v[k], kWarpTeam ? lanes : kWarpSize);
   if constexpr (!kWarpTeam) {
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int warps = blockDim.x / kWarpSize;
@@ -58,13 +68,14 @@ SA_DEVICE void team_reduce(T (&v)[K], T* scratch, Op op) {
     }
     __syncthreads();
 #pragma unroll
-    for (int k = 0; k < K; ++k) v[k] = op.warp(lane < warps ? scratch[k * kWarpSize + lane] : T(0));
+    for (int k = 0; k < K; ++k)
+      v[k] = op.warp(lane < warps ? scratch[k * kWarpSize + lane] : T(0), kWarpSize);
   }
 }
 
 template <bool kWarpTeam, int K, typename T>
-SA_DEVICE void team_sum(T (&v)[K], T* scratch) {
-  team_reduce<kWarpTeam>(v, scratch, SumOp{});
+SA_DEVICE void team_sum(T (&v)[K], T* scratch, int lanes = kWarpSize) {
+  team_reduce<kWarpTeam>(v, scratch, SumOp{}, lanes);
 }
 
 // Running mean / M2 (Welford, merged with Chan's formula): the statistics of a plane that is

@@ -107,3 +107,45 @@ def test_sa_layer_paths_gradcheck(shape, groups, offset):
         return EMULATED.apply("sa_layer", x, groups, ps)
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# (H, W): the lanes of a warp team (8 elements a lane, launch_common.cuh): 4x4 -> 2 lanes (16
+# planes a warp, 16-byte packs), 7x7 -> 8 lanes (4 planes a warp, staged), 9x9 -> 16 lanes (2).
+@pytest.mark.parametrize("hw", [(4, 4), (7, 7), (9, 9)], ids=lambda hw: f"{hw[0]}x{hw[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_teams_sharing_a_warp_are_independent(backend, dtype, hw):
+    """Teams of fewer than 32 lanes share a warp: neighbours of other magnitudes (one whose
+    statistics overflow and are redone scaled, one subnormal), of the other branch (m = 1: channel
+    and spatial planes alternate) and past the last plane (B * C = 3 * 6 = 18: a partly filled
+    warp, and a block of 18 planes) must not change a plane's bits. Each plane of a mixed input
+    equals, bit for bit, the same plane of an input whose planes are all at its magnitude."""
+    B, C, groups = 3, 6, 3
+    shape = (B, C) + hw
+    params = [
+        p.detach().to(dtype)
+        for p in params_in_op_order("sa_layer", make_ref("sa_layer", C, groups, seed=5))
+    ]
+    params = [p.to(backend.device) for p in params]
+    unit = make_input(shape, seed=6, dtype=torch.float64, device=backend.device) / 4
+    magnitudes = (1.0, 3e38, 1e-30, 1e4)
+    pick = torch.arange(B * C, device=backend.device).view(B, C, 1, 1) % len(magnitudes)
+    mag = torch.tensor(magnitudes, dtype=torch.float64, device=backend.device)[pick]
+    gy = make_input(shape, seed=7, dtype=dtype, device=backend.device)
+    # out is channel-shuffled: input channel c is written to output channel shuffle_dst(c).
+    half = C // 2
+    shuffle_dst = torch.tensor([2 * (c % half) + c // half for c in range(C)], device=unit.device)
+
+    def run(x):
+        out, mean, rstd = backend.forward_op("sa_layer")(x, groups, *params, 1e-5)
+        grads = backend.backward_op("sa_layer")(gy, x, mean, rstd, groups, *params)
+        return {"out": out[:, shuffle_dst], "mean": mean, "rstd": rstd, "grad_x": grads[0]}
+
+    mixed = run((unit * mag).to(dtype))
+    for k, m in enumerate(magnitudes):
+        alone = run((unit * m).to(dtype))
+        mine = (pick == k).view(B, C)
+        for key in mixed:
+            torch.testing.assert_close(
+                mixed[key][mine], alone[key][mine], rtol=0, atol=0, equal_nan=True,
+                msg=lambda msg, key=key, m=m: f"{key}, planes at {m}: {msg}",
+            )

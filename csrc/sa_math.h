@@ -78,6 +78,20 @@ SA_HOST_DEVICE ParamView<T> param_view(const ForwardParams& f, int which) {
   return ParamView<T>{f.params[which], f.param_dtypes[which]};
 }
 
+// The tag of an acc_t (float or double) parameter, and whether every parameter is stored in acc_t
+// (float32 models, and autocast's float32 parameters): then the kernels read them as plain arrays.
+template <typename T>
+constexpr ParamDtype acc_param_dtype() {
+  return sizeof(T) == 8 ? ParamDtype::kFloat64 : ParamDtype::kFloat32;
+}
+
+template <typename T>
+SA_HOST_DEVICE bool params_are_acc(const ForwardParams& f) {
+  bool all = true;
+  for (int i = 0; i < kParamCount; ++i) all = all && f.param_dtypes[i] == acc_param_dtype<T>();
+  return all;
+}
+
 // The work unit of SALayer: plane b * C + c (batch item b, channel c) of the B * C.
 struct PlaneUnit {
   int64_t plane;

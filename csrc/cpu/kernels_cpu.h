@@ -5,7 +5,6 @@
 #include <ATen/OpMathType.h>
 #include <c10/core/ScalarType.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "../sa_math.h"
@@ -21,11 +20,9 @@ struct ParamArrays {
   const acc_t *cw, *cb, *sw, *sb, *gw, *gb;
 
   ParamArrays(const ForwardParams& f, Variant variant) {
-    constexpr ParamDtype kAcc =
-        std::is_same_v<acc_t, double> ? ParamDtype::kFloat64 : ParamDtype::kFloat32;
     const acc_t** arrays[kParamCount] = {&cw, &cb, &sw, &sb, &gw, &gb};
     for (int i = 0; i < kParamCount; ++i) {
-      if (f.param_dtypes[i] == kAcc) {
+      if (f.param_dtypes[i] == acc_param_dtype<acc_t>()) {
         *arrays[i] = static_cast<const acc_t*>(f.params[i]);
         continue;
       }

@@ -1,8 +1,8 @@
 // Launch shapes, chosen from the problem (included by the forward and backward launch files).
 //
 // SALayer, one team per plane:
-//   N <= 256              a team of warp_team_lanes(N) lanes per plane (8 elements a lane, a
-//                         power of two <= 32: 8 lanes at 7x7), 256 / lanes planes per 256-thread
+//   N <= 256              a team of warp_team_lanes(N) lanes per plane (8 elements a lane: 8
+//                         lanes for N <= 64, else the warp), 256 / lanes planes per 256-thread
 //                         block, plane in registers (no per-plane pack wider than one element:
 //                         the block's planes are read as one chunk through shared memory with
 //                         16-byte loads)
@@ -27,8 +27,6 @@ namespace sa_cuda::SA_GPU_NS {
 
 template <int V>
 using int_c = std::integral_constant<int, V>;
-template <bool V>
-using bool_c = std::integral_constant<bool, V>;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -55,7 +53,8 @@ void with_pack_elements(int vec, const Go& go) {
   go(int_c<kVec>());
 }
 
-// pick(bool_c<warp team>, int_c<kVec>, int_c<kPacks>) returns the kernel to launch; vec from
+// pick(int_c<kLanes>, int_c<kVec>, int_c<kPacks>) returns the kernel to launch (kLanes: a warp
+// team's lanes, 0 for a block team); vec from
 // plane_pack_elements over the kernel's plane tensors.
 template <typename scalar_t, bool kBackward, typename Params, typename Pick>
 void launch_sa_layer(const Params& params, const ForwardParams& f, int vec, const Pick& pick) {
@@ -65,16 +64,22 @@ void launch_sa_layer(const Params& params, const ForwardParams& f, int vec, cons
     constexpr int kBlockPacks = block_team_packs<scalar_t, kBackward, kVec>();
     const Stream stream = current_stream();
     if (N <= kWarpSize * kWarpTeamItems) {
-      launch(pick(bool_c<true>(), vec_c, int_c<kWarpTeamItems / kVec>()),
-             ceil_div(planes, kWarpTeamBlock / warp_team_lanes(N)), kWarpTeamBlock, 0, stream,
-             params);
+      const auto warp_teams = [&](auto lanes) {
+        launch(pick(lanes, vec_c, int_c<kWarpTeamItems / kVec>()),
+               ceil_div(planes, kWarpTeamBlock / decltype(lanes)::value), kWarpTeamBlock, 0, stream,
+               params);
+      };
+      if (warp_team_lanes(N) == kSmallPlaneLanes) {
+        warp_teams(int_c<kSmallPlaneLanes>());
+      } else {
+        warp_teams(int_c<kWarpSize>());
+      }
     } else if (N <= kMaxRegisterPlane) {
       const int threads =
           static_cast<int>(ceil_div(ceil_div(N, kBlockPacks * kVec), kWarpSize) * kWarpSize);
-      launch(pick(bool_c<false>(), vec_c, int_c<kBlockPacks>()), planes, threads, 0, stream,
-             params);
+      launch(pick(int_c<0>(), vec_c, int_c<kBlockPacks>()), planes, threads, 0, stream, params);
     } else {
-      launch(pick(bool_c<false>(), vec_c, int_c<0>()), planes, kMaxPlaneTeam, 0, stream, params);
+      launch(pick(int_c<0>(), vec_c, int_c<0>()), planes, kMaxPlaneTeam, 0, stream, params);
     }
   });
 }

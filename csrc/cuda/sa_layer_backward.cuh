@@ -14,19 +14,21 @@
 
 namespace sa_cuda::SA_GPU_NS {
 
-template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks>
-SA_LAYER_KERNEL_BOUNDS(kWarpTeam)
+template <typename scalar_t, int kLanes, int kVec, int kPacks>
+SA_LAYER_KERNEL_BOUNDS(kLanes > 0)
 void sa_layer_backward_kernel(BackwardParams p) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kWarpTeam = kLanes > 0;
   constexpr bool kStaged = kWarpTeam && kVec == 1;  // as in sa_layer_forward_kernel
   SA_SHARED_ARRAY(acc_t, scratch, 2 * kWarpSize);
   const ForwardParams& f = p.fwd;
   const int64_t planes = f.batch * f.channels, N = f.plane_size, packs = N / kVec;
-  const PlaneTeam<kWarpTeam> team(planes, N);
+  const PlaneTeam<kLanes> team(planes);
   const scalar_t* x_planes = static_cast<const scalar_t*>(f.x);
   acc_t xv[kPacks > 0 ? kPacks : 1][kVec], gv[kPacks > 0 ? kPacks : 1][kVec];
   acc_t sv[kPacks > 0 ? kPacks : 1][kVec];
   if constexpr (kStaged) load_staged_plane(x_planes, team, planes, N, xv);
+  if (!PlaneTeam<kLanes>::kSharesWarp && !team.active) return;  // as in the forward
 
   const PlaneUnit unit = plane_unit(f, team.plane);
   const ChannelRole& role = unit.role;
@@ -56,8 +58,8 @@ void sa_layer_backward_kernel(BackwardParams p) {
     }
   };
   if constexpr (kPacks > 0) {
-    if constexpr (!kStaged) load_plane_packs<scalar_t, kWarpTeam, kVec, kPacks>(x, team, packs, xv);
-    load_plane_packs<scalar_t, kWarpTeam, kVec, kPacks>(gu, team, packs, gv);
+    if constexpr (!kStaged) load_plane_packs<scalar_t, kLanes, kVec, kPacks>(x, team, packs, xv);
+    load_plane_packs<scalar_t, kLanes, kVec, kPacks>(gu, team, packs, gv);
 #pragma unroll
     for (int k = 0; k < kPacks; ++k) {
       if (team.rank + int64_t(k) * team.size < packs) accumulate(xv[k], gv[k], sv[k]);

@@ -29,7 +29,8 @@ constexpr int kStreamLoads = 4;       // loads in flight per thread on the strea
 // section 9): 8 elements a thread everywhere (416 threads at 56x56) gave the bfloat16 passes the
 // float32 passes' time for half the bytes; 64 bytes of x a thread in the forward (float32 16
 // elements, 224 threads; 2-byte types 32, 128 threads) took the bfloat16 forward from 31% to 44%
-// of the copy and the float32 one from 63% to 67%. The backward holds x, grad_out and the gate
+// of the copy and the float32 one from 63% to 67% (73% with register_moments' one loop, 54
+// registers: 5 blocks per SM). The backward holds x, grad_out and the gate
 // (three registers an element): 32 bytes of x a thread (bfloat16 16 elements: 30% to 39%; float32
 // 16 elements fell from 63% to 56%, 86 registers: float32 keeps 8). float64 keeps 8 in both.
 // Packs narrower than 16 bytes carry an index and a bound check each: at most 8 packs a thread
@@ -54,10 +55,9 @@ constexpr int block_team_packs() {
 // over 512 threads = 128 registers per thread for every SALayer kernel. Given only the max block
 // size, ptxas picks its own occupancy target and trades spills for it (it held the fp64 kVec = 2
 // kernels to 64 registers and spilled 56 and 8 bytes); the largest SALayer kernel (fp64 backward,
-// kVec = 1) needs 96. A higher min-blocks, e.g. (512, 4) for 4 blocks of 416 threads per SM at
-// 56x56, would be a 32-register budget: below what the fp32 kernels hold (8 values, the
-// statistics, the parameters and the gate: 44-64 registers); compiled so, every SALayer kernel
-// spills.
+// kVec = 1) needs 100. A higher min-blocks, e.g. (512, 4), would be a 32-register budget: below
+// what every fp32 kernel holds (the plane's values, the statistics, the parameters and the gate:
+// 45-92 registers); compiled so, every SALayer kernel spills.
 constexpr int plane_block_threads(bool warp_team) {
   return warp_team ? kWarpTeamBlock : kMaxPlaneTeam;
 }
@@ -67,30 +67,36 @@ constexpr int plane_min_blocks(bool warp_team) {
 #define SA_LAYER_KERNEL_BOUNDS(warp_team) \
   SA_KERNEL_BOUNDS(plane_block_threads(warp_team), plane_min_blocks(warp_team))
 
-// Lanes of a warp team (N <= 256): the smallest power of two that holds the plane at
-// kWarpTeamItems per lane. A 7x7 plane takes 8 lanes, so 4 planes share a warp and 32 a block:
-// each reduction is 3 shuffle steps instead of 5, and a warp keeps 4 planes' loads in flight
-// where a warp per plane had 49 values (the first visit: 2-4% of DRAM peak at 7x7).
-SA_HOST_DEVICE int warp_team_lanes(int64_t N) {
-  int lanes = 1;
-  while (lanes < kWarpSize && lanes * kWarpTeamItems < N) lanes *= 2;
-  return lanes;
+// Lanes of a warp team (N <= 256, 8 elements a lane): 32, or 8 for planes of at most 64
+// elements. A 7x7 plane in 8 lanes: 4 planes share a warp and 32 a block, each reduction is 3
+// shuffle steps instead of 5, and a warp keeps 4 planes' loads in flight (a warp per plane: 2-4%
+// of DRAM peak at 7x7 on the H200; 8 lanes: about 2x faster, docs/gpu.md section 9). The lane count
+// is a template parameter: where teams are whole warps the kernel is the warp-per-plane one, with
+// no runtime team arithmetic (measured: a runtime lane count cost 50 registers instead of 45 and a
+// quarter of the 14x14 bandwidth).
+constexpr int kSmallPlaneLanes = 8;
+inline int warp_team_lanes(int64_t N) {
+  return N <= kSmallPlaneLanes * kWarpTeamItems ? kSmallPlaneLanes : kWarpSize;
 }
 
-// The team of a plane: an aligned group of warp_team_lanes(N) lanes of a warp (kWarpTeam) or the
-// whole block. The teams of the last block past the last plane work on the last plane and store
-// nothing (active false): every lane of a warp runs the teams' shuffles together.
-template <bool kWarpTeam>
+// The team of a plane: an aligned group of kLanes lanes of a warp, or the whole block (kLanes 0).
+// The teams of the last block past the last plane work on it and store nothing (active false):
+// every lane of a warp runs the teams' shuffles together.
+template <int kLanes>
 struct PlaneTeam {
+  static constexpr bool kWarpTeam = kLanes > 0;
+  // Teams share a warp: a branch around collectives must then be taken by every lane of it.
+  static constexpr bool kSharesWarp = kWarpTeam && kLanes < kWarpSize;
   int size, rank;
   int64_t plane;
   bool active;
 
-  SA_DEVICE PlaneTeam(int64_t planes, int64_t N) {
+  SA_DEVICE explicit PlaneTeam(int64_t planes) {
     if constexpr (kWarpTeam) {
-      size = warp_team_lanes(N);
-      rank = static_cast<int>(threadIdx.x) % size;
-      const int64_t own = int64_t(blockIdx.x) * (blockDim.x / size) + threadIdx.x / size;
+      size = kLanes;
+      rank = static_cast<int>(threadIdx.x) % kLanes;
+      const int64_t own =
+          int64_t(blockIdx.x) * (kWarpTeamBlock / kLanes) + static_cast<int>(threadIdx.x) / kLanes;
       active = own < planes;
       plane = active ? own : planes - 1;
     } else {
@@ -104,36 +110,40 @@ struct PlaneTeam {
   // Team reductions over this team (team.cuh): every thread of the warp (or block) calls them.
   template <int K, typename T>
   SA_DEVICE void sum(T (&v)[K], T* scratch) const {
-    team_sum<kWarpTeam>(v, scratch, size);
+    team_sum<kWarpTeam>(v, scratch, kWarpTeam ? kLanes : kWarpSize);
   }
   template <int K, typename T>
   SA_DEVICE void max(T (&v)[K], T* scratch) const {
-    team_reduce<kWarpTeam>(v, scratch, MaxOp{}, size);
+    team_reduce<kWarpTeam>(v, scratch, MaxOp{}, kWarpTeam ? kLanes : kWarpSize);
   }
-  // Whether teams share a warp (fewer than 32 lanes): then a branch around collectives must be
-  // taken by every lane of the warp.
-  SA_DEVICE bool shares_warp() const { return kWarpTeam && size < kWarpSize; }
   // A branch taken by every team of the warp (or the block) when any takes it: the collectives
   // inside it then run on every lane.
-  SA_DEVICE bool any(bool flag) const { return shares_warp() ? warp_any(flag) : flag; }
+  SA_DEVICE bool any(bool flag) const { return kSharesWarp ? warp_any(flag) : flag; }
 };
 
-// The SALayer parameters of branch index k, as acc_t (each read in its own dtype: ParamView).
-// Read at the kernel's start, before the plane's reductions: they do not depend on the
-// statistics, so their latency hides behind the plane's loads.
+// The SALayer parameters of branch index k, as acc_t. Read at the kernel's start, before the
+// plane's reductions: they do not depend on the statistics, so their latency hides behind the
+// plane's loads. Parameters stored in acc_t (float32 models, autocast) are read as plain arrays:
+// a ParamView read is a branch per parameter, about 12 instructions against 2, which every thread
+// pays once per plane (the float32 block-team backward has 8 elements a thread).
 template <typename acc_t>
 struct PlaneParams {
   acc_t cw, cb, sw, sb, gw, gb;
 };
 
+template <typename acc_t, typename Read>
+SA_DEVICE PlaneParams<acc_t> read_plane_params(const Read& read) {
+  return PlaneParams<acc_t>{read(kChannelWeight), read(kChannelBias), read(kSpatialWeight),
+                            read(kSpatialBias),   read(kGnWeight),    read(kGnBias)};
+}
+
 template <typename acc_t>
 SA_DEVICE PlaneParams<acc_t> load_plane_params(const ForwardParams& p, int64_t k) {
-  return PlaneParams<acc_t>{param_view<acc_t>(p, kChannelWeight)[k],
-                            param_view<acc_t>(p, kChannelBias)[k],
-                            param_view<acc_t>(p, kSpatialWeight)[k],
-                            param_view<acc_t>(p, kSpatialBias)[k],
-                            param_view<acc_t>(p, kGnWeight)[k],
-                            param_view<acc_t>(p, kGnBias)[k]};
+  if (params_are_acc<acc_t>(p)) {
+    return read_plane_params<acc_t>(
+        [&](int which) { return static_cast<const acc_t*>(p.params[which])[k]; });
+  }
+  return read_plane_params<acc_t>([&](int which) { return param_view<acc_t>(p, which)[k]; });
 }
 
 // Gate of one plane: u = x * gate(x). Channel branch: the constant sigmoid(cw * mu + cb);
@@ -154,9 +164,9 @@ struct PlaneGate {
 };
 
 // This thread's packs of a plane, q = rank + k * size (k < kPacks, q < packs), into registers.
-template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks, typename acc_t>
-SA_DEVICE void load_plane_packs(const scalar_t* plane, const PlaneTeam<kWarpTeam>& team,
-                                int64_t packs, acc_t (&v)[kPacks][kVec]) {
+template <typename scalar_t, int kLanes, int kVec, int kPacks, typename acc_t>
+SA_DEVICE void load_plane_packs(const scalar_t* plane, const PlaneTeam<kLanes>& team, int64_t packs,
+                                acc_t (&v)[kPacks][kVec]) {
 #pragma unroll
   for (int k = 0; k < kPacks; ++k) {
     const int64_t q = team.rank + int64_t(k) * team.size;
@@ -169,13 +179,12 @@ SA_DEVICE void load_plane_packs(const scalar_t* plane, const PlaneTeam<kWarpTeam
 // memory with 16-byte loads (stage_chunk) however the planes lie against 16 bytes; then each team
 // reads its own plane's values (element q = rank + lanes k) from there. Every thread of the block
 // calls it (a barrier), also the teams past the last plane.
-template <typename scalar_t, typename acc_t>
-SA_DEVICE void load_staged_plane(const scalar_t* x, const PlaneTeam<true>& team, int64_t planes,
+template <typename scalar_t, int kLanes, typename acc_t>
+SA_DEVICE void load_staged_plane(const scalar_t* x, const PlaneTeam<kLanes>& team, int64_t planes,
                                  int64_t N, acc_t (&v)[kWarpTeamItems][1]) {
   using ChunkPack = Pack<scalar_t, kChunkVec<scalar_t>>;
-  SA_SHARED_ARRAY(ChunkPack, chunk,
-                  chunk_packs<scalar_t>(kWarpTeamBlock * kWarpTeamItems));
-  const int64_t per_block = kWarpTeamBlock / team.size;
+  SA_SHARED_ARRAY(ChunkPack, chunk, chunk_packs<scalar_t>(kWarpTeamBlock * kWarpTeamItems));
+  constexpr int64_t per_block = kWarpTeamBlock / kLanes;
   const int64_t first = int64_t(blockIdx.x) * per_block;
   const int64_t count = (planes - first < per_block ? planes - first : per_block) * N;
   const int lead = stage_chunk(x + first * N, count, chunk);
@@ -193,12 +202,15 @@ SA_DEVICE void load_staged_plane(const scalar_t* x, const PlaneTeam<true>& team,
 // of a plane held in registers: centered two-pass over the registers, the mean summed relative to
 // `shift` (the plane's first value, times scale: robust to |mean| >> std), or with exact_mean (a
 // channel-branch plane) the wide mean (sa_math.h; wide_scratch: 32 doubles of shared memory).
-// exact_mean is uniform over a block team (one plane) but not over the teams sharing a warp: a
-// warp runs both sums' shuffles, and each team keeps its own.
-template <bool kWarpTeam, int kPacks, int kVec, typename acc_t>
-SA_DEVICE void register_moments(const acc_t (&v)[kPacks][kVec], const PlaneTeam<kWarpTeam>& team,
+template <int kLanes, int kPacks, int kVec, typename acc_t>
+SA_DEVICE void register_moments(const acc_t (&v)[kPacks][kVec], const PlaneTeam<kLanes>& team,
                                 int64_t packs, int64_t n, acc_t shift, acc_t scale, bool exact_mean,
                                 acc_t* scratch, double* wide_scratch, acc_t& mean, acc_t& var) {
+  // One pass over the values for either sum; the team sums only the one its plane needs, unless
+  // teams share the warp (exact_mean then differs between them: every lane runs both shuffles).
+  // Measured on the H200, this one loop holds the float32 block team in 54 registers (59 with a
+  // loop per sum): 5 blocks per SM instead of 4, 73% of the copy at 56x56 instead of 67%.
+  constexpr bool kBoth = PlaneTeam<kLanes>::kSharesWarp;
   double wide[1] = {0};
   acc_t sum[1] = {0};
 #pragma unroll
@@ -214,8 +226,8 @@ SA_DEVICE void register_moments(const acc_t (&v)[kPacks][kVec], const PlaneTeam<
       }
     }
   }
-  if (team.shares_warp() || exact_mean) team.sum(wide, wide_scratch);
-  if (team.shares_warp() || !exact_mean) team.sum(sum, scratch);
+  if (kBoth || exact_mean) team.sum(wide, wide_scratch);
+  if (kBoth || !exact_mean) team.sum(sum, scratch);
   mean = exact_mean ? wide_mean<acc_t>(wide[0], n) : shift + sum[0] / acc_t(n);
   acc_t sq[1] = {0};
 #pragma unroll
@@ -236,16 +248,16 @@ SA_DEVICE void register_moments(const acc_t (&v)[kPacks][kVec], const PlaneTeam<
 // max|x|) when they overflowed. team_sum gives every thread of a team the same totals; the teams
 // sharing a warp take the branch together (team.any), and a team whose moments did not overflow
 // redoes them unscaled (e = 0), the same bits.
-template <bool kWarpTeam, int kPacks, int kVec, typename acc_t>
+template <int kLanes, int kPacks, int kVec, typename acc_t>
 SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec],
-                                                   const PlaneTeam<kWarpTeam>& team, int64_t packs,
+                                                   const PlaneTeam<kLanes>& team, int64_t packs,
                                                    int64_t n, acc_t first, acc_t eps,
                                                    bool exact_mean, acc_t* scratch,
                                                    double* wide_scratch) {
   const acc_t shift = sum_shift(first);
   acc_t mean, var;
-  register_moments<kWarpTeam, kPacks, kVec>(v, team, packs, n, shift, acc_t(1), exact_mean, scratch,
-                                            wide_scratch, mean, var);
+  register_moments<kLanes, kPacks, kVec>(v, team, packs, n, shift, acc_t(1), exact_mean, scratch,
+                                         wide_scratch, mean, var);
   int e = 0;
   const bool overflowed = stats_overflowed(mean, var);
   if (team.any(overflowed)) {
@@ -262,25 +274,30 @@ SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec
     e = overflowed ? rescale_exponent(amax[0]) : 0;
     if (team.any(e != 0)) {
       const acc_t scale = sa_ldexp(acc_t(1), -e);
-      register_moments<kWarpTeam, kPacks, kVec>(v, team, packs, n, shift * scale, scale, exact_mean,
-                                                scratch, wide_scratch, mean, var);
+      register_moments<kLanes, kPacks, kVec>(v, team, packs, n, shift * scale, scale, exact_mean,
+                                             scratch, wide_scratch, mean, var);
     }
   }
   return finish_stats(mean, var, eps, e);
 }
 
-template <typename scalar_t, bool kWarpTeam, int kVec, int kPacks>
-SA_LAYER_KERNEL_BOUNDS(kWarpTeam)
+// kLanes: the lanes of a warp team, 0 for a block team (launch_common.cuh).
+template <typename scalar_t, int kLanes, int kVec, int kPacks>
+SA_LAYER_KERNEL_BOUNDS(kLanes > 0)
 void sa_layer_forward_kernel(ForwardParams p) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kWarpTeam = kLanes > 0;
   constexpr bool kStaged = kWarpTeam && kVec == 1;  // launch_common.cuh picks it for such planes
   SA_SHARED_ARRAY(acc_t, scratch, 3 * kWarpSize);
   SA_SHARED_ARRAY(double, wide_scratch, kWarpSize);
   const int64_t planes = p.batch * p.channels, N = p.plane_size, packs = N / kVec;
-  const PlaneTeam<kWarpTeam> team(planes, N);
+  const PlaneTeam<kLanes> team(planes);
   const scalar_t* x_planes = static_cast<const scalar_t*>(p.x);
   acc_t v[kPacks > 0 ? kPacks : 1][kVec];
   if constexpr (kStaged) load_staged_plane(x_planes, team, planes, N, v);
+  // A whole-warp team past the last plane leaves (warp teams synchronize the block only around
+  // the staging above); teams sharing a warp stay for its shuffles.
+  if (!PlaneTeam<kLanes>::kSharesWarp && !team.active) return;
 
   const PlaneUnit unit = plane_unit(p, team.plane);
   const ChannelRole& role = unit.role;
@@ -292,9 +309,9 @@ void sa_layer_forward_kernel(ForwardParams p) {
 
   Standardizer<acc_t> st;
   if constexpr (kPacks > 0) {
-    if constexpr (!kStaged) load_plane_packs<scalar_t, kWarpTeam, kVec, kPacks>(x, team, packs, v);
-    st = register_plane_stats<kWarpTeam, kPacks, kVec>(v, team, packs, N, static_cast<acc_t>(x[0]),
-                                                       eps, !role.spatial, scratch, wide_scratch);
+    if constexpr (!kStaged) load_plane_packs<scalar_t, kLanes, kVec, kPacks>(x, team, packs, v);
+    st = register_plane_stats<kLanes, kPacks, kVec>(v, team, packs, N, static_cast<acc_t>(x[0]),
+                                                    eps, !role.spatial, scratch, wide_scratch);
   } else {
     st = streamed_plane_stats<kWarpTeam>(
         [&](const auto& f) {

@@ -31,18 +31,20 @@ import pytest
 
 import sa_cuda
 
-# sa_layer_{forward,backward}_kernel<scalar_t, kWarpTeam, kVec, kPacks> (sa_layer_forward.cuh), mangled.
+# sa_layer_{forward,backward}_kernel<scalar_t, kLanes, kVec, kPacks> (sa_layer_forward.cuh), mangled;
+# kLanes: a warp team's lanes (32 or 8), 0 for a block team.
 PLANE_KERNEL = re.compile(
     r"(sa_layer_(?:forward|backward)_kernel)I(N3c108BFloat16E|N3c104HalfE|f|d)"
-    r"Lb([01])ELi(\d+)ELi(\d+)E"
+    r"Li(\d+)ELi(\d+)ELi(\d+)E"
 )
 ELEMENT_BYTES = {"N3c108BFloat16E": 2, "N3c104HalfE": 2, "f": 4, "d": 8}
 LOCAL_MEMORY = re.compile(r"\b(?:LDL|STL)\b")
 LOAD_128 = re.compile(r"\bLDG\.E(?:\.\w+)*\.128\b")
 STORE_128 = re.compile(r"\bSTG\.E(?:\.\w+)*\.128\b")
-# 16-byte-pack instantiations per architecture: {forward, backward} x 4 dtypes x {warp team,
-# block team, streamed}. Guards against a listing this file no longer parses (a vacuous pass).
-EXPECTED_16_BYTE_PLANE_KERNELS = 2 * 4 * 3
+# 16-byte-pack instantiations per architecture: {forward, backward} x 4 dtypes x {warp team of
+# 32 lanes, of 8 lanes, block team, streamed}. Guards against a listing this file no longer parses
+# (a vacuous pass: until this count, the pattern had missed every kernel since a rename).
+EXPECTED_16_BYTE_PLANE_KERNELS = 2 * 4 * 4
 
 
 def _extension():
@@ -115,7 +117,7 @@ def check_sass(kernels: dict[tuple[str, str], str], usage: dict[tuple[str, str],
         m = PLANE_KERNEL.search(name)
         if not m:
             continue
-        warp_team, vec = m.group(3) == "1", int(m.group(4))
+        warp_team, vec = int(m.group(3)) > 0, int(m.group(4))
         pack_bytes = vec * ELEMENT_BYTES[m.group(2)]
         if pack_bytes == 16:
             sixteen_byte[arch] += 1

@@ -109,12 +109,12 @@ def test_sa_layer_paths_gradcheck(shape, groups, offset):
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-# (H, W): the lanes of a warp team (8 elements a lane, launch_common.cuh): 4x4 -> 2 lanes (16
-# planes a warp, 16-byte packs), 7x7 -> 8 lanes (4 planes a warp, staged), 9x9 -> 16 lanes (2).
-@pytest.mark.parametrize("hw", [(4, 4), (7, 7), (9, 9)], ids=lambda hw: f"{hw[0]}x{hw[1]}")
+# (H, W): the lanes of a warp team (launch_common.cuh): N <= 64 -> 8 lanes, 4 planes a warp (4x4
+# and 8x8: 16-byte packs, 7x7: staged), else the whole warp (9x9).
+@pytest.mark.parametrize("hw", [(4, 4), (7, 7), (8, 8), (9, 9)], ids=lambda hw: f"{hw[0]}x{hw[1]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_teams_sharing_a_warp_are_independent(backend, dtype, hw):
-    """Teams of fewer than 32 lanes share a warp: neighbours of other magnitudes (one whose
+    """Teams of 8 lanes share a warp: neighbours of other magnitudes (one whose
     statistics overflow and are redone scaled, one subnormal), of the other branch (m = 1: channel
     and spatial planes alternate) and past the last plane (B * C = 3 * 6 = 18: a partly filled
     warp, and a block of 18 planes) must not change a plane's bits. Each plane of a mixed input
@@ -146,6 +146,10 @@ def test_teams_sharing_a_warp_are_independent(backend, dtype, hw):
         mine = (pick == k).view(B, C)
         for key in mixed:
             torch.testing.assert_close(
-                mixed[key][mine], alone[key][mine], rtol=0, atol=0, equal_nan=True,
+                mixed[key][mine],
+                alone[key][mine],
+                rtol=0,
+                atol=0,
+                equal_nan=True,
                 msg=lambda msg, key=key, m=m: f"{key}, planes at {m}: {msg}",
             )

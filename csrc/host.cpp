@@ -92,9 +92,14 @@ ParamDtype param_dtype(c10::ScalarType t) {
   }
 }
 
-// acc_t of the kernels: float64 for float64 x, else float32 (parameters, statistics, partials).
+// acc_t of the kernels: float64 for float64 x, else float32 (statistics, partials).
 c10::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A new acc_t tensor on x's device.
+at::Tensor empty_acc(at::IntArrayRef sizes, const at::Tensor& x) {
+  return at::empty(sizes, x.options().dtype(acc_type(x)));
 }
 
 // The parameters checked, contiguous, in their own dtypes: the kernels convert on read
@@ -200,8 +205,8 @@ ForwardResult run_forward(Variant variant, const at::Tensor& x_in, int64_t group
   const auto p = kernel_params(variant, params, x_in, s.m);
   const at::Tensor x = to_nchw(x_in.resolve_neg());
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor mean = at::empty({s.B, s.C}, x.options().dtype(acc_type(x)));
-  at::Tensor rstd = at::empty({s.B, s.C}, x.options().dtype(acc_type(x)));
+  at::Tensor mean = empty_acc({s.B, s.C}, x);
+  at::Tensor rstd = empty_acc({s.B, s.C}, x);
   if (x.numel() == 0) return {out, mean, rstd};
 
   ForwardParams f = fill_forward(s, eps, x, p);
@@ -240,8 +245,7 @@ BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, cons
   // The per-(batch item, group) partials of the parameter gradients (layout in sa_params.h), in
   // one allocation: every slot is written by the backward kernel before the reduction reads it.
   const int64_t slots = s.B * s.G;
-  at::Tensor partials =
-      at::empty({slots * (2 * s.m + t_xh_width(variant, s.m))}, x.options().dtype(acc_type(x)));
+  at::Tensor partials = empty_acc({slots * (2 * s.m + t_xh_width(variant, s.m))}, x);
   at::Tensor param_grads[kParamCount];
 
   BackwardParams b{};

@@ -1,7 +1,7 @@
 // Launch shapes, chosen from the problem (included by the forward and backward launch files).
 //
 // SALayer, one team per plane:
-//   N <= 256              a team of warp_team_lanes(N) lanes per plane (8 elements a lane: 8
+//   N <= 256              a team of lanes per plane (8 elements a lane: kSmallPlaneLanes = 8
 //                         lanes for N <= 64, else the warp), 256 / lanes planes per 256-thread
 //                         block, plane in registers (no per-plane pack wider than one element:
 //                         the block's planes are read as one chunk through shared memory with
@@ -69,7 +69,7 @@ void launch_sa_layer(const Params& params, const ForwardParams& f, int vec, cons
                ceil_div(planes, kWarpTeamBlock / decltype(lanes)::value), kWarpTeamBlock, 0, stream,
                params);
       };
-      if (warp_team_lanes(N) == kSmallPlaneLanes) {
+      if (N <= kSmallPlaneLanes * kWarpTeamItems) {
         warp_teams(int_c<kSmallPlaneLanes>());
       } else {
         warp_teams(int_c<kWarpSize>());

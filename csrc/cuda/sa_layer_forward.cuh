@@ -67,17 +67,14 @@ constexpr int plane_min_blocks(bool warp_team) {
 #define SA_LAYER_KERNEL_BOUNDS(warp_team) \
   SA_KERNEL_BOUNDS(plane_block_threads(warp_team), plane_min_blocks(warp_team))
 
-// Lanes of a warp team (N <= 256, 8 elements a lane): 32, or 8 for planes of at most 64
-// elements. A 7x7 plane in 8 lanes: 4 planes share a warp and 32 a block, each reduction is 3
-// shuffle steps instead of 5, and a warp keeps 4 planes' loads in flight (a warp per plane: 2-4%
-// of DRAM peak at 7x7 on the H200; 8 lanes: about 2x faster, docs/gpu.md section 9). The lane count
-// is a template parameter: where teams are whole warps the kernel is the warp-per-plane one, with
-// no runtime team arithmetic (measured: a runtime lane count cost 50 registers instead of 45 and a
-// quarter of the 14x14 bandwidth).
+// Lanes of a warp team (N <= 256, 8 elements a lane): kSmallPlaneLanes for planes of at most
+// kSmallPlaneLanes * 8 = 64 elements, else the warp. A 7x7 plane in 8 lanes: 4 planes share a warp
+// and 32 a block, each reduction is 3 shuffle steps instead of 5, and a warp keeps 4 planes' loads
+// in flight (a warp per plane: 2-4% of DRAM peak at 7x7 on the H200; 8 lanes: about 2x faster,
+// docs/gpu.md section 9). The lane count is a template parameter: where teams are whole warps the
+// kernel is the warp-per-plane one, with no runtime team arithmetic (measured: a runtime lane count
+// cost 50 registers instead of 45 and a quarter of the 14x14 bandwidth).
 constexpr int kSmallPlaneLanes = 8;
-inline int warp_team_lanes(int64_t N) {
-  return N <= kSmallPlaneLanes * kWarpTeamItems ? kSmallPlaneLanes : kWarpSize;
-}
 
 // The team of a plane: an aligned group of kLanes lanes of a warp, or the whole block (kLanes 0).
 // The teams of the last block past the last plane work on it and store nothing (active false):

@@ -103,8 +103,9 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
   // then the x tile is replaced by xh = (x - mu) r (each entry by the thread that read it: nobody
   // else reads xt in that loop).
   auto gate_tile = [&](int64_t p0, int n) {
-    __syncthreads();  // the previous tile is consumed (and the gate parameters, the partials are
-                      // set)
+    // The previous tile is consumed (the first time: the gate's parameters are staged and the
+    // partials zeroed).
+    __syncthreads();
     for_each_cell(m, n, [&](int i, int pt) {
       const acc_t v = static_cast<acc_t>(x[i * N + p0 + pt]);
       xt[i * ts + pt] = v;

@@ -141,7 +141,16 @@ def _fake_kernels(variant: Variant):
     return fake_forward, fake_backward
 
 
-@torch.compiler.assume_constant_result
+def _constant_at_trace_time(fn):
+    """Marks fn as torch.compiler.assume_constant_result does: Dynamo calls it at trace time and
+    puts its value in the graph instead of tracing it. That decorator imports Dynamo (two to three
+    seconds, a third of ``import sa_cuda``) only to set this attribute; tests/ops/test_compile.py
+    checks that both mark a function alike and that importing sa_cuda leaves Dynamo unloaded."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_at_trace_time
 def _autocast_available(device_type: str) -> bool:
     """Whether autocast knows the device type (torch.is_autocast_enabled raises for one it does
     not, e.g. meta). A constant per device type; Dynamo before 2.14 cannot trace the check itself
@@ -149,7 +158,7 @@ def _autocast_available(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type)
 
 
-@torch.compiler.assume_constant_result
+@_constant_at_trace_time
 def _has_kernel(qualified_op_name: str, device_type: str) -> bool:
     """Whether the op has a kernel for the device type. Dynamo cannot trace the dispatcher query
     (a torch.* call returning a bool: a graph break, an error under fullgraph=True), so it takes

@@ -170,3 +170,23 @@ def test_availability_query_does_not_break_the_graph(device_type):
     assert explanation.graph_break_count == 0, explanation.break_reasons
     got = torch.compile(pick, fullgraph=True, backend="eager")(x)
     assert torch.equal(got, x + 1 if expected else x - 1)
+
+
+def test_trace_time_constants_are_marked_as_torch_marks_them():
+    """sa_cuda marks the functions Dynamo must call at trace time itself, to keep Dynamo out of
+    `import sa_cuda` (tests/modules/test_modules.py); the mark must be exactly the one
+    torch.compiler.assume_constant_result sets, and the marked functions must carry it (a rename in
+    a later torch shows here, and as a graph break in the tests above)."""
+    from sa_cuda.ops import library
+
+    def ours():
+        return True
+
+    def torchs():
+        return True
+
+    assert library._constant_at_trace_time(ours) is ours
+    torch.compiler.assume_constant_result(torchs)
+    assert vars(ours) == vars(torchs) != {}
+    for fn in (library._autocast_available, library._has_kernel):
+        assert vars(fn) == vars(torchs), fn.__name__

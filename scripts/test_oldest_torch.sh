@@ -8,6 +8,7 @@
 #   --test-only:  the tests, against what --build-only made
 # (.ci/run builds in the background while the main job builds and tests, then tests.)
 set -euo pipefail
+unset PYTHONDONTWRITEBYTECODE  # bytecode caching, as scripts/setup_env.sh says why
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv-oldest-torch"
 SRC="$ROOT/build/oldest-torch/src"

@@ -3,9 +3,10 @@ process of tests/ops/test_hostile_inputs.py (a crash or a hang there cannot take
 
 Usage: python tests/hostile_inputs.py DTYPE [DTYPE ...]   (names of torch dtypes, e.g. float8_e4m3fn)
 
-Prints one line per case: "<case> <exception type>" after the call returned or raised; "<case>
-RETURNED" when a call accepted a tensor it must refuse. The parent reads the lines; a missing
-line names the case that crashed or hung.
+Prints "<dtype> BEGIN" before a dtype's cases, then one line per case: "<case> <exception type>"
+after the call returned or raised; "<case> RETURNED" when a call accepted a tensor it must refuse
+("<dtype> UNAVAILABLE" when this torch cannot make the dtype). The parent reads the lines: the
+last BEGIN and the last case name where a child crashed or hung.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def entry_points(variant: str, x: torch.Tensor, dtype: torch.dtype):
 
 def main(names) -> None:
     for name in names:
+        print(f"{name} BEGIN", flush=True)
         dtype = getattr(torch, name)
         t = make(dtype)
         if t is None:

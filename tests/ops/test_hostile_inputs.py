@@ -41,30 +41,61 @@ _FAMILIES = {
     "quantized": ["quint8", "qint8", "qint32", "quint4x2", "quint2x4"],
 }
 _RAW_OPS = ("forward_op", "backward_op")
+_CHILD_TIMEOUT = 300
 
 
-def _run(names):
-    names = [n for n in names if hasattr(torch, n)]
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, *names],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
-    )
-    return proc, [line.split(" ", 1) for line in proc.stdout.splitlines() if line.strip()]
+def _child_lines(output) -> list[list[str]]:
+    if isinstance(output, bytes):  # what subprocess.TimeoutExpired holds, text=True or not
+        output = output.decode(errors="replace")
+    return [line.split(" ", 1) for line in (output or "").splitlines() if " " in line]
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    """{dtype name: [(case, outcome), ...]} and {dtype name: how its child died}, from as few
+    children as it takes (each starts Python, torch and sa_cuda: seconds): one child runs every
+    dtype; where a child dies or hangs, the dtype it was in is recorded as its death and a new child
+    goes on from the next dtype."""
+    pending = [name for names in _FAMILIES.values() for name in names if hasattr(torch, name)]
+    cases, deaths = {}, {}
+    while pending:
+        try:
+            proc = subprocess.run(
+                [sys.executable, SCRIPT, *pending],
+                capture_output=True,
+                text=True,
+                timeout=_CHILD_TIMEOUT,
+                env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+            )
+            lines, died, stderr = _child_lines(proc.stdout), proc.returncode, proc.stderr
+        except subprocess.TimeoutExpired as hang:
+            lines, died = _child_lines(hang.stdout), f"a hang ({_CHILD_TIMEOUT} s)"
+            stderr = hang.stderr.decode(errors="replace") if hang.stderr else ""
+        current = None
+        for case, outcome in lines:
+            if outcome == "BEGIN":
+                current = case
+                cases.setdefault(current, [])
+            elif outcome != "UNAVAILABLE":
+                cases[current].append((case, outcome))
+        if died == 0:
+            break
+        current = current or pending[0]
+        last = (cases.get(current) or [("(none)", "")])[-1][0]
+        deaths[current] = f"child died ({died}) after case {last}:\n{stderr[-3000:]}"
+        pending = pending[pending.index(current) + 1 :]
+    return cases, deaths
 
 
 @pytest.mark.parametrize("family", list(_FAMILIES))
-def test_bad_dtype_every_entry_point_every_layout(family):
-    proc, lines = _run(_FAMILIES[family])
-    last = lines[-1][0] if lines else "(none)"
-    assert proc.returncode == 0, (
-        f"child died with {proc.returncode} after case {last}:\n{proc.stderr[-3000:]}"
-    )
-    cases = [(case, outcome) for case, outcome in lines if outcome != "UNAVAILABLE"]
-    assert cases, f"no case ran for {family}"
-    for case, outcome in cases:
+def test_bad_dtype_every_entry_point_every_layout(family, outcomes):
+    cases, deaths = outcomes
+    names = [name for name in _FAMILIES[family] if hasattr(torch, name)]
+    for name in names:
+        assert name not in deaths, f"{name}: {deaths[name]}"
+    family_cases = [case for name in names for case in cases.get(name, [])]
+    assert family_cases, f"no case ran for {family}"
+    for case, outcome in family_cases:
         entry = case.split("/")[3]
         if entry.startswith("autograd"):
             continue  # autograd converts (or refuses) a gradient's dtype itself: no crash is the rule

@@ -10,9 +10,11 @@ itself builds): they need torch, not sa_cuda."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
+import sys
 
 import torch
 from torch.utils.cpp_extension import load
@@ -31,23 +33,43 @@ UCONTEXT = (
 )  # the emulator's fibers on glibc's swapcontext (emulator_fibers.h)
 
 
+@contextlib.contextmanager
+def _ninja_beside_the_interpreter():
+    """PATH with this interpreter's bin folder first while torch runs ninja, when that folder has a
+    ninja (requirements-dev.txt installs one into .venv). ninja logs a hash of each command to tell
+    whether a target is out of date, and ninja versions hash differently: built by the system's
+    ninja (PATH without .venv/bin: `.venv/bin/python tests/emulation.py`, as CI ran it) and then by
+    .venv's (an activated venv: scripts/test.sh), the library was rebuilt, 40 s, at every switch."""
+    bin_dir = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(bin_dir, "ninja")):
+        yield
+        return
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = bin_dir + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
 def build_emulation() -> None:
     """Compiles (cached) and loads the emulation library, which defines torch.ops.sa_cuda_emu.*."""
     build = os.path.join(ROOT, "build", "emulation")
     os.makedirs(build, exist_ok=True)
-    load(
-        name="sa_cuda_emulation",
-        sources=[
-            os.path.join(CSRC, "host.cpp"),
-            os.path.join(CSRC, "emulation", "emulated_ops.cpp"),
-        ],
-        extra_include_paths=[CSRC],
-        extra_cflags=["-O2", "-std=c++20", "-pthread"],
-        extra_ldflags=["-pthread"],
-        build_directory=build,
-        is_python_module=False,
-        verbose=False,
-    )
+    with _ninja_beside_the_interpreter():
+        load(
+            name="sa_cuda_emulation",
+            sources=[
+                os.path.join(CSRC, "host.cpp"),
+                os.path.join(CSRC, "emulation", "emulated_ops.cpp"),
+            ],
+            extra_include_paths=[CSRC],
+            extra_cflags=["-O2", "-std=c++20", "-pthread"],
+            extra_ldflags=["-pthread"],
+            build_directory=build,
+            is_python_module=False,
+            verbose=False,
+        )
 
 
 @functools.cache

@@ -11,8 +11,8 @@
 #                                     PATH, and the built sa_cuda/_C*.so (a build by other means
 #                                     or a deleted module rebuilds)
 # Delete a stamp to force its step.
-#   --requirements-only: stop after the requirements (.ci/run installs the oldest torch's
-#                        environment in the background while this one builds).
+#   --requirements-only: stop after the requirements (.ci/run builds the test binaries, which need
+#                        torch but not sa_cuda, in the background while sa_cuda builds).
 set -euo pipefail
 # Python caches the bytecode of the modules it imports (__pycache__, ignored by git); pip installs
 # with --no-compile below and leaves that to the first import. An environment that sets

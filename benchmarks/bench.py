@@ -24,7 +24,7 @@ import torch
 import sa_cuda
 from benchmarks import e2e, harness, measure, report
 from benchmarks.configs import DTYPES, PASSES, SHAPES, Plan, make_plan, parse_args
-from benchmarks.harness import BYTES_FACTOR, Bencher
+from benchmarks.timers import BYTES_FACTOR, Bencher, time_copy
 
 
 def run_configs(
@@ -49,7 +49,7 @@ def run_configs(
         if (shape.n, dname) not in copies:
             copies[(shape.n, dname)] = {
                 "dtype": dname,
-                **harness.time_copy(bencher, shape.n, dtype, plan.device),
+                **time_copy(bencher, shape.n, dtype, plan.device),
             }
         progress.step(f"{cfg.key} copy")
         if any(i.startswith("compile") for i in plan.impls):

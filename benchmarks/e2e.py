@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from benchmarks.configs import E2E_AMP_DTYPES, E2E_MODES, csv_choice
-from benchmarks.harness import peak_cuda_bytes, quartiles, saved_tensor_bytes, sync
+from benchmarks.harness import peak_cuda_bytes, saved_tensor_bytes
+from benchmarks.timers import quartiles, sync
 from sa_cuda.models import sa_resnet50
 
 STEPS = ("train", "infer")

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from benchmarks import harness
 from benchmarks.configs import DTYPES, PASSES, SPEEDUP_BASELINES, Shape
-from benchmarks.harness import Bencher, Timing
 from benchmarks.report import Progress
+from benchmarks.timers import Bencher, Timing, element_size, model_bytes
 
 
 @dataclass
@@ -77,7 +77,7 @@ def check(cfg: Config, progress: Progress) -> dict:
 def memory(cfg: Config, impl: str, mod) -> dict:
     """Saved bytes of one forward (and on CUDA the peak of one forward+backward)."""
     dtype = DTYPES[cfg.dname]
-    mem = {**cfg.common, "impl": impl, "input_bytes": cfg.shape.n * harness.element_size(dtype)}
+    mem = {**cfg.common, "impl": impl, "input_bytes": cfg.shape.n * element_size(dtype)}
     params = cfg.params(impl)
     try:
 
@@ -146,7 +146,7 @@ def measure_impl(
     rows = {}
     for pass_ in sorted(passes, key=lambda q: PASSES.index(q) if q != "bwd" else 99):
         desc = f"{cfg.key} {impl} {pass_}"
-        nbytes = harness.model_bytes(pass_, cfg.shape.n, DTYPES[cfg.dname])
+        nbytes = model_bytes(pass_, cfg.shape.n, DTYPES[cfg.dname])
         row = rows[pass_] = {**base, "pass": pass_, "model_bytes": nbytes}
         try:
             if mod is None:

@@ -4,12 +4,12 @@ each against a device-to-device copy of the same bytes timed in the same run.
 
 Per config (variant, shape, dtype) the fused module is first checked against the float64
 reference (benchmarks.harness.check_fused); a failing fused config is not timed. The passes and
-the model bytes are those of benchmarks.harness (fwd 2*n*e, bwd 3*n*e, fwdbwd 5*n*e; bwd = backward alone through a
+the model bytes are those of benchmarks.timers (fwd 2*n*e, bwd 3*n*e, fwdbwd 5*n*e; bwd = backward alone through a
 retained graph). The copy moves the same bytes: model bytes / 2 elements read and written.
 
-CUDA: CUDA-graph replay (benchmarks.harness.GraphTimer: several iterations per graph, inputs
+CUDA: CUDA-graph replay (benchmarks.timers.GraphTimer: several iterations per graph, inputs
 rotated over copies exceeding twice the L2 cache). CPU (the CPU mode of benchmarks/gpu_check.sh):
-the CPU timer of benchmarks.harness.Bencher, no graphs.
+the CPU timer of benchmarks.timers.Bencher, no graphs.
 
 torch.compile costs tens of seconds per new graph, so it runs last, only at --compile-batches,
 while --budget leaves time; configs it cannot reach are listed as skipped.
@@ -29,9 +29,9 @@ from common import DTYPES, VARIANTS, write_json
 from summary import format_timing_table
 
 import sa_cuda
-from benchmarks import harness, report
+from benchmarks import harness, report, timers
 from benchmarks.configs import stage_shapes
-from benchmarks.harness import Bencher, GraphTimer, time_copy
+from benchmarks.timers import Bencher, GraphTimer, time_copy
 
 IMPLS = ("eager", "compile", "fused")
 PASSES = ("fwd", "bwd", "fwdbwd")
@@ -108,7 +108,7 @@ def time_config(
     for impl in impls:
         mod = None
         for pass_ in passes:
-            model_bytes = harness.model_bytes(pass_, n, dtype)
+            model_bytes = timers.model_bytes(pass_, n, dtype)
             row = {**common, "impl": impl, "pass": pass_, "model_bytes": model_bytes}
             rows.append(row)
             if impl == "fused" and not fused_ok:
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": label,
         "torch": torch.__version__,
         "timer": (
-            "CUDA graph replay" if device.type == "cuda" else "benchmarks.harness.Bencher CPU timer"
+            "CUDA graph replay" if device.type == "cuda" else "benchmarks.timers.Bencher CPU timer"
         ),
         "model_bytes": "fwd 2*n*e, bwd 3*n*e, fwdbwd 5*n*e; copy of the same bytes",
         "compile": {"batches": sorted(args.compile_batches), "backend": args.compile_backend},

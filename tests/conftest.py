@@ -2,9 +2,11 @@
 
 Layout: tests/<folder> mirrors the package (ops/, modules/, models/, test_convert.py) and the
 layers below it (kernels/: values of the CPU and CUDA kernels; emulator/: the SIMT emulator that
-runs the CUDA source on the CPU; build/, benchmarks/). Helpers shared by several test files live
-here, in emulation.py, hostile_inputs.py and (the accuracy criteria, also used by the benchmarks)
-sa_cuda/testing.py; test files never import from each other.
+runs the CUDA source on the CPU; extension/: what the build made, its machine code; scripts/,
+benchmarks/). Not "build/": pytest never looks into a folder of that name (norecursedirs), and the
+files that stood there were left out of every run until they moved. Helpers shared by several
+test files live here, in emulation.py, hostile_inputs.py and (the accuracy criteria, also used by
+the benchmarks) sa_cuda/testing.py; test files never import from each other.
 
 Running: ``python -m pytest tests -q -n auto --dist loadfile`` (what CI runs: one pytest-xdist
 worker per core, each test file on one worker); ``-m "not slow"`` leaves out the tests

@@ -14,7 +14,7 @@ import torch
 import sa_cuda
 from sa_cuda import _C
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 OPS = (
     "sa_layer_forward",

@@ -32,6 +32,7 @@ from benchmarks.timers import quartiles, sync
 from sa_cuda.models import sa_resnet50
 
 STEPS = ("train", "infer")
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def _autocast(device: torch.device, mode: str):
@@ -162,12 +163,17 @@ def run_config(
     log: Callable[[str], None],
     tick: Callable[[], None],
     failures: list[str],
+    memory_format: str = "contiguous",
 ) -> list[dict]:
-    """The rows of one (mode, batch): the check, then each model's train and infer steps."""
-    key = f"e2e/sa_resnet50/{mode}/b{batch}/{resolution}px"
-    models = make_models(device)
+    """The rows of one (mode, batch, memory format): the check, then each model's train and
+    infer steps. channels_last: the models' weights and the images in that format, as torchvision's
+    and timm's training scripts set it (every activation is then channels_last)."""
+    key = f"e2e/sa_resnet50/{mode}/b{batch}/{resolution}px/{memory_format}"
+    fmt = MEMORY_FORMATS[memory_format]
+    models = {k: m.to(memory_format=fmt) for k, m in make_models(device).items()}
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(batch, 3, resolution, resolution, generator=gen).to(device)
+    images = images.contiguous(memory_format=fmt)
     labels = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     try:
         check = _check(models, images, labels, device, mode)
@@ -188,6 +194,7 @@ def run_config(
                 "mode": mode,
                 "batch": batch,
                 "resolution": resolution,
+                "memory_format": memory_format,
                 "check": check,
             }
             rows.append(row)
@@ -213,17 +220,21 @@ def run_e2e(
     iters: int,
     log: Callable[[str], None] = print,
     tick: Callable[[], None] = lambda: None,
+    memory_formats: tuple[str, ...] = ("contiguous",),
 ) -> tuple[list[dict], list[str]]:
-    """Returns (rows, failures). One row per (mode, batch, model, step)."""
+    """Returns (rows, failures). One row per (mode, batch, memory format, model, step)."""
     rows: list[dict] = []
     failures: list[str] = []
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     for mode in modes:
         for batch in batches:
-            rows += run_config(device, mode, batch, resolution, warmup, iters, log, tick, failures)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            for fmt in memory_formats:
+                rows += run_config(
+                    device, mode, batch, resolution, warmup, iters, log, tick, failures, fmt
+                )
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     # speedups of fused over eager
     ok = {(r["key"], r["impl"], r["step"]): r for r in rows if r.get("status") == "ok"}
     for (key, impl, step), row in ok.items():
@@ -234,7 +245,7 @@ def run_e2e(
 
 def format_table(rows: list[dict]) -> str:
     head = (
-        f"{'model':<12} {'mode':<9} {'batch':>5} {'res':>4} {'step':<6} {'impl':<6} "
+        f"{'model':<12} {'mode':<9} {'batch':>5} {'res':>4} {'format':<13} {'step':<6} {'impl':<6} "
         f"{'median ms':>10} {'IQR ms':>8} {'img/s':>8} {'x eager':>8} {'peak MiB':>9} "
         f"{'saved MiB':>9}"
     )
@@ -242,7 +253,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         lead = (
             f"{r['model']:<12} {r['mode']:<9} {r['batch']:>5} {r['resolution']:>4} "
-            f"{r['step']:<6} {r['impl']:<6} "
+            f"{r.get('memory_format', 'contiguous'):<13} {r['step']:<6} {r['impl']:<6} "
         )
         if r.get("status") != "ok":
             lines.append(lead + r.get("status", "?").upper())
@@ -265,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=None, help="CUDA 224, CPU 112")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
+    p.add_argument(
+        "--memory-formats",
+        default="contiguous",
+        help=f"comma list of {','.join(MEMORY_FORMATS)} (default contiguous)",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -279,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         args.resolution or (224 if cuda else 112),
         args.warmup or (10 if cuda else 2),
         args.iters or (30 if cuda else 5),
+        memory_formats=tuple(
+            csv_choice("--memory-formats", args.memory_formats, [], MEMORY_FORMATS)
+        ),
     )
     print(format_table(rows))
     for f in failures:

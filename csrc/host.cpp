@@ -119,54 +119,30 @@ std::vector<at::Tensor> kernel_params(Variant variant, const LayerParams& p, con
   return out;
 }
 
-// x as an NCHW-contiguous tensor for the kernels. A channels_last CPU tensor is transposed per
-// batch item ([H*W, C] -> [C, H*W]) in 32 x 32 tiles, moving raw element bytes: PyTorch's
-// generic strided copy is ~6x slower for this layout on the CPU.
-template <typename word_t>
-void transpose_nhwc_to_nchw(const word_t* src, word_t* dst, int64_t B, int64_t C, int64_t HW) {
-  constexpr int64_t kTile = 32;
-  const int64_t c_tiles = (C + kTile - 1) / kTile, p_tiles = (HW + kTile - 1) / kTile;
-  at::parallel_for(0, B * c_tiles * p_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t b = tile / (c_tiles * p_tiles);
-      const int64_t c0 = (tile / p_tiles) % c_tiles * kTile, p0 = tile % p_tiles * kTile;
-      const word_t* s = src + b * HW * C;
-      word_t* d = dst + b * C * HW;
-      for (int64_t c = c0; c < std::min(C, c0 + kTile); ++c) {
-        for (int64_t p = p0; p < std::min(HW, p0 + kTile); ++p) d[c * HW + p] = s[p * C + c];
-      }
-    }
-  });
+// The memory layout the kernels read and write. NHWC when x is channels_last and not also
+// NCHW-contiguous (C = 1 or H = W = 1: then both are the same bytes and the NCHW planes are
+// taken); NCHW for everything else (contiguous or not: other strides are copied to NCHW).
+bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// x must have passed check_tensor (a kernel dtype: 2, 4 or 8 bytes per element).
-at::Tensor to_nchw(const at::Tensor& x) {
-  if (x.is_contiguous() || !x.is_cpu() || !x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return x.contiguous();
-  }
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  switch (x.element_size()) {
-    case 2:
-      transpose_nhwc_to_nchw(static_cast<const uint16_t*>(x.const_data_ptr()),
-                             static_cast<uint16_t*>(out.mutable_data_ptr()), B, C, HW);
-      break;
-    case 4:
-      transpose_nhwc_to_nchw(static_cast<const uint32_t*>(x.const_data_ptr()),
-                             static_cast<uint32_t*>(out.mutable_data_ptr()), B, C, HW);
-      break;
-    case 8:
-      transpose_nhwc_to_nchw(static_cast<const uint64_t*>(x.const_data_ptr()),
-                             static_cast<uint64_t*>(out.mutable_data_ptr()), B, C, HW);
-      break;
-    default:  // unreachable: check_tensor admits only the kernel dtypes
-      TORCH_CHECK(false, "sa_cuda: no NHWC transpose for ", x.scalar_type());
-  }
-  return out;
+at::MemoryFormat memory_format(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// t in the kernels' layout (a no-op when it already is): dense NCHW or dense NHWC.
+at::Tensor in_layout(const at::Tensor& t, bool channels_last) {
+  return t.resolve_neg().contiguous(memory_format(channels_last));
+}
+
+// A backend without NHWC kernels (CUDA, for now) gets NCHW tensors, and its results are handed
+// back channels_last (one copy each way): the output and grad_x are always in x's layout.
+at::Tensor to_layout(const at::Tensor& t, bool channels_last) {
+  return channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;
 }
 
 ForwardParams fill_forward(const Shape& s, double eps, const at::Tensor& x,
-                           const std::vector<at::Tensor>& p) {
+                           const std::vector<at::Tensor>& p, bool nhwc) {
   ForwardParams f{};
   f.batch = s.B;
   f.channels = s.C;
@@ -174,6 +150,7 @@ ForwardParams fill_forward(const Shape& s, double eps, const at::Tensor& x,
   f.branch_channels = s.m;
   f.plane_size = s.N;
   f.eps = eps;
+  f.channels_last = nhwc;
   f.x = x.const_data_ptr();
   for (int i = 0; i < kParamCount; ++i) {
     f.params[i] = p[i].const_data_ptr();
@@ -198,28 +175,30 @@ void define_ops(torch::Library& library) {
 }
 
 ForwardResult run_forward(Variant variant, const at::Tensor& x_in, int64_t groups,
-                          const LayerParams& params, double eps, ForwardLauncher launch) {
+                          const LayerParams& params, double eps, ForwardLauncher launch,
+                          bool nhwc_kernels) {
   const Shape s = check_input(x_in, groups);
   const c10::DeviceGuard device_guard(x_in.device());  // kernels launch on x's device
   TORCH_CHECK_VALUE(eps >= 0, "sa_cuda: eps must be a number >= 0, got ", eps);
   const auto p = kernel_params(variant, params, x_in, s.m);
-  const at::Tensor x = to_nchw(x_in.resolve_neg());
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const bool channels_last = is_channels_last(x_in), nhwc = channels_last && nhwc_kernels;
+  const at::Tensor x = in_layout(x_in, nhwc);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(memory_format(nhwc)));
   at::Tensor mean = empty_acc({s.B, s.C}, x);
   at::Tensor rstd = empty_acc({s.B, s.C}, x);
-  if (x.numel() == 0) return {out, mean, rstd};
-
-  ForwardParams f = fill_forward(s, eps, x, p);
-  f.out = out.mutable_data_ptr();
-  f.mean = mean.mutable_data_ptr();
-  f.rstd = rstd.mutable_data_ptr();
-  launch(variant, x.scalar_type(), f);
-  return {out, mean, rstd};
+  if (x.numel() > 0) {
+    ForwardParams f = fill_forward(s, eps, x, p, nhwc);
+    f.out = out.mutable_data_ptr();
+    f.mean = mean.mutable_data_ptr();
+    f.rstd = rstd.mutable_data_ptr();
+    launch(variant, x.scalar_type(), f);
+  }
+  return {to_layout(out, channels_last && !nhwc), mean, rstd};
 }
 
 BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, const at::Tensor& x_in,
                             const at::Tensor& mean_in, const at::Tensor& rstd_in, int64_t groups,
-                            const LayerParams& params, BackwardLauncher launch) {
+                            const LayerParams& params, BackwardLauncher launch, bool nhwc_kernels) {
   const Shape s = check_input(x_in, groups);
   const c10::DeviceGuard device_guard(x_in.device());
   check_tensor(grad_out_in, "grad_out", &x_in);
@@ -236,11 +215,12 @@ BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, cons
                       " statistics, got ", stats[i]->sizes(), " ", stats[i]->scalar_type());
   }
   const auto p = kernel_params(variant, params, x_in, s.m);
-  const at::Tensor x = to_nchw(x_in.resolve_neg());
-  const at::Tensor grad_out = to_nchw(as_dtype(grad_out_in.resolve_neg(), x.scalar_type()));
+  const bool channels_last = is_channels_last(x_in), nhwc = channels_last && nhwc_kernels;
+  const at::Tensor x = in_layout(x_in, nhwc);
+  const at::Tensor grad_out = in_layout(as_dtype(grad_out_in, x.scalar_type()), nhwc);
   const at::Tensor mean = mean_in.resolve_neg().contiguous();
   const at::Tensor rstd = rstd_in.resolve_neg().contiguous();
-  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(memory_format(nhwc)));
 
   // The per-(batch item, group) partials of the parameter gradients (layout in sa_params.h), in
   // one allocation: every slot is written by the backward kernel before the reduction reads it.
@@ -249,7 +229,7 @@ BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, cons
   at::Tensor param_grads[kParamCount];
 
   BackwardParams b{};
-  b.fwd = fill_forward(s, 0.0, x, p);
+  b.fwd = fill_forward(s, 0.0, x, p, nhwc);
   b.fwd.mean = const_cast<void*>(mean.const_data_ptr());
   b.fwd.rstd = const_cast<void*>(rstd.const_data_ptr());
   b.grad_out = grad_out.const_data_ptr();
@@ -265,8 +245,13 @@ BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, cons
   // The backward kernel (none for B = 0), then one fixed-order reduction of the partials into
   // the six gradients (sa_math.h; exact zeros for B = 0).
   launch(variant, x.scalar_type(), b);
-  return {grad_x,         param_grads[0], param_grads[1], param_grads[2],
-          param_grads[3], param_grads[4], param_grads[5]};
+  return {to_layout(grad_x, channels_last && !nhwc),
+          param_grads[0],
+          param_grads[1],
+          param_grads[2],
+          param_grads[3],
+          param_grads[4],
+          param_grads[5]};
 }
 
 }  // namespace sa_cuda

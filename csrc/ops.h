@@ -51,12 +51,16 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // out, m
 using BackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// nhwc_kernels: the backend's launchers take channels_last tensors as they are
+// (ForwardParams::channels_last). Otherwise they get NCHW copies, and the output and grad_x are
+// copied back to channels_last: the results are in x's memory format either way.
 ForwardResult run_forward(Variant variant, const at::Tensor& x, int64_t groups,
-                          const LayerParams& params, double eps, ForwardLauncher launch);
+                          const LayerParams& params, double eps, ForwardLauncher launch,
+                          bool nhwc_kernels);
 
 BackwardResult run_backward(Variant variant, const at::Tensor& grad_out, const at::Tensor& x,
                             const at::Tensor& mean, const at::Tensor& rstd, int64_t groups,
-                            const LayerParams& params, BackwardLauncher launch);
+                            const LayerParams& params, BackwardLauncher launch, bool nhwc_kernels);
 
 // Defines the four op schemas in a TORCH_LIBRARY block (namespace sa_cuda, or sa_cuda_emu for the
 // emulation build of the CUDA kernels).
@@ -64,17 +68,17 @@ void define_ops(torch::Library& library);
 
 // The ops' kernels: one signature per direction, instantiated per variant and backend (stateless,
 // so the dispatcher takes them as plain functions).
-template <Variant kVariant, ForwardLauncher kLaunch>
+template <Variant kVariant, ForwardLauncher kLaunch, bool kNhwc>
 ForwardResult forward_op(const at::Tensor& x, int64_t groups, const at::Tensor& channel_weight,
                          const at::Tensor& channel_bias, const at::Tensor& spatial_weight,
                          const at::Tensor& spatial_bias, const at::Tensor& gn_weight,
                          const at::Tensor& gn_bias, double eps) {
   const LayerParams params{
       {channel_weight, channel_bias, spatial_weight, spatial_bias, gn_weight, gn_bias}};
-  return run_forward(kVariant, x, groups, params, eps, kLaunch);
+  return run_forward(kVariant, x, groups, params, eps, kLaunch, kNhwc);
 }
 
-template <Variant kVariant, BackwardLauncher kLaunch>
+template <Variant kVariant, BackwardLauncher kLaunch, bool kNhwc>
 BackwardResult backward_op(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
                            const at::Tensor& rstd, int64_t groups, const at::Tensor& channel_weight,
                            const at::Tensor& channel_bias, const at::Tensor& spatial_weight,
@@ -82,18 +86,19 @@ BackwardResult backward_op(const at::Tensor& grad_out, const at::Tensor& x, cons
                            const at::Tensor& gn_bias) {
   const LayerParams params{
       {channel_weight, channel_bias, spatial_weight, spatial_bias, gn_weight, gn_bias}};
-  return run_backward(kVariant, grad_out, x, mean, rstd, groups, params, kLaunch);
+  return run_backward(kVariant, grad_out, x, mean, rstd, groups, params, kLaunch, kNhwc);
 }
 
 // Registers the four ops of one dispatch key with that backend's launchers; called in the
-// backend's TORCH_LIBRARY_IMPL block.
-template <ForwardLauncher kForward, BackwardLauncher kBackward>
+// backend's TORCH_LIBRARY_IMPL block. kNhwc: the launchers read and write channels_last tensors
+// natively (run_forward).
+template <ForwardLauncher kForward, BackwardLauncher kBackward, bool kNhwc>
 void register_backend(torch::Library& library) {
   auto register_variant = [&](auto variant) {
     constexpr Variant kVariant = decltype(variant)::value;
     const std::string name = variant_ops(kVariant).name;
-    library.impl((name + "_forward").c_str(), TORCH_FN((forward_op<kVariant, kForward>)));
-    library.impl((name + "_backward").c_str(), TORCH_FN((backward_op<kVariant, kBackward>)));
+    library.impl((name + "_forward").c_str(), TORCH_FN((forward_op<kVariant, kForward, kNhwc>)));
+    library.impl((name + "_backward").c_str(), TORCH_FN((backward_op<kVariant, kBackward, kNhwc>)));
   };
   register_variant(std::integral_constant<Variant, Variant::kSALayer>());
   register_variant(std::integral_constant<Variant, Variant::kShuffleAttention>());

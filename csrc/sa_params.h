@@ -1,7 +1,9 @@
 // Plain parameter structs filled by the host code (csrc/host.cpp) and read by every kernel.
 //
-// Layouts (all contiguous):
-//   x, out, grad_out, grad_x   [B, C, N] in the input dtype (N = H * W)
+// Layouts (all dense):
+//   x, out, grad_out, grad_x   [B, C, N] in the input dtype (N = H * W; NCHW), or [B, N, C]
+//                              (channels_last, NHWC) when ForwardParams::channels_last is set:
+//                              only for a backend registered with NHWC kernels (ops.h)
 //   mean, rstd                 [B, C] in acc_t (float; double for float64 input)
 //   parameters                 each in its own dtype (param_dtypes; any of the four kernel
 //                              dtypes, independently of x's), read as acc_t through ParamView
@@ -56,6 +58,8 @@ struct ForwardParams {
 
   const void* params[kParamCount];  // ParamIndex order, contiguous
   ParamDtype param_dtypes[kParamCount];
+
+  bool channels_last;  // x, out, grad_out, grad_x are [B, N, C] (NHWC), else [B, C, N]
 };
 
 struct BackwardParams {

@@ -1,5 +1,7 @@
 // Fused backward on the CPU. Bytes moved: x and grad_out (at the shuffled channel) are read once
-// from memory, grad_x is written once; every other pass re-reads the unit from cache. Parameter
+// from memory, grad_x is written once; every other pass re-reads the unit from cache.
+// channels_last tensors are read and written as they are, by tiles of channels (nhwc_tiles.h)
+// that run the same unit bodies. Parameter
 // gradients leave the kernels as per-(batch item, group) partials (sa_params.h), reduced at the
 // end by reduce_param_grads (the math: sa_math.h).
 #include <ATen/OpMathType.h>
@@ -11,6 +13,7 @@
 #include "../dispatch.h"
 #include "../sa_math.h"
 #include "kernels_cpu.h"
+#include "nhwc_tiles.h"
 #include "vec_loops.h"
 
 namespace sa_cuda::cpu {
@@ -39,65 +42,122 @@ struct BackwardTensors {
         t_xh(static_cast<acc_t*>(p.t_xh)) {}
 };
 
-// SALayer, one plane per work unit.
+// SALayer, one plane (plane = b * C + c): its N values of x and of grad_out (at the shuffled
+// channel) in acc_t to its N values of grad_x; `gate` is N values of scratch.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void sa_layer_plane_backward(const BackwardTensors<scalar_t>& t, const ForwardParams& p,
+                             int64_t plane, const acc_t* x, const acc_t* gu, acc_t* dx,
+                             acc_t* gate) {
+  const int64_t N = p.plane_size;
+  const acc_t inv_n = acc_t(1) / acc_t(N);
+  const PlaneUnit unit = plane_unit(p, plane);
+  const ChannelRole& role = unit.role;
+  const int64_t k = role.k, slot = unit.slot(p);
+  const acc_t mu = t.fwd.mean[plane], r = t.fwd.rstd[plane];
+  const ParamArrays<acc_t>& w = t.fwd.w;
+
+  if (!role.spatial) {
+    // u = x * s with s = sigmoid(cw * mu + cb): dz = sum(gu * x) * s(1 - s), dmu = cw * dz.
+    const acc_t s = sigmoid(w.cw[k] * mu + w.cb[k]);
+    const acc_t dz = dot(gu, x, N) * sigmoid_grad(s);
+    t.gate_grad[slot] = dz;
+    const acc_t beta = channel_grad_coeffs(w.cw[k] * dz, inv_n).beta;
+    for_each<acc_t>(N, [&](int64_t i, auto tag) {
+      using V = decltype(tag);
+      store(dx + i, channel_input_grad(load<V>(gu + i), V(s), V(beta)));
+    });
+    return;
+  }
+  const Standardizer<acc_t> st = saved_stats(mu, r);
+  const SpatialGate<acc_t> ga = spatial_gate(w.sw[k], w.sb[k], w.gw[k], w.gb[k], st);
+  // One pass: the gate s (kept for dx), T1 = sum t and T2 = sum t * xh.
+  const auto [T1, T2] = sums_over<acc_t, 2>(N, [&](int64_t i, auto tag) {
+    using V = decltype(tag);
+    const V xh = st.normalized(load<V>(x + i));
+    const V s = sigmoid(ga.z(load<V>(x + i)));
+    store(gate + i, s);
+    const V t_i = gate_input_grad(load<V>(gu + i), load<V>(x + i), s);
+    return std::array<V, 2>{t_i, t_i * xh};
+  });
+  t.t_sum[slot] = T1;
+  t.t_xh[slot] = T2;
+  const InputGradCoeffs<acc_t> coeffs = spatial_grad_coeffs(w.gw[k] * r * w.sw[k], T1, T2, inv_n);
+  for_each<acc_t>(N, [&](int64_t i, auto tag) {
+    using V = decltype(tag);
+    const V gu_i = load<V>(gu + i), x_i = load<V>(x + i), s = load<V>(gate + i);
+    store(dx + i,
+          spatial_input_grad(gu_i, s, gate_input_grad(gu_i, x_i, s), st.normalized(x_i), coeffs));
+  });
+}
+
+// The planes of an NHWC tile for the backward, in acc_t: x and grad_x in input order, grad_out in
+// output order (the tile's run of output channels), 2 * width planes each.
+template <typename acc_t>
+struct TilePlanes {
+  std::vector<acc_t> buffer;
+  acc_t *x, *gu, *dx;
+
+  TilePlanes(int64_t tile_values, int64_t extra)
+      : buffer(3 * tile_values + extra),
+        x(buffer.data()),
+        gu(x + tile_values),
+        dx(gu + tile_values) {}
+  acc_t* extra() { return dx + (gu - x); }
+};
+
+// Reads a tile's x and grad_out, runs `unit_bodies(tile, planes)`, writes its grad_x.
+template <typename scalar_t, typename acc_t, typename Body>
+void backward_tile(const BackwardTensors<scalar_t>& t, const ChannelTiling& tiling,
+                   const ChannelTile& tile, TilePlanes<acc_t>& planes, const Body& unit_bodies) {
+  const int64_t N = tiling.plane_size, C = tiling.channels, item = tile.batch * N * C;
+  gather_tile(t.fwd.x + item, tiling, tile, planes.x);
+  gather_planes(t.grad_out + item + 2 * tile.first, C, N, 2 * tile.width, planes.gu, N);
+  unit_bodies(tile, planes);
+  scatter_planes(planes.dx, N, N, tile.width, t.grad_x + item + tile.first, C);
+  scatter_planes(planes.dx + tile.width * N, N, N, tile.width, t.grad_x + item + C / 2 + tile.first,
+                 C);
+}
+
 template <typename scalar_t>
 void backward_sa_layer(const BackwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   const BackwardTensors<scalar_t> t(p, Variant::kSALayer);
-  const int64_t N = p.fwd.plane_size;
-  const acc_t inv_n = acc_t(1) / acc_t(N);
+  const int64_t N = p.fwd.plane_size, C = p.fwd.channels;
 
+  if (p.fwd.channels_last) {
+    const ChannelTiling tiling(p.fwd, 1);
+    const int64_t tile_values = 2 * tiling.width * N;
+    at::parallel_for(0, tiling.count(p.fwd.batch), grain_for(tile_values, kTaskElements),
+                     [&](int64_t begin, int64_t end) {
+                       TilePlanes<acc_t> planes(tile_values, N);  // + the gate
+                       for (int64_t index = begin; index < end; ++index) {
+                         backward_tile(t, tiling, tiling.tile(index), planes,
+                                       [&](const ChannelTile& tile, TilePlanes<acc_t>& tp) {
+                                         for (int64_t q = 0; q < 2 * tile.width; ++q) {
+                                           const int64_t c = tile.channel(q, C / 2);
+                                           const int64_t out_q = shuffle_dst(c, C) - 2 * tile.first;
+                                           sa_layer_plane_backward(t, p.fwd, tile.batch * C + c,
+                                                                   tp.x + q * N, tp.gu + out_q * N,
+                                                                   tp.dx + q * N, tp.extra());
+                                         }
+                                       });
+                       }
+                     });
+    return;
+  }
   at::parallel_for(
-      0, p.fwd.batch * p.fwd.channels, grain_for(N, kTaskElements),
-      [&](int64_t begin, int64_t end) {
+      0, p.fwd.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
         // x, grad_out and grad_x planes in acc_t (when converting); the spatial gate s.
         std::vector<acc_t> scratch((kConvert ? 3 : 0) * N + N);
         acc_t* gate = scratch.data() + (kConvert ? 3 : 0) * N;
         for (int64_t plane = begin; plane < end; ++plane) {
-          const PlaneUnit unit = plane_unit(p.fwd, plane);
-          const ChannelRole& role = unit.role;
-          const int64_t k = role.k, slot = unit.slot(p.fwd);
           const acc_t* x = as_acc(t.fwd.x + plane * N, N, scratch.data());
-          const acc_t* gu = as_acc(t.grad_out + unit.out_plane * N, N, scratch.data() + N);
+          const acc_t* gu =
+              as_acc(t.grad_out + plane_unit(p.fwd, plane).out_plane * N, N, scratch.data() + N);
           acc_t* dx =
               result_buffer(t.grad_x + plane * N, kConvert ? scratch.data() + 2 * N : nullptr);
-          const acc_t mu = t.fwd.mean[plane], r = t.fwd.rstd[plane];
-          const ParamArrays<acc_t>& w = t.fwd.w;
-
-          if (!role.spatial) {
-            // u = x * s with s = sigmoid(cw * mu + cb): dz = sum(gu * x) * s(1 - s), dmu = cw * dz.
-            const acc_t s = sigmoid(w.cw[k] * mu + w.cb[k]);
-            const acc_t dz = dot(gu, x, N) * sigmoid_grad(s);
-            t.gate_grad[slot] = dz;
-            const acc_t beta = channel_grad_coeffs(w.cw[k] * dz, inv_n).beta;
-            for_each<acc_t>(N, [&](int64_t i, auto tag) {
-              using V = decltype(tag);
-              store(dx + i, channel_input_grad(load<V>(gu + i), V(s), V(beta)));
-            });
-          } else {
-            const Standardizer<acc_t> st = saved_stats(mu, r);
-            const SpatialGate<acc_t> ga = spatial_gate(w.sw[k], w.sb[k], w.gw[k], w.gb[k], st);
-            // One pass: the gate s (kept for dx), T1 = sum t and T2 = sum t * xh.
-            const auto [T1, T2] = sums_over<acc_t, 2>(N, [&](int64_t i, auto tag) {
-              using V = decltype(tag);
-              const V xh = st.normalized(load<V>(x + i));
-              const V s = sigmoid(ga.z(load<V>(x + i)));
-              store(gate + i, s);
-              const V t_i = gate_input_grad(load<V>(gu + i), load<V>(x + i), s);
-              return std::array<V, 2>{t_i, t_i * xh};
-            });
-            t.t_sum[slot] = T1;
-            t.t_xh[slot] = T2;
-            const InputGradCoeffs<acc_t> coeffs =
-                spatial_grad_coeffs(w.gw[k] * r * w.sw[k], T1, T2, inv_n);
-            for_each<acc_t>(N, [&](int64_t i, auto tag) {
-              using V = decltype(tag);
-              const V gu_i = load<V>(gu + i), x_i = load<V>(x + i), s = load<V>(gate + i);
-              store(dx + i, spatial_input_grad(gu_i, s, gate_input_grad(gu_i, x_i, s),
-                                               st.normalized(x_i), coeffs));
-            });
-          }
+          sa_layer_plane_backward(t, p.fwd, plane, x, gu, dx, gate);
           finish_store(dx, t.grad_x + plane * N, N);
         }
       });
@@ -201,14 +261,75 @@ void spatial_branch_backward(const ParamArrays<acc_t>& w, acc_t* t_sum, acc_t* t
   });
 }
 
-// ShuffleAttention, one branch of one (batch item, group) per work unit.
+// The scratch of one ShuffleAttention unit: planes xh, y, gate, t (4 m N values).
+template <typename acc_t>
+BranchPlanes<acc_t> branch_planes(int64_t m, acc_t* scratch, int64_t N) {
+  const int64_t mN = m * N;
+  return BranchPlanes<acc_t>{nullptr,
+                             std::vector<const acc_t*>(m),
+                             nullptr,
+                             nullptr,
+                             nullptr,
+                             0,
+                             scratch,
+                             scratch + mN,
+                             scratch + 2 * mN,
+                             scratch + 3 * mN,
+                             std::vector<acc_t>(m),
+                             std::vector<acc_t>(m),
+                             std::vector<acc_t>(m * m)};
+}
+
+// One branch of one (batch item, group), its planes set in u (x, gu, dx, saved statistics).
+template <typename scalar_t, typename acc_t>
+void shuffle_attention_branch_backward(const BackwardTensors<scalar_t>& t, const BranchUnit& b,
+                                       int64_t m, int64_t N, BranchPlanes<acc_t>& u) {
+  u.mu = t.fwd.mean + b.plane0;
+  u.r = t.fwd.rstd + b.plane0;
+  u.slot0 = b.slot0;
+  if (b.spatial) {
+    spatial_branch_backward(t.fwd.w, t.t_sum, t.t_xh, m, N, u);
+  } else {
+    channel_branch_backward(t.fwd.w, t.gate_grad, m, N, u);
+  }
+}
+
+// ShuffleAttention: one branch of one (batch item, group) per work unit (NCHW), or a tile of whole
+// branches (NHWC).
 template <typename scalar_t>
 void backward_shuffle_attention(const BackwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   const BackwardTensors<scalar_t> t(p, Variant::kShuffleAttention);
-  const int64_t m = p.fwd.branch_channels, N = p.fwd.plane_size, mN = m * N;
+  const int64_t m = p.fwd.branch_channels, N = p.fwd.plane_size, mN = m * N, C = p.fwd.channels;
 
+  if (p.fwd.channels_last) {
+    const ChannelTiling tiling(p.fwd, m);
+    const int64_t tile_values = 2 * tiling.width * N;
+    at::parallel_for(0, tiling.count(p.fwd.batch), grain_for(tile_values, kTaskElements),
+                     [&](int64_t begin, int64_t end) {
+                       TilePlanes<acc_t> planes(tile_values, 4 * mN);
+                       BranchPlanes<acc_t> u = branch_planes(m, planes.extra(), N);
+                       for (int64_t index = begin; index < end; ++index) {
+                         backward_tile(
+                             t, tiling, tiling.tile(index), planes,
+                             [&](const ChannelTile& tile, TilePlanes<acc_t>& tp) {
+                               for (int64_t q = 0; q < 2 * tile.width; q += m) {
+                                 const int64_t c0 = tile.channel(q, C / 2);
+                                 const int64_t out_q = shuffle_dst(c0, C) - 2 * tile.first;
+                                 u.x = tp.x + q * N;
+                                 for (int64_t j = 0; j < m; ++j)
+                                   u.gu[j] = tp.gu + (out_q + 2 * j) * N;
+                                 u.dx = tp.dx + q * N;
+                                 shuffle_attention_branch_backward(
+                                     t, branch_unit(p.fwd, tile.batch * 2 * p.fwd.groups + c0 / m),
+                                     m, N, u);
+                               }
+                             });
+                       }
+                     });
+    return;
+  }
   at::parallel_for(0, p.fwd.batch * p.fwd.groups * 2, grain_for(mN, kTaskElements),
                    [&](int64_t begin, int64_t end) {
                      // Scratch planes: xh, y, gate, t; x, gu, grad_x in acc_t (when converting).
@@ -216,19 +337,7 @@ void backward_shuffle_attention(const BackwardParams& p) {
                      acc_t* x_buf = kConvert ? scratch.data() + 4 * mN : nullptr;
                      acc_t* gu_buf = kConvert ? x_buf + mN : nullptr;
                      acc_t* dx_buf = kConvert ? gu_buf + mN : nullptr;
-                     BranchPlanes<acc_t> u{nullptr,
-                                           std::vector<const acc_t*>(m),
-                                           nullptr,
-                                           nullptr,
-                                           nullptr,
-                                           0,
-                                           scratch.data(),
-                                           scratch.data() + mN,
-                                           scratch.data() + 2 * mN,
-                                           scratch.data() + 3 * mN,
-                                           std::vector<acc_t>(m),
-                                           std::vector<acc_t>(m),
-                                           std::vector<acc_t>(m * m)};
+                     BranchPlanes<acc_t> u = branch_planes(m, scratch.data(), N);
                      for (int64_t unit = begin; unit < end; ++unit) {
                        const BranchUnit b = branch_unit(p.fwd, unit);
                        u.x = as_acc(t.fwd.x + b.plane0 * N, mN, x_buf);
@@ -237,14 +346,7 @@ void backward_shuffle_attention(const BackwardParams& p) {
                                           kConvert ? gu_buf + j * N : nullptr);
                        }
                        u.dx = result_buffer(t.grad_x + b.plane0 * N, dx_buf);
-                       u.mu = t.fwd.mean + b.plane0;
-                       u.r = t.fwd.rstd + b.plane0;
-                       u.slot0 = b.slot0;
-                       if (b.spatial) {
-                         spatial_branch_backward(t.fwd.w, t.t_sum, t.t_xh, m, N, u);
-                       } else {
-                         channel_branch_backward(t.fwd.w, t.gate_grad, m, N, u);
-                       }
+                       shuffle_attention_branch_backward(t, b, m, N, u);
                        finish_store(u.dx, t.grad_x + b.plane0 * N, mN);
                      }
                    });

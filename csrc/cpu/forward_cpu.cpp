@@ -1,6 +1,7 @@
 // Fused forward on the CPU. Bytes moved: x is read once from memory (the plane or group is then
 // re-read from cache for the statistics and the gate) and out is written once, at the shuffled
-// channel; mean and rstd add 2 * acc_t per plane.
+// channel; mean and rstd add 2 * acc_t per plane. channels_last tensors are read and written as
+// they are, by tiles of channels (nhwc_tiles.h) that run the same unit bodies.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -10,6 +11,7 @@
 #include "../dispatch.h"
 #include "../sa_math.h"
 #include "kernels_cpu.h"
+#include "nhwc_tiles.h"
 #include "vec_loops.h"
 
 namespace sa_cuda::cpu {
@@ -17,115 +19,178 @@ namespace {
 
 constexpr int64_t kTaskElements = int64_t{1} << 15;  // elements per parallel_for task, at least
 
-// SALayer: the work unit is one plane (batch item b, channel c).
+// SALayer, one plane (batch item b, channel c; plane = b * C + c): its N values of x in acc_t to
+// its N output values (at the shuffled channel: the caller's business).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+void sa_layer_plane(const ForwardTensors<scalar_t>& t, const ForwardParams& p, int64_t plane,
+                    const acc_t* x, acc_t* result) {
+  const int64_t N = p.plane_size;
+  const ChannelRole role = plane_unit(p, plane).role;
+  const Standardizer<acc_t> st = plane_stats(x, N, static_cast<acc_t>(p.eps), !role.spatial);
+  t.mean[plane] = st.mean;
+  t.rstd[plane] = st.rstd;
+  if (!role.spatial) {
+    const acc_t s = sigmoid(t.w.cw[role.k] * st.mean + t.w.cb[role.k]);
+    for_each<acc_t>(N, [&](int64_t i, auto tag) {
+      using V = decltype(tag);
+      store(result + i, load<V>(x + i) * V(s));
+    });
+  } else {
+    const int64_t k = role.k;
+    const SpatialGate<acc_t> g = spatial_gate(t.w.sw[k], t.w.sb[k], t.w.gw[k], t.w.gb[k], st);
+    for_each<acc_t>(N, [&](int64_t i, auto tag) {
+      using V = decltype(tag);
+      const V xv = load<V>(x + i);
+      store(result + i, xv * sigmoid(g.z(xv)));
+    });
+  }
+}
+
 template <typename scalar_t>
 void forward_sa_layer(const ForwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   const ForwardTensors<scalar_t> t(p, Variant::kSALayer);
-  const int64_t N = p.plane_size;
-  const acc_t eps = static_cast<acc_t>(p.eps);
+  const int64_t N = p.plane_size, C = p.channels;
 
-  at::parallel_for(
-      0, p.batch * p.channels, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> scratch(kConvert ? 2 * N : 0);  // x plane in acc_t, result plane
-        for (int64_t plane = begin; plane < end; ++plane) {
-          const PlaneUnit unit = plane_unit(p, plane);
-          const ChannelRole& role = unit.role;
-          const acc_t* x = as_acc(t.x + plane * N, N, scratch.data());
-          scalar_t* dst = t.out + unit.out_plane * N;
-          acc_t* result = result_buffer(dst, kConvert ? scratch.data() + N : nullptr);
-
-          const Standardizer<acc_t> st = plane_stats(x, N, eps, !role.spatial);
-          t.mean[plane] = st.mean;
-          t.rstd[plane] = st.rstd;
-          if (!role.spatial) {
-            const acc_t s = sigmoid(t.w.cw[role.k] * st.mean + t.w.cb[role.k]);
-            for_each<acc_t>(N, [&](int64_t i, auto tag) {
-              using V = decltype(tag);
-              store(result + i, load<V>(x + i) * V(s));
-            });
-          } else {
-            const int64_t k = role.k;
-            const SpatialGate<acc_t> g =
-                spatial_gate(t.w.sw[k], t.w.sb[k], t.w.gw[k], t.w.gb[k], st);
-            for_each<acc_t>(N, [&](int64_t i, auto tag) {
-              using V = decltype(tag);
-              const V xv = load<V>(x + i);
-              store(result + i, xv * sigmoid(g.z(xv)));
-            });
+  if (p.channels_last) {
+    const ChannelTiling tiling(p, 1);
+    const int64_t tile_values = 2 * tiling.width * N;
+    at::parallel_for(
+        0, tiling.count(p.batch), grain_for(tile_values, kTaskElements),
+        [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> scratch(2 * tile_values);  // x planes (input order), output planes
+          acc_t* x = scratch.data();
+          acc_t* result = x + tile_values;
+          for (int64_t index = begin; index < end; ++index) {
+            const ChannelTile tile = tiling.tile(index);
+            gather_tile(t.x + tile.batch * N * C, tiling, tile, x);
+            for (int64_t q = 0; q < 2 * tile.width; ++q) {
+              const int64_t c = tile.channel(q, C / 2);
+              sa_layer_plane(t, p, tile.batch * C + c, x + q * N,
+                             result + (shuffle_dst(c, C) - 2 * tile.first) * N);
+            }
+            scatter_tile(result, tiling, tile, t.out + tile.batch * N * C);
           }
-          finish_store(result, dst, N);
-        }
-      });
+        });
+    return;
+  }
+  at::parallel_for(0, p.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(kConvert ? 2 * N : 0);  // x plane in acc_t, result plane
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const acc_t* x = as_acc(t.x + plane * N, N, scratch.data());
+      scalar_t* dst = t.out + plane_unit(p, plane).out_plane * N;
+      acc_t* result = result_buffer(dst, kConvert ? scratch.data() + N : nullptr);
+      sa_layer_plane(t, p, plane, x, result);
+      finish_store(result, dst, N);
+    }
+  });
 }
 
-// ShuffleAttention: the work unit is one branch of one (batch item, group): m planes coupled by the
-// 1x1 convolution. The m input planes are contiguous; the m output planes are not (shuffle).
+// Per-thread scratch of the ShuffleAttention forward.
+template <typename acc_t>
+struct BranchScratch {
+  std::vector<acc_t> normed;  // [m, N]: the GroupNorm output of a spatial unit
+  std::vector<Standardizer<acc_t>> st;
+  std::vector<acc_t> mu, z;
+
+  BranchScratch(int64_t m, int64_t N) : normed(m * N), st(m), mu(m), z(m) {}
+};
+
+// ShuffleAttention, one branch of one (batch item, group): its m planes of x in acc_t (contiguous,
+// [m, N]) to its m output planes, plane j at result(j).
+template <typename scalar_t, typename Result, typename acc_t = at::opmath_type<scalar_t>>
+void shuffle_attention_branch(const ForwardTensors<scalar_t>& t, const ForwardParams& p,
+                              const BranchUnit& u, const acc_t* x, const Result& result,
+                              BranchScratch<acc_t>& scratch) {
+  const int64_t m = p.branch_channels, N = p.plane_size;
+  std::vector<Standardizer<acc_t>>& st = scratch.st;
+  for (int64_t j = 0; j < m; ++j) {
+    st[j] = plane_stats(x + j * N, N, static_cast<acc_t>(p.eps), !u.spatial);
+    t.mean[u.plane0 + j] = scratch.mu[j] = st[j].mean;
+    t.rstd[u.plane0 + j] = st[j].rstd;
+  }
+  if (!u.spatial) {
+    matvec(t.w.cw, scratch.mu.data(), t.w.cb, m, scratch.z.data());
+    for (int64_t j = 0; j < m; ++j) {
+      const acc_t s = sigmoid(scratch.z[j]);
+      const acc_t* xj = x + j * N;
+      acc_t* res = result(j);
+      for_each<acc_t>(N, [&](int64_t i, auto tag) {
+        using V = decltype(tag);
+        store(res + i, load<V>(xj + i) * V(s));
+      });
+    }
+    return;
+  }
+  // y_k(p) = gw_k r_k (x_k(p) - mu_k) + gb_k, z(p) = W2 y(p) + b2: the reference's math (sa_math.h
+  // says why it is not folded), r_k (x_k - mu_k) through the plane's Standardizer.
+  acc_t* y = scratch.normed.data();
+  for (int64_t k = 0; k < m; ++k) {
+    const Standardizer<acc_t>& sk = st[k];
+    const acc_t scale = t.w.gw[k] * sk.gate_rstd;
+    for_each<acc_t>(N, [&](int64_t i, auto tag) {
+      using V = decltype(tag);
+      store(y + k * N + i, V(scale) * sk.centered(load<V>(x + k * N + i)) + V(t.w.gb[k]));
+    });
+  }
+  for_each<acc_t>(N, [&](int64_t i, auto tag) {
+    using V = decltype(tag);
+    for (int64_t j = 0; j < m; ++j) {
+      V zj(t.w.sb[j]);
+      for (int64_t k = 0; k < m; ++k) zj = zj + V(t.w.sw[j * m + k]) * load<V>(y + k * N + i);
+      store(result(j) + i, load<V>(x + j * N + i) * sigmoid(zj));
+    }
+  });
+}
+
+// ShuffleAttention: the work unit is one branch of one (batch item, group) (NCHW), or a tile of
+// whole branches (NHWC). The m output planes of a branch are 2 planes apart (shuffle).
 template <typename scalar_t>
 void forward_shuffle_attention(const ForwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
   const ForwardTensors<scalar_t> t(p, Variant::kShuffleAttention);
-  const int64_t m = p.branch_channels, N = p.plane_size;
-  const acc_t eps = static_cast<acc_t>(p.eps);
+  const int64_t m = p.branch_channels, N = p.plane_size, C = p.channels;
 
+  if (p.channels_last) {
+    const ChannelTiling tiling(p, m);
+    const int64_t tile_values = 2 * tiling.width * N;
+    at::parallel_for(
+        0, tiling.count(p.batch), grain_for(tile_values, kTaskElements),
+        [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> planes(2 * tile_values);  // x planes (input order), output planes
+          acc_t* x = planes.data();
+          acc_t* out = x + tile_values;
+          BranchScratch<acc_t> scratch(m, N);
+          for (int64_t index = begin; index < end; ++index) {
+            const ChannelTile tile = tiling.tile(index);
+            gather_tile(t.x + tile.batch * N * C, tiling, tile, x);
+            for (int64_t q = 0; q < 2 * tile.width; q += m) {
+              const int64_t c0 = tile.channel(q, C / 2);  // the branch's first channel
+              const BranchUnit u = branch_unit(p, tile.batch * 2 * p.groups + c0 / m);
+              acc_t* out0 = out + (shuffle_dst(c0, C) - 2 * tile.first) * N;
+              shuffle_attention_branch(
+                  t, p, u, x + q * N, [&](int64_t j) { return out0 + 2 * j * N; }, scratch);
+            }
+            scatter_tile(out, tiling, tile, t.out + tile.batch * N * C);
+          }
+        });
+    return;
+  }
   at::parallel_for(
       0, p.batch * p.groups * 2, grain_for(m * N, kTaskElements), [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> scratch(kConvert ? 2 * m * N : 0);  // x planes in acc_t, result planes
-        std::vector<acc_t> normed(m * N);  // GroupNorm output of a spatial unit
-        std::vector<Standardizer<acc_t>> st(m);
-        std::vector<acc_t> mu(m), z(m);
+        std::vector<acc_t> converted(kConvert ? 2 * m * N : 0);  // x planes, result planes
+        BranchScratch<acc_t> scratch(m, N);
         for (int64_t unit = begin; unit < end; ++unit) {
           const BranchUnit u = branch_unit(p, unit);
-          const bool spatial = u.spatial;
-          const int64_t plane0 = u.plane0;
-          const acc_t* x = as_acc(t.x + plane0 * N, m * N, scratch.data());
-          acc_t* result0 = kConvert ? scratch.data() + m * N : nullptr;
+          const acc_t* x = as_acc(t.x + u.plane0 * N, m * N, converted.data());
+          acc_t* result0 = kConvert ? converted.data() + m * N : nullptr;
           auto dst = [&](int64_t j) { return t.out + (u.out_plane0 + 2 * j) * N; };
           auto result = [&](int64_t j) {
             return result_buffer(dst(j), kConvert ? result0 + j * N : nullptr);
           };
-
-          for (int64_t j = 0; j < m; ++j) {
-            st[j] = plane_stats(x + j * N, N, eps, !spatial);
-            t.mean[plane0 + j] = mu[j] = st[j].mean;
-            t.rstd[plane0 + j] = st[j].rstd;
-          }
-          if (!spatial) {
-            matvec(t.w.cw, mu.data(), t.w.cb, m, z.data());
-            for (int64_t j = 0; j < m; ++j) {
-              const acc_t s = sigmoid(z[j]);
-              const acc_t* xj = x + j * N;
-              acc_t* res = result(j);
-              for_each<acc_t>(N, [&](int64_t i, auto tag) {
-                using V = decltype(tag);
-                store(res + i, load<V>(xj + i) * V(s));
-              });
-            }
-          } else {
-            // y_k(p) = gw_k r_k (x_k(p) - mu_k) + gb_k, z(p) = W2 y(p) + b2: the reference's math
-            // (sa_math.h says why it is not folded), r_k (x_k - mu_k) through the plane's
-            // Standardizer.
-            acc_t* y = normed.data();
-            for (int64_t k = 0; k < m; ++k) {
-              const Standardizer<acc_t>& sk = st[k];
-              const acc_t scale = t.w.gw[k] * sk.gate_rstd;
-              for_each<acc_t>(N, [&](int64_t i, auto tag) {
-                using V = decltype(tag);
-                store(y + k * N + i, V(scale) * sk.centered(load<V>(x + k * N + i)) + V(t.w.gb[k]));
-              });
-            }
-            for_each<acc_t>(N, [&](int64_t i, auto tag) {
-              using V = decltype(tag);
-              for (int64_t j = 0; j < m; ++j) {
-                V zj(t.w.sb[j]);
-                for (int64_t k = 0; k < m; ++k)
-                  zj = zj + V(t.w.sw[j * m + k]) * load<V>(y + k * N + i);
-                store(result(j) + i, load<V>(x + j * N + i) * sigmoid(zj));
-              }
-            });
-          }
+          shuffle_attention_branch(t, p, u, x, result, scratch);
           if constexpr (kConvert) {
             for (int64_t j = 0; j < m; ++j) finish_store(result(j), dst(j), N);
           }

@@ -6,6 +6,6 @@
 
 namespace sa_cuda {
 
-TORCH_LIBRARY_IMPL(sa_cuda, CUDA, m) { register_backend<&gpu::forward, &gpu::backward>(m); }
+TORCH_LIBRARY_IMPL(sa_cuda, CUDA, m) { register_backend<&gpu::forward, &gpu::backward, false>(m); }
 
 }  // namespace sa_cuda

@@ -117,6 +117,15 @@ def _autograd_function(forward_ops: dict, backward_ops: dict) -> type[torch.auto
     return ShuffleAttentionFunction
 
 
+def _layout_of(x: Tensor) -> torch.memory_format:
+    """The memory format of the ops' out and grad_x for an x (csrc/host.cpp, is_channels_last):
+    channels_last when x is channels_last-contiguous and not also NCHW-contiguous (C = 1 or
+    H = W = 1, where both are the same bytes); NCHW-contiguous for every other x."""
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
 def _fake_kernels(variant: Variant):
     """(forward, backward) fake kernels: the argument checks, then outputs of the real shapes."""
 
@@ -125,7 +134,7 @@ def _fake_kernels(variant: Variant):
         check_forward_args(variant, x, groups, tuple(params), eps)
         B, C = x.shape[0], x.shape[1]
         stat = x.new_empty((B, C), dtype=stat_dtype(x))
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        out = torch.empty_like(x, memory_format=_layout_of(x))
         return out, stat, torch.empty_like(stat)
 
     def fake_backward(grad_out, x, mean, rstd, groups, *params):
@@ -134,7 +143,7 @@ def _fake_kernels(variant: Variant):
         # e.g. a transposed (m, m) weight): plain empty_like(p) would keep p's strides and mislead
         # Inductor.
         return (
-            torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=_layout_of(x)),
             *(torch.empty_like(p, memory_format=torch.contiguous_format) for p in params),
         )
 
@@ -183,19 +192,6 @@ def _compute_dtype(x: Tensor, params: tuple) -> torch.dtype:
     return dtype
 
 
-def _is_channels_last(x: Tensor) -> bool:
-    """x.is_contiguous(memory_format=torch.channels_last) and not NCHW-contiguous, from the strides
-    (the memory-format query is not implemented inside torch.func.vmap)."""
-    if x.is_contiguous():
-        return False
-    expected = 1
-    for dim in (1, 3, 2, 0):  # C, W, H, B from the innermost out; size-1 dims have any stride
-        if x.shape[dim] != 1 and x.stride(dim) != expected:
-            return False
-        expected *= x.shape[dim]
-    return True
-
-
 class OpLibrary:
     """The fused ops of one namespace, equipped with fake kernels, vmap rules and autograd. Made
     by ``register_library``; one per namespace."""
@@ -238,13 +234,8 @@ class OpLibrary:
         dtype = _compute_dtype(x, params)
         if dtype != x.dtype:
             x = x.to(dtype)
-        out = self.function.apply(spec.name, x, groups, float(eps), *params)[0]
-        if _is_channels_last(x):
-            # The kernels work on NCHW planes: a channels_last x is read through one copy to NCHW
-            # (in the op) and the result is handed back channels_last (one more copy; written as
-            # an NHWC permute so that it also works inside torch.func.vmap).
-            out = out.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-        return out
+        # The ops return out (and grad_x) in x's memory format (_layout_of).
+        return self.function.apply(spec.name, x, groups, float(eps), *params)[0]
 
 
 _LIBRARIES: dict[str, OpLibrary] = {}

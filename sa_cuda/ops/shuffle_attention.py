@@ -4,10 +4,13 @@ Ops (registered with TORCH_LIBRARY, namespace ``sa_cuda``; the schemas are in cs
 
 - ``sa_layer_forward(x, groups, cweight, cbias, sweight, sbias, gn_weight, gn_bias, eps)``
   and ``shuffle_attention_forward(x, groups, affine1_weight, affine1_bias, affine2_weight,
-  affine2_bias, gn_weight, gn_bias, eps)`` return ``(out, mean, rstd)``: out like x (contiguous),
-  mean/rstd [B, C] per-plane statistics in float32 (float64 for float64 x).
+  affine2_bias, gn_weight, gn_bias, eps)`` return ``(out, mean, rstd)``: out like x (dtype,
+  shape; channels_last when x is channels_last-contiguous and not also NCHW-contiguous, else
+  NCHW-contiguous), mean/rstd [B, C] per-plane statistics in float32 (float64 for float64 x).
+  The CPU kernels read and write channels_last tensors as they are (csrc/cpu/nhwc_tiles.h).
 - ``sa_layer_backward`` / ``shuffle_attention_backward(grad_out, x, mean, rstd, groups, *params)``
-  return ``(grad_x, *param_grads)``, each parameter gradient with its parameter's shape and dtype.
+  return ``(grad_x, *param_grads)``: grad_x in x's memory format (as out), each parameter
+  gradient with its parameter's shape and dtype.
 
 Their fake kernels, vmap rules and autograd are registered per namespace by library.py. The
 functionals take ``library=`` (an OpLibrary, default: sa_cuda's) so that the tests run the

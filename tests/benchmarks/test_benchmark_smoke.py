@@ -56,3 +56,32 @@ def test_bench_quick(tmp_path):
     assert replot.returncode == 0, replot.stdout[-4000:] + replot.stderr[-4000:]
     png = (tmp_path / files[0]).with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_channels_last_quick(tmp_path):
+    """benchmarks.channels_last --quick: every config checked against the float64 reference on
+    the channels_last input, every implementation and pass timed, the ratios and the plot
+    written."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.channels_last", "--quick", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    [json_file] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    report = json.loads((tmp_path / json_file).read_text())
+    assert {(r["variant"], r["dtype"]) for r in report["rows"]} == {
+        ("sa_layer", "fp32"),
+        ("shuffle_attention", "fp32"),
+    }
+    for row in report["rows"]:
+        assert row["check"]["ok"], row["check"]
+        assert set(row["times"]) == {"fused-nchw", "fused-cl", "eager-cl"}
+        for pass_ in ("fwd", "fwdbwd"):
+            ratios = row["ratios"][pass_]
+            assert ratios["cl_over_nchw"] > 0 and ratios["speedup_vs_eager-cl"] > 0, row
+    png = (tmp_path / json_file).with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -135,6 +135,23 @@ def test_compile_fullgraph(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_compile_channels_last(device):
+    """A channels_last input through a compiled graph: the fake kernels give out and grad_x the
+    real kernels' (channels_last) strides, which Inductor relies on for the ops around them; the
+    values match the reference and the output keeps x's memory format as in eager."""
+    fused, ref = _nets(device)
+    shape = (2, C, 5, 7)
+    x = make_input(shape, seed=1, device=device).contiguous(memory_format=torch.channels_last)
+    gy = make_input(shape, seed=2, device=device).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(fused, fullgraph=True)
+    got = _run(compiled, x, gy)
+    _assert_matches(got, _run(clone_as(ref, torch.float64), x.double(), gy.double()))
+    assert got["out"].stride() == _run(fused, x, gy)["out"].stride()
+    assert got["out"].is_contiguous(memory_format=torch.channels_last)
+    assert got["x"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("module", ["SALayer", "ShuffleAttention"])
 def test_compile_dynamic(module, device):
     """dynamic=True: one compiled graph serves several batch sizes and spatial sizes (no

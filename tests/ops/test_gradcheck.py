@@ -37,10 +37,15 @@ def _inputs(variant, shape, groups, seed=0):
     return x, params
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape,groups", CASES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_gradcheck(variant, shape, groups):
+def test_gradcheck(variant, shape, groups, layout):
+    """channels_last: x is read in NHWC by the CPU kernels (gradcheck's grad_out is NCHW, so the
+    backward also meets a mixed pair)."""
     x, params = _inputs(variant, shape, groups)
+    if layout == "channels_last":
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     fn = functional(variant)
 
     def f(x, *params):

@@ -1,0 +1,220 @@
+"""channels_last (NHWC) tensors through the fused ops, on every backend.
+
+The CPU kernels read and write NHWC as it is, by tiles of channels (csrc/cpu/nhwc_tiles.h) that
+run the NCHW kernels' unit bodies on the same planes in the same order: their results must equal
+the NCHW call's bit for bit. The CUDA kernels (and their emulation) get NCHW copies for now
+(csrc/host.cpp), which gives the same bits too. On every backend the output and grad_x come back in
+x's memory format. The NCHW results are held to the reference by test_forward_backward.py; here the
+NHWC ones are also compared with the float64 reference directly.
+
+Shapes are chosen for the tiling's edges: channel halves that are not a multiple of the tile width
+or of the 8-channel transpose blocks, pixel counts that are not a multiple of 8, tiles narrower
+than 8 channels, branches as wide as the tile (ShuffleAttention), and size-1 dims.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    VARIANTS,
+    clone_as,
+    forward_backward,
+    make_fused_like,
+    make_input,
+    make_ref,
+    op_params,
+)
+
+from sa_cuda.testing import assert_close_to_reference
+
+CL = torch.channels_last
+
+# (B, C, H, W), groups. The CPU tile is `width` channels of each half, width = clamp(16384 / N,
+# 8, 64) (a multiple of m for ShuffleAttention), so these cover: full and partial 8x8 transpose
+# blocks, a last tile narrower than the others, and tiles of one branch.
+SHAPES = [
+    pytest.param((2, 32, 7, 9), 4, id="N63-half16"),  # pixel tail after blocks of 8
+    pytest.param((2, 24, 5, 3), 3, id="half12-N15"),  # a channel tail inside the tile
+    pytest.param((2, 256, 20, 20), 64, id="m2-width40"),  # tiles 40, 40, 40, 8
+    pytest.param((2, 96, 40, 41), 6, id="m8-width9"),  # SALayer tiles of 9: 8 + a tail of 1
+    pytest.param((1, 32, 64, 70), 2, id="N4480-width8"),  # the narrowest tile, long planes
+    pytest.param((2, 128, 9, 11), 2, id="m32"),  # ShuffleAttention: 2 branches per tile
+    pytest.param((1, 1024, 7, 7), 8, id="m64-g8"),  # ShuffleAttention: one branch per tile
+    pytest.param((1, 48, 3, 1), 3, id="b1-w1"),
+    pytest.param((2, 16, 1, 5), 1, id="h1-g1"),
+]
+# The CUDA source runs in the emulator slowly: its cases stay small.
+EMULATED_SHAPES = SHAPES[:2] + SHAPES[-2:]
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
+
+
+def _run_ops(backend, variant, x, gy, groups, params, eps=1e-5):
+    """The raw ops: (out, mean, rstd) and (grad_x, six parameter gradients)."""
+    forward = backend.forward_op(variant)
+    backward = backend.backward_op(variant)
+    out, mean, rstd = forward(x, groups, *params, eps)
+    grads = backward(gy, x, mean, rstd, groups, *params)
+    return (out, mean, rstd), grads
+
+
+def _assert_identical(got, want):
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and g.shape == w.shape, i
+        assert torch.equal(g, w), f"result {i}: max diff {(g.double() - w.double()).abs().max()}"
+
+
+def _shapes_for(backend):
+    return EMULATED_SHAPES if backend.name == "emulated" else SHAPES
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_nhwc_equals_nchw_bit_for_bit(backend, variant, dtype):
+    for case in _shapes_for(backend):
+        shape, groups = case.values
+        params = [p.to(backend.device) for p in op_params(variant, shape[1], groups, seed=3)]
+        x = make_input(shape, seed=1, dtype=dtype, device=backend.device, offset=0.5)
+        gy = make_input(shape, seed=2, dtype=dtype, device=backend.device)
+        want_fwd, want_bwd = _run_ops(backend, variant, x, gy, groups, params)
+        got_fwd, got_bwd = _run_ops(
+            backend,
+            variant,
+            x.contiguous(memory_format=CL),
+            gy.contiguous(memory_format=CL),
+            groups,
+            params,
+        )
+        _assert_identical(got_fwd, want_fwd)
+        _assert_identical(got_bwd, want_bwd)
+        assert got_fwd[0].is_contiguous(memory_format=CL), (case.id, got_fwd[0].stride())
+        assert got_bwd[0].is_contiguous(memory_format=CL), (case.id, got_bwd[0].stride())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape,groups", SHAPES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_nhwc_against_reference(variant, shape, groups, dtype):
+    """The module on channels_last input and gradient, against the float64 reference (the
+    criterion of test_forward_backward.test_fp32_fp64)."""
+    ref = make_ref(variant, shape[1], groups, seed=11, dtype=dtype)
+    module = make_fused_like(variant, ref)
+    x = make_input(shape, seed=1, dtype=dtype).contiguous(memory_format=CL)
+    gy = make_input(shape, seed=2, dtype=dtype).contiguous(memory_format=CL)
+    F = forward_backward(module, x, gy)
+    R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
+    E = R if dtype == torch.float64 else forward_backward(ref, x, gy)
+    assert F["out"].is_contiguous(memory_format=CL) and F["x"].is_contiguous(memory_format=CL)
+    assert_close_to_reference(F, R, dtype, eager=E)
+
+
+def _layouts():
+    """(name, x or grad_out -> the same values in that layout)."""
+    return {
+        "nchw": lambda t: t.contiguous(),
+        "channels_last": lambda t: t.contiguous(memory_format=CL),
+        # dense in neither format: the kernels get an NCHW copy
+        "transposed_hw": lambda t: t.transpose(2, 3).contiguous().transpose(2, 3),
+        # a channels_last slice that is not dense: the same
+        "channels_last_slice": lambda t: torch.cat([t, t], 1).contiguous(memory_format=CL)[
+            :, : t.shape[1]
+        ],
+        # size-1 dims (B = H = 1 here) with strides no dense tensor would have: still
+        # channels_last for PyTorch, and read as such
+        "channels_last_odd_unit_strides": lambda t: t.contiguous(memory_format=CL).as_strided(
+            t.shape, (7, 1, 1000, t.shape[1])
+        ),
+    }
+
+
+@pytest.mark.parametrize("gy_layout", ["nchw", "channels_last", "transposed_hw"])
+@pytest.mark.parametrize("x_layout", list(_layouts()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_layout_pair(backend, variant, dtype, x_layout, gy_layout):
+    """Any layout of x with any layout of grad_out: the NCHW call's values, out and grad_x in x's
+    layout (channels_last when x is channels_last-contiguous, else NCHW-contiguous)."""
+    shape, groups = (1, 24, 1, 13), 3  # B = H = 1: the odd unit strides apply
+    layouts = _layouts()
+    params = [p.to(backend.device) for p in op_params(variant, shape[1], groups, seed=5)]
+    x = make_input(shape, seed=1, dtype=dtype, device=backend.device)
+    gy = make_input(shape, seed=2, dtype=dtype, device=backend.device)
+    want_fwd, want_bwd = _run_ops(backend, variant, x, gy, groups, params)
+    xl, gyl = layouts[x_layout](x), layouts[gy_layout](gy)
+    assert torch.equal(xl, x) and torch.equal(gyl, gy)
+    got_fwd, got_bwd = _run_ops(backend, variant, xl, gyl, groups, params)
+    _assert_identical(got_fwd, want_fwd)
+    _assert_identical(got_bwd, want_bwd)
+    channels_last = x_layout.startswith("channels_last") and x_layout != "channels_last_slice"
+    assert xl.is_contiguous(memory_format=CL) == channels_last
+    for result in (got_fwd[0], got_bwd[0]):
+        if channels_last:
+            assert result.is_contiguous(memory_format=CL) and not result.is_contiguous()
+        else:
+            assert result.is_contiguous()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ambiguous_layout_is_read_as_nchw(backend, variant):
+    """H = W = 1: a channels_last tensor is NCHW-contiguous too (the same bytes); both calls give
+    the same values, and the result is dense."""
+    shape, groups = (3, 16, 1, 1), 2
+    params = [p.to(backend.device) for p in op_params(variant, shape[1], groups, seed=5)]
+    x = make_input(shape, seed=1, device=backend.device)
+    gy = make_input(shape, seed=2, device=backend.device)
+    xl = x.contiguous(memory_format=CL)
+    assert xl.is_contiguous() and xl.is_contiguous(memory_format=CL)
+    want_fwd, want_bwd = _run_ops(backend, variant, x, gy, groups, params)
+    got_fwd, got_bwd = _run_ops(backend, variant, xl, gy, groups, params)
+    _assert_identical(got_fwd, want_fwd)
+    _assert_identical(got_bwd, want_bwd)
+    assert got_fwd[0].is_contiguous() and got_bwd[0].is_contiguous()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cpu_reads_channels_last_without_a_copy(variant):
+    """The CPU ops take a channels_last x (and grad_out) as they are: no copy or clone of a
+    tensor anywhere in the forward and backward (the profiler sees every ATen op the host code
+    calls). An NCHW-contiguous grad_out with a channels_last x is copied once, to x's layout."""
+    shape, groups = (2, 32, 6, 5), 4
+    params = op_params(variant, shape[1], groups, seed=5)
+    x = make_input(shape, seed=1).contiguous(memory_format=CL)
+    gy = make_input(shape, seed=2).contiguous(memory_format=CL)
+    from sa_cuda.ops import SA_CUDA_LIBRARY
+
+    forward, backward = SA_CUDA_LIBRARY.forward_op(variant), SA_CUDA_LIBRARY.backward_op(variant)
+
+    def copies(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        names = [e.name for e in prof.events()]
+        return [
+            n for n in names if n in ("aten::copy_", "aten::clone", "aten::to", "aten::_to_copy")
+        ]
+
+    out, mean, rstd = forward(x, groups, *params, 1e-5)
+    assert copies(lambda: forward(x, groups, *params, 1e-5)) == []
+    assert copies(lambda: backward(gy, x, mean, rstd, groups, *params)) == []
+    assert "aten::copy_" in copies(
+        lambda: backward(gy.contiguous(), x, mean, rstd, groups, *params)
+    )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_channels_last_errors_name_the_argument(variant):
+    """Bad arguments with a channels_last x raise the NCHW call's ValueError, before any kernel."""
+    params = op_params(variant, 24, 3, seed=5)
+    from sa_cuda.ops import SA_CUDA_LIBRARY
+
+    forward, backward = SA_CUDA_LIBRARY.forward_op(variant), SA_CUDA_LIBRARY.backward_op(variant)
+    x = make_input((2, 24, 5, 4), seed=1).contiguous(memory_format=CL)
+    with pytest.raises(ValueError, match=r"C \(24\) must be divisible by 2 \* groups"):
+        forward(x, 5, *params, 1e-5)
+    out, mean, rstd = forward(x, 3, *params, 1e-5)
+    gy = make_input((2, 24, 4, 5), seed=2).contiguous(memory_format=CL)
+    with pytest.raises(ValueError, match="grad_out must have x's shape"):
+        backward(gy, x, mean, rstd, 3, *params)
+    with pytest.raises(ValueError, match="mean must be the forward's"):
+        backward(out, x, mean[:1], rstd, 3, *params)

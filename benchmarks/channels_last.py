@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = args.tag or ("quick" if args.quick else "run")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"channels_last-{report.slug(report.device_name(device))}-{tag}"
+    stem = out_dir / f"channels_last-{report.slug(label)}-{tag}"
     result = {
         "device": label,
         "timer": bencher.description(),

@@ -4,14 +4,10 @@
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "ops.h"
 
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/core/DeviceGuard.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <string>
 

@@ -42,18 +42,18 @@ struct BackwardTensors {
         t_xh(static_cast<acc_t*>(p.t_xh)) {}
 };
 
-// SALayer, one plane (plane = b * C + c): its N values of x and of grad_out (at the shuffled
-// channel) in acc_t to its N values of grad_x; `gate` is N values of scratch.
+// SALayer, one plane: its N values of x and of grad_out (from unit.out_plane) in acc_t to its N
+// values of grad_x; `gate` is N values of scratch.
+// Not inlined: both loops call this one compiled body (forward_cpu.cpp, "One compiled body").
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void sa_layer_plane_backward(const BackwardTensors<scalar_t>& t, const ForwardParams& p,
-                             int64_t plane, const acc_t* x, const acc_t* gu, acc_t* dx,
-                             acc_t* gate) {
+C10_NOINLINE void sa_layer_plane_backward(const BackwardTensors<scalar_t>& t,
+                                          const ForwardParams& p, const PlaneUnit& unit,
+                                          const acc_t* x, const acc_t* gu, acc_t* dx, acc_t* gate) {
   const int64_t N = p.plane_size;
   const acc_t inv_n = acc_t(1) / acc_t(N);
-  const PlaneUnit unit = plane_unit(p, plane);
   const ChannelRole& role = unit.role;
   const int64_t k = role.k, slot = unit.slot(p);
-  const acc_t mu = t.fwd.mean[plane], r = t.fwd.rstd[plane];
+  const acc_t mu = t.fwd.mean[unit.plane], r = t.fwd.rstd[unit.plane];
   const ParamArrays<acc_t>& w = t.fwd.w;
 
   if (!role.spatial) {
@@ -128,22 +128,23 @@ void backward_sa_layer(const BackwardParams& p) {
   if (p.fwd.channels_last) {
     const ChannelTiling tiling(p.fwd, 1);
     const int64_t tile_values = 2 * tiling.width * N;
-    at::parallel_for(0, tiling.count(p.fwd.batch), grain_for(tile_values, kTaskElements),
-                     [&](int64_t begin, int64_t end) {
-                       TilePlanes<acc_t> planes(tile_values, N);  // + the gate
-                       for (int64_t index = begin; index < end; ++index) {
-                         backward_tile(t, tiling, tiling.tile(index), planes,
-                                       [&](const ChannelTile& tile, TilePlanes<acc_t>& tp) {
-                                         for (int64_t q = 0; q < 2 * tile.width; ++q) {
-                                           const int64_t c = tile.channel(q, C / 2);
-                                           const int64_t out_q = shuffle_dst(c, C) - 2 * tile.first;
-                                           sa_layer_plane_backward(t, p.fwd, tile.batch * C + c,
-                                                                   tp.x + q * N, tp.gu + out_q * N,
-                                                                   tp.dx + q * N, tp.extra());
-                                         }
-                                       });
-                       }
-                     });
+    at::parallel_for(
+        0, tiling.count(p.fwd.batch), grain_for(tile_values, kTaskElements),
+        [&](int64_t begin, int64_t end) {
+          TilePlanes<acc_t> planes(tile_values, N);  // + the gate
+          for (int64_t index = begin; index < end; ++index) {
+            backward_tile(t, tiling, tiling.tile(index), planes,
+                          [&](const ChannelTile& tile, TilePlanes<acc_t>& tp) {
+                            for (int64_t q = 0; q < 2 * tile.width; ++q) {
+                              const PlaneUnit unit =
+                                  plane_unit(p.fwd, tile.batch * C + tile.channel(q, C / 2));
+                              const int64_t out_q = unit.out_plane % C - 2 * tile.first;
+                              sa_layer_plane_backward(t, p.fwd, unit, tp.x + q * N,
+                                                      tp.gu + out_q * N, tp.dx + q * N, tp.extra());
+                            }
+                          });
+          }
+        });
     return;
   }
   at::parallel_for(
@@ -152,12 +153,12 @@ void backward_sa_layer(const BackwardParams& p) {
         std::vector<acc_t> scratch((kConvert ? 3 : 0) * N + N);
         acc_t* gate = scratch.data() + (kConvert ? 3 : 0) * N;
         for (int64_t plane = begin; plane < end; ++plane) {
+          const PlaneUnit unit = plane_unit(p.fwd, plane);
           const acc_t* x = as_acc(t.fwd.x + plane * N, N, scratch.data());
-          const acc_t* gu =
-              as_acc(t.grad_out + plane_unit(p.fwd, plane).out_plane * N, N, scratch.data() + N);
+          const acc_t* gu = as_acc(t.grad_out + unit.out_plane * N, N, scratch.data() + N);
           acc_t* dx =
               result_buffer(t.grad_x + plane * N, kConvert ? scratch.data() + 2 * N : nullptr);
-          sa_layer_plane_backward(t, p.fwd, plane, x, gu, dx, gate);
+          sa_layer_plane_backward(t, p.fwd, unit, x, gu, dx, gate);
           finish_store(dx, t.grad_x + plane * N, N);
         }
       });
@@ -280,10 +281,12 @@ BranchPlanes<acc_t> branch_planes(int64_t m, acc_t* scratch, int64_t N) {
                              std::vector<acc_t>(m * m)};
 }
 
-// One branch of one (batch item, group), its planes set in u (x, gu, dx, saved statistics).
+// One branch of one (batch item, group), its planes set in u (x, gu, dx, saved statistics). Not
+// inlined: both loops call this one compiled body (forward_cpu.cpp, "One compiled body").
 template <typename scalar_t, typename acc_t>
-void shuffle_attention_branch_backward(const BackwardTensors<scalar_t>& t, const BranchUnit& b,
-                                       int64_t m, int64_t N, BranchPlanes<acc_t>& u) {
+C10_NOINLINE void shuffle_attention_branch_backward(const BackwardTensors<scalar_t>& t,
+                                                    const BranchUnit& b, int64_t m, int64_t N,
+                                                    BranchPlanes<acc_t>& u) {
   u.mu = t.fwd.mean + b.plane0;
   u.r = t.fwd.rstd + b.plane0;
   u.slot0 = b.slot0;

@@ -19,16 +19,25 @@ namespace {
 
 constexpr int64_t kTaskElements = int64_t{1} << 15;  // elements per parallel_for task, at least
 
-// SALayer, one plane (batch item b, channel c; plane = b * C + c): its N values of x in acc_t to
-// its N output values (at the shuffled channel: the caller's business).
+// One compiled body: the unit bodies (sa_layer_plane, shuffle_attention_branch) are compiled once
+// and called by both loops, NCHW planes and NHWC tiles, so both layouts give the same bits by
+// construction: inlined into each loop, the compiler may contract a * b + c into an FMA in one
+// copy and not in the other (it did, for ShuffleAttention). A call per plane or branch costs
+// about 1% of the instructions on 7x7 planes (callgrind). Their inner loops (vec_loops.h) are
+// always inlined into them.
+
+// SALayer, one plane: its N values of x in acc_t to its N output values (which the caller puts
+// at unit.out_plane).
+// Not inlined ("One compiled body"): both loops (NCHW planes, NHWC tiles) call this one compiled
+// body.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-void sa_layer_plane(const ForwardTensors<scalar_t>& t, const ForwardParams& p, int64_t plane,
-                    const acc_t* x, acc_t* result) {
+C10_NOINLINE void sa_layer_plane(const ForwardTensors<scalar_t>& t, const ForwardParams& p,
+                                 const PlaneUnit& unit, const acc_t* x, acc_t* result) {
   const int64_t N = p.plane_size;
-  const ChannelRole role = plane_unit(p, plane).role;
+  const ChannelRole& role = unit.role;
   const Standardizer<acc_t> st = plane_stats(x, N, static_cast<acc_t>(p.eps), !role.spatial);
-  t.mean[plane] = st.mean;
-  t.rstd[plane] = st.rstd;
+  t.mean[unit.plane] = st.mean;
+  t.rstd[unit.plane] = st.rstd;
   if (!role.spatial) {
     const acc_t s = sigmoid(t.w.cw[role.k] * st.mean + t.w.cb[role.k]);
     for_each<acc_t>(N, [&](int64_t i, auto tag) {
@@ -67,8 +76,9 @@ void forward_sa_layer(const ForwardParams& p) {
             gather_tile(t.x + tile.batch * N * C, tiling, tile, x);
             for (int64_t q = 0; q < 2 * tile.width; ++q) {
               const int64_t c = tile.channel(q, C / 2);
-              sa_layer_plane(t, p, tile.batch * C + c, x + q * N,
-                             result + (shuffle_dst(c, C) - 2 * tile.first) * N);
+              const PlaneUnit unit = plane_unit(p, tile.batch * C + c);
+              sa_layer_plane(t, p, unit, x + q * N,
+                             result + (unit.out_plane % C - 2 * tile.first) * N);
             }
             scatter_tile(result, tiling, tile, t.out + tile.batch * N * C);
           }
@@ -78,10 +88,11 @@ void forward_sa_layer(const ForwardParams& p) {
   at::parallel_for(0, p.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(kConvert ? 2 * N : 0);  // x plane in acc_t, result plane
     for (int64_t plane = begin; plane < end; ++plane) {
+      const PlaneUnit unit = plane_unit(p, plane);
       const acc_t* x = as_acc(t.x + plane * N, N, scratch.data());
-      scalar_t* dst = t.out + plane_unit(p, plane).out_plane * N;
+      scalar_t* dst = t.out + unit.out_plane * N;
       acc_t* result = result_buffer(dst, kConvert ? scratch.data() + N : nullptr);
-      sa_layer_plane(t, p, plane, x, result);
+      sa_layer_plane(t, p, unit, x, result);
       finish_store(result, dst, N);
     }
   });
@@ -98,12 +109,15 @@ struct BranchScratch {
 };
 
 // ShuffleAttention, one branch of one (batch item, group): its m planes of x in acc_t (contiguous,
-// [m, N]) to its m output planes, plane j at result(j).
-template <typename scalar_t, typename Result, typename acc_t = at::opmath_type<scalar_t>>
-void shuffle_attention_branch(const ForwardTensors<scalar_t>& t, const ForwardParams& p,
-                              const BranchUnit& u, const acc_t* x, const Result& result,
-                              BranchScratch<acc_t>& scratch) {
+// [m, N]) to its m output planes, plane j at result0 + j * result_stride. Not inlined
+// ("One compiled body").
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+C10_NOINLINE void shuffle_attention_branch(const ForwardTensors<scalar_t>& t,
+                                           const ForwardParams& p, const BranchUnit& u,
+                                           const acc_t* x, acc_t* result0, int64_t result_stride,
+                                           BranchScratch<acc_t>& scratch) {
   const int64_t m = p.branch_channels, N = p.plane_size;
+  auto result = [&](int64_t j) { return result0 + j * result_stride; };
   std::vector<Standardizer<acc_t>>& st = scratch.st;
   for (int64_t j = 0; j < m; ++j) {
     st[j] = plane_stats(x + j * N, N, static_cast<acc_t>(p.eps), !u.spatial);
@@ -170,8 +184,7 @@ void forward_shuffle_attention(const ForwardParams& p) {
               const int64_t c0 = tile.channel(q, C / 2);  // the branch's first channel
               const BranchUnit u = branch_unit(p, tile.batch * 2 * p.groups + c0 / m);
               acc_t* out0 = out + (shuffle_dst(c0, C) - 2 * tile.first) * N;
-              shuffle_attention_branch(
-                  t, p, u, x + q * N, [&](int64_t j) { return out0 + 2 * j * N; }, scratch);
+              shuffle_attention_branch(t, p, u, x + q * N, out0, 2 * N, scratch);
             }
             scatter_tile(out, tiling, tile, t.out + tile.batch * N * C);
           }
@@ -185,14 +198,12 @@ void forward_shuffle_attention(const ForwardParams& p) {
         for (int64_t unit = begin; unit < end; ++unit) {
           const BranchUnit u = branch_unit(p, unit);
           const acc_t* x = as_acc(t.x + u.plane0 * N, m * N, converted.data());
-          acc_t* result0 = kConvert ? converted.data() + m * N : nullptr;
+          // The output planes themselves (2 N apart), or converted ones (N apart) when converting.
           auto dst = [&](int64_t j) { return t.out + (u.out_plane0 + 2 * j) * N; };
-          auto result = [&](int64_t j) {
-            return result_buffer(dst(j), kConvert ? result0 + j * N : nullptr);
-          };
-          shuffle_attention_branch(t, p, u, x, result, scratch);
+          acc_t* result0 = result_buffer(dst(0), kConvert ? converted.data() + m * N : nullptr);
+          shuffle_attention_branch(t, p, u, x, result0, kConvert ? N : 2 * N, scratch);
           if constexpr (kConvert) {
-            for (int64_t j = 0; j < m; ++j) finish_store(result(j), dst(j), N);
+            for (int64_t j = 0; j < m; ++j) finish_store(result0 + j * N, dst(j), N);
           }
         }
       });

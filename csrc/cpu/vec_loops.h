@@ -4,6 +4,7 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
 
 #include <algorithm>
 #include <array>
@@ -58,8 +59,12 @@ inline void for_each(int64_t n, const F& f) {
 constexpr int64_t kSumBlock = 1024;
 
 // The block totals are added in double (a plane can hold hundreds of blocks).
+// sums_over, sum_over, dot and the plane statistics are always inlined: they are the kernels' inner
+// loops, and gcc left them as calls once the unit bodies became functions of their own
+// (forward_cpu.cpp, "One compiled body"): +16% instructions in the SALayer backward, +11% in the
+// forward on 7x7 planes (callgrind).
 template <typename acc_t, int K, typename F>
-inline std::array<acc_t, K> sums_over(int64_t n, const F& terms) {
+C10_ALWAYS_INLINE std::array<acc_t, K> sums_over(int64_t n, const F& terms) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t L = Vec::size();
   std::array<double, K> total{};
@@ -98,7 +103,7 @@ inline std::array<acc_t, K> sums_over(int64_t n, const F& terms) {
 }
 
 template <typename acc_t, typename F>
-inline acc_t sum_over(int64_t n, const F& term) {
+C10_ALWAYS_INLINE acc_t sum_over(int64_t n, const F& term) {
   return sums_over<acc_t, 1>(
       n, [&](int64_t i, auto tag) { return std::array<decltype(tag), 1>{term(i, tag)}; })[0];
 }
@@ -156,7 +161,7 @@ struct PlaneMoments {
 };
 
 template <typename acc_t>
-inline acc_t shifted_mean(const acc_t* x, int64_t n, acc_t scale) {
+C10_ALWAYS_INLINE acc_t shifted_mean(const acc_t* x, int64_t n, acc_t scale) {
   const acc_t shift = sum_shift(x[0]) * scale;
   return shift + sum_over<acc_t>(n, [&](int64_t i, auto tag) {
                    using V = decltype(tag);
@@ -165,7 +170,7 @@ inline acc_t shifted_mean(const acc_t* x, int64_t n, acc_t scale) {
 }
 
 template <typename acc_t>
-inline acc_t centered_var(const acc_t* x, int64_t n, acc_t scale, acc_t mean) {
+C10_ALWAYS_INLINE acc_t centered_var(const acc_t* x, int64_t n, acc_t scale, acc_t mean) {
   return sum_over<acc_t>(n,
                          [&](int64_t i, auto tag) {
                            using V = decltype(tag);
@@ -194,7 +199,7 @@ inline at::vec::Vectorized<double> load_wide(const double* p) {
 // wide_mean (sa_math.h) of the values x * scale: the sum in double lanes. For float x the scale is
 // applied to the sum (the same value: every term is exact and the sum cannot overflow double).
 template <typename acc_t>
-inline acc_t plane_wide_mean(const acc_t* x, int64_t n, acc_t scale) {
+C10_ALWAYS_INLINE acc_t plane_wide_mean(const acc_t* x, int64_t n, acc_t scale) {
   using VecD = at::vec::Vectorized<double>;
   constexpr int64_t L = VecD::size();
   constexpr bool kFloat = std::is_same_v<acc_t, float>;
@@ -239,7 +244,8 @@ inline acc_t max_abs(const acc_t* x, int64_t n) {
 // The plane's Standardizer: unscaled moments, redone scaled by 2^-e when they overflowed. With
 // exact_mean (channel-branch planes: the gate uses the mean itself) the mean is plane_wide_mean.
 template <typename acc_t>
-inline Standardizer<acc_t> plane_stats(const acc_t* x, int64_t n, acc_t eps, bool exact_mean) {
+C10_ALWAYS_INLINE Standardizer<acc_t> plane_stats(const acc_t* x, int64_t n, acc_t eps,
+                                                  bool exact_mean) {
   auto moments = [&](acc_t scale) {
     const acc_t mean = exact_mean ? plane_wide_mean(x, n, scale) : shifted_mean(x, n, scale);
     return PlaneMoments<acc_t>{mean, centered_var(x, n, scale, mean)};
@@ -254,7 +260,7 @@ inline Standardizer<acc_t> plane_stats(const acc_t* x, int64_t n, acc_t eps, boo
 }
 
 template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+C10_ALWAYS_INLINE acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   return sum_over<acc_t>(n, [&](int64_t i, auto tag) {
     using V = decltype(tag);
     return load<V>(a + i) * load<V>(b + i);

@@ -28,12 +28,8 @@ struct ChannelTile {
   int64_t first;  // c0, in [0, C/2)
   int64_t width;  // channels taken from each half
 
-  // The tile's plane index of channel c (input order: the first half's channels, then the
-  // second's), and of its output channel shuffle_dst(c) (output order: 2 (c - c0), + 1 for the
-  // second half).
-  int64_t input_index(int64_t c, int64_t half) const {
-    return c < half ? c - first : width + c - half - first;
-  }
+  // The channel of the tile's plane `index` in input order (the first half's channels, then the
+  // second's). Its output plane is shuffle_dst(channel) - 2 c0 in output order.
   int64_t channel(int64_t index, int64_t half) const {
     return index < width ? first + index : half + first + index - width;
   }

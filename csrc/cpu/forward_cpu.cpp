@@ -62,6 +62,9 @@ void forward_sa_layer(const ForwardParams& p) {
   const ForwardTensors<scalar_t> t(p, Variant::kSALayer);
   const int64_t N = p.plane_size, C = p.channels;
 
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (p.channels_last) return forward_sa_layer_rows<scalar_t>(p);
+  }
   if (p.channels_last) {
     const ChannelTiling tiling(p, 1);
     const int64_t tile_values = 2 * tiling.width * N;

@@ -1,15 +1,22 @@
 """channels_last (NHWC) tensors through the fused ops, on every backend.
 
-The CPU kernels read and write NHWC as it is, by tiles of channels (csrc/cpu/nhwc_tiles.h) that
-run the NCHW kernels' unit bodies on the same planes in the same order: their results must equal
-the NCHW call's bit for bit. The CUDA kernels (and their emulation) get NCHW copies for now
-(csrc/host.cpp), which gives the same bits too. On every backend the output and grad_x come back in
-x's memory format. The NCHW results are held to the reference by test_forward_backward.py; here the
-NHWC ones are also compared with the float64 reference directly.
+The CPU kernels read and write NHWC as it is. SALayer's forward in float, bfloat16 and half goes by
+rows (csrc/cpu/nhwc_rows.h): its statistics are summed per channel across the pixels of a row, in
+double, a different order from NCHW's plane sums, so its results are held to the float64 reference
+(and its statistics to the true ones) instead of to NCHW's bits. Every other CPU path (the
+backward, float64, ShuffleAttention) goes by tiles of channels (csrc/cpu/nhwc_tiles.h) that run the
+NCHW kernels' unit bodies on the same planes in the same order: given the same statistics, their
+results equal the NCHW call's bit for bit. The CUDA kernels (and their emulation) get NCHW copies
+for now (csrc/host.cpp), which gives the same bits too. On every backend the output and grad_x
+come back in x's memory format. The NCHW results are held to the reference by
+test_forward_backward.py; here the NHWC ones are also compared with the float64 reference directly.
 
 Shapes are chosen for the tiling's edges: channel halves that are not a multiple of the tile width
 or of the 8-channel transpose blocks, pixel counts that are not a multiple of 8, tiles narrower
-than 8 channels, branches as wide as the tile (ShuffleAttention), and size-1 dims.
+than 8 channels, branches as wide as the tile (ShuffleAttention), and size-1 dims. ROW_SHAPES cover
+the rows' lane roles: m = 1, 2, 4 (vectors split by role), with the second half starting on a
+spatial run (G odd), halves with a vector or scalar tail, m = 3, 6, 12 (vectors mixing roles),
+m = 8, 16 (vectors of one role).
 """
 
 from __future__ import annotations
@@ -18,15 +25,19 @@ import pytest
 import torch
 from conftest import (
     VARIANTS,
+    autocast_if_mixed,
     clone_as,
     forward_backward,
     make_fused_like,
     make_input,
     make_ref,
     op_params,
+    ref_class,
+    ref_functional,
 )
 
-from sa_cuda.testing import assert_close_to_reference
+from sa_cuda.ops import SA_CUDA_LIBRARY
+from sa_cuda.testing import assert_close_to_reference, assert_true_statistics
 
 CL = torch.channels_last
 
@@ -43,6 +54,21 @@ SHAPES = [
     pytest.param((1, 1024, 7, 7), 8, id="m64-g8"),  # ShuffleAttention: one branch per tile
     pytest.param((1, 48, 3, 1), 3, id="b1-w1"),
     pytest.param((2, 16, 1, 5), 1, id="h1-g1"),
+]
+# (B, C, H, W), groups for the rows of SALayer's forward: m = C / (2 G), half = C / 2 channels,
+# taken by pairs of 8-float vectors (16 channels) where m divides 4.
+ROW_SHAPES = [
+    pytest.param((2, 64, 5, 7), 8, id="m4-half32"),
+    pytest.param((2, 36, 5, 7), 9, id="m2-Godd-tail2"),  # second half starts on a spatial run
+    pytest.param((3, 128, 9, 9), 64, id="m1"),
+    pytest.param((2, 40, 3, 11), 5, id="m4-Godd-tail4"),
+    pytest.param((2, 72, 4, 5), 12, id="m3-mixed"),
+    pytest.param((2, 120, 6, 5), 10, id="m6-mixed-tail4"),
+    pytest.param((1, 96, 7, 8), 4, id="m12"),
+    pytest.param((2, 64, 6, 6), 4, id="m8"),
+    pytest.param((2, 256, 5, 5), 8, id="m16"),
+    pytest.param((2, 2, 3, 3), 1, id="C2"),
+    pytest.param((1, 48, 1, 1000), 6, id="N1000"),  # several chunks per item
 ]
 # The CUDA source runs in the emulator slowly: its cases stay small.
 EMULATED_SHAPES = SHAPES[:2] + SHAPES[-2:]
@@ -70,27 +96,118 @@ def _shapes_for(backend):
     return EMULATED_SHAPES if backend.name == "emulated" else SHAPES
 
 
+def _by_rows(backend, variant, dtype):
+    """Whether the forward goes by rows (its bits are not NCHW's)."""
+    return backend.name == "cpu" and variant == "sa_layer" and dtype != torch.float64
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_nhwc_equals_nchw_bit_for_bit(backend, variant, dtype):
+    """The NCHW call's bits: the forward's where it goes by tiles or copies, the backward's always
+    (given the NCHW forward's statistics; by rows the forward is checked below)."""
     for case in _shapes_for(backend):
         shape, groups = case.values
         params = [p.to(backend.device) for p in op_params(variant, shape[1], groups, seed=3)]
         x = make_input(shape, seed=1, dtype=dtype, device=backend.device, offset=0.5)
         gy = make_input(shape, seed=2, dtype=dtype, device=backend.device)
         want_fwd, want_bwd = _run_ops(backend, variant, x, gy, groups, params)
-        got_fwd, got_bwd = _run_ops(
-            backend,
-            variant,
-            x.contiguous(memory_format=CL),
-            gy.contiguous(memory_format=CL),
-            groups,
-            params,
-        )
-        _assert_identical(got_fwd, want_fwd)
+        x_cl, gy_cl = x.contiguous(memory_format=CL), gy.contiguous(memory_format=CL)
+        got_fwd = backend.forward_op(variant)(x_cl, groups, *params, 1e-5)
+        _, mean, rstd = want_fwd
+        got_bwd = backend.backward_op(variant)(gy_cl, x_cl, mean, rstd, groups, *params)
+        if not _by_rows(backend, variant, dtype):
+            _assert_identical(got_fwd, want_fwd)
         _assert_identical(got_bwd, want_bwd)
         assert got_fwd[0].is_contiguous(memory_format=CL), (case.id, got_fwd[0].stride())
         assert got_bwd[0].is_contiguous(memory_format=CL), (case.id, got_bwd[0].stride())
+
+
+def _low_precision_runs(variant, shape, groups, dtype, seed=11):
+    """(fused, ref64 of fused's parameters, eager, ref64 of eager's) forward + backward of a
+    channels_last x and grad_out in dtype, with fp32 parameters under autocast (as
+    test_forward_backward.test_low_precision)."""
+    C = shape[1]
+    base = make_ref(variant, C, groups, seed=seed)
+    fused = make_fused_like(variant, base)
+    ref64 = ref_class(variant)(C, groups)
+    ref64.load_state_dict(fused.state_dict(), strict=True)
+    ref64 = ref64.double()
+    eager = clone_as(base, dtype)
+    x = make_input(shape, seed=1, dtype=dtype).contiguous(memory_format=CL)
+    gy = make_input(shape, seed=2, dtype=dtype).contiguous(memory_format=CL)
+    with autocast_if_mixed(x, list(fused.parameters())):
+        F = forward_backward(fused, x, gy)
+    R = forward_backward(ref64, x.double(), gy.double())
+    E = forward_backward(eager, x, gy)
+    RE = forward_backward(clone_as(eager, torch.float64), x.double(), gy.double())
+    return F, R, E, RE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS[1:])
+@pytest.mark.parametrize("shape,groups", ROW_SHAPES)
+def test_rows_against_reference(shape, groups, dtype):
+    """SALayer by rows: the module's output and every gradient against the float64 reference (the
+    criteria of test_forward_backward), and the returned statistics against the true ones."""
+    if dtype == torch.float32:
+        ref = make_ref("sa_layer", shape[1], groups, seed=11)
+        module = make_fused_like("sa_layer", ref)
+        x = make_input(shape, seed=1, offset=0.5).contiguous(memory_format=CL)
+        gy = make_input(shape, seed=2).contiguous(memory_format=CL)
+        F = forward_backward(module, x, gy)
+        R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
+        assert_close_to_reference(F, R, dtype, eager=forward_backward(ref, x, gy))
+    else:
+        F, R, E, RE = _low_precision_runs("sa_layer", shape, groups, dtype)
+        assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=torch.float32)
+    assert F["out"].is_contiguous(memory_format=CL) and F["x"].is_contiguous(memory_format=CL)
+    params = op_params("sa_layer", shape[1], groups, seed=3)
+    x = make_input(shape, seed=4, dtype=dtype, offset=3.0).contiguous(memory_format=CL)
+    _, mean, rstd = SA_CUDA_LIBRARY.forward_op("sa_layer")(x, groups, *params, 1e-5)
+    assert_true_statistics(mean, rstd, x, 1e-5, f"rows {shape} {dtype}")
+
+
+def test_rows_do_not_depend_on_the_thread_count():
+    """The rows' chunks and the order of every sum are fixed by the shape: one thread and two give
+    the same bits."""
+    shape, groups = (3, 64, 20, 30), 8
+    params = op_params("sa_layer", shape[1], groups, seed=3)
+    x = make_input(shape, seed=1).contiguous(memory_format=CL)
+    forward = SA_CUDA_LIBRARY.forward_op("sa_layer")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(forward(x, groups, *params, 1e-5))
+    finally:
+        torch.set_num_threads(threads)
+    for got in results[1:]:
+        _assert_identical(got, results[0])
+
+
+@pytest.mark.parametrize(
+    "shape,groups,dtype",
+    [
+        pytest.param((1, 64, 200, 205), 8, torch.float32, id="fp32-aligned-rows"),
+        # 144-byte rows: every other row starts off a 32-byte boundary (plain stores there)
+        pytest.param((1, 36, 250, 251), 3, torch.float32, id="fp32-odd-rows"),
+        pytest.param((1, 96, 220, 221), 6, torch.bfloat16, id="bf16"),
+    ],
+)
+def test_rows_streaming_stores(shape, groups, dtype):
+    """Outputs above 8 MiB are written with streaming stores (csrc/cpu/nhwc_rows.h), against the
+    float64 reference."""
+    params = op_params("sa_layer", shape[1], groups, seed=3)
+    x = make_input(shape, seed=1, dtype=dtype).contiguous(memory_format=CL)
+    assert x.numel() * x.element_size() > 8 << 20
+    forward = SA_CUDA_LIBRARY.forward_op("sa_layer")
+    out, _, _ = forward(x, groups, *params, 1e-5)
+    ref = ref_functional("sa_layer")
+    ref64 = ref(x.double(), groups, *[p.double() for p in params])
+    eager = ref(x, groups, *[p.to(dtype) for p in params])
+    assert_close_to_reference({"out": out}, {"out": ref64}, dtype, eager={"out": eager})
+    assert out.is_contiguous(memory_format=CL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -134,21 +251,29 @@ def _layouts():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_layout_pair(backend, variant, dtype, x_layout, gy_layout):
-    """Any layout of x with any layout of grad_out: the NCHW call's values, out and grad_x in x's
+    """Any layout of x with any layout of grad_out: the NCHW call's values (the forward by rows:
+    the dense channels_last call's; the backward given the same statistics), out and grad_x in x's
     layout (channels_last when x is channels_last-contiguous, else NCHW-contiguous)."""
     shape, groups = (1, 24, 1, 13), 3  # B = H = 1: the odd unit strides apply
     layouts = _layouts()
     params = [p.to(backend.device) for p in op_params(variant, shape[1], groups, seed=5)]
     x = make_input(shape, seed=1, dtype=dtype, device=backend.device)
     gy = make_input(shape, seed=2, dtype=dtype, device=backend.device)
-    want_fwd, want_bwd = _run_ops(backend, variant, x, gy, groups, params)
     xl, gyl = layouts[x_layout](x), layouts[gy_layout](gy)
     assert torch.equal(xl, x) and torch.equal(gyl, gy)
-    got_fwd, got_bwd = _run_ops(backend, variant, xl, gyl, groups, params)
-    _assert_identical(got_fwd, want_fwd)
-    _assert_identical(got_bwd, want_bwd)
     channels_last = x_layout.startswith("channels_last") and x_layout != "channels_last_slice"
     assert xl.is_contiguous(memory_format=CL) == channels_last
+    want_fwd, want_bwd = _run_ops(backend, variant, x, gy, groups, params)
+    if channels_last and _by_rows(backend, variant, dtype):
+        want_fwd = backend.forward_op(variant)(
+            x.contiguous(memory_format=CL), groups, *params, 1e-5
+        )
+    got_fwd = backend.forward_op(variant)(xl, groups, *params, 1e-5)
+    _, mean, rstd = want_fwd
+    got_bwd = backend.backward_op(variant)(gyl, xl, mean, rstd, groups, *params)
+    want_bwd = backend.backward_op(variant)(gy, x, mean, rstd, groups, *params)
+    _assert_identical(got_fwd, want_fwd)
+    _assert_identical(got_bwd, want_bwd)
     for result in (got_fwd[0], got_bwd[0]):
         if channels_last:
             assert result.is_contiguous(memory_format=CL) and not result.is_contiguous()
@@ -182,8 +307,6 @@ def test_cpu_reads_channels_last_without_a_copy(variant):
     params = op_params(variant, shape[1], groups, seed=5)
     x = make_input(shape, seed=1).contiguous(memory_format=CL)
     gy = make_input(shape, seed=2).contiguous(memory_format=CL)
-    from sa_cuda.ops import SA_CUDA_LIBRARY
-
     forward, backward = SA_CUDA_LIBRARY.forward_op(variant), SA_CUDA_LIBRARY.backward_op(variant)
 
     def copies(fn):
@@ -206,8 +329,6 @@ def test_cpu_reads_channels_last_without_a_copy(variant):
 def test_channels_last_errors_name_the_argument(variant):
     """Bad arguments with a channels_last x raise the NCHW call's ValueError, before any kernel."""
     params = op_params(variant, 24, 3, seed=5)
-    from sa_cuda.ops import SA_CUDA_LIBRARY
-
     forward, backward = SA_CUDA_LIBRARY.forward_op(variant), SA_CUDA_LIBRARY.backward_op(variant)
     x = make_input((2, 24, 5, 4), seed=1).contiguous(memory_format=CL)
     with pytest.raises(ValueError, match=r"C \(24\) must be divisible by 2 \* groups"):

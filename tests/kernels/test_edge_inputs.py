@@ -46,16 +46,19 @@ def run_high_precision(
     scale=1.0,
     x=None,
     eps=1e-5,
+    memory_format=torch.contiguous_format,
 ):
     """(fused, eager reference in dtype, float64 reference) results of forward + backward, the
-    seeds of test_forward_backward._run_high_precision by default."""
+    seeds of test_forward_backward._run_high_precision by default; x and grad_out in
+    memory_format."""
     dev = backend.device
     ref = make_ref(variant, shape[1], groups, seed=seeds[0], dtype=dtype, device=dev)
     ref.gn.eps = eps
     if x is None:
         x = make_input(shape, seed=seeds[1], dtype=dtype, offset=offset, scale=scale)
-    x = x.to(dev)
+    x = x.to(dev).contiguous(memory_format=memory_format)
     gy = make_input(shape, seed=seeds[2], dtype=dtype, device=dev)
+    gy = gy.contiguous(memory_format=memory_format)
     Fu = forward_backward(backend.module_like(variant, ref), x, gy)
     ref64 = clone_as(ref, torch.float64)
     R = forward_backward(ref64, x.double(), gy.double())
@@ -188,24 +191,41 @@ def check_masks_and_values(Fu, R, E=None, what="reference"):
     return problems
 
 
+# The CPU reads channels_last as it is (SALayer's forward by rows, with statistics of their own):
+# the edge cases run in both layouts there; the CUDA backends convert to NCHW.
+LAYOUTS = [
+    pytest.param(torch.contiguous_format, id="nchw"),
+    pytest.param(torch.channels_last, id="channels_last"),
+]
+
+
+def skip_unless_cpu_reads(backend, memory_format):
+    if memory_format == torch.channels_last and backend.name != "cpu":
+        pytest.skip("channels_last is converted to NCHW off the CPU")
+
+
+@pytest.mark.parametrize("memory_format", LAYOUTS)
 @pytest.mark.parametrize("eps", [1e-5, 0.0], ids=["eps1e-5", "eps0"])
 @pytest.mark.parametrize("shape,groups", CONST_SHAPES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_constant_planes(backend, variant, shape, groups, eps):
+def test_constant_planes(backend, variant, shape, groups, eps, memory_format):
     """Variance 0 behaves as in the reference: with eps > 0, rstd = 1 / sqrt(eps) and every output
     and gradient is finite and matches the float64 reference (fp32 criterion); with eps = 0 (allowed
     by the API), NaN/Inf appear exactly where the reference has them (the spatial branch of a
     constant plane, 0 * inf) and the rest matches. The channel branch never uses rstd, so a
     constant channel-branch plane gives finite results for any eps."""
+    skip_unless_cpu_reads(backend, memory_format)
     x, const = constant_planes_input(shape, groups)
-    Fu, E, R = run_high_precision(variant, backend, shape, groups, x=x, eps=eps)
+    Fu, E, R = run_high_precision(
+        variant, backend, shape, groups, x=x, eps=eps, memory_format=memory_format
+    )
     if eps > 0:
         for key, t in Fu.items():
             assert torch.isfinite(t).all(), f"{key}: {int((~torch.isfinite(t)).sum())} non-finite"
         assert_close_to_reference(Fu, R, torch.float32, eager=E)
         ref = make_ref(variant, shape[1], groups, seed=11, device=backend.device)
         params = [p.detach() for p in params_in_op_order(variant, ref)]
-        x = x.to(backend.device)
+        x = x.to(backend.device).contiguous(memory_format=memory_format)
         _, mean, rstd = backend.forward_op(variant)(x, groups, *params, eps)
         B, C = shape[:2]
         const = const.to(backend.device)
@@ -238,9 +258,10 @@ MAGNITUDE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("memory_format", LAYOUTS)
 @pytest.mark.parametrize("backend,shape,groups", MAGNITUDE_CASES, indirect=["backend"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_large_magnitude_small_spread(backend, variant, shape, groups):
+def test_large_magnitude_small_spread(backend, variant, shape, groups, memory_format):
     """x = 1e4 + randn in float32 (ulp(1e4) ~ 1e-3 = 1e-3 of the spread): the fused result's
     error against the float64 reference must be no worse than 2x the eager float32 reference's.
 
@@ -251,10 +272,17 @@ def test_large_magnitude_small_spread(backend, variant, shape, groups):
     errors cancel by chance) ranges over 0.1..2.5 (measured over 6 draws); the sum over draws
     estimates the typical error. One float32 unit at the largest magnitude is added per draw (for
     gradients the eager reference gets exactly, e.g. 0)."""
+    skip_unless_cpu_reads(backend, memory_format)
     err_fused, err_eager, unit = {}, {}, {}
     for s in range(4):
         Fu, E, R = run_high_precision(
-            variant, backend, shape, groups, seeds=(s, 100 + s, 200 + s), offset=1e4
+            variant,
+            backend,
+            shape,
+            groups,
+            seeds=(s, 100 + s, 200 + s),
+            offset=1e4,
+            memory_format=memory_format,
         )
         for key in Fu:
             assert torch.isfinite(Fu[key]).all(), key
@@ -343,10 +371,13 @@ VALUES = [
 ]
 
 
+@pytest.mark.parametrize("memory_format", LAYOUTS)
 @pytest.mark.parametrize("value", VALUES)
 @pytest.mark.parametrize("shape,where", NONFINITE_X_CASES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_nonfinite_x_propagates_like_reference(backend, variant, shape, where, value):
+def test_nonfinite_x_propagates_like_reference(
+    backend, variant, shape, where, value, memory_format
+):
     """NaN / +-Inf in x: one value in a channel-branch plane (batch 0, channel 3) and one in a
     spatial-branch plane (last batch item, channel 12), at the plane's first or middle element.
     The reference: a NaN poisons its plane's mean (and, ShuffleAttention, its group's gate); an Inf
@@ -356,9 +387,12 @@ def test_nonfinite_x_propagates_like_reference(backend, variant, shape, where, v
     params = [p.detach() for p in params_in_op_order(variant, ref)]
     x = make_input(shape, seed=0)
     idx = 0 if where == "first" else (shape[2] * shape[3]) // 2
+    skip_unless_cpu_reads(backend, memory_format)
     x[0, 3].view(-1)[idx] = value
     x[-1, 12].view(-1)[idx] = value
-    nonfinite_check(variant, backend, x, 2, params, make_input(shape, seed=1))
+    x = x.contiguous(memory_format=memory_format)
+    gy = make_input(shape, seed=1).contiguous(memory_format=memory_format)
+    nonfinite_check(variant, backend, x, 2, params, gy)
 
 
 @pytest.mark.parametrize("value", VALUES)

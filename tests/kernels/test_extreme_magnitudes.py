@@ -63,6 +63,10 @@ DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16
 SHAPES = {
     "cpu": ((8, 7, 9), 2),
     "cpu-large": ((4, 64, 72), 1),  # several kSumBlock blocks per plane
+    # channels_last ("-cl"): SALayer's forward by rows (csrc/cpu/nhwc_rows.h), whose statistics are
+    # sums in double over each channel, then NCHW's plane_stats for a channel they overflow
+    "cpu-cl": ((32, 7, 9), 8),  # m = 2: vectors split by role
+    "cpu-cl-mixed": ((24, 9, 70), 2),  # m = 6: vectors mixing roles, a scalar tail; 2 chunks
     "emu-warp-vector": ((8, 8, 8), 2),
     "emu-warp-scalar": ((8, 7, 9), 2),
     "emu-block-vector": ((4, 32, 32), 1),
@@ -80,12 +84,14 @@ def patterns(dtype, impl):
     return [(m, r) for r in OFFSETS.values() for m in MAGNITUDES[dtype]]
 
 
-def make_x(pats, chw, dtype, seed):
+def make_x(pats, chw, dtype, seed, impl="cpu"):
+    """One batch item per pattern; channels_last for the "-cl" impls."""
     gen = torch.Generator().manual_seed(seed)
     u = torch.rand((len(pats),) + chw, generator=gen, dtype=torch.float64) * 2 - 1
     mag = torch.tensor([m for m, _ in pats], dtype=torch.float64).view(-1, 1, 1, 1)
     off = torch.tensor([r for _, r in pats], dtype=torch.float64).view(-1, 1, 1, 1)
-    return ((off + (1 - off) * u) * mag).to(dtype)
+    x = ((off + (1 - off) * u) * mag).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if "-cl" in impl else x
 
 
 def layer_params(variant, C, G, dtype, seed=3):
@@ -112,7 +118,7 @@ def fused_apply(impl, variant, groups):
 
 def run_forward(variant, impl, dtype, pats, seed=1):
     (C, H, W), G = SHAPES[impl]
-    x = make_x(pats, (C, H, W), dtype, seed)
+    x = make_x(pats, (C, H, W), dtype, seed, impl)
     low, p32, p64 = layer_params(variant, C, G, dtype)
     out, mean, rstd = fused_forward(impl, variant)(x, G, *p32, 1e-5)
     ref = ref_functional(variant)
@@ -128,7 +134,7 @@ def run_forward(variant, impl, dtype, pats, seed=1):
 def run_backward(variant, impl, dtype, pats, seed=1):
     """Criterion 5: every gradient finite wherever eager's is."""
     (C, H, W), G = SHAPES[impl]
-    x = make_x(pats, (C, H, W), dtype, seed)
+    x = make_x(pats, (C, H, W), dtype, seed, impl)
     gy = torch.randn(
         x.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64
     ).to(dtype)
@@ -159,6 +165,8 @@ GRID = [
     # where it adds a load/convert variant.
     ("cpu", (torch.float32, torch.bfloat16, torch.float16)),
     ("cpu-large", (torch.float32, torch.bfloat16, torch.float16)),
+    ("cpu-cl", (torch.float32, torch.bfloat16, torch.float16)),
+    ("cpu-cl-mixed", (torch.float32, torch.bfloat16, torch.float16)),
     ("emu-warp-vector", (torch.float32, torch.bfloat16, torch.float16)),
     ("emu-warp-scalar", (torch.float32, torch.bfloat16)),
     ("emu-block-vector", (torch.float32, torch.bfloat16)),
@@ -195,7 +203,7 @@ def test_forward_grid(variant, impl, dtype):
     [
         pytest.param(v, impl, d, id=f"{v}-{impl}-{DTYPE_IDS[d]}")
         for v in VARIANTS
-        for impl in ("cpu", "cpu-large")
+        for impl in ("cpu", "cpu-large", "cpu-cl")
         for d in (torch.float32, torch.bfloat16)
     ]
     + [
@@ -219,7 +227,7 @@ def test_backward_grid_finite_where_eager_is(variant, impl, dtype):
     [
         pytest.param(v, impl, id=f"{v}-{impl}")
         for v in VARIANTS
-        for impl in ("cpu", "emu-warp-vector" if v == "sa_layer" else "emu-group")
+        for impl in ("cpu", "cpu-cl", "emu-warp-vector" if v == "sa_layer" else "emu-group")
     ],
 )
 def test_backward_grad_x_up_to_1e36(variant, impl):
@@ -230,7 +238,7 @@ def test_backward_grad_x_up_to_1e36(variant, impl):
     pats = [(1e20, 0.0), (1e30, 0.9), (1e36, 0.0), (1e36, 0.9)]
     (C, H, W), G = SHAPES[impl]
     F, E = run_backward(variant, impl, torch.float32, pats)
-    x = make_x(pats, (C, H, W), torch.float32, 1)
+    x = make_x(pats, (C, H, W), torch.float32, 1, impl)
     gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     _, _, p64 = layer_params(variant, C, G, torch.float32)
     x64 = x.double().requires_grad_(True)
@@ -283,7 +291,7 @@ def check_case(case):
 
 
 @settings(max_examples=40, **SETTINGS)
-@given(case=cases(("cpu", "cpu-large")))
+@given(case=cases(("cpu", "cpu-large", "cpu-cl", "cpu-cl-mixed")))
 def test_cpu_property(case):
     check_case(case)
 

@@ -1,0 +1,182 @@
+// SALayer forward on channels_last rows (nhwc_rows.h), float lanes. Bytes moved: x is read from
+// memory once (pass 1; pass 2 re-reads the wave from cache), out is written once, each row at
+// its shuffled channels; mean and rstd add 2 floats per channel.
+#include <ATen/OpMathType.h>
+
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../sa_math.h"
+#include "kernels_cpu.h"
+#include "nhwc_rows.h"
+#include "vec_loops.h"
+
+namespace sa_cuda::cpu {
+namespace {
+
+using VecD = at::vec::Vectorized<double>;
+
+// The gate coefficients of a channel as lanes: the spatial branch's SpatialGate (sa_math.h), then
+// the channel branch's constant gate.
+enum GateField { kConstantGate = kGateFieldCount, kGateFields };
+using GateLanes = ChannelLanes<kGateFields>;
+
+// Pass 1 of one chunk: sums[c] = sum_p (x[p, c] - shift[c]) and sums[C + c] of the squares, in
+// double: exact terms for float x and no overflow, and with the shift (the item's first value,
+// sum_shift) the variance S2 / n - (S1 / n)^2 cancels at most a factor n: (x_0 - mu)^2 <= n var.
+template <typename scalar_t>
+void chunk_moments(const scalar_t* item, int64_t C, const RowChunks::Chunk& chunk,
+                   const double* shift, double* sums, float* row_scratch) {
+  double* s1 = sums;
+  double* s2 = sums + C;
+  std::fill(sums, sums + 2 * C, 0.0);
+  constexpr int64_t L = VecD::size();
+  for (int64_t p = chunk.begin; p < chunk.end; ++p) {
+    const float* x = row_as_float(item, p, C, row_scratch);
+    int64_t c = 0;
+    for (; c + L <= C; c += L) {
+      const VecD d = load_wide(x + c) - VecD::loadu(shift + c);
+      (VecD::loadu(s1 + c) + d).store(s1 + c);
+      at::vec::fmadd(d, d, VecD::loadu(s2 + c)).store(s2 + c);
+    }
+    for (; c < C; ++c) {
+      const double d = static_cast<double>(x[c]) - shift[c];
+      s1[c] += d;
+      s2[c] = std::fma(d, d, s2[c]);
+    }
+  }
+}
+
+// The Standardizer of channel c of an item from its sums over all pixels. A channel whose
+// statistics overflow float (|x| near float's largest values, or inf/NaN in it) takes the NCHW
+// kernels' plane_stats instead, on the channel gathered into a plane (rare: a strided read).
+template <typename scalar_t>
+Standardizer<float> channel_stats(const scalar_t* item, int64_t C, int64_t N, double s1, double s2,
+                                  double shift, int64_t c, float eps, bool spatial) {
+  const double dm = s1 / static_cast<double>(N);
+  const float mean = static_cast<float>(shift + dm);
+  const float var = static_cast<float>(std::max(0.0, s2 / static_cast<double>(N) - dm * dm));
+  if (!stats_overflowed(mean, var)) return finish_stats(mean, var, eps, 0);
+  std::vector<float> plane(N);
+  for (int64_t p = 0; p < N; ++p) plane[p] = static_cast<float>(item[p * C + c]);
+  return plane_stats(plane.data(), N, eps, !spatial);
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void forward_sa_layer_rows(const ForwardParams& p) {
+  const ForwardTensors<scalar_t> t(p, Variant::kSALayer);
+  const int64_t C = p.channels, N = p.plane_size, half = C / 2, m = p.branch_channels;
+  const RowChunks rows(p, sizeof(scalar_t));
+  const RowRoles roles(C, m);
+  const float eps = static_cast<float>(p.eps);
+  auto item_x = [&](int64_t item) { return t.x + item * N * C; };
+
+  // A wave: the sum shifts (each item's first row), the chunks' sums, then the gate lanes.
+  struct Wave {
+    int64_t first, items;
+    std::vector<double> shift, sums;
+    GateLanes lanes;
+  };
+  auto make_wave = [&](int64_t first, int64_t items) {
+    Wave w{first, items, std::vector<double>(items * C),
+           std::vector<double>(items * rows.per_item * 2 * C), GateLanes(items, C)};
+    for (int64_t i = 0; i < items; ++i) {
+      for (int64_t c = 0; c < C; ++c)
+        w.shift[i * C + c] = sum_shift(static_cast<float>(item_x(first + i)[c]));
+    }
+    return w;
+  };
+  auto pass1 = [&](Wave& w, const RowChunks::Chunk& chunk, float* scratch) {
+    const int64_t i = chunk.item - w.first;
+    chunk_moments(item_x(chunk.item), C, chunk, w.shift.data() + i * C,
+                  w.sums.data() + (i * rows.per_item + chunk.index) * 2 * C, scratch);
+  };
+  auto finish = [&](Wave& w) {
+    std::vector<double> totals(w.items * 2 * C);
+    chunk_totals(w.sums.data(), w.items, rows.per_item, 2 * C, totals.data());
+    for_each_channel(w.items, C, [&](int64_t i, int64_t c) {
+      const ChannelRole role = channel_role(c, m);
+      const double* total = totals.data() + i * 2 * C;
+      const Standardizer<float> st =
+          channel_stats(item_x(w.first + i), C, N, total[c], total[C + c], w.shift[i * C + c], c,
+                        eps, role.spatial);
+      t.mean[(w.first + i) * C + c] = st.mean;
+      t.rstd[(w.first + i) * C + c] = st.rstd;
+      const int64_t k = role.k;
+      if (!role.spatial) {
+        w.lanes.field(kConstantGate, i)[c] = sigmoid(t.w.cw[k] * st.mean + t.w.cb[k]);
+        return;
+      }
+      set_spatial_gate(w.lanes.fields(i).data(), c,
+                       spatial_gate(t.w.sw[k], t.w.sb[k], t.w.gw[k], t.w.gb[k], st));
+    });
+    for (int64_t i = 0; i < w.items; ++i) {
+      for (float* field : w.lanes.fields(i)) roles.pack(field);
+    }
+  };
+
+  // Pass 2: out's row p holds y(c) at 2c and y(C/2 + c) at 2c + 1.
+  const bool streaming = stream_results(p.batch * N * C * int64_t{sizeof(scalar_t)});
+  auto pass2 = [&](Wave& w, const RowChunks::Chunk& chunk, float* scratch) {
+    const auto field = w.lanes.fields(chunk.item - w.first);
+    // The two gates on x's lanes xv of the channels from c (in the lanes' order).
+    auto channel_y = [&](const auto& xv, int64_t c) {
+      using V = std::decay_t<decltype(xv)>;
+      return xv * lanes_at<V>(field[kConstantGate], c);
+    };
+    auto spatial_y = [&](const auto& xv, int64_t c) {
+      using V = std::decay_t<decltype(xv)>;
+      return xv * sigmoid(spatial_gate_at<V>(field.data(), c).z(xv));
+    };
+    constexpr int64_t L = FloatVec::size();
+    for (int64_t px = chunk.begin; px < chunk.end; ++px) {
+      const float* x = row_as_float(item_x(chunk.item), px, C, scratch);
+      float* y = scratch + C;
+      for_each_row_block(
+          roles,
+          [&](int64_t c) {  // 2L channels of each half: 4L output channels from 2c
+            FloatVec half_y[2][2];
+            for (int h = 0; h < 2; ++h) {
+              const int64_t ch = h * half + c;
+              const RoleSplit xs = split_roles(FloatVec::loadu(x + ch), FloatVec::loadu(x + ch + L),
+                                               m, roles.swapped[h]);
+              const RoleSplit ys{channel_y(xs.channel, ch), spatial_y(xs.spatial, ch + L)};
+              std::tie(half_y[h][0], half_y[h][1]) = merge_roles(ys, m, roles.swapped[h]);
+            }
+            for (int v = 0; v < 2; ++v) {
+              const auto [lo, hi] = at::vec::interleave2(half_y[0][v], half_y[1][v]);
+              lo.store(y + 2 * (c + v * L));
+              hi.store(y + 2 * (c + v * L) + L);
+            }
+          },
+          [&](int64_t c, auto tag) {
+            using V = decltype(tag);
+            auto gated = [&](int64_t ch) {
+              const V xv = load<V>(x + ch);
+              return by_role<V>(
+                  roles, ch, [&] { return channel_y(xv, ch); }, [&] { return spatial_y(xv, ch); });
+            };
+            const V a = gated(c), b = gated(half + c);
+            if constexpr (is_vec<V>::value) {
+              const auto [lo, hi] = at::vec::interleave2(a, b);
+              lo.store(y + 2 * c);
+              hi.store(y + 2 * c + L);
+            } else {
+              y[2 * c] = a;
+              y[2 * c + 1] = b;
+            }
+          });
+      store_row(y, t.out + (chunk.item * N + px) * C, C, streaming);
+    }
+  };
+  run_waves(rows, 2 * C, make_wave, pass1, finish, pass2);
+}
+
+template void forward_sa_layer_rows<float>(const ForwardParams&);
+template void forward_sa_layer_rows<c10::BFloat16>(const ForwardParams&);
+template void forward_sa_layer_rows<c10::Half>(const ForwardParams&);
+
+}  // namespace sa_cuda::cpu

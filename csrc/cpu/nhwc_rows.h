@@ -1,0 +1,392 @@
+// channels_last (NHWC) by rows: the direct SALayer forward of the CPU for float lanes (float,
+// bfloat16 and half x). The backward, float64 and ShuffleAttention keep the tiles of
+// nhwc_tiles.h (docs/kernels.md says why).
+//
+// In NHWC the C channels of a pixel are one contiguous row. The kernel reads x row after row, as
+// it lies in memory, and writes each output row once:
+//   pass 1  per-channel sums over a chunk of pixels, vectorized over the channels of the row;
+//   finish  per channel, the chunks' sums added in chunk order: the statistics, then the channel's
+//           gate coefficients as lanes (ChannelLanes);
+//   pass 2  the gate row by row. The output row is the two channel halves interleaved
+//           (channel_shuffle sends c and C/2 + c to 2c and 2c + 1).
+// The chunks are fixed by the shape, not by the thread count, and every sum is taken in one fixed
+// order: the results do not depend on the number of threads.
+//
+// A wave of batch items whose rows fit a few MiB runs the three steps before the next wave starts,
+// so that pass 2 re-reads the rows from the L3 cache: x comes from memory once, as in NCHW. The
+// tiles of nhwc_tiles.h read strided runs of 32-256 bytes per row instead, which stream at a
+// quarter to half the speed of a contiguous read here.
+//
+// A channel's role alternates in runs of m channels (m channel-branch, m spatial-branch), so a
+// vector of channels may hold both. For m = 1, 2, 4 pairs of vectors are split by role
+// (split_roles), so that the spatial gate's exp runs on spatial lanes only, as in NCHW; for m a
+// multiple of 8 every vector is of one role; otherwise a mixed vector computes both gates and
+// blends them (an exp on every lane).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../sa_math.h"
+#include "vec_loops.h"
+
+namespace sa_cuda::cpu {
+
+using FloatVec = at::vec::Vectorized<float>;
+
+// The partition of the work: waves of batch items, each item's N pixels in chunks of `pixels`.
+struct RowChunks {
+  int64_t batch, plane_size, channels;
+  int64_t pixels;  // per chunk (an item's last chunk may be shorter)
+  int64_t per_item;  // chunks per item
+  int64_t wave_items;  // items per wave
+
+  // value_bytes: the size of one value of x.
+  RowChunks(const ForwardParams& p, int64_t value_bytes)
+      : batch(p.batch), plane_size(p.plane_size), channels(p.channels) {
+    // A chunk holds about kChunkValues values (128 KiB of float: the parallel tasks
+    // and the first level of the sums); a wave about kWaveBytes, which the L3 keeps for pass 2.
+    constexpr int64_t kChunkValues = int64_t{1} << 15;
+    constexpr int64_t kWaveBytes = int64_t{4} << 20;
+    pixels = std::clamp<int64_t>(kChunkValues / channels, 1, plane_size);
+    per_item = (plane_size + pixels - 1) / pixels;
+    const int64_t item_bytes = value_bytes * plane_size * channels;
+    wave_items = std::clamp<int64_t>(kWaveBytes / item_bytes, 1, std::max<int64_t>(batch, 1));
+  }
+
+  int64_t waves() const { return (batch + wave_items - 1) / wave_items; }
+  int64_t first_item(int64_t wave) const { return wave * wave_items; }
+  int64_t items(int64_t wave) const { return std::min(wave_items, batch - first_item(wave)); }
+  // Chunk `chunk` of the items from `first`: [begin, end) pixels of item `item`.
+  struct Chunk {
+    int64_t item, index, begin, end;
+  };
+  Chunk chunk(int64_t first, int64_t chunk) const {
+    const int64_t q = chunk % per_item, begin = q * pixels;
+    return Chunk{first + chunk / per_item, q, begin, std::min(plane_size, begin + pixels)};
+  }
+};
+
+// Role split of 2L consecutive channels of one half whose first channel starts a run of m
+// channel-branch channels (c mod 2m = 0; `swapped`: a run of spatial ones, c mod 2m = m), for m
+// dividing L/2 (1, 2, 4 for 8 float lanes): their L channel-branch lanes and L spatial-branch
+// lanes as one vector each, so that the spatial gate's exp runs on spatial lanes only, as in
+// NCHW. merge_roles is the inverse. The lanes come out in an order of their own: a channel's
+// coefficients are packed the same way (RowRoles::pack) before the loops read them.
+struct RoleSplit {
+  FloatVec channel, spatial;
+};
+
+inline RoleSplit split_roles(const FloatVec& a, const FloatVec& b, int64_t m, bool swapped) {
+  RoleSplit r;
+#if defined(CPU_CAPABILITY_AVX2)
+  static_assert(FloatVec::size() == 8);
+  switch (m) {
+    case 1:  // c s c s ...: even and odd lanes
+      r = {_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xDD)};
+      break;
+    case 2:  // c c s s ...: even and odd pairs
+      r = {_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(a), _mm256_castps_pd(b))),
+           _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)))};
+      break;
+    default:  // m = 4: c c c c s s s s: low and high halves
+      r = {_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31)};
+      break;
+  }
+#else
+  constexpr int64_t L = FloatVec::size();
+  float in[2 * L], out[2][L];
+  a.store(in);
+  b.store(in + L);
+  int64_t n[2] = {0, 0};
+  for (int64_t l = 0; l < 2 * L; ++l) {
+    const int role = l % (2 * m) >= m;
+    out[role][n[role]++] = in[l];
+  }
+  r = {FloatVec::loadu(out[0]), FloatVec::loadu(out[1])};
+#endif
+  if (swapped) std::swap(r.channel, r.spatial);
+  return r;
+}
+
+inline std::pair<FloatVec, FloatVec> merge_roles(const RoleSplit& split, int64_t m, bool swapped) {
+  const FloatVec& lo = swapped ? split.spatial : split.channel;
+  const FloatVec& hi = swapped ? split.channel : split.spatial;
+#if defined(CPU_CAPABILITY_AVX2)
+  switch (m) {
+    case 1:
+      return {_mm256_unpacklo_ps(lo, hi), _mm256_unpackhi_ps(lo, hi)};
+    case 2:
+      return {_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(lo), _mm256_castps_pd(hi))),
+              _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(lo), _mm256_castps_pd(hi)))};
+    default:
+      return {_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31)};
+  }
+#else
+  constexpr int64_t L = FloatVec::size();
+  float in[2][L], out[2 * L];
+  lo.store(in[0]);
+  hi.store(in[1]);
+  int64_t n[2] = {0, 0};
+  for (int64_t l = 0; l < 2 * L; ++l) {
+    const int role = l % (2 * m) >= m;
+    out[l] = in[role][n[role]++];
+  }
+  return {FloatVec::loadu(out), FloatVec::loadu(out + L)};
+#endif
+}
+
+// The roles of a row's channels for the vector loops. With m dividing L/2 (`split`), each half's
+// channels [0, split_end) go by pairs of vectors through split_roles; every other vector of
+// channels c .. c + L - 1 is of one role (kind[c]) or mixed, then computes both gates and blends
+// them by spatial_mask (all bits set on spatial-branch lanes).
+struct RowRoles {
+  enum Kind : uint8_t { kChannel, kSpatial, kMixed };
+  int64_t m, half;
+  bool split;
+  int64_t split_end;  // channels of each half taken by pairs of vectors
+  bool swapped[2];  // per half: its first channel is a spatial-branch one
+  std::vector<float> spatial_mask;  // [C]
+  std::vector<uint8_t> kind;  // [C]
+
+  RowRoles(int64_t C, int64_t m_) : m(m_), half(C / 2), spatial_mask(C), kind(C) {
+    constexpr int64_t L = FloatVec::size();
+    split = m < L && (L / 2) % m == 0;
+    split_end = split ? half / (2 * L) * (2 * L) : 0;
+    for (int h = 0; h < 2; ++h) swapped[h] = channel_role(h * half, m).spatial;
+    const uint32_t ones = ~uint32_t{0};
+    for (int64_t c = 0; c < C; ++c) {
+      if (channel_role(c, m).spatial) std::memcpy(&spatial_mask[c], &ones, sizeof(float));
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      bool any_spatial = false, any_channel = false;
+      for (int64_t l = c; l < std::min(C, c + L); ++l) {
+        (channel_role(l, m).spatial ? any_spatial : any_channel) = true;
+      }
+      kind[c] = any_spatial && any_channel ? kMixed : any_spatial ? kSpatial : kChannel;
+    }
+  }
+
+  // Reorders a row of per-channel values (C) the way split_roles reorders x: the channel lanes of
+  // the pair at c to [c, c + L), its spatial lanes to [c + L, c + 2 L).
+  void pack(float* values) const {
+    for_each_pair(
+        [&](float* pair, bool swap) {
+          const RoleSplit r =
+              split_roles(FloatVec::loadu(pair), FloatVec::loadu(pair + L), m, swap);
+          r.channel.store(pair);
+          r.spatial.store(pair + L);
+        },
+        values);
+  }
+
+ private:
+  static constexpr int64_t L = FloatVec::size();
+  template <typename F>
+  void for_each_pair(const F& f, float* values) const {
+    for (int h = 0; h < 2; ++h) {
+      for (int64_t c = h * half; c < h * half + split_end; c += 2 * L) f(values + c, swapped[h]);
+    }
+  }
+};
+
+// Every channel of a row, c of the first half with its partner C/2 + c: pair(c) for the pairs of
+// vectors [c, c + 2L) of both halves below split_end, then rest(c, V{}) for the others, in
+// vectors, then one by one.
+template <typename Pair, typename Rest>
+inline void for_each_row_block(const RowRoles& roles, const Pair& pair, const Rest& rest) {
+  constexpr int64_t L = FloatVec::size();
+  for (int64_t c = 0; c < roles.split_end; c += 2 * L) pair(c);
+  int64_t c = roles.split_end;
+  for (; c + L <= roles.half; c += L) rest(c, FloatVec());
+  for (; c < roles.half; ++c) rest(c, float());
+}
+
+// Per-channel coefficients of a wave's items as float lanes: field f of item i's channel c at
+// data[(f * items + i) * C + c], read as vectors of channels. A field of the other role holds 0
+// in a channel's lane (finite values for the lanes a blend discards).
+template <int kFields>
+struct ChannelLanes {
+  int64_t items, channels;
+  std::vector<float> data;
+
+  ChannelLanes(int64_t items_, int64_t channels_)
+      : items(items_), channels(channels_), data(kFields * items_ * channels_, 0.0f) {}
+  float* field(int f, int64_t item) { return data.data() + (f * items + item) * channels; }
+  // Every field of an item, in field order.
+  std::array<float*, kFields> fields(int64_t item) {
+    std::array<float*, kFields> all;
+    for (int f = 0; f < kFields; ++f) all[f] = field(f, item);
+    return all;
+  }
+};
+
+// lanes[c .. c + L) as V.
+template <typename V>
+inline V lanes_at(const float* lanes, int64_t c) {
+  return load<V>(lanes + c);
+}
+
+// A SpatialGate (sa_math.h) as lanes: its six fields, kGateFieldCount consecutive lane fields
+// from fields[0].
+enum SpatialGateField {
+  kGateScale,
+  kGateShift,
+  kGateWeight,
+  kGateBias,
+  kGateInputScale,
+  kGateCenter,
+  kGateFieldCount
+};
+
+template <typename V>
+inline SpatialGate<V> spatial_gate_at(float* const* fields, int64_t c) {
+  return SpatialGate<V>{
+      lanes_at<V>(fields[kGateScale], c),      lanes_at<V>(fields[kGateShift], c),
+      lanes_at<V>(fields[kGateWeight], c),     lanes_at<V>(fields[kGateBias], c),
+      lanes_at<V>(fields[kGateInputScale], c), lanes_at<V>(fields[kGateCenter], c)};
+}
+
+inline void set_spatial_gate(float* const* fields, int64_t c, const SpatialGate<float>& g) {
+  const float values[kGateFieldCount] = {g.scale, g.shift,       g.weight,
+                                         g.bias,  g.input_scale, g.center};
+  for (int f = 0; f < kGateFieldCount; ++f) fields[f][c] = values[f];
+}
+
+// The kind of the lanes from c: a vector's kind[c], a scalar lane's own role.
+template <typename V>
+inline RowRoles::Kind kind_at(const RowRoles& roles, int64_t c) {
+  if constexpr (is_vec<V>::value) {
+    return static_cast<RowRoles::Kind>(roles.kind[c]);
+  } else {
+    return channel_role(c, roles.m).spatial ? RowRoles::kSpatial : RowRoles::kChannel;
+  }
+}
+
+// The lanes of `spatial` where the channel is a spatial-branch one, of `channel` elsewhere.
+template <typename V>
+inline V blend_roles(const RowRoles& roles, int64_t c, const V& channel, const V& spatial) {
+  if constexpr (is_vec<V>::value) {
+    return V::blendv(channel, spatial, V::loadu(roles.spatial_mask.data() + c));
+  } else {
+    return channel_role(c, roles.m).spatial ? spatial : channel;
+  }
+}
+
+// The value of the lanes from c by their roles: channel() or spatial() for lanes of one role,
+// both blended for a mixed vector.
+template <typename V, typename Channel, typename Spatial>
+inline V by_role(const RowRoles& roles, int64_t c, const Channel& channel, const Spatial& spatial) {
+  switch (kind_at<V>(roles, c)) {
+    case RowRoles::kChannel:
+      return channel();
+    case RowRoles::kSpatial:
+      return spatial();
+    default:
+      return blend_roles<V>(roles, c, channel(), spatial());
+  }
+}
+
+// A row of C values of a [B, N, C] tensor as float: the tensor's memory for float, else converted
+// into `scratch`.
+template <typename scalar_t>
+inline const float* row_as_float(const scalar_t* rows, int64_t row, int64_t C, float* scratch) {
+  return as_acc(rows + row * C, C, scratch);
+}
+
+// Whether pass 2 writes its rows with streaming (non-temporal) stores: when the result is larger
+// than the cache would keep until the next layer reads it, streaming stores skip reading each
+// line of it from memory before it is overwritten (a third of a copy's traffic).
+inline bool stream_results(int64_t bytes) { return bytes > (int64_t{8} << 20); }
+
+// A result row of C floats into dst in its dtype (rounded as at::vec::convert, the NCHW path,
+// does), by streaming stores when `streaming` and dst is 32-byte aligned. The caller ends its
+// task with stream_fence().
+template <typename scalar_t>
+inline void store_row(const float* y, scalar_t* dst, int64_t C, bool streaming) {
+  int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  if (streaming && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (; c + 8 <= C; c += 8) _mm256_stream_ps(dst + c, _mm256_loadu_ps(y + c));
+    } else {
+      for (; c + 16 <= C; c += 16) {
+        const __m256i packed = at::vec::convert_from_float<scalar_t>(FloatVec::loadu(y + c),
+                                                                     FloatVec::loadu(y + c + 8));
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + c), packed);
+      }
+    }
+  }
+#endif
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::copy(y + c, y + C, dst + c);
+  } else {
+    at::vec::convert(y + c, dst + c, C - c);
+  }
+}
+
+// Orders a task's streaming stores before the parallel region ends (they are weakly ordered).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// The waves, one after the other: pass 1 over the wave's chunks (in parallel), finish(wave) (which
+// turns the wave's sums into its lanes), pass 2 over its chunks, each task ending with
+// stream_fence(). (Running the next wave's pass 1
+// beside this wave's pass 2, to overlap its reads with the gate arithmetic, was slower here: the
+// next wave's rows evict this wave's from the cache before pass 2 re-reads them.)
+//   make_wave(first_item, items) -> Wave   (Wave has .first and .items)
+//   pass1(wave, chunk, scratch), finish(wave), pass2(wave, chunk, scratch)
+// scratch: `scratch_floats` floats per task.
+template <typename MakeWave, typename Pass1, typename Finish, typename Pass2>
+void run_waves(const RowChunks& rows, int64_t scratch_floats, const MakeWave& make_wave,
+               const Pass1& pass1, const Finish& finish, const Pass2& pass2) {
+  for (int64_t w = 0; w < rows.waves(); ++w) {
+    auto wave = make_wave(rows.first_item(w), rows.items(w));
+    const int64_t chunks = wave.items * rows.per_item;
+    auto region = [&](const auto& pass) {
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(scratch_floats);
+        for (int64_t q = begin; q < end; ++q) pass(wave, rows.chunk(wave.first, q), scratch.data());
+        stream_fence();
+      });
+    };
+    region(pass1);
+    finish(wave);
+    region(pass2);
+  }
+}
+
+// For each channel of a wave's items (in parallel, a few hundred channels per task):
+// body(item, c) with item relative to the wave.
+template <typename Body>
+inline void for_each_channel(int64_t items, int64_t C, const Body& body) {
+  at::parallel_for(0, items * C, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) body(i / C, i % C);
+  });
+}
+
+// totals[i * width + w] = sum over q of sums[(i * per_item + q) * width + w], in chunk order.
+inline void chunk_totals(const double* sums, int64_t items, int64_t per_item, int64_t width,
+                         double* totals) {
+  for (int64_t i = 0; i < items; ++i) {
+    double* total = totals + i * width;
+    std::copy(sums + i * per_item * width, sums + (i * per_item + 1) * width, total);
+    for (int64_t q = 1; q < per_item; ++q) {
+      const double* s = sums + (i * per_item + q) * width;
+      for (int64_t w = 0; w < width; ++w) total[w] += s[w];
+    }
+  }
+}
+
+}  // namespace sa_cuda::cpu

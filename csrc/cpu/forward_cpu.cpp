@@ -55,6 +55,13 @@ C10_NOINLINE void sa_layer_plane(const ForwardTensors<scalar_t>& t, const Forwar
   }
 }
 
+// SALayer's channels_last forward goes by rows (nhwc_rows.h) where a tile would be narrower than
+// 32 channels (128 bytes of float per pixel and half): large planes, SA-ResNet-50's stages 1-2,
+// whose narrow tiles' strided reads made them slow. Wider tiles (smaller planes) read about as
+// fast, without the rows' separate statistics pass, and measured as fast or faster (stage 4:
+// 1.2x the NCHW forward against 1.6x by rows; docs/kernels.md). Float64 always takes the tiles.
+bool forward_by_rows(const ForwardParams& p) { return ChannelTiling(p, 1).width < 32; }
+
 template <typename scalar_t>
 void forward_sa_layer(const ForwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -63,7 +70,7 @@ void forward_sa_layer(const ForwardParams& p) {
   const int64_t N = p.plane_size, C = p.channels;
 
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (p.channels_last) return forward_sa_layer_rows<scalar_t>(p);
+    if (p.channels_last && forward_by_rows(p)) return forward_sa_layer_rows<scalar_t>(p);
   }
   if (p.channels_last) {
     const ChannelTiling tiling(p, 1);

@@ -54,9 +54,9 @@ void chunk_moments(const scalar_t* item, int64_t C, const RowChunks::Chunk& chun
 template <typename scalar_t>
 Standardizer<float> channel_stats(const scalar_t* item, int64_t C, int64_t N, double s1, double s2,
                                   double shift, int64_t c, float eps, bool spatial) {
-  const double dm = s1 / static_cast<double>(N);
+  const double dm = s1 / static_cast<double>(N), var_d = s2 / static_cast<double>(N) - dm * dm;
   const float mean = static_cast<float>(shift + dm);
-  const float var = static_cast<float>(std::max(0.0, s2 / static_cast<double>(N) - dm * dm));
+  const float var = static_cast<float>(var_d < 0 ? 0.0 : var_d);  // rounding; NaN stays NaN
   if (!stats_overflowed(mean, var)) return finish_stats(mean, var, eps, 0);
   std::vector<float> plane(N);
   for (int64_t p = 0; p < N; ++p) plane[p] = static_cast<float>(item[p * C + c]);

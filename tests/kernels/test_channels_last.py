@@ -24,6 +24,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
+    BACKENDS,
     VARIANTS,
     autocast_if_mixed,
     clone_as,
@@ -55,18 +56,19 @@ SHAPES = [
     pytest.param((1, 48, 3, 1), 3, id="b1-w1"),
     pytest.param((2, 16, 1, 5), 1, id="h1-g1"),
 ]
-# (B, C, H, W), groups for the rows of SALayer's forward: m = C / (2 G), half = C / 2 channels,
-# taken by pairs of 8-float vectors (16 channels) where m divides 4.
+# (B, C, H, W), groups for the rows of SALayer's forward (each would make tiles narrower than 32
+# channels: _by_rows): m = C / (2 G), half = C / 2 channels, taken by pairs of 8-float vectors
+# (16 channels) where m divides 4.
 ROW_SHAPES = [
-    pytest.param((2, 64, 5, 7), 8, id="m4-half32"),
+    pytest.param((2, 64, 24, 25), 8, id="m4-half32"),
     pytest.param((2, 36, 5, 7), 9, id="m2-Godd-tail2"),  # second half starts on a spatial run
-    pytest.param((3, 128, 9, 9), 64, id="m1"),
+    pytest.param((2, 128, 24, 30), 64, id="m1"),
     pytest.param((2, 40, 3, 11), 5, id="m4-Godd-tail4"),
-    pytest.param((2, 72, 4, 5), 12, id="m3-mixed"),
-    pytest.param((2, 120, 6, 5), 10, id="m6-mixed-tail4"),
-    pytest.param((1, 96, 7, 8), 4, id="m12"),
-    pytest.param((2, 64, 6, 6), 4, id="m8"),
-    pytest.param((2, 256, 5, 5), 8, id="m16"),
+    pytest.param((2, 72, 20, 30), 12, id="m3-mixed"),
+    pytest.param((1, 120, 25, 25), 10, id="m6-mixed-tail4"),
+    pytest.param((1, 96, 23, 25), 4, id="m12"),
+    pytest.param((1, 64, 30, 31), 4, id="m8"),
+    pytest.param((1, 256, 32, 20), 8, id="m16"),
     pytest.param((2, 2, 3, 3), 1, id="C2"),
     pytest.param((1, 48, 1, 1000), 6, id="N1000"),  # several chunks per item
 ]
@@ -96,9 +98,14 @@ def _shapes_for(backend):
     return EMULATED_SHAPES if backend.name == "emulated" else SHAPES
 
 
-def _by_rows(backend, variant, dtype):
-    """Whether the forward goes by rows (its bits are not NCHW's)."""
-    return backend.name == "cpu" and variant == "sa_layer" and dtype != torch.float64
+def _by_rows(backend, variant, dtype, shape):
+    """Whether the forward goes by rows (its bits are not NCHW's): SALayer on the CPU in float
+    lanes, where a tile would be narrower than 32 channels (csrc/cpu/forward_cpu.cpp,
+    forward_by_rows; the tile width rule of csrc/cpu/nhwc_tiles.h, ChannelTiling)."""
+    if backend.name != "cpu" or variant != "sa_layer" or dtype == torch.float64:
+        return False
+    half, pixels = shape[1] // 2, shape[2] * shape[3]
+    return min(half, min(max(16384 // pixels, 8), 64)) < 32
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -116,7 +123,7 @@ def test_nhwc_equals_nchw_bit_for_bit(backend, variant, dtype):
         got_fwd = backend.forward_op(variant)(x_cl, groups, *params, 1e-5)
         _, mean, rstd = want_fwd
         got_bwd = backend.backward_op(variant)(gy_cl, x_cl, mean, rstd, groups, *params)
-        if not _by_rows(backend, variant, dtype):
+        if not _by_rows(backend, variant, dtype, shape):
             _assert_identical(got_fwd, want_fwd)
         _assert_identical(got_bwd, want_bwd)
         assert got_fwd[0].is_contiguous(memory_format=CL), (case.id, got_fwd[0].stride())
@@ -149,6 +156,7 @@ def _low_precision_runs(variant, shape, groups, dtype, seed=11):
 def test_rows_against_reference(shape, groups, dtype):
     """SALayer by rows: the module's output and every gradient against the float64 reference (the
     criteria of test_forward_backward), and the returned statistics against the true ones."""
+    assert _by_rows(BACKENDS["cpu"], "sa_layer", dtype, shape)
     if dtype == torch.float32:
         ref = make_ref("sa_layer", shape[1], groups, seed=11)
         module = make_fused_like("sa_layer", ref)
@@ -171,6 +179,7 @@ def test_rows_do_not_depend_on_the_thread_count():
     """The rows' chunks and the order of every sum are fixed by the shape: one thread and two give
     the same bits."""
     shape, groups = (3, 64, 20, 30), 8
+    assert _by_rows(BACKENDS["cpu"], "sa_layer", torch.float32, shape)
     params = op_params("sa_layer", shape[1], groups, seed=3)
     x = make_input(shape, seed=1).contiguous(memory_format=CL)
     forward = SA_CUDA_LIBRARY.forward_op("sa_layer")
@@ -200,7 +209,9 @@ def test_rows_streaming_stores(shape, groups, dtype):
     float64 reference."""
     params = op_params("sa_layer", shape[1], groups, seed=3)
     x = make_input(shape, seed=1, dtype=dtype).contiguous(memory_format=CL)
-    assert x.numel() * x.element_size() > 8 << 20
+    assert x.numel() * x.element_size() > 8 << 20 and _by_rows(
+        BACKENDS["cpu"], "sa_layer", dtype, shape
+    )
     forward = SA_CUDA_LIBRARY.forward_op("sa_layer")
     out, _, _ = forward(x, groups, *params, 1e-5)
     ref = ref_functional("sa_layer")
@@ -264,7 +275,7 @@ def test_every_layout_pair(backend, variant, dtype, x_layout, gy_layout):
     channels_last = x_layout.startswith("channels_last") and x_layout != "channels_last_slice"
     assert xl.is_contiguous(memory_format=CL) == channels_last
     want_fwd, want_bwd = _run_ops(backend, variant, x, gy, groups, params)
-    if channels_last and _by_rows(backend, variant, dtype):
+    if channels_last and _by_rows(backend, variant, dtype, shape):
         want_fwd = backend.forward_op(variant)(
             x.contiguous(memory_format=CL), groups, *params, 1e-5
         )

@@ -1,7 +1,9 @@
 // Fused forward on the CPU. Bytes moved: x is read once from memory (the plane or group is then
 // re-read from cache for the statistics and the gate) and out is written once, at the shuffled
 // channel; mean and rstd add 2 * acc_t per plane. channels_last tensors are read and written as
-// they are, by tiles of channels (nhwc_tiles.h) that run the same unit bodies.
+// they are: SALayer's float-lane forward on large planes by rows (nhwc_rows.h,
+// forward_nhwc_cpu.cpp), everything else by tiles of channels (nhwc_tiles.h) that run the same
+// unit bodies.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -56,10 +58,10 @@ C10_NOINLINE void sa_layer_plane(const ForwardTensors<scalar_t>& t, const Forwar
 }
 
 // SALayer's channels_last forward goes by rows (nhwc_rows.h) where a tile would be narrower than
-// 32 channels (128 bytes of float per pixel and half): large planes, SA-ResNet-50's stages 1-2,
-// whose narrow tiles' strided reads made them slow. Wider tiles (smaller planes) read about as
-// fast, without the rows' separate statistics pass, and measured as fast or faster (stage 4:
-// 1.2x the NCHW forward against 1.6x by rows; docs/kernels.md). Float64 always takes the tiles.
+// 32 channels (128 bytes of float per pixel and half): planes of more than 512 pixels
+// (SA-ResNet-50's stages 1-2, whose narrow tiles' strided reads made them slow) and any C < 64.
+// Wider tiles read about as fast, without the rows' separate statistics pass: at stages 3-4 the
+// rows measured no faster than the tiles (docs/kernels.md). Float64 always takes the tiles.
 bool forward_by_rows(const ForwardParams& p) { return ChannelTiling(p, 1).width < 32; }
 
 template <typename scalar_t>

@@ -23,7 +23,8 @@ enum GateField { kConstantGate = kGateFieldCount, kGateFields };
 using GateLanes = ChannelLanes<kGateFields>;
 
 // Pass 1 of one chunk: sums[c] = sum_p (x[p, c] - shift[c]) and sums[C + c] of the squares, in
-// double: exact terms for float x and no overflow, and with the shift (the item's first value,
+// double: for float x each term is rounded at most once (exact unless x and the shift lie more
+// than 2^29 apart in magnitude) and nothing overflows, and with the shift (the item's first value,
 // sum_shift) the variance S2 / n - (S1 / n)^2 cancels at most a factor n: (x_0 - mu)^2 <= n var.
 template <typename scalar_t>
 void chunk_moments(const scalar_t* item, int64_t C, const RowChunks::Chunk& chunk,

@@ -1,6 +1,7 @@
 // channels_last (NHWC) by rows: the direct SALayer forward of the CPU for float lanes (float,
-// bfloat16 and half x). The backward, float64 and ShuffleAttention keep the tiles of
-// nhwc_tiles.h (docs/kernels.md says why).
+// bfloat16 and half x), where a tile of nhwc_tiles.h would be narrower than 32 channels
+// (forward_cpu.cpp, forward_by_rows). The backward, float64, ShuffleAttention and wider tiles keep
+// the tiles (docs/kernels.md says why).
 //
 // In NHWC the C channels of a pixel are one contiguous row. The kernel reads x row after row, as
 // it lies in memory, and writes each output row once:
@@ -44,14 +45,15 @@ using FloatVec = at::vec::Vectorized<float>;
 
 // The partition of the work: waves of batch items, each item's N pixels in chunks of `pixels`.
 struct RowChunks {
-  int64_t batch, plane_size, channels;
+  int64_t batch, plane_size;
   int64_t pixels;  // per chunk (an item's last chunk may be shorter)
   int64_t per_item;  // chunks per item
   int64_t wave_items;  // items per wave
 
   // value_bytes: the size of one value of x.
   RowChunks(const ForwardParams& p, int64_t value_bytes)
-      : batch(p.batch), plane_size(p.plane_size), channels(p.channels) {
+      : batch(p.batch), plane_size(p.plane_size) {
+    const int64_t channels = p.channels;
     // A chunk holds about kChunkValues values (128 KiB of float: the parallel tasks
     // and the first level of the sums); a wave about kWaveBytes, which the L3 keeps for pass 2.
     constexpr int64_t kChunkValues = int64_t{1} << 15;
@@ -144,14 +146,13 @@ inline std::pair<FloatVec, FloatVec> merge_roles(const RoleSplit& split, int64_t
 #endif
 }
 
-// The roles of a row's channels for the vector loops. With m dividing L/2 (`split`), each half's
+// The roles of a row's channels for the vector loops. With m dividing L/2, each half's
 // channels [0, split_end) go by pairs of vectors through split_roles; every other vector of
 // channels c .. c + L - 1 is of one role (kind[c]) or mixed, then computes both gates and blends
 // them by spatial_mask (all bits set on spatial-branch lanes).
 struct RowRoles {
   enum Kind : uint8_t { kChannel, kSpatial, kMixed };
   int64_t m, half;
-  bool split;
   int64_t split_end;  // channels of each half taken by pairs of vectors
   bool swapped[2];  // per half: its first channel is a spatial-branch one
   std::vector<float> spatial_mask;  // [C]
@@ -159,7 +160,7 @@ struct RowRoles {
 
   RowRoles(int64_t C, int64_t m_) : m(m_), half(C / 2), spatial_mask(C), kind(C) {
     constexpr int64_t L = FloatVec::size();
-    split = m < L && (L / 2) % m == 0;
+    const bool split = m < L && (L / 2) % m == 0;
     split_end = split ? half / (2 * L) * (2 * L) : 0;
     for (int h = 0; h < 2; ++h) swapped[h] = channel_role(h * half, m).spatial;
     const uint32_t ones = ~uint32_t{0};

@@ -201,6 +201,43 @@ def autocast_if_mixed(x: torch.Tensor, params):
     return torch.autocast(x.device.type, dtype=x.dtype) if mixed else contextlib.nullcontext()
 
 
+def low_precision_runs(
+    variant, shape, groups, dtype, *, params="params_fp32", device="cpu", memory_format=None
+):
+    """One forward + backward of a bf16/fp16 x and grad_out (in memory_format when given), for
+    sa_cuda.testing.assert_close_to_reference: (fused, float64 run with exactly the fused module's
+    parameter values, eager in dtype, float64 run with eager's parameter values, the fused
+    module's parameter dtype). params: "params_lowp" (the fused module in dtype) or
+    "params_fp32" (fp32 parameters, under autocast as in training). eager and its float64 run are
+    None where eager has no kernel for dtype on device (an fp16 kernel missing on CPU in some
+    torch builds)."""
+    C = shape[1]
+    base = make_ref(variant, C, groups, seed=11, dtype=torch.float32, device=device)
+    fused = make_fused_like(variant, base)
+    if params == "params_lowp":
+        fused = fused.to(dtype)
+    ref64_fused = ref_class(variant)(C, groups)
+    ref64_fused.load_state_dict(fused.state_dict(), strict=True)
+    ref64_fused = ref64_fused.to(device=device, dtype=torch.float64)
+    eager = clone_as(base, dtype)
+    x = make_input(shape, seed=1, dtype=dtype, device=device)
+    gy = make_input(shape, seed=2, dtype=dtype, device=device)
+    if memory_format is not None:
+        x, gy = (
+            x.contiguous(memory_format=memory_format),
+            gy.contiguous(memory_format=memory_format),
+        )
+    with autocast_if_mixed(x, list(fused.parameters())):
+        F = forward_backward(fused, x, gy)
+    RF = forward_backward(ref64_fused, x.double(), gy.double())
+    try:
+        E = forward_backward(eager, x, gy)
+    except RuntimeError:
+        return F, RF, None, None, next(fused.parameters()).dtype
+    RE = forward_backward(clone_as(eager, torch.float64), x.double(), gy.double())
+    return F, RF, E, RE, next(fused.parameters()).dtype
+
+
 def input_at_offset(shape, storage_offset, dtype, seed, **kwargs):
     """make_input's values as a contiguous view that starts ``storage_offset`` elements into its
     storage (1: every plane pointer misaligned, which selects the kernels' scalar paths)."""

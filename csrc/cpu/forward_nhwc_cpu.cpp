@@ -34,7 +34,7 @@ void chunk_moments(const scalar_t* item, int64_t C, const RowChunks::Chunk& chun
   std::fill(sums, sums + 2 * C, 0.0);
   constexpr int64_t L = VecD::size();
   for (int64_t p = chunk.begin; p < chunk.end; ++p) {
-    const float* x = row_as_float(item, p, C, row_scratch);
+    const float* x = as_acc(item + p * C, C, row_scratch);
     int64_t c = 0;
     for (; c + L <= C; c += L) {
       const VecD d = load_wide(x + c) - VecD::loadu(shift + c);
@@ -126,7 +126,7 @@ void forward_sa_layer_rows(const ForwardParams& p) {
     // The two gates on x's lanes xv of the channels from c (in the lanes' order).
     auto channel_y = [&](const auto& xv, int64_t c) {
       using V = std::decay_t<decltype(xv)>;
-      return xv * lanes_at<V>(field[kConstantGate], c);
+      return xv * load<V>(field[kConstantGate] + c);
     };
     auto spatial_y = [&](const auto& xv, int64_t c) {
       using V = std::decay_t<decltype(xv)>;
@@ -134,7 +134,7 @@ void forward_sa_layer_rows(const ForwardParams& p) {
     };
     constexpr int64_t L = FloatVec::size();
     for (int64_t px = chunk.begin; px < chunk.end; ++px) {
-      const float* x = row_as_float(item_x(chunk.item), px, C, scratch);
+      const float* x = as_acc(item_x(chunk.item) + px * C, C, scratch);
       float* y = scratch + C;
       for_each_row_block(
           roles,

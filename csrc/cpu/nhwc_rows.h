@@ -230,12 +230,6 @@ struct ChannelLanes {
   }
 };
 
-// lanes[c .. c + L) as V.
-template <typename V>
-inline V lanes_at(const float* lanes, int64_t c) {
-  return load<V>(lanes + c);
-}
-
 // A SpatialGate (sa_math.h) as lanes: its six fields, kGateFieldCount consecutive lane fields
 // from fields[0].
 enum SpatialGateField {
@@ -250,10 +244,9 @@ enum SpatialGateField {
 
 template <typename V>
 inline SpatialGate<V> spatial_gate_at(float* const* fields, int64_t c) {
-  return SpatialGate<V>{
-      lanes_at<V>(fields[kGateScale], c),      lanes_at<V>(fields[kGateShift], c),
-      lanes_at<V>(fields[kGateWeight], c),     lanes_at<V>(fields[kGateBias], c),
-      lanes_at<V>(fields[kGateInputScale], c), lanes_at<V>(fields[kGateCenter], c)};
+  return SpatialGate<V>{load<V>(fields[kGateScale] + c),      load<V>(fields[kGateShift] + c),
+                        load<V>(fields[kGateWeight] + c),     load<V>(fields[kGateBias] + c),
+                        load<V>(fields[kGateInputScale] + c), load<V>(fields[kGateCenter] + c)};
 }
 
 inline void set_spatial_gate(float* const* fields, int64_t c, const SpatialGate<float>& g) {
@@ -262,45 +255,22 @@ inline void set_spatial_gate(float* const* fields, int64_t c, const SpatialGate<
   for (int f = 0; f < kGateFieldCount; ++f) fields[f][c] = values[f];
 }
 
-// The kind of the lanes from c: a vector's kind[c], a scalar lane's own role.
-template <typename V>
-inline RowRoles::Kind kind_at(const RowRoles& roles, int64_t c) {
-  if constexpr (is_vec<V>::value) {
-    return static_cast<RowRoles::Kind>(roles.kind[c]);
-  } else {
-    return channel_role(c, roles.m).spatial ? RowRoles::kSpatial : RowRoles::kChannel;
-  }
-}
-
-// The lanes of `spatial` where the channel is a spatial-branch one, of `channel` elsewhere.
-template <typename V>
-inline V blend_roles(const RowRoles& roles, int64_t c, const V& channel, const V& spatial) {
-  if constexpr (is_vec<V>::value) {
-    return V::blendv(channel, spatial, V::loadu(roles.spatial_mask.data() + c));
-  } else {
-    return channel_role(c, roles.m).spatial ? spatial : channel;
-  }
-}
-
-// The value of the lanes from c by their roles: channel() or spatial() for lanes of one role,
-// both blended for a mixed vector.
+// The value of the lanes from c by their roles: channel() or spatial() for lanes of one role (a
+// scalar lane has its own), both blended by spatial_mask for a mixed vector.
 template <typename V, typename Channel, typename Spatial>
 inline V by_role(const RowRoles& roles, int64_t c, const Channel& channel, const Spatial& spatial) {
-  switch (kind_at<V>(roles, c)) {
-    case RowRoles::kChannel:
-      return channel();
-    case RowRoles::kSpatial:
-      return spatial();
-    default:
-      return blend_roles<V>(roles, c, channel(), spatial());
+  if constexpr (is_vec<V>::value) {
+    switch (roles.kind[c]) {
+      case RowRoles::kChannel:
+        return channel();
+      case RowRoles::kSpatial:
+        return spatial();
+      default:
+        return V::blendv(channel(), spatial(), V::loadu(roles.spatial_mask.data() + c));
+    }
+  } else {
+    return channel_role(c, roles.m).spatial ? spatial() : channel();
   }
-}
-
-// A row of C values of a [B, N, C] tensor as float: the tensor's memory for float, else converted
-// into `scratch`.
-template <typename scalar_t>
-inline const float* row_as_float(const scalar_t* rows, int64_t row, int64_t C, float* scratch) {
-  return as_acc(rows + row * C, C, scratch);
 }
 
 // Whether pass 2 writes its rows with streaming (non-temporal) stores: when the result is larger

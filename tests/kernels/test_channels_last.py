@@ -26,14 +26,13 @@ import torch
 from conftest import (
     BACKENDS,
     VARIANTS,
-    autocast_if_mixed,
     clone_as,
     forward_backward,
+    low_precision_runs,
     make_fused_like,
     make_input,
     make_ref,
     op_params,
-    ref_class,
     ref_functional,
 )
 
@@ -130,27 +129,6 @@ def test_nhwc_equals_nchw_bit_for_bit(backend, variant, dtype):
         assert got_bwd[0].is_contiguous(memory_format=CL), (case.id, got_bwd[0].stride())
 
 
-def _low_precision_runs(variant, shape, groups, dtype, seed=11):
-    """(fused, ref64 of fused's parameters, eager, ref64 of eager's) forward + backward of a
-    channels_last x and grad_out in dtype, with fp32 parameters under autocast (as
-    test_forward_backward.test_low_precision)."""
-    C = shape[1]
-    base = make_ref(variant, C, groups, seed=seed)
-    fused = make_fused_like(variant, base)
-    ref64 = ref_class(variant)(C, groups)
-    ref64.load_state_dict(fused.state_dict(), strict=True)
-    ref64 = ref64.double()
-    eager = clone_as(base, dtype)
-    x = make_input(shape, seed=1, dtype=dtype).contiguous(memory_format=CL)
-    gy = make_input(shape, seed=2, dtype=dtype).contiguous(memory_format=CL)
-    with autocast_if_mixed(x, list(fused.parameters())):
-        F = forward_backward(fused, x, gy)
-    R = forward_backward(ref64, x.double(), gy.double())
-    E = forward_backward(eager, x, gy)
-    RE = forward_backward(clone_as(eager, torch.float64), x.double(), gy.double())
-    return F, R, E, RE
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS[1:])
 @pytest.mark.parametrize("shape,groups", ROW_SHAPES)
 def test_rows_against_reference(shape, groups, dtype):
@@ -166,8 +144,10 @@ def test_rows_against_reference(shape, groups, dtype):
         R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
         assert_close_to_reference(F, R, dtype, eager=forward_backward(ref, x, gy))
     else:
-        F, R, E, RE = _low_precision_runs("sa_layer", shape, groups, dtype)
-        assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=torch.float32)
+        F, R, E, RE, param_dtype = low_precision_runs(
+            "sa_layer", shape, groups, dtype, memory_format=CL
+        )
+        assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
     assert F["out"].is_contiguous(memory_format=CL) and F["x"].is_contiguous(memory_format=CL)
     params = op_params("sa_layer", shape[1], groups, seed=3)
     x = make_input(shape, seed=4, dtype=dtype, offset=3.0).contiguous(memory_format=CL)

@@ -39,13 +39,12 @@ import torch
 from conftest import (
     DEVICES,
     VARIANTS,
-    autocast_if_mixed,
     clone_as,
     forward_backward,
+    low_precision_runs,
     make_fused_like,
     make_input,
     make_ref,
-    ref_class,
 )
 
 from sa_cuda.testing import assert_close_to_reference
@@ -117,30 +116,9 @@ LOWP_SHAPES = SHAPES
 @pytest.mark.parametrize("shape,groups", LOWP_SHAPES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_low_precision(variant, shape, groups, dtype, params, device):
-    C = shape[1]
-    base = make_ref(variant, C, groups, seed=11, dtype=torch.float32, device=device)
-    fused = make_fused_like(variant, base)
-    if params == "params_lowp":
-        fused = fused.to(dtype)
-    param_dtype = next(fused.parameters()).dtype
-
-    # float64 references with exactly the fused module's / the eager module's parameter values.
-    ref64_fused = ref_class(variant)(C, groups)
-    ref64_fused.load_state_dict(fused.state_dict(), strict=True)
-    ref64_fused = ref64_fused.to(device=device, dtype=torch.float64)
-    eager = clone_as(base, dtype)
-    ref64_eager = clone_as(eager, torch.float64)
-
-    x = make_input(shape, seed=1, dtype=dtype, device=device)
-    gy = make_input(shape, seed=2, dtype=dtype, device=device)
-    with autocast_if_mixed(x, list(fused.parameters())):
-        F = forward_backward(fused, x, gy)
-    RF = forward_backward(ref64_fused, x.double(), gy.double())
-    try:
-        E = forward_backward(eager, x, gy)
-    except RuntimeError:  # eager op without a kernel for this dtype on this device (an fp16 kernel
-        # missing on CPU in some torch builds): accuracy_bound's rule without eager, 2 eps(dtype)
-        # max|ref64| (the fused op computes in fp32 and rounds each result once: ~0.5 ulp).
-        E = None
-    RE = forward_backward(ref64_eager, x.double(), gy.double()) if E is not None else None
+    # Without eager (no kernel for the dtype): accuracy_bound's rule, 2 eps(dtype) max|ref64| (the
+    # fused op computes in fp32 and rounds each result once: ~0.5 ulp).
+    F, RF, E, RE, param_dtype = low_precision_runs(
+        variant, shape, groups, dtype, params=params, device=device
+    )
     assert_close_to_reference(F, RF, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)

@@ -2,7 +2,8 @@
 # The one-command GPU check of sa_cuda (benchmarks/README.md, "GPU check"):
 #   bash benchmarks/gpu_check.sh [--cpu] [--budget S] [--steps a,b,...] OUTDIR
 # GPU mode: builds the CUDA kernels in place for the local card, then checks every launch path
-# against the CPU op in float64, runs compute-sanitizer, the CUDA tests, the timings and ncu; each
+# against the CPU op in float64, runs compute-sanitizer, the CUDA tests, the timings (NCHW, and
+# SALayer's channels_last kernels against the NCHW ones) and ncu; each
 # step in its own time box, the whole run capped at --budget seconds (default 480): a step that no
 # longer fits is skipped and says so. CPU mode (--cpu, or SA_GPU_CHECK_CPU=1): everything that needs
 # no GPU (the launch-path check on the emulated kernels, the timing code on tiny CPU shapes, the ncu
@@ -18,7 +19,7 @@ set -u -o pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 HELPERS=$HERE/gpu_check
-STEPS_GPU="env build resources check timing memcheck racecheck ncu tests synccheck initcheck"
+STEPS_GPU="env build resources check timing channels_last memcheck racecheck ncu tests synccheck initcheck"
 
 usage() {
   cat <<EOF
@@ -153,6 +154,14 @@ else
     --dtypes fp32 --compile-batches 1 --compile-backend aot_eager --compile-reserve 10 \
     --budget $((STEP_BOX - 15)) \
     --json "$OUT/timing.json" --png "$OUT/timing.png"'
+fi
+
+# ---- channels_last: SALayer's NHWC kernels against the NCHW ones and eager, stage shapes at B = 8
+if [ "$MODE" = gpu ]; then
+  run_step channels_last 60 30 TERM 1 "$PY" -m benchmarks.channels_last --device cuda \
+    --variants sa_layer --impls fused-nchw,fused-cl,eager-cl --rounds 1 --out-dir "$OUT" --tag gpu-check
+else
+  gpu_only channels_last 60
 fi
 
 # ---- compute-sanitizer on the small launch-path set (no caching allocator for memcheck/initcheck)

@@ -131,8 +131,9 @@ at::Tensor in_layout(const at::Tensor& t, bool channels_last) {
   return t.resolve_neg().contiguous(memory_format(channels_last));
 }
 
-// A backend without NHWC kernels (CUDA, for now) gets NCHW tensors, and its results are handed
-// back channels_last (one copy each way): the output and grad_x are always in x's layout.
+// A backend without NHWC kernels for the variant (CUDA's ShuffleAttention, for now) gets NCHW
+// tensors, and its results are handed back channels_last (one copy each way): the output and grad_x
+// are always in x's layout.
 at::Tensor to_layout(const at::Tensor& t, bool channels_last) {
   return channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;
 }

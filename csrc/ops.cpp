@@ -9,6 +9,8 @@ namespace sa_cuda {
 
 TORCH_LIBRARY(sa_cuda, m) { define_ops(m); }
 
-TORCH_LIBRARY_IMPL(sa_cuda, CPU, m) { register_backend<&cpu::forward, &cpu::backward, true>(m); }
+TORCH_LIBRARY_IMPL(sa_cuda, CPU, m) {
+  register_backend<&cpu::forward, &cpu::backward, NhwcKernels::kAll>(m);
+}
 
 }  // namespace sa_cuda

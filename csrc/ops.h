@@ -89,13 +89,21 @@ BackwardResult backward_op(const at::Tensor& grad_out, const at::Tensor& x, cons
   return run_backward(kVariant, grad_out, x, mean, rstd, groups, params, kLaunch, kNhwc);
 }
 
+// The variants whose channels_last tensors a backend's launchers read and write as they are
+// (run_forward's nhwc_kernels): every variant on the CPU, SALayer on CUDA.
+enum class NhwcKernels { kSALayer, kAll };
+
+constexpr bool reads_nhwc(NhwcKernels kernels, Variant variant) {
+  return kernels == NhwcKernels::kAll || variant == Variant::kSALayer;
+}
+
 // Registers the four ops of one dispatch key with that backend's launchers; called in the
-// backend's TORCH_LIBRARY_IMPL block. kNhwc: the launchers read and write channels_last tensors
-// natively (run_forward).
-template <ForwardLauncher kForward, BackwardLauncher kBackward, bool kNhwc>
+// backend's TORCH_LIBRARY_IMPL block.
+template <ForwardLauncher kForward, BackwardLauncher kBackward, NhwcKernels kNhwcKernels>
 void register_backend(torch::Library& library) {
   auto register_variant = [&](auto variant) {
     constexpr Variant kVariant = decltype(variant)::value;
+    constexpr bool kNhwc = reads_nhwc(kNhwcKernels, kVariant);
     const std::string name = variant_ops(kVariant).name;
     library.impl((name + "_forward").c_str(), TORCH_FN((forward_op<kVariant, kForward, kNhwc>)));
     library.impl((name + "_backward").c_str(), TORCH_FN((backward_op<kVariant, kBackward, kNhwc>)));

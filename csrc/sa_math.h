@@ -45,6 +45,12 @@ SA_HOST_DEVICE int64_t shuffle_dst(int64_t c, int64_t channels) {
   return 2 * (c % half) + c / half;
 }
 
+// The pre-shuffle channel that channel_shuffle(u, 2) stores at output channel o: the inverse of
+// shuffle_dst (even o from the first half, odd o from the second).
+SA_HOST_DEVICE int64_t shuffle_src(int64_t o, int64_t channels) {
+  return (o % 2) * (channels / 2) + o / 2;
+}
+
 // Element i of a parameter stored in `dtype`, as T. The same conversion as PyTorch's .to(T) of
 // the tensor (double -> float rounds to nearest; half and bfloat16 widen exactly).
 template <typename T>

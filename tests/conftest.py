@@ -202,7 +202,15 @@ def autocast_if_mixed(x: torch.Tensor, params):
 
 
 def low_precision_runs(
-    variant, shape, groups, dtype, *, params="params_fp32", device="cpu", memory_format=None
+    variant,
+    shape,
+    groups,
+    dtype,
+    *,
+    params="params_fp32",
+    device="cpu",
+    memory_format=None,
+    backend=None,
 ):
     """One forward + backward of a bf16/fp16 x and grad_out (in memory_format when given), for
     sa_cuda.testing.assert_close_to_reference: (fused, float64 run with exactly the fused module's
@@ -210,10 +218,13 @@ def low_precision_runs(
     module's parameter dtype). params: "params_lowp" (the fused module in dtype) or
     "params_fp32" (fp32 parameters, under autocast as in training). eager and its float64 run are
     None where eager has no kernel for dtype on device (an fp16 kernel missing on CPU in some
-    torch builds)."""
+    torch builds). backend: the Backend whose kernels the fused module runs (default: the
+    sa_cuda module on device)."""
     C = shape[1]
     base = make_ref(variant, C, groups, seed=11, dtype=torch.float32, device=device)
-    fused = make_fused_like(variant, base)
+    fused = (
+        make_fused_like(variant, base) if backend is None else backend.module_like(variant, base)
+    )
     if params == "params_lowp":
         fused = fused.to(dtype)
     ref64_fused = ref_class(variant)(C, groups)
@@ -269,6 +280,12 @@ class Backend:
     def ops(self):
         """The op namespace: torch.ops.sa_cuda (cpu, cuda) or torch.ops.sa_cuda_emu (emulated)."""
         return getattr(torch.ops, self.library.namespace)
+
+    def reads_nhwc(self, variant) -> bool:
+        """Whether this backend's kernels take a channels_last x as it is (else the host code
+        hands them an NCHW copy): csrc/ops.h, NhwcKernels, as each backend registers it: every
+        variant on the CPU, SALayer in the CUDA source (on a GPU and emulated)."""
+        return self.name == "cpu" or variant == "sa_layer"
 
     def forward_op(self, variant):
         return self.library.forward_op(variant)

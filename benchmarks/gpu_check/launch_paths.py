@@ -50,6 +50,7 @@ class Spec:
     groups: int
     variants: tuple[str, ...] = VARIANTS  # the first one alone in the small set
     small: tuple[str, ...] = ()  # dtypes of this spec in the small set (none: not in it)
+    channels_last: bool = False  # x and grad_out channels_last (SALayer: the NHWC kernels)
 
 
 PLANE = VARIANTS  # plane kernels (sa_layer); shuffle_attention sees the same N/offsets
@@ -99,6 +100,11 @@ SPECS: list[Spec] = [
     Spec("group m=64 N<tile", (1, 128, 3, 5), 1, GROUP),
     Spec("group m=64 N>tile", (1, 128, 8, 9), 1, GROUP, ("fp32", "fp64")),
     Spec("group m=64 G=8", (1, 1024, 7, 7), 8, GROUP),
+    # channels_last: SALayer's NHWC kernels (csrc/cuda/nhwc_tiles.cuh: blocks of 32 channels by
+    # 256 pixels); ShuffleAttention gets an NCHW copy
+    Spec("nhwc 32+8 ch, 2 chunks", (2, 40, 17, 19), 5, PLANE, ("fp32", "bf16"), True),
+    Spec("nhwc 8 ch, 4 chunks", (1, 8, 30, 30), 2, PLANE, (), True),
+    Spec("nhwc 256 ch, 28x28", (2, 256, 28, 28), 32, PLANE, ("fp32",), True),
 ]
 
 
@@ -160,10 +166,15 @@ def poison_allocator(device: torch.device) -> bool:
     return True
 
 
-def at_offset(values: torch.Tensor, offset: int, device: torch.device) -> torch.Tensor:
-    """values copied into a fresh flat buffer on device, starting `offset` elements in."""
+def at_offset(
+    values: torch.Tensor, offset: int, device: torch.device, channels_last: bool = False
+) -> torch.Tensor:
+    """values copied into a fresh flat buffer on device, starting `offset` elements in, dense
+    NCHW or dense channels_last."""
     flat = torch.empty(values.numel() + offset, dtype=values.dtype, device=device)
-    view = flat[offset:].view(values.shape)
+    B, C, H, W = values.shape
+    strides = (H * W * C, 1, W * C, C) if channels_last else values.contiguous().stride()
+    view = flat[offset:].as_strided(values.shape, strides)
     view.copy_(values)
     return view
 
@@ -295,8 +306,8 @@ def check_offset(ops, device, case, offset, prepared, corrupt) -> tuple[dict, st
         runs = []
         for _ in range(2):
             poison_allocator(device)
-            x_dev = at_offset(x, offset, device)
-            gy_dev = at_offset(grad_out, offset, device)
+            x_dev = at_offset(x, offset, device, case.spec.channels_last)
+            gy_dev = at_offset(grad_out, offset, device, case.spec.channels_last)
             runs.append(run_op(ops, case.variant, x_dev, gy_dev, case.spec.groups, params_dev))
             del x_dev, gy_dev
         if device.type == "cuda":

@@ -5,6 +5,7 @@
 #include "launch_common.cuh"
 #include "param_grad_reduce.cuh"
 #include "sa_layer_backward.cuh"
+#include "sa_layer_nhwc_backward.cuh"
 #include "shuffle_attention_backward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
@@ -15,7 +16,10 @@ namespace sa_cuda::SA_GPU_NS {
 void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& b) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_backward_cuda", [&] {
     if (b.fwd.batch > 0) {
-      if (variant == Variant::kSALayer) {
+      if (b.fwd.channels_last) {
+        TORCH_INTERNAL_ASSERT(variant == Variant::kSALayer);  // as in the forward
+        launch_sa_layer_nhwc_backward<scalar_t>(b);
+      } else if (variant == Variant::kSALayer) {
         const int pack =
             plane_pack_elements<scalar_t>(b.fwd.plane_size, {b.fwd.x, b.grad_out, b.grad_x});
         launch_sa_layer<scalar_t, true>(b, b.fwd, pack, [](auto warp, auto vec, auto packs) {

@@ -6,7 +6,8 @@
 //
 // The subset: threadIdx/blockIdx/blockDim/gridDim (.x), __syncthreads, full-mask warp shuffles
 // (__shfl_xor_sync, __shfl_down_sync, __shfl_sync), static shared arrays (SA_SHARED_ARRAY),
-// dynamic shared memory (SA_DYNAMIC_SHARED), aligned vector loads/stores (Pack),
+// dynamic shared memory (SA_DYNAMIC_SHARED), aligned vector loads/stores (Pack), global scratch
+// memory between the launches of one call (Workspace),
 // expf/exp/sqrtf/sqrt through sa_math.h, kernels declared with SA_KERNEL_BOUNDS(max threads per
 // block[, min blocks per SM]), and 1-D launches through sa_cuda::SA_GPU_NS::launch (the block count
 // checked against the grid limit before it is narrowed to the hardware's 32 bits).
@@ -14,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <utility>
 
 #include <c10/util/Exception.h>
@@ -41,6 +43,7 @@ inline dim3 grid_1d(int64_t blocks) {
 
 #if defined(__CUDACC__)
 
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -68,6 +71,19 @@ inline int max_dynamic_shared_bytes() {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   return bytes;
 }
+
+// Global memory for the intermediate results of one launcher call (partial sums passed from one
+// kernel to the next), from PyTorch's caching allocator: freed when the launcher returns, and the
+// allocator's stream order keeps it valid for the kernels it queued on the current stream.
+class Workspace {
+ public:
+  explicit Workspace(size_t bytes)
+      : data_(c10::cuda::CUDACachingAllocator::get()->allocate(bytes)) {}
+  void* get() const { return data_.get(); }
+
+ private:
+  c10::DataPtr data_;
+};
 
 template <typename... KernelArgs, typename... Args>
 void launch(void (*kernel)(KernelArgs...), int64_t blocks, int threads, size_t smem_bytes,
@@ -102,6 +118,17 @@ using Stream = void*;
 
 inline Stream current_stream() { return nullptr; }
 inline int max_dynamic_shared_bytes() { return static_cast<int>(::sa_emu::kMaxSharedBytes); }
+
+// Host memory of exactly the bytes asked for (so that ASan sees an access past them), freed when
+// the launcher returns: launches run to completion before launch() returns.
+class Workspace {
+ public:
+  explicit Workspace(size_t bytes) : data_(new unsigned char[bytes > 0 ? bytes : 1]) {}
+  void* get() const { return data_.get(); }
+
+ private:
+  std::unique_ptr<unsigned char[]> data_;
+};
 
 template <typename... KernelArgs, typename... Args>
 void launch(void (*kernel)(KernelArgs...), int64_t blocks, int threads, size_t smem_bytes, Stream,

@@ -6,6 +6,8 @@
 
 namespace sa_cuda {
 
-TORCH_LIBRARY_IMPL(sa_cuda, CUDA, m) { register_backend<&gpu::forward, &gpu::backward, false>(m); }
+TORCH_LIBRARY_IMPL(sa_cuda, CUDA, m) {
+  register_backend<&gpu::forward, &gpu::backward, NhwcKernels::kSALayer>(m);
+}
 
 }  // namespace sa_cuda

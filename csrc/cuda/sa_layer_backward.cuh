@@ -14,6 +14,53 @@
 
 namespace sa_cuda::SA_GPU_NS {
 
+// The per-element math of the SALayer backward, shared by the NCHW kernel below and the NHWC
+// kernels (sa_layer_nhwc_backward.cuh), which differ only in the order of the sums.
+
+// One element's t = dL/dz = gu * x * s (1 - s) added to its plane's sums: T1 = sum t and, on a
+// spatial plane, T2 = sum t * xh. Returns the gate s, which the input gradient uses again.
+template <typename acc_t>
+SA_DEVICE acc_t add_grad_terms(const PlaneGate<acc_t>& gate, const Standardizer<acc_t>& st, acc_t x,
+                               acc_t gu, acc_t (&sums)[2]) {
+  const acc_t s = gate(x);
+  const acc_t t = gate_input_grad(gu, x, s);
+  sums[0] += t;
+  if (gate.spatial) sums[1] += t * st.normalized(x);
+  return s;
+}
+
+// A plane's complete sums into its slot of the partials: T1 and T2 on a spatial plane, dz = T1 on
+// a channel plane (its gate is constant).
+template <typename acc_t>
+SA_DEVICE void store_plane_sums(const BackwardParams& p, int64_t slot, bool spatial,
+                                const acc_t (&sums)[2]) {
+  if (spatial) {
+    static_cast<acc_t*>(p.t_sum)[slot] = sums[0];
+    static_cast<acc_t*>(p.t_xh)[slot] = sums[1];
+  } else {
+    static_cast<acc_t*>(p.gate_grad)[slot] = sums[0];
+  }
+}
+
+// The input gradient's coefficients of a plane of N elements from its complete sums.
+template <typename acc_t>
+SA_DEVICE InputGradCoeffs<acc_t> plane_grad_coeffs(const PlaneParams<acc_t>& w, bool spatial,
+                                                   acc_t rstd, const acc_t (&sums)[2], int64_t N) {
+  const acc_t inv_n = acc_t(1) / acc_t(N);
+  return spatial ? spatial_grad_coeffs(w.gw * rstd * w.sw, sums[0], sums[1], inv_n)
+                 : channel_grad_coeffs(w.cw * sums[0], inv_n);
+}
+
+// dx = gu * s + beta, + alpha * (t - d1 - xh * d2) on spatial planes (sa_math.h:
+// spatial_input_grad, here with the spatial terms only where they apply).
+template <typename acc_t>
+SA_DEVICE acc_t plane_input_grad(const PlaneGate<acc_t>& gate, const Standardizer<acc_t>& st,
+                                 const InputGradCoeffs<acc_t>& coeffs, acc_t x, acc_t gu, acc_t s) {
+  acc_t d = channel_input_grad(gu, s, coeffs.beta);
+  if (gate.spatial) d += spatial_grad_terms(gate_input_grad(gu, x, s), st.normalized(x), coeffs);
+  return d;
+}
+
 template <typename scalar_t, int kLanes, int kVec, int kPacks>
 SA_LAYER_KERNEL_BOUNDS(kLanes > 0)
 void sa_layer_backward_kernel(BackwardParams p) {
@@ -50,12 +97,7 @@ void sa_layer_backward_kernel(BackwardParams p) {
   acc_t sums[2] = {0, 0};
   auto accumulate = [&](const acc_t(&x_)[kVec], const acc_t(&g_)[kVec], acc_t(&s_)[kVec]) {
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      s_[i] = gate(x_[i]);
-      const acc_t t = gate_input_grad(g_[i], x_[i], s_[i]);
-      sums[0] += t;
-      if (role.spatial) sums[1] += t * st.normalized(x_[i]);
-    }
+    for (int i = 0; i < kVec; ++i) s_[i] = add_grad_terms(gate, st, x_[i], g_[i], sums);
   };
   if constexpr (kPacks > 0) {
     if constexpr (!kStaged) load_plane_packs<scalar_t, kLanes, kVec, kPacks>(x, team, packs, xv);
@@ -71,33 +113,15 @@ void sa_layer_backward_kernel(BackwardParams p) {
   }
   team.sum(sums, scratch);
 
-  const int64_t slot = unit.slot(f);
-  if (team.rank == 0 && team.active) {
-    if (role.spatial) {
-      static_cast<acc_t*>(p.t_sum)[slot] = sums[0];
-      static_cast<acc_t*>(p.t_xh)[slot] = sums[1];
-    } else {
-      static_cast<acc_t*>(p.gate_grad)[slot] = sums[0];  // = dz: the gate is constant
-    }
-  }
-  const acc_t inv_n = acc_t(1) / acc_t(N);
-  const InputGradCoeffs<acc_t> coeffs =
-      role.spatial ? spatial_grad_coeffs(w.gw * rstd * w.sw, sums[0], sums[1], inv_n)
-                   : channel_grad_coeffs(w.cw * sums[0], inv_n);
+  if (team.rank == 0 && team.active) store_plane_sums(p, unit.slot(f), role.spatial, sums);
+  const InputGradCoeffs<acc_t> coeffs = plane_grad_coeffs(w, role.spatial, rstd, sums, N);
 
-  // Pass 2: dx = gu * s + beta, + alpha * (t - d1 - xh * d2) on spatial planes (sa_math.h:
-  // spatial_input_grad, here with the spatial terms only where they apply).
+  // Pass 2: dx.
   auto write_dx = [&](int64_t q, const acc_t(&x_)[kVec], const acc_t(&g_)[kVec],
                       const acc_t(&s_)[kVec]) {
     acc_t d[kVec];
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      d[i] = channel_input_grad(g_[i], s_[i], coeffs.beta);
-      if (role.spatial) {
-        d[i] +=
-            spatial_grad_terms(gate_input_grad(g_[i], x_[i], s_[i]), st.normalized(x_[i]), coeffs);
-      }
-    }
+    for (int i = 0; i < kVec; ++i) d[i] = plane_input_grad(gate, st, coeffs, x_[i], g_[i], s_[i]);
     if (team.active) store_acc<scalar_t, acc_t, kVec>(dx, q, d);
   };
   if constexpr (kPacks > 0) {

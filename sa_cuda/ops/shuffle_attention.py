@@ -7,7 +7,8 @@ Ops (registered with TORCH_LIBRARY, namespace ``sa_cuda``; the schemas are in cs
   affine2_bias, gn_weight, gn_bias, eps)`` return ``(out, mean, rstd)``: out like x (dtype,
   shape; channels_last when x is channels_last-contiguous and not also NCHW-contiguous, else
   NCHW-contiguous), mean/rstd [B, C] per-plane statistics in float32 (float64 for float64 x).
-  The CPU kernels read and write channels_last tensors as they are (csrc/cpu/nhwc_tiles.h).
+  The CPU kernels read and write channels_last tensors as they are (csrc/cpu/nhwc_rows.h,
+  nhwc_tiles.h); so do the CUDA kernels of sa_layer (csrc/cuda/sa_layer_nhwc_*.cuh).
 - ``sa_layer_backward`` / ``shuffle_attention_backward(grad_out, x, mean, rstd, groups, *params)``
   return ``(grad_x, *param_grads)``: grad_x in x's memory format (as out), each parameter
   gradient with its parameter's shape and dtype.

@@ -28,6 +28,7 @@ STEPS = [
     "resources",
     "check",
     "timing",
+    "channels_last",
     "memcheck",
     "racecheck",
     "ncu",

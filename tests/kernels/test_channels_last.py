@@ -6,10 +6,13 @@ double, a different order from NCHW's plane sums, so its results are held to the
 (and its statistics to the true ones) instead of to NCHW's bits. Every other CPU path (the
 backward, float64, ShuffleAttention) goes by tiles of channels (csrc/cpu/nhwc_tiles.h) that run the
 NCHW kernels' unit bodies on the same planes in the same order: given the same statistics, their
-results equal the NCHW call's bit for bit. The CUDA kernels (and their emulation) get NCHW copies
-for now (csrc/host.cpp), which gives the same bits too. On every backend the output and grad_x
-come back in x's memory format. The NCHW results are held to the reference by
-test_forward_backward.py; here the NHWC ones are also compared with the float64 reference directly.
+results equal the NCHW call's bit for bit. The CUDA source (on a GPU, and through the emulator)
+reads SALayer's NHWC as it is, forward and backward (csrc/cuda/sa_layer_nhwc_*.cuh: per-chunk
+partials merged in chunk order, so its bits are its own: held to the float64 reference, its
+statistics to the true ones); its ShuffleAttention gets NCHW copies (csrc/host.cpp), which give the
+NCHW bits. On every backend the output and grad_x come back in x's memory format. The NCHW results
+are held to the reference by test_forward_backward.py; here the NHWC ones are also compared with
+the float64 reference directly.
 
 Shapes are chosen for the tiling's edges: channel halves that are not a multiple of the tile width
 or of the 8-channel transpose blocks, pixel counts that are not a multiple of 8, tiles narrower
@@ -33,6 +36,7 @@ from conftest import (
     make_input,
     make_ref,
     op_params,
+    params_in_op_order,
     ref_functional,
 )
 
@@ -73,6 +77,15 @@ ROW_SHAPES = [
 ]
 # The CUDA source runs in the emulator slowly: its cases stay small.
 EMULATED_SHAPES = SHAPES[:2] + SHAPES[-2:]
+# SALayer's NHWC kernels in the CUDA source: blocks of 32 channels (a warp's lanes) by chunks of 256
+# pixels (csrc/cuda/nhwc_tiles.cuh).
+GPU_NHWC_SHAPES = [
+    pytest.param((2, 40, 17, 19), 5, id="tiles32+8-chunks2"),  # 323 pixels: a partial chunk
+    pytest.param((1, 8, 30, 30), 2, id="C8-chunks4"),  # one tile, 24 idle lanes
+    pytest.param((2, 64, 16, 16), 8, id="tiles2-chunk1"),  # whole tiles, one whole chunk
+    pytest.param((3, 24, 5, 3), 3, id="b3-N15"),
+    pytest.param((1, 48, 3, 1), 3, id="w1"),
+]
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
@@ -97,6 +110,16 @@ def _shapes_for(backend):
     return EMULATED_SHAPES if backend.name == "emulated" else SHAPES
 
 
+def _own_order(backend, variant, dtype, shape):
+    """(forward, backward): whether the NHWC call sums in an order of its own, so that its bits
+    are not the NCHW call's: SALayer's forward by rows on the CPU (_by_rows), SALayer's forward
+    and backward in the CUDA source."""
+    if backend.name == "cpu":
+        return _by_rows(backend, variant, dtype, shape), False
+    own = backend.reads_nhwc(variant)
+    return own, own
+
+
 def _by_rows(backend, variant, dtype, shape):
     """Whether the forward goes by rows (its bits are not NCHW's): SALayer on the CPU in float
     lanes, where a tile would be narrower than 32 channels (csrc/cpu/forward_cpu.cpp,
@@ -110,8 +133,11 @@ def _by_rows(backend, variant, dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_nhwc_equals_nchw_bit_for_bit(backend, variant, dtype):
-    """The NCHW call's bits: the forward's where it goes by tiles or copies, the backward's always
-    (given the NCHW forward's statistics; by rows the forward is checked below)."""
+    """The NCHW call's bits where the NHWC call sums in the same order: the forward's where it goes
+    by tiles or copies, the backward's on the CPU (given the NCHW forward's statistics). The
+    other paths are checked against the reference below."""
+    if backend.name != "cpu" and backend.reads_nhwc(variant):
+        pytest.skip(f"{backend.name} {variant}: NHWC kernels with sums of their own order")
     for case in _shapes_for(backend):
         shape, groups = case.values
         params = [p.to(backend.device) for p in op_params(variant, shape[1], groups, seed=3)]
@@ -218,6 +244,63 @@ def test_nhwc_against_reference(variant, shape, groups, dtype):
     assert_close_to_reference(F, R, dtype, eager=E)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape,groups", GPU_NHWC_SHAPES)
+@pytest.mark.parametrize("backend", ["emulated", "cuda"], indirect=True)
+def test_gpu_nhwc_against_reference(backend, shape, groups, dtype):
+    """SALayer's NHWC kernels in the CUDA source: the output and every gradient against the
+    float64 reference (the criteria of test_forward_backward: fp32 and fp64 with their eager
+    bound, bf16 and fp16 under autocast with fp32 parameters), out and grad_x channels_last, and
+    the returned statistics the true ones."""
+    assert backend.reads_nhwc("sa_layer")
+    if dtype in (torch.float32, torch.float64):
+        ref = make_ref("sa_layer", shape[1], groups, seed=11, dtype=dtype)
+        module = backend.module_like("sa_layer", ref)
+        x = make_input(shape, seed=1, dtype=dtype, offset=0.5).contiguous(memory_format=CL)
+        gy = make_input(shape, seed=2, dtype=dtype).contiguous(memory_format=CL)
+        dev = backend.device
+        F = forward_backward(module.to(dev), x.to(dev), gy.to(dev))
+        R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
+        E = R if dtype == torch.float64 else forward_backward(ref, x, gy)
+        assert_close_to_reference({k: v.cpu() for k, v in F.items()}, R, dtype, eager=E)
+    else:
+        F, R, E, RE, param_dtype = low_precision_runs(
+            "sa_layer", shape, groups, dtype, memory_format=CL, backend=backend
+        )
+        assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
+    assert F["out"].is_contiguous(memory_format=CL) and F["x"].is_contiguous(memory_format=CL)
+    params = [p.to(backend.device) for p in op_params("sa_layer", shape[1], groups, seed=3)]
+    x = make_input(shape, seed=4, dtype=dtype, offset=3.0, device=backend.device)
+    x = x.contiguous(memory_format=CL)
+    _, mean, rstd = backend.forward_op("sa_layer")(x, groups, *params, 1e-5)
+    assert_true_statistics(mean.cpu(), rstd.cpu(), x.cpu(), 1e-5, f"{shape} {dtype}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "shape,groups",
+    [
+        pytest.param((2, 8, 2, 3), 2, id="one-tile"),
+        pytest.param((1, 36, 1, 2), 3, id="tiles32+4"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["emulated", "cuda"], indirect=True)
+def test_gpu_nhwc_gradcheck(backend, shape, groups):
+    """gradcheck (float64) of SALayer through the NHWC kernels of the CUDA source: a
+    channels_last x, and gradcheck's grad_out (NCHW, brought to x's layout by the host code)."""
+    ref = make_ref("sa_layer", shape[1], groups, seed=3, dtype=torch.float64, device=backend.device)
+    params = [p.detach().clone().requires_grad_() for p in params_in_op_order("sa_layer", ref)]
+    x = make_input(shape, seed=4, dtype=torch.float64, device=backend.device)
+    x = x.contiguous(memory_format=CL).requires_grad_()
+
+    def fn(x, *ps):
+        out = backend.apply("sa_layer", x, groups, ps)
+        assert out.is_contiguous(memory_format=CL)
+        return out
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def _layouts():
     """(name, x or grad_out -> the same values in that layout)."""
     return {
@@ -242,9 +325,10 @@ def _layouts():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_layout_pair(backend, variant, dtype, x_layout, gy_layout):
-    """Any layout of x with any layout of grad_out: the NCHW call's values (the forward by rows:
-    the dense channels_last call's; the backward given the same statistics), out and grad_x in x's
-    layout (channels_last when x is channels_last-contiguous, else NCHW-contiguous)."""
+    """Any layout of x with any layout of grad_out: the NCHW call's values (where the NHWC call
+    sums in an order of its own: the dense channels_last call's; the backward given the same
+    statistics), out and grad_x in x's layout (channels_last when x is channels_last-contiguous,
+    else NCHW-contiguous)."""
     shape, groups = (1, 24, 1, 13), 3  # B = H = 1: the odd unit strides apply
     layouts = _layouts()
     params = [p.to(backend.device) for p in op_params(variant, shape[1], groups, seed=5)]
@@ -254,14 +338,15 @@ def test_every_layout_pair(backend, variant, dtype, x_layout, gy_layout):
     assert torch.equal(xl, x) and torch.equal(gyl, gy)
     channels_last = x_layout.startswith("channels_last") and x_layout != "channels_last_slice"
     assert xl.is_contiguous(memory_format=CL) == channels_last
-    want_fwd, want_bwd = _run_ops(backend, variant, x, gy, groups, params)
-    if channels_last and _by_rows(backend, variant, dtype, shape):
-        want_fwd = backend.forward_op(variant)(
-            x.contiguous(memory_format=CL), groups, *params, 1e-5
-        )
+    own_forward, own_backward = _own_order(backend, variant, dtype, shape)
+    # The reference calls: NCHW, or dense channels_last where those sum in an order of their own.
+    x_want = x.contiguous(memory_format=CL) if channels_last and own_forward else x
+    want_fwd = backend.forward_op(variant)(x_want, groups, *params, 1e-5)
     got_fwd = backend.forward_op(variant)(xl, groups, *params, 1e-5)
     _, mean, rstd = want_fwd
     got_bwd = backend.backward_op(variant)(gyl, xl, mean, rstd, groups, *params)
+    if channels_last and own_backward:
+        x, gy = x.contiguous(memory_format=CL), gy.contiguous(memory_format=CL)
     want_bwd = backend.backward_op(variant)(gy, x, mean, rstd, groups, *params)
     _assert_identical(got_fwd, want_fwd)
     _assert_identical(got_bwd, want_bwd)
@@ -290,15 +375,18 @@ def test_ambiguous_layout_is_read_as_nchw(backend, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_cpu_reads_channels_last_without_a_copy(variant):
-    """The CPU ops take a channels_last x (and grad_out) as they are: no copy or clone of a
-    tensor anywhere in the forward and backward (the profiler sees every ATen op the host code
+def test_nhwc_kernels_read_channels_last_without_a_copy(backend, variant):
+    """Where a backend has NHWC kernels for the variant (every variant on the CPU, SALayer in the
+    CUDA source), its ops take a channels_last x (and grad_out) as they are: no copy or clone of
+    a tensor anywhere in the forward and backward (the profiler sees every ATen op the host code
     calls). An NCHW-contiguous grad_out with a channels_last x is copied once, to x's layout."""
+    if not backend.reads_nhwc(variant):
+        pytest.skip(f"{backend.name} converts a channels_last x to NCHW for {variant}")
     shape, groups = (2, 32, 6, 5), 4
-    params = op_params(variant, shape[1], groups, seed=5)
-    x = make_input(shape, seed=1).contiguous(memory_format=CL)
-    gy = make_input(shape, seed=2).contiguous(memory_format=CL)
-    forward, backward = SA_CUDA_LIBRARY.forward_op(variant), SA_CUDA_LIBRARY.backward_op(variant)
+    params = [p.to(backend.device) for p in op_params(variant, shape[1], groups, seed=5)]
+    x = make_input(shape, seed=1, device=backend.device).contiguous(memory_format=CL)
+    gy = make_input(shape, seed=2, device=backend.device).contiguous(memory_format=CL)
+    forward, backward = backend.forward_op(variant), backend.backward_op(variant)
 
     def copies(fn):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

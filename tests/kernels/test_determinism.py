@@ -63,21 +63,25 @@ def test_cpu_bitwise_repeatable_across_threads(variant, shape, groups, dtype):
 
 
 @pytest.mark.parametrize(
-    "shape,groups,offset",
+    "shape,groups,offset,channels_last",
     [
-        pytest.param((2, 16, 7, 9), 2, 0, id="warp"),
-        pytest.param((1, 8, 30, 32), 2, 1, id="block-misaligned"),
-        pytest.param((1, 4, 65, 67), 1, 0, id="streamed"),
-        pytest.param((1, 64, 9, 7), 1, 0, id="m32"),
+        pytest.param((2, 16, 7, 9), 2, 0, False, id="warp"),
+        pytest.param((1, 8, 30, 32), 2, 1, False, id="block-misaligned"),
+        pytest.param((1, 4, 65, 67), 1, 0, False, id="streamed"),
+        pytest.param((1, 64, 9, 7), 1, 0, False, id="m32"),
+        # SALayer's NHWC kernels: chunk partials merged in chunk order, two tiles
+        pytest.param((2, 40, 17, 19), 5, 0, True, id="nhwc"),
     ],
 )
 @pytest.mark.parametrize("backend", ["emulated", "cuda"], indirect=True)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_kernels_bitwise_repeatable(backend, variant, shape, groups, offset):
+def test_kernels_bitwise_repeatable(backend, variant, shape, groups, offset, channels_last):
     params = op_params(variant, shape[1], groups, 7)
     n = torch.Size(shape).numel()
     x = make_input((n + offset,), seed=8)[offset:].view(shape)
     gy = make_input(shape, seed=9)
+    if channels_last:
+        x, gy = (t.contiguous(memory_format=torch.channels_last) for t in (x, gy))
     first = _fwd_bwd_functional(variant, backend, x, groups, params, gy)
     for _ in range(2):
         _assert_bitwise(

@@ -9,7 +9,8 @@ values in double (sa_math.h, wide_mean).
 
 Rule, for every (magnitude, offset) pattern, dtype, variant and implementation (the CPU op, and the
 CUDA kernels through the SIMT emulator on every launch path: warp team N <= 256, block team
-N <= 4096, streamed N > 4096, vector and scalar packs, the ShuffleAttention kernels):
+N <= 4096, streamed N > 4096, vector and scalar packs, SALayer's channels_last kernels, the
+ShuffleAttention kernels):
 
   ref64 = the reference in float64 on the same values (x cast exactly; the parameters are rounded
   to the dtype first, so eager, fused and ref64 use the same parameter values), eager = the
@@ -73,6 +74,9 @@ SHAPES = {
     "emu-block-scalar": ((4, 31, 33), 1),
     "emu-streamed-vector": ((2, 64, 72), 1),
     "emu-streamed-scalar": ((2, 65, 67), 1),
+    # SALayer's NHWC kernels (csrc/cuda/sa_layer_nhwc_forward.cuh): statistics merged over chunks
+    # of 256 pixels, then the streamed rescale of a channel they overflow, read C apart
+    "emu-nhwc-cl": ((40, 17, 19), 5),  # m = 4: a full and a partial tile of 32; 2 chunks
     "emu-group": ((8, 8, 8), 2),
     "emu-group-tiles": ((4, 33, 35), 1),  # m = 2: more pixels than one tile
 }
@@ -173,6 +177,7 @@ GRID = [
     ("emu-block-scalar", (torch.float32,)),
     ("emu-streamed-vector", (torch.float32, torch.bfloat16)),
     ("emu-streamed-scalar", (torch.float32,)),
+    ("emu-nhwc-cl", (torch.float32, torch.bfloat16, torch.float16)),
 ]
 GROUP_GRID = [
     ("cpu", (torch.float32, torch.bfloat16, torch.float16)),
@@ -216,6 +221,10 @@ def test_forward_grid(variant, impl, dtype):
         pytest.param(
             "shuffle_attention", "emu-group", torch.float32, id="shuffle_attention-emu-group-fp32"
         ),
+    ]
+    + [
+        pytest.param("sa_layer", "emu-nhwc-cl", d, id=f"sa_layer-emu-nhwc-cl-{DTYPE_IDS[d]}")
+        for d in (torch.float32, torch.bfloat16)
     ],
 )
 def test_backward_grid_finite_where_eager_is(variant, impl, dtype):
@@ -227,7 +236,8 @@ def test_backward_grid_finite_where_eager_is(variant, impl, dtype):
     [
         pytest.param(v, impl, id=f"{v}-{impl}")
         for v in VARIANTS
-        for impl in ("cpu", "cpu-cl", "emu-warp-vector" if v == "sa_layer" else "emu-group")
+        for impl in ("cpu", "cpu-cl")
+        + (("emu-warp-vector", "emu-nhwc-cl") if v == "sa_layer" else ("emu-group",))
     ],
 )
 def test_backward_grad_x_up_to_1e36(variant, impl):

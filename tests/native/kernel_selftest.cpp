@@ -46,7 +46,14 @@ struct Rng {
 struct Case {
   Variant variant;
   int64_t B, C, G, H, W, offset;  // offset: elements the tensors start past a 16-byte boundary
+  bool nhwc = false;              // the tensors are channels_last ([B, H * W, C])
 };
+
+// Offset of element (b, c, i) of a [B, C, N] tensor in the case's layout.
+int64_t element(const Case& k, int64_t b, int64_t c, int64_t i) {
+  const int64_t N = k.H * k.W;
+  return k.nhwc ? (b * N + i) * k.C + c : (b * k.C + c) * N + i;
+}
 
 // Naive float64 forward (docs/design.md), for the check.
 std::vector<double> naive_forward(const Case& k, const std::vector<double>& x,
@@ -109,10 +116,16 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
   std::vector<T> xs(n + k.offset), gs(n + k.offset), outs(n + k.offset), dxs(n + k.offset);
   T *x = xs.data() + k.offset, *g = gs.data() + k.offset, *out = outs.data() + k.offset,
     *dx = dxs.data() + k.offset;
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = static_cast<T>(x64[i]);
-    x64[i] = static_cast<double>(x[i]);
-    g[i] = static_cast<T>(g64[i]);
+  // x64 and g64 are NCHW; x and g in the case's layout.
+  for (int64_t b = 0; b < k.B; ++b) {
+    for (int64_t c = 0; c < k.C; ++c) {
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t nchw = (b * k.C + c) * N + i, at = element(k, b, c, i);
+        x[at] = static_cast<T>(x64[nchw]);
+        x64[nchw] = static_cast<double>(x[at]);
+        g[at] = static_cast<T>(g64[nchw]);
+      }
+    }
   }
   std::vector<T> p[6];
   for (int i = 0; i < 6; ++i) p[i].assign(p64[i].begin(), p64[i].end());
@@ -124,12 +137,18 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
     f.params[i] = p[i].data();
     f.param_dtypes[i] = sizeof(T) == 8 ? ParamDtype::kFloat64 : ParamDtype::kFloat32;
   }
+  f.channels_last = k.nhwc;
   emulated::forward(k.variant, dtype, f);
   const std::vector<double> want = naive_forward(k, x64, p64);
   double err = 0, scale = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    err = std::max(err, std::abs(static_cast<double>(out[i]) - want[i]));
-    scale = std::max(scale, std::abs(want[i]));
+  for (int64_t b = 0; b < k.B; ++b) {
+    for (int64_t c = 0; c < k.C; ++c) {
+      for (int64_t i = 0; i < N; ++i) {
+        const double w = want[(b * k.C + c) * N + i];
+        err = std::max(err, std::abs(static_cast<double>(out[element(k, b, c, i)]) - w));
+        scale = std::max(scale, std::abs(w));
+      }
+    }
   }
   BackwardParams bp{f, g, dx, gate_grad.data(), t_sum.data(), t_xh.data()};
   std::vector<T> param_grads[6];  // exactly sized: the reduction writes each entry once
@@ -145,11 +164,11 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
   }
   const double tol = (sizeof(T) == 8 ? 1e-12 : 1e-5) * std::max(1.0, scale);
   const bool ok = err <= tol && finite;
-  std::printf("%s %s B=%lld C=%lld G=%lld %lldx%lld offset=%lld: max err %.3g (tol %.3g)%s\n",
+  std::printf("%s %s B=%lld C=%lld G=%lld %lldx%lld offset=%lld%s: max err %.3g (tol %.3g)%s\n",
               k.variant == Variant::kSALayer ? "sa_layer" : "shuffle_attention",
               sizeof(T) == 8 ? "float64" : "float32", (long long)k.B, (long long)k.C,
-              (long long)k.G, (long long)k.H, (long long)k.W, (long long)k.offset, err, tol,
-              finite ? "" : " NON-FINITE gradient");
+              (long long)k.G, (long long)k.H, (long long)k.W, (long long)k.offset,
+              k.nhwc ? " channels_last" : "", err, tol, finite ? "" : " NON-FINITE gradient");
   return ok;
 }
 
@@ -164,6 +183,8 @@ int run_kernels() {
       {Variant::kSALayer, 1, 4, 1, 30, 31, 0},
       {Variant::kSALayer, 1, 8, 2, 30, 30, 1},
       {Variant::kSALayer, 1, 4, 1, 65, 67, 0},
+      // SALayer channels_last: two tiles (32 + 8 channels), a whole and a partial chunk
+      {Variant::kSALayer, 2, 40, 5, 17, 19, 1, true},
       // ShuffleAttention: several tiles, partial tiles, m = 1
       {Variant::kShuffleAttention, 2, 16, 2, 7, 9, 0},
       {Variant::kShuffleAttention, 1, 8, 1, 40, 41, 1},

@@ -1,0 +1,192 @@
+// SALayer, forward, channels_last (NHWC): three kernels over the tiles of nhwc_tiles.cuh.
+//
+//   sa_layer_nhwc_moments_kernel  reads x once: per (batch item, chunk, channel) the moments of
+//                                 x - shift (Welford/Chan, as the streamed NCHW path) and the
+//                                 channel-branch mean's sum in double (sa_math.h: wide_term)
+//   sa_layer_nhwc_gates_kernel    a warp per (batch item, channel): the chunks' moments merged in
+//                                 chunk order into the statistics, stored with the channel's gate
+//                                 (PlaneGate); a channel whose statistics overflow is read again,
+//                                 strided, by its warp (streamed_plane_stats: the rescale)
+//   sa_layer_nhwc_gate_kernel     reads x again and writes out: a lane per output channel, so a
+//                                 warp writes 32 consecutive values of an output row and reads
+//                                 16 + 16 consecutive values of the input row (channel_shuffle
+//                                 interleaves the two halves)
+//
+// Bytes moved: x read twice, out written once, per (item, chunk, channel) one partial of 3 acc_t
+// and a double, per (item, channel) the statistics and the gate.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include "nhwc_tiles.cuh"
+#include "sa_layer_forward.cuh"
+
+namespace sa_cuda::SA_GPU_NS {
+
+// A chunk's moments of one channel: Moments<acc_t> (of x - shift) and the sum of x in double.
+// Plain data: it lives in shared memory, where no constructor may run.
+template <typename acc_t>
+struct ChunkMoments {
+  acc_t n, mean, m2;
+  double wide;
+
+  SA_DEVICE Moments<acc_t> moments() const {
+    Moments<acc_t> mo;
+    mo.n = n;
+    mo.mean = mean;
+    mo.m2 = m2;
+    return mo;
+  }
+  SA_DEVICE void merge(const ChunkMoments& other) {
+    Moments<acc_t> mo = moments();
+    mo.merge(other.n, other.mean, other.m2);
+    n = mo.n;
+    mean = mo.mean;
+    m2 = mo.m2;
+    wide += other.wide;
+  }
+};
+
+// The shift a channel's values are summed relative to: its first value in the batch item
+// (sum_shift), the same for every chunk.
+template <typename scalar_t, typename acc_t>
+SA_DEVICE acc_t channel_shift(const scalar_t* x, const NhwcGrid& grid, int64_t item, int64_t c) {
+  return sum_shift(static_cast<acc_t>(x[item * grid.pixels * grid.channels + c]));
+}
+
+template <typename scalar_t>
+SA_KERNEL_BOUNDS(kNhwcThreads)
+void sa_layer_nhwc_moments_kernel(ForwardParams p, ChunkMoments<at::opmath_type<scalar_t>>* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const NhwcGrid grid(p);
+  const NhwcThread t(grid);
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  const int64_t c = t.active ? t.channel : grid.channels - 1;  // idle lanes read a valid channel
+  const acc_t shift = channel_shift<scalar_t, acc_t>(x, grid, t.item, c);
+  const bool exact_mean = !channel_role(c, p.branch_channels).spatial;
+
+  // kNhwcLoads pixels at a time as one pack of Moments::add (a two-pass pack, then one merge).
+  Moments<acc_t> mo;
+  double wide = 0;
+  for (int64_t base = t.first_pixel; base < t.end_pixel; base += kNhwcLoads * kNhwcWarps) {
+    acc_t v[kNhwcLoads];
+    int count = 0;
+#pragma unroll
+    for (int u = 0; u < kNhwcLoads; ++u) {
+      const int64_t pixel = base + int64_t(u) * kNhwcWarps;
+      if (pixel < t.end_pixel) {
+        v[u] = static_cast<acc_t>(x[t.at(grid, pixel, c)]);
+        ++count;
+      }
+    }
+    if (count == kNhwcLoads) {
+      mo.add(v, shift);
+    } else {
+      for (int u = 0; u < count; ++u) {
+        const acc_t one[1] = {v[u]};
+        mo.add(one, shift);
+      }
+    }
+    if (exact_mean) {
+      for (int u = 0; u < count; ++u) wide += wide_term(v[u], acc_t(1));
+    }
+  }
+  const ChunkMoments<acc_t> own{mo.n, mo.mean, mo.m2, wide};
+  const ChunkMoments<acc_t> total =
+      combine_warps(own, [](ChunkMoments<acc_t>& a, const ChunkMoments<acc_t>& b) { a.merge(b); });
+  if (t.warp == 0 && t.active) out[grid.partial(t.item, t.chunk, t.channel)] = total;
+}
+
+// A warp per (batch item, channel), 8 per block.
+template <typename scalar_t>
+SA_KERNEL_BOUNDS(kFinishThreads)
+void sa_layer_nhwc_gates_kernel(ForwardParams p, const ChunkMoments<at::opmath_type<scalar_t>>* in,
+                                PlaneGate<at::opmath_type<scalar_t>>* gates) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const NhwcGrid grid(p);
+  const int64_t plane =
+      int64_t(blockIdx.x) * (kFinishThreads / kWarpSize) + threadIdx.x / kWarpSize;
+  if (plane >= grid.batch * grid.channels) return;  // the whole warp: no block collective below
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int64_t item = plane / grid.channels, c = plane % grid.channels;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  const PlaneUnit unit = plane_unit(p, plane);
+  const bool exact_mean = !unit.role.spatial;
+  const acc_t eps = static_cast<acc_t>(p.eps);
+
+  // Lane 0 merges the chunks in chunk order; the warp takes its result.
+  acc_t mean = 0, var = 0;
+  if (lane == 0) {
+    ChunkMoments<acc_t> total = in[grid.partial(item, 0, c)];
+    for (int64_t chunk = 1; chunk < grid.chunks; ++chunk)
+      total.merge(in[grid.partial(item, chunk, c)]);
+    const acc_t shift = channel_shift<scalar_t, acc_t>(x, grid, item, c);
+    mean = exact_mean ? wide_mean<acc_t>(total.wide, grid.pixels) : shift + total.mean;
+    var = total.m2 / acc_t(grid.pixels);
+  }
+  mean = __shfl_sync(kFullMask, mean, 0);
+  var = __shfl_sync(kFullMask, var, 0);
+
+  Standardizer<acc_t> st = finish_stats(mean, var, eps, 0);
+  if (stats_overflowed(mean, var)) {
+    // The NCHW streamed path's statistics, with its rescale (team.cuh): the warp reads the
+    // channel's values, C apart.
+    const scalar_t* channel = x + item * grid.pixels * grid.channels + c;
+    auto load = [&](int64_t pixel, acc_t(&v)[1]) {
+      v[0] = static_cast<acc_t>(channel[pixel * grid.channels]);
+    };
+    st = streamed_plane_stats<true>(
+        [&](const auto& f) {
+          unrolled_stream<kNhwcLoads, acc_t[1]>(lane, kWarpSize, grid.pixels, load,
+                                                [&](int64_t, const acc_t(&v)[1]) { f(v); });
+        },
+        static_cast<acc_t>(channel[0]), grid.pixels, eps, exact_mean, static_cast<acc_t*>(nullptr),
+        static_cast<double*>(nullptr));
+  }
+  if (lane == 0) {
+    static_cast<acc_t*>(p.mean)[plane] = st.mean;
+    static_cast<acc_t*>(p.rstd)[plane] = st.rstd;
+    gates[plane] =
+        PlaneGate<acc_t>(load_plane_params<acc_t>(p, unit.role.k), unit.role.spatial, st);
+  }
+}
+
+template <typename scalar_t>
+SA_KERNEL_BOUNDS(kNhwcThreads)
+void sa_layer_nhwc_gate_kernel(ForwardParams p, const PlaneGate<at::opmath_type<scalar_t>>* gates) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const NhwcGrid grid(p);
+  const NhwcThread t(grid);  // t.channel: an output channel
+  if (!t.active) return;      // no collective in this kernel
+  const int64_t c = shuffle_src(t.channel, grid.channels);
+  const PlaneGate<acc_t> gate = gates[t.item * grid.channels + c];
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
+  scalar_t* out = static_cast<scalar_t*>(p.out);
+  t.for_each_pixel<acc_t>(
+      [&](int64_t pixel, acc_t& v) { v = static_cast<acc_t>(x[t.at(grid, pixel, c)]); },
+      [&](int64_t pixel, const acc_t& v) {
+        out[t.at(grid, pixel, t.channel)] = static_cast<scalar_t>(v * gate(v));
+      });
+}
+
+template <typename scalar_t>
+void launch_sa_layer_nhwc_forward(const ForwardParams& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const NhwcGrid grid(f);
+  const int64_t planes = grid.batch * grid.channels;
+  const int64_t partials = grid.batch * grid.chunks * grid.channels;
+  Workspace moments(sizeof(ChunkMoments<acc_t>) * partials);
+  Workspace gates(sizeof(PlaneGate<acc_t>) * planes);
+  auto* moments_ptr = static_cast<ChunkMoments<acc_t>*>(moments.get());
+  auto* gates_ptr = static_cast<PlaneGate<acc_t>*>(gates.get());
+  const Stream stream = current_stream();
+  launch(&sa_layer_nhwc_moments_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, stream, f,
+         moments_ptr);
+  launch(&sa_layer_nhwc_gates_kernel<scalar_t>,
+         (planes + kFinishThreads / kWarpSize - 1) / (kFinishThreads / kWarpSize), kFinishThreads,
+         0, stream, f, static_cast<const ChunkMoments<acc_t>*>(moments_ptr), gates_ptr);
+  launch(&sa_layer_nhwc_gate_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, stream, f,
+         static_cast<const PlaneGate<acc_t>*>(gates_ptr));
+}
+
+}  // namespace sa_cuda::SA_GPU_NS

@@ -242,27 +242,48 @@ SA_HOST_DEVICE V sigmoid(const V& z) {
   return V(1) / (V(1) + sa_exp(V(0) - z));
 }
 
+// A mean as the nearest T (mean) and what that rounding left out (lo): the value is mean + lo.
+template <typename T>
+struct SplitMean {
+  T mean, lo;
+};
+
+// shift + mean_d, the mean of values summed relative to shift, split exactly (TwoSum: mean + lo =
+// shift + mean_d, no rounding; lo is 0 where the sum is not finite). mean rounded to T is off by up
+// to u/2 |mean|, which centering by it alone would carry into every x - mean: on a plane far from
+// zero (|mean| / std = 171 in fp32) the normalized value lost ten units of the output to it.
+template <typename T>
+SA_HOST_DEVICE SplitMean<T> split_mean(T shift, T mean_d) {
+  const T mean = shift + mean_d;
+  const T part = mean - shift;
+  const T lo = (shift - (mean - part)) + (mean_d - part);
+  return SplitMean<T>{mean, sa_isfinite(lo) ? lo : T(0)};
+}
+
 // A plane's statistics, as stored and as the gate uses them.
 //
 // mean and rstd = 1 / sqrt(var + eps) are the plane's true statistics: stored for the backward and
 // returned by the op. The gate needs the normalized value (x - mean) * rstd, computed as
-//   fma(x, input_scale, -center) * gate_rstd
-// without forming x - mean. On the fast path input_scale = 1, center = mean, gate_rstd = rstd
-// (fma(x, 1, -mean) is x - mean rounded once, bit for bit). A plane whose statistics overflow the
-// accumulation type (|x| near its largest finite value: x - shift or the squared deviations are
-// not representable) is standardized scaled by input_scale = 2^-e, e from max|x| (scaled values
-// below 1 in magnitude): center = mean * input_scale, gate_rstd = 1 / sqrt(var_s + eps s^2) with
-// var_s the variance of the scaled values. Then rstd = gate_rstd * input_scale may be subnormal
-// (it only feeds the backward) and the gate keeps full precision.
+//   (fma(x, input_scale, -center) - center_lo) * gate_rstd
+// without forming x - mean. On the fast path input_scale = 1, center = mean, gate_rstd = rstd, and
+// center_lo the part of the mean below mean's rounding (split_mean; 0 where the mean is correctly
+// rounded, and for saved statistics): fma(x, 1, -mean) is x - mean rounded once (exact for x within
+// a factor 2 of mean), and subtracting center_lo centers on the plane's mean itself. A plane whose
+// statistics overflow the accumulation type (|x| near its largest finite value: x - shift or the
+// squared deviations are not representable) is standardized scaled by input_scale = 2^-e, e from
+// max|x| (scaled values below 1 in magnitude): center = mean * input_scale, gate_rstd = 1 /
+// sqrt(var_s + eps s^2) with var_s the variance of the scaled values. Then rstd = gate_rstd *
+// input_scale may be subnormal (it only feeds the backward) and the gate keeps full precision.
 template <typename T>
 struct Standardizer {
-  T mean, rstd;                      // the plane's true statistics
-  T input_scale, center, gate_rstd;  // (x - mean) * rstd = (x * input_scale - center) * gate_rstd
+  T mean, rstd;  // the plane's true statistics
+  // (x - mean) * rstd = (x * input_scale - center - center_lo) * gate_rstd
+  T input_scale, center, center_lo, gate_rstd;
 
-  // (x - mean) * input_scale, rounded once.
+  // (x - mean) * input_scale.
   template <typename V>
   SA_HOST_DEVICE V centered(const V& x) const {
-    return sa_fma(x, V(input_scale), V(-center));
+    return sa_fma(x, V(input_scale), V(-center)) - V(center_lo);
   }
 
   // The normalized value xh = (x - mean) * rstd. Products with xh (t * xh in the backward) are
@@ -279,16 +300,17 @@ SA_HOST_DEVICE T rstd_from_var(T var, T eps) {
 }
 
 // The Standardizer of a plane whose moments were accumulated over the values x * 2^-e: their mean
-// mean_s and (biased) variance var_s. e = 0 (unscaled) gives today's statistics bit for bit.
+// mean_s (+ mean_lo, split_mean's rest: 0 for a correctly rounded mean) and (biased) variance
+// var_s. e = 0 (unscaled) gives today's statistics bit for bit.
 template <typename T>
-SA_HOST_DEVICE Standardizer<T> finish_stats(T mean_s, T var_s, T eps, int e) {
+SA_HOST_DEVICE Standardizer<T> finish_stats(T mean_s, T var_s, T eps, int e, T mean_lo = T(0)) {
   if (e == 0) {
     const T r = rstd_from_var(var_s, eps);
-    return Standardizer<T>{mean_s, r, T(1), mean_s, r};
+    return Standardizer<T>{mean_s, r, T(1), mean_s, mean_lo, r};
   }
   const T gate_rstd = T(1) / sa_sqrt(var_s + sa_ldexp(eps, -2 * e));
-  return Standardizer<T>{sa_ldexp(mean_s, e), sa_ldexp(gate_rstd, -e), sa_ldexp(T(1), -e), mean_s,
-                         gate_rstd};
+  return Standardizer<T>{
+      sa_ldexp(mean_s, e), sa_ldexp(gate_rstd, -e), sa_ldexp(T(1), -e), mean_s, mean_lo, gate_rstd};
 }
 
 // The mean of a channel-branch plane, whose gate sigmoid(cw * mu + cb) uses the mean itself: the
@@ -310,7 +332,7 @@ SA_HOST_DEVICE T wide_mean(double sum, int64_t n) {
 // The Standardizer of saved statistics (the backward's), unscaled.
 template <typename T>
 SA_HOST_DEVICE Standardizer<T> saved_stats(T mean, T rstd) {
-  return Standardizer<T>{mean, rstd, T(1), mean, rstd};
+  return Standardizer<T>{mean, rstd, T(1), mean, T(0), rstd};
 }
 
 // Whether the unscaled statistics overflowed. Every term they sum is finite unless x - shift,
@@ -340,19 +362,19 @@ SA_HOST_DEVICE int rescale_exponent(T max_abs) {
 // z = +-inf, not NaN, for an infinite sweight, as in the reference.
 template <typename T>
 struct SpatialGate {
-  T scale, shift, weight, bias;  // gw * gate_rstd, gb, sw, sb
-  T input_scale, center;  // of the plane's Standardizer
+  T scale, shift, weight, bias;      // gw * gate_rstd, gb, sw, sb
+  T input_scale, center, center_lo;  // of the plane's Standardizer
 
   template <typename V>
   SA_HOST_DEVICE V z(const V& x) const {
-    const V xc = sa_fma(x, V(input_scale), V(-center));
+    const V xc = sa_fma(x, V(input_scale), V(-center)) - V(center_lo);
     return V(weight) * (V(scale) * xc + V(shift)) + V(bias);
   }
 };
 
 template <typename T>
 SA_HOST_DEVICE SpatialGate<T> spatial_gate(T sw, T sb, T gw, T gb, const Standardizer<T>& st) {
-  return SpatialGate<T>{gw * st.gate_rstd, gb, sw, sb, st.input_scale, st.center};
+  return SpatialGate<T>{gw * st.gate_rstd, gb, sw, sb, st.input_scale, st.center, st.center_lo};
 }
 
 // The shift for summing a plane's values as x - shift (its first value): keeps a large common

@@ -56,9 +56,13 @@ template <typename scalar_t>
 Standardizer<float> channel_stats(const scalar_t* item, int64_t C, int64_t N, double s1, double s2,
                                   double shift, int64_t c, float eps, bool spatial) {
   const double dm = s1 / static_cast<double>(N), var_d = s2 / static_cast<double>(N) - dm * dm;
-  const float mean = static_cast<float>(shift + dm);
+  const double mean_d = shift + dm;
+  const float mean = static_cast<float>(mean_d);
   const float var = static_cast<float>(var_d < 0 ? 0.0 : var_d);  // rounding; NaN stays NaN
-  if (!stats_overflowed(mean, var)) return finish_stats(mean, var, eps, 0);
+  if (!stats_overflowed(mean, var)) {
+    // Centered on the double mean (split_mean in sa_math.h: what rounding it to float left out).
+    return finish_stats(mean, var, eps, 0, static_cast<float>(mean_d - static_cast<double>(mean)));
+  }
   std::vector<float> plane(N);
   for (int64_t p = 0; p < N; ++p) plane[p] = static_cast<float>(item[p * C + c]);
   return plane_stats(plane.data(), N, eps, !spatial);

@@ -230,7 +230,7 @@ struct ChannelLanes {
   }
 };
 
-// A SpatialGate (sa_math.h) as lanes: its six fields, kGateFieldCount consecutive lane fields
+// A SpatialGate (sa_math.h) as lanes: its seven fields, kGateFieldCount consecutive lane fields
 // from fields[0].
 enum SpatialGateField {
   kGateScale,
@@ -239,6 +239,7 @@ enum SpatialGateField {
   kGateBias,
   kGateInputScale,
   kGateCenter,
+  kGateCenterLo,
   kGateFieldCount
 };
 
@@ -246,12 +247,13 @@ template <typename V>
 inline SpatialGate<V> spatial_gate_at(float* const* fields, int64_t c) {
   return SpatialGate<V>{load<V>(fields[kGateScale] + c),      load<V>(fields[kGateShift] + c),
                         load<V>(fields[kGateWeight] + c),     load<V>(fields[kGateBias] + c),
-                        load<V>(fields[kGateInputScale] + c), load<V>(fields[kGateCenter] + c)};
+                        load<V>(fields[kGateInputScale] + c), load<V>(fields[kGateCenter] + c),
+                        load<V>(fields[kGateCenterLo] + c)};
 }
 
 inline void set_spatial_gate(float* const* fields, int64_t c, const SpatialGate<float>& g) {
-  const float values[kGateFieldCount] = {g.scale, g.shift,       g.weight,
-                                         g.bias,  g.input_scale, g.center};
+  const float values[kGateFieldCount] = {g.scale,       g.shift,  g.weight,   g.bias,
+                                         g.input_scale, g.center, g.center_lo};
   for (int f = 0; f < kGateFieldCount; ++f) fields[f][c] = values[f];
 }
 

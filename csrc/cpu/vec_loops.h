@@ -156,17 +156,17 @@ inline void finish_store(const acc_t* result, scalar_t* dst, int64_t n) {
 // (sa_math.h, Standardizer).
 template <typename acc_t>
 struct PlaneMoments {
-  acc_t mean;
+  SplitMean<acc_t> mean;
   acc_t var;
 };
 
 template <typename acc_t>
-C10_ALWAYS_INLINE acc_t shifted_mean(const acc_t* x, int64_t n, acc_t scale) {
+C10_ALWAYS_INLINE SplitMean<acc_t> shifted_mean(const acc_t* x, int64_t n, acc_t scale) {
   const acc_t shift = sum_shift(x[0]) * scale;
-  return shift + sum_over<acc_t>(n, [&](int64_t i, auto tag) {
-                   using V = decltype(tag);
-                   return sa_fma(load<V>(x + i), V(scale), V(-shift));
-                 }) / acc_t(n);
+  return split_mean(shift, sum_over<acc_t>(n, [&](int64_t i, auto tag) {
+                             using V = decltype(tag);
+                             return sa_fma(load<V>(x + i), V(scale), V(-shift));
+                           }) / acc_t(n));
 }
 
 template <typename acc_t>
@@ -247,16 +247,17 @@ template <typename acc_t>
 C10_ALWAYS_INLINE Standardizer<acc_t> plane_stats(const acc_t* x, int64_t n, acc_t eps,
                                                   bool exact_mean) {
   auto moments = [&](acc_t scale) {
-    const acc_t mean = exact_mean ? plane_wide_mean(x, n, scale) : shifted_mean(x, n, scale);
-    return PlaneMoments<acc_t>{mean, centered_var(x, n, scale, mean)};
+    const SplitMean<acc_t> mean =
+        exact_mean ? SplitMean<acc_t>{plane_wide_mean(x, n, scale), 0} : shifted_mean(x, n, scale);
+    return PlaneMoments<acc_t>{mean, centered_var(x, n, scale, mean.mean)};
   };
   PlaneMoments<acc_t> mo = moments(acc_t(1));
   int e = 0;
-  if (stats_overflowed(mo.mean, mo.var)) {
+  if (stats_overflowed(mo.mean.mean, mo.var)) {
     e = rescale_exponent(max_abs(x, n));
     if (e != 0) mo = moments(sa_ldexp(acc_t(1), -e));
   }
-  return finish_stats(mo.mean, mo.var, eps, e);
+  return finish_stats(mo.mean.mean, mo.var, eps, e, mo.mean.lo);
 }
 
 template <typename acc_t>

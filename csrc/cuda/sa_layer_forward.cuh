@@ -197,12 +197,14 @@ SA_DEVICE void load_staged_plane(const scalar_t* x, const PlaneTeam<kLanes>& tea
 
 // Mean and variance of the values v * scale (scale a power of two, 1 for the values themselves)
 // of a plane held in registers: centered two-pass over the registers, the mean summed relative to
-// `shift` (the plane's first value, times scale: robust to |mean| >> std), or with exact_mean (a
-// channel-branch plane) the wide mean (sa_math.h; wide_scratch: 32 doubles of shared memory).
+// `shift` (the plane's first value, times scale: robust to |mean| >> std; split_mean), or with
+// exact_mean (a channel-branch plane) the wide mean (sa_math.h; wide_scratch: 32 doubles of shared
+// memory).
 template <int kLanes, int kPacks, int kVec, typename acc_t>
 SA_DEVICE void register_moments(const acc_t (&v)[kPacks][kVec], const PlaneTeam<kLanes>& team,
                                 int64_t packs, int64_t n, acc_t shift, acc_t scale, bool exact_mean,
-                                acc_t* scratch, double* wide_scratch, acc_t& mean, acc_t& var) {
+                                acc_t* scratch, double* wide_scratch, SplitMean<acc_t>& mean,
+                                acc_t& var) {
   // One pass over the values for either sum; the team sums only the one its plane needs, unless
   // teams share the warp (exact_mean then differs between them: every lane runs both shuffles).
   // Measured on the H200, this one loop holds the float32 block team in 54 registers (59 with a
@@ -225,14 +227,15 @@ SA_DEVICE void register_moments(const acc_t (&v)[kPacks][kVec], const PlaneTeam<
   }
   if (kBoth || exact_mean) team.sum(wide, wide_scratch);
   if (kBoth || !exact_mean) team.sum(sum, scratch);
-  mean = exact_mean ? wide_mean<acc_t>(wide[0], n) : shift + sum[0] / acc_t(n);
+  mean = exact_mean ? SplitMean<acc_t>{wide_mean<acc_t>(wide[0], n), 0}
+                    : split_mean(shift, sum[0] / acc_t(n));
   acc_t sq[1] = {0};
 #pragma unroll
   for (int k = 0; k < kPacks; ++k) {
     if (team.rank + int64_t(k) * team.size < packs) {
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
-        const acc_t d = sa_fma(v[k][i], scale, -mean);
+        const acc_t d = sa_fma(v[k][i], scale, -mean.mean);
         sq[0] += d * d;
       }
     }
@@ -252,11 +255,12 @@ SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec
                                                    bool exact_mean, acc_t* scratch,
                                                    double* wide_scratch) {
   const acc_t shift = sum_shift(first);
-  acc_t mean, var;
+  SplitMean<acc_t> mean;
+  acc_t var;
   register_moments<kLanes, kPacks, kVec>(v, team, packs, n, shift, acc_t(1), exact_mean, scratch,
                                          wide_scratch, mean, var);
   int e = 0;
-  const bool overflowed = stats_overflowed(mean, var);
+  const bool overflowed = stats_overflowed(mean.mean, var);
   if (team.any(overflowed)) {
     acc_t amax[1] = {0};
 #pragma unroll
@@ -275,7 +279,7 @@ SA_DEVICE Standardizer<acc_t> register_plane_stats(const acc_t (&v)[kPacks][kVec
                                              scratch, wide_scratch, mean, var);
     }
   }
-  return finish_stats(mean, var, eps, e);
+  return finish_stats(mean.mean, var, eps, e, mean.lo);
 }
 
 // kLanes: the lanes of a warp team, 0 for a block team (launch_common.cuh).

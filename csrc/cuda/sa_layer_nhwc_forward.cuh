@@ -115,20 +115,23 @@ void sa_layer_nhwc_gates_kernel(ForwardParams p, const ChunkMoments<at::opmath_t
   const acc_t eps = static_cast<acc_t>(p.eps);
 
   // Lane 0 merges the chunks in chunk order; the warp takes its result.
-  acc_t mean = 0, var = 0;
+  SplitMean<acc_t> mean{0, 0};
+  acc_t var = 0;
   if (lane == 0) {
     ChunkMoments<acc_t> total = in[grid.partial(item, 0, c)];
     for (int64_t chunk = 1; chunk < grid.chunks; ++chunk)
       total.merge(in[grid.partial(item, chunk, c)]);
     const acc_t shift = channel_shift<scalar_t, acc_t>(x, grid, item, c);
-    mean = exact_mean ? wide_mean<acc_t>(total.wide, grid.pixels) : shift + total.mean;
+    mean = exact_mean ? SplitMean<acc_t>{wide_mean<acc_t>(total.wide, grid.pixels), 0}
+                      : split_mean(shift, total.mean);
     var = total.m2 / acc_t(grid.pixels);
   }
-  mean = __shfl_sync(kFullMask, mean, 0);
+  mean.mean = __shfl_sync(kFullMask, mean.mean, 0);
+  mean.lo = __shfl_sync(kFullMask, mean.lo, 0);
   var = __shfl_sync(kFullMask, var, 0);
 
-  Standardizer<acc_t> st = finish_stats(mean, var, eps, 0);
-  if (stats_overflowed(mean, var)) {
+  Standardizer<acc_t> st = finish_stats(mean.mean, var, eps, 0, mean.lo);
+  if (stats_overflowed(mean.mean, var)) {
     // The NCHW streamed path's statistics, with its rescale (team.cuh): the warp reads the
     // channel's values, C apart.
     const scalar_t* channel = x + item * grid.pixels * grid.channels + c;

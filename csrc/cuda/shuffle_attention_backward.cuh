@@ -117,7 +117,7 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
       const int c = j * ts + pt;
       st[c] = sigmoid(gp.preactivation(m, ts, yt, j, pt));
       tt[c] = gate_input_grad(gt[c], xt[c], st[c]);
-      xt[c] = sa_fma(xt[c], stats.input_scale[j], -stats.center[j]) * stats.gate_rstd[j];
+      xt[c] = stats.centered(j, xt[c]) * stats.gate_rstd[j];
     });
     __syncthreads();
   };

@@ -49,7 +49,8 @@ struct GroupSmem {
   SA_HOST_DEVICE int64_t gate_rstd() const { return 9 * m; }
   SA_HOST_DEVICE int64_t exponent() const { return 10 * m; }
   SA_HOST_DEVICE int64_t gn_weight() const { return 11 * m; }
-  SA_HOST_DEVICE int64_t matrix() const { return 12 * m; }
+  SA_HOST_DEVICE int64_t center_lo() const { return 12 * m; }
+  SA_HOST_DEVICE int64_t matrix() const { return 13 * m; }
   SA_HOST_DEVICE int64_t tile_x() const { return (matrix() + m * m + 3) / 4 * 4; }
   SA_HOST_DEVICE int64_t tile_y() const { return tile_x() + m * stride(); }
   SA_HOST_DEVICE int64_t tile_g() const { return tile_y() + m * stride(); }
@@ -171,13 +172,14 @@ constexpr int group_unroll() {
 // A Standardizer per channel in shared memory (the slots of GroupSmem).
 template <typename acc_t>
 struct GroupStats {
-  acc_t *mean, *rstd, *input_scale, *center, *gate_rstd;
+  acc_t *mean, *rstd, *input_scale, *center, *center_lo, *gate_rstd;
 
   SA_DEVICE GroupStats(acc_t* smem, const GroupSmem& L)
       : mean(smem + L.mean()),
         rstd(smem + L.rstd()),
         input_scale(smem + L.input_scale()),
         center(smem + L.center()),
+        center_lo(smem + L.center_lo()),
         gate_rstd(smem + L.gate_rstd()) {}
 
   SA_DEVICE void set(int64_t j, const Standardizer<acc_t>& st) const {
@@ -185,7 +187,13 @@ struct GroupStats {
     rstd[j] = st.rstd;
     input_scale[j] = st.input_scale;
     center[j] = st.center;
+    center_lo[j] = st.center_lo;
     gate_rstd[j] = st.gate_rstd;
+  }
+
+  // Standardizer::centered of channel j: (x - mean) * input_scale.
+  SA_DEVICE acc_t centered(int64_t j, acc_t x) const {
+    return sa_fma(x, input_scale[j], -center[j]) - center_lo[j];
   }
 };
 
@@ -254,7 +262,7 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int m, int64_t N, acc_t eps,
     __syncthreads();
   };
   // Plane j's mean and variance from its pieces (empty ones skipped), merged in piece order.
-  auto combine = [&](int j, acc_t& mean, acc_t& var) {
+  auto combine = [&](int j, SplitMean<acc_t>& mean, acc_t& var) {
     const int k0 = j * pieces.per_plane;
     Moments<acc_t> mo{part.n[k0], part.mean[k0], part.m2[k0]};
     double wide = part.wide[k0];
@@ -263,7 +271,8 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int m, int64_t N, acc_t eps,
       mo.merge(part.n[k], part.mean[k], part.m2[k]);
       wide += part.wide[k];
     }
-    mean = exact_mean ? wide_mean<acc_t>(wide, N) : shift_of(j, scale_of(j)) + mo.mean;
+    mean = exact_mean ? SplitMean<acc_t>{wide_mean<acc_t>(wide, N), 0}
+                      : split_mean(shift_of(j, scale_of(j)), mo.mean);
     var = mo.m2 / acc_t(N);
   };
 
@@ -271,10 +280,11 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int m, int64_t N, acc_t eps,
   __syncthreads();
   moments_round([](int) { return true; });
   for (int j = threadIdx.x; j < m; j += blockDim.x) {
-    acc_t mean, var;
+    SplitMean<acc_t> mean;
+    acc_t var;
     combine(j, mean, var);
-    stats.set(j, finish_stats(mean, var, eps, 0));  // kept unless the plane is rescaled
-    if (stats_overflowed(mean, var)) exponent[j] = -1;
+    stats.set(j, finish_stats(mean.mean, var, eps, 0, mean.lo));  // kept unless rescaled
+    if (stats_overflowed(mean.mean, var)) exponent[j] = -1;
   }
   __syncthreads();
   int overflowed = 0;  // the same count in every warp: a uniform branch
@@ -305,9 +315,10 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int m, int64_t N, acc_t eps,
   moments_round([&](int j) { return exponent[j] > acc_t(0); });
   for (int j = threadIdx.x; j < m; j += blockDim.x) {
     if (exponent[j] <= acc_t(0)) continue;
-    acc_t mean, var;
+    SplitMean<acc_t> mean;
+    acc_t var;
     combine(j, mean, var);
-    stats.set(j, finish_stats(mean, var, eps, static_cast<int>(exponent[j])));
+    stats.set(j, finish_stats(mean.mean, var, eps, static_cast<int>(exponent[j]), mean.lo));
   }
 }
 
@@ -339,10 +350,10 @@ struct SpatialGateParams {
   }
 
   // The GroupNorm output y_i = scale_i xc_i + gb_i of a value x of channel i, xc = (x - mu) *
-  // input_scale (the Standardizer's fma). Unfolded like the reference (sa_math.h: centered, and
+  // input_scale (the Standardizer's). Unfolded like the reference (sa_math.h: centered, and
   // +-inf weights stay +-inf, not NaN).
   SA_DEVICE acc_t group_norm_output(const GroupStats<acc_t>& stats, int64_t i, acc_t x) const {
-    return scale[i] * sa_fma(x, stats.input_scale[i], -stats.center[i]) + gb[i];
+    return scale[i] * stats.centered(i, x) + gb[i];
   }
 
   // The gate's pre-activation at tile pixel pt: z_j = b2_j + sum_i W2[j, i] y_i (yt: the tile of

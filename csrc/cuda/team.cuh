@@ -180,7 +180,8 @@ SA_DEVICE Standardizer<acc_t> streamed_plane_stats(const ForEachPack& for_each_p
                                                    int64_t n, acc_t eps, bool exact_mean,
                                                    acc_t* scratch, double* wide_scratch) {
   const acc_t shift = sum_shift(first);
-  acc_t mean, var;
+  SplitMean<acc_t> mean;
+  acc_t var;
   auto moments = [&](acc_t scale) {
     Moments<acc_t> mo;
     double wide[1] = {0};
@@ -191,16 +192,16 @@ SA_DEVICE Standardizer<acc_t> streamed_plane_stats(const ForEachPack& for_each_p
       }
     });
     mo = team_merge<kWarpTeam>(mo, scratch);
-    mean = shift * scale + mo.mean;
+    mean = split_mean(shift * scale, mo.mean);
     var = mo.m2 / acc_t(n);
     if (exact_mean) {
       team_sum<kWarpTeam>(wide, wide_scratch);
-      mean = wide_mean<acc_t>(wide[0], n);
+      mean = SplitMean<acc_t>{wide_mean<acc_t>(wide[0], n), 0};
     }
   };
   moments(acc_t(1));
   int e = 0;
-  if (team_uniform(stats_overflowed(mean, var))) {
+  if (team_uniform(stats_overflowed(mean.mean, var))) {
     acc_t amax[1] = {0};
     for_each_pack([&](const auto& v) {
       for (const acc_t value : v) amax[0] = max_nan(amax[0], value < acc_t(0) ? -value : value);
@@ -209,7 +210,7 @@ SA_DEVICE Standardizer<acc_t> streamed_plane_stats(const ForEachPack& for_each_p
     e = rescale_exponent(amax[0]);
     if (e != 0) moments(sa_ldexp(acc_t(1), -e));
   }
-  return finish_stats(mean, var, eps, e);
+  return finish_stats(mean.mean, var, eps, e, mean.lo);
 }
 
 // A plane of N elements, moved in packs of kVec elements (one 16-, 8- or 4-byte access; the host

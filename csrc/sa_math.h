@@ -252,6 +252,10 @@ struct SplitMean {
 // shift + mean_d, no rounding; lo is 0 where the sum is not finite). mean rounded to T is off by up
 // to u/2 |mean|, which centering by it alone would carry into every x - mean: on a plane far from
 // zero (|mean| / std = 171 in fp32) the normalized value lost ten units of the output to it.
+// It relies on IEEE rounding of every operation: a fast-math build would fold lo to 0.
+#if defined(__FAST_MATH__) || defined(__USE_FAST_MATH__)
+#error "sa_cuda: the statistics need IEEE arithmetic (split_mean); build without fast math"
+#endif
 template <typename T>
 SA_HOST_DEVICE SplitMean<T> split_mean(T shift, T mean_d) {
   const T mean = shift + mean_d;
@@ -260,15 +264,27 @@ SA_HOST_DEVICE SplitMean<T> split_mean(T shift, T mean_d) {
   return SplitMean<T>{mean, sa_isfinite(lo) ? lo : T(0)};
 }
 
+// (x - mean) * input_scale for a mean of center + center_lo (in units of input_scale): x *
+// input_scale
+// - center rounded once (exact for x * input_scale within a factor 2 of center), then the rest.
+// The one formula of every kernel's centering (Standardizer, SpatialGate, the CUDA
+// ShuffleAttention's per-channel statistics in shared memory).
+template <typename V, typename T>
+SA_HOST_DEVICE V centered_value(const V& x, T input_scale, T center, T center_lo) {
+  return sa_fma(x, V(input_scale), V(-center)) - V(center_lo);
+}
+
 // A plane's statistics, as stored and as the gate uses them.
 //
 // mean and rstd = 1 / sqrt(var + eps) are the plane's true statistics: stored for the backward and
 // returned by the op. The gate needs the normalized value (x - mean) * rstd, computed as
 //   (fma(x, input_scale, -center) - center_lo) * gate_rstd
 // without forming x - mean. On the fast path input_scale = 1, center = mean, gate_rstd = rstd, and
-// center_lo the part of the mean below mean's rounding (split_mean; 0 where the mean is correctly
-// rounded, and for saved statistics): fma(x, 1, -mean) is x - mean rounded once (exact for x within
-// a factor 2 of mean), and subtracting center_lo centers on the plane's mean itself. A plane whose
+// center_lo the part of the mean below mean's rounding (split_mean): fma(x, 1, -mean) is x - mean
+// rounded once (exact for x within a factor 2 of mean), and subtracting center_lo centers on the
+// plane's mean itself. center_lo is 0 where no rest is tracked: the channel branch's wide mean
+// (only its gate uses the mean, and it is correctly rounded) and saved statistics (the backward
+// centers on the stored mean). A plane whose
 // statistics overflow the accumulation type (|x| near its largest finite value: x - shift or the
 // squared deviations are not representable) is standardized scaled by input_scale = 2^-e, e from
 // max|x| (scaled values below 1 in magnitude): center = mean * input_scale, gate_rstd = 1 /
@@ -283,7 +299,7 @@ struct Standardizer {
   // (x - mean) * input_scale.
   template <typename V>
   SA_HOST_DEVICE V centered(const V& x) const {
-    return sa_fma(x, V(input_scale), V(-center)) - V(center_lo);
+    return centered_value(x, input_scale, center, center_lo);
   }
 
   // The normalized value xh = (x - mean) * rstd. Products with xh (t * xh in the backward) are
@@ -300,8 +316,8 @@ SA_HOST_DEVICE T rstd_from_var(T var, T eps) {
 }
 
 // The Standardizer of a plane whose moments were accumulated over the values x * 2^-e: their mean
-// mean_s (+ mean_lo, split_mean's rest: 0 for a correctly rounded mean) and (biased) variance
-// var_s. e = 0 (unscaled) gives today's statistics bit for bit.
+// mean_s (+ mean_lo, split_mean's rest; 0 where none is tracked) and (biased) variance var_s. e = 0
+// (unscaled) gives today's statistics bit for bit.
 template <typename T>
 SA_HOST_DEVICE Standardizer<T> finish_stats(T mean_s, T var_s, T eps, int e, T mean_lo = T(0)) {
   if (e == 0) {
@@ -367,7 +383,7 @@ struct SpatialGate {
 
   template <typename V>
   SA_HOST_DEVICE V z(const V& x) const {
-    const V xc = sa_fma(x, V(input_scale), V(-center)) - V(center_lo);
+    const V xc = centered_value(x, input_scale, center, center_lo);
     return V(weight) * (V(scale) * xc + V(shift)) + V(bias);
   }
 };

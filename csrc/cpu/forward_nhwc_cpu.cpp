@@ -60,7 +60,8 @@ Standardizer<float> channel_stats(const scalar_t* item, int64_t C, int64_t N, do
   const float mean = static_cast<float>(mean_d);
   const float var = static_cast<float>(var_d < 0 ? 0.0 : var_d);  // rounding; NaN stays NaN
   if (!stats_overflowed(mean, var)) {
-    // Centered on the double mean (split_mean in sa_math.h: what rounding it to float left out).
+    // Centered on the double mean: the float mean and what rounding it left out (center_lo in
+    // sa_math.h's Standardizer).
     return finish_stats(mean, var, eps, 0, static_cast<float>(mean_d - static_cast<double>(mean)));
   }
   std::vector<float> plane(N);

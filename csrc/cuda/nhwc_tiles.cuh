@@ -44,6 +44,8 @@ struct NhwcGrid {
         chunks((f.plane_size + kNhwcChunkPixels - 1) / kNhwcChunkPixels) {}
 
   SA_HOST_DEVICE int64_t blocks() const { return batch * chunks * tiles; }
+  SA_HOST_DEVICE int64_t planes() const { return batch * channels; }  // (batch item, channel)
+  SA_HOST_DEVICE int64_t partials() const { return batch * chunks * channels; }
   // Slot of the per-(batch item, chunk, channel) partials.
   SA_HOST_DEVICE int64_t partial(int64_t item, int64_t chunk, int64_t channel) const {
     return (item * chunks + chunk) * channels + channel;
@@ -89,7 +91,9 @@ struct NhwcThread {
 
 // The per-thread partials of a block's 8 warps, combined per channel in warp order by warp 0.
 // combine(total, other) folds `other` into `total`; every thread of the block calls it (it
-// synchronizes the block). Returns the block's partial in warp 0's lanes.
+// synchronizes the block), once per kernel and Partial type: warp 0 reads the shared array after
+// the one barrier, so a second call would overwrite it under warp 0's reads. Returns the block's
+// partial in warp 0's lanes.
 template <typename Partial, typename Combine>
 SA_DEVICE Partial combine_warps(const Partial& own, const Combine& combine) {
   SA_SHARED_ARRAY(Partial, warp_partials, kNhwcThreads);

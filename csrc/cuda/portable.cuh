@@ -79,7 +79,10 @@ class Workspace {
  public:
   explicit Workspace(size_t bytes)
       : data_(c10::cuda::CUDACachingAllocator::get()->allocate(bytes)) {}
-  void* get() const { return data_.get(); }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_.get());
+  }
 
  private:
   c10::DataPtr data_;
@@ -124,7 +127,10 @@ inline int max_dynamic_shared_bytes() { return static_cast<int>(::sa_emu::kMaxSh
 class Workspace {
  public:
   explicit Workspace(size_t bytes) : data_(new unsigned char[bytes > 0 ? bytes : 1]) {}
-  void* get() const { return data_.get(); }
+  template <typename T>
+  T* as() const {
+    return reinterpret_cast<T*>(data_.get());
+  }
 
  private:
   std::unique_ptr<unsigned char[]> data_;

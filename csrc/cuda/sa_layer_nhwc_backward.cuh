@@ -85,7 +85,7 @@ void sa_layer_nhwc_grad_coeffs_kernel(BackwardParams p,
   using acc_t = at::opmath_type<scalar_t>;
   const NhwcGrid grid(p.fwd);
   const int64_t plane = int64_t(blockIdx.x) * kFinishThreads + threadIdx.x;
-  if (plane >= grid.batch * grid.channels) return;
+  if (plane >= grid.planes()) return;
   const int64_t item = plane / grid.channels, c = plane % grid.channels;
   ChunkSums<acc_t> total = in[grid.partial(item, 0, c)];
   for (int64_t chunk = 1; chunk < grid.chunks; ++chunk) {
@@ -126,19 +126,16 @@ template <typename scalar_t>
 void launch_sa_layer_nhwc_backward(const BackwardParams& b) {
   using acc_t = at::opmath_type<scalar_t>;
   const NhwcGrid grid(b.fwd);
-  const int64_t planes = grid.batch * grid.channels;
-  Workspace sums(sizeof(ChunkSums<acc_t>) * grid.batch * grid.chunks * grid.channels);
-  Workspace coeffs(sizeof(InputGradCoeffs<acc_t>) * planes);
-  auto* sums_ptr = static_cast<ChunkSums<acc_t>*>(sums.get());
-  auto* coeffs_ptr = static_cast<InputGradCoeffs<acc_t>*>(coeffs.get());
+  const Workspace sums(sizeof(ChunkSums<acc_t>) * grid.partials());
+  const Workspace coeffs(sizeof(InputGradCoeffs<acc_t>) * grid.planes());
   const Stream stream = current_stream();
   launch(&sa_layer_nhwc_grad_sums_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, stream, b,
-         sums_ptr);
+         sums.as<ChunkSums<acc_t>>());
   launch(&sa_layer_nhwc_grad_coeffs_kernel<scalar_t>,
-         (planes + kFinishThreads - 1) / kFinishThreads, kFinishThreads, 0, stream, b,
-         static_cast<const ChunkSums<acc_t>*>(sums_ptr), coeffs_ptr);
+         (grid.planes() + kFinishThreads - 1) / kFinishThreads, kFinishThreads, 0, stream, b,
+         sums.as<const ChunkSums<acc_t>>(), coeffs.as<InputGradCoeffs<acc_t>>());
   launch(&sa_layer_nhwc_input_grad_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, stream, b,
-         static_cast<const InputGradCoeffs<acc_t>*>(coeffs_ptr));
+         coeffs.as<const InputGradCoeffs<acc_t>>());
 }
 
 }  // namespace sa_cuda::SA_GPU_NS

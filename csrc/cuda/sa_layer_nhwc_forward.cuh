@@ -106,7 +106,7 @@ void sa_layer_nhwc_gates_kernel(ForwardParams p, const ChunkMoments<at::opmath_t
   const NhwcGrid grid(p);
   const int64_t plane =
       int64_t(blockIdx.x) * (kFinishThreads / kWarpSize) + threadIdx.x / kWarpSize;
-  if (plane >= grid.batch * grid.channels) return;  // the whole warp: no block collective below
+  if (plane >= grid.planes()) return;  // the whole warp: no block collective below
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int64_t item = plane / grid.channels, c = plane % grid.channels;
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
@@ -176,20 +176,17 @@ template <typename scalar_t>
 void launch_sa_layer_nhwc_forward(const ForwardParams& f) {
   using acc_t = at::opmath_type<scalar_t>;
   const NhwcGrid grid(f);
-  const int64_t planes = grid.batch * grid.channels;
-  const int64_t partials = grid.batch * grid.chunks * grid.channels;
-  Workspace moments(sizeof(ChunkMoments<acc_t>) * partials);
-  Workspace gates(sizeof(PlaneGate<acc_t>) * planes);
-  auto* moments_ptr = static_cast<ChunkMoments<acc_t>*>(moments.get());
-  auto* gates_ptr = static_cast<PlaneGate<acc_t>*>(gates.get());
+  const Workspace moments(sizeof(ChunkMoments<acc_t>) * grid.partials());
+  const Workspace gates(sizeof(PlaneGate<acc_t>) * grid.planes());
+  constexpr int64_t kWarpsPerBlock = kFinishThreads / kWarpSize;  // a warp per plane
   const Stream stream = current_stream();
   launch(&sa_layer_nhwc_moments_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, stream, f,
-         moments_ptr);
+         moments.as<ChunkMoments<acc_t>>());
   launch(&sa_layer_nhwc_gates_kernel<scalar_t>,
-         (planes + kFinishThreads / kWarpSize - 1) / (kFinishThreads / kWarpSize), kFinishThreads,
-         0, stream, f, static_cast<const ChunkMoments<acc_t>*>(moments_ptr), gates_ptr);
+         (grid.planes() + kWarpsPerBlock - 1) / kWarpsPerBlock, kFinishThreads, 0, stream, f,
+         moments.as<const ChunkMoments<acc_t>>(), gates.as<PlaneGate<acc_t>>());
   launch(&sa_layer_nhwc_gate_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, stream, f,
-         static_cast<const PlaneGate<acc_t>*>(gates_ptr));
+         gates.as<const PlaneGate<acc_t>>());
 }
 
 }  // namespace sa_cuda::SA_GPU_NS

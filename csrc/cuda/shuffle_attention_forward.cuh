@@ -29,11 +29,11 @@ constexpr int kGroupWarps = kGroupThreads / kWarpSize;
 // mean, rstd (the true statistics), gate s (channel branch), scale = gw * gate_rstd, dz / T1, the
 // input gradient's coefficients beta (channel branch) or d1 and d2 (sa_math.h: InputGradCoeffs),
 // the Standardizer's input_scale, center, gate_rstd (sa_math.h), the statistics' rescale
-// exponent, and the GroupNorm weight gw; m x m: W2 (the spatial gate's parameters read per pixel,
-// staged in acc_t). Then the tiles of m x stride() values (16-byte aligned): x (then xh in the
-// backward), the GroupNorm output y, and for the backward grad_out, gate s, t; the statistics'
-// per-piece partials use the same space before the first tile. Last, the backward's partials of A
-// and T1 over its pixel slices.
+// exponent, the GroupNorm weight gw, and the Standardizer's center_lo; m x m: W2 (the spatial
+// gate's parameters read per pixel, staged in acc_t). Then the tiles of m x stride() values
+// (16-byte aligned): x (then xh in the backward), the GroupNorm output y, and for the backward
+// grad_out, gate s, t; the statistics' per-piece partials use the same space before the first tile.
+// Last, the backward's partials of A and T1 over its pixel slices.
 struct GroupSmem {
   int64_t m, tile;
   SA_HOST_DEVICE int64_t stride() const { return tile + 1; }
@@ -193,7 +193,7 @@ struct GroupStats {
 
   // Standardizer::centered of channel j: (x - mean) * input_scale.
   SA_DEVICE acc_t centered(int64_t j, acc_t x) const {
-    return sa_fma(x, input_scale[j], -center[j]) - center_lo[j];
+    return centered_value(x, input_scale[j], center[j], center_lo[j]);
   }
 };
 

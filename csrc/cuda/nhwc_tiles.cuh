@@ -89,20 +89,34 @@ struct NhwcThread {
   }
 };
 
-// The per-thread partials of a block's 8 warps, combined per channel in warp order by warp 0.
-// combine(total, other) folds `other` into `total`; every thread of the block calls it (it
-// synchronizes the block), once per kernel and Partial type: warp 0 reads the shared array after
-// the one barrier, so a second call would overwrite it under warp 0's reads. Returns the block's
-// partial in warp 0's lanes.
-template <typename Partial, typename Combine>
-SA_DEVICE Partial combine_warps(const Partial& own, const Combine& combine) {
+// A Partial (plain data with merge(other), which folds other into it) is combined in two fixed
+// orders: the 8 warps of a block in warp order (combine_warps), then a channel's chunks in chunk
+// order (combine_chunks).
+
+// The per-thread partials of a block's 8 warps, combined per channel by warp 0. Every thread of the
+// block calls it (it synchronizes the block), once per kernel and Partial type: warp 0 reads the
+// shared array after the one barrier, so a second call would overwrite it under warp 0's reads.
+// Returns the block's partial in warp 0's lanes.
+template <typename Partial>
+SA_DEVICE Partial combine_warps(const Partial& own) {
   SA_SHARED_ARRAY(Partial, warp_partials, kNhwcThreads);
   warp_partials[threadIdx.x] = own;
   __syncthreads();
   Partial total = own;
   if (threadIdx.x < kWarpSize) {
-    for (int w = 1; w < kNhwcWarps; ++w) combine(total, warp_partials[w * kWarpSize + threadIdx.x]);
+    for (int w = 1; w < kNhwcWarps; ++w) total.merge(warp_partials[w * kWarpSize + threadIdx.x]);
   }
+  return total;
+}
+
+// Channel c of a batch item: its chunks' partials (NhwcGrid::partial slots) combined in chunk
+// order.
+template <typename Partial>
+SA_DEVICE Partial combine_chunks(const Partial* partials, const NhwcGrid& grid, int64_t item,
+                                 int64_t c) {
+  Partial total = partials[grid.partial(item, 0, c)];
+  for (int64_t chunk = 1; chunk < grid.chunks; ++chunk)
+    total.merge(partials[grid.partial(item, chunk, c)]);
   return total;
 }
 

@@ -55,6 +55,11 @@ SA_DEVICE void load_grad_pair(const BackwardParams& p, const NhwcGrid& grid, con
 template <typename acc_t>
 struct ChunkSums {
   acc_t v[2];
+
+  SA_DEVICE void merge(const ChunkSums& other) {
+    v[0] += other.v[0];
+    v[1] += other.v[1];
+  }
 };
 
 template <typename scalar_t>
@@ -69,11 +74,7 @@ void sa_layer_nhwc_grad_sums_kernel(BackwardParams p, ChunkSums<at::opmath_type<
   t.for_each_pixel<GradPair<acc_t>>(
       [&](int64_t pixel, GradPair<acc_t>& v) { load_grad_pair<scalar_t>(p, grid, t, c, pixel, v); },
       [&](int64_t, const GradPair<acc_t>& v) { add_grad_terms(g.gate, g.st, v.x, v.gu, own.v); });
-  const ChunkSums<acc_t> total =
-      combine_warps(own, [](ChunkSums<acc_t>& a, const ChunkSums<acc_t>& b) {
-        a.v[0] += b.v[0];
-        a.v[1] += b.v[1];
-      });
+  const ChunkSums<acc_t> total = combine_warps(own);
   if (t.warp == 0 && t.active) out[grid.partial(t.item, t.chunk, t.channel)] = total;
 }
 
@@ -87,12 +88,7 @@ void sa_layer_nhwc_grad_coeffs_kernel(BackwardParams p,
   const int64_t plane = int64_t(blockIdx.x) * kFinishThreads + threadIdx.x;
   if (plane >= grid.planes()) return;
   const int64_t item = plane / grid.channels, c = plane % grid.channels;
-  ChunkSums<acc_t> total = in[grid.partial(item, 0, c)];
-  for (int64_t chunk = 1; chunk < grid.chunks; ++chunk) {
-    const ChunkSums<acc_t>& part = in[grid.partial(item, chunk, c)];
-    total.v[0] += part.v[0];
-    total.v[1] += part.v[1];
-  }
+  const ChunkSums<acc_t> total = combine_chunks(in, grid, item, c);
   const PlaneUnit unit = plane_unit(p.fwd, plane);
   store_plane_sums(p, unit.slot(p.fwd), unit.role.spatial, total.v);
   coeffs[plane] =

@@ -92,8 +92,7 @@ void sa_layer_nhwc_moments_kernel(ForwardParams p, ChunkMoments<at::opmath_type<
     }
   }
   const ChunkMoments<acc_t> own{mo.n, mo.mean, mo.m2, wide};
-  const ChunkMoments<acc_t> total =
-      combine_warps(own, [](ChunkMoments<acc_t>& a, const ChunkMoments<acc_t>& b) { a.merge(b); });
+  const ChunkMoments<acc_t> total = combine_warps(own);
   if (t.warp == 0 && t.active) out[grid.partial(t.item, t.chunk, t.channel)] = total;
 }
 
@@ -118,9 +117,7 @@ void sa_layer_nhwc_gates_kernel(ForwardParams p, const ChunkMoments<at::opmath_t
   SplitMean<acc_t> mean{0, 0};
   acc_t var = 0;
   if (lane == 0) {
-    ChunkMoments<acc_t> total = in[grid.partial(item, 0, c)];
-    for (int64_t chunk = 1; chunk < grid.chunks; ++chunk)
-      total.merge(in[grid.partial(item, chunk, c)]);
+    const ChunkMoments<acc_t> total = combine_chunks(in, grid, item, c);
     const acc_t shift = channel_shift<scalar_t, acc_t>(x, grid, item, c);
     mean = exact_mean ? SplitMean<acc_t>{wide_mean<acc_t>(total.wide, grid.pixels), 0}
                       : split_mean(shift, total.mean);

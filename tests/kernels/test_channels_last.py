@@ -32,7 +32,6 @@ from conftest import (
     clone_as,
     forward_backward,
     low_precision_runs,
-    make_fused_like,
     make_input,
     make_ref,
     op_params,
@@ -110,6 +109,30 @@ def _shapes_for(backend):
     return EMULATED_SHAPES if backend.name == "emulated" else SHAPES
 
 
+def _against_reference(backend, variant, shape, groups, dtype, offset=0.0):
+    """The backend's module on a channels_last x and gradient in float32 or float64 against the
+    float64 reference (the criterion of test_forward_backward.test_fp32_fp64; float64 is its own
+    eager). Returns the module's results."""
+    ref = make_ref(variant, shape[1], groups, seed=11, dtype=dtype)
+    module = backend.module_like(variant, ref)
+    x = make_input(shape, seed=1, dtype=dtype, offset=offset).contiguous(memory_format=CL)
+    gy = make_input(shape, seed=2, dtype=dtype).contiguous(memory_format=CL)
+    F = forward_backward(module, x.to(backend.device), gy.to(backend.device))
+    R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
+    E = R if dtype == torch.float64 else forward_backward(ref, x, gy)
+    assert_close_to_reference({k: v.cpu() for k, v in F.items()}, R, dtype, eager=E)
+    return F
+
+
+def _assert_true_nhwc_statistics(backend, shape, groups, dtype, what):
+    """SALayer's statistics from a channels_last x with a large offset are the true ones."""
+    params = [p.to(backend.device) for p in op_params("sa_layer", shape[1], groups, seed=3)]
+    x = make_input(shape, seed=4, dtype=dtype, offset=3.0, device=backend.device)
+    x = x.contiguous(memory_format=CL)
+    _, mean, rstd = backend.forward_op("sa_layer")(x, groups, *params, 1e-5)
+    assert_true_statistics(mean.cpu(), rstd.cpu(), x.cpu(), 1e-5, what)
+
+
 def _own_order(backend, variant, dtype, shape):
     """(forward, backward): whether the NHWC call sums in an order of its own, so that its bits
     are not the NCHW call's: SALayer's forward by rows on the CPU (_by_rows), SALayer's forward
@@ -160,25 +183,17 @@ def test_nhwc_equals_nchw_bit_for_bit(backend, variant, dtype):
 def test_rows_against_reference(shape, groups, dtype):
     """SALayer by rows: the module's output and every gradient against the float64 reference (the
     criteria of test_forward_backward), and the returned statistics against the true ones."""
-    assert _by_rows(BACKENDS["cpu"], "sa_layer", dtype, shape)
+    cpu = BACKENDS["cpu"]
+    assert _by_rows(cpu, "sa_layer", dtype, shape)
     if dtype == torch.float32:
-        ref = make_ref("sa_layer", shape[1], groups, seed=11)
-        module = make_fused_like("sa_layer", ref)
-        x = make_input(shape, seed=1, offset=0.5).contiguous(memory_format=CL)
-        gy = make_input(shape, seed=2).contiguous(memory_format=CL)
-        F = forward_backward(module, x, gy)
-        R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
-        assert_close_to_reference(F, R, dtype, eager=forward_backward(ref, x, gy))
+        F = _against_reference(cpu, "sa_layer", shape, groups, dtype, offset=0.5)
     else:
         F, R, E, RE, param_dtype = low_precision_runs(
             "sa_layer", shape, groups, dtype, memory_format=CL
         )
         assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
     assert F["out"].is_contiguous(memory_format=CL) and F["x"].is_contiguous(memory_format=CL)
-    params = op_params("sa_layer", shape[1], groups, seed=3)
-    x = make_input(shape, seed=4, dtype=dtype, offset=3.0).contiguous(memory_format=CL)
-    _, mean, rstd = SA_CUDA_LIBRARY.forward_op("sa_layer")(x, groups, *params, 1e-5)
-    assert_true_statistics(mean, rstd, x, 1e-5, f"rows {shape} {dtype}")
+    _assert_true_nhwc_statistics(cpu, shape, groups, dtype, f"rows {shape} {dtype}")
 
 
 def test_rows_do_not_depend_on_the_thread_count():
@@ -233,15 +248,8 @@ def test_rows_streaming_stores(shape, groups, dtype):
 def test_nhwc_against_reference(variant, shape, groups, dtype):
     """The module on channels_last input and gradient, against the float64 reference (the
     criterion of test_forward_backward.test_fp32_fp64)."""
-    ref = make_ref(variant, shape[1], groups, seed=11, dtype=dtype)
-    module = make_fused_like(variant, ref)
-    x = make_input(shape, seed=1, dtype=dtype).contiguous(memory_format=CL)
-    gy = make_input(shape, seed=2, dtype=dtype).contiguous(memory_format=CL)
-    F = forward_backward(module, x, gy)
-    R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
-    E = R if dtype == torch.float64 else forward_backward(ref, x, gy)
+    F = _against_reference(BACKENDS["cpu"], variant, shape, groups, dtype)
     assert F["out"].is_contiguous(memory_format=CL) and F["x"].is_contiguous(memory_format=CL)
-    assert_close_to_reference(F, R, dtype, eager=E)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -254,26 +262,14 @@ def test_gpu_nhwc_against_reference(backend, shape, groups, dtype):
     the returned statistics the true ones."""
     assert backend.reads_nhwc("sa_layer")
     if dtype in (torch.float32, torch.float64):
-        ref = make_ref("sa_layer", shape[1], groups, seed=11, dtype=dtype)
-        module = backend.module_like("sa_layer", ref)
-        x = make_input(shape, seed=1, dtype=dtype, offset=0.5).contiguous(memory_format=CL)
-        gy = make_input(shape, seed=2, dtype=dtype).contiguous(memory_format=CL)
-        dev = backend.device
-        F = forward_backward(module.to(dev), x.to(dev), gy.to(dev))
-        R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
-        E = R if dtype == torch.float64 else forward_backward(ref, x, gy)
-        assert_close_to_reference({k: v.cpu() for k, v in F.items()}, R, dtype, eager=E)
+        F = _against_reference(backend, "sa_layer", shape, groups, dtype, offset=0.5)
     else:
         F, R, E, RE, param_dtype = low_precision_runs(
             "sa_layer", shape, groups, dtype, memory_format=CL, backend=backend
         )
         assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
     assert F["out"].is_contiguous(memory_format=CL) and F["x"].is_contiguous(memory_format=CL)
-    params = [p.to(backend.device) for p in op_params("sa_layer", shape[1], groups, seed=3)]
-    x = make_input(shape, seed=4, dtype=dtype, offset=3.0, device=backend.device)
-    x = x.contiguous(memory_format=CL)
-    _, mean, rstd = backend.forward_op("sa_layer")(x, groups, *params, 1e-5)
-    assert_true_statistics(mean.cpu(), rstd.cpu(), x.cpu(), 1e-5, f"{shape} {dtype}")
+    _assert_true_nhwc_statistics(backend, shape, groups, dtype, f"{backend.name} {shape} {dtype}")
 
 
 @pytest.mark.slow

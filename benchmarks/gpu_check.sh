@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_check.sh [--cpu] [--budget S] [--steps a,b,...] OUTDIR
 # GPU mode: builds the CUDA kernels in place for the local card, then checks every launch path
 # against the CPU op in float64, runs compute-sanitizer, the CUDA tests, the timings (NCHW, and
-# SALayer's channels_last kernels against the NCHW ones) and ncu; each
+# both variants' channels_last kernels against the NCHW ones) and ncu; each
 # step in its own time box, the whole run capped at --budget seconds (default 480): a step that no
 # longer fits is skipped and says so. CPU mode (--cpu, or SA_GPU_CHECK_CPU=1): everything that needs
 # no GPU (the launch-path check on the emulated kernels, the timing code on tiny CPU shapes, the ncu
@@ -156,12 +156,12 @@ else
     --json "$OUT/timing.json" --png "$OUT/timing.png"'
 fi
 
-# ---- channels_last: SALayer's NHWC kernels against the NCHW ones and eager, stage shapes at B = 8
+# ---- channels_last: the NHWC kernels against the NCHW ones and eager, stage shapes at B = 8
 if [ "$MODE" = gpu ]; then
-  run_step channels_last 60 30 TERM 1 "$PY" -m benchmarks.channels_last --device cuda \
-    --variants sa_layer --impls fused-nchw,fused-cl,eager-cl --rounds 1 --out-dir "$OUT" --tag gpu-check
+  run_step channels_last 90 30 TERM 1 "$PY" -m benchmarks.channels_last --device cuda \
+    --impls fused-nchw,fused-cl,eager-cl --rounds 1 --out-dir "$OUT" --tag gpu-check
 else
-  gpu_only channels_last 60
+  gpu_only channels_last 90
 fi
 
 # ---- compute-sanitizer on the small launch-path set (no caching allocator for memcheck/initcheck)

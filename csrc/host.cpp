@@ -131,13 +131,6 @@ at::Tensor in_layout(const at::Tensor& t, bool channels_last) {
   return t.resolve_neg().contiguous(memory_format(channels_last));
 }
 
-// A backend without NHWC kernels for the variant (CUDA's ShuffleAttention, for now) gets NCHW
-// tensors, and its results are handed back channels_last (one copy each way): the output and grad_x
-// are always in x's layout.
-at::Tensor to_layout(const at::Tensor& t, bool channels_last) {
-  return channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;
-}
-
 ForwardParams fill_forward(const Shape& s, double eps, const at::Tensor& x,
                            const std::vector<at::Tensor>& p, bool nhwc) {
   ForwardParams f{};
@@ -172,13 +165,12 @@ void define_ops(torch::Library& library) {
 }
 
 ForwardResult run_forward(Variant variant, const at::Tensor& x_in, int64_t groups,
-                          const LayerParams& params, double eps, ForwardLauncher launch,
-                          bool nhwc_kernels) {
+                          const LayerParams& params, double eps, ForwardLauncher launch) {
   const Shape s = check_input(x_in, groups);
   const c10::DeviceGuard device_guard(x_in.device());  // kernels launch on x's device
   TORCH_CHECK_VALUE(eps >= 0, "sa_cuda: eps must be a number >= 0, got ", eps);
   const auto p = kernel_params(variant, params, x_in, s.m);
-  const bool channels_last = is_channels_last(x_in), nhwc = channels_last && nhwc_kernels;
+  const bool nhwc = is_channels_last(x_in);
   const at::Tensor x = in_layout(x_in, nhwc);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(memory_format(nhwc)));
   at::Tensor mean = empty_acc({s.B, s.C}, x);
@@ -190,12 +182,12 @@ ForwardResult run_forward(Variant variant, const at::Tensor& x_in, int64_t group
     f.rstd = rstd.mutable_data_ptr();
     launch(variant, x.scalar_type(), f);
   }
-  return {to_layout(out, channels_last && !nhwc), mean, rstd};
+  return {out, mean, rstd};
 }
 
 BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, const at::Tensor& x_in,
                             const at::Tensor& mean_in, const at::Tensor& rstd_in, int64_t groups,
-                            const LayerParams& params, BackwardLauncher launch, bool nhwc_kernels) {
+                            const LayerParams& params, BackwardLauncher launch) {
   const Shape s = check_input(x_in, groups);
   const c10::DeviceGuard device_guard(x_in.device());
   check_tensor(grad_out_in, "grad_out", &x_in);
@@ -212,7 +204,7 @@ BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, cons
                       " statistics, got ", stats[i]->sizes(), " ", stats[i]->scalar_type());
   }
   const auto p = kernel_params(variant, params, x_in, s.m);
-  const bool channels_last = is_channels_last(x_in), nhwc = channels_last && nhwc_kernels;
+  const bool nhwc = is_channels_last(x_in);
   const at::Tensor x = in_layout(x_in, nhwc);
   const at::Tensor grad_out = in_layout(as_dtype(grad_out_in, x.scalar_type()), nhwc);
   const at::Tensor mean = mean_in.resolve_neg().contiguous();
@@ -242,13 +234,8 @@ BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, cons
   // The backward kernel (none for B = 0), then one fixed-order reduction of the partials into
   // the six gradients (sa_math.h; exact zeros for B = 0).
   launch(variant, x.scalar_type(), b);
-  return {to_layout(grad_x, channels_last && !nhwc),
-          param_grads[0],
-          param_grads[1],
-          param_grads[2],
-          param_grads[3],
-          param_grads[4],
-          param_grads[5]};
+  return {grad_x,         param_grads[0], param_grads[1], param_grads[2],
+          param_grads[3], param_grads[4], param_grads[5]};
 }
 
 }  // namespace sa_cuda

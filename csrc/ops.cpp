@@ -9,8 +9,6 @@ namespace sa_cuda {
 
 TORCH_LIBRARY(sa_cuda, m) { define_ops(m); }
 
-TORCH_LIBRARY_IMPL(sa_cuda, CPU, m) {
-  register_backend<&cpu::forward, &cpu::backward, NhwcKernels::kAll>(m);
-}
+TORCH_LIBRARY_IMPL(sa_cuda, CPU, m) { register_backend<&cpu::forward, &cpu::backward>(m); }
 
 }  // namespace sa_cuda

@@ -51,16 +51,15 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // out, m
 using BackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// nhwc_kernels: the backend's launchers take channels_last tensors as they are
-// (ForwardParams::channels_last). Otherwise they get NCHW copies, and the output and grad_x are
-// copied back to channels_last: the results are in x's memory format either way.
+// Every backend's launchers take a channels_last x (and grad_out) as they are
+// (ForwardParams::channels_last); any other layout is copied to NCHW. The output and grad_x are in
+// x's memory format.
 ForwardResult run_forward(Variant variant, const at::Tensor& x, int64_t groups,
-                          const LayerParams& params, double eps, ForwardLauncher launch,
-                          bool nhwc_kernels);
+                          const LayerParams& params, double eps, ForwardLauncher launch);
 
 BackwardResult run_backward(Variant variant, const at::Tensor& grad_out, const at::Tensor& x,
                             const at::Tensor& mean, const at::Tensor& rstd, int64_t groups,
-                            const LayerParams& params, BackwardLauncher launch, bool nhwc_kernels);
+                            const LayerParams& params, BackwardLauncher launch);
 
 // Defines the four op schemas in a TORCH_LIBRARY block (namespace sa_cuda, or sa_cuda_emu for the
 // emulation build of the CUDA kernels).
@@ -68,17 +67,17 @@ void define_ops(torch::Library& library);
 
 // The ops' kernels: one signature per direction, instantiated per variant and backend (stateless,
 // so the dispatcher takes them as plain functions).
-template <Variant kVariant, ForwardLauncher kLaunch, bool kNhwc>
+template <Variant kVariant, ForwardLauncher kLaunch>
 ForwardResult forward_op(const at::Tensor& x, int64_t groups, const at::Tensor& channel_weight,
                          const at::Tensor& channel_bias, const at::Tensor& spatial_weight,
                          const at::Tensor& spatial_bias, const at::Tensor& gn_weight,
                          const at::Tensor& gn_bias, double eps) {
   const LayerParams params{
       {channel_weight, channel_bias, spatial_weight, spatial_bias, gn_weight, gn_bias}};
-  return run_forward(kVariant, x, groups, params, eps, kLaunch, kNhwc);
+  return run_forward(kVariant, x, groups, params, eps, kLaunch);
 }
 
-template <Variant kVariant, BackwardLauncher kLaunch, bool kNhwc>
+template <Variant kVariant, BackwardLauncher kLaunch>
 BackwardResult backward_op(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
                            const at::Tensor& rstd, int64_t groups, const at::Tensor& channel_weight,
                            const at::Tensor& channel_bias, const at::Tensor& spatial_weight,
@@ -86,27 +85,18 @@ BackwardResult backward_op(const at::Tensor& grad_out, const at::Tensor& x, cons
                            const at::Tensor& gn_bias) {
   const LayerParams params{
       {channel_weight, channel_bias, spatial_weight, spatial_bias, gn_weight, gn_bias}};
-  return run_backward(kVariant, grad_out, x, mean, rstd, groups, params, kLaunch, kNhwc);
-}
-
-// The variants whose channels_last tensors a backend's launchers read and write as they are
-// (run_forward's nhwc_kernels): every variant on the CPU, SALayer on CUDA.
-enum class NhwcKernels { kSALayer, kAll };
-
-constexpr bool reads_nhwc(NhwcKernels kernels, Variant variant) {
-  return kernels == NhwcKernels::kAll || variant == Variant::kSALayer;
+  return run_backward(kVariant, grad_out, x, mean, rstd, groups, params, kLaunch);
 }
 
 // Registers the four ops of one dispatch key with that backend's launchers; called in the
 // backend's TORCH_LIBRARY_IMPL block.
-template <ForwardLauncher kForward, BackwardLauncher kBackward, NhwcKernels kNhwcKernels>
+template <ForwardLauncher kForward, BackwardLauncher kBackward>
 void register_backend(torch::Library& library) {
   auto register_variant = [&](auto variant) {
     constexpr Variant kVariant = decltype(variant)::value;
-    constexpr bool kNhwc = reads_nhwc(kNhwcKernels, kVariant);
     const std::string name = variant_ops(kVariant).name;
-    library.impl((name + "_forward").c_str(), TORCH_FN((forward_op<kVariant, kForward, kNhwc>)));
-    library.impl((name + "_backward").c_str(), TORCH_FN((backward_op<kVariant, kBackward, kNhwc>)));
+    library.impl((name + "_forward").c_str(), TORCH_FN((forward_op<kVariant, kForward>)));
+    library.impl((name + "_backward").c_str(), TORCH_FN((backward_op<kVariant, kBackward>)));
   };
   register_variant(std::integral_constant<Variant, Variant::kSALayer>());
   register_variant(std::integral_constant<Variant, Variant::kShuffleAttention>());

@@ -485,8 +485,9 @@ SA_HOST_DEVICE V spatial_input_grad(const V& gu, const V& s, const V& dy, const 
 // ShuffleAttention's spatial branch: dy(p) = W2^T t(p), so for channel i
 //   N mean(dy_i) = sum_j W2[j, i] T1[j],   N mean(dy_i xh_i) = sum_j W2[j, i] A[j, i]
 // with T1[j] = sum_p t_j and A[j, i] = sum_p t_j xh_i (W2 and A [m, m] row-major).
-template <typename T>
-SA_HOST_DEVICE InputGradCoeffs<T> shuffle_attention_spatial_coeffs(const T* W2, const T* T1,
+// W2: anything indexable as T (a T pointer, a ParamView<T>).
+template <typename T, typename Weight>
+SA_HOST_DEVICE InputGradCoeffs<T> shuffle_attention_spatial_coeffs(const Weight& W2, const T* T1,
                                                                    const T* A, int64_t m, int64_t i,
                                                                    T coef, T inv_n) {
   T d1 = 0, d2 = 0;

@@ -2,8 +2,8 @@
 //
 // Layouts (all dense):
 //   x, out, grad_out, grad_x   [B, C, N] in the input dtype (N = H * W; NCHW), or [B, N, C]
-//                              (channels_last, NHWC) when ForwardParams::channels_last is set:
-//                              only for a backend registered with NHWC kernels (ops.h)
+//                              (channels_last, NHWC) when ForwardParams::channels_last is set
+//                              (csrc/host.cpp: a channels_last-contiguous x)
 //   mean, rstd                 [B, C] in acc_t (float; double for float64 input)
 //   parameters                 each in its own dtype (param_dtypes; any of the four kernel
 //                              dtypes, independently of x's), read as acc_t through ParamView

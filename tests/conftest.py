@@ -281,12 +281,6 @@ class Backend:
         """The op namespace: torch.ops.sa_cuda (cpu, cuda) or torch.ops.sa_cuda_emu (emulated)."""
         return getattr(torch.ops, self.library.namespace)
 
-    def reads_nhwc(self, variant) -> bool:
-        """Whether this backend's kernels take a channels_last x as it is (else the host code
-        hands them an NCHW copy): csrc/ops.h, NhwcKernels, as each backend registers it: every
-        variant on the CPU, SALayer in the CUDA source (on a GPU and emulated)."""
-        return self.name == "cpu" or variant == "sa_layer"
-
     def forward_op(self, variant):
         return self.library.forward_op(variant)
 

@@ -50,7 +50,7 @@ class Spec:
     groups: int
     variants: tuple[str, ...] = VARIANTS  # the first one alone in the small set
     small: tuple[str, ...] = ()  # dtypes of this spec in the small set (none: not in it)
-    channels_last: bool = False  # x and grad_out channels_last (SALayer: the NHWC kernels)
+    channels_last: bool = False  # x and grad_out channels_last (the NHWC kernels)
 
 
 PLANE = VARIANTS  # plane kernels (sa_layer); shuffle_attention sees the same N/offsets
@@ -100,11 +100,17 @@ SPECS: list[Spec] = [
     Spec("group m=64 N<tile", (1, 128, 3, 5), 1, GROUP),
     Spec("group m=64 N>tile", (1, 128, 8, 9), 1, GROUP, ("fp32", "fp64")),
     Spec("group m=64 G=8", (1, 1024, 7, 7), 8, GROUP),
-    # channels_last: SALayer's NHWC kernels (csrc/cuda/nhwc_tiles.cuh: blocks of 32 channels by
-    # 256 pixels); ShuffleAttention gets an NCHW copy
+    # channels_last: the NHWC kernels (csrc/cuda/nhwc_tiles.cuh: statistics and SALayer in blocks
+    # of 32 channels by 256 pixels; nhwc_windows.cuh: ShuffleAttention's windows of whole
+    # branches, walked in staged tiles of pixels)
     Spec("nhwc 32+8 ch, 2 chunks", (2, 40, 17, 19), 5, PLANE, ("fp32", "bf16"), True),
     Spec("nhwc 8 ch, 4 chunks", (1, 8, 30, 30), 2, PLANE, (), True),
     Spec("nhwc 256 ch, 28x28", (2, 256, 28, 28), 32, PLANE, ("fp32",), True),
+    Spec("nhwc win 16+4 m=4", (2, 40, 17, 19), 5, GROUP, ("fp32", "bf16"), True),
+    Spec("nhwc win 17x2 m=17", (1, 68, 5, 7), 2, GROUP, ("fp32",), True),
+    # 200 KB of shared memory in the fp64 backward (opt-in above 48 KiB)
+    Spec("nhwc win 64 m=64", (1, 128, 8, 9), 1, GROUP, ("fp64",), True),
+    Spec("nhwc win 16 m=8 28x28", (2, 512, 28, 28), 32, GROUP, (), True),
 ]
 
 

@@ -7,6 +7,7 @@
 #include "sa_layer_backward.cuh"
 #include "sa_layer_nhwc_backward.cuh"
 #include "shuffle_attention_backward.cuh"
+#include "shuffle_attention_nhwc_backward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
 
@@ -17,8 +18,11 @@ void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& b) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_backward_cuda", [&] {
     if (b.fwd.batch > 0) {
       if (b.fwd.channels_last) {
-        TORCH_INTERNAL_ASSERT(variant == Variant::kSALayer);  // as in the forward
-        launch_sa_layer_nhwc_backward<scalar_t>(b);
+        if (variant == Variant::kSALayer) {
+          launch_sa_layer_nhwc_backward<scalar_t>(b);
+        } else {
+          launch_shuffle_attention_nhwc_backward<scalar_t>(b);
+        }
       } else if (variant == Variant::kSALayer) {
         const int pack =
             plane_pack_elements<scalar_t>(b.fwd.plane_size, {b.fwd.x, b.grad_out, b.grad_x});

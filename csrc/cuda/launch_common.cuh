@@ -93,10 +93,7 @@ void launch_shuffle_attention(const Params& params, const ForwardParams& f, bool
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t m = f.branch_channels, N = f.plane_size, tile = group_tile_pixels(m, N);
   const int64_t smem = GroupSmem{m, tile}.values(backward) * int64_t(sizeof(acc_t));
-  TORCH_CHECK(smem <= max_dynamic_shared_bytes(), "sa_cuda: m = C / (2 * groups) = ", m, " needs ",
-              smem, " bytes of shared memory per block in the CUDA ",
-              backward ? "backward" : "forward", " of ShuffleAttention; the device allows ",
-              max_dynamic_shared_bytes());
+  check_group_smem(m, smem, backward);
   with_pack_elements<16 / int(sizeof(scalar_t))>(
       plane_pack_elements<scalar_t>(N, planes), [&](auto vec) {
         launch(pick(vec), f.batch * f.groups * 2, kGroupThreads, size_t(smem), current_stream(),

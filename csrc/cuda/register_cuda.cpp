@@ -6,8 +6,6 @@
 
 namespace sa_cuda {
 
-TORCH_LIBRARY_IMPL(sa_cuda, CUDA, m) {
-  register_backend<&gpu::forward, &gpu::backward, NhwcKernels::kSALayer>(m);
-}
+TORCH_LIBRARY_IMPL(sa_cuda, CUDA, m) { register_backend<&gpu::forward, &gpu::backward>(m); }
 
 }  // namespace sa_cuda

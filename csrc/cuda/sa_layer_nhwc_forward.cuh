@@ -1,155 +1,33 @@
-// SALayer, forward, channels_last (NHWC): three kernels over the tiles of nhwc_tiles.cuh.
+// SALayer, forward, channels_last (NHWC): the statistics of nhwc_stats.cuh (two launches), with
+// each channel's gate kept (GateSink: PlaneGate), then
 //
-//   sa_layer_nhwc_moments_kernel  reads x once: per (batch item, chunk, channel) the moments of
-//                                 x - shift (Welford/Chan, as the streamed NCHW path) and the
-//                                 channel-branch mean's sum in double (sa_math.h: wide_term)
-//   sa_layer_nhwc_gates_kernel    a warp per (batch item, channel): the chunks' moments merged in
-//                                 chunk order into the statistics, stored with the channel's gate
-//                                 (PlaneGate); a channel whose statistics overflow is read again,
-//                                 strided, by its warp (streamed_plane_stats: the rescale)
 //   sa_layer_nhwc_gate_kernel     reads x again and writes out: a lane per output channel, so a
 //                                 warp writes 32 consecutive values of an output row and reads
 //                                 16 + 16 consecutive values of the input row (channel_shuffle
 //                                 interleaves the two halves)
 //
-// Bytes moved: x read twice, out written once, per (item, chunk, channel) one partial of 3 acc_t
-// and a double, per (item, channel) the statistics and the gate.
+// Bytes moved: x read twice, out written once, per (item, chunk, channel) the statistics' partial,
+// per (item, channel) the statistics and the gate.
 #pragma once
 
 #include <ATen/OpMathType.h>
 
-#include "nhwc_tiles.cuh"
+#include "nhwc_stats.cuh"
 #include "sa_layer_forward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
 
-// A chunk's moments of one channel: Moments<acc_t> (of x - shift) and the sum of x in double.
-// Plain data: it lives in shared memory, where no constructor may run.
+// nhwc_stats_kernel's sink: the channel's PlaneGate.
 template <typename acc_t>
-struct ChunkMoments {
-  acc_t n, mean, m2;
-  double wide;
+struct GateSink {
+  PlaneGate<acc_t>* gates;
 
-  SA_DEVICE Moments<acc_t> moments() const {
-    Moments<acc_t> mo;
-    mo.n = n;
-    mo.mean = mean;
-    mo.m2 = m2;
-    return mo;
-  }
-  SA_DEVICE void merge(const ChunkMoments& other) {
-    Moments<acc_t> mo = moments();
-    mo.merge(other.n, other.mean, other.m2);
-    n = mo.n;
-    mean = mo.mean;
-    m2 = mo.m2;
-    wide += other.wide;
-  }
-};
-
-// The shift a channel's values are summed relative to: its first value in the batch item
-// (sum_shift), the same for every chunk.
-template <typename scalar_t, typename acc_t>
-SA_DEVICE acc_t channel_shift(const scalar_t* x, const NhwcGrid& grid, int64_t item, int64_t c) {
-  return sum_shift(static_cast<acc_t>(x[item * grid.pixels * grid.channels + c]));
-}
-
-template <typename scalar_t>
-SA_KERNEL_BOUNDS(kNhwcThreads)
-void sa_layer_nhwc_moments_kernel(ForwardParams p, ChunkMoments<at::opmath_type<scalar_t>>* out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid(p);
-  const NhwcThread t(grid);
-  const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  const int64_t c = t.active ? t.channel : grid.channels - 1;  // idle lanes read a valid channel
-  const acc_t shift = channel_shift<scalar_t, acc_t>(x, grid, t.item, c);
-  const bool exact_mean = !channel_role(c, p.branch_channels).spatial;
-
-  // kNhwcLoads pixels at a time as one pack of Moments::add (a two-pass pack, then one merge).
-  Moments<acc_t> mo;
-  double wide = 0;
-  for (int64_t base = t.first_pixel; base < t.end_pixel; base += kNhwcLoads * kNhwcWarps) {
-    acc_t v[kNhwcLoads];
-    int count = 0;
-#pragma unroll
-    for (int u = 0; u < kNhwcLoads; ++u) {
-      const int64_t pixel = base + int64_t(u) * kNhwcWarps;
-      if (pixel < t.end_pixel) {
-        v[u] = static_cast<acc_t>(x[t.at(grid, pixel, c)]);
-        ++count;
-      }
-    }
-    if (count == kNhwcLoads) {
-      mo.add(v, shift);
-    } else {
-      for (int u = 0; u < count; ++u) {
-        const acc_t one[1] = {v[u]};
-        mo.add(one, shift);
-      }
-    }
-    if (exact_mean) {
-      for (int u = 0; u < count; ++u) wide += wide_term(v[u], acc_t(1));
-    }
-  }
-  const ChunkMoments<acc_t> own{mo.n, mo.mean, mo.m2, wide};
-  const ChunkMoments<acc_t> total = combine_warps(own);
-  if (t.warp == 0 && t.active) out[grid.partial(t.item, t.chunk, t.channel)] = total;
-}
-
-// A warp per (batch item, channel), 8 per block.
-template <typename scalar_t>
-SA_KERNEL_BOUNDS(kFinishThreads)
-void sa_layer_nhwc_gates_kernel(ForwardParams p, const ChunkMoments<at::opmath_type<scalar_t>>* in,
-                                PlaneGate<at::opmath_type<scalar_t>>* gates) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid(p);
-  const int64_t plane =
-      int64_t(blockIdx.x) * (kFinishThreads / kWarpSize) + threadIdx.x / kWarpSize;
-  if (plane >= grid.planes()) return;  // the whole warp: no block collective below
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int64_t item = plane / grid.channels, c = plane % grid.channels;
-  const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  const PlaneUnit unit = plane_unit(p, plane);
-  const bool exact_mean = !unit.role.spatial;
-  const acc_t eps = static_cast<acc_t>(p.eps);
-
-  // Lane 0 merges the chunks in chunk order; the warp takes its result.
-  SplitMean<acc_t> mean{0, 0};
-  acc_t var = 0;
-  if (lane == 0) {
-    const ChunkMoments<acc_t> total = combine_chunks(in, grid, item, c);
-    const acc_t shift = channel_shift<scalar_t, acc_t>(x, grid, item, c);
-    mean = exact_mean ? SplitMean<acc_t>{wide_mean<acc_t>(total.wide, grid.pixels), 0}
-                      : split_mean(shift, total.mean);
-    var = total.m2 / acc_t(grid.pixels);
-  }
-  mean.mean = __shfl_sync(kFullMask, mean.mean, 0);
-  mean.lo = __shfl_sync(kFullMask, mean.lo, 0);
-  var = __shfl_sync(kFullMask, var, 0);
-
-  Standardizer<acc_t> st = finish_stats(mean.mean, var, eps, 0, mean.lo);
-  if (stats_overflowed(mean.mean, var)) {
-    // The NCHW streamed path's statistics, with its rescale (team.cuh): the warp reads the
-    // channel's values, C apart.
-    const scalar_t* channel = x + item * grid.pixels * grid.channels + c;
-    auto load = [&](int64_t pixel, acc_t(&v)[1]) {
-      v[0] = static_cast<acc_t>(channel[pixel * grid.channels]);
-    };
-    st = streamed_plane_stats<true>(
-        [&](const auto& f) {
-          unrolled_stream<kNhwcLoads, acc_t[1]>(lane, kWarpSize, grid.pixels, load,
-                                                [&](int64_t, const acc_t(&v)[1]) { f(v); });
-        },
-        static_cast<acc_t>(channel[0]), grid.pixels, eps, exact_mean, static_cast<acc_t*>(nullptr),
-        static_cast<double*>(nullptr));
-  }
-  if (lane == 0) {
-    static_cast<acc_t*>(p.mean)[plane] = st.mean;
-    static_cast<acc_t*>(p.rstd)[plane] = st.rstd;
-    gates[plane] =
+  SA_DEVICE void operator()(const ForwardParams& p, const PlaneUnit& unit,
+                            const Standardizer<acc_t>& st) const {
+    gates[unit.plane] =
         PlaneGate<acc_t>(load_plane_params<acc_t>(p, unit.role.k), unit.role.spatial, st);
   }
-}
+};
 
 template <typename scalar_t>
 SA_KERNEL_BOUNDS(kNhwcThreads)
@@ -173,16 +51,9 @@ template <typename scalar_t>
 void launch_sa_layer_nhwc_forward(const ForwardParams& f) {
   using acc_t = at::opmath_type<scalar_t>;
   const NhwcGrid grid(f);
-  const Workspace moments(sizeof(ChunkMoments<acc_t>) * grid.partials());
   const Workspace gates(sizeof(PlaneGate<acc_t>) * grid.planes());
-  constexpr int64_t kWarpsPerBlock = kFinishThreads / kWarpSize;  // a warp per plane
-  const Stream stream = current_stream();
-  launch(&sa_layer_nhwc_moments_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, stream, f,
-         moments.as<ChunkMoments<acc_t>>());
-  launch(&sa_layer_nhwc_gates_kernel<scalar_t>,
-         (grid.planes() + kWarpsPerBlock - 1) / kWarpsPerBlock, kFinishThreads, 0, stream, f,
-         moments.as<const ChunkMoments<acc_t>>(), gates.as<PlaneGate<acc_t>>());
-  launch(&sa_layer_nhwc_gate_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, stream, f,
+  launch_nhwc_stats<scalar_t>(f, grid, GateSink<acc_t>{gates.as<PlaneGate<acc_t>>()});
+  launch(&sa_layer_nhwc_gate_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, current_stream(), f,
          gates.as<const PlaneGate<acc_t>>());
 }
 

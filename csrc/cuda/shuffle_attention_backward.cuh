@@ -27,7 +27,7 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
   const scalar_t* gu =
       static_cast<const scalar_t*>(bp.grad_out) + unit.out_plane0 * N;  // plane j at gu + 2 j N
   scalar_t* dx = static_cast<scalar_t*>(bp.grad_x) + unit.plane0 * N;
-  const GroupStats<acc_t> stats(smem, L);
+  const GroupStats<acc_t> stats(smem + L.stats(), m);
   const acc_t* mean = stats.mean;
   const acc_t* rstd = stats.rstd;
   acc_t* gate = smem + L.gate();
@@ -110,12 +110,12 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
       const acc_t v = static_cast<acc_t>(x[i * N + p0 + pt]);
       xt[i * ts + pt] = v;
       gt[i * ts + pt] = static_cast<acc_t>(gu[2 * i * N + p0 + pt]);
-      yt[i * ts + pt] = gp.group_norm_output(stats, i, v);
+      yt[i * ts + pt] = gp.group_norm_output(stats, i, i, v);
     });
     __syncthreads();
     for_each_cell(m, n, [&](int j, int pt) {
       const int c = j * ts + pt;
-      st[c] = sigmoid(gp.preactivation(m, ts, yt, j, pt));
+      st[c] = sigmoid(gp.preactivation(m, m, ts, yt, j, pt));
       tt[c] = gate_input_grad(gt[c], xt[c], st[c]);
       xt[c] = stats.centered(j, xt[c]) * stats.gate_rstd[j];
     });

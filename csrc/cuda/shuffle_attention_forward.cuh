@@ -11,6 +11,7 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <c10/util/Exception.h>
 
 #include "../sa_math.h"
 #include "../sa_params.h"
@@ -26,30 +27,25 @@ constexpr int kGroupMinBlocks = 2;
 constexpr int kGroupWarps = kGroupThreads / kWarpSize;
 
 // Shared-memory layout of a ShuffleAttention block, in acc_t values. Per-channel vectors of m:
-// mean, rstd (the true statistics), gate s (channel branch), scale = gw * gate_rstd, dz / T1, the
+// the six of GroupStats (mean, rstd: the true statistics; the Standardizer's input_scale, center,
+// center_lo, gate_rstd: sa_math.h), gate s (channel branch), scale = gw * gate_rstd, dz / T1, the
 // input gradient's coefficients beta (channel branch) or d1 and d2 (sa_math.h: InputGradCoeffs),
-// the Standardizer's input_scale, center, gate_rstd (sa_math.h), the statistics' rescale
-// exponent, the GroupNorm weight gw, and the Standardizer's center_lo; m x m: W2 (the spatial
-// gate's parameters read per pixel, staged in acc_t). Then the tiles of m x stride() values
-// (16-byte aligned): x (then xh in the backward), the GroupNorm output y, and for the backward
-// grad_out, gate s, t; the statistics' per-piece partials use the same space before the first tile.
-// Last, the backward's partials of A and T1 over its pixel slices.
+// the statistics' rescale exponent, the GroupNorm weight gw; m x m: W2 (the spatial gate's
+// parameters read per pixel, staged in acc_t). Then the tiles of m x stride() values (16-byte
+// aligned): x (then xh in the backward), the GroupNorm output y, and for the backward grad_out,
+// gate s, t; the statistics' per-piece partials use the same space before the first tile. Last,
+// the backward's partials of A and T1 over its pixel slices.
 struct GroupSmem {
   int64_t m, tile;
   SA_HOST_DEVICE int64_t stride() const { return tile + 1; }
-  SA_HOST_DEVICE int64_t mean() const { return 0; }
-  SA_HOST_DEVICE int64_t rstd() const { return m; }
-  SA_HOST_DEVICE int64_t gate() const { return 2 * m; }
-  SA_HOST_DEVICE int64_t scale() const { return 3 * m; }
-  SA_HOST_DEVICE int64_t dz_or_t1() const { return 4 * m; }
-  SA_HOST_DEVICE int64_t beta() const { return 5 * m; }
-  SA_HOST_DEVICE int64_t d2() const { return 6 * m; }
-  SA_HOST_DEVICE int64_t input_scale() const { return 7 * m; }
-  SA_HOST_DEVICE int64_t center() const { return 8 * m; }
-  SA_HOST_DEVICE int64_t gate_rstd() const { return 9 * m; }
-  SA_HOST_DEVICE int64_t exponent() const { return 10 * m; }
-  SA_HOST_DEVICE int64_t gn_weight() const { return 11 * m; }
-  SA_HOST_DEVICE int64_t center_lo() const { return 12 * m; }
+  SA_HOST_DEVICE int64_t stats() const { return 0; }  // GroupStats: 6 m
+  SA_HOST_DEVICE int64_t gate() const { return 6 * m; }
+  SA_HOST_DEVICE int64_t scale() const { return 7 * m; }
+  SA_HOST_DEVICE int64_t dz_or_t1() const { return 8 * m; }
+  SA_HOST_DEVICE int64_t beta() const { return 9 * m; }
+  SA_HOST_DEVICE int64_t d2() const { return 10 * m; }
+  SA_HOST_DEVICE int64_t exponent() const { return 11 * m; }
+  SA_HOST_DEVICE int64_t gn_weight() const { return 12 * m; }
   SA_HOST_DEVICE int64_t matrix() const { return 13 * m; }
   SA_HOST_DEVICE int64_t tile_x() const { return (matrix() + m * m + 3) / 4 * 4; }
   SA_HOST_DEVICE int64_t tile_y() const { return tile_x() + m * stride(); }
@@ -81,6 +77,15 @@ inline int64_t group_tile_pixels(int64_t m, int64_t N) {
   const int64_t target = p < kWarpSize ? kWarpSize : (p > 1024 ? 1024 : p);
   const int64_t plane = (N + kWarpSize - 1) / kWarpSize * kWarpSize;
   return plane < target ? plane : target;
+}
+
+// A ShuffleAttention block's shared memory (m's tiles and matrices) against the device's: a clear
+// error, not a failed launch.
+inline void check_group_smem(int64_t m, int64_t bytes, bool backward) {
+  TORCH_CHECK(bytes <= max_dynamic_shared_bytes(), "sa_cuda: m = C / (2 * groups) = ", m, " needs ",
+              bytes, " bytes of shared memory per block in the CUDA ",
+              backward ? "backward" : "forward", " of ShuffleAttention; the device allows ",
+              max_dynamic_shared_bytes());
 }
 
 // Calls f(r, c) for the cells of a rows x cols grid that this thread owns: cells threadIdx.x,
@@ -169,18 +174,19 @@ constexpr int group_unroll() {
   return kVec >= 4 ? 2 : 4;
 }
 
-// A Standardizer per channel in shared memory (the slots of GroupSmem).
+// A Standardizer per channel in shared memory: six vectors of `count` values from `base`.
 template <typename acc_t>
 struct GroupStats {
+  static constexpr int64_t kVectors = 6;
   acc_t *mean, *rstd, *input_scale, *center, *center_lo, *gate_rstd;
 
-  SA_DEVICE GroupStats(acc_t* smem, const GroupSmem& L)
-      : mean(smem + L.mean()),
-        rstd(smem + L.rstd()),
-        input_scale(smem + L.input_scale()),
-        center(smem + L.center()),
-        center_lo(smem + L.center_lo()),
-        gate_rstd(smem + L.gate_rstd()) {}
+  SA_DEVICE GroupStats(acc_t* base, int64_t count)
+      : mean(base),
+        rstd(base + count),
+        input_scale(base + 2 * count),
+        center(base + 3 * count),
+        center_lo(base + 4 * count),
+        gate_rstd(base + 5 * count) {}
 
   SA_DEVICE void set(int64_t j, const Standardizer<acc_t>& st) const {
     mean[j] = st.mean;
@@ -322,26 +328,35 @@ SA_DEVICE void group_plane_stats(const scalar_t* x, int m, int64_t N, acc_t eps,
   }
 }
 
-// The spatial gate's parameters: W2 (read m times per pixel), gw and the GroupNorm scale
-// gw * gate_rstd per channel staged in shared memory in acc_t (stage(): once per block, the caller
+// The spatial gate's parameters: W2 (read m times per pixel) and the GroupNorm scale
+// gw * gate_rstd per channel staged in shared memory in acc_t (once per block, the caller
 // synchronizes before reading them); b2 and gb read in their own dtypes (ParamView, a uniform
 // branch) where used: their addresses come from the kernel's parameters, not registers, which
-// the backward kernel has none to spare for.
+// the backward kernel has none to spare for. The NCHW kernels index the per-channel vectors by the
+// branch's k and also stage gw (stage()); the NHWC kernels (shuffle_attention_nhwc_*.cuh) index
+// scale by the window's channel and stage it themselves (gw = nullptr).
 template <typename acc_t>
 struct SpatialGateParams {
   acc_t *w2, *gw, *scale;
   ParamView<acc_t> b2, gb;
 
-  SA_DEVICE SpatialGateParams(const ForwardParams& p, acc_t* smem, const GroupSmem& L)
-      : w2(smem + L.matrix()),
-        gw(smem + L.gn_weight()),
-        scale(smem + L.scale()),
+  SA_DEVICE SpatialGateParams(const ForwardParams& p, acc_t* w2_, acc_t* gw_, acc_t* scale_)
+      : w2(w2_),
+        gw(gw_),
+        scale(scale_),
         b2(param_view<acc_t>(p, kSpatialBias)),
         gb(param_view<acc_t>(p, kGnBias)) {}
+  SA_DEVICE SpatialGateParams(const ForwardParams& p, acc_t* smem, const GroupSmem& L)
+      : SpatialGateParams(p, smem + L.matrix(), smem + L.gn_weight(), smem + L.scale()) {}
+
+  // W2 [m, m] into rows `row` values apart (row >= m).
+  SA_DEVICE void stage_matrix(const ForwardParams& p, int64_t m, int64_t row) const {
+    const ParamView<acc_t> w = param_view<acc_t>(p, kSpatialWeight);
+    for_each_cell(m, m, [&](int64_t j, int64_t i) { w2[j * row + i] = w[j * m + i]; });
+  }
 
   SA_DEVICE void stage(const ForwardParams& p, int64_t m, const GroupStats<acc_t>& stats) const {
-    const ParamView<acc_t> w = param_view<acc_t>(p, kSpatialWeight);
-    for (int64_t idx = threadIdx.x; idx < m * m; idx += blockDim.x) w2[idx] = w[idx];
+    stage_matrix(p, m, m);
     const ParamView<acc_t> gn_weight = param_view<acc_t>(p, kGnWeight);
     for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
       gw[i] = gn_weight[i];
@@ -349,18 +364,19 @@ struct SpatialGateParams {
     }
   }
 
-  // The GroupNorm output y_i = scale_i xc_i + gb_i of a value x of channel i, xc = (x - mu) *
-  // input_scale (the Standardizer's). Unfolded like the reference (sa_math.h: centered, and
-  // +-inf weights stay +-inf, not NaN).
-  SA_DEVICE acc_t group_norm_output(const GroupStats<acc_t>& stats, int64_t i, acc_t x) const {
-    return scale[i] * stats.centered(i, x) + gb[i];
+  // The GroupNorm output y = scale_i xc + gb_k of a value x of channel i (its parameter index k),
+  // xc = (x - mu) * input_scale (the Standardizer's). Unfolded like the reference (sa_math.h:
+  // centered, and +-inf weights stay +-inf, not NaN).
+  SA_DEVICE acc_t group_norm_output(const GroupStats<acc_t>& stats, int64_t i, int64_t k,
+                                    acc_t x) const {
+    return scale[i] * stats.centered(i, x) + gb[k];
   }
 
-  // The gate's pre-activation at tile pixel pt: z_j = b2_j + sum_i W2[j, i] y_i (yt: the tile of
-  // y, rows `stride` apart).
-  SA_DEVICE acc_t preactivation(int m, int stride, const acc_t* yt, int j, int pt) const {
+  // The gate's pre-activation at tile pixel pt: z_j = b2_j + sum_i W2[j, i] y_i (W2 staged in
+  // rows `row` values apart; yt: the tile of y, rows `stride` apart).
+  SA_DEVICE acc_t preactivation(int m, int row, int stride, const acc_t* yt, int j, int pt) const {
     acc_t z = b2[j];
-    for (int i = 0; i < m; ++i) z += w2[j * m + i] * yt[i * stride + pt];
+    for (int i = 0; i < m; ++i) z += w2[j * row + i] * yt[i * stride + pt];
     return z;
   }
 };
@@ -377,7 +393,7 @@ void shuffle_attention_forward_kernel(ForwardParams p, int64_t tile) {
   const BranchUnit unit = branch_unit(p, blockIdx.x);
   const scalar_t* x = static_cast<const scalar_t*>(p.x) + unit.plane0 * N;
   scalar_t* out = static_cast<scalar_t*>(p.out) + unit.out_plane0 * N;  // plane j at out + 2 j N
-  const GroupStats<acc_t> stats(smem, L);
+  const GroupStats<acc_t> stats(smem + L.stats(), m);
   acc_t* gate = smem + L.gate();
 
   group_plane_stats<scalar_t, acc_t, kVec>(x, m, N, static_cast<acc_t>(p.eps), !unit.spatial, smem,
@@ -416,11 +432,11 @@ void shuffle_attention_forward_kernel(ForwardParams p, int64_t tile) {
     for_each_cell(m, n, [&](int i, int pt) {
       const acc_t v = static_cast<acc_t>(x[i * N + p0 + pt]);
       xt[i * ts + pt] = v;
-      yt[i * ts + pt] = gp.group_norm_output(stats, i, v);
+      yt[i * ts + pt] = gp.group_norm_output(stats, i, i, v);
     });
     __syncthreads();
     for_each_cell(m, n, [&](int j, int pt) {
-      const acc_t z = gp.preactivation(m, ts, yt, j, pt);
+      const acc_t z = gp.preactivation(m, m, ts, yt, j, pt);
       out[2 * j * N + p0 + pt] = static_cast<scalar_t>(xt[j * ts + pt] * sigmoid(z));
     });
   }

@@ -16,7 +16,7 @@ TORCH_LIBRARY(sa_cuda_emu, m) {
 }
 
 TORCH_LIBRARY_IMPL(sa_cuda_emu, CPU, m) {
-  register_backend<&emulated::forward, &emulated::backward, NhwcKernels::kSALayer>(m);
+  register_backend<&emulated::forward, &emulated::backward>(m);
 }
 
 }  // namespace sa_cuda

@@ -7,10 +7,10 @@ double, a different order from NCHW's plane sums, so its results are held to the
 backward, float64, ShuffleAttention) goes by tiles of channels (csrc/cpu/nhwc_tiles.h) that run the
 NCHW kernels' unit bodies on the same planes in the same order: given the same statistics, their
 results equal the NCHW call's bit for bit. The CUDA source (on a GPU, and through the emulator)
-reads SALayer's NHWC as it is, forward and backward (csrc/cuda/sa_layer_nhwc_*.cuh: per-chunk
-partials merged in chunk order, so its bits are its own: held to the float64 reference, its
-statistics to the true ones); its ShuffleAttention gets NCHW copies (csrc/host.cpp), which give the
-NCHW bits. On every backend the output and grad_x come back in x's memory format. The NCHW results
+reads both variants' NHWC as it is, forward and backward (csrc/cuda/sa_layer_nhwc_*.cuh,
+shuffle_attention_nhwc_*.cuh: per-chunk partials merged in chunk order, so its bits are its own:
+held to the float64 reference, its statistics to the true ones). On every backend the output and
+grad_x come back in x's memory format. The NCHW results
 are held to the reference by test_forward_backward.py; here the NHWC ones are also compared with
 the float64 reference directly.
 
@@ -76,14 +76,20 @@ ROW_SHAPES = [
 ]
 # The CUDA source runs in the emulator slowly: its cases stay small.
 EMULATED_SHAPES = SHAPES[:2] + SHAPES[-2:]
-# SALayer's NHWC kernels in the CUDA source: blocks of 32 channels (a warp's lanes) by chunks of 256
-# pixels (csrc/cuda/nhwc_tiles.cuh).
+# The NHWC kernels in the CUDA source: the statistics (and SALayer's gate and backward) in blocks of
+# 32 channels (a warp's lanes) by chunks of 256 pixels (csrc/cuda/nhwc_tiles.cuh); ShuffleAttention's
+# gate and backward in windows of whole branches, `width` channels of each half (16 rounded down to
+# a multiple of m, or m), walked in staged tiles of `tile` pixels (64 for 32 window channels, 32 for
+# 34 to 64; csrc/cuda/nhwc_windows.cuh). The ids name SALayer's tiles, then the windows.
 GPU_NHWC_SHAPES = [
-    pytest.param((2, 40, 17, 19), 5, id="tiles32+8-chunks2"),  # 323 pixels: a partial chunk
-    pytest.param((1, 8, 30, 30), 2, id="C8-chunks4"),  # one tile, 24 idle lanes
-    pytest.param((2, 64, 16, 16), 8, id="tiles2-chunk1"),  # whole tiles, one whole chunk
-    pytest.param((3, 24, 5, 3), 3, id="b3-N15"),
-    pytest.param((1, 48, 3, 1), 3, id="w1"),
+    # 323 pixels: a partial chunk; windows 16 + 4 (G odd: the halves start on different roles)
+    pytest.param((2, 40, 17, 19), 5, id="tiles32+8-chunks2-win16+4"),
+    pytest.param((1, 8, 30, 30), 2, id="C8-chunks4-win4"),  # one tile, 24 idle lanes
+    pytest.param((2, 64, 16, 16), 8, id="tiles2-chunk1-win16x2-tiles4"),  # one whole chunk
+    pytest.param((3, 24, 5, 3), 3, id="b3-N15-win12"),
+    pytest.param((1, 48, 3, 1), 3, id="w1-win16+8"),  # m = 8
+    pytest.param((1, 68, 5, 7), 2, id="m17-win17x2-tiles32+3"),  # a branch wider than 16
+    pytest.param((2, 30, 4, 5), 5, id="m3-win15"),
 ]
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -124,23 +130,22 @@ def _against_reference(backend, variant, shape, groups, dtype, offset=0.0):
     return F
 
 
-def _assert_true_nhwc_statistics(backend, shape, groups, dtype, what):
-    """SALayer's statistics from a channels_last x with a large offset are the true ones."""
-    params = [p.to(backend.device) for p in op_params("sa_layer", shape[1], groups, seed=3)]
+def _assert_true_nhwc_statistics(backend, variant, shape, groups, dtype, what):
+    """The statistics from a channels_last x with a large offset are the true ones."""
+    params = [p.to(backend.device) for p in op_params(variant, shape[1], groups, seed=3)]
     x = make_input(shape, seed=4, dtype=dtype, offset=3.0, device=backend.device)
     x = x.contiguous(memory_format=CL)
-    _, mean, rstd = backend.forward_op("sa_layer")(x, groups, *params, 1e-5)
+    _, mean, rstd = backend.forward_op(variant)(x, groups, *params, 1e-5)
     assert_true_statistics(mean.cpu(), rstd.cpu(), x.cpu(), 1e-5, what)
 
 
 def _own_order(backend, variant, dtype, shape):
     """(forward, backward): whether the NHWC call sums in an order of its own, so that its bits
-    are not the NCHW call's: SALayer's forward by rows on the CPU (_by_rows), SALayer's forward
-    and backward in the CUDA source."""
+    are not the NCHW call's: SALayer's forward by rows on the CPU (_by_rows), the forward and
+    backward of the CUDA source."""
     if backend.name == "cpu":
         return _by_rows(backend, variant, dtype, shape), False
-    own = backend.reads_nhwc(variant)
-    return own, own
+    return True, True
 
 
 def _by_rows(backend, variant, dtype, shape):
@@ -159,8 +164,8 @@ def test_nhwc_equals_nchw_bit_for_bit(backend, variant, dtype):
     """The NCHW call's bits where the NHWC call sums in the same order: the forward's where it goes
     by tiles or copies, the backward's on the CPU (given the NCHW forward's statistics). The
     other paths are checked against the reference below."""
-    if backend.name != "cpu" and backend.reads_nhwc(variant):
-        pytest.skip(f"{backend.name} {variant}: NHWC kernels with sums of their own order")
+    if backend.name != "cpu":
+        pytest.skip(f"{backend.name}: NHWC kernels with sums of their own order")
     for case in _shapes_for(backend):
         shape, groups = case.values
         params = [p.to(backend.device) for p in op_params(variant, shape[1], groups, seed=3)]
@@ -193,7 +198,7 @@ def test_rows_against_reference(shape, groups, dtype):
         )
         assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
     assert F["out"].is_contiguous(memory_format=CL) and F["x"].is_contiguous(memory_format=CL)
-    _assert_true_nhwc_statistics(cpu, shape, groups, dtype, f"rows {shape} {dtype}")
+    _assert_true_nhwc_statistics(cpu, "sa_layer", shape, groups, dtype, f"rows {shape} {dtype}")
 
 
 def test_rows_do_not_depend_on_the_thread_count():
@@ -254,43 +259,46 @@ def test_nhwc_against_reference(variant, shape, groups, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape,groups", GPU_NHWC_SHAPES)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("backend", ["emulated", "cuda"], indirect=True)
-def test_gpu_nhwc_against_reference(backend, shape, groups, dtype):
-    """SALayer's NHWC kernels in the CUDA source: the output and every gradient against the
-    float64 reference (the criteria of test_forward_backward: fp32 and fp64 with their eager
-    bound, bf16 and fp16 under autocast with fp32 parameters), out and grad_x channels_last, and
-    the returned statistics the true ones."""
-    assert backend.reads_nhwc("sa_layer")
+def test_gpu_nhwc_against_reference(backend, variant, shape, groups, dtype):
+    """The NHWC kernels in the CUDA source: the output and every gradient against the float64
+    reference (the criteria of test_forward_backward: fp32 and fp64 with their eager bound, bf16
+    and fp16 under autocast with fp32 parameters), out and grad_x channels_last, and the returned
+    statistics the true ones."""
     if dtype in (torch.float32, torch.float64):
-        F = _against_reference(backend, "sa_layer", shape, groups, dtype, offset=0.5)
+        F = _against_reference(backend, variant, shape, groups, dtype, offset=0.5)
     else:
         F, R, E, RE, param_dtype = low_precision_runs(
-            "sa_layer", shape, groups, dtype, memory_format=CL, backend=backend
+            variant, shape, groups, dtype, memory_format=CL, backend=backend
         )
         assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
     assert F["out"].is_contiguous(memory_format=CL) and F["x"].is_contiguous(memory_format=CL)
-    _assert_true_nhwc_statistics(backend, shape, groups, dtype, f"{backend.name} {shape} {dtype}")
+    _assert_true_nhwc_statistics(
+        backend, variant, shape, groups, dtype, f"{backend.name} {variant} {shape} {dtype}"
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "shape,groups",
     [
-        pytest.param((2, 8, 2, 3), 2, id="one-tile"),
-        pytest.param((1, 36, 1, 2), 3, id="tiles32+4"),
+        pytest.param((2, 8, 2, 3), 2, id="one-tile-win4"),
+        pytest.param((1, 36, 1, 2), 3, id="tiles32+4-win12+6"),  # m = 6
     ],
 )
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("backend", ["emulated", "cuda"], indirect=True)
-def test_gpu_nhwc_gradcheck(backend, shape, groups):
-    """gradcheck (float64) of SALayer through the NHWC kernels of the CUDA source: a
-    channels_last x, and gradcheck's grad_out (NCHW, brought to x's layout by the host code)."""
-    ref = make_ref("sa_layer", shape[1], groups, seed=3, dtype=torch.float64, device=backend.device)
-    params = [p.detach().clone().requires_grad_() for p in params_in_op_order("sa_layer", ref)]
+def test_gpu_nhwc_gradcheck(backend, variant, shape, groups):
+    """gradcheck (float64) through the NHWC kernels of the CUDA source: a channels_last x, and
+    gradcheck's grad_out (NCHW, brought to x's layout by the host code)."""
+    ref = make_ref(variant, shape[1], groups, seed=3, dtype=torch.float64, device=backend.device)
+    params = [p.detach().clone().requires_grad_() for p in params_in_op_order(variant, ref)]
     x = make_input(shape, seed=4, dtype=torch.float64, device=backend.device)
     x = x.contiguous(memory_format=CL).requires_grad_()
 
     def fn(x, *ps):
-        out = backend.apply("sa_layer", x, groups, ps)
+        out = backend.apply(variant, x, groups, ps)
         assert out.is_contiguous(memory_format=CL)
         return out
 
@@ -372,12 +380,9 @@ def test_ambiguous_layout_is_read_as_nchw(backend, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_nhwc_kernels_read_channels_last_without_a_copy(backend, variant):
-    """Where a backend has NHWC kernels for the variant (every variant on the CPU, SALayer in the
-    CUDA source), its ops take a channels_last x (and grad_out) as they are: no copy or clone of
+    """Every backend's ops take a channels_last x (and grad_out) as they are: no copy or clone of
     a tensor anywhere in the forward and backward (the profiler sees every ATen op the host code
     calls). An NCHW-contiguous grad_out with a channels_last x is copied once, to x's layout."""
-    if not backend.reads_nhwc(variant):
-        pytest.skip(f"{backend.name} converts a channels_last x to NCHW for {variant}")
     shape, groups = (2, 32, 6, 5), 4
     params = [p.to(backend.device) for p in op_params(variant, shape[1], groups, seed=5)]
     x = make_input(shape, seed=1, device=backend.device).contiguous(memory_format=CL)
@@ -414,3 +419,34 @@ def test_channels_last_errors_name_the_argument(variant):
         backward(gy, x, mean, rstd, 3, *params)
     with pytest.raises(ValueError, match="mean must be the forward's"):
         backward(out, x, mean[:1], rstd, 3, *params)
+
+
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [
+        pytest.param((1, 256, 2, 3), torch.float32, id="m128-fp32"),
+        pytest.param((1, 176, 3, 2), torch.float64, id="m88-fp64"),
+    ],
+)
+def test_gpu_nhwc_large_m_takes_smaller_tiles(shape, dtype):
+    """ShuffleAttention's NHWC backward at an m whose window needs more shared memory than the
+    device has at the usual tile of pixels (csrc/cuda/nhwc_windows.cuh, window_grid): it takes
+    smaller tiles, and gives the reference's results, wherever the NCHW kernels fit too."""
+    F = _against_reference(BACKENDS["emulated"], "shuffle_attention", shape, 1, dtype, offset=0.5)
+    assert F["x"].is_contiguous(memory_format=CL)
+
+
+def test_gpu_nhwc_shared_memory_error():
+    """ShuffleAttention's NHWC window kernels hold whole branches in shared memory (W2 and the
+    backward's m + 1 sums per channel): an m beyond the device's (the emulator's budget is an
+    H100's 227 KiB) is a clear error naming m and the bytes, not a failed launch, as for NCHW."""
+    emulated = BACKENDS["emulated"]
+    variant, m, groups = "shuffle_attention", 160, 1
+    x = make_input((1, 2 * groups * m, 1, 2), seed=1).contiguous(memory_format=CL)
+    params = op_params(variant, 2 * groups * m, groups, seed=1)
+    out, mean, rstd = emulated.forward_op(variant)(x, groups, *params, 1e-5)  # the forward fits
+    assert out.is_contiguous(memory_format=CL)
+    with pytest.raises(
+        RuntimeError, match=r"m = C / \(2 \* groups\) = 160 needs \d+ bytes of shared memory"
+    ):
+        emulated.backward_op(variant)(torch.ones_like(x), x, mean, rstd, groups, *params)

@@ -191,17 +191,12 @@ def check_masks_and_values(Fu, R, E=None, what="reference"):
     return problems
 
 
-# The CPU reads channels_last as it is (SALayer's forward by rows, with statistics of their own):
-# the edge cases run in both layouts there; the CUDA backends convert to NCHW.
+# Every backend reads channels_last as it is, with NHWC kernels of its own (statistics summed in
+# their own order): the edge cases run in both layouts.
 LAYOUTS = [
     pytest.param(torch.contiguous_format, id="nchw"),
     pytest.param(torch.channels_last, id="channels_last"),
 ]
-
-
-def skip_unless_reads_nhwc(backend, variant, memory_format):
-    if memory_format == torch.channels_last and not backend.reads_nhwc(variant):
-        pytest.skip(f"{backend.name} converts a channels_last x to NCHW for {variant}")
 
 
 @pytest.mark.parametrize("memory_format", LAYOUTS)
@@ -214,7 +209,6 @@ def test_constant_planes(backend, variant, shape, groups, eps, memory_format):
     by the API), NaN/Inf appear exactly where the reference has them (the spatial branch of a
     constant plane, 0 * inf) and the rest matches. The channel branch never uses rstd, so a
     constant channel-branch plane gives finite results for any eps."""
-    skip_unless_reads_nhwc(backend, variant, memory_format)
     x, const = constant_planes_input(shape, groups)
     Fu, E, R = run_high_precision(
         variant, backend, shape, groups, x=x, eps=eps, memory_format=memory_format
@@ -272,7 +266,6 @@ def test_large_magnitude_small_spread(backend, variant, shape, groups, memory_fo
     errors cancel by chance) ranges over 0.1..2.5 (measured over 6 draws); the sum over draws
     estimates the typical error. One float32 unit at the largest magnitude is added per draw (for
     gradients the eager reference gets exactly, e.g. 0)."""
-    skip_unless_reads_nhwc(backend, variant, memory_format)
     err_fused, err_eager, unit = {}, {}, {}
     for s in range(4):
         Fu, E, R = run_high_precision(
@@ -387,7 +380,6 @@ def test_nonfinite_x_propagates_like_reference(
     params = [p.detach() for p in params_in_op_order(variant, ref)]
     x = make_input(shape, seed=0)
     idx = 0 if where == "first" else (shape[2] * shape[3]) // 2
-    skip_unless_reads_nhwc(backend, variant, memory_format)
     x[0, 3].view(-1)[idx] = value
     x[-1, 12].view(-1)[idx] = value
     x = x.contiguous(memory_format=memory_format)

@@ -9,8 +9,8 @@ values in double (sa_math.h, wide_mean).
 
 Rule, for every (magnitude, offset) pattern, dtype, variant and implementation (the CPU op, and the
 CUDA kernels through the SIMT emulator on every launch path: warp team N <= 256, block team
-N <= 4096, streamed N > 4096, vector and scalar packs, SALayer's channels_last kernels, the
-ShuffleAttention kernels):
+N <= 4096, streamed N > 4096, vector and scalar packs, the ShuffleAttention kernels, and both
+variants' channels_last kernels):
 
   ref64 = the reference in float64 on the same values (x cast exactly; the parameters are rounded
   to the dtype first, so eager, fused and ref64 use the same parameter values), eager = the
@@ -77,9 +77,10 @@ SHAPES = {
     "emu-block-scalar": ((4, 31, 33), 1),
     "emu-streamed-vector": ((2, 64, 72), 1),
     "emu-streamed-scalar": ((2, 65, 67), 1),
-    # SALayer's NHWC kernels (csrc/cuda/sa_layer_nhwc_forward.cuh): statistics merged over chunks
-    # of 256 pixels, then the streamed rescale of a channel they overflow, read C apart
-    "emu-nhwc-cl": ((40, 17, 19), 5),  # m = 4: a full and a partial tile of 32; 2 chunks
+    # The NHWC kernels (csrc/cuda/nhwc_stats.cuh): statistics merged over chunks of 256 pixels,
+    # then the streamed rescale of a channel they overflow, read C apart; SALayer's gate by tiles of
+    # 32 channels, ShuffleAttention's by windows of whole branches (nhwc_windows.cuh)
+    "emu-nhwc-cl": ((40, 17, 19), 5),  # m = 4: tiles 32 + 8, windows 16 + 4; 2 chunks
     "emu-group": ((8, 8, 8), 2),
     "emu-group-tiles": ((4, 33, 35), 1),  # m = 2: more pixels than one tile
 }
@@ -187,6 +188,7 @@ GROUP_GRID = [
     ("cpu-large", (torch.float32, torch.bfloat16)),
     ("emu-group", (torch.float32, torch.bfloat16, torch.float16)),
     ("emu-group-tiles", (torch.float32, torch.bfloat16)),
+    ("emu-nhwc-cl", (torch.float32, torch.bfloat16, torch.float16)),
 ]
 
 
@@ -226,7 +228,8 @@ def test_forward_grid(variant, impl, dtype):
         ),
     ]
     + [
-        pytest.param("sa_layer", "emu-nhwc-cl", d, id=f"sa_layer-emu-nhwc-cl-{DTYPE_IDS[d]}")
+        pytest.param(v, "emu-nhwc-cl", d, id=f"{v}-emu-nhwc-cl-{DTYPE_IDS[d]}")
+        for v in VARIANTS
         for d in (torch.float32, torch.bfloat16)
     ],
 )
@@ -240,7 +243,7 @@ def test_backward_grid_finite_where_eager_is(variant, impl, dtype):
         pytest.param(v, impl, id=f"{v}-{impl}")
         for v in VARIANTS
         for impl in ("cpu", "cpu-cl")
-        + (("emu-warp-vector", "emu-nhwc-cl") if v == "sa_layer" else ("emu-group",))
+        + (("emu-warp-vector", "emu-nhwc-cl") if v == "sa_layer" else ("emu-group", "emu-nhwc-cl"))
     ],
 )
 def test_backward_grad_x_up_to_1e36(variant, impl):
@@ -290,7 +293,7 @@ def cases(draw, impls):
     variant = rng.choice(VARIANTS)
     impl = rng.choice(impls)
     if variant == "shuffle_attention" and impl.startswith("emu"):
-        impl = rng.choice(("emu-group", "emu-group-tiles"))
+        impl = rng.choice(("emu-group", "emu-group-tiles", "emu-nhwc-cl"))
     magnitude = math.exp(rng.uniform(math.log(lo), math.log(hi)))
     return dict(
         variant=variant,

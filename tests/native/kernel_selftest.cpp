@@ -189,6 +189,10 @@ int run_kernels() {
       {Variant::kShuffleAttention, 2, 16, 2, 7, 9, 0},
       {Variant::kShuffleAttention, 1, 8, 1, 40, 41, 1},
       {Variant::kShuffleAttention, 1, 8, 4, 5, 5, 0},
+      // ShuffleAttention channels_last: windows of 16 + 4 channels per half, two chunks; a branch
+      // of 17 channels walked in tiles of 32 pixels (and 3)
+      {Variant::kShuffleAttention, 2, 40, 5, 17, 19, 1, true},
+      {Variant::kShuffleAttention, 1, 68, 2, 5, 7, 0, true},
   };
   bool ok = true;
   for (const Case& k : cases) {

@@ -65,13 +65,25 @@ def pytest_verdict(log: str) -> str | None:
     return hits[-1].strip() if hits else None
 
 
+def kernel_family(name: str) -> str:
+    """The family of a (mangled) kernel name: sa_layer/shuffle_attention forward/backward (NCHW),
+    sa_layer_nhwc/shuffle_attention_nhwc (channels_last), nhwc_stats (their shared statistics),
+    else other."""
+    fam = re.search(r"(sa_layer|shuffle_attention)_(forward|backward)_kernel", name)
+    if fam:
+        return f"{fam.group(1)}_{fam.group(2)}"
+    nhwc = re.search(r"(sa_layer|shuffle_attention)_nhwc_\w+?_kernel", name)
+    if nhwc:
+        return f"{nhwc.group(1)}_nhwc"
+    return "nhwc_stats" if re.search(r"\dnhwc_(moments|stats)_kernel", name) else "other"
+
+
 def resource_usage(log: str) -> dict:
-    """cuobjdump -res-usage: per kernel family (sa_layer/shuffle_attention forward/backward) the register range
-    and the largest local memory (spills) and stack."""
+    """cuobjdump -res-usage: per kernel family (kernel_family) the register range and the largest
+    local memory (spills) and stack."""
     families: dict[str, dict] = {}
     for name, body in re.findall(r"Function ([^\s:]+):\s*\n\s*(REG:[^\n]*)", log):
-        fam = re.search(r"(sa_layer|shuffle_attention)_(forward|backward)_kernel", name)
-        key = f"{fam.group(1)}_{fam.group(2)}" if fam else "other"
+        key = kernel_family(name)
         vals = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", body)}
         f = families.setdefault(
             key, {"kernels": 0, "reg_min": 10**9, "reg_max": 0, "local_max": 0, "stack_max": 0}

@@ -291,6 +291,16 @@ def test_log_parsers_read_real_tool_output():
         "stack_max": 16,
     }
     assert usage["shuffle_attention_backward"]["reg_max"] == 72
+    families = {
+        "_ZN7sa_cuda3gpu34shuffle_attention_nhwc_gate_kernelIfEEvNS_13ForwardParamsE": (
+            "shuffle_attention_nhwc"
+        ),
+        "_ZN7sa_cuda3gpu30sa_layer_nhwc_grad_sums_kernelIdEEvNS_14BackwardParamsE": "sa_layer_nhwc",
+        "_ZN7sa_cuda3gpu17nhwc_stats_kernelIfNS0_8GateSinkIfEEEEvNS_13ForwardParamsE": "nhwc_stats",
+        "_ZN7sa_cuda3gpu19nhwc_moments_kernelIdEEvNS_13ForwardParamsE": "nhwc_stats",
+        "_ZN7sa_cuda3gpu24param_grad_reduce_kernelIfEEvNS_14BackwardParamsE": "other",
+    }
+    assert {name: summary.kernel_family(name) for name in families} == families
 
 
 def test_steps_selects_and_the_rest_is_listed_as_not_selected(tmp_path):

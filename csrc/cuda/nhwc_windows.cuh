@@ -52,13 +52,13 @@ struct NhwcWindows {
 // Shared-memory layout of a window block, in acc_t values, for K = the window's channels: the
 // per-channel vectors (GroupStats' six; the GroupNorm scale gw * gate_rstd; the channel branch's
 // gate s; the spatial branch's first window channel, or -1 for a channel-branch channel, as int;
-// the backward's InputGradCoeffs, 4 values), W2 [m, m] (rows `row` apart), then the tiles of K x
+// the backward's InputGradCoeffs, 4 values), W2 [m, m] (rows `w2_row` apart), then the tiles of K x
 // stride() values (16-byte aligned): x (xh in the backward), the GroupNorm output y, and for the
 // backward grad_out, gate s, t; last, the backward's sums over its pixel slices: per (channel,
 // column) item, columns 0..m-1 A[j, i] and m T1[j] of a spatial channel j, column 0 sum gu x of a
 // channel-branch one.
 struct WindowSmem {
-  int64_t K, m, row, tile;
+  int64_t K, m, w2_row, tile;
   SA_HOST_DEVICE int64_t stride() const { return tile + 1; }
   SA_HOST_DEVICE int64_t stats() const { return 0; }  // GroupStats: 6 K
   SA_HOST_DEVICE int64_t scale() const { return 6 * K; }
@@ -66,7 +66,7 @@ struct WindowSmem {
   SA_HOST_DEVICE int64_t branch() const { return 8 * K; }
   SA_HOST_DEVICE int64_t coeffs() const { return 9 * K; }
   SA_HOST_DEVICE int64_t matrix() const { return 13 * K; }
-  SA_HOST_DEVICE int64_t tile_x() const { return (matrix() + m * row + 3) / 4 * 4; }
+  SA_HOST_DEVICE int64_t tile_x() const { return (matrix() + m * w2_row + 3) / 4 * 4; }
   SA_HOST_DEVICE int64_t tile_y() const { return tile_x() + K * stride(); }
   SA_HOST_DEVICE int64_t tile_g() const { return tile_y() + K * stride(); }
   SA_HOST_DEVICE int64_t tile_s() const { return tile_g() + K * stride(); }
@@ -145,7 +145,7 @@ struct WindowBlock {
   acc_t *gate, *xt, *yt, *gt, *st, *tt;
   int* branch;
   InputGradCoeffs<acc_t>* coeffs;
-  int m, row, ts;  // m; W2's rows and the tiles' rows in shared memory
+  int m, w2_row, ts;  // m; the rows of W2 and of the tiles in shared memory
 
   SA_DEVICE WindowBlock(const ForwardParams& p, const NhwcWindows& w_, acc_t* smem)
       : w(w_),
@@ -162,7 +162,7 @@ struct WindowBlock {
         branch(reinterpret_cast<int*>(smem + L.branch())),
         coeffs(reinterpret_cast<InputGradCoeffs<acc_t>*>(smem + L.coeffs())),
         m(static_cast<int>(w.m)),
-        row(static_cast<int>(L.row)),
+        w2_row(static_cast<int>(L.w2_row)),
         ts(static_cast<int>(L.stride())) {}
 
   // (batch item, channel) of window channel ch: its index in mean, rstd and the per-channel
@@ -177,7 +177,7 @@ struct WindowBlock {
   // synchronizes before reading them.
   template <typename StatsOf>
   SA_DEVICE void stage(const ForwardParams& p, const StatsOf& stats_of) const {
-    gp.stage_matrix(p, m, row);
+    gp.stage_matrix(p, m, w2_row);
     const ParamView<acc_t> gw = param_view<acc_t>(p, kGnWeight);
     const ParamView<acc_t> w1 = param_view<acc_t>(p, kChannelWeight);
     const ParamView<acc_t> b1 = param_view<acc_t>(p, kChannelBias);
@@ -232,7 +232,7 @@ struct WindowBlock {
   // The spatial gate s = sigmoid(b2 + W2 y) of window channel ch (a spatial one, its branch
   // starting at `start`) at tile pixel pt.
   SA_DEVICE acc_t spatial_gate(int ch, int start, int pt) const {
-    return sigmoid(gp.preactivation(m, row, ts, yt + start * ts, ch - start, pt));
+    return sigmoid(gp.preactivation(m, w2_row, ts, yt + start * ts, ch - start, pt));
   }
 
   // The backward's tile after load_tile<true> (and a barrier): per spatial cell the gate s,

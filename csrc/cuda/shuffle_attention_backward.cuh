@@ -193,8 +193,7 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
     const int n = static_cast<int>(N - p0 < tile ? N - p0 : tile);
     if (tiles > 1) gate_tile(p0, n);
     for_each_cell(m, n, [&](int i, int pt) {
-      acc_t dy = 0;
-      for (int j = 0; j < m; ++j) dy += w2[j * m + i] * tt[j * ts + pt];
+      const acc_t dy = gp.output_grad(m, m, ts, tt, i, pt);
       const int c = i * ts + pt;
       const InputGradCoeffs<acc_t> k{gw[i] * rstd[i], acc_t(0), dy_mean[i], dyxh_mean[i]};
       dx[i * N + p0 + pt] = static_cast<scalar_t>(spatial_input_grad(gt[c], st[c], dy, xt[c], k));

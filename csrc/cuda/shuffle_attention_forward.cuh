@@ -177,7 +177,6 @@ constexpr int group_unroll() {
 // A Standardizer per channel in shared memory: six vectors of `count` values from `base`.
 template <typename acc_t>
 struct GroupStats {
-  static constexpr int64_t kVectors = 6;
   acc_t *mean, *rstd, *input_scale, *center, *center_lo, *gate_rstd;
 
   SA_DEVICE GroupStats(acc_t* base, int64_t count)
@@ -378,6 +377,14 @@ struct SpatialGateParams {
     acc_t z = b2[j];
     for (int i = 0; i < m; ++i) z += w2[j * row + i] * yt[i * stride + pt];
     return z;
+  }
+
+  // The backward's dy_i = sum_j W2[j, i] t_j at tile pixel pt (W2^T t, the transpose of
+  // preactivation's product; tt: the tile of t, rows `stride` apart).
+  SA_DEVICE acc_t output_grad(int m, int row, int stride, const acc_t* tt, int i, int pt) const {
+    acc_t dy = 0;
+    for (int j = 0; j < m; ++j) dy += w2[j * row + i] * tt[j * stride + pt];
+    return dy;
   }
 };
 

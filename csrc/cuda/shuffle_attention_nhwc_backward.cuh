@@ -173,9 +173,7 @@ void shuffle_attention_nhwc_input_grad_kernel(
       if (start < 0) {
         d = channel_input_grad(B.gt[c], B.gate[ch], k.beta);
       } else {
-        const int i = ch - start;
-        acc_t dy = 0;
-        for (int j = 0; j < B.m; ++j) dy += B.gp.w2[j * B.row + i] * B.tt[(start + j) * B.ts + pt];
+        const acc_t dy = B.gp.output_grad(B.m, B.w2_row, B.ts, B.tt + start * B.ts, ch - start, pt);
         d = spatial_input_grad(B.gt[c], B.st[c], dy, B.xt[c], k);
       }
       dx[B.win.row(B.w, p0 + pt) + B.win.input_channel(B.w, ch)] = static_cast<scalar_t>(d);

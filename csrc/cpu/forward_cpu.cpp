@@ -1,7 +1,7 @@
 // Fused forward on the CPU. Bytes moved: x is read once from memory (the plane or group is then
 // re-read from cache for the statistics and the gate) and out is written once, at the shuffled
 // channel; mean and rstd add 2 * acc_t per plane. channels_last tensors are read and written as
-// they are: SALayer's float-lane forward on large planes by rows (nhwc_rows.h,
+// they are: the float-lane forward on large planes by rows (nhwc_rows.h,
 // forward_nhwc_cpu.cpp), everything else by tiles of channels (nhwc_tiles.h) that run the same
 // unit bodies.
 #include <ATen/OpMathType.h>
@@ -57,12 +57,20 @@ C10_NOINLINE void sa_layer_plane(const ForwardTensors<scalar_t>& t, const Forwar
   }
 }
 
-// SALayer's channels_last forward goes by rows (nhwc_rows.h) where a tile would be narrower than
-// 32 channels (128 bytes of float per pixel and half): planes of more than 512 pixels
-// (SA-ResNet-50's stages 1-2, whose narrow tiles' strided reads made them slow) and any C < 64.
-// Wider tiles read about as fast, without the rows' separate statistics pass: at stages 3-4 the
-// rows measured no faster than the tiles (docs/kernels.md). Float64 always takes the tiles.
-bool forward_by_rows(const ForwardParams& p) { return ChannelTiling(p, 1).width < 32; }
+// The channels_last forward goes by rows (nhwc_rows.h) where a tile would be narrower than 32
+// channels (128 bytes of float per pixel and half): planes of more than 512 pixels (SA-ResNet-50's
+// stages 1-2, whose narrow tiles' strided reads made them slow) and any C < 64. Wider tiles read
+// about as fast, without the rows' separate statistics pass: at stages 3-4 the rows measured no
+// faster than the tiles (docs/kernels.md). Float64 always takes the tiles. ShuffleAttention's
+// tiles hold whole branches (`align` = m); its rows need m dividing 4 (half a vector of float
+// lanes: the vectors split by role hold whole branches, forward_nhwc_cpu.cpp). For m = 8 the rows
+// measured slower than the tiles (1.9x NCHW against 1.7x at (8, 64, 56, 56), fp32), so the other
+// m keep the tiles.
+bool forward_by_rows(const ForwardParams& p, Variant variant) {
+  const int64_t m = p.branch_channels, lanes = at::vec::Vectorized<float>::size();
+  if (variant == Variant::kSALayer) return ChannelTiling(p, 1).width < 32;
+  return (lanes / 2) % m == 0 && ChannelTiling(p, m).width < 32;
+}
 
 template <typename scalar_t>
 void forward_sa_layer(const ForwardParams& p) {
@@ -72,7 +80,9 @@ void forward_sa_layer(const ForwardParams& p) {
   const int64_t N = p.plane_size, C = p.channels;
 
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (p.channels_last && forward_by_rows(p)) return forward_sa_layer_rows<scalar_t>(p);
+    if (p.channels_last && forward_by_rows(p, Variant::kSALayer)) {
+      return forward_sa_layer_rows<scalar_t>(p);
+    }
   }
   if (p.channels_last) {
     const ChannelTiling tiling(p, 1);
@@ -179,6 +189,11 @@ void forward_shuffle_attention(const ForwardParams& p) {
   const ForwardTensors<scalar_t> t(p, Variant::kShuffleAttention);
   const int64_t m = p.branch_channels, N = p.plane_size, C = p.channels;
 
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (p.channels_last && forward_by_rows(p, Variant::kShuffleAttention)) {
+      return forward_shuffle_attention_rows<scalar_t>(p);
+    }
+  }
   if (p.channels_last) {
     const ChannelTiling tiling(p, m);
     const int64_t tile_values = 2 * tiling.width * N;

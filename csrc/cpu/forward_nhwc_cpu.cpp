@@ -1,6 +1,6 @@
-// SALayer forward on channels_last rows (nhwc_rows.h), float lanes. Bytes moved: x is read from
-// memory once (pass 1; pass 2 re-reads the wave from cache), out is written once, each row at
-// its shuffled channels; mean and rstd add 2 floats per channel.
+// The forward of both variants on channels_last rows (nhwc_rows.h), float lanes. Bytes moved: x is
+// read from memory once (pass 1; pass 2 re-reads the wave from cache), out is written once, each
+// row at its shuffled channels; mean and rstd add 2 floats per channel.
 #include <ATen/OpMathType.h>
 
 #include <tuple>
@@ -16,11 +16,6 @@ namespace sa_cuda::cpu {
 namespace {
 
 using VecD = at::vec::Vectorized<double>;
-
-// The gate coefficients of a channel as lanes: the spatial branch's SpatialGate (sa_math.h), then
-// the channel branch's constant gate.
-enum GateField { kConstantGate = kGateFieldCount, kGateFields };
-using GateLanes = ChannelLanes<kGateFields>;
 
 // Pass 1 of one chunk: sums[c] = sum_p (x[p, c] - shift[c]) and sums[C + c] of the squares, in
 // double: for float x each term is rounded at most once (exact unless x and the shift lie more
@@ -69,26 +64,35 @@ Standardizer<float> channel_stats(const scalar_t* item, int64_t C, int64_t N, do
   return plane_stats(plane.data(), N, eps, !spatial);
 }
 
-}  // namespace
-
-template <typename scalar_t>
-void forward_sa_layer_rows(const ForwardParams& p) {
-  const ForwardTensors<scalar_t> t(p, Variant::kSALayer);
-  const int64_t C = p.channels, N = p.plane_size, half = C / 2, m = p.branch_channels;
+// The rows forward of either variant: pass 1 and the statistics of every channel (stored to mean
+// and rstd), set_lanes(fields, stats, c) for every channel of an item (in parallel; stats: the
+// item's C Standardizers), the lanes packed by role, then pass 2: gate_row(fields, x, y, scratch)
+// turns each row x (C floats) into its output row y, which is stored at out's row.
+//   kFields: lane fields per channel; kRowScratch: floats of scratch per gate_row call, in units of
+//   C.
+template <int kFields, int kRowScratch, typename scalar_t, typename SetLanes, typename GateRow>
+void forward_rows(const ForwardParams& p, const ForwardTensors<scalar_t>& t, const RowRoles& roles,
+                  const SetLanes& set_lanes, const GateRow& gate_row) {
+  const int64_t C = p.channels, N = p.plane_size, m = p.branch_channels;
   const RowChunks rows(p, sizeof(scalar_t));
-  const RowRoles roles(C, m);
   const float eps = static_cast<float>(p.eps);
   auto item_x = [&](int64_t item) { return t.x + item * N * C; };
 
-  // A wave: the sum shifts (each item's first row), the chunks' sums, then the gate lanes.
+  // A wave: the sum shifts (each item's first row), the chunks' sums, the statistics, then the
+  // gate lanes.
   struct Wave {
     int64_t first, items;
     std::vector<double> shift, sums;
-    GateLanes lanes;
+    std::vector<Standardizer<float>> stats;
+    ChannelLanes<kFields> lanes;
   };
   auto make_wave = [&](int64_t first, int64_t items) {
-    Wave w{first, items, std::vector<double>(items * C),
-           std::vector<double>(items * rows.per_item * 2 * C), GateLanes(items, C)};
+    Wave w{first,
+           items,
+           std::vector<double>(items * C),
+           std::vector<double>(items * rows.per_item * 2 * C),
+           std::vector<Standardizer<float>>(items * C),
+           ChannelLanes<kFields>(items, C)};
     for (int64_t i = 0; i < items; ++i) {
       for (int64_t c = 0; c < C; ++c)
         w.shift[i * C + c] = sum_shift(static_cast<float>(item_x(first + i)[c]));
@@ -104,30 +108,57 @@ void forward_sa_layer_rows(const ForwardParams& p) {
     std::vector<double> totals(w.items * 2 * C);
     chunk_totals(w.sums.data(), w.items, rows.per_item, 2 * C, totals.data());
     for_each_channel(w.items, C, [&](int64_t i, int64_t c) {
-      const ChannelRole role = channel_role(c, m);
       const double* total = totals.data() + i * 2 * C;
       const Standardizer<float> st =
           channel_stats(item_x(w.first + i), C, N, total[c], total[C + c], w.shift[i * C + c], c,
-                        eps, role.spatial);
+                        eps, channel_role(c, m).spatial);
       t.mean[(w.first + i) * C + c] = st.mean;
       t.rstd[(w.first + i) * C + c] = st.rstd;
-      const int64_t k = role.k;
-      if (!role.spatial) {
-        w.lanes.field(kConstantGate, i)[c] = sigmoid(t.w.cw[k] * st.mean + t.w.cb[k]);
-        return;
-      }
-      set_spatial_gate(w.lanes.fields(i).data(), c,
-                       spatial_gate(t.w.sw[k], t.w.sb[k], t.w.gw[k], t.w.gb[k], st));
+      w.stats[i * C + c] = st;
+    });
+    for_each_channel(w.items, C, [&](int64_t i, int64_t c) {
+      set_lanes(w.lanes.fields(i).data(), w.stats.data() + i * C, c);
     });
     for (int64_t i = 0; i < w.items; ++i) {
       for (float* field : w.lanes.fields(i)) roles.pack(field);
     }
   };
-
-  // Pass 2: out's row p holds y(c) at 2c and y(C/2 + c) at 2c + 1.
   const bool streaming = stream_results(p.batch * N * C * int64_t{sizeof(scalar_t)});
   auto pass2 = [&](Wave& w, const RowChunks::Chunk& chunk, float* scratch) {
     const auto field = w.lanes.fields(chunk.item - w.first);
+    for (int64_t px = chunk.begin; px < chunk.end; ++px) {
+      const float* x = as_acc(item_x(chunk.item) + px * C, C, scratch);
+      float* y = scratch + C;
+      gate_row(field.data(), x, y, scratch + 2 * C);
+      store_row(y, t.out + (chunk.item * N + px) * C, C, streaming);
+    }
+  };
+  run_waves(rows, (2 + kRowScratch) * C, make_wave, pass1, finish, pass2);
+}
+
+// The gate coefficients of a SALayer channel as lanes: the spatial branch's SpatialGate
+// (sa_math.h), then the channel branch's constant gate.
+enum SALayerField { kConstantGate = kGateFieldCount, kSALayerFields };
+
+}  // namespace
+
+template <typename scalar_t>
+void forward_sa_layer_rows(const ForwardParams& p) {
+  const ForwardTensors<scalar_t> t(p, Variant::kSALayer);
+  const int64_t C = p.channels, half = C / 2, m = p.branch_channels;
+  const RowRoles roles(C, m);
+  auto set_lanes = [&](float* const* field, const Standardizer<float>* stats, int64_t c) {
+    const ChannelRole role = channel_role(c, m);
+    const Standardizer<float>& st = stats[c];
+    const int64_t k = role.k;
+    if (!role.spatial) {
+      field[kConstantGate][c] = sigmoid(t.w.cw[k] * st.mean + t.w.cb[k]);
+      return;
+    }
+    set_spatial_gate(field, c, spatial_gate(t.w.sw[k], t.w.sb[k], t.w.gw[k], t.w.gb[k], st));
+  };
+  // y holds y(c) at 2c and y(C/2 + c) at 2c + 1.
+  auto gate_row = [&](float* const* field, const float* x, float* y, float*) {
     // The two gates on x's lanes xv of the channels from c (in the lanes' order).
     auto channel_y = [&](const auto& xv, int64_t c) {
       using V = std::decay_t<decltype(xv)>;
@@ -135,54 +166,183 @@ void forward_sa_layer_rows(const ForwardParams& p) {
     };
     auto spatial_y = [&](const auto& xv, int64_t c) {
       using V = std::decay_t<decltype(xv)>;
-      return xv * sigmoid(spatial_gate_at<V>(field.data(), c).z(xv));
+      return xv * sigmoid(spatial_gate_at<V>(field, c).z(xv));
     };
     constexpr int64_t L = FloatVec::size();
-    for (int64_t px = chunk.begin; px < chunk.end; ++px) {
-      const float* x = as_acc(item_x(chunk.item) + px * C, C, scratch);
-      float* y = scratch + C;
-      for_each_row_block(
-          roles,
-          [&](int64_t c) {  // 2L channels of each half: 4L output channels from 2c
-            FloatVec half_y[2][2];
-            for (int h = 0; h < 2; ++h) {
-              const int64_t ch = h * half + c;
-              const RoleSplit xs = split_roles(FloatVec::loadu(x + ch), FloatVec::loadu(x + ch + L),
-                                               m, roles.swapped[h]);
-              const RoleSplit ys{channel_y(xs.channel, ch), spatial_y(xs.spatial, ch + L)};
-              std::tie(half_y[h][0], half_y[h][1]) = merge_roles(ys, m, roles.swapped[h]);
-            }
-            for (int v = 0; v < 2; ++v) {
-              const auto [lo, hi] = at::vec::interleave2(half_y[0][v], half_y[1][v]);
-              lo.store(y + 2 * (c + v * L));
-              hi.store(y + 2 * (c + v * L) + L);
-            }
-          },
-          [&](int64_t c, auto tag) {
-            using V = decltype(tag);
-            auto gated = [&](int64_t ch) {
-              const V xv = load<V>(x + ch);
-              return by_role<V>(
-                  roles, ch, [&] { return channel_y(xv, ch); }, [&] { return spatial_y(xv, ch); });
-            };
-            const V a = gated(c), b = gated(half + c);
-            if constexpr (is_vec<V>::value) {
-              const auto [lo, hi] = at::vec::interleave2(a, b);
-              lo.store(y + 2 * c);
-              hi.store(y + 2 * c + L);
-            } else {
-              y[2 * c] = a;
-              y[2 * c + 1] = b;
-            }
-          });
-      store_row(y, t.out + (chunk.item * N + px) * C, C, streaming);
+    for_each_row_block(
+        roles,
+        [&](int64_t c) {  // 2L channels of each half: 4L output channels from 2c
+          FloatVec half_y[2][2];
+          for (int h = 0; h < 2; ++h) {
+            const int64_t ch = h * half + c;
+            const RoleSplit xs = split_roles(FloatVec::loadu(x + ch), FloatVec::loadu(x + ch + L),
+                                             m, roles.swapped[h]);
+            const RoleSplit ys{channel_y(xs.channel, ch), spatial_y(xs.spatial, ch + L)};
+            std::tie(half_y[h][0], half_y[h][1]) = merge_roles(ys, m, roles.swapped[h]);
+          }
+          store_interleaved(half_y, c, y);
+        },
+        [&](int64_t c, auto tag) {
+          using V = decltype(tag);
+          auto gated = [&](int64_t ch) {
+            const V xv = load<V>(x + ch);
+            return by_role<V>(
+                roles, ch, [&] { return channel_y(xv, ch); }, [&] { return spatial_y(xv, ch); });
+          };
+          const V a = gated(c), b = gated(half + c);
+          if constexpr (is_vec<V>::value) {
+            const auto [lo, hi] = at::vec::interleave2(a, b);
+            lo.store(y + 2 * c);
+            hi.store(y + 2 * c + L);
+          } else {
+            y[2 * c] = a;
+            y[2 * c + 1] = b;
+          }
+        });
+  };
+  forward_rows<kSALayerFields, 0>(p, t, roles, set_lanes, gate_row);
+}
+
+namespace {
+
+// The GroupNorm output y = scale * (x - mean) * input_scale + shift of a ShuffleAttention spatial
+// channel as lanes (scale = gw * gate_rstd, shift = gb: the NCHW kernel's formula, with the
+// Standardizer's centering), then the channel branch's constant gate.
+enum ShuffleAttentionField {
+  kNormScale,
+  kNormShift,
+  kNormInputScale,
+  kNormCenter,
+  kNormCenterLo,
+  kChannelGate,
+  kShuffleAttentionFields
+};
+
+template <typename V>
+inline V group_norm_output_at(float* const* field, const V& x, int64_t c) {
+  const V xc = centered_value(x, load<V>(field[kNormInputScale] + c),
+                              load<V>(field[kNormCenter] + c), load<V>(field[kNormCenterLo] + c));
+  return load<V>(field[kNormScale] + c) * xc + load<V>(field[kNormShift] + c);
+}
+
+// The spatial gate's pre-activation z = b2 + W2 y of a vector of L / m whole branches (m
+// dividing L / 2; split_roles keeps each branch in m aligned lanes, in channel order):
+//   z = b2 + sum_d W2_d * rot_d(y),
+// rot_d rotating each run of m lanes by d: lane l (channel j) of rot_d(y) holds channel
+// k = (j + d) mod m, and of W2_d the weight W2[j, k]. m FMAs and m - 1 lane permutations per
+// vector, against the m^2 FMAs per L pixels of the NCHW kernel's planes. The lanes of W2_d are
+// laid out once per call.
+class BranchMixer {
+ public:
+  static constexpr int64_t L = FloatVec::size();
+
+  BranchMixer(const float* W2, const float* b2, int64_t m)
+      : m_(m), weight_(m * L), bias_(L), rotation_(m * L) {
+    for (int64_t d = 0; d < m; ++d) {
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t j = l % m, k = (j + d) % m;
+        rotation_[d * L + l] = static_cast<int32_t>(l - j + k);
+        weight_[d * L + l] = W2[j * m + k];
+        bias_[l] = b2[j];
+      }
+    }
+  }
+
+  FloatVec mix(const FloatVec& y) const {
+    FloatVec z = at::vec::fmadd(FloatVec::loadu(weight_.data()), y, FloatVec::loadu(bias_.data()));
+    for (int64_t d = 1; d < m_; ++d) {
+      z = at::vec::fmadd(FloatVec::loadu(weight_.data() + d * L), rotate(y, d), z);
+    }
+    return z;
+  }
+
+ private:
+  FloatVec rotate(const FloatVec& y, int64_t d) const {
+    const int32_t* index = rotation_.data() + d * L;
+#if defined(CPU_CAPABILITY_AVX2)
+    return _mm256_permutevar8x32_ps(y, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index)));
+#else
+    float in[L], out[L];
+    y.store(in);
+    for (int64_t l = 0; l < L; ++l) out[l] = in[index[l]];
+    return FloatVec::loadu(out);
+#endif
+  }
+
+  int64_t m_;
+  std::vector<float> weight_, bias_;
+  std::vector<int32_t> rotation_;
+};
+
+}  // namespace
+
+// ShuffleAttention goes by rows where m divides L / 2 (forward_by_rows in forward_cpu.cpp): pairs
+// of vectors are split by role, and a vector of spatial lanes holds whole branches.
+template <typename scalar_t>
+void forward_shuffle_attention_rows(const ForwardParams& p) {
+  const ForwardTensors<scalar_t> t(p, Variant::kShuffleAttention);
+  const int64_t C = p.channels, half = C / 2, m = p.branch_channels;
+  constexpr int64_t L = FloatVec::size();
+  constexpr int64_t kMaxM = L / 2;
+  TORCH_CHECK(kMaxM % m == 0, "forward_shuffle_attention_rows: m must divide ", kMaxM);
+  const RowRoles roles(C, m);
+  const BranchMixer mixer(t.w.sw, t.w.sb, m);
+  auto set_lanes = [&](float* const* field, const Standardizer<float>* stats, int64_t c) {
+    const ChannelRole role = channel_role(c, m);
+    const int64_t k = role.k;
+    if (!role.spatial) {  // sigmoid(W1 mu + b1)[k] over the branch's means, as NCHW
+      float mu[kMaxM];
+      for (int64_t i = 0; i < m; ++i) mu[i] = stats[c - k + i].mean;
+      field[kChannelGate][c] = sigmoid(matvec_row(t.w.cw, mu, t.w.cb, m, k));
+      return;
+    }
+    const Standardizer<float>& st = stats[c];
+    const float values[kChannelGate] = {t.w.gw[k] * st.gate_rstd, t.w.gb[k], st.input_scale,
+                                        st.center, st.center_lo};
+    for (int f = 0; f < kChannelGate; ++f) field[f][c] = values[f];
+  };
+  // y holds y(c) at 2c and y(C/2 + c) at 2c + 1. res: C floats of scratch.
+  auto gate_row = [&](float* const* field, const float* x, float* y, float* res) {
+    // 2L channels of each half from c, split by role (L lanes each): 4L output channels from 2c.
+    for (int64_t c = 0; c < roles.split_end; c += 2 * L) {
+      FloatVec half_y[2][2];
+      for (int h = 0; h < 2; ++h) {
+        const int64_t ch = h * half + c;
+        const RoleSplit xs =
+            split_roles(FloatVec::loadu(x + ch), FloatVec::loadu(x + ch + L), m, roles.swapped[h]);
+        const FloatVec yn = group_norm_output_at(field, xs.spatial, ch + L);
+        const RoleSplit ys{xs.channel * FloatVec::loadu(field[kChannelGate] + ch),
+                           xs.spatial * sigmoid(mixer.mix(yn))};
+        std::tie(half_y[h][0], half_y[h][1]) = merge_roles(ys, m, roles.swapped[h]);
+      }
+      store_interleaved(half_y, c, y);
+    }
+    // The rest of each half (whole branches) one value at a time, to res in x's channel order.
+    for (int h = 0; h < 2; ++h) {
+      for (int64_t ch = h * half + roles.split_end; ch < (h + 1) * half; ch += m) {
+        if (!channel_role(ch, m).spatial) {
+          for (int64_t j = ch; j < ch + m; ++j) res[j] = x[j] * field[kChannelGate][j];
+          continue;
+        }
+        float yn[kMaxM];
+        for (int64_t j = 0; j < m; ++j) yn[j] = group_norm_output_at(field, x[ch + j], ch + j);
+        for (int64_t j = 0; j < m; ++j)
+          res[ch + j] = x[ch + j] * sigmoid(matvec_row(t.w.sw, yn, t.w.sb, m, j));
+      }
+    }
+    for (int64_t c = roles.split_end; c < half; ++c) {
+      y[2 * c] = res[c];
+      y[2 * c + 1] = res[half + c];
     }
   };
-  run_waves(rows, 2 * C, make_wave, pass1, finish, pass2);
+  forward_rows<kShuffleAttentionFields, 1>(p, t, roles, set_lanes, gate_row);
 }
 
 template void forward_sa_layer_rows<float>(const ForwardParams&);
 template void forward_sa_layer_rows<c10::BFloat16>(const ForwardParams&);
 template void forward_sa_layer_rows<c10::Half>(const ForwardParams&);
+template void forward_shuffle_attention_rows<float>(const ForwardParams&);
+template void forward_shuffle_attention_rows<c10::BFloat16>(const ForwardParams&);
+template void forward_shuffle_attention_rows<c10::Half>(const ForwardParams&);
 
 }  // namespace sa_cuda::cpu

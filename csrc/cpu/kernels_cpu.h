@@ -58,9 +58,12 @@ struct ForwardTensors {
         w(p, variant) {}
 };
 
-// SALayer on channels_last rows (nhwc_rows.h) for float lanes: scalar_t float, BFloat16, Half.
+// The forward on channels_last rows (nhwc_rows.h, forward_nhwc_cpu.cpp) for float lanes: scalar_t
+// float, BFloat16, Half.
 template <typename scalar_t>
 void forward_sa_layer_rows(const ForwardParams& p);
+template <typename scalar_t>
+void forward_shuffle_attention_rows(const ForwardParams& p);
 
 void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& params);
 void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& params);

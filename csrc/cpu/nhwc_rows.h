@@ -1,7 +1,7 @@
-// channels_last (NHWC) by rows: the direct SALayer forward of the CPU for float lanes (float,
-// bfloat16 and half x), where a tile of nhwc_tiles.h would be narrower than 32 channels
-// (forward_cpu.cpp, forward_by_rows). The backward, float64, ShuffleAttention and wider tiles keep
-// the tiles (docs/kernels.md says why).
+// channels_last (NHWC) by rows: the direct forward of the CPU for float lanes (float, bfloat16
+// and half x), where a tile of nhwc_tiles.h would be narrower than 32 channels (forward_cpu.cpp,
+// forward_by_rows; ShuffleAttention only for m dividing 4). The backward, float64,
+// ShuffleAttention's other m and wider tiles keep the tiles (docs/kernels.md says why).
 //
 // In NHWC the C channels of a pixel are one contiguous row. The kernel reads x row after row, as
 // it lies in memory, and writes each output row once:
@@ -209,6 +209,17 @@ inline void for_each_row_block(const RowRoles& roles, const Pair& pair, const Re
   int64_t c = roles.split_end;
   for (; c + L <= roles.half; c += L) rest(c, FloatVec());
   for (; c < roles.half; ++c) rest(c, float());
+}
+
+// The results of a pair of for_each_row_block, half_y[h] = 2L channels of half h from c, into the
+// output row y at 4L channels from 2c (channel_shuffle: c and C/2 + c to 2c and 2c + 1).
+inline void store_interleaved(const FloatVec (&half_y)[2][2], int64_t c, float* y) {
+  constexpr int64_t L = FloatVec::size();
+  for (int v = 0; v < 2; ++v) {
+    const auto [lo, hi] = at::vec::interleave2(half_y[0][v], half_y[1][v]);
+    lo.store(y + 2 * (c + v * L));
+    hi.store(y + 2 * (c + v * L) + L);
+  }
 }
 
 // Per-channel coefficients of a wave's items as float lanes: field f of item i's channel c at

@@ -1,12 +1,13 @@
 """channels_last (NHWC) tensors through the fused ops, on every backend.
 
-The CPU kernels read and write NHWC as it is. SALayer's forward in float, bfloat16 and half goes by
-rows (csrc/cpu/nhwc_rows.h): its statistics are summed per channel across the pixels of a row, in
-double, a different order from NCHW's plane sums, so its results are held to the float64 reference
-(and its statistics to the true ones) instead of to NCHW's bits. Every other CPU path (the
-backward, float64, ShuffleAttention) goes by tiles of channels (csrc/cpu/nhwc_tiles.h) that run the
-NCHW kernels' unit bodies on the same planes in the same order: given the same statistics, their
-results equal the NCHW call's bit for bit. The CUDA source (on a GPU, and through the emulator)
+The CPU kernels read and write NHWC as it is. The forward in float, bfloat16 and half goes by rows
+on large planes (csrc/cpu/nhwc_rows.h; ShuffleAttention where m divides 4): its statistics are
+summed per channel across the pixels of a row, in double, a different order from NCHW's plane sums,
+so its results are held to the float64 reference (and its statistics to the true ones) instead of
+to NCHW's bits. Every other CPU path (the backward, float64, small planes, ShuffleAttention's other
+m) goes by tiles of channels (csrc/cpu/nhwc_tiles.h) that run the NCHW kernels' unit bodies on the
+same planes in the same order: given the same statistics, their results equal the NCHW call's bit
+for bit. The CUDA source (on a GPU, and through the emulator)
 reads both variants' NHWC as it is, forward and backward (csrc/cuda/sa_layer_nhwc_*.cuh,
 shuffle_attention_nhwc_*.cuh: per-chunk partials merged in chunk order, so its bits are its own:
 held to the float64 reference, its statistics to the true ones). On every backend the output and
@@ -19,7 +20,9 @@ or of the 8-channel transpose blocks, pixel counts that are not a multiple of 8,
 than 8 channels, branches as wide as the tile (ShuffleAttention), and size-1 dims. ROW_SHAPES cover
 the rows' lane roles: m = 1, 2, 4 (vectors split by role), with the second half starting on a
 spatial run (G odd), halves with a vector or scalar tail, m = 3, 6, 12 (vectors mixing roles),
-m = 8, 16 (vectors of one role).
+m = 8, 16 (vectors of one role). ShuffleAttention's rows take those with m dividing 4: the split
+vectors of spatial lanes hold whole branches, the m x m gate mixes them by lane rotations, and a
+half's tail goes one branch at a time.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ SHAPES = [
     pytest.param((1, 48, 3, 1), 3, id="b1-w1"),
     pytest.param((2, 16, 1, 5), 1, id="h1-g1"),
 ]
-# (B, C, H, W), groups for the rows of SALayer's forward (each would make tiles narrower than 32
+# (B, C, H, W), groups for the rows of the forward (each would make tiles narrower than 32
 # channels: _by_rows): m = C / (2 G), half = C / 2 channels, taken by pairs of 8-float vectors
 # (16 channels) where m divides 4.
 ROW_SHAPES = [
@@ -73,6 +76,10 @@ ROW_SHAPES = [
     pytest.param((1, 256, 32, 20), 8, id="m16"),
     pytest.param((2, 2, 3, 3), 1, id="C2"),
     pytest.param((1, 48, 1, 1000), 6, id="N1000"),  # several chunks per item
+]
+# ShuffleAttention's rows: the shapes above with m dividing 4.
+SHUFFLE_ROW_SHAPES = [
+    case for case in ROW_SHAPES if 4 % (case.values[0][1] // (2 * case.values[1])) == 0
 ]
 # The CUDA source runs in the emulator slowly: its cases stay small.
 EMULATED_SHAPES = SHAPES[:2] + SHAPES[-2:]
@@ -139,23 +146,29 @@ def _assert_true_nhwc_statistics(backend, variant, shape, groups, dtype, what):
     assert_true_statistics(mean.cpu(), rstd.cpu(), x.cpu(), 1e-5, what)
 
 
-def _own_order(backend, variant, dtype, shape):
+def _own_order(backend, variant, dtype, shape, groups):
     """(forward, backward): whether the NHWC call sums in an order of its own, so that its bits
-    are not the NCHW call's: SALayer's forward by rows on the CPU (_by_rows), the forward and
-    backward of the CUDA source."""
+    are not the NCHW call's: the forward by rows on the CPU (_by_rows), the forward and backward
+    of the CUDA source."""
     if backend.name == "cpu":
-        return _by_rows(backend, variant, dtype, shape), False
+        return _by_rows(backend, variant, dtype, shape, groups), False
     return True, True
 
 
-def _by_rows(backend, variant, dtype, shape):
-    """Whether the forward goes by rows (its bits are not NCHW's): SALayer on the CPU in float
-    lanes, where a tile would be narrower than 32 channels (csrc/cpu/forward_cpu.cpp,
-    forward_by_rows; the tile width rule of csrc/cpu/nhwc_tiles.h, ChannelTiling)."""
-    if backend.name != "cpu" or variant != "sa_layer" or dtype == torch.float64:
+def _by_rows(backend, variant, dtype, shape, groups):
+    """Whether the forward goes by rows (its bits are not NCHW's): on the CPU in float lanes, where
+    a tile would be narrower than 32 channels (csrc/cpu/forward_cpu.cpp, forward_by_rows; the tile
+    width rule of csrc/cpu/nhwc_tiles.h, ChannelTiling: a multiple of m for ShuffleAttention),
+    ShuffleAttention only where m divides 4."""
+    if backend.name != "cpu" or dtype == torch.float64:
         return False
     half, pixels = shape[1] // 2, shape[2] * shape[3]
-    return min(half, min(max(16384 // pixels, 8), 64)) < 32
+    m = half // groups
+    align = 1 if variant == "sa_layer" else m
+    if variant == "shuffle_attention" and 4 % m != 0:
+        return False
+    target = min(max(16384 // pixels, 8), 64)
+    return min(half, max(1, target // align) * align) < 32
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -176,39 +189,66 @@ def test_nhwc_equals_nchw_bit_for_bit(backend, variant, dtype):
         got_fwd = backend.forward_op(variant)(x_cl, groups, *params, 1e-5)
         _, mean, rstd = want_fwd
         got_bwd = backend.backward_op(variant)(gy_cl, x_cl, mean, rstd, groups, *params)
-        if not _by_rows(backend, variant, dtype, shape):
+        if not _by_rows(backend, variant, dtype, shape, groups):
             _assert_identical(got_fwd, want_fwd)
         _assert_identical(got_bwd, want_bwd)
         assert got_fwd[0].is_contiguous(memory_format=CL), (case.id, got_fwd[0].stride())
         assert got_bwd[0].is_contiguous(memory_format=CL), (case.id, got_bwd[0].stride())
 
 
+ROW_CASES = [
+    pytest.param("sa_layer", *case.values, id=f"sa_layer-{case.id}") for case in ROW_SHAPES
+] + [
+    pytest.param("shuffle_attention", *case.values, id=f"shuffle_attention-{case.id}")
+    for case in SHUFFLE_ROW_SHAPES
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS[1:])
-@pytest.mark.parametrize("shape,groups", ROW_SHAPES)
-def test_rows_against_reference(shape, groups, dtype):
-    """SALayer by rows: the module's output and every gradient against the float64 reference (the
-    criteria of test_forward_backward), and the returned statistics against the true ones."""
+@pytest.mark.parametrize("variant,shape,groups", ROW_CASES)
+def test_rows_against_reference(variant, shape, groups, dtype):
+    """The forward by rows: the module's output and every gradient against the float64 reference
+    (the criteria of test_forward_backward), and the returned statistics against the true ones."""
     cpu = BACKENDS["cpu"]
-    assert _by_rows(cpu, "sa_layer", dtype, shape)
+    assert _by_rows(cpu, variant, dtype, shape, groups)
     if dtype == torch.float32:
-        F = _against_reference(cpu, "sa_layer", shape, groups, dtype, offset=0.5)
+        F = _against_reference(cpu, variant, shape, groups, dtype, offset=0.5)
     else:
         F, R, E, RE, param_dtype = low_precision_runs(
-            "sa_layer", shape, groups, dtype, memory_format=CL
+            variant, shape, groups, dtype, memory_format=CL
         )
         assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
     assert F["out"].is_contiguous(memory_format=CL) and F["x"].is_contiguous(memory_format=CL)
-    _assert_true_nhwc_statistics(cpu, "sa_layer", shape, groups, dtype, f"rows {shape} {dtype}")
+    _assert_true_nhwc_statistics(cpu, variant, shape, groups, dtype, f"rows {shape} {dtype}")
 
 
-def test_rows_do_not_depend_on_the_thread_count():
+def test_shuffle_attention_rows_only_where_m_divides_4():
+    """ShuffleAttention's other m keep the tiles (whose bits are NCHW's): the rows' m x m gate
+    needs whole branches in a vector's split lanes."""
+    cpu = BACKENDS["cpu"]
+    for case in ROW_SHAPES:
+        shape, groups = case.values
+        rows = _by_rows(cpu, "shuffle_attention", torch.float32, shape, groups)
+        assert rows == (case in SHUFFLE_ROW_SHAPES), case.id
+        params = op_params("shuffle_attention", shape[1], groups, seed=3)
+        x = make_input(shape, seed=1, offset=0.5)
+        forward = SA_CUDA_LIBRARY.forward_op("shuffle_attention")
+        got = forward(x.contiguous(memory_format=CL), groups, *params, 1e-5)
+        want = forward(x, groups, *params, 1e-5)
+        # rows sum the statistics in their own order: the mean differs in some channel
+        same = all(torch.equal(g, w) for g, w in zip(got, want))
+        assert same != rows, case.id
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rows_do_not_depend_on_the_thread_count(variant):
     """The rows' chunks and the order of every sum are fixed by the shape: one thread and two give
     the same bits."""
     shape, groups = (3, 64, 20, 30), 8
-    assert _by_rows(BACKENDS["cpu"], "sa_layer", torch.float32, shape)
-    params = op_params("sa_layer", shape[1], groups, seed=3)
+    assert _by_rows(BACKENDS["cpu"], variant, torch.float32, shape, groups)
+    params = op_params(variant, shape[1], groups, seed=3)
     x = make_input(shape, seed=1).contiguous(memory_format=CL)
-    forward = SA_CUDA_LIBRARY.forward_op("sa_layer")
+    forward = SA_CUDA_LIBRARY.forward_op(variant)
     threads = torch.get_num_threads()
     try:
         results = []
@@ -222,25 +262,29 @@ def test_rows_do_not_depend_on_the_thread_count():
 
 
 @pytest.mark.parametrize(
-    "shape,groups,dtype",
+    "variant,shape,groups,dtype",
     [
-        pytest.param((1, 64, 200, 205), 8, torch.float32, id="fp32-aligned-rows"),
+        pytest.param("sa_layer", (1, 64, 200, 205), 8, torch.float32, id="fp32-aligned-rows"),
         # 144-byte rows: every other row starts off a 32-byte boundary (plain stores there)
-        pytest.param((1, 36, 250, 251), 3, torch.float32, id="fp32-odd-rows"),
-        pytest.param((1, 96, 220, 221), 6, torch.bfloat16, id="bf16"),
+        pytest.param("sa_layer", (1, 36, 250, 251), 3, torch.float32, id="fp32-odd-rows"),
+        pytest.param("sa_layer", (1, 96, 220, 221), 6, torch.bfloat16, id="bf16"),
+        pytest.param("shuffle_attention", (1, 64, 200, 205), 8, torch.float32, id="sa-fp32"),
+        # m = 2, G odd, 144-byte rows
+        pytest.param("shuffle_attention", (1, 36, 250, 251), 9, torch.float32, id="sa-fp32-odd"),
+        pytest.param("shuffle_attention", (1, 96, 220, 221), 12, torch.bfloat16, id="sa-bf16"),
     ],
 )
-def test_rows_streaming_stores(shape, groups, dtype):
+def test_rows_streaming_stores(variant, shape, groups, dtype):
     """Outputs above 8 MiB are written with streaming stores (csrc/cpu/nhwc_rows.h), against the
     float64 reference."""
-    params = op_params("sa_layer", shape[1], groups, seed=3)
+    params = op_params(variant, shape[1], groups, seed=3)
     x = make_input(shape, seed=1, dtype=dtype).contiguous(memory_format=CL)
     assert x.numel() * x.element_size() > 8 << 20 and _by_rows(
-        BACKENDS["cpu"], "sa_layer", dtype, shape
+        BACKENDS["cpu"], variant, dtype, shape, groups
     )
-    forward = SA_CUDA_LIBRARY.forward_op("sa_layer")
+    forward = SA_CUDA_LIBRARY.forward_op(variant)
     out, _, _ = forward(x, groups, *params, 1e-5)
-    ref = ref_functional("sa_layer")
+    ref = ref_functional(variant)
     ref64 = ref(x.double(), groups, *[p.double() for p in params])
     eager = ref(x, groups, *[p.to(dtype) for p in params])
     assert_close_to_reference({"out": out}, {"out": ref64}, dtype, eager={"out": eager})
@@ -342,7 +386,7 @@ def test_every_layout_pair(backend, variant, dtype, x_layout, gy_layout):
     assert torch.equal(xl, x) and torch.equal(gyl, gy)
     channels_last = x_layout.startswith("channels_last") and x_layout != "channels_last_slice"
     assert xl.is_contiguous(memory_format=CL) == channels_last
-    own_forward, own_backward = _own_order(backend, variant, dtype, shape)
+    own_forward, own_backward = _own_order(backend, variant, dtype, shape, groups)
     # The reference calls: NCHW, or dense channels_last where those sum in an order of their own.
     x_want = x.contiguous(memory_format=CL) if channels_last and own_forward else x
     want_fwd = backend.forward_op(variant)(x_want, groups, *params, 1e-5)

@@ -67,10 +67,11 @@ DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16
 SHAPES = {
     "cpu": ((8, 7, 9), 2),
     "cpu-large": ((4, 64, 72), 1),  # several kSumBlock blocks per plane
-    # channels_last ("-cl"): SALayer's forward by rows (csrc/cpu/nhwc_rows.h), whose statistics are
-    # sums in double over each channel, then NCHW's plane_stats for a channel they overflow
-    "cpu-cl": ((32, 7, 9), 8),  # m = 2: vectors split by role
-    "cpu-cl-mixed": ((24, 9, 70), 2),  # m = 6: vectors mixing roles, a scalar tail; 2 chunks
+    # channels_last ("-cl"): the forward by rows (csrc/cpu/nhwc_rows.h), whose statistics are sums
+    # in double over each channel, then NCHW's plane_stats for a channel they overflow
+    "cpu-cl": ((32, 7, 9), 8),  # m = 2: vectors split by role (both variants)
+    # m = 6: SALayer's vectors mixing roles, a scalar tail, 2 chunks; ShuffleAttention's tiles
+    "cpu-cl-mixed": ((24, 9, 70), 2),
     "emu-warp-vector": ((8, 8, 8), 2),
     "emu-warp-scalar": ((8, 7, 9), 2),
     "emu-block-vector": ((4, 32, 32), 1),
@@ -186,6 +187,8 @@ GRID = [
 GROUP_GRID = [
     ("cpu", (torch.float32, torch.bfloat16, torch.float16)),
     ("cpu-large", (torch.float32, torch.bfloat16)),
+    ("cpu-cl", (torch.float32, torch.bfloat16, torch.float16)),
+    ("cpu-cl-mixed", (torch.float32, torch.bfloat16)),
     ("emu-group", (torch.float32, torch.bfloat16, torch.float16)),
     ("emu-group-tiles", (torch.float32, torch.bfloat16)),
     ("emu-nhwc-cl", (torch.float32, torch.bfloat16, torch.float16)),

@@ -211,17 +211,6 @@ inline void for_each_row_block(const RowRoles& roles, const Pair& pair, const Re
   for (; c < roles.half; ++c) rest(c, float());
 }
 
-// The results of a pair of for_each_row_block, half_y[h] = 2L channels of half h from c, into the
-// output row y at 4L channels from 2c (channel_shuffle: c and C/2 + c to 2c and 2c + 1).
-inline void store_interleaved(const FloatVec (&half_y)[2][2], int64_t c, float* y) {
-  constexpr int64_t L = FloatVec::size();
-  for (int v = 0; v < 2; ++v) {
-    const auto [lo, hi] = at::vec::interleave2(half_y[0][v], half_y[1][v]);
-    lo.store(y + 2 * (c + v * L));
-    hi.store(y + 2 * (c + v * L) + L);
-  }
-}
-
 // Per-channel coefficients of a wave's items as float lanes: field f of item i's channel c at
 // data[(f * items + i) * C + c], read as vectors of channels. A field of the other role holds 0
 // in a channel's lane (finite values for the lanes a blend discards).

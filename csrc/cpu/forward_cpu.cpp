@@ -64,8 +64,8 @@ C10_NOINLINE void sa_layer_plane(const ForwardTensors<scalar_t>& t, const Forwar
 // faster than the tiles (docs/kernels.md). Float64 always takes the tiles. ShuffleAttention's
 // tiles hold whole branches (`align` = m); its rows need m dividing 4 (half a vector of float
 // lanes: the vectors split by role hold whole branches, forward_nhwc_cpu.cpp). For m = 8 the rows
-// measured slower than the tiles (1.9x NCHW against 1.7x at (8, 64, 56, 56), fp32), so the other
-// m keep the tiles.
+// measured slower than the tiles (1.9-2.2x NCHW against 1.6-1.7x at (8, 64, 56, 56), fp32), so
+// the other m keep the tiles.
 bool forward_by_rows(const ForwardParams& p, Variant variant) {
   const int64_t m = p.branch_channels, lanes = at::vec::Vectorized<float>::size();
   if (variant == Variant::kSALayer) return ChannelTiling(p, 1).width < 32;

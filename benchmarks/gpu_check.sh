@@ -177,17 +177,17 @@ sanitize() {  # sanitize TOOL BOX MIN [compute-sanitizer options...]
 sanitize memcheck 60 30
 sanitize racecheck 120 30 --racecheck-report all
 
-# ---- ncu on the main forward and backward kernels (CPU mode: the parser on a fixture CSV)
+# ---- ncu on the forward and backward kernels, NCHW and NHWC (CPU mode: the parser on a fixture CSV)
 if [ "$MODE" = gpu ]; then
-  run_step ncu 75 40 TERM 1 bash -c '
+  run_step ncu 100 40 TERM 1 bash -c '
     METRICS=$("$PY" "$HELPERS/ncu_report.py" --print-metrics) || exit 1
-    ncu --clock-control none --target-processes all -k "regex:sa_layer_|shuffle_attention_" --metrics "$METRICS" \
+    ncu --clock-control none --target-processes all -k "regex:sa_layer_|shuffle_attention_|nhwc_" --metrics "$METRICS" \
       -f -o "$OUT/ncu/report" "$PY" "$HELPERS/ncu_workload.py" --manifest "$OUT/ncu/manifest.json" || exit 1
     ncu --import "$OUT/ncu/report.ncu-rep" --csv --page raw --print-units base > "$OUT/ncu/raw.csv" || exit 1
     "$PY" "$HELPERS/ncu_report.py" "$OUT/ncu/raw.csv" --manifest "$OUT/ncu/manifest.json" --json "$OUT/ncu/ncu.json"'
 else
   run_step ncu 30 10 TERM 1 bash -c '
-    "$PY" "$HELPERS/ncu_workload.py" --dry-run --dtypes fp32 --manifest "$OUT/ncu/manifest.json" || exit 1
+    "$PY" "$HELPERS/ncu_workload.py" --dry-run --dtypes fp32 --layouts nchw --manifest "$OUT/ncu/manifest.json" || exit 1
     echo "cpu mode: parsing the fixture $HELPERS/fixtures/ncu_raw_page.csv"
     "$PY" "$HELPERS/ncu_report.py" "$HELPERS/fixtures/ncu_raw_page.csv" --manifest "$OUT/ncu/manifest.json" \
       --json "$OUT/ncu/ncu.json"'

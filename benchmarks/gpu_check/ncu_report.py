@@ -8,10 +8,13 @@ with "Metric Name", "Metric Unit", "Metric Value") is read too. Numbers may carr
 separators; byte, time and rate units with SI prefixes are normalised (bytes, ns, bytes/s).
 
 Attribution: ncu_workload.py writes a manifest of its op calls in launch order, alternating the
-forward and the backward of each (variant, shape, dtype). Profiled kernels are walked in ID order:
-a kernel whose name says "forward" or "backward" (the kernels' naming convention:
-sa_layer_forward_kernel, shuffle_attention_backward_kernel, ...) belongs to the next call of that pass, or to the
-current one if that already is of that pass; a kernel naming neither belongs to the current call.
+forward and the backward of each (layout, variant, shape, dtype). Profiled kernels are walked in ID
+order: a kernel whose name says "forward" or "backward" belongs to the next call of that pass, or to
+the current one if that already is of that pass; a kernel naming neither belongs to the current
+call. ncu's names are the demangled signatures, and every kernel of a pass takes that pass's
+parameters, so the word is there even where the kernel's own name lacks it:
+``void nhwc_moments_kernel<float>(ForwardParams, ...)``, ``void
+sa_layer_nhwc_grad_sums_kernel<float>(BackwardParams, ...)``.
 If the walk does not end on the manifest's last call with a kernel for every call, the
 attribution is reported as failed and only the per-kernel rows are given.
 
@@ -214,13 +217,14 @@ def format_table(passes: list[dict]) -> str:
         return format(v, fmt) if v is not None else "n/a"
 
     head = (
-        f"{'variant':<17} {'shape':<18} {'dtype':<5} {'pass':<4} {'us':>8} {'DRAM/model':>10} "
+        f"{'variant':<17} {'shape':<18} {'cl':<2} {'dtype':<5} {'pass':<4} {'us':>8} {'DRAM/model':>10} "
         f"{'DRAM GB/s':>9} {'%peak':>5} {'regs':>4} {'occ%':>5} {'ld sec/req':>10} {'st sec/req':>10}"
     )
     lines = [head, "-" * len(head)]
     for p in passes:
         lines.append(
-            f"{p['variant']:<17} {str(tuple(p['shape'])):<18} {p['dtype']:<5} {p['pass']:<4} "
+            f"{p['variant']:<17} {str(tuple(p['shape'])):<18} "
+            f"{'cl' if p.get('layout') == 'channels_last' else '':<2} {p['dtype']:<5} {p['pass']:<4} "
             f"{f(p['duration_us'], '8.1f')} {f(p['dram_over_model'], '10.2f')} "
             f"{f(p['dram_gbps'], '9.0f')} {f(p['dram_pct_of_peak'], '5.0f')} "
             f"{f(p['registers'], '4.0f')} {f(p['achieved_occupancy_pct'], '5.0f')} "

@@ -231,6 +231,41 @@ def test_ncu_report_attributes_kernels_and_computes_headlines():
     assert "shuffle_attention (8, 2048, 7, 7)" in table and "16.0" in table
 
 
+def test_ncu_report_attributes_nhwc_kernels_by_their_parameters():
+    # the NHWC kernels' own names lack the pass; their signatures (what ncu prints) carry it
+    def kernel(i, name):
+        return {"id": i, "name": name, "block": None, "grid": None, "metrics": {}}
+
+    names = [
+        "void nhwc_moments_kernel<float>(ForwardParams, ChunkMoments<float> *)",
+        "void nhwc_stats_kernel<float, GateSink<float>>(ForwardParams, const ChunkMoments<float> *)",
+        "void sa_layer_nhwc_gate_kernel<float>(ForwardParams, const PlaneGate<float> *)",
+        "void sa_layer_nhwc_grad_sums_kernel<float>(BackwardParams, ChunkSums<float> *)",
+        "void sa_layer_nhwc_grad_coeffs_kernel<float>(BackwardParams, const ChunkSums<float> *)",
+        "void sa_layer_nhwc_input_grad_kernel<float>(BackwardParams, const InputGradCoeffs<float> *)",
+        "void nhwc_moments_kernel<float>(ForwardParams, ChunkMoments<float> *)",
+        "void shuffle_attention_nhwc_gate_kernel<float>(ForwardParams, NhwcWindows, const Std *)",
+        "void shuffle_attention_nhwc_grad_sums_kernel<float>(BackwardParams, NhwcWindows, float *)",
+        "void shuffle_attention_nhwc_input_grad_kernel<float>(BackwardParams, NhwcWindows)",
+    ]
+    manifest = [
+        {"variant": v, "layout": "channels_last", "pass": p}
+        for v in ("sa_layer", "shuffle_attention")
+        for p in ("fwd", "bwd")
+    ]
+    groups = ncu_report.attribute([kernel(i, n) for i, n in enumerate(names)], manifest)
+    assert [[k["id"] for k in g] for g in groups] == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    table = ncu_report.format_table(
+        [
+            ncu_report.headline(
+                {**item, "shape": [8, 256, 56, 56], "dtype": "fp32", "model_bytes": 1}, g
+            )
+            for item, g in zip(manifest, groups)
+        ]
+    )
+    assert "shuffle_attention (8, 256, 56, 56)   cl fp32  bwd" in table
+
+
 def test_ncu_report_refuses_an_attribution_that_does_not_line_up():
     with open(FIXTURE) as f:
         text = f.read()

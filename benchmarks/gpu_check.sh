@@ -156,12 +156,16 @@ else
     --json "$OUT/timing.json" --png "$OUT/timing.png"'
 fi
 
-# ---- channels_last: the NHWC kernels against the NCHW ones and eager, stage shapes at B = 8
+# ---- channels_last: the NHWC kernels, eager and fused on channels_last x and grad_out, timed as
+# the timing step times NCHW (graph replay; cl / NCHW = these fused rows over the timing step's)
 if [ "$MODE" = gpu ]; then
-  run_step channels_last 90 30 TERM 1 "$PY" -m benchmarks.channels_last --device cuda \
-    --impls fused-nchw,fused-cl,eager-cl --rounds 1 --out-dir "$OUT" --tag gpu-check
+  run_step channels_last 90 30 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cuda \
+    --channels-last --impls eager,fused --budget $((STEP_BOX - 20)) \
+    --json "$OUT/timing-channels_last.json" --png "$OUT/timing-channels_last.png"'
 else
-  gpu_only channels_last 90
+  run_step channels_last 60 20 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cpu --tiny \
+    --batches 1 --dtypes fp32 --channels-last --impls eager,fused --budget $((STEP_BOX - 15)) \
+    --json "$OUT/timing-channels_last.json" --png "$OUT/timing-channels_last.png"'
 fi
 
 # ---- compute-sanitizer on the small launch-path set (no caching allocator for memcheck/initcheck)

@@ -208,7 +208,7 @@ def low_precision_runs(
     dtype,
     *,
     params="params_fp32",
-    device="cpu",
+    device=None,
     memory_format=None,
     backend=None,
 ):
@@ -219,7 +219,12 @@ def low_precision_runs(
     "params_fp32" (fp32 parameters, under autocast as in training). eager and its float64 run are
     None where eager has no kernel for dtype on device (an fp16 kernel missing on CPU in some
     torch builds). backend: the Backend whose kernels the fused module runs (default: the
-    sa_cuda module on device)."""
+    sa_cuda module on device). device: where inputs and modules live (default: the backend's
+    device, else the CPU)."""
+    if device is None:
+        device = backend.device if backend is not None else "cpu"
+    elif backend is not None and torch.device(device) != torch.device(backend.device):
+        raise ValueError(f"device {device} is not the {backend.name} backend's {backend.device}")
     C = shape[1]
     base = make_ref(variant, C, groups, seed=11, dtype=torch.float32, device=device)
     fused = (

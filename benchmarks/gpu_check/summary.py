@@ -101,7 +101,7 @@ def format_timing_table(rows: list[dict], impls: list[str]) -> str:
     bandwidth, then the fused GB/s and the copy's."""
     cells = {(r["variant"], r["shape"], r["dtype"], r["pass"], r["impl"]): r for r in rows}
     head = (
-        f"{'variant':<17} {'shape':<11} {'dtype':<5} {'pass':<6}"
+        f"{'variant':<17} {'shape':<13} {'dtype':<5} {'pass':<6}"
         + "".join(f" | {impl + ' ms':>12} {'%copy':>5}" for impl in impls)
         + f" | {'fused GB/s':>10} {'copy GB/s':>9}"
     )
@@ -111,7 +111,7 @@ def format_timing_table(rows: list[dict], impls: list[str]) -> str:
         key=lambda k: (k[0], int(k[1].split("-b")[-1]), k[1], k[2], PASSES.index(k[3])),
     )
     for k in keys:
-        line = f"{k[0]:<17} {k[1]:<11} {k[2]:<5} {k[3]:<6}"
+        line = f"{k[0]:<17} {k[1]:<13} {k[2]:<5} {k[3]:<6}"
         for impl in impls:
             r = cells.get((*k, impl))
             if r is None or r["status"] != "ok":

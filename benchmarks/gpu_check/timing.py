@@ -7,6 +7,9 @@ reference (benchmarks.harness.check_fused); a failing fused config is not timed.
 the model bytes are those of benchmarks.timers (fwd 2*n*e, bwd 3*n*e, fwdbwd 5*n*e; bwd = backward alone through a
 retained graph). The copy moves the same bytes: model bytes / 2 elements read and written.
 
+--channels-last: x and grad_out channels_last (the NHWC kernels; shapes named ``<stage>-cl-b<B>``), for
+gpu_check.sh's channels_last step, whose fused rows divided by the timing step's give cl / NCHW.
+
 CUDA: CUDA-graph replay (benchmarks.timers.GraphTimer: several iterations per graph, inputs
 rotated over copies exceeding twice the L2 cache). CPU (the CPU mode of benchmarks/gpu_check.sh):
 the CPU timer of benchmarks.timers.Bencher, no graphs.
@@ -90,11 +93,18 @@ def time_config(
         "G": shape.G,
         "dtype": dname,
     }
+    if args.channels_last:
+        stage, batch = shape.name.rsplit("-b", 1)
+        common.update(shape=f"{stage}-cl-b{batch}", layout="channels_last")
     ref, fused = harness.make_modules(variant, shape, dtype, device, args.seed)
     key = (shape.name, dname)
     if key not in inputs_cache:
         inputs_cache.clear()  # one shape's inputs at a time (B = 64 inputs are 200 MB each)
-        inputs_cache[key] = harness.make_inputs(shape, dtype, device, args.seed)
+        x, gy = harness.make_inputs(shape, dtype, device, args.seed)
+        if args.channels_last:  # the clones of measure() keep the layout (preserve_format)
+            x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+            gy = gy.contiguous(memory_format=torch.channels_last)
+        inputs_cache[key] = (x, gy)
     x, gy = inputs_cache[key]
     rows, check = [], None
     fused_ok = True
@@ -210,6 +220,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds of budget a config's torch.compile needs to start",
     )
     p.add_argument("--tiny", action="store_true", help="a tiny shape (the CPU mode)")
+    p.add_argument(
+        "--channels-last", action="store_true", help="channels_last x and grad_out (NHWC kernels)"
+    )
     p.add_argument(
         "--budget",
         type=float,

@@ -60,7 +60,13 @@ def test_cpu_mode_passes_and_prints_the_summary_last(cpu_run):
     table = tail.split("\n\n")[0].splitlines()[2:]
     assert [line.split()[0] for line in table] == STEPS
     status = {line.split()[0]: line.split()[1] for line in table}
-    assert {s for s, v in status.items() if v == "ran"} == {"env", "check", "timing", "ncu"}
+    assert {s for s, v in status.items() if v == "ran"} == {
+        "env",
+        "check",
+        "timing",
+        "channels_last",
+        "ncu",
+    }
     assert "cpu mode" in tail.split("\n\n")[0]
     assert tail.rstrip().splitlines()[-1].startswith("RESULT: PASS")
     assert (out / "summary.txt").read_text().strip() == tail.strip()
@@ -79,6 +85,11 @@ def test_cpu_mode_json_holds_the_results(cpu_run):
     assert s["check"]["passed"] >= 4
     assert s["ncu"]["attribution"] == "ok" and len(s["ncu"]["passes"]) == 8
     assert s["timing"]["fused_checks_failed"] == 0 and s["timing"]["timed"] >= 12
+    cl = json.loads((out / "timing-channels_last.json").read_text())
+    assert all(c["ok"] for c in cl["checks"]) and len(cl["checks"]) == 2
+    timed = [r for r in cl["rows"] if r["status"] == "ok"]
+    assert len(timed) == 12 and {r["impl"] for r in timed} == {"eager", "fused"}
+    assert all(r["layout"] == "channels_last" and r["shape"].endswith("-cl-b1") for r in timed)
 
 
 def test_cpu_mode_launch_path_check_compared_real_values(cpu_run):

@@ -125,6 +125,56 @@ def format_timing_table(rows: list[dict], impls: list[str]) -> str:
     return "\n".join(lines)
 
 
+def format_channels_last_table(nchw_rows: list[dict], cl_rows: list[dict]) -> str:
+    """The channels_last step's fused rows against the timing step's (same run, same shapes):
+    fused NCHW ms, fused channels_last ms, cl / NCHW, eager channels_last ms, its time over fused
+    channels_last's, and fused channels_last's % of the copy."""
+    ok = {
+        (r["variant"], r["shape"], r["dtype"], r["pass"], r["impl"]): r
+        for r in nchw_rows + cl_rows
+        if r["status"] == "ok"
+    }
+    head = (
+        f"{'variant':<17} {'shape':<13} {'dtype':<5} {'pass':<6} | {'NCHW ms':>8} {'cl ms':>8} "
+        f"{'cl/NCHW':>7} | {'eager cl':>8} {'x eager':>7} | {'%copy':>5}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in cl_rows:
+        if r["impl"] != "fused" or r["status"] != "ok":
+            continue
+        key = (r["variant"], r["shape"].replace("-cl-b", "-b"), r["dtype"], r["pass"])
+        nchw = ok.get((*key, "fused"))
+        eager = ok.get((r["variant"], r["shape"], r["dtype"], r["pass"], "eager"))
+        lines.append(
+            f"{r['variant']:<17} {r['shape']:<13} {r['dtype']:<5} {r['pass']:<6} | "
+            + (f"{nchw['median_ms']:8.4f} " if nchw else f"{'-':>8} ")
+            + f"{r['median_ms']:8.4f} "
+            + (f"{r['median_ms'] / nchw['median_ms']:7.2f}" if nchw else f"{'-':>7}")
+            + " | "
+            + (
+                f"{eager['median_ms']:8.4f} {eager['median_ms'] / r['median_ms']:7.2f}"
+                if eager
+                else f"{'-':>8} {'-':>7}"
+            )
+            + f" | {r['pct_of_copy']:4.0f}%"
+        )
+    return "\n".join(lines)
+
+
+def timing_verdict(timing: dict) -> tuple[str, dict]:
+    """timing.py's JSON: the step's verdict and its counts."""
+    rows = timing["rows"]
+    ok = sum(r["status"] == "ok" for r in rows)
+    bad_checks = sum(not c["ok"] for c in timing["checks"])
+    skipped = sum(r["status"].startswith("skipped") for r in rows)
+    verdict = (
+        f"{ok}/{len(rows)} timed, {skipped} skipped for time, fused checks "
+        f"{len(timing['checks']) - bad_checks} ok / {bad_checks} FAILED"
+    )
+    counts = {"timed": ok, "rows": len(rows), "skipped": skipped, "fused_checks_failed": bad_checks}
+    return verdict, counts
+
+
 def verdicts(out: Path, steps: list[dict]) -> tuple[dict, dict]:
     """(one-line verdict per step, details for summary.json)."""
     logs = out / "logs"
@@ -158,22 +208,10 @@ def verdicts(out: Path, steps: list[dict]) -> tuple[dict, dict]:
             for k, f in sorted(res.items())
         )
         details["resources"] = res
-    timing = read_json(out / "timing.json")
-    if timing:
-        rows = timing["rows"]
-        ok = sum(r["status"] == "ok" for r in rows)
-        bad_checks = sum(not c["ok"] for c in timing["checks"])
-        skipped = sum(r["status"].startswith("skipped") for r in rows)
-        v["timing"] = (
-            f"{ok}/{len(rows)} timed, {skipped} skipped for time, fused checks "
-            f"{len(timing['checks']) - bad_checks} ok / {bad_checks} FAILED"
-        )
-        details["timing"] = {
-            "timed": ok,
-            "rows": len(rows),
-            "skipped": skipped,
-            "fused_checks_failed": bad_checks,
-        }
+    for step, name in (("timing", "timing.json"), ("channels_last", "timing-channels_last.json")):
+        timing = read_json(out / name)
+        if timing:
+            v[step], details[step] = timing_verdict(timing)
     ncu = read_json(out / "ncu" / "ncu.json")
     if ncu:
         v["ncu"] = f"{len(ncu['kernels'])} kernels, attribution {ncu['attribution']}"
@@ -187,6 +225,46 @@ def verdicts(out: Path, steps: list[dict]) -> tuple[dict, dict]:
     if built:
         v["build"] = built[-1]
     return v, details
+
+
+def tables(out: Path, details: dict) -> list[str]:
+    """The summary's tables after the step rows: timing, channels_last, ncu, launch-path failures."""
+    lines: list[str] = []
+    timing = read_json(out / "timing.json")
+    if timing and timing["rows"]:
+        impls = [
+            i for i in ("eager", "compile", "fused") if any(r["impl"] == i for r in timing["rows"])
+        ]
+        lines += [
+            "",
+            f"timing ({timing['timer']}; {timing['model_bytes']}; compile: "
+            f"batches {timing['compile']['batches']}, backend {timing['compile']['backend']}):",
+            format_timing_table(timing["rows"], impls),
+        ]
+    cl = read_json(out / "timing-channels_last.json")
+    if cl and cl["rows"]:
+        lines += [
+            "",
+            "channels_last (the NHWC kernels; cl/NCHW = fused channels_last over fused NCHW of the "
+            "timing step, x eager = eager channels_last over fused channels_last):",
+            format_channels_last_table(timing["rows"] if timing else [], cl["rows"]),
+        ]
+    if details.get("ncu", {}).get("passes"):
+        lines += [
+            "",
+            "ncu (DRAM/model = measured DRAM bytes / model bytes; sectors/request 16 = "
+            "128-bit accesses of a full warp):",
+            format_ncu_table(details["ncu"]["passes"]),
+        ]
+    failures = details.get("check", {}).get("failures", [])
+    if failures:
+        lines += ["", "launch-path failures (first 10):"]
+        lines += [
+            f"  {c['variant']} {c['path']} {tuple(c['shape'])} {c['dtype']} off={c['offset']}: "
+            f"{c.get('error') or [k for k, o in c['outputs'].items() if not o['ok']]}"
+            for c in failures[:10]
+        ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,32 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"{s['name']:<10} {s['status']:<8} {rc:>4} {s['seconds']:>7} {s['box']:>5}  {text}"
         )
-    timing = read_json(out / "timing.json")
-    if timing and timing["rows"]:
-        impls = [
-            i for i in ("eager", "compile", "fused") if any(r["impl"] == i for r in timing["rows"])
-        ]
-        lines += [
-            "",
-            f"timing ({timing['timer']}; {timing['model_bytes']}; compile: "
-            f"batches {timing['compile']['batches']}, backend {timing['compile']['backend']}):",
-            format_timing_table(timing["rows"], impls),
-        ]
-    if details.get("ncu", {}).get("passes"):
-        lines += [
-            "",
-            "ncu (DRAM/model = measured DRAM bytes / model bytes; sectors/request 16 = "
-            "128-bit accesses of a full warp):",
-            format_ncu_table(details["ncu"]["passes"]),
-        ]
-    failures = details.get("check", {}).get("failures", [])
-    if failures:
-        lines += ["", "launch-path failures (first 10):"]
-        lines += [
-            f"  {c['variant']} {c['path']} {tuple(c['shape'])} {c['dtype']} off={c['offset']}: "
-            f"{c.get('error') or [k for k, o in c['outputs'].items() if not o['ok']]}"
-            for c in failures[:10]
-        ]
+    lines += tables(out, details)
     skipped = [s["name"] for s in steps if s["status"] != "ran"]
     lines += [
         "",

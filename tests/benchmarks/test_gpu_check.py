@@ -68,6 +68,7 @@ def test_cpu_mode_passes_and_prints_the_summary_last(cpu_run):
         "ncu",
     }
     assert "cpu mode" in tail.split("\n\n")[0]
+    assert "channels_last (the NHWC kernels" in tail and "tiny-l1-cl-b1" in tail
     assert tail.rstrip().splitlines()[-1].startswith("RESULT: PASS")
     assert (out / "summary.txt").read_text().strip() == tail.strip()
 
@@ -275,6 +276,26 @@ def test_ncu_report_attributes_nhwc_kernels_by_their_parameters():
         ]
     )
     assert "shuffle_attention (8, 256, 56, 56)   cl fp32  bwd" in table
+
+
+def test_channels_last_table_divides_by_the_same_runs_nchw_rows():
+    def row(shape, impl, ms, layout=None):
+        r = {"variant": "sa_layer", "shape": shape, "dtype": "fp32", "pass": "fwd", "impl": impl}
+        return {**r, "status": "ok", "median_ms": ms, "pct_of_copy": 40.0, "layout": layout}
+
+    nchw = [row("r50-l1-b8", "fused", 0.02), row("r50-l1-b8", "eager", 9.0)]
+    cl = [
+        row("r50-l1-cl-b8", "eager", 0.15, "channels_last"),
+        row("r50-l1-cl-b8", "fused", 0.05, "channels_last"),
+        row("r50-l4-cl-b8", "fused", 0.01, "channels_last"),  # no NCHW row, no eager row
+    ]
+    lines = summary.format_channels_last_table(nchw, cl).splitlines()[2:]
+    assert lines[0].split() == [
+        "sa_layer", "r50-l1-cl-b8", "fp32", "fwd", "|", "0.0200", "0.0500", "2.50", "|",
+        "0.1500", "3.00", "|", "40%",
+    ]  # fmt: skip
+    assert lines[1].split()[4:] == ["|", "-", "0.0100", "-", "|", "-", "-", "|", "40%"]
+    assert len(lines) == 2
 
 
 def test_ncu_report_refuses_an_attribution_that_does_not_line_up():

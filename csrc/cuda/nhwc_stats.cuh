@@ -5,10 +5,11 @@
 //   nhwc_moments_kernel  reads x once: per (batch item, chunk, channel) the moments of x - shift
 //                        (Welford/Chan, as the streamed NCHW path) and the channel-branch mean's
 //                        sum in double (sa_math.h: wide_term)
-//   nhwc_stats_kernel    a warp per (batch item, channel): the chunks' moments merged in chunk
-//                        order into the statistics, stored (mean, rstd) and handed to the Sink;
-//                        a channel whose statistics overflow is read again, strided, by its warp
-//                        (streamed_plane_stats: the rescale)
+//   nhwc_stats_kernel    a team of lanes per (batch item, channel) (FinishTeam: one lane per
+//                        chunk, up to a warp): the chunks' moments merged in chunk order into the
+//                        statistics, stored (mean, rstd) and handed to the Sink; a channel whose
+//                        statistics overflow is read again, strided, by the whole warp
+//                        (streamed_plane_stats: the rescale; rare)
 //
 // Bytes moved: x read once, per (item, chunk, channel) one partial of 3 acc_t and a double, per
 // (item, channel) the statistics and what the Sink stores.
@@ -41,6 +42,10 @@ struct ChunkMoments {
     mean = mo.mean;
     m2 = mo.m2;
     wide += other.wide;
+  }
+  SA_DEVICE ChunkMoments shuffled(int src, int width) const {
+    return {__shfl_sync(kFullMask, n, src, width), __shfl_sync(kFullMask, mean, src, width),
+            __shfl_sync(kFullMask, m2, src, width), __shfl_sync(kFullMask, wide, src, width)};
   }
 };
 
@@ -93,58 +98,71 @@ void nhwc_moments_kernel(ForwardParams p, ChunkMoments<at::opmath_type<scalar_t>
   if (t.warp == 0 && t.active) out[grid.partial(t.item, t.chunk, t.channel)] = total;
 }
 
-// A warp per (batch item, channel), 8 per block. Lane 0 stores mean and rstd and calls
+// The statistics of a channel whose moments overflow (stats_overflowed): the NCHW streamed path's,
+// with its rescale (team.cuh), the warp reading the channel's values, C apart. Every lane of the
+// warp calls it and returns lane 0's result: the warp's merges leave the lanes' copies different
+// in the last bits, and the channel's statistics must not depend on the lane its team sits on.
+template <typename scalar_t, typename acc_t>
+SA_DEVICE Standardizer<acc_t> restreamed_stats(const ForwardParams& p, const NhwcGrid& grid,
+                                               int64_t plane) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int64_t item = plane / grid.channels, c = plane % grid.channels;
+  const scalar_t* channel =
+      static_cast<const scalar_t*>(p.x) + item * grid.pixels * grid.channels + c;
+  auto load = [&](int64_t pixel, acc_t(&v)[1]) {
+    v[0] = static_cast<acc_t>(channel[pixel * grid.channels]);
+  };
+  const Standardizer<acc_t> st = streamed_plane_stats<true>(
+      [&](const auto& f) {
+        unrolled_stream<kNhwcLoads, acc_t[1]>(lane, kWarpSize, grid.pixels, load,
+                                              [&](int64_t, const acc_t(&v)[1]) { f(v); });
+      },
+      static_cast<acc_t>(channel[0]), grid.pixels, static_cast<acc_t>(p.eps),
+      !plane_unit(p, plane).role.spatial, static_cast<acc_t*>(nullptr),
+      static_cast<double*>(nullptr));
+  auto lane0 = [](acc_t v) { return __shfl_sync(kFullMask, v, 0); };
+  return {lane0(st.mean),   lane0(st.rstd),      lane0(st.input_scale),
+          lane0(st.center), lane0(st.center_lo), lane0(st.gate_rstd)};
+}
+
+// A FinishTeam of `lanes` per (batch item, channel). Its writer stores mean and rstd and calls
 // sink(p, unit, st) with the channel's Standardizer (sink: plain data, a kernel argument).
 template <typename scalar_t, typename Sink>
 SA_KERNEL_BOUNDS(kFinishThreads)
 void nhwc_stats_kernel(ForwardParams p, const ChunkMoments<at::opmath_type<scalar_t>>* in,
-                       Sink sink) {
+                       Sink sink, int lanes) {
   using acc_t = at::opmath_type<scalar_t>;
   const NhwcGrid grid(p);
-  const int64_t plane =
-      int64_t(blockIdx.x) * (kFinishThreads / kWarpSize) + threadIdx.x / kWarpSize;
-  if (plane >= grid.planes()) return;  // the whole warp: no block collective below
+  const FinishTeam team(grid, lanes);
+  const ChunkMoments<acc_t> total = combine_chunks(in, grid, team);
+  const SplitMean<acc_t> mean =
+      !plane_unit(p, team.plane).role.spatial
+          ? SplitMean<acc_t>{wide_mean<acc_t>(total.wide, grid.pixels), 0}
+          : split_mean(channel_shift<scalar_t, acc_t>(static_cast<const scalar_t*>(p.x), grid,
+                                                      team.item, team.channel),
+                       total.mean);
+  const acc_t var = total.m2 / acc_t(grid.pixels);
+
+  auto store = [&](const Standardizer<acc_t>& st) {
+    static_cast<acc_t*>(p.mean)[team.plane] = st.mean;
+    static_cast<acc_t*>(p.rstd)[team.plane] = st.rstd;
+    sink(p, plane_unit(p, team.plane), st);
+  };
+  const bool overflowed = team.active && stats_overflowed(mean.mean, var);
+  if (team.writer() && !overflowed)
+    store(finish_stats(mean.mean, var, static_cast<acc_t>(p.eps), 0, mean.lo));
+
+  // Rare: the warp reads each channel that overflowed again, one at a time (every branch below is
+  // the same for the whole warp), and the channel's writer stores the result. Nothing else is kept
+  // across this loop, whose inlined streaming would otherwise push values to local memory.
+  if (!warp_any(overflowed)) return;
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int64_t item = plane / grid.channels, c = plane % grid.channels;
-  const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  const PlaneUnit unit = plane_unit(p, plane);
-  const bool exact_mean = !unit.role.spatial;
-  const acc_t eps = static_cast<acc_t>(p.eps);
-
-  // Lane 0 merges the chunks in chunk order; the warp takes its result.
-  SplitMean<acc_t> mean{0, 0};
-  acc_t var = 0;
-  if (lane == 0) {
-    const ChunkMoments<acc_t> total = combine_chunks(in, grid, item, c);
-    const acc_t shift = channel_shift<scalar_t, acc_t>(x, grid, item, c);
-    mean = exact_mean ? SplitMean<acc_t>{wide_mean<acc_t>(total.wide, grid.pixels), 0}
-                      : split_mean(shift, total.mean);
-    var = total.m2 / acc_t(grid.pixels);
-  }
-  mean.mean = __shfl_sync(kFullMask, mean.mean, 0);
-  mean.lo = __shfl_sync(kFullMask, mean.lo, 0);
-  var = __shfl_sync(kFullMask, var, 0);
-
-  Standardizer<acc_t> st = finish_stats(mean.mean, var, eps, 0, mean.lo);
-  if (stats_overflowed(mean.mean, var)) {
-    // The NCHW streamed path's statistics, with its rescale (team.cuh): the warp reads the
-    // channel's values, C apart.
-    const scalar_t* channel = x + item * grid.pixels * grid.channels + c;
-    auto load = [&](int64_t pixel, acc_t(&v)[1]) {
-      v[0] = static_cast<acc_t>(channel[pixel * grid.channels]);
-    };
-    st = streamed_plane_stats<true>(
-        [&](const auto& f) {
-          unrolled_stream<kNhwcLoads, acc_t[1]>(lane, kWarpSize, grid.pixels, load,
-                                                [&](int64_t, const acc_t(&v)[1]) { f(v); });
-        },
-        static_cast<acc_t>(channel[0]), grid.pixels, eps, exact_mean, static_cast<acc_t*>(nullptr),
-        static_cast<double*>(nullptr));
-  }
-  if (lane == 0) {
-    static_cast<acc_t*>(p.mean)[plane] = st.mean;
-    static_cast<acc_t*>(p.rstd)[plane] = st.rstd;
-    sink(p, unit, st);
+  const int64_t warp_thread = int64_t(blockIdx.x) * kFinishThreads + threadIdx.x - lane;
+  for (int leader = 0; leader < kWarpSize; leader += lanes) {
+    if (__shfl_sync(kFullMask, static_cast<int>(overflowed), leader) == 0) continue;
+    const Standardizer<acc_t> restreamed =
+        restreamed_stats<scalar_t, acc_t>(p, grid, (warp_thread + leader) / lanes);
+    if (lane == leader) store(restreamed);
   }
 }
 
@@ -154,12 +172,12 @@ template <typename scalar_t, typename Sink>
 void launch_nhwc_stats(const ForwardParams& f, const NhwcGrid& grid, const Sink& sink) {
   using acc_t = at::opmath_type<scalar_t>;
   const Workspace moments(sizeof(ChunkMoments<acc_t>) * grid.partials());
-  constexpr int64_t kWarpsPerBlock = kFinishThreads / kWarpSize;  // a warp per plane
+  const int lanes = finish_lanes(grid.chunks);
   const Stream stream = current_stream();
   launch(&nhwc_moments_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, stream, f,
          moments.as<ChunkMoments<acc_t>>());
-  launch(&nhwc_stats_kernel<scalar_t, Sink>, (grid.planes() + kWarpsPerBlock - 1) / kWarpsPerBlock,
-         kFinishThreads, 0, stream, f, moments.as<const ChunkMoments<acc_t>>(), sink);
+  launch(&nhwc_stats_kernel<scalar_t, Sink>, finish_blocks(grid, lanes), kFinishThreads, 0, stream,
+         f, moments.as<const ChunkMoments<acc_t>>(), sink, lanes);
 }
 
 }  // namespace sa_cuda::SA_GPU_NS

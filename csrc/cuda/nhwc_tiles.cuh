@@ -89,9 +89,10 @@ struct NhwcThread {
   }
 };
 
-// A Partial (plain data with merge(other), which folds other into it) is combined in two fixed
-// orders: the 8 warps of a block in warp order (combine_warps), then a channel's chunks in chunk
-// order (combine_chunks).
+// A Partial (plain data with merge(other), which folds other into it, and shuffled(src, width),
+// lane src's copy within an aligned group of width lanes) is combined in two fixed orders: the 8
+// warps of a block in warp order (combine_warps), then a channel's chunks in chunk order
+// (combine_chunks).
 
 // The per-thread partials of a block's 8 warps, combined per channel by warp 0. Every thread of the
 // block calls it (it synchronizes the block), once per kernel and Partial type: warp 0 reads the
@@ -109,14 +110,64 @@ SA_DEVICE Partial combine_warps(const Partial& own) {
   return total;
 }
 
-// Channel c of a batch item: its chunks' partials (NhwcGrid::partial slots) combined in chunk
-// order.
+// The lanes a finishing kernel gives one (batch item, channel): its chunks rounded up to a power
+// of two, at most a warp. Each lane loads one chunk's partial at a time, so a channel's partials
+// are read at once instead of one dependent load after another (13 of them at 56x56), and a plane
+// of one chunk (7x7) takes one lane: 32 channels a warp. A power of two <= 32 divides the block
+// (kFinishThreads), so a team never straddles a warp.
+SA_HOST_DEVICE int finish_lanes(int64_t chunks) {
+  int lanes = 1;
+  while (lanes < chunks && lanes < kWarpSize) lanes *= 2;
+  return lanes;
+}
+
+// This thread's team in a finishing kernel: `lanes` consecutive lanes per (batch item, channel),
+// the thread's rank in it. Teams past the last plane take the last plane (their reads stay
+// valid) and store nothing; they still take part in the warp's collectives.
+struct FinishTeam {
+  int lanes, rank;
+  int64_t plane, item, channel;
+  bool active;
+
+  SA_DEVICE FinishTeam(const NhwcGrid& grid, int lanes_) : lanes(lanes_) {
+    const int64_t thread = int64_t(blockIdx.x) * kFinishThreads + threadIdx.x;
+    rank = static_cast<int>(thread % lanes);
+    active = thread / lanes < grid.planes();
+    plane = active ? thread / lanes : grid.planes() - 1;
+    item = plane / grid.channels;
+    channel = plane % grid.channels;
+  }
+  // Whether this thread stores its plane's results (one per plane).
+  SA_DEVICE bool writer() const { return active && rank == 0; }
+};
+
+// Blocks of a finishing kernel over every plane, `lanes` threads each.
+SA_HOST_DEVICE int64_t finish_blocks(const NhwcGrid& grid, int lanes) {
+  return (grid.planes() * lanes + kFinishThreads - 1) / kFinishThreads;
+}
+
+// The team's channel: its chunks' partials (NhwcGrid::partial slots) combined in chunk order,
+// whatever the lanes (the same bits as one thread adding them up). Per round of `lanes` chunks,
+// lane r loads chunk round + r, then every lane folds the round's partials in from the lanes'
+// registers, in lane order; every lane of the team returns the total. Every lane of the warp
+// calls it (shuffles).
 template <typename Partial>
-SA_DEVICE Partial combine_chunks(const Partial* partials, const NhwcGrid& grid, int64_t item,
-                                 int64_t c) {
-  Partial total = partials[grid.partial(item, 0, c)];
-  for (int64_t chunk = 1; chunk < grid.chunks; ++chunk)
-    total.merge(partials[grid.partial(item, chunk, c)]);
+SA_DEVICE Partial combine_chunks(const Partial* partials, const NhwcGrid& grid,
+                                 const FinishTeam& team) {
+  Partial total{};
+  for (int64_t round = 0; round < grid.chunks; round += team.lanes) {
+    const int64_t chunk = round + team.rank < grid.chunks ? round + team.rank : round;
+    const Partial own = partials[grid.partial(team.item, chunk, team.channel)];
+    const int64_t count = grid.chunks - round < team.lanes ? grid.chunks - round : team.lanes;
+    for (int k = 0; k < count; ++k) {
+      const Partial next = own.shuffled(k, team.lanes);
+      if (round + k == 0) {
+        total = next;
+      } else {
+        total.merge(next);
+      }
+    }
+  }
   return total;
 }
 

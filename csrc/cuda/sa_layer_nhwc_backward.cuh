@@ -3,9 +3,9 @@
 //
 //   sa_layer_nhwc_grad_sums_kernel  reads x and grad_out (at the shuffled channel) once: per
 //                                   (batch item, chunk, channel) T1 = sum t and T2 = sum t xh
-//   sa_layer_nhwc_grad_coeffs_kernel a thread per (batch item, channel): the chunks' sums added
-//                                   in chunk order, stored into the channel's slot of the partials
-//                                   and turned into its input-gradient coefficients
+//   sa_layer_nhwc_grad_coeffs_kernel a FinishTeam per (batch item, channel): the chunks' sums
+//                                   added in chunk order, stored into the channel's slot of the
+//                                   partials and turned into its input-gradient coefficients
 //   sa_layer_nhwc_input_grad_kernel reads x and grad_out again and writes grad_x
 //
 // The gate and every per-element formula are the NCHW kernel's (sa_layer_backward.cuh); only the
@@ -60,6 +60,9 @@ struct ChunkSums {
     v[0] += other.v[0];
     v[1] += other.v[1];
   }
+  SA_DEVICE ChunkSums shuffled(int src, int width) const {
+    return {{__shfl_sync(kFullMask, v[0], src, width), __shfl_sync(kFullMask, v[1], src, width)}};
+  }
 };
 
 template <typename scalar_t>
@@ -82,18 +85,18 @@ template <typename scalar_t>
 SA_KERNEL_BOUNDS(kFinishThreads)
 void sa_layer_nhwc_grad_coeffs_kernel(BackwardParams p,
                                       const ChunkSums<at::opmath_type<scalar_t>>* in,
-                                      InputGradCoeffs<at::opmath_type<scalar_t>>* coeffs) {
+                                      InputGradCoeffs<at::opmath_type<scalar_t>>* coeffs,
+                                      int lanes) {
   using acc_t = at::opmath_type<scalar_t>;
   const NhwcGrid grid(p.fwd);
-  const int64_t plane = int64_t(blockIdx.x) * kFinishThreads + threadIdx.x;
-  if (plane >= grid.planes()) return;
-  const int64_t item = plane / grid.channels, c = plane % grid.channels;
-  const ChunkSums<acc_t> total = combine_chunks(in, grid, item, c);
-  const PlaneUnit unit = plane_unit(p.fwd, plane);
+  const FinishTeam team(grid, lanes);
+  const ChunkSums<acc_t> total = combine_chunks(in, grid, team);
+  if (!team.writer()) return;  // no collective below
+  const PlaneUnit unit = plane_unit(p.fwd, team.plane);
   store_plane_sums(p, unit.slot(p.fwd), unit.role.spatial, total.v);
-  coeffs[plane] =
+  coeffs[team.plane] =
       plane_grad_coeffs(load_plane_params<acc_t>(p.fwd, unit.role.k), unit.role.spatial,
-                        static_cast<const acc_t*>(p.fwd.rstd)[plane], total.v, grid.pixels);
+                        static_cast<const acc_t*>(p.fwd.rstd)[team.plane], total.v, grid.pixels);
 }
 
 template <typename scalar_t>
@@ -127,9 +130,9 @@ void launch_sa_layer_nhwc_backward(const BackwardParams& b) {
   const Stream stream = current_stream();
   launch(&sa_layer_nhwc_grad_sums_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, stream, b,
          sums.as<ChunkSums<acc_t>>());
-  launch(&sa_layer_nhwc_grad_coeffs_kernel<scalar_t>,
-         (grid.planes() + kFinishThreads - 1) / kFinishThreads, kFinishThreads, 0, stream, b,
-         sums.as<const ChunkSums<acc_t>>(), coeffs.as<InputGradCoeffs<acc_t>>());
+  const int lanes = finish_lanes(grid.chunks);
+  launch(&sa_layer_nhwc_grad_coeffs_kernel<scalar_t>, finish_blocks(grid, lanes), kFinishThreads, 0,
+         stream, b, sums.as<const ChunkSums<acc_t>>(), coeffs.as<InputGradCoeffs<acc_t>>(), lanes);
   launch(&sa_layer_nhwc_input_grad_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, stream, b,
          coeffs.as<const InputGradCoeffs<acc_t>>());
 }

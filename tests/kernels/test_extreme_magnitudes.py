@@ -82,6 +82,9 @@ SHAPES = {
     # then the streamed rescale of a channel they overflow, read C apart; SALayer's gate by tiles of
     # 32 channels, ShuffleAttention's by windows of whole branches (nhwc_windows.cuh)
     "emu-nhwc-cl": ((40, 17, 19), 5),  # m = 4: tiles 32 + 8, windows 16 + 4; 2 chunks
+    # one chunk: the statistics' finishing teams are single lanes, 32 channels a warp, each of
+    # which may need the warp's rescale; 40 channels leave the last warp 24 teams past the end
+    "emu-nhwc-cl-7x7": ((40, 7, 7), 5),
     "emu-group": ((8, 8, 8), 2),
     "emu-group-tiles": ((4, 33, 35), 1),  # m = 2: more pixels than one tile
 }
@@ -183,6 +186,7 @@ GRID = [
     ("emu-streamed-vector", (torch.float32, torch.bfloat16)),
     ("emu-streamed-scalar", (torch.float32,)),
     ("emu-nhwc-cl", (torch.float32, torch.bfloat16, torch.float16)),
+    ("emu-nhwc-cl-7x7", (torch.float32,)),
 ]
 GROUP_GRID = [
     ("cpu", (torch.float32, torch.bfloat16, torch.float16)),
@@ -192,6 +196,7 @@ GROUP_GRID = [
     ("emu-group", (torch.float32, torch.bfloat16, torch.float16)),
     ("emu-group-tiles", (torch.float32, torch.bfloat16)),
     ("emu-nhwc-cl", (torch.float32, torch.bfloat16, torch.float16)),
+    ("emu-nhwc-cl-7x7", (torch.float32,)),
 ]
 
 

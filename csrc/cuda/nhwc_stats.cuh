@@ -152,9 +152,10 @@ void nhwc_stats_kernel(ForwardParams p, const ChunkMoments<at::opmath_type<scala
   if (team.writer() && !overflowed)
     store(finish_stats(mean.mean, var, static_cast<acc_t>(p.eps), 0, mean.lo));
 
-  // Rare: the warp reads each channel that overflowed again, one at a time (every branch below is
-  // the same for the whole warp), and the channel's writer stores the result. Nothing else is kept
-  // across this loop, whose inlined streaming would otherwise push values to local memory.
+  // Rare: the warp reads each channel that overflowed again, one at a time (every branch around a
+  // collective below is the same for the whole warp), and the channel's writer stores the result.
+  // Nothing else is kept across this loop, whose inlined streaming would otherwise push values to
+  // local memory.
   if (!warp_any(overflowed)) return;
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int64_t warp_thread = int64_t(blockIdx.x) * kFinishThreads + threadIdx.x - lane;

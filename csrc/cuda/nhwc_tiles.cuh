@@ -113,8 +113,8 @@ SA_DEVICE Partial combine_warps(const Partial& own) {
 // The lanes a finishing kernel gives one (batch item, channel): its chunks rounded up to a power
 // of two, at most a warp. Each lane loads one chunk's partial at a time, so a channel's partials
 // are read at once instead of one dependent load after another (13 of them at 56x56), and a plane
-// of one chunk (7x7) takes one lane: 32 channels a warp. A power of two <= 32 divides the block
-// (kFinishThreads), so a team never straddles a warp.
+// of one chunk (7x7) takes one lane: 32 channels a warp. A power of two <= 32 divides the warp,
+// and a block is whole warps, so a team never straddles a warp.
 SA_HOST_DEVICE int finish_lanes(int64_t chunks) {
   int lanes = 1;
   while (lanes < chunks && lanes < kWarpSize) lanes *= 2;

@@ -188,13 +188,13 @@ void launch_shuffle_attention_nhwc_backward(const BackwardParams& b) {
   const size_t smem = window_smem(w).values(true) * sizeof(acc_t);
   const Workspace sums(sizeof(acc_t) * w.grid.partials() * (w.m + 1));
   const Workspace coeffs(sizeof(InputGradCoeffs<acc_t>) * w.grid.planes());
-  const int64_t finish_blocks = (w.grid.planes() + kFinishThreads - 1) / kFinishThreads;
+  const int64_t finish_grid = finish_blocks(w.grid, 1);  // a thread per (batch item, channel)
   const Stream stream = current_stream();
   launch(&shuffle_attention_nhwc_grad_sums_kernel<scalar_t>, w.blocks(), kWindowThreads, smem,
          stream, b, w, sums.as<acc_t>());
-  launch(&shuffle_attention_nhwc_grad_finish_kernel<scalar_t>, finish_blocks, kFinishThreads, 0,
+  launch(&shuffle_attention_nhwc_grad_finish_kernel<scalar_t>, finish_grid, kFinishThreads, 0,
          stream, b, w, sums.as<const acc_t>());
-  launch(&shuffle_attention_nhwc_grad_coeffs_kernel<scalar_t>, finish_blocks, kFinishThreads, 0,
+  launch(&shuffle_attention_nhwc_grad_coeffs_kernel<scalar_t>, finish_grid, kFinishThreads, 0,
          stream, b, w, coeffs.as<InputGradCoeffs<acc_t>>());
   launch(&shuffle_attention_nhwc_input_grad_kernel<scalar_t>, w.blocks(), kWindowThreads, smem,
          stream, b, w, coeffs.as<const InputGradCoeffs<acc_t>>());

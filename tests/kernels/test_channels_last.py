@@ -97,6 +97,8 @@ GPU_NHWC_SHAPES = [
     pytest.param((1, 48, 3, 1), 3, id="w1-win16+8"),  # m = 8
     pytest.param((1, 68, 5, 7), 2, id="m17-win17x2-tiles32+3"),  # a branch wider than 16
     pytest.param((2, 30, 4, 5), 5, id="m3-win15"),
+    # 3136 pixels, 13 chunks: teams of 16 lanes, 3 of them idle in the one round
+    pytest.param((1, 8, 56, 56), 2, id="C8-chunks13"),
     # 8281 pixels, 33 chunks: the finishing kernels' teams of 32 lanes take two rounds
     pytest.param((1, 8, 91, 91), 2, id="C8-chunks33"),
 ]

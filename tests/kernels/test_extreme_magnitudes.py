@@ -83,7 +83,7 @@ SHAPES = {
     # 32 channels, ShuffleAttention's by windows of whole branches (nhwc_windows.cuh)
     "emu-nhwc-cl": ((40, 17, 19), 5),  # m = 4: tiles 32 + 8, windows 16 + 4; 2 chunks
     # one chunk: the statistics' finishing teams are single lanes, 32 channels a warp, each of
-    # which may need the warp's rescale; 40 channels leave the last warp 24 teams past the end
+    # which may need the warp's rescale; 40 channels a batch item leave teams past the last plane
     "emu-nhwc-cl-7x7": ((40, 7, 7), 5),
     "emu-group": ((8, 8, 8), 2),
     "emu-group-tiles": ((4, 33, 35), 1),  # m = 2: more pixels than one tile

@@ -9,6 +9,7 @@ their model bytes) that ncu_report.py needs to attribute kernels to passes.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 
@@ -24,7 +25,7 @@ PASS_BYTES = {"fwd": 2, "bwd": 3}  # model bytes = factor * n * e (read x [+ gra
 
 def items(dtypes: list[str], layouts: list[str]) -> list[dict]:
     out = []
-    for layout, shape in ((layout, shape) for layout in layouts for shape in SHAPES):
+    for layout, shape in itertools.product(layouts, SHAPES):
         for dname in dtypes:
             e = torch.empty((), dtype=DTYPES[dname]).element_size()
             for variant in VARIANTS:

@@ -402,6 +402,25 @@ inline std::atomic<int64_t>& launch_counter() {
 
 inline int64_t launches() { return launch_counter().load(); }
 
+// The block count of every launch since the last call of take_launch_blocks (under launch_mutex):
+// tests read which grid a call chose (the channels_last kernels' tiles are kVec times fewer with
+// packs of kVec channels).
+inline std::vector<int64_t>& launch_blocks() {
+  static std::vector<int64_t> blocks;
+  return blocks;
+}
+
+// A vector access the hardware faults on ("misaligned address"): its address is not a multiple of
+// its size. Host memory is not so strict, so the emulator checks it.
+inline void check_aligned(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    throw std::runtime_error("sa_cuda emulator: misaligned address: a " + std::to_string(bytes) +
+                             "-byte access at byte " +
+                             std::to_string(reinterpret_cast<uintptr_t>(p) % 256) +
+                             " of a 256-byte line");
+  }
+}
+
 inline std::mutex& launch_mutex() {
   static std::mutex m;
   return m;
@@ -433,6 +452,7 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const Body& body) {
   const uint64_t seed = block_order_seed();
   ++launch_counter();
   std::lock_guard<std::mutex> lock(launch_mutex());
+  launch_blocks().push_back(int64_t(grid.x) * grid.y * grid.z);
   Block state(grid, block, smem_bytes, seed);
   // The CUDA built-ins are thread-locals of the launching thread, which runs every fiber: the
   // launch-wide ones are set once, the per-thread ones each time a fiber is resumed.

@@ -56,46 +56,62 @@ SA_DEVICE acc_t channel_shift(const scalar_t* x, const NhwcGrid& grid, int64_t i
   return sum_shift(static_cast<acc_t>(x[item * grid.pixels * grid.channels + c]));
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kVec>
 SA_KERNEL_BOUNDS(kNhwcThreads)
 void nhwc_moments_kernel(ForwardParams p, ChunkMoments<at::opmath_type<scalar_t>>* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid(p);
-  const NhwcThread t(grid);
+  const NhwcGrid grid(p, kVec);
+  const NhwcThread<kVec> t(grid);
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  const int64_t c = t.active ? t.channel : grid.channels - 1;  // idle lanes read a valid channel
-  const acc_t shift = channel_shift<scalar_t, acc_t>(x, grid, t.item, c);
-  const bool exact_mean = !channel_role(c, p.branch_channels).spatial;
+  const int64_t c0 = t.readable_channel(grid);
+  acc_t shift[kVec];
+  bool exact_mean[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    shift[j] = channel_shift<scalar_t, acc_t>(x, grid, t.item, c0 + j);
+    exact_mean[j] = !channel_role(c0 + j, p.branch_channels).spatial;
+  }
 
-  // kNhwcLoads pixels at a time as one pack of Moments::add (a two-pass pack, then one merge).
-  Moments<acc_t> mo;
-  double wide = 0;
+  // kNhwcLoads pixels at a time as one pack of Moments::add per channel (a two-pass pack, then one
+  // merge).
+  Moments<acc_t> mo[kVec];
+  double wide[kVec] = {};
   for (int64_t base = t.first_pixel; base < t.end_pixel; base += kNhwcLoads * kNhwcWarps) {
-    acc_t v[kNhwcLoads];
+    acc_t v[kVec][kNhwcLoads];
     int count = 0;
 #pragma unroll
     for (int u = 0; u < kNhwcLoads; ++u) {
       const int64_t pixel = base + int64_t(u) * kNhwcWarps;
       if (pixel < t.end_pixel) {
-        v[u] = static_cast<acc_t>(x[t.at(grid, pixel, c)]);
+        acc_t pack[kVec];
+        load_acc<scalar_t, acc_t, kVec>(t.row(x, grid, pixel) + c0, 0, pack);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) v[j][u] = pack[j];
         ++count;
       }
     }
-    if (count == kNhwcLoads) {
-      mo.add(v, shift);
-    } else {
-      for (int u = 0; u < count; ++u) {
-        const acc_t one[1] = {v[u]};
-        mo.add(one, shift);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      if (count == kNhwcLoads) {
+        mo[j].add(v[j], shift[j]);
+      } else {
+        for (int u = 0; u < count; ++u) {
+          const acc_t one[1] = {v[j][u]};
+          mo[j].add(one, shift[j]);
+        }
+      }
+      if (exact_mean[j]) {
+        for (int u = 0; u < count; ++u) wide[j] += wide_term(v[j][u], acc_t(1));
       }
     }
-    if (exact_mean) {
-      for (int u = 0; u < count; ++u) wide += wide_term(v[u], acc_t(1));
-    }
   }
-  const ChunkMoments<acc_t> own{mo.n, mo.mean, mo.m2, wide};
-  const ChunkMoments<acc_t> total = combine_warps(own);
-  if (t.warp == 0 && t.active) out[grid.partial(t.item, t.chunk, t.channel)] = total;
+  ChunkMoments<acc_t> own[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) own[j] = {mo[j].n, mo[j].mean, mo[j].m2, wide[j]};
+  combine_warps(own);
+  if (t.warp != 0 || !t.active) return;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) out[grid.partial(t.item, t.chunk, t.channel + j)] = own[j];
 }
 
 // The statistics of a channel whose moments overflow (stats_overflowed): the NCHW streamed path's,
@@ -132,7 +148,7 @@ SA_KERNEL_BOUNDS(kFinishThreads)
 void nhwc_stats_kernel(ForwardParams p, const ChunkMoments<at::opmath_type<scalar_t>>* in,
                        Sink sink, int lanes) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid(p);
+  const NhwcGrid grid(p, 1);
   const FinishTeam team(grid, lanes);
   const ChunkMoments<acc_t> total = combine_chunks(in, grid, team);
   const SplitMean<acc_t> mean =
@@ -170,13 +186,17 @@ void nhwc_stats_kernel(ForwardParams p, const ChunkMoments<at::opmath_type<scala
 // The first two launches of a channels_last forward: the statistics into p.mean and p.rstd, and
 // what sink keeps per (batch item, channel).
 template <typename scalar_t, typename Sink>
-void launch_nhwc_stats(const ForwardParams& f, const NhwcGrid& grid, const Sink& sink) {
+void launch_nhwc_stats(const ForwardParams& f, const Sink& sink) {
   using acc_t = at::opmath_type<scalar_t>;
+  const NhwcGrid grid(f, 1);  // its chunks and partials, the same for every kVec
   const Workspace moments(sizeof(ChunkMoments<acc_t>) * grid.partials());
   const int lanes = finish_lanes(grid.chunks);
   const Stream stream = current_stream();
-  launch(&nhwc_moments_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, stream, f,
-         moments.as<ChunkMoments<acc_t>>());
+  with_lane_channels<scalar_t, kNhwcPack<scalar_t>>(f.channels, {f.x}, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    launch(&nhwc_moments_kernel<scalar_t, kVec>, NhwcGrid(f, kVec).blocks(), kNhwcThreads, 0,
+           stream, f, moments.as<ChunkMoments<acc_t>>());
+  });
   launch(&nhwc_stats_kernel<scalar_t, Sink>, finish_blocks(grid, lanes), kFinishThreads, 0, stream,
          f, moments.as<const ChunkMoments<acc_t>>(), sink, lanes);
 }

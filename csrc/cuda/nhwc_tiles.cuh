@@ -1,13 +1,16 @@
 // channels_last (NHWC) on the GPU: the work decomposition of the SALayer NHWC kernels
-// (sa_layer_nhwc_forward.cuh, sa_layer_nhwc_backward.cuh).
+// (sa_layer_nhwc_forward.cuh, sa_layer_nhwc_backward.cuh) and of the statistics of both variants.
 //
 // x is [B, N, C]: a pixel's C channels are one contiguous row, and a channel's plane is strided by
 // C, so no plane is a unit to read by itself (apex's and PyTorch's NHWC GroupNorm face the same).
-// A block of kNhwcThreads = 256 threads (8 warps) takes one *tile*: 32 consecutive channels of one
-// batch item, one per lane, so that a warp reads 32 consecutive values of a row (one coalesced
-// access), over one *chunk* of kNhwcChunkPixels consecutive pixels, of which warp w takes w, w + 8,
-// w + 16, ... A thread keeps its channel for the whole block, and with it the channel's parameters
-// and statistics. Per call:
+// A lane takes kVec consecutive channels of a row, one pack of 16 bytes (4 float, 8 bfloat16 or
+// half, 2 double) where C and every tensor's base allow it, else one channel (kVec = 1). A block of
+// kNhwcThreads = 256 threads (8 warps) takes one *tile*: 32 kVec consecutive channels of one batch
+// item, so that a warp reads 32 kVec consecutive values of a row (32 packs of one access), over one
+// *chunk* of kNhwcChunkPixels consecutive pixels, of which warp w takes w, w + 8, w + 16, ... A
+// thread keeps its channels for the whole block, and with them their parameters and statistics.
+// A channel sees its pixels in the same order whatever kVec, so the results do not depend on it.
+// Per call:
 //   1. a reduction kernel writes one partial per (batch item, chunk, channel): the statistics'
 //      moments in the forward, the gradient sums in the backward;
 //   2. a finishing kernel combines each channel's partials in chunk order (an order fixed by the
@@ -18,6 +21,8 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "../sa_math.h"
 #include "../sa_params.h"
@@ -31,16 +36,45 @@ constexpr int64_t kNhwcChunkPixels = 256;  // 32 pixels a thread
 constexpr int kNhwcLoads = 4;  // pixels a thread has in flight
 constexpr int kFinishThreads = 256;  // threads of a finishing kernel's block
 
+// The widest kVec: one 16-byte pack of channels.
+template <typename scalar_t>
+constexpr int kNhwcPack = 16 / int(sizeof(scalar_t));
+
+// The kVec of the kernels that keep per-channel state beyond the statistics' moments (SALayer's
+// gate and backward kernels): at most 4 channels, 16 bytes of float and 8 of bfloat16 or half.
+// Eight channels' gates and coefficients took 156 registers a thread on sm_90 (one block of 256 an
+// SM); four take about 100 (two blocks).
+template <typename scalar_t>
+constexpr int kNhwcStateVec = kNhwcPack<scalar_t> < 4 ? kNhwcPack<scalar_t> : 4;
+
+// Calls go(std::integral_constant<int, kVec>()) with kVec = kMax (a power of two, at most
+// kNhwcPack) where C is a multiple of it and every tensor's base is aligned to its bytes (then
+// every thread's packs are: rows start C apart), else kVec = 1.
+template <typename scalar_t, int kMax, typename Go>
+void with_lane_channels(int64_t channels, std::initializer_list<const void*> tensors,
+                        const Go& go) {
+  static_assert(kMax <= kNhwcPack<scalar_t> && (kMax & (kMax - 1)) == 0, "a pack of channels");
+  bool fits = channels % kMax == 0;
+  for (const void* t : tensors)
+    fits = fits && reinterpret_cast<uintptr_t>(t) % (kMax * sizeof(scalar_t)) == 0;
+  if (fits) {
+    go(std::integral_constant<int, kMax>());
+  } else {
+    go(std::integral_constant<int, 1>());
+  }
+}
+
 // The grid of the reduction and element-wise kernels: B * chunks * tiles blocks, tile fastest
 // (the blocks of one chunk read neighbouring bytes of the same rows).
 struct NhwcGrid {
   int64_t batch, channels, pixels, tiles, chunks;
 
-  SA_HOST_DEVICE explicit NhwcGrid(const ForwardParams& f)
+  // lane_channels: the kVec of the kernels launched on this grid (1 for those without tiles)
+  SA_HOST_DEVICE NhwcGrid(const ForwardParams& f, int lane_channels)
       : batch(f.batch),
         channels(f.channels),
         pixels(f.plane_size),
-        tiles((f.channels + kWarpSize - 1) / kWarpSize),
+        tiles((f.channels + kWarpSize * lane_channels - 1) / (kWarpSize * lane_channels)),
         chunks((f.plane_size + kNhwcChunkPixels - 1) / kNhwcChunkPixels) {}
 
   SA_HOST_DEVICE int64_t blocks() const { return batch * chunks * tiles; }
@@ -52,14 +86,15 @@ struct NhwcGrid {
   }
 };
 
-// This thread's share of its block: a channel (the tile's lane-th; past the last channel in the
-// last tile of a C that is not a multiple of 32: the thread then takes no part but the block's
-// collectives) and the chunk's pixels warp, warp + 8, ... < end_pixel.
+// This thread's share of its block: kVec channels (the tile's lane-th pack; past the last channel
+// in the last tile of a C that is not a multiple of 32 kVec: the thread then takes no part but the
+// block's collectives) and the chunk's pixels warp, warp + 8, ... < end_pixel.
+template <int kVec>
 struct NhwcThread {
-  int64_t item, chunk, channel;
+  int64_t item, chunk, channel;  // channel: the first of the thread's kVec
   int64_t first_pixel, end_pixel;  // this thread's first pixel; the chunk's end
   int warp, lane;
-  bool active;  // channel < C
+  bool active;  // channel < C (kVec divides C: all of the thread's channels are, or none)
 
   SA_DEVICE explicit NhwcThread(const NhwcGrid& grid) {
     const int64_t block = blockIdx.x;
@@ -68,7 +103,7 @@ struct NhwcThread {
     item = block / (grid.tiles * grid.chunks);
     warp = static_cast<int>(threadIdx.x) / kWarpSize;
     lane = static_cast<int>(threadIdx.x) % kWarpSize;
-    channel = tile * kWarpSize + lane;
+    channel = (tile * kWarpSize + lane) * kVec;
     active = channel < grid.channels;
     const int64_t chunk_start = chunk * kNhwcChunkPixels;
     first_pixel = chunk_start + warp;
@@ -76,38 +111,92 @@ struct NhwcThread {
         chunk_start + kNhwcChunkPixels < grid.pixels ? chunk_start + kNhwcChunkPixels : grid.pixels;
   }
 
-  // Offset of (pixel, channel c) of this thread's batch item in a [B, N, C] tensor.
-  SA_DEVICE int64_t at(const NhwcGrid& grid, int64_t pixel, int64_t c) const {
-    return (item * grid.pixels + pixel) * grid.channels + c;
+  // The first of this thread's channels, or, on an idle thread, the last kVec channels (valid
+  // addresses for the reads of a kernel with collectives).
+  SA_DEVICE int64_t readable_channel(const NhwcGrid& grid) const {
+    return active ? channel : grid.channels - kVec;
   }
 
-  // Visits this thread's pixels, kNhwcLoads loads in flight (unrolled_stream): load(pixel, slot),
-  // then use(pixel, slot).
+  // Row `pixel` of this thread's batch item in a [B, N, C] tensor.
+  template <typename T>
+  SA_DEVICE T* row(T* base, const NhwcGrid& grid, int64_t pixel) const {
+    return base + (item * grid.pixels + pixel) * grid.channels;
+  }
+
+  // Visits this thread's pixels, kPixelLoads pixels' packs in flight (unrolled_stream):
+  // load(pixel, slot), then use(pixel, slot).
   template <typename Slot, typename Load, typename Use>
   SA_DEVICE void for_each_pixel(const Load& load, const Use& use) const {
-    unrolled_stream<kNhwcLoads, Slot>(first_pixel, kNhwcWarps, end_pixel, load, use);
+    unrolled_stream<kPixelLoads, Slot>(first_pixel, kNhwcWarps, end_pixel, load, use);
   }
+  // Pixels in flight in for_each_pixel: 16 bytes or more of each tensor a thread (more in flight
+  // only holds more registers).
+  static constexpr int kPixelLoads = kVec == 1 ? kNhwcLoads : 2;
 };
+
+// Output channels o0 .. o0 + kVec - 1 of a row come from the pre-shuffle channels shuffle_src(o):
+// channel_shuffle(u, 2) interleaves the halves, so the even ones are kVec / 2 consecutive channels
+// of the first half from o0 / 2, the odd ones as many of the second half from C / 2 + o0 / 2: two
+// packs of kVec / 2 (8 bytes for float), aligned where o0 and C are multiples of kVec.
+template <typename scalar_t, typename acc_t, int kVec>
+SA_DEVICE void load_unshuffled(const scalar_t* row, int64_t channels, int64_t o0,
+                               acc_t (&v)[kVec]) {
+  if constexpr (kVec == 1) {
+    v[0] = static_cast<acc_t>(row[shuffle_src(o0, channels)]);
+  } else {
+    constexpr int kHalf = kVec / 2;
+    acc_t first[kHalf], second[kHalf];
+    load_acc<scalar_t, acc_t, kHalf>(row + o0 / 2, 0, first);
+    load_acc<scalar_t, acc_t, kHalf>(row + channels / 2 + o0 / 2, 0, second);
+#pragma unroll
+    for (int i = 0; i < kHalf; ++i) {
+      v[2 * i] = first[i];
+      v[2 * i + 1] = second[i];
+    }
+  }
+}
+
+// The inverse of load_unshuffled: v[j] to channel shuffle_src(o0 + j) of the row.
+template <typename scalar_t, typename acc_t, int kVec>
+SA_DEVICE void store_unshuffled(scalar_t* row, int64_t channels, int64_t o0,
+                                const acc_t (&v)[kVec]) {
+  if constexpr (kVec == 1) {
+    row[shuffle_src(o0, channels)] = static_cast<scalar_t>(v[0]);
+  } else {
+    constexpr int kHalf = kVec / 2;
+    acc_t first[kHalf], second[kHalf];
+#pragma unroll
+    for (int i = 0; i < kHalf; ++i) {
+      first[i] = v[2 * i];
+      second[i] = v[2 * i + 1];
+    }
+    store_acc<scalar_t, acc_t, kHalf>(row + o0 / 2, 0, first);
+    store_acc<scalar_t, acc_t, kHalf>(row + channels / 2 + o0 / 2, 0, second);
+  }
+}
 
 // A Partial (plain data with merge(other), which folds other into it, and shuffled(src, width),
 // lane src's copy within an aligned group of width lanes) is combined in two fixed orders: the 8
 // warps of a block in warp order (combine_warps), then a channel's chunks in chunk order
 // (combine_chunks).
 
-// The per-thread partials of a block's 8 warps, combined per channel by warp 0. Every thread of the
-// block calls it (it synchronizes the block), once per kernel and Partial type: warp 0 reads the
-// shared array after the one barrier, so a second call would overwrite it under warp 0's reads.
-// Returns the block's partial in warp 0's lanes.
-template <typename Partial>
-SA_DEVICE Partial combine_warps(const Partial& own) {
+// The per-thread partials of a block's 8 warps, combined per channel by warp 0, one of the thread's
+// kVec channels after another: in place, warp 0's lanes end with the block's partials. Every thread
+// of the block calls it (it synchronizes the block); it ends with warp 0 reading the shared array,
+// so a kernel calls it once per Partial type (a second call would overwrite the array under warp
+// 0's reads).
+template <typename Partial, int kVec>
+SA_DEVICE void combine_warps(Partial (&own)[kVec]) {
   SA_SHARED_ARRAY(Partial, warp_partials, kNhwcThreads);
-  warp_partials[threadIdx.x] = own;
-  __syncthreads();
-  Partial total = own;
-  if (threadIdx.x < kWarpSize) {
-    for (int w = 1; w < kNhwcWarps; ++w) total.merge(warp_partials[w * kWarpSize + threadIdx.x]);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) {
+    if (j > 0) __syncthreads();  // warp 0 is done with channel j - 1's
+    warp_partials[threadIdx.x] = own[j];
+    __syncthreads();
+    if (threadIdx.x < kWarpSize) {
+      for (int w = 1; w < kNhwcWarps; ++w) own[j].merge(warp_partials[w * kWarpSize + threadIdx.x]);
+    }
   }
-  return total;
 }
 
 // The lanes a finishing kernel gives one (batch item, channel): its chunks rounded up to a power

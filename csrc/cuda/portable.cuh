@@ -156,11 +156,17 @@ struct alignas(sizeof(T) * N) Pack {
 
 template <typename T, int N>
 SA_DEVICE Pack<T, N> load_pack(const T* p) {
+#if !defined(__CUDACC__)
+  ::sa_emu::check_aligned(p, sizeof(Pack<T, N>));
+#endif
   return *reinterpret_cast<const Pack<T, N>*>(p);
 }
 
 template <typename T, int N>
 SA_DEVICE void store_pack(T* p, const Pack<T, N>& v) {
+#if !defined(__CUDACC__)
+  ::sa_emu::check_aligned(p, sizeof(Pack<T, N>));
+#endif
   *reinterpret_cast<Pack<T, N>*>(p) = v;
 }
 

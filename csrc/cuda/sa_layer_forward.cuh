@@ -152,6 +152,7 @@ struct PlaneGate {
   acc_t s;
   SpatialGate<acc_t> g;
 
+  PlaneGate() = default;  // plain data: kept in arrays, one per channel of a thread
   SA_DEVICE PlaneGate(const PlaneParams<acc_t>& w, bool spatial_, const Standardizer<acc_t>& st)
       : spatial(spatial_),
         s(sigmoid(w.cw * st.mean + w.cb)),

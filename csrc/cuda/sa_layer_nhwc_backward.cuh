@@ -1,8 +1,9 @@
 // SALayer, backward, channels_last (NHWC): three kernels over the tiles of nhwc_tiles.cuh, then
 // the parameter-gradient reduction (param_grad_reduce.cuh) as for NCHW.
 //
-//   sa_layer_nhwc_grad_sums_kernel  reads x and grad_out (at the shuffled channel) once: per
-//                                   (batch item, chunk, channel) T1 = sum t and T2 = sum t xh
+//   sa_layer_nhwc_grad_sums_kernel  reads x and grad_out once (a lane per kVec output channels:
+//                                   a pack of grad_out, two half packs of x): per (batch item,
+//                                   chunk, channel) T1 = sum t and T2 = sum t xh
 //   sa_layer_nhwc_grad_coeffs_kernel a FinishTeam per (batch item, channel): the chunks' sums
 //                                   added in chunk order, stored into the channel's slot of the
 //                                   partials and turned into its input-gradient coefficients
@@ -24,31 +25,43 @@ namespace sa_cuda::SA_GPU_NS {
 // rebuilds per plane).
 template <typename acc_t>
 struct ChannelGrad {
-  PlaneUnit unit;
-  PlaneParams<acc_t> w;
-  Standardizer<acc_t> st;
   PlaneGate<acc_t> gate;
+  Standardizer<acc_t> st;
 
-  SA_DEVICE ChannelGrad(const ForwardParams& f, int64_t plane)
-      : unit(plane_unit(f, plane)),
-        w(load_plane_params<acc_t>(f, unit.role.k)),
-        st(saved_stats(static_cast<const acc_t*>(f.mean)[plane],
-                       static_cast<const acc_t*>(f.rstd)[plane])),
-        gate(w, unit.role.spatial, st) {}
+  ChannelGrad() = default;  // plain data: kept in arrays, one per channel of a thread
+  SA_DEVICE ChannelGrad(const ForwardParams& f, int64_t plane) {
+    const PlaneUnit unit = plane_unit(f, plane);
+    st = saved_stats(static_cast<const acc_t*>(f.mean)[plane],
+                     static_cast<const acc_t*>(f.rstd)[plane]);
+    gate = PlaneGate<acc_t>(load_plane_params<acc_t>(f, unit.role.k), unit.role.spatial, st);
+  }
 };
 
-// grad_out and x at one pixel of a thread's channel c (grad_out's at shuffle_dst(c)).
-template <typename acc_t>
-struct GradPair {
-  acc_t x, gu;
+// The backward's kernels give a lane kVec output channels o0 + j (one pack of grad_out), which
+// come from the pre-shuffle channels shuffle_src(o0 + j) (two half packs of x and grad_x:
+// load_unshuffled).
+template <typename acc_t, int kVec>
+struct GradPacks {
+  acc_t x[kVec], gu[kVec];  // x at shuffle_src(o0 + j), grad_out at o0 + j
 };
 
-template <typename scalar_t, typename acc_t>
-SA_DEVICE void load_grad_pair(const BackwardParams& p, const NhwcGrid& grid, const NhwcThread& t,
-                              int64_t c, int64_t pixel, GradPair<acc_t>& v) {
-  v.x = static_cast<acc_t>(static_cast<const scalar_t*>(p.fwd.x)[t.at(grid, pixel, c)]);
-  v.gu = static_cast<acc_t>(
-      static_cast<const scalar_t*>(p.grad_out)[t.at(grid, pixel, shuffle_dst(c, grid.channels))]);
+template <typename scalar_t, typename acc_t, int kVec>
+SA_DEVICE void load_grad_packs(const BackwardParams& p, const NhwcGrid& grid,
+                               const NhwcThread<kVec>& t, int64_t o0, int64_t pixel,
+                               GradPacks<acc_t, kVec>& v) {
+  load_unshuffled<scalar_t>(t.row(static_cast<const scalar_t*>(p.fwd.x), grid, pixel),
+                            grid.channels, o0, v.x);
+  load_acc<scalar_t, acc_t, kVec>(t.row(static_cast<const scalar_t*>(p.grad_out), grid, pixel) + o0,
+                                  0, v.gu);
+}
+
+// The per-channel state of a thread's kVec channels: channel j is shuffle_src(o0 + j).
+template <typename acc_t, int kVec>
+SA_DEVICE void load_channel_grads(const ForwardParams& f, const NhwcGrid& grid, int64_t item,
+                                  int64_t o0, ChannelGrad<acc_t> (&g)[kVec]) {
+#pragma unroll
+  for (int j = 0; j < kVec; ++j)
+    g[j] = ChannelGrad<acc_t>(f, item * grid.channels + shuffle_src(o0 + j, grid.channels));
 }
 
 // A chunk's sums of one channel (plain data: it lives in shared memory).
@@ -65,20 +78,32 @@ struct ChunkSums {
   }
 };
 
-template <typename scalar_t>
+template <typename scalar_t, int kVec>
 SA_KERNEL_BOUNDS(kNhwcThreads)
 void sa_layer_nhwc_grad_sums_kernel(BackwardParams p, ChunkSums<at::opmath_type<scalar_t>>* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid(p.fwd);
-  const NhwcThread t(grid);
-  const int64_t c = t.active ? t.channel : grid.channels - 1;  // idle lanes read a valid channel
-  const ChannelGrad<acc_t> g(p.fwd, t.item * grid.channels + c);
-  ChunkSums<acc_t> own{{0, 0}};
-  t.for_each_pixel<GradPair<acc_t>>(
-      [&](int64_t pixel, GradPair<acc_t>& v) { load_grad_pair<scalar_t>(p, grid, t, c, pixel, v); },
-      [&](int64_t, const GradPair<acc_t>& v) { add_grad_terms(g.gate, g.st, v.x, v.gu, own.v); });
-  const ChunkSums<acc_t> total = combine_warps(own);
-  if (t.warp == 0 && t.active) out[grid.partial(t.item, t.chunk, t.channel)] = total;
+  const NhwcGrid grid(p.fwd, kVec);
+  const NhwcThread<kVec> t(grid);
+  const int64_t o0 = t.readable_channel(grid);
+  ChannelGrad<acc_t> g[kVec];
+  load_channel_grads(p.fwd, grid, t.item, o0, g);
+  ChunkSums<acc_t> own[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) own[j] = {{0, 0}};
+  t.template for_each_pixel<GradPacks<acc_t, kVec>>(
+      [&](int64_t pixel, GradPacks<acc_t, kVec>& v) {
+        load_grad_packs<scalar_t>(p, grid, t, o0, pixel, v);
+      },
+      [&](int64_t, const GradPacks<acc_t, kVec>& v) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j)
+          add_grad_terms(g[j].gate, g[j].st, v.x[j], v.gu[j], own[j].v);
+      });
+  combine_warps(own);
+  if (t.warp != 0 || !t.active) return;
+#pragma unroll
+  for (int j = 0; j < kVec; ++j)
+    out[grid.partial(t.item, t.chunk, shuffle_src(o0 + j, grid.channels))] = own[j];
 }
 
 template <typename scalar_t>
@@ -88,7 +113,7 @@ void sa_layer_nhwc_grad_coeffs_kernel(BackwardParams p,
                                       InputGradCoeffs<at::opmath_type<scalar_t>>* coeffs,
                                       int lanes) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid(p.fwd);
+  const NhwcGrid grid(p.fwd, 1);
   const FinishTeam team(grid, lanes);
   const ChunkSums<acc_t> total = combine_chunks(in, grid, team);
   if (!team.writer()) return;  // no collective below
@@ -99,42 +124,55 @@ void sa_layer_nhwc_grad_coeffs_kernel(BackwardParams p,
                         static_cast<const acc_t*>(p.fwd.rstd)[team.plane], total.v, grid.pixels);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kVec>
 SA_KERNEL_BOUNDS(kNhwcThreads)
 void sa_layer_nhwc_input_grad_kernel(BackwardParams p,
                                      const InputGradCoeffs<at::opmath_type<scalar_t>>* coeffs) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid(p.fwd);
-  const NhwcThread t(grid);
+  const NhwcGrid grid(p.fwd, kVec);
+  const NhwcThread<kVec> t(grid);
   if (!t.active) return;  // no collective in this kernel
-  const int64_t plane = t.item * grid.channels + t.channel;
-  const ChannelGrad<acc_t> g(p.fwd, plane);
-  const InputGradCoeffs<acc_t> k = coeffs[plane];
+  const int64_t o0 = t.channel;
+  ChannelGrad<acc_t> g[kVec];
+  load_channel_grads(p.fwd, grid, t.item, o0, g);
+  InputGradCoeffs<acc_t> k[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j)
+    k[j] = coeffs[t.item * grid.channels + shuffle_src(o0 + j, grid.channels)];
   scalar_t* dx = static_cast<scalar_t*>(p.grad_x);
-  t.for_each_pixel<GradPair<acc_t>>(
-      [&](int64_t pixel, GradPair<acc_t>& v) {
-        load_grad_pair<scalar_t>(p, grid, t, t.channel, pixel, v);
+  t.template for_each_pixel<GradPacks<acc_t, kVec>>(
+      [&](int64_t pixel, GradPacks<acc_t, kVec>& v) {
+        load_grad_packs<scalar_t>(p, grid, t, o0, pixel, v);
       },
-      [&](int64_t pixel, const GradPair<acc_t>& v) {
-        dx[t.at(grid, pixel, t.channel)] =
-            static_cast<scalar_t>(plane_input_grad(g.gate, g.st, k, v.x, v.gu, g.gate(v.x)));
+      [&](int64_t pixel, const GradPacks<acc_t, kVec>& v) {
+        acc_t d[kVec];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j)
+          d[j] = plane_input_grad(g[j].gate, g[j].st, k[j], v.x[j], v.gu[j], g[j].gate(v.x[j]));
+        store_unshuffled<scalar_t>(t.row(dx, grid, pixel), grid.channels, o0, d);
       });
 }
 
 template <typename scalar_t>
 void launch_sa_layer_nhwc_backward(const BackwardParams& b) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid(b.fwd);
+  const NhwcGrid grid(b.fwd, 1);  // its chunks and partials, the same for every kVec
   const Workspace sums(sizeof(ChunkSums<acc_t>) * grid.partials());
   const Workspace coeffs(sizeof(InputGradCoeffs<acc_t>) * grid.planes());
   const Stream stream = current_stream();
-  launch(&sa_layer_nhwc_grad_sums_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, stream, b,
-         sums.as<ChunkSums<acc_t>>());
-  const int lanes = finish_lanes(grid.chunks);
-  launch(&sa_layer_nhwc_grad_coeffs_kernel<scalar_t>, finish_blocks(grid, lanes), kFinishThreads, 0,
-         stream, b, sums.as<const ChunkSums<acc_t>>(), coeffs.as<InputGradCoeffs<acc_t>>(), lanes);
-  launch(&sa_layer_nhwc_input_grad_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, stream, b,
-         coeffs.as<const InputGradCoeffs<acc_t>>());
+  with_lane_channels<scalar_t, kNhwcStateVec<scalar_t>>(
+      grid.channels, {b.fwd.x, b.grad_out, b.grad_x}, [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        const int64_t blocks = NhwcGrid(b.fwd, kVec).blocks();
+        launch(&sa_layer_nhwc_grad_sums_kernel<scalar_t, kVec>, blocks, kNhwcThreads, 0, stream, b,
+               sums.as<ChunkSums<acc_t>>());
+        const int lanes = finish_lanes(grid.chunks);
+        launch(&sa_layer_nhwc_grad_coeffs_kernel<scalar_t>, finish_blocks(grid, lanes),
+               kFinishThreads, 0, stream, b, sums.as<const ChunkSums<acc_t>>(),
+               coeffs.as<InputGradCoeffs<acc_t>>(), lanes);
+        launch(&sa_layer_nhwc_input_grad_kernel<scalar_t, kVec>, blocks, kNhwcThreads, 0, stream, b,
+               coeffs.as<const InputGradCoeffs<acc_t>>());
+      });
 }
 
 }  // namespace sa_cuda::SA_GPU_NS

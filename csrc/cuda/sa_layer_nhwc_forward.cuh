@@ -1,10 +1,11 @@
 // SALayer, forward, channels_last (NHWC): the statistics of nhwc_stats.cuh (two launches), with
 // each channel's gate kept (GateSink: PlaneGate), then
 //
-//   sa_layer_nhwc_gate_kernel     reads x again and writes out: a lane per output channel, so a
-//                                 warp writes 32 consecutive values of an output row and reads
-//                                 16 + 16 consecutive values of the input row (channel_shuffle
-//                                 interleaves the two halves)
+//   sa_layer_nhwc_gate_kernel     reads x again and writes out: a lane per kVec output channels
+//                                 (one pack), so a warp writes 32 kVec consecutive values of an
+//                                 output row and reads 16 kVec + 16 kVec consecutive values of the
+//                                 input row (channel_shuffle interleaves the two halves:
+//                                 load_unshuffled)
 //
 // Bytes moved: x read twice, out written once, per (item, chunk, channel) the statistics' partial,
 // per (item, channel) the statistics and the gate.
@@ -29,32 +30,41 @@ struct GateSink {
   }
 };
 
-template <typename scalar_t>
+template <typename scalar_t, int kVec>
 SA_KERNEL_BOUNDS(kNhwcThreads)
 void sa_layer_nhwc_gate_kernel(ForwardParams p, const PlaneGate<at::opmath_type<scalar_t>>* gates) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid(p);
-  const NhwcThread t(grid);  // t.channel: an output channel
-  if (!t.active) return;      // no collective in this kernel
-  const int64_t c = shuffle_src(t.channel, grid.channels);
-  const PlaneGate<acc_t> gate = gates[t.item * grid.channels + c];
+  const NhwcGrid grid(p, kVec);
+  const NhwcThread<kVec> t(grid);  // t.channel: the first of kVec output channels
+  if (!t.active) return;            // no collective in this kernel
+  PlaneGate<acc_t> gate[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j)
+    gate[j] = gates[t.item * grid.channels + shuffle_src(t.channel + j, grid.channels)];
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   scalar_t* out = static_cast<scalar_t*>(p.out);
-  t.for_each_pixel<acc_t>(
-      [&](int64_t pixel, acc_t& v) { v = static_cast<acc_t>(x[t.at(grid, pixel, c)]); },
-      [&](int64_t pixel, const acc_t& v) {
-        out[t.at(grid, pixel, t.channel)] = static_cast<scalar_t>(v * gate(v));
+  t.template for_each_pixel<acc_t[kVec]>(
+      [&](int64_t pixel, acc_t(&v)[kVec]) {
+        load_unshuffled<scalar_t>(t.row(x, grid, pixel), grid.channels, t.channel, v);
+      },
+      [&](int64_t pixel, const acc_t(&v)[kVec]) {
+        acc_t u[kVec];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) u[j] = v[j] * gate[j](v[j]);
+        store_acc<scalar_t, acc_t, kVec>(t.row(out, grid, pixel) + t.channel, 0, u);
       });
 }
 
 template <typename scalar_t>
 void launch_sa_layer_nhwc_forward(const ForwardParams& f) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid(f);
-  const Workspace gates(sizeof(PlaneGate<acc_t>) * grid.planes());
-  launch_nhwc_stats<scalar_t>(f, grid, GateSink<acc_t>{gates.as<PlaneGate<acc_t>>()});
-  launch(&sa_layer_nhwc_gate_kernel<scalar_t>, grid.blocks(), kNhwcThreads, 0, current_stream(), f,
-         gates.as<const PlaneGate<acc_t>>());
+  const Workspace gates(sizeof(PlaneGate<acc_t>) * f.batch * f.channels);
+  launch_nhwc_stats<scalar_t>(f, GateSink<acc_t>{gates.as<PlaneGate<acc_t>>()});
+  with_lane_channels<scalar_t, kNhwcStateVec<scalar_t>>(f.channels, {f.x, f.out}, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    launch(&sa_layer_nhwc_gate_kernel<scalar_t, kVec>, NhwcGrid(f, kVec).blocks(), kNhwcThreads, 0,
+           current_stream(), f, gates.as<const PlaneGate<acc_t>>());
+  });
 }
 
 }  // namespace sa_cuda::SA_GPU_NS

@@ -60,8 +60,7 @@ void launch_shuffle_attention_nhwc_forward(const ForwardParams& f) {
   using acc_t = at::opmath_type<scalar_t>;
   const NhwcWindows w = window_grid<acc_t>(f, false);
   const Workspace standardizers(sizeof(Standardizer<acc_t>) * w.grid.planes());
-  launch_nhwc_stats<scalar_t>(f, w.grid,
-                              StandardizerSink<acc_t>{standardizers.as<Standardizer<acc_t>>()});
+  launch_nhwc_stats<scalar_t>(f, StandardizerSink<acc_t>{standardizers.as<Standardizer<acc_t>>()});
   launch(&shuffle_attention_nhwc_gate_kernel<scalar_t>, w.blocks(), kWindowThreads,
          window_smem(w).values(false) * sizeof(acc_t), current_stream(), f, w,
          standardizers.as<const Standardizer<acc_t>>());

@@ -13,6 +13,13 @@ TORCH_LIBRARY(sa_cuda_emu, m) {
   define_ops(m);
   // Emulated kernel launches so far in this process (tests take the difference around a call).
   m.def("emulated_launches() -> int", [] { return ::sa_emu::launches(); });
+  // The block counts of the emulated launches since the last call.
+  m.def("emulated_launch_blocks() -> int[]", [] {
+    std::lock_guard<std::mutex> lock(::sa_emu::launch_mutex());
+    std::vector<int64_t> blocks;
+    blocks.swap(::sa_emu::launch_blocks());
+    return blocks;
+  });
 }
 
 TORCH_LIBRARY_IMPL(sa_cuda_emu, CPU, m) {

@@ -3,14 +3,15 @@
 //
 // x is [B, N, C]: a pixel's C channels are one contiguous row, and a channel's plane is strided by
 // C, so no plane is a unit to read by itself (apex's and PyTorch's NHWC GroupNorm face the same).
-// A lane takes kVec consecutive channels of a row, one pack of 16 bytes (4 float, 8 bfloat16 or
-// half, 2 double) where C and every tensor's base allow it, else one channel (kVec = 1). A block of
+// A lane takes kVec consecutive channels of a row, one pack (kNhwcVec: 4 float in 16 bytes, 4
+// bfloat16 or half in 8, 2 double in 16) where C, every tensor's base and the grid's size allow it,
+// else one channel (kVec = 1). A block of
 // kNhwcThreads = 256 threads (8 warps) takes one *tile*: 32 kVec consecutive channels of one batch
 // item, so that a warp reads 32 kVec consecutive values of a row (32 packs of one access), over one
-// *chunk* of kNhwcChunkPixels consecutive pixels, of which warp w takes w, w + 8, w + 16, ... A
-// thread keeps its channels for the whole block, and with them their parameters and statistics.
-// A channel sees its pixels in the same order whatever kVec, so the results do not depend on it.
-// Per call:
+// *chunk* of consecutive pixels (256, fewer on small grids: nhwc_chunk_pixels), of which warp w
+// takes w, w + 8, w + 16, ... A thread keeps its channels for the whole block, and with them their
+// parameters and statistics. A channel sees its pixels in the same order whatever kVec, so the
+// results do not depend on it. Per call:
 //   1. a reduction kernel writes one partial per (batch item, chunk, channel): the statistics'
 //      moments in the forward, the gradient sums in the backward;
 //   2. a finishing kernel combines each channel's partials in chunk order (an order fixed by the
@@ -32,50 +33,45 @@ namespace sa_cuda::SA_GPU_NS {
 
 constexpr int kNhwcWarps = 8;
 constexpr int kNhwcThreads = kNhwcWarps * kWarpSize;
-constexpr int64_t kNhwcChunkPixels = 256;  // 32 pixels a thread
+constexpr int64_t kNhwcChunkPixels = 256;  // the largest chunk: 32 pixels a thread
+// The smallest chunk: a float channel's partial moments (24 bytes) against its 256 bytes of x.
+constexpr int64_t kNhwcMinChunkPixels = 64;
+// Blocks a launch should have: about 4 an SM of an H100 or H200 (132 SMs). Fewer leave SMs idle
+// or one block's time as the tail: at (8, 256, 56, 56) the first kernels with packs had 104 to 208
+// blocks of 256 pixels, and took as long as one channel a lane with 832 (H200).
+constexpr int64_t kNhwcTargetBlocks = 512;
 constexpr int kNhwcLoads = 4;  // pixels a thread has in flight
 constexpr int kFinishThreads = 256;  // threads of a finishing kernel's block
 
-// The widest kVec: one 16-byte pack of channels.
+// The kVec of a launch with packs: a pack of at most 16 bytes and 4 channels (float 4, bfloat16 and
+// half 4 in 8 bytes, double 2). A thread keeps each channel's statistics, gate or coefficients:
+// 8 channels took 124 to 156 registers a thread on sm_90 (one or two blocks an SM), 4 take 76 to
+// 112.
 template <typename scalar_t>
-constexpr int kNhwcPack = 16 / int(sizeof(scalar_t));
+constexpr int kNhwcVec = 16 / int(sizeof(scalar_t)) < 4 ? 16 / int(sizeof(scalar_t)) : 4;
 
-// The kVec of the kernels that keep per-channel state beyond the statistics' moments (SALayer's
-// gate and backward kernels): at most 4 channels, 16 bytes of float and 8 of bfloat16 or half.
-// Eight channels' gates and coefficients took 156 registers a thread on sm_90 (one block of 256 an
-// SM); four take about 100 (two blocks).
-template <typename scalar_t>
-constexpr int kNhwcStateVec = kNhwcPack<scalar_t> < 4 ? kNhwcPack<scalar_t> : 4;
-
-// Calls go(std::integral_constant<int, kVec>()) with kVec = kMax (a power of two, at most
-// kNhwcPack) where C is a multiple of it and every tensor's base is aligned to its bytes (then
-// every thread's packs are: rows start C apart), else kVec = 1.
-template <typename scalar_t, int kMax, typename Go>
-void with_lane_channels(int64_t channels, std::initializer_list<const void*> tensors,
-                        const Go& go) {
-  static_assert(kMax <= kNhwcPack<scalar_t> && (kMax & (kMax - 1)) == 0, "a pack of channels");
-  bool fits = channels % kMax == 0;
-  for (const void* t : tensors)
-    fits = fits && reinterpret_cast<uintptr_t>(t) % (kMax * sizeof(scalar_t)) == 0;
-  if (fits) {
-    go(std::integral_constant<int, kMax>());
-  } else {
-    go(std::integral_constant<int, 1>());
-  }
-}
+// The least blocks a launch with packs must have (else one channel a lane, kVec times the blocks):
+// kNhwcTargetBlocks on a GPU; 1 in the emulator, whose tests run small grids and take packs
+// wherever C and the tensors allow them.
+#if defined(__CUDACC__)
+constexpr int64_t kNhwcPackMinBlocks = kNhwcTargetBlocks;
+#else
+constexpr int64_t kNhwcPackMinBlocks = 1;
+#endif
 
 // The grid of the reduction and element-wise kernels: B * chunks * tiles blocks, tile fastest
 // (the blocks of one chunk read neighbouring bytes of the same rows).
 struct NhwcGrid {
-  int64_t batch, channels, pixels, tiles, chunks;
+  int64_t batch, channels, pixels, chunk_pixels, tiles, chunks;
 
   // lane_channels: the kVec of the kernels launched on this grid (1 for those without tiles)
-  SA_HOST_DEVICE NhwcGrid(const ForwardParams& f, int lane_channels)
+  SA_HOST_DEVICE NhwcGrid(const ForwardParams& f, int lane_channels, int64_t chunk_pixels_)
       : batch(f.batch),
         channels(f.channels),
         pixels(f.plane_size),
+        chunk_pixels(chunk_pixels_),
         tiles((f.channels + kWarpSize * lane_channels - 1) / (kWarpSize * lane_channels)),
-        chunks((f.plane_size + kNhwcChunkPixels - 1) / kNhwcChunkPixels) {}
+        chunks((f.plane_size + chunk_pixels_ - 1) / chunk_pixels_) {}
 
   SA_HOST_DEVICE int64_t blocks() const { return batch * chunks * tiles; }
   SA_HOST_DEVICE int64_t planes() const { return batch * channels; }  // (batch item, channel)
@@ -85,6 +81,42 @@ struct NhwcGrid {
     return (item * chunks + chunk) * channels + channel;
   }
 };
+
+// The chunk of SALayer's NHWC kernels and of the statistics of both variants: 256 pixels, halved
+// (down to kNhwcMinChunkPixels) while the grid with packs has fewer than kNhwcTargetBlocks blocks.
+// A function of the shape and dtype alone, not of the kVec a launch takes: the packed and the
+// one-channel kernels sum each channel's pixels in the same order (the same bits).
+template <typename scalar_t>
+SA_HOST_DEVICE int64_t nhwc_chunk_pixels(const ForwardParams& f) {
+  int64_t chunk = kNhwcChunkPixels;
+  while (chunk > kNhwcMinChunkPixels &&
+         NhwcGrid(f, kNhwcVec<scalar_t>, chunk).blocks() < kNhwcTargetBlocks) {
+    chunk /= 2;
+  }
+  return chunk;
+}
+
+template <typename scalar_t>
+SA_HOST_DEVICE NhwcGrid nhwc_grid(const ForwardParams& f, int lane_channels) {
+  return NhwcGrid(f, lane_channels, nhwc_chunk_pixels<scalar_t>(f));
+}
+
+// Calls go(std::integral_constant<int, kVec>()) with kVec = kNhwcVec where C is a multiple of it,
+// every tensor's base is aligned to its bytes (then every thread's packs are: rows start C apart)
+// and the grid keeps kNhwcPackMinBlocks blocks; else kVec = 1.
+template <typename scalar_t, typename Go>
+void with_lane_channels(const ForwardParams& f, std::initializer_list<const void*> tensors,
+                        const Go& go) {
+  constexpr int kMax = kNhwcVec<scalar_t>;
+  bool fits = f.channels % kMax == 0 && nhwc_grid<scalar_t>(f, kMax).blocks() >= kNhwcPackMinBlocks;
+  for (const void* t : tensors)
+    fits = fits && reinterpret_cast<uintptr_t>(t) % (kMax * sizeof(scalar_t)) == 0;
+  if (fits) {
+    go(std::integral_constant<int, kMax>());
+  } else {
+    go(std::integral_constant<int, 1>());
+  }
+}
 
 // This thread's share of its block: kVec channels (the tile's lane-th pack; past the last channel
 // in the last tile of a C that is not a multiple of 32 kVec: the thread then takes no part but the
@@ -105,10 +137,10 @@ struct NhwcThread {
     lane = static_cast<int>(threadIdx.x) % kWarpSize;
     channel = (tile * kWarpSize + lane) * kVec;
     active = channel < grid.channels;
-    const int64_t chunk_start = chunk * kNhwcChunkPixels;
+    const int64_t chunk_start = chunk * grid.chunk_pixels;
     first_pixel = chunk_start + warp;
-    end_pixel =
-        chunk_start + kNhwcChunkPixels < grid.pixels ? chunk_start + kNhwcChunkPixels : grid.pixels;
+    end_pixel = chunk_start + grid.chunk_pixels < grid.pixels ? chunk_start + grid.chunk_pixels
+                                                              : grid.pixels;
   }
 
   // The first of this thread's channels, or, on an idle thread, the last kVec channels (valid

@@ -34,7 +34,7 @@ struct NhwcWindows {
   int64_t tile;  // pixels of a staged tile (a power of two; window_grid)
 
   explicit NhwcWindows(const ForwardParams& f)
-      : grid(f, 1), m(f.branch_channels), half(f.channels / 2) {
+      : grid(f, 1, kNhwcChunkPixels), m(f.branch_channels), half(f.channels / 2) {
     width = m >= kWindowHalfChannels ? m : kWindowHalfChannels / m * m;
     if (width > half) width = half;
     windows = (half + width - 1) / width;

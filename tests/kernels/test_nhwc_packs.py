@@ -1,11 +1,12 @@
 """The channels_last kernels of the CUDA source move packs of channels (csrc/cuda/nhwc_tiles.cuh).
 
-A lane takes kVec consecutive channels of a pixel row, one 16-byte pack (4 float, 8 bfloat16 or
-half, 2 double), wherever C is a multiple of kVec and every tensor's base is 16-byte aligned; else
-one channel. SALayer's gate and backward kernels take kVec output channels, whose pre-shuffle
-channels are two half packs, one in each half of the row. Each channel sees its pixels in the same
-order either way, so the two paths must give the same bits: here the same values go through both
-(a tensor one element past a 16-byte boundary takes the one-channel path), forward and backward,
+A lane takes kVec consecutive channels of a pixel row, one pack (4 float in 16 bytes, 4 bfloat16
+or half in 8, 2 double in 16), wherever C is a multiple of kVec, every tensor's base is aligned to
+the pack and (on a GPU) the grid keeps enough blocks; else one channel. SALayer's gate and
+backward kernels take kVec output channels, whose pre-shuffle channels are two half packs, one in
+each half of the row. Each channel sees its pixels in the same order either way (the chunks do not
+depend on kVec), so the two paths must give the same bits: here the same values go through both
+(a tensor one element past a pack's boundary takes the one-channel path), forward and backward,
 with the tiles, idle lanes and packs that straddle a branch boundary the shapes below make.
 
 The emulator faults on a misaligned pack as the hardware does ("misaligned address"), so a pack
@@ -24,29 +25,36 @@ CL = torch.channels_last
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
 
-# (B, C, H, W), groups. Packs: 2 (fp64), 4 (fp32), 8 (bf16, fp16) channels; a tile is 32 packs.
+# (B, C, H, W), groups. Packs: 2 (fp64) or 4 channels; a tile is 32 packs; chunks of 64 pixels
+# here (small grids: nhwc_chunk_pixels).
 SHAPES = [
-    # 272 channels: tiles of 128 + 128 + 16 (fp32), 256 + 16 (bf16), 5 tiles (fp64); 2 chunks
-    pytest.param((1, 272, 17, 19), 2, id="C272-tiles-chunks2"),
-    # m = 5: packs of 4 and 8 channels straddle the branches and the groups
+    # 272 channels: tiles of 128 + 128 + 16 (4 channels a pack), 5 tiles (fp64); 6 chunks, the
+    # last of 3 pixels
+    pytest.param((1, 272, 17, 19), 2, id="C272-tiles-chunks6"),
+    # m = 5: packs of 2 and 4 channels straddle the branches and the groups
     pytest.param((2, 40, 3, 7), 4, id="m5-straddling"),
-    # one pack of 8 channels: 31 idle lanes (bf16)
-    pytest.param((3, 8, 5, 5), 2, id="C8-one-pack"),
+    # two packs of 4 channels: 30 idle lanes
+    pytest.param((3, 8, 5, 5), 2, id="C8-two-packs"),
+    # a GPU takes packs only where they leave 512 blocks (kNhwcPackMinBlocks): 64 * 4 chunks of 64
+    # pixels * 2 tiles of 128 channels (fp64: 4 chunks of 128 pixels, 4 tiles); the GPU alone
+    pytest.param((64, 256, 14, 14), 32, id="gpu-grid-512-blocks"),
 ]
 
 
 def _pack(dtype):
-    return 16 // torch.empty((), dtype=dtype).element_size()
+    """Channels a pack (csrc/cuda/nhwc_tiles.cuh, kNhwcVec): at most 16 bytes and 4 channels."""
+    return min(16 // torch.empty((), dtype=dtype).element_size(), 4)
 
 
 def _misaligned(t):
-    """The same values, channels_last, its data one element past a 16-byte boundary."""
+    """The same values, channels_last, its data one element past a pack's boundary."""
     B, C, H, W = t.shape
     storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
     rows = storage[1:].view(B, H, W, C)
     rows.copy_(t.permute(0, 2, 3, 1))
     shifted = rows.permute(0, 3, 1, 2)
-    assert shifted.is_contiguous(memory_format=CL) and shifted.data_ptr() % 16 != 0
+    pack_bytes = _pack(t.dtype) * t.element_size()
+    assert shifted.is_contiguous(memory_format=CL) and shifted.data_ptr() % pack_bytes != 0
     assert torch.equal(shifted, t)
     return shifted
 
@@ -74,7 +82,9 @@ def _assert_identical(got, want, what):
 @pytest.mark.parametrize("backend", ["emulated", "cuda"], indirect=True)
 def test_packs_give_the_one_channel_bits(backend, variant, dtype, shape, groups):
     """Packs of channels (aligned tensors) and one channel a lane (x, or only grad_out, one element
-    off 16 bytes): the same out, statistics and gradients, bit for bit."""
+    off a pack): the same out, statistics and gradients, bit for bit."""
+    if backend.name == "emulated" and shape[0] == 64:
+        pytest.skip("a GPU-sized grid: the emulator takes packs on the small shapes already")
     assert shape[1] % _pack(dtype) == 0  # every shape here takes packs when aligned
     params = [p.to(backend.device) for p in op_params(variant, shape[1], groups, seed=5)]
     x = make_input(shape, seed=1, dtype=dtype, offset=0.5, device=backend.device)
@@ -93,24 +103,35 @@ def test_packs_give_the_one_channel_bits(backend, variant, dtype, shape, groups)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_packs_where_c_and_the_bases_allow(dtype):
-    """SALayer's channels_last forward on the emulated kernels: the moments kernel takes one tile
-    of 32 packs of 16 bytes, the gate kernel of 32 packs of at most 4 channels (its per-channel
-    state: csrc/cuda/nhwc_tiles.cuh, kNhwcStateVec), where C is a multiple of the pack and x is
-    aligned; 32 channels a tile otherwise (C not a multiple, or x one element off)."""
-    moments_pack = _pack(dtype)
-    gate_pack = min(moments_pack, 4)
+    """SALayer's channels_last forward on the emulated kernels (which take packs from one block up:
+    kNhwcPackMinBlocks): the moments and gate kernels take one tile of 32 packs per 32 kVec
+    channels where C is a multiple of kVec and x is aligned; 32 channels a tile otherwise (C not a
+    multiple, or x one element off)."""
+    pack = _pack(dtype)
     B, H, W, groups = 1, 3, 5, 1  # one chunk: a kernel's blocks are its tiles
-    for channels in (64 * moments_pack, 64 * moments_pack + 2):
+    for channels in (64 * pack, 64 * pack + 2):
         params = op_params("sa_layer", channels, groups, seed=5)
         x = make_input((B, channels, H, W), seed=1, dtype=dtype).contiguous(memory_format=CL)
         for xin in (x, _misaligned(x)):
             torch.ops.sa_cuda_emu.emulated_launch_blocks()  # forget earlier launches
             EMULATED.forward_op("sa_layer")(xin, groups, *params, 1e-5)
             moments, finish, gate = torch.ops.sa_cuda_emu.emulated_launch_blocks()
-            aligned = xin.data_ptr() % 16 == 0
-            tiles = [
-                -(-channels // (32 * (pack if channels % pack == 0 and aligned else 1)))
-                for pack in (moments_pack, gate_pack)
-            ]
-            assert [moments, gate] == tiles, (channels, xin.data_ptr() % 16)
+            packed = channels % pack == 0 and xin.data_ptr() % (pack * xin.element_size()) == 0
+            tiles = -(-channels // (32 * (pack if packed else 1)))
+            assert (moments, gate) == (tiles, tiles), (channels, xin.data_ptr() % 16)
             assert finish == -(-channels // 256)  # a lane per (item, channel): one chunk
+
+
+@pytest.mark.parametrize("batch,chunks", [(512, 1), (511, 2)])
+def test_chunks_shrink_on_small_grids(batch, chunks):
+    """The chunk of the NHWC kernels (nhwc_chunk_pixels): 256 pixels, halved down to 64 while the
+    grid with packs has fewer than 512 blocks (kNhwcTargetBlocks). At 65 pixels and C = 8 (one
+    tile) a batch of 512 has 512 blocks of one 256-pixel chunk; a batch of 511 halves it to 64
+    pixels, 2 chunks. Read from the moments kernel's launch on the emulated kernels."""
+    C, H, W = 8, 5, 13
+    params = op_params("sa_layer", C, 1, seed=5)
+    x = make_input((batch, C, H, W), seed=1).contiguous(memory_format=CL)
+    torch.ops.sa_cuda_emu.emulated_launch_blocks()  # forget earlier launches
+    EMULATED.forward_op("sa_layer")(x, 1, *params, 1e-5)
+    moments = torch.ops.sa_cuda_emu.emulated_launch_blocks()[0]
+    assert moments == batch * chunks

@@ -138,7 +138,7 @@ fi
 
 # ---- check: every launch path x dtype x variant vs the CPU op in float64
 if [ "$MODE" = gpu ]; then
-  run_step check 60 20 TERM 1 "$PY" "$LAUNCH_PATHS" --backend cuda --json "$OUT/check.json"
+  run_step check 90 20 TERM 1 "$PY" "$LAUNCH_PATHS" --backend cuda --json "$OUT/check.json"
 else
   run_step check 120 20 TERM 1 "$PY" "$LAUNCH_PATHS" --backend emulated --set small \
     --dtypes fp32,bf16 --offsets 0,1 --cases "${SA_GPU_CHECK_CPU_CASES:-warp N=63|group m=8}" \

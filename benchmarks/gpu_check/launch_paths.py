@@ -101,15 +101,16 @@ SPECS: list[Spec] = [
     Spec("group m=64 N>tile", (1, 128, 8, 9), 1, GROUP, ("fp32", "fp64")),
     Spec("group m=64 G=8", (1, 1024, 7, 7), 8, GROUP),
     # channels_last: the NHWC kernels (csrc/cuda/nhwc_tiles.cuh: statistics and SALayer in tiles
-    # of 32 lanes of a channel, or of a pack of 4 (2 fp64) where the grid keeps 512 blocks, by
-    # chunks of 256 pixels, 64 on small grids; nhwc_windows.cuh: ShuffleAttention's windows of
-    # whole branches, walked in staged tiles of pixels)
-    Spec("nhwc 32+8 ch, 6 chunks", (2, 40, 17, 19), 5, PLANE, ("fp32", "bf16"), True),
-    Spec("nhwc 8 ch, 15 chunks", (1, 8, 30, 30), 2, PLANE, (), True),
+    # of 32 lanes of a channel, or of a pack of 4 (2 fp64) where the grid keeps enough blocks, by
+    # chunks of 256 pixels (SALayer's backward: 64 on small grids); nhwc_windows.cuh:
+    # ShuffleAttention's windows of whole branches, walked in staged tiles of pixels)
+    Spec("nhwc 32+8 ch, 2/6 chunks", (2, 40, 17, 19), 5, PLANE, ("fp32", "bf16"), True),
+    Spec("nhwc 8 ch, 4/15 chunks", (1, 8, 30, 30), 2, PLANE, (), True),
     Spec("nhwc 256 ch, 28x28", (2, 256, 28, 28), 32, PLANE, ("fp32",), True),
-    # packs: 64 * 4 chunks of 64 pixels * 2 tiles of 128 channels = 512 blocks (fp64: 4 tiles)
-    Spec("nhwc packs 256 ch, 14x14", (64, 256, 14, 14), 32, PLANE, ("fp32",), True),
-    # packs straddle the branches; 64 * 2 chunks * 5 tiles = 640 blocks
+    # packs: the forward's 64 * 2 chunks * 2 tiles = 256 blocks (>= 192), the backward's 64 * 5
+    # chunks of 64 pixels * 2 tiles = 640 (>= 512)
+    Spec("nhwc packs 256 ch, 17x17", (64, 256, 17, 17), 32, PLANE, ("fp32",), True),
+    # packs straddle the branches; forward 64 * 5 tiles = 320 blocks, backward 640
     Spec("nhwc packs m=5, 9x9", (64, 520, 9, 9), 52, PLANE, (), True),
     Spec("nhwc win 16+4 m=4", (2, 40, 17, 19), 5, GROUP, ("fp32", "bf16"), True),
     Spec("nhwc win 17x2 m=17", (1, 68, 5, 7), 2, GROUP, ("fp32",), True),

@@ -60,7 +60,7 @@ template <typename scalar_t, int kVec>
 SA_KERNEL_BOUNDS(kNhwcThreads)
 void nhwc_moments_kernel(ForwardParams p, ChunkMoments<at::opmath_type<scalar_t>>* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid = nhwc_grid<scalar_t>(p, kVec);
+  const NhwcGrid grid = nhwc_grid<scalar_t>(p, NhwcPass::kForward, kVec);
   const NhwcThread<kVec> t(grid);
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   const int64_t c0 = t.readable_channel(grid);
@@ -148,7 +148,7 @@ SA_KERNEL_BOUNDS(kFinishThreads)
 void nhwc_stats_kernel(ForwardParams p, const ChunkMoments<at::opmath_type<scalar_t>>* in,
                        Sink sink, int lanes) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid = nhwc_grid<scalar_t>(p, 1);
+  const NhwcGrid grid = nhwc_grid<scalar_t>(p, NhwcPass::kForward, 1);
   const FinishTeam team(grid, lanes);
   const ChunkMoments<acc_t> total = combine_chunks(in, grid, team);
   const SplitMean<acc_t> mean =
@@ -188,14 +188,16 @@ void nhwc_stats_kernel(ForwardParams p, const ChunkMoments<at::opmath_type<scala
 template <typename scalar_t, typename Sink>
 void launch_nhwc_stats(const ForwardParams& f, const Sink& sink) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid = nhwc_grid<scalar_t>(f, 1);  // its chunks and partials: every kVec's
+  // Its chunks and partials, every kVec's.
+  const NhwcGrid grid = nhwc_grid<scalar_t>(f, NhwcPass::kForward, 1);
   const Workspace moments(sizeof(ChunkMoments<acc_t>) * grid.partials());
   const int lanes = finish_lanes(grid.chunks);
   const Stream stream = current_stream();
-  with_lane_channels<scalar_t>(f, {f.x}, [&](auto vec) {
+  with_lane_channels<scalar_t>(f, NhwcPass::kForward, {f.x}, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
-    launch(&nhwc_moments_kernel<scalar_t, kVec>, nhwc_grid<scalar_t>(f, kVec).blocks(),
-           kNhwcThreads, 0, stream, f, moments.as<ChunkMoments<acc_t>>());
+    launch(&nhwc_moments_kernel<scalar_t, kVec>,
+           nhwc_grid<scalar_t>(f, NhwcPass::kForward, kVec).blocks(), kNhwcThreads, 0, stream, f,
+           moments.as<ChunkMoments<acc_t>>());
   });
   launch(&nhwc_stats_kernel<scalar_t, Sink>, finish_blocks(grid, lanes), kFinishThreads, 0, stream,
          f, moments.as<const ChunkMoments<acc_t>>(), sink, lanes);

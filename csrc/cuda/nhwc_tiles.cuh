@@ -8,10 +8,10 @@
 // else one channel (kVec = 1). A block of
 // kNhwcThreads = 256 threads (8 warps) takes one *tile*: 32 kVec consecutive channels of one batch
 // item, so that a warp reads 32 kVec consecutive values of a row (32 packs of one access), over one
-// *chunk* of consecutive pixels (256, fewer on small grids: nhwc_chunk_pixels), of which warp w
-// takes w, w + 8, w + 16, ... A thread keeps its channels for the whole block, and with them their
-// parameters and statistics. A channel sees its pixels in the same order whatever kVec, so the
-// results do not depend on it. Per call:
+// *chunk* of consecutive pixels (256; SALayer's backward fewer on small grids: nhwc_chunk_pixels),
+// of which warp w takes w, w + 8, w + 16, ... A thread keeps its channels for the whole block, and
+// with them their parameters and statistics. A channel sees its pixels in the same order whatever
+// kVec, so the results do not depend on it. Per call:
 //   1. a reduction kernel writes one partial per (batch item, chunk, channel): the statistics'
 //      moments in the forward, the gradient sums in the backward;
 //   2. a finishing kernel combines each channel's partials in chunk order (an order fixed by the
@@ -34,12 +34,6 @@ namespace sa_cuda::SA_GPU_NS {
 constexpr int kNhwcWarps = 8;
 constexpr int kNhwcThreads = kNhwcWarps * kWarpSize;
 constexpr int64_t kNhwcChunkPixels = 256;  // the largest chunk: 32 pixels a thread
-// The smallest chunk: a float channel's partial moments (24 bytes) against its 256 bytes of x.
-constexpr int64_t kNhwcMinChunkPixels = 64;
-// Blocks a launch should have: about 4 an SM of an H100 or H200 (132 SMs). Fewer leave SMs idle
-// or one block's time as the tail: at (8, 256, 56, 56) the first kernels with packs had 104 to 208
-// blocks of 256 pixels, and took as long as one channel a lane with 832 (H200).
-constexpr int64_t kNhwcTargetBlocks = 512;
 constexpr int kNhwcLoads = 4;  // pixels a thread has in flight
 constexpr int kFinishThreads = 256;  // threads of a finishing kernel's block
 
@@ -50,14 +44,31 @@ constexpr int kFinishThreads = 256;  // threads of a finishing kernel's block
 template <typename scalar_t>
 constexpr int kNhwcVec = 16 / int(sizeof(scalar_t)) < 4 ? 16 / int(sizeof(scalar_t)) : 4;
 
-// The least blocks a launch with packs must have (else one channel a lane, kVec times the blocks):
-// kNhwcTargetBlocks on a GPU; 1 in the emulator, whose tests run small grids and take packs
-// wherever C and the tensors allow them.
+// How each direction sizes its grid, from the H200's timings of both choices at the SA-ResNet-50
+// stage shapes (docs/gpu.md, section 11):
+// - the forward (the statistics' moments, SALayer's gate) keeps chunks of 256 pixels: its partial
+//   moments (24 bytes a channel) and their merge cost more at 64 pixels than the blocks gain (the
+//   B = 8 forwards lost 10-34%); it takes packs where they leave 192 blocks (about 1.5 an SM of
+//   132): with 208 it timed as one channel a lane with 832, with 64 to 128 up to 1.8x slower;
+// - SALayer's backward halves its chunks, down to 64 pixels, until the grid with packs has 512
+//   blocks, and takes packs where it does: its bfloat16 kernels took 0.6-0.7x the time of one
+//   channel a lane with 256-pixel chunks at B = 8, its float32 ones 0.8-1.1x.
+enum class NhwcPass { kForward, kBackward };
+constexpr int64_t kNhwcForwardPackBlocks = 192;
+constexpr int64_t kNhwcMinChunkPixels = 64;  // a float channel's 8-byte sums against 256 bytes of x
+constexpr int64_t kNhwcBackwardBlocks = 512;
+
+// The least blocks a launch with packs must have (else one channel a lane, kVec times the blocks);
+// 1 in the emulator, whose tests run small grids and take packs wherever C and the tensors allow.
 #if defined(__CUDACC__)
-constexpr int64_t kNhwcPackMinBlocks = kNhwcTargetBlocks;
+constexpr bool kNhwcPackBlockRule = true;
 #else
-constexpr int64_t kNhwcPackMinBlocks = 1;
+constexpr bool kNhwcPackBlockRule = false;
 #endif
+SA_HOST_DEVICE constexpr int64_t nhwc_pack_min_blocks(NhwcPass pass) {
+  if (!kNhwcPackBlockRule) return 1;
+  return pass == NhwcPass::kForward ? kNhwcForwardPackBlocks : kNhwcBackwardBlocks;
+}
 
 // The grid of the reduction and element-wise kernels: B * chunks * tiles blocks, tile fastest
 // (the blocks of one chunk read neighbouring bytes of the same rows).
@@ -82,33 +93,33 @@ struct NhwcGrid {
   }
 };
 
-// The chunk of SALayer's NHWC kernels and of the statistics of both variants: 256 pixels, halved
-// (down to kNhwcMinChunkPixels) while the grid with packs has fewer than kNhwcTargetBlocks blocks.
-// A function of the shape and dtype alone, not of the kVec a launch takes: the packed and the
-// one-channel kernels sum each channel's pixels in the same order (the same bits).
+// The chunk of a direction's grid (NhwcPass): a function of the shape, dtype and direction alone,
+// not of the kVec a launch takes, so the packed and the one-channel kernels sum each channel's
+// pixels in the same order (the same bits).
 template <typename scalar_t>
-SA_HOST_DEVICE int64_t nhwc_chunk_pixels(const ForwardParams& f) {
+SA_HOST_DEVICE int64_t nhwc_chunk_pixels(const ForwardParams& f, NhwcPass pass) {
   int64_t chunk = kNhwcChunkPixels;
-  while (chunk > kNhwcMinChunkPixels &&
-         NhwcGrid(f, kNhwcVec<scalar_t>, chunk).blocks() < kNhwcTargetBlocks) {
+  while (pass == NhwcPass::kBackward && chunk > kNhwcMinChunkPixels &&
+         NhwcGrid(f, kNhwcVec<scalar_t>, chunk).blocks() < kNhwcBackwardBlocks) {
     chunk /= 2;
   }
   return chunk;
 }
 
 template <typename scalar_t>
-SA_HOST_DEVICE NhwcGrid nhwc_grid(const ForwardParams& f, int lane_channels) {
-  return NhwcGrid(f, lane_channels, nhwc_chunk_pixels<scalar_t>(f));
+SA_HOST_DEVICE NhwcGrid nhwc_grid(const ForwardParams& f, NhwcPass pass, int lane_channels) {
+  return NhwcGrid(f, lane_channels, nhwc_chunk_pixels<scalar_t>(f, pass));
 }
 
 // Calls go(std::integral_constant<int, kVec>()) with kVec = kNhwcVec where C is a multiple of it,
 // every tensor's base is aligned to its bytes (then every thread's packs are: rows start C apart)
-// and the grid keeps kNhwcPackMinBlocks blocks; else kVec = 1.
+// and the direction's grid with packs keeps nhwc_pack_min_blocks blocks; else kVec = 1.
 template <typename scalar_t, typename Go>
-void with_lane_channels(const ForwardParams& f, std::initializer_list<const void*> tensors,
-                        const Go& go) {
+void with_lane_channels(const ForwardParams& f, NhwcPass pass,
+                        std::initializer_list<const void*> tensors, const Go& go) {
   constexpr int kMax = kNhwcVec<scalar_t>;
-  bool fits = f.channels % kMax == 0 && nhwc_grid<scalar_t>(f, kMax).blocks() >= kNhwcPackMinBlocks;
+  bool fits = f.channels % kMax == 0 &&
+              nhwc_grid<scalar_t>(f, pass, kMax).blocks() >= nhwc_pack_min_blocks(pass);
   for (const void* t : tensors)
     fits = fits && reinterpret_cast<uintptr_t>(t) % (kMax * sizeof(scalar_t)) == 0;
   if (fits) {

@@ -82,7 +82,7 @@ template <typename scalar_t, int kVec>
 SA_KERNEL_BOUNDS(kNhwcThreads)
 void sa_layer_nhwc_grad_sums_kernel(BackwardParams p, ChunkSums<at::opmath_type<scalar_t>>* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid = nhwc_grid<scalar_t>(p.fwd, kVec);
+  const NhwcGrid grid = nhwc_grid<scalar_t>(p.fwd, NhwcPass::kBackward, kVec);
   const NhwcThread<kVec> t(grid);
   const int64_t o0 = t.readable_channel(grid);
   ChannelGrad<acc_t> g[kVec];
@@ -113,7 +113,7 @@ void sa_layer_nhwc_grad_coeffs_kernel(BackwardParams p,
                                       InputGradCoeffs<at::opmath_type<scalar_t>>* coeffs,
                                       int lanes) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid = nhwc_grid<scalar_t>(p.fwd, 1);
+  const NhwcGrid grid = nhwc_grid<scalar_t>(p.fwd, NhwcPass::kBackward, 1);
   const FinishTeam team(grid, lanes);
   const ChunkSums<acc_t> total = combine_chunks(in, grid, team);
   if (!team.writer()) return;  // no collective below
@@ -129,7 +129,7 @@ SA_KERNEL_BOUNDS(kNhwcThreads)
 void sa_layer_nhwc_input_grad_kernel(BackwardParams p,
                                      const InputGradCoeffs<at::opmath_type<scalar_t>>* coeffs) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid = nhwc_grid<scalar_t>(p.fwd, kVec);
+  const NhwcGrid grid = nhwc_grid<scalar_t>(p.fwd, NhwcPass::kBackward, kVec);
   const NhwcThread<kVec> t(grid);
   if (!t.active) return;  // no collective in this kernel
   const int64_t o0 = t.channel;
@@ -156,22 +156,24 @@ void sa_layer_nhwc_input_grad_kernel(BackwardParams p,
 template <typename scalar_t>
 void launch_sa_layer_nhwc_backward(const BackwardParams& b) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid = nhwc_grid<scalar_t>(b.fwd, 1);  // its chunks and partials: every kVec's
+  // Its chunks and partials, every kVec's.
+  const NhwcGrid grid = nhwc_grid<scalar_t>(b.fwd, NhwcPass::kBackward, 1);
   const Workspace sums(sizeof(ChunkSums<acc_t>) * grid.partials());
   const Workspace coeffs(sizeof(InputGradCoeffs<acc_t>) * grid.planes());
   const Stream stream = current_stream();
-  with_lane_channels<scalar_t>(b.fwd, {b.fwd.x, b.grad_out, b.grad_x}, [&](auto vec) {
-    constexpr int kVec = decltype(vec)::value;
-    const int64_t blocks = nhwc_grid<scalar_t>(b.fwd, kVec).blocks();
-    launch(&sa_layer_nhwc_grad_sums_kernel<scalar_t, kVec>, blocks, kNhwcThreads, 0, stream, b,
-           sums.as<ChunkSums<acc_t>>());
-    const int lanes = finish_lanes(grid.chunks);
-    launch(&sa_layer_nhwc_grad_coeffs_kernel<scalar_t>, finish_blocks(grid, lanes), kFinishThreads,
-           0, stream, b, sums.as<const ChunkSums<acc_t>>(), coeffs.as<InputGradCoeffs<acc_t>>(),
-           lanes);
-    launch(&sa_layer_nhwc_input_grad_kernel<scalar_t, kVec>, blocks, kNhwcThreads, 0, stream, b,
-           coeffs.as<const InputGradCoeffs<acc_t>>());
-  });
+  with_lane_channels<scalar_t>(
+      b.fwd, NhwcPass::kBackward, {b.fwd.x, b.grad_out, b.grad_x}, [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        const int64_t blocks = nhwc_grid<scalar_t>(b.fwd, NhwcPass::kBackward, kVec).blocks();
+        launch(&sa_layer_nhwc_grad_sums_kernel<scalar_t, kVec>, blocks, kNhwcThreads, 0, stream, b,
+               sums.as<ChunkSums<acc_t>>());
+        const int lanes = finish_lanes(grid.chunks);
+        launch(&sa_layer_nhwc_grad_coeffs_kernel<scalar_t>, finish_blocks(grid, lanes),
+               kFinishThreads, 0, stream, b, sums.as<const ChunkSums<acc_t>>(),
+               coeffs.as<InputGradCoeffs<acc_t>>(), lanes);
+        launch(&sa_layer_nhwc_input_grad_kernel<scalar_t, kVec>, blocks, kNhwcThreads, 0, stream, b,
+               coeffs.as<const InputGradCoeffs<acc_t>>());
+      });
 }
 
 }  // namespace sa_cuda::SA_GPU_NS

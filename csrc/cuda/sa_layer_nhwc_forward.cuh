@@ -34,7 +34,7 @@ template <typename scalar_t, int kVec>
 SA_KERNEL_BOUNDS(kNhwcThreads)
 void sa_layer_nhwc_gate_kernel(ForwardParams p, const PlaneGate<at::opmath_type<scalar_t>>* gates) {
   using acc_t = at::opmath_type<scalar_t>;
-  const NhwcGrid grid = nhwc_grid<scalar_t>(p, kVec);
+  const NhwcGrid grid = nhwc_grid<scalar_t>(p, NhwcPass::kForward, kVec);
   const NhwcThread<kVec> t(grid);  // t.channel: the first of kVec output channels
   if (!t.active) return;            // no collective in this kernel
   PlaneGate<acc_t> gate[kVec];
@@ -60,10 +60,11 @@ void launch_sa_layer_nhwc_forward(const ForwardParams& f) {
   using acc_t = at::opmath_type<scalar_t>;
   const Workspace gates(sizeof(PlaneGate<acc_t>) * f.batch * f.channels);
   launch_nhwc_stats<scalar_t>(f, GateSink<acc_t>{gates.as<PlaneGate<acc_t>>()});
-  with_lane_channels<scalar_t>(f, {f.x, f.out}, [&](auto vec) {
+  with_lane_channels<scalar_t>(f, NhwcPass::kForward, {f.x, f.out}, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
-    launch(&sa_layer_nhwc_gate_kernel<scalar_t, kVec>, nhwc_grid<scalar_t>(f, kVec).blocks(),
-           kNhwcThreads, 0, current_stream(), f, gates.as<const PlaneGate<acc_t>>());
+    launch(&sa_layer_nhwc_gate_kernel<scalar_t, kVec>,
+           nhwc_grid<scalar_t>(f, NhwcPass::kForward, kVec).blocks(), kNhwcThreads, 0,
+           current_stream(), f, gates.as<const PlaneGate<acc_t>>());
   });
 }
 

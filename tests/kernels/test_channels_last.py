@@ -85,25 +85,28 @@ SHUFFLE_ROW_SHAPES = [
 EMULATED_SHAPES = SHAPES[:2] + SHAPES[-2:]
 # The NHWC kernels in the CUDA source: the statistics (and SALayer's gate and backward) in tiles of
 # 32 lanes of one channel or of a pack of them (4, or 2 for fp64: tests/kernels/test_nhwc_packs.py)
-# by chunks of 256 pixels, 64 on grids as small as these (csrc/cuda/nhwc_tiles.cuh); ShuffleAttention's
-# gate and backward in windows of whole branches, `width` channels of each half (16 rounded down to
-# a multiple of m, or m), by chunks of 256 pixels walked in staged tiles of `tile` pixels (64 for
-# 32 window channels, 32 for 34 to 64; csrc/cuda/nhwc_windows.cuh). The ids name SALayer's chunks,
-# then the windows.
+# by chunks of 256 pixels (SALayer's backward: 64 on grids as small as these;
+# csrc/cuda/nhwc_tiles.cuh); ShuffleAttention's gate and backward in windows of whole branches,
+# `width` channels of each half (16 rounded down to a multiple of m, or m), by chunks of 256 pixels
+# walked in staged tiles of `tile` pixels (64 for 32 window channels, 32 for 34 to 64;
+# csrc/cuda/nhwc_windows.cuh). The ids name the chunks (forward / SALayer's backward), then the
+# windows.
 GPU_NHWC_SHAPES = [
-    # 323 pixels: 5 chunks and a partial one; windows 16 + 4 (G odd: the halves start on different
-    # roles)
-    pytest.param((2, 40, 17, 19), 5, id="chunks6-win16+4"),
-    pytest.param((1, 8, 30, 30), 2, id="C8-chunks15-win4"),  # one tile, 24 or 30 idle lanes
-    pytest.param((2, 64, 16, 16), 8, id="chunks4-win16x2-tiles4"),
+    # 323 pixels: a partial chunk; windows 16 + 4 (G odd: the halves start on different roles)
+    pytest.param((2, 40, 17, 19), 5, id="chunks2/6-win16+4"),
+    pytest.param((1, 8, 30, 30), 2, id="C8-chunks4/15-win4"),  # one tile, 24 or 30 idle lanes
+    pytest.param((2, 64, 16, 16), 8, id="chunks1/4-win16x2-tiles4"),
     pytest.param((3, 24, 5, 3), 3, id="b3-N15-win12"),
     pytest.param((1, 48, 3, 1), 3, id="w1-win16+8"),  # m = 8
     pytest.param((1, 68, 5, 7), 2, id="m17-win17x2-tiles32+3"),  # a branch wider than 16
     pytest.param((2, 30, 4, 5), 5, id="m3-win15"),
-    # 812 pixels, 13 chunks: teams of 16 lanes, 3 of them idle in the one round
-    pytest.param((1, 8, 28, 29), 2, id="C8-chunks13"),
-    # 2070 pixels, 33 chunks: the finishing kernels' teams of 32 lanes take two rounds
-    pytest.param((1, 8, 45, 46), 2, id="C8-chunks33"),
+    # 13 chunks: the finishing kernels' teams of 16 lanes, 3 of them idle in the one round; 33
+    # chunks: teams of 32 lanes in two rounds (3136 and 8281 pixels in the forward, 812 and 2070 in
+    # SALayer's backward)
+    pytest.param((1, 8, 56, 56), 2, id="C8-chunks13/49"),
+    pytest.param((1, 8, 91, 91), 2, id="C8-chunks33/130"),
+    pytest.param((1, 8, 28, 29), 2, id="C8-chunks4/13"),
+    pytest.param((1, 8, 45, 46), 2, id="C8-chunks9/33"),
 ]
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]

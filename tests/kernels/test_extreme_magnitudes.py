@@ -78,11 +78,11 @@ SHAPES = {
     "emu-block-scalar": ((4, 31, 33), 1),
     "emu-streamed-vector": ((2, 64, 72), 1),
     "emu-streamed-scalar": ((2, 65, 67), 1),
-    # The NHWC kernels (csrc/cuda/nhwc_stats.cuh): statistics merged over chunks of pixels (64 on
-    # grids this small), then the streamed rescale of a channel they overflow, read C apart;
+    # The NHWC kernels (csrc/cuda/nhwc_stats.cuh): statistics merged over chunks of 256 pixels,
+    # then the streamed rescale of a channel they overflow, read C apart;
     # SALayer's gate by tiles of 32 lanes of a channel or a pack of 4, ShuffleAttention's by
     # windows of whole branches (nhwc_windows.cuh)
-    "emu-nhwc-cl": ((40, 17, 19), 5),  # m = 4: tiles of 40 channels, windows 16 + 4; 6 chunks
+    "emu-nhwc-cl": ((40, 17, 19), 5),  # m = 4: tiles of 40 channels, windows 16 + 4; 2 chunks
     # one chunk: the statistics' finishing teams are single lanes, 32 channels a warp, each of
     # which may need the warp's rescale; 40 channels a batch item leave teams past the last plane
     "emu-nhwc-cl-7x7": ((40, 7, 7), 5),

@@ -25,19 +25,20 @@ CL = torch.channels_last
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
 
-# (B, C, H, W), groups. Packs: 2 (fp64) or 4 channels; a tile is 32 packs; chunks of 64 pixels
-# here (small grids: nhwc_chunk_pixels).
+# (B, C, H, W), groups. Packs: 2 (fp64) or 4 channels; a tile is 32 packs; chunks of 256 pixels in
+# the forward, 64 in SALayer's backward here (small grids: nhwc_chunk_pixels).
 SHAPES = [
-    # 272 channels: tiles of 128 + 128 + 16 (4 channels a pack), 5 tiles (fp64); 6 chunks, the
-    # last of 3 pixels
-    pytest.param((1, 272, 17, 19), 2, id="C272-tiles-chunks6"),
+    # 272 channels: tiles of 128 + 128 + 16 (4 channels a pack), 5 tiles (fp64); 2 chunks (the
+    # backward's: 6, the last of 3 pixels)
+    pytest.param((1, 272, 17, 19), 2, id="C272-tiles-chunks"),
     # m = 5: packs of 2 and 4 channels straddle the branches and the groups
     pytest.param((2, 40, 3, 7), 4, id="m5-straddling"),
     # two packs of 4 channels: 30 idle lanes
     pytest.param((3, 8, 5, 5), 2, id="C8-two-packs"),
-    # a GPU takes packs only where they leave 512 blocks (kNhwcPackMinBlocks): 64 * 4 chunks of 64
-    # pixels * 2 tiles of 128 channels (fp64: 4 chunks of 128 pixels, 4 tiles); the GPU alone
-    pytest.param((64, 256, 14, 14), 32, id="gpu-grid-512-blocks"),
+    # a GPU takes packs only where they leave enough blocks (nhwc_pack_min_blocks): the forward's
+    # 64 * 2 chunks * 2 tiles = 256 >= 192, the backward's 64 * 5 chunks of 64 pixels * 2 = 640 >=
+    # 512 (fp64: 4 tiles; 3 chunks of 128 pixels); the GPU alone
+    pytest.param((64, 256, 17, 17), 32, id="gpu-grid-packs"),
 ]
 
 
@@ -104,7 +105,7 @@ def test_packs_give_the_one_channel_bits(backend, variant, dtype, shape, groups)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_packs_where_c_and_the_bases_allow(dtype):
     """SALayer's channels_last forward on the emulated kernels (which take packs from one block up:
-    kNhwcPackMinBlocks): the moments and gate kernels take one tile of 32 packs per 32 kVec
+    nhwc_pack_min_blocks): the moments and gate kernels take one tile of 32 packs per 32 kVec
     channels where C is a multiple of kVec and x is aligned; 32 channels a tile otherwise (C not a
     multiple, or x one element off)."""
     pack = _pack(dtype)
@@ -122,16 +123,18 @@ def test_packs_where_c_and_the_bases_allow(dtype):
             assert finish == -(-channels // 256)  # a lane per (item, channel): one chunk
 
 
-@pytest.mark.parametrize("batch,chunks", [(512, 1), (511, 2)])
-def test_chunks_shrink_on_small_grids(batch, chunks):
-    """The chunk of the NHWC kernels (nhwc_chunk_pixels): 256 pixels, halved down to 64 while the
-    grid with packs has fewer than 512 blocks (kNhwcTargetBlocks). At 65 pixels and C = 8 (one
-    tile) a batch of 512 has 512 blocks of one 256-pixel chunk; a batch of 511 halves it to 64
-    pixels, 2 chunks. Read from the moments kernel's launch on the emulated kernels."""
+@pytest.mark.parametrize("batch,backward_chunks", [(512, 1), (511, 2)])
+def test_backward_chunks_shrink_on_small_grids(batch, backward_chunks):
+    """The chunks of the NHWC kernels (nhwc_chunk_pixels): the forward's are 256 pixels; SALayer's
+    backward halves its own, down to 64 pixels, while its grid with packs has fewer than 512 blocks.
+    At 65 pixels and C = 8 (one tile) a batch of 512 has 512 blocks of one 256-pixel chunk; a batch
+    of 511 halves it to 64 pixels, 2 chunks. Read from the launches on the emulated kernels: the
+    forward's moments kernel, the backward's sums kernel."""
     C, H, W = 8, 5, 13
     params = op_params("sa_layer", C, 1, seed=5)
     x = make_input((batch, C, H, W), seed=1).contiguous(memory_format=CL)
     torch.ops.sa_cuda_emu.emulated_launch_blocks()  # forget earlier launches
-    EMULATED.forward_op("sa_layer")(x, 1, *params, 1e-5)
-    moments = torch.ops.sa_cuda_emu.emulated_launch_blocks()[0]
-    assert moments == batch * chunks
+    out, mean, rstd = EMULATED.forward_op("sa_layer")(x, 1, *params, 1e-5)
+    assert torch.ops.sa_cuda_emu.emulated_launch_blocks()[0] == batch  # one chunk
+    EMULATED.backward_op("sa_layer")(out, x, mean, rstd, 1, *params)
+    assert torch.ops.sa_cuda_emu.emulated_launch_blocks()[0] == batch * backward_chunks

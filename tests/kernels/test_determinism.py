@@ -69,8 +69,9 @@ def test_cpu_bitwise_repeatable_across_threads(variant, shape, groups, dtype):
         pytest.param((1, 8, 30, 32), 2, 1, False, id="block-misaligned"),
         pytest.param((1, 4, 65, 67), 1, 0, False, id="streamed"),
         pytest.param((1, 64, 9, 7), 1, 0, False, id="m32"),
-        # the NHWC kernels: chunk partials merged in chunk order; two tiles of 32 channels, windows
-        # 16 + 4 (m = 4); then windows of m = 16 walked in 64-pixel tiles, two chunks
+        # the NHWC kernels: chunk partials merged in chunk order; one tile of 10 packs of 4
+        # channels (two tiles of 32 channels on a GPU's small grids), windows 16 + 4 (m = 4); then
+        # windows of m = 16 walked in 64-pixel tiles, two chunks
         pytest.param((2, 40, 17, 19), 5, 0, True, id="nhwc"),
         pytest.param((1, 64, 20, 20), 2, 0, True, id="nhwc-m16"),
     ],

@@ -402,12 +402,20 @@ inline std::atomic<int64_t>& launch_counter() {
 
 inline int64_t launches() { return launch_counter().load(); }
 
-// The block count of every launch since the last call of take_launch_blocks (under launch_mutex):
-// tests read which grid a call chose (the channels_last kernels' tiles are kVec times fewer with
-// packs of kVec channels).
+// The block count of every launch since the log was last drained (under launch_mutex; the op
+// sa_cuda_emu::emulated_launch_blocks drains it): tests read which grid a call chose (the
+// channels_last kernels' tiles are kVec times fewer with packs of kVec channels). A process that
+// never drains it keeps the last kMaxLoggedLaunches at most.
+constexpr size_t kMaxLoggedLaunches = 4096;
 inline std::vector<int64_t>& launch_blocks() {
   static std::vector<int64_t> blocks;
   return blocks;
+}
+inline void log_launch_blocks(int64_t blocks) {
+  std::vector<int64_t>& log = launch_blocks();
+  if (log.size() == kMaxLoggedLaunches)
+    log.erase(log.begin(), log.begin() + kMaxLoggedLaunches / 2);
+  log.push_back(blocks);
 }
 
 // A vector access the hardware faults on ("misaligned address"): its address is not a multiple of
@@ -452,7 +460,7 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, const Body& body) {
   const uint64_t seed = block_order_seed();
   ++launch_counter();
   std::lock_guard<std::mutex> lock(launch_mutex());
-  launch_blocks().push_back(int64_t(grid.x) * grid.y * grid.z);
+  log_launch_blocks(int64_t(grid.x) * grid.y * grid.z);
   Block state(grid, block, smem_bytes, seed);
   // The CUDA built-ins are thread-locals of the launching thread, which runs every fiber: the
   // launch-wide ones are set once, the per-thread ones each time a fiber is resumed.

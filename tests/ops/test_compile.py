@@ -152,6 +152,25 @@ def test_compile_channels_last(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_compile_fullgraph_inference(mode, device):
+    """Inference under torch.compile(fullgraph=True): no_grad and inference_mode. The functionals
+    call the forward op itself when there is nothing to differentiate; through the autograd.Function
+    Dynamo (torch 2.14.1) failed here ("Observed exception", KeyError(AutogradFunctionContextVariable)).
+    The compiled output equals the eager fused one and the float64 reference."""
+    fused, ref = _nets(device)
+    x = make_input((2, C, 5, 7), seed=1, device=device)
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    compiled = torch.compile(fused, fullgraph=True)
+    with context():
+        got, eager = compiled(x), fused(x)
+        want = clone_as(ref, torch.float64)(x.double())
+    assert not got.requires_grad
+    _assert_matches({"out": got}, {"out": want}, what=f"{mode}: ")
+    assert max_err(got, eager) <= 1e-5 * max(1.0, max_abs(eager))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("module", ["SALayer", "ShuffleAttention"])
 def test_compile_dynamic(module, device):
     """dynamic=True: one compiled graph serves several batch sizes and spatial sizes (no

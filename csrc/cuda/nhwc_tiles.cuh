@@ -5,13 +5,13 @@
 // C, so no plane is a unit to read by itself (apex's and PyTorch's NHWC GroupNorm face the same).
 // A lane takes kVec consecutive channels of a row, one pack (kNhwcVec: 4 float in 16 bytes, 4
 // bfloat16 or half in 8, 2 double in 16) where C, every tensor's base and the grid's size allow it,
-// else one channel (kVec = 1). A block of
-// kNhwcThreads = 256 threads (8 warps) takes one *tile*: 32 kVec consecutive channels of one batch
-// item, so that a warp reads 32 kVec consecutive values of a row (32 packs of one access), over one
-// *chunk* of consecutive pixels (256; SALayer's backward fewer on small grids: nhwc_chunk_pixels),
-// of which warp w takes w, w + 8, w + 16, ... A thread keeps its channels for the whole block, and
-// with them their parameters and statistics. A channel sees its pixels in the same order whatever
-// kVec, so the results do not depend on it. Per call:
+// else one channel (kVec = 1). A block of kNhwcThreads = 256 threads (8 warps) takes one *tile*:
+// 32 kVec consecutive channels of one batch item, so that a warp reads 32 kVec consecutive values
+// of a row (32 packs of one access), over one *chunk* of consecutive pixels (256; SALayer's
+// backward fewer on small grids: nhwc_chunk_pixels), of which warp w takes w, w + 8, w + 16, ...
+// A thread keeps its channels for the whole block, and with them their parameters and
+// statistics. A channel sees its pixels in the same order whatever kVec, so the results do not
+// depend on it. Per call:
 //   1. a reduction kernel writes one partial per (batch item, chunk, channel): the statistics'
 //      moments in the forward, the gradient sums in the backward;
 //   2. a finishing kernel combines each channel's partials in chunk order (an order fixed by the

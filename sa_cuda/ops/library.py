@@ -235,13 +235,16 @@ class OpLibrary:
         if dtype != x.dtype:
             x = x.to(dtype)
         # The ops return out (and grad_x) in x's memory format (_layout_of).
-        if not (
-            torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-        ):
+        differentiable = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in params)
+        )
+        if not (differentiable or torch.jit.is_tracing()):
             # Nothing to differentiate (inference, no_grad, inference_mode): the forward op alone.
             # Under torch.compile(fullgraph=True) this is also the path that compiles: Dynamo
             # (torch 2.14.1) fails on an autograd.Function applied with grad disabled
-            # (KeyError(AutogradFunctionContextVariable), "Observed exception").
+            # (KeyError(AutogradFunctionContextVariable), "Observed exception"). torch.jit.trace
+            # keeps the Function whatever the grad mode: its sanity check traces again under
+            # no_grad and compares the two graphs.
             return self._forward_ops[spec.name](x, groups, *params, float(eps))[0]
         return self.function.apply(spec.name, x, groups, float(eps), *params)[0]
 

@@ -72,6 +72,20 @@ def test_torch_export_keeps_the_op(cls):
 
 
 @pytest.mark.parametrize("cls", [sa_cuda.SALayer, sa_cuda.ShuffleAttention])
+def test_jit_trace(cls):
+    """torch.jit.trace with its sanity check (which traces again under no_grad and compares the
+    graphs): the traced module gives the module's output on other shapes, and its gradients."""
+    model = _net(randomize_(cls(32, 4), seed=1))
+    x = make_input((2, 32, 6, 5), seed=2)
+    traced = torch.jit.trace(model, (x,))
+    x2 = make_input((3, 32, 4, 7), seed=3)
+    gy = make_input((3, 32, 4, 7), seed=4)
+    got, want = forward_backward(traced, x2, gy), forward_backward(model, x2, gy)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("cls", [sa_cuda.SALayer, sa_cuda.ShuffleAttention])
 def test_save_load_round_trip(cls):
     layer = randomize_(cls(32, 4), seed=8)
     buffer = io.BytesIO()

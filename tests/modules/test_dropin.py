@@ -71,6 +71,8 @@ def test_torch_export_keeps_the_op(cls):
     torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks become constants
 @pytest.mark.parametrize("cls", [sa_cuda.SALayer, sa_cuda.ShuffleAttention])
 def test_jit_trace(cls):
     """torch.jit.trace with its sanity check (which traces again under no_grad and compares the

@@ -175,8 +175,18 @@ def timing_verdict(timing: dict) -> tuple[str, dict]:
     return verdict, counts
 
 
-def verdicts(out: Path, steps: list[dict]) -> tuple[dict, dict]:
-    """(one-line verdict per step, details for summary.json)."""
+# The JSON each timing step writes into OUTDIR.
+TIMING_FILES = {"timing": "timing.json", "channels_last": "timing-channels_last.json"}
+
+
+def read_timings(out: Path) -> dict:
+    """{step: its timing JSON, or None} for the steps of TIMING_FILES (read once: the verdicts
+    count their rows, the tables print them)."""
+    return {step: read_json(out / name) for step, name in TIMING_FILES.items()}
+
+
+def verdicts(out: Path, steps: list[dict], timings: dict) -> tuple[dict, dict]:
+    """(one-line verdict per step, details for summary.json); timings: read_timings(out)."""
     logs = out / "logs"
     v, details = {}, {}
     check = read_json(out / "check.json")
@@ -208,8 +218,7 @@ def verdicts(out: Path, steps: list[dict]) -> tuple[dict, dict]:
             for k, f in sorted(res.items())
         )
         details["resources"] = res
-    for step, name in (("timing", "timing.json"), ("channels_last", "timing-channels_last.json")):
-        timing = read_json(out / name)
+    for step, timing in timings.items():
         if timing:
             v[step], details[step] = timing_verdict(timing)
     ncu = read_json(out / "ncu" / "ncu.json")
@@ -227,10 +236,11 @@ def verdicts(out: Path, steps: list[dict]) -> tuple[dict, dict]:
     return v, details
 
 
-def tables(out: Path, details: dict) -> list[str]:
-    """The summary's tables after the step rows: timing, channels_last, ncu, launch-path failures."""
+def tables(details: dict, timings: dict) -> list[str]:
+    """The summary's tables after the step rows: timing, channels_last, ncu, launch-path failures;
+    timings: read_timings(out)."""
     lines: list[str] = []
-    timing = read_json(out / "timing.json")
+    timing = timings["timing"]
     if timing and timing["rows"]:
         impls = [
             i for i in ("eager", "compile", "fused") if any(r["impl"] == i for r in timing["rows"])
@@ -241,7 +251,7 @@ def tables(out: Path, details: dict) -> list[str]:
             f"batches {timing['compile']['batches']}, backend {timing['compile']['backend']}):",
             format_timing_table(timing["rows"], impls),
         ]
-    cl = read_json(out / "timing-channels_last.json")
+    cl = timings["channels_last"]
     if cl and cl["rows"]:
         lines += [
             "",
@@ -276,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.outdir)
     steps = read_steps(out)
-    v, details = verdicts(out, steps)
+    timings = read_timings(out)
+    v, details = verdicts(out, steps, timings)
     failed = [s["name"] for s in steps if s["status"] == "ran" and s["rc"] != 0]
     ran = [s for s in steps if s["status"] == "ran"]
     result = "FAIL" if failed or not ran else "PASS"
@@ -293,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"{s['name']:<10} {s['status']:<8} {rc:>4} {s['seconds']:>7} {s['box']:>5}  {text}"
         )
-    lines += tables(out, details)
+    lines += tables(details, timings)
     skipped = [s["name"] for s in steps if s["status"] != "ran"]
     lines += [
         "",

@@ -178,6 +178,26 @@ def forward_backward(module, x, grad_out):
     return res
 
 
+def run_raw_ops(backend, variant, x, gy, groups, params, *, saved=None, eps=1e-5):
+    """The backend's raw ops: the forward's (out, mean, rstd) and the backward's 7 results
+    (grad_x, six parameter gradients). With ``saved`` (mean, rstd) the backward takes those
+    statistics instead of the forward's, so that two runs being compared see the same ones."""
+    forward = backend.forward_op(variant)(x, groups, *params, eps)
+    mean, rstd = saved if saved is not None else forward[1:]
+    grads = backend.backward_op(variant)(gy, x, mean, rstd, groups, *params)
+    return forward, grads
+
+
+def assert_identical(got, want, what=""):
+    """The results ``got`` equal ``want`` bit for bit, one by one (dtype, shape and values)."""
+    assert len(got) == len(want), (what, len(got), len(want))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and g.shape == w.shape, (what, i)
+        assert torch.equal(g, w), (
+            f"{what} result {i}: max diff {(g.double() - w.double()).abs().max()}"
+        )
+
+
 def op_params(variant, channels, groups, seed, dtype=torch.float32):
     """Random parameters (detached) in the ops' argument order."""
     ref = make_ref(variant, channels, groups, seed=seed)

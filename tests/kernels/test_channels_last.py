@@ -32,6 +32,7 @@ import torch
 from conftest import (
     BACKENDS,
     VARIANTS,
+    assert_identical,
     clone_as,
     forward_backward,
     low_precision_runs,
@@ -40,6 +41,7 @@ from conftest import (
     op_params,
     params_in_op_order,
     ref_functional,
+    run_raw_ops,
 )
 
 from sa_cuda.ops import SA_CUDA_LIBRARY
@@ -113,21 +115,6 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
 
 
-def _run_ops(backend, variant, x, gy, groups, params, eps=1e-5):
-    """The raw ops: (out, mean, rstd) and (grad_x, six parameter gradients)."""
-    forward = backend.forward_op(variant)
-    backward = backend.backward_op(variant)
-    out, mean, rstd = forward(x, groups, *params, eps)
-    grads = backward(gy, x, mean, rstd, groups, *params)
-    return (out, mean, rstd), grads
-
-
-def _assert_identical(got, want):
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert g.dtype == w.dtype and g.shape == w.shape, i
-        assert torch.equal(g, w), f"result {i}: max diff {(g.double() - w.double()).abs().max()}"
-
-
 def _shapes_for(backend):
     return EMULATED_SHAPES if backend.name == "emulated" else SHAPES
 
@@ -194,14 +181,14 @@ def test_nhwc_equals_nchw_bit_for_bit(backend, variant, dtype):
         params = [p.to(backend.device) for p in op_params(variant, shape[1], groups, seed=3)]
         x = make_input(shape, seed=1, dtype=dtype, device=backend.device, offset=0.5)
         gy = make_input(shape, seed=2, dtype=dtype, device=backend.device)
-        want_fwd, want_bwd = _run_ops(backend, variant, x, gy, groups, params)
+        want_fwd, want_bwd = run_raw_ops(backend, variant, x, gy, groups, params)
         x_cl, gy_cl = x.contiguous(memory_format=CL), gy.contiguous(memory_format=CL)
         got_fwd = backend.forward_op(variant)(x_cl, groups, *params, 1e-5)
         _, mean, rstd = want_fwd
         got_bwd = backend.backward_op(variant)(gy_cl, x_cl, mean, rstd, groups, *params)
         if not _by_rows(backend, variant, dtype, shape, groups):
-            _assert_identical(got_fwd, want_fwd)
-        _assert_identical(got_bwd, want_bwd)
+            assert_identical(got_fwd, want_fwd)
+        assert_identical(got_bwd, want_bwd)
         assert got_fwd[0].is_contiguous(memory_format=CL), (case.id, got_fwd[0].stride())
         assert got_bwd[0].is_contiguous(memory_format=CL), (case.id, got_bwd[0].stride())
 
@@ -268,7 +255,7 @@ def test_rows_do_not_depend_on_the_thread_count(variant):
     finally:
         torch.set_num_threads(threads)
     for got in results[1:]:
-        _assert_identical(got, results[0])
+        assert_identical(got, results[0])
 
 
 @pytest.mark.parametrize(
@@ -406,8 +393,8 @@ def test_every_layout_pair(backend, variant, dtype, x_layout, gy_layout):
     if channels_last and own_backward:
         x, gy = x.contiguous(memory_format=CL), gy.contiguous(memory_format=CL)
     want_bwd = backend.backward_op(variant)(gy, x, mean, rstd, groups, *params)
-    _assert_identical(got_fwd, want_fwd)
-    _assert_identical(got_bwd, want_bwd)
+    assert_identical(got_fwd, want_fwd)
+    assert_identical(got_bwd, want_bwd)
     for result in (got_fwd[0], got_bwd[0]):
         if channels_last:
             assert result.is_contiguous(memory_format=CL) and not result.is_contiguous()
@@ -425,10 +412,10 @@ def test_ambiguous_layout_is_read_as_nchw(backend, variant):
     gy = make_input(shape, seed=2, device=backend.device)
     xl = x.contiguous(memory_format=CL)
     assert xl.is_contiguous() and xl.is_contiguous(memory_format=CL)
-    want_fwd, want_bwd = _run_ops(backend, variant, x, gy, groups, params)
-    got_fwd, got_bwd = _run_ops(backend, variant, xl, gy, groups, params)
-    _assert_identical(got_fwd, want_fwd)
-    _assert_identical(got_bwd, want_bwd)
+    want_fwd, want_bwd = run_raw_ops(backend, variant, x, gy, groups, params)
+    got_fwd, got_bwd = run_raw_ops(backend, variant, xl, gy, groups, params)
+    assert_identical(got_fwd, want_fwd)
+    assert_identical(got_bwd, want_bwd)
     assert got_fwd[0].is_contiguous() and got_bwd[0].is_contiguous()
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EMULATED, VARIANTS, make_input, op_params
+from conftest import EMULATED, VARIANTS, assert_identical, make_input, op_params, run_raw_ops
 
 CL = torch.channels_last
 
@@ -61,23 +61,6 @@ def _misaligned(t):
     return shifted
 
 
-def _calls(backend, variant, x, gy, groups, params, saved=None):
-    """(out, mean, rstd) and the backward's 7 results; the backward takes `saved` (mean, rstd)
-    when given, so that both runs of a comparison see the same statistics."""
-    out, mean, rstd = backend.forward_op(variant)(x, groups, *params, 1e-5)
-    mean, rstd = saved if saved is not None else (mean, rstd)
-    grads = backend.backward_op(variant)(gy, x, mean, rstd, groups, *params)
-    return (out, mean, rstd), grads
-
-
-def _assert_identical(got, want, what):
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert g.dtype == w.dtype and g.shape == w.shape, (what, i)
-        assert torch.equal(g, w), (
-            f"{what} result {i}: max diff {(g.double() - w.double()).abs().max()}"
-        )
-
-
 @pytest.mark.parametrize("shape,groups", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -92,13 +75,15 @@ def test_packs_give_the_one_channel_bits(backend, variant, dtype, shape, groups)
     x = make_input(shape, seed=1, dtype=dtype, offset=0.5, device=backend.device)
     gy = make_input(shape, seed=2, dtype=dtype, device=backend.device)
     x, gy = x.contiguous(memory_format=CL), gy.contiguous(memory_format=CL)
-    packed_fwd, packed_bwd = _calls(backend, variant, x, gy, groups, params)
+    packed_fwd, packed_bwd = run_raw_ops(backend, variant, x, gy, groups, params)
     saved = packed_fwd[1:]
-    one_fwd, one_bwd = _calls(backend, variant, _misaligned(x), gy, groups, params, saved)
-    _assert_identical(one_fwd, packed_fwd, "x misaligned: forward")
-    _assert_identical(one_bwd, packed_bwd, "x misaligned: backward")
-    _, gy_off_bwd = _calls(backend, variant, x, _misaligned(gy), groups, params, saved)
-    _assert_identical(gy_off_bwd, packed_bwd, "grad_out misaligned: backward")
+    one_fwd, one_bwd = run_raw_ops(
+        backend, variant, _misaligned(x), gy, groups, params, saved=saved
+    )
+    assert_identical(one_fwd, packed_fwd, "x misaligned: forward")
+    assert_identical(one_bwd, packed_bwd, "x misaligned: backward")
+    _, gy_off_bwd = run_raw_ops(backend, variant, x, _misaligned(gy), groups, params, saved=saved)
+    assert_identical(gy_off_bwd, packed_bwd, "grad_out misaligned: backward")
     for result in (one_fwd[0], one_bwd[0], gy_off_bwd[0]):
         assert result.is_contiguous(memory_format=CL)
 

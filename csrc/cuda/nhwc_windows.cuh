@@ -218,15 +218,20 @@ struct WindowBlock {
   // window channels of a pixel.
   template <bool kGrad, typename scalar_t>
   SA_DEVICE void load_tile(const scalar_t* x, const scalar_t* grad_out, int64_t p0, int n) const {
-    for_each_cell(n, win.K, [&](int pt, int ch) {
-      const int64_t row = win.row(w, p0 + pt);
-      const int c = ch * ts + pt;
-      const acc_t v = static_cast<acc_t>(x[row + win.input_channel(w, ch)]);
-      xt[c] = v;
-      if constexpr (kGrad) gt[c] = static_cast<acc_t>(grad_out[row + win.output_channel(ch)]);
-      const int start = branch[ch];
-      if (start >= 0) yt[c] = gp.group_norm_output(stats, ch, ch - start, v);
-    });
+    for_each_cell_unrolled<kCellLoads, acc_t[2]>(
+        n, win.K,
+        [&](int pt, int ch, acc_t(&v)[2]) {
+          const int64_t row = win.row(w, p0 + pt);
+          v[0] = static_cast<acc_t>(x[row + win.input_channel(w, ch)]);
+          if constexpr (kGrad) v[1] = static_cast<acc_t>(grad_out[row + win.output_channel(ch)]);
+        },
+        [&](int pt, int ch, acc_t(&v)[2]) {
+          const int c = ch * ts + pt;
+          xt[c] = v[0];
+          if constexpr (kGrad) gt[c] = v[1];
+          const int start = branch[ch];
+          if (start >= 0) yt[c] = gp.group_norm_output(stats, ch, ch - start, v[0]);
+        });
   }
 
   // The spatial gate s = sigmoid(b2 + W2 y) of window channel ch (a spatial one, its branch

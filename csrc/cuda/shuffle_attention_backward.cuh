@@ -72,13 +72,17 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
       beta[i] = channel_grad_coeffs(matvec_t_row(w1, sums, m, i), acc_t(1) / acc_t(N)).beta;
     }
     __syncthreads();
-    for_each_cell(int64_t(m), N / kVec, [&](int64_t j, int64_t q) {
-      acc_t g[kVec], d[kVec];
-      load_acc<scalar_t, acc_t, kVec>(gu + 2 * j * N, q, g);
+    for_each_cell_unrolled<kCellLoads, acc_t[kVec]>(
+        int64_t(m), N / kVec,
+        [&](int64_t j, int64_t q, acc_t(&g)[kVec]) {
+          load_acc<scalar_t, acc_t, kVec>(gu + 2 * j * N, q, g);
+        },
+        [&](int64_t j, int64_t q, acc_t(&g)[kVec]) {
+          acc_t d[kVec];
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) d[i] = channel_input_grad(g[i], gate[j], beta[j]);
-      store_acc<scalar_t, acc_t, kVec>(dx + j * N, q, d);
-    });
+          for (int i = 0; i < kVec; ++i) d[i] = channel_input_grad(g[i], gate[j], beta[j]);
+          store_acc<scalar_t, acc_t, kVec>(dx + j * N, q, d);
+        });
     return;
   }
 
@@ -106,12 +110,17 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
     // The previous tile is consumed (the first time: the gate's parameters are staged and the
     // partials zeroed).
     __syncthreads();
-    for_each_cell(m, n, [&](int i, int pt) {
-      const acc_t v = static_cast<acc_t>(x[i * N + p0 + pt]);
-      xt[i * ts + pt] = v;
-      gt[i * ts + pt] = static_cast<acc_t>(gu[2 * i * N + p0 + pt]);
-      yt[i * ts + pt] = gp.group_norm_output(stats, i, i, v);
-    });
+    for_each_cell_unrolled<kCellLoads, acc_t[2]>(
+        m, n,
+        [&](int i, int pt, acc_t(&v)[2]) {
+          v[0] = static_cast<acc_t>(x[i * N + p0 + pt]);
+          v[1] = static_cast<acc_t>(gu[2 * i * N + p0 + pt]);
+        },
+        [&](int i, int pt, acc_t(&v)[2]) {
+          xt[i * ts + pt] = v[0];
+          gt[i * ts + pt] = v[1];
+          yt[i * ts + pt] = gp.group_norm_output(stats, i, i, v[0]);
+        });
     __syncthreads();
     for_each_cell(m, n, [&](int j, int pt) {
       const int c = j * ts + pt;

@@ -107,7 +107,7 @@ SPECS: list[Spec] = [
     Spec("nhwc 32+8 ch, 2/6 chunks", (2, 40, 17, 19), 5, PLANE, ("fp32", "bf16"), True),
     Spec("nhwc 8 ch, 4/15 chunks", (1, 8, 30, 30), 2, PLANE, (), True),
     Spec("nhwc 256 ch, 28x28", (2, 256, 28, 28), 32, PLANE, ("fp32",), True),
-    # packs: the forward's 64 * 2 chunks * 2 tiles = 256 blocks (>= 192), the backward's 64 * 5
+    # packs: the forward's 64 * 2 chunks * 2 tiles = 256 blocks (>= 256), the backward's 64 * 5
     # chunks of 64 pixels * 2 tiles = 640 (>= 512)
     Spec("nhwc packs 256 ch, 17x17", (64, 256, 17, 17), 32, PLANE, ("fp32",), True),
     # packs straddle the branches; forward 64 * 5 tiles = 320 blocks, backward 640

@@ -45,16 +45,19 @@ template <typename scalar_t>
 constexpr int kNhwcVec = 16 / int(sizeof(scalar_t)) < 4 ? 16 / int(sizeof(scalar_t)) : 4;
 
 // How each direction sizes its grid, from the H200's timings of both choices at the SA-ResNet-50
-// stage shapes (docs/gpu.md, section 11):
+// stage shapes (docs/gpu.md, sections 11 and 12):
 // - the forward (the statistics' moments, SALayer's gate) keeps chunks of 256 pixels: its partial
 //   moments (24 bytes a channel) and their merge cost more at 64 pixels than the blocks gain (the
-//   B = 8 forwards lost 10-34%); it takes packs where they leave 192 blocks (about 1.5 an SM of
-//   132): with 208 it timed as one channel a lane with 832, with 64 to 128 up to 1.8x slower;
+//   B = 8 forwards lost 10-34%); it takes packs where they leave 256 blocks (about 2 an SM of
+//   132): on 208 blocks the packed moments and gate kernels took 20.2 and 27.5 us in float32, 28.0
+//   and 26.8 us in bfloat16, against 20.5 / 23.3 and 19.4 / 21.4 us one channel a lane on 832
+//   (SALayer's bfloat16 forward at (8, 256, 56, 56): 56.6 us against 45.8), and packs on 64 to 128
+//   blocks ran up to 1.8x slower; with 1664 (B = 64) they took 0.88x the time in float32;
 // - SALayer's backward halves its chunks, down to 64 pixels, until the grid with packs has 512
 //   blocks, and takes packs where it does: its bfloat16 kernels took 0.6-0.7x the time of one
 //   channel a lane with 256-pixel chunks at B = 8, its float32 ones 0.8-1.1x.
 enum class NhwcPass { kForward, kBackward };
-constexpr int64_t kNhwcForwardPackBlocks = 192;
+constexpr int64_t kNhwcForwardPackBlocks = 256;
 constexpr int64_t kNhwcMinChunkPixels = 64;  // a float channel's 8-byte sums against 256 bytes of x
 constexpr int64_t kNhwcBackwardBlocks = 512;
 

@@ -36,7 +36,7 @@ SHAPES = [
     # two packs of 4 channels: 30 idle lanes
     pytest.param((3, 8, 5, 5), 2, id="C8-two-packs"),
     # a GPU takes packs only where they leave enough blocks (nhwc_pack_min_blocks): the forward's
-    # 64 * 2 chunks * 2 tiles = 256 >= 192, the backward's 64 * 5 chunks of 64 pixels * 2 = 640 >=
+    # 64 * 2 chunks * 2 tiles = 256 >= 256, the backward's 64 * 5 chunks of 64 pixels * 2 = 640 >=
     # 512 (fp64: 4 tiles of 64 channels and 2 chunks of 256 pixels, 512 blocks, in both); the GPU
     # alone
     pytest.param((64, 256, 17, 17), 32, id="gpu-grid-packs"),

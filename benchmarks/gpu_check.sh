@@ -19,7 +19,7 @@ set -u -o pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 HELPERS=$HERE/gpu_check
-STEPS_GPU="env build resources check timing channels_last memcheck racecheck ncu tests synccheck initcheck"
+STEPS_GPU="env build resources check tests timing channels_last memcheck racecheck ncu synccheck initcheck"
 
 usage() {
   cat <<EOF
@@ -145,6 +145,22 @@ else
     --json "$OUT/check.json"
 fi
 
+# ---- the CUDA tests (skips visible); without what the visit cannot afford and what cannot import.
+# Right after the check: correctness before timing (visit4b and visit5 ran out of budget before a
+# later tests step)
+if [ "$MODE" = gpu ]; then
+  PYTEST_ARGS=(-k "cuda and not more_than_2_31 and not resnet50_compile")
+  "$PY" -c "import xdist" 2> /dev/null && PYTEST_ARGS+=(-n 8)
+  while IFS= read -r f; do PYTEST_ARGS+=("--ignore=$f"); done < <(grep -rlE "load_emulation\(\)|EMULATED\.ops" tests --include="test_*.py")  # builds the emulator
+  if ! "$PY" -c "import expecttest" 2> /dev/null; then
+    while IFS= read -r f; do PYTEST_ARGS+=("--ignore=$f"); done < <(grep -rlE "^\s*(import|from) expecttest" tests --include="*.py")
+  fi
+  run_step tests 100 40 INT 1 "$PY" -m pytest tests -rs -q -p no:cacheprovider \
+    --continue-on-collection-errors --durations=10 "${PYTEST_ARGS[@]}"
+else
+  gpu_only tests 100
+fi
+
 # ---- timing: eager / torch.compile / fused vs a copy of the same bytes
 if [ "$MODE" = gpu ]; then
   run_step timing 200 40 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cuda \
@@ -195,20 +211,6 @@ else
     echo "cpu mode: parsing the fixture $HELPERS/fixtures/ncu_raw_page.csv"
     "$PY" "$HELPERS/ncu_report.py" "$HELPERS/fixtures/ncu_raw_page.csv" --manifest "$OUT/ncu/manifest.json" \
       --json "$OUT/ncu/ncu.json"'
-fi
-
-# ---- the CUDA tests (skips visible); without what the visit cannot afford and what cannot import
-if [ "$MODE" = gpu ]; then
-  PYTEST_ARGS=(-k "cuda and not more_than_2_31 and not resnet50_compile")
-  "$PY" -c "import xdist" 2> /dev/null && PYTEST_ARGS+=(-n 8)
-  while IFS= read -r f; do PYTEST_ARGS+=("--ignore=$f"); done < <(grep -rlE "load_emulation\(\)|EMULATED\.ops" tests --include="test_*.py")  # builds the emulator
-  if ! "$PY" -c "import expecttest" 2> /dev/null; then
-    while IFS= read -r f; do PYTEST_ARGS+=("--ignore=$f"); done < <(grep -rlE "^\s*(import|from) expecttest" tests --include="*.py")
-  fi
-  run_step tests 100 40 INT 1 "$PY" -m pytest tests -rs -q -p no:cacheprovider \
-    --continue-on-collection-errors --durations=10 "${PYTEST_ARGS[@]}"
-else
-  gpu_only tests 100
 fi
 
 sanitize synccheck 40 25

@@ -27,12 +27,12 @@ STEPS = [
     "build",
     "resources",
     "check",
+    "tests",
     "timing",
     "channels_last",
     "memcheck",
     "racecheck",
     "ncu",
-    "tests",
     "synccheck",
     "initcheck",
 ]
@@ -194,6 +194,24 @@ def test_ncu_parser_reads_the_raw_page_fixture():
     assert m["dram__bytes_write.sum"] == pytest.approx(25.69e6)  # Mbyte
     assert m["launch__grid_size"] == 2048
     assert set(m) == set(ncu_report.METRICS)
+
+
+def test_ncu_parser_keeps_the_requested_metrics_only():
+    # ncu 2025's raw page (the fifth H200 visit) adds about 280 device__attribute_* and launch__*
+    # columns after the metrics asked for; the report keeps METRICS alone, with their values.
+    with open(FIXTURE) as f:
+        lines = f.read().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    extra = {"device__attribute_clock_rate": "1980000", "launch__occupancy_limit_registers": "3"}
+    lines[header] += "".join(f',"{name}"' for name in extra)
+    lines[header + 1] += ',"",""'  # the units row
+    for i in range(header + 2, len(lines)):
+        lines[i] += "".join(f',"{value}"' for value in extra.values())
+    widened = ncu_report.parse_csv("\n".join(lines))
+    with open(FIXTURE) as f:
+        plain = ncu_report.parse_csv(f.read())
+    assert [k["metrics"] for k in widened] == [k["metrics"] for k in plain]
+    assert all(set(k["metrics"]) == set(ncu_report.METRICS) for k in widened)
 
 
 def _fixture_manifest():

@@ -7,6 +7,7 @@ ShuffleAttention (``shuffle_attention``, the same layer with 1x1-conv gates).
 - ``sa_cuda.SALayer`` / ``sa_cuda.ShuffleAttention``: drop-in fused modules.
 - ``sa_cuda.sa_layer`` / ``sa_cuda.shuffle_attention``: functionals over explicit parameters.
 - ``sa_cuda.reference``: the pure-PyTorch layers, the ground truth.
+- ``sa_cuda.timm_attn``: the SA layer as timm's ``attn_layer`` (sa_cuda.integrations).
 - ``torch.ops.sa_cuda.*``: the registered ops (see sa_cuda.ops).
 """
 
@@ -21,6 +22,7 @@ from . import (
 from ._version import __version__
 from .convert import ConvertReport, convert, fuse, reason_not_convertible
 from .convert import register as register_convertible
+from .integrations import timm_attn
 from .modules import SALayer, ShuffleAttention
 from .ops import ShuffleAttentionFunction, fused_available, sa_layer, shuffle_attention
 
@@ -38,6 +40,7 @@ __all__ = [
     "register_convertible",
     "sa_layer",
     "shuffle_attention",
+    "timm_attn",
     "variants",
     "__version__",
 ]

@@ -24,8 +24,9 @@ from torch import nn
 import sa_cuda
 
 
-def load_digits(seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Train and test splits (80/20, stratified): images [n, 1, 8, 8] scaled to [0, 1], labels."""
+def load_digits(seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """Train and test splits (80/20, stratified): images [n, 1, 8, 8] in ``dtype`` scaled to
+    [0, 1], labels."""
     from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
@@ -35,7 +36,7 @@ def load_digits(seed: int = 0) -> tuple[torch.Tensor, ...]:
     )
 
     def images_of(a):
-        return torch.tensor(a, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+        return torch.tensor(a, dtype=dtype).reshape(-1, 1, 8, 8) / 16.0
 
     return images_of(x_train), torch.tensor(y_train), images_of(x_test), torch.tensor(y_test)
 
@@ -63,11 +64,13 @@ class Block(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-def sa_resnet_digits(fused: bool = True, seed: int = 0) -> nn.Module:
+def sa_resnet_digits(
+    fused: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """8x8 -> 10 classes: a stem, two SA blocks (32 channels at 8x8, 64 at 4x4), pooling, a linear
     layer. The same weights for fused=True and fused=False (same seed, same state_dict keys)."""
     torch.manual_seed(seed)
-    return nn.Sequential(
+    net = nn.Sequential(
         nn.Conv2d(1, 32, 3, 1, 1, bias=False),
         nn.BatchNorm2d(32),
         nn.ReLU(),
@@ -77,6 +80,7 @@ def sa_resnet_digits(fused: bool = True, seed: int = 0) -> nn.Module:
         nn.Flatten(),
         nn.Linear(64, 10),
     )
+    return net.to(dtype)
 
 
 @dataclass
@@ -166,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--png", default="digits.png", help="where the curves go")
     p.add_argument("--no-eager", action="store_true", help="train the fused network only")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     args = p.parse_args(argv)
-    data = load_digits(args.seed)
+    dtype = getattr(torch, args.dtype)
+    data = load_digits(args.seed, dtype)
     options = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -181,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.set_device(device)
         data = tuple(t.to(device) for t in data)
-        model = nn.parallel.DistributedDataParallel(sa_resnet_digits(True, args.seed).to(device))
+        model = nn.parallel.DistributedDataParallel(
+            sa_resnet_digits(True, args.seed, dtype).to(device)
+        )
         h = train(model, data, args.epochs, rank=rank, world=world, desc="fused (DDP)", **options)
         if rank == 0:
             print(
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     }
     if not args.no_eager:
-        eager = sa_resnet_digits(False, args.seed)
+        eager = sa_resnet_digits(False, args.seed, dtype)
         histories["eager"] = train(eager, data, args.epochs, desc="eager", **options)
     for name, h in histories.items():
         print(

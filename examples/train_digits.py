@@ -4,10 +4,11 @@ reference layers, from the same seed; plot both runs' loss and test accuracy to 
 
     python examples/train_digits.py                      # 12 epochs, fused and eager, digits.png
     python examples/train_digits.py --epochs 3 --png /tmp/d.png
-    torchrun --nproc-per-node 2 examples/train_digits.py  # DistributedDataParallel (fused only)
+    torchrun --standalone --nproc-per-node 2 examples/train_digits.py  # DDP (fused only)
 
 Under torchrun (WORLD_SIZE set) each process trains the fused network on its share of every batch
-(gloo on the CPU, nccl on GPUs); rank 0 prints the test accuracy and writes the PNG.
+(nccl with a GPU a process where there are enough GPUs, else gloo on the CPU); rank 0 prints the
+test accuracy and writes the PNG.
 """
 
 from __future__ import annotations
@@ -178,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # torchrun: DistributedDataParallel, fused only
-        cuda = torch.cuda.is_available()
+        # a GPU a process (nccl) where there are enough, else the CPU (gloo)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        cuda = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
         dist.init_process_group("nccl" if cuda else "gloo")
         rank = dist.get_rank()
         device = (
@@ -199,11 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
         return 0
 
-    histories = {
-        "fused": train(
-            sa_resnet_digits(True, args.seed), data, args.epochs, desc="fused", **options
-        )
-    }
+    fused = sa_resnet_digits(True, args.seed, dtype)
+    histories = {"fused": train(fused, data, args.epochs, desc="fused", **options)}
     if not args.no_eager:
         eager = sa_resnet_digits(False, args.seed, dtype)
         histories["eager"] = train(eager, data, args.epochs, desc="eager", **options)

@@ -38,13 +38,19 @@ def layer_groups(channels: int, groups: int) -> int:
     the largest g <= groups with channels % (2 g) == 0 (each group has two branches of
     channels / (2 g) channels). SA-ResNet-50's 256-2048 channels keep the paper's 64; ResNet-18's
     64-channel blocks take 32."""
+    _check_groups(groups, "sa_cuda.layer_groups")
     if isinstance(channels, bool) or not isinstance(channels, int) or channels < 2:
-        raise ValueError(f"sa_cuda.timm_attn: channels must be an int >= 2, got {channels!r}")
+        raise ValueError(f"sa_cuda.layer_groups: channels must be an int >= 2, got {channels!r}")
     if channels % 2 != 0:
         raise ValueError(
-            f"sa_cuda.timm_attn: channels must be even (two branches a group), got {channels}"
+            f"sa_cuda.layer_groups: channels must be even (two branches a group), got {channels}"
         )
     return next(g for g in range(min(groups, channels // 2), 0, -1) if channels % (2 * g) == 0)
+
+
+def _check_groups(groups: object, where: str) -> None:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{where}: groups must be an int >= 1, got {groups!r}")
 
 
 def _build(
@@ -79,12 +85,11 @@ def timm_attn(
     - ``fused``: the fused module (default) or the pure-PyTorch reference (same parameters and
       state_dict keys).
     """
-    if variant not in _LAYERS:
+    if not isinstance(variant, str) or variant not in _LAYERS:
         raise ValueError(
             f"sa_cuda.timm_attn: variant must be one of {sorted(_LAYERS)}, got {variant!r}"
         )
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"sa_cuda.timm_attn: groups must be an int >= 1, got {groups!r}")
+    _check_groups(groups, "sa_cuda.timm_attn")
     if not isinstance(fused, bool):
         raise ValueError(f"sa_cuda.timm_attn: fused must be a bool, got {fused!r}")
     return functools.partial(_build, variant=variant, groups=groups, fused=fused)

@@ -133,7 +133,7 @@ def parse_csv(text: str) -> list[dict]:
             + 1
         )
         # The metrics asked for (--print-metrics), not every column: ncu 2025's raw page also
-        # lists about 280 device__attribute_* and launch__* values per kernel (the fourth visit's
+        # lists about 280 device__attribute_* and launch__* values per kernel (the fifth visit's
         # JSON went from 0.1 to 1.1 MB with them).
         wanted = [i for i in range(first_metric, len(header)) if header[i] in METRICS]
         for row in body:

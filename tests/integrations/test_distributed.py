@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import timedelta
 
 import pytest
 import torch
@@ -91,18 +92,25 @@ def _fsdp2_run(dtype):
     except ImportError as e:  # older torch: FSDP2 lived under torch.distributed._composable
         return f"no torch.distributed.fsdp.fully_shard: {e}"
     model = small_net(dtype)
-    try:
+    try:  # only the sharding itself may be unsupported; a failure in training is a failure
         for layer in (model[0], model[3], model[8]):
             fully_shard(layer)
         fully_shard(model)
-        train(model, batches(dtype), dist.get_rank(), WORLD)
-    except (RuntimeError, NotImplementedError, AssertionError, ValueError) as e:
-        return f"FSDP2 fully_shard failed on CPU with gloo: {type(e).__name__}: {e}"
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        return f"FSDP2 fully_shard is not available on CPU with gloo: {type(e).__name__}: {e}"
+    train(model, batches(dtype), dist.get_rank(), WORLD)
     return _full_state(model)
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # a rank that fails leaves the other in a collective: 2 minutes, not gloo's default 30
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=120),
+    )
     torch.set_num_threads(1)
     results = {}
     for name, dtype, compiled in (

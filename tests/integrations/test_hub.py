@@ -38,10 +38,7 @@ def test_hub_load_local(name, blocks):
 
 def test_hub_reference_layers_and_no_weights():
     model = torch.hub.load(ROOT, "sa_resnet50", source="local", fused=False)
-    assert all(
-        type(m) is sa_cuda.reference.SALayer
-        for m in model.modules()
-        if isinstance(m, sa_cuda.reference.SALayer)
-    )
+    layers = [m for m in model.modules() if isinstance(m, sa_cuda.reference.SALayer)]
+    assert len(layers) == 16 and all(type(m) is sa_cuda.reference.SALayer for m in layers)
     with pytest.raises(ValueError, match="no pretrained weights"):
         torch.hub.load(ROOT, "sa_resnet50", source="local", pretrained=True)

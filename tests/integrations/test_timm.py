@@ -73,8 +73,8 @@ def test_timm_model_matches_reference_layers(name, variant):
     "name,block,norm", [("resnet50", "Bottleneck", "bn3"), ("resnet18", "BasicBlock", "bn2")]
 )
 def test_timm_layer_sits_after_the_last_batchnorm(name, block, norm):
-    """SA-Net's placement: the SA layer takes the block's last BatchNorm output, and the residual
-    add takes the SA layer's output."""
+    """SA-Net's placement: the SA layer takes the block's last BatchNorm output (what follows it,
+    the residual add, is timm's block code)."""
     model = _model(name, "sa_layer").eval()
     blocks = [m for m in model.modules() if type(m).__name__ == block]
     assert blocks and all(isinstance(b.se, sa_cuda.SALayer) for b in blocks)
@@ -110,10 +110,18 @@ def test_timm_attn_groups_and_arguments():
     ]:
         with pytest.raises(ValueError, match=match):
             sa_cuda.timm_attn(**bad)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        sa_cuda.timm_attn(["sa_layer"])
     with pytest.raises(ValueError, match="channels must be even"):
         sa_cuda.timm_attn()(63)
     with pytest.raises(ValueError, match="channels must be an int >= 2"):
         sa_cuda.timm_attn()(1)
+    for groups in (0, -1, 2.5, None, True):
+        with pytest.raises(ValueError, match="layer_groups: groups must be an int >= 1"):
+            layer_groups(64, groups)
+    for channels in (64.0, "64", True):
+        with pytest.raises(ValueError, match="layer_groups: channels must be an int >= 2"):
+            layer_groups(channels, 64)
 
 
 def test_timm_model_dtype_and_device_reach_the_layers():

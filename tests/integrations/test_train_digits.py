@@ -45,12 +45,29 @@ def test_fused_and_eager_training_agree(example):
     assert fused.accuracy == eager.accuracy
 
 
+def test_command_line_float64(example, tmp_path, capsys):
+    """main() as the command line runs it, in float64 (model and data in one dtype), fused only."""
+    png = tmp_path / "d.png"
+    assert (
+        example.main(["--epochs", "1", "--dtype", "float64", "--no-eager", "--png", str(png)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "fused: test accuracy" in out and "eager" not in out
+    assert png.stat().st_size > 10_000
+
+
 def test_torchrun_two_processes(tmp_path):
-    """The README's torchrun command line: DistributedDataParallel over 2 CPU processes (gloo)."""
+    """The README's torchrun command line: DistributedDataParallel over 2 CPU processes (gloo;
+    CUDA hidden, so a machine with a GPU runs the same)."""
     png = tmp_path / "ddp.png"
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", EXAMPLE]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        + [EXAMPLE]
         + ["--epochs", "2", "--png", str(png)],
         capture_output=True,
         text=True,

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 
 from . import modules, reference
 from .modules import SALayer, ShuffleAttention
+from .ops.checks import is_positive_int
 from .variants import SA_LAYER, SHUFFLE_ATTENTION, VARIANTS, Variant
 
 __all__ = ["ConvertReport", "convert", "fuse", "reason_not_convertible", "register"]
@@ -273,7 +274,7 @@ def _plan(module: nn.Module) -> _Plan:
     else:
         groups_attr = _foreign_groups_attr(module, scan)
     groups = getattr(module, groups_attr, None)
-    _require(_is_positive_int(groups), f"{groups_attr} = {groups!r} is not a positive int")
+    _require(is_positive_int(groups), f"{groups_attr} = {groups!r} is not a positive int")
     attributes = _carried_attributes(module, variant, groups)
     if registered is None:
         _check_reads(module, scan, groups_attr)
@@ -284,10 +285,6 @@ def _plan(module: nn.Module) -> _Plan:
 def _foreign_variant(module: nn.Module) -> _Variant:
     has_convs = any(name in module._modules for name in _GATE_CONVS)
     return _VARIANTS[(SHUFFLE_ATTENTION if has_convs else SA_LAYER).name]
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _is_plain(value: object) -> bool:
@@ -555,7 +552,7 @@ def _foreign_groups_attr(module: nn.Module, scan: _Scan) -> str:
     """groups or G, preferring the one forward reads (the probe confirms the choice)."""
     read = [name for name in _FOREIGN_GROUPS_ATTRS if name in scan.names]
     for name in read or _FOREIGN_GROUPS_ATTRS:
-        if _is_positive_int(getattr(module, name, None)):
+        if is_positive_int(getattr(module, name, None)):
             return name
     raise _Skip("no positive int groups attribute (groups or G)")
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import reference
 from .modules import SALayer, ShuffleAttention
+from .ops.checks import is_positive_int
 
 __all__ = ["layer_groups", "timm_attn"]
 
@@ -39,7 +40,7 @@ def layer_groups(channels: int, groups: int) -> int:
     channels / (2 g) channels). SA-ResNet-50's 256-2048 channels keep the paper's 64; ResNet-18's
     64-channel blocks take 32."""
     _check_groups(groups, "sa_cuda.layer_groups")
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 2:
+    if not is_positive_int(channels) or channels < 2:
         raise ValueError(f"sa_cuda.layer_groups: channels must be an int >= 2, got {channels!r}")
     if channels % 2 != 0:
         raise ValueError(
@@ -49,7 +50,7 @@ def layer_groups(channels: int, groups: int) -> int:
 
 
 def _check_groups(groups: object, where: str) -> None:
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    if not is_positive_int(groups):
         raise ValueError(f"{where}: groups must be an int >= 1, got {groups!r}")
 
 

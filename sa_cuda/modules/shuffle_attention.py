@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import reference
 from ..ops import KERNEL_DTYPES, SA_CUDA_LIBRARY, fused_available
+from ..ops.checks import is_positive_int
 from ..variants import SA_LAYER, SHUFFLE_ATTENTION, Variant
 
 
@@ -27,7 +28,7 @@ def _use_fused(x: Tensor) -> bool:
 def _check_layout(channel, groups) -> None:
     """ValueError unless channel is a positive multiple of 2 * groups (m >= 1 channels a branch)."""
     for name, value in (("channel", channel), ("groups", groups)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_positive_int(value):
             raise ValueError(f"sa_cuda: {name} must be an int >= 1, got {value!r}")
     if channel % (2 * groups) != 0:
         raise ValueError(

@@ -16,6 +16,11 @@ from ..variants import Variant
 KERNEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
+def is_positive_int(value: object) -> bool:
+    """An int >= 1 (a bool is not one): the rule for groups and channel counts everywhere."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def stat_dtype(x: Tensor) -> torch.dtype:
     """The dtype of the per-plane mean/rstd the forward saves: float64 for float64 x, else
     float32."""
@@ -38,7 +43,7 @@ def _check_x(x, groups) -> int:
     _check_tensor(x, "x")
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    if not is_positive_int(groups):
         raise ValueError(f"groups must be an int >= 1, got {groups!r}")
     C = x.shape[1]
     if C < 1:

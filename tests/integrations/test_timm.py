@@ -8,16 +8,13 @@ import pickle
 
 import pytest
 import torch
-from conftest import forward_backward, make_input, randomize_
+from conftest import VARIANTS, forward_backward, fused_class, make_input, randomize_, ref_class
 
 import sa_cuda
 from sa_cuda import reference
 from sa_cuda.integrations import layer_groups
 
 timm = pytest.importorskip("timm")
-
-FUSED = {"sa_layer": sa_cuda.SALayer, "shuffle_attention": sa_cuda.ShuffleAttention}
-REFERENCE = {"sa_layer": reference.SALayer, "shuffle_attention": reference.ShuffleAttention}
 
 # (model, variant): every architecture the issue names with SA-Net's layer, and the 1x1-conv
 # variant in both block types (Bottleneck: resnet26; BasicBlock: resnet18).
@@ -37,7 +34,7 @@ def _model(name, variant, *, fused=True, **kwargs):
 
 
 def _sa_layers(model):
-    return [m for m in model.modules() if isinstance(m, tuple(REFERENCE.values()))]
+    return [m for m in model.modules() if isinstance(m, tuple(ref_class(v) for v in VARIANTS))]
 
 
 def _twins(name, variant, dtype=torch.float64):
@@ -58,8 +55,8 @@ def test_timm_model_matches_reference_layers(name, variant):
     the fused layers against the same network with the reference layers, float64."""
     fused, ref = _twins(name, variant)
     layers = _sa_layers(fused)
-    assert layers and all(type(m) is FUSED[variant] for m in layers)
-    assert all(type(m) is REFERENCE[variant] for m in _sa_layers(ref))
+    assert layers and all(type(m) is fused_class(variant) for m in layers)
+    assert all(type(m) is ref_class(variant) for m in _sa_layers(ref))
     x = make_input((2, 3, 64, 64), seed=1, dtype=torch.float64)
     gy = make_input((2, 10), seed=2, dtype=torch.float64)
     got, want = forward_backward(fused, x, gy), forward_backward(ref, x, gy)
@@ -148,7 +145,7 @@ def test_convert_fuses_the_layers_of_a_timm_model(variant):
     with torch.no_grad():
         before = ref(x)
     count = sa_cuda.convert(ref)
-    assert count == 8 and all(type(m) is FUSED[variant] for m in _sa_layers(ref))
+    assert count == 8 and all(type(m) is fused_class(variant) for m in _sa_layers(ref))
     with torch.no_grad():
         after = ref(x)
     torch.testing.assert_close(after, before, rtol=1e-10, atol=1e-12 * before.abs().max().item())

@@ -21,27 +21,6 @@ namespace {
 
 constexpr int64_t kTaskElements = int64_t{1} << 14;  // elements per parallel_for task, at least
 
-// The backward's tensors, typed: the forward's (x, the saved mean and rstd, the parameters; out is
-// unused), grad_out and grad_x in the input dtype, the partials in acc_t.
-template <typename scalar_t>
-struct BackwardTensors {
-  using acc_t = at::opmath_type<scalar_t>;
-  ForwardTensors<scalar_t> fwd;
-  const scalar_t* grad_out;
-  scalar_t* grad_x;
-  acc_t* gate_grad;
-  acc_t* t_sum;
-  acc_t* t_xh;
-
-  BackwardTensors(const BackwardParams& p, Variant variant)
-      : fwd(p.fwd, variant),
-        grad_out(static_cast<const scalar_t*>(p.grad_out)),
-        grad_x(static_cast<scalar_t*>(p.grad_x)),
-        gate_grad(static_cast<acc_t*>(p.gate_grad)),
-        t_sum(static_cast<acc_t*>(p.t_sum)),
-        t_xh(static_cast<acc_t*>(p.t_xh)) {}
-};
-
 // SALayer, one plane: its N values of x and of grad_out (from unit.out_plane) in acc_t to its N
 // values of grad_x; `gate` is N values of scratch.
 // Not inlined: both loops call this one compiled body (forward_cpu.cpp, "One compiled body").
@@ -118,6 +97,13 @@ void backward_tile(const BackwardTensors<scalar_t>& t, const ChannelTiling& tili
                  C);
 }
 
+// Whether SALayer's channels_last backward goes by rows (backward_nhwc_cpu.cpp): where pairs of
+// vectors split by role cover each half (m dividing L / 2, C / 2 a multiple of 2L).
+bool backward_by_rows(const ForwardParams& p) {
+  const int64_t L = at::vec::Vectorized<float>::size(), m = p.branch_channels;
+  return (L / 2) % m == 0 && (p.channels / 2) % (2 * L) == 0;
+}
+
 template <typename scalar_t>
 void backward_sa_layer(const BackwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -125,6 +111,11 @@ void backward_sa_layer(const BackwardParams& p) {
   const BackwardTensors<scalar_t> t(p, Variant::kSALayer);
   const int64_t N = p.fwd.plane_size, C = p.fwd.channels;
 
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (p.fwd.channels_last && backward_by_rows(p.fwd)) {
+      return backward_sa_layer_rows<scalar_t>(p);
+    }
+  }
   if (p.fwd.channels_last) {
     const ChannelTiling tiling(p.fwd, 1);
     const int64_t tile_values = 2 * tiling.width * N;

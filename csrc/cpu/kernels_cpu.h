@@ -58,12 +58,37 @@ struct ForwardTensors {
         w(p, variant) {}
 };
 
+// The backward's tensors, typed: the forward's (x, the saved mean and rstd, the parameters; out is
+// unused), grad_out and grad_x in the input dtype, the partials in acc_t.
+template <typename scalar_t>
+struct BackwardTensors {
+  using acc_t = at::opmath_type<scalar_t>;
+  ForwardTensors<scalar_t> fwd;
+  const scalar_t* grad_out;
+  scalar_t* grad_x;
+  acc_t* gate_grad;
+  acc_t* t_sum;
+  acc_t* t_xh;
+
+  BackwardTensors(const BackwardParams& p, Variant variant)
+      : fwd(p.fwd, variant),
+        grad_out(static_cast<const scalar_t*>(p.grad_out)),
+        grad_x(static_cast<scalar_t*>(p.grad_x)),
+        gate_grad(static_cast<acc_t*>(p.gate_grad)),
+        t_sum(static_cast<acc_t*>(p.t_sum)),
+        t_xh(static_cast<acc_t*>(p.t_xh)) {}
+};
+
 // The forward on channels_last rows (nhwc_rows.h, forward_nhwc_cpu.cpp) for float lanes: scalar_t
 // float, BFloat16, Half.
 template <typename scalar_t>
 void forward_sa_layer_rows(const ForwardParams& p);
 template <typename scalar_t>
 void forward_shuffle_attention_rows(const ForwardParams& p);
+
+// The SALayer backward on channels_last rows (backward_nhwc_cpu.cpp), float lanes, m dividing 4.
+template <typename scalar_t>
+void backward_sa_layer_rows(const BackwardParams& p);
 
 void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& params);
 void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& params);

@@ -1,7 +1,8 @@
 // channels_last (NHWC) by rows: the direct forward of the CPU for float lanes (float, bfloat16
 // and half x), where a tile of nhwc_tiles.h would be narrower than 32 channels (forward_cpu.cpp,
-// forward_by_rows; ShuffleAttention only for m dividing 4). The backward, float64,
-// ShuffleAttention's other m and wider tiles keep the tiles (docs/kernels.md says why).
+// forward_by_rows; ShuffleAttention only for m dividing 4), and SALayer's backward for m dividing 4
+// (backward_nhwc_cpu.cpp, which reads the rows by columns of channels). float64, the rest of the
+// backward, ShuffleAttention's other m and wider tiles keep the tiles (docs/kernels.md says why).
 //
 // In NHWC the C channels of a pixel are one contiguous row. The kernel reads x row after row, as
 // it lies in memory, and writes each output row once:
@@ -33,6 +34,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -87,21 +89,20 @@ struct RoleSplit {
   FloatVec channel, spatial;
 };
 
-inline RoleSplit split_roles(const FloatVec& a, const FloatVec& b, int64_t m, bool swapped) {
+// M known at compile time (the loops that run per element dispatch on m once).
+template <int M>
+inline RoleSplit split_roles(const FloatVec& a, const FloatVec& b, bool swapped) {
+  static_assert(M == 1 || M == 2 || M == 4);
   RoleSplit r;
 #if defined(CPU_CAPABILITY_AVX2)
   static_assert(FloatVec::size() == 8);
-  switch (m) {
-    case 1:  // c s c s ...: even and odd lanes
-      r = {_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xDD)};
-      break;
-    case 2:  // c c s s ...: even and odd pairs
-      r = {_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(a), _mm256_castps_pd(b))),
-           _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)))};
-      break;
-    default:  // m = 4: c c c c s s s s: low and high halves
-      r = {_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31)};
-      break;
+  if constexpr (M == 1) {  // c s c s ...: even and odd lanes
+    r = {_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xDD)};
+  } else if constexpr (M == 2) {  // c c s s ...: even and odd pairs
+    r = {_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(a), _mm256_castps_pd(b))),
+         _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)))};
+  } else {  // c c c c s s s s: low and high halves
+    r = {_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31)};
   }
 #else
   constexpr int64_t L = FloatVec::size();
@@ -110,7 +111,7 @@ inline RoleSplit split_roles(const FloatVec& a, const FloatVec& b, int64_t m, bo
   b.store(in + L);
   int64_t n[2] = {0, 0};
   for (int64_t l = 0; l < 2 * L; ++l) {
-    const int role = l % (2 * m) >= m;
+    const int role = l % (2 * M) >= M;
     out[role][n[role]++] = in[l];
   }
   r = {FloatVec::loadu(out[0]), FloatVec::loadu(out[1])};
@@ -119,18 +120,19 @@ inline RoleSplit split_roles(const FloatVec& a, const FloatVec& b, int64_t m, bo
   return r;
 }
 
-inline std::pair<FloatVec, FloatVec> merge_roles(const RoleSplit& split, int64_t m, bool swapped) {
+template <int M>
+inline std::pair<FloatVec, FloatVec> merge_roles(const RoleSplit& split, bool swapped) {
+  static_assert(M == 1 || M == 2 || M == 4);
   const FloatVec& lo = swapped ? split.spatial : split.channel;
   const FloatVec& hi = swapped ? split.channel : split.spatial;
 #if defined(CPU_CAPABILITY_AVX2)
-  switch (m) {
-    case 1:
-      return {_mm256_unpacklo_ps(lo, hi), _mm256_unpackhi_ps(lo, hi)};
-    case 2:
-      return {_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(lo), _mm256_castps_pd(hi))),
-              _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(lo), _mm256_castps_pd(hi)))};
-    default:
-      return {_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31)};
+  if constexpr (M == 1) {
+    return {_mm256_unpacklo_ps(lo, hi), _mm256_unpackhi_ps(lo, hi)};
+  } else if constexpr (M == 2) {
+    return {_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(lo), _mm256_castps_pd(hi))),
+            _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(lo), _mm256_castps_pd(hi)))};
+  } else {
+    return {_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31)};
   }
 #else
   constexpr int64_t L = FloatVec::size();
@@ -139,11 +141,33 @@ inline std::pair<FloatVec, FloatVec> merge_roles(const RoleSplit& split, int64_t
   hi.store(in[1]);
   int64_t n[2] = {0, 0};
   for (int64_t l = 0; l < 2 * L; ++l) {
-    const int role = l % (2 * m) >= m;
+    const int role = l % (2 * M) >= M;
     out[l] = in[role][n[role]++];
   }
   return {FloatVec::loadu(out), FloatVec::loadu(out + L)};
 #endif
+}
+
+// body(std::integral_constant<int, m>{}) for m = 1, 2, 4.
+template <typename Body>
+inline auto dispatch_m(int64_t m, const Body& body) {
+  switch (m) {
+    case 1:
+      return body(std::integral_constant<int, 1>{});
+    case 2:
+      return body(std::integral_constant<int, 2>{});
+    default:
+      TORCH_CHECK(m == 4, "dispatch_m: m must be 1, 2 or 4, got ", m);
+      return body(std::integral_constant<int, 4>{});
+  }
+}
+
+inline RoleSplit split_roles(const FloatVec& a, const FloatVec& b, int64_t m, bool swapped) {
+  return dispatch_m(m, [&](auto M) { return split_roles<M()>(a, b, swapped); });
+}
+
+inline std::pair<FloatVec, FloatVec> merge_roles(const RoleSplit& split, int64_t m, bool swapped) {
+  return dispatch_m(m, [&](auto M) { return merge_roles<M()>(split, swapped); });
 }
 
 // The roles of a row's channels for the vector loops. With m dividing L/2, each half's
@@ -187,6 +211,26 @@ struct RowRoles {
           r.spatial.store(pair + L);
         },
         values);
+  }
+
+  // The channel whose value pack() moves to each position of a row: channel indices packed as
+  // int32 bit patterns (the shuffles move bits and compute nothing).
+  std::vector<int64_t> packed_channels() const {
+    const int64_t C = 2 * half;
+    TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), "RowRoles: too many channels");
+    std::vector<float> bits(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const int32_t index = static_cast<int32_t>(c);
+      std::memcpy(&bits[c], &index, sizeof(index));
+    }
+    pack(bits.data());
+    std::vector<int64_t> channels(C);
+    for (int64_t pos = 0; pos < C; ++pos) {
+      int32_t index;
+      std::memcpy(&index, &bits[pos], sizeof(index));
+      channels[pos] = index;
+    }
+    return channels;
   }
 
  private:
@@ -303,6 +347,43 @@ inline void store_row(const float* y, scalar_t* dst, int64_t C, bool streaming) 
     std::copy(y + c, y + C, dst + c);
   } else {
     at::vec::convert(y + c, dst + c, C - c);
+  }
+}
+
+// 2L values of scalar_t from p as two float vectors (exact).
+template <typename scalar_t>
+inline std::pair<FloatVec, FloatVec> load_pair(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return {FloatVec::loadu(p), FloatVec::loadu(p + FloatVec::size())};
+  } else {
+    const auto [lo, hi] =
+        at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
+    return {lo, hi};
+  }
+}
+
+// Two float vectors to 2L values of dst in its dtype (rounded as store_row does), by streaming
+// stores when `streaming` and dst is 32-byte aligned.
+template <typename scalar_t>
+inline void store_pair(scalar_t* dst, const FloatVec& lo, const FloatVec& hi, bool streaming) {
+  constexpr int64_t L = FloatVec::size();
+#if defined(CPU_CAPABILITY_AVX2)
+  if (streaming && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_stream_ps(dst, lo);
+      _mm256_stream_ps(dst + L, hi);
+    } else {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
+                          at::vec::convert_from_float<scalar_t>(lo, hi));
+    }
+    return;
+  }
+#endif
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    lo.store(dst);
+    hi.store(dst + L);
+  } else {
+    at::vec::Vectorized<scalar_t>(at::vec::convert_from_float<scalar_t>(lo, hi)).store(dst);
   }
 }
 

@@ -4,16 +4,17 @@ The CPU kernels read and write NHWC as it is. The forward in float, bfloat16 and
 on large planes (csrc/cpu/nhwc_rows.h; ShuffleAttention where m divides 4): its statistics are
 summed per channel across the pixels of a row, in double, a different order from NCHW's plane sums,
 so its results are held to the float64 reference (and its statistics to the true ones) instead of
-to NCHW's bits. Every other CPU path (the backward, float64, small planes, ShuffleAttention's other
-m) goes by tiles of channels (csrc/cpu/nhwc_tiles.h) that run the NCHW kernels' unit bodies on the
-same planes in the same order: given the same statistics, their results equal the NCHW call's bit
-for bit. The CUDA source (on a GPU, and through the emulator)
-reads both variants' NHWC as it is, forward and backward (csrc/cuda/sa_layer_nhwc_*.cuh,
-shuffle_attention_nhwc_*.cuh: per-chunk partials merged in chunk order, so its bits are its own:
-held to the float64 reference, its statistics to the true ones). On every backend the output and
-grad_x come back in x's memory format. The NCHW results
-are held to the reference by test_forward_backward.py; here the NHWC ones are also compared with
-the float64 reference directly.
+to NCHW's bits. Every other CPU path (the rest of the backward, float64, small planes,
+ShuffleAttention's other m) goes by tiles of channels (csrc/cpu/nhwc_tiles.h) that run the NCHW
+kernels' unit bodies on the same planes in the same order: given the same statistics, their results
+equal the NCHW call's bit for bit. SALayer's backward goes by rows too where m divides 4 and C / 2
+is a multiple of 16 (csrc/cpu/backward_nhwc_cpu.cpp; _backward_by_rows), with sums of its own
+order. The CUDA source (on a GPU, and through the emulator) reads both variants' NHWC as it is,
+forward and backward (csrc/cuda/sa_layer_nhwc_*.cuh, shuffle_attention_nhwc_*.cuh: per-chunk
+partials merged in chunk order, so its bits are its own: held to the float64 reference, its
+statistics to the true ones). On every backend the output and grad_x come back in x's memory
+format. The NCHW results are held to the reference by test_forward_backward.py; here the NHWC
+ones are also compared with the float64 reference directly.
 
 Shapes are chosen for the tiling's edges: channel halves that are not a multiple of the tile width
 or of the 8-channel transpose blocks, pixel counts that are not a multiple of 8, tiles narrower
@@ -78,6 +79,16 @@ ROW_SHAPES = [
     pytest.param((1, 256, 32, 20), 8, id="m16"),
     pytest.param((2, 2, 3, 3), 1, id="C2"),
     pytest.param((1, 48, 1, 1000), 6, id="N1000"),  # several chunks per item
+]
+# SALayer's backward by rows (_backward_by_rows: m dividing 4, C / 2 a multiple of 16): columns of
+# 16 channels of each half, by blocks of 16 rows with a tail.
+BACKWARD_ROW_SHAPES = [
+    pytest.param((2, 64, 24, 25), 8, id="m4-2cols-N600"),  # 37 blocks and 8 rows
+    pytest.param((2, 128, 24, 30), 64, id="m1-4cols"),
+    pytest.param((3, 32, 5, 3), 8, id="m2-1col-N15"),  # fewer rows than a block
+    pytest.param((2, 96, 9, 7), 12, id="m4-3cols"),
+    pytest.param((2, 64, 1, 17), 16, id="m2-h1"),
+    pytest.param((1, 32, 1, 1000), 4, id="m4-N1000"),
 ]
 # ShuffleAttention's rows: the shapes above with m dividing 4.
 SHUFFLE_ROW_SHAPES = [
@@ -148,7 +159,10 @@ def _own_order(backend, variant, dtype, shape, groups):
     are not the NCHW call's: the forward by rows on the CPU (_by_rows), the forward and backward
     of the CUDA source."""
     if backend.name == "cpu":
-        return _by_rows(backend, variant, dtype, shape, groups), False
+        return (
+            _by_rows(backend, variant, dtype, shape, groups),
+            _backward_by_rows(backend, variant, dtype, shape, groups),
+        )
     return True, True
 
 
@@ -166,6 +180,15 @@ def _by_rows(backend, variant, dtype, shape, groups):
         return False
     target = min(max(16384 // pixels, 8), 64)
     return min(half, max(1, target // align) * align) < 32
+
+
+def _backward_by_rows(backend, variant, dtype, shape, groups):
+    """Whether SALayer's backward goes by rows (csrc/cpu/backward_cpu.cpp, backward_by_rows): on the
+    CPU in float lanes, where m divides 4 and pairs of 8-channel vectors cover each half."""
+    if backend.name != "cpu" or dtype == torch.float64 or variant != "sa_layer":
+        return False
+    half = shape[1] // 2
+    return 4 % (half // groups) == 0 and half % 16 == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -188,7 +211,8 @@ def test_nhwc_equals_nchw_bit_for_bit(backend, variant, dtype):
         got_bwd = backend.backward_op(variant)(gy_cl, x_cl, mean, rstd, groups, *params)
         if not _by_rows(backend, variant, dtype, shape, groups):
             assert_identical(got_fwd, want_fwd)
-        assert_identical(got_bwd, want_bwd)
+        if not _backward_by_rows(backend, variant, dtype, shape, groups):
+            assert_identical(got_bwd, want_bwd)
         assert got_fwd[0].is_contiguous(memory_format=CL), (case.id, got_fwd[0].stride())
         assert got_bwd[0].is_contiguous(memory_format=CL), (case.id, got_bwd[0].stride())
 
@@ -237,25 +261,75 @@ def test_shuffle_attention_rows_only_where_m_divides_4():
         assert same != rows, case.id
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS[1:])
+@pytest.mark.parametrize("shape,groups", BACKWARD_ROW_SHAPES)
+def test_backward_rows_against_reference(shape, groups, dtype):
+    """SALayer's backward by rows: every gradient against the float64 reference (the criteria of
+    test_forward_backward), grad_x in channels_last."""
+    cpu = BACKENDS["cpu"]
+    assert _backward_by_rows(cpu, "sa_layer", dtype, shape, groups)
+    if dtype == torch.float32:
+        F = _against_reference(cpu, "sa_layer", shape, groups, dtype, offset=0.5)
+    else:
+        F, R, E, RE, param_dtype = low_precision_runs(
+            "sa_layer", shape, groups, dtype, memory_format=CL
+        )
+        assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
+    assert F["x"].is_contiguous(memory_format=CL) and not F["x"].is_contiguous()
+
+
+def test_backward_rows_only_where_the_rule_says():
+    """The backward by rows sums in an order of its own (its bits are not NCHW's); every other
+    SALayer shape, and ShuffleAttention, keep the tiles and NCHW's bits (given the same
+    statistics). _backward_by_rows is the C++ rule (backward_by_rows)."""
+    cpu = BACKENDS["cpu"]
+    cases = [c.values for c in SHAPES + ROW_SHAPES + BACKWARD_ROW_SHAPES]
+    seen = set()
+    for variant in VARIANTS:
+        for shape, groups in cases:
+            rows = _backward_by_rows(cpu, variant, torch.float32, shape, groups)
+            seen.add(rows)
+            params = op_params(variant, shape[1], groups, seed=3)
+            x = make_input(shape, seed=1, offset=0.5)
+            gy = make_input(shape, seed=2)
+            _, mean, rstd = SA_CUDA_LIBRARY.forward_op(variant)(x, groups, *params, 1e-5)
+            backward = SA_CUDA_LIBRARY.backward_op(variant)
+            want = backward(gy, x, mean, rstd, groups, *params)
+            got = backward(
+                gy.contiguous(memory_format=CL),
+                x.contiguous(memory_format=CL),
+                mean,
+                rstd,
+                groups,
+                *params,
+            )
+            same = all(torch.equal(g, w) for g, w in zip(got, want))
+            assert same != rows, (variant, shape, groups)
+    assert seen == {True, False}
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_rows_do_not_depend_on_the_thread_count(variant):
     """The rows' chunks and the order of every sum are fixed by the shape: one thread and two give
-    the same bits."""
+    the same bits, forward and (SALayer) backward."""
     shape, groups = (3, 64, 20, 30), 8
-    assert _by_rows(BACKENDS["cpu"], variant, torch.float32, shape, groups)
+    cpu = BACKENDS["cpu"]
+    assert _by_rows(cpu, variant, torch.float32, shape, groups)
+    assert _backward_by_rows(cpu, variant, torch.float32, shape, groups) == (variant == "sa_layer")
     params = op_params(variant, shape[1], groups, seed=3)
     x = make_input(shape, seed=1).contiguous(memory_format=CL)
-    forward = SA_CUDA_LIBRARY.forward_op(variant)
+    gy = make_input(shape, seed=2).contiguous(memory_format=CL)
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(forward(x, groups, *params, 1e-5))
+            results.append(run_raw_ops(cpu, variant, x, gy, groups, params))
     finally:
         torch.set_num_threads(threads)
     for got in results[1:]:
-        assert_identical(got, results[0])
+        for got_pass, want_pass in zip(got, results[0]):  # forward, backward
+            assert_identical(got_pass, want_pass)
 
 
 @pytest.mark.parametrize(
@@ -269,16 +343,17 @@ def test_rows_do_not_depend_on_the_thread_count(variant):
         # m = 2, G odd, 144-byte rows
         pytest.param("shuffle_attention", (1, 36, 250, 251), 9, torch.float32, id="sa-fp32-odd"),
         pytest.param("shuffle_attention", (1, 96, 220, 221), 12, torch.bfloat16, id="sa-bf16"),
+        # SALayer's backward by rows too (m = 4, C / 2 = 64)
+        pytest.param("sa_layer", (1, 128, 200, 205), 16, torch.bfloat16, id="bf16-backward-rows"),
     ],
 )
 def test_rows_streaming_stores(variant, shape, groups, dtype):
-    """Outputs above 8 MiB are written with streaming stores (csrc/cpu/nhwc_rows.h), against the
-    float64 reference."""
+    """Results above 8 MiB are written with streaming stores (csrc/cpu/nhwc_rows.h): the forward's
+    output, and grad_x of SALayer's backward by rows, against the float64 reference."""
+    cpu = BACKENDS["cpu"]
     params = op_params(variant, shape[1], groups, seed=3)
     x = make_input(shape, seed=1, dtype=dtype).contiguous(memory_format=CL)
-    assert x.numel() * x.element_size() > 8 << 20 and _by_rows(
-        BACKENDS["cpu"], variant, dtype, shape, groups
-    )
+    assert x.numel() * x.element_size() > 8 << 20 and _by_rows(cpu, variant, dtype, shape, groups)
     forward = SA_CUDA_LIBRARY.forward_op(variant)
     out, _, _ = forward(x, groups, *params, 1e-5)
     ref = ref_functional(variant)
@@ -286,6 +361,25 @@ def test_rows_streaming_stores(variant, shape, groups, dtype):
     eager = ref(x, groups, *[p.to(dtype) for p in params])
     assert_close_to_reference({"out": out}, {"out": ref64}, dtype, eager={"out": eager})
     assert out.is_contiguous(memory_format=CL)
+    if not _backward_by_rows(cpu, variant, dtype, shape, groups):
+        return
+    gy = make_input(shape, seed=2, dtype=dtype).contiguous(memory_format=CL)
+
+    def grad_x(layer, x, params):
+        x = x.detach().requires_grad_()
+        layer(x, groups, *params).backward(gy.to(x.dtype))
+        return x.grad
+
+    low = [p.to(dtype) for p in params]  # x's dtype: the op computes in it
+
+    def fused_layer(x, groups, *params):
+        return SA_CUDA_LIBRARY.apply(variant, x, groups, params, 1e-5)
+
+    fused = grad_x(fused_layer, x, low)
+    ref64 = grad_x(ref, x.double(), [p.double() for p in low])
+    eager = grad_x(ref, x, low)
+    assert_close_to_reference({"x": fused}, {"x": ref64}, dtype, eager={"x": eager})
+    assert fused.is_contiguous(memory_format=CL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

@@ -128,6 +128,8 @@ CONST_SHAPES = [
     pytest.param((2, 16, 6, 5), 2, id="warp-2x16x6x5"),
     pytest.param((2, 16, 40, 40), 2, id="block-2x16x40x40"),
     pytest.param((1, 8, 72, 64), 2, id="streamed-1x8x72x64"),
+    # the CPU's channels_last backward by rows (m = 4, C / 2 = 16)
+    pytest.param((2, 32, 9, 10), 4, id="rows-2x32x9x10"),
 ]
 CONSTANTS = (0.5, -2.0, 3.0, 0.0, 1.25, -0.75, 7.0, 100.0)
 
@@ -356,6 +358,9 @@ NONFINITE_X_CASES = [
     pytest.param((1, 16, 40, 40), "middle", id="block-middle"),
     pytest.param((1, 16, 72, 64), "middle", id="streamed-middle"),
     pytest.param((2, 16, 1, 1), "first", id="hw1"),
+    # C = 32, G = 4: the CPU's channels_last backward by rows (m = 4, C / 2 = 16)
+    pytest.param((2, 32, 5, 6), "middle", id="rows-middle"),
+    pytest.param((1, 32, 40, 40), "first", id="rows-first"),
 ]
 VALUES = [
     pytest.param(math.nan, id="nan"),
@@ -371,12 +376,14 @@ VALUES = [
 def test_nonfinite_x_propagates_like_reference(
     backend, variant, shape, where, value, memory_format
 ):
-    """NaN / +-Inf in x: one value in a channel-branch plane (batch 0, channel 3) and one in a
-    spatial-branch plane (last batch item, channel 12), at the plane's first or middle element.
+    """NaN / +-Inf in x (m = 4: G = C / 8): one value in a channel-branch plane (batch 0, channel
+    3) and one in a spatial-branch plane (last batch item, channel 12), at the plane's first or
+    middle element.
     The reference: a NaN poisons its plane's mean (and, ShuffleAttention, its group's gate); an Inf
     makes the channel-branch mean +-Inf, which saturates the gate (s = 0 or 1: the plane's other
     outputs stay finite), and the spatial-branch variance NaN (whole plane NaN)."""
-    ref = make_ref(variant, 16, 2, seed=1)
+    groups = shape[1] // 8
+    ref = make_ref(variant, shape[1], groups, seed=1)
     params = [p.detach() for p in params_in_op_order(variant, ref)]
     x = make_input(shape, seed=0)
     idx = 0 if where == "first" else (shape[2] * shape[3]) // 2
@@ -384,7 +391,7 @@ def test_nonfinite_x_propagates_like_reference(
     x[-1, 12].view(-1)[idx] = value
     x = x.contiguous(memory_format=memory_format)
     gy = make_input(shape, seed=1).contiguous(memory_format=memory_format)
-    nonfinite_check(variant, backend, x, 2, params, gy)
+    nonfinite_check(variant, backend, x, groups, params, gy)
 
 
 @pytest.mark.parametrize("value", VALUES)

@@ -193,10 +193,12 @@ void backward_sa_layer_rows(const BackwardParams& p) {
         const scalar_t* gu = t.grad_out + b * N * C;
         scalar_t* dx = t.grad_x + b * N * C;
 
-        // Pass 1. Channel lanes at h 2L, spatial lanes at h 2L + L.
+        // Channel lanes at h 2L, spatial lanes at h 2L + L.
+        const SpatialLanes lanes[2] = {spatial_lanes(field, L), spatial_lanes(field, 3 * L)};
+
+        // Pass 1.
         alignas(64) double sums[kSums][W] = {};
         {
-          const SpatialLanes lanes[2] = {spatial_lanes(field, L), spatial_lanes(field, 3 * L)};
           ColumnBlock block;
           for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
             FloatVec dot[2] = {FloatVec(0), FloatVec(0)}, t1[2] = {FloatVec(0), FloatVec(0)},
@@ -238,20 +240,18 @@ void backward_sa_layer_rows(const BackwardParams& p) {
           t.t_sum[slot] = T1;
           t.t_xh[slot] = T2;
           const InputGradCoeffs<float> coeffs =
-              spatial_grad_coeffs(w.gw[k] * t.fwd.rstd[b * C + ch] * w.sw[k], T1, T2, inv_n);
+              spatial_grad_coeffs(w.gw[k] * field[kRstd][lane] * w.sw[k], T1, T2, inv_n);
           field[kAlpha][lane] = coeffs.alpha;
           field[kD1][lane] = coeffs.d1;
           field[kD2][lane] = coeffs.d2;
         }
         // Pass 2.
         FloatVec gate[2], beta[2];
-        SpatialLanes lanes[2];
         InputGradCoeffs<FloatVec> coeffs[2];
         for (int h = 0; h < 2; ++h) {
           const int64_t ch = 2 * h * L, sp = ch + L;
           gate[h] = FloatVec::loadu(field[kGate] + ch);
           beta[h] = FloatVec::loadu(field[kBeta] + ch);
-          lanes[h] = spatial_lanes(field, sp);
           coeffs[h] = {FloatVec::loadu(field[kAlpha] + sp), FloatVec(0),
                        FloatVec::loadu(field[kD1] + sp), FloatVec::loadu(field[kD2] + sp)};
         }

@@ -324,32 +324,6 @@ inline V by_role(const RowRoles& roles, int64_t c, const Channel& channel, const
 // line of it from memory before it is overwritten (a third of a copy's traffic).
 inline bool stream_results(int64_t bytes) { return bytes > (int64_t{8} << 20); }
 
-// A result row of C floats into dst in its dtype (rounded as at::vec::convert, the NCHW path,
-// does), by streaming stores when `streaming` and dst is 32-byte aligned. The caller ends its
-// task with stream_fence().
-template <typename scalar_t>
-inline void store_row(const float* y, scalar_t* dst, int64_t C, bool streaming) {
-  int64_t c = 0;
-#if defined(CPU_CAPABILITY_AVX2)
-  if (streaming && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      for (; c + 8 <= C; c += 8) _mm256_stream_ps(dst + c, _mm256_loadu_ps(y + c));
-    } else {
-      for (; c + 16 <= C; c += 16) {
-        const __m256i packed = at::vec::convert_from_float<scalar_t>(FloatVec::loadu(y + c),
-                                                                     FloatVec::loadu(y + c + 8));
-        _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + c), packed);
-      }
-    }
-  }
-#endif
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    std::copy(y + c, y + C, dst + c);
-  } else {
-    at::vec::convert(y + c, dst + c, C - c);
-  }
-}
-
 // 2L values of scalar_t from p as two float vectors (exact).
 template <typename scalar_t>
 inline std::pair<FloatVec, FloatVec> load_pair(const scalar_t* p) {
@@ -362,8 +336,8 @@ inline std::pair<FloatVec, FloatVec> load_pair(const scalar_t* p) {
   }
 }
 
-// Two float vectors to 2L values of dst in its dtype (rounded as store_row does), by streaming
-// stores when `streaming` and dst is 32-byte aligned.
+// Two float vectors to 2L values of dst in its dtype (rounded as at::vec::convert does), by
+// streaming stores when `streaming` and dst is 32-byte aligned.
 template <typename scalar_t>
 inline void store_pair(scalar_t* dst, const FloatVec& lo, const FloatVec& hi, bool streaming) {
   constexpr int64_t L = FloatVec::size();
@@ -384,6 +358,25 @@ inline void store_pair(scalar_t* dst, const FloatVec& lo, const FloatVec& hi, bo
     hi.store(dst + L);
   } else {
     at::vec::Vectorized<scalar_t>(at::vec::convert_from_float<scalar_t>(lo, hi)).store(dst);
+  }
+}
+
+// A result row of C floats into dst in its dtype (rounded as at::vec::convert, the NCHW path,
+// does), by streaming stores (store_pair) when `streaming` and dst is 32-byte aligned. The caller
+// ends its task with stream_fence().
+template <typename scalar_t>
+inline void store_row(const float* y, scalar_t* dst, int64_t C, bool streaming) {
+  constexpr int64_t L = FloatVec::size();
+  int64_t c = 0;
+  if (streaming && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
+    for (; c + 2 * L <= C; c += 2 * L) {
+      store_pair(dst + c, FloatVec::loadu(y + c), FloatVec::loadu(y + c + L), true);
+    }
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    std::copy(y + c, y + C, dst + c);
+  } else {
+    at::vec::convert(y + c, dst + c, C - c);
   }
 }
 

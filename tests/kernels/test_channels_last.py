@@ -33,6 +33,7 @@ import torch
 from conftest import (
     BACKENDS,
     VARIANTS,
+    all_grads,
     assert_identical,
     clone_as,
     forward_backward,
@@ -364,20 +365,12 @@ def test_rows_streaming_stores(variant, shape, groups, dtype):
     if not _backward_by_rows(cpu, variant, dtype, shape, groups):
         return
     gy = make_input(shape, seed=2, dtype=dtype).contiguous(memory_format=CL)
-
-    def grad_x(layer, x, params):
-        x = x.detach().requires_grad_()
-        layer(x, groups, *params).backward(gy.to(x.dtype))
-        return x.grad
-
     low = [p.to(dtype) for p in params]  # x's dtype: the op computes in it
-
-    def fused_layer(x, groups, *params):
-        return SA_CUDA_LIBRARY.apply(variant, x, groups, params, 1e-5)
-
-    fused = grad_x(fused_layer, x, low)
-    ref64 = grad_x(ref, x.double(), [p.double() for p in low])
-    eager = grad_x(ref, x, low)
+    fused = all_grads(lambda x_, *p: cpu.apply(variant, x_, groups, p), x, low, gy)["x"]
+    ref64 = all_grads(
+        lambda x_, *p: ref(x_, groups, *p), x.double(), [p.double() for p in low], gy.double()
+    )["x"]
+    eager = all_grads(lambda x_, *p: ref(x_, groups, *p), x, low, gy)["x"]
     assert_close_to_reference({"x": fused}, {"x": ref64}, dtype, eager={"x": eager})
     assert fused.is_contiguous(memory_format=CL)
 

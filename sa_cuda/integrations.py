@@ -22,15 +22,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import reference
-from .modules import SALayer, ShuffleAttention
+from . import modules, reference
 from .ops.checks import is_positive_int
+from .variants import VARIANTS
 
 __all__ = ["layer_groups", "timm_attn"]
 
+# variant name -> (fused module class, reference module class), from the one description of the
+# variants (sa_cuda.variants).
 _LAYERS = {
-    "sa_layer": (SALayer, reference.SALayer),
-    "shuffle_attention": (ShuffleAttention, reference.ShuffleAttention),
+    v.name: (getattr(modules, v.module_name), getattr(reference, v.module_name)) for v in VARIANTS
 }
 
 

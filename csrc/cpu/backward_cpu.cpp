@@ -97,11 +97,24 @@ void backward_tile(const BackwardTensors<scalar_t>& t, const ChannelTiling& tili
                  C);
 }
 
-// Whether SALayer's channels_last backward goes by rows (backward_nhwc_cpu.cpp): where pairs of
-// vectors split by role cover each half (m dividing L / 2, C / 2 a multiple of 2L).
+// Whether a channels_last backward in float lanes goes by rows (backward_nhwc_cpu.cpp), either
+// variant: where pairs of vectors split by role cover each half (m dividing L / 2, C / 2 a
+// multiple of 2L).
 bool backward_by_rows(const ForwardParams& p) {
   const int64_t L = at::vec::Vectorized<float>::size(), m = p.branch_channels;
-  return (L / 2) % m == 0 && (p.channels / 2) % (2 * L) == 0;
+  return p.channels_last && (L / 2) % m == 0 && (p.channels / 2) % (2 * L) == 0;
+}
+
+// Runs the backward by rows where it applies (float lanes, backward_by_rows); false elsewhere.
+template <typename scalar_t>
+bool ran_by_rows(Variant variant, const BackwardParams& p) {
+  if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
+    if (backward_by_rows(p.fwd)) {
+      backward_rows<scalar_t>(variant, p);
+      return true;
+    }
+  }
+  return false;
 }
 
 template <typename scalar_t>
@@ -111,11 +124,7 @@ void backward_sa_layer(const BackwardParams& p) {
   const BackwardTensors<scalar_t> t(p, Variant::kSALayer);
   const int64_t N = p.fwd.plane_size, C = p.fwd.channels;
 
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (p.fwd.channels_last && backward_by_rows(p.fwd)) {
-      return backward_sa_layer_rows<scalar_t>(p);
-    }
-  }
+  if (ran_by_rows<scalar_t>(Variant::kSALayer, p)) return;
   if (p.fwd.channels_last) {
     const ChannelTiling tiling(p.fwd, 1);
     const int64_t tile_values = 2 * tiling.width * N;
@@ -297,6 +306,7 @@ void backward_shuffle_attention(const BackwardParams& p) {
   const BackwardTensors<scalar_t> t(p, Variant::kShuffleAttention);
   const int64_t m = p.fwd.branch_channels, N = p.fwd.plane_size, mN = m * N, C = p.fwd.channels;
 
+  if (ran_by_rows<scalar_t>(Variant::kShuffleAttention, p)) return;
   if (p.fwd.channels_last) {
     const ChannelTiling tiling(p.fwd, m);
     const int64_t tile_values = 2 * tiling.width * N;

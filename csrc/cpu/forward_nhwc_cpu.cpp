@@ -229,55 +229,6 @@ inline V group_norm_output_at(float* const* field, const V& x, int64_t c) {
   return load<V>(field[kNormScale] + c) * xc + load<V>(field[kNormShift] + c);
 }
 
-// The spatial gate's pre-activation z = b2 + W2 y of a vector of L / m whole branches (m
-// dividing L / 2; split_roles keeps each branch in m aligned lanes, in channel order):
-//   z = b2 + sum_d W2_d * rot_d(y),
-// rot_d rotating each run of m lanes by d: lane l (channel j) of rot_d(y) holds channel
-// k = (j + d) mod m, and of W2_d the weight W2[j, k]. m FMAs and m - 1 lane permutations per
-// vector, against the m^2 FMAs per L pixels of the NCHW kernel's planes. The lanes of W2_d are
-// laid out once per call.
-class BranchMixer {
- public:
-  static constexpr int64_t L = FloatVec::size();
-
-  BranchMixer(const float* W2, const float* b2, int64_t m)
-      : m_(m), weight_(m * L), bias_(L), rotation_(m * L) {
-    for (int64_t d = 0; d < m; ++d) {
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t j = l % m, k = (j + d) % m;
-        rotation_[d * L + l] = static_cast<int32_t>(l - j + k);
-        weight_[d * L + l] = W2[j * m + k];
-        bias_[l] = b2[j];
-      }
-    }
-  }
-
-  FloatVec mix(const FloatVec& y) const {
-    FloatVec z = at::vec::fmadd(FloatVec::loadu(weight_.data()), y, FloatVec::loadu(bias_.data()));
-    for (int64_t d = 1; d < m_; ++d) {
-      z = at::vec::fmadd(FloatVec::loadu(weight_.data() + d * L), rotate(y, d), z);
-    }
-    return z;
-  }
-
- private:
-  FloatVec rotate(const FloatVec& y, int64_t d) const {
-    const int32_t* index = rotation_.data() + d * L;
-#if defined(CPU_CAPABILITY_AVX2)
-    return _mm256_permutevar8x32_ps(y, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index)));
-#else
-    float in[L], out[L];
-    y.store(in);
-    for (int64_t l = 0; l < L; ++l) out[l] = in[index[l]];
-    return FloatVec::loadu(out);
-#endif
-  }
-
-  int64_t m_;
-  std::vector<float> weight_, bias_;
-  std::vector<int32_t> rotation_;
-};
-
 }  // namespace
 
 // ShuffleAttention goes by rows where m divides L / 2 (forward_by_rows in forward_cpu.cpp): pairs

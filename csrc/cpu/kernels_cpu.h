@@ -86,9 +86,10 @@ void forward_sa_layer_rows(const ForwardParams& p);
 template <typename scalar_t>
 void forward_shuffle_attention_rows(const ForwardParams& p);
 
-// The SALayer backward on channels_last rows (backward_nhwc_cpu.cpp), float lanes, m dividing 4.
+// The backward of either variant on channels_last rows (backward_nhwc_cpu.cpp), float lanes, m
+// dividing 4 and C / 2 a multiple of 16.
 template <typename scalar_t>
-void backward_sa_layer_rows(const BackwardParams& p);
+void backward_rows(Variant variant, const BackwardParams& p);
 
 void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& params);
 void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& params);

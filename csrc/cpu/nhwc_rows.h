@@ -319,6 +319,62 @@ inline V by_role(const RowRoles& roles, int64_t c, const Channel& channel, const
   }
 }
 
+// ShuffleAttention's m x m matrices on a vector of L / m whole branches (m dividing L / 2;
+// split_roles keeps each branch in m aligned lanes, in channel order). The gate's pre-activation
+// z = b2 + W2 y is
+//   z = b2 + sum_d W2_d * rot_d(y),
+// rot_d rotating each run of m lanes by d: lane l (channel j) of rot_d(y) holds channel
+// k = (j + d) mod m, and of W2_d the weight W2[j, k]. m FMAs and m - 1 lane permutations per
+// vector, against the m^2 FMAs per L pixels of the NCHW kernel's planes. The backward's
+// dy = W2^T t is the mixer of the transpose (lane j of W2_d holds W2[k, j]) without a bias, and
+// its A[j, k] = sum t_j xh_k sums t * rot_d(xh) lane by lane. The lanes of W2_d are laid out once
+// per call.
+class BranchMixer {
+ public:
+  static constexpr int64_t L = FloatVec::size();
+
+  // bias: m values, or nullptr for none.
+  BranchMixer(const float* W2, const float* bias, int64_t m, bool transposed = false)
+      : m_(m), weight_(m * L), bias_(L, 0.0f), rotation_(m * L) {
+    for (int64_t d = 0; d < m; ++d) {
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t j = l % m, k = (j + d) % m;
+        rotation_[d * L + l] = static_cast<int32_t>(l - j + k);
+        weight_[d * L + l] = transposed ? W2[k * m + j] : W2[j * m + k];
+        if (bias != nullptr) bias_[l] = bias[j];
+      }
+    }
+  }
+
+  // M: m where the caller knows it at compile time (0: the m of the constructor).
+  template <int M = 0>
+  FloatVec mix(const FloatVec& y) const {
+    const int64_t m = M > 0 ? M : m_;
+    FloatVec z = at::vec::fmadd(FloatVec::loadu(weight_.data()), y, FloatVec::loadu(bias_.data()));
+    for (int64_t d = 1; d < m; ++d) {
+      z = at::vec::fmadd(FloatVec::loadu(weight_.data() + d * L), rotate(y, d), z);
+    }
+    return z;
+  }
+
+  FloatVec rotate(const FloatVec& y, int64_t d) const {
+    const int32_t* index = rotation_.data() + d * L;
+#if defined(CPU_CAPABILITY_AVX2)
+    return _mm256_permutevar8x32_ps(y, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index)));
+#else
+    float in[L], out[L];
+    y.store(in);
+    for (int64_t l = 0; l < L; ++l) out[l] = in[index[l]];
+    return FloatVec::loadu(out);
+#endif
+  }
+
+ private:
+  int64_t m_;
+  std::vector<float> weight_, bias_;
+  std::vector<int32_t> rotation_;
+};
+
 // Whether pass 2 writes its rows with streaming (non-temporal) stores: when the result is larger
 // than the cache would keep until the next layer reads it, streaming stores skip reading each
 // line of it from memory before it is overwritten (a third of a copy's traffic).

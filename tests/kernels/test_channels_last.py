@@ -7,8 +7,8 @@ so its results are held to the float64 reference (and its statistics to the true
 to NCHW's bits. Every other CPU path (the rest of the backward, float64, small planes,
 ShuffleAttention's other m) goes by tiles of channels (csrc/cpu/nhwc_tiles.h) that run the NCHW
 kernels' unit bodies on the same planes in the same order: given the same statistics, their results
-equal the NCHW call's bit for bit. SALayer's backward goes by rows too where m divides 4 and C / 2
-is a multiple of 16 (csrc/cpu/backward_nhwc_cpu.cpp; _backward_by_rows), with sums of its own
+equal the NCHW call's bit for bit. Both variants' backward goes by rows too where m divides 4 and
+C / 2 is a multiple of 16 (csrc/cpu/backward_nhwc_cpu.cpp; _backward_by_rows), with sums of its own
 order. The CUDA source (on a GPU, and through the emulator) reads both variants' NHWC as it is,
 forward and backward (csrc/cuda/sa_layer_nhwc_*.cuh, shuffle_attention_nhwc_*.cuh: per-chunk
 partials merged in chunk order, so its bits are its own: held to the float64 reference, its
@@ -81,8 +81,9 @@ ROW_SHAPES = [
     pytest.param((2, 2, 3, 3), 1, id="C2"),
     pytest.param((1, 48, 1, 1000), 6, id="N1000"),  # several chunks per item
 ]
-# SALayer's backward by rows (_backward_by_rows: m dividing 4, C / 2 a multiple of 16): columns of
-# 16 channels of each half, by blocks of 16 rows with a tail.
+# The backward by rows (_backward_by_rows: m dividing 4, C / 2 a multiple of 16): columns of 16
+# channels of each half (whole branches: ShuffleAttention's m x m products by lane rotations), by
+# blocks of 16 rows with a tail.
 BACKWARD_ROW_SHAPES = [
     pytest.param((2, 64, 24, 25), 8, id="m4-2cols-N600"),  # 37 blocks and 8 rows
     pytest.param((2, 128, 24, 30), 64, id="m1-4cols"),
@@ -184,9 +185,10 @@ def _by_rows(backend, variant, dtype, shape, groups):
 
 
 def _backward_by_rows(backend, variant, dtype, shape, groups):
-    """Whether SALayer's backward goes by rows (csrc/cpu/backward_cpu.cpp, backward_by_rows): on the
-    CPU in float lanes, where m divides 4 and pairs of 8-channel vectors cover each half."""
-    if backend.name != "cpu" or dtype == torch.float64 or variant != "sa_layer":
+    """Whether the backward goes by rows (csrc/cpu/backward_cpu.cpp, backward_by_rows): on the CPU
+    in float lanes, either variant, where m divides 4 and pairs of 8-channel vectors cover each
+    half."""
+    if backend.name != "cpu" or dtype == torch.float64:
         return False
     half = shape[1] // 2
     return 4 % (half // groups) == 0 and half % 16 == 0
@@ -264,16 +266,17 @@ def test_shuffle_attention_rows_only_where_m_divides_4():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS[1:])
 @pytest.mark.parametrize("shape,groups", BACKWARD_ROW_SHAPES)
-def test_backward_rows_against_reference(shape, groups, dtype):
-    """SALayer's backward by rows: every gradient against the float64 reference (the criteria of
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_backward_rows_against_reference(variant, shape, groups, dtype):
+    """The backward by rows: every gradient against the float64 reference (the criteria of
     test_forward_backward), grad_x in channels_last."""
     cpu = BACKENDS["cpu"]
-    assert _backward_by_rows(cpu, "sa_layer", dtype, shape, groups)
+    assert _backward_by_rows(cpu, variant, dtype, shape, groups)
     if dtype == torch.float32:
-        F = _against_reference(cpu, "sa_layer", shape, groups, dtype, offset=0.5)
+        F = _against_reference(cpu, variant, shape, groups, dtype, offset=0.5)
     else:
         F, R, E, RE, param_dtype = low_precision_runs(
-            "sa_layer", shape, groups, dtype, memory_format=CL
+            variant, shape, groups, dtype, memory_format=CL
         )
         assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
     assert F["x"].is_contiguous(memory_format=CL) and not F["x"].is_contiguous()
@@ -281,8 +284,8 @@ def test_backward_rows_against_reference(shape, groups, dtype):
 
 def test_backward_rows_only_where_the_rule_says():
     """The backward by rows sums in an order of its own (its bits are not NCHW's); every other
-    SALayer shape, and ShuffleAttention, keep the tiles and NCHW's bits (given the same
-    statistics). _backward_by_rows is the C++ rule (backward_by_rows)."""
+    shape keeps the tiles and NCHW's bits (given the same statistics), in both variants.
+    _backward_by_rows is the C++ rule (backward_by_rows)."""
     cpu = BACKENDS["cpu"]
     cases = [c.values for c in SHAPES + ROW_SHAPES + BACKWARD_ROW_SHAPES]
     seen = set()
@@ -312,11 +315,11 @@ def test_backward_rows_only_where_the_rule_says():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_rows_do_not_depend_on_the_thread_count(variant):
     """The rows' chunks and the order of every sum are fixed by the shape: one thread and two give
-    the same bits, forward and (SALayer) backward."""
+    the same bits, forward and backward."""
     shape, groups = (3, 64, 20, 30), 8
     cpu = BACKENDS["cpu"]
     assert _by_rows(cpu, variant, torch.float32, shape, groups)
-    assert _backward_by_rows(cpu, variant, torch.float32, shape, groups) == (variant == "sa_layer")
+    assert _backward_by_rows(cpu, variant, torch.float32, shape, groups)
     params = op_params(variant, shape[1], groups, seed=3)
     x = make_input(shape, seed=1).contiguous(memory_format=CL)
     gy = make_input(shape, seed=2).contiguous(memory_format=CL)
@@ -344,13 +347,16 @@ def test_rows_do_not_depend_on_the_thread_count(variant):
         # m = 2, G odd, 144-byte rows
         pytest.param("shuffle_attention", (1, 36, 250, 251), 9, torch.float32, id="sa-fp32-odd"),
         pytest.param("shuffle_attention", (1, 96, 220, 221), 12, torch.bfloat16, id="sa-bf16"),
-        # SALayer's backward by rows too (m = 4, C / 2 = 64)
+        # the backward by rows too (m = 4, C / 2 = 64; m = 2, C / 2 = 32)
         pytest.param("sa_layer", (1, 128, 200, 205), 16, torch.bfloat16, id="bf16-backward-rows"),
+        pytest.param(
+            "shuffle_attention", (1, 64, 200, 205), 16, torch.float32, id="sa-fp32-backward-rows"
+        ),
     ],
 )
 def test_rows_streaming_stores(variant, shape, groups, dtype):
     """Results above 8 MiB are written with streaming stores (csrc/cpu/nhwc_rows.h): the forward's
-    output, and grad_x of SALayer's backward by rows, against the float64 reference."""
+    output, and grad_x of the backward by rows, against the float64 reference."""
     cpu = BACKENDS["cpu"]
     params = op_params(variant, shape[1], groups, seed=3)
     x = make_input(shape, seed=1, dtype=dtype).contiguous(memory_format=CL)

@@ -1,9 +1,10 @@
 // Fused backward on the CPU. Bytes moved: x and grad_out (at the shuffled channel) are read once
 // from memory, grad_x is written once; every other pass re-reads the unit from cache.
-// channels_last tensors are read and written as they are, by tiles of channels (nhwc_tiles.h)
-// that run the same unit bodies. Parameter
-// gradients leave the kernels as per-(batch item, group) partials (sa_params.h), reduced at the
-// end by reduce_param_grads (the math: sa_math.h).
+// channels_last tensors are read and written as they are: in float lanes by columns where m
+// divides 4 and C / 2 is a multiple of 16 (nhwc_columns.h, backward_nhwc_cpu.cpp), otherwise by
+// tiles of channels (nhwc_tiles.h) that run the same unit bodies. Parameter gradients leave the
+// kernels as per-(batch item, group) partials (sa_params.h), reduced at the end by
+// reduce_param_grads (the math: sa_math.h).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -13,6 +14,7 @@
 #include "../dispatch.h"
 #include "../sa_math.h"
 #include "kernels_cpu.h"
+#include "nhwc_columns.h"
 #include "nhwc_tiles.h"
 #include "vec_loops.h"
 
@@ -97,20 +99,13 @@ void backward_tile(const BackwardTensors<scalar_t>& t, const ChannelTiling& tili
                  C);
 }
 
-// Whether a channels_last backward in float lanes goes by rows (backward_nhwc_cpu.cpp), either
-// variant: where pairs of vectors split by role cover each half (m dividing L / 2, C / 2 a
-// multiple of 2L).
-bool backward_by_rows(const ForwardParams& p) {
-  const int64_t L = at::vec::Vectorized<float>::size(), m = p.branch_channels;
-  return p.channels_last && (L / 2) % m == 0 && (p.channels / 2) % (2 * L) == 0;
-}
-
-// Runs the backward by rows where it applies (float lanes, backward_by_rows); false elsewhere.
+// Runs the channels_last backward by columns (nhwc_columns.h, backward_nhwc_cpu.cpp) where it
+// applies (float lanes, by_columns); false elsewhere.
 template <typename scalar_t>
-bool ran_by_rows(Variant variant, const BackwardParams& p) {
+bool ran_by_columns(Variant variant, const BackwardParams& p) {
   if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
-    if (backward_by_rows(p.fwd)) {
-      backward_rows<scalar_t>(variant, p);
+    if (by_columns(p.fwd)) {
+      backward_columns<scalar_t>(variant, p);
       return true;
     }
   }
@@ -124,7 +119,7 @@ void backward_sa_layer(const BackwardParams& p) {
   const BackwardTensors<scalar_t> t(p, Variant::kSALayer);
   const int64_t N = p.fwd.plane_size, C = p.fwd.channels;
 
-  if (ran_by_rows<scalar_t>(Variant::kSALayer, p)) return;
+  if (ran_by_columns<scalar_t>(Variant::kSALayer, p)) return;
   if (p.fwd.channels_last) {
     const ChannelTiling tiling(p.fwd, 1);
     const int64_t tile_values = 2 * tiling.width * N;
@@ -306,7 +301,7 @@ void backward_shuffle_attention(const BackwardParams& p) {
   const BackwardTensors<scalar_t> t(p, Variant::kShuffleAttention);
   const int64_t m = p.fwd.branch_channels, N = p.fwd.plane_size, mN = m * N, C = p.fwd.channels;
 
-  if (ran_by_rows<scalar_t>(Variant::kShuffleAttention, p)) return;
+  if (ran_by_columns<scalar_t>(Variant::kShuffleAttention, p)) return;
   if (p.fwd.channels_last) {
     const ChannelTiling tiling(p.fwd, m);
     const int64_t tile_values = 2 * tiling.width * N;

@@ -1,15 +1,7 @@
-// The backward of both variants on channels_last rows (nhwc_rows.h), float lanes, for m = 1, 2, 4
-// (pairs of vectors split by role, as the rows forward does) and C / 2 a multiple of 2L. Bytes
-// moved: x and grad_out are read from memory once (pass 1; pass 2 re-reads them from the L2
-// cache), grad_x is written once; the spatial lanes' gate is written and read back once, in cache.
-//
-// The work unit is a column: 2L channels of each half of one batch item, [c, c + 2L) and
-// [C/2 + c, C/2 + c + 2L), whose grad_out is the 4L output channels from 2c (interleaved), over
-// all N pixels: 4 x 64 bytes a row in float, about 800 KiB at SA-ResNet-50's stage 1, which the
-// L2 keeps between the passes. Columns run in parallel; within one every sum goes in a fixed
-// order (block after block), so the results do not depend on the thread count. A column holds
-// whole branches (2L channels of a half are whole groups for m dividing L / 2), so its partials
-// are slots of their own.
+// The backward of both variants by columns (nhwc_columns.h), float lanes. Bytes moved: x and
+// grad_out are read from memory once (pass 1; pass 2 re-reads the column from the L2 cache), grad_x
+// is written once; the spatial lanes' gate is written and read back once, in cache. A column's
+// grad_out is the 4L output channels from 2c (interleaved); x and grad_x its two runs of 2L.
 //   pass 1  by blocks of kBlockRows rows: sum(gu x) on channel lanes, and the spatial lanes' sums
 //           (SALayer: T1 = sum t and T2 = sum t xh; ShuffleAttention: T1 and A[j, k] =
 //           sum t_j xh_k), in registers over the block, then added to the column's sums in
@@ -25,16 +17,16 @@
 
 #include "../sa_math.h"
 #include "kernels_cpu.h"
+#include "nhwc_columns.h"
 #include "nhwc_rows.h"
 #include "vec_loops.h"
 
 namespace sa_cuda::cpu {
 namespace {
 
-using VecD = at::vec::Vectorized<double>;
-constexpr int64_t L = FloatVec::size();
-constexpr int64_t kBlockRows = 16;
-constexpr int64_t W = 4 * L;  // lanes of a column: 2L of each half
+constexpr int64_t L = ColumnGeometry::L;
+constexpr int64_t W = ColumnGeometry::kLanes;
+constexpr int64_t kBlockRows = ColumnGeometry::kBlockRows;
 
 // Lane fields of a column: the channel branch's gate and beta, the spatial branch's saved
 // statistics and parameters, and dx's coefficients (InputGradCoeffs). Those up to kBias are
@@ -55,35 +47,6 @@ enum Field {
   kFields
 };
 
-// Where the columns lie in a batch item: the channel of each lane, the partials' slots.
-struct ColumnGeometry {
-  int64_t C, half, N, m, groups, columns;
-  RowRoles roles;
-  std::vector<int64_t> lane_channel;  // RowRoles::packed_channels
-  float inv_n;
-
-  explicit ColumnGeometry(const ForwardParams& f)
-      : C(f.channels),
-        half(C / 2),
-        N(f.plane_size),
-        m(f.branch_channels),
-        groups(f.groups),
-        columns(half / (2 * L)),
-        roles(C, m),
-        lane_channel(roles.packed_channels()),
-        inv_n(1.0f / static_cast<float>(N)) {
-    TORCH_CHECK(roles.split_end == half, "backward by rows: m must divide ", L / 2,
-                " and C / 2 be a multiple of ", 2 * L);
-  }
-  // The channel of lane `lane` of the column at c (position h 2L + l is row position
-  // h half + c + l).
-  int64_t channel(int64_t c, int64_t lane) const {
-    return lane_channel[lane / (2 * L) * half + c + lane % (2 * L)];
-  }
-  // The first partial slot of channel ch's branch in item b: (b G + g) m.
-  int64_t slot0(int64_t b, int64_t ch) const { return (b * groups + ch / (2 * m)) * m; }
-};
-
 // The lane fields of one column, filled per column by a variant's begin() and finish().
 struct ColumnLanes {
   alignas(64) float field[kFields][W];
@@ -101,18 +64,16 @@ struct ColumnValues {
 };
 
 template <int M, typename scalar_t>
-inline ColumnValues column_values(const scalar_t* x, const scalar_t* gu, int64_t c, int64_t half,
-                                  const RowRoles& roles) {
-  const auto [g0, g1] = load_pair(gu + 2 * c);
-  const auto [g2, g3] = load_pair(gu + 2 * c + 2 * L);
+inline ColumnValues column_values(const scalar_t* x, const scalar_t* gu, int64_t p, ColumnAt col) {
+  const auto [g0, g1] = load_pair(gu + col.output(p, 0));
+  const auto [g2, g3] = load_pair(gu + col.output(p, 1));
   const auto [first0, second0] = at::vec::deinterleave2(g0, g1);
   const auto [first1, second1] = at::vec::deinterleave2(g2, g3);
   const FloatVec by_half[2][2] = {{first0, first1}, {second0, second1}};
   ColumnValues v;
   for (int h = 0; h < 2; ++h) {
-    const auto [x0, x1] = load_pair(x + h * half + c);
-    v.x[h] = split_roles<M>(x0, x1, roles.swapped[h]);
-    v.gu[h] = split_roles<M>(by_half[h][0], by_half[h][1], roles.swapped[h]);
+    v.x[h] = column_x<M>(x, p, h, col);
+    v.gu[h] = split_roles<M>(by_half[h][0], by_half[h][1], col.swapped[h]);
   }
   return v;
 }
@@ -126,17 +87,15 @@ struct ColumnBlock {
   FloatVec x[kBlockRows][2], gu[kBlockRows][2], gate[kBlockRows][2], channel[kBlockRows][2];
   int64_t rows;
 
-  // Rows [p0, p0 + count) of the column at c; channel_lanes(x, gu, h) gives channel[r][h]. The
+  // Rows [p0, p0 + count) of the column; channel_lanes(x, gu, h) gives channel[r][h]. The
   // gate: saved[(p * 2 + h) * L ...] of pixel p when kSaved, else sigmoid(gate_z(x, h)) (stored
   // there).
   template <int M, bool kSaved, typename scalar_t, typename GateZ, typename ChannelResult>
-  void load(const scalar_t* x_rows, const scalar_t* gu_rows, const ColumnGeometry& geo, int64_t c,
-            int64_t p0, int64_t count, float* saved, const GateZ& gate_z,
-            const ChannelResult& channel_lanes) {
+  void load(const scalar_t* x_item, const scalar_t* gu_item, ColumnAt col, int64_t p0,
+            int64_t count, float* saved, const GateZ& gate_z, const ChannelResult& channel_lanes) {
     rows = count;
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t row = (p0 + r) * geo.C;
-      const ColumnValues v = column_values<M>(x_rows + row, gu_rows + row, c, geo.half, geo.roles);
+      const ColumnValues v = column_values<M>(x_item, gu_item, p0 + r, col);
       for (int h = 0; h < 2; ++h) {
         channel[r][h] = channel_lanes(v.x[h].channel, v.gu[h].channel, h);
         x[r][h] = v.x[h].spatial;
@@ -167,15 +126,6 @@ struct ColumnBlock {
   }
 };
 
-// sums[0 .. L) += v, in double.
-inline void add_wide(double* sums, const FloatVec& v) {
-  alignas(64) float lanes[L];
-  v.store(lanes);
-  for (int64_t l = 0; l < L; l += VecD::size()) {
-    (VecD::loadu(sums + l) + load_wide(lanes + l)).store(sums + l);
-  }
-}
-
 // The columns of one variant through both passes. A Column (SALayerColumn,
 // ShuffleAttentionColumn) is a ColumnLanes with
 //   kSums                  pass 1's sums per lane: sum 0 is sum(gu x) on the channel lanes (taken
@@ -202,6 +152,7 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
     auto gate_z = [&](const FloatVec& x, int h) { return column.z(x, h); };
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / geo.columns, c = task % geo.columns * 2 * L;
+      const ColumnAt col = geo.at(c);
       column.begin(b, c);
       const scalar_t* x = t.fwd.x + b * N * C;
       const scalar_t* gu = t.grad_out + b * N * C;
@@ -214,7 +165,7 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
         for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
           FloatVec acc[kSums][2];
           for (auto& pair : acc) pair[0] = pair[1] = FloatVec(0);
-          block.load<M, false>(x, gu, geo, c, p0, std::min(kBlockRows, N - p0), saved_gate.get(),
+          block.load<M, false>(x, gu, col, p0, std::min(kBlockRows, N - p0), saved_gate.get(),
                                gate_z, [&](const FloatVec& xv, const FloatVec& gv, int h) {
                                  acc[0][h] = acc[0][h] + gv * xv;
                                  return FloatVec(0);
@@ -240,15 +191,15 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
       }
       ColumnBlock block;
       for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
-        block.load<M, true>(x, gu, geo, c, p0, std::min(kBlockRows, N - p0), saved_gate.get(),
-                            gate_z, [&](const FloatVec&, const FloatVec& gv, int h) {
+        block.load<M, true>(x, gu, col, p0, std::min(kBlockRows, N - p0), saved_gate.get(), gate_z,
+                            [&](const FloatVec&, const FloatVec& gv, int h) {
                               return channel_input_grad(gv, gate[h], beta[h]);
                             });
         for (int64_t r = 0; r < block.rows; ++r) {
           for (int h = 0; h < 2; ++h) {
             const RoleSplit grads{block.channel[r][h], column.spatial_grad(block, r, h)};
-            const auto [lo, hi] = merge_roles<M>(grads, geo.roles.swapped[h]);
-            store_pair(dx + (p0 + r) * C + h * geo.half + c, lo, hi, streaming);
+            const auto [lo, hi] = merge_roles<M>(grads, col.swapped[h]);
+            store_pair(dx + col.input(p0 + r, h), lo, hi, streaming);
           }
         }
       }
@@ -467,7 +418,7 @@ class ShuffleAttentionColumn : public ColumnBase<scalar_t> {
 }  // namespace
 
 template <typename scalar_t>
-void backward_rows(Variant variant, const BackwardParams& p) {
+void backward_columns(Variant variant, const BackwardParams& p) {
   const BackwardTensors<scalar_t> t(p, variant);
   const ColumnGeometry geo(p.fwd);
   const ParamArrays<float>& w = t.fwd.w;
@@ -483,8 +434,8 @@ void backward_rows(Variant variant, const BackwardParams& p) {
   });
 }
 
-template void backward_rows<float>(Variant, const BackwardParams&);
-template void backward_rows<c10::BFloat16>(Variant, const BackwardParams&);
-template void backward_rows<c10::Half>(Variant, const BackwardParams&);
+template void backward_columns<float>(Variant, const BackwardParams&);
+template void backward_columns<c10::BFloat16>(Variant, const BackwardParams&);
+template void backward_columns<c10::Half>(Variant, const BackwardParams&);
 
 }  // namespace sa_cuda::cpu

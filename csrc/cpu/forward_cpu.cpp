@@ -1,7 +1,8 @@
 // Fused forward on the CPU. Bytes moved: x is read once from memory (the plane or group is then
 // re-read from cache for the statistics and the gate) and out is written once, at the shuffled
 // channel; mean and rstd add 2 * acc_t per plane. channels_last tensors are read and written as
-// they are: the float-lane forward on large planes by rows (nhwc_rows.h,
+// they are: the float-lane forward by columns where m divides 4 and C / 2 is a multiple of 16
+// (nhwc_columns.h, forward_nhwc_columns.cpp), by rows on other large planes (nhwc_rows.h,
 // forward_nhwc_cpu.cpp), everything else by tiles of channels (nhwc_tiles.h) that run the same
 // unit bodies.
 #include <ATen/OpMathType.h>
@@ -13,6 +14,7 @@
 #include "../dispatch.h"
 #include "../sa_math.h"
 #include "kernels_cpu.h"
+#include "nhwc_columns.h"
 #include "nhwc_tiles.h"
 #include "vec_loops.h"
 
@@ -57,9 +59,9 @@ C10_NOINLINE void sa_layer_plane(const ForwardTensors<scalar_t>& t, const Forwar
   }
 }
 
-// The channels_last forward goes by rows (nhwc_rows.h) where a tile would be narrower than 32
-// channels (128 bytes of float per pixel and half): planes of more than 512 pixels (SA-ResNet-50's
-// stages 1-2, whose narrow tiles' strided reads made them slow) and any C < 64. Wider tiles read
+// Where the columns (by_columns) do not apply, the channels_last forward goes by rows (nhwc_rows.h)
+// where a tile would be narrower than 32 channels (128 bytes of float per pixel and half): planes
+// of more than 512 pixels (narrow tiles' strided reads are slow) and any C < 64. Wider tiles read
 // about as fast, without the rows' separate statistics pass: at stages 3-4 the rows measured no
 // faster than the tiles (docs/kernels.md). Float64 always takes the tiles. ShuffleAttention's
 // tiles hold whole branches (`align` = m); its rows need m dividing 4 (half a vector of float
@@ -80,6 +82,7 @@ void forward_sa_layer(const ForwardParams& p) {
   const int64_t N = p.plane_size, C = p.channels;
 
   if constexpr (std::is_same_v<acc_t, float>) {
+    if (by_columns(p)) return forward_columns<scalar_t>(Variant::kSALayer, p);
     if (p.channels_last && forward_by_rows(p, Variant::kSALayer)) {
       return forward_sa_layer_rows<scalar_t>(p);
     }
@@ -190,6 +193,7 @@ void forward_shuffle_attention(const ForwardParams& p) {
   const int64_t m = p.branch_channels, N = p.plane_size, C = p.channels;
 
   if constexpr (std::is_same_v<acc_t, float>) {
+    if (by_columns(p)) return forward_columns<scalar_t>(Variant::kShuffleAttention, p);
     if (p.channels_last && forward_by_rows(p, Variant::kShuffleAttention)) {
       return forward_shuffle_attention_rows<scalar_t>(p);
     }

@@ -44,9 +44,8 @@ void chunk_moments(const scalar_t* item, int64_t C, const RowChunks::Chunk& chun
   }
 }
 
-// The Standardizer of channel c of an item from its sums over all pixels. A channel whose
-// statistics overflow float (|x| near float's largest values, or inf/NaN in it) takes the NCHW
-// kernels' plane_stats instead, on the channel gathered into a plane (rare: a strided read).
+// The Standardizer of channel c of an item from its sums over all pixels; gathered_stats where
+// they overflow float.
 template <typename scalar_t>
 Standardizer<float> channel_stats(const scalar_t* item, int64_t C, int64_t N, double s1, double s2,
                                   double shift, int64_t c, float eps, bool spatial) {
@@ -59,9 +58,7 @@ Standardizer<float> channel_stats(const scalar_t* item, int64_t C, int64_t N, do
     // sa_math.h's Standardizer).
     return finish_stats(mean, var, eps, 0, static_cast<float>(mean_d - static_cast<double>(mean)));
   }
-  std::vector<float> plane(N);
-  for (int64_t p = 0; p < N; ++p) plane[p] = static_cast<float>(item[p * C + c]);
-  return plane_stats(plane.data(), N, eps, !spatial);
+  return gathered_stats(item, C, N, c, eps, spatial);
 }
 
 // The rows forward of either variant: pass 1 and the statistics of every channel (stored to mean
@@ -136,10 +133,6 @@ void forward_rows(const ForwardParams& p, const ForwardTensors<scalar_t>& t, con
   run_waves(rows, (2 + kRowScratch) * C, make_wave, pass1, finish, pass2);
 }
 
-// The gate coefficients of a SALayer channel as lanes: the spatial branch's SpatialGate
-// (sa_math.h), then the channel branch's constant gate.
-enum SALayerField { kConstantGate = kGateFieldCount, kSALayerFields };
-
 }  // namespace
 
 template <typename scalar_t>
@@ -207,30 +200,6 @@ void forward_sa_layer_rows(const ForwardParams& p) {
   forward_rows<kSALayerFields, 0>(p, t, roles, set_lanes, gate_row);
 }
 
-namespace {
-
-// The GroupNorm output y = scale * (x - mean) * input_scale + shift of a ShuffleAttention spatial
-// channel as lanes (scale = gw * gate_rstd, shift = gb: the NCHW kernel's formula, with the
-// Standardizer's centering), then the channel branch's constant gate.
-enum ShuffleAttentionField {
-  kNormScale,
-  kNormShift,
-  kNormInputScale,
-  kNormCenter,
-  kNormCenterLo,
-  kChannelGate,
-  kShuffleAttentionFields
-};
-
-template <typename V>
-inline V group_norm_output_at(float* const* field, const V& x, int64_t c) {
-  const V xc = centered_value(x, load<V>(field[kNormInputScale] + c),
-                              load<V>(field[kNormCenter] + c), load<V>(field[kNormCenterLo] + c));
-  return load<V>(field[kNormScale] + c) * xc + load<V>(field[kNormShift] + c);
-}
-
-}  // namespace
-
 // ShuffleAttention goes by rows where m divides L / 2 (forward_by_rows in forward_cpu.cpp): pairs
 // of vectors are split by role, and a vector of spatial lanes holds whole branches.
 template <typename scalar_t>
@@ -251,10 +220,7 @@ void forward_shuffle_attention_rows(const ForwardParams& p) {
       field[kChannelGate][c] = sigmoid(matvec_row(t.w.cw, mu, t.w.cb, m, k));
       return;
     }
-    const Standardizer<float>& st = stats[c];
-    const float values[kChannelGate] = {t.w.gw[k] * st.gate_rstd, t.w.gb[k], st.input_scale,
-                                        st.center, st.center_lo};
-    for (int f = 0; f < kChannelGate; ++f) field[f][c] = values[f];
+    set_group_norm_output(field, c, t.w.gw[k], t.w.gb[k], stats[c]);
   };
   // The results to res in x's channel order, one half at a time, then interleaved into y
   // (channel_shuffle: c and C/2 + c to 2c and 2c + 1). Both halves at once, as SALayer's rows

@@ -86,10 +86,15 @@ void forward_sa_layer_rows(const ForwardParams& p);
 template <typename scalar_t>
 void forward_shuffle_attention_rows(const ForwardParams& p);
 
+// The forward of either variant by columns of a channels_last tensor (nhwc_columns.h,
+// forward_nhwc_columns.cpp), float lanes, m dividing 4 and C / 2 a multiple of 16.
+template <typename scalar_t>
+void forward_columns(Variant variant, const ForwardParams& p);
+
 // The backward of either variant on channels_last rows (backward_nhwc_cpu.cpp), float lanes, m
 // dividing 4 and C / 2 a multiple of 16.
 template <typename scalar_t>
-void backward_rows(Variant variant, const BackwardParams& p);
+void backward_columns(Variant variant, const BackwardParams& p);
 
 void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& params);
 void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& params);

@@ -1,7 +1,8 @@
 // channels_last (NHWC) by rows: the direct forward of the CPU for float lanes (float, bfloat16
-// and half x), where a tile of nhwc_tiles.h would be narrower than 32 channels (forward_cpu.cpp,
-// forward_by_rows; ShuffleAttention only for m dividing 4), and SALayer's backward for m dividing 4
-// (backward_nhwc_cpu.cpp, which reads the rows by columns of channels). float64, the rest of the
+// and half x) where the columns of nhwc_columns.h do not apply (m not dividing 4, or C / 2 not a
+// multiple of 16) and a tile of nhwc_tiles.h would be narrower than 32 channels (forward_cpu.cpp,
+// forward_by_rows; ShuffleAttention only for m dividing 4); and the row helpers the columns share
+// (split_roles, BranchMixer, load_pair / store_pair, the lane fields). float64, the rest of the
 // backward, ShuffleAttention's other m and wider tiles keep the tiles (docs/kernels.md says why).
 //
 // In NHWC the C channels of a pixel are one contiguous row. The kernel reads x row after row, as
@@ -287,6 +288,14 @@ enum SpatialGateField {
   kGateFieldCount
 };
 
+// The rows of a [K][N] array of lane fields as the field pointers the helpers below take.
+template <size_t K, size_t N>
+inline std::array<float*, K> lane_fields(float (&field)[K][N]) {
+  std::array<float*, K> fields;
+  for (size_t k = 0; k < K; ++k) fields[k] = field[k];
+  return fields;
+}
+
 template <typename V>
 inline SpatialGate<V> spatial_gate_at(float* const* fields, int64_t c) {
   return SpatialGate<V>{load<V>(fields[kGateScale] + c),      load<V>(fields[kGateShift] + c),
@@ -299,6 +308,37 @@ inline void set_spatial_gate(float* const* fields, int64_t c, const SpatialGate<
   const float values[kGateFieldCount] = {g.scale,       g.shift,  g.weight,   g.bias,
                                          g.input_scale, g.center, g.center_lo};
   for (int f = 0; f < kGateFieldCount; ++f) fields[f][c] = values[f];
+}
+
+// The gate coefficients of a SALayer channel as lanes: the spatial branch's SpatialGate
+// (sa_math.h), then the channel branch's constant gate.
+enum SALayerField { kConstantGate = kGateFieldCount, kSALayerFields };
+
+// The GroupNorm output y = scale * (x - mean) * input_scale + shift of a ShuffleAttention spatial
+// channel as lanes (scale = gw * gate_rstd, shift = gb: the NCHW kernel's formula, with the
+// Standardizer's centering), then the channel branch's constant gate.
+enum ShuffleAttentionField {
+  kNormScale,
+  kNormShift,
+  kNormInputScale,
+  kNormCenter,
+  kNormCenterLo,
+  kChannelGate,
+  kShuffleAttentionFields
+};
+
+inline void set_group_norm_output(float* const* field, int64_t c, float gw, float gb,
+                                  const Standardizer<float>& st) {
+  const float values[kChannelGate] = {gw * st.gate_rstd, gb, st.input_scale, st.center,
+                                      st.center_lo};
+  for (int f = 0; f < kChannelGate; ++f) field[f][c] = values[f];
+}
+
+template <typename V>
+inline V group_norm_output_at(float* const* field, const V& x, int64_t c) {
+  const V xc = centered_value(x, load<V>(field[kNormInputScale] + c),
+                              load<V>(field[kNormCenter] + c), load<V>(field[kNormCenterLo] + c));
+  return load<V>(field[kNormScale] + c) * xc + load<V>(field[kNormShift] + c);
 }
 
 // The value of the lanes from c by their roles: channel() or spatial() for lanes of one role (a
@@ -374,6 +414,18 @@ class BranchMixer {
   std::vector<float> weight_, bias_;
   std::vector<int32_t> rotation_;
 };
+
+// The statistics of channel c of an item (N pixels, C apart) by the NCHW kernels' plane_stats,
+// the channel gathered into a plane: for a channel whose statistics overflow float in the rows'
+// or the columns' own sums (|x| near float's largest values, or inf/NaN in it; rare: a strided
+// read).
+template <typename scalar_t>
+Standardizer<float> gathered_stats(const scalar_t* item, int64_t C, int64_t N, int64_t c, float eps,
+                                   bool spatial) {
+  std::vector<float> plane(N);
+  for (int64_t p = 0; p < N; ++p) plane[p] = static_cast<float>(item[p * C + c]);
+  return plane_stats(plane.data(), N, eps, !spatial);
+}
 
 // Whether pass 2 writes its rows with streaming (non-temporal) stores: when the result is larger
 // than the cache would keep until the next layer reads it, streaming stores skip reading each

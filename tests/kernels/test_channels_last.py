@@ -1,20 +1,19 @@
 """channels_last (NHWC) tensors through the fused ops, on every backend.
 
-The CPU kernels read and write NHWC as it is. The forward in float, bfloat16 and half goes by rows
-on large planes (csrc/cpu/nhwc_rows.h; ShuffleAttention where m divides 4): its statistics are
-summed per channel across the pixels of a row, in double, a different order from NCHW's plane sums,
-so its results are held to the float64 reference (and its statistics to the true ones) instead of
-to NCHW's bits. Every other CPU path (the rest of the backward, float64, small planes,
-ShuffleAttention's other m) goes by tiles of channels (csrc/cpu/nhwc_tiles.h) that run the NCHW
-kernels' unit bodies on the same planes in the same order: given the same statistics, their results
-equal the NCHW call's bit for bit. Both variants' backward goes by rows too where m divides 4 and
-C / 2 is a multiple of 16 (csrc/cpu/backward_nhwc_cpu.cpp; _backward_by_rows), with sums of its own
-order. The CUDA source (on a GPU, and through the emulator) reads both variants' NHWC as it is,
-forward and backward (csrc/cuda/sa_layer_nhwc_*.cuh, shuffle_attention_nhwc_*.cuh: per-chunk
+The CPU kernels read and write NHWC as it is. In float, bfloat16 and half, both variants' forward
+and backward go by columns where m divides 4 and C / 2 is a multiple of 16
+(csrc/cpu/nhwc_columns.h; _by_columns), and the forward by rows on other large planes
+(csrc/cpu/nhwc_rows.h; ShuffleAttention where m divides 4; _by_rows): their sums go in orders of
+their own (the statistics in double), so their results are held to the float64 reference (and their
+statistics to the true ones) instead of to NCHW's bits. Every other CPU path (float64, the other
+shapes) goes by tiles of channels (csrc/cpu/nhwc_tiles.h) that run the NCHW kernels' unit bodies on
+the same planes in the same order: given the same statistics, their results equal the NCHW call's
+bit for bit. The CUDA source (on a GPU, and through the emulator) reads both variants' NHWC as it
+is, forward and backward (csrc/cuda/sa_layer_nhwc_*.cuh, shuffle_attention_nhwc_*.cuh: per-chunk
 partials merged in chunk order, so its bits are its own: held to the float64 reference, its
 statistics to the true ones). On every backend the output and grad_x come back in x's memory
-format. The NCHW results are held to the reference by test_forward_backward.py; here the NHWC
-ones are also compared with the float64 reference directly.
+format. The NCHW results are held to the reference by test_forward_backward.py; here the NHWC ones
+are also compared with the float64 reference directly.
 
 Shapes are chosen for the tiling's edges: channel halves that are not a multiple of the tile width
 or of the 8-channel transpose blocks, pixel counts that are not a multiple of 8, tiles narrower
@@ -67,7 +66,8 @@ SHAPES = [
 ]
 # (B, C, H, W), groups for the rows of the forward (each would make tiles narrower than 32
 # channels: _by_rows): m = C / (2 G), half = C / 2 channels, taken by pairs of 8-float vectors
-# (16 channels) where m divides 4.
+# (16 channels) where m divides 4. Those with m dividing 4 and C / 2 a multiple of 16 go by
+# columns instead (_by_columns).
 ROW_SHAPES = [
     pytest.param((2, 64, 24, 25), 8, id="m4-half32"),
     pytest.param((2, 36, 5, 7), 9, id="m2-Godd-tail2"),  # second half starts on a spatial run
@@ -81,10 +81,10 @@ ROW_SHAPES = [
     pytest.param((2, 2, 3, 3), 1, id="C2"),
     pytest.param((1, 48, 1, 1000), 6, id="N1000"),  # several chunks per item
 ]
-# The backward by rows (_backward_by_rows: m dividing 4, C / 2 a multiple of 16): columns of 16
-# channels of each half (whole branches: ShuffleAttention's m x m products by lane rotations), by
-# blocks of 16 rows with a tail.
-BACKWARD_ROW_SHAPES = [
+# By columns (_by_columns: m dividing 4, C / 2 a multiple of 16), forward and backward: columns of
+# 16 channels of each half (whole branches: ShuffleAttention's m x m products by lane rotations),
+# by blocks of 16 rows with a tail.
+COLUMN_SHAPES = [
     pytest.param((2, 64, 24, 25), 8, id="m4-2cols-N600"),  # 37 blocks and 8 rows
     pytest.param((2, 128, 24, 30), 64, id="m1-4cols"),
     pytest.param((3, 32, 5, 3), 8, id="m2-1col-N15"),  # fewer rows than a block
@@ -158,23 +158,26 @@ def _assert_true_nhwc_statistics(backend, variant, shape, groups, dtype, what):
 
 def _own_order(backend, variant, dtype, shape, groups):
     """(forward, backward): whether the NHWC call sums in an order of its own, so that its bits
-    are not the NCHW call's: the forward by rows on the CPU (_by_rows), the forward and backward
-    of the CUDA source."""
+    are not the NCHW call's: on the CPU the forward by columns or rows (_by_rows), the backward by
+    columns (_by_columns); the forward and backward of the CUDA source."""
     if backend.name == "cpu":
         return (
             _by_rows(backend, variant, dtype, shape, groups),
-            _backward_by_rows(backend, variant, dtype, shape, groups),
+            _by_columns(backend, variant, dtype, shape, groups),
         )
     return True, True
 
 
 def _by_rows(backend, variant, dtype, shape, groups):
-    """Whether the forward goes by rows (its bits are not NCHW's): on the CPU in float lanes, where
-    a tile would be narrower than 32 channels (csrc/cpu/forward_cpu.cpp, forward_by_rows; the tile
-    width rule of csrc/cpu/nhwc_tiles.h, ChannelTiling: a multiple of m for ShuffleAttention),
-    ShuffleAttention only where m divides 4."""
+    """Whether the forward sums in an order of its own (its bits are not NCHW's): on the CPU in
+    float lanes, by columns (_by_columns) or by rows, where a tile would be narrower than 32
+    channels (csrc/cpu/forward_cpu.cpp, forward_by_rows; the tile width rule of
+    csrc/cpu/nhwc_tiles.h, ChannelTiling: a multiple of m for ShuffleAttention), ShuffleAttention
+    only where m divides 4."""
     if backend.name != "cpu" or dtype == torch.float64:
         return False
+    if _by_columns(backend, variant, dtype, shape, groups):
+        return True
     half, pixels = shape[1] // 2, shape[2] * shape[3]
     m = half // groups
     align = 1 if variant == "sa_layer" else m
@@ -184,10 +187,10 @@ def _by_rows(backend, variant, dtype, shape, groups):
     return min(half, max(1, target // align) * align) < 32
 
 
-def _backward_by_rows(backend, variant, dtype, shape, groups):
-    """Whether the backward goes by rows (csrc/cpu/backward_cpu.cpp, backward_by_rows): on the CPU
-    in float lanes, either variant, where m divides 4 and pairs of 8-channel vectors cover each
-    half."""
+def _by_columns(backend, variant, dtype, shape, groups):
+    """Whether the forward and the backward go by columns (csrc/cpu/nhwc_columns.h, by_columns): on
+    the CPU in float lanes, either variant, where m divides 4 and pairs of 8-channel vectors cover
+    each half."""
     if backend.name != "cpu" or dtype == torch.float64:
         return False
     half = shape[1] // 2
@@ -214,7 +217,7 @@ def test_nhwc_equals_nchw_bit_for_bit(backend, variant, dtype):
         got_bwd = backend.backward_op(variant)(gy_cl, x_cl, mean, rstd, groups, *params)
         if not _by_rows(backend, variant, dtype, shape, groups):
             assert_identical(got_fwd, want_fwd)
-        if not _backward_by_rows(backend, variant, dtype, shape, groups):
+        if not _by_columns(backend, variant, dtype, shape, groups):
             assert_identical(got_bwd, want_bwd)
         assert got_fwd[0].is_contiguous(memory_format=CL), (case.id, got_fwd[0].stride())
         assert got_bwd[0].is_contiguous(memory_format=CL), (case.id, got_bwd[0].stride())
@@ -265,13 +268,14 @@ def test_shuffle_attention_rows_only_where_m_divides_4():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS[1:])
-@pytest.mark.parametrize("shape,groups", BACKWARD_ROW_SHAPES)
+@pytest.mark.parametrize("shape,groups", COLUMN_SHAPES)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_backward_rows_against_reference(variant, shape, groups, dtype):
-    """The backward by rows: every gradient against the float64 reference (the criteria of
-    test_forward_backward), grad_x in channels_last."""
+def test_columns_against_reference(variant, shape, groups, dtype):
+    """The forward and the backward by columns: the output and every gradient against the float64
+    reference (the criteria of test_forward_backward), out and grad_x in channels_last, the
+    statistics against the true ones."""
     cpu = BACKENDS["cpu"]
-    assert _backward_by_rows(cpu, variant, dtype, shape, groups)
+    assert _by_columns(cpu, variant, dtype, shape, groups)
     if dtype == torch.float32:
         F = _against_reference(cpu, variant, shape, groups, dtype, offset=0.5)
     else:
@@ -280,46 +284,56 @@ def test_backward_rows_against_reference(variant, shape, groups, dtype):
         )
         assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
     assert F["x"].is_contiguous(memory_format=CL) and not F["x"].is_contiguous()
+    assert F["out"].is_contiguous(memory_format=CL)
+    _assert_true_nhwc_statistics(cpu, variant, shape, groups, dtype, f"columns {shape} {dtype}")
 
 
-def test_backward_rows_only_where_the_rule_says():
-    """The backward by rows sums in an order of its own (its bits are not NCHW's); every other
-    shape keeps the tiles and NCHW's bits (given the same statistics), in both variants.
-    _backward_by_rows is the C++ rule (backward_by_rows)."""
+def test_columns_only_where_the_rule_says():
+    """The forward and the backward by columns sum in orders of their own (their bits are not
+    NCHW's), and so does the forward by rows; every other shape keeps the tiles and NCHW's bits
+    (the backward's given the same statistics), in both variants. _by_columns and _by_rows are the
+    C++ rules (by_columns, forward_by_rows)."""
     cpu = BACKENDS["cpu"]
-    cases = [c.values for c in SHAPES + ROW_SHAPES + BACKWARD_ROW_SHAPES]
+    cases = [c.values for c in SHAPES + ROW_SHAPES + COLUMN_SHAPES]
     seen = set()
     for variant in VARIANTS:
         for shape, groups in cases:
-            rows = _backward_by_rows(cpu, variant, torch.float32, shape, groups)
-            seen.add(rows)
+            columns = _by_columns(cpu, variant, torch.float32, shape, groups)
+            own_forward = _by_rows(cpu, variant, torch.float32, shape, groups)
+            seen.add((columns, own_forward))
             params = op_params(variant, shape[1], groups, seed=3)
             x = make_input(shape, seed=1, offset=0.5)
             gy = make_input(shape, seed=2)
-            _, mean, rstd = SA_CUDA_LIBRARY.forward_op(variant)(x, groups, *params, 1e-5)
+            x_cl, gy_cl = x.contiguous(memory_format=CL), gy.contiguous(memory_format=CL)
+            forward = SA_CUDA_LIBRARY.forward_op(variant)
+            want_fwd = forward(x, groups, *params, 1e-5)
+            got_fwd = forward(x_cl, groups, *params, 1e-5)
+            # rows and columns sum the statistics in their own order: the mean differs somewhere
+            same = all(torch.equal(g, w) for g, w in zip(got_fwd, want_fwd))
+            assert same != own_forward, (variant, shape, groups, "forward")
+            _, mean, rstd = want_fwd
             backward = SA_CUDA_LIBRARY.backward_op(variant)
             want = backward(gy, x, mean, rstd, groups, *params)
-            got = backward(
-                gy.contiguous(memory_format=CL),
-                x.contiguous(memory_format=CL),
-                mean,
-                rstd,
-                groups,
-                *params,
-            )
+            got = backward(gy_cl, x_cl, mean, rstd, groups, *params)
             same = all(torch.equal(g, w) for g, w in zip(got, want))
-            assert same != rows, (variant, shape, groups)
-    assert seen == {True, False}
+            assert same != columns, (variant, shape, groups, "backward")
+    assert seen == {(True, True), (False, True), (False, False)}
 
 
+@pytest.mark.parametrize(
+    "shape,groups,columns",
+    [
+        pytest.param((3, 64, 20, 30), 8, True, id="columns"),
+        pytest.param((3, 40, 20, 30), 5, False, id="rows"),  # m = 4, C / 2 = 20
+    ],
+)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_rows_do_not_depend_on_the_thread_count(variant):
-    """The rows' chunks and the order of every sum are fixed by the shape: one thread and two give
-    the same bits, forward and backward."""
-    shape, groups = (3, 64, 20, 30), 8
+def test_rows_do_not_depend_on_the_thread_count(variant, shape, groups, columns):
+    """The columns, the rows' chunks and the order of every sum are fixed by the shape: one thread
+    and two give the same bits, forward and backward."""
     cpu = BACKENDS["cpu"]
     assert _by_rows(cpu, variant, torch.float32, shape, groups)
-    assert _backward_by_rows(cpu, variant, torch.float32, shape, groups)
+    assert _by_columns(cpu, variant, torch.float32, shape, groups) == columns
     params = op_params(variant, shape[1], groups, seed=3)
     x = make_input(shape, seed=1).contiguous(memory_format=CL)
     gy = make_input(shape, seed=2).contiguous(memory_format=CL)
@@ -356,7 +370,8 @@ def test_rows_do_not_depend_on_the_thread_count(variant):
 )
 def test_rows_streaming_stores(variant, shape, groups, dtype):
     """Results above 8 MiB are written with streaming stores (csrc/cpu/nhwc_rows.h): the forward's
-    output, and grad_x of the backward by rows, against the float64 reference."""
+    output by rows or columns, and grad_x of the backward by columns, against the float64
+    reference."""
     cpu = BACKENDS["cpu"]
     params = op_params(variant, shape[1], groups, seed=3)
     x = make_input(shape, seed=1, dtype=dtype).contiguous(memory_format=CL)
@@ -368,7 +383,7 @@ def test_rows_streaming_stores(variant, shape, groups, dtype):
     eager = ref(x, groups, *[p.to(dtype) for p in params])
     assert_close_to_reference({"out": out}, {"out": ref64}, dtype, eager={"out": eager})
     assert out.is_contiguous(memory_format=CL)
-    if not _backward_by_rows(cpu, variant, dtype, shape, groups):
+    if not _by_columns(cpu, variant, dtype, shape, groups):
         return
     gy = make_input(shape, seed=2, dtype=dtype).contiguous(memory_format=CL)
     low = [p.to(dtype) for p in params]  # x's dtype: the op computes in it

@@ -1,0 +1,250 @@
+// The forward of both variants by columns (nhwc_columns.h), float lanes. Bytes moved: x is read
+// from memory once (pass 1; passes 2 and 3 re-read the column from the L2 cache), out is written
+// once, the column's 4L output channels of a row at a time; mean and rstd add 2 floats per channel.
+//   pass 1  per channel, the sum of x in double: every term exact for float x and no overflow, so
+//           the mean is correctly rounded but for near-ties, and its rounding's rest is the
+//           Standardizer's center_lo;
+//   pass 2  per channel, the sum of (x - mean)^2 in float over blocks of kBlockRows rows, block
+//           totals in double: the variance from centered values, never E[x^2] - mean^2 (as the
+//           NCHW kernels' plane_stats). A channel whose statistics overflow float (|x| near
+//           float's largest values, or inf/NaN in it) takes gathered_stats instead (rare);
+//   finish  the statistics (stored to mean and rstd), then the gates' coefficients as lanes;
+//   pass 3  by blocks of kBlockRows rows: the spatial gate's pre-activation, its exp in a loop of
+//           its own (a call to the vector exp spills the live vector registers), the output rows.
+// The per-element formulas are the NCHW kernels' (sa_math.h); only the order of the sums differs.
+#include <ATen/OpMathType.h>
+
+#include <array>
+#include <tuple>
+
+#include "../sa_math.h"
+#include "kernels_cpu.h"
+#include "nhwc_columns.h"
+#include "nhwc_rows.h"
+#include "vec_loops.h"
+
+namespace sa_cuda::cpu {
+namespace {
+
+using VecD = at::vec::Vectorized<double>;
+constexpr int64_t L = ColumnGeometry::L;
+constexpr int64_t W = ColumnGeometry::kLanes;
+constexpr int64_t kBlockRows = ColumnGeometry::kBlockRows;
+
+// Row p's half h of the column (2L values) in float: the tensor itself for float x, else
+// converted into buffer.
+template <typename scalar_t>
+inline const float* half_row(const scalar_t* item, int64_t p, int h, ColumnAt col, float* buffer) {
+  return as_acc(item + col.input(p, h), 2 * L, buffer);
+}
+
+// Passes 1 and 2 and the statistics of the column at c of an item, in row order (position
+// h 2L + l: channel h half + c + l), stored to mean and rstd (the item's C values each).
+template <typename scalar_t>
+void column_stats(const scalar_t* item, int64_t c, const ColumnGeometry& geo, float eps,
+                  Standardizer<float>* st, float* mean, float* rstd) {
+  const int64_t C = geo.C, N = geo.N;
+  const ColumnAt col = geo.at(c);
+  constexpr int64_t kWide = VecD::size();
+  alignas(64) float buffer[2 * L];
+  // Pass 1.
+  VecD sum[W / kWide];
+  for (auto& s : sum) s = VecD(0);
+  for (int64_t p = 0; p < N; ++p) {
+    for (int h = 0; h < 2; ++h) {
+      const float* x = half_row(item, p, h, col, buffer);
+      for (int64_t q = 0; q < 2 * L / kWide; ++q) {
+        VecD& s = sum[h * 2 * L / kWide + q];
+        s = s + load_wide(x + q * kWide);
+      }
+    }
+  }
+  alignas(64) double sums[2][W] = {};
+  for (int64_t q = 0; q < W / kWide; ++q) sum[q].store(sums[0] + q * kWide);
+  alignas(64) float means[W];
+  for (int64_t pos = 0; pos < W; ++pos) {
+    means[pos] = static_cast<float>(sums[0][pos] / static_cast<double>(N));
+  }
+  // Pass 2.
+  for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
+    FloatVec acc[4];
+    for (auto& a : acc) a = FloatVec(0);
+    for (int64_t p = p0; p < std::min(N, p0 + kBlockRows); ++p) {
+      for (int h = 0; h < 2; ++h) {
+        const float* x = half_row(item, p, h, col, buffer);
+        for (int v = 0; v < 2; ++v) {
+          const FloatVec d = FloatVec::loadu(x + v * L) - FloatVec::loadu(means + (2 * h + v) * L);
+          acc[2 * h + v] = at::vec::fmadd(d, d, acc[2 * h + v]);
+        }
+      }
+    }
+    for (int k = 0; k < 4; ++k) add_wide(sums[1] + k * L, acc[k]);
+  }
+  // The statistics.
+  for (int64_t pos = 0; pos < W; ++pos) {
+    const int64_t h = pos / (2 * L), ch = h * geo.half + c + pos % (2 * L);
+    const bool spatial = channel_role(ch, geo.m).spatial;
+    const double mean_d = sums[0][pos] / static_cast<double>(N);
+    const float var = static_cast<float>(sums[1][pos] / static_cast<double>(N));
+    st[pos] = stats_overflowed(means[pos], var)
+                  ? gathered_stats(item, C, N, ch, eps, spatial)
+                  : finish_stats(means[pos], var, eps, 0,
+                                 static_cast<float>(mean_d - static_cast<double>(means[pos])));
+    mean[ch] = st[pos].mean;
+    rstd[ch] = st[pos].rstd;
+  }
+}
+
+// The gates of a column as lanes (split_roles' order), from its statistics (row order).
+//   begin(c, st)      the lanes of the column at c;
+//   channel_gate(h)   half h's channel-branch gate (constant over the pixels);
+//   z(x, h)           the spatial gate's pre-activation of half h's spatial lanes x.
+// SALayer: sigmoid(cw mu + cb) and the SpatialGate (sa_math.h), per channel.
+template <typename scalar_t>
+class SALayerGates {
+ public:
+  SALayerGates(const ForwardTensors<scalar_t>& t, const ColumnGeometry& geo) : t_(t), geo_(geo) {}
+  SALayerGates(const SALayerGates&) = delete;  // fields_ points into field_
+
+  void begin(int64_t c, const Standardizer<float>* st) {
+    for (int64_t lane = 0; lane < W; ++lane) {
+      const int64_t ch = geo_.channel(c, lane);
+      const Standardizer<float>& s = st[geo_.position(c, ch)];
+      const ChannelRole role = channel_role(ch, geo_.m);
+      const int64_t k = role.k;
+      if (!role.spatial) {
+        field_[kConstantGate][lane] = sigmoid(t_.w.cw[k] * s.mean + t_.w.cb[k]);
+        continue;
+      }
+      set_spatial_gate(fields_.data(), lane,
+                       spatial_gate(t_.w.sw[k], t_.w.sb[k], t_.w.gw[k], t_.w.gb[k], s));
+    }
+    for (int h = 0; h < 2; ++h) {
+      channel_gate_[h] = FloatVec::loadu(field_[kConstantGate] + 2 * h * L);
+      gate_[h] = spatial_gate_at<FloatVec>(fields_.data(), 2 * h * L + L);
+    }
+  }
+  FloatVec channel_gate(int h) const { return channel_gate_[h]; }
+  FloatVec z(const FloatVec& x, int h) const { return gate_[h].z(x); }
+
+ private:
+  const ForwardTensors<scalar_t>& t_;
+  const ColumnGeometry& geo_;
+  alignas(64) float field_[kSALayerFields][W] = {};
+  std::array<float*, kSALayerFields> fields_ = lane_fields(field_);
+  FloatVec channel_gate_[2];
+  SpatialGate<FloatVec> gate_[2];
+};
+
+// ShuffleAttention: sigmoid(W1 mu + b1) over a channel branch's means; z = W2 y + b2 with the
+// GroupNorm output y of the spatial branch's channels (BranchMixer: a vector of spatial lanes
+// holds L / M whole branches).
+template <int M, typename scalar_t>
+class ShuffleAttentionGates {
+ public:
+  ShuffleAttentionGates(const ForwardTensors<scalar_t>& t, const ColumnGeometry& geo,
+                        const BranchMixer& mixer)
+      : t_(t), geo_(geo), mixer_(mixer) {}
+  ShuffleAttentionGates(const ShuffleAttentionGates&) = delete;  // fields_ points into field_
+
+  void begin(int64_t c, const Standardizer<float>* st) {
+    for (int64_t lane = 0; lane < W; ++lane) {
+      const int64_t ch = geo_.channel(c, lane);
+      const ChannelRole role = channel_role(ch, M);
+      const int64_t k = role.k;
+      if (!role.spatial) {  // over the branch's means, as NCHW
+        float mu[M];
+        for (int i = 0; i < M; ++i) mu[i] = st[geo_.position(c, ch - k + i)].mean;
+        field_[kChannelGate][lane] = sigmoid(matvec_row(t_.w.cw, mu, t_.w.cb, M, k));
+        continue;
+      }
+      set_group_norm_output(fields_.data(), lane, t_.w.gw[k], t_.w.gb[k], st[geo_.position(c, ch)]);
+    }
+    for (int h = 0; h < 2; ++h) {
+      channel_gate_[h] = FloatVec::loadu(field_[kChannelGate] + 2 * h * L);
+    }
+  }
+  FloatVec channel_gate(int h) const { return channel_gate_[h]; }
+  FloatVec z(const FloatVec& x, int h) const {
+    return mixer_.mix<M>(group_norm_output_at(fields_.data(), x, 2 * h * L + L));
+  }
+
+ private:
+  const ForwardTensors<scalar_t>& t_;
+  const ColumnGeometry& geo_;
+  const BranchMixer& mixer_;
+  alignas(64) float field_[kShuffleAttentionFields][W] = {};
+  std::array<float*, kShuffleAttentionFields> fields_ = lane_fields(field_);
+  FloatVec channel_gate_[2];
+};
+
+// Pass 3 of the column at c of an item: its output rows (the 4L output channels from 2c).
+template <int M, typename scalar_t, typename Gates>
+void gate_column(const scalar_t* item, scalar_t* out, ColumnAt col, int64_t N, const Gates& gates,
+                 bool streaming) {
+  const FloatVec channel_gate[2] = {gates.channel_gate(0), gates.channel_gate(1)};
+  RoleSplit x[kBlockRows][2];
+  FloatVec gate[kBlockRows][2];
+  for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, N - p0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int h = 0; h < 2; ++h) {
+        x[r][h] = column_x<M>(item, p0 + r, h, col);
+        gate[r][h] = sigmoid_exp_arg(gates.z(x[r][h].spatial, h));
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int h = 0; h < 2; ++h) gate[r][h] = sigmoid_of_exp(sa_exp(gate[r][h]));
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      FloatVec half_y[2][2];
+      for (int h = 0; h < 2; ++h) {
+        const RoleSplit y{x[r][h].channel * channel_gate[h], x[r][h].spatial * gate[r][h]};
+        std::tie(half_y[h][0], half_y[h][1]) = merge_roles<M>(y, col.swapped[h]);
+      }
+      for (int v = 0; v < 2; ++v) {  // channels c + vL .. of both halves: 2L output channels
+        const auto [lo, hi] = at::vec::interleave2(half_y[0][v], half_y[1][v]);
+        store_pair(out + col.output(p0 + r, v), lo, hi, streaming);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void forward_columns(Variant variant, const ForwardParams& p) {
+  const ForwardTensors<scalar_t> t(p, variant);
+  const ColumnGeometry geo(p);
+  const int64_t C = geo.C, N = geo.N;
+  const float eps = static_cast<float>(p.eps);
+  const bool streaming = stream_results(p.batch * N * C * int64_t{sizeof(scalar_t)});
+  dispatch_m(geo.m, [&](auto M) {
+    auto run = [&](const auto& make_gates) {
+      at::parallel_for(0, p.batch * geo.columns, 1, [&](int64_t begin, int64_t end) {
+        auto gates = make_gates();
+        Standardizer<float> st[W];
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / geo.columns, c = task % geo.columns * 2 * L;
+          const scalar_t* item = t.x + b * N * C;
+          column_stats(item, c, geo, eps, st, t.mean + b * C, t.rstd + b * C);
+          gates.begin(c, st);
+          gate_column<M()>(item, t.out + b * N * C, geo.at(c), N, gates, streaming);
+        }
+        stream_fence();
+      });
+    };
+    if (variant == Variant::kSALayer) {
+      run([&] { return SALayerGates<scalar_t>(t, geo); });
+      return;
+    }
+    const BranchMixer mixer(t.w.sw, t.w.sb, M());
+    run([&] { return ShuffleAttentionGates<M(), scalar_t>(t, geo, mixer); });
+  });
+}
+
+template void forward_columns<float>(Variant, const ForwardParams&);
+template void forward_columns<c10::BFloat16>(Variant, const ForwardParams&);
+template void forward_columns<c10::Half>(Variant, const ForwardParams&);
+
+}  // namespace sa_cuda::cpu

@@ -67,10 +67,11 @@ DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16
 SHAPES = {
     "cpu": ((8, 7, 9), 2),
     "cpu-large": ((4, 64, 72), 1),  # several kSumBlock blocks per plane
-    # channels_last ("-cl"): the forward by rows (csrc/cpu/nhwc_rows.h), whose statistics are sums
-    # in double over each channel, then NCHW's plane_stats for a channel they overflow
-    "cpu-cl": ((32, 7, 9), 8),  # m = 2: vectors split by role (both variants)
-    # m = 6: SALayer's vectors mixing roles, a scalar tail, 2 chunks; ShuffleAttention's tiles
+    # channels_last ("-cl"): by columns (csrc/cpu/nhwc_columns.h) or the forward by rows
+    # (csrc/cpu/nhwc_rows.h), whose statistics are sums in double over each channel, then NCHW's
+    # plane_stats for a channel they overflow
+    "cpu-cl": ((32, 7, 9), 8),  # m = 2, C / 2 = 16: by columns (both variants)
+    # m = 6: SALayer's rows, vectors mixing roles, a scalar tail, 2 chunks; ShuffleAttention's tiles
     "cpu-cl-mixed": ((24, 9, 70), 2),
     "emu-warp-vector": ((8, 8, 8), 2),
     "emu-warp-scalar": ((8, 7, 9), 2),

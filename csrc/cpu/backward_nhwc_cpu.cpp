@@ -64,15 +64,15 @@ struct ColumnValues {
 };
 
 template <int M, typename scalar_t>
-inline ColumnValues column_values(const scalar_t* x, const scalar_t* gu, int64_t p, ColumnAt col) {
-  const auto [g0, g1] = load_pair(gu + col.output(p, 0));
-  const auto [g2, g3] = load_pair(gu + col.output(p, 1));
+inline ColumnValues column_values(const scalar_t* x_row, const scalar_t* gu_row, ColumnAt col) {
+  const auto [g0, g1] = load_pair(gu_row + col.output(0));
+  const auto [g2, g3] = load_pair(gu_row + col.output(1));
   const auto [first0, second0] = at::vec::deinterleave2(g0, g1);
   const auto [first1, second1] = at::vec::deinterleave2(g2, g3);
   const FloatVec by_half[2][2] = {{first0, first1}, {second0, second1}};
   ColumnValues v;
   for (int h = 0; h < 2; ++h) {
-    v.x[h] = column_x<M>(x, p, h, col);
+    v.x[h] = column_x<M>(x_row, h, col);
     v.gu[h] = split_roles<M>(by_half[h][0], by_half[h][1], col.swapped[h]);
   }
   return v;
@@ -95,7 +95,8 @@ struct ColumnBlock {
             int64_t count, float* saved, const GateZ& gate_z, const ChannelResult& channel_lanes) {
     rows = count;
     for (int64_t r = 0; r < rows; ++r) {
-      const ColumnValues v = column_values<M>(x_item, gu_item, p0 + r, col);
+      const ColumnValues v =
+          column_values<M>(col.row(x_item, p0 + r), col.row(gu_item, p0 + r), col);
       for (int h = 0; h < 2; ++h) {
         channel[r][h] = channel_lanes(v.x[h].channel, v.gu[h].channel, h);
         x[r][h] = v.x[h].spatial;
@@ -199,7 +200,7 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
           for (int h = 0; h < 2; ++h) {
             const RoleSplit grads{block.channel[r][h], column.spatial_grad(block, r, h)};
             const auto [lo, hi] = merge_roles<M>(grads, col.swapped[h]);
-            store_pair(dx + col.input(p0 + r, h), lo, hi, streaming);
+            store_pair(col.row(dx, p0 + r) + col.input(h), lo, hi, streaming);
           }
         }
       }

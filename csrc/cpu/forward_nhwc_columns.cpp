@@ -35,7 +35,7 @@ constexpr int64_t kBlockRows = ColumnGeometry::kBlockRows;
 // converted into buffer.
 template <typename scalar_t>
 inline const float* half_row(const scalar_t* item, int64_t p, int h, ColumnAt col, float* buffer) {
-  return as_acc(item + col.input(p, h), 2 * L, buffer);
+  return as_acc(col.row(item, p) + col.input(h), 2 * L, buffer);
 }
 
 // Passes 1 and 2 and the statistics of the column at c of an item, in row order (position
@@ -189,7 +189,7 @@ void gate_column(const scalar_t* item, scalar_t* out, ColumnAt col, int64_t N, c
     const int64_t rows = std::min(kBlockRows, N - p0);
     for (int64_t r = 0; r < rows; ++r) {
       for (int h = 0; h < 2; ++h) {
-        x[r][h] = column_x<M>(item, p0 + r, h, col);
+        x[r][h] = column_x<M>(col.row(item, p0 + r), h, col);
         gate[r][h] = sigmoid_exp_arg(gates.z(x[r][h].spatial, h));
       }
     }
@@ -204,7 +204,7 @@ void gate_column(const scalar_t* item, scalar_t* out, ColumnAt col, int64_t N, c
       }
       for (int v = 0; v < 2; ++v) {  // channels c + vL .. of both halves: 2L output channels
         const auto [lo, hi] = at::vec::interleave2(half_y[0][v], half_y[1][v]);
-        store_pair(out + col.output(p0 + r, v), lo, hi, streaming);
+        store_pair(col.row(out, p0 + r) + col.output(v), lo, hi, streaming);
       }
     }
   }

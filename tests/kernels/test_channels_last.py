@@ -156,6 +156,24 @@ def _assert_true_nhwc_statistics(backend, variant, shape, groups, dtype, what):
     assert_true_statistics(mean.cpu(), rstd.cpu(), x.cpu(), 1e-5, what)
 
 
+def _assert_cpu_own_order_results(variant, shape, groups, dtype, what):
+    """A CPU path whose sums go in an order of its own (rows, columns) on a channels_last x: the
+    module's output and every gradient against the float64 reference (the criteria of
+    test_forward_backward; fp32 with an offset, the 16-bit dtypes with low_precision_runs), out and
+    grad_x in channels_last, the returned statistics against the true ones."""
+    cpu = BACKENDS["cpu"]
+    if dtype == torch.float32:
+        F = _against_reference(cpu, variant, shape, groups, dtype, offset=0.5)
+    else:
+        F, R, E, RE, param_dtype = low_precision_runs(
+            variant, shape, groups, dtype, memory_format=CL
+        )
+        assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
+    for key in ("out", "x"):
+        assert F[key].is_contiguous(memory_format=CL) and not F[key].is_contiguous(), key
+    _assert_true_nhwc_statistics(cpu, variant, shape, groups, dtype, f"{what} {shape} {dtype}")
+
+
 def _own_order(backend, variant, dtype, shape, groups):
     """(forward, backward): whether the NHWC call sums in an order of its own, so that its bits
     are not the NCHW call's: on the CPU the forward by columns or rows (_by_rows), the backward by
@@ -236,17 +254,8 @@ ROW_CASES = [
 def test_rows_against_reference(variant, shape, groups, dtype):
     """The forward by rows: the module's output and every gradient against the float64 reference
     (the criteria of test_forward_backward), and the returned statistics against the true ones."""
-    cpu = BACKENDS["cpu"]
-    assert _by_rows(cpu, variant, dtype, shape, groups)
-    if dtype == torch.float32:
-        F = _against_reference(cpu, variant, shape, groups, dtype, offset=0.5)
-    else:
-        F, R, E, RE, param_dtype = low_precision_runs(
-            variant, shape, groups, dtype, memory_format=CL
-        )
-        assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
-    assert F["out"].is_contiguous(memory_format=CL) and F["x"].is_contiguous(memory_format=CL)
-    _assert_true_nhwc_statistics(cpu, variant, shape, groups, dtype, f"rows {shape} {dtype}")
+    assert _by_rows(BACKENDS["cpu"], variant, dtype, shape, groups)
+    _assert_cpu_own_order_results(variant, shape, groups, dtype, "rows")
 
 
 def test_shuffle_attention_rows_only_where_m_divides_4():
@@ -274,18 +283,8 @@ def test_columns_against_reference(variant, shape, groups, dtype):
     """The forward and the backward by columns: the output and every gradient against the float64
     reference (the criteria of test_forward_backward), out and grad_x in channels_last, the
     statistics against the true ones."""
-    cpu = BACKENDS["cpu"]
-    assert _by_columns(cpu, variant, dtype, shape, groups)
-    if dtype == torch.float32:
-        F = _against_reference(cpu, variant, shape, groups, dtype, offset=0.5)
-    else:
-        F, R, E, RE, param_dtype = low_precision_runs(
-            variant, shape, groups, dtype, memory_format=CL
-        )
-        assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
-    assert F["x"].is_contiguous(memory_format=CL) and not F["x"].is_contiguous()
-    assert F["out"].is_contiguous(memory_format=CL)
-    _assert_true_nhwc_statistics(cpu, variant, shape, groups, dtype, f"columns {shape} {dtype}")
+    assert _by_columns(BACKENDS["cpu"], variant, dtype, shape, groups)
+    _assert_cpu_own_order_results(variant, shape, groups, dtype, "columns")
 
 
 def test_columns_only_where_the_rule_says():

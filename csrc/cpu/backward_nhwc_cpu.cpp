@@ -214,10 +214,13 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
 template <typename scalar_t>
 class ColumnBase : public ColumnLanes {
  public:
-  void accumulate(const ColumnBlock& block, int64_t r, int h, FloatVec (*acc)[2]) const {
+  // Row r's terms of sums 1 and 2 on half h; returns its t and xh for a variant's further sums.
+  ColumnBlock::SpatialTerms accumulate(const ColumnBlock& block, int64_t r, int h,
+                                       FloatVec (*acc)[2]) const {
     const auto s = block.spatial(st_[h], r, h);
     acc[1][h] = acc[1][h] + s.t;
     acc[2][h] = acc[2][h] + s.t * s.xh;
+    return s;
   }
 
  protected:
@@ -361,8 +364,7 @@ class ShuffleAttentionColumn : public ColumnBase<scalar_t> {
 
   // T1 and A's diagonal (d = 0) as SALayer's sums, then the rotations.
   void accumulate(const ColumnBlock& block, int64_t r, int h, FloatVec (*acc)[2]) const {
-    Base::accumulate(block, r, h, acc);
-    const auto s = block.spatial(st_[h], r, h);
+    const auto s = Base::accumulate(block, r, h, acc);
     for (int d = 1; d < M; ++d) acc[2 + d][h] = acc[2 + d][h] + s.t * grad_mixer_.rotate(s.xh, d);
   }
 

@@ -141,14 +141,7 @@ void forward_sa_layer_rows(const ForwardParams& p) {
   const int64_t C = p.channels, half = C / 2, m = p.branch_channels;
   const RowRoles roles(C, m);
   auto set_lanes = [&](float* const* field, const Standardizer<float>* stats, int64_t c) {
-    const ChannelRole role = channel_role(c, m);
-    const Standardizer<float>& st = stats[c];
-    const int64_t k = role.k;
-    if (!role.spatial) {
-      field[kConstantGate][c] = sigmoid(t.w.cw[k] * st.mean + t.w.cb[k]);
-      return;
-    }
-    set_spatial_gate(field, c, spatial_gate(t.w.sw[k], t.w.sb[k], t.w.gw[k], t.w.gb[k], st));
+    set_sa_layer_lanes(field, c, c, m, stats[c], t.w);
   };
   // y holds y(c) at 2c and y(C/2 + c) at 2c + 1.
   auto gate_row = [&](float* const* field, const float* x, float* y, float*) {
@@ -212,15 +205,9 @@ void forward_shuffle_attention_rows(const ForwardParams& p) {
   const RowRoles roles(C, m);
   const BranchMixer mixer(t.w.sw, t.w.sb, m);
   auto set_lanes = [&](float* const* field, const Standardizer<float>* stats, int64_t c) {
-    const ChannelRole role = channel_role(c, m);
-    const int64_t k = role.k;
-    if (!role.spatial) {  // sigmoid(W1 mu + b1)[k] over the branch's means, as NCHW
-      float mu[kMaxM];
-      for (int64_t i = 0; i < m; ++i) mu[i] = stats[c - k + i].mean;
-      field[kChannelGate][c] = sigmoid(matvec_row(t.w.cw, mu, t.w.cb, m, k));
-      return;
-    }
-    set_group_norm_output(field, c, t.w.gw[k], t.w.gb[k], stats[c]);
+    const int64_t first = c - channel_role(c, m).k;  // of the channel's branch
+    set_shuffle_attention_lanes(
+        field, c, c, m, stats[c], [&](int64_t i) { return stats[first + i].mean; }, t.w);
   };
   // The results to res in x's channel order, one half at a time, then interleaved into y
   // (channel_shuffle: c and C/2 + c to 2c and 2c + 1). Both halves at once, as SALayer's rows

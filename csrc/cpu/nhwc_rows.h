@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "../sa_math.h"
+#include "kernels_cpu.h"
 #include "vec_loops.h"
 
 namespace sa_cuda::cpu {
@@ -339,6 +340,38 @@ inline V group_norm_output_at(float* const* field, const V& x, int64_t c) {
   const V xc = centered_value(x, load<V>(field[kNormInputScale] + c),
                               load<V>(field[kNormCenter] + c), load<V>(field[kNormCenterLo] + c));
   return load<V>(field[kNormScale] + c) * xc + load<V>(field[kNormShift] + c);
+}
+
+// A channel's gate coefficients as lanes, at position `lane` of the fields: channel ch, its
+// statistics st. The rows (by channel) and the columns (split_roles' order) both set them here.
+// SALayer: the channel branch's constant gate sigmoid(cw mu + cb), or the SpatialGate.
+inline void set_sa_layer_lanes(float* const* field, int64_t lane, int64_t ch, int64_t m,
+                               const Standardizer<float>& st, const ParamArrays<float>& w) {
+  const ChannelRole role = channel_role(ch, m);
+  const int64_t k = role.k;
+  if (!role.spatial) {
+    field[kConstantGate][lane] = sigmoid(w.cw[k] * st.mean + w.cb[k]);
+    return;
+  }
+  set_spatial_gate(field, lane, spatial_gate(w.sw[k], w.sb[k], w.gw[k], w.gb[k], st));
+}
+
+// ShuffleAttention (m dividing L / 2): the channel branch's gate sigmoid(W1 mu + b1)[k] over the
+// branch's means (branch_mean(i): the mean of its channel i, as NCHW), or the GroupNorm output.
+template <typename BranchMean>
+inline void set_shuffle_attention_lanes(float* const* field, int64_t lane, int64_t ch, int64_t m,
+                                        const Standardizer<float>& st,
+                                        const BranchMean& branch_mean,
+                                        const ParamArrays<float>& w) {
+  const ChannelRole role = channel_role(ch, m);
+  const int64_t k = role.k;
+  if (!role.spatial) {
+    float mu[FloatVec::size() / 2];
+    for (int64_t i = 0; i < m; ++i) mu[i] = branch_mean(i);
+    field[kChannelGate][lane] = sigmoid(matvec_row(w.cw, mu, w.cb, m, k));
+    return;
+  }
+  set_group_norm_output(field, lane, w.gw[k], w.gb[k], st);
 }
 
 // The value of the lanes from c by their roles: channel() or spatial() for lanes of one role (a

@@ -109,15 +109,7 @@ class SALayerGates {
   void begin(int64_t c, const Standardizer<float>* st) {
     for (int64_t lane = 0; lane < W; ++lane) {
       const int64_t ch = geo_.channel(c, lane);
-      const Standardizer<float>& s = st[geo_.position(c, ch)];
-      const ChannelRole role = channel_role(ch, geo_.m);
-      const int64_t k = role.k;
-      if (!role.spatial) {
-        field_[kConstantGate][lane] = sigmoid(t_.w.cw[k] * s.mean + t_.w.cb[k]);
-        continue;
-      }
-      set_spatial_gate(fields_.data(), lane,
-                       spatial_gate(t_.w.sw[k], t_.w.sb[k], t_.w.gw[k], t_.w.gb[k], s));
+      set_sa_layer_lanes(fields_.data(), lane, ch, geo_.m, st[geo_.position(c, ch)], t_.w);
     }
     for (int h = 0; h < 2; ++h) {
       channel_gate_[h] = FloatVec::loadu(field_[kConstantGate] + 2 * h * L);
@@ -150,15 +142,10 @@ class ShuffleAttentionGates {
   void begin(int64_t c, const Standardizer<float>* st) {
     for (int64_t lane = 0; lane < W; ++lane) {
       const int64_t ch = geo_.channel(c, lane);
-      const ChannelRole role = channel_role(ch, M);
-      const int64_t k = role.k;
-      if (!role.spatial) {  // over the branch's means, as NCHW
-        float mu[M];
-        for (int i = 0; i < M; ++i) mu[i] = st[geo_.position(c, ch - k + i)].mean;
-        field_[kChannelGate][lane] = sigmoid(matvec_row(t_.w.cw, mu, t_.w.cb, M, k));
-        continue;
-      }
-      set_group_norm_output(fields_.data(), lane, t_.w.gw[k], t_.w.gb[k], st[geo_.position(c, ch)]);
+      const int64_t first = ch - channel_role(ch, M).k;  // of the channel's branch
+      set_shuffle_attention_lanes(
+          fields_.data(), lane, ch, M, st[geo_.position(c, ch)],
+          [&](int64_t i) { return st[geo_.position(c, first + i)].mean; }, t_.w);
     }
     for (int h = 0; h < 2; ++h) {
       channel_gate_[h] = FloatVec::loadu(field_[kChannelGate] + 2 * h * L);

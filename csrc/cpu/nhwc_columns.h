@@ -1,6 +1,6 @@
 // channels_last (NHWC) by columns: the CPU's forward (forward_nhwc_columns.cpp) and backward
 // (backward_nhwc_cpu.cpp) of both variants in float lanes (float, bfloat16 and half tensors) where
-// m divides L / 2 and C / 2 is a multiple of 2L (by_columns: SA-ResNet-50's stages 1 and 2).
+// m divides L and C / 2 is a multiple of 2L (by_columns: SA-ResNet-50's stages 1 to 3).
 //
 // A column is 2L channels of each half of one batch item, [c, c + 2L) and [C/2 + c, C/2 + c + 2L),
 // over all N pixels: 4 x 64 bytes a pixel in float. channel_shuffle sends exactly these channels to
@@ -9,7 +9,7 @@
 // grad_out: 800 KiB), which the 1 MiB L2 cache keeps between the passes over it: x comes from
 // memory once. Columns run in parallel; within one every sum goes in a fixed order, so the results
 // do not depend on the thread count. A column holds whole groups (2L channels of a half are whole
-// groups for m dividing L / 2): its statistics, gates and partials are its own.
+// groups for m dividing L): its statistics, gates and partials are its own.
 //
 // Lanes: the 2L channels of each half are split by role (split_roles: L channel-branch lanes,
 // then L spatial-branch lanes), so that the spatial gate's exp runs on spatial lanes only, as in
@@ -20,8 +20,8 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "../sa_math.h"
 #include "nhwc_rows.h"
@@ -29,11 +29,11 @@
 
 namespace sa_cuda::cpu {
 
-// Whether a channels_last call in float lanes goes by columns: m dividing L / 2 (pairs of vectors
-// split by role) and C / 2 a multiple of 2L (whole columns).
+// Whether a channels_last call in float lanes goes by columns: m dividing L (pairs of vectors
+// split by role, split_roles) and C / 2 a multiple of 2L (whole columns).
 inline bool by_columns(const ForwardParams& p) {
   const int64_t L = FloatVec::size(), m = p.branch_channels;
-  return p.channels_last && (L / 2) % m == 0 && (p.channels / 2) % (2 * L) == 0;
+  return p.channels_last && L % m == 0 && (p.channels / 2) % (2 * L) == 0;
 }
 
 // One column's place in a row, by value: the loops take a copy, which the vector stores cannot
@@ -45,7 +45,7 @@ inline bool by_columns(const ForwardParams& p) {
 struct ColumnAt {
   static constexpr int64_t L = FloatVec::size();
   int64_t C, half, c;
-  bool swapped[2];  // RowRoles::swapped
+  bool swapped[2];  // ColumnGeometry::swapped
 
   // Row p of an item.
   template <typename T>
@@ -65,8 +65,8 @@ struct ColumnGeometry {
   static constexpr int64_t kBlockRows = 16;  // rows a pass holds in registers at once
 
   int64_t C, half, N, m, groups, columns;
-  RowRoles roles;
-  std::vector<int64_t> lane_channel;  // RowRoles::packed_channels
+  bool swapped[2];  // per half: its first channel is a spatial-branch one (split_roles)
+  int64_t lane_offset[kLanes];  // the channel of each lane from the column's first of its half
   float inv_n;
 
   explicit ColumnGeometry(const ForwardParams& f)
@@ -76,25 +76,35 @@ struct ColumnGeometry {
         m(f.branch_channels),
         groups(f.groups),
         columns(half / (2 * L)),
-        roles(C, m),
-        lane_channel(roles.packed_channels()),
         inv_n(1.0f / static_cast<float>(N)) {
-    TORCH_CHECK(by_columns(f), "by columns: m must divide ", L / 2, " and C / 2 be a multiple of ",
+    TORCH_CHECK(by_columns(f), "by columns: m must divide ", L, " and C / 2 be a multiple of ",
                 2 * L);
+    // Every column of a half starts a group (c is a multiple of 2L, hence of 2m), so its lanes
+    // hold the same offsets: those of split_roles applied to the offsets themselves, as int32 bit
+    // patterns (the shuffles move bits and compute nothing).
+    for (int h = 0; h < 2; ++h) {
+      swapped[h] = channel_role(h * half, m).spatial;
+      alignas(64) int32_t offsets[2 * L];
+      for (int32_t l = 0; l < 2 * L; ++l) offsets[l] = l;
+      const auto bits = [&](int64_t l) { return FloatVec::loadu(offsets + l); };
+      const RoleSplit split =
+          dispatch_m(m, [&](auto M) { return split_roles<M()>(bits(0), bits(L), swapped[h]); });
+      split.channel.store(offsets);
+      split.spatial.store(offsets + L);
+      std::copy(offsets, offsets + 2 * L, lane_offset + h * 2 * L);
+    }
   }
   // The channel of lane `lane` of the column at c (split_roles' order; position h 2L + l is row
   // position h half + c + l).
   int64_t channel(int64_t c, int64_t lane) const {
-    return lane_channel[lane / (2 * L) * half + c + lane % (2 * L)];
+    return lane / (2 * L) * half + c + lane_offset[lane];
   }
   // The position of channel ch of the column at c in the row's order: h 2L + ch - (h half + c).
   int64_t position(int64_t c, int64_t ch) const {
     const int64_t h = ch >= half;
     return h * 2 * L + ch - h * half - c;
   }
-  ColumnAt at(int64_t c) const {
-    return ColumnAt{C, half, c, {roles.swapped[0], roles.swapped[1]}};
-  }
+  ColumnAt at(int64_t c) const { return ColumnAt{C, half, c, {swapped[0], swapped[1]}}; }
   // The first partial slot of channel ch's branch in item b: (b G + g) m.
   int64_t slot0(int64_t b, int64_t ch) const { return (b * groups + ch / (2 * m)) * m; }
 };

@@ -1,5 +1,5 @@
 // channels_last (NHWC) by rows: the direct forward of the CPU for float lanes (float, bfloat16
-// and half x) where the columns of nhwc_columns.h do not apply (m not dividing 4, or C / 2 not a
+// and half x) where the columns of nhwc_columns.h do not apply (m not dividing 8, or C / 2 not a
 // multiple of 16) and a tile of nhwc_tiles.h would be narrower than 32 channels (forward_cpu.cpp,
 // forward_by_rows; ShuffleAttention only for m dividing 4); and the row helpers the columns share
 // (split_roles, BranchMixer, load_pair / store_pair, the lane fields). float64, the rest of the
@@ -35,7 +35,6 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -83,10 +82,11 @@ struct RowChunks {
 
 // Role split of 2L consecutive channels of one half whose first channel starts a run of m
 // channel-branch channels (c mod 2m = 0; `swapped`: a run of spatial ones, c mod 2m = m), for m
-// dividing L/2 (1, 2, 4 for 8 float lanes): their L channel-branch lanes and L spatial-branch
+// dividing L (1, 2, 4, 8 for 8 float lanes): their L channel-branch lanes and L spatial-branch
 // lanes as one vector each, so that the spatial gate's exp runs on spatial lanes only, as in
-// NCHW. merge_roles is the inverse. The lanes come out in an order of their own: a channel's
-// coefficients are packed the same way (RowRoles::pack) before the loops read them.
+// NCHW (for m = L the two vectors already are one role each). merge_roles is the inverse. The lanes
+// come out in an order of their own: a channel's coefficients are packed the same way
+// (RowRoles::pack) before the loops read them.
 struct RoleSplit {
   FloatVec channel, spatial;
 };
@@ -94,7 +94,7 @@ struct RoleSplit {
 // M known at compile time (the loops that run per element dispatch on m once).
 template <int M>
 inline RoleSplit split_roles(const FloatVec& a, const FloatVec& b, bool swapped) {
-  static_assert(M == 1 || M == 2 || M == 4);
+  static_assert(FloatVec::size() % M == 0);
   RoleSplit r;
 #if defined(CPU_CAPABILITY_AVX2)
   static_assert(FloatVec::size() == 8);
@@ -103,8 +103,10 @@ inline RoleSplit split_roles(const FloatVec& a, const FloatVec& b, bool swapped)
   } else if constexpr (M == 2) {  // c c s s ...: even and odd pairs
     r = {_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(a), _mm256_castps_pd(b))),
          _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(a), _mm256_castps_pd(b)))};
-  } else {  // c c c c s s s s: low and high halves
+  } else if constexpr (M == 4) {  // c c c c s s s s: low and high halves
     r = {_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31)};
+  } else {  // a vector of each role
+    r = {a, b};
   }
 #else
   constexpr int64_t L = FloatVec::size();
@@ -124,7 +126,7 @@ inline RoleSplit split_roles(const FloatVec& a, const FloatVec& b, bool swapped)
 
 template <int M>
 inline std::pair<FloatVec, FloatVec> merge_roles(const RoleSplit& split, bool swapped) {
-  static_assert(M == 1 || M == 2 || M == 4);
+  static_assert(FloatVec::size() % M == 0);
   const FloatVec& lo = swapped ? split.spatial : split.channel;
   const FloatVec& hi = swapped ? split.channel : split.spatial;
 #if defined(CPU_CAPABILITY_AVX2)
@@ -133,8 +135,10 @@ inline std::pair<FloatVec, FloatVec> merge_roles(const RoleSplit& split, bool sw
   } else if constexpr (M == 2) {
     return {_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(lo), _mm256_castps_pd(hi))),
             _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(lo), _mm256_castps_pd(hi)))};
-  } else {
+  } else if constexpr (M == 4) {
     return {_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31)};
+  } else {
+    return {lo, hi};
   }
 #else
   constexpr int64_t L = FloatVec::size();
@@ -150,17 +154,20 @@ inline std::pair<FloatVec, FloatVec> merge_roles(const RoleSplit& split, bool sw
 #endif
 }
 
-// body(std::integral_constant<int, m>{}) for m = 1, 2, 4.
+// body(std::integral_constant<int, m>{}) for m = 1, 2, 4, 8 (the m dividing L for 8 float lanes).
 template <typename Body>
 inline auto dispatch_m(int64_t m, const Body& body) {
+  static_assert(FloatVec::size() % 8 == 0);
   switch (m) {
     case 1:
       return body(std::integral_constant<int, 1>{});
     case 2:
       return body(std::integral_constant<int, 2>{});
-    default:
-      TORCH_CHECK(m == 4, "dispatch_m: m must be 1, 2 or 4, got ", m);
+    case 4:
       return body(std::integral_constant<int, 4>{});
+    default:
+      TORCH_CHECK(m == 8, "dispatch_m: m must be 1, 2, 4 or 8, got ", m);
+      return body(std::integral_constant<int, 8>{});
   }
 }
 
@@ -213,26 +220,6 @@ struct RowRoles {
           r.spatial.store(pair + L);
         },
         values);
-  }
-
-  // The channel whose value pack() moves to each position of a row: channel indices packed as
-  // int32 bit patterns (the shuffles move bits and compute nothing).
-  std::vector<int64_t> packed_channels() const {
-    const int64_t C = 2 * half;
-    TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), "RowRoles: too many channels");
-    std::vector<float> bits(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const int32_t index = static_cast<int32_t>(c);
-      std::memcpy(&bits[c], &index, sizeof(index));
-    }
-    pack(bits.data());
-    std::vector<int64_t> channels(C);
-    for (int64_t pos = 0; pos < C; ++pos) {
-      int32_t index;
-      std::memcpy(&index, &bits[pos], sizeof(index));
-      channels[pos] = index;
-    }
-    return channels;
   }
 
  private:
@@ -356,7 +343,7 @@ inline void set_sa_layer_lanes(float* const* field, int64_t lane, int64_t ch, in
   set_spatial_gate(field, lane, spatial_gate(w.sw[k], w.sb[k], w.gw[k], w.gb[k], st));
 }
 
-// ShuffleAttention (m dividing L / 2): the channel branch's gate sigmoid(W1 mu + b1)[k] over the
+// ShuffleAttention (m dividing L): the channel branch's gate sigmoid(W1 mu + b1)[k] over the
 // branch's means (branch_mean(i): the mean of its channel i, as NCHW), or the GroupNorm output.
 template <typename BranchMean>
 inline void set_shuffle_attention_lanes(float* const* field, int64_t lane, int64_t ch, int64_t m,
@@ -366,7 +353,9 @@ inline void set_shuffle_attention_lanes(float* const* field, int64_t lane, int64
   const ChannelRole role = channel_role(ch, m);
   const int64_t k = role.k;
   if (!role.spatial) {
-    float mu[FloatVec::size() / 2];
+    float mu[FloatVec::size()];
+    TORCH_CHECK(m <= FloatVec::size(), "set_shuffle_attention_lanes: m must divide ",
+                FloatVec::size());
     for (int64_t i = 0; i < m; ++i) mu[i] = branch_mean(i);
     field[kChannelGate][lane] = sigmoid(matvec_row(w.cw, mu, w.cb, m, k));
     return;
@@ -392,7 +381,7 @@ inline V by_role(const RowRoles& roles, int64_t c, const Channel& channel, const
   }
 }
 
-// ShuffleAttention's m x m matrices on a vector of L / m whole branches (m dividing L / 2;
+// ShuffleAttention's m x m matrices on a vector of L / m whole branches (m dividing L;
 // split_roles keeps each branch in m aligned lanes, in channel order). The gate's pre-activation
 // z = b2 + W2 y is
 //   z = b2 + sum_d W2_d * rot_d(y),

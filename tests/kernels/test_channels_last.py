@@ -1,7 +1,7 @@
 """channels_last (NHWC) tensors through the fused ops, on every backend.
 
 The CPU kernels read and write NHWC as it is. In float, bfloat16 and half, both variants' forward
-and backward go by columns where m divides 4 and C / 2 is a multiple of 16
+and backward go by columns where m divides 8 and C / 2 is a multiple of 16
 (csrc/cpu/nhwc_columns.h; _by_columns), and the forward by rows on other large planes
 (csrc/cpu/nhwc_rows.h; ShuffleAttention where m divides 4; _by_rows): their sums go in orders of
 their own (the statistics in double), so their results are held to the float64 reference (and their
@@ -76,14 +76,15 @@ ROW_SHAPES = [
     pytest.param((2, 72, 20, 30), 12, id="m3-mixed"),
     pytest.param((1, 120, 25, 25), 10, id="m6-mixed-tail4"),
     pytest.param((1, 96, 23, 25), 4, id="m12"),
-    pytest.param((1, 64, 30, 31), 4, id="m8"),
+    pytest.param((1, 48, 30, 31), 3, id="m8-Godd"),  # C / 2 = 24: not columns
     pytest.param((1, 256, 32, 20), 8, id="m16"),
     pytest.param((2, 2, 3, 3), 1, id="C2"),
     pytest.param((1, 48, 1, 1000), 6, id="N1000"),  # several chunks per item
 ]
-# By columns (_by_columns: m dividing 4, C / 2 a multiple of 16), forward and backward: columns of
-# 16 channels of each half (whole branches: ShuffleAttention's m x m products by lane rotations),
-# by blocks of 16 rows with a tail.
+# By columns (_by_columns: m dividing 8, C / 2 a multiple of 16), forward and backward: columns of
+# 16 channels of each half (whole branches: ShuffleAttention's m x m products by lane rotations;
+# for m = 8 a column of a half is one group, a vector of each role), by blocks of 16 rows with a
+# tail.
 COLUMN_SHAPES = [
     pytest.param((2, 64, 24, 25), 8, id="m4-2cols-N600"),  # 37 blocks and 8 rows
     pytest.param((2, 128, 24, 30), 64, id="m1-4cols"),
@@ -91,6 +92,9 @@ COLUMN_SHAPES = [
     pytest.param((2, 96, 9, 7), 12, id="m4-3cols"),
     pytest.param((2, 64, 1, 17), 16, id="m2-h1"),
     pytest.param((1, 32, 1, 1000), 4, id="m4-N1000"),
+    pytest.param((2, 256, 7, 9), 16, id="m8-8cols-N63"),
+    pytest.param((3, 32, 5, 7), 2, id="m8-1col-N35"),
+    pytest.param((2, 192, 14, 14), 12, id="m8-6cols-N196"),
 ]
 # ShuffleAttention's rows: the shapes above with m dividing 4.
 SHUFFLE_ROW_SHAPES = [
@@ -207,12 +211,12 @@ def _by_rows(backend, variant, dtype, shape, groups):
 
 def _by_columns(backend, variant, dtype, shape, groups):
     """Whether the forward and the backward go by columns (csrc/cpu/nhwc_columns.h, by_columns): on
-    the CPU in float lanes, either variant, where m divides 4 and pairs of 8-channel vectors cover
+    the CPU in float lanes, either variant, where m divides 8 and pairs of 8-channel vectors cover
     each half."""
     if backend.name != "cpu" or dtype == torch.float64:
         return False
     half = shape[1] // 2
-    return 4 % (half // groups) == 0 and half % 16 == 0
+    return 8 % (half // groups) == 0 and half % 16 == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -265,7 +269,8 @@ def test_shuffle_attention_rows_only_where_m_divides_4():
     for case in ROW_SHAPES:
         shape, groups = case.values
         rows = _by_rows(cpu, "shuffle_attention", torch.float32, shape, groups)
-        assert rows == (case in SHUFFLE_ROW_SHAPES), case.id
+        columns = _by_columns(cpu, "shuffle_attention", torch.float32, shape, groups)
+        assert rows == (case in SHUFFLE_ROW_SHAPES or columns), case.id
         params = op_params("shuffle_attention", shape[1], groups, seed=3)
         x = make_input(shape, seed=1, offset=0.5)
         forward = SA_CUDA_LIBRARY.forward_op("shuffle_attention")

@@ -1,10 +1,10 @@
 // Fused backward on the CPU. Bytes moved: x and grad_out (at the shuffled channel) are read once
 // from memory, grad_x is written once; every other pass re-reads the unit from cache.
 // channels_last tensors are read and written as they are: in float lanes by columns where m
-// divides 8 and C / 2 is a multiple of 16 (nhwc_columns.h, backward_nhwc_cpu.cpp), otherwise by
-// tiles of channels (nhwc_tiles.h) that run the same unit bodies. Parameter gradients leave the
-// kernels as per-(batch item, group) partials (sa_params.h), reduced at the end by
-// reduce_param_grads (the math: sa_math.h).
+// divides 8 or is 16 and C / 2 is a multiple of 2 max(8, m) (nhwc_columns.h,
+// backward_nhwc_cpu.cpp), otherwise by tiles of channels (nhwc_tiles.h) that run the same unit
+// bodies. Parameter gradients leave the kernels as per-(batch item, group) partials (sa_params.h),
+// reduced at the end by reduce_param_grads (the math: sa_math.h).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 

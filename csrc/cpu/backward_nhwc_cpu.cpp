@@ -1,7 +1,8 @@
 // The backward of both variants by columns (nhwc_columns.h), float lanes. Bytes moved: x and
 // grad_out are read from memory once (pass 1; pass 2 re-reads the column from the L2 cache), grad_x
 // is written once; the spatial lanes' gate is written and read back once, in cache. A column's
-// grad_out is the 4L output channels from 2c (interleaved); x and grad_x its two runs of 2L.
+// grad_out is the 2 width output channels from 2c (interleaved); x and grad_x its two runs of
+// width.
 //   pass 1  by blocks of kBlockRows rows: sum(gu x) on channel lanes, and the spatial lanes' sums
 //           (SALayer: T1 = sum t and T2 = sum t xh; ShuffleAttention: T1 and A[j, k] =
 //           sum t_j xh_k), in registers over the block, then added to the column's sums in
@@ -13,7 +14,7 @@
 
 #include <algorithm>
 #include <memory>
-#include <vector>
+#include <tuple>
 
 #include "../sa_math.h"
 #include "kernels_cpu.h"
@@ -25,13 +26,14 @@ namespace sa_cuda::cpu {
 namespace {
 
 constexpr int64_t L = ColumnGeometry::L;
-constexpr int64_t W = ColumnGeometry::kLanes;
+constexpr int64_t kMaxLanes = ColumnGeometry::kMaxLanes;
 constexpr int64_t kBlockRows = ColumnGeometry::kBlockRows;
 
 // Lane fields of a column: the channel branch's gate and beta, the spatial branch's saved
 // statistics and parameters, and dx's coefficients (InputGradCoeffs). Those up to kBias are
-// known before pass 1, the rest after it. Lane h 2L + l holds a channel branch's channel,
-// h 2L + L + l a spatial one (split_roles' order).
+// known before pass 1, the rest after it. Slice q of a column (nhwc_columns.h: q = h kSlices + s)
+// holds its channel-branch channels at lanes 2 q L + l, its spatial ones at 2 q L + L + l
+// (ColumnGeometry::channel says which).
 enum Field {
   kGate,
   kMean,
@@ -49,81 +51,88 @@ enum Field {
 
 // The lane fields of one column, filled per column by a variant's begin() and finish().
 struct ColumnLanes {
-  alignas(64) float field[kFields][W];
+  alignas(64) float field[kFields][kMaxLanes];
 
-  ColumnLanes() { std::fill(&field[0][0], &field[0][0] + kFields * W, 0.0f); }
+  ColumnLanes() { std::fill(&field[0][0], &field[0][0] + kFields * kMaxLanes, 0.0f); }
   FloatVec lanes(Field f, int64_t pos) const { return FloatVec::loadu(field[f] + pos); }
-  static constexpr int64_t channel_lanes(int h) { return 2 * h * L; }
-  static constexpr int64_t spatial_lanes(int h) { return 2 * h * L + L; }
+  static constexpr int64_t channel_lanes(int q) { return 2 * q * L; }
+  static constexpr int64_t spatial_lanes(int q) { return 2 * q * L + L; }
 };
 
-// One pixel's values of the column at c: per half, x and grad_out split by role. grad_out's 4L
-// output channels from 2c hold the channels c .. c + 2L of both halves, interleaved.
+// One pixel's values of the column at c: per half, x and grad_out as slices. grad_out's output
+// channels from 2c hold the column's channels of both halves, interleaved.
+template <int M>
 struct ColumnValues {
-  RoleSplit x[2], gu[2];
+  RoleSplit x[2][kSlices<M>], gu[2][kSlices<M>];
 };
 
 template <int M, typename scalar_t>
-inline ColumnValues column_values(const scalar_t* x_row, const scalar_t* gu_row, ColumnAt col) {
-  const auto [g0, g1] = load_pair(gu_row + col.output(0));
-  const auto [g2, g3] = load_pair(gu_row + col.output(1));
-  const auto [first0, second0] = at::vec::deinterleave2(g0, g1);
-  const auto [first1, second1] = at::vec::deinterleave2(g2, g3);
-  const FloatVec by_half[2][2] = {{first0, first1}, {second0, second1}};
-  ColumnValues v;
-  for (int h = 0; h < 2; ++h) {
-    v.x[h] = column_x<M>(x_row, h, col);
-    v.gu[h] = split_roles<M>(by_half[h][0], by_half[h][1], col.swapped[h]);
+inline ColumnValues<M> column_values(const scalar_t* x_row, const scalar_t* gu_row, ColumnAt col) {
+  constexpr int kVectors = 2 * kSlices<M>;  // of a half
+  FloatVec by_half[2][kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    const auto [lo, hi] = load_pair(gu_row + col.output(v));
+    std::tie(by_half[0][v], by_half[1][v]) = at::vec::deinterleave2(lo, hi);
   }
-  return v;
+  ColumnValues<M> values;
+  for (int h = 0; h < 2; ++h) {
+    column_x<M>(x_row, h, col, values.x[h]);
+    split_half<M>(by_half[h], values.gu[h]);
+  }
+  return values;
 }
 
-// A block of rows of a column, per row and half: the spatial lanes' x, grad_out and gate, and a
+// A block of rows of a column, per row and slice: the spatial lanes' x, grad_out and gate, and a
 // result of the channel lanes. Pass 1 takes the exp in a loop of its own (a call to the vector
 // exp spills every live vector register: inside the loop that holds a column's coefficients and
 // sums it cost about 60 instructions a call, callgrind) and keeps the gate for pass 2, which reads
 // it back instead (as the NCHW kernel keeps its gate plane).
+template <int M>
 struct ColumnBlock {
-  FloatVec x[kBlockRows][2], gu[kBlockRows][2], gate[kBlockRows][2], channel[kBlockRows][2];
+  static constexpr int S = kSlices<M>, Q = 2 * S;
+  FloatVec x[kBlockRows][Q], gu[kBlockRows][Q], gate[kBlockRows][Q], channel[kBlockRows][Q];
   int64_t rows;
 
-  // Rows [p0, p0 + count) of the column; channel_lanes(x, gu, h) gives channel[r][h]. The
-  // gate: saved[(p * 2 + h) * L ...] of pixel p when kSaved, else sigmoid(gate_z(x, h)) (stored
-  // there).
-  template <int M, bool kSaved, typename scalar_t, typename GateZ, typename ChannelResult>
+  // Rows [p0, p0 + count) of the column; channel_lanes(x, gu, q) gives channel[r][q]. The gate:
+  // saved[(p Q + q) L ...] of pixel p when kSaved, else sigmoid(gate_z(x, h, s)) of the half's
+  // slices x (stored there).
+  template <bool kSaved, typename scalar_t, typename GateZ, typename ChannelResult>
   void load(const scalar_t* x_item, const scalar_t* gu_item, ColumnAt col, int64_t p0,
             int64_t count, float* saved, const GateZ& gate_z, const ChannelResult& channel_lanes) {
     rows = count;
     for (int64_t r = 0; r < rows; ++r) {
-      const ColumnValues v =
+      const ColumnValues<M> v =
           column_values<M>(col.row(x_item, p0 + r), col.row(gu_item, p0 + r), col);
       for (int h = 0; h < 2; ++h) {
-        channel[r][h] = channel_lanes(v.x[h].channel, v.gu[h].channel, h);
-        x[r][h] = v.x[h].spatial;
-        gu[r][h] = v.gu[h].spatial;
-        if constexpr (kSaved) {
-          gate[r][h] = FloatVec::loadu(saved + ((p0 + r) * 2 + h) * L);
-        } else {
-          gate[r][h] = sigmoid_exp_arg(gate_z(v.x[h].spatial, h));
+        for (int s = 0; s < S; ++s) {
+          const int q = h * S + s;
+          channel[r][q] = channel_lanes(v.x[h][s].channel, v.gu[h][s].channel, q);
+          x[r][q] = v.x[h][s].spatial;
+          gu[r][q] = v.gu[h][s].spatial;
+          if constexpr (kSaved) {
+            gate[r][q] = FloatVec::loadu(saved + ((p0 + r) * Q + q) * L);
+          } else {
+            gate[r][q] = sigmoid_exp_arg(gate_z(v.x[h], h, s));
+          }
         }
       }
     }
     if constexpr (!kSaved) {
       for (int64_t r = 0; r < rows; ++r) {
-        for (int h = 0; h < 2; ++h) {
-          gate[r][h] = sigmoid_of_exp(sa_exp(gate[r][h]));
-          gate[r][h].store(saved + ((p0 + r) * 2 + h) * L);
+        for (int q = 0; q < Q; ++q) {
+          gate[r][q] = sigmoid_of_exp(sa_exp(gate[r][q]));
+          gate[r][q].store(saved + ((p0 + r) * Q + q) * L);
         }
       }
     }
   }
 
-  // t = dL/dz and xh of row r, half h, as the NCHW kernels form them.
+  // t = dL/dz and xh of row r, slice q, as the NCHW kernels form them.
   struct SpatialTerms {
     FloatVec t, xh;
   };
-  SpatialTerms spatial(const Standardizer<FloatVec>& st, int64_t r, int h) const {
-    return {gate_input_grad(gu[r][h], x[r][h], gate[r][h]), st.normalized(x[r][h])};
+  SpatialTerms spatial(const Standardizer<FloatVec>& st, int64_t r, int q) const {
+    return {gate_input_grad(gu[r][q], x[r][q], gate[r][q]), st.normalized(x[r][q])};
   }
 };
 
@@ -133,26 +142,27 @@ struct ColumnBlock {
 //                          here), the others are on the spatial lanes;
 //   begin(b, c)            the lanes known before pass 1: kGate on the channel lanes, the spatial
 //                          branch's statistics and parameters;
-//   z(x, h)                the spatial gate's pre-activation of half h's spatial lanes x;
-//   accumulate(block, r, h, sums)  row r's terms of sums 1 .. kSums - 1 on half h;
+//   z(x, h, s)             the spatial gate's pre-activation of slice s of half h (its slices x);
+//   accumulate(block, r, q, sums)  row r's terms of sums 1 .. kSums - 1 on slice q;
 //   finish(b, c, sums)     the partials of the parameter gradients, kBeta on the channel lanes,
 //                          and what spatial_grad needs;
-//   spatial_grad(block, r, h)      dx of row r on half h's spatial lanes.
+//   spatial_grad(block, r, q)      dx of row r on slice q's spatial lanes.
 // make_column() makes one per task range.
 template <int M, typename scalar_t, typename MakeColumn>
 void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, int64_t batch,
                  const MakeColumn& make_column) {
+  constexpr int S = kSlices<M>, Q = 2 * S;
   const int64_t C = geo.C, N = geo.N;
   const bool streaming = stream_results(batch * N * C * int64_t{sizeof(scalar_t)});
   at::parallel_for(0, batch * geo.columns, 1, [&](int64_t begin, int64_t end) {
     // The spatial lanes' gate, pass 1 to pass 2 (written before it is read: no initial values).
-    const std::unique_ptr<float[]> saved_gate(new float[N * 2 * L]);
+    const std::unique_ptr<float[]> saved_gate(new float[N * Q * L]);
     auto column = make_column();
     using Column = decltype(column);
     constexpr int kSums = Column::kSums;
-    auto gate_z = [&](const FloatVec& x, int h) { return column.z(x, h); };
+    auto gate_z = [&](const RoleSplit* x, int h, int s) { return column.z(x, h, s); };
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / geo.columns, c = task % geo.columns * 2 * L;
+      const int64_t b = task / geo.columns, c = task % geo.columns * geo.width;
       const ColumnAt col = geo.at(c);
       column.begin(b, c);
       const scalar_t* x = t.fwd.x + b * N * C;
@@ -160,47 +170,57 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
       scalar_t* dx = t.grad_x + b * N * C;
 
       // Pass 1.
-      alignas(64) double sums[kSums][W] = {};
+      alignas(64) double sums[kSums][kMaxLanes] = {};
       {
-        ColumnBlock block;
+        ColumnBlock<M> block;
         for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
-          FloatVec acc[kSums][2];
-          for (auto& pair : acc) pair[0] = pair[1] = FloatVec(0);
-          block.load<M, false>(x, gu, col, p0, std::min(kBlockRows, N - p0), saved_gate.get(),
-                               gate_z, [&](const FloatVec& xv, const FloatVec& gv, int h) {
-                                 acc[0][h] = acc[0][h] + gv * xv;
-                                 return FloatVec(0);
-                               });
+          FloatVec acc[kSums][Q];
+          for (auto& row : acc) {
+            for (auto& a : row) a = FloatVec(0);
+          }
+          block.template load<false>(x, gu, col, p0, std::min(kBlockRows, N - p0), saved_gate.get(),
+                                     gate_z, [&](const FloatVec& xv, const FloatVec& gv, int q) {
+                                       acc[0][q] = acc[0][q] + gv * xv;
+                                       return FloatVec(0);
+                                     });
           for (int64_t r = 0; r < block.rows; ++r) {
-            for (int h = 0; h < 2; ++h) column.accumulate(block, r, h, acc);
+            for (int q = 0; q < Q; ++q) column.accumulate(block, r, q, acc);
           }
           for (int k = 0; k < kSums; ++k) {
-            for (int h = 0; h < 2; ++h) {
+            for (int q = 0; q < Q; ++q) {
               const int64_t pos =
-                  k == 0 ? ColumnLanes::channel_lanes(h) : ColumnLanes::spatial_lanes(h);
-              add_wide(sums[k] + pos, acc[k][h]);
+                  k == 0 ? ColumnLanes::channel_lanes(q) : ColumnLanes::spatial_lanes(q);
+              add_wide(sums[k] + pos, acc[k][q]);
             }
           }
         }
       }
       column.finish(b, c, sums);
       // Pass 2.
-      FloatVec gate[2], beta[2];
-      for (int h = 0; h < 2; ++h) {
-        gate[h] = column.lanes(kGate, ColumnLanes::channel_lanes(h));
-        beta[h] = column.lanes(kBeta, ColumnLanes::channel_lanes(h));
+      FloatVec gate[Q], beta[Q];
+      for (int q = 0; q < Q; ++q) {
+        gate[q] = column.lanes(kGate, ColumnLanes::channel_lanes(q));
+        beta[q] = column.lanes(kBeta, ColumnLanes::channel_lanes(q));
       }
-      ColumnBlock block;
+      ColumnBlock<M> block;
       for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
-        block.load<M, true>(x, gu, col, p0, std::min(kBlockRows, N - p0), saved_gate.get(), gate_z,
-                            [&](const FloatVec&, const FloatVec& gv, int h) {
-                              return channel_input_grad(gv, gate[h], beta[h]);
-                            });
+        block.template load<true>(x, gu, col, p0, std::min(kBlockRows, N - p0), saved_gate.get(),
+                                  gate_z, [&](const FloatVec&, const FloatVec& gv, int q) {
+                                    return channel_input_grad(gv, gate[q], beta[q]);
+                                  });
         for (int64_t r = 0; r < block.rows; ++r) {
           for (int h = 0; h < 2; ++h) {
-            const RoleSplit grads{block.channel[r][h], column.spatial_grad(block, r, h)};
-            const auto [lo, hi] = merge_roles<M>(grads, col.swapped[h]);
-            store_pair(col.row(dx, p0 + r) + col.input(h), lo, hi, streaming);
+            RoleSplit grads[S];
+            for (int s = 0; s < S; ++s) {
+              grads[s] =
+                  RoleSplit{block.channel[r][h * S + s], column.spatial_grad(block, r, h * S + s)};
+            }
+            FloatVec rows[Q];  // the half's vectors in row order
+            merge_half<M>(grads, rows);
+            for (int v = 0; v < Q; v += 2) {
+              store_pair(col.row(dx, p0 + r) + col.input(h) + v * L, rows[v], rows[v + 1],
+                         streaming);
+            }
           }
         }
       }
@@ -211,15 +231,18 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
 
 // What both variants' columns share: the tensors, the spatial lanes' saved statistics, pass 1's
 // T1 = sum t and sum t xh, and dx's coefficients on the spatial lanes.
-template <typename scalar_t>
+template <int M, typename scalar_t>
 class ColumnBase : public ColumnLanes {
+ protected:
+  static constexpr int S = kSlices<M>, Q = 2 * S;
+
  public:
-  // Row r's terms of sums 1 and 2 on half h; returns its t and xh for a variant's further sums.
-  ColumnBlock::SpatialTerms accumulate(const ColumnBlock& block, int64_t r, int h,
-                                       FloatVec (*acc)[2]) const {
-    const auto s = block.spatial(st_[h], r, h);
-    acc[1][h] = acc[1][h] + s.t;
-    acc[2][h] = acc[2][h] + s.t * s.xh;
+  // Row r's terms of sums 1 and 2 on slice q; returns its t and xh for a variant's further sums.
+  typename ColumnBlock<M>::SpatialTerms accumulate(const ColumnBlock<M>& block, int64_t r, int q,
+                                                   FloatVec (*acc)[Q]) const {
+    const auto s = block.spatial(st_[q], r, q);
+    acc[1][q] = acc[1][q] + s.t;
+    acc[2][q] = acc[2][q] + s.t * s.xh;
     return s;
   }
 
@@ -228,29 +251,29 @@ class ColumnBase : public ColumnLanes {
 
   // st_ from the saved statistics in kMean and kRstd.
   void load_stats() {
-    for (int h = 0; h < 2; ++h) {
-      st_[h] = saved_stats(lanes(kMean, spatial_lanes(h)), lanes(kRstd, spatial_lanes(h)));
+    for (int q = 0; q < Q; ++q) {
+      st_[q] = saved_stats(lanes(kMean, spatial_lanes(q)), lanes(kRstd, spatial_lanes(q)));
     }
   }
   // coeffs_ from kAlpha, kD1 and kD2.
   void load_coeffs() {
-    for (int h = 0; h < 2; ++h) {
-      const int64_t pos = spatial_lanes(h);
-      coeffs_[h] = {lanes(kAlpha, pos), FloatVec(0), lanes(kD1, pos), lanes(kD2, pos)};
+    for (int q = 0; q < Q; ++q) {
+      const int64_t pos = spatial_lanes(q);
+      coeffs_[q] = {lanes(kAlpha, pos), FloatVec(0), lanes(kD1, pos), lanes(kD2, pos)};
     }
   }
 
   const BackwardTensors<scalar_t>& t_;
   const ColumnGeometry& geo_;
-  Standardizer<FloatVec> st_[2];
-  InputGradCoeffs<FloatVec> coeffs_[2];
+  Standardizer<FloatVec> st_[Q];
+  InputGradCoeffs<FloatVec> coeffs_[Q];
 };
 
 // SALayer: per channel, u = x sigmoid(cw mu + cb) or x sigmoid(sw y + sb) (SpatialGate).
-template <typename scalar_t>
-class SALayerColumn : public ColumnBase<scalar_t> {
-  using Base = ColumnBase<scalar_t>;
-  using Base::coeffs_, Base::geo_, Base::st_, Base::t_;
+template <int M, typename scalar_t>
+class SALayerColumn : public ColumnBase<M, scalar_t> {
+  using Base = ColumnBase<M, scalar_t>;
+  using Base::coeffs_, Base::geo_, Base::st_, Base::t_, Base::S, Base::Q;
 
  public:
   using Base::field, Base::lanes;
@@ -260,9 +283,9 @@ class SALayerColumn : public ColumnBase<scalar_t> {
 
   void begin(int64_t b, int64_t c) {
     const ParamArrays<float>& w = t_.fwd.w;
-    for (int64_t lane = 0; lane < W; ++lane) {
+    for (int64_t lane = 0; lane < geo_.lanes; ++lane) {
       const int64_t ch = geo_.channel(c, lane), plane = b * geo_.C + ch;
-      const ChannelRole role = channel_role(ch, geo_.m);
+      const ChannelRole role = channel_role(ch, M);
       const int64_t k = role.k;
       if (!role.spatial) {
         field[kGate][lane] = sigmoid(w.cw[k] * t_.fwd.mean[plane] + w.cb[k]);
@@ -273,20 +296,20 @@ class SALayerColumn : public ColumnBase<scalar_t> {
       for (int v = 0; v < 6; ++v) field[kMean + v][lane] = values[v];
     }
     Base::load_stats();
-    for (int h = 0; h < 2; ++h) {
-      const int64_t pos = Base::spatial_lanes(h);
-      gate_[h] = spatial_gate(lanes(kWeight, pos), lanes(kBias, pos), lanes(kNormWeight, pos),
-                              lanes(kNormBias, pos), st_[h]);
+    for (int q = 0; q < Q; ++q) {
+      const int64_t pos = Base::spatial_lanes(q);
+      gate_[q] = spatial_gate(lanes(kWeight, pos), lanes(kBias, pos), lanes(kNormWeight, pos),
+                              lanes(kNormBias, pos), st_[q]);
     }
   }
 
-  FloatVec z(const FloatVec& x, int h) const { return gate_[h].z(x); }
+  FloatVec z(const RoleSplit* x, int h, int s) const { return gate_[h * S + s].z(x[s].spatial); }
 
-  void finish(int64_t b, int64_t c, const double (*sums)[W]) {
+  void finish(int64_t b, int64_t c, const double (*sums)[kMaxLanes]) {
     const ParamArrays<float>& w = t_.fwd.w;
-    for (int64_t lane = 0; lane < W; ++lane) {
+    for (int64_t lane = 0; lane < geo_.lanes; ++lane) {
       const int64_t ch = geo_.channel(c, lane);
-      const ChannelRole role = channel_role(ch, geo_.m);
+      const ChannelRole role = channel_role(ch, M);
       const int64_t k = role.k, slot = geo_.slot0(b, ch) + k;
       if (!role.spatial) {
         const float dz = static_cast<float>(sums[0][lane]) * sigmoid_grad(field[kGate][lane]);
@@ -308,28 +331,30 @@ class SALayerColumn : public ColumnBase<scalar_t> {
   }
 
   // dy = sw t: the factor sw is in alpha (spatial_grad_coeffs above).
-  FloatVec spatial_grad(const ColumnBlock& block, int64_t r, int h) const {
-    const auto s = block.spatial(st_[h], r, h);
-    return spatial_input_grad(block.gu[r][h], block.gate[r][h], s.t, s.xh, coeffs_[h]);
+  FloatVec spatial_grad(const ColumnBlock<M>& block, int64_t r, int q) const {
+    const auto s = block.spatial(st_[q], r, q);
+    return spatial_input_grad(block.gu[r][q], block.gate[r][q], s.t, s.xh, coeffs_[q]);
   }
 
  private:
-  SpatialGate<FloatVec> gate_[2];
+  SpatialGate<FloatVec> gate_[Q];
 };
 
 // ShuffleAttention: per branch, u = x sigmoid(W1 mu + b1) (channel) or x sigmoid(W2 y + b2) with
-// the GroupNorm output y (spatial). A vector of spatial lanes holds L / M whole branches, each in
-// M aligned lanes in channel order (split_roles): the m x m products go by lane rotations
-// (BranchMixer), z = W2 y + b2 and dy = W2^T t, and lane j of sum t * rot_d(xh) is
-// A[j, (j + d) mod M].
+// the GroupNorm output y (spatial). A half's spatial lanes hold whole branches in channel order,
+// in runs of r = min(M, L) lanes (nhwc_columns.h, BranchMixer): the m x m products go by lane
+// rotations, z = W2 y + b2 and dy = W2^T t, and on slice s the sum of t * rot_d(xh) of slice
+// s + delta (mod S) is A[j, k] with j = s r + l mod r, k = ((s + delta) mod S) r + (l mod r + d)
+// mod r: sum 2 + delta r + d.
 template <int M, typename scalar_t>
-class ShuffleAttentionColumn : public ColumnBase<scalar_t> {
-  using Base = ColumnBase<scalar_t>;
-  using Base::coeffs_, Base::geo_, Base::st_, Base::t_;
+class ShuffleAttentionColumn : public ColumnBase<M, scalar_t> {
+  using Base = ColumnBase<M, scalar_t>;
+  using Base::coeffs_, Base::geo_, Base::st_, Base::t_, Base::S, Base::Q;
+  static constexpr int kRun = M < L ? M : L;
 
  public:
   using Base::field, Base::lanes;
-  static constexpr int kSums = 2 + M;  // sum(gu x); T1 = sum t; sum t rot_d(xh), d < M
+  static constexpr int kSums = 2 + M;  // sum(gu x); T1 = sum t; the M sums of A's rows
 
   ShuffleAttentionColumn(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo,
                          const BranchMixer& gate_mixer, const BranchMixer& grad_mixer)
@@ -337,7 +362,7 @@ class ShuffleAttentionColumn : public ColumnBase<scalar_t> {
 
   void begin(int64_t b, int64_t c) {
     const ParamArrays<float>& w = t_.fwd.w;
-    for (int64_t lane = 0; lane < W; ++lane) {
+    for (int64_t lane = 0; lane < geo_.lanes; ++lane) {
       const int64_t ch = geo_.channel(c, lane), plane = b * geo_.C + ch;
       const ChannelRole role = channel_role(ch, M);
       const int64_t k = role.k;
@@ -350,72 +375,100 @@ class ShuffleAttentionColumn : public ColumnBase<scalar_t> {
       for (int v = 0; v < 4; ++v) field[kMean + v][lane] = values[v];
     }
     Base::load_stats();
-    for (int h = 0; h < 2; ++h) {
-      const int64_t pos = Base::spatial_lanes(h);
-      norm_scale_[h] = lanes(kNormWeight, pos) * st_[h].gate_rstd;
-      norm_shift_[h] = lanes(kNormBias, pos);
+    for (int q = 0; q < Q; ++q) {
+      const int64_t pos = Base::spatial_lanes(q);
+      norm_scale_[q] = lanes(kNormWeight, pos) * st_[q].gate_rstd;
+      norm_shift_[q] = lanes(kNormBias, pos);
     }
   }
 
   // z = W2 y + b2, y = gw r (x - mu) + gb as the NCHW kernel forms it.
-  FloatVec z(const FloatVec& x, int h) const {
-    return gate_mixer_.mix<M>(norm_scale_[h] * st_[h].centered(x) + norm_shift_[h]);
+  FloatVec z(const RoleSplit* x, int h, int s) const {
+    FloatVec y[S];
+    for (int s2 = 0; s2 < S; ++s2) {
+      const int q = h * S + s2;
+      y[s2] = norm_scale_[q] * st_[q].centered(x[s2].spatial) + norm_shift_[q];
+    }
+    return gate_mixer_.mix<M>(y, s);
   }
 
-  // T1 and A's diagonal (d = 0) as SALayer's sums, then the rotations.
-  void accumulate(const ColumnBlock& block, int64_t r, int h, FloatVec (*acc)[2]) const {
-    const auto s = Base::accumulate(block, r, h, acc);
-    for (int d = 1; d < M; ++d) acc[2 + d][h] = acc[2 + d][h] + s.t * grad_mixer_.rotate(s.xh, d);
+  // T1 and A's diagonal (delta = d = 0) as SALayer's sums, then the rotations.
+  void accumulate(const ColumnBlock<M>& block, int64_t r, int q, FloatVec (*acc)[Q]) const {
+    const auto terms = Base::accumulate(block, r, q, acc);
+    const int h = q / S, s = q % S;
+    for (int delta = 0; delta < S; ++delta) {
+      const int q2 = h * S + (s + delta) % S;
+      const FloatVec xh = delta == 0 ? terms.xh : st_[q2].normalized(block.x[r][q2]);
+      for (int d = delta == 0 ? 1 : 0; d < kRun; ++d) {
+        FloatVec& a = acc[2 + delta * kRun + d][q];
+        a = a + terms.t * grad_mixer_.rotate(xh, d);
+      }
+    }
   }
 
-  void finish(int64_t b, int64_t c, const double (*sums)[W]) {
+  void finish(int64_t b, int64_t c, const double (*sums)[kMaxLanes]) {
     const ParamArrays<float>& w = t_.fwd.w;
+    // The lanes of a half's branches: L S / M of them, channel j of branch n at channel lane
+    // 2 L (h S + j / L) + n M + j mod L (the spatial lane: L further).
     for (int h = 0; h < 2; ++h) {
-      // Channel branches: dz_j = sum(gu_j x_j) s_j (1 - s_j), beta_j = (W1^T dz)_j / N.
-      for (int64_t q = Base::channel_lanes(h); q < Base::channel_lanes(h) + L; q += M) {
-        const int64_t slot0 = geo_.slot0(b, geo_.channel(c, q));
+      for (int n = 0; n < L * S / M; ++n) {
+        int64_t lane[M];
+        for (int j = 0; j < M; ++j) lane[j] = 2 * L * (h * S + j / L) + n * M + j % L;
+        const int64_t slot0 = geo_.slot0(b, geo_.channel(c, lane[0]));
+        // Channel branch: dz_j = sum(gu_j x_j) s_j (1 - s_j), beta_j = (W1^T dz)_j / N.
         float dz[M];
         for (int j = 0; j < M; ++j) {
-          dz[j] = static_cast<float>(sums[0][q + j]) * sigmoid_grad(field[kGate][q + j]);
+          dz[j] = static_cast<float>(sums[0][lane[j]]) * sigmoid_grad(field[kGate][lane[j]]);
           t_.gate_grad[slot0 + j] = dz[j];
         }
         for (int j = 0; j < M; ++j) {
-          field[kBeta][q + j] = channel_grad_coeffs(matvec_t_row(w.cw, dz, M, j), geo_.inv_n).beta;
+          field[kBeta][lane[j]] =
+              channel_grad_coeffs(matvec_t_row(w.cw, dz, M, j), geo_.inv_n).beta;
         }
-      }
-      // Spatial branches: T1 and A, then dx's coefficients.
-      for (int64_t q = Base::spatial_lanes(h); q < Base::spatial_lanes(h) + L; q += M) {
-        const int64_t slot0 = geo_.slot0(b, geo_.channel(c, q));
+        // Spatial branch: T1 and A, then dx's coefficients.
         float T1[M], A[M * M];
         for (int j = 0; j < M; ++j) {
-          T1[j] = static_cast<float>(sums[1][q + j]);
-          for (int d = 0; d < M; ++d)
-            A[j * M + (j + d) % M] = static_cast<float>(sums[2 + d][q + j]);
+          const int64_t pos = lane[j] + L;
+          const int s = j / kRun, l = j % kRun;
+          T1[j] = static_cast<float>(sums[1][pos]);
+          for (int delta = 0; delta < S; ++delta) {
+            for (int d = 0; d < kRun; ++d) {
+              const int k = (s + delta) % S * kRun + (l + d) % kRun;
+              A[j * M + k] = static_cast<float>(sums[2 + delta * kRun + d][pos]);
+            }
+          }
           t_.t_sum[slot0 + j] = T1[j];
         }
         std::copy(A, A + M * M, t_.t_xh + slot0 * M);
         for (int i = 0; i < M; ++i) {
+          const int64_t pos = lane[i] + L;
           const InputGradCoeffs<float> coeffs = shuffle_attention_spatial_coeffs(
-              w.sw, T1, A, M, i, w.gw[i] * field[kRstd][q + i], geo_.inv_n);
-          field[kAlpha][q + i] = coeffs.alpha;
-          field[kD1][q + i] = coeffs.d1;
-          field[kD2][q + i] = coeffs.d2;
+              w.sw, T1, A, M, i, w.gw[i] * field[kRstd][pos], geo_.inv_n);
+          field[kAlpha][pos] = coeffs.alpha;
+          field[kD1][pos] = coeffs.d1;
+          field[kD2][pos] = coeffs.d2;
         }
       }
     }
     Base::load_coeffs();
   }
 
-  FloatVec spatial_grad(const ColumnBlock& block, int64_t r, int h) const {
-    const auto s = block.spatial(st_[h], r, h);
-    const FloatVec dy = grad_mixer_.mix<M>(s.t);
-    return spatial_input_grad(block.gu[r][h], block.gate[r][h], dy, s.xh, coeffs_[h]);
+  FloatVec spatial_grad(const ColumnBlock<M>& block, int64_t r, int q) const {
+    const int h = q / S;
+    FloatVec t[S];
+    for (int s2 = 0; s2 < S; ++s2) {
+      const int q2 = h * S + s2;
+      t[s2] = gate_input_grad(block.gu[r][q2], block.x[r][q2], block.gate[r][q2]);
+    }
+    const FloatVec dy = grad_mixer_.mix<M>(t, q % S);
+    return spatial_input_grad(block.gu[r][q], block.gate[r][q], dy,
+                              st_[q].normalized(block.x[r][q]), coeffs_[q]);
   }
 
  private:
   const BranchMixer& gate_mixer_;
   const BranchMixer& grad_mixer_;
-  FloatVec norm_scale_[2], norm_shift_[2];
+  FloatVec norm_scale_[Q], norm_shift_[Q];
 };
 
 }  // namespace
@@ -427,7 +480,7 @@ void backward_columns(Variant variant, const BackwardParams& p) {
   const ParamArrays<float>& w = t.fwd.w;
   dispatch_m(geo.m, [&](auto M) {
     if (variant == Variant::kSALayer) {
-      run_columns<M()>(t, geo, p.fwd.batch, [&] { return SALayerColumn<scalar_t>(t, geo); });
+      run_columns<M()>(t, geo, p.fwd.batch, [&] { return SALayerColumn<M(), scalar_t>(t, geo); });
       return;
     }
     const BranchMixer gate_mixer(w.sw, w.sb, M()), grad_mixer(w.sw, nullptr, M(), true);

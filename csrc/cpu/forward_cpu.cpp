@@ -1,10 +1,10 @@
 // Fused forward on the CPU. Bytes moved: x is read once from memory (the plane or group is then
 // re-read from cache for the statistics and the gate) and out is written once, at the shuffled
 // channel; mean and rstd add 2 * acc_t per plane. channels_last tensors are read and written as
-// they are: the float-lane forward by columns where m divides 8 and C / 2 is a multiple of 16
-// (nhwc_columns.h, forward_nhwc_columns.cpp), by rows on other large planes (nhwc_rows.h,
-// forward_nhwc_cpu.cpp), everything else by tiles of channels (nhwc_tiles.h) that run the same
-// unit bodies.
+// they are: the float-lane forward by columns where m divides 8 or is 16 and C / 2 is a multiple
+// of 2 max(8, m) (nhwc_columns.h, forward_nhwc_columns.cpp), by rows on other large planes
+// (nhwc_rows.h, forward_nhwc_cpu.cpp), everything else by tiles of channels (nhwc_tiles.h) that
+// run the same unit bodies.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 

@@ -1,6 +1,7 @@
 // The forward of both variants by columns (nhwc_columns.h), float lanes. Bytes moved: x is read
 // from memory once (pass 1; passes 2 and 3 re-read the column from the L2 cache), out is written
-// once, the column's 4L output channels of a row at a time; mean and rstd add 2 floats per channel.
+// once, the column's 2 width output channels of a row at a time; mean and rstd add 2 floats per
+// channel.
 //   pass 1  per channel, the sum of x in double: every term exact for float x and no overflow, so
 //           the mean is correctly rounded but for near-ties, and its rounding's rest is the
 //           Standardizer's center_lo;
@@ -28,33 +29,31 @@ namespace {
 
 using VecD = at::vec::Vectorized<double>;
 constexpr int64_t L = ColumnGeometry::L;
-constexpr int64_t W = ColumnGeometry::kLanes;
+constexpr int64_t kMaxLanes = ColumnGeometry::kMaxLanes;
 constexpr int64_t kBlockRows = ColumnGeometry::kBlockRows;
 
-// Row p's half h of the column (2L values) in float: the tensor itself for float x, else
-// converted into buffer.
-template <typename scalar_t>
-inline const float* half_row(const scalar_t* item, int64_t p, int h, ColumnAt col, float* buffer) {
-  return as_acc(col.row(item, p) + col.input(h), 2 * L, buffer);
-}
-
 // Passes 1 and 2 and the statistics of the column at c of an item, in row order (position
-// h 2L + l: channel h half + c + l), stored to mean and rstd (the item's C values each).
-template <typename scalar_t>
+// h width + l: channel h half + c + l), stored to mean and rstd (the item's C values each).
+template <int M, typename scalar_t>
 void column_stats(const scalar_t* item, int64_t c, const ColumnGeometry& geo, float eps,
                   Standardizer<float>* st, float* mean, float* rstd) {
+  constexpr int64_t kWidth = 2 * L * kSlices<M>, W = 2 * kWidth, kWide = VecD::size();
   const int64_t C = geo.C, N = geo.N;
   const ColumnAt col = geo.at(c);
-  constexpr int64_t kWide = VecD::size();
-  alignas(64) float buffer[2 * L];
+  // Row p's half h of the column in float: the tensor itself for float x, else converted into
+  // buffer.
+  alignas(64) float buffer[kWidth];
+  auto half_row = [&](int64_t p, int h) {
+    return as_acc(col.row(item, p) + col.input(h), kWidth, buffer);
+  };
   // Pass 1.
   VecD sum[W / kWide];
   for (auto& s : sum) s = VecD(0);
   for (int64_t p = 0; p < N; ++p) {
     for (int h = 0; h < 2; ++h) {
-      const float* x = half_row(item, p, h, col, buffer);
-      for (int64_t q = 0; q < 2 * L / kWide; ++q) {
-        VecD& s = sum[h * 2 * L / kWide + q];
+      const float* x = half_row(p, h);
+      for (int64_t q = 0; q < kWidth / kWide; ++q) {
+        VecD& s = sum[h * kWidth / kWide + q];
         s = s + load_wide(x + q * kWide);
       }
     }
@@ -67,22 +66,23 @@ void column_stats(const scalar_t* item, int64_t c, const ColumnGeometry& geo, fl
   }
   // Pass 2.
   for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
-    FloatVec acc[4];
+    FloatVec acc[W / L];
     for (auto& a : acc) a = FloatVec(0);
     for (int64_t p = p0; p < std::min(N, p0 + kBlockRows); ++p) {
       for (int h = 0; h < 2; ++h) {
-        const float* x = half_row(item, p, h, col, buffer);
-        for (int v = 0; v < 2; ++v) {
-          const FloatVec d = FloatVec::loadu(x + v * L) - FloatVec::loadu(means + (2 * h + v) * L);
-          acc[2 * h + v] = at::vec::fmadd(d, d, acc[2 * h + v]);
+        const float* x = half_row(p, h);
+        for (int64_t v = 0; v < kWidth / L; ++v) {
+          const int64_t pos = h * kWidth + v * L;
+          const FloatVec d = FloatVec::loadu(x + v * L) - FloatVec::loadu(means + pos);
+          acc[pos / L] = at::vec::fmadd(d, d, acc[pos / L]);
         }
       }
     }
-    for (int k = 0; k < 4; ++k) add_wide(sums[1] + k * L, acc[k]);
+    for (int64_t k = 0; k < W / L; ++k) add_wide(sums[1] + k * L, acc[k]);
   }
   // The statistics.
   for (int64_t pos = 0; pos < W; ++pos) {
-    const int64_t h = pos / (2 * L), ch = h * geo.half + c + pos % (2 * L);
+    const int64_t h = pos / kWidth, ch = h * geo.half + c + pos % kWidth;
     const bool spatial = channel_role(ch, geo.m).spatial;
     const double mean_d = sums[0][pos] / static_cast<double>(N);
     const float var = static_cast<float>(sums[1][pos] / static_cast<double>(N));
@@ -95,44 +95,50 @@ void column_stats(const scalar_t* item, int64_t c, const ColumnGeometry& geo, fl
   }
 }
 
-// The gates of a column as lanes (split_roles' order), from its statistics (row order).
-//   begin(c, st)      the lanes of the column at c;
-//   channel_gate(h)   half h's channel-branch gate (constant over the pixels);
-//   z(x, h)           the spatial gate's pre-activation of half h's spatial lanes x.
+// The gates of a column as lanes (ColumnGeometry's order), from its statistics (row order); slice
+// q = h kSlices + s (nhwc_columns.h).
+//   begin(c, st)        the lanes of the column at c;
+//   channel_gate(q)     slice q's channel-branch gate (constant over the pixels);
+//   z(x, h, s)          the spatial gate's pre-activation of slice s of half h, from the half's
+//                       slices x[0 .. kSlices).
 // SALayer: sigmoid(cw mu + cb) and the SpatialGate (sa_math.h), per channel.
-template <typename scalar_t>
+template <int M, typename scalar_t>
 class SALayerGates {
+  static constexpr int S = kSlices<M>;
+
  public:
   SALayerGates(const ForwardTensors<scalar_t>& t, const ColumnGeometry& geo) : t_(t), geo_(geo) {}
   SALayerGates(const SALayerGates&) = delete;  // fields_ points into field_
 
   void begin(int64_t c, const Standardizer<float>* st) {
-    for (int64_t lane = 0; lane < W; ++lane) {
+    for (int64_t lane = 0; lane < 4 * L * S; ++lane) {
       const int64_t ch = geo_.channel(c, lane);
       set_sa_layer_lanes(fields_.data(), lane, ch, geo_.m, st[geo_.position(c, ch)], t_.w);
     }
-    for (int h = 0; h < 2; ++h) {
-      channel_gate_[h] = FloatVec::loadu(field_[kConstantGate] + 2 * h * L);
-      gate_[h] = spatial_gate_at<FloatVec>(fields_.data(), 2 * h * L + L);
+    for (int q = 0; q < 2 * S; ++q) {
+      channel_gate_[q] = FloatVec::loadu(field_[kConstantGate] + 2 * q * L);
+      gate_[q] = spatial_gate_at<FloatVec>(fields_.data(), 2 * q * L + L);
     }
   }
-  FloatVec channel_gate(int h) const { return channel_gate_[h]; }
-  FloatVec z(const FloatVec& x, int h) const { return gate_[h].z(x); }
+  FloatVec channel_gate(int q) const { return channel_gate_[q]; }
+  FloatVec z(const RoleSplit* x, int h, int s) const { return gate_[h * S + s].z(x[s].spatial); }
 
  private:
   const ForwardTensors<scalar_t>& t_;
   const ColumnGeometry& geo_;
-  alignas(64) float field_[kSALayerFields][W] = {};
+  alignas(64) float field_[kSALayerFields][kMaxLanes] = {};
   std::array<float*, kSALayerFields> fields_ = lane_fields(field_);
-  FloatVec channel_gate_[2];
-  SpatialGate<FloatVec> gate_[2];
+  FloatVec channel_gate_[2 * S];
+  SpatialGate<FloatVec> gate_[2 * S];
 };
 
 // ShuffleAttention: sigmoid(W1 mu + b1) over a channel branch's means; z = W2 y + b2 with the
-// GroupNorm output y of the spatial branch's channels (BranchMixer: a vector of spatial lanes
-// holds L / M whole branches).
+// GroupNorm output y of the spatial branch's channels (BranchMixer: the half's spatial lanes hold
+// whole branches).
 template <int M, typename scalar_t>
 class ShuffleAttentionGates {
+  static constexpr int S = kSlices<M>;
+
  public:
   ShuffleAttentionGates(const ForwardTensors<scalar_t>& t, const ColumnGeometry& geo,
                         const BranchMixer& mixer)
@@ -140,56 +146,67 @@ class ShuffleAttentionGates {
   ShuffleAttentionGates(const ShuffleAttentionGates&) = delete;  // fields_ points into field_
 
   void begin(int64_t c, const Standardizer<float>* st) {
-    for (int64_t lane = 0; lane < W; ++lane) {
+    for (int64_t lane = 0; lane < 4 * L * S; ++lane) {
       const int64_t ch = geo_.channel(c, lane);
       const int64_t first = ch - channel_role(ch, M).k;  // of the channel's branch
       set_shuffle_attention_lanes(
           fields_.data(), lane, ch, M, st[geo_.position(c, ch)],
           [&](int64_t i) { return st[geo_.position(c, first + i)].mean; }, t_.w);
     }
-    for (int h = 0; h < 2; ++h) {
-      channel_gate_[h] = FloatVec::loadu(field_[kChannelGate] + 2 * h * L);
+    for (int q = 0; q < 2 * S; ++q) {
+      channel_gate_[q] = FloatVec::loadu(field_[kChannelGate] + 2 * q * L);
     }
   }
-  FloatVec channel_gate(int h) const { return channel_gate_[h]; }
-  FloatVec z(const FloatVec& x, int h) const {
-    return mixer_.mix<M>(group_norm_output_at(fields_.data(), x, 2 * h * L + L));
+  FloatVec channel_gate(int q) const { return channel_gate_[q]; }
+  FloatVec z(const RoleSplit* x, int h, int s) const {
+    FloatVec y[S];
+    for (int s2 = 0; s2 < S; ++s2) {
+      y[s2] = group_norm_output_at(fields_.data(), x[s2].spatial, 2 * (h * S + s2) * L + L);
+    }
+    return mixer_.mix<M>(y, s);
   }
 
  private:
   const ForwardTensors<scalar_t>& t_;
   const ColumnGeometry& geo_;
   const BranchMixer& mixer_;
-  alignas(64) float field_[kShuffleAttentionFields][W] = {};
+  alignas(64) float field_[kShuffleAttentionFields][kMaxLanes] = {};
   std::array<float*, kShuffleAttentionFields> fields_ = lane_fields(field_);
-  FloatVec channel_gate_[2];
+  FloatVec channel_gate_[2 * S];
 };
 
-// Pass 3 of the column at c of an item: its output rows (the 4L output channels from 2c).
+// Pass 3 of the column at c of an item: its output rows (the 2 width output channels from 2c).
 template <int M, typename scalar_t, typename Gates>
 void gate_column(const scalar_t* item, scalar_t* out, ColumnAt col, int64_t N, const Gates& gates,
                  bool streaming) {
-  const FloatVec channel_gate[2] = {gates.channel_gate(0), gates.channel_gate(1)};
-  RoleSplit x[kBlockRows][2];
-  FloatVec gate[kBlockRows][2];
+  constexpr int S = kSlices<M>, Q = 2 * S;
+  FloatVec channel_gate[Q];
+  for (int q = 0; q < Q; ++q) channel_gate[q] = gates.channel_gate(q);
+  RoleSplit x[kBlockRows][Q];
+  FloatVec gate[kBlockRows][Q];
   for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
     const int64_t rows = std::min(kBlockRows, N - p0);
     for (int64_t r = 0; r < rows; ++r) {
       for (int h = 0; h < 2; ++h) {
-        x[r][h] = column_x<M>(col.row(item, p0 + r), h, col);
-        gate[r][h] = sigmoid_exp_arg(gates.z(x[r][h].spatial, h));
+        RoleSplit* xs = x[r] + h * S;
+        column_x<M>(col.row(item, p0 + r), h, col, xs);
+        for (int s = 0; s < S; ++s) gate[r][h * S + s] = sigmoid_exp_arg(gates.z(xs, h, s));
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
-      for (int h = 0; h < 2; ++h) gate[r][h] = sigmoid_of_exp(sa_exp(gate[r][h]));
+      for (int q = 0; q < Q; ++q) gate[r][q] = sigmoid_of_exp(sa_exp(gate[r][q]));
     }
     for (int64_t r = 0; r < rows; ++r) {
-      FloatVec half_y[2][2];
+      FloatVec half_y[2][Q];  // each half's vectors in row order
       for (int h = 0; h < 2; ++h) {
-        const RoleSplit y{x[r][h].channel * channel_gate[h], x[r][h].spatial * gate[r][h]};
-        std::tie(half_y[h][0], half_y[h][1]) = merge_roles<M>(y, col.swapped[h]);
+        RoleSplit y[S];
+        for (int s = 0; s < S; ++s) {
+          const int q = h * S + s;
+          y[s] = RoleSplit{x[r][q].channel * channel_gate[q], x[r][q].spatial * gate[r][q]};
+        }
+        merge_half<M>(y, half_y[h]);
       }
-      for (int v = 0; v < 2; ++v) {  // channels c + vL .. of both halves: 2L output channels
+      for (int v = 0; v < Q; ++v) {  // both halves' vectors v: 2L output channels
         const auto [lo, hi] = at::vec::interleave2(half_y[0][v], half_y[1][v]);
         store_pair(col.row(out, p0 + r) + col.output(v), lo, hi, streaming);
       }
@@ -210,11 +227,11 @@ void forward_columns(Variant variant, const ForwardParams& p) {
     auto run = [&](const auto& make_gates) {
       at::parallel_for(0, p.batch * geo.columns, 1, [&](int64_t begin, int64_t end) {
         auto gates = make_gates();
-        Standardizer<float> st[W];
+        Standardizer<float> st[kMaxLanes];
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t b = task / geo.columns, c = task % geo.columns * 2 * L;
+          const int64_t b = task / geo.columns, c = task % geo.columns * geo.width;
           const scalar_t* item = t.x + b * N * C;
-          column_stats(item, c, geo, eps, st, t.mean + b * C, t.rstd + b * C);
+          column_stats<M()>(item, c, geo, eps, st, t.mean + b * C, t.rstd + b * C);
           gates.begin(c, st);
           gate_column<M()>(item, t.out + b * N * C, geo.at(c), N, gates, streaming);
         }
@@ -222,7 +239,7 @@ void forward_columns(Variant variant, const ForwardParams& p) {
       });
     };
     if (variant == Variant::kSALayer) {
-      run([&] { return SALayerGates<scalar_t>(t, geo); });
+      run([&] { return SALayerGates<M(), scalar_t>(t, geo); });
       return;
     }
     const BranchMixer mixer(t.w.sw, t.w.sb, M());

@@ -87,12 +87,12 @@ template <typename scalar_t>
 void forward_shuffle_attention_rows(const ForwardParams& p);
 
 // The forward of either variant by columns of a channels_last tensor (nhwc_columns.h,
-// forward_nhwc_columns.cpp), float lanes, m dividing 8 and C / 2 a multiple of 16.
+// forward_nhwc_columns.cpp), float lanes, where by_columns says.
 template <typename scalar_t>
 void forward_columns(Variant variant, const ForwardParams& p);
 
 // The backward of either variant by columns of a channels_last tensor (nhwc_columns.h,
-// backward_nhwc_cpu.cpp), float lanes, m dividing 8 and C / 2 a multiple of 16.
+// backward_nhwc_cpu.cpp), float lanes, where by_columns says.
 template <typename scalar_t>
 void backward_columns(Variant variant, const BackwardParams& p);
 

@@ -1,9 +1,10 @@
 // channels_last (NHWC) by rows: the direct forward of the CPU for float lanes (float, bfloat16
-// and half x) where the columns of nhwc_columns.h do not apply (m not dividing 8, or C / 2 not a
-// multiple of 16) and a tile of nhwc_tiles.h would be narrower than 32 channels (forward_cpu.cpp,
-// forward_by_rows; ShuffleAttention only for m dividing 4); and the row helpers the columns share
-// (split_roles, BranchMixer, load_pair / store_pair, the lane fields). float64, the rest of the
-// backward, ShuffleAttention's other m and wider tiles keep the tiles (docs/kernels.md says why).
+// and half x) where the columns of nhwc_columns.h do not apply (by_columns: m neither dividing 8
+// nor 16, or C / 2 not a multiple of a column's width) and a tile of nhwc_tiles.h would be narrower
+// than 32 channels (forward_cpu.cpp, forward_by_rows; ShuffleAttention only for m dividing 4); and
+// the row helpers the columns share (split_roles, BranchMixer, load_pair / store_pair, the lane
+// fields). float64, the rest of the backward, ShuffleAttention's other m and wider tiles keep the
+// tiles (docs/kernels.md says why).
 //
 // In NHWC the C channels of a pixel are one contiguous row. The kernel reads x row after row, as
 // it lies in memory, and writes each output row once:
@@ -154,10 +155,11 @@ inline std::pair<FloatVec, FloatVec> merge_roles(const RoleSplit& split, bool sw
 #endif
 }
 
-// body(std::integral_constant<int, m>{}) for m = 1, 2, 4, 8 (the m dividing L for 8 float lanes).
+// body(std::integral_constant<int, m>{}) for m = 1, 2, 4, 8, 16: the m dividing L, and 2L (both
+// builds, AVX2 and the default ISA, have 8 float lanes).
 template <typename Body>
 inline auto dispatch_m(int64_t m, const Body& body) {
-  static_assert(FloatVec::size() % 8 == 0);
+  static_assert(FloatVec::size() == 8);
   switch (m) {
     case 1:
       return body(std::integral_constant<int, 1>{});
@@ -165,18 +167,27 @@ inline auto dispatch_m(int64_t m, const Body& body) {
       return body(std::integral_constant<int, 2>{});
     case 4:
       return body(std::integral_constant<int, 4>{});
-    default:
-      TORCH_CHECK(m == 8, "dispatch_m: m must be 1, 2, 4 or 8, got ", m);
+    case 8:
       return body(std::integral_constant<int, 8>{});
+    default:
+      TORCH_CHECK(m == 16, "dispatch_m: m must be 1, 2, 4, 8 or 16, got ", m);
+      return body(std::integral_constant<int, 16>{});
   }
 }
 
+// split_roles and merge_roles for an m known at run time (dividing L).
 inline RoleSplit split_roles(const FloatVec& a, const FloatVec& b, int64_t m, bool swapped) {
-  return dispatch_m(m, [&](auto M) { return split_roles<M()>(a, b, swapped); });
+  return dispatch_m(m, [&](auto M) {
+    TORCH_CHECK(FloatVec::size() % M() == 0, "split_roles: m must divide ", FloatVec::size());
+    return split_roles<std::min<int>(M(), FloatVec::size())>(a, b, swapped);
+  });
 }
 
 inline std::pair<FloatVec, FloatVec> merge_roles(const RoleSplit& split, int64_t m, bool swapped) {
-  return dispatch_m(m, [&](auto M) { return merge_roles<M()>(split, swapped); });
+  return dispatch_m(m, [&](auto M) {
+    TORCH_CHECK(FloatVec::size() % M() == 0, "merge_roles: m must divide ", FloatVec::size());
+    return merge_roles<std::min<int>(M(), FloatVec::size())>(split, swapped);
+  });
 }
 
 // The roles of a row's channels for the vector loops. With m dividing L/2, each half's
@@ -343,7 +354,7 @@ inline void set_sa_layer_lanes(float* const* field, int64_t lane, int64_t ch, in
   set_spatial_gate(field, lane, spatial_gate(w.sw[k], w.sb[k], w.gw[k], w.gb[k], st));
 }
 
-// ShuffleAttention (m dividing L): the channel branch's gate sigmoid(W1 mu + b1)[k] over the
+// ShuffleAttention (m up to 2L): the channel branch's gate sigmoid(W1 mu + b1)[k] over the
 // branch's means (branch_mean(i): the mean of its channel i, as NCHW), or the GroupNorm output.
 template <typename BranchMean>
 inline void set_shuffle_attention_lanes(float* const* field, int64_t lane, int64_t ch, int64_t m,
@@ -353,9 +364,9 @@ inline void set_shuffle_attention_lanes(float* const* field, int64_t lane, int64
   const ChannelRole role = channel_role(ch, m);
   const int64_t k = role.k;
   if (!role.spatial) {
-    float mu[FloatVec::size()];
-    TORCH_CHECK(m <= FloatVec::size(), "set_shuffle_attention_lanes: m must divide ",
-                FloatVec::size());
+    constexpr int64_t kMaxM = 2 * FloatVec::size();  // dispatch_m's largest m
+    float mu[kMaxM];
+    TORCH_CHECK(m <= kMaxM, "set_shuffle_attention_lanes: m must be at most ", kMaxM);
     for (int64_t i = 0; i < m; ++i) mu[i] = branch_mean(i);
     field[kChannelGate][lane] = sigmoid(matvec_row(w.cw, mu, w.cb, m, k));
     return;
@@ -381,42 +392,69 @@ inline V by_role(const RowRoles& roles, int64_t c, const Channel& channel, const
   }
 }
 
-// ShuffleAttention's m x m matrices on a vector of L / m whole branches (m dividing L;
-// split_roles keeps each branch in m aligned lanes, in channel order). The gate's pre-activation
-// z = b2 + W2 y is
-//   z = b2 + sum_d W2_d * rot_d(y),
-// rot_d rotating each run of m lanes by d: lane l (channel j) of rot_d(y) holds channel
-// k = (j + d) mod m, and of W2_d the weight W2[j, k]. m FMAs and m - 1 lane permutations per
-// vector, against the m^2 FMAs per L pixels of the NCHW kernel's planes. The backward's
-// dy = W2^T t is the mixer of the transpose (lane j of W2_d holds W2[k, j]) without a bias, and
-// its A[j, k] = sum t_j xh_k sums t * rot_d(xh) lane by lane. The lanes of W2_d are laid out once
-// per call.
+// ShuffleAttention's m x m matrices on vectors of whole branches: for m dividing L, a vector of
+// L / m branches (split_roles keeps each branch in m aligned lanes, in channel order); for m = 2L,
+// one branch in two vectors ("slices": slice s holds its channels s L .. s L + L - 1). With runs of
+// r = min(m, L) lanes and the slices' vectors y_s, the gate's pre-activation z = b2 + W2 y is
+//   z_s = b2 + sum_{s', d} W2_{s, s', d} * rot_d(y_s'),
+// rot_d rotating each run of r lanes by d: lane l (channel j = s r + l mod r) of rot_d(y_s')
+// holds channel k = s' r + (l mod r + d) mod r, and of W2_{s, s', d} the weight W2[j, k]. m FMAs
+// per vector and r - 1 lane permutations per slice, against the m^2 FMAs per L pixels of the NCHW
+// kernel's planes. The backward's dy = W2^T t is the mixer of the transpose (W2[k, j]) without a
+// bias, and its A[j, k] = sum t_j xh_k sums t_s * rot_d(xh_s') lane by lane. The lanes of the
+// weights are laid out once per call.
 class BranchMixer {
  public:
   static constexpr int64_t L = FloatVec::size();
 
-  // bias: m values, or nullptr for none.
+  // bias: m values, or nullptr for none. m divides L or is a multiple of L.
   BranchMixer(const float* W2, const float* bias, int64_t m, bool transposed = false)
-      : m_(m), weight_(m * L), bias_(L, 0.0f), rotation_(m * L) {
-    for (int64_t d = 0; d < m; ++d) {
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t j = l % m, k = (j + d) % m;
-        rotation_[d * L + l] = static_cast<int32_t>(l - j + k);
-        weight_[d * L + l] = transposed ? W2[k * m + j] : W2[j * m + k];
-        if (bias != nullptr) bias_[l] = bias[j];
+      : m_(m),
+        run_(std::min(m, L)),
+        slices_(m > L ? m / L : 1),
+        weight_(slices_ * slices_ * run_ * L),
+        bias_(slices_ * L, 0.0f),
+        rotation_(run_ * L) {
+    TORCH_CHECK(L % m == 0 || m % L == 0, "BranchMixer: m must divide ", L, " or be a multiple");
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t lane = l % run_;
+      for (int64_t d = 0; d < run_; ++d) {
+        rotation_[d * L + l] = static_cast<int32_t>(l - lane + (lane + d) % run_);
+      }
+      for (int64_t s = 0; s < slices_; ++s) {
+        const int64_t j = s * run_ + lane;
+        if (bias != nullptr) bias_[s * L + l] = bias[j];
+        for (int64_t s2 = 0; s2 < slices_; ++s2) {
+          for (int64_t d = 0; d < run_; ++d) {
+            const int64_t k = s2 * run_ + (lane + d) % run_;
+            weight_[((s * slices_ + s2) * run_ + d) * L + l] =
+                transposed ? W2[k * m + j] : W2[j * m + k];
+          }
+        }
       }
     }
   }
 
-  // M: m where the caller knows it at compile time (0: the m of the constructor).
+  // z_s from the slices' vectors y[0 .. m / L). M: m where the caller knows it at compile time
+  // (0: the m of the constructor).
   template <int M = 0>
-  FloatVec mix(const FloatVec& y) const {
-    const int64_t m = M > 0 ? M : m_;
-    FloatVec z = at::vec::fmadd(FloatVec::loadu(weight_.data()), y, FloatVec::loadu(bias_.data()));
-    for (int64_t d = 1; d < m; ++d) {
-      z = at::vec::fmadd(FloatVec::loadu(weight_.data() + d * L), rotate(y, d), z);
+  FloatVec mix(const FloatVec* y, int s) const {
+    const int64_t run = M > 0 ? std::min<int64_t>(M, L) : run_;
+    const int64_t slices = M > 0 ? (M > L ? M / L : 1) : slices_;
+    FloatVec z = FloatVec::loadu(bias_.data() + s * L);
+    for (int64_t s2 = 0; s2 < slices; ++s2) {
+      const float* weight = weight_.data() + (s * slices + s2) * run * L;
+      z = at::vec::fmadd(FloatVec::loadu(weight), y[s2], z);
+      for (int64_t d = 1; d < run; ++d) {
+        z = at::vec::fmadd(FloatVec::loadu(weight + d * L), rotate(y[s2], d), z);
+      }
     }
     return z;
+  }
+  // m dividing L: one slice.
+  template <int M = 0>
+  FloatVec mix(const FloatVec& y) const {
+    return mix<M>(&y, 0);
   }
 
   FloatVec rotate(const FloatVec& y, int64_t d) const {
@@ -432,7 +470,7 @@ class BranchMixer {
   }
 
  private:
-  int64_t m_;
+  int64_t m_, run_, slices_;
   std::vector<float> weight_, bias_;
   std::vector<int32_t> rotation_;
 };

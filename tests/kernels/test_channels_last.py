@@ -1,11 +1,11 @@
 """channels_last (NHWC) tensors through the fused ops, on every backend.
 
 The CPU kernels read and write NHWC as it is. In float, bfloat16 and half, both variants' forward
-and backward go by columns where m divides 8 and C / 2 is a multiple of 16
-(csrc/cpu/nhwc_columns.h; _by_columns), and the forward by rows on other large planes
-(csrc/cpu/nhwc_rows.h; ShuffleAttention where m divides 4; _by_rows): their sums go in orders of
-their own (the statistics in double), so their results are held to the float64 reference (and their
-statistics to the true ones) instead of to NCHW's bits. Every other CPU path (float64, the other
+and backward go by columns where m divides 8 or is 16 and C / 2 is a multiple of 2 max(8, m)
+(csrc/cpu/nhwc_columns.h; _by_columns: every SA-ResNet-50 stage), and the forward by rows on other
+large planes (csrc/cpu/nhwc_rows.h; ShuffleAttention where m divides 4; _by_rows): their sums go in
+orders of their own (the statistics in double), so their results are held to the float64 reference
+(and their statistics to the true ones) instead of to NCHW's bits. Every other CPU path (float64, the other
 shapes) goes by tiles of channels (csrc/cpu/nhwc_tiles.h) that run the NCHW kernels' unit bodies on
 the same planes in the same order: given the same statistics, their results equal the NCHW call's
 bit for bit. The CUDA source (on a GPU, and through the emulator) reads both variants' NHWC as it
@@ -77,14 +77,14 @@ ROW_SHAPES = [
     pytest.param((1, 120, 25, 25), 10, id="m6-mixed-tail4"),
     pytest.param((1, 96, 23, 25), 4, id="m12"),
     pytest.param((1, 48, 30, 31), 3, id="m8-Godd"),  # C / 2 = 24: not columns
-    pytest.param((1, 256, 32, 20), 8, id="m16"),
+    pytest.param((1, 96, 32, 20), 3, id="m16-Godd"),  # C / 2 = 48: not columns
     pytest.param((2, 2, 3, 3), 1, id="C2"),
     pytest.param((1, 48, 1, 1000), 6, id="N1000"),  # several chunks per item
 ]
-# By columns (_by_columns: m dividing 8, C / 2 a multiple of 16), forward and backward: columns of
-# 16 channels of each half (whole branches: ShuffleAttention's m x m products by lane rotations;
-# for m = 8 a column of a half is one group, a vector of each role), by blocks of 16 rows with a
-# tail.
+# By columns (_by_columns: m dividing 8 or m = 16, C / 2 a multiple of 2 max(8, m)), forward and
+# backward: columns of 16 channels of each half (whole branches: ShuffleAttention's m x m products
+# by lane rotations; for m = 8 a column of a half is one group, a vector of each role), of 32 for
+# m = 16 (one group: two vectors of each role), by blocks of 16 rows with a tail.
 COLUMN_SHAPES = [
     pytest.param((2, 64, 24, 25), 8, id="m4-2cols-N600"),  # 37 blocks and 8 rows
     pytest.param((2, 128, 24, 30), 64, id="m1-4cols"),
@@ -95,6 +95,9 @@ COLUMN_SHAPES = [
     pytest.param((2, 256, 7, 9), 16, id="m8-8cols-N63"),
     pytest.param((3, 32, 5, 7), 2, id="m8-1col-N35"),
     pytest.param((2, 192, 14, 14), 12, id="m8-6cols-N196"),
+    pytest.param((2, 256, 7, 7), 8, id="m16-4cols-N49"),
+    pytest.param((3, 64, 3, 7), 2, id="m16-1col-N21"),
+    pytest.param((1, 128, 1, 40), 4, id="m16-h1-N40"),
 ]
 # ShuffleAttention's rows: the shapes above with m dividing 4.
 SHUFFLE_ROW_SHAPES = [
@@ -211,12 +214,13 @@ def _by_rows(backend, variant, dtype, shape, groups):
 
 def _by_columns(backend, variant, dtype, shape, groups):
     """Whether the forward and the backward go by columns (csrc/cpu/nhwc_columns.h, by_columns): on
-    the CPU in float lanes, either variant, where m divides 8 and pairs of 8-channel vectors cover
-    each half."""
+    the CPU in float lanes, either variant, where m divides 8 or is 16 and columns of 2 max(8, m)
+    channels cover each half."""
     if backend.name != "cpu" or dtype == torch.float64:
         return False
     half = shape[1] // 2
-    return 8 % (half // groups) == 0 and half % 16 == 0
+    m = half // groups
+    return (8 % m == 0 or m == 16) and half % (2 * max(8, m)) == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -332,6 +332,7 @@ def test_columns_only_where_the_rule_says():
     "shape,groups,columns",
     [
         pytest.param((3, 64, 20, 30), 8, True, id="columns"),
+        pytest.param((3, 128, 9, 10), 4, True, id="columns-m16"),  # two slices a half
         pytest.param((3, 40, 20, 30), 5, False, id="rows"),  # m = 4, C / 2 = 20
     ],
 )
@@ -374,6 +375,9 @@ def test_rows_do_not_depend_on_the_thread_count(variant, shape, groups, columns)
         pytest.param(
             "shuffle_attention", (1, 64, 200, 205), 16, torch.float32, id="sa-fp32-backward-rows"
         ),
+        # m = 16: columns of two slices a half
+        pytest.param("shuffle_attention", (1, 64, 200, 205), 2, torch.float32, id="sa-fp32-m16"),
+        pytest.param("sa_layer", (1, 64, 290, 290), 2, torch.bfloat16, id="bf16-m16"),
     ],
 )
 def test_rows_streaming_stores(variant, shape, groups, dtype):

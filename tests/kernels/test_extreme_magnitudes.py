@@ -71,6 +71,7 @@ SHAPES = {
     # (csrc/cpu/nhwc_rows.h), whose statistics are sums in double over each channel, then NCHW's
     # plane_stats for a channel they overflow
     "cpu-cl": ((32, 7, 9), 8),  # m = 2, C / 2 = 16: by columns (both variants)
+    "cpu-cl-m16": ((64, 7, 9), 2),  # m = 16, C / 2 = 32: by columns of two slices a half
     # m = 6: SALayer's rows, vectors mixing roles, a scalar tail, 2 chunks; ShuffleAttention's tiles
     "cpu-cl-mixed": ((24, 9, 70), 2),
     "emu-warp-vector": ((8, 8, 8), 2),
@@ -180,6 +181,7 @@ GRID = [
     ("cpu", (torch.float32, torch.bfloat16, torch.float16)),
     ("cpu-large", (torch.float32, torch.bfloat16, torch.float16)),
     ("cpu-cl", (torch.float32, torch.bfloat16, torch.float16)),
+    ("cpu-cl-m16", (torch.float32, torch.bfloat16, torch.float16)),
     ("cpu-cl-mixed", (torch.float32, torch.bfloat16, torch.float16)),
     ("emu-warp-vector", (torch.float32, torch.bfloat16, torch.float16)),
     ("emu-warp-scalar", (torch.float32, torch.bfloat16)),
@@ -194,6 +196,7 @@ GROUP_GRID = [
     ("cpu", (torch.float32, torch.bfloat16, torch.float16)),
     ("cpu-large", (torch.float32, torch.bfloat16)),
     ("cpu-cl", (torch.float32, torch.bfloat16, torch.float16)),
+    ("cpu-cl-m16", (torch.float32, torch.bfloat16)),
     ("cpu-cl-mixed", (torch.float32, torch.bfloat16)),
     ("emu-group", (torch.float32, torch.bfloat16, torch.float16)),
     ("emu-group-tiles", (torch.float32, torch.bfloat16)),
@@ -223,7 +226,7 @@ def test_forward_grid(variant, impl, dtype):
     [
         pytest.param(v, impl, d, id=f"{v}-{impl}-{DTYPE_IDS[d]}")
         for v in VARIANTS
-        for impl in ("cpu", "cpu-large", "cpu-cl")
+        for impl in ("cpu", "cpu-large", "cpu-cl", "cpu-cl-m16")
         for d in (torch.float32, torch.bfloat16)
     ]
     + [
@@ -252,7 +255,7 @@ def test_backward_grid_finite_where_eager_is(variant, impl, dtype):
     [
         pytest.param(v, impl, id=f"{v}-{impl}")
         for v in VARIANTS
-        for impl in ("cpu", "cpu-cl")
+        for impl in ("cpu", "cpu-cl", "cpu-cl-m16")
         + (("emu-warp-vector", "emu-nhwc-cl") if v == "sa_layer" else ("emu-group", "emu-nhwc-cl"))
     ],
 )
@@ -323,7 +326,7 @@ def check_case(case):
 
 
 @settings(max_examples=40, **SETTINGS)
-@given(case=cases(("cpu", "cpu-large", "cpu-cl", "cpu-cl-mixed")))
+@given(case=cases(("cpu", "cpu-large", "cpu-cl", "cpu-cl-m16", "cpu-cl-mixed")))
 def test_cpu_property(case):
     check_case(case)
 

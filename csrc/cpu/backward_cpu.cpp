@@ -386,7 +386,7 @@ void reduce_param_grads(Variant variant, const BackwardParams& p) {
 
   const int64_t entries = param_grad_entries(variant, m);
   std::vector<ParamGradEntry<acc_t>> run;
-  std::vector<SlotTerm<acc_t>> mean_terms;
+  std::vector<int64_t> offsets, mu_offsets;
   std::vector<double> mean_sums;
   for (int64_t e = 0; e < entries;) {
     run.clear();
@@ -406,12 +406,28 @@ void reduce_param_grads(Variant variant, const BackwardParams& p) {
       }
       continue;
     }
-    // d_cw: one term per entry, sum_s dz * mu, the run's entries side by side.
-    mean_terms.clear();
-    for (const auto& entry : run) mean_terms.push_back(entry.term(0));
+    // d_cw: one term per entry, sum_s dz * mu, the run's entries side by side. The terms of a run
+    // differ in their offsets only: slot by slot, the products as SlotTerm forms them (a call of
+    // SlotTerm per product took 19 instructions: 2.5 million, on one thread, for ShuffleAttention
+    // m = 16 at batch 8).
+    const SlotTerm<acc_t> first = run[0].term(0);
+    offsets.clear();
+    mu_offsets.clear();
+    for (const auto& entry : run) {
+      const SlotTerm<acc_t> term = entry.term(0);
+      TORCH_INTERNAL_ASSERT(term.values == first.values && term.stride == first.stride &&
+                            term.mu == first.mu && term.mu_stride == first.mu_stride);
+      offsets.push_back(term.offset);
+      mu_offsets.push_back(term.mu_offset);
+    }
     mean_sums.assign(run.size(), 0.0);
     for (int64_t slot = 0; slot < slots; ++slot) {
-      for (size_t r = 0; r < run.size(); ++r) mean_sums[r] += mean_terms[r](slot);
+      const acc_t* values = first.values + slot * first.stride;
+      const acc_t* mu = first.mu + slot * first.mu_stride;
+      for (size_t r = 0; r < run.size(); ++r) {
+        mean_sums[r] +=
+            static_cast<double>(values[offsets[r]]) * static_cast<double>(mu[mu_offsets[r]]);
+      }
     }
     for (size_t r = 0; r < run.size(); ++r) run[r].store(run[r].accumulate(0.0, 0, mean_sums[r]));
   }

@@ -476,9 +476,15 @@ SA_HOST_DEVICE InputGradCoeffs<T> spatial_grad_coeffs(T alpha, T d1_sum, T d2_su
   return InputGradCoeffs<T>{alpha, T(0), d1_sum * inv_n, d2_sum * inv_n};
 }
 
+// gu * s: the term of dx both branches share.
+template <typename V>
+SA_HOST_DEVICE V gated_grad(const V& gu, const V& s) {
+  return gu * s;
+}
+
 template <typename V>
 SA_HOST_DEVICE V channel_input_grad(const V& gu, const V& s, const V& beta) {
-  return gu * s + beta;
+  return gated_grad(gu, s) + beta;
 }
 
 // What the spatial branch adds to channel_input_grad(gu, s, beta).
@@ -487,10 +493,17 @@ SA_HOST_DEVICE V spatial_grad_terms(const V& dy, const V& xh, const InputGradCoe
   return V(k.alpha) * (dy - V(k.d1) - xh * V(k.d2));
 }
 
+// From gated = gated_grad(gu, s), formed earlier (the CPU's channels_last backward keeps it).
+template <typename V, typename T>
+SA_HOST_DEVICE V spatial_input_grad_gated(const V& gated, const V& dy, const V& xh,
+                                          const InputGradCoeffs<T>& k) {
+  return (gated + V(k.beta)) + spatial_grad_terms(dy, xh, k);
+}
+
 template <typename V, typename T>
 SA_HOST_DEVICE V spatial_input_grad(const V& gu, const V& s, const V& dy, const V& xh,
                                     const InputGradCoeffs<T>& k) {
-  return channel_input_grad(gu, s, V(k.beta)) + spatial_grad_terms(dy, xh, k);
+  return spatial_input_grad_gated(gated_grad(gu, s), dy, xh, k);
 }
 
 // ShuffleAttention's spatial branch: dy(p) = W2^T t(p), so for channel i

@@ -1,14 +1,14 @@
 // The backward of both variants by columns (nhwc_columns.h), float lanes. Bytes moved: x and
-// grad_out are read from memory once (pass 1; pass 2 re-reads the column from the L2 cache), grad_x
-// is written once; the spatial lanes' gate is written and read back once, in cache. A column's
-// grad_out is the 2 width output channels from 2c (interleaved); x and grad_x its two runs of
-// width.
+// grad_out are read from memory once (pass 1), grad_x is written once; pass 1 keeps 4 vectors a
+// slice and row (KeptTerm: as many bytes as the column's x and grad_out) that pass 2 reads back
+// from the L2 cache. A column's grad_out is the 2 width output channels from 2c (interleaved); x
+// and grad_x its two runs of width.
 //   pass 1  by blocks of kBlockRows rows: sum(gu x) on channel lanes, and the spatial lanes' sums
 //           (SALayer: T1 = sum t and T2 = sum t xh; ShuffleAttention: T1 and A[j, k] =
 //           sum t_j xh_k), in registers over the block, then added to the column's sums in
-//           double; the gate s is kept for pass 2;
+//           double; the kept terms for pass 2;
 //   finish  per channel or branch: the partials of the parameter gradients and dx's coefficients;
-//   pass 2  dx row by row from the kept gate.
+//   pass 2  dx row by row from the kept terms.
 // The per-element formulas are the NCHW kernels' (sa_math.h); only the order of the sums differs.
 #include <ATen/OpMathType.h>
 
@@ -82,85 +82,57 @@ inline ColumnValues<M> column_values(const scalar_t* x_row, const scalar_t* gu_r
   return values;
 }
 
-// A block of rows of a column, per row and slice: the spatial lanes' x, grad_out and gate, and a
-// result of the channel lanes. Pass 1 takes the exp in a loop of its own (a call to the vector
-// exp spills every live vector register: inside the loop that holds a column's coefficients and
-// sums it cost about 60 instructions a call, callgrind) and keeps the gate for pass 2, which reads
-// it back instead (as the NCHW kernel keeps its gate plane).
+// Pass 1's block of rows of a column, per row and slice: the spatial lanes' x, grad_out and gate.
+// The exp runs in a loop of its own: a call to the vector exp spills every live vector register
+// (inside the loop that holds a column's sums it cost about 60 instructions a call, callgrind).
 template <int M>
 struct ColumnBlock {
-  static constexpr int S = kSlices<M>, Q = 2 * S;
-  FloatVec x[kBlockRows][Q], gu[kBlockRows][Q], gate[kBlockRows][Q], channel[kBlockRows][Q];
-  int64_t rows;
-
-  // Rows [p0, p0 + count) of the column; channel_lanes(x, gu, q) gives channel[r][q]. The gate:
-  // saved[(p Q + q) L ...] of pixel p when kSaved, else sigmoid(gate_z(x, h, s)) of the half's
-  // slices x (stored there).
-  template <bool kSaved, typename scalar_t, typename GateZ, typename ChannelResult>
-  void load(const scalar_t* x_item, const scalar_t* gu_item, ColumnAt col, int64_t p0,
-            int64_t count, float* saved, const GateZ& gate_z, const ChannelResult& channel_lanes) {
-    rows = count;
-    for (int64_t r = 0; r < rows; ++r) {
-      const ColumnValues<M> v =
-          column_values<M>(col.row(x_item, p0 + r), col.row(gu_item, p0 + r), col);
-      for (int h = 0; h < 2; ++h) {
-        for (int s = 0; s < S; ++s) {
-          const int q = h * S + s;
-          channel[r][q] = channel_lanes(v.x[h][s].channel, v.gu[h][s].channel, q);
-          x[r][q] = v.x[h][s].spatial;
-          gu[r][q] = v.gu[h][s].spatial;
-          if constexpr (kSaved) {
-            gate[r][q] = FloatVec::loadu(saved + ((p0 + r) * Q + q) * L);
-          } else {
-            gate[r][q] = sigmoid_exp_arg(gate_z(v.x[h], h, s));
-          }
-        }
-      }
-    }
-    if constexpr (!kSaved) {
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int q = 0; q < Q; ++q) {
-          gate[r][q] = sigmoid_of_exp(sa_exp(gate[r][q]));
-          gate[r][q].store(saved + ((p0 + r) * Q + q) * L);
-        }
-      }
-    }
-  }
-
-  // t = dL/dz and xh of row r, slice q, as the NCHW kernels form them.
-  struct SpatialTerms {
-    FloatVec t, xh;
-  };
-  SpatialTerms spatial(const Standardizer<FloatVec>& st, int64_t r, int q) const {
-    return {gate_input_grad(gu[r][q], x[r][q], gate[r][q]), st.normalized(x[r][q])};
-  }
+  static constexpr int Q = 2 * kSlices<M>;
+  FloatVec x[kBlockRows][Q], gu[kBlockRows][Q], gate[kBlockRows][Q];
 };
+
+// What pass 1 keeps of a row for pass 2, per slice: grad_out on the channel lanes; gu s
+// (gated_grad), t = dL/dz and xh on the spatial lanes. Pass 2 reads these alone, 4 vectors a
+// slice (as many bytes as the column's x and grad_out, from the L2 cache), instead of x and
+// grad_out again (deinterleaved and split by role again) and the gate, with t formed again: about
+// a third of the SALayer backward's instructions at stage 1 (callgrind).
+enum KeptTerm { kKeptGrad, kKeptGated, kKeptT, kKeptXh, kKeptTerms };
 
 // The columns of one variant through both passes. A Column (SALayerColumn,
 // ShuffleAttentionColumn) is a ColumnLanes with
 //   kSums                  pass 1's sums per lane: sum 0 is sum(gu x) on the channel lanes (taken
 //                          here), the others are on the spatial lanes;
 //   begin(b, c)            the lanes known before pass 1: kGate on the channel lanes, the spatial
-//                          branch's statistics and parameters;
-//   z(x, h, s)             the spatial gate's pre-activation of slice s of half h (its slices x);
-//   accumulate(block, r, q, sums)  row r's terms of sums 1 .. kSums - 1 on slice q;
+//                          branch's statistics (standardizer(q)) and parameters;
+//   z(x, h, z)             the spatial gate's pre-activation of the slices of half h, z[0 .. S),
+//                          from the half's slices x;
+//   accumulate(t, xh, h, acc)  a row's terms of sums 1 .. kSums - 1 on the slices of half h, from
+//                          their t[0 .. S) and xh[0 .. S);
 //   finish(b, c, sums)     the partials of the parameter gradients, kBeta on the channel lanes,
 //                          and what spatial_grad needs;
-//   spatial_grad(block, r, q)      dx of row r on slice q's spatial lanes.
+//   spatial_grad(gated, t, xh, h, dx)  dx of a row on the spatial lanes of half h's slices.
 // make_column() makes one per task range.
 template <int M, typename scalar_t, typename MakeColumn>
 void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, int64_t batch,
                  const MakeColumn& make_column) {
   constexpr int S = kSlices<M>, Q = 2 * S;
-  const int64_t C = geo.C, N = geo.N;
-  const bool streaming = stream_results(batch * N * C * int64_t{sizeof(scalar_t)});
   at::parallel_for(0, batch * geo.columns, 1, [&](int64_t begin, int64_t end) {
-    // The spatial lanes' gate, pass 1 to pass 2 (written before it is read: no initial values).
-    const std::unique_ptr<float[]> saved_gate(new float[N * Q * L]);
+    // Locals, not the closure's references: those are read again after every vector store (which
+    // may alias anything).
+    const int64_t C = geo.C, N = geo.N;
+    const bool streaming = stream_results(batch * N * C * int64_t{sizeof(scalar_t)});
+    // The kept terms of a column's N rows, pass 1 to pass 2 (written before they are read): row p,
+    // slice q, term k at ((p Q + q) kKeptTerms + k) L.
+    const AlignedFloats kept = aligned_floats(N * Q * kKeptTerms * L);
+    auto keep = [&](int64_t p, int q, KeptTerm k, const FloatVec& v) {
+      v.store(kept.get() + ((p * Q + q) * kKeptTerms + k) * L);
+    };
+    auto kept_term = [&](int64_t p, int q, KeptTerm k) {
+      return FloatVec::loadu(kept.get() + ((p * Q + q) * kKeptTerms + k) * L);
+    };
     auto column = make_column();
     using Column = decltype(column);
     constexpr int kSums = Column::kSums;
-    auto gate_z = [&](const RoleSplit* x, int h, int s) { return column.z(x, h, s); };
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / geo.columns, c = task % geo.columns * geo.width;
       const ColumnAt col = geo.at(c);
@@ -169,58 +141,89 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
       const scalar_t* gu = t.grad_out + b * N * C;
       scalar_t* dx = t.grad_x + b * N * C;
 
-      // Pass 1.
+      // Pass 1: by blocks of kBlockRows rows, the sums in registers over a block, then added to
+      // the column's sums in double.
       alignas(64) double sums[kSums][kMaxLanes] = {};
-      {
-        ColumnBlock<M> block;
-        for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
-          FloatVec acc[kSums][Q];
-          for (auto& row : acc) {
-            for (auto& a : row) a = FloatVec(0);
+      ColumnBlock<M> block;
+      for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
+        const int64_t rows = std::min(kBlockRows, N - p0);
+        FloatVec acc[kSums][Q];
+        for (auto& row : acc) {
+          for (auto& a : row) a = FloatVec(0);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          if (p0 + r + kPrefetchRows < N) {
+            prefetch_column_row(col.row(x, p0 + r + kPrefetchRows),
+                                col.row(gu, p0 + r + kPrefetchRows), col, geo.width);
           }
-          block.template load<false>(x, gu, col, p0, std::min(kBlockRows, N - p0), saved_gate.get(),
-                                     gate_z, [&](const FloatVec& xv, const FloatVec& gv, int q) {
-                                       acc[0][q] = acc[0][q] + gv * xv;
-                                       return FloatVec(0);
-                                     });
-          for (int64_t r = 0; r < block.rows; ++r) {
-            for (int q = 0; q < Q; ++q) column.accumulate(block, r, q, acc);
-          }
-          for (int k = 0; k < kSums; ++k) {
-            for (int q = 0; q < Q; ++q) {
-              const int64_t pos =
-                  k == 0 ? ColumnLanes::channel_lanes(q) : ColumnLanes::spatial_lanes(q);
-              add_wide(sums[k] + pos, acc[k][q]);
+          const ColumnValues<M> v = column_values<M>(col.row(x, p0 + r), col.row(gu, p0 + r), col);
+          for (int h = 0; h < 2; ++h) {
+            FloatVec* z = block.gate[r] + h * S;
+            column.z(v.x[h], h, z);
+            for (int s = 0; s < S; ++s) {
+              const int q = h * S + s;
+              acc[0][q] = acc[0][q] + v.gu[h][s].channel * v.x[h][s].channel;
+              keep(p0 + r, q, kKeptGrad, v.gu[h][s].channel);
+              block.x[r][q] = v.x[h][s].spatial;
+              block.gu[r][q] = v.gu[h][s].spatial;
+              z[s] = sigmoid_exp_arg(z[s]);
             }
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          for (auto& gate : block.gate[r]) gate = sigmoid_of_exp(sa_exp(gate));
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int h = 0; h < 2; ++h) {
+            FloatVec t_row[S], xh[S];
+            for (int s = 0; s < S; ++s) {
+              const int q = h * S + s;
+              const FloatVec &xv = block.x[r][q], &gv = block.gu[r][q], &gate = block.gate[r][q];
+              t_row[s] = gate_input_grad(gv, xv, gate);
+              xh[s] = column.standardizer(q).normalized(xv);
+              keep(p0 + r, q, kKeptGated, gated_grad(gv, gate));
+              keep(p0 + r, q, kKeptT, t_row[s]);
+              keep(p0 + r, q, kKeptXh, xh[s]);
+            }
+            column.accumulate(t_row, xh, h, acc);
+          }
+        }
+        for (int k = 0; k < kSums; ++k) {
+          for (int q = 0; q < Q; ++q) {
+            const int64_t pos =
+                k == 0 ? ColumnLanes::channel_lanes(q) : ColumnLanes::spatial_lanes(q);
+            add_wide(sums[k] + pos, acc[k][q]);
           }
         }
       }
       column.finish(b, c, sums);
-      // Pass 2.
+      // Pass 2: dx row by row from the kept terms, last row first: the rows pass 1 kept last are
+      // the ones still in the L2 cache (a column's x, grad_out and kept terms are 1.6 MB at stage 1
+      // in fp32).
       FloatVec gate[Q], beta[Q];
       for (int q = 0; q < Q; ++q) {
         gate[q] = column.lanes(kGate, ColumnLanes::channel_lanes(q));
         beta[q] = column.lanes(kBeta, ColumnLanes::channel_lanes(q));
       }
-      ColumnBlock<M> block;
-      for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
-        block.template load<true>(x, gu, col, p0, std::min(kBlockRows, N - p0), saved_gate.get(),
-                                  gate_z, [&](const FloatVec&, const FloatVec& gv, int q) {
-                                    return channel_input_grad(gv, gate[q], beta[q]);
-                                  });
-        for (int64_t r = 0; r < block.rows; ++r) {
-          for (int h = 0; h < 2; ++h) {
-            RoleSplit grads[S];
-            for (int s = 0; s < S; ++s) {
-              grads[s] =
-                  RoleSplit{block.channel[r][h * S + s], column.spatial_grad(block, r, h * S + s)};
-            }
-            FloatVec rows[Q];  // the half's vectors in row order
-            merge_half<M>(grads, rows);
-            for (int v = 0; v < Q; v += 2) {
-              store_pair(col.row(dx, p0 + r) + col.input(h) + v * L, rows[v], rows[v + 1],
-                         streaming);
-            }
+      for (int64_t p = N - 1; p >= 0; --p) {
+        for (int h = 0; h < 2; ++h) {
+          FloatVec gated[S], t_row[S], xh[S], spatial[S];
+          for (int s = 0; s < S; ++s) {
+            gated[s] = kept_term(p, h * S + s, kKeptGated);
+            t_row[s] = kept_term(p, h * S + s, kKeptT);
+            xh[s] = kept_term(p, h * S + s, kKeptXh);
+          }
+          column.spatial_grad(gated, t_row, xh, h, spatial);
+          RoleSplit grads[S];
+          for (int s = 0; s < S; ++s) {
+            const int q = h * S + s;
+            grads[s] = RoleSplit{channel_input_grad(kept_term(p, q, kKeptGrad), gate[q], beta[q]),
+                                 spatial[s]};
+          }
+          FloatVec rows[Q];  // the half's vectors in row order
+          merge_half<M>(grads, rows);
+          for (int v = 0; v < Q; v += 2) {
+            store_pair(col.row(dx, p) + col.input(h) + v * L, rows[v], rows[v + 1], streaming);
           }
         }
       }
@@ -237,13 +240,15 @@ class ColumnBase : public ColumnLanes {
   static constexpr int S = kSlices<M>, Q = 2 * S;
 
  public:
-  // Row r's terms of sums 1 and 2 on slice q; returns its t and xh for a variant's further sums.
-  typename ColumnBlock<M>::SpatialTerms accumulate(const ColumnBlock<M>& block, int64_t r, int q,
-                                                   FloatVec (*acc)[Q]) const {
-    const auto s = block.spatial(st_[q], r, q);
-    acc[1][q] = acc[1][q] + s.t;
-    acc[2][q] = acc[2][q] + s.t * s.xh;
-    return s;
+  const Standardizer<FloatVec>& standardizer(int q) const { return st_[q]; }
+
+  // A row's terms of sums 1 and 2 on the slices of half h.
+  void accumulate(const FloatVec* t, const FloatVec* xh, int h, FloatVec (*acc)[Q]) const {
+    for (int s = 0; s < S; ++s) {
+      const int q = h * S + s;
+      acc[1][q] = acc[1][q] + t[s];
+      acc[2][q] = acc[2][q] + t[s] * xh[s];
+    }
   }
 
  protected:
@@ -303,7 +308,9 @@ class SALayerColumn : public ColumnBase<M, scalar_t> {
     }
   }
 
-  FloatVec z(const RoleSplit* x, int h, int s) const { return gate_[h * S + s].z(x[s].spatial); }
+  void z(const RoleSplit* x, int h, FloatVec* z) const {
+    for (int s = 0; s < S; ++s) z[s] = gate_[h * S + s].z(x[s].spatial);
+  }
 
   void finish(int64_t b, int64_t c, const double (*sums)[kMaxLanes]) {
     const ParamArrays<float>& w = t_.fwd.w;
@@ -331,9 +338,10 @@ class SALayerColumn : public ColumnBase<M, scalar_t> {
   }
 
   // dy = sw t: the factor sw is in alpha (spatial_grad_coeffs above).
-  FloatVec spatial_grad(const ColumnBlock<M>& block, int64_t r, int q) const {
-    const auto s = block.spatial(st_[q], r, q);
-    return spatial_input_grad(block.gu[r][q], block.gate[r][q], s.t, s.xh, coeffs_[q]);
+  void spatial_grad(const FloatVec* gated, const FloatVec* t, const FloatVec* xh, int h,
+                    FloatVec* dx) const {
+    for (int s = 0; s < S; ++s)
+      dx[s] = spatial_input_grad_gated(gated[s], t[s], xh[s], coeffs_[h * S + s]);
   }
 
  private:
@@ -383,26 +391,28 @@ class ShuffleAttentionColumn : public ColumnBase<M, scalar_t> {
   }
 
   // z = W2 y + b2, y = gw r (x - mu) + gb as the NCHW kernel forms it.
-  FloatVec z(const RoleSplit* x, int h, int s) const {
+  void z(const RoleSplit* x, int h, FloatVec* z) const {
     FloatVec y[S];
-    for (int s2 = 0; s2 < S; ++s2) {
-      const int q = h * S + s2;
-      y[s2] = norm_scale_[q] * st_[q].centered(x[s2].spatial) + norm_shift_[q];
+    for (int s = 0; s < S; ++s) {
+      const int q = h * S + s;
+      y[s] = norm_scale_[q] * st_[q].centered(x[s].spatial) + norm_shift_[q];
     }
-    return gate_mixer_.mix<M>(y, s);
+    gate_mixer_.mix<M>(y, z);
   }
 
-  // T1 and A's diagonal (delta = d = 0) as SALayer's sums, then the rotations.
-  void accumulate(const ColumnBlock<M>& block, int64_t r, int q, FloatVec (*acc)[Q]) const {
-    const auto terms = Base::accumulate(block, r, q, acc);
-    const int h = q / S, s = q % S;
-    for (int delta = 0; delta < S; ++delta) {
-      const int q2 = h * S + (s + delta) % S;
-      const FloatVec xh = delta == 0 ? terms.xh : st_[q2].normalized(block.x[r][q2]);
-      for (int d = delta == 0 ? 1 : 0; d < kRun; ++d) {
-        FloatVec& a = acc[2 + delta * kRun + d][q];
-        a = a + terms.t * grad_mixer_.rotate(xh, d);
-      }
+  // T1 and A's diagonal (delta = d = 0) as SALayer's sums, then the rotations: each rotation of
+  // a slice's xh serves every slice's t.
+  void accumulate(const FloatVec* t, const FloatVec* xh, int h, FloatVec (*acc)[Q]) const {
+    Base::accumulate(t, xh, h, acc);
+    for (int s2 = 0; s2 < S; ++s2) {
+      for_each_rotation<kRun>(xh[s2], [&](auto d, const FloatVec& rotated) {
+        for (int s = 0; s < S; ++s) {
+          const int delta = (s2 - s + S) % S;
+          if (delta == 0 && d() == 0) continue;  // the diagonal, above
+          FloatVec& a = acc[2 + delta * kRun + d()][h * S + s];
+          a = a + t[s] * rotated;
+        }
+      });
     }
   }
 
@@ -453,16 +463,13 @@ class ShuffleAttentionColumn : public ColumnBase<M, scalar_t> {
     Base::load_coeffs();
   }
 
-  FloatVec spatial_grad(const ColumnBlock<M>& block, int64_t r, int q) const {
-    const int h = q / S;
-    FloatVec t[S];
-    for (int s2 = 0; s2 < S; ++s2) {
-      const int q2 = h * S + s2;
-      t[s2] = gate_input_grad(block.gu[r][q2], block.x[r][q2], block.gate[r][q2]);
-    }
-    const FloatVec dy = grad_mixer_.mix<M>(t, q % S);
-    return spatial_input_grad(block.gu[r][q], block.gate[r][q], dy,
-                              st_[q].normalized(block.x[r][q]), coeffs_[q]);
+  // dy = W2^T t over the half's slices.
+  void spatial_grad(const FloatVec* gated, const FloatVec* t, const FloatVec* xh, int h,
+                    FloatVec* dx) const {
+    FloatVec dy[S];
+    grad_mixer_.mix<M>(t, dy);
+    for (int s = 0; s < S; ++s)
+      dx[s] = spatial_input_grad_gated(gated[s], dy[s], xh[s], coeffs_[h * S + s]);
   }
 
  private:

@@ -99,8 +99,8 @@ void column_stats(const scalar_t* item, int64_t c, const ColumnGeometry& geo, fl
 // q = h kSlices + s (nhwc_columns.h).
 //   begin(c, st)        the lanes of the column at c;
 //   channel_gate(q)     slice q's channel-branch gate (constant over the pixels);
-//   z(x, h, s)          the spatial gate's pre-activation of slice s of half h, from the half's
-//                       slices x[0 .. kSlices).
+//   z(x, h, z)          the spatial gate's pre-activation of the slices of half h, z[0 .. kSlices),
+//                       from the half's slices x[0 .. kSlices).
 // SALayer: sigmoid(cw mu + cb) and the SpatialGate (sa_math.h), per channel.
 template <int M, typename scalar_t>
 class SALayerGates {
@@ -121,7 +121,9 @@ class SALayerGates {
     }
   }
   FloatVec channel_gate(int q) const { return channel_gate_[q]; }
-  FloatVec z(const RoleSplit* x, int h, int s) const { return gate_[h * S + s].z(x[s].spatial); }
+  void z(const RoleSplit* x, int h, FloatVec* z) const {
+    for (int s = 0; s < S; ++s) z[s] = gate_[h * S + s].z(x[s].spatial);
+  }
 
  private:
   const ForwardTensors<scalar_t>& t_;
@@ -158,12 +160,12 @@ class ShuffleAttentionGates {
     }
   }
   FloatVec channel_gate(int q) const { return channel_gate_[q]; }
-  FloatVec z(const RoleSplit* x, int h, int s) const {
+  void z(const RoleSplit* x, int h, FloatVec* z) const {
     FloatVec y[S];
-    for (int s2 = 0; s2 < S; ++s2) {
-      y[s2] = group_norm_output_at(fields_.data(), x[s2].spatial, 2 * (h * S + s2) * L + L);
+    for (int s = 0; s < S; ++s) {
+      y[s] = group_norm_output_at(fields_.data(), x[s].spatial, 2 * (h * S + s) * L + L);
     }
-    return mixer_.mix<M>(y, s);
+    mixer_.mix<M>(y, z);
   }
 
  private:
@@ -190,7 +192,9 @@ void gate_column(const scalar_t* item, scalar_t* out, ColumnAt col, int64_t N, c
       for (int h = 0; h < 2; ++h) {
         RoleSplit* xs = x[r] + h * S;
         column_x<M>(col.row(item, p0 + r), h, col, xs);
-        for (int s = 0; s < S; ++s) gate[r][h * S + s] = sigmoid_exp_arg(gates.z(xs, h, s));
+        FloatVec* z = gate[r] + h * S;
+        gates.z(xs, h, z);
+        for (int s = 0; s < S; ++s) z[s] = sigmoid_exp_arg(z[s]);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {

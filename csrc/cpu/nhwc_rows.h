@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../sa_math.h"
@@ -392,6 +393,56 @@ inline V by_role(const RowRoles& roles, int64_t c, const Channel& channel, const
   }
 }
 
+// rot_D(y): lane l of each run of R lanes takes the run's lane (l + D) mod R. R and D are known at
+// compile time, so AVX2 rotates by immediates: within 128-bit lanes (vpermilps) for R = 2, 4, and
+// for R = 8 the swapped halves once plus a byte alignment (vpalignr) per D. An index vector
+// (vpermps) was reloaded before every rotation where the loops ran out of registers (m = 8, 16:
+// 102 reloads a row of a column in ShuffleAttention's backward, callgrind).
+template <int R>
+constexpr int rotated_lane(int l, int d) {
+  return l - l % R + (l % R + d) % R;
+}
+template <int R, int D>
+C10_ALWAYS_INLINE FloatVec rotate(const FloatVec& y) {
+  constexpr int64_t L = FloatVec::size();
+  static_assert(L % R == 0 && 0 <= D && D < R);
+  if constexpr (D == 0) {
+    return y;
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    static_assert(L == 8);
+    if constexpr (R < 8) {
+      constexpr int kImm = rotated_lane<R>(0, D) | rotated_lane<R>(1, D) << 2 |
+                           rotated_lane<R>(2, D) << 4 | rotated_lane<R>(3, D) << 6;
+      return _mm256_permute_ps(y, kImm);
+    } else {
+      // swapped = y's 128-bit halves exchanged; per half, the bytes of (hi : lo) from 4 D.
+      const __m256i lo = _mm256_castps_si256(y);
+      const __m256i swapped = _mm256_castps_si256(_mm256_permute2f128_ps(y, y, 0x01));
+      if constexpr (D == 4) return _mm256_castsi256_ps(swapped);
+      if constexpr (D < 4) return _mm256_castsi256_ps(_mm256_alignr_epi8(swapped, lo, 4 * D));
+      if constexpr (D > 4) return _mm256_castsi256_ps(_mm256_alignr_epi8(lo, swapped, 4 * D - 16));
+    }
+#else
+    alignas(64) float in[L], out[L];
+    y.store(in);
+    for (int l = 0; l < L; ++l) out[l] = in[rotated_lane<R>(l, D)];
+    return FloatVec::loadu(out);
+#endif
+  }
+}
+
+// f(D, rot_D(y)) for D = 0 .. R - 1 in order, D as a std::integral_constant.
+template <int R, typename F, int... D>
+C10_ALWAYS_INLINE void for_each_rotation(const FloatVec& y, const F& f,
+                                         std::integer_sequence<int, D...>) {
+  (f(std::integral_constant<int, D>{}, rotate<R, D>(y)), ...);
+}
+template <int R, typename F>
+C10_ALWAYS_INLINE void for_each_rotation(const FloatVec& y, const F& f) {
+  for_each_rotation<R>(y, f, std::make_integer_sequence<int, R>{});
+}
+
 // ShuffleAttention's m x m matrices on vectors of whole branches: for m dividing L, a vector of
 // L / m branches (split_roles keeps each branch in m aligned lanes, in channel order); for m = 2L,
 // one branch in two vectors ("slices": slice s holds its channels s L .. s L + L - 1). With runs of
@@ -399,28 +450,24 @@ inline V by_role(const RowRoles& roles, int64_t c, const Channel& channel, const
 //   z_s = b2 + sum_{s', d} W2_{s, s', d} * rot_d(y_s'),
 // rot_d rotating each run of r lanes by d: lane l (channel j = s r + l mod r) of rot_d(y_s')
 // holds channel k = s' r + (l mod r + d) mod r, and of W2_{s, s', d} the weight W2[j, k]. m FMAs
-// per vector and r - 1 lane permutations per slice, against the m^2 FMAs per L pixels of the NCHW
-// kernel's planes. The backward's dy = W2^T t is the mixer of the transpose (W2[k, j]) without a
-// bias, and its A[j, k] = sum t_j xh_k sums t_s * rot_d(xh_s') lane by lane. The lanes of the
-// weights are laid out once per call.
+// per vector and r - 1 lane permutations per slice (each serves every z_s), against the m^2 FMAs
+// per L pixels of the NCHW kernel's planes. The backward's dy = W2^T t is the mixer of the
+// transpose (W2[k, j]) without a bias, and its A[j, k] = sum t_j xh_k sums t_s * rot_d(xh_s')
+// lane by lane. The lanes of the weights are laid out once per call.
 class BranchMixer {
  public:
   static constexpr int64_t L = FloatVec::size();
 
-  // bias: m values, or nullptr for none. m divides L or is a multiple of L.
+  // bias: m values, or nullptr for none. m divides L or is 2L.
   BranchMixer(const float* W2, const float* bias, int64_t m, bool transposed = false)
       : m_(m),
         run_(std::min(m, L)),
         slices_(m > L ? m / L : 1),
         weight_(slices_ * slices_ * run_ * L),
-        bias_(slices_ * L, 0.0f),
-        rotation_(run_ * L) {
-    TORCH_CHECK(L % m == 0 || m % L == 0, "BranchMixer: m must divide ", L, " or be a multiple");
+        bias_(slices_ * L, 0.0f) {
+    TORCH_CHECK(L % m == 0 || m == 2 * L, "BranchMixer: m must divide ", L, " or be ", 2 * L);
     for (int64_t l = 0; l < L; ++l) {
       const int64_t lane = l % run_;
-      for (int64_t d = 0; d < run_; ++d) {
-        rotation_[d * L + l] = static_cast<int32_t>(l - lane + (lane + d) % run_);
-      }
       for (int64_t s = 0; s < slices_; ++s) {
         const int64_t j = s * run_ + lane;
         if (bias != nullptr) bias_[s * L + l] = bias[j];
@@ -435,44 +482,34 @@ class BranchMixer {
     }
   }
 
-  // z_s from the slices' vectors y[0 .. m / L). M: m where the caller knows it at compile time
-  // (0: the m of the constructor).
-  template <int M = 0>
-  FloatVec mix(const FloatVec* y, int s) const {
-    const int64_t run = M > 0 ? std::min<int64_t>(M, L) : run_;
-    const int64_t slices = M > 0 ? (M > L ? M / L : 1) : slices_;
-    FloatVec z = FloatVec::loadu(bias_.data() + s * L);
-    for (int64_t s2 = 0; s2 < slices; ++s2) {
-      const float* weight = weight_.data() + (s * slices + s2) * run * L;
-      z = at::vec::fmadd(FloatVec::loadu(weight), y[s2], z);
-      for (int64_t d = 1; d < run; ++d) {
-        z = at::vec::fmadd(FloatVec::loadu(weight + d * L), rotate(y[s2], d), z);
-      }
+  // z[0 .. S) of a half's slices y[0 .. S) (S = kSlices: 2 for M = 2L, else 1), M = m.
+  template <int M>
+  C10_ALWAYS_INLINE void mix(const FloatVec* y, FloatVec* z) const {
+    constexpr int R = M < L ? M : L, S = M > L ? M / L : 1;
+    for (int s = 0; s < S; ++s) z[s] = FloatVec::loadu(bias_.data() + s * L);
+    for (int s2 = 0; s2 < S; ++s2) {
+      for_each_rotation<R>(y[s2], [&](auto D, const FloatVec& rotated) {
+        for (int s = 0; s < S; ++s) {
+          const float* weight = weight_.data() + ((s * S + s2) * R + D()) * L;
+          z[s] = at::vec::fmadd(FloatVec::loadu(weight), rotated, z[s]);
+        }
+      });
     }
-    return z;
   }
-  // m dividing L: one slice.
-  template <int M = 0>
+  // One vector of whole branches, m (dividing L) known at run time.
   FloatVec mix(const FloatVec& y) const {
-    return mix<M>(&y, 0);
-  }
-
-  FloatVec rotate(const FloatVec& y, int64_t d) const {
-    const int32_t* index = rotation_.data() + d * L;
-#if defined(CPU_CAPABILITY_AVX2)
-    return _mm256_permutevar8x32_ps(y, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index)));
-#else
-    float in[L], out[L];
-    y.store(in);
-    for (int64_t l = 0; l < L; ++l) out[l] = in[index[l]];
-    return FloatVec::loadu(out);
-#endif
+    return dispatch_m(m_, [&](auto M) {
+      constexpr int kM = std::min<int>(M(), L);
+      TORCH_CHECK(M() == kM, "BranchMixer::mix: m must divide ", L);
+      FloatVec z;
+      mix<kM>(&y, &z);
+      return z;
+    });
   }
 
  private:
   int64_t m_, run_, slices_;
   std::vector<float> weight_, bias_;
-  std::vector<int32_t> rotation_;
 };
 
 // The statistics of channel c of an item (N pixels, C apart) by the NCHW kernels' plane_stats,

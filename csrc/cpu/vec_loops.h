@@ -4,11 +4,13 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <c10/macros/Macros.h>
 
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 
 #include "../sa_math.h"
@@ -19,6 +21,17 @@ namespace sa_cuda::cpu {
 // task_elements elements, so that small units are batched.
 inline int64_t grain_for(int64_t unit_elements, int64_t task_elements) {
   return std::max<int64_t>(1, task_elements / std::max<int64_t>(1, unit_elements));
+}
+
+// n floats of scratch, aligned as c10's CPU allocator aligns (64 bytes) and not initialized: a
+// loop that writes them before it reads them. (A buffer of Vectorized values would be zeroed by
+// their constructor.)
+struct FreeCpu {
+  void operator()(float* p) const { c10::free_cpu(p); }
+};
+using AlignedFloats = std::unique_ptr<float[], FreeCpu>;
+inline AlignedFloats aligned_floats(int64_t n) {
+  return AlignedFloats(static_cast<float*>(c10::alloc_cpu(static_cast<size_t>(n) * sizeof(float))));
 }
 
 template <typename V>

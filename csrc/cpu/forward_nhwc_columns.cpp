@@ -50,6 +50,8 @@ void column_stats(const scalar_t* item, int64_t c, const ColumnGeometry& geo, fl
   VecD sum[W / kWide];
   for (auto& s : sum) s = VecD(0);
   for (int64_t p = 0; p < N; ++p) {
+    if (p + kPrefetchRows < N)
+      prefetch_column_x<false>(col.row(item, p + kPrefetchRows), col, kWidth);
     for (int h = 0; h < 2; ++h) {
       const float* x = half_row(p, h);
       for (int64_t q = 0; q < kWidth / kWide; ++q) {
@@ -150,10 +152,11 @@ class ShuffleAttentionGates {
   void begin(int64_t c, const Standardizer<float>* st) {
     for (int64_t lane = 0; lane < 4 * L * S; ++lane) {
       const int64_t ch = geo_.channel(c, lane);
-      const int64_t first = ch - channel_role(ch, M).k;  // of the channel's branch
+      // The position of the channel's branch: its m channels lie in one half, one after another.
+      const int64_t first = geo_.position(c, ch - channel_role(ch, M).k);
       set_shuffle_attention_lanes(
           fields_.data(), lane, ch, M, st[geo_.position(c, ch)],
-          [&](int64_t i) { return st[geo_.position(c, first + i)].mean; }, t_.w);
+          [&](int64_t i) { return st[first + i].mean; }, t_.w);
     }
     for (int q = 0; q < 2 * S; ++q) {
       channel_gate_[q] = FloatVec::loadu(field_[kChannelGate] + 2 * q * L);

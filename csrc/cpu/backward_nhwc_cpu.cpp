@@ -153,8 +153,9 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
         }
         for (int64_t r = 0; r < rows; ++r) {
           if (p0 + r + kPrefetchRows < N) {
-            prefetch_column_x<true>(col.row(x, p0 + r + kPrefetchRows), col, geo.width);
-            prefetch_run<true>(col.row(gu, p0 + r + kPrefetchRows), col.output(0), 2 * geo.width);
+            const scalar_t* x_ahead = col.row(x, p0 + r + kPrefetchRows);
+            for (int h = 0; h < 2; ++h) prefetch_run(x_ahead, col.input(h), geo.width);
+            prefetch_run(col.row(gu, p0 + r + kPrefetchRows), col.output(0), 2 * geo.width);
           }
           const ColumnValues<M> v = column_values<M>(col.row(x, p0 + r), col.row(gu, p0 + r), col);
           for (int h = 0; h < 2; ++h) {

@@ -50,8 +50,6 @@ void column_stats(const scalar_t* item, int64_t c, const ColumnGeometry& geo, fl
   VecD sum[W / kWide];
   for (auto& s : sum) s = VecD(0);
   for (int64_t p = 0; p < N; ++p) {
-    if (p + kPrefetchRows < N)
-      prefetch_column_x<false>(col.row(item, p + kPrefetchRows), col, kWidth);
     for (int h = 0; h < 2; ++h) {
       const float* x = half_row(p, h);
       for (int64_t q = 0; q < kWidth / kWide; ++q) {

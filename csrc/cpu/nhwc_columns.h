@@ -160,25 +160,21 @@ inline void column_x(const scalar_t* row, int h, ColumnAt col, RoleSplit* slices
   split_half<M>(rows, slices);
 }
 
-// Asks for the cache lines of `count` values from row + offset, to be read soon: a column's row of
-// x (both halves) or of grad_out, kPrefetchRows rows ahead of the pass that reads it from memory.
-// A column reads two or three streams a row (C values) apart, which the hardware prefetchers
-// followed less well than NCHW's planes. kOnce: read once (the backward's pass 1; its pass 2
-// reads the kept terms), non-temporal so that they do not push the kept terms out of the L2
-// cache; otherwise into every level (the forward re-reads x from the L2 cache). A hint: no effect
-// on any value. At stage 1 (fp32, batch 8, 2 threads) it took the backward (with its pass 2 in
-// reverse order) from 1.28 to 1.20x the NCHW backward's time (medians of 4 runs).
+// Asks for the cache lines of `count` values from row + offset, to be read soon and once: the
+// backward's pass 1 asks for a column's row of x (both halves) and of grad_out kPrefetchRows rows
+// ahead. A column reads three streams a row (C values) apart, which the hardware prefetchers
+// followed less well than NCHW's planes; non-temporal, so that they do not push the kept terms
+// out of the L2 cache. A hint: no effect on any value. At stage 1 (fp32, batch 8, 2 threads) it
+// took the backward (with its pass 2 in reverse order) from 1.28 to 1.20x the NCHW backward's
+// time (medians of 4 runs). The forward's first pass, prefetching into every level (its later
+// passes re-read x from L2), measured slower (1.31 against 1.23x the NCHW forward).
 constexpr int64_t kPrefetchRows = 12;
-template <bool kOnce, typename scalar_t>
+template <typename scalar_t>
 inline void prefetch_run(const scalar_t* row, int64_t offset, int64_t count) {
   const char* first = reinterpret_cast<const char*>(row + offset);
   for (int64_t byte = 0; byte < count * int64_t{sizeof(scalar_t)}; byte += 64) {
-    __builtin_prefetch(first + byte, 0, kOnce ? 0 : 3);
+    __builtin_prefetch(first + byte, 0, 0);
   }
-}
-template <bool kOnce, typename scalar_t>
-inline void prefetch_column_x(const scalar_t* row, ColumnAt col, int64_t width) {
-  for (int h = 0; h < 2; ++h) prefetch_run<kOnce>(row, col.input(h), width);
 }
 
 // sums[0 .. L) += v, in double.

@@ -116,6 +116,7 @@ template <int M, typename scalar_t, typename MakeColumn>
 void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, int64_t batch,
                  const MakeColumn& make_column) {
   constexpr int S = kSlices<M>, Q = 2 * S;
+  TORCH_INTERNAL_ASSERT(geo.N >= 1, "run_columns: pass 1's first block sets the sums");
   at::parallel_for(0, batch * geo.columns, 1, [&](int64_t begin, int64_t end) {
     // Locals, not the closure's references: those are read again after every vector store (which
     // may alias anything).
@@ -142,8 +143,10 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
       scalar_t* dx = t.grad_x + b * N * C;
 
       // Pass 1: by blocks of kBlockRows rows, the sums in registers over a block, then added to
-      // the column's sums in double.
-      alignas(64) double sums[kSums][kMaxLanes] = {};
+      // the column's sums in double. The first block sets them: sum 0 on the channel lanes and
+      // the others on the spatial lanes are all that finish() reads (zeroing the whole array, 9 KiB
+      // for m = 16, was 0.3 of callgrind's 2.8 million instructions at stage 4).
+      alignas(64) double sums[kSums][kMaxLanes];
       ColumnBlock<M> block;
       for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
         const int64_t rows = std::min(kBlockRows, N - p0);
@@ -193,7 +196,7 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
           for (int q = 0; q < Q; ++q) {
             const int64_t pos =
                 k == 0 ? ColumnLanes::channel_lanes(q) : ColumnLanes::spatial_lanes(q);
-            add_wide(sums[k] + pos, acc[k][q]);
+            add_wide(sums[k] + pos, acc[k][q], p0 == 0);
           }
         }
       }

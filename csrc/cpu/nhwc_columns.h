@@ -177,14 +177,15 @@ inline void prefetch_run(const scalar_t* row, int64_t offset, int64_t count) {
   }
 }
 
-// sums[0 .. L) += v, in double.
-inline void add_wide(double* sums, const FloatVec& v) {
+// sums[0 .. L) += v, in double; = v when `first` (the sums need no zeros before).
+inline void add_wide(double* sums, const FloatVec& v, bool first = false) {
   using VecD = at::vec::Vectorized<double>;
   constexpr int64_t L = FloatVec::size();
   alignas(64) float lanes[L];
   v.store(lanes);
   for (int64_t l = 0; l < L; l += VecD::size()) {
-    (VecD::loadu(sums + l) + load_wide(lanes + l)).store(sums + l);
+    const VecD wide = load_wide(lanes + l);
+    (first ? wide : VecD::loadu(sums + l) + wide).store(sums + l);
   }
 }
 

@@ -116,7 +116,10 @@ template <int M, typename scalar_t, typename MakeColumn>
 void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, int64_t batch,
                  const MakeColumn& make_column) {
   constexpr int S = kSlices<M>, Q = 2 * S;
-  TORCH_INTERNAL_ASSERT(geo.N >= 1, "run_columns: pass 1's first block sets the sums");
+  constexpr int64_t kWidth = 2 * L * S;  // geo.width
+  TORCH_INTERNAL_ASSERT(
+      geo.width == kWidth && geo.N >= 1,
+      "run_columns: the column's width, or no rows (pass 1's first block sets the sums)");
   at::parallel_for(0, batch * geo.columns, 1, [&](int64_t begin, int64_t end) {
     // Locals, not the closure's references: those are read again after every vector store (which
     // may alias anything).
@@ -157,8 +160,8 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
         for (int64_t r = 0; r < rows; ++r) {
           if (p0 + r + kPrefetchRows < N) {
             const scalar_t* x_ahead = col.row(x, p0 + r + kPrefetchRows);
-            for (int h = 0; h < 2; ++h) prefetch_run(x_ahead, col.input(h), geo.width);
-            prefetch_run(col.row(gu, p0 + r + kPrefetchRows), col.output(0), 2 * geo.width);
+            for (int h = 0; h < 2; ++h) prefetch_run<kWidth>(x_ahead, col.input(h));
+            prefetch_run<2 * kWidth>(col.row(gu, p0 + r + kPrefetchRows), col.output(0));
           }
           const ColumnValues<M> v = column_values<M>(col.row(x, p0 + r), col.row(gu, p0 + r), col);
           for (int h = 0; h < 2; ++h) {

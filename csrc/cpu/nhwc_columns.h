@@ -160,7 +160,8 @@ inline void column_x(const scalar_t* row, int h, ColumnAt col, RoleSplit* slices
   split_half<M>(rows, slices);
 }
 
-// Asks for the cache lines of `count` values from row + offset, to be read soon and once: the
+// Asks for the cache lines of kCount values from row + offset (kCount known at compile time: a
+// loop over a run-time count cost 36 instructions a row), to be read soon and once: the
 // backward's pass 1 asks for a column's row of x (both halves) and of grad_out kPrefetchRows rows
 // ahead. A column reads three streams a row (C values) apart, which the hardware prefetchers
 // followed less well than NCHW's planes; non-temporal, so that they do not push the kept terms
@@ -169,10 +170,10 @@ inline void column_x(const scalar_t* row, int h, ColumnAt col, RoleSplit* slices
 // time (medians of 4 runs). The forward's first pass, prefetching into every level (its later
 // passes re-read x from L2), measured slower (1.31 against 1.23x the NCHW forward).
 constexpr int64_t kPrefetchRows = 12;
-template <typename scalar_t>
-inline void prefetch_run(const scalar_t* row, int64_t offset, int64_t count) {
+template <int64_t kCount, typename scalar_t>
+inline void prefetch_run(const scalar_t* row, int64_t offset) {
   const char* first = reinterpret_cast<const char*>(row + offset);
-  for (int64_t byte = 0; byte < count * int64_t{sizeof(scalar_t)}; byte += 64) {
+  for (int64_t byte = 0; byte < kCount * int64_t{sizeof(scalar_t)}; byte += 64) {
     __builtin_prefetch(first + byte, 0, 0);
   }
 }

@@ -116,7 +116,7 @@ template <int M, typename scalar_t, typename MakeColumn>
 void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, int64_t batch,
                  const MakeColumn& make_column) {
   constexpr int S = kSlices<M>, Q = 2 * S;
-  constexpr int64_t kWidth = 2 * L * S;  // geo.width
+  constexpr int64_t kWidth = kColumnWidth<M>;
   TORCH_INTERNAL_ASSERT(
       geo.width == kWidth && geo.N >= 1,
       "run_columns: the column's width, or no rows (pass 1's first block sets the sums)");

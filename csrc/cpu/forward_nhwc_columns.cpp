@@ -37,7 +37,7 @@ constexpr int64_t kBlockRows = ColumnGeometry::kBlockRows;
 template <int M, typename scalar_t>
 void column_stats(const scalar_t* item, int64_t c, const ColumnGeometry& geo, float eps,
                   Standardizer<float>* st, float* mean, float* rstd) {
-  constexpr int64_t kWidth = 2 * L * kSlices<M>, W = 2 * kWidth, kWide = VecD::size();
+  constexpr int64_t kWidth = kColumnWidth<M>, W = 2 * kWidth, kWide = VecD::size();
   const int64_t C = geo.C, N = geo.N;
   const ColumnAt col = geo.at(c);
   // Row p's half h of the column in float: the tensor itself for float x, else converted into

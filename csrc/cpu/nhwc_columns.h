@@ -7,8 +7,9 @@
 // [C/2 + c, C/2 + c + width), over all N pixels: 2 x 64 bytes of each half a pixel in float (2 x
 // 128 for m = 16). channel_shuffle sends exactly these channels to the 2 width output channels
 // from 2c (c and C/2 + c to 2c and 2c + 1), so a column's output is one contiguous run of each
-// output row. At SA-ResNet-50's stage 1 a column of x is 400 KiB (x and grad_out: 800 KiB), which
-// the 1 MiB L2 cache keeps between the passes over it: x comes from memory once. Columns run in
+// output row. At SA-ResNet-50's stage 1 a column of x is 400 KiB, which the 1 MiB L2 cache keeps
+// between the forward's passes over it: x comes from memory once (the backward reads x and
+// grad_out, 800 KiB, once, and its second pass reads back the terms its first kept). Columns run in
 // parallel; within one every sum goes in a fixed order, so the results do not depend on the thread
 // count. A column holds whole groups (c is a multiple of the width, hence of 2m): its statistics,
 // gates and partials are its own, and each half's first channel starts a channel-branch run.
@@ -51,6 +52,9 @@ inline bool by_columns(const ForwardParams& p) {
 // general registers, 64 bits at a time: 9% more instructions in the forward).
 template <int M>
 inline constexpr int kSlices = M > FloatVec::size() ? M / FloatVec::size() : 1;
+// A column's width, channels of each half, for M known at compile time (ColumnGeometry::width).
+template <int M>
+inline constexpr int64_t kColumnWidth = 2 * FloatVec::size() * kSlices<M>;
 
 // The half's 2 kSlices<M> vectors in row order to its slices, and back.
 template <int M>

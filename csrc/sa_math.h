@@ -167,7 +167,8 @@ SA_HOST_DEVICE double sa_sqrt(double v) {
   return std::sqrt(v);
 #endif
 }
-// Vector lanes (at::vec::Vectorized on the CPU) bring their own exp.
+// Vector lanes (at::vec::Vectorized on the CPU) bring their own exp; the AVX2 build's float lanes
+// use exp_lanes (csrc/cpu/vec_exp.h, specialized in csrc/cpu/vec_loops.h).
 template <typename V>
 SA_HOST_DEVICE V sa_exp(const V& v) {
   return v.exp();
@@ -237,20 +238,10 @@ SA_HOST_DEVICE T max_nan(T a, T b) {
   return (a > b || a != a) ? a : b;
 }
 
-// sigmoid(z) = 1 / (1 + exp(-z)) in two halves, for loops that take the exp in a loop of their
-// own (the CPU's channels_last rows: a call to the vector exp spills every live vector register).
-template <typename V>
-SA_HOST_DEVICE V sigmoid_exp_arg(const V& z) {
-  return V(0) - z;
-}
-template <typename V>
-SA_HOST_DEVICE V sigmoid_of_exp(const V& e) {
-  return V(1) / (V(1) + e);
-}
-
+// sigmoid(z) = 1 / (1 + exp(-z)): 0 for z = -inf (exp overflows to inf), 1 for z = +inf.
 template <typename V>
 SA_HOST_DEVICE V sigmoid(const V& z) {
-  return sigmoid_of_exp(sa_exp(sigmoid_exp_arg(z)));
+  return V(1) / (V(1) + sa_exp(V(0) - z));
 }
 
 // A mean as the nearest T (mean) and what that rounding left out (lo): the value is mean + lo.

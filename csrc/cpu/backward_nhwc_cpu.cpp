@@ -3,10 +3,10 @@
 // slice and row (KeptTerm: as many bytes as the column's x and grad_out) that pass 2 reads back
 // from the L2 cache. A column's grad_out is the 2 width output channels from 2c (interleaved); x
 // and grad_x its two runs of width.
-//   pass 1  by blocks of kBlockRows rows: sum(gu x) on channel lanes, and the spatial lanes' sums
-//           (SALayer: T1 = sum t and T2 = sum t xh; ShuffleAttention: T1 and A[j, k] =
-//           sum t_j xh_k), in registers over the block, then added to the column's sums in
-//           double; the kept terms for pass 2;
+//   pass 1  row by row (the gate's exp inlined, vec_exp.h): sum(gu x) on channel lanes, and the
+//           spatial lanes' sums (SALayer: T1 = sum t and T2 = sum t xh; ShuffleAttention: T1 and
+//           A[j, k] = sum t_j xh_k), in registers over blocks of kBlockRows rows, then added to
+//           the column's sums in double; the kept terms for pass 2;
 //   finish  per channel or branch: the partials of the parameter gradients and dx's coefficients;
 //   pass 2  dx row by row from the kept terms.
 // The per-element formulas are the NCHW kernels' (sa_math.h); only the order of the sums differs.
@@ -82,15 +82,6 @@ inline ColumnValues<M> column_values(const scalar_t* x_row, const scalar_t* gu_r
   return values;
 }
 
-// Pass 1's block of rows of a column, per row and slice: the spatial lanes' x, grad_out and gate.
-// The exp runs in a loop of its own: a call to the vector exp spills every live vector register
-// (inside the loop that holds a column's sums it cost about 60 instructions a call, callgrind).
-template <int M>
-struct ColumnBlock {
-  static constexpr int Q = 2 * kSlices<M>;
-  FloatVec x[kBlockRows][Q], gu[kBlockRows][Q], gate[kBlockRows][Q];
-};
-
 // What pass 1 keeps of a row for pass 2, per slice: grad_out on the channel lanes; gu s
 // (gated_grad), t = dL/dz and xh on the spatial lanes. Pass 2 reads these alone, 4 vectors a
 // slice (as many bytes as the column's x and grad_out, from the L2 cache), instead of x and
@@ -150,47 +141,33 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
       // the others on the spatial lanes are all that finish() reads (zeroing the whole array, 9 KiB
       // for m = 16, was 0.3 of callgrind's 2.8 million instructions at stage 4).
       alignas(64) double sums[kSums][kMaxLanes];
-      ColumnBlock<M> block;
       for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
         const int64_t rows = std::min(kBlockRows, N - p0);
         FloatVec acc[kSums][Q];
         for (auto& row : acc) {
           for (auto& a : row) a = FloatVec(0);
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          if (p0 + r + kPrefetchRows < N) {
-            const scalar_t* x_ahead = col.row(x, p0 + r + kPrefetchRows);
+        for (int64_t p = p0; p < p0 + rows; ++p) {
+          if (p + kPrefetchRows < N) {
+            const scalar_t* x_ahead = col.row(x, p + kPrefetchRows);
             for (int h = 0; h < 2; ++h) prefetch_run<kWidth>(x_ahead, col.input(h));
-            prefetch_run<2 * kWidth>(col.row(gu, p0 + r + kPrefetchRows), col.output(0));
+            prefetch_run<2 * kWidth>(col.row(gu, p + kPrefetchRows), col.output(0));
           }
-          const ColumnValues<M> v = column_values<M>(col.row(x, p0 + r), col.row(gu, p0 + r), col);
+          const ColumnValues<M> v = column_values<M>(col.row(x, p), col.row(gu, p), col);
           for (int h = 0; h < 2; ++h) {
-            FloatVec* z = block.gate[r] + h * S;
+            FloatVec z[S], t_row[S], xh[S];
             column.z(v.x[h], h, z);
             for (int s = 0; s < S; ++s) {
               const int q = h * S + s;
+              const FloatVec &xv = v.x[h][s].spatial, &gv = v.gu[h][s].spatial;
+              const FloatVec gate = sigmoid(z[s]);
               acc[0][q] = acc[0][q] + v.gu[h][s].channel * v.x[h][s].channel;
-              keep(p0 + r, q, kKeptGrad, v.gu[h][s].channel);
-              block.x[r][q] = v.x[h][s].spatial;
-              block.gu[r][q] = v.gu[h][s].spatial;
-              z[s] = sigmoid_exp_arg(z[s]);
-            }
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          for (auto& gate : block.gate[r]) gate = sigmoid_of_exp(sa_exp(gate));
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int h = 0; h < 2; ++h) {
-            FloatVec t_row[S], xh[S];
-            for (int s = 0; s < S; ++s) {
-              const int q = h * S + s;
-              const FloatVec &xv = block.x[r][q], &gv = block.gu[r][q], &gate = block.gate[r][q];
               t_row[s] = gate_input_grad(gv, xv, gate);
               xh[s] = column.standardizer(q).normalized(xv);
-              keep(p0 + r, q, kKeptGated, gated_grad(gv, gate));
-              keep(p0 + r, q, kKeptT, t_row[s]);
-              keep(p0 + r, q, kKeptXh, xh[s]);
+              keep(p, q, kKeptGrad, v.gu[h][s].channel);
+              keep(p, q, kKeptGated, gated_grad(gv, gate));
+              keep(p, q, kKeptT, t_row[s]);
+              keep(p, q, kKeptXh, xh[s]);
             }
             column.accumulate(t_row, xh, h, acc);
           }

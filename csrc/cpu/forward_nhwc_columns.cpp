@@ -10,8 +10,7 @@
 //           NCHW kernels' plane_stats). A channel whose statistics overflow float (|x| near
 //           float's largest values, or inf/NaN in it) takes gathered_stats instead (rare);
 //   finish  the statistics (stored to mean and rstd), then the gates' coefficients as lanes;
-//   pass 3  by blocks of kBlockRows rows: the spatial gate's pre-activation, its exp in a loop of
-//           its own (a call to the vector exp spills the live vector registers), the output rows.
+//   pass 3  row by row: the spatial gate (its exp inlined, vec_exp.h), the output row.
 // The per-element formulas are the NCHW kernels' (sa_math.h); only the order of the sums differs.
 #include <ATen/OpMathType.h>
 
@@ -185,36 +184,21 @@ void gate_column(const scalar_t* item, scalar_t* out, ColumnAt col, int64_t N, c
   constexpr int S = kSlices<M>, Q = 2 * S;
   FloatVec channel_gate[Q];
   for (int q = 0; q < Q; ++q) channel_gate[q] = gates.channel_gate(q);
-  RoleSplit x[kBlockRows][Q];
-  FloatVec gate[kBlockRows][Q];
-  for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
-    const int64_t rows = std::min(kBlockRows, N - p0);
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int h = 0; h < 2; ++h) {
-        RoleSplit* xs = x[r] + h * S;
-        column_x<M>(col.row(item, p0 + r), h, col, xs);
-        FloatVec* z = gate[r] + h * S;
-        gates.z(xs, h, z);
-        for (int s = 0; s < S; ++s) z[s] = sigmoid_exp_arg(z[s]);
+  for (int64_t p = 0; p < N; ++p) {
+    FloatVec half_y[2][Q];  // each half's vectors in row order
+    for (int h = 0; h < 2; ++h) {
+      RoleSplit x[S], y[S];
+      FloatVec z[S];
+      column_x<M>(col.row(item, p), h, col, x);
+      gates.z(x, h, z);
+      for (int s = 0; s < S; ++s) {
+        y[s] = RoleSplit{x[s].channel * channel_gate[h * S + s], x[s].spatial * sigmoid(z[s])};
       }
+      merge_half<M>(y, half_y[h]);
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int q = 0; q < Q; ++q) gate[r][q] = sigmoid_of_exp(sa_exp(gate[r][q]));
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      FloatVec half_y[2][Q];  // each half's vectors in row order
-      for (int h = 0; h < 2; ++h) {
-        RoleSplit y[S];
-        for (int s = 0; s < S; ++s) {
-          const int q = h * S + s;
-          y[s] = RoleSplit{x[r][q].channel * channel_gate[q], x[r][q].spatial * gate[r][q]};
-        }
-        merge_half<M>(y, half_y[h]);
-      }
-      for (int v = 0; v < Q; ++v) {  // both halves' vectors v: 2L output channels
-        const auto [lo, hi] = at::vec::interleave2(half_y[0][v], half_y[1][v]);
-        store_pair(col.row(out, p0 + r) + col.output(v), lo, hi, streaming);
-      }
+    for (int v = 0; v < Q; ++v) {  // both halves' vectors v: 2L output channels
+      const auto [lo, hi] = at::vec::interleave2(half_y[0][v], half_y[1][v]);
+      store_pair(col.row(out, p) + col.output(v), lo, hi, streaming);
     }
   }
 }

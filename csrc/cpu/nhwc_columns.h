@@ -104,7 +104,8 @@ struct ColumnAt {
 struct ColumnGeometry {
   static constexpr int64_t L = FloatVec::size();
   static constexpr int64_t kMaxLanes = 8 * L;  // two slices of each half
-  static constexpr int64_t kBlockRows = 16;  // rows a pass holds in registers at once
+  // Rows over which a pass sums in float registers before adding the block's totals in double.
+  static constexpr int64_t kBlockRows = 16;
 
   int64_t C, half, N, m, groups, width, lanes, columns;
   int64_t lane_offset[kMaxLanes];  // the channel of each lane from the column's first of its half

@@ -14,6 +14,17 @@
 #include <type_traits>
 
 #include "../sa_math.h"
+#include "vec_exp.h"
+
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__FMA__)
+// The gates' exp on float lanes: exp_lanes (vec_exp.h), inlined, instead of at::vec's call into
+// Sleef. Declared here, before any kernel instantiates sa_exp (every CPU kernel includes this
+// header); double lanes keep at::vec's exp.
+template <>
+inline at::vec::Vectorized<float> sa_cuda::sa_exp(const at::vec::Vectorized<float>& v) {
+  return sa_cuda::cpu::exp_lanes(v);
+}
+#endif
 
 namespace sa_cuda::cpu {
 

@@ -31,26 +31,58 @@ constexpr int64_t L = ColumnGeometry::L;
 constexpr int64_t kMaxLanes = ColumnGeometry::kMaxLanes;
 constexpr int64_t kBlockRows = ColumnGeometry::kBlockRows;
 
+// Where passes 2 and 3 read a column's x in float: row p at `item + p at.C`, its half h from
+// at.input(h).
+struct ColumnSource {
+  const float* item;
+  ColumnAt at;
+  const float* row(int64_t p) const { return at.row(item, p); }
+  const float* half_row(int64_t p, int h) const { return row(p) + at.input(h); }
+};
+
+// A column's x in float for 16-bit x, which pass 1 converts once: N rows of the column's 2 width
+// values, contiguous. Passes 2 and 3 read it from the L2 cache (401 KiB at stage 1) instead of
+// converting x again in each, and in whole 64-byte lines (a row of a bfloat16 column is half a
+// line of each half). Float x is its own source: no copy.
+template <int M, typename scalar_t>
+class ColumnCopy {
+  static constexpr int64_t W = 2 * kColumnWidth<M>;
+  static constexpr bool kCopied = !std::is_same_v<scalar_t, float>;
+
+ public:
+  explicit ColumnCopy(int64_t N) : values_(aligned_floats(kCopied ? N * W : 0)) {}
+  ColumnSource source(const scalar_t* item, ColumnAt col) const {
+    if constexpr (kCopied) {
+      return ColumnSource{values_.get(), ColumnAt{W, W / 2, 0}};
+    } else {
+      return ColumnSource{item, col};
+    }
+  }
+  // Where pass 1 converts row p's half h to (unused for float x: as_acc returns x itself).
+  float* converted(int64_t p, int h) const {
+    return kCopied ? values_.get() + p * W + h * (W / 2) : nullptr;
+  }
+
+ private:
+  AlignedFloats values_;
+};
+
 // Passes 1 and 2 and the statistics of the column at c of an item, in row order (position
 // h width + l: channel h half + c + l), stored to mean and rstd (the item's C values each).
 template <int M, typename scalar_t>
 void column_stats(const scalar_t* item, int64_t c, const ColumnGeometry& geo, float eps,
-                  Standardizer<float>* st, float* mean, float* rstd) {
+                  const ColumnCopy<M, scalar_t>& copy, Standardizer<float>* st, float* mean,
+                  float* rstd) {
   constexpr int64_t kWidth = kColumnWidth<M>, W = 2 * kWidth, kWide = VecD::size();
   const int64_t C = geo.C, N = geo.N;
   const ColumnAt col = geo.at(c);
-  // Row p's half h of the column in float: the tensor itself for float x, else converted into
-  // buffer.
-  alignas(64) float buffer[kWidth];
-  auto half_row = [&](int64_t p, int h) {
-    return as_acc(col.row(item, p) + col.input(h), kWidth, buffer);
-  };
-  // Pass 1.
+  const ColumnSource source = copy.source(item, col);
+  // Pass 1 (for 16-bit x it also fills the copy).
   VecD sum[W / kWide];
   for (auto& s : sum) s = VecD(0);
   for (int64_t p = 0; p < N; ++p) {
     for (int h = 0; h < 2; ++h) {
-      const float* x = half_row(p, h);
+      const float* x = as_acc(col.row(item, p) + col.input(h), kWidth, copy.converted(p, h));
       for (int64_t q = 0; q < kWidth / kWide; ++q) {
         VecD& s = sum[h * kWidth / kWide + q];
         s = s + load_wide(x + q * kWide);
@@ -69,7 +101,7 @@ void column_stats(const scalar_t* item, int64_t c, const ColumnGeometry& geo, fl
     for (auto& a : acc) a = FloatVec(0);
     for (int64_t p = p0; p < std::min(N, p0 + kBlockRows); ++p) {
       for (int h = 0; h < 2; ++h) {
-        const float* x = half_row(p, h);
+        const float* x = source.half_row(p, h);
         for (int64_t v = 0; v < kWidth / L; ++v) {
           const int64_t pos = h * kWidth + v * L;
           const FloatVec d = FloatVec::loadu(x + v * L) - FloatVec::loadu(means + pos);
@@ -177,9 +209,10 @@ class ShuffleAttentionGates {
   FloatVec channel_gate_[2 * S];
 };
 
-// Pass 3 of the column at c of an item: its output rows (the 2 width output channels from 2c).
+// Pass 3 of the column at c of an item: its output rows (the 2 width output channels from 2c),
+// from x in float (source).
 template <int M, typename scalar_t, typename Gates>
-void gate_column(const scalar_t* item, scalar_t* out, ColumnAt col, int64_t N, const Gates& gates,
+void gate_column(ColumnSource source, scalar_t* out, ColumnAt col, int64_t N, const Gates& gates,
                  bool streaming) {
   constexpr int S = kSlices<M>, Q = 2 * S;
   FloatVec channel_gate[Q];
@@ -189,7 +222,7 @@ void gate_column(const scalar_t* item, scalar_t* out, ColumnAt col, int64_t N, c
     for (int h = 0; h < 2; ++h) {
       RoleSplit x[S], y[S];
       FloatVec z[S];
-      column_x<M>(col.row(item, p), h, col, x);
+      column_x<M>(source.row(p), h, source.at, x);
       gates.z(x, h, z);
       for (int s = 0; s < S; ++s) {
         y[s] = RoleSplit{x[s].channel * channel_gate[h * S + s], x[s].spatial * sigmoid(z[s])};
@@ -216,13 +249,15 @@ void forward_columns(Variant variant, const ForwardParams& p) {
     auto run = [&](const auto& make_gates) {
       at::parallel_for(0, p.batch * geo.columns, 1, [&](int64_t begin, int64_t end) {
         auto gates = make_gates();
+        const ColumnCopy<M(), scalar_t> copy(N);
         Standardizer<float> st[kMaxLanes];
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / geo.columns, c = task % geo.columns * geo.width;
           const scalar_t* item = t.x + b * N * C;
-          column_stats<M()>(item, c, geo, eps, st, t.mean + b * C, t.rstd + b * C);
+          column_stats<M()>(item, c, geo, eps, copy, st, t.mean + b * C, t.rstd + b * C);
           gates.begin(c, st);
-          gate_column<M()>(item, t.out + b * N * C, geo.at(c), N, gates, streaming);
+          gate_column<M()>(copy.source(item, geo.at(c)), t.out + b * N * C, geo.at(c), N, gates,
+                           streaming);
         }
         stream_fence();
       });

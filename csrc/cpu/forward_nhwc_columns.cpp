@@ -10,7 +10,11 @@
 //           NCHW kernels' plane_stats). A channel whose statistics overflow float (|x| near
 //           float's largest values, or inf/NaN in it) takes gathered_stats instead (rare);
 //   finish  the statistics (stored to mean and rstd), then the gates' coefficients as lanes;
-//   pass 3  row by row: the spatial gate (its exp inlined, vec_exp.h), the output row.
+//   pass 3  by blocks of kBlockRows rows: the block's rows of x and the spatial gate's
+//           pre-activation, then the gates, then the output rows. Loop by loop, not row by row:
+//           with the exp inlined (vec_exp.h) one loop per row measured 1.5-1.6x the NCHW
+//           forward's time at stage 1 in fp32 against 1.2-1.45x by blocks (the backward's pass 1
+//           is faster in one loop per row).
 // The per-element formulas are the NCHW kernels' (sa_math.h); only the order of the sums differs.
 #include <ATen/OpMathType.h>
 
@@ -217,21 +221,33 @@ void gate_column(ColumnSource source, scalar_t* out, ColumnAt col, int64_t N, co
   constexpr int S = kSlices<M>, Q = 2 * S;
   FloatVec channel_gate[Q];
   for (int q = 0; q < Q; ++q) channel_gate[q] = gates.channel_gate(q);
-  for (int64_t p = 0; p < N; ++p) {
-    FloatVec half_y[2][Q];  // each half's vectors in row order
-    for (int h = 0; h < 2; ++h) {
-      RoleSplit x[S], y[S];
-      FloatVec z[S];
-      column_x<M>(source.row(p), h, source.at, x);
-      gates.z(x, h, z);
-      for (int s = 0; s < S; ++s) {
-        y[s] = RoleSplit{x[s].channel * channel_gate[h * S + s], x[s].spatial * sigmoid(z[s])};
+  RoleSplit x[kBlockRows][Q];
+  FloatVec gate[kBlockRows][Q];
+  for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
+    const int64_t rows = std::min(kBlockRows, N - p0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int h = 0; h < 2; ++h) {
+        column_x<M>(source.row(p0 + r), h, source.at, x[r] + h * S);
+        gates.z(x[r] + h * S, h, gate[r] + h * S);
       }
-      merge_half<M>(y, half_y[h]);
     }
-    for (int v = 0; v < Q; ++v) {  // both halves' vectors v: 2L output channels
-      const auto [lo, hi] = at::vec::interleave2(half_y[0][v], half_y[1][v]);
-      store_pair(col.row(out, p) + col.output(v), lo, hi, streaming);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (auto& g : gate[r]) g = sigmoid(g);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      FloatVec half_y[2][Q];  // each half's vectors in row order
+      for (int h = 0; h < 2; ++h) {
+        RoleSplit y[S];
+        for (int s = 0; s < S; ++s) {
+          const int q = h * S + s;
+          y[s] = RoleSplit{x[r][q].channel * channel_gate[q], x[r][q].spatial * gate[r][q]};
+        }
+        merge_half<M>(y, half_y[h]);
+      }
+      for (int v = 0; v < Q; ++v) {  // both halves' vectors v: 2L output channels
+        const auto [lo, hi] = at::vec::interleave2(half_y[0][v], half_y[1][v]);
+        store_pair(col.row(out, p0 + r) + col.output(v), lo, hi, streaming);
+      }
     }
   }
 }

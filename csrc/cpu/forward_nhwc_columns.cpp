@@ -13,8 +13,8 @@
 //   pass 3  by blocks of kBlockRows rows: the block's rows of x and the spatial gate's
 //           pre-activation, then the gates, then the output rows. Loop by loop, not row by row:
 //           with the exp inlined (vec_exp.h) one loop per row measured 1.5-1.6x the NCHW
-//           forward's time at stage 1 in fp32 against 1.2-1.45x by blocks (the backward's pass 1
-//           is faster in one loop per row).
+//           forward's time at stage 1 in fp32 against 1.2-1.45x by blocks, in one A/B run (this
+//           host's noise is of that order; the backward's pass 1 was clearly faster in one loop).
 // The per-element formulas are the NCHW kernels' (sa_math.h); only the order of the sums differs.
 #include <ATen/OpMathType.h>
 

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "../sa_math.h"
+#include "vec_loops.h"
 
 namespace sa_cuda::cpu {
 

@@ -9,9 +9,8 @@
 // Accuracy, measured on all 2^32 floats against float64 exp: within 1.01 units in the last place
 // of the exact value (Sleef's u10, which eager PyTorch's sigmoid uses: within 1.0); +inf above
 // ln(FLT_MAX); subnormal results within one subnormal spacing, 0 below about -103.97; NaN for NaN.
-// tests/kernels/test_vec_exp.py checks every 61st float (tests/native/vec_exp_check.cpp).
-//
-// This header needs no ATen: tests/native/vec_exp_check.cpp compiles it on its own.
+// tests/kernels/test_vec_exp.py checks every 61st float: tests/native/vec_exp_check.cpp compiles
+// this header on its own (it needs no ATen).
 #pragma once
 
 #if defined(__AVX2__) && defined(__FMA__)

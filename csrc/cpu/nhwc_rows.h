@@ -459,22 +459,20 @@ class BranchMixer {
   static constexpr int64_t L = FloatVec::size();
 
   // bias: m values, or nullptr for none. m divides L or is 2L.
-  BranchMixer(const float* W2, const float* bias, int64_t m, bool transposed = false)
-      : m_(m),
-        run_(std::min(m, L)),
-        slices_(m > L ? m / L : 1),
-        weight_(slices_ * slices_ * run_ * L),
-        bias_(slices_ * L, 0.0f) {
+  BranchMixer(const float* W2, const float* bias, int64_t m, bool transposed = false) : m_(m) {
     TORCH_CHECK(L % m == 0 || m == 2 * L, "BranchMixer: m must divide ", L, " or be ", 2 * L);
+    const int64_t run = std::min(m, L), slices = m > L ? m / L : 1;  // mix's R and S
+    weight_.assign(slices * slices * run * L, 0.0f);
+    bias_.assign(slices * L, 0.0f);
     for (int64_t l = 0; l < L; ++l) {
-      const int64_t lane = l % run_;
-      for (int64_t s = 0; s < slices_; ++s) {
-        const int64_t j = s * run_ + lane;
+      const int64_t lane = l % run;
+      for (int64_t s = 0; s < slices; ++s) {
+        const int64_t j = s * run + lane;
         if (bias != nullptr) bias_[s * L + l] = bias[j];
-        for (int64_t s2 = 0; s2 < slices_; ++s2) {
-          for (int64_t d = 0; d < run_; ++d) {
-            const int64_t k = s2 * run_ + (lane + d) % run_;
-            weight_[((s * slices_ + s2) * run_ + d) * L + l] =
+        for (int64_t s2 = 0; s2 < slices; ++s2) {
+          for (int64_t d = 0; d < run; ++d) {
+            const int64_t k = s2 * run + (lane + d) % run;
+            weight_[((s * slices + s2) * run + d) * L + l] =
                 transposed ? W2[k * m + j] : W2[j * m + k];
           }
         }
@@ -508,7 +506,7 @@ class BranchMixer {
   }
 
  private:
-  int64_t m_, run_, slices_;
+  int64_t m_;
   std::vector<float> weight_, bias_;
 };
 

@@ -28,9 +28,10 @@ void param_grad_reduce_kernel(BackwardParams p, Variant variant) {
   const int64_t slots = p.fwd.batch * p.fwd.groups;
   double total = 0;
   for (int k = 0; k < entry.terms; ++k) {
-    double sum[1] = {slot_sum(entry.term(k), threadIdx.x, blockDim.x, slots)};
+    const SlotTerm<acc_t> term = entry.term(k);
+    double sum[1] = {slot_sum(term, threadIdx.x, blockDim.x, slots)};
     team_sum<false>(sum, scratch);  // every thread gets the same bits
-    total = entry.accumulate(total, k, sum[0]);
+    total = entry.accumulate(total, k, term, sum[0]);
   }
   if (threadIdx.x == 0) entry.store(total);
 }

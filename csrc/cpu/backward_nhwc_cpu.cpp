@@ -89,6 +89,20 @@ inline ColumnValues<M> column_values(const scalar_t* x_row, const scalar_t* gu_r
 // a third of the SALayer backward's instructions at stage 1 (callgrind).
 enum KeptTerm { kKeptGrad, kKeptGated, kKeptT, kKeptXh, kKeptTerms };
 
+// The kept terms of a column's N rows, pass 1 to pass 2 (written before they are read): row p,
+// slice q (of Q), term k at ((p Q + q) kKeptTerms + k) L.
+struct KeptTerms {
+  float* values;
+  int64_t N;
+  int Q;
+
+  float* at(int64_t p, int q, KeptTerm k) const {
+    return values + ((p * Q + q) * kKeptTerms + k) * L;
+  }
+  void keep(int64_t p, int q, KeptTerm k, const FloatVec& v) const { v.store(at(p, q, k)); }
+  FloatVec term(int64_t p, int q, KeptTerm k) const { return FloatVec::loadu(at(p, q, k)); }
+};
+
 // The columns of one variant through both passes. A Column (SALayerColumn,
 // ShuffleAttentionColumn) is a ColumnLanes with
 //   kSums                  pass 1's sums per lane: sum 0 is sum(gu x) on the channel lanes (taken
@@ -99,8 +113,8 @@ enum KeptTerm { kKeptGrad, kKeptGated, kKeptT, kKeptXh, kKeptTerms };
 //                          from the half's slices x;
 //   accumulate(t, xh, h, acc)  a row's terms of sums 1 .. kSums - 1 on the slices of half h, from
 //                          their t[0 .. S) and xh[0 .. S);
-//   finish(b, c, sums)     the partials of the parameter gradients, kBeta on the channel lanes,
-//                          and what spatial_grad needs;
+//   finish(b, c, sums, kept)  the partials of the parameter gradients, kBeta on the channel
+//                          lanes, and what spatial_grad needs (kept: pass 1's KeptTerms);
 //   spatial_grad(gated, t, xh, h, dx)  dx of a row on the spatial lanes of half h's slices.
 // make_column() makes one per task range.
 template <int M, typename scalar_t, typename MakeColumn>
@@ -116,15 +130,8 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
     // may alias anything).
     const int64_t C = geo.C, N = geo.N;
     const bool streaming = stream_results(batch * N * C * int64_t{sizeof(scalar_t)});
-    // The kept terms of a column's N rows, pass 1 to pass 2 (written before they are read): row p,
-    // slice q, term k at ((p Q + q) kKeptTerms + k) L.
-    const AlignedFloats kept = aligned_floats(N * Q * kKeptTerms * L);
-    auto keep = [&](int64_t p, int q, KeptTerm k, const FloatVec& v) {
-      v.store(kept.get() + ((p * Q + q) * kKeptTerms + k) * L);
-    };
-    auto kept_term = [&](int64_t p, int q, KeptTerm k) {
-      return FloatVec::loadu(kept.get() + ((p * Q + q) * kKeptTerms + k) * L);
-    };
+    const AlignedFloats kept_values = aligned_floats(N * Q * kKeptTerms * L);
+    const KeptTerms kept{kept_values.get(), N, Q};
     auto column = make_column();
     using Column = decltype(column);
     constexpr int kSums = Column::kSums;
@@ -164,10 +171,10 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
               acc[0][q] = acc[0][q] + v.gu[h][s].channel * v.x[h][s].channel;
               t_row[s] = gate_input_grad(gv, xv, gate);
               xh[s] = column.standardizer(q).normalized(xv);
-              keep(p, q, kKeptGrad, v.gu[h][s].channel);
-              keep(p, q, kKeptGated, gated_grad(gv, gate));
-              keep(p, q, kKeptT, t_row[s]);
-              keep(p, q, kKeptXh, xh[s]);
+              kept.keep(p, q, kKeptGrad, v.gu[h][s].channel);
+              kept.keep(p, q, kKeptGated, gated_grad(gv, gate));
+              kept.keep(p, q, kKeptT, t_row[s]);
+              kept.keep(p, q, kKeptXh, xh[s]);
             }
             column.accumulate(t_row, xh, h, acc);
           }
@@ -180,7 +187,7 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
           }
         }
       }
-      column.finish(b, c, sums);
+      column.finish(b, c, sums, kept);
       // Pass 2: dx row by row from the kept terms, last row first: the rows pass 1 kept last are
       // the ones still in the L2 cache (a column's x, grad_out and kept terms are 1.6 MB at stage 1
       // in fp32).
@@ -193,15 +200,15 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
         for (int h = 0; h < 2; ++h) {
           FloatVec gated[S], t_row[S], xh[S], spatial[S];
           for (int s = 0; s < S; ++s) {
-            gated[s] = kept_term(p, h * S + s, kKeptGated);
-            t_row[s] = kept_term(p, h * S + s, kKeptT);
-            xh[s] = kept_term(p, h * S + s, kKeptXh);
+            gated[s] = kept.term(p, h * S + s, kKeptGated);
+            t_row[s] = kept.term(p, h * S + s, kKeptT);
+            xh[s] = kept.term(p, h * S + s, kKeptXh);
           }
           column.spatial_grad(gated, t_row, xh, h, spatial);
           RoleSplit grads[S];
           for (int s = 0; s < S; ++s) {
             const int q = h * S + s;
-            grads[s] = RoleSplit{channel_input_grad(kept_term(p, q, kKeptGrad), gate[q], beta[q]),
+            grads[s] = RoleSplit{channel_input_grad(kept.term(p, q, kKeptGrad), gate[q], beta[q]),
                                  spatial[s]};
           }
           FloatVec rows[Q];  // the half's vectors in row order
@@ -226,12 +233,14 @@ class ColumnBase : public ColumnLanes {
  public:
   const Standardizer<FloatVec>& standardizer(int q) const { return st_[q]; }
 
-  // A row's terms of sums 1 and 2 on the slices of half h.
+  // A row's terms of sum 1 (T1 = sum t), and of sum 2 (sum t xh) unless `t_only`, on the slices of
+  // half h.
+  template <bool t_only = false>
   void accumulate(const FloatVec* t, const FloatVec* xh, int h, FloatVec (*acc)[Q]) const {
     for (int s = 0; s < S; ++s) {
       const int q = h * S + s;
       acc[1][q] = acc[1][q] + t[s];
-      acc[2][q] = acc[2][q] + t[s] * xh[s];
+      if constexpr (!t_only) acc[2][q] = acc[2][q] + t[s] * xh[s];
     }
   }
 
@@ -296,7 +305,7 @@ class SALayerColumn : public ColumnBase<M, scalar_t> {
     for (int s = 0; s < S; ++s) z[s] = gate_[h * S + s].z(x[s].spatial);
   }
 
-  void finish(int64_t b, int64_t c, const double (*sums)[kMaxLanes]) {
+  void finish(int64_t b, int64_t c, const double (*sums)[kMaxLanes], const KeptTerms&) {
     const ParamArrays<float>& w = t_.fwd.w;
     for (int64_t lane = 0; lane < geo_.lanes; ++lane) {
       const int64_t ch = geo_.channel(c, lane);
@@ -334,19 +343,30 @@ class SALayerColumn : public ColumnBase<M, scalar_t> {
 
 // ShuffleAttention: per branch, u = x sigmoid(W1 mu + b1) (channel) or x sigmoid(W2 y + b2) with
 // the GroupNorm output y (spatial). A half's spatial lanes hold whole branches in channel order,
-// in runs of r = min(M, L) lanes (nhwc_columns.h, BranchMixer): the m x m products go by lane
-// rotations, z = W2 y + b2 and dy = W2^T t, and on slice s the sum of t * rot_d(xh) of slice
-// s + delta (mod S) is A[j, k] with j = s r + l mod r, k = ((s + delta) mod S) r + (l mod r + d)
-// mod r: sum 2 + delta r + d.
+// in runs of r = min(M, L) lanes (nhwc_columns.h, BranchMixer): the m x m products of the gate go
+// by lane rotations, z = W2 y + b2 and dy = W2^T t. A[j, k] = sum_p t_j xh_k is taken
+//   - for M < L (several branches to a vector) in pass 1, by rotations: on slice s the sum of
+//     t * rot_d(xh) of slice s + delta (mod S) is A[j, k] with j = s r + l mod r,
+//     k = ((s + delta) mod S) r + (l mod r + d) mod r: sum 2 + delta r + d;
+//   - for M >= L (a half's spatial lanes are one branch, kWholeBranch) after pass 1, as the
+//     product of the kept t and xh (product_sums): pass 1 then keeps 2 sums a lane instead of
+//     2 + M (at M = 16 the rotations' 72 accumulator vectors did not fit in the registers, and the
+//     M^2 sums had to be gathered from their diagonals: a third of the stage-4 backward's
+//     instructions).
 template <int M, typename scalar_t>
 class ShuffleAttentionColumn : public ColumnBase<M, scalar_t> {
   using Base = ColumnBase<M, scalar_t>;
   using Base::coeffs_, Base::geo_, Base::st_, Base::t_, Base::S, Base::Q;
   static constexpr int kRun = M < L ? M : L;
+  static constexpr bool kWholeBranch = M >= L;
+  // Rows of A in registers at a time in product_sums: kRowsA S accumulators.
+  static constexpr int kRowsA = 8 / S;
+  static_assert(!kWholeBranch || (L % kRowsA == 0 && M % kRowsA == 0));
 
  public:
   using Base::field, Base::lanes;
-  static constexpr int kSums = 2 + M;  // sum(gu x); T1 = sum t; the M sums of A's rows
+  // sum(gu x); T1 = sum t; for M < L the M sums of A's rows.
+  static constexpr int kSums = kWholeBranch ? 2 : 2 + M;
 
   ShuffleAttentionColumn(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo,
                          const BranchMixer& gate_mixer, const BranchMixer& grad_mixer)
@@ -384,27 +404,32 @@ class ShuffleAttentionColumn : public ColumnBase<M, scalar_t> {
     gate_mixer_.mix<M>(y, z);
   }
 
-  // T1 and A's diagonal (delta = d = 0) as SALayer's sums, then the rotations: each rotation of
-  // a slice's xh serves every slice's t.
+  // T1, and for M < L A's diagonal (delta = d = 0) as SALayer's sums, then the rotations: each
+  // rotation of a slice's xh serves every slice's t.
   void accumulate(const FloatVec* t, const FloatVec* xh, int h, FloatVec (*acc)[Q]) const {
-    Base::accumulate(t, xh, h, acc);
-    for (int s2 = 0; s2 < S; ++s2) {
-      for_each_rotation<kRun>(xh[s2], [&](auto d, const FloatVec& rotated) {
-        for (int s = 0; s < S; ++s) {
-          const int delta = (s2 - s + S) % S;
-          if (delta == 0 && d() == 0) continue;  // the diagonal, above
-          FloatVec& a = acc[2 + delta * kRun + d()][h * S + s];
-          a = a + t[s] * rotated;
-        }
-      });
+    if constexpr (kWholeBranch) {
+      Base::template accumulate<true>(t, xh, h, acc);
+    } else {
+      Base::accumulate(t, xh, h, acc);
+      for (int s2 = 0; s2 < S; ++s2) {
+        for_each_rotation<kRun>(xh[s2], [&](auto d, const FloatVec& rotated) {
+          for (int s = 0; s < S; ++s) {
+            const int delta = (s2 - s + S) % S;
+            if (delta == 0 && d() == 0) continue;  // the diagonal, above
+            FloatVec& a = acc[2 + delta * kRun + d()][h * S + s];
+            a = a + t[s] * rotated;
+          }
+        });
+      }
     }
   }
 
-  void finish(int64_t b, int64_t c, const double (*sums)[kMaxLanes]) {
+  void finish(int64_t b, int64_t c, const double (*sums)[kMaxLanes], const KeptTerms& kept) {
     const ParamArrays<float>& w = t_.fwd.w;
     // The lanes of a half's branches: L S / M of them, channel j of branch n at channel lane
     // 2 L (h S + j / L) + n M + j mod L (the spatial lane: L further).
     for (int h = 0; h < 2; ++h) {
+      if constexpr (kWholeBranch) product_sums(kept, h);
       for (int n = 0; n < L * S / M; ++n) {
         int64_t lane[M];
         for (int j = 0; j < M; ++j) lane[j] = 2 * L * (h * S + j / L) + n * M + j % L;
@@ -419,21 +444,26 @@ class ShuffleAttentionColumn : public ColumnBase<M, scalar_t> {
           field[kBeta][lane[j]] =
               channel_grad_coeffs(matvec_t_row(w.cw, dz, M, j), geo_.inv_n).beta;
         }
-        // Spatial branch: T1 and A, then dx's coefficients.
-        float T1[M], A[M * M];
+        // Spatial branch: T1 and A (the slot's partials), then dx's coefficients.
+        float T1[M];
+        float* A = t_.t_xh + slot0 * M;
         for (int j = 0; j < M; ++j) {
-          const int64_t pos = lane[j] + L;
-          const int s = j / kRun, l = j % kRun;
-          T1[j] = static_cast<float>(sums[1][pos]);
-          for (int delta = 0; delta < S; ++delta) {
-            for (int d = 0; d < kRun; ++d) {
-              const int k = (s + delta) % S * kRun + (l + d) % kRun;
-              A[j * M + k] = static_cast<float>(sums[2 + delta * kRun + d][pos]);
-            }
-          }
+          T1[j] = static_cast<float>(sums[1][lane[j] + L]);
           t_.t_sum[slot0 + j] = T1[j];
         }
-        std::copy(A, A + M * M, t_.t_xh + slot0 * M);
+        if constexpr (kWholeBranch) {
+          for (int jk = 0; jk < M * M; ++jk) A[jk] = static_cast<float>(a_sums_[jk]);
+        } else {
+          for (int j = 0; j < M; ++j) {
+            const int s = j / kRun, l = j % kRun;
+            for (int delta = 0; delta < S; ++delta) {
+              for (int d = 0; d < kRun; ++d) {
+                const int k = (s + delta) % S * kRun + (l + d) % kRun;
+                A[j * M + k] = static_cast<float>(sums[2 + delta * kRun + d][lane[j] + L]);
+              }
+            }
+          }
+        }
         for (int i = 0; i < M; ++i) {
           const int64_t pos = lane[i] + L;
           const InputGradCoeffs<float> coeffs = shuffle_attention_spatial_coeffs(
@@ -457,9 +487,37 @@ class ShuffleAttentionColumn : public ColumnBase<M, scalar_t> {
   }
 
  private:
+  // a_sums_[j M + k] = A[j, k] of half h's branch (kWholeBranch), from the kept t and xh: row j of
+  // A is S vectors along k, kRowsA rows of it in registers at a time (t_j broadcast from the kept
+  // row), summed in float over blocks of kBlockRows rows and added in double, as pass 1's sums.
+  void product_sums(const KeptTerms& kept, int h) {
+    for (int64_t p0 = 0; p0 < kept.N; p0 += kBlockRows) {
+      const int64_t p1 = std::min(kept.N, p0 + kBlockRows);
+      for (int j0 = 0; j0 < M; j0 += kRowsA) {
+        FloatVec acc[kRowsA][S];
+        for (auto& row : acc) {
+          for (auto& a : row) a = FloatVec(0);
+        }
+        for (int64_t p = p0; p < p1; ++p) {
+          FloatVec xh[S];
+          for (int s = 0; s < S; ++s) xh[s] = kept.term(p, h * S + s, kKeptXh);
+          const float* t = kept.at(p, h * S + j0 / L, kKeptT) + j0 % L;
+          for (int j = 0; j < kRowsA; ++j) {
+            const FloatVec t_j(t[j]);
+            for (int s = 0; s < S; ++s) acc[j][s] = acc[j][s] + t_j * xh[s];
+          }
+        }
+        for (int j = 0; j < kRowsA; ++j) {
+          for (int s = 0; s < S; ++s) add_wide(a_sums_ + (j0 + j) * M + s * L, acc[j][s], p0 == 0);
+        }
+      }
+    }
+  }
+
   const BranchMixer& gate_mixer_;
   const BranchMixer& grad_mixer_;
   FloatVec norm_scale_[Q], norm_shift_[Q];
+  double a_sums_[kWholeBranch ? M * M : 1];
 };
 
 }  // namespace

@@ -1,16 +1,12 @@
 // The forward of both variants by columns (nhwc_columns.h), float lanes. Bytes moved: x is read
-// from memory once (pass 1; passes 2 and 3 re-read the column from the L2 cache), out is written
-// once, the column's 2 width output channels of a row at a time; mean and rstd add 2 floats per
-// channel.
-//   pass 1  per channel, the sum of x in double: every term exact for float x and no overflow, so
-//           the mean is correctly rounded but for near-ties, and its rounding's rest is the
-//           Standardizer's center_lo;
-//   pass 2  per channel, the sum of (x - mean)^2 in float over blocks of kBlockRows rows, block
-//           totals in double: the variance from centered values, never E[x^2] - mean^2 (as the
-//           NCHW kernels' plane_stats). A channel whose statistics overflow float (|x| near
-//           float's largest values, or inf/NaN in it) takes gathered_stats instead (rare);
+// from memory once (pass 1; pass 2, where there is one, and the gating pass re-read the column
+// from the L2 cache), out is written once, the column's 2 width output channels of a row at a
+// time; mean and rstd add 2 floats per channel.
+//   stats   per channel the mean and the variance in double, in one pass over x or in two
+//           (column_stats says which and why); a channel whose statistics overflow float (|x|
+//           near float's largest values, or inf/NaN in it) takes gathered_stats instead (rare);
 //   finish  the statistics (stored to mean and rstd), then the gates' coefficients as lanes;
-//   pass 3  by blocks of kBlockRows rows: the block's rows of x and the spatial gate's
+//   gating  by blocks of kBlockRows rows: the block's rows of x and the spatial gate's
 //           pre-activation, then the gates, then the output rows. Loop by loop, not row by row:
 //           with the exp inlined (vec_exp.h) one loop per row measured 1.5-1.6x the NCHW
 //           forward's time at stage 1 in fp32 against 1.2-1.45x by blocks, in one A/B run (this
@@ -35,8 +31,8 @@ constexpr int64_t L = ColumnGeometry::L;
 constexpr int64_t kMaxLanes = ColumnGeometry::kMaxLanes;
 constexpr int64_t kBlockRows = ColumnGeometry::kBlockRows;
 
-// Where passes 2 and 3 read a column's x in float: row p at `item + p at.C`, its half h from
-// at.input(h).
+// Where pass 2 and the gating pass read a column's x in float: row p at `item + p at.C`, its half h
+// from at.input(h).
 struct ColumnSource {
   const float* item;
   ColumnAt at;
@@ -45,9 +41,9 @@ struct ColumnSource {
 };
 
 // A column's x in float for 16-bit x, which pass 1 converts once: N rows of the column's 2 width
-// values, contiguous. Passes 2 and 3 read it from the L2 cache (401 KiB at stage 1) instead of
-// converting x again in each, and in whole 64-byte lines (a row of a bfloat16 column is half a
-// line of each half). Float x is its own source: no copy.
+// values, contiguous. Pass 2 and the gating pass read it from the L2 cache (401 KiB at stage 1)
+// instead of converting x again in each, and in whole 64-byte lines (a row of a bfloat16 column is
+// half a line of each half). Float x is its own source: no copy.
 template <int M, typename scalar_t>
 class ColumnCopy {
   static constexpr int64_t W = 2 * kColumnWidth<M>;
@@ -71,8 +67,27 @@ class ColumnCopy {
   AlignedFloats values_;
 };
 
-// Passes 1 and 2 and the statistics of the column at c of an item, in row order (position
-// h width + l: channel h half + c + l), stored to mean and rstd (the item's C values each).
+// A column of x in float above this many bytes takes its statistics in one pass (column_stats).
+constexpr int64_t kOnePassBytes = int64_t{256} << 10;
+
+// The statistics of the column at c of an item, in row order (position h width + l: channel
+// h half + c + l), stored to mean and rstd (the item's C values each), in one of two ways:
+//   - a column of more than kOnePassBytes (SA-ResNet-50's stage 1: 401 KiB), in one pass over x:
+//     per channel the sums of x - shift and of its square in double (shift: the channel's first
+//     value; shifted_moments), as the rows' chunk_moments. A second pass would re-read a column
+//     the L2 cache keeps only in part, next to pass 1's own traffic: at stage 1 (SALayer, fp32,
+//     batch 8, 2 threads) the forward without its pass 2 took 0.4-0.6 ms less (of 3.2-3.4), and
+//     one pass took the forward's median from 4.77 to 4.14 ms (medians of 8 alternating runs of
+//     40 calls; their minima went from 3.43 to 3.65: two passes vary more);
+//   - a smaller one in two: pass 1 the sums of x in double (every term exact for float x, no
+//     overflow: the mean is correctly rounded but for near-ties), pass 2 from the L2 cache the
+//     sums of (x - mean)^2 in float over blocks of kBlockRows rows, block totals in double: the
+//     variance from centered values, never E[x^2] - mean^2, as the NCHW kernels' plane_stats,
+//     less what the float mean's rounding added, (mean - float mean)^2. Its one double add per
+//     4 values is a third of the one pass's double arithmetic: at stage 2 (a 100 KiB column, in
+//     L2) one pass measured 1.25-1.3x the forward's time of two.
+// For 16-bit x pass 1 also fills the copy. A channel whose statistics overflow float (|x| near
+// float's largest values, or inf/NaN in it) takes gathered_stats instead (moment_stats; rare).
 template <int M, typename scalar_t>
 void column_stats(const scalar_t* item, int64_t c, const ColumnGeometry& geo, float eps,
                   const ColumnCopy<M, scalar_t>& copy, Standardizer<float>* st, float* mean,
@@ -81,50 +96,81 @@ void column_stats(const scalar_t* item, int64_t c, const ColumnGeometry& geo, fl
   const int64_t C = geo.C, N = geo.N;
   const ColumnAt col = geo.at(c);
   const ColumnSource source = copy.source(item, col);
-  // Pass 1 (for 16-bit x it also fills the copy).
-  VecD sum[W / kWide];
-  for (auto& s : sum) s = VecD(0);
-  for (int64_t p = 0; p < N; ++p) {
-    for (int h = 0; h < 2; ++h) {
-      const float* x = as_acc(col.row(item, p) + col.input(h), kWidth, copy.converted(p, h));
-      for (int64_t q = 0; q < kWidth / kWide; ++q) {
-        VecD& s = sum[h * kWidth / kWide + q];
-        s = s + load_wide(x + q * kWide);
-      }
+  auto half_row = [&](int64_t p, int h) {
+    return as_acc(col.row(item, p) + col.input(h), kWidth, copy.converted(p, h));
+  };
+  alignas(64) double mean_d[W], var_d[W];
+  if (N * W * int64_t{sizeof(float)} > kOnePassBytes) {
+    alignas(64) double shift[W], sums[2][W];
+    for (int64_t pos = 0; pos < W; ++pos) {
+      shift[pos] = sum_shift(static_cast<float>(item[col.input(pos / kWidth) + pos % kWidth]));
     }
-  }
-  alignas(64) double sums[2][W] = {};
-  for (int64_t q = 0; q < W / kWide; ++q) sum[q].store(sums[0] + q * kWide);
-  alignas(64) float means[W];
-  for (int64_t pos = 0; pos < W; ++pos) {
-    means[pos] = static_cast<float>(sums[0][pos] / static_cast<double>(N));
-  }
-  // Pass 2.
-  for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
-    FloatVec acc[W / L];
-    for (auto& a : acc) a = FloatVec(0);
-    for (int64_t p = p0; p < std::min(N, p0 + kBlockRows); ++p) {
+    VecD s1[W / kWide], s2[W / kWide];
+    for (int64_t v = 0; v < W / kWide; ++v) s1[v] = s2[v] = VecD(0);
+    for (int64_t p = 0; p < N; ++p) {
       for (int h = 0; h < 2; ++h) {
-        const float* x = source.half_row(p, h);
-        for (int64_t v = 0; v < kWidth / L; ++v) {
-          const int64_t pos = h * kWidth + v * L;
-          const FloatVec d = FloatVec::loadu(x + v * L) - FloatVec::loadu(means + pos);
-          acc[pos / L] = at::vec::fmadd(d, d, acc[pos / L]);
+        const float* x = half_row(p, h);
+        for (int64_t q = 0; q < kWidth / kWide; ++q) {
+          const int64_t v = h * kWidth / kWide + q;
+          const VecD d = load_wide(x + q * kWide) - VecD::loadu(shift + v * kWide);
+          s1[v] = s1[v] + d;
+          s2[v] = at::vec::fmadd(d, d, s2[v]);
         }
       }
     }
-    for (int64_t k = 0; k < W / L; ++k) add_wide(sums[1] + k * L, acc[k]);
+    for (int64_t v = 0; v < W / kWide; ++v) {
+      s1[v].store(sums[0] + v * kWide);
+      s2[v].store(sums[1] + v * kWide);
+    }
+    for (int64_t pos = 0; pos < W; ++pos) {
+      std::tie(mean_d[pos], var_d[pos]) =
+          shifted_moments(sums[0][pos], sums[1][pos], shift[pos], N);
+    }
+  } else {
+    // Pass 1.
+    VecD sum[W / kWide];
+    for (auto& s : sum) s = VecD(0);
+    for (int64_t p = 0; p < N; ++p) {
+      for (int h = 0; h < 2; ++h) {
+        const float* x = half_row(p, h);
+        for (int64_t q = 0; q < kWidth / kWide; ++q) {
+          VecD& s = sum[h * kWidth / kWide + q];
+          s = s + load_wide(x + q * kWide);
+        }
+      }
+    }
+    alignas(64) double sums[W], squares[W];
+    alignas(64) float means[W];
+    for (int64_t q = 0; q < W / kWide; ++q) sum[q].store(sums + q * kWide);
+    for (int64_t pos = 0; pos < W; ++pos) {
+      mean_d[pos] = sums[pos] / static_cast<double>(N);
+      means[pos] = static_cast<float>(mean_d[pos]);
+    }
+    // Pass 2.
+    for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
+      FloatVec acc[W / L];
+      for (auto& a : acc) a = FloatVec(0);
+      for (int64_t p = p0; p < std::min(N, p0 + kBlockRows); ++p) {
+        for (int h = 0; h < 2; ++h) {
+          const float* x = source.half_row(p, h);
+          for (int64_t v = 0; v < kWidth / L; ++v) {
+            const int64_t pos = h * kWidth + v * L;
+            const FloatVec d = FloatVec::loadu(x + v * L) - FloatVec::loadu(means + pos);
+            acc[pos / L] = at::vec::fmadd(d, d, acc[pos / L]);
+          }
+        }
+      }
+      for (int64_t k = 0; k < W / L; ++k) add_wide(squares + k * L, acc[k], p0 == 0);
+    }
+    for (int64_t pos = 0; pos < W; ++pos) {
+      const double rounding = mean_d[pos] - static_cast<double>(means[pos]);
+      var_d[pos] = squares[pos] / static_cast<double>(N) - rounding * rounding;
+    }
   }
-  // The statistics.
   for (int64_t pos = 0; pos < W; ++pos) {
     const int64_t h = pos / kWidth, ch = h * geo.half + c + pos % kWidth;
-    const bool spatial = channel_role(ch, geo.m).spatial;
-    const double mean_d = sums[0][pos] / static_cast<double>(N);
-    const float var = static_cast<float>(sums[1][pos] / static_cast<double>(N));
-    st[pos] = stats_overflowed(means[pos], var)
-                  ? gathered_stats(item, C, N, ch, eps, spatial)
-                  : finish_stats(means[pos], var, eps, 0,
-                                 static_cast<float>(mean_d - static_cast<double>(means[pos])));
+    st[pos] =
+        moment_stats(item, C, N, mean_d[pos], var_d[pos], ch, eps, channel_role(ch, geo.m).spatial);
     mean[ch] = st[pos].mean;
     rstd[ch] = st[pos].rstd;
   }
@@ -213,8 +259,8 @@ class ShuffleAttentionGates {
   FloatVec channel_gate_[2 * S];
 };
 
-// Pass 3 of the column at c of an item: its output rows (the 2 width output channels from 2c),
-// from x in float (source).
+// The gating pass of the column at c of an item: its output rows (the 2 width output channels from
+// 2c), from x in float (source).
 template <int M, typename scalar_t, typename Gates>
 void gate_column(ColumnSource source, scalar_t* out, ColumnAt col, int64_t N, const Gates& gates,
                  bool streaming) {

@@ -18,9 +18,7 @@ namespace {
 using VecD = at::vec::Vectorized<double>;
 
 // Pass 1 of one chunk: sums[c] = sum_p (x[p, c] - shift[c]) and sums[C + c] of the squares, in
-// double: for float x each term is rounded at most once (exact unless x and the shift lie more
-// than 2^29 apart in magnitude) and nothing overflows, and with the shift (the item's first value,
-// sum_shift) the variance S2 / n - (S1 / n)^2 cancels at most a factor n: (x_0 - mu)^2 <= n var.
+// double, shift[c] the item's first value (shifted_moments says why).
 template <typename scalar_t>
 void chunk_moments(const scalar_t* item, int64_t C, const RowChunks::Chunk& chunk,
                    const double* shift, double* sums, float* row_scratch) {
@@ -42,23 +40,6 @@ void chunk_moments(const scalar_t* item, int64_t C, const RowChunks::Chunk& chun
       s2[c] = std::fma(d, d, s2[c]);
     }
   }
-}
-
-// The Standardizer of channel c of an item from its sums over all pixels; gathered_stats where
-// they overflow float.
-template <typename scalar_t>
-Standardizer<float> channel_stats(const scalar_t* item, int64_t C, int64_t N, double s1, double s2,
-                                  double shift, int64_t c, float eps, bool spatial) {
-  const double dm = s1 / static_cast<double>(N), var_d = s2 / static_cast<double>(N) - dm * dm;
-  const double mean_d = shift + dm;
-  const float mean = static_cast<float>(mean_d);
-  const float var = static_cast<float>(var_d < 0 ? 0.0 : var_d);  // rounding; NaN stays NaN
-  if (!stats_overflowed(mean, var)) {
-    // Centered on the double mean: the float mean and what rounding it left out (center_lo in
-    // sa_math.h's Standardizer).
-    return finish_stats(mean, var, eps, 0, static_cast<float>(mean_d - static_cast<double>(mean)));
-  }
-  return gathered_stats(item, C, N, c, eps, spatial);
 }
 
 // The rows forward of either variant: pass 1 and the statistics of every channel (stored to mean
@@ -106,9 +87,9 @@ void forward_rows(const ForwardParams& p, const ForwardTensors<scalar_t>& t, con
     chunk_totals(w.sums.data(), w.items, rows.per_item, 2 * C, totals.data());
     for_each_channel(w.items, C, [&](int64_t i, int64_t c) {
       const double* total = totals.data() + i * 2 * C;
-      const Standardizer<float> st =
-          channel_stats(item_x(w.first + i), C, N, total[c], total[C + c], w.shift[i * C + c], c,
-                        eps, channel_role(c, m).spatial);
+      const auto [mean_d, var_d] = shifted_moments(total[c], total[C + c], w.shift[i * C + c], N);
+      const Standardizer<float> st = moment_stats(item_x(w.first + i), C, N, mean_d, var_d, c, eps,
+                                                  channel_role(c, m).spatial);
       t.mean[(w.first + i) * C + c] = st.mean;
       t.rstd[(w.first + i) * C + c] = st.rstd;
       w.stats[i * C + c] = st;

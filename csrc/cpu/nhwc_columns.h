@@ -105,7 +105,7 @@ struct ColumnGeometry {
   static constexpr int64_t L = FloatVec::size();
   static constexpr int64_t kMaxLanes = 8 * L;  // two slices of each half
   // Rows over which a pass sums in float registers before adding the block's totals in double;
-  // the forward's pass 3 takes its rows block by block.
+  // the forward's gating pass takes its rows block by block.
   static constexpr int64_t kBlockRows = 16;
 
   int64_t C, half, N, m, groups, width, lanes, columns;

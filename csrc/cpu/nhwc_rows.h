@@ -522,6 +522,31 @@ Standardizer<float> gathered_stats(const scalar_t* item, int64_t C, int64_t N, i
   return plane_stats(plane.data(), N, eps, !spatial);
 }
 
+// The mean and the variance, in double, of N values from their shifted sums s1 = sum (x - shift)
+// and s2 = sum (x - shift)^2 in double, shift = sum_shift(x_0): for float x each term is rounded
+// at most once (exact unless x and the shift lie more than 2^29 apart in magnitude) and nothing
+// overflows, and the variance S2 / n - (S1 / n)^2 cancels at most a factor n:
+// (x_0 - mu)^2 <= n var.
+inline std::pair<double, double> shifted_moments(double s1, double s2, double shift, int64_t N) {
+  const double dm = s1 / static_cast<double>(N);
+  return {shift + dm, s2 / static_cast<double>(N) - dm * dm};
+}
+
+// The Standardizer of channel c of an item (N pixels, C apart) from its mean and variance in
+// double (the rows' and the columns' own sums): the float mean and variance, centered on the
+// double mean (center_lo in sa_math.h's Standardizer: what rounding the mean left out);
+// gathered_stats where they overflow float.
+template <typename scalar_t>
+Standardizer<float> moment_stats(const scalar_t* item, int64_t C, int64_t N, double mean_d,
+                                 double var_d, int64_t c, float eps, bool spatial) {
+  const float mean = static_cast<float>(mean_d);
+  const float var = static_cast<float>(var_d < 0 ? 0.0 : var_d);  // rounding; NaN stays NaN
+  if (!stats_overflowed(mean, var)) {
+    return finish_stats(mean, var, eps, 0, static_cast<float>(mean_d - static_cast<double>(mean)));
+  }
+  return gathered_stats(item, C, N, c, eps, spatial);
+}
+
 // Whether pass 2 writes its rows with streaming (non-temporal) stores: when the result is larger
 // than the cache would keep until the next layer reads it, streaming stores skip reading each
 // line of it from memory before it is overwritten (a third of a copy's traffic).

@@ -2,9 +2,10 @@
 // from memory once (pass 1; pass 2, where there is one, and the gating pass re-read the column
 // from the L2 cache), out is written once, the column's 2 width output channels of a row at a
 // time; mean and rstd add 2 floats per channel.
-//   stats   per channel the mean and the variance in double, in one pass over x or in two
-//           (column_stats says which and why); a channel whose statistics overflow float (|x|
-//           near float's largest values, or inf/NaN in it) takes gathered_stats instead (rare);
+//   stats   per channel the mean and the variance, in two passes over the column (column_stats:
+//           pass 1 from memory, pass 2 from the L2 cache); a channel whose statistics overflow
+//           float (|x| near float's largest values, or inf/NaN in it) takes gathered_stats
+//           instead (rare);
 //   finish  the statistics (stored to mean and rstd), then the gates' coefficients as lanes;
 //   gating  by blocks of kBlockRows rows: the block's rows of x and the spatial gate's
 //           pre-activation, then the gates, then the output rows. Loop by loop, not row by row:
@@ -67,27 +68,23 @@ class ColumnCopy {
   AlignedFloats values_;
 };
 
-// A column of x in float above this many bytes takes its statistics in one pass (column_stats).
-constexpr int64_t kOnePassBytes = int64_t{256} << 10;
-
 // The statistics of the column at c of an item, in row order (position h width + l: channel
-// h half + c + l), stored to mean and rstd (the item's C values each), in one of two ways:
-//   - a column of more than kOnePassBytes (SA-ResNet-50's stage 1: 401 KiB), in one pass over x:
-//     per channel the sums of x - shift and of its square in double (shift: the channel's first
-//     value; shifted_moments), as the rows' chunk_moments. A second pass would re-read a column
-//     the L2 cache keeps only in part, next to pass 1's own traffic: at stage 1 (SALayer, fp32,
-//     batch 8, 2 threads) the forward without its pass 2 took 0.4-0.6 ms less (of 3.2-3.4), and
-//     one pass took the forward's median from 4.77 to 4.14 ms (medians of 8 alternating runs of
-//     40 calls; their minima went from 3.43 to 3.65: two passes vary more);
-//   - a smaller one in two: pass 1 the sums of x in double (every term exact for float x, no
-//     overflow: the mean is correctly rounded but for near-ties), pass 2 from the L2 cache the
-//     sums of (x - mean)^2 in float over blocks of kBlockRows rows, block totals in double: the
-//     variance from centered values, never E[x^2] - mean^2, as the NCHW kernels' plane_stats,
-//     less what the float mean's rounding added, (mean - float mean)^2. Its one double add per
-//     4 values is a third of the one pass's double arithmetic: at stage 2 (a 100 KiB column, in
-//     L2) one pass measured 1.25-1.3x the forward's time of two.
-// For 16-bit x pass 1 also fills the copy. A channel whose statistics overflow float (|x| near
-// float's largest values, or inf/NaN in it) takes gathered_stats instead (moment_stats; rare).
+// h half + c + l), stored to mean and rstd (the item's C values each), in two passes:
+//   pass 1  the sums of x in double (every term exact for float x, no overflow: the mean is
+//           correctly rounded but for near-ties, and the rest of its rounding is the
+//           Standardizer's center_lo); for 16-bit x it also fills the copy;
+//   pass 2  from the L2 cache, the sums of (x - mean)^2 in float over blocks of kBlockRows rows,
+//           block totals in double: the variance from centered values, never E[x^2] - mean^2,
+//           as the NCHW kernels' plane_stats, less what centering on the float mean added,
+//           (mean - float mean)^2 (without it a spread below the mean's float spacing, such as
+//           1e6 + 0.01 N(0, 1), read 2% off in rstd).
+// One pass of shifted sums in double (the rows' chunk_moments) measured no faster: at stage 1
+// (SALayer, fp32, batch 8, a 401 KiB column) the statistics took 1.3-1.45 ms against 1.6-2.1,
+// but the gating pass then re-read from L3 what pass 2 had brought back into L2, and the forward
+// took 3.3-3.8 ms either way; at stage 2 (a 100 KiB column, in L2) its three double operations
+// per 4 values made the forward 1.25-1.3x slower. A channel whose statistics overflow float (|x|
+// near float's largest values, or inf/NaN in it) takes gathered_stats instead (moment_stats;
+// rare).
 template <int M, typename scalar_t>
 void column_stats(const scalar_t* item, int64_t c, const ColumnGeometry& geo, float eps,
                   const ColumnCopy<M, scalar_t>& copy, Standardizer<float>* st, float* mean,
@@ -96,81 +93,46 @@ void column_stats(const scalar_t* item, int64_t c, const ColumnGeometry& geo, fl
   const int64_t C = geo.C, N = geo.N;
   const ColumnAt col = geo.at(c);
   const ColumnSource source = copy.source(item, col);
-  auto half_row = [&](int64_t p, int h) {
-    return as_acc(col.row(item, p) + col.input(h), kWidth, copy.converted(p, h));
-  };
-  alignas(64) double mean_d[W], var_d[W];
-  if (N * W * int64_t{sizeof(float)} > kOnePassBytes) {
-    alignas(64) double shift[W], sums[2][W];
-    for (int64_t pos = 0; pos < W; ++pos) {
-      shift[pos] = sum_shift(static_cast<float>(item[col.input(pos / kWidth) + pos % kWidth]));
+  // Pass 1.
+  VecD sum[W / kWide];
+  for (auto& s : sum) s = VecD(0);
+  for (int64_t p = 0; p < N; ++p) {
+    for (int h = 0; h < 2; ++h) {
+      const float* x = as_acc(col.row(item, p) + col.input(h), kWidth, copy.converted(p, h));
+      for (int64_t q = 0; q < kWidth / kWide; ++q) {
+        VecD& s = sum[h * kWidth / kWide + q];
+        s = s + load_wide(x + q * kWide);
+      }
     }
-    VecD s1[W / kWide], s2[W / kWide];
-    for (int64_t v = 0; v < W / kWide; ++v) s1[v] = s2[v] = VecD(0);
-    for (int64_t p = 0; p < N; ++p) {
+  }
+  alignas(64) double sums[W], squares[W], mean_d[W];
+  alignas(64) float means[W];
+  for (int64_t q = 0; q < W / kWide; ++q) sum[q].store(sums + q * kWide);
+  for (int64_t pos = 0; pos < W; ++pos) {
+    mean_d[pos] = sums[pos] / static_cast<double>(N);
+    means[pos] = static_cast<float>(mean_d[pos]);
+  }
+  // Pass 2.
+  for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
+    FloatVec acc[W / L];
+    for (auto& a : acc) a = FloatVec(0);
+    for (int64_t p = p0; p < std::min(N, p0 + kBlockRows); ++p) {
       for (int h = 0; h < 2; ++h) {
-        const float* x = half_row(p, h);
-        for (int64_t q = 0; q < kWidth / kWide; ++q) {
-          const int64_t v = h * kWidth / kWide + q;
-          const VecD d = load_wide(x + q * kWide) - VecD::loadu(shift + v * kWide);
-          s1[v] = s1[v] + d;
-          s2[v] = at::vec::fmadd(d, d, s2[v]);
+        const float* x = source.half_row(p, h);
+        for (int64_t v = 0; v < kWidth / L; ++v) {
+          const int64_t pos = h * kWidth + v * L;
+          const FloatVec d = FloatVec::loadu(x + v * L) - FloatVec::loadu(means + pos);
+          acc[pos / L] = at::vec::fmadd(d, d, acc[pos / L]);
         }
       }
     }
-    for (int64_t v = 0; v < W / kWide; ++v) {
-      s1[v].store(sums[0] + v * kWide);
-      s2[v].store(sums[1] + v * kWide);
-    }
-    for (int64_t pos = 0; pos < W; ++pos) {
-      std::tie(mean_d[pos], var_d[pos]) =
-          shifted_moments(sums[0][pos], sums[1][pos], shift[pos], N);
-    }
-  } else {
-    // Pass 1.
-    VecD sum[W / kWide];
-    for (auto& s : sum) s = VecD(0);
-    for (int64_t p = 0; p < N; ++p) {
-      for (int h = 0; h < 2; ++h) {
-        const float* x = half_row(p, h);
-        for (int64_t q = 0; q < kWidth / kWide; ++q) {
-          VecD& s = sum[h * kWidth / kWide + q];
-          s = s + load_wide(x + q * kWide);
-        }
-      }
-    }
-    alignas(64) double sums[W], squares[W];
-    alignas(64) float means[W];
-    for (int64_t q = 0; q < W / kWide; ++q) sum[q].store(sums + q * kWide);
-    for (int64_t pos = 0; pos < W; ++pos) {
-      mean_d[pos] = sums[pos] / static_cast<double>(N);
-      means[pos] = static_cast<float>(mean_d[pos]);
-    }
-    // Pass 2.
-    for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
-      FloatVec acc[W / L];
-      for (auto& a : acc) a = FloatVec(0);
-      for (int64_t p = p0; p < std::min(N, p0 + kBlockRows); ++p) {
-        for (int h = 0; h < 2; ++h) {
-          const float* x = source.half_row(p, h);
-          for (int64_t v = 0; v < kWidth / L; ++v) {
-            const int64_t pos = h * kWidth + v * L;
-            const FloatVec d = FloatVec::loadu(x + v * L) - FloatVec::loadu(means + pos);
-            acc[pos / L] = at::vec::fmadd(d, d, acc[pos / L]);
-          }
-        }
-      }
-      for (int64_t k = 0; k < W / L; ++k) add_wide(squares + k * L, acc[k], p0 == 0);
-    }
-    for (int64_t pos = 0; pos < W; ++pos) {
-      const double rounding = mean_d[pos] - static_cast<double>(means[pos]);
-      var_d[pos] = squares[pos] / static_cast<double>(N) - rounding * rounding;
-    }
+    for (int64_t k = 0; k < W / L; ++k) add_wide(squares + k * L, acc[k], p0 == 0);
   }
   for (int64_t pos = 0; pos < W; ++pos) {
     const int64_t h = pos / kWidth, ch = h * geo.half + c + pos % kWidth;
-    st[pos] =
-        moment_stats(item, C, N, mean_d[pos], var_d[pos], ch, eps, channel_role(ch, geo.m).spatial);
+    const double rounding = mean_d[pos] - static_cast<double>(means[pos]);
+    const double var = squares[pos] / static_cast<double>(N) - rounding * rounding;
+    st[pos] = moment_stats(item, C, N, mean_d[pos], var, ch, eps, channel_role(ch, geo.m).spatial);
     mean[ch] = st[pos].mean;
     rstd[ch] = st[pos].rstd;
   }

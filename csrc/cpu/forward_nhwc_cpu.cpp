@@ -17,6 +17,16 @@ namespace {
 
 using VecD = at::vec::Vectorized<double>;
 
+// The mean and the variance, in double, of N values from their shifted sums s1 = sum (x - shift)
+// and s2 = sum (x - shift)^2 in double, shift = sum_shift(x_0): for float x each term is rounded
+// at most once (exact unless x and the shift lie more than 2^29 apart in magnitude) and nothing
+// overflows, and the variance S2 / n - (S1 / n)^2 cancels at most a factor n:
+// (x_0 - mu)^2 <= n var.
+inline std::pair<double, double> shifted_moments(double s1, double s2, double shift, int64_t N) {
+  const double dm = s1 / static_cast<double>(N);
+  return {shift + dm, s2 / static_cast<double>(N) - dm * dm};
+}
+
 // Pass 1 of one chunk: sums[c] = sum_p (x[p, c] - shift[c]) and sums[C + c] of the squares, in
 // double, shift[c] the item's first value (shifted_moments says why).
 template <typename scalar_t>

@@ -522,18 +522,8 @@ Standardizer<float> gathered_stats(const scalar_t* item, int64_t C, int64_t N, i
   return plane_stats(plane.data(), N, eps, !spatial);
 }
 
-// The mean and the variance, in double, of N values from their shifted sums s1 = sum (x - shift)
-// and s2 = sum (x - shift)^2 in double, shift = sum_shift(x_0): for float x each term is rounded
-// at most once (exact unless x and the shift lie more than 2^29 apart in magnitude) and nothing
-// overflows, and the variance S2 / n - (S1 / n)^2 cancels at most a factor n:
-// (x_0 - mu)^2 <= n var.
-inline std::pair<double, double> shifted_moments(double s1, double s2, double shift, int64_t N) {
-  const double dm = s1 / static_cast<double>(N);
-  return {shift + dm, s2 / static_cast<double>(N) - dm * dm};
-}
-
 // The Standardizer of channel c of an item (N pixels, C apart) from its mean and variance in
-// double (the rows' and the columns' own sums): the float mean and variance, centered on the
+// double (from the rows' or the columns' own sums): the float mean and variance, centered on the
 // double mean (center_lo in sa_math.h's Standardizer: what rounding the mean left out);
 // gathered_stats where they overflow float.
 template <typename scalar_t>

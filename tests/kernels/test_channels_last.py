@@ -98,15 +98,16 @@ COLUMN_SHAPES = [
     pytest.param((2, 256, 7, 7), 8, id="m16-4cols-N49"),
     pytest.param((3, 64, 3, 7), 2, id="m16-1col-N21"),
     pytest.param((1, 128, 1, 40), 4, id="m16-h1-N40"),
-    # statistics in one pass: a column of more than 256 KiB in float (forward_nhwc_columns.cpp)
-    pytest.param((2, 64, 47, 45), 16, id="m2-one-pass-N2115"),
-    pytest.param((1, 64, 33, 35), 2, id="m16-one-pass-N1155"),
+    # columns of more than 256 KiB in float
+    pytest.param((2, 64, 47, 45), 16, id="m2-N2115"),
+    pytest.param((1, 64, 33, 35), 2, id="m16-N1155"),
 ]
-# The columns' statistics on either side of the one-pass rule (m = 2: 32 floats a row, m = 16: 64).
+# The columns' statistics: m = 2 (32 floats a row) and 16 (64), a column of 91 KiB and of 270 and
+# 295 KiB in float.
 COLUMN_STATS_SHAPES = [
-    pytest.param((2, 64, 23, 31), 16, id="m2-two-pass"),
-    pytest.param((2, 64, 47, 45), 16, id="m2-one-pass"),
-    pytest.param((1, 64, 33, 35), 2, id="m16-one-pass"),
+    pytest.param((2, 64, 23, 31), 16, id="m2-N713"),
+    pytest.param((2, 64, 47, 45), 16, id="m2-N2115"),
+    pytest.param((1, 64, 33, 35), 2, id="m16-N1155"),
 ]
 # ShuffleAttention's rows: the shapes above with m dividing 4.
 SHUFFLE_ROW_SHAPES = [
@@ -312,11 +313,10 @@ HARD_PLANES = ["first-pixel-outlier", "offset-1e4", "offset-1e6-spread-0.01", "n
 @pytest.mark.parametrize("shape,groups", COLUMN_STATS_SHAPES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_column_statistics_of_hard_planes(variant, shape, groups, plane):
-    """The columns' statistics, in one pass (shifted sums) and in two (centered on the float mean),
-    are the true ones where the sums are hardest: a first pixel far from the rest (the one pass's
-    shift), a mean far above the spread, a spread below the float spacing of the mean (centering
-    on the rounded mean alone adds (mean - float mean)^2 to the variance: 2% of rstd at 1e6 +
-    0.01 N(0, 1)), a near-constant plane."""
+    """The columns' statistics are the true ones where their sums are hardest: a first pixel far
+    from the rest, a mean far above the spread, a spread below the float spacing of the mean
+    (centering on the rounded mean alone adds (mean - float mean)^2 to the variance: 2% of rstd
+    at 1e6 + 0.01 N(0, 1)), a near-constant plane."""
     assert _by_columns(BACKENDS["cpu"], variant, torch.float32, shape, groups)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(shape, generator=g, dtype=torch.float64)

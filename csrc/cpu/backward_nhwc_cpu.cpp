@@ -371,8 +371,12 @@ class ShuffleAttentionColumn : public ColumnBase<M, scalar_t> {
   static constexpr int kSums = kWholeBranch ? 2 : 2 + M;
 
   ShuffleAttentionColumn(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo,
-                         const BranchMixer& gate_mixer, const BranchMixer& grad_mixer)
-      : Base(t, geo), gate_mixer_(gate_mixer), grad_mixer_(grad_mixer) {}
+                         const BranchMixer& channel_mixer, const BranchMixer& gate_mixer,
+                         const BranchMixer& grad_mixer)
+      : Base(t, geo),
+        channel_mixer_(channel_mixer),
+        gate_mixer_(gate_mixer),
+        grad_mixer_(grad_mixer) {}
 
   void begin(int64_t b, int64_t c) {
     const ParamArrays<float>& w = t_.fwd.w;
@@ -380,13 +384,16 @@ class ShuffleAttentionColumn : public ColumnBase<M, scalar_t> {
       const int64_t ch = geo_.channel(c, lane), plane = b * geo_.C + ch;
       const ChannelRole role = channel_role(ch, M);
       const int64_t k = role.k;
-      if (!role.spatial) {  // sigmoid(W1 mu + b1)[k] over the branch's means
-        const float* mu = t_.fwd.mean + plane - k;
-        field[kGate][lane] = sigmoid(matvec_row(w.cw, mu, w.cb, M, k));
-        continue;
-      }
-      const float values[] = {t_.fwd.mean[plane], t_.fwd.rstd[plane], w.gw[k], w.gb[k]};
-      for (int v = 0; v < 4; ++v) field[kMean + v][lane] = values[v];
+      field[kMean][lane] = t_.fwd.mean[plane];  // on the channel lanes for their gate
+      if (!role.spatial) continue;
+      const float values[] = {t_.fwd.rstd[plane], w.gw[k], w.gb[k]};
+      for (int v = 0; v < 3; ++v) field[kRstd + v][lane] = values[v];
+    }
+    // sigmoid(W1 mu + b1) over the branches' means, on the channel lanes (as the forward).
+    for (int h = 0; h < 2; ++h) {
+      FloatVec gate[S];
+      channel_gates<M>(channel_mixer_, field[kMean], h, gate);
+      for (int s = 0; s < S; ++s) gate[s].store(field[kGate] + Base::channel_lanes(h * S + s));
     }
     Base::load_stats();
     for (int q = 0; q < Q; ++q) {
@@ -516,6 +523,7 @@ class ShuffleAttentionColumn : public ColumnBase<M, scalar_t> {
     }
   }
 
+  const BranchMixer& channel_mixer_;
   const BranchMixer& gate_mixer_;
   const BranchMixer& grad_mixer_;
   FloatVec norm_scale_[Q], norm_shift_[Q];
@@ -534,9 +542,10 @@ void backward_columns(Variant variant, const BackwardParams& p) {
       run_columns<M()>(t, geo, p.fwd.batch, [&] { return SALayerColumn<M(), scalar_t>(t, geo); });
       return;
     }
-    const BranchMixer gate_mixer(w.sw, w.sb, M()), grad_mixer(w.sw, nullptr, M(), true);
+    const BranchMixer channel_mixer(w.cw, w.cb, M()), gate_mixer(w.sw, w.sb, M()),
+        grad_mixer(w.sw, nullptr, M(), true);
     run_columns<M()>(t, geo, p.fwd.batch, [&] {
-      return ShuffleAttentionColumn<M(), scalar_t>(t, geo, gate_mixer, grad_mixer);
+      return ShuffleAttentionColumn<M(), scalar_t>(t, geo, channel_mixer, gate_mixer, grad_mixer);
     });
   });
 }

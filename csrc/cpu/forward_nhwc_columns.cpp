@@ -177,30 +177,33 @@ class SALayerGates {
   SpatialGate<FloatVec> gate_[2 * S];
 };
 
-// ShuffleAttention: sigmoid(W1 mu + b1) over a channel branch's means; z = W2 y + b2 with the
-// GroupNorm output y of the spatial branch's channels (BranchMixer: the half's spatial lanes hold
-// whole branches).
+// ShuffleAttention: sigmoid(W1 mu + b1) over a channel branch's means (channel_mixer: a half's
+// channel lanes hold whole branches, as its spatial lanes); z = W2 y + b2 with the GroupNorm
+// output y of the spatial branch's channels (mixer).
 template <int M, typename scalar_t>
 class ShuffleAttentionGates {
   static constexpr int S = kSlices<M>;
 
  public:
   ShuffleAttentionGates(const ForwardTensors<scalar_t>& t, const ColumnGeometry& geo,
-                        const BranchMixer& mixer)
-      : t_(t), geo_(geo), mixer_(mixer) {}
+                        const BranchMixer& mixer, const BranchMixer& channel_mixer)
+      : t_(t), geo_(geo), mixer_(mixer), channel_mixer_(channel_mixer) {}
   ShuffleAttentionGates(const ShuffleAttentionGates&) = delete;  // fields_ points into field_
 
   void begin(int64_t c, const Standardizer<float>* st) {
+    alignas(64) float mu[kMaxLanes] = {};  // the channel lanes' means
     for (int64_t lane = 0; lane < 4 * L * S; ++lane) {
       const int64_t ch = geo_.channel(c, lane);
-      // The position of the channel's branch: its m channels lie in one half, one after another.
-      const int64_t first = geo_.position(c, ch - channel_role(ch, M).k);
-      set_shuffle_attention_lanes(
-          fields_.data(), lane, ch, M, st[geo_.position(c, ch)],
-          [&](int64_t i) { return st[first + i].mean; }, t_.w);
+      const Standardizer<float>& channel = st[geo_.position(c, ch)];
+      const ChannelRole role = channel_role(ch, M);
+      if (role.spatial) {
+        set_group_norm_output(fields_.data(), lane, t_.w.gw[role.k], t_.w.gb[role.k], channel);
+      } else {
+        mu[lane] = channel.mean;
+      }
     }
-    for (int q = 0; q < 2 * S; ++q) {
-      channel_gate_[q] = FloatVec::loadu(field_[kChannelGate] + 2 * q * L);
+    for (int h = 0; h < 2; ++h) {
+      channel_gates<M>(channel_mixer_, mu, h, channel_gate_ + h * S);
     }
   }
   FloatVec channel_gate(int q) const { return channel_gate_[q]; }
@@ -216,6 +219,7 @@ class ShuffleAttentionGates {
   const ForwardTensors<scalar_t>& t_;
   const ColumnGeometry& geo_;
   const BranchMixer& mixer_;
+  const BranchMixer& channel_mixer_;
   alignas(64) float field_[kShuffleAttentionFields][kMaxLanes] = {};
   std::array<float*, kShuffleAttentionFields> fields_ = lane_fields(field_);
   FloatVec channel_gate_[2 * S];
@@ -290,8 +294,8 @@ void forward_columns(Variant variant, const ForwardParams& p) {
       run([&] { return SALayerGates<M(), scalar_t>(t, geo); });
       return;
     }
-    const BranchMixer mixer(t.w.sw, t.w.sb, M());
-    run([&] { return ShuffleAttentionGates<M(), scalar_t>(t, geo, mixer); });
+    const BranchMixer mixer(t.w.sw, t.w.sb, M()), channel_mixer(t.w.cw, t.w.cb, M());
+    run([&] { return ShuffleAttentionGates<M(), scalar_t>(t, geo, mixer, channel_mixer); });
   });
 }
 

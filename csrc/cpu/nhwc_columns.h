@@ -184,6 +184,21 @@ inline void prefetch_run(const scalar_t* row, int64_t offset) {
   }
 }
 
+// ShuffleAttention's channel-branch gates sigmoid(W1 mu + b1) of half h's slices, gate[0 .. S),
+// from the means mu of a column's lanes (read on its channel lanes: whole branches in channel
+// order, as its spatial lanes; channel_mixer holds W1 and b1). The forward and the backward by
+// columns form the gate this one way, so the backward's is the forward's.
+template <int M>
+inline void channel_gates(const BranchMixer& channel_mixer, const float* mu, int h,
+                          FloatVec* gate) {
+  constexpr int S = kSlices<M>;
+  constexpr int64_t L = FloatVec::size();
+  FloatVec means[S], z[S];
+  for (int s = 0; s < S; ++s) means[s] = FloatVec::loadu(mu + 2 * (h * S + s) * L);
+  channel_mixer.mix<M>(means, z);
+  for (int s = 0; s < S; ++s) gate[s] = sigmoid(z[s]);
+}
+
 // sums[0 .. L) += v, in double; = v when `first` (the sums need no zeros before).
 inline void add_wide(double* sums, const FloatVec& v, bool first = false) {
   using VecD = at::vec::Vectorized<double>;

@@ -352,9 +352,9 @@ class SALayerColumn : public ColumnBase<M, scalar_t> {
 //     product of the kept t and xh (product_sums): pass 1 then keeps 2 sums a lane instead of
 //     2 + M. At M = 16 the rotations' 72 accumulator vectors did not fit in the registers, and
 //     the M^2 sums had to be gathered from their diagonals: the kernel took 1.74 million
-//     instructions a call at stage 4 (batch 1) against 1.48 now, and the raw backward 1.47 ms
-//     against 1.18 at batch 8 (fp32; bf16 1.37 against 0.95; medians of 5 alternating runs). At
-//     M = 8 both ways execute about the same.
+//     instructions a call at stage 4 (batch 1) against 1.48 now; with reduce_param_grads in
+//     float64 lanes, the raw backward took 1.47 ms against 1.18 at batch 8 (fp32; bf16 1.37
+//     against 0.95; medians of 5 alternating runs). At M = 8 both ways execute about the same.
 template <int M, typename scalar_t>
 class ShuffleAttentionColumn : public ColumnBase<M, scalar_t> {
   using Base = ColumnBase<M, scalar_t>;

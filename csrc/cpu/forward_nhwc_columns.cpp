@@ -1,6 +1,6 @@
 // The forward of both variants by columns (nhwc_columns.h), float lanes. Bytes moved: x is read
-// from memory once (pass 1; pass 2, where there is one, and the gating pass re-read the column
-// from the L2 cache), out is written once, the column's 2 width output channels of a row at a
+// from memory once (pass 1; pass 2 and the gating pass re-read the column from the L2 cache),
+// out is written once, the column's 2 width output channels of a row at a
 // time; mean and rstd add 2 floats per channel.
 //   stats   per channel the mean and the variance, in two passes over the column (column_stats:
 //           pass 1 from memory, pass 2 from the L2 cache); a channel whose statistics overflow
@@ -80,8 +80,9 @@ class ColumnCopy {
 //           1e6 + 0.01 N(0, 1), read 2% off in rstd).
 // One pass of shifted sums in double (the rows' chunk_moments) measured no faster: at stage 1
 // (SALayer, fp32, batch 8, a 401 KiB column) the statistics took 1.3-1.45 ms against 1.6-2.1,
-// but the gating pass then re-read from L3 what pass 2 had brought back into L2, and the forward
-// took 3.3-3.8 ms either way; at stage 2 (a 100 KiB column, in L2) its three double operations
+// but the gating pass took that much longer (our reading: pass 2 had brought back into L2 the
+// part of the column the gating pass then found in L3), and the forward took 3.3-3.8 ms either
+// way; at stage 2 (a 100 KiB column, in L2) its three double operations
 // per 4 values made the forward 1.25-1.3x slower. A channel whose statistics overflow float (|x|
 // near float's largest values, or inf/NaN in it) takes gathered_stats instead (moment_stats;
 // rare).

@@ -365,14 +365,9 @@ void reduce_param_grads(Variant variant, const BackwardParams& p) {
   using VecD = at::vec::Vectorized<double>;
   constexpr int64_t kD = VecD::size();
   const int64_t slots = p.fwd.batch * p.fwd.groups, m = p.fwd.branch_channels;
-  // total[w] += row[w] for w < width, in double lanes.
-  auto add_row = [](double* total, const acc_t* row, int64_t width) {
-    int64_t w = 0;
-    for (; w + kD <= width; w += kD) (VecD::loadu(total + w) + load_wide(row + w)).store(total + w);
-    for (; w < width; ++w) total[w] += static_cast<double>(row[w]);
-  };
-  // total[w] += weight * row[w] (the product exact for float partials).
-  auto add_weighted_row = [](double* total, double weight, const acc_t* row, int64_t width) {
+  // total[w] += weight * row[w] for w < width, in double lanes (the product exact for float
+  // partials; a weight of 1 changes no bit).
+  auto add_row = [](double* total, double weight, const acc_t* row, int64_t width) {
     int64_t w = 0;
     for (; w + kD <= width; w += kD)
       (VecD::loadu(total + w) + VecD(weight) * load_wide(row + w)).store(total + w);
@@ -385,7 +380,7 @@ void reduce_param_grads(Variant variant, const BackwardParams& p) {
   auto column_totals = [&](const void* partials, int64_t width) {
     ColumnTotals c{static_cast<const acc_t*>(partials), std::vector<double>(width, 0.0)};
     for (int64_t slot = 0; slot < slots; ++slot)
-      add_row(c.total.data(), c.values + slot * width, width);
+      add_row(c.total.data(), 1.0, c.values + slot * width, width);
     return c;
   };
   const ColumnTotals columns[] = {column_totals(p.gate_grad, m), column_totals(p.t_sum, m),
@@ -410,7 +405,7 @@ void reduce_param_grads(Variant variant, const BackwardParams& p) {
     const acc_t* mu_s = mean + slot * 2 * m;
     if (outer) {
       for (int64_t j = 0; j < m; ++j)
-        add_weighted_row(mean_products.data() + j * m, static_cast<double>(dz_s[j]), mu_s, m);
+        add_row(mean_products.data() + j * m, static_cast<double>(dz_s[j]), mu_s, m);
       continue;
     }
     for (int64_t k = 0; k < m; ++k)

@@ -93,7 +93,6 @@ enum KeptTerm { kKeptGrad, kKeptGated, kKeptT, kKeptXh, kKeptTerms };
 // slice q (of Q), term k at ((p Q + q) kKeptTerms + k) L.
 struct KeptTerms {
   float* values;
-  int64_t N;
   int Q;
 
   float* at(int64_t p, int q, KeptTerm k) const {
@@ -131,7 +130,7 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
     const int64_t C = geo.C, N = geo.N;
     const bool streaming = stream_results(batch * N * C * int64_t{sizeof(scalar_t)});
     const AlignedFloats kept_values = aligned_floats(N * Q * kKeptTerms * L);
-    const KeptTerms kept{kept_values.get(), N, Q};
+    const KeptTerms kept{kept_values.get(), Q};
     auto column = make_column();
     using Column = decltype(column);
     constexpr int kSums = Column::kSums;
@@ -500,8 +499,9 @@ class ShuffleAttentionColumn : public ColumnBase<M, scalar_t> {
   // A is S vectors along k, kRowsA rows of it in registers at a time (t_j broadcast from the kept
   // row), summed in float over blocks of kBlockRows rows and added in double, as pass 1's sums.
   void product_sums(const KeptTerms& kept, int h) {
-    for (int64_t p0 = 0; p0 < kept.N; p0 += kBlockRows) {
-      const int64_t p1 = std::min(kept.N, p0 + kBlockRows);
+    const int64_t N = geo_.N;
+    for (int64_t p0 = 0; p0 < N; p0 += kBlockRows) {
+      const int64_t p1 = std::min(N, p0 + kBlockRows);
       for (int j0 = 0; j0 < M; j0 += kRowsA) {
         FloatVec acc[kRowsA][S];
         for (auto& row : acc) {

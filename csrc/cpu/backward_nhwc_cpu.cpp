@@ -156,8 +156,8 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
         for (int64_t p = p0; p < p0 + rows; ++p) {
           if (p + kPrefetchRows < N) {
             const scalar_t* x_ahead = col.row(x, p + kPrefetchRows);
-            for (int h = 0; h < 2; ++h) prefetch_run<kWidth>(x_ahead, col.input(h));
-            prefetch_run<2 * kWidth>(col.row(gu, p + kPrefetchRows), col.output(0));
+            for (int h = 0; h < 2; ++h) prefetch_run<kWidth, kNonTemporal>(x_ahead, col.input(h));
+            prefetch_run<2 * kWidth, kNonTemporal>(col.row(gu, p + kPrefetchRows), col.output(0));
           }
           const ColumnValues<M> v = column_values<M>(col.row(x, p), col.row(gu, p), col);
           for (int h = 0; h < 2; ++h) {

@@ -167,20 +167,24 @@ inline void column_x(const scalar_t* row, int h, ColumnAt col, RoleSplit* slices
 }
 
 // Asks for the cache lines of kCount values from row + offset (kCount known at compile time: a
-// loop over a run-time count cost 36 instructions a row), to be read soon and once: the
-// backward's pass 1 asks for a column's row of x (both halves) and of grad_out kPrefetchRows rows
-// ahead. A column reads three streams a row (C values) apart, which the hardware prefetchers
-// followed less well than NCHW's planes; non-temporal, so that they do not push the kept terms
-// out of the L2 cache. A hint: no effect on any value. At stage 1 (fp32, batch 8, 2 threads) it
-// took the backward (with its pass 2 in reverse order) from 1.28 to 1.20x the NCHW backward's
-// time (medians of 4 runs). The forward's first pass, prefetching into every level (its later
-// passes re-read x from L2), measured slower (1.31 against 1.23x the NCHW forward).
+// loop over a run-time count cost 36 instructions a row). A hint: no effect on any value.
+//   kNonTemporal  to be read soon and once: the backward's pass 1 asks for a column's row of x
+//                 (both halves) and of grad_out kPrefetchRows rows ahead. A column reads three
+//                 streams a row (C values) apart, which the hardware prefetchers followed less well
+//                 than NCHW's planes; non-temporal, so that they do not push the kept terms out of
+//                 the L2 cache. At stage 1 (fp32, batch 8, 2 threads) it took the backward (with
+//                 its pass 2 in reverse order) from 1.28 to 1.20x the NCHW backward's time
+//                 (medians of 4 runs). The forward's first pass, prefetching into every level 12
+//                 rows ahead, measured slower (1.31 against 1.23x the NCHW forward).
+//   kIntoL2       to be read later, from L2: the forward's gating pass asks for its thread's next
+//                 column, for that column's pass 1 (gate_column).
+constexpr int kNonTemporal = 0, kIntoL2 = 2;
 constexpr int64_t kPrefetchRows = 12;
-template <int64_t kCount, typename scalar_t>
+template <int64_t kCount, int kLocality, typename scalar_t>
 inline void prefetch_run(const scalar_t* row, int64_t offset) {
   const char* first = reinterpret_cast<const char*>(row + offset);
   for (int64_t byte = 0; byte < kCount * int64_t{sizeof(scalar_t)}; byte += 64) {
-    __builtin_prefetch(first + byte, 0, 0);
+    __builtin_prefetch(first + byte, 0, kLocality);
   }
 }
 

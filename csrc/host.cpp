@@ -67,6 +67,16 @@ Shape check_input(const at::Tensor& x, int64_t groups) {
   return Shape{x.size(0), C, groups, C / (2 * groups), x.size(2) * x.size(3)};
 }
 
+// A tensor of the residual epilogue (identity, or the forward's out): x's shape and dtype, on x's
+// device (the kernels read it at out's positions, in out's dtype).
+void check_like_x(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  check_tensor(t, name, &x);
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), "sa_cuda: ", name, " must have x's shape ", x.sizes(),
+                    ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type(), "sa_cuda: ", name, " must have x's dtype ",
+                    x.scalar_type(), ", got ", t.scalar_type());
+}
+
 // t in dtype: t itself when it already is (no dispatch of a no-op .to: host time per call).
 at::Tensor as_dtype(const at::Tensor& t, c10::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
@@ -154,30 +164,43 @@ ForwardParams fill_forward(const Shape& s, double eps, const at::Tensor& x,
 void define_ops(torch::Library& library) {
   for (const VariantOps& ops : kVariantOps) {
     const std::string name = ops.name, params = param_schema(ops);
+    const std::string param_grads = "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor";
     library.def((name + "_forward(Tensor x, int groups" + params +
                  ", float eps) -> (Tensor, Tensor, Tensor)")
                     .c_str());
     library.def((name +
                  "_backward(Tensor grad_out, Tensor x, Tensor mean, Tensor rstd, int groups" +
-                 params + ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+                 params + ") -> (Tensor, " + param_grads + ")")
+                    .c_str());
+    library.def((name + "_residual_forward(Tensor x, Tensor identity, int groups" + params +
+                 ", float eps) -> (Tensor, Tensor, Tensor)")
+                    .c_str());
+    library.def((name +
+                 "_residual_backward(Tensor grad_out, Tensor out, Tensor x, Tensor mean, "
+                 "Tensor rstd, int groups" +
+                 params + ") -> (Tensor, Tensor, " + param_grads + ")")
                     .c_str());
   }
 }
 
 ForwardResult run_forward(Variant variant, const at::Tensor& x_in, int64_t groups,
-                          const LayerParams& params, double eps, ForwardLauncher launch) {
+                          const LayerParams& params, double eps, ForwardLauncher launch,
+                          const at::Tensor* identity_in) {
   const Shape s = check_input(x_in, groups);
   const c10::DeviceGuard device_guard(x_in.device());  // kernels launch on x's device
   TORCH_CHECK_VALUE(eps >= 0, "sa_cuda: eps must be a number >= 0, got ", eps);
+  if (identity_in != nullptr) check_like_x(*identity_in, "identity", x_in);
   const auto p = kernel_params(variant, params, x_in, s.m);
   const bool nhwc = is_channels_last(x_in);
   const at::Tensor x = in_layout(x_in, nhwc);
+  const at::Tensor identity = identity_in != nullptr ? in_layout(*identity_in, nhwc) : at::Tensor();
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(memory_format(nhwc)));
   at::Tensor mean = empty_acc({s.B, s.C}, x);
   at::Tensor rstd = empty_acc({s.B, s.C}, x);
   if (x.numel() > 0) {
     ForwardParams f = fill_forward(s, eps, x, p, nhwc);
     f.out = out.mutable_data_ptr();
+    f.identity = identity.defined() ? identity.const_data_ptr() : nullptr;
     f.mean = mean.mutable_data_ptr();
     f.rstd = rstd.mutable_data_ptr();
     launch(variant, x.scalar_type(), f);
@@ -185,14 +208,16 @@ ForwardResult run_forward(Variant variant, const at::Tensor& x_in, int64_t group
   return {out, mean, rstd};
 }
 
-BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, const at::Tensor& x_in,
-                            const at::Tensor& mean_in, const at::Tensor& rstd_in, int64_t groups,
-                            const LayerParams& params, BackwardLauncher launch) {
+BackwardGrads run_backward(Variant variant, const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                           const at::Tensor& mean_in, const at::Tensor& rstd_in, int64_t groups,
+                           const LayerParams& params, BackwardLauncher launch,
+                           const at::Tensor* out_in) {
   const Shape s = check_input(x_in, groups);
   const c10::DeviceGuard device_guard(x_in.device());
   check_tensor(grad_out_in, "grad_out", &x_in);
   TORCH_CHECK_VALUE(grad_out_in.sizes() == x_in.sizes(), "sa_cuda: grad_out must have x's shape ",
                     x_in.sizes(), ", got ", grad_out_in.sizes());
+  if (out_in != nullptr) check_like_x(*out_in, "out", x_in);
   const char* stat_names[] = {"mean", "rstd"};
   const at::Tensor* stats[] = {&mean_in, &rstd_in};
   for (int i = 0; i < 2; ++i) {
@@ -210,6 +235,11 @@ BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, cons
   const at::Tensor mean = mean_in.resolve_neg().contiguous();
   const at::Tensor rstd = rstd_in.resolve_neg().contiguous();
   at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(memory_format(nhwc)));
+  // The residual epilogue's: the forward's out in the kernels' layout, and the identity's gradient.
+  const at::Tensor out = out_in != nullptr ? in_layout(*out_in, nhwc) : at::Tensor();
+  at::Tensor grad_identity =
+      out_in != nullptr ? at::empty(x.sizes(), x.options().memory_format(memory_format(nhwc)))
+                        : at::Tensor();
 
   // The per-(batch item, group) partials of the parameter gradients (layout in sa_params.h), in
   // one allocation: every slot is written by the backward kernel before the reduction reads it.
@@ -223,6 +253,8 @@ BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, cons
   b.fwd.rstd = const_cast<void*>(rstd.const_data_ptr());
   b.grad_out = grad_out.const_data_ptr();
   b.grad_x = grad_x.mutable_data_ptr();
+  b.out = out.defined() ? out.const_data_ptr() : nullptr;
+  b.grad_identity = grad_identity.defined() ? grad_identity.mutable_data_ptr() : nullptr;
   b.gate_grad = partials.mutable_data_ptr();
   b.t_sum = static_cast<char*>(b.gate_grad) + slots * s.m * partials.element_size();
   b.t_xh = static_cast<char*>(b.t_sum) + slots * s.m * partials.element_size();
@@ -234,8 +266,10 @@ BackwardResult run_backward(Variant variant, const at::Tensor& grad_out_in, cons
   // The backward kernel (none for B = 0), then one fixed-order reduction of the partials into
   // the six gradients (sa_math.h; exact zeros for B = 0).
   launch(variant, x.scalar_type(), b);
-  return {grad_x,         param_grads[0], param_grads[1], param_grads[2],
-          param_grads[3], param_grads[4], param_grads[5]};
+  return {grad_x,
+          grad_identity,
+          {param_grads[0], param_grads[1], param_grads[2], param_grads[3], param_grads[4],
+           param_grads[5]}};
 }
 
 }  // namespace sa_cuda

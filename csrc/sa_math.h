@@ -244,6 +244,27 @@ SA_HOST_DEVICE V sigmoid(const V& z) {
   return V(1) / (V(1) + sa_exp(V(0) - z));
 }
 
+// The residual epilogue of a bottleneck's tail, out = relu(SA(x) + identity), element by element.
+// relu(v) = (v <= 0 ? 0 : v) as PyTorch's relu: NaN passes. Its backward passes the gradient where
+// out > 0, i.e. where !(out <= 0) (PyTorch's threshold_backward: NaN passes there too). Vector
+// lanes (at::vec::Vectorized) select with a compare mask, lane for lane the same value.
+SA_HOST_DEVICE float sa_relu(float v) { return v <= 0.0f ? 0.0f : v; }
+SA_HOST_DEVICE double sa_relu(double v) { return v <= 0.0 ? 0.0 : v; }
+template <typename V>
+SA_HOST_DEVICE V sa_relu(const V& v) {
+  return V::blendv(v, V(0), v <= V(0));
+}
+SA_HOST_DEVICE float relu_grad(float grad, float out) { return out <= 0.0f ? 0.0f : grad; }
+SA_HOST_DEVICE double relu_grad(double grad, double out) { return out <= 0.0 ? 0.0 : grad; }
+template <typename V>
+SA_HOST_DEVICE V relu_grad(const V& grad, const V& out) {
+  return V::blendv(grad, V(0), out <= V(0));
+}
+template <typename V>
+SA_HOST_DEVICE V residual_relu(const V& y, const V& identity) {
+  return sa_relu(y + identity);
+}
+
 // A mean as the nearest T (mean) and what that rounding left out (lo): the value is mean + lo.
 template <typename T>
 struct SplitMean {

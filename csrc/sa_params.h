@@ -1,7 +1,8 @@
 // Plain parameter structs filled by the host code (csrc/host.cpp) and read by every kernel.
 //
 // Layouts (all dense):
-//   x, out, grad_out, grad_x   [B, C, N] in the input dtype (N = H * W; NCHW), or [B, N, C]
+//   x, out, grad_out, grad_x,  [B, C, N] in the input dtype (N = H * W; NCHW), or [B, N, C]
+//   identity, grad_identity
 //                              (channels_last, NHWC) when ForwardParams::channels_last is set
 //                              (csrc/host.cpp: a channels_last-contiguous x)
 //   mean, rstd                 [B, C] in acc_t (float; double for float64 input)
@@ -53,6 +54,9 @@ struct ForwardParams {
 
   const void* x;
   void* out;
+  // The residual epilogue of a bottleneck's tail, out = relu(SA(x) + identity), when not null:
+  // identity is read at out's positions and added before the one store of out.
+  const void* identity;
   void* mean;
   void* rstd;
 
@@ -67,6 +71,13 @@ struct BackwardParams {
 
   const void* grad_out;
   void* grad_x;
+
+  // The residual epilogue's backward, when `out` (the forward's output) is not null: the gradient
+  // of SA(x) and of identity is grad_out where out > 0 and 0 elsewhere (relu's mask; NaN passes,
+  // as in PyTorch). A kernel reads grad_out and out at a region once, writes the masked gradient
+  // to grad_identity, and reads it back from cache as the gradient of SA(x) (BackwardTensors).
+  const void* out;
+  void* grad_identity;
 
   void* gate_grad;
   void* t_sum;

@@ -24,13 +24,20 @@ from .convert import ConvertReport, convert, fuse, reason_not_convertible
 from .convert import register as register_convertible
 from .integrations import timm_attn
 from .modules import SALayer, ShuffleAttention
-from .ops import ShuffleAttentionFunction, fused_available, sa_layer, shuffle_attention
+from .ops import (
+    ShuffleAttentionFunction,
+    ShuffleAttentionResidualFunction,
+    fused_available,
+    sa_layer,
+    shuffle_attention,
+)
 
 __all__ = [
     "ConvertReport",
     "SALayer",
     "ShuffleAttention",
     "ShuffleAttentionFunction",
+    "ShuffleAttentionResidualFunction",
     "convert",
     "fuse",
     "fused_available",

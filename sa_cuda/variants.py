@@ -81,6 +81,14 @@ class Variant:
     def backward_op_name(self) -> str:
         return f"{self.name}_backward"
 
+    @property
+    def residual_forward_op_name(self) -> str:
+        return f"{self.name}_residual_forward"
+
+    @property
+    def residual_backward_op_name(self) -> str:
+        return f"{self.name}_residual_backward"
+
 
 def _variant(name: str, module_name: str, conv_gates: bool) -> Variant:
     """The parameters are the forward op's arguments between ``groups`` and ``eps``; with 1x1-conv

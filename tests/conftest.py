@@ -312,10 +312,16 @@ class Backend:
     def backward_op(self, variant):
         return self.library.backward_op(variant)
 
-    def apply(self, variant, x, groups, params, eps=1e-5):
+    def residual_forward_op(self, variant):
+        return self.library.residual_forward_op(variant)
+
+    def residual_backward_op(self, variant):
+        return self.library.residual_backward_op(variant)
+
+    def apply(self, variant, x, groups, params, eps=1e-5, identity=None):
         """The fused layer over explicit parameters, with autograd: the functionals' own path
-        (OpLibrary.apply) over this backend's ops."""
-        return self.library.apply(variant, x, groups, tuple(params), eps)
+        (OpLibrary.apply) over this backend's ops; with ``identity``, the residual epilogue."""
+        return self.library.apply(variant, x, groups, tuple(params), eps, identity)
 
     def module_like(self, variant, ref, dtype=None):
         """A module with ref's parameter values (in ``dtype``, default ref's) and GroupNorm eps,

@@ -1,5 +1,6 @@
 // Fused backward on the CPU. Bytes moved: x and grad_out (at the shuffled channel) are read once
-// from memory, grad_x is written once; every other pass re-reads the unit from cache.
+// from memory, grad_x is written once; every other pass re-reads the unit from cache. With the
+// residual epilogue, out is read and grad_identity written once too (BackwardTensors::sa_grad).
 // channels_last tensors are read and written as they are: in float lanes by columns where m
 // divides 8 or is 16 and C / 2 is a multiple of 2 max(8, m) (nhwc_columns.h,
 // backward_nhwc_cpu.cpp), otherwise by tiles of channels (nhwc_tiles.h) that run the same unit
@@ -92,7 +93,8 @@ void backward_tile(const BackwardTensors<scalar_t>& t, const ChannelTiling& tili
                    const ChannelTile& tile, TilePlanes<acc_t>& planes, const Body& unit_bodies) {
   const int64_t N = tiling.plane_size, C = tiling.channels, item = tile.batch * N * C;
   gather_tile(t.fwd.x + item, tiling, tile, planes.x);
-  gather_planes(t.grad_out + item + 2 * tile.first, C, N, 2 * tile.width, planes.gu, N);
+  gather_planes(t.sa_grad(item + 2 * tile.first, 2 * tile.width, N, C), C, N, 2 * tile.width,
+                planes.gu, N);
   unit_bodies(tile, planes);
   scatter_planes(planes.dx, N, N, tile.width, t.grad_x + item + tile.first, C);
   scatter_planes(planes.dx + tile.width * N, N, N, tile.width, t.grad_x + item + C / 2 + tile.first,
@@ -150,7 +152,7 @@ void backward_sa_layer(const BackwardParams& p) {
         for (int64_t plane = begin; plane < end; ++plane) {
           const PlaneUnit unit = plane_unit(p.fwd, plane);
           const acc_t* x = as_acc(t.fwd.x + plane * N, N, scratch.data());
-          const acc_t* gu = as_acc(t.grad_out + unit.out_plane * N, N, scratch.data() + N);
+          const acc_t* gu = as_acc(t.sa_grad(unit.out_plane * N, N), N, scratch.data() + N);
           acc_t* dx =
               result_buffer(t.grad_x + plane * N, kConvert ? scratch.data() + 2 * N : nullptr);
           sa_layer_plane_backward(t, p.fwd, unit, x, gu, dx, gate);
@@ -341,7 +343,7 @@ void backward_shuffle_attention(const BackwardParams& p) {
                        const BranchUnit b = branch_unit(p.fwd, unit);
                        u.x = as_acc(t.fwd.x + b.plane0 * N, mN, x_buf);
                        for (int64_t j = 0; j < m; ++j) {
-                         u.gu[j] = as_acc(t.grad_out + (b.out_plane0 + 2 * j) * N, N,
+                         u.gu[j] = as_acc(t.sa_grad((b.out_plane0 + 2 * j) * N, N), N,
                                           kConvert ? gu_buf + j * N : nullptr);
                        }
                        u.dx = result_buffer(t.grad_x + b.plane0 * N, dx_buf);

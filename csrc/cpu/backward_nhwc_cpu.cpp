@@ -139,7 +139,7 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
       const ColumnAt col = geo.at(c);
       column.begin(b, c);
       const scalar_t* x = t.fwd.x + b * N * C;
-      const scalar_t* gu = t.grad_out + b * N * C;
+      const int64_t item = b * N * C;
       scalar_t* dx = t.grad_x + b * N * C;
 
       // Pass 1: by blocks of kBlockRows rows, the sums in registers over a block, then added to
@@ -157,9 +157,16 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
           if (p + kPrefetchRows < N) {
             const scalar_t* x_ahead = col.row(x, p + kPrefetchRows);
             for (int h = 0; h < 2; ++h) prefetch_run<kWidth, kNonTemporal>(x_ahead, col.input(h));
-            prefetch_run<2 * kWidth, kNonTemporal>(col.row(gu, p + kPrefetchRows), col.output(0));
+            const int64_t ahead = item + (p + kPrefetchRows) * C;
+            prefetch_run<2 * kWidth, kNonTemporal>(t.grad_out + ahead, col.output(0));
+            if (t.out != nullptr)
+              prefetch_run<2 * kWidth, kNonTemporal>(t.out + ahead, col.output(0));
           }
-          const ColumnValues<M> v = column_values<M>(col.row(x, p), col.row(gu, p), col);
+          // The row's gradient of SA(x) at its 2 width output channels (with the residual
+          // epilogue: masked, and written to grad_identity).
+          const scalar_t* gu_row =
+              t.sa_grad(item + p * C + col.output(0), 2 * kWidth) - col.output(0);
+          const ColumnValues<M> v = column_values<M>(col.row(x, p), gu_row, col);
           for (int h = 0; h < 2; ++h) {
             FloatVec z[S], t_row[S], xh[S];
             column.z(v.x[h], h, z);

@@ -105,7 +105,8 @@ void forward_sa_layer(const ForwardParams& p) {
               sa_layer_plane(t, p, unit, x + q * N,
                              result + (unit.out_plane % C - 2 * tile.first) * N);
             }
-            scatter_tile(result, tiling, tile, t.out + tile.batch * N * C);
+            scatter_tile(result, tiling, tile, t.out + tile.batch * N * C,
+                         t.identity_item(tile.batch, N * C));
           }
         });
     return;
@@ -118,6 +119,7 @@ void forward_sa_layer(const ForwardParams& p) {
       scalar_t* dst = t.out + unit.out_plane * N;
       acc_t* result = result_buffer(dst, kConvert ? scratch.data() + N : nullptr);
       sa_layer_plane(t, p, unit, x, result);
+      if (t.identity != nullptr) add_identity_relu(result, t.identity + unit.out_plane * N, N);
       finish_store(result, dst, N);
     }
   });
@@ -217,7 +219,8 @@ void forward_shuffle_attention(const ForwardParams& p) {
               acc_t* out0 = out + (shuffle_dst(c0, C) - 2 * tile.first) * N;
               shuffle_attention_branch(t, p, u, x + q * N, out0, 2 * N, scratch);
             }
-            scatter_tile(out, tiling, tile, t.out + tile.batch * N * C);
+            scatter_tile(out, tiling, tile, t.out + tile.batch * N * C,
+                         t.identity_item(tile.batch, N * C));
           }
         });
     return;
@@ -232,9 +235,14 @@ void forward_shuffle_attention(const ForwardParams& p) {
           // The output planes themselves (2 N apart), or converted ones (N apart) when converting.
           auto dst = [&](int64_t j) { return t.out + (u.out_plane0 + 2 * j) * N; };
           acc_t* result0 = result_buffer(dst(0), kConvert ? converted.data() + m * N : nullptr);
-          shuffle_attention_branch(t, p, u, x, result0, kConvert ? N : 2 * N, scratch);
-          if constexpr (kConvert) {
-            for (int64_t j = 0; j < m; ++j) finish_store(result0 + j * N, dst(j), N);
+          const int64_t result_stride = kConvert ? N : 2 * N;
+          shuffle_attention_branch(t, p, u, x, result0, result_stride, scratch);
+          for (int64_t j = 0; j < m; ++j) {
+            acc_t* result = result0 + j * result_stride;
+            if (t.identity != nullptr) {
+              add_identity_relu(result, t.identity + (u.out_plane0 + 2 * j) * N, N);
+            }
+            finish_store(result, dst(j), N);
           }
         }
       });

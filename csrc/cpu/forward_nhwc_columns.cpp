@@ -243,9 +243,11 @@ struct NextColumn {
 // forward went from 1.21-1.52x the NCHW forward's time to 1.01-1.14x (lower quartiles of 60
 // calls, 3 alternating runs); SALayer's stage 2 gained 5-10% and ShuffleAttention's stage 4
 // 10-15%, stage 3 and SALayer's bfloat16 stage 4 measured the same within noise.
+// With the residual epilogue's identity (out's item of it, else null), each output row is
+// relu(y + identity) (sa_math.h), identity read at the row's output channels.
 template <int M, typename scalar_t, typename Gates>
-void gate_column(ColumnSource source, scalar_t* out, ColumnAt col, int64_t N, const Gates& gates,
-                 bool streaming, NextColumn<scalar_t> next) {
+void gate_column(ColumnSource source, scalar_t* out, const scalar_t* identity, ColumnAt col,
+                 int64_t N, const Gates& gates, bool streaming, NextColumn<scalar_t> next) {
   constexpr int64_t kWidth = kColumnWidth<M>;
   constexpr int S = kSlices<M>, Q = 2 * S;
   FloatVec channel_gate[Q];
@@ -278,7 +280,12 @@ void gate_column(ColumnSource source, scalar_t* out, ColumnAt col, int64_t N, co
         merge_half<M>(y, half_y[h]);
       }
       for (int v = 0; v < Q; ++v) {  // both halves' vectors v: 2L output channels
-        const auto [lo, hi] = at::vec::interleave2(half_y[0][v], half_y[1][v]);
+        auto [lo, hi] = at::vec::interleave2(half_y[0][v], half_y[1][v]);
+        if (identity != nullptr) {
+          const auto [id_lo, id_hi] = load_pair(col.row(identity, p0 + r) + col.output(v));
+          lo = residual_relu(lo, id_lo);
+          hi = residual_relu(hi, id_hi);
+        }
         store_pair(col.row(out, p0 + r) + col.output(v), lo, hi, streaming);
       }
     }
@@ -308,8 +315,8 @@ void forward_columns(Variant variant, const ForwardParams& p) {
           const int64_t next_b = (task + 1) / geo.columns;
           const NextColumn<scalar_t> next{task + 1 < end ? t.x + next_b * N * C : nullptr,
                                           geo.at((task + 1) % geo.columns * geo.width)};
-          gate_column<M()>(copy.source(item, geo.at(c)), t.out + b * N * C, geo.at(c), N, gates,
-                           streaming, next);
+          gate_column<M()>(copy.source(item, geo.at(c)), t.out + b * N * C,
+                           t.identity_item(b, N * C), geo.at(c), N, gates, streaming, next);
         }
         stream_fence();
       });

@@ -9,6 +9,7 @@
 
 #include "../sa_math.h"
 #include "../sa_params.h"
+#include "vec_loops.h"
 
 namespace sa_cuda::cpu {
 
@@ -40,12 +41,13 @@ struct ParamArrays {
   std::vector<acc_t> converted_[kParamCount];
 };
 
-// The forward's tensors, typed: x and out in the input dtype, the rest in acc_t.
+// The forward's tensors, typed: x, out and identity in the input dtype, the rest in acc_t.
 template <typename scalar_t>
 struct ForwardTensors {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
   scalar_t* out;
+  const scalar_t* identity;  // the residual epilogue's (sa_params.h), or null
   acc_t* mean;
   acc_t* rstd;
   ParamArrays<acc_t> w;
@@ -53,19 +55,28 @@ struct ForwardTensors {
   ForwardTensors(const ForwardParams& p, Variant variant)
       : x(static_cast<const scalar_t*>(p.x)),
         out(static_cast<scalar_t*>(p.out)),
+        identity(static_cast<const scalar_t*>(p.identity)),
         mean(static_cast<acc_t*>(p.mean)),
         rstd(static_cast<acc_t*>(p.rstd)),
         w(p, variant) {}
+
+  // Batch item b of identity ([B, C, N] or [B, N, C]: item_size = C N), or null without one.
+  const scalar_t* identity_item(int64_t b, int64_t item_size) const {
+    return identity == nullptr ? nullptr : identity + b * item_size;
+  }
 };
 
-// The backward's tensors, typed: the forward's (x, the saved mean and rstd, the parameters; out is
-// unused), grad_out and grad_x in the input dtype, the partials in acc_t.
+// The backward's tensors, typed: the forward's (x, the saved mean and rstd, the parameters; its out
+// and identity are unused), grad_out, grad_x and the residual epilogue's out and grad_identity in
+// the input dtype, the partials in acc_t.
 template <typename scalar_t>
 struct BackwardTensors {
   using acc_t = at::opmath_type<scalar_t>;
   ForwardTensors<scalar_t> fwd;
   const scalar_t* grad_out;
   scalar_t* grad_x;
+  const scalar_t* out;     // the residual epilogue's forward output (sa_params.h), or null
+  scalar_t* grad_identity;  // with out: relu's masked gradient, the gradient of SA(x) too
   acc_t* gate_grad;
   acc_t* t_sum;
   acc_t* t_xh;
@@ -74,9 +85,25 @@ struct BackwardTensors {
       : fwd(p.fwd, variant),
         grad_out(static_cast<const scalar_t*>(p.grad_out)),
         grad_x(static_cast<scalar_t*>(p.grad_x)),
+        out(static_cast<const scalar_t*>(p.out)),
+        grad_identity(static_cast<scalar_t*>(p.grad_identity)),
         gate_grad(static_cast<acc_t*>(p.gate_grad)),
         t_sum(static_cast<acc_t*>(p.t_sum)),
         t_xh(static_cast<acc_t*>(p.t_xh)) {}
+
+  // The gradient of SA(x) on `rows` runs of `count` values, `stride` apart, from `offset` (of
+  // grad_out's elements): grad_out itself, or with the residual epilogue relu's masked gradient,
+  // which is written to grad_identity here (grad_out and out read once) and read back from there
+  // by the caller, from cache. Every kernel reads grad_out through this, once per element.
+  const scalar_t* sa_grad(int64_t offset, int64_t count, int64_t rows = 1,
+                          int64_t stride = 0) const {
+    if (out == nullptr) return grad_out + offset;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = offset + r * stride;
+      relu_grad_run(grad_out + at, out + at, grad_identity + at, count);
+    }
+    return grad_identity + offset;
+  }
 };
 
 // The forward on channels_last rows (nhwc_rows.h, forward_nhwc_cpu.cpp) for float lanes: scalar_t

@@ -129,27 +129,38 @@ inline void gather_planes(const scalar_t* src, int64_t C, int64_t pixels, int64_
 }
 
 // dst[p * C + j] = planes[j * N + p] in scalar_t, for `count` planes: the inverse of
-// gather_planes, each output row of `count` values written once.
+// gather_planes, each output row of `count` values written once. With `identity` (laid out as
+// dst), the residual epilogue on the way: dst = relu(planes + identity) (sa_math.h).
 template <typename scalar_t, typename acc_t>
 inline void scatter_planes(const acc_t* planes, int64_t N, int64_t pixels, int64_t count,
-                           scalar_t* dst, int64_t C) {
+                           scalar_t* dst, int64_t C, const scalar_t* identity = nullptr) {
   int64_t p0 = 0, j0 = 0;
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
+    using FloatVec = at::vec::Vectorized<float>;
     j0 = count / 8 * 8;
     for (; p0 + 8 <= pixels; p0 += 8) {
       for (int64_t j = 0; j < j0; j += 8) {
         __m256 r[8];
         for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(planes + (j + i) * N + p0);
         transpose8x8(r);
-        for (int i = 0; i < 8; ++i) store8(dst + (p0 + i) * C + j, r[i]);
+        for (int i = 0; i < 8; ++i) {
+          const int64_t at = (p0 + i) * C + j;
+          if (identity != nullptr) {
+            r[i] = residual_relu(FloatVec(r[i]), FloatVec(load8(identity + at)));
+          }
+          store8(dst + at, r[i]);
+        }
       }
     }
   }
 #endif
   for (int64_t p = 0; p < pixels; ++p) {
-    for (int64_t j = p < p0 ? j0 : 0; j < count; ++j)
-      dst[p * C + j] = static_cast<scalar_t>(planes[j * N + p]);
+    for (int64_t j = p < p0 ? j0 : 0; j < count; ++j) {
+      const acc_t v = planes[j * N + p];
+      dst[p * C + j] = static_cast<scalar_t>(
+          identity == nullptr ? v : residual_relu(v, static_cast<acc_t>(identity[p * C + j])));
+    }
   }
 }
 
@@ -164,12 +175,13 @@ inline void gather_tile(const scalar_t* item, const ChannelTiling& tiling, const
 }
 
 // The tile's 2 * width output planes (output order) into its run of output channels of one batch
-// item of a [B, N, C] tensor.
+// item of a [B, N, C] tensor; with the residual epilogue's identity (that item of it, or null).
 template <typename scalar_t, typename acc_t>
 inline void scatter_tile(const acc_t* planes, const ChannelTiling& tiling, const ChannelTile& t,
-                         scalar_t* item) {
-  const int64_t C = tiling.channels, N = tiling.plane_size;
-  scatter_planes(planes, N, N, 2 * t.width, item + 2 * t.first, C);
+                         scalar_t* item, const scalar_t* identity_item) {
+  const int64_t C = tiling.channels, N = tiling.plane_size, first = 2 * t.first;
+  scatter_planes(planes, N, N, 2 * t.width, item + first, C,
+                 identity_item == nullptr ? nullptr : identity_item + first);
 }
 
 }  // namespace sa_cuda::cpu

@@ -2,6 +2,7 @@
 // scalar tail that calls the same generic lambda with V = acc_t, so each formula is written once.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -170,6 +171,54 @@ inline acc_t* result_buffer(scalar_t* dst, acc_t* scratch) {
 template <typename scalar_t, typename acc_t>
 inline void finish_store(const acc_t* result, scalar_t* dst, int64_t n) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(result, dst, n);
+}
+
+// The residual epilogue (sa_math.h: residual_relu) on n results in acc_t before their one store:
+// y = relu(y + identity), identity read in its own dtype at the results' output positions.
+template <typename scalar_t, typename acc_t>
+inline void add_identity_relu(acc_t* y, const scalar_t* identity, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t L = Vec::size();
+  int64_t i = 0;
+  if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+    using ScalarVec = at::vec::Vectorized<scalar_t>;
+    for (; i + ScalarVec::size() <= n; i += ScalarVec::size()) {
+      const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(ScalarVec::loadu(identity + i));
+      residual_relu(Vec::loadu(y + i), lo).store(y + i);
+      residual_relu(Vec::loadu(y + i + L), hi).store(y + i + L);
+    }
+  } else {
+    for (; i + L <= n; i += L)
+      residual_relu(Vec::loadu(y + i), Vec::loadu(identity + i)).store(y + i);
+  }
+  for (; i < n; ++i) y[i] = residual_relu(y[i], static_cast<acc_t>(identity[i]));
+}
+
+// The residual epilogue's backward on n values (sa_math.h: relu_grad): grad_identity = grad_out
+// where out > 0, else 0. Exact in every dtype (each value is grad_out's or zero).
+template <typename scalar_t>
+inline void relu_grad_run(const scalar_t* grad_out, const scalar_t* out, scalar_t* grad_identity,
+                          int64_t n) {
+  int64_t i = 0;
+  if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+    using ScalarVec = at::vec::Vectorized<scalar_t>;
+    for (; i + ScalarVec::size() <= n; i += ScalarVec::size()) {
+      const auto [g_lo, g_hi] = at::vec::convert_to_float<scalar_t>(ScalarVec::loadu(grad_out + i));
+      const auto [o_lo, o_hi] = at::vec::convert_to_float<scalar_t>(ScalarVec::loadu(out + i));
+      ScalarVec(at::vec::convert_from_float<scalar_t>(relu_grad(g_lo, o_lo), relu_grad(g_hi, o_hi)))
+          .store(grad_identity + i);
+    }
+  } else {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      relu_grad(Vec::loadu(grad_out + i), Vec::loadu(out + i)).store(grad_identity + i);
+    }
+  }
+  using acc_t = at::opmath_type<scalar_t>;
+  for (; i < n; ++i) {
+    grad_identity[i] = static_cast<scalar_t>(
+        relu_grad(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i])));
+  }
 }
 
 // Mean and centered variance of the values x * scale (scale a power of two; 1 for the plane

@@ -4,6 +4,7 @@
 #include "../dispatch.h"
 #include "launch_common.cuh"
 #include "param_grad_reduce.cuh"
+#include "relu_grad.cuh"
 #include "sa_layer_backward.cuh"
 #include "sa_layer_nhwc_backward.cuh"
 #include "shuffle_attention_backward.cuh"
@@ -13,9 +14,15 @@ namespace sa_cuda::SA_GPU_NS {
 
 // Two launches: the backward kernel (grad_x and the per-(batch item, group) partials; none for
 // an empty batch, which has no unit), then the reduction of the partials into the six parameter
-// gradients.
-void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& b) {
+// gradients. With the residual epilogue, relu's mask first (relu_grad.cuh): the backward kernel
+// then reads the masked gradient, grad_identity, as its grad_out.
+void backward(Variant variant, c10::ScalarType dtype, const BackwardParams& params) {
   SA_DISPATCH_FLOATING_TYPES(dtype, "sa_cuda_backward_cuda", [&] {
+    BackwardParams b = params;
+    if (b.out != nullptr && b.fwd.batch > 0) {
+      launch_relu_grad<scalar_t>(b);
+      b.grad_out = b.grad_identity;
+    }
     if (b.fwd.batch > 0) {
       if (b.fwd.channels_last) {
         if (variant == Variant::kSALayer) {

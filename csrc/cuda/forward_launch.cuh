@@ -18,13 +18,13 @@ void forward(Variant variant, c10::ScalarType dtype, const ForwardParams& f) {
         launch_shuffle_attention_nhwc_forward<scalar_t>(f);
       }
     } else if (variant == Variant::kSALayer) {
-      const int pack = plane_pack_elements<scalar_t>(f.plane_size, {f.x, f.out});
+      const int pack = plane_pack_elements<scalar_t>(f.plane_size, {f.x, f.out, f.identity});
       launch_sa_layer<scalar_t, false>(f, f, pack, [](auto warp, auto vec, auto packs) {
         return &sa_layer_forward_kernel<scalar_t, decltype(warp)::value, decltype(vec)::value,
                                         decltype(packs)::value>;
       });
     } else {
-      launch_shuffle_attention<scalar_t>(f, f, false, {f.x, f.out}, [](auto vec) {
+      launch_shuffle_attention<scalar_t>(f, f, false, {f.x, f.out, f.identity}, [](auto vec) {
         return &shuffle_attention_forward_kernel<scalar_t, decltype(vec)::value>;
       });
     }

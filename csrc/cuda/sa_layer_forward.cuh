@@ -305,7 +305,6 @@ void sa_layer_forward_kernel(ForwardParams p) {
   const ChannelRole& role = unit.role;
   const PlaneParams<acc_t> w = load_plane_params<acc_t>(p, role.k);
   const scalar_t* x = x_planes + team.plane * N;
-  scalar_t* out = static_cast<scalar_t*>(p.out) + unit.out_plane * N;
   const acc_t eps = static_cast<acc_t>(p.eps);
   auto load_x = [&](int64_t q, acc_t(&xv)[kVec]) { load_acc<scalar_t, acc_t, kVec>(x, q, xv); };
 
@@ -328,7 +327,7 @@ void sa_layer_forward_kernel(ForwardParams p) {
     acc_t u[kVec];
 #pragma unroll
     for (int i = 0; i < kVec; ++i) u[i] = xv[i] * gate(xv[i]);
-    if (team.active) store_acc<scalar_t, acc_t, kVec>(out, q, u);
+    if (team.active) store_out<scalar_t, acc_t, kVec>(p, unit.out_plane * N, q, u);
   };
   if constexpr (kPacks > 0) {
 #pragma unroll

@@ -51,7 +51,7 @@ void sa_layer_nhwc_gate_kernel(ForwardParams p, const PlaneGate<at::opmath_type<
         acc_t u[kVec];
 #pragma unroll
         for (int j = 0; j < kVec; ++j) u[j] = v[j] * gate[j](v[j]);
-        store_acc<scalar_t, acc_t, kVec>(t.row(out, grid, pixel) + t.channel, 0, u);
+        store_out<scalar_t, acc_t, kVec>(p, (t.row(out, grid, pixel) - out) + t.channel, 0, u);
       });
 }
 
@@ -60,7 +60,7 @@ void launch_sa_layer_nhwc_forward(const ForwardParams& f) {
   using acc_t = at::opmath_type<scalar_t>;
   const Workspace gates(sizeof(PlaneGate<acc_t>) * f.batch * f.channels);
   launch_nhwc_stats<scalar_t>(f, GateSink<acc_t>{gates.as<PlaneGate<acc_t>>()});
-  with_lane_channels<scalar_t>(f, NhwcPass::kForward, {f.x, f.out}, [&](auto vec) {
+  with_lane_channels<scalar_t>(f, NhwcPass::kForward, {f.x, f.out, f.identity}, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
     launch(&sa_layer_nhwc_gate_kernel<scalar_t, kVec>,
            nhwc_grid<scalar_t>(f, NhwcPass::kForward, kVec).blocks(), kNhwcThreads, 0,

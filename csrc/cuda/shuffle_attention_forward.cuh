@@ -449,7 +449,7 @@ void shuffle_attention_forward_kernel(ForwardParams p, int64_t tile) {
   const GroupSmem L{m, tile};
   const BranchUnit unit = branch_unit(p, blockIdx.x);
   const scalar_t* x = static_cast<const scalar_t*>(p.x) + unit.plane0 * N;
-  scalar_t* out = static_cast<scalar_t*>(p.out) + unit.out_plane0 * N;  // plane j at out + 2 j N
+  const int64_t out0 = unit.out_plane0 * N;  // out's plane j from element out0 + 2 j N
   const GroupStats<acc_t> stats(smem + L.stats(), m);
   acc_t* gate = smem + L.gate();
 
@@ -468,15 +468,34 @@ void shuffle_attention_forward_kernel(ForwardParams p, int64_t tile) {
     for (int j = threadIdx.x; j < m; j += blockDim.x)
       gate[j] = sigmoid(matvec_row(w1, stats.mean, b1, m, j));
     __syncthreads();
-    for_each_cell_unrolled<kCellLoads, acc_t[kVec]>(
-        int64_t(m), N / kVec,
-        [&](int64_t j, int64_t q, acc_t(&v)[kVec]) {
-          load_acc<scalar_t, acc_t, kVec>(x + j * N, q, v);
-        },
-        [&](int64_t j, int64_t q, acc_t(&v)[kVec]) {
+    scalar_t* out = static_cast<scalar_t*>(p.out) + out0;  // plane j at out + 2 j N
+    if (p.identity == nullptr) {
+      for_each_cell_unrolled<kCellLoads, acc_t[kVec]>(
+          int64_t(m), N / kVec,
+          [&](int64_t j, int64_t q, acc_t(&v)[kVec]) {
+            load_acc<scalar_t, acc_t, kVec>(x + j * N, q, v);
+          },
+          [&](int64_t j, int64_t q, acc_t(&v)[kVec]) {
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) v[i] *= gate[j];
-          store_acc<scalar_t, acc_t, kVec>(out + 2 * j * N, q, v);
+            for (int i = 0; i < kVec; ++i) v[i] *= gate[j];
+            store_acc<scalar_t, acc_t, kVec>(out + 2 * j * N, q, v);
+          });
+      return;
+    }
+    // The residual epilogue: a cell is two loads (x, and identity at out's position), one cell at
+    // a time. With identity read at the store, or two cells in flight (as acc_t or as loaded), the
+    // 16-bit kVec = 8 kernels spilled on sm_90 (64 registers).
+    const scalar_t* identity = static_cast<const scalar_t*>(p.identity) + out0;
+    for_each_cell_unrolled<1, acc_t[2][kVec]>(
+        int64_t(m), N / kVec,
+        [&](int64_t j, int64_t q, acc_t(&v)[2][kVec]) {
+          load_acc<scalar_t, acc_t, kVec>(x + j * N, q, v[0]);
+          load_acc<scalar_t, acc_t, kVec>(identity + 2 * j * N, q, v[1]);
+        },
+        [&](int64_t j, int64_t q, acc_t(&v)[2][kVec]) {
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) v[0][i] = residual_relu(v[0][i] * gate[j], v[1][i]);
+          store_acc<scalar_t, acc_t, kVec>(out + 2 * j * N, q, v[0]);
         });
     return;
   }
@@ -498,7 +517,9 @@ void shuffle_attention_forward_kernel(ForwardParams p, int64_t tile) {
     __syncthreads();
     for_each_cell(m, n, [&](int j, int pt) {
       const acc_t z = gp.preactivation(m, m, ts, yt, j, pt);
-      out[2 * j * N + p0 + pt] = static_cast<scalar_t>(xt[j * ts + pt] * sigmoid(z));
+      const int64_t e = out0 + 2 * j * N + p0 + pt;
+      static_cast<scalar_t*>(p.out)[e] =
+          static_cast<scalar_t>(with_identity<scalar_t>(p, e, xt[j * ts + pt] * sigmoid(z)));
     });
   }
 }

@@ -50,7 +50,8 @@ void shuffle_attention_nhwc_gate_kernel(
       const int start = B.branch[ch];
       const acc_t v = B.xt[ch * B.ts + pt];
       const acc_t s = start < 0 ? B.gate[ch] : B.spatial_gate(ch, start, pt);
-      out[B.win.row(B.w, p0 + pt) + 2 * B.win.c0 + o] = static_cast<scalar_t>(v * s);
+      const int64_t e = B.win.row(B.w, p0 + pt) + 2 * B.win.c0 + o;
+      out[e] = static_cast<scalar_t>(with_identity<scalar_t>(p, e, v * s));
     });
   });
 }

@@ -231,6 +231,27 @@ SA_DEVICE void store_acc(scalar_t* plane, int64_t pack, const acc_t (&v)[kVec]) 
   store_pack<scalar_t, kVec>(plane + pack * kVec, raw);
 }
 
+// The residual epilogue at out's element e (sa_params.h, sa_math.h): relu(v + identity[e]), or v
+// without an identity.
+template <typename scalar_t, typename acc_t>
+SA_DEVICE acc_t with_identity(const ForwardParams& p, int64_t e, acc_t v) {
+  if (p.identity == nullptr) return v;
+  return residual_relu(v, static_cast<acc_t>(static_cast<const scalar_t*>(p.identity)[e]));
+}
+
+// store_acc of pack `pack` of the run of out from element `offset`, with the residual epilogue:
+// identity read as the same pack (its pointer is among those the pack width was chosen for).
+template <typename scalar_t, typename acc_t, int kVec>
+SA_DEVICE void store_out(const ForwardParams& p, int64_t offset, int64_t pack, acc_t (&v)[kVec]) {
+  if (p.identity != nullptr) {
+    const Pack<scalar_t, kVec> identity =
+        load_pack<scalar_t, kVec>(static_cast<const scalar_t*>(p.identity) + offset + pack * kVec);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) v[i] = residual_relu(v[i], static_cast<acc_t>(identity.val[i]));
+  }
+  store_acc<scalar_t, acc_t, kVec>(static_cast<scalar_t*>(p.out) + offset, pack, v);
+}
+
 // Visits this thread's packs q = first, first + stride, ... < count in that order: load(q, slot)
 // reads pack q into a Slot, use(q, slot) consumes it. kUnroll packs are loaded before the first of
 // them is used, so a thread keeps kUnroll independent loads in flight instead of one: a streamed

@@ -65,11 +65,16 @@ class _FusedLayer:
         if dtype is not None:
             self.to(dtype=dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, identity: Tensor | None = None) -> Tensor:
+        """The layer of x; with ``identity`` (a bottleneck's shortcut, x's shape) the whole tail
+        ``relu(layer(x) + identity)`` in the same one pass (the residual epilogue)."""
         if not _use_fused(x):
-            return super().forward(x)
+            out = super().forward(x)
+            return out if identity is None else torch.relu(out + identity)
         params = tuple(_parameter(self, key) for key in self._variant.state_keys)
-        return SA_CUDA_LIBRARY.apply(self._variant.name, x, self.groups, params, self.gn.eps)
+        return SA_CUDA_LIBRARY.apply(
+            self._variant.name, x, self.groups, params, self.gn.eps, identity
+        )
 
 
 class SALayer(_FusedLayer, reference.SALayer):

@@ -82,24 +82,41 @@ def _check_params(
 
 
 def check_forward_args(
-    variant: Variant, x, groups, params: tuple, eps, *, param_shapes: bool = False
+    variant: Variant, x, groups, params: tuple, eps, *, param_shapes: bool = False, identity=None
 ) -> None:
     """The forward op's rules; ``param_shapes=True``: the functionals' rules, the op's with
-    parameter shapes that say (m,) or (m, m)."""
+    parameter shapes that say (m,) or (m, m). With ``identity``: the residual forward op's
+    (identity of x's shape and dtype; of any kernel dtype for the functionals)."""
     m = _check_x(x, groups)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    if identity is not None:
+        _check_like_x(identity, "identity", x, same_dtype=not param_shapes)
     _check_params(variant, x, m, params, param_shapes=param_shapes)
 
 
-def check_backward_args(variant: Variant, grad_out, x, mean, rstd, groups, params: tuple) -> None:
-    """The backward op's rules."""
+def _check_like_x(t, name: str, x: Tensor, *, same_dtype: bool = True) -> None:
+    """A tensor of the residual epilogue (identity, or the forward's out): x's shape and dtype
+    (the functionals cast identity to the compute dtype: ``same_dtype=False``)."""
+    _check_tensor(t, name, x)
+    if t.shape != x.shape:
+        raise ValueError(f"{name} must have x's shape {list(x.shape)}, got {list(t.shape)}")
+    if same_dtype and t.dtype != x.dtype:
+        raise ValueError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+
+
+def check_backward_args(
+    variant: Variant, grad_out, x, mean, rstd, groups, params: tuple, *, out=None
+) -> None:
+    """The backward op's rules; with ``out``, the residual backward op's (out like x)."""
     m = _check_x(x, groups)
     _check_tensor(grad_out, "grad_out", x)
     if grad_out.shape != x.shape:
         raise ValueError(
             f"grad_out must have x's shape {list(x.shape)}, got {list(grad_out.shape)}"
         )
+    if out is not None:
+        _check_like_x(out, "out", x)
     want = (x.shape[0], x.shape[1])
     for name, stat in (("mean", mean), ("rstd", rstd)):
         _check_tensor(stat, name, x)

@@ -1,7 +1,8 @@
-"""One library of the fused ops: the four ops of one op namespace, with their fake kernels, vmap
-rules and autograd, and the path every functional call takes through them.
+"""One library of the fused ops: the eight ops of one op namespace (forward and backward of both
+variants, plain and with the residual epilogue), with their fake kernels, vmap rules and autograd,
+and the path every functional call takes through them.
 
-Two namespaces hold the same four op schemas (csrc/ops.h): ``sa_cuda`` (the CPU and CUDA kernels,
+Two namespaces hold the same eight op schemas (csrc/ops.h): ``sa_cuda`` (the CPU and CUDA kernels,
 sa_cuda._C) and ``sa_cuda_emu`` (the CUDA kernels run on CPU tensors by the SIMT emulator, built
 only by the tests: tests/emulation.py). ``register_library(namespace)`` equips one namespace and
 returns its ``OpLibrary``; sa_cuda.ops does it for ``sa_cuda`` at import, tests/emulation.py for
@@ -60,9 +61,10 @@ class _NoSecondDerivative(torch.autograd.Function):
         )
 
 
-def _guard_second_derivative(grads: list, x: Tensor, params: list) -> list:
-    """With create_graph=True: the gradients, routed through _NoSecondDerivative."""
-    inputs = [t for t in (x, *params) if t.requires_grad]
+def _guard_second_derivative(grads: list, tensors: tuple) -> list:
+    """With create_graph=True: the gradients, routed through _NoSecondDerivative (hung on the
+    graph of the differentiable ``tensors``)."""
+    inputs = [t for t in tensors if t.requires_grad]
     kept = [g for g in grads if g is not None]
     if not (inputs and kept):
         return grads
@@ -111,10 +113,57 @@ def _autograd_function(forward_ops: dict, backward_ops: dict) -> type[torch.auto
                 g if needs[4 + i] else None for i, g in enumerate(param_grads)
             ]
             if create_graph:
-                grads = _guard_second_derivative(grads, x, params)
+                grads = _guard_second_derivative(grads, (x, *params))
             return (None, grads[0], None, None, *grads[1:])
 
     return ShuffleAttentionFunction
+
+
+def _residual_autograd_function(
+    forward_ops: dict, backward_ops: dict
+) -> type[torch.autograd.Function]:
+    """The autograd.Function over one library's residual ops (keyed by variant name)."""
+
+    class ShuffleAttentionResidualFunction(torch.autograd.Function):
+        """Autograd over the fused residual ops, out = relu(SA(x) + identity): saves x, identity
+        (whose graph create_graph=True's guard needs), out (relu's mask; in a ResNet both are
+        kept anyway, as the next block's input and this block's) and the per-plane mean/rstd.
+
+        ``apply(variant, x, identity, groups, eps, *params) -> (out, mean, rstd)``; mean and rstd
+        are not differentiable. torch.func and create_graph=True as ShuffleAttentionFunction.
+        """
+
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(variant: str, x: Tensor, identity: Tensor, groups: int, eps: float, *params):
+            return forward_ops[variant](x, identity, groups, *params, eps)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            variant, x, identity, groups, _, *params = inputs
+            out, mean, rstd = output
+            ctx.mark_non_differentiable(mean, rstd)
+            ctx.save_for_backward(x, identity, out, mean, rstd, *params)
+            ctx.variant, ctx.groups = variant, groups
+
+        @staticmethod
+        def backward(ctx, grad_out: Tensor, _grad_mean, _grad_rstd):
+            create_graph = torch.is_grad_enabled()
+            x, identity, out, mean, rstd, *params = ctx.saved_tensors
+            with torch.no_grad():
+                grad_x, grad_identity, *param_grads = backward_ops[ctx.variant](
+                    grad_out, out, x, mean, rstd, ctx.groups, *params
+                )
+            needs = ctx.needs_input_grad
+            grads = [grad_x if needs[1] else None, grad_identity if needs[2] else None] + [
+                g if needs[5 + i] else None for i, g in enumerate(param_grads)
+            ]
+            if create_graph:
+                grads = _guard_second_derivative(grads, (x, identity, *params))
+            return (None, grads[0], grads[1], None, None, *grads[2:])
+
+    return ShuffleAttentionResidualFunction
 
 
 def _layout_of(x: Tensor) -> torch.memory_format:
@@ -127,7 +176,8 @@ def _layout_of(x: Tensor) -> torch.memory_format:
 
 
 def _fake_kernels(variant: Variant):
-    """(forward, backward) fake kernels: the argument checks, then outputs of the real shapes."""
+    """(forward, backward, residual forward, residual backward) fake kernels: the argument checks,
+    then outputs of the real shapes."""
 
     def fake_forward(x, groups, *params_and_eps):
         *params, eps = params_and_eps
@@ -139,15 +189,29 @@ def _fake_kernels(variant: Variant):
 
     def fake_backward(grad_out, x, mean, rstd, groups, *params):
         check_backward_args(variant, grad_out, x, mean, rstd, groups, params)
-        # The real kernel returns every gradient contiguous (also for a non-contiguous parameter,
-        # e.g. a transposed (m, m) weight): plain empty_like(p) would keep p's strides and mislead
-        # Inductor.
-        return (
-            torch.empty_like(x, memory_format=_layout_of(x)),
-            *(torch.empty_like(p, memory_format=torch.contiguous_format) for p in params),
-        )
+        return _fake_grads(x, params)
 
-    return fake_forward, fake_backward
+    def fake_residual_forward(x, identity, groups, *params_and_eps):
+        *params, eps = params_and_eps
+        check_forward_args(variant, x, groups, tuple(params), eps, identity=identity)
+        return fake_forward(x, groups, *params_and_eps)
+
+    def fake_residual_backward(grad_out, out, x, mean, rstd, groups, *params):
+        check_backward_args(variant, grad_out, x, mean, rstd, groups, params, out=out)
+        grad_x, *param_grads = _fake_grads(x, params)
+        return (grad_x, torch.empty_like(x, memory_format=_layout_of(x)), *param_grads)
+
+    return fake_forward, fake_backward, fake_residual_forward, fake_residual_backward
+
+
+def _fake_grads(x, params) -> tuple:
+    """grad_x and the parameter gradients as the real backward returns them: every gradient
+    contiguous (also for a non-contiguous parameter, e.g. a transposed (m, m) weight; plain
+    empty_like(p) would keep p's strides and mislead Inductor)."""
+    return (
+        torch.empty_like(x, memory_format=_layout_of(x)),
+        *(torch.empty_like(p, memory_format=torch.contiguous_format) for p in params),
+    )
 
 
 def _constant_at_trace_time(fn):
@@ -201,14 +265,29 @@ class OpLibrary:
         self.namespace = namespace
         self._forward_ops = {v.name: getattr(ops, v.forward_op_name) for v in VARIANTS}
         self._backward_ops = {v.name: getattr(ops, v.backward_op_name) for v in VARIANTS}
+        self._residual_forward_ops = {
+            v.name: getattr(ops, v.residual_forward_op_name) for v in VARIANTS
+        }
+        self._residual_backward_ops = {
+            v.name: getattr(ops, v.residual_backward_op_name) for v in VARIANTS
+        }
         #: The autograd.Function over these ops (``sa_cuda.ShuffleAttentionFunction`` for sa_cuda).
         self.function = _autograd_function(self._forward_ops, self._backward_ops)
+        #: The autograd.Function over the residual ops (``sa_cuda.ShuffleAttentionResidualFunction``
+        #: for sa_cuda).
+        self.residual_function = _residual_autograd_function(
+            self._residual_forward_ops, self._residual_backward_ops
+        )
         for variant in VARIANTS:
-            forward, backward = self._forward_ops[variant.name], self._backward_ops[variant.name]
-            fake_forward, fake_backward = _fake_kernels(variant)
-            torch.library.register_fake(forward.default)(fake_forward)
-            torch.library.register_fake(backward.default)(fake_backward)
-            _vmap.register(forward.default, backward.default)
+            ops_in_order = (
+                self._forward_ops[variant.name],
+                self._backward_ops[variant.name],
+                self._residual_forward_ops[variant.name],
+                self._residual_backward_ops[variant.name],
+            )
+            for op, fake in zip(ops_in_order, _fake_kernels(variant)):
+                torch.library.register_fake(op.default)(fake)
+            _vmap.register(*(op.default for op in ops_in_order))
 
     def __repr__(self) -> str:
         return f"OpLibrary({self.namespace!r})"
@@ -221,23 +300,55 @@ class OpLibrary:
         """torch.ops.<namespace>.<variant>_backward."""
         return self._backward_ops[variant_named(variant).name]
 
+    def residual_forward_op(self, variant: str):
+        """torch.ops.<namespace>.<variant>_residual_forward."""
+        return self._residual_forward_ops[variant_named(variant).name]
+
+    def residual_backward_op(self, variant: str):
+        """torch.ops.<namespace>.<variant>_residual_backward."""
+        return self._residual_backward_ops[variant_named(variant).name]
+
     def available(self, device: torch.device | str) -> bool:
         """True when this library has kernels for ``device``'s type."""
         device_type = torch.device(device).type
         return _has_kernel(self._forward_ops[SA_LAYER.name]._qualified_op_name, device_type)
 
-    def apply(self, variant: str, x: Tensor, groups: int, params: tuple, eps: float) -> Tensor:
+    def apply(
+        self,
+        variant: str,
+        x: Tensor,
+        groups: int,
+        params: tuple,
+        eps: float,
+        identity: Tensor | None = None,
+    ) -> Tensor:
         """The functionals' path: argument checks, the compute dtype, the autograd.Function, and
-        the memory format of x. ``params``: the variant's six parameters in op order."""
+        the memory format of x. ``params``: the variant's six parameters in op order. With
+        ``identity``: the residual epilogue, relu(SA(x) + identity), in the dtype that eager's
+        ``relu(sa(x) + identity)`` has."""
         spec = variant_named(variant)
-        check_forward_args(spec, x, groups, params, eps, param_shapes=True)
+        check_forward_args(spec, x, groups, params, eps, param_shapes=True, identity=identity)
         dtype = _compute_dtype(x, params)
+        if identity is not None:
+            dtype = torch.promote_types(dtype, identity.dtype)
+            if identity.dtype != dtype:
+                identity = identity.to(dtype)
         if dtype != x.dtype:
             x = x.to(dtype)
         # The ops return out (and grad_x) in x's memory format (_layout_of).
         differentiable = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in params)
+            x.requires_grad
+            or any(p.requires_grad for p in params)
+            or (identity is not None and identity.requires_grad)
         )
+        if identity is not None:
+            if not (differentiable or torch.jit.is_tracing()):
+                return self._residual_forward_ops[spec.name](
+                    x, identity, groups, *params, float(eps)
+                )[0]
+            return self.residual_function.apply(
+                spec.name, x, identity, groups, float(eps), *params
+            )[0]
         if not (differentiable or torch.jit.is_tracing()):
             # Nothing to differentiate (inference, no_grad, inference_mode): the forward op alone.
             # Under torch.compile(fullgraph=True) this is also the path that compiles: Dynamo

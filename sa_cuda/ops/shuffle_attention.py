@@ -12,6 +12,11 @@ Ops (registered with TORCH_LIBRARY, namespace ``sa_cuda``; the schemas are in cs
 - ``sa_layer_backward`` / ``shuffle_attention_backward(grad_out, x, mean, rstd, groups, *params)``
   return ``(grad_x, *param_grads)``: grad_x in x's memory format (as out), each parameter
   gradient with its parameter's shape and dtype.
+- ``<variant>_residual_forward(x, identity, groups, *params, eps)``: the residual epilogue of a
+  bottleneck's tail, ``out = relu(SA(x) + identity)`` in one pass (identity: x's shape and
+  dtype), returning ``(out, mean, rstd)``; ``<variant>_residual_backward(grad_out, out, x, mean,
+  rstd, groups, *params)`` returns ``(grad_x, grad_identity, *param_grads)``, where grad_identity
+  is grad_out masked by ``out > 0`` (relu's backward) and is also the gradient SA(x) receives.
 
 Their fake kernels, vmap rules and autograd are registered per namespace by library.py. The
 functionals take ``library=`` (an OpLibrary, default: sa_cuda's) so that the tests run the
@@ -31,6 +36,7 @@ __all__ = [
     "shuffle_attention",
     "fused_available",
     "ShuffleAttentionFunction",
+    "ShuffleAttentionResidualFunction",
     "SA_CUDA_LIBRARY",
 ]
 
@@ -39,6 +45,10 @@ SA_CUDA_LIBRARY = register_library("sa_cuda")
 
 #: The autograd.Function over the sa_cuda ops: ``apply(variant, x, groups, eps, *params)``.
 ShuffleAttentionFunction = SA_CUDA_LIBRARY.function
+
+#: The autograd.Function over the residual sa_cuda ops:
+#: ``apply(variant, x, identity, groups, eps, *params)``.
+ShuffleAttentionResidualFunction = SA_CUDA_LIBRARY.residual_function
 
 
 def fused_available(device: torch.device | str) -> bool:
@@ -57,6 +67,7 @@ def sa_layer(
     gn_bias: Tensor,
     eps: float = 1e-5,
     *,
+    identity: Tensor | None = None,
     library: OpLibrary | None = None,
 ) -> Tensor:
     """Fused SALayer (SA-Net's ``sa_layer``).
@@ -64,10 +75,12 @@ def sa_layer(
     x: [B, C, H, W] float64/32/16 or bfloat16, C divisible by 2 * groups; with m = C / (2 * groups):
     cweight, cbias, sweight, sbias: (1, m, 1, 1) or (m,); gn_weight, gn_bias: (m,).
     Returns [B, C, H, W] in x's dtype and memory format (NCHW-contiguous, or channels_last when
-    x is), already channel-shuffled. ``library``: whose ops run (default sa_cuda's).
+    x is), already channel-shuffled. ``identity`` (x's shape): the residual epilogue, returns
+    ``relu(sa_layer(x) + identity)`` in one pass, in eager's result dtype. ``library``: whose ops
+    run (default sa_cuda's).
     """
     return (library or SA_CUDA_LIBRARY).apply(
-        "sa_layer", x, groups, (cweight, cbias, sweight, sbias, gn_weight, gn_bias), eps
+        "sa_layer", x, groups, (cweight, cbias, sweight, sbias, gn_weight, gn_bias), eps, identity
     )
 
 
@@ -82,14 +95,16 @@ def shuffle_attention(
     gn_bias: Tensor,
     eps: float = 1e-5,
     *,
+    identity: Tensor | None = None,
     library: OpLibrary | None = None,
 ) -> Tensor:
     """Fused ShuffleAttention (1x1-conv gates).
 
     x: [B, C, H, W]; with m = C / (2 * groups): affine1_weight, affine2_weight: (m, m, 1, 1) or
     (m, m) as [out, in]; affine1_bias, affine2_bias, gn_weight, gn_bias: (m,).
-    Returns [B, C, H, W] in x's dtype and memory format, already channel-shuffled. ``library``:
-    whose ops run (default sa_cuda's).
+    Returns [B, C, H, W] in x's dtype and memory format, already channel-shuffled. ``identity``
+    (x's shape): the residual epilogue, returns ``relu(shuffle_attention(x) + identity)`` in one
+    pass, in eager's result dtype. ``library``: whose ops run (default sa_cuda's).
     """
     return (library or SA_CUDA_LIBRARY).apply(
         "shuffle_attention",
@@ -97,4 +112,5 @@ def shuffle_attention(
         groups,
         (affine1_weight, affine1_bias, affine2_weight, affine2_bias, gn_weight, gn_bias),
         eps,
+        identity,
     )

@@ -7,6 +7,7 @@ Forward: when only x is mapped, the mapped dimension is folded into the batch (o
 own parameters: the op runs once per slice.
 Backward: the parameter gradients are sums over the batch, and under vmap every slice needs its
 own sum, so the op runs once per slice (grad_x alone could be folded, but the op returns both).
+The residual ops (forward and backward) run once per slice too.
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ def _forward_rule(op):
     return rule
 
 
-def _backward_rule(op):
+def _per_slice_rule(op):
     def rule(info, in_dims, *args):
         return _per_slice(op, info, args, in_dims)
 
     return rule
 
 
-def register(forward, backward) -> None:
-    """vmap rules for one variant's forward and backward op (OpOverloads of any namespace)."""
+def register(forward, backward, residual_forward, residual_backward) -> None:
+    """vmap rules for one variant's forward and backward op, and its residual forward and
+    backward op (OpOverloads of any namespace). The residual ops run once per slice."""
     torch.library.register_vmap(forward, _forward_rule(forward))
-    torch.library.register_vmap(backward, _backward_rule(backward))
+    for op in (backward, residual_forward, residual_backward):
+        torch.library.register_vmap(op, _per_slice_rule(op))

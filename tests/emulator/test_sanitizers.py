@@ -33,7 +33,9 @@ def test_plain_build_runs_every_launch_path_correctly():
     result = run(build(None), "kernels")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("ok")
-    assert result.stdout.count("max err") == 26  # 13 cases x (float32, float64)
+    # 13 cases x (float32, float64) x (plain, residual epilogue)
+    assert result.stdout.count("max err") == 52
+    assert result.stdout.count(" residual: max err") == 26
 
 
 # (sanitizer, planted bug, what the sanitizer must say, the kernel it must name)

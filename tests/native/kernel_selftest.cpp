@@ -2,8 +2,10 @@
 // plain, a ThreadSanitizer and an AddressSanitizer binary (no Python, no libtorch_cpu: only
 // libc10).
 //
-//   kernel_selftest kernels   every launch path of both variants, forward checked against a naive
-//                             float64 loop, backward run and checked finite; prints "ok"
+//   kernel_selftest kernels   every launch path of both variants, plain and with the residual
+//                             epilogue (relu(SA(x) + identity)): forward checked against a naive
+//                             float64 loop, backward run and checked finite (and relu's mask
+//                             checked exactly); prints "ok"
 //   kernel_selftest race      a planted missing __syncthreads (TSan must report a data race)
 //   kernel_selftest oob       a planted out-of-bounds read (ASan must report it)
 #include <cmath>
@@ -101,22 +103,27 @@ std::vector<double> naive_forward(const Case& k, const std::vector<double>& x,
 }
 
 template <typename T>
-bool run_case(const Case& k, c10::ScalarType dtype) {
+bool run_case(const Case& k, c10::ScalarType dtype, bool residual) {
   const int64_t m = k.C / (2 * k.G), N = k.H * k.W, n = k.B * k.C * N;
   Rng rng;
-  std::vector<double> x64(n), g64(n), p64[6];
+  std::vector<double> x64(n), g64(n), id64(n), p64[6];
   for (auto& v : x64) v = 2 * rng.next() + 0.5;
   for (auto& v : g64) v = rng.next();
+  for (auto& v : id64) v = 2 * rng.next();  // out = relu(SA(x) + identity): about half pass
   for (int i = 0; i < 6; ++i) {
     const bool matrix = k.variant == Variant::kShuffleAttention && (i == 0 || i == 2);
     p64[i].resize(matrix ? m * m : m);
     for (auto& v : p64[i]) v = rng.next();
   }
   // Exactly sized heap buffers (so ASan sees any overrun), offset by k.offset elements.
-  std::vector<T> xs(n + k.offset), gs(n + k.offset), outs(n + k.offset), dxs(n + k.offset);
+  // The residual epilogue's identity and grad_identity are allocated only when it runs.
+  const int64_t residual_n = residual ? n + k.offset : 0;
+  std::vector<T> xs(n + k.offset), gs(n + k.offset), outs(n + k.offset), dxs(n + k.offset),
+      ids(residual_n), gids(residual_n);
   T *x = xs.data() + k.offset, *g = gs.data() + k.offset, *out = outs.data() + k.offset,
-    *dx = dxs.data() + k.offset;
-  // x64 and g64 are NCHW; x and g in the case's layout.
+    *dx = dxs.data() + k.offset, *identity = residual ? ids.data() + k.offset : nullptr,
+    *grad_identity = residual ? gids.data() + k.offset : nullptr;
+  // x64, g64 and id64 are NCHW; x, g and identity in the case's layout.
   for (int64_t b = 0; b < k.B; ++b) {
     for (int64_t c = 0; c < k.C; ++c) {
       for (int64_t i = 0; i < N; ++i) {
@@ -124,6 +131,10 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
         x[at] = static_cast<T>(x64[nchw]);
         x64[nchw] = static_cast<double>(x[at]);
         g[at] = static_cast<T>(g64[nchw]);
+        if (residual) {
+          identity[at] = static_cast<T>(id64[nchw]);
+          id64[nchw] = static_cast<double>(identity[at]);
+        }
       }
     }
   }
@@ -132,7 +143,18 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
   std::vector<T> mean(k.B * k.C), rstd(k.B * k.C), gate_grad(k.B * k.G * m), t_sum(k.B * k.G * m),
       t_xh(k.B * k.G * m * (k.variant == Variant::kShuffleAttention ? m : 1));
 
-  ForwardParams f{k.B, k.C, k.G, m, N, 1e-5, x, out, mean.data(), rstd.data()};
+  ForwardParams f{};
+  f.batch = k.B;
+  f.channels = k.C;
+  f.groups = k.G;
+  f.branch_channels = m;
+  f.plane_size = N;
+  f.eps = 1e-5;
+  f.x = x;
+  f.out = out;
+  f.identity = identity;
+  f.mean = mean.data();
+  f.rstd = rstd.data();
   for (int i = 0; i < 6; ++i) {
     f.params[i] = p[i].data();
     f.param_dtypes[i] = sizeof(T) == 8 ? ParamDtype::kFloat64 : ParamDtype::kFloat32;
@@ -144,13 +166,22 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
   for (int64_t b = 0; b < k.B; ++b) {
     for (int64_t c = 0; c < k.C; ++c) {
       for (int64_t i = 0; i < N; ++i) {
-        const double w = want[(b * k.C + c) * N + i];
+        const int64_t nchw = (b * k.C + c) * N + i;
+        const double w = residual ? std::max(0.0, want[nchw] + id64[nchw]) : want[nchw];
         err = std::max(err, std::abs(static_cast<double>(out[element(k, b, c, i)]) - w));
         scale = std::max(scale, std::abs(w));
       }
     }
   }
-  BackwardParams bp{f, g, dx, gate_grad.data(), t_sum.data(), t_xh.data()};
+  BackwardParams bp{};
+  bp.fwd = f;
+  bp.grad_out = g;
+  bp.grad_x = dx;
+  bp.out = residual ? out : nullptr;
+  bp.grad_identity = grad_identity;
+  bp.gate_grad = gate_grad.data();
+  bp.t_sum = t_sum.data();
+  bp.t_xh = t_xh.data();
   std::vector<T> param_grads[6];  // exactly sized: the reduction writes each entry once
   for (int i = 0; i < 6; ++i) {
     param_grads[i].resize(p[i].size());
@@ -162,13 +193,18 @@ bool run_case(const Case& k, c10::ScalarType dtype) {
   for (const auto& grad : param_grads) {
     for (const T v : grad) finite = finite && std::isfinite(static_cast<double>(v));
   }
+  bool masked = true;  // grad_identity is relu's mask of g by out, exactly
+  for (int64_t i = 0; residual && i < n; ++i) {
+    masked = masked && grad_identity[i] == (out[i] <= T(0) ? T(0) : g[i]);
+  }
   const double tol = (sizeof(T) == 8 ? 1e-12 : 1e-5) * std::max(1.0, scale);
-  const bool ok = err <= tol && finite;
-  std::printf("%s %s B=%lld C=%lld G=%lld %lldx%lld offset=%lld%s: max err %.3g (tol %.3g)%s\n",
+  const bool ok = err <= tol && finite && masked;
+  std::printf("%s %s B=%lld C=%lld G=%lld %lldx%lld offset=%lld%s%s: max err %.3g (tol %.3g)%s%s\n",
               k.variant == Variant::kSALayer ? "sa_layer" : "shuffle_attention",
               sizeof(T) == 8 ? "float64" : "float32", (long long)k.B, (long long)k.C,
               (long long)k.G, (long long)k.H, (long long)k.W, (long long)k.offset,
-              k.nhwc ? " channels_last" : "", err, tol, finite ? "" : " NON-FINITE gradient");
+              k.nhwc ? " channels_last" : "", residual ? " residual" : "", err, tol,
+              finite ? "" : " NON-FINITE gradient", masked ? "" : " WRONG relu mask");
   return ok;
 }
 
@@ -196,8 +232,10 @@ int run_kernels() {
   };
   bool ok = true;
   for (const Case& k : cases) {
-    ok = run_case<float>(k, c10::ScalarType::Float) && ok;
-    ok = run_case<double>(k, c10::ScalarType::Double) && ok;
+    for (const bool residual : {false, true}) {
+      ok = run_case<float>(k, c10::ScalarType::Float, residual) && ok;
+      ok = run_case<double>(k, c10::ScalarType::Double, residual) && ok;
+    }
   }
   std::printf(ok ? "ok\n" : "FAILED\n");
   return ok ? 0 : 1;

@@ -159,8 +159,10 @@ void run_columns(const BackwardTensors<scalar_t>& t, const ColumnGeometry& geo, 
             for (int h = 0; h < 2; ++h) prefetch_run<kWidth, kNonTemporal>(x_ahead, col.input(h));
             const int64_t ahead = item + (p + kPrefetchRows) * C;
             prefetch_run<2 * kWidth, kNonTemporal>(t.grad_out + ahead, col.output(0));
-            if (t.out != nullptr)
+            if (t.out != nullptr) {  // the residual epilogue's: out read, grad_identity written
               prefetch_run<2 * kWidth, kNonTemporal>(t.out + ahead, col.output(0));
+              prefetch_run<2 * kWidth, 3, true>(t.grad_identity + ahead, col.output(0));
+            }
           }
           // The row's gradient of SA(x) at its 2 width output channels (with the residual
           // epilogue: masked, and written to grad_identity).

@@ -180,12 +180,9 @@ inline void column_x(const scalar_t* row, int h, ColumnAt col, RoleSplit* slices
 //                 column, for that column's pass 1 (gate_column).
 constexpr int kNonTemporal = 0, kIntoL2 = 2;
 constexpr int64_t kPrefetchRows = 12;
-template <int64_t kCount, int kLocality, typename scalar_t>
+template <int64_t kCount, int kLocality, bool kForWrite = false, typename scalar_t>
 inline void prefetch_run(const scalar_t* row, int64_t offset) {
-  const char* first = reinterpret_cast<const char*>(row + offset);
-  for (int64_t byte = 0; byte < kCount * int64_t{sizeof(scalar_t)}; byte += 64) {
-    __builtin_prefetch(first + byte, 0, kLocality);
-  }
+  prefetch_span<kForWrite, kLocality>(row + offset, kCount);
 }
 
 // ShuffleAttention's channel-branch gates sigmoid(W1 mu + b1) of half h's slices, gate[0 .. S),

@@ -173,6 +173,16 @@ inline void finish_store(const acc_t* result, scalar_t* dst, int64_t n) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(result, dst, n);
 }
 
+// Asks the cache for the n values from p, to be read or (kForWrite) written, at
+// __builtin_prefetch's locality (3: every level). A hint: no value changes.
+template <bool kForWrite = false, int kLocality = 3, typename T>
+inline void prefetch_span(const T* p, int64_t n) {
+  const char* first = reinterpret_cast<const char*>(p);
+  for (int64_t byte = 0; byte < n * int64_t{sizeof(T)}; byte += 64) {
+    __builtin_prefetch(first + byte, kForWrite, kLocality);
+  }
+}
+
 // The residual epilogue (sa_math.h: residual_relu) on n results in acc_t before their one store:
 // y = relu(y + identity), identity read in its own dtype at the results' output positions.
 template <typename scalar_t, typename acc_t>

@@ -13,6 +13,9 @@ which unwraps ``{"state_dict": ...}`` and strips DataParallel's ``module.`` pref
 
 Differences from the released file, none of which touches the parameters or the math:
 - ``fused`` selects ``sa_cuda.SALayer`` or ``sa_cuda.reference.SALayer`` (same parameter names).
+  The fused bottleneck runs its whole tail, ``relu(sa(bn3(...)) + identity)``, as the fused op's
+  residual epilogue: one pass that reads the SA input and the shortcut once and writes the block's
+  output once (the reference bottleneck: the release's three steps).
 - ``sa_groups`` (default 64, the release's value) is exposed.
 - The released ``ResNet.__init__`` sets ``self._norm_layer`` only when ``norm_layer is None``
   (passing a norm layer raised AttributeError); here it is always set.
@@ -100,9 +103,11 @@ class SABottleneck(nn.Module):
         """x [B, inplanes, H, W] -> [B, planes * 4, H', W']."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.sa(self.bn3(self.conv3(out)))
+        out = self.bn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+        if isinstance(self.sa, FusedSALayer):
+            return self.sa(out, identity=identity)  # relu(sa(out) + identity), one pass
+        return self.relu(self.sa(out) + identity)
 
 
 class SAResNet(nn.Module):

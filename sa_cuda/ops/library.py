@@ -364,7 +364,7 @@ _LIBRARIES: dict[str, OpLibrary] = {}
 
 
 def register_library(namespace: str) -> OpLibrary:
-    """The OpLibrary of the op namespace ``namespace`` (whose four ops must be registered, e.g.
+    """The OpLibrary of the op namespace ``namespace`` (whose eight ops must be registered, e.g.
     "sa_cuda" or "sa_cuda_emu"); registers its fake kernels and vmap rules the first time."""
     if namespace not in _LIBRARIES:
         _LIBRARIES[namespace] = OpLibrary(namespace)

@@ -225,3 +225,104 @@ def test_residual_result_dtype(variant):
     assert got.dtype == eager.dtype == torch.float32
     want = torch.relu(clone_as(ref, torch.float64)(x.double()) + identity.double())
     assert (got.double() - want).abs().max() <= 2 * (eager.double() - want).abs().max() + 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# The residual ops as ops: opcheck (schema, fake kernels, AOT dispatch), torch.compile, bad inputs
+# ------------------------------------------------------------------------------------------------
+def _op_args(variant, shape, groups, dtype, memory_format=torch.contiguous_format):
+    ref = make_ref(variant, shape[1], groups, seed=7, dtype=dtype)
+    params = [p.detach() for p in params_in_op_order(variant, ref)]
+    x, identity, gy = (
+        make_input(shape, seed=s, dtype=dtype).contiguous(memory_format=memory_format)
+        for s in (8, 10, 9)
+    )
+    return x, identity, gy, params
+
+
+@pytest.mark.parametrize("backend", ["cpu", "emulated"], indirect=True)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_residual_opcheck(backend, variant, dtype, memory_format):
+    x, identity, gy, params = _op_args(variant, (2, 48, 5, 3), 4, dtype, memory_format)
+    forward, backward = backend.residual_forward_op(variant), backend.residual_backward_op(variant)
+    torch.library.opcheck(forward, (x, identity, 4, *params, 1e-5))
+    out, mean, rstd = forward(x, identity, 4, *params, 1e-5)
+    torch.library.opcheck(backward, (gy, out, x, mean, rstd, 4, *params))
+    x0, identity0, gy0, out0 = x[:0], identity[:0], gy[:0], out[:0]  # an empty batch
+    torch.library.opcheck(forward, (x0, identity0, 4, *params, 1e-5))
+    _, mean0, rstd0 = forward(x0, identity0, 4, *params, 1e-5)
+    torch.library.opcheck(backward, (gy0, out0, x0, mean0, rstd0, 4, *params))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_residual_compile_fullgraph(memory_format):
+    """A bottleneck tail through torch.compile(fullgraph=True), training and inference: one
+    graph, the compiled values equal the eager fused ones."""
+    import sa_cuda
+
+    torch._dynamo.reset()
+    shape, groups = (2, 32, 5, 7), 4
+    layer = sa_cuda.SALayer(shape[1], groups)
+    layer.load_state_dict(make_ref("sa_layer", shape[1], groups, seed=5).state_dict())
+    conv = torch.nn.Conv2d(shape[1], shape[1], 1)
+
+    def tail(x, identity):
+        return layer(conv(x), identity=identity)
+
+    x, identity, gy, _ = _op_args("sa_layer", shape, groups, torch.float32, memory_format)
+    compiled = torch.compile(tail, fullgraph=True)
+    runs = []
+    for fn in (tail, compiled):
+        xl, il = x.clone().requires_grad_(True), identity.clone().requires_grad_(True)
+        out = fn(xl, il)
+        out.backward(gy)
+        with torch.no_grad():
+            inference = fn(x, identity)
+        runs.append((out.detach(), xl.grad, il.grad, conv.weight.grad.clone(), inference))
+        conv.weight.grad = None
+        layer.zero_grad()
+    for got, want in zip(*reversed(runs)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_residual_bad_inputs(variant):
+    """identity (forward) and out (backward) of another shape or dtype, or not a dense kernel-dtype
+    tensor: a clear error naming the argument from the raw op (the C++ check), the meta device
+    (the fake kernel) and the functional, never a crash."""
+    import re
+
+    from sa_cuda.ops import SA_CUDA_LIBRARY
+
+    shape, groups = (2, 16, 3, 4), 2
+    x, identity, gy, params = _op_args(variant, shape, groups, torch.float32)
+    forward = SA_CUDA_LIBRARY.residual_forward_op(variant)
+    backward = SA_CUDA_LIBRARY.residual_backward_op(variant)
+    out, mean, rstd = forward(x, identity, groups, *params, 1e-5)
+    wrong_shape = make_input((2, 16, 4, 3))
+    cases = [
+        (wrong_shape, r"identity must have x's shape \[2, 16, 3, 4\], got \[2, 16, 4, 3\]"),
+        (identity.double(), r"identity must have x's dtype"),
+        (identity.int(), r"identity must be float64, float32, float16 or bfloat16"),
+    ]
+    for bad, message in cases:
+        for device in ("cpu", "meta"):
+            args = [t.to(device) for t in (x, bad, *params)]
+            with pytest.raises((RuntimeError, ValueError), match=message):
+                forward(args[0], args[1], groups, *args[2:], 1e-5)
+    for bad, message in cases[:2]:
+        message = message.replace("identity", "out")
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            backward(gy, bad, x, mean, rstd, groups, *params)
+        with pytest.raises(ValueError, match=message):
+            backward(*(t.to("meta") for t in (gy, bad, x, mean, rstd)), groups, *params)
+    fused = SA_CUDA_LIBRARY.apply
+    with pytest.raises(ValueError, match=re.escape("identity must have x's shape")):
+        fused(variant, x, groups, tuple(params), 1e-5, wrong_shape)
+    with pytest.raises(ValueError, match="identity must be a torch.Tensor"):
+        fused(variant, x, groups, tuple(params), 1e-5, 1.0)
+    with pytest.raises((RuntimeError, ValueError), match="identity is on meta but x is on cpu"):
+        forward(x, identity.to("meta"), groups, *params, 1e-5)

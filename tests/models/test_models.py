@@ -58,6 +58,46 @@ def test_fused_resnet_matches_eager():
     assert max_err(fused(x), eager(x)) <= 1e-10
 
 
+def test_fused_bottleneck_tail_is_one_op_and_trains_as_eager():
+    """The fused SA-ResNet-50 runs each bottleneck's tail, relu(sa(bn3(...)) + identity), as the
+    residual op (16 calls, no plain SA op), and a training step gives the eager model's loss and
+    every parameter gradient (float64, train mode: BatchNorm on batch statistics)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpNames(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    eager = sa_resnet50(num_classes=10, fused=False).double()
+    for module in eager.modules():
+        if isinstance(module, reference.SALayer):
+            randomize_(module, seed=1)
+    fused = sa_resnet50(num_classes=10, fused=True).double()
+    fused.load_state_dict(eager.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    target = torch.tensor([3, 7])
+    losses = []
+    for model in (eager, fused):
+        with OpNames() as seen:
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+        losses.append(loss.item())
+        if model is fused:
+            assert seen.names.count("sa_cuda.sa_layer_residual_forward") == 16
+            assert seen.names.count("sa_cuda.sa_layer_residual_backward") == 16
+            assert "sa_cuda.sa_layer_forward" not in seen.names
+    assert abs(losses[0] - losses[1]) <= 1e-12
+    grads = dict(fused.named_parameters())
+    for name, p in eager.named_parameters():
+        assert max_err(grads[name].grad, p.grad) <= 1e-9 * max(1.0, p.grad.abs().max().item()), name
+
+
 def test_sa_resnet50_traces_without_graph_breaks():
     """torch._dynamo.explain over the whole SA-ResNet-50 with fused SA layers: one graph, no break
     from the sa_cuda op (16 SA layers)."""

@@ -151,7 +151,9 @@ void backward_sa_layer(const BackwardParams& p) {
         acc_t* gate = scratch.data() + (kConvert ? 3 : 0) * N;
         for (int64_t plane = begin; plane < end; ++plane) {
           const PlaneUnit unit = plane_unit(p.fwd, plane);
-          if (plane + 1 < end) t.prefetch_sa_grad(plane_unit(p.fwd, plane + 1).out_plane * N, N);
+          if (t.out != nullptr && plane + 1 < end) {
+            t.prefetch_sa_grad(plane_unit(p.fwd, plane + 1).out_plane * N, N);
+          }
           const acc_t* x = as_acc(t.fwd.x + plane * N, N, scratch.data());
           const acc_t* gu = as_acc(t.sa_grad(unit.out_plane * N, N), N, scratch.data() + N);
           acc_t* dx =
@@ -342,7 +344,7 @@ void backward_shuffle_attention(const BackwardParams& p) {
                      BranchPlanes<acc_t> u = branch_planes(m, scratch.data(), N);
                      for (int64_t unit = begin; unit < end; ++unit) {
                        const BranchUnit b = branch_unit(p.fwd, unit);
-                       if (unit + 1 < end) {
+                       if (t.out != nullptr && unit + 1 < end) {
                          const int64_t next0 = branch_unit(p.fwd, unit + 1).out_plane0;
                          for (int64_t j = 0; j < m; ++j) t.prefetch_sa_grad((next0 + 2 * j) * N, N);
                        }

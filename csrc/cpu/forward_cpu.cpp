@@ -115,7 +115,9 @@ void forward_sa_layer(const ForwardParams& p) {
     std::vector<acc_t> scratch(kConvert ? 2 * N : 0);  // x plane in acc_t, result plane
     for (int64_t plane = begin; plane < end; ++plane) {
       const PlaneUnit unit = plane_unit(p, plane);
-      if (plane + 1 < end) t.prefetch_identity(plane_unit(p, plane + 1).out_plane * N, N);
+      if (t.identity != nullptr && plane + 1 < end) {
+        t.prefetch_identity(plane_unit(p, plane + 1).out_plane * N, N);
+      }
       const acc_t* x = as_acc(t.x + plane * N, N, scratch.data());
       scalar_t* dst = t.out + unit.out_plane * N;
       acc_t* result = result_buffer(dst, kConvert ? scratch.data() + N : nullptr);
@@ -232,7 +234,7 @@ void forward_shuffle_attention(const ForwardParams& p) {
         BranchScratch<acc_t> scratch(m, N);
         for (int64_t unit = begin; unit < end; ++unit) {
           const BranchUnit u = branch_unit(p, unit);
-          if (unit + 1 < end) {
+          if (t.identity != nullptr && unit + 1 < end) {
             const int64_t next0 = branch_unit(p, unit + 1).out_plane0;
             for (int64_t j = 0; j < m; ++j) t.prefetch_identity((next0 + 2 * j) * N, N);
           }

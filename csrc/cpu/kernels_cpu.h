@@ -60,12 +60,10 @@ struct ForwardTensors {
         rstd(static_cast<acc_t*>(p.rstd)),
         w(p, variant) {}
 
-  // With the residual epilogue, asks the cache for identity's n values from offset: a unit's
-  // output planes lie at shuffled channels, whose reads the hardware prefetchers do not foresee
-  // (the NCHW kernels ask for the next unit's while computing this one's).
-  void prefetch_identity(int64_t offset, int64_t n) const {
-    if (identity != nullptr) prefetch_span(identity + offset, n);
-  }
+  // The residual epilogue's: asks the cache for identity's n values from offset. A unit's output
+  // planes lie at shuffled channels, whose reads the hardware prefetchers do not foresee (the
+  // NCHW kernels ask for the next unit's while computing this one's).
+  void prefetch_identity(int64_t offset, int64_t n) const { prefetch_span(identity + offset, n); }
 
   // Batch item b of identity ([B, C, N] or [B, N, C]: item_size = C N), or null without one.
   const scalar_t* identity_item(int64_t b, int64_t item_size) const {
@@ -98,9 +96,8 @@ struct BackwardTensors {
         t_sum(static_cast<acc_t*>(p.t_sum)),
         t_xh(static_cast<acc_t*>(p.t_xh)) {}
 
-  // With the residual epilogue, asks the cache for what sa_grad(offset, n) will read and write.
+  // The residual epilogue's: asks the cache for what sa_grad(offset, n) will read and write.
   void prefetch_sa_grad(int64_t offset, int64_t n) const {
-    if (out == nullptr) return;
     prefetch_span(grad_out + offset, n);
     prefetch_span(out + offset, n);
     prefetch_span</*kForWrite=*/true>(grad_identity + offset, n);

@@ -326,3 +326,25 @@ def test_residual_bad_inputs(variant):
         fused(variant, x, groups, tuple(params), 1e-5, 1.0)
     with pytest.raises((RuntimeError, ValueError), match="identity is on meta but x is on cpu"):
         forward(x, identity.to("meta"), groups, *params, 1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_residual_create_graph(variant):
+    """create_graph=True: first-order gradients as without it (torch.func.grad needs them);
+    differentiating them again raises instead of dropping the kernel's second derivative."""
+    from sa_cuda.ops import SA_CUDA_LIBRARY
+
+    shape, groups = (2, 16, 3, 4), 2
+    x, identity, gy, params = _op_args(variant, shape, groups, torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (x, identity, *params)]
+
+    def grads(create_graph):
+        out = SA_CUDA_LIBRARY.apply(variant, leaves[0], groups, leaves[2:], 1e-5, leaves[1])
+        return torch.autograd.grad(out, leaves, gy, create_graph=create_graph)
+
+    plain, graphed = grads(False), grads(True)
+    for g, w in zip(graphed, plain):
+        assert torch.equal(g.detach(), w)
+    for g in (graphed[0], graphed[1]):  # grad_x, and grad_identity: hung on x's graph
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(g.sum(), leaves[0])

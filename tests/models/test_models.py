@@ -98,6 +98,37 @@ def test_fused_bottleneck_tail_is_one_op_and_trains_as_eager():
         assert max_err(grads[name].grad, p.grad) <= 1e-9 * max(1.0, p.grad.abs().max().item()), name
 
 
+def test_inference_folds_every_batchnorm_into_its_convolution():
+    """Inference needs no BatchNorm prologue in the SA kernel: torch.ao's fuse_modules folds every
+    eval-mode BatchNorm into the convolution before it (bn3, the one before each SA layer, into
+    conv3), by module names, without tracing the fused layers. The folded fused model runs no
+    BatchNorm and gives the unfolded model's logits."""
+    from sa_cuda.models.sa_resnet import SABottleneck
+
+    torch.manual_seed(0)
+    model = sa_resnet50(num_classes=10, fused=True).double().eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # running statistics and affine parameters far from the identity
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                for t in (module.running_mean, module.weight, module.bias):
+                    t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * 0.5)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
+    pairs = [["conv1", "bn1"]]
+    for name, block in model.named_modules():
+        if isinstance(block, SABottleneck):
+            pairs += [[f"{name}.conv{i}", f"{name}.bn{i}"] for i in (1, 2, 3)]
+            if block.downsample is not None:
+                pairs.append([f"{name}.downsample.0", f"{name}.downsample.1"])
+    folded = torch.ao.quantization.fuse_modules(copy.deepcopy(model), pairs)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, SALayer) for m in folded.modules()) == 16
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    assert max_err(got, want) <= 1e-9 * max(1.0, want.abs().max().item())
+
+
 def test_sa_resnet50_traces_without_graph_breaks():
     """torch._dynamo.explain over the whole SA-ResNet-50 with fused SA layers: one graph, no break
     from the sa_cuda op (16 SA layers)."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness, report
-from benchmarks.configs import DTYPES, RESULTS_DIR, SHAPES, VARIANTS, csv_choice, stage_shapes
+from benchmarks.configs import DTYPES, SHAPES, VARIANTS, add_round_args, csv_choice, stage_shapes
 from benchmarks.timers import Bencher
 
 IMPLS = ("fused-nchw", "fused-cl", "eager-cl", "compile-cl")
@@ -39,18 +38,8 @@ PASSES = ("fwd", "fwdbwd")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.channels_last", description=__doc__)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--shapes", help="comma list of shape names (default: r50-l1..l4 at batch 8)")
-    p.add_argument("--impls", default=",".join(IMPLS))
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--min-run-time", type=float, default=0.5, help="CPU seconds per measurement")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--quick", action="store_true", help="shape 'quick', fp32, no compile, 1 round")
-    p.add_argument("--out-dir", default=str(RESULTS_DIR))
-    p.add_argument("--tag", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    add_round_args(p, min_run_time=0.5)
+    p.add_argument("--impls", default=",".join(IMPLS), help="(--quick: no compile)")
     return p.parse_args(argv)
 
 
@@ -161,26 +150,22 @@ def plot(rows: list[dict], title: str, path: Path) -> bool:
     fig, axes = plt.subplots(
         len(panels), len(PASSES), figsize=(5.5 * len(PASSES), 7), squeeze=False
     )
-    width = 0.8 / len(series)
     for col, pass_ in enumerate(PASSES):
         for row_i, (key, ylabel, target) in enumerate(panels):
             ax = axes[row_i][col]
-            for k, (variant, dname) in enumerate(series):
-                vals = [
-                    next(
-                        (
-                            r["ratios"][pass_].get(key, 0.0)
-                            for r in ok
-                            if (r["variant"], r["dtype"], r["shape"]) == (variant, dname, s)
-                        ),
-                        0.0,
-                    )
-                    for s in shapes
-                ]
-                xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(shapes))]
-                ax.bar(xs, vals, width, label=f"{variant} {dname}")
+
+            def value(series_key, shape, pass_=pass_, key=key):
+                return next(
+                    (
+                        r["ratios"][pass_].get(key, 0.0)
+                        for r in ok
+                        if (r["variant"], r["dtype"], r["shape"]) == (*series_key, shape)
+                    ),
+                    0.0,
+                )
+
+            report.grouped_bars(ax, shapes, series, value, " ".join)
             ax.axhline(target, color="k", linestyle="--", linewidth=0.8)
-            ax.set_xticks(range(len(shapes)), shapes, fontsize=8)
             ax.set_xlabel("shape (SA-ResNet-50 stage, batch)")
             ax.set_ylabel(ylabel, fontsize=8)
             ax.set_title(f"{pass_} (dashed: target {target})", fontsize=9)
@@ -200,36 +185,16 @@ def main(argv: list[str] | None = None) -> int:
         impls = [i for i in impls if i != "compile-cl"]
         args.rounds, args.min_run_time = 1, 0.05
     bencher = Bencher(torch.device(args.device), args.threads, args.min_run_time)
-    rows, failed = [], []
+    rows = []
     for variant in variants:
         for name in shapes:
             for dname in dtypes:
                 r = time_config(args, bencher, variant, SHAPES[name], dname, impls)
                 r.update(variant=variant, shape=name, dtype=dname, ratios=ratios(r["times"]))
+                r["config"] = f"{variant}/{name}/{dname}"
                 rows.append(r)
-                failed += [] if r["check"]["ok"] else [f"{variant}/{name}/{dname}"]
                 print("\n".join(format_rows([r]).splitlines()[2:]), flush=True)
-    device = torch.device(args.device)
-    label = report.device_label(device, args.threads)
-    print(f"\n{label}; timer: {bencher.description()}; {args.rounds} rounds\n")
-    print(format_rows(rows))
-    tag = args.tag or ("quick" if args.quick else "run")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"channels_last-{report.slug(label)}-{tag}"
-    result = {
-        "device": label,
-        "timer": bencher.description(),
-        "rounds": args.rounds,
-        "loadavg": report.loadavg(),
-        "rows": rows,
-    }
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    if plot(rows, f"sa_cuda channels_last, {label}", stem.with_suffix(".png")):
-        print(f"wrote {stem}.json, {stem}.png")
-    for f in failed:
-        print("FAILED:", f)
-    return 1 if failed else 0
+    return report.save_rounds_run("channels_last", args, bencher, rows, format_rows, plot)
 
 
 if __name__ == "__main__":

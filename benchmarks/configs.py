@@ -156,6 +156,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def add_round_args(p, *, min_run_time: float) -> None:
+    """The command line that the interleaved-rounds scripts (channels_last.py, residual.py)
+    share: device, dtypes, variants, shapes, rounds, timer, threads, --quick, output, seed."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--shapes", help="comma list of shape names (default: r50-l1..l4 at batch 8)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--min-run-time", type=float, default=min_run_time, help="CPU s a measurement")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--quick", action="store_true", help="shape 'quick', fp32, 1 round")
+    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    p.add_argument("--tag", default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def csv_choice(flag: str, value: str | None, default: list[str], allowed) -> list[str]:
     """The comma list ``value`` (``default`` when not given), each item one of ``allowed``."""
     items = [v.strip() for v in value.split(",") if v.strip()] if value else list(default)

@@ -239,6 +239,43 @@ def style_axis(ax, ticks, xlabels, *, title, ylabel, xlabel) -> None:
         ax.set_xlabel(xlabel, fontsize=8)
 
 
+def save_rounds_run(kind: str, args, bencher, rows: list[dict], format_rows, plot) -> int:
+    """The end of an interleaved-rounds script (channels_last.py, residual.py): prints the table
+    (``format_rows(rows)``), writes ``<kind>-<device>-<tag>.json`` and the PNG that ``plot(rows,
+    title, path)`` draws, names the configs whose check failed; returns the exit status."""
+    label = device_label(torch.device(args.device), args.threads)
+    print(f"\n{label}; timer: {bencher.description()}; {args.rounds} rounds\n")
+    print(format_rows(rows))
+    tag = args.tag or ("quick" if args.quick else "run")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{kind}-{slug(label)}-{tag}"
+    result = {
+        "device": label,
+        "timer": bencher.description(),
+        "rounds": args.rounds,
+        "loadavg": loadavg(),
+        "rows": rows,
+    }
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    if plot(rows, f"sa_cuda {kind}, {label}", stem.with_suffix(".png")):
+        print(f"wrote {stem}.json, {stem}.png")
+    failed = [r["config"] for r in rows if not r["check"]["ok"]]
+    for name in failed:
+        print("FAILED:", name)
+    return 1 if failed else 0
+
+
+def grouped_bars(ax, groups: list[str], series: list, value, label) -> None:
+    """One bar per (group, series) on ax, the series side by side within each group:
+    ``value(series_key, group)`` its height, ``label(series_key)`` its legend entry."""
+    width = 0.8 / len(series)
+    for k, key in enumerate(series):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        ax.bar(xs, [value(key, g) for g in groups], width, label=label(key))
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+
+
 def save_figure(fig, axes, ncol: int, title: str, path: Path, *, dpi: int) -> None:
     """Title and legend (the first panel's series) above the panels, not on the bars; saves."""
     import matplotlib.pyplot as plt

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import harness, report
-from benchmarks.configs import DTYPES, RESULTS_DIR, SHAPES, VARIANTS, csv_choice, stage_shapes
+from benchmarks.configs import DTYPES, SHAPES, VARIANTS, add_round_args, csv_choice, stage_shapes
 from benchmarks.timers import Bencher
 
 IMPLS = ("tail-fused", "sa+add-relu", "eager", "add")
@@ -69,18 +68,8 @@ class Add(nn.Module):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.residual", description=__doc__)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    add_round_args(p, min_run_time=0.3)
     p.add_argument("--formats", default="nchw,cl")
-    p.add_argument("--shapes", help="comma list of shape names (default: r50-l1..l4 at batch 8)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--min-run-time", type=float, default=0.3, help="CPU seconds per measurement")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--quick", action="store_true", help="shape 'quick', fp32, 1 round")
-    p.add_argument("--out-dir", default=str(RESULTS_DIR))
-    p.add_argument("--tag", default=None)
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -180,25 +169,21 @@ def plot(rows: list[dict], title: str, path: Path) -> bool:
     shapes = list(dict.fromkeys(r["shape"] for r in ok))
     series = list(dict.fromkeys((r["variant"], r["dtype"], r["format"]) for r in ok))
     fig, axes = plt.subplots(1, len(PASSES), figsize=(5.5 * len(PASSES), 4.2), squeeze=False)
-    width = 0.8 / len(series)
     for col, pass_ in enumerate(PASSES):
         ax = axes[0][col]
-        for k, key in enumerate(series):
-            vals = [
-                next(
-                    (
-                        r["ratios"][pass_]["speedup_vs_sa+add-relu"]
-                        for r in ok
-                        if (r["variant"], r["dtype"], r["format"], r["shape"]) == (*key, s)
-                    ),
-                    0.0,
-                )
-                for s in shapes
-            ]
-            xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(shapes))]
-            ax.bar(xs, vals, width, label=" ".join(key))
+
+        def value(series_key, shape, pass_=pass_):
+            return next(
+                (
+                    r["ratios"][pass_]["speedup_vs_sa+add-relu"]
+                    for r in ok
+                    if (r["variant"], r["dtype"], r["format"], r["shape"]) == (*series_key, shape)
+                ),
+                0.0,
+            )
+
+        report.grouped_bars(ax, shapes, series, value, " ".join)
         ax.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
-        ax.set_xticks(range(len(shapes)), shapes, fontsize=8)
         ax.set_xlabel("shape (SA-ResNet-50 stage, batch)")
         ax.set_ylabel("(fused SA + eager add, relu) / fused tail (time)", fontsize=8)
         ax.set_title(f"{pass_} (dashed: 1, no gain)", fontsize=9)
@@ -217,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rounds, args.min_run_time = 1, 0.05
     bencher = Bencher(torch.device(args.device), args.threads, args.min_run_time)
-    rows, failed = [], []
+    rows = []
     for variant in variants:
         for name in shapes:
             for dname in dtypes:
@@ -225,29 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                     r = time_config(args, bencher, variant, SHAPES[name], dname, fmt)
                     r.update(variant=variant, shape=name, dtype=dname, format=fmt)
                     r["ratios"] = ratios(r["times"]) if r["check"]["ok"] else {}
+                    r["config"] = f"{variant}/{name}/{dname}/{fmt}"
                     rows.append(r)
-                    failed += [] if r["check"]["ok"] else [f"{variant}/{name}/{dname}/{fmt}"]
                     print("\n".join(format_rows([r]).splitlines()[2:]), flush=True)
-    label = report.device_label(torch.device(args.device), args.threads)
-    print(f"\n{label}; timer: {bencher.description()}; {args.rounds} rounds\n")
-    print(format_rows(rows))
-    tag = args.tag or ("quick" if args.quick else "run")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"residual-{report.slug(label)}-{tag}"
-    result = {
-        "device": label,
-        "timer": bencher.description(),
-        "rounds": args.rounds,
-        "loadavg": report.loadavg(),
-        "rows": rows,
-    }
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    if plot(rows, f"sa_cuda bottleneck tail, {label}", stem.with_suffix(".png")):
-        print(f"wrote {stem}.json, {stem}.png")
-    for f in failed:
-        print("FAILED:", f)
-    return 1 if failed else 0
+    return report.save_rounds_run("residual", args, bencher, rows, format_rows, plot)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,30 @@ def test_channels_last_quick(tmp_path):
             assert ratios["cl_over_nchw"] > 0 and ratios["speedup_vs_eager-cl"] > 0, row
     png = (tmp_path / json_file).with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_residual_quick(tmp_path):
+    """benchmarks.residual --quick: every config (variant x format) checked against the float64
+    reference tail, every implementation and pass timed, the ratios and the plot written."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.residual", "--quick", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    [json_file] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    report = json.loads((tmp_path / json_file).read_text())
+    assert {(r["variant"], r["format"]) for r in report["rows"]} == {
+        (v, f) for v in ("sa_layer", "shuffle_attention") for f in ("nchw", "cl")
+    }
+    for row in report["rows"]:
+        assert row["check"]["ok"], row["check"]
+        assert set(row["times"]) == {"tail-fused", "sa+add-relu", "eager", "add"}
+        for pass_ in ("infer", "fwd", "fwdbwd"):
+            assert row["ratios"][pass_]["speedup_vs_sa+add-relu"] > 0, row
+        assert row["ratios"]["fwd"]["over_add"] > 0, row
+    png = (tmp_path / json_file).with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -22,14 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 from benchmarks import harness, report
-from benchmarks.configs import DTYPES, SHAPES, VARIANTS, add_round_args, csv_choice, stage_shapes
+from benchmarks.configs import (
+    DTYPES,
+    SHAPES,
+    add_round_args,
+    csv_choice,
+    round_choices,
+)
 from benchmarks.timers import Bencher
 
 IMPLS = ("fused-nchw", "fused-cl", "eager-cl", "compile-cl")
@@ -71,14 +76,7 @@ def time_config(args, bencher, variant, shape, dname, impls) -> dict:
         for pass_ in PASSES:
             fns[(impl, pass_)] = harness.pass_fn(impl, pass_, mods[impl], xi, gyi, params)
             fns[(impl, pass_)]()  # compiles compile-cl outside the timed rounds
-    samples = {key: [] for key in fns}
-    for _ in range(args.rounds):
-        for key, fn in fns.items():
-            samples[key].append(bencher(fn).median_ms)
-    times = {impl: {} for impl in impls}
-    for (impl, pass_), ms in samples.items():
-        times[impl][pass_] = statistics.median(ms)
-    return {"check": {"ok": True}, "times": times}
+    return {"check": {"ok": True}, "times": harness.time_rounds(bencher, fns, args.rounds)}
 
 
 def ratios(times: dict) -> dict:
@@ -176,14 +174,10 @@ def plot(rows: list[dict], title: str, path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    default_shapes = [s.name for s in stage_shapes([8])]
-    shapes = csv_choice("--shapes", "quick" if args.quick else args.shapes, default_shapes, SHAPES)
-    dtypes = csv_choice("--dtypes", "fp32" if args.quick else args.dtypes, [], DTYPES)
-    variants = csv_choice("--variants", args.variants, [], VARIANTS)
+    shapes, dtypes, variants = round_choices(args)
     impls = csv_choice("--impls", args.impls, [], IMPLS)
     if args.quick:
         impls = [i for i in impls if i != "compile-cl"]
-        args.rounds, args.min_run_time = 1, 0.05
     bencher = Bencher(torch.device(args.device), args.threads, args.min_run_time)
     rows = []
     for variant in variants:

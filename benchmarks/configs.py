@@ -172,6 +172,18 @@ def add_round_args(p, *, min_run_time: float) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def round_choices(args) -> tuple[list[str], list[str], list[str]]:
+    """(shapes, dtypes, variants) of add_round_args' command line; --quick: shape 'quick', fp32,
+    one round of short measurements."""
+    default_shapes = [s.name for s in stage_shapes([8])]
+    shapes = csv_choice("--shapes", "quick" if args.quick else args.shapes, default_shapes, SHAPES)
+    dtypes = csv_choice("--dtypes", "fp32" if args.quick else args.dtypes, [], DTYPES)
+    variants = csv_choice("--variants", args.variants, [], VARIANTS)
+    if args.quick:
+        args.rounds, args.min_run_time = 1, 0.05
+    return shapes, dtypes, variants
+
+
 def csv_choice(flag: str, value: str | None, default: list[str], allowed) -> list[str]:
     """The comma list ``value`` (``default`` when not given), each item one of ``allowed``."""
     items = [v.strip() for v in value.split(",") if v.strip()] if value else list(default)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -157,6 +158,20 @@ def pass_fn(
     else:
         raise ValueError(pass_)
     return fn
+
+
+def time_rounds(bencher, fns: dict, rounds: int) -> dict:
+    """{impl: {pass: ms}} of the callables ``fns`` ({(impl, pass): fn}), timed in ``rounds``
+    interleaved rounds (the machine's load drifts between rounds, not within one): each time is
+    the median over the rounds of the timer's median."""
+    samples = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            samples[key].append(bencher(fn).median_ms)
+    times: dict = {}
+    for (impl, pass_), ms in samples.items():
+        times.setdefault(impl, {})[pass_] = statistics.median(ms)
+    return times
 
 
 # --------------------------------------------------------------------------------------------

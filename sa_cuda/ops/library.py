@@ -185,10 +185,7 @@ def _fake_kernels(variant: Variant):
     def fake_forward(x, groups, *params_and_eps):
         *params, eps = params_and_eps
         check_forward_args(variant, x, groups, tuple(params), eps)
-        B, C = x.shape[0], x.shape[1]
-        stat = x.new_empty((B, C), dtype=stat_dtype(x))
-        out = torch.empty_like(x, memory_format=_layout_of(x))
-        return out, stat, torch.empty_like(stat)
+        return _fake_forward_outputs(x)
 
     def fake_backward(grad_out, x, mean, rstd, groups, *params):
         check_backward_args(variant, grad_out, x, mean, rstd, groups, params)
@@ -197,7 +194,7 @@ def _fake_kernels(variant: Variant):
     def fake_residual_forward(x, identity, groups, *params_and_eps):
         *params, eps = params_and_eps
         check_forward_args(variant, x, groups, tuple(params), eps, identity=identity)
-        return fake_forward(x, groups, *params_and_eps)
+        return _fake_forward_outputs(x)
 
     def fake_residual_backward(grad_out, out, x, mean, rstd, groups, *params):
         check_backward_args(variant, grad_out, x, mean, rstd, groups, params, out=out)
@@ -205,6 +202,13 @@ def _fake_kernels(variant: Variant):
         return (grad_x, torch.empty_like(x, memory_format=_layout_of(x)), *param_grads)
 
     return fake_forward, fake_backward, fake_residual_forward, fake_residual_backward
+
+
+def _fake_forward_outputs(x) -> tuple:
+    """(out, mean, rstd) as the real forward returns them: out in x's layout (_layout_of), the
+    [B, C] statistics in stat_dtype."""
+    stat = x.new_empty((x.shape[0], x.shape[1]), dtype=stat_dtype(x))
+    return torch.empty_like(x, memory_format=_layout_of(x)), stat, torch.empty_like(stat)
 
 
 def _fake_grads(x, params) -> tuple:
@@ -344,21 +348,20 @@ class OpLibrary:
             or any(p.requires_grad for p in params)
             or (identity is not None and identity.requires_grad)
         )
+        # Nothing to differentiate (inference, no_grad, inference_mode): the forward op alone.
+        # Under torch.compile(fullgraph=True) this is also the path that compiles: Dynamo
+        # (torch 2.14.1) fails on an autograd.Function applied with grad disabled
+        # (KeyError(AutogradFunctionContextVariable), "Observed exception"). torch.jit.trace
+        # keeps the Function whatever the grad mode: its sanity check traces again under
+        # no_grad and compares the two graphs.
+        op_alone = not (differentiable or torch.jit.is_tracing())
         if identity is not None:
-            if not (differentiable or torch.jit.is_tracing()):
-                return self._residual_forward_ops[spec.name](
-                    x, identity, groups, *params, float(eps)
-                )[0]
-            return self.residual_function.apply(
-                spec.name, x, identity, groups, float(eps), *params
-            )[0]
-        if not (differentiable or torch.jit.is_tracing()):
-            # Nothing to differentiate (inference, no_grad, inference_mode): the forward op alone.
-            # Under torch.compile(fullgraph=True) this is also the path that compiles: Dynamo
-            # (torch 2.14.1) fails on an autograd.Function applied with grad disabled
-            # (KeyError(AutogradFunctionContextVariable), "Observed exception"). torch.jit.trace
-            # keeps the Function whatever the grad mode: its sanity check traces again under
-            # no_grad and compares the two graphs.
+            if op_alone:
+                op = self._residual_forward_ops[spec.name]
+                return op(x, identity, groups, *params, float(eps))[0]
+            function = self.residual_function
+            return function.apply(spec.name, x, identity, groups, float(eps), *params)[0]
+        if op_alone:
             return self._forward_ops[spec.name](x, groups, *params, float(eps))[0]
         return self.function.apply(spec.name, x, groups, float(eps), *params)[0]
 

@@ -14,6 +14,23 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _rounds_quick(module: str, tmp_path) -> dict:
+    """Runs ``python -m benchmarks.<module> --quick`` (an interleaved-rounds script) into
+    tmp_path; checks it passed and wrote its PNG; returns its JSON."""
+    result = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    [json_file] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    png = (tmp_path / json_file).with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads((tmp_path / json_file).read_text())
+
+
 @pytest.mark.slow
 def test_bench_quick(tmp_path):
     result = subprocess.run(
@@ -63,16 +80,7 @@ def test_channels_last_quick(tmp_path):
     """benchmarks.channels_last --quick: every config checked against the float64 reference on
     the channels_last input, every implementation and pass timed, the ratios and the plot
     written."""
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.channels_last", "--quick", "--out-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    [json_file] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
-    report = json.loads((tmp_path / json_file).read_text())
+    report = _rounds_quick("channels_last", tmp_path)
     assert {(r["variant"], r["dtype"]) for r in report["rows"]} == {
         ("sa_layer", "fp32"),
         ("shuffle_attention", "fp32"),
@@ -83,24 +91,13 @@ def test_channels_last_quick(tmp_path):
         for pass_ in ("fwd", "fwdbwd"):
             ratios = row["ratios"][pass_]
             assert ratios["cl_over_nchw"] > 0 and ratios["speedup_vs_eager-cl"] > 0, row
-    png = (tmp_path / json_file).with_suffix(".png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
 def test_residual_quick(tmp_path):
     """benchmarks.residual --quick: every config (variant x format) checked against the float64
     reference tail, every implementation and pass timed, the ratios and the plot written."""
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.residual", "--quick", "--out-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    [json_file] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
-    report = json.loads((tmp_path / json_file).read_text())
+    report = _rounds_quick("residual", tmp_path)
     assert {(r["variant"], r["format"]) for r in report["rows"]} == {
         (v, f) for v in ("sa_layer", "shuffle_attention") for f in ("nchw", "cl")
     }
@@ -110,5 +107,3 @@ def test_residual_quick(tmp_path):
         for pass_ in ("infer", "fwd", "fwdbwd"):
             assert row["ratios"][pass_]["speedup_vs_sa+add-relu"] > 0, row
         assert row["ratios"]["fwd"]["over_add"] > 0, row
-    png = (tmp_path / json_file).with_suffix(".png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"

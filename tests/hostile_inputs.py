@@ -72,6 +72,8 @@ def entry_points(variant: str, x: torch.Tensor, dtype: torch.dtype):
     good_p, bad_p = params(variant), params(variant, dtype)
     fwd = getattr(torch.ops.sa_cuda, f"{variant}_forward")
     bwd = getattr(torch.ops.sa_cuda, f"{variant}_backward")
+    residual_fwd = getattr(torch.ops.sa_cuda, f"{variant}_residual_forward")
+    residual_bwd = getattr(torch.ops.sa_cuda, f"{variant}_residual_backward")
     functional = getattr(sa_cuda, variant)
     module = (sa_cuda.SALayer if variant == "sa_layer" else sa_cuda.ShuffleAttention)(
         SHAPE[1], GROUPS
@@ -101,6 +103,21 @@ def entry_points(variant: str, x: torch.Tensor, dtype: torch.dtype):
             lambda: bwd(torch.randn(SHAPE), good_x, mean, bad_stat, GROUPS, *good_p),
         )
     yield "autograd(grad_out)", backward_through_module
+    # The residual epilogue: identity (forward) and out (backward) of the dtype, x good.
+    out = residual_fwd(good_x, torch.randn(SHAPE), GROUPS, *good_p, 1e-5)[0]
+    gy = torch.randn(SHAPE)
+    yield "module(identity)", lambda: module(good_x, identity=x)
+    yield "functional(identity)", lambda: functional(good_x, GROUPS, *good_p, identity=x)
+    yield "residual_forward_op(x)", lambda: residual_fwd(x, good_x, GROUPS, *good_p, 1e-5)
+    yield "residual_forward_op(identity)", lambda: residual_fwd(good_x, x, GROUPS, *good_p, 1e-5)
+    yield (
+        "residual_backward_op(out)",
+        lambda: residual_bwd(gy, x, good_x, mean, rstd, GROUPS, *good_p),
+    )
+    yield (
+        "residual_backward_op(grad_out)",
+        lambda: residual_bwd(x, out, good_x, mean, rstd, GROUPS, *good_p),
+    )
 
 
 def main(names) -> None:

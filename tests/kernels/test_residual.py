@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import (
@@ -28,6 +30,8 @@ from conftest import (
     params_in_op_order,
 )
 
+import sa_cuda
+from sa_cuda.ops import SA_CUDA_LIBRARY
 from sa_cuda.testing import assert_close_to_reference
 
 # (B, C, H, W), groups: the CPU kernels' paths (NCHW planes and branches; channels_last tiles,
@@ -199,7 +203,6 @@ def test_residual_gradcheck(variant):
         sa = ref(x)
         identity += torch.where(sa + identity > 0, 0.5, -0.5)  # |SA(x) + identity| > 0.5
     identity.requires_grad_(True)
-    from sa_cuda.ops import SA_CUDA_LIBRARY
 
     def fn(x, identity, *params):
         return SA_CUDA_LIBRARY.apply(variant, x, groups, params, 1e-5, identity)
@@ -211,8 +214,6 @@ def test_residual_gradcheck(variant):
 def test_residual_result_dtype(variant):
     """The functional returns what eager's relu(layer(x) + identity) returns: a float32 identity
     promotes a bfloat16 layer's output outside autocast, and the values follow."""
-    import sa_cuda
-
     shape, groups = (2, 16, 5, 4), 2
     ref = make_ref(variant, shape[1], groups, seed=5).to(torch.bfloat16)
     fused = sa_cuda.SALayer if variant == "sa_layer" else sa_cuda.ShuffleAttention
@@ -260,8 +261,6 @@ def test_residual_opcheck(backend, variant, dtype, memory_format):
 def test_residual_compile_fullgraph(memory_format):
     """A bottleneck tail through torch.compile(fullgraph=True), training and inference: one
     graph, the compiled values equal the eager fused ones."""
-    import sa_cuda
-
     torch._dynamo.reset()
     shape, groups = (2, 32, 5, 7), 4
     layer = sa_cuda.SALayer(shape[1], groups)
@@ -293,10 +292,6 @@ def test_residual_bad_inputs(variant):
     """identity (forward) and out (backward) of another shape or dtype, or not a dense kernel-dtype
     tensor: a clear error naming the argument from the raw op (the C++ check), the meta device
     (the fake kernel) and the functional, never a crash."""
-    import re
-
-    from sa_cuda.ops import SA_CUDA_LIBRARY
-
     shape, groups = (2, 16, 3, 4), 2
     x, identity, gy, params = _op_args(variant, shape, groups, torch.float32)
     forward = SA_CUDA_LIBRARY.residual_forward_op(variant)
@@ -332,8 +327,6 @@ def test_residual_bad_inputs(variant):
 def test_residual_create_graph(variant):
     """create_graph=True: first-order gradients as without it (torch.func.grad needs them);
     differentiating them again raises instead of dropping the kernel's second derivative."""
-    from sa_cuda.ops import SA_CUDA_LIBRARY
-
     shape, groups = (2, 16, 3, 4), 2
     x, identity, gy, params = _op_args(variant, shape, groups, torch.float64)
     leaves = [t.clone().requires_grad_(True) for t in (x, identity, *params)]
@@ -348,3 +341,22 @@ def test_residual_create_graph(variant):
     for g in (graphed[0], graphed[1]):  # grad_x, and grad_identity: hung on x's graph
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.grad(g.sum(), leaves[0])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_residual_negative_views_read_as_their_values(variant):
+    """identity and out given as torch._neg_view(-t) (t's values, negated memory) give the results
+    of the materialized tensors, not of their raw memory."""
+    shape, groups = (2, 8, 5, 3), 2
+    x, identity, gy, params = _op_args(variant, shape, groups, torch.float64)
+    forward = SA_CUDA_LIBRARY.residual_forward_op(variant)
+    backward = SA_CUDA_LIBRARY.residual_backward_op(variant)
+    want = forward(x, identity, groups, *params, 1e-5)
+    got = forward(x, torch._neg_view(-identity), groups, *params, 1e-5)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    out, mean, rstd = want
+    want = backward(gy, out, x, mean, rstd, groups, *params)
+    got = backward(gy, torch._neg_view(-out), x, mean, rstd, groups, *params)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -1,7 +1,8 @@
 """Tensors the kernels must refuse, through every entry point, in child processes: every dtype that
 is not float64/32/16 or bfloat16 (float8 kinds, complex, integers, unsigned, bool, quantized,
 sub-byte) in every layout (contiguous, channels_last, transposed, expanded, storage offset), as x,
-as a parameter, as grad_out and as a saved statistic. Each must give a clean Python exception
+as a parameter, as grad_out, as a saved statistic, and as the residual epilogue's identity and
+out. Each must give a clean Python exception
 (ValueError from sa_cuda's checks; the dispatcher's NotImplementedError for a raw op called with a
 backend it has no kernel for, e.g. quantized), never a signal, a hang or a result.
 
@@ -40,7 +41,7 @@ _FAMILIES = {
     "bool-and-bits": ["bool", "bits8", "bits16", "int1", "int4"],
     "quantized": ["quint8", "qint8", "qint32", "quint4x2", "quint2x4"],
 }
-_RAW_OPS = ("forward_op", "backward_op")
+_RAW_OPS = ("forward_op", "backward_op", "residual_forward_op", "residual_backward_op")
 _CHILD_TIMEOUT = 300
 
 

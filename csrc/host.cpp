@@ -136,6 +136,11 @@ at::MemoryFormat memory_format(bool channels_last) {
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// A new tensor like the kernels' x (shape, dtype, device, layout): out, grad_x, grad_identity.
+at::Tensor empty_in_layout(const at::Tensor& x, bool channels_last) {
+  return at::empty(x.sizes(), x.options().memory_format(memory_format(channels_last)));
+}
+
 // t in the kernels' layout (a no-op when it already is): dense NCHW or dense NHWC.
 at::Tensor in_layout(const at::Tensor& t, bool channels_last) {
   return t.resolve_neg().contiguous(memory_format(channels_last));
@@ -194,7 +199,7 @@ ForwardResult run_forward(Variant variant, const at::Tensor& x_in, int64_t group
   const bool nhwc = is_channels_last(x_in);
   const at::Tensor x = in_layout(x_in, nhwc);
   const at::Tensor identity = identity_in != nullptr ? in_layout(*identity_in, nhwc) : at::Tensor();
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(memory_format(nhwc)));
+  at::Tensor out = empty_in_layout(x, nhwc);
   at::Tensor mean = empty_acc({s.B, s.C}, x);
   at::Tensor rstd = empty_acc({s.B, s.C}, x);
   if (x.numel() > 0) {
@@ -234,42 +239,37 @@ BackwardGrads run_backward(Variant variant, const at::Tensor& grad_out_in, const
   const at::Tensor grad_out = in_layout(as_dtype(grad_out_in, x.scalar_type()), nhwc);
   const at::Tensor mean = mean_in.resolve_neg().contiguous();
   const at::Tensor rstd = rstd_in.resolve_neg().contiguous();
-  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(memory_format(nhwc)));
+  BackwardGrads grads;
+  grads.grad_x = empty_in_layout(x, nhwc);
   // The residual epilogue's: the forward's out in the kernels' layout, and the identity's gradient.
   const at::Tensor out = out_in != nullptr ? in_layout(*out_in, nhwc) : at::Tensor();
-  at::Tensor grad_identity =
-      out_in != nullptr ? at::empty(x.sizes(), x.options().memory_format(memory_format(nhwc)))
-                        : at::Tensor();
+  if (out_in != nullptr) grads.grad_identity = empty_in_layout(x, nhwc);
 
   // The per-(batch item, group) partials of the parameter gradients (layout in sa_params.h), in
   // one allocation: every slot is written by the backward kernel before the reduction reads it.
   const int64_t slots = s.B * s.G;
   at::Tensor partials = empty_acc({slots * (2 * s.m + t_xh_width(variant, s.m))}, x);
-  at::Tensor param_grads[kParamCount];
 
   BackwardParams b{};
   b.fwd = fill_forward(s, 0.0, x, p, nhwc);
   b.fwd.mean = const_cast<void*>(mean.const_data_ptr());
   b.fwd.rstd = const_cast<void*>(rstd.const_data_ptr());
   b.grad_out = grad_out.const_data_ptr();
-  b.grad_x = grad_x.mutable_data_ptr();
+  b.grad_x = grads.grad_x.mutable_data_ptr();
   b.out = out.defined() ? out.const_data_ptr() : nullptr;
-  b.grad_identity = grad_identity.defined() ? grad_identity.mutable_data_ptr() : nullptr;
+  b.grad_identity = out.defined() ? grads.grad_identity.mutable_data_ptr() : nullptr;
   b.gate_grad = partials.mutable_data_ptr();
   b.t_sum = static_cast<char*>(b.gate_grad) + slots * s.m * partials.element_size();
   b.t_xh = static_cast<char*>(b.t_sum) + slots * s.m * partials.element_size();
   for (int i = 0; i < kParamCount; ++i) {
     // Written in full by the reduction, in the parameter's own shape and dtype.
-    param_grads[i] = at::empty(params[i].sizes(), x.options().dtype(params[i].scalar_type()));
-    b.param_grads[i] = param_grads[i].mutable_data_ptr();
+    grads.params[i] = at::empty(params[i].sizes(), x.options().dtype(params[i].scalar_type()));
+    b.param_grads[i] = grads.params[i].mutable_data_ptr();
   }
   // The backward kernel (none for B = 0), then one fixed-order reduction of the partials into
   // the six gradients (sa_math.h; exact zeros for B = 0).
   launch(variant, x.scalar_type(), b);
-  return {grad_x,
-          grad_identity,
-          {param_grads[0], param_grads[1], param_grads[2], param_grads[3], param_grads[4],
-           param_grads[5]}};
+  return grads;
 }
 
 }  // namespace sa_cuda

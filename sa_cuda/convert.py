@@ -55,12 +55,10 @@ its training flag. A layer used at several places is replaced everywhere by one 
 
 from __future__ import annotations
 
-import ast
 import copy
 import functools
 import inspect
 import math
-import textwrap
 import types
 import weakref
 from collections import OrderedDict
@@ -71,6 +69,17 @@ import torch
 from torch import Tensor, nn
 
 from . import modules, reference
+from ._module_code import (
+    CALL_MACHINERY,
+    HOOK_DICTS,
+    HOOK_STATE,
+    MISSING,
+    MODULE_STATE,
+    Scan,
+    Skip,
+    require,
+    scan_methods,
+)
 from .modules import SALayer, ShuffleAttention
 from .ops.checks import is_positive_int
 from .variants import SA_LAYER, SHUFFLE_ATTENTION, VARIANTS, Variant
@@ -78,18 +87,6 @@ from .variants import SA_LAYER, SHUFFLE_ATTENTION, VARIANTS, Variant
 __all__ = ["ConvertReport", "convert", "fuse", "reason_not_convertible", "register"]
 
 _FUSED_CLASSES = (SALayer, ShuffleAttention)
-# What nn.Module.__init__ puts in every instance; everything else in vars(module) is the user's.
-_MODULE_STATE = frozenset(vars(nn.Module()))
-_HOOK_STATE = tuple(sorted(name for name in _MODULE_STATE if "hook" in name))
-_HOOK_DICTS = tuple(name for name in _HOOK_STATE if name.endswith("hooks"))
-# How module(x) reaches forward: a class overriding any of these changes what a call does.
-_CALL_MACHINERY = (
-    "__call__",
-    "_wrapped_call_impl",
-    "_call_impl",
-    "__getattr__",
-    "__getattribute__",
-)
 _FOREIGN_GROUPS_ATTRS = ("groups", "G")  # SA-Net, External-Attention-pytorch
 # What marks a look-alike: the layer's own gate parameters (SALayer's cweight, ...) or gate convs.
 _OWN_PARAMS = tuple(p.state_key for v in VARIANTS for p in v.params if p.submodule is None)
@@ -97,7 +94,6 @@ _GATE_CONVS = tuple(conv for v in VARIANTS for conv in v.gate_convs)
 _OPTIONAL_SUBMODULES = ("avg_pool", "sigmoid")
 _PROBE_SHAPES = ((2, 3, 5), (1, 4, 4), (3, 1, 6))  # (B, H, W): batch 1, square and 1-row planes
 _PROBE_RTOL = 1e-10
-_MISSING = object()
 
 
 # ---- the two variants and the registry ---------------------------------------------------------
@@ -201,7 +197,7 @@ def convert(model: nn.Module, report: bool = False) -> int | ConvertReport:
         where = ", ".join(place.name for place in places)
         try:
             plan = _plan(module)
-        except _Skip as skip:
+        except Skip as skip:
             result.skipped.append((where, type(module).__name__, str(skip)))
             continue
         fused = _build_fused(module, plan)
@@ -217,7 +213,7 @@ def fuse(module: nn.Module) -> nn.Module | None:
     docstring (``reason_not_convertible`` says why) or is fused already."""
     try:
         plan = _plan(module)
-    except _Skip:
+    except Skip:
         return None
     return _build_fused(module, plan)
 
@@ -226,21 +222,12 @@ def reason_not_convertible(module: nn.Module) -> str | None:
     """None when ``fuse(module)`` would replace ``module``, else the reason it is left alone."""
     try:
         _plan(module)
-    except _Skip as skip:
+    except Skip as skip:
         return str(skip)
     return None
 
 
 # ---- the decision ------------------------------------------------------------------------------
-
-
-class _Skip(Exception):
-    """Raised by the checks, with the human-readable reason the module is left alone."""
-
-
-def _require(condition: bool, reason: str) -> None:
-    if not condition:
-        raise _Skip(reason)
 
 
 @dataclass(frozen=True)
@@ -263,8 +250,8 @@ def _looks_like_shuffle_attention(module: nn.Module) -> bool:
 
 
 def _plan(module: nn.Module) -> _Plan:
-    """Runs every check, cheapest first; raises _Skip when the module must be left alone."""
-    _require(not isinstance(module, _FUSED_CLASSES), "already a fused sa_cuda module")
+    """Runs every check, cheapest first; raises Skip when the module must be left alone."""
+    require(not isinstance(module, _FUSED_CLASSES), "already a fused sa_cuda module")
     registered = _registered_base(type(module))
     variant = _REGISTRY[registered][0] if registered is not None else _foreign_variant(module)
     m = _check_structure(module, variant)
@@ -274,7 +261,7 @@ def _plan(module: nn.Module) -> _Plan:
     else:
         groups_attr = _foreign_groups_attr(module, scan)
     groups = getattr(module, groups_attr, None)
-    _require(is_positive_int(groups), f"{groups_attr} = {groups!r} is not a positive int")
+    require(is_positive_int(groups), f"{groups_attr} = {groups!r} is not a positive int")
     attributes = _carried_attributes(module, variant, groups)
     if registered is None:
         _check_reads(module, scan, groups_attr)
@@ -303,9 +290,9 @@ def _type_name(value: object) -> str:
 def _check_structure(module: nn.Module, variant: _Variant) -> int:
     """m = gn.num_channels, when the module has exactly the variant's parameters and submodules."""
     gn = module._modules.get("gn")
-    _require(type(gn) is nn.GroupNorm, f"gn is {_type_name(gn)}, not exactly nn.GroupNorm")
+    require(type(gn) is nn.GroupNorm, f"gn is {_type_name(gn)}, not exactly nn.GroupNorm")
     m = gn.num_channels
-    _require(
+    require(
         gn.num_groups == m and gn.affine,
         f"gn is GroupNorm({gn.num_groups}, {m}, affine={gn.affine}), not GroupNorm(m, m) with "
         f"affine parameters",
@@ -317,20 +304,20 @@ def _check_structure(module: nn.Module, variant: _Variant) -> int:
 
 def _check_submodules(module: nn.Module, variant: _Variant, m: int) -> None:
     extra = sorted(set(module._modules) - {"gn", *_OPTIONAL_SUBMODULES, *variant.gate_convs})
-    _require(not extra, f"extra submodule(s) {', '.join(extra)}")
+    require(not extra, f"extra submodule(s) {', '.join(extra)}")
     for name in variant.gate_convs:
-        _require(name in module._modules, f"no {name} submodule")
+        require(name in module._modules, f"no {name} submodule")
     for name, sub in module._modules.items():
-        _require(sub is not None, f"submodule {name} is None")
-        _require(not sub._modules, f"{name} has submodules of its own")
-        hooked = [kind for kind in _HOOK_DICTS if getattr(sub, kind)]
-        _require(
+        require(sub is not None, f"submodule {name} is None")
+        require(not sub._modules, f"{name} has submodules of its own")
+        hooked = [kind for kind in HOOK_DICTS if getattr(sub, kind)]
+        require(
             not hooked,
             f"{name} has hooks ({', '.join(hooked)}); the fused layer does not call its submodules",
         )
     for name in variant.gate_convs:
         conv = module._modules[name]
-        _require(type(conv) is nn.Conv2d, f"{name} is {_type_name(conv)}, not exactly nn.Conv2d")
+        require(type(conv) is nn.Conv2d, f"{name} is {_type_name(conv)}, not exactly nn.Conv2d")
         config = (
             conv.in_channels,
             conv.out_channels,
@@ -342,19 +329,18 @@ def _check_submodules(module: nn.Module, variant: _Variant, m: int) -> None:
             conv.bias is not None,
             conv.padding_mode,
         )
-        _require(
+        require(
             config == (m, m, (1, 1), (1, 1), (0, 0), (1, 1), 1, True, "zeros"),
             f"{name} is {conv!r}, not Conv2d({m}, {m}, kernel_size=1) with bias",
         )
-    pool = module._modules.get("avg_pool", _MISSING)
-    _require(
-        pool is _MISSING
-        or (type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1))),
+    pool = module._modules.get("avg_pool", MISSING)
+    require(
+        pool is MISSING or (type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1))),
         f"avg_pool is {pool!r}, not nn.AdaptiveAvgPool2d(1)",
     )
-    sigmoid = module._modules.get("sigmoid", _MISSING)
-    _require(
-        sigmoid is _MISSING or type(sigmoid) is nn.Sigmoid,
+    sigmoid = module._modules.get("sigmoid", MISSING)
+    require(
+        sigmoid is MISSING or type(sigmoid) is nn.Sigmoid,
         f"sigmoid is {_type_name(sigmoid)}, not exactly nn.Sigmoid",
     )
 
@@ -364,14 +350,14 @@ def _check_parameters(module: nn.Module, variant: _Variant, m: int) -> None:
     found = {prefix + key: p for prefix, owner in owners for key, p in owner._parameters.items()}
     extra = sorted(set(found) - set(variant.param_names))
     missing = sorted(set(variant.param_names) - set(found))
-    _require(not extra, f"extra parameter(s) {', '.join(extra)}")
-    _require(not missing, f"missing parameter(s) {', '.join(missing)}")
+    require(not extra, f"extra parameter(s) {', '.join(extra)}")
+    require(not missing, f"missing parameter(s) {', '.join(missing)}")
     for name, shape in variant.param_shapes(m).items():
         param = found[name]
-        _require(isinstance(param, nn.Parameter), f"{name} is {_type_name(param)}, not a Parameter")
-        _require(tuple(param.shape) == shape, f"{name} has shape {tuple(param.shape)}, not {shape}")
+        require(isinstance(param, nn.Parameter), f"{name} is {_type_name(param)}, not a Parameter")
+        require(tuple(param.shape) == shape, f"{name} has shape {tuple(param.shape)}, not {shape}")
     buffers = [prefix + key for prefix, owner in owners for key in owner._buffers]
-    _require(not buffers, f"buffer(s) {', '.join(buffers)}, which the fused layer would not use")
+    require(not buffers, f"buffer(s) {', '.join(buffers)}, which the fused layer would not use")
 
 
 def _carried_attributes(module: nn.Module, variant: _Variant, groups: int) -> dict:
@@ -379,22 +365,22 @@ def _carried_attributes(module: nn.Module, variant: _Variant, groups: int) -> di
     hide something the fused layer has (its fallback path runs the reference code on it)."""
     fused_cls, carried = variant.fused_cls, {}
     for name, value in vars(module).items():
-        if name in _MODULE_STATE:
+        if name in MODULE_STATE:
             continue
-        _require(
+        require(
             _is_plain(value),
             f"instance attribute {name!r} holds a {_type_name(value)}; "
             f"only plain values are carried over",
         )
         if name == "groups":  # the fused module's own attribute: it must say the same
-            _require(
+            require(
                 value == groups, f"groups = {value!r}, but the layer computes with {groups} groups"
             )
             continue
-        same_on_class = inspect.getattr_static(fused_cls, name, _MISSING) is inspect.getattr_static(
-            type(module), name, _MISSING
+        same_on_class = inspect.getattr_static(fused_cls, name, MISSING) is inspect.getattr_static(
+            type(module), name, MISSING
         )
-        _require(
+        require(
             same_on_class and name not in _fused_instance_names(fused_cls),
             f"instance attribute {name!r} would hide the fused layer's {name}",
         )
@@ -414,45 +400,31 @@ def _fused_instance_names(fused_cls: type) -> frozenset:
 # ---- 2. code -----------------------------------------------------------------------------------
 
 
-@dataclass
-class _Scan:
-    """What methods' source does with ``self`` (their first parameter)."""
-
-    names: set = field(default_factory=set)  # every self.<name> touched
-    assigned: set = field(default_factory=set)  # self.<name> = ..., del self.<name>
-    problems: list = field(default_factory=list)  # self passed on, super(), global/nonlocal
-
-    def merge(self, other: _Scan) -> None:
-        self.names |= other.names
-        self.assigned |= other.assigned
-        self.problems += other.problems
-
-
-def _check_code(module: nn.Module, registered: type | None) -> tuple[Callable, _Scan]:
+def _check_code(module: nn.Module, registered: type | None) -> tuple[Callable, Scan]:
     """(the forward function, what it touches on self), when the module's class runs the code
     that was vouched for (registered) or will be probed (foreign)."""
     cls = type(module)
     owner = registered if registered is not None else _foreign_forward_owner(cls)
-    scan = _scan_methods(owner, allow_missing_source=registered is cls)
-    for name in sorted({"forward", *_CALL_MACHINERY, *scan.names}):
-        on_class = inspect.getattr_static(cls, name, _MISSING)
-        _require(
-            on_class is inspect.getattr_static(owner, name, _MISSING),
+    scan = scan_methods(owner, allow_missing_source=registered is cls)
+    for name in sorted({"forward", *CALL_MACHINERY, *scan.names}):
+        on_class = inspect.getattr_static(cls, name, MISSING)
+        require(
+            on_class is inspect.getattr_static(owner, name, MISSING),
             f"{cls.__name__} overrides {name!r} of {owner.__name__}",
         )
         if name in vars(module):
             slot = name in module._parameters or name in module._modules or name in module._buffers
-            _require(
+            require(
                 not (
                     slot
                     or name == "forward"
-                    or name in _CALL_MACHINERY
-                    or (on_class is not _MISSING and not _is_plain(on_class))
+                    or name in CALL_MACHINERY
+                    or (on_class is not MISSING and not _is_plain(on_class))
                 ),
                 f"the instance overrides {name!r} in its __dict__",
             )
     forward = inspect.getattr_static(cls, "forward")
-    _require(
+    require(
         registered is not None or isinstance(forward, types.FunctionType),
         f"{cls.__name__}.forward is a {_type_name(forward)}, not a plain function",
     )
@@ -463,122 +435,52 @@ def _foreign_forward_owner(cls: type) -> type:
     """The class that defines forward, when it is a direct nn.Module subclass that keeps
     nn.Module's call machinery."""
     owner = next(klass for klass in cls.__mro__ if "forward" in vars(klass))
-    _require(owner is not nn.Module, f"{cls.__name__} has no forward")
-    _require(
+    require(owner is not nn.Module, f"{cls.__name__} has no forward")
+    require(
         owner.__bases__ == (nn.Module,),
         f"forward is defined by {owner.__name__}, a subclass of "
         f"{', '.join(base.__name__ for base in owner.__bases__)} (not a registered class), "
         f"which may change what the layer computes",
     )
-    for name in _CALL_MACHINERY:
-        _require(
+    for name in CALL_MACHINERY:
+        require(
             inspect.getattr_static(owner, name) is inspect.getattr_static(nn.Module, name),
             f"{owner.__name__} overrides nn.Module.{name}",
         )
     return owner
 
 
-def _scan_methods(owner: type, allow_missing_source: bool) -> _Scan:
-    """Scans forward and, transitively, every method of owner's own classes it calls on self."""
-    total, pending, seen = _Scan(), ["forward"], set()
-    while pending:
-        name = pending.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        function = _user_function(owner, name)
-        if function is None:
-            continue
-        try:
-            scan = _scan_function(function)
-        except _Skip:
-            if allow_missing_source:  # an exact registered class: the user vouched for its code
-                continue
-            raise
-        total.merge(scan)
-        pending.extend(scan.names)
-    return total
-
-
-def _user_function(owner: type, name: str) -> types.FunctionType | None:
-    """The plain function ``name`` resolves to on owner, when a class other than nn.Module and
-    object defines it (staticmethods have no self to scan)."""
-    for klass in owner.__mro__:
-        if name in vars(klass):
-            attr = vars(klass)[name]
-            if klass in (nn.Module, object) or not isinstance(attr, types.FunctionType):
-                return None
-            return attr
-    return None
-
-
-def _scan_function(function: types.FunctionType) -> _Scan:
-    label = function.__qualname__
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
-    except (OSError, TypeError, SyntaxError) as error:
-        raise _Skip(f"the source of {label} is not available ({error})") from None
-    definition = tree.body[0] if tree.body else None
-    _require(
-        isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)),
-        f"the source of {label} is not a def statement",
-    )
-    positional = definition.args.posonlyargs + definition.args.args
-    _require(bool(positional), f"{label} takes no self argument")
-    self_name, scan, attribute_bases = positional[0].arg, _Scan(), set()
-    for node in ast.walk(definition):
-        if isinstance(node, ast.Attribute) and _is_name(node.value, self_name):
-            scan.names.add(node.attr)
-            attribute_bases.add(id(node.value))
-            if not isinstance(node.ctx, ast.Load):
-                scan.assigned.add(node.attr)
-        elif isinstance(node, (ast.Global, ast.Nonlocal)):
-            scan.problems.append(f"{label} declares global/nonlocal names (side effects)")
-        elif isinstance(node, ast.Call) and _is_name(node.func, "super"):
-            scan.problems.append(f"{label} calls super()")
-    if any(
-        _is_name(node, self_name) and id(node) not in attribute_bases
-        for node in ast.walk(definition)
-    ):
-        scan.problems.append(f"{label} passes {self_name} on to other code")
-    return scan
-
-
-def _is_name(node: ast.AST, name: str) -> bool:
-    return isinstance(node, ast.Name) and node.id == name
-
-
-def _foreign_groups_attr(module: nn.Module, scan: _Scan) -> str:
+def _foreign_groups_attr(module: nn.Module, scan: Scan) -> str:
     """groups or G, preferring the one forward reads (the probe confirms the choice)."""
     read = [name for name in _FOREIGN_GROUPS_ATTRS if name in scan.names]
     for name in read or _FOREIGN_GROUPS_ATTRS:
         if is_positive_int(getattr(module, name, None)):
             return name
-    raise _Skip("no positive int groups attribute (groups or G)")
+    raise Skip("no positive int groups attribute (groups or G)")
 
 
-def _check_reads(module: nn.Module, scan: _Scan, groups_attr: str) -> None:
+def _check_reads(module: nn.Module, scan: Scan, groups_attr: str) -> None:
     """An unregistered forward may read only what the fused layer uses too: the parameters, the
     submodules, the groups attribute, and class-level methods or constants."""
-    _require(not scan.problems, scan.problems[0] if scan.problems else "")
+    require(not scan.problems, scan.problems[0] if scan.problems else "")
     cls = type(module)
     for name in sorted(scan.names):
-        _require(
+        require(
             name not in scan.assigned,
             f"forward assigns self.{name} (state the fused layer would not keep)",
         )
         if name == groups_attr or name in module._parameters or name in module._modules:
             continue
-        _require(
+        require(
             name not in vars(module),
             f"forward reads self.{name}, an instance attribute the fused layer ignores",
         )
-        attr = inspect.getattr_static(cls, name, _MISSING)
-        _require(
-            attr is not _MISSING, f"forward reads self.{name}, which {cls.__name__} does not have"
+        attr = inspect.getattr_static(cls, name, MISSING)
+        require(
+            attr is not MISSING, f"forward reads self.{name}, which {cls.__name__} does not have"
         )
         is_method = isinstance(attr, (types.FunctionType, staticmethod, classmethod))
-        _require(
+        require(
             is_method or _is_plain(attr),
             f"forward reads self.{name}, a {_type_name(attr)} whose value may depend on state",
         )
@@ -589,7 +491,7 @@ def _check_reads(module: nn.Module, scan: _Scan, groups_attr: str) -> None:
 
 def _probe(module: nn.Module, forward: Callable, variant: _Variant, m: int, groups: int) -> None:
     """Compares forward(copy, x), output and gradients, with the reference math on random
-    parameters and inputs; raises _Skip on any difference or exception."""
+    parameters and inputs; raises Skip on any difference or exception."""
     try:
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
             generator = torch.Generator().manual_seed(0)
@@ -602,10 +504,10 @@ def _probe(module: nn.Module, forward: Callable, variant: _Variant, m: int, grou
                     requires_grad=True,
                 )
                 _compare_with_reference(twin, forward, variant, groups, x, generator)
-    except _Skip:
+    except Skip:
         raise
     except Exception as error:  # whatever the forward raises means: not Shuffle Attention
-        raise _Skip(
+        raise Skip(
             f"the probe (forward on a float64 CPU copy) raised {type(error).__name__}: {error}"
         ) from None
 
@@ -614,7 +516,7 @@ def _probe_twin(module: nn.Module, generator: torch.Generator) -> nn.Module:
     """A float64 CPU copy of module without hooks (none fires, no hook owner is copied), with
     random parameters that require grad."""
     no_hooks = {
-        id(getattr(sub, kind)): OrderedDict() for sub in module.modules() for kind in _HOOK_DICTS
+        id(getattr(sub, kind)): OrderedDict() for sub in module.modules() for kind in HOOK_DICTS
     }
     twin = copy.deepcopy(module, no_hooks).to_empty(device="cpu").to(torch.float64)
     with torch.no_grad():
@@ -639,7 +541,7 @@ def _compare_with_reference(
     where = f"on a {list(x.shape)} probe"
     got = forward(twin, x)  # the function itself: no __call__, so no hook of the module fires
     want = variant.functional(x, groups, *params, eps=twin.gn.eps)
-    _require(
+    require(
         isinstance(got, Tensor) and got.shape == want.shape and got.dtype == want.dtype,
         f"forward returns {_type_name(got)} {list(getattr(got, 'shape', []))} {where}, not a "
         f"float64 tensor {list(want.shape)}",
@@ -654,10 +556,10 @@ def _compare_with_reference(
     want_grads = torch.autograd.grad(want, inputs, grad_out)
     labels = ["output", "gradient of x", *(f"gradient of {name}" for name in variant.param_names)]
     for label, value, expected in zip(labels, [got, *got_grads], [want, *want_grads]):
-        _require(value is not None, f"forward gives no {label} {where}")
+        require(value is not None, f"forward gives no {label} {where}")
         error = (value.detach() - expected).abs().max().item()
         scale = max(1.0, expected.abs().max().item())
-        _require(
+        require(
             error <= _PROBE_RTOL * scale,  # also False for NaN
             f"{label} differs from Shuffle Attention's by {error:.3g} {where}",
         )
@@ -715,7 +617,7 @@ def _take_over_hooks(module: nn.Module, fused: nn.Module) -> None:
     """The fused module uses the original's hook dicts themselves, so hooks fire on it and an
     old RemovableHandle still removes them; ``_is_full_backward_hook`` says how _backward_hooks
     are run (full or deprecated)."""
-    for name in _HOOK_STATE:
+    for name in HOOK_STATE:
         fused.__dict__[name] = getattr(module, name)
     for hook in fused._load_state_dict_pre_hooks.values():
         # register_load_state_dict_pre_hook keeps a weak reference to the module it passes to the

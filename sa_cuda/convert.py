@@ -51,6 +51,12 @@ keeps firing on the fused module and ``handle.remove()`` on an old handle still 
 deprecated ``register_backward_hook`` sees the inputs of the fused op, x and the parameters, as
 grad_input), its plain instance attributes (e.g. External-Attention's ``G`` and ``channel``) and
 its training flag. A layer used at several places is replaced everywhere by one fused module.
+
+Residual tails (``tails=True``, the default): once the layers are swapped, every module holding a
+fused SA layer as a direct child (the model too) whose forward ends in ``relu(sa(t) + shortcut)``
+gets a forward that runs the tail as the layer's residual epilogue, where
+``sa_cuda.residual_tail`` proves it the same computation (its docstring says how); the others are
+reported in ``ConvertReport.skipped_tails`` with the reason.
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import modules, reference
+from . import modules, reference, residual_tail
 from ._module_code import (
     CALL_MACHINERY,
     HOOK_DICTS,
@@ -167,10 +173,16 @@ class ConvertReport:
     distinct module replaced (a layer used at several places lists them, comma-separated).
     ``skipped``: (qualified name(s), class name, reason) per look-alike left alone: a module with
     a ``gn`` and SA parameters or affine1/affine2 convs, or of a registered class ("" = the model
-    itself). ``int(report)`` and ``report.count``: the number of modules replaced."""
+    itself). ``int(report)`` and ``report.count``: the number of modules replaced.
+    ``fused_tails``: (qualified name(s), class name) per block whose residual tail(s)
+    ``relu(sa(x) + shortcut)`` now run as the fused layer's epilogue (sa_cuda.residual_tail);
+    ``skipped_tails``: (qualified name(s), class name, reason) per block with a fused SA child whose
+    tail is left as it was."""
 
     replaced: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    fused_tails: list[tuple[str, str]] = field(default_factory=list)
+    skipped_tails: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -180,11 +192,16 @@ class ConvertReport:
         return self.count
 
 
-def convert(model: nn.Module, report: bool = False) -> int | ConvertReport:
+def convert(model: nn.Module, report: bool = False, tails: bool = True) -> int | ConvertReport:
     """Replaces, in place, every Shuffle Attention submodule of ``model`` that passes the checks of
-    this module's docstring by its fused equivalent. Returns how many distinct modules were
-    replaced, or with ``report=True`` a ``ConvertReport``. ``model`` itself is not replaced (use
-    ``fuse``)."""
+    this module's docstring by its fused equivalent. Then, with ``tails`` (the default), rewrites
+    the forward of every module (``model`` included) holding a fused SA layer whose output goes
+    into ``relu(... + shortcut)`` so that the tail runs as the layer's residual epilogue, where
+    ``sa_cuda.residual_tail`` proves it the same computation. Returns how many distinct modules
+    were replaced, or with ``report=True`` a ``ConvertReport``. ``model`` itself is not replaced
+    (use ``fuse``)."""
+    if not isinstance(tails, bool):
+        raise ValueError(f"sa_cuda.convert: tails must be a bool, got {tails!r}")
     result = ConvertReport()
     if _looks_like_shuffle_attention(model):
         why = reason_not_convertible(model) or (
@@ -204,7 +221,20 @@ def convert(model: nn.Module, report: bool = False) -> int | ConvertReport:
         for place in places:
             setattr(place.parent, place.key, fused)
         result.replaced.append((where, type(module).__name__))
+    if tails:
+        _fuse_tails(model, result)
     return result if report else result.count
+
+
+def _fuse_tails(model: nn.Module, result: ConvertReport) -> None:
+    root = [(model, [_Place(model, "", "")])]
+    for module, places in root + _places(model):
+        where = ", ".join(place.name for place in places)
+        try:
+            if residual_tail.fuse_tails(module):
+                result.fused_tails.append((where, type(module).__name__))
+        except Skip as skip:
+            result.skipped_tails.append((where, type(module).__name__, str(skip)))
 
 
 def fuse(module: nn.Module) -> nn.Module | None:

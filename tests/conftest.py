@@ -41,6 +41,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 from emulation import emulated_library
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sa_cuda
 from sa_cuda import reference
@@ -186,6 +187,19 @@ def run_raw_ops(backend, variant, x, gy, groups, params, *, saved=None, eps=1e-5
     mean, rstd = saved if saved is not None else forward[1:]
     grads = backend.backward_op(variant)(gy, x, mean, rstd, groups, *params)
     return forward, grads
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every op dispatched inside ``with OpNames() as seen:`` in
+    ``seen.names`` ("sa_cuda.sa_layer_residual_forward", "aten.add", ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
 
 
 def assert_identical(got, want, what=""):

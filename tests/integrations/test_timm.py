@@ -4,15 +4,25 @@ with the same weights, sa_cuda.convert on timm models, torch.compile with fullgr
 
 from __future__ import annotations
 
+import copy
 import pickle
 
 import pytest
 import torch
-from conftest import VARIANTS, forward_backward, fused_class, make_input, randomize_, ref_class
+from conftest import (
+    VARIANTS,
+    OpNames,
+    forward_backward,
+    fused_class,
+    make_input,
+    randomize_,
+    ref_class,
+)
 
 import sa_cuda
 from sa_cuda import reference
 from sa_cuda.integrations import layer_groups
+from sa_cuda.testing import max_err
 
 timm = pytest.importorskip("timm")
 
@@ -167,3 +177,45 @@ def test_timm_model_compiles_with_fullgraph():
     for key in want:
         scale = want[key].abs().max().item()
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5 * scale, msg=key)
+
+
+@pytest.mark.parametrize(("name", "variant"), [MODELS[0], MODELS[3], MODELS[4]])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_convert_fuses_the_tails_of_timm_blocks(name, variant, mode):
+    """timm's Bottleneck (resnet26) and BasicBlock (resnet18) end in ``x += shortcut; x =
+    self.act3(x)`` after the attention layer: convert fuses every block's tail into the residual op
+    (8 blocks, no plain SA op) and a training step gives the reference model's loss, input and
+    parameter gradients and BatchNorm statistics (float64)."""
+    _, ref = _twins(name, variant)
+    ref.train(mode == "train")
+    model = copy.deepcopy(ref)
+    report = sa_cuda.convert(model, report=True)
+    blocks = [(n, type(m).__name__) for n, m in model.named_modules() if "se" in m._modules]
+    assert report.count == 8 and report.fused_tails == blocks and len(blocks) == 8
+    assert report.skipped_tails == []
+    x = make_input((2, 3, 48, 48), seed=4, dtype=torch.float64)
+    gy = make_input((2, 10), seed=5, dtype=torch.float64)
+    with OpNames() as seen:
+        got = forward_backward(model, x, gy)
+    assert seen.names.count(f"sa_cuda.{variant}_residual_forward") == 8
+    assert seen.names.count(f"sa_cuda.{variant}_residual_backward") == 8
+    assert f"sa_cuda.{variant}_forward" not in seen.names
+    want = forward_backward(ref, x, gy)
+    for key in want:
+        scale = max(1.0, want[key].abs().max().item())
+        assert max_err(got[key], want[key]) <= 1e-10 * scale, key
+    for (key, a), b in zip(model.named_buffers(), ref.buffers()):
+        assert max_err(a.double(), b.double()) <= 1e-10 * max(1.0, b.abs().max().item()), key
+
+
+def test_timm_blocks_with_drop_path_keep_their_tail():
+    """With stochastic depth (drop_path_rate > 0) timm's blocks run DropPath between the attention
+    layer and the add: that tail is not relu(sa(x) + shortcut), and convert leaves it, saying so.
+    The first block's rate is 0 (no DropPath): its tail is fused."""
+    model = _model("resnet18", "sa_layer", drop_path_rate=0.1)
+    report = sa_cuda.convert(model, report=True)
+    dropping = [n for n, m in model.named_modules() if getattr(m, "drop_path", None) is not None]
+    assert len(dropping) == 7 and report.fused_tails == [("layer1.0", "BasicBlock")]
+    assert [name for name, _, _ in report.skipped_tails] == dropping
+    assert all("drop_path" in why for _, _, why in report.skipped_tails), report.skipped_tails
+    assert ["forward" in vars(m) for n, m in model.named_modules() if n in dropping] == [False] * 7

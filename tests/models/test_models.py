@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import CUDA_OK, CUDA_REASON, DEVICES, randomize_
+from conftest import CUDA_OK, CUDA_REASON, DEVICES, OpNames, randomize_
 
 from sa_cuda import SALayer, reference
 from sa_cuda.models import convert_official_state_dict, sa_resnet50, sa_resnet101, sa_resnet152
@@ -62,17 +62,6 @@ def test_fused_bottleneck_tail_is_one_op_and_trains_as_eager():
     """The fused SA-ResNet-50 runs each bottleneck's tail, relu(sa(bn3(...)) + identity), as the
     residual op (16 calls, no plain SA op), and a training step gives the eager model's loss and
     every parameter gradient (float64, train mode: BatchNorm on batch statistics)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class OpNames(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     eager = sa_resnet50(num_classes=10, fused=False).double()
     for module in eager.modules():

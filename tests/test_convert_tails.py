@@ -1,0 +1,498 @@
+"""sa_cuda.convert's residual tails (sa_cuda.residual_tail): a block whose forward ends in
+``relu(sa(x) + shortcut)`` runs that tail as the fused layer's epilogue, with the block's outputs,
+gradients and BatchNorm statistics unchanged; every block where that cannot be proved is left as it
+was and reported with the reason. timm's blocks: tests/integrations/test_timm.py."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import OpNames, randomize_
+from torch import nn
+
+import sa_cuda
+from sa_cuda import reference
+from sa_cuda.testing import max_err
+
+C = 32  # block width: SALayer(32, groups=4), m = 4
+SHAPE = (2, C, 7, 5)
+
+
+class OfficialSABottleneck(nn.Module):
+    """SA-Net's models/sa_resnet.py ``SABottleneck`` (wofmanaf/SA-Net), with the release's
+    ``sa_layer`` as sa_cuda.reference.SALayer and its groups exposed."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, sa_groups=4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.sa = reference.SALayer(planes * 4, sa_groups)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+
+        out = self.conv3(out)
+        out = self.bn3(out)
+        out = self.sa(out)
+
+        if self.downsample is not None:
+            identity = self.downsample(x)
+
+        out += identity
+        out = self.relu(out)
+
+        return out
+
+
+def _official_stage() -> nn.Sequential:
+    """Two official bottlenecks: the first with a strided downsampling shortcut."""
+    downsample = nn.Sequential(nn.Conv2d(16, C, 1, 2, bias=False), nn.BatchNorm2d(C))
+    return nn.Sequential(
+        OfficialSABottleneck(16, C // 4, 2, downsample), OfficialSABottleneck(C, C // 4)
+    )
+
+
+def _randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    """float64, every parameter random (gates not constant), BatchNorm statistics not trivial."""
+    model = randomize_(model.double(), seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.5, generator=gen)
+                module.running_var.uniform_(0.5, 1.5, generator=gen)
+    return model
+
+
+def _tail_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if "forward" in vars(m)]
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """One training step's results: out, the gradients of x and of every parameter (for a random
+    incoming gradient), the buffers after it (BatchNorm's running statistics in train mode)."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x)
+    gen = torch.Generator().manual_seed(9)
+    out.backward(torch.randn(out.shape, generator=gen, dtype=out.dtype))
+    grads = [x.grad] + [p.grad for p in model.parameters()]
+    return [out.detach(), *grads, *(b.clone() for b in model.buffers())]
+
+
+def _assert_same_steps(models: list[nn.Module], x: torch.Tensor, rtol: float) -> None:
+    """The models (versions of one model) give the first one's step results to rtol. Each steps a
+    copy of itself, so that every comparison starts from the same running statistics."""
+    want, *others = [_step(copy.deepcopy(model), x) for model in models]
+    for got in others:
+        assert len(got) == len(want)
+        for i, (a, b) in enumerate(zip(got, want)):
+            if a is None or b is None:  # a parameter the block does not use
+                assert a is b, i
+                continue
+            assert a.dtype == b.dtype and a.shape == b.shape, i
+            assert max_err(a, b) <= rtol * max(1.0, b.abs().max().item()), i
+
+
+def _untailed(model: nn.Module) -> nn.Module:
+    """A copy of model converted without tails: the fused layers, the tails as written."""
+    copied = copy.deepcopy(model)
+    sa_cuda.convert(copied, tails=False)
+    assert _tail_modules(copied) == []
+    return copied
+
+
+# ---- fused: the official bottleneck and the tail's spellings ---------------------------------
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_official_bottleneck_tail_runs_as_the_epilogue(mode):
+    """convert fuses both official bottlenecks' layers and tails: the residual op runs once a
+    block (no plain SA op, no add or ReLU of the tail), and outputs, gradients of x and every
+    parameter, and BatchNorm's running statistics equal the unconverted model's (float64)."""
+    reference_model = _randomized(_official_stage()).train(mode == "train")
+    untailed = _untailed(reference_model)
+    model = copy.deepcopy(reference_model)
+    report = sa_cuda.convert(model, report=True)
+    assert report.count == 2
+    assert report.fused_tails == [("0", "OfficialSABottleneck"), ("1", "OfficialSABottleneck")]
+    assert report.skipped_tails == []
+    x = torch.randn(SHAPE[0], 16, 9, 7, dtype=torch.float64)
+    with OpNames() as seen:
+        copy.deepcopy(model)(x.requires_grad_()).sum().backward()
+    assert seen.names.count("sa_cuda.sa_layer_residual_forward") == 2
+    assert seen.names.count("sa_cuda.sa_layer_residual_backward") == 2
+    assert "sa_cuda.sa_layer_forward" not in seen.names
+    # the blocks' ReLUs: two per block before the tail, none after it
+    assert seen.names.count("aten.relu_") + seen.names.count("aten.relu") == 4
+    _assert_same_steps([untailed, model], x, rtol=1e-12)
+    _assert_same_steps([reference_model, model], x, rtol=1e-10)
+
+
+def test_the_block_keeps_class_state_dict_hooks_and_can_be_restored():
+    """The block stays itself: class, attributes, Parameter objects, state_dict keys and order;
+    its own hooks fire; ``del block.forward`` brings back the class's forward; a second convert
+    changes nothing."""
+    model = _randomized(_official_stage())
+    params = {name: p for name, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    seen = []
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    sa_cuda.convert(model)
+    block = model[0]
+    assert type(block) is OfficialSABottleneck and block.stride == 2 and block.expansion == 4
+    assert list(model.state_dict()) == keys
+    assert all(p is params[name] for name, p in model.named_parameters())
+    x = torch.randn(SHAPE[0], 16, 9, 7, dtype=torch.float64)
+    with torch.no_grad():
+        fused = model(x)
+    assert seen == [fused.shape]
+    again = sa_cuda.convert(model, report=True)
+    assert (again.count, again.fused_tails, again.skipped_tails) == (0, [], [])
+    for block in model:
+        del block.forward
+    assert _tail_modules(model) == []
+    with torch.no_grad():
+        assert max_err(model(x), fused) <= 1e-12 * fused.abs().max().item()
+
+
+def test_the_fused_forward_survives_deepcopy_pickle_and_compile():
+    """deepcopy and torch.save/torch.load of the whole model keep the fused tails (bound to the
+    copy's blocks); torch.compile(fullgraph=True) compiles them without a graph break."""
+    model = _randomized(_official_stage()).eval()
+    sa_cuda.convert(model)
+    x = torch.randn(SHAPE[0], 16, 9, 7, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(model), torch.load(buffer, weights_only=False)]
+    copies.append(pickle.loads(pickle.dumps(model)))
+    for other in copies:
+        assert [b.forward.block for b in other] == list(other)  # the copy's own blocks
+        with torch.no_grad(), OpNames() as seen:
+            got = other(x)
+        assert seen.names.count("sa_cuda.sa_layer_residual_forward") == 2
+        assert torch.equal(got, want)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert max_err(compiled(x), want) <= 1e-12 * want.abs().max().item()
+
+
+class _Block(nn.Module):
+    """A bottleneck tail: conv, bn, SA layer, ReLU; subclasses write the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(C)
+        self.sa = reference.SALayer(C, 4)
+        self.relu = nn.ReLU()
+
+
+class AddFunction(_Block):
+    def forward(self, x):
+        return F.relu(torch.add(x, self.sa(self.bn(self.conv(x)))), inplace=True)
+
+
+class AddMethods(_Block):
+    def forward(self, x):
+        out = self.sa(self.bn(self.conv(x))).add_(x)
+        return out.relu_()
+
+
+class TorchRelu(_Block):
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return torch.relu(self.sa(y) + x), y.shape[-1]  # extra outputs are kept
+
+
+class SAOnTheInput(_Block):
+    """The SA input is the block's input itself: nothing runs between the layer and the add."""
+
+    def forward(self, x):
+        return self.relu(self.sa(x) + x)
+
+
+@pytest.mark.parametrize("block_cls", [AddFunction, AddMethods, TorchRelu, SAOnTheInput])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_tail_spellings_are_fused(block_cls, mode):
+    """+, +=, torch.add, .add_, nn.ReLU, F.relu(inplace), torch.relu, .relu_: each is fused, and
+    the block computes what it computed (float64, forward, gradients, running statistics)."""
+    block = _randomized(block_cls()).train(mode == "train")
+    untailed = _untailed(block)
+    report = sa_cuda.convert(block, report=True)
+    assert report.fused_tails == [("", block_cls.__name__)], report.skipped_tails
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    if block_cls is TorchRelu:
+        got, want = block(x), untailed(x)
+        assert got[1] == want[1] == SHAPE[-1]
+        assert max_err(got[0], want[0]) <= 1e-12 * want[0].abs().max().item()
+        return
+    with torch.no_grad(), OpNames() as seen:
+        copy.deepcopy(block)(x)
+    assert seen.names.count("sa_cuda.sa_layer_residual_forward") == 1
+    _assert_same_steps([untailed, block], x, rtol=1e-12)
+
+
+class ToFloat(nn.Module):
+    def forward(self, x):
+        return x.float()
+
+
+class BroadcastShortcut(_Block):
+    """The shortcut is a per-channel (B, C, 1, 1) tensor: broadcast by the add."""
+
+    def forward(self, x):
+        out = self.sa(self.bn(self.conv(x)))
+        out += x.mean((2, 3), keepdim=True)
+        return self.relu(out)
+
+
+def test_shortcuts_the_epilogue_cannot_take_run_the_three_steps():
+    """At run time the fused forward takes the epilogue only for a shortcut of the SA input's
+    shape, dtype and device; a broadcast shortcut, a float32 shortcut to a float64 block (+=
+    keeps float64) and a block whose SA layer was since replaced run the three steps as written."""
+    block = _randomized(BroadcastShortcut())
+    untailed = _untailed(block)
+    assert sa_cuda.convert(block, report=True).fused_tails == [("", "BroadcastShortcut")]
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    with OpNames() as seen:
+        copy.deepcopy(block)(x)
+    assert "sa_cuda.sa_layer_residual_forward" not in seen.names
+    _assert_same_steps([untailed, block], x, rtol=1e-12)
+
+    model = _randomized(_official_stage()).eval()
+    reference_model = copy.deepcopy(model)
+    sa_cuda.convert(model)
+    x = torch.randn(SHAPE[0], 16, 9, 7, dtype=torch.float64)
+    model[0].downsample = nn.Sequential(model[0].downsample, ToFloat())
+    reference_model[0].downsample = model[0].downsample
+    with torch.no_grad():
+        got, want = model(x), reference_model(x)
+    assert got.dtype == want.dtype == torch.float64
+    assert max_err(got, want) <= 1e-10 * want.abs().max().item()
+
+    model[1].sa = copy.deepcopy(reference_model[1].sa)  # the reference layer: no epilogue
+    with torch.no_grad():
+        assert max_err(model(x), want) <= 1e-10 * want.abs().max().item()
+
+
+# ---- left alone: the reasons ---------------------------------------------------------------
+
+
+class Scaled(_Block):
+    def forward(self, x):
+        return self.relu(2 * self.sa(self.bn(self.conv(x))) + x)
+
+
+class Gelu(_Block):
+    def forward(self, x):
+        return F.gelu(self.sa(self.bn(self.conv(x))) + x)
+
+
+class Relu6Module(_Block):
+    def __init__(self):
+        super().__init__()
+        self.relu = nn.ReLU6()
+
+    def forward(self, x):
+        return self.relu(self.sa(self.bn(self.conv(x))) + x)
+
+
+class TwoUsers(_Block):
+    def forward(self, x):
+        out = self.sa(self.bn(self.conv(x)))
+        return self.relu(out + x), out
+
+
+class IntoShortcut(_Block):
+    """Adds in place into the shortcut (the block's input), which the caller sees changed."""
+
+    def forward(self, x):
+        identity = x
+        identity += self.sa(self.bn(self.conv(x)))
+        return self.relu(identity)
+
+
+class Alpha(_Block):
+    def forward(self, x):
+        return self.relu(torch.add(self.sa(self.bn(self.conv(x))), x, alpha=0.5))
+
+
+class Constant(_Block):
+    def forward(self, x):
+        return self.relu(self.sa(self.bn(self.conv(x))) + 1.0)
+
+
+class ModeBranch(_Block):
+    def forward(self, x):
+        out = self.sa(self.bn(self.conv(x)))
+        if self.training:
+            out = out * 0.5
+        return self.relu(out + x)
+
+
+class StoresState(_Block):
+    def forward(self, x):
+        self.last = self.bn(self.conv(x))
+        return self.relu(self.sa(self.last) + x)
+
+
+class ValueBranch(_Block):
+    def forward(self, x):
+        out = self.sa(self.bn(self.conv(x)))
+        if x.sum() > 0:
+            out = out * 2
+        return self.relu(out + x)
+
+
+_GLOBAL_SHIFT = torch.ones(())
+
+
+class GlobalTensor(_Block):
+    def forward(self, x):
+        return self.relu(self.sa(self.bn(self.conv(x))) + x * _GLOBAL_SHIFT.double())
+
+
+class ReadsParameters(_Block):
+    def forward(self, x):
+        out = self.sa(self.bn(self.conv(x)))
+        return self.relu(out + x * self.sa.cweight.mean())
+
+
+class MutatesInputAfter(_Block):
+    """Changes the SA layer's input in place after the layer read it: a later read sees other
+    values, so the call cannot move to the add."""
+
+    def forward(self, x):
+        t = self.bn(self.conv(x))
+        out = self.sa(t)
+        shortcut = x + t.mul_(0.5)
+        return self.relu(out + shortcut)
+
+
+class NotFreshInput(_Block):
+    """The SA input is a view that the code between the layer and the add could change."""
+
+    def forward(self, x):
+        t = self.conv(x).transpose(2, 3).transpose(2, 3)
+        out = self.sa(t)
+        shortcut = self.bn(x)
+        return self.relu(out + shortcut)
+
+
+class OwnCall(_Block):
+    def __call__(self, *args, **kwargs):
+        return super().__call__(*args, **kwargs)
+
+    def forward(self, x):
+        return self.relu(self.sa(self.bn(self.conv(x))) + x)
+
+
+LEFT_ALONE = [
+    (Scaled, "goes to .*mul.*, not to an add"),
+    (Gelu, "not to a ReLU"),
+    (Relu6Module, "not to a ReLU"),
+    (TwoUsers, "has 2 users"),
+    (IntoShortcut, "does not add a shortcut into the output of sa"),
+    (Alpha, "not to an add"),
+    (Constant, "adds the constant 1.0"),
+    (ModeBranch, "reads self.training"),
+    (StoresState, r"assigns self.last"),
+    (ValueBranch, "cannot be traced"),
+    (GlobalTensor, "tensor.* the block does not hold"),
+    (ReadsParameters, "uses sa or its parameters more than once"),
+    (MutatesInputAfter, "run.* between sa and the add"),
+    (NotFreshInput, "run.* between sa and the add"),
+    (OwnCall, "overrides nn.Module.__call__"),
+]
+
+
+@pytest.mark.parametrize(
+    ("block_cls", "reason"), LEFT_ALONE, ids=[c.__name__ for c, _ in LEFT_ALONE]
+)
+def test_blocks_that_are_not_the_tail_are_left_alone(block_cls, reason):
+    """Each block above computes something else than relu(sa(t) + shortcut) with t unchanged, or
+    cannot be shown to: its forward is left as it was (no instance forward, no attribute left by
+    the trace), the report gives the reason, and the block computes what it computed."""
+    block = _randomized(block_cls())
+    before = set(vars(block))
+    untailed = _untailed(block)
+    report = sa_cuda.convert(block, report=True)
+    assert report.count == 1 and report.fused_tails == []
+    [(name, cls_name, why)] = report.skipped_tails
+    assert (name, cls_name) == ("", block_cls.__name__)
+    assert re.search(reason, why), why
+    assert set(vars(block)) == before and "forward" not in vars(block)
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    with torch.no_grad():  # clones: IntoShortcut changes its input
+        got, want = block(x.clone()), untailed(x.clone())
+    got, want = (got, want) if isinstance(got, torch.Tensor) else (got[0], want[0])
+    assert torch.equal(got, want)
+
+
+def test_hooks_on_the_layer_or_the_relu_keep_the_tail():
+    """A hook on the SA layer sees the layer's own output, one on the ReLU module the sum: fusing
+    would change what they see, so the tail stays."""
+    for owner in ("sa", "relu"):
+        block = _randomized(AddFunction() if owner == "sa" else _official_stage()[1])
+        getattr(block, owner).register_forward_hook(lambda *args: None)
+        report = sa_cuda.convert(block, report=True)
+        assert report.fused_tails == [] and "hooks" in report.skipped_tails[0][2], report
+
+
+def test_an_instance_forward_the_user_set_is_kept():
+    block = _randomized(AddFunction())
+    block.forward = lambda x: x
+    report = sa_cuda.convert(block, report=True)
+    assert report.skipped_tails == [
+        ("", "AddFunction", "the instance overrides forward in its __dict__")
+    ]
+    assert block.forward(3) == 3
+
+
+def test_sa_in_a_sequential_and_the_package_bottleneck():
+    """An nn.Sequential chains its children (no shortcut): not looked at, not reported.
+    sa_cuda.models.SABottleneck passes its shortcut to the layer itself: not touched, not
+    reported."""
+    seq = nn.Sequential(nn.Conv2d(C, C, 1), reference.SALayer(C, 4), nn.ReLU())
+    report = sa_cuda.convert(seq, report=True)
+    assert report.count == 1 and report.fused_tails == report.skipped_tails == []
+    assert _tail_modules(seq) == []
+    model = sa_cuda.models.sa_resnet50(num_classes=10, fused=False)
+    report = sa_cuda.convert(model, report=True)
+    assert report.count == 16 and report.fused_tails == [] and report.skipped_tails == []
+    assert _tail_modules(model) == []
+
+
+def test_tails_argument():
+    model = _official_stage()
+    with pytest.raises(ValueError, match="tails must be a bool"):
+        sa_cuda.convert(model, tails=1)
+    assert sa_cuda.convert(model, tails=False) == 2 and _tail_modules(model) == []

@@ -107,3 +107,23 @@ def test_residual_quick(tmp_path):
         for pass_ in ("infer", "fwd", "fwdbwd"):
             assert row["ratios"][pass_]["speedup_vs_sa+add-relu"] > 0, row
         assert row["ratios"]["fwd"]["over_add"] > 0, row
+
+
+@pytest.mark.slow
+def test_overhead_quick(tmp_path):
+    """benchmarks.overhead --quick: the fused SA-ResNet-50 checked against the eager one, the three
+    models timed in train and inference, the overheads over ResNet-50 and the profiler's shares by
+    op kind written (the sa_cuda ops only in the fused model, SGD only in training)."""
+    report = _rounds_quick("overhead", tmp_path)
+    [result] = report["results"]
+    assert result["check"]["ok"], result["check"]
+    models, steps = ("resnet50", "sa_eager", "sa_fused"), ("train", "infer")
+    assert set(result["times"]) == {f"{m}/{s}" for m in models for s in steps}
+    assert all(t["median_s"] > 0 for t in result["times"].values())
+    assert set(result["overhead"]) == {f"{m}/{s}" for m in models[1:] for s in steps}
+    for key, shares in result["shares"].items():
+        model, step = key.split("/")
+        assert abs(sum(shares.values()) - 1) < 1e-9, key
+        assert (shares["sa"] > 0) == (model == "sa_fused"), key
+        assert (shares["optimizer"] > 0) == (step == "train"), key
+        assert shares["conv"] > 0 and shares["batch_norm"] > 0, key

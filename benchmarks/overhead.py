@@ -1,0 +1,270 @@
+"""SA-Net at the price of ResNet? torchvision's ResNet-50 against SA-ResNet-50 with the reference
+(eager) and with the fused SA layers (whose bottleneck tails run as the residual epilogue),
+interleaved in one run, fp32, contiguous.
+
+Per batch size: the fused SA-ResNet-50 is checked against the eager one with the same weights
+first (e2e's check: eval logits and train-mode loss). Then ``--rounds`` rounds; in each, every
+model, in an order rotated from round to round, runs ``--steps`` training steps (forward,
+cross-entropy, backward, SGD with momentum) and ``--steps`` inference forwards
+(``inference_mode``), each timed after one untimed call. Reported per model and step: the median
+step time over all rounds, and the overhead over ResNet-50, the median over the rounds of
+``SA-ResNet's round median / ResNet-50's round median - 1`` (with its quartiles): each round's two
+numbers come from the same minutes of a shared machine's load.
+
+Then torch.profiler (CPU) over ``--profile-steps`` more steps of each model and step, and the
+share of the profiled self time by kind of the outermost op around it: ``sa`` (the sa_cuda ops
+and their autograd.Function: the fused layers with their tails), ``conv``, ``batch_norm``,
+``add/relu`` (aten add and relu, relu's backward), ``optimizer`` (SGD's step and zero_grad) and
+``other`` (the eager model's SA layers are there: their small ops are pooling, group norm,
+sigmoid, mul, cat, ...).
+
+    python -m benchmarks.overhead [--batches 8,32] [--resolution 224] [--rounds 5] [--quick]
+
+Writes ``overhead-<device>-<tag>.json`` and a PNG of the overheads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks import e2e, report
+from benchmarks.configs import RESULTS_DIR
+from benchmarks.timers import quartiles
+
+MODELS = ("resnet50", "sa_eager", "sa_fused")
+LABELS = {
+    "resnet50": "ResNet-50 (torchvision)",
+    "sa_eager": "SA-ResNet-50 eager",
+    "sa_fused": "SA-ResNet-50 fused",
+}
+STEPS = ("train", "infer")
+OP_KINDS = ("sa", "conv", "batch_norm", "add/relu", "optimizer", "other")
+# The ops of the residual add and relu (forward and backward), by name.
+_ADD_RELU = {"aten::add", "aten::add_", "aten::relu", "aten::relu_", "aten::threshold_backward"}
+_ADD_RELU |= {"ReluBackward0", "ThresholdBackward0", "ThresholdBackward1"}
+
+
+def make_models(device: torch.device) -> dict[str, nn.Module]:
+    """torchvision's ResNet-50 and e2e's SA-ResNet-50 pair (same weights, SA gates perturbed)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    models = {"resnet50": torchvision.models.resnet50().to(device)}
+    sa = e2e.make_models(device)
+    models.update(sa_eager=sa["eager"], sa_fused=sa["fused"])
+    return models
+
+
+def name_kind(name: str) -> str | None:
+    """The kind of op a profiler event's name says, if it says one."""
+    lower = name.lower()
+    if name.startswith("sa_cuda::") or "shuffleattention" in lower:
+        return "sa"  # the fused ops, and the autograd.Function (and its backward node) around them
+    if lower.startswith("optimizer."):
+        return "optimizer"  # SGD's step and zero_grad
+    if "conv" in lower:
+        return "conv"
+    if "batch_norm" in lower or "batchnorm" in lower:
+        return "batch_norm"
+    stripped = name.removeprefix("autograd::engine::evaluate_function: ")
+    return "add/relu" if stripped in _ADD_RELU else None
+
+
+def event_kind(event) -> str:
+    """The kind of the outermost op around a profiler event that names one (an aten::empty inside
+    a convolution is the convolution's), else "other"."""
+    chain = []
+    while event is not None:
+        chain.append(event.name)
+        event = event.cpu_parent
+    return next((kind for kind in map(name_kind, reversed(chain)) if kind), "other")
+
+
+def profile_shares(fn, steps: int) -> dict[str, float]:
+    """The share of the profiled self CPU time of ``steps`` calls of fn, per op kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    totals = dict.fromkeys(OP_KINDS, 0.0)
+    for event in prof.events():
+        totals[event_kind(event)] += event.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return {kind: value / whole for kind, value in totals.items()}
+
+
+def run_batch(args, batch: int, device: torch.device, log) -> dict:
+    """One batch size: the check, the interleaved rounds, the profiles."""
+    models = make_models(device)
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, args.resolution, args.resolution, generator=gen).to(device)
+    labels = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    pair = {"eager": models["sa_eager"], "fused": models["sa_fused"]}
+    check = e2e._check(pair, images, labels, device, "fp32")
+    result = {"batch": batch, "check": check, "times": {}, "overhead": {}, "shares": {}}
+    if not check["ok"]:
+        log(f"batch {batch}: fused vs eager check FAILED: {check}")
+        return result
+    fns = {
+        name: e2e.step_fns(model, images, labels, device, "fp32") for name, model in models.items()
+    }
+    rounds = {(name, step): [] for name in MODELS for step in STEPS}
+    for r in range(args.rounds):
+        order = MODELS[r % len(MODELS) :] + MODELS[: r % len(MODELS)]
+        for name in order:
+            for step in STEPS:
+                models[name].train(step == "train")
+                times = e2e.time_iters(fns[name][step], device, warmup=1, iters=args.steps)
+                rounds[(name, step)].append(times)
+        log(f"batch {batch}: round {r + 1}/{args.rounds} done")
+    for step in STEPS:
+        for name in MODELS:
+            every = [t for times in rounds[(name, step)] for t in times]
+            p25, median, p75 = quartiles(every)
+            result["times"][f"{name}/{step}"] = {"median_s": median, "p25_s": p25, "p75_s": p75}
+            if name == "resnet50":
+                continue
+            ratios = [
+                statistics.median(mine) / statistics.median(base) - 1.0
+                for mine, base in zip(rounds[(name, step)], rounds[("resnet50", step)])
+            ]
+            q25, q50, q75 = quartiles(ratios)
+            result["overhead"][f"{name}/{step}"] = {"median": q50, "p25": q25, "p75": q75}
+    for name in MODELS:
+        for step in STEPS:
+            models[name].train(step == "train")
+            shares = profile_shares(fns[name][step], args.profile_steps)
+            result["shares"][f"{name}/{step}"] = shares
+    return result
+
+
+def format_rows(results: list[dict]) -> str:
+    head = (
+        f"{'batch':>5} {'step':<6} {'model':<24} {'median ms':>10} {'overhead':>9} "
+        f"{'(p25..p75)':>16} " + " ".join(f"{kind:>10}" for kind in OP_KINDS)
+    )
+    lines = [head, "-" * len(head)]
+    for res in results:
+        if not res["check"]["ok"]:
+            lines.append(f"{res['batch']:>5} check FAILED")
+            continue
+        for step in STEPS:
+            for name in MODELS:
+                key = f"{name}/{step}"
+                over = res["overhead"].get(key)
+                median = f"{over['median']:+.1%}" if over else ""
+                spread = f"({over['p25']:+.1%}..{over['p75']:+.1%})" if over else ""
+                shares = " ".join(f"{res['shares'][key][kind]:10.1%}" for kind in OP_KINDS)
+                lines.append(
+                    f"{res['batch']:>5} {step:<6} {LABELS[name]:<24} "
+                    f"{res['times'][key]['median_s'] * 1e3:10.1f} {median:>9} {spread:>16} {shares}"
+                )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], title: str, path: Path) -> bool:
+    """The overhead over ResNet-50 per (batch, step), eager and fused, with the 3% target."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return False
+    ok = [res for res in results if res["check"]["ok"]]
+    if not ok:
+        return False
+    groups = [f"{step}\nbatch {res['batch']}" for step in STEPS for res in ok]
+
+    def value(name, group):
+        step, batch = group.split("\nbatch ")
+        res = next(res for res in ok if str(res["batch"]) == batch)
+        return 100 * res["overhead"][f"{name}/{step}"]["median"]
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    report.grouped_bars(ax, groups, ["sa_eager", "sa_fused"], value, LABELS.get)
+    ax.axhline(3.0, color="k", linestyle="--", linewidth=0.8, label="target: +3%")
+    ax.axhline(0.0, color="k", linewidth=0.6)
+    ax.set_xlabel("step and batch size")
+    ax.set_ylabel("step time over ResNet-50's - 1 (%)")
+    report.save_figure(fig, [[ax]], 3, title, path, dpi=110)
+    return True
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.overhead", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batches", default="8,32")
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="timed steps of each model a round")
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--quick", action="store_true", help="batch 2 at 64x64, 1 round, 1 step")
+    p.add_argument("--out-dir", default=str(RESULTS_DIR))
+    p.add_argument("--tag", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batches, args.resolution, args.rounds, args.steps, args.profile_steps = (
+            "2",
+            64,
+            1,
+            1,
+            1,
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    began = time.perf_counter()
+    results = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        results.append(run_batch(args, batch, device, lambda msg: print(msg, flush=True)))
+    label = report.device_label(device, args.threads)
+    print(
+        f"\n{label}; {args.resolution}x{args.resolution}, fp32; {args.rounds} rounds of "
+        f"{args.steps} steps; {time.perf_counter() - began:.0f} s\n"
+    )
+    print(format_rows(results))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = (
+        out_dir / f"overhead-{report.slug(label)}-{args.tag or ('quick' if args.quick else 'run')}"
+    )
+    summary = {
+        "device": label,
+        "resolution": args.resolution,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "profile_steps": args.profile_steps,
+        "loadavg": report.loadavg(),
+        "results": results,
+    }
+    stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    title = f"SA-ResNet-50 over ResNet-50, {label}, {args.resolution}px fp32"
+    if plot(results, title, stem.with_suffix(".png")):
+        print(f"wrote {stem}.json, {stem}.png")
+    failed = [res["batch"] for res in results if not res["check"]["ok"]]
+    for batch in failed:
+        print(f"FAILED: batch {batch}: fused vs eager check")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

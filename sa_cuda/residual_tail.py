@@ -6,47 +6,57 @@ end in such a tail (``out = sa(bn3(...)); out += identity; out = relu(out)``).
 
 How a block is rewritten, and why the result computes what the block computed:
 
-1. **Read.** The forward (and every method it calls on ``self``, read with ``ast``) may not assign
-   to ``self`` (tracing would store proxies in the module), read ``self.training`` (the trace would
-   freeze the branch in the current mode), pass ``self`` on, call ``super()`` or declare
-   ``global``/``nonlocal``. The block's class keeps nn.Module's call machinery.
+1. **Read.** The class's ``forward(self, x)`` (a plain function: no decorator, no default, no
+   other parameter) must be written in the straight-line code that blocks are written in, checked
+   on its source with ``ast``: assignments to local names, ``+=``, ``return``, and ``if self.<name>
+   is (not) None:``; expressions of local names, ``+``, calls of child modules
+   (``self.conv1(out)``), of ``torch.relu``, ``torch.relu_``, ``torch.add``, ``F.relu`` (with a
+   constant ``inplace``) and of the methods ``.relu()``, ``.relu_()``, ``.add()``, ``.add_()``.
+   Nothing else: no ``with`` (grad mode, autocast), no other attribute of ``self`` (its mode, a
+   child's flag, a plain value), no global value, no helper method, no statement whose value is
+   discarded (a side effect). Code in that grammar has no Python-level decision except whether a
+   child is None, so a trace records it faithfully.
 2. **Trace.** torch.fx traces the forward with every child module as one opaque call. fx's own
    Proxy has no in-place operators, so ``out += identity`` would be recorded as ``out = out +
-   identity`` (no mutation, other dtype rules); the tracer here records augmented assignments as
-   ``operator.iadd`` and friends, so the graph is the forward statement for statement. Python-level
-   decisions (``if self.downsample is not None``, plain attributes, globals) are taken at
-   conversion: convert a model once it is configured. A forward that cannot be traced (a branch on
-   a tensor's value) or that would leave a trace in the block leaves the block alone.
+   identity`` (no mutation, other dtype rules); the tracer here records them as ``operator.iadd``,
+   so the graph is the forward statement for statement.
 3. **Match.** The tail is three nodes: A = ``sa(t)``, a call of a fused SA child (no hooks, called
-   once, no other use of it or of its parameters in forward); P = A plus the shortcut s (``+``,
-   ``+=`` into A, ``torch.add``, ``.add``, ``.add_`` into A; no ``alpha``); R = ReLU of P (an exact
-   ``nn.ReLU`` child without hooks, ``torch.relu``, ``F.relu``, ``.relu``, ``.relu_``, in place or
-   not). A's only user is P and P's only user is R.
+   once); P = A plus the shortcut s (``+``, ``+=`` into A, ``torch.add``, ``.add``, ``.add_`` into
+   A); R = ReLU of P (an exact ``nn.ReLU`` child without hooks, or a relu function or method). A's
+   only user is P and P's only user is R.
 4. **Move.** One call F = ``residual_tail(sa, t, s)`` takes the place of A, P and R, at P's place:
    s is read where the add read it, t later than A read it. That is the same t when nothing runs
    between A and P, or when t is the fresh output of an exact ``nn.BatchNorm2d``, ``SyncBatchNorm``,
-   ``GroupNorm`` or ``Conv2d`` child that A alone reads (its memory is then reachable through t
-   only). What runs in between must not reach the SA layer by other means (shared parameters,
-   say); that is not checked.
-5. **Run.** F runs the epilogue when s is a strided tensor of t's shape, dtype and device (then
-   ``A + s`` and ``A += s`` have the same dtype); otherwise, or if the block's SA child was since
-   replaced by another kind of module, it runs A, P and R as written.
+   ``GroupNorm`` or ``Conv2d`` child without hooks that A alone reads (its memory is then
+   reachable through t only). What runs in between must not reach the SA layer by other means
+   (shared parameters, say); that is not checked.
+5. **Run.** Each call first checks that what the proof used still holds: every child and None the
+   forward reads is the object it was at conversion, the SA layer, the ReLU module and the fresh
+   producer have no hooks and no forward of their own, and no global module hook is registered.
+   Otherwise the class's own forward runs. F runs the epilogue when s is a strided tensor of t's
+   shape, dtype and device (then ``A + s`` and ``A += s`` have the same dtype); otherwise the three
+   steps. In float64 and float32 the result is the three steps' to the bit; in bfloat16 and half
+   the sum is rounded once instead of twice (as within the fused layer).
 
-The block keeps its class, attributes, parameters, state_dict and hooks: the rewritten forward (the
-code fx generates for the graph, run with the block as ``self``) goes into the instance's
-``__dict__`` as ``forward``, which nn.Module's call finds before the class's, and ``del
-block.forward`` puts the original back. It survives ``copy.deepcopy``, pickling (``torch.save`` of
-the model) and torch.compile; ``torch.jit.script`` does not see it.
+The block keeps its attributes, parameters, state_dict and hooks. Its class becomes a subclass of
+its class (same name; ``isinstance`` holds) whose forward runs the code fx generated for the
+rewritten graph, kept in the instance's ``__dict__`` under ``_sa_cuda_tail``. Instances pickle as
+the original class plus that state, so deepcopy, ``torch.save`` of the model and DataParallel's
+replicas work (a replica has other children: it runs the class's forward); torch.compile compiles
+it; ``torch.jit.script`` does not.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import importlib
 import inspect
 import linecache
 import operator
 import pickle
+import textwrap
 import types
 from collections.abc import Callable
 
@@ -54,12 +64,15 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
 
-from ._module_code import CALL_MACHINERY, HOOK_DICTS, MISSING, Skip, require, scan_methods
+from ._module_code import CALL_MACHINERY, HOOK_DICTS, MISSING, Skip, require
+from .models.sa_resnet import SABottleneck
 from .modules import SALayer, ShuffleAttention
 
 __all__ = ["fuse_tails", "residual_tail"]
 
+_TAIL_ATTR = "_sa_cuda_tail"  # where a block keeps its rewritten forward
 _FUSED_CLASSES = (SALayer, ShuffleAttention)
 # Children whose output is a new tensor in every mode: a t they produce is reachable through t only.
 _FRESH_OUTPUT = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.Conv2d)
@@ -67,6 +80,15 @@ _IN_PLACE_OPERATORS = ("add", "and", "floordiv", "lshift", "matmul", "mod", "mul
 _IN_PLACE_OPERATORS += ("rshift", "sub", "truediv", "xor")
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
 _ADD_FUNCTIONS = (operator.add, torch.add)
+_SOURCE_FUNCTIONS = (*_RELU_FUNCTIONS, torch.add)  # the functions forward may call
+_SOURCE_METHODS = {"relu": 0, "relu_": 0, "add": 1, "add_": 1}  # tensor methods: their arguments
+# The hooks every module call runs (register_module_forward_hook and friends).
+_GLOBAL_CALL_HOOKS = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
 
 
 def residual_tail(sa: nn.Module, x: Tensor, shortcut: object, add_in_place: bool) -> Tensor:
@@ -74,8 +96,7 @@ def residual_tail(sa: nn.Module, x: Tensor, shortcut: object, add_in_place: bool
     epilogue where it computes the same, else the three steps. What ``fuse_tails`` puts in place
     of a block's tail."""
     if (
-        type(sa) in _FUSED_CLASSES
-        and isinstance(x, Tensor)
+        isinstance(x, Tensor)
         and isinstance(shortcut, Tensor)
         and shortcut.layout == torch.strided
         and (shortcut.shape, shortcut.dtype, shortcut.device) == (x.shape, x.dtype, x.device)
@@ -89,40 +110,46 @@ def residual_tail(sa: nn.Module, x: Tensor, shortcut: object, add_in_place: bool
 def fuse_tails(block: nn.Module) -> int:
     """Rewrites ``block``'s forward so that each residual tail of a fused SA child runs as one
     epilogue (this module's docstring says when). Returns how many tails were fused; 0 when the
-    block has no fused SA child, is an nn.Sequential (its children in a chain) or its tails are
-    fused already. Raises ``Skip`` with the reason a
-    block with a fused SA child is left alone (then nothing about it changed)."""
+    block has no fused SA child, is an nn.Sequential (its children in a chain), is
+    sa_cuda.models.SABottleneck (which passes its shortcut itself) or is fused already. Raises
+    ``Skip`` with the reason a block with a fused SA child is left alone (then nothing about it
+    changed)."""
     children = {name for name, child in block._modules.items() if type(child) in _FUSED_CLASSES}
+    forward = _static(type(block), "forward")
     if (
         not children
-        or isinstance(block.__dict__.get("forward"), _FusedForward)
-        or _static(type(block), "forward") is nn.Sequential.forward  # a chain: no shortcut
+        or _TAIL_ATTR in vars(block)
+        or forward in (nn.Sequential.forward, SABottleneck.forward)
     ):
         return 0
-    _check_code(block)
+    reads = _check_source(block)
     graph = _trace(block)
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target in children]
-    if calls and all(call.kwargs.get("identity") is not None for call in calls):
-        return 0  # every SA call gets its shortcut already (sa_cuda.models.SABottleneck)
     require(bool(calls), f"forward does not call {', '.join(sorted(children))}")
-    fused = 0
-    reasons = []
+    watched, reasons = set(), []
     for call in calls:
         try:
-            _fuse_tail(block, graph, call)
-            fused += 1
+            watched |= _fuse_tail(block, graph, call)
         except Skip as skip:
             reasons.append(str(skip))
     require(not reasons, "; ".join(reasons))
     graph.lint()
-    block.__dict__["forward"] = _FusedForward(block, graph)
-    return fused
+    code = _TailCode(graph, {name: getattr(block, name) for name in reads}, sorted(watched))
+    block.__class__ = _tailed_class(type(block))
+    block.__dict__[_TAIL_ATTR] = code
+    return len(calls)
+
+
+def _static(cls: type, name: str) -> object:
+    return inspect.getattr_static(cls, name, MISSING)
 
 
 # ---- 1. read -----------------------------------------------------------------------------------
 
 
-def _check_code(block: nn.Module) -> None:
+def _check_source(block: nn.Module) -> set[str]:
+    """The names forward reads on self (children called, attributes compared with None), when
+    its class and its source are as step 1 of the module docstring says."""
     cls = type(block)
     require("forward" not in vars(block), "the instance overrides forward in its __dict__")
     for name in CALL_MACHINERY:
@@ -130,23 +157,163 @@ def _check_code(block: nn.Module) -> None:
             _static(cls, name) is _static(nn.Module, name),
             f"{cls.__name__} overrides nn.Module.{name}",
         )
-    owner = next(klass for klass in cls.__mro__ if "forward" in vars(klass))
-    require(owner is not nn.Module, f"{cls.__name__} has no forward")
-    scan = scan_methods(owner, allow_missing_source=False)
-    require(not scan.problems, scan.problems[0] if scan.problems else "")
+    function = _static(cls, "forward")
     require(
-        not scan.assigned,
-        f"forward assigns self.{', self.'.join(sorted(scan.assigned))} (tracing would store "
-        f"proxies there)",
+        isinstance(function, types.FunctionType) and not hasattr(function, "__wrapped__"),
+        f"{cls.__name__}.forward is not a plain function",
     )
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError) as error:
+        raise Skip(f"the source of {function.__qualname__} is not available ({error})") from None
+    definition = tree.body[0]
     require(
-        "training" not in scan.names,
-        "forward reads self.training (the trace would keep the branch of the current mode)",
+        isinstance(definition, ast.FunctionDef) and not definition.decorator_list,
+        f"{function.__qualname__} is decorated",
     )
+    args = definition.args
+    require(
+        len(args.posonlyargs + args.args) == 2
+        and not (args.vararg or args.kwarg or args.kwonlyargs or args.defaults),
+        f"{function.__qualname__} takes other parameters than (self, x)",
+    )
+    self_arg, input_arg = (arg.arg for arg in args.posonlyargs + args.args)
+    grammar = _Grammar(block, function, self_arg, input_arg)
+    body = definition.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    grammar.statements(body)
+    return grammar.reads
 
 
-def _static(cls: type, name: str) -> object:
-    return inspect.getattr_static(cls, name, MISSING)
+_STATEMENT_NAMES = {
+    ast.Expr: "a statement whose value is dropped (a side effect)",
+    ast.With: "a with block (a grad mode or autocast the trace would drop)",
+    ast.For: "a loop",
+    ast.While: "a loop",
+    ast.Assign: "an assignment to several targets",
+}
+
+
+class _Grammar:
+    """Checks forward's statements against the grammar of step 1; raises Skip naming the first
+    construct outside it."""
+
+    def __init__(
+        self, block: nn.Module, function: types.FunctionType, self_name: str, input_name: str
+    ) -> None:
+        self.block, self.function, self.self_name = block, function, self_name
+        self.local_names = {input_name}
+        self.reads = set()  # the names read on self: children called, attributes tested
+
+    def refuse(self, node: ast.AST, what: str) -> None:
+        text = ast.unparse(node).splitlines()[0]
+        raise Skip(f"forward has {what} (`{text}`), outside the code a trace records faithfully")
+
+    def statements(self, body: list[ast.stmt]) -> None:
+        for node in body:
+            self.statement(node)
+
+    def statement(self, node: ast.stmt) -> None:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            self.expression(node.value)
+            self.target(node.targets[0])
+        elif isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Add):
+            self.expression(node.value)
+            self.expression(node.target)
+        elif isinstance(node, ast.If):
+            self.none_test(node.test)
+            self.statements(node.body)
+            self.statements(node.orelse)
+        elif isinstance(node, ast.Return) and node.value is not None:
+            self.expression(node.value)
+        elif not isinstance(node, ast.Pass):
+            what = _STATEMENT_NAMES.get(type(node), f"a `{type(node).__name__}` statement")
+            self.refuse(node, what)
+
+    def target(self, node: ast.expr) -> None:
+        if not isinstance(node, ast.Name):
+            self.refuse(node, "an assignment to something else than a local name")
+        self.local_names.add(node.id)
+
+    def none_test(self, node: ast.expr) -> None:
+        """``self.<name> is None`` / ``is not None``, name a child or an attribute holding None."""
+        ok = (
+            isinstance(node, ast.Compare)
+            and len(node.ops) == 1
+            and isinstance(node.ops[0], (ast.Is, ast.IsNot))
+            and isinstance(node.comparators[0], ast.Constant)
+            and node.comparators[0].value is None
+            and self.self_attribute(node.left)
+        )
+        if not ok:
+            self.refuse(node, "a condition other than `self.<child> is (not) None`")
+        name = node.left.attr
+        value = getattr(self.block, name, MISSING)
+        if not (value is None or name in self.block._modules):
+            self.refuse(node, f"a test of self.{name}, which is neither a child nor None")
+        self.reads.add(name)
+
+    def self_attribute(self, node: ast.expr) -> bool:
+        return (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == self.self_name
+        )
+
+    def expression(self, node: ast.expr) -> None:
+        if isinstance(node, ast.Name) and node.id in self.local_names:
+            return
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            self.expression(node.left)
+            self.expression(node.right)
+        elif isinstance(node, ast.Call) and not any(isinstance(a, ast.Starred) for a in node.args):
+            self.call(node)
+        else:
+            self.refuse(node, "an expression other than local names, +, and calls of children")
+
+    def call(self, node: ast.Call) -> None:
+        func = node.func
+        if self.self_attribute(func):  # self.<child>(...); None where an `is None` test guards it
+            value = getattr(self.block, func.attr, MISSING)
+            child = func.attr in self.block._modules and isinstance(value, nn.Module)
+            if not (child or value is None) or node.keywords:
+                self.refuse(node, f"a call of self.{func.attr} that is not a child module's")
+            self.reads.add(func.attr)
+            for arg in node.args:
+                self.expression(arg)
+        elif self.resolve(func) in _SOURCE_FUNCTIONS:
+            inplace = [k for k in node.keywords if k.arg == "inplace"]
+            constant = all(isinstance(k.value, ast.Constant) for k in inplace)
+            if len(inplace) != len(node.keywords) or not constant:
+                self.refuse(node, "a keyword argument other than a constant inplace")
+            args = node.args
+            if self.resolve(func) is F.relu and len(args) == 2:
+                if not isinstance(args[1], ast.Constant):
+                    self.refuse(node, "an inplace argument that is not a constant")
+                args = args[:1]
+            for arg in args:
+                self.expression(arg)
+        elif (
+            isinstance(func, ast.Attribute)
+            and _SOURCE_METHODS.get(func.attr) == len(node.args)
+            and not node.keywords
+        ):
+            self.expression(func.value)
+            for arg in node.args:
+                self.expression(arg)
+        else:
+            self.refuse(node, "a call of something else than a child, a relu or an add")
+
+    def resolve(self, node: ast.expr) -> object:
+        """The object a dotted global name (``torch.relu``, ``F.relu``) stands for, else MISSING."""
+        if isinstance(node, ast.Name) and node.id not in self.local_names:
+            return self.function.__globals__.get(node.id, MISSING)
+        if isinstance(node, ast.Attribute) and not self.self_attribute(node):
+            owner = self.resolve(node.value)
+            if isinstance(owner, types.ModuleType):
+                return getattr(owner, node.attr, MISSING)
+        return MISSING
 
 
 # ---- 2. trace ----------------------------------------------------------------------------------
@@ -181,40 +348,22 @@ class _Tracer(fx.Tracer):
 
 
 def _trace(block: nn.Module) -> fx.Graph:
-    before = dict(vars(block))
     try:
-        graph = _Tracer().trace(block)
+        return _Tracer().trace(block)
     except Exception as error:  # whatever stops the trace means: forward cannot be rewritten
         raise Skip(f"forward cannot be traced ({type(error).__name__}: {error})") from None
-    finally:
-        added = set(vars(block)) - set(before)
-        for name in added:  # fx stores tensors forward reads from elsewhere on the block
-            delattr(block, name)
-        for name, value in before.items():
-            block.__dict__[name] = value
-    require(
-        not added,
-        f"forward reads tensor(s) the block does not hold ({', '.join(sorted(added))})",
-    )
-    return graph
 
 
 # ---- 3. match, 4. move -------------------------------------------------------------------------
 
 
-def _fuse_tail(block: nn.Module, graph: fx.Graph, call: fx.Node) -> None:
-    """Replaces the tail of the SA call ``call`` (A) in graph by one residual_tail call."""
+def _fuse_tail(block: nn.Module, graph: fx.Graph, call: fx.Node) -> set[str]:
+    """Replaces the tail of the SA call ``call`` (A) in graph by one residual_tail call; returns
+    the children whose hooks and forward the run-time check watches."""
     name = call.target
-    sa = block._modules[name]
-    hooked = [kind for kind in HOOK_DICTS if getattr(sa, kind)]
-    require(not hooked, f"{name} has hooks ({', '.join(hooked)}), which see its own output")
-    uses = [
-        n
-        for n in graph.nodes
-        if n.op in ("call_module", "get_attr")
-        and (n.target == name or n.target.startswith(name + "."))
-    ]
-    require(uses == [call], f"forward uses {name} or its parameters more than once")
+    require(not _hooked(block._modules[name]), f"{name} has hooks, which see its own output")
+    uses = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    require(uses == [call], f"forward calls {name} more than once")
     require(
         len(call.args) == 1 and not call.kwargs and isinstance(call.args[0], fx.Node),
         f"{name} is called with {call.args}, {call.kwargs}, not with one tensor",
@@ -222,23 +371,31 @@ def _fuse_tail(block: nn.Module, graph: fx.Graph, call: fx.Node) -> None:
     t = call.args[0]
     add, shortcut, add_in_place = _match_add(call, name)
     relu = _match_relu(block, add, name)
-    between = _nodes_between(call, add)
-    fresh = (
-        t.op == "call_module"
-        and type(block.get_submodule(t.target)) in _FRESH_OUTPUT
-        and list(t.users) == [call]
-    )
-    require(
-        not between or fresh,
-        f"{', '.join(n.name for n in between)} run(s) between {name} and the add, and {name}'s "
-        f"input is not a fresh norm or conv output that only {name} reads",
-    )
+    watched = {name} | ({relu.target} if relu.op == "call_module" else set())
+    if _nodes_between(call, add):
+        producer = block._modules.get(t.target) if t.op == "call_module" else None
+        fresh = (
+            type(producer) in _FRESH_OUTPUT and not _hooked(producer) and list(t.users) == [call]
+        )
+        require(
+            fresh,
+            f"{', '.join(n.name for n in _nodes_between(call, add))} run(s) between {name} and "
+            f"the add, and {name}'s input is not a fresh norm or conv output (without hooks) that "
+            f"only {name} reads",
+        )
+        watched.add(t.target)
     with graph.inserting_before(add):
         module = graph.get_attr(name)
         fused = graph.call_function(residual_tail, (module, t, shortcut, add_in_place))
     relu.replace_all_uses_with(fused)
     for node in (relu, add, call):
         graph.erase_node(node)
+    return watched
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Hooks or an instance forward: the module's call does more than its class's forward."""
+    return "forward" in vars(module) or any(getattr(module, kind) for kind in HOOK_DICTS)
 
 
 def _single_user(node: fx.Node, what: str) -> fx.Node:
@@ -273,18 +430,12 @@ def _match_add(call: fx.Node, name: str) -> tuple[fx.Node, fx.Node, bool]:
 def _match_relu(block: nn.Module, add: fx.Node, name: str) -> fx.Node:
     """The ReLU that is the add's only user."""
     relu = _single_user(add, f"the sum of {name} and the shortcut")
-    args, kwargs = relu.args, relu.kwargs
+    args = relu.args
     if relu.op == "call_module":
-        module = block.get_submodule(relu.target)
-        hooked = [kind for kind in HOOK_DICTS if getattr(module, kind)]
-        is_relu = type(module) is nn.ReLU and not hooked and args == (add,) and not kwargs
+        module = block._modules[relu.target]
+        is_relu = type(module) is nn.ReLU and not _hooked(module) and args == (add,)
     elif relu.op == "call_function":
-        is_relu = (
-            relu.target in _RELU_FUNCTIONS
-            and args[:1] == (add,)
-            and len(args) <= (2 if relu.target is F.relu else 1)
-            and set(kwargs) <= ({"inplace"} if relu.target is F.relu else set())
-        )
+        is_relu = relu.target in _RELU_FUNCTIONS and args[:1] == (add,)
     else:
         is_relu = relu.op == "call_method" and relu.target in ("relu", "relu_") and args == (add,)
     require(
@@ -306,27 +457,38 @@ def _nodes_between(first: fx.Node, last: fx.Node) -> list[fx.Node]:
 # ---- the rewritten forward ---------------------------------------------------------------------
 
 
-class _FusedForward:
-    """A block's forward with fused tails: the code fx generates for the rewritten graph, called
-    with the block as ``self``. Pickled as its source and its globals (modules by name)."""
+class _TailCode:
+    """A block's forward with fused tails: the code fx generated for the rewritten graph (called
+    with the block as ``self``), the children and Nones it read at conversion, and the children
+    whose hooks would see what the rewrite changed. Pickled as its source and its globals (modules
+    by name)."""
 
-    def __init__(self, block: nn.Module, graph: fx.Graph) -> None:
+    def __init__(self, graph: fx.Graph, reads: dict, watched: list[str]) -> None:
         code = graph.python_code(root_module="self")
-        state = {"block": block, "source": code.src, "globals": _picklable(code.globals)}
+        state = {"source": code.src, "globals": _picklable(code.globals)}
         try:
             pickle.dumps(state["globals"])
         except Exception as error:
             raise Skip(f"forward calls something that cannot be pickled ({error})") from None
-        self.__setstate__(state)
+        self.__setstate__({**state, "reads": reads, "watched": watched})
 
-    def __call__(self, *args, **kwargs):
-        return self._function(self.block, *args, **kwargs)
+    def holds_for(self, block: nn.Module) -> bool:
+        """What the rewrite relied on still holds for ``block`` (step 5 of the module docstring)."""
+        return (
+            all(getattr(block, name, MISSING) is value for name, value in self.reads.items())
+            and not any(_hooked(block._modules[name]) for name in self.watched)
+            and not any(getattr(_module_globals, hooks) for hooks in _GLOBAL_CALL_HOOKS)
+        )
+
+    def __call__(self, block: nn.Module, *args, **kwargs):
+        return self._function(block, *args, **kwargs)
 
     def __getstate__(self) -> dict:
-        return {"block": self.block, "source": self.source, "globals": self.globals}
+        keys = ("source", "globals", "reads", "watched")
+        return {key: getattr(self, key) for key in keys}
 
     def __setstate__(self, state: dict) -> None:
-        self.block, self.source, self.globals = state["block"], state["source"], state["globals"]
+        self.__dict__.update(state)
         namespace = {
             key: importlib.import_module(value.name) if isinstance(value, _ModuleName) else value
             for key, value in self.globals.items()
@@ -337,9 +499,6 @@ class _FusedForward:
         linecache.cache[filename] = (len(self.source), None, self.source.splitlines(True), filename)
         exec(compile(self.source, filename, "exec"), namespace)
         self._function = namespace["forward"]
-
-    def __repr__(self) -> str:
-        return f"<sa_cuda fused forward of {type(self.block).__name__}>"
 
 
 class _ModuleName:
@@ -354,3 +513,35 @@ def _picklable(namespace: dict) -> dict:
         key: _ModuleName(value.__name__) if isinstance(value, types.ModuleType) else value
         for key, value in namespace.items()
     }
+
+
+def _tailed_forward(self: nn.Module, *args, **kwargs):
+    """The forward of a block with fused tails: its _TailCode where that holds, else its class's."""
+    code = self.__dict__.get(_TAIL_ATTR)
+    if code is not None and code.holds_for(self):
+        return code(self, *args, **kwargs)
+    return type(self)._sa_cuda_original_class.forward(self, *args, **kwargs)
+
+
+def _tailed_reduce_ex(self: nn.Module, protocol: int):
+    """Pickles (and deep-copies) as the original class and the instance's state."""
+    state = object.__reduce_ex__(self, protocol)
+    return (_rebuild_tailed, (type(self)._sa_cuda_original_class,), *state[2:])
+
+
+def _rebuild_tailed(cls: type) -> nn.Module:
+    tailed = _tailed_class(cls)
+    return tailed.__new__(tailed)
+
+
+@functools.cache
+def _tailed_class(cls: type) -> type:
+    """The subclass a block of class ``cls`` takes when its tails are fused."""
+    namespace = {
+        "forward": _tailed_forward,
+        "__reduce_ex__": _tailed_reduce_ex,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "_sa_cuda_original_class": cls,
+    }
+    return type(cls.__name__, (cls,), namespace)

@@ -14,8 +14,11 @@ How a block is rewritten, and why the result computes what the block computed:
    constant ``inplace``) and of the methods ``.relu()``, ``.relu_()``, ``.add()``, ``.add_()``.
    Nothing else: no ``with`` (grad mode, autocast), no other attribute of ``self`` (its mode, a
    child's flag, a plain value), no global value, no helper method, no statement whose value is
-   discarded (a side effect). Code in that grammar has no Python-level decision except whether a
-   child is None, so a trace records it faithfully.
+   discarded (a side effect), no name from an enclosing function, no child held under two names
+   (fx calls a child by its first name). Code in that grammar has no Python-level decision except
+   whether a child is None, so a trace records it faithfully. The source is read from the
+   class's file, and compiling that file must give the bytecode that runs (the file may have been
+   edited since it was imported).
 2. **Trace.** torch.fx traces the forward with every child module as one opaque call. fx's own
    Proxy has no in-place operators, so ``out += identity`` would be recorded as ``out = out +
    identity`` (no mutation, other dtype rules); the tracer here records them as ``operator.iadd``,
@@ -30,13 +33,15 @@ How a block is rewritten, and why the result computes what the block computed:
    ``GroupNorm`` or ``Conv2d`` child without hooks that A alone reads (its memory is then
    reachable through t only). What runs in between must not reach the SA layer by other means
    (shared parameters, say); that is not checked.
-5. **Run.** Each call first checks that what the proof used still holds: every child and None the
-   forward reads is the object it was at conversion, the SA layer, the ReLU module and the fresh
-   producer have no hooks and no forward of their own, and no global module hook is registered.
-   Otherwise the class's own forward runs. F runs the epilogue when s is a strided tensor of t's
-   shape, dtype and device (then ``A + s`` and ``A += s`` have the same dtype); otherwise the three
-   steps. In float64 and float32 the result is the three steps' to the bit; in bfloat16 and half
-   the sum is rounded once instead of twice (as within the fused layer).
+5. **Run.** Each call first checks that what the proof used still holds: the class's forward has
+   the bytecode that was checked, every child and None it reads is the object it was at
+   conversion, every global function it calls is the one it was, the SA layer, the ReLU module
+   and the fresh producer run their classes' forward without hooks, and no global module hook is
+   registered. Otherwise the class's own forward runs. F runs the epilogue when s is a strided
+   tensor of t's shape, dtype and device in the memory format of the op's output (then ``A + s``,
+   ``s + A`` and ``A += s`` have its dtype and strides); otherwise the three steps, in the order
+   written. In float64 and float32 the result is the three steps' to the bit; in bfloat16 and
+   half the sum is rounded once instead of twice (as within the fused layer).
 
 The block keeps its attributes, parameters, state_dict and hooks. Its class becomes a subclass of
 its class (same name; ``isinstance`` holds) whose forward runs the code fx generated for the
@@ -56,9 +61,9 @@ import inspect
 import linecache
 import operator
 import pickle
-import textwrap
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -69,6 +74,7 @@ from torch.nn.modules import module as _module_globals
 from ._module_code import CALL_MACHINERY, HOOK_DICTS, MISSING, Skip, require
 from .models.sa_resnet import SABottleneck
 from .modules import SALayer, ShuffleAttention
+from .ops.library import layout_of
 
 __all__ = ["fuse_tails", "residual_tail"]
 
@@ -91,19 +97,25 @@ _GLOBAL_CALL_HOOKS = (
 )
 
 
-def residual_tail(sa: nn.Module, x: Tensor, shortcut: object, add_in_place: bool) -> Tensor:
-    """``relu(sa(x) + shortcut)`` (``sa(x) += shortcut`` when ``add_in_place``): the fused
-    epilogue where it computes the same, else the three steps. What ``fuse_tails`` puts in place
-    of a block's tail."""
+def residual_tail(sa: nn.Module, x: Tensor, shortcut: object, add: str) -> Tensor:
+    """``relu(sa(x) + shortcut)``, the sum as the block wrote it (``add``: "into" for ``sa(x) +=
+    shortcut``, "after" for ``sa(x) + shortcut``, "before" for ``shortcut + sa(x)``): the fused
+    epilogue where it gives the same tensor (values, dtype, strides), else the three steps. What
+    ``fuse_tails`` puts in place of a block's tail."""
     if (
         isinstance(x, Tensor)
         and isinstance(shortcut, Tensor)
         and shortcut.layout == torch.strided
         and (shortcut.shape, shortcut.dtype, shortcut.device) == (x.shape, x.dtype, x.device)
+        # the strides the op's output has (layout_of(x)): those of the eager sum in either order
+        and shortcut.is_contiguous(memory_format=layout_of(x))
     ):
         return sa(x, identity=shortcut)
     out = sa(x)
-    out = out.add_(shortcut) if add_in_place else out + shortcut
+    if add == "into":
+        out += shortcut
+    else:
+        out = out + shortcut if add == "after" else shortcut + out
     return torch.relu(out)
 
 
@@ -122,19 +134,20 @@ def fuse_tails(block: nn.Module) -> int:
         or forward in (nn.Sequential.forward, SABottleneck.forward)
     ):
         return 0
-    reads = _check_source(block)
+    source = _check_source(block)
     graph = _trace(block)
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target in children]
     require(bool(calls), f"forward does not call {', '.join(sorted(children))}")
-    watched, reasons = set(), []
+    watched, reasons = {}, []
     for call in calls:
         try:
-            watched |= _fuse_tail(block, graph, call)
+            watched.update(_fuse_tail(block, graph, call))
         except Skip as skip:
             reasons.append(str(skip))
     require(not reasons, "; ".join(reasons))
     graph.lint()
-    code = _TailCode(graph, {name: getattr(block, name) for name in reads}, sorted(watched))
+    reads = {name: getattr(block, name) for name in source.reads}
+    code = _TailCode(graph, reads, sorted(watched.items()), source.functions, source.digest)
     block.__class__ = _tailed_class(type(block))
     block.__dict__[_TAIL_ATTR] = code
     return len(calls)
@@ -147,9 +160,21 @@ def _static(cls: type, name: str) -> object:
 # ---- 1. read -----------------------------------------------------------------------------------
 
 
-def _check_source(block: nn.Module) -> set[str]:
-    """The names forward reads on self (children called, attributes compared with None), when
-    its class and its source are as step 1 of the module docstring says."""
+@dataclass(frozen=True)
+class _Source:
+    """What step 1 found in forward's source: the names it reads on self (children called,
+    attributes compared with None), the global functions it calls (their dotted names, with their
+    index in _SOURCE_FUNCTIONS), and the digest of its bytecode."""
+
+    reads: set
+    functions: list
+    digest: str
+
+
+def _check_source(block: nn.Module) -> _Source:
+    """Raises Skip unless the class and forward's source are as step 1 of the module docstring
+    says, the source is what runs (the file may have changed since it was imported) and no child
+    forward reads is also held under another name (fx would call it by that one)."""
     cls = type(block)
     require("forward" not in vars(block), "the instance overrides forward in its __dict__")
     for name in CALL_MACHINERY:
@@ -162,15 +187,8 @@ def _check_source(block: nn.Module) -> set[str]:
         isinstance(function, types.FunctionType) and not hasattr(function, "__wrapped__"),
         f"{cls.__name__}.forward is not a plain function",
     )
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
-    except (OSError, TypeError, SyntaxError) as error:
-        raise Skip(f"the source of {function.__qualname__} is not available ({error})") from None
-    definition = tree.body[0]
-    require(
-        isinstance(definition, ast.FunctionDef) and not definition.decorator_list,
-        f"{function.__qualname__} is decorated",
-    )
+    definition, digest = _running_source(function)
+    require(not definition.decorator_list, f"{function.__qualname__} is decorated")
     args = definition.args
     require(
         len(args.posonlyargs + args.args) == 2
@@ -183,7 +201,80 @@ def _check_source(block: nn.Module) -> set[str]:
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]  # the docstring
     grammar.statements(body)
-    return grammar.reads
+    paths = {}
+    for path, module in block.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
+    for name in sorted(grammar.reads):
+        names = paths.get(id(getattr(block, name)), [name])
+        require(
+            len(names) == 1, f"{name} is also held as {', '.join(n for n in names if n != name)}"
+        )
+    return _Source(grammar.reads, grammar.functions, digest)
+
+
+def _running_source(function: types.FunctionType) -> tuple[ast.FunctionDef, str]:
+    """The definition of ``function`` in its file and the digest of its bytecode, when compiling
+    the file now gives that bytecode (the file may have changed since it was imported; the whole
+    file, as the compiler's output depends on the module, e.g. on what it imports)."""
+    label = function.__qualname__
+    try:
+        path = inspect.getsourcefile(function)
+        with open(path, encoding="utf-8") as file:
+            tree = ast.parse(file.read(), path)
+        compiled = compile(tree, path, "exec")
+    except (OSError, TypeError, SyntaxError, ValueError) as error:
+        raise Skip(f"the source of {label} is not available ({error})") from None
+    parts = [part for part in label.split(".") if part != "<locals>"]
+    definitions, codes = [tree], [compiled]
+    for part in parts:
+        definitions = [
+            node
+            for scope in definitions
+            for node in ast.walk(scope)
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.name == part
+            and node is not scope
+        ]
+        codes = [c for scope in codes for c in _nested_codes(scope) if c.co_name == part]
+    digest = _code_digest(function.__code__)
+    require(
+        len(definitions) == len(codes) == 1 and isinstance(definitions[0], ast.FunctionDef),
+        f"the definition of {label} in {path} is not one function",
+    )
+    require(
+        _code_digest(codes[0]) == digest,
+        f"the source of {label} in {path} is not the code that runs (changed since import)",
+    )
+    return definitions[0], digest
+
+
+def _nested_codes(code: types.CodeType) -> list[types.CodeType]:
+    """The code objects defined inside ``code``, at any depth of nested code."""
+    found = []
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found += [const, *_nested_codes(const)]
+    return found
+
+
+def _code_digest(code: types.CodeType) -> str:
+    """What a function's bytecode does (instructions, names, constants, nested code), not where
+    its lines are."""
+    parts = [code.co_code.hex(), repr((code.co_names, code.co_varnames, code.co_freevars))]
+    for const in code.co_consts:
+        is_code = isinstance(const, types.CodeType)
+        parts.append(_code_digest(const) if is_code else repr((type(const), const)))
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def _resolve(namespace: dict, chain: tuple[str, ...]) -> object:
+    """The object the dotted global name ``chain`` (("torch", "relu")) stands for in namespace."""
+    value = namespace.get(chain[0], MISSING)
+    for name in chain[1:]:
+        if not isinstance(value, types.ModuleType):
+            return MISSING
+        value = getattr(value, name, MISSING)
+    return value
 
 
 _STATEMENT_NAMES = {
@@ -205,6 +296,7 @@ class _Grammar:
         self.block, self.function, self.self_name = block, function, self_name
         self.local_names = {input_name}
         self.reads = set()  # the names read on self: children called, attributes tested
+        self.functions = []  # (dotted name, index in _SOURCE_FUNCTIONS) of each function called
 
     def refuse(self, node: ast.AST, what: str) -> None:
         text = ast.unparse(node).splitlines()[0]
@@ -282,13 +374,14 @@ class _Grammar:
             self.reads.add(func.attr)
             for arg in node.args:
                 self.expression(arg)
-        elif self.resolve(func) in _SOURCE_FUNCTIONS:
+        elif self.source_function(func) is not None:
+            target = self.source_function(func)
             inplace = [k for k in node.keywords if k.arg == "inplace"]
             constant = all(isinstance(k.value, ast.Constant) for k in inplace)
             if len(inplace) != len(node.keywords) or not constant:
                 self.refuse(node, "a keyword argument other than a constant inplace")
             args = node.args
-            if self.resolve(func) is F.relu and len(args) == 2:
+            if target is F.relu and len(args) == 2:
                 if not isinstance(args[1], ast.Constant):
                     self.refuse(node, "an inplace argument that is not a constant")
                 args = args[:1]
@@ -305,15 +398,24 @@ class _Grammar:
         else:
             self.refuse(node, "a call of something else than a child, a relu or an add")
 
-    def resolve(self, node: ast.expr) -> object:
-        """The object a dotted global name (``torch.relu``, ``F.relu``) stands for, else MISSING."""
-        if isinstance(node, ast.Name) and node.id not in self.local_names:
-            return self.function.__globals__.get(node.id, MISSING)
-        if isinstance(node, ast.Attribute) and not self.self_attribute(node):
-            owner = self.resolve(node.value)
-            if isinstance(owner, types.ModuleType):
-                return getattr(owner, node.attr, MISSING)
-        return MISSING
+    def source_function(self, node: ast.expr) -> object:
+        """The function of _SOURCE_FUNCTIONS that the dotted global name ``node`` (``torch.relu``,
+        ``F.relu``) stands for, recorded in self.functions; None for anything else (a local or
+        closure name, another function)."""
+        chain = []
+        while isinstance(node, ast.Attribute):
+            chain.insert(0, node.attr)
+            node = node.value
+        closure = self.function.__code__.co_freevars
+        if not isinstance(node, ast.Name) or node.id in self.local_names or node.id in closure:
+            return None
+        chain.insert(0, node.id)
+        target = _resolve(self.function.__globals__, tuple(chain))
+        index = next((i for i, f in enumerate(_SOURCE_FUNCTIONS) if f is target), None)
+        if index is None:
+            return None
+        self.functions.append((tuple(chain), index))
+        return target
 
 
 # ---- 2. trace ----------------------------------------------------------------------------------
@@ -357,9 +459,9 @@ def _trace(block: nn.Module) -> fx.Graph:
 # ---- 3. match, 4. move -------------------------------------------------------------------------
 
 
-def _fuse_tail(block: nn.Module, graph: fx.Graph, call: fx.Node) -> set[str]:
+def _fuse_tail(block: nn.Module, graph: fx.Graph, call: fx.Node) -> dict[str, type]:
     """Replaces the tail of the SA call ``call`` (A) in graph by one residual_tail call; returns
-    the children whose hooks and forward the run-time check watches."""
+    the children whose hooks and forward the run-time check watches, with their classes."""
     name = call.target
     require(not _hooked(block._modules[name]), f"{name} has hooks, which see its own output")
     uses = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
@@ -369,9 +471,11 @@ def _fuse_tail(block: nn.Module, graph: fx.Graph, call: fx.Node) -> set[str]:
         f"{name} is called with {call.args}, {call.kwargs}, not with one tensor",
     )
     t = call.args[0]
-    add, shortcut, add_in_place = _match_add(call, name)
+    add, shortcut, order = _match_add(call, name)
     relu = _match_relu(block, add, name)
-    watched = {name} | ({relu.target} if relu.op == "call_module" else set())
+    watched = {name: type(block._modules[name])}
+    if relu.op == "call_module":
+        watched[relu.target] = nn.ReLU
     if _nodes_between(call, add):
         producer = block._modules.get(t.target) if t.op == "call_module" else None
         fresh = (
@@ -383,10 +487,10 @@ def _fuse_tail(block: nn.Module, graph: fx.Graph, call: fx.Node) -> set[str]:
             f"the add, and {name}'s input is not a fresh norm or conv output (without hooks) that "
             f"only {name} reads",
         )
-        watched.add(t.target)
+        watched[t.target] = type(producer)
     with graph.inserting_before(add):
         module = graph.get_attr(name)
-        fused = graph.call_function(residual_tail, (module, t, shortcut, add_in_place))
+        fused = graph.call_function(residual_tail, (module, t, shortcut, order))
     relu.replace_all_uses_with(fused)
     for node in (relu, add, call):
         graph.erase_node(node)
@@ -404,8 +508,8 @@ def _single_user(node: fx.Node, what: str) -> fx.Node:
     return users[0]
 
 
-def _match_add(call: fx.Node, name: str) -> tuple[fx.Node, fx.Node, bool]:
-    """(P, s, in place) when call's only user adds a shortcut s to it."""
+def _match_add(call: fx.Node, name: str) -> tuple[fx.Node, fx.Node, str]:
+    """(P, s, how) when call's only user adds a shortcut s to it; how: residual_tail's add."""
     add = _single_user(call, f"the output of {name}")
     args, kwargs = add.args, add.kwargs
     is_add = (add.op == "call_function" and add.target in _ADD_FUNCTIONS) or (
@@ -424,7 +528,7 @@ def _match_add(call: fx.Node, name: str) -> tuple[fx.Node, fx.Node, bool]:
     )
     shortcut = args[1] if args[0] is call else args[0]
     require(isinstance(shortcut, fx.Node), f"{add.name} adds the constant {shortcut!r}")
-    return add, shortcut, in_place
+    return add, shortcut, "into" if in_place else "after" if args[0] is call else "before"
 
 
 def _match_relu(block: nn.Module, add: fx.Node, name: str) -> fx.Node:
@@ -459,36 +563,55 @@ def _nodes_between(first: fx.Node, last: fx.Node) -> list[fx.Node]:
 
 class _TailCode:
     """A block's forward with fused tails: the code fx generated for the rewritten graph (called
-    with the block as ``self``), the children and Nones it read at conversion, and the children
-    whose hooks would see what the rewrite changed. Pickled as its source and its globals (modules
-    by name)."""
+    with the block as ``self``) and what the rewrite relied on, checked at every call (step 5):
+    the digest of the class forward's bytecode, the children and Nones it read, the global
+    functions it called, and the children whose hooks would see what changed, with their classes.
+    Pickled as its source and its globals (modules by name)."""
 
-    def __init__(self, graph: fx.Graph, reads: dict, watched: list[str]) -> None:
+    def __init__(
+        self, graph: fx.Graph, reads: dict, watched: list, functions: list, digest: str
+    ) -> None:
         code = graph.python_code(root_module="self")
         state = {"source": code.src, "globals": _picklable(code.globals)}
         try:
             pickle.dumps(state["globals"])
         except Exception as error:
             raise Skip(f"forward calls something that cannot be pickled ({error})") from None
-        self.__setstate__({**state, "reads": reads, "watched": watched})
+        state.update(reads=reads, watched=watched, functions=functions, digest=digest)
+        self.__setstate__(state)
 
     def holds_for(self, block: nn.Module) -> bool:
-        """What the rewrite relied on still holds for ``block`` (step 5 of the module docstring)."""
+        """What the rewrite relied on still holds for ``block``."""
+        function = _static(type(block)._sa_cuda_original_class, "forward")
         return (
-            all(getattr(block, name, MISSING) is value for name, value in self.reads.items())
-            and not any(_hooked(block._modules[name]) for name in self.watched)
+            self.same_code(function)
+            and all(getattr(block, name, MISSING) is value for name, value in self.reads.items())
+            and all(
+                _resolve(function.__globals__, chain) is _SOURCE_FUNCTIONS[index]
+                for chain, index in self.functions
+            )
+            and all(_unchanged(block._modules.get(name), cls) for name, cls in self.watched)
             and not any(getattr(_module_globals, hooks) for hooks in _GLOBAL_CALL_HOOKS)
         )
+
+    def same_code(self, function: object) -> bool:
+        """function's bytecode is the one checked (its digest is kept per code object)."""
+        code = getattr(function, "__code__", None)
+        if code is not self._code_seen:
+            self._code_seen = code
+            self._code_same = code is not None and _code_digest(code) == self.digest
+        return self._code_same
 
     def __call__(self, block: nn.Module, *args, **kwargs):
         return self._function(block, *args, **kwargs)
 
     def __getstate__(self) -> dict:
-        keys = ("source", "globals", "reads", "watched")
+        keys = ("source", "globals", "reads", "watched", "functions", "digest")
         return {key: getattr(self, key) for key in keys}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._code_seen = self._code_same = None
         namespace = {
             key: importlib.import_module(value.name) if isinstance(value, _ModuleName) else value
             for key, value in self.globals.items()
@@ -499,6 +622,15 @@ class _TailCode:
         linecache.cache[filename] = (len(self.source), None, self.source.splitlines(True), filename)
         exec(compile(self.source, filename, "exec"), namespace)
         self._function = namespace["forward"]
+
+
+def _unchanged(child: object, cls: type) -> bool:
+    """A watched child still calls cls's forward, without hooks."""
+    return (
+        child is not None
+        and _static(type(child), "forward") is _static(cls, "forward")
+        and not _hooked(child)
+    )
 
 
 class _ModuleName:

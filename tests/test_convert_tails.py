@@ -9,6 +9,8 @@ import copy
 import io
 import pickle
 import re
+import sys
+import types
 
 import pytest
 import torch
@@ -342,16 +344,36 @@ def _replica(model, x):
     return [replica(model[0](x))]
 
 
+class _LeakyReLU(nn.ReLU):
+    def forward(self, x):
+        return F.leaky_relu(x, 0.1)
+
+
+def _swap_relu_class(model, x):
+    model[1].relu.__class__ = _LeakyReLU
+    return [model(x)]
+
+
+def _patch_class_forward(model, x):
+    original = OfficialSABottleneck.forward
+    OfficialSABottleneck.forward = lambda self, x: original(self, x) * 2
+    try:
+        return [model(x)]
+    finally:
+        OfficialSABottleneck.forward = original
+
+
 CHANGES = [_replace_relu, _fold_bn3, _hook_on("sa"), _hook_on("relu"), _hook_on("bn3")]
-CHANGES += [_global_hook, _replica]
+CHANGES += [_global_hook, _replica, _swap_relu_class, _patch_class_forward]
 
 
 @pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__)
 def test_changes_after_conversion_run_the_class_forward(change):
     """What the rewrite relied on is checked at every call: a child replaced (the ReLU by a GELU,
     bn3 folded into an nn.Identity), a hook added to the SA layer, the ReLU or bn3, a global module
-    hook, a DataParallel replica (other children): the call then runs the class's forward, with
-    the unconverted block's results and hook calls."""
+    hook, a DataParallel replica (other children), the ReLU's class swapped, the class's forward
+    patched: the call then runs the class's forward, with the unconverted block's results and hook
+    calls."""
     x = torch.randn(SHAPE[0], 16, 9, 7, dtype=torch.float64)
     model = _randomized(_official_stage()).eval()
     untailed = _untailed(model)
@@ -361,6 +383,67 @@ def test_changes_after_conversion_run_the_class_forward(change):
         got, want = change(model, x), change(untailed, x)
     assert got[0].dtype == want[0].dtype and torch.equal(got[0], want[0])
     assert got[1:] == want[1:]
+
+
+_relu = torch.relu  # a module global the next block calls: rebinding it changes the block
+
+
+class GlobalRelu(_Block):
+    def forward(self, x):
+        return _relu(self.sa(self.bn(self.conv(x))) + x)
+
+
+def test_a_global_function_rebound_after_conversion_runs_the_class_forward(monkeypatch):
+    block = _randomized(GlobalRelu())
+    untailed = _untailed(block)
+    assert sa_cuda.convert(block, report=True).fused_tails == [("", "GlobalRelu")]
+    monkeypatch.setattr(sys.modules[__name__], "_relu", torch.sigmoid)
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(block(x), untailed(x))
+
+
+class ShortcutFirst(_Block):
+    def forward(self, x):
+        return self.relu(x + self.sa(self.bn(self.conv(x))))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last_weights"])
+def test_the_result_has_the_strides_of_the_sum_as_written(layout):
+    """``x + sa(t)`` gives the strides of x's layout, which the epilogue (t's layout) may not
+    have: then the three steps run, in the order written; values and strides as before."""
+    block = _randomized(ShortcutFirst())
+    x = torch.randn(SHAPE[0], C, SHAPE[3], SHAPE[2], dtype=torch.float64).transpose(2, 3)
+    if layout == "channels_last_weights":
+        block = block.to(memory_format=torch.channels_last)
+        x = x.contiguous()
+    untailed = _untailed(block)
+    assert sa_cuda.convert(block, report=True).fused_tails == [("", "ShortcutFirst")]
+    with torch.no_grad():
+        got, want = block(x), untailed(x)
+    assert got.stride() == want.stride() and torch.equal(got, want)
+
+
+def test_a_source_file_changed_since_import_leaves_the_block(tmp_path, monkeypatch):
+    """The grammar is checked on the file's text; when that is no longer the code that runs (the
+    file was edited after import), the block is left alone."""
+    path = tmp_path / "edited_block.py"
+    head = "import torch\nfrom torch import nn\nimport sa_cuda\n\n\nclass Edited(nn.Module):\n"
+    init = "    def __init__(self):\n        super().__init__()\n"
+    init += "        self.bn = nn.BatchNorm2d(32)\n        self.sa = sa_cuda.reference.SALayer(32, 4)\n\n"
+    running = (
+        "    def forward(self, x):\n        if torch.is_grad_enabled():\n            x = x + x\n"
+    )
+    running += "        return torch.relu(self.sa(self.bn(x)) + x)\n"
+    path.write_text(head + init + running)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import edited_block
+
+    straight = "    def forward(self, x):\n        return torch.relu(self.sa(self.bn(x)) + x)\n"
+    path.write_text(head + init + straight)
+    block = edited_block.Edited()
+    report = sa_cuda.convert(block, report=True)
+    assert report.fused_tails == [] and "is not the code that runs" in report.skipped_tails[0][2]
 
 
 # ---- left alone: the reasons ---------------------------------------------------------------
@@ -550,6 +633,30 @@ class ReadsParameters(_Block):
         return self.relu(out + x)
 
 
+class Alias(_Block):
+    """bn also held as norm: fx would call it by its first name, bn."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = self.bn
+
+    def forward(self, x):
+        return self.relu(self.sa(self.norm(self.conv(x))) + x)
+
+
+def _closure_block():
+    F = types.SimpleNamespace(relu=lambda t: t if torch.is_grad_enabled() else t * 2)
+
+    class ClosureF(_Block):
+        def forward(self, x):
+            return F.relu(self.sa(self.bn(self.conv(x))) + x)
+
+    return ClosureF
+
+
+ClosureF = _closure_block()
+
+
 class OwnCall(_Block):
     def __call__(self, *args, **kwargs):
         return super().__call__(*args, **kwargs)
@@ -582,6 +689,8 @@ LEFT_ALONE = [
     (Helper, "a call of self.pre that is not a child"),
     (ReadsParameters, "an expression other than"),
     (OwnCall, "overrides nn.Module.__call__"),
+    (Alias, "norm is also held as bn|bn is also held as norm"),
+    (ClosureF, "a call of something else than a child"),
 ]
 
 

@@ -29,7 +29,7 @@ from ..variants import variant as variant_named
 from . import vmap as _vmap
 from .checks import check_backward_args, check_forward_args, stat_dtype
 
-__all__ = ["OpLibrary", "register_library"]
+__all__ = ["OpLibrary", "layout_of", "register_library"]
 
 # Dispatch key names are not always the upper-cased device type ("meta" -> "Meta").
 _DISPATCH_KEYS = {"meta": "Meta", "privateuseone": "PrivateUse1"}
@@ -169,7 +169,7 @@ def _residual_autograd_function(
     return ShuffleAttentionResidualFunction
 
 
-def _layout_of(x: Tensor) -> torch.memory_format:
+def layout_of(x: Tensor) -> torch.memory_format:
     """The memory format of the ops' out and grad_x for an x (csrc/host.cpp, is_channels_last):
     channels_last when x is channels_last-contiguous and not also NCHW-contiguous (C = 1 or
     H = W = 1, where both are the same bytes); NCHW-contiguous for every other x."""
@@ -199,16 +199,16 @@ def _fake_kernels(variant: Variant):
     def fake_residual_backward(grad_out, out, x, mean, rstd, groups, *params):
         check_backward_args(variant, grad_out, x, mean, rstd, groups, params, out=out)
         grad_x, *param_grads = _fake_grads(x, params)
-        return (grad_x, torch.empty_like(x, memory_format=_layout_of(x)), *param_grads)
+        return (grad_x, torch.empty_like(x, memory_format=layout_of(x)), *param_grads)
 
     return fake_forward, fake_backward, fake_residual_forward, fake_residual_backward
 
 
 def _fake_forward_outputs(x) -> tuple:
-    """(out, mean, rstd) as the real forward returns them: out in x's layout (_layout_of), the
+    """(out, mean, rstd) as the real forward returns them: out in x's layout (layout_of), the
     [B, C] statistics in stat_dtype."""
     stat = x.new_empty((x.shape[0], x.shape[1]), dtype=stat_dtype(x))
-    return torch.empty_like(x, memory_format=_layout_of(x)), stat, torch.empty_like(stat)
+    return torch.empty_like(x, memory_format=layout_of(x)), stat, torch.empty_like(stat)
 
 
 def _fake_grads(x, params) -> tuple:
@@ -216,7 +216,7 @@ def _fake_grads(x, params) -> tuple:
     contiguous (also for a non-contiguous parameter, e.g. a transposed (m, m) weight; plain
     empty_like(p) would keep p's strides and mislead Inductor)."""
     return (
-        torch.empty_like(x, memory_format=_layout_of(x)),
+        torch.empty_like(x, memory_format=layout_of(x)),
         *(torch.empty_like(p, memory_format=torch.contiguous_format) for p in params),
     )
 
@@ -342,7 +342,7 @@ class OpLibrary:
                 identity = identity.to(dtype)
         if dtype != x.dtype:
             x = x.to(dtype)
-        # The ops return out (and grad_x) in x's memory format (_layout_of).
+        # The ops return out (and grad_x) in x's memory format (layout_of).
         differentiable = torch.is_grad_enabled() and (
             x.requires_grad
             or any(p.requires_grad for p in params)

@@ -62,7 +62,6 @@ import linecache
 import operator
 import pickle
 import types
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,8 +81,6 @@ _TAIL_ATTR = "_sa_cuda_tail"  # where a block keeps its rewritten forward
 _FUSED_CLASSES = (SALayer, ShuffleAttention)
 # Children whose output is a new tensor in every mode: a t they produce is reachable through t only.
 _FRESH_OUTPUT = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.Conv2d)
-_IN_PLACE_OPERATORS = ("add", "and", "floordiv", "lshift", "matmul", "mod", "mul", "or", "pow")
-_IN_PLACE_OPERATORS += ("rshift", "sub", "truediv", "xor")
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu)
 _ADD_FUNCTIONS = (operator.add, torch.add)
 _SOURCE_FUNCTIONS = (*_RELU_FUNCTIONS, torch.add)  # the functions forward may call
@@ -422,21 +419,12 @@ class _Grammar:
 
 
 class _Proxy(fx.Proxy):
-    """fx's Proxy with the in-place operators: ``a += b`` is recorded as ``operator.iadd(a, b)``
-    (which fx's code generator writes back as ``a += b``), not as ``a = a + b``."""
+    """fx's Proxy with ``+=`` (the one augmented assignment the grammar allows): ``a += b`` is
+    recorded as ``operator.iadd(a, b)`` (which fx's code generator writes back as ``a += b``), not
+    as ``a = a + b``."""
 
-
-def _in_place(name: str) -> Callable:
-    target = getattr(operator, f"i{name}")
-
-    def method(self: _Proxy, other: object) -> _Proxy:
-        return self.tracer.create_proxy("call_function", target, (self, other), {})
-
-    return method
-
-
-for _name in _IN_PLACE_OPERATORS:
-    setattr(_Proxy, f"__i{_name}__", _in_place(_name))
+    def __iadd__(self, other: object) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
 
 
 class _Tracer(fx.Tracer):

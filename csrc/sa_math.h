@@ -117,6 +117,16 @@ SA_HOST_DEVICE PlaneUnit plane_unit(const ForwardParams& f, int64_t plane) {
   return PlaneUnit{plane, channel_role(c, f.branch_channels), b * C + shuffle_dst(c, C)};
 }
 
+// The SALayer unit whose result lands at plane out_plane of out (b * C + o): plane_unit of
+// b * C + shuffle_src(o). The NCHW CPU kernels go through the planes in this order, so that out,
+// grad_out and the residual epilogue's tensors (identity, out, grad_identity) are read and written
+// in address order, and x, grad_x in two runs (channel k and C / 2 + k), instead of the shuffled
+// tensors by every other plane.
+SA_HOST_DEVICE PlaneUnit plane_unit_at_output(const ForwardParams& f, int64_t out_plane) {
+  const int64_t C = f.channels;
+  return plane_unit(f, out_plane / C * C + shuffle_src(out_plane % C, C));
+}
+
 // The work unit of ShuffleAttention: one branch of one (batch item b, group g) of the B * G * 2,
 // i.e. m planes coupled by the m x m gate matrix. The unit's channels c0 .. c0 + m - 1 lie in one
 // half of the channels (c0 and C / 2 = G m are multiples of m), so channel_shuffle sends channel
@@ -134,6 +144,15 @@ SA_HOST_DEVICE BranchUnit branch_unit(const ForwardParams& f, int64_t unit) {
   const bool spatial = unit % 2 == 1;
   const int64_t c0 = g * 2 * m + (spatial ? m : 0);
   return BranchUnit{spatial, b * C + c0, b * C + shuffle_dst(c0, C), (b * G + g) * m};
+}
+
+// The ShuffleAttention units in the order of their output planes (as plane_unit_at_output): the
+// unit of channels q m .. q m + m - 1 (unit q of its batch item) writes every other plane of out
+// from 2 q m, and unit q + G fills the planes between, so units 0, G, 1, G + 1, ... (index r of
+// the 2 G goes to unit shuffle_src(r, 2 G)) write out region after region.
+SA_HOST_DEVICE BranchUnit branch_unit_at_output(const ForwardParams& f, int64_t index) {
+  const int64_t units = 2 * f.groups;
+  return branch_unit(f, index / units * units + shuffle_src(index % units, units));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -149,11 +149,9 @@ void backward_sa_layer(const BackwardParams& p) {
         // x, grad_out and grad_x planes in acc_t (when converting); the spatial gate s.
         std::vector<acc_t> scratch((kConvert ? 3 : 0) * N + N);
         acc_t* gate = scratch.data() + (kConvert ? 3 : 0) * N;
-        for (int64_t plane = begin; plane < end; ++plane) {
-          const PlaneUnit unit = plane_unit(p.fwd, plane);
-          if (t.out != nullptr && plane + 1 < end) {
-            t.prefetch_sa_grad(plane_unit(p.fwd, plane + 1).out_plane * N, N);
-          }
+        for (int64_t index = begin; index < end; ++index) {
+          const PlaneUnit unit = plane_unit_at_output(p.fwd, index);
+          const int64_t plane = unit.plane;
           const acc_t* x = as_acc(t.fwd.x + plane * N, N, scratch.data());
           const acc_t* gu = as_acc(t.sa_grad(unit.out_plane * N, N), N, scratch.data() + N);
           acc_t* dx =
@@ -342,12 +340,8 @@ void backward_shuffle_attention(const BackwardParams& p) {
                      acc_t* gu_buf = kConvert ? x_buf + mN : nullptr;
                      acc_t* dx_buf = kConvert ? gu_buf + mN : nullptr;
                      BranchPlanes<acc_t> u = branch_planes(m, scratch.data(), N);
-                     for (int64_t unit = begin; unit < end; ++unit) {
-                       const BranchUnit b = branch_unit(p.fwd, unit);
-                       if (t.out != nullptr && unit + 1 < end) {
-                         const int64_t next0 = branch_unit(p.fwd, unit + 1).out_plane0;
-                         for (int64_t j = 0; j < m; ++j) t.prefetch_sa_grad((next0 + 2 * j) * N, N);
-                       }
+                     for (int64_t index = begin; index < end; ++index) {
+                       const BranchUnit b = branch_unit_at_output(p.fwd, index);
                        u.x = as_acc(t.fwd.x + b.plane0 * N, mN, x_buf);
                        for (int64_t j = 0; j < m; ++j) {
                          u.gu[j] = as_acc(t.sa_grad((b.out_plane0 + 2 * j) * N, N), N,

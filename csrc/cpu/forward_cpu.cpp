@@ -113,12 +113,9 @@ void forward_sa_layer(const ForwardParams& p) {
   }
   at::parallel_for(0, p.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(kConvert ? 2 * N : 0);  // x plane in acc_t, result plane
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const PlaneUnit unit = plane_unit(p, plane);
-      if (t.identity != nullptr && plane + 1 < end) {
-        t.prefetch_identity(plane_unit(p, plane + 1).out_plane * N, N);
-      }
-      const acc_t* x = as_acc(t.x + plane * N, N, scratch.data());
+    for (int64_t index = begin; index < end; ++index) {
+      const PlaneUnit unit = plane_unit_at_output(p, index);
+      const acc_t* x = as_acc(t.x + unit.plane * N, N, scratch.data());
       scalar_t* dst = t.out + unit.out_plane * N;
       acc_t* result = result_buffer(dst, kConvert ? scratch.data() + N : nullptr);
       sa_layer_plane(t, p, unit, x, result);
@@ -232,12 +229,8 @@ void forward_shuffle_attention(const ForwardParams& p) {
       0, p.batch * p.groups * 2, grain_for(m * N, kTaskElements), [&](int64_t begin, int64_t end) {
         std::vector<acc_t> converted(kConvert ? 2 * m * N : 0);  // x planes, result planes
         BranchScratch<acc_t> scratch(m, N);
-        for (int64_t unit = begin; unit < end; ++unit) {
-          const BranchUnit u = branch_unit(p, unit);
-          if (t.identity != nullptr && unit + 1 < end) {
-            const int64_t next0 = branch_unit(p, unit + 1).out_plane0;
-            for (int64_t j = 0; j < m; ++j) t.prefetch_identity((next0 + 2 * j) * N, N);
-          }
+        for (int64_t index = begin; index < end; ++index) {
+          const BranchUnit u = branch_unit_at_output(p, index);
           const acc_t* x = as_acc(t.x + u.plane0 * N, m * N, converted.data());
           // The output planes themselves (2 N apart), or converted ones (N apart) when converting.
           auto dst = [&](int64_t j) { return t.out + (u.out_plane0 + 2 * j) * N; };

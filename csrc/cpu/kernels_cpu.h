@@ -60,11 +60,6 @@ struct ForwardTensors {
         rstd(static_cast<acc_t*>(p.rstd)),
         w(p, variant) {}
 
-  // The residual epilogue's: asks the cache for identity's n values from offset. A unit's output
-  // planes lie at shuffled channels, whose reads the hardware prefetchers do not foresee (the
-  // NCHW kernels ask for the next unit's while computing this one's).
-  void prefetch_identity(int64_t offset, int64_t n) const { prefetch_span(identity + offset, n); }
-
   // Batch item b of identity ([B, C, N] or [B, N, C]: item_size = C N), or null without one.
   const scalar_t* identity_item(int64_t b, int64_t item_size) const {
     return identity == nullptr ? nullptr : identity + b * item_size;
@@ -95,13 +90,6 @@ struct BackwardTensors {
         gate_grad(static_cast<acc_t*>(p.gate_grad)),
         t_sum(static_cast<acc_t*>(p.t_sum)),
         t_xh(static_cast<acc_t*>(p.t_xh)) {}
-
-  // The residual epilogue's: asks the cache for what sa_grad(offset, n) will read and write.
-  void prefetch_sa_grad(int64_t offset, int64_t n) const {
-    prefetch_span(grad_out + offset, n);
-    prefetch_span(out + offset, n);
-    prefetch_span</*kForWrite=*/true>(grad_identity + offset, n);
-  }
 
   // The gradient of SA(x) on `rows` runs of `count` values, `stride` apart, from `offset` (of
   // grad_out's elements): grad_out itself, or with the residual epilogue relu's masked gradient,

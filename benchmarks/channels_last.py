@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -128,13 +127,8 @@ def format_rows(rows: list[dict]) -> str:
 def plot(rows: list[dict], title: str, path: Path) -> bool:
     """Two panels per pass: fused cl/nchw time (lower is better, the 1.3 target drawn) and the
     fused speedup over eager channels_last; bars per shape, one series per (variant, dtype)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = report.pyplot()
+    if plt is None:
         return False
     ok = [r for r in rows if r["check"]["ok"] and "fused-cl" in r["times"]]
     if not ok:

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -174,13 +173,8 @@ def format_rows(results: list[dict]) -> str:
 
 def plot(results: list[dict], title: str, path: Path) -> bool:
     """The overhead over ResNet-50 per (batch, step), eager and fused, with the 3% target."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = report.pyplot()
+    if plt is None:
         return False
     ok = [res for res in results if res["check"]["ok"]]
     if not ok:

@@ -276,6 +276,20 @@ def grouped_bars(ax, groups: list[str], series: list, value, label) -> None:
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only), or None, said on stderr, without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return None
+    return plt
+
+
 def save_figure(fig, axes, ncol: int, title: str, path: Path, *, dpi: int) -> None:
     """Title and legend (the first panel's series) above the panels, not on the bars; saves."""
     import matplotlib.pyplot as plt
@@ -300,13 +314,8 @@ def save_figure(fig, axes, ncol: int, title: str, path: Path, *, dpi: int) -> No
 def plot(result: dict, path: Path) -> bool:
     """Fused speedup over eager (top row) and over torch.compile (bottom row), one panel per pass;
     bars per shape, one series per (variant, dtype); value labels on the bars."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     fused = [r for r in result["results"] if r["impl"] == "fused" and r["status"] == "ok"]
     baselines = [b for b in ("eager", "compile") if any(f"speedup_vs_{b}" in r for r in fused)]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -153,13 +152,8 @@ def format_rows(rows: list[dict]) -> str:
 def plot(rows: list[dict], title: str, path: Path) -> bool:
     """Per pass, the fused tail's speedup over the fused layer + eager add/relu (above 1: the
     epilogue pays); bars per shape, one series per (variant, dtype, format)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = report.pyplot()
+    if plt is None:
         return False
     ok = [r for r in rows if r["check"]["ok"]]
     if not ok:

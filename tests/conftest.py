@@ -189,6 +189,11 @@ def run_raw_ops(backend, variant, x, gy, groups, params, *, saved=None, eps=1e-5
     return forward, grads
 
 
+# Every dtype the kernels take, and their test ids, for parametrize(..., ids=DTYPE_IDS).
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
+
+
 class OpNames(TorchDispatchMode):
     """Records the name of every op dispatched inside ``with OpNames() as seen:`` in
     ``seen.names`` ("sa_cuda.sa_layer_residual_forward", "aten.add", ...)."""

@@ -31,6 +31,8 @@ import pytest
 import torch
 from conftest import (
     BACKENDS,
+    DTYPE_IDS,
+    DTYPES,
     VARIANTS,
     all_grads,
     assert_identical,
@@ -140,9 +142,6 @@ GPU_NHWC_SHAPES = [
     pytest.param((1, 8, 28, 29), 2, id="C8-chunks4/13"),
     pytest.param((1, 8, 45, 46), 2, id="C8-chunks9/33"),
 ]
-
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
 
 
 def _shapes_for(backend):

@@ -18,12 +18,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EMULATED, VARIANTS, assert_identical, make_input, op_params, run_raw_ops
+from conftest import (
+    DTYPE_IDS,
+    DTYPES,
+    EMULATED,
+    VARIANTS,
+    assert_identical,
+    make_input,
+    op_params,
+    run_raw_ops,
+)
 
 CL = torch.channels_last
 
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
 
 # (B, C, H, W), groups. Packs: 2 (fp64) or 4 channels; a tile is 32 packs; chunks of 256 pixels in
 # the forward, 64 in SALayer's backward here (small grids: nhwc_chunk_pixels).

@@ -21,6 +21,8 @@ import re
 import pytest
 import torch
 from conftest import (
+    DTYPE_IDS,
+    DTYPES,
     PARAM_KEYS,
     VARIANTS,
     clone_as,
@@ -51,8 +53,6 @@ SHAPES = [
     pytest.param((1, 48, 30, 31), 3, id="rows-m8"),
     pytest.param((2, 72, 20, 30), 12, id="rows-m3"),
 ]
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
 FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 
 

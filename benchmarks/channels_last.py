@@ -68,14 +68,8 @@ def time_config(args, bencher, variant, shape, dname, impls) -> dict:
         "eager-cl": ref,
         "compile-cl": torch.compile(ref, dynamic=False) if "compile-cl" in impls else None,
     }
-    fns = {}
-    for impl in impls:
-        xi, gyi = inputs[impl.split("-")[1]]
-        params = list(mods[impl].parameters())
-        for pass_ in PASSES:
-            fns[(impl, pass_)] = harness.pass_fn(impl, pass_, mods[impl], xi, gyi, params)
-            fns[(impl, pass_)]()  # compiles compile-cl outside the timed rounds
-    return {"check": {"ok": True}, "times": harness.time_rounds(bencher, fns, args.rounds)}
+    cases = {impl: (mods[impl], *inputs[impl.split("-")[1]], PASSES) for impl in impls}
+    return {"check": {"ok": True}, "times": harness.time_rounds(bencher, cases, args.rounds)}
 
 
 def ratios(times: dict) -> dict:

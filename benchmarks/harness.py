@@ -160,10 +160,17 @@ def pass_fn(
     return fn
 
 
-def time_rounds(bencher, fns: dict, rounds: int) -> dict:
-    """{impl: {pass: ms}} of the callables ``fns`` ({(impl, pass): fn}), timed in ``rounds``
-    interleaved rounds (the machine's load drifts between rounds, not within one): each time is
-    the median over the rounds of the timer's median."""
+def time_rounds(bencher, cases: dict, rounds: int) -> dict:
+    """{impl: {pass: ms}} of ``cases`` ({impl: (module, x, gy, passes)}): each pass_fn is run once
+    untimed (torch.compile compiles there), then all are timed in ``rounds`` interleaved rounds
+    (the machine's load drifts between rounds, not within one): each time is the median over the
+    rounds of the timer's median."""
+    fns = {}
+    for impl, (mod, x, gy, passes) in cases.items():
+        params = list(mod.parameters())
+        for pass_ in passes:
+            fns[(impl, pass_)] = pass_fn(impl, pass_, mod, x, gy, params)
+            fns[(impl, pass_)]()
     samples = {key: [] for key in fns}
     for _ in range(rounds):
         for key, fn in fns.items():

@@ -95,13 +95,10 @@ def time_config(args, bencher, variant, shape, dname, fmt) -> dict:
     check = harness.check_fused(mods["eager"], mods["tail-fused"], x, gy)
     if not check["ok"]:
         return {"check": check, "times": {}}
-    fns = {}
-    for impl, mod in mods.items():
-        params = list(mod.parameters())
-        for pass_ in PASSES if impl != "add" else ("fwd",):
-            fns[(impl, pass_)] = harness.pass_fn(impl, pass_, mod, x, gy, params)
-            fns[(impl, pass_)]()
-    return {"check": {"ok": True}, "times": harness.time_rounds(bencher, fns, args.rounds)}
+    cases = {
+        impl: (mod, x, gy, ("fwd",) if impl == "add" else PASSES) for impl, mod in mods.items()
+    }
+    return {"check": {"ok": True}, "times": harness.time_rounds(bencher, cases, args.rounds)}
 
 
 def ratios(times: dict) -> dict:

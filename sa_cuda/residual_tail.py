@@ -217,8 +217,7 @@ def _running_source(function: types.FunctionType) -> tuple[ast.FunctionDef, str]
     try:
         path = inspect.getsourcefile(function)
         with open(path, encoding="utf-8") as file:
-            tree = ast.parse(file.read(), path)
-        compiled = compile(tree, path, "exec")
+            tree, compiled = _parsed_file(path, file.read())
     except (OSError, TypeError, SyntaxError, ValueError) as error:
         raise Skip(f"the source of {label} is not available ({error})") from None
     parts = [part for part in label.split(".") if part != "<locals>"]
@@ -243,6 +242,14 @@ def _running_source(function: types.FunctionType) -> tuple[ast.FunctionDef, str]
         f"the source of {label} in {path} is not the code that runs (changed since import)",
     )
     return definitions[0], digest
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_file(path: str, text: str) -> tuple[ast.Module, types.CodeType]:
+    """A file's syntax tree (read, never changed) and its compiled code, once per text: a model's
+    blocks are mostly of one class, whose file convert would otherwise compile once a block."""
+    tree = ast.parse(text, path)
+    return tree, compile(tree, path, "exec")
 
 
 def _nested_codes(code: types.CodeType) -> list[types.CodeType]:

@@ -127,3 +127,17 @@ def test_overhead_quick(tmp_path):
         assert (shares["sa"] > 0) == (model == "sa_fused"), key
         assert (shares["optimizer"] > 0) == (step == "train"), key
         assert shares["conv"] > 0 and shares["batch_norm"] > 0, key
+
+
+@pytest.mark.slow
+def test_raw_ops_quick(tmp_path):
+    """benchmarks.raw_ops --quick: both variants' raw forward and backward checked against the
+    float64 reference, timed with their yardsticks (copy, add), and the ratios written."""
+    report = _rounds_quick("raw_ops", tmp_path)
+    assert {r["variant"] for r in report["rows"]} == {"sa_layer", "shuffle_attention"}
+    for row in report["rows"]:
+        assert row["check"]["ok"], row["check"]
+        assert set(row["check"]["tensors"]) == {"out", "grad_x"}
+        assert set(row["times"]) == {"fwd", "bwd", "copy", "add"}
+        assert all(t["p25_ms"] > 0 for t in row["times"].values())
+        assert row["ratios"]["fwd_over_copy"] > 0 and row["ratios"]["bwd_over_add"] > 0

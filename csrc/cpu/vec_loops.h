@@ -69,18 +69,51 @@ inline void store(T* p, const V& v) {
   }
 }
 
-// f(i, V{}) for every element i of [0, n): full vectors first, then a scalar tail.
+// vector(i) for the runs [i, i + L) of [0, n): whole runs, then the last n % L elements as one run
+// ending at n, which covers up to L - 1 elements a second time; scalar(i) for each element only
+// where n < L. for_each: f(i, V{}) for every element i of [0, n) that way. So f must be a map: lane
+// l of f(i, V) writes element i + l of its outputs from element i + l of inputs it does not write
+// (every caller's outputs are planes of their own), and writes the same value again. A scalar tail
+// would call the scalar exp once per element (a 7x7 or 14x14 plane has 1 or 4 of them: 5-20% of a
+// gate's instructions). Only n < L goes element by element.
+template <int64_t L, typename Vector, typename Scalar>
+inline void for_each_run(int64_t n, const Vector& vector, const Scalar& scalar) {
+  if (n < L) {
+    for (int64_t i = 0; i < n; ++i) scalar(i);
+    return;
+  }
+  int64_t i = 0;
+  for (; i + L <= n; i += L) vector(i);
+  if (i < n) vector(n - L);
+}
+
 template <typename acc_t, typename F>
 inline void for_each(int64_t n, const F& f) {
   using Vec = at::vec::Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) f(i, Vec());
-  for (; i < n; ++i) f(i, acc_t());
+  for_each_run<Vec::size()>(n, [&](int64_t i) { f(i, Vec()); }, [&](int64_t i) { f(i, acc_t()); });
+}
+
+// The last r of a vector's L lanes (0 <= r <= L) as a blendv mask (all bits set there).
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> last_lanes(int64_t r) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return Vec::arange(acc_t(0), acc_t(1)) >= Vec(static_cast<acc_t>(Vec::size() - r));
+}
+
+// The sum of v's lanes, by halving shuffles (at::vec's reduction): a short dependency chain, where
+// storing the lanes and adding them one by one was a chain of L adds per sum on every plane.
+template <typename acc_t>
+inline acc_t lane_sum(const at::vec::Vectorized<acc_t>& v) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
 // K sums over i of terms(i, V{}) (a std::array<V, K>) in one pass: two vector accumulators per
 // sum (latency) within blocks of kSumBlock elements whose totals are added up separately, so no
 // lane adds more than kSumBlock / (2 L) terms in a row (rounding grows with that run, not with n).
+// A block's last n % L elements are one vector ending at the block's end, its lanes before the
+// block's tail masked out (for_each's reason; terms may store, as a map, like for_each's f): only
+// a plane of fewer than L elements is summed element by element.
 constexpr int64_t kSumBlock = 1024;
 
 // The block totals are added in double (a plane can hold hundreds of blocks).
@@ -111,14 +144,18 @@ C10_ALWAYS_INLINE std::array<acc_t, K> sums_over(int64_t n, const F& terms) {
       for (int k = 0; k < K; ++k) acc0[k] = acc0[k] + a[k];
     }
     std::array<acc_t, K> block{};
-    for (; i < end; ++i) {
-      const std::array<acc_t, K> a = terms(i, acc_t());
-      for (int k = 0; k < K; ++k) block[k] += a[k];
+    if (i < end && n >= L) {
+      const Vec tail = last_lanes<acc_t>(end - i);
+      const std::array<Vec, K> a = terms(end - L, Vec());
+      for (int k = 0; k < K; ++k) acc1[k] = acc1[k] + Vec::blendv(Vec(0), a[k], tail);
+    } else {
+      for (; i < end; ++i) {
+        const std::array<acc_t, K> a = terms(i, acc_t());
+        for (int k = 0; k < K; ++k) block[k] += a[k];
+      }
     }
     for (int k = 0; k < K; ++k) {
-      alignas(64) acc_t lanes[L];
-      (acc0[k] + acc1[k]).store(lanes);
-      for (int64_t l = 0; l < L; ++l) block[k] += lanes[l];
+      block[k] += lane_sum(acc0[k] + acc1[k]);
       total[k] += static_cast<double>(block[k]);
     }
   }
@@ -143,13 +180,14 @@ inline const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* scratch) {
     // bf16/fp16 -> fp32 with vector conversions (at::vec::convert is a scalar loop for these).
     using Vec = at::vec::Vectorized<scalar_t>;
     constexpr int64_t kFloatLanes = at::vec::Vectorized<float>::size();
-    int64_t i = 0;
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vec::loadu(src + i));
-      lo.store(scratch + i);
-      hi.store(scratch + i + kFloatLanes);
-    }
-    for (; i < n; ++i) scratch[i] = static_cast<acc_t>(src[i]);
+    for_each_run<Vec::size()>(
+        n,
+        [&](int64_t i) {
+          const auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vec::loadu(src + i));
+          lo.store(scratch + i);
+          hi.store(scratch + i + kFloatLanes);
+        },
+        [&](int64_t i) { scratch[i] = static_cast<acc_t>(src[i]); });
     return scratch;
   } else {
     at::vec::convert(src, scratch, n);
@@ -168,9 +206,25 @@ inline acc_t* result_buffer(scalar_t* dst, acc_t* scratch) {
   }
 }
 
+// The result plane in the output dtype. fp32 -> bf16/fp16 by vectors of the output dtype, rounded
+// to nearest even as the scalar conversion rounds (nhwc_tiles.h's store8 relies on the same); a NaN
+// stays a NaN.
 template <typename scalar_t, typename acc_t>
 inline void finish_store(const acc_t* result, scalar_t* dst, int64_t n) {
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(result, dst, n);
+  if constexpr (c10::is_reduced_floating_point_v<scalar_t> && std::is_same_v<acc_t, float>) {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    using FloatVec = at::vec::Vectorized<float>;
+    for_each_run<Vec::size()>(
+        n,
+        [&](int64_t i) {
+          const FloatVec lo = FloatVec::loadu(result + i),
+                         hi = FloatVec::loadu(result + i + FloatVec::size());
+          Vec(at::vec::convert_from_float<scalar_t>(lo, hi)).store(dst + i);
+        },
+        [&](int64_t i) { dst[i] = static_cast<scalar_t>(result[i]); });
+  } else if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    at::vec::convert(result, dst, n);
+  }
 }
 
 // Asks the cache for the n values from p, to be read or (kForWrite) written, at

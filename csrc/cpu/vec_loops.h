@@ -1,5 +1,6 @@
-// Loop skeletons for the CPU kernels: a vector body over at::vec::Vectorized<acc_t> lanes and a
-// scalar tail that calls the same generic lambda with V = acc_t, so each formula is written once.
+// Loop skeletons for the CPU kernels: a vector body over at::vec::Vectorized<acc_t> lanes, which
+// also takes a run's last n % L elements, and a scalar path for runs shorter than a vector that
+// calls the same generic lambda with V = acc_t, so each formula is written once.
 #pragma once
 
 #include <ATen/OpMathType.h>

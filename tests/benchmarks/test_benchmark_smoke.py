@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -141,3 +142,29 @@ def test_raw_ops_quick(tmp_path):
         assert set(row["times"]) == {"fwd", "bwd", "copy", "add"}
         assert all(t["p25_ms"] > 0 for t in row["times"].values())
         assert row["ratios"]["fwd_over_copy"] > 0 and row["ratios"]["bwd_over_add"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("valgrind") is None or not os.path.exists("/usr/include/valgrind/callgrind.h"),
+    reason="needs valgrind (callgrind) and its header",
+)
+def test_instructions_quick(tmp_path):
+    """benchmarks.instructions --quick: both variants' kernels counted under callgrind, one dump
+    per op, instructions per element of a kernel that does work on every element (more than one,
+    fewer than the scalar code's hundreds)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.instructions", "--quick", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    [json_file] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    report = json.loads((tmp_path / json_file).read_text())
+    assert [r["variant"] for r in report["rows"]] == ["sa_layer", "shuffle_attention"]
+    for row in report["rows"]:
+        assert row["elements"] == 2 * 128 * 14 * 14
+        for op in ("fwd", "bwd"):
+            assert 1 < row[f"{op}_per_element"] < 100, row

@@ -85,13 +85,18 @@ constexpr int64_t kVectorTail = 2;
 // (every caller's outputs are planes of their own), and writes the same value again.
 template <int64_t L, typename Vector, typename Scalar>
 inline void for_each_run(int64_t n, const Vector& vector, const Scalar& scalar) {
+  const int64_t tail = n % L;
   int64_t i = 0;
-  for (; i + L <= n; i += L) vector(i);
-  if (n >= L && n - i >= kVectorTail) {
-    vector(n - L);
-  } else {
-    for (; i < n; ++i) scalar(i);
+  if (n >= L && (tail == 0 || tail >= kVectorTail)) {
+    // A loop of its own, with no scalar code after it: gcc kept the scalar tail's values in
+    // registers across the vector loop and spilled the loop's (stage 1 forward: 5% more
+    // instructions with the scalar tail in the same path).
+    for (; i + L <= n; i += L) vector(i);
+    if (tail != 0) vector(n - L);
+    return;
   }
+  for (; i + L <= n; i += L) vector(i);
+  for (; i < n; ++i) scalar(i);
 }
 
 template <typename acc_t, typename F>

@@ -9,27 +9,33 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _rounds_quick(module: str, tmp_path) -> dict:
-    """Runs ``python -m benchmarks.<module> --quick`` (an interleaved-rounds script) into
-    tmp_path; checks it passed and wrote its PNG; returns its JSON."""
+def _run_quick(module: str, tmp_path, timeout: int = 600) -> Path:
+    """Runs ``python -m benchmarks.<module> --quick`` into tmp_path; checks it passed; returns the
+    JSON file it wrote."""
     result = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out-dir", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     [json_file] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
-    png = (tmp_path / json_file).with_suffix(".png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    return json.loads((tmp_path / json_file).read_text())
+    return tmp_path / json_file
+
+
+def _rounds_quick(module: str, tmp_path) -> dict:
+    """_run_quick of an interleaved-rounds script; checks it wrote its PNG; returns its JSON."""
+    json_file = _run_quick(module, tmp_path)
+    assert json_file.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads(json_file.read_text())
 
 
 @pytest.mark.slow
@@ -153,16 +159,7 @@ def test_instructions_quick(tmp_path):
     """benchmarks.instructions --quick: both variants' kernels counted under callgrind, one dump
     per op, instructions per element of a kernel that does work on every element (more than one,
     fewer than the scalar code's hundreds)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.instructions", "--quick", "--out-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    [json_file] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
-    report = json.loads((tmp_path / json_file).read_text())
+    report = json.loads(_run_quick("instructions", tmp_path, timeout=900).read_text())
     assert [r["variant"] for r in report["rows"]] == ["sa_layer", "shuffle_attention"]
     for row in report["rows"]:
         assert row["elements"] == 2 * 128 * 14 * 14

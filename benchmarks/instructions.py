@@ -9,7 +9,8 @@ forward and backward ops (benchmarks.raw_ops) are called once untimed (the threa
 then once each with a callgrind dump after it (a client request, from a small C helper compiled
 with the machine's C compiler against valgrind's callgrind.h): each dump holds one op's
 instructions. Reported: instructions per element of x, forward and backward, and with
-``--compare DIR`` the ratio to the same run of another checkout (e.g. ``git worktree add``).
+``--compare DIR`` the ratio to the same run of another checkout (e.g. ``git worktree add``, with
+this file and raw_ops.py copied into it if it predates them, and its extension built).
 
     python -m benchmarks.instructions [--variants sa_layer] [--dtypes fp32,bf16] [--shapes ...]
 
@@ -91,19 +92,18 @@ def start(root: Path, args, work: Path, helper: Path) -> tuple[subprocess.Popen,
     if args.quick:
         cmd.append("--quick")
     env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    run = subprocess.Popen(
-        cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    with open(out / "valgrind.log", "w") as log:  # a file, not a pipe: two runs at once
+        run = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=log)
     return run, out
 
 
 def collect(run: subprocess.Popen, out: Path) -> dict:
     """{config: {"elements": n, op: instructions}} of a finished run."""
-    _, stderr = run.communicate()
-    if run.returncode != 0:
-        raise SystemExit(f"valgrind run failed:\n{stderr[-3000:]}")
+    if run.wait() != 0:
+        log = (out / "valgrind.log").read_text(errors="replace")
+        raise SystemExit(f"valgrind run failed:\n{log[-3000:]}")
     counts: dict = {}
-    for path in out.iterdir():
+    for path in out.glob("cg.out*"):
         text = path.read_text(errors="replace")
         trigger = re.search(r"^desc: Trigger: Client Request: (.*)$", text, re.M)
         totals = re.search(r"^(?:totals|summary): (\d+)", text, re.M)
@@ -139,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("valgrind") is None:
         raise SystemExit("benchmarks.instructions needs valgrind (callgrind) on PATH")
     root = Path(__file__).resolve().parent.parent
+    if args.compare and not (Path(args.compare) / "benchmarks" / "instructions.py").exists():
+        raise SystemExit(
+            f"--compare: {args.compare} has no benchmarks/instructions.py (it runs its own copy): "
+            "copy benchmarks/instructions.py and benchmarks/raw_ops.py into it"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         helper = work / "dump.so"

@@ -21,7 +21,6 @@ compile-cl over fused-cl). Writes ``channels_last-<device>-<tag>.json`` and a PN
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -96,7 +95,7 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         lead = f"{r['variant']:<18} {r['shape']:<12} {r['dtype']:<5} "
         if not r["check"]["ok"]:
-            lines.append(lead + "FAILED check: " + json.dumps(r["check"])[:200])
+            lines.append(lead + report.failed_check(r["check"]))
             continue
         for pass_ in PASSES:
             cells = "".join(

@@ -71,25 +71,31 @@ def _max_err(a: Tensor, b: Tensor) -> float:
 def check_fused(ref: nn.Module, fused: nn.Module, x: Tensor, gy: Tensor) -> dict:
     """Fused output and all gradients vs a float64 reference with the same parameter values,
     each within accuracy_bound (given eager's error in the same dtype)."""
+    return check_results(forward_backward(fused, x, gy), ref, x, gy)
+
+
+def check_results(results: dict[str, Tensor], ref: nn.Module, x: Tensor, gy: Tensor) -> dict:
+    """``results`` (some of forward_backward's tensors, by its keys, computed from x and gy) vs a
+    float64 reference with ref's parameter values, each within accuracy_bound (given eager's
+    error in the same dtype) and with eager's shape and dtype."""
     dtype = x.dtype
     ref64 = copy.deepcopy(ref).double()
     R = forward_backward(ref64, x.double(), gy.double())
     del ref64
-    F = forward_backward(fused, x, gy)
     try:
         E = forward_backward(ref, x, gy)
         eager_error = None
     except RuntimeError as exc:  # eager kernel missing for this dtype on this device
         E, eager_error = None, str(exc).splitlines()[0]
     details, ok = {}, True
-    for key, r in R.items():
-        f = F[key]
+    for key, f in results.items():
+        r = R[key]
         scale = r.abs().max().item()
         err = _max_err(f, r)
         finite = bool(torch.isfinite(f).all())
         err_eager = _max_err(E[key], r) if E is not None else None
         bound = accuracy_bound(dtype, scale, err_eager)
-        want_dtype = (E if E is not None else F)[key].dtype  # eager's dtype for this tensor
+        want_dtype = (E[key] if E is not None else f).dtype  # eager's dtype for this tensor
         good = finite and err <= bound and f.shape == r.shape and f.dtype == want_dtype
         ok &= good
         details[key] = {
@@ -99,7 +105,7 @@ def check_fused(ref: nn.Module, fused: nn.Module, x: Tensor, gy: Tensor) -> dict
             "max_abs_ref": scale,
             "ok": good,
         }
-    del R, F, E
+    del R, E
     return {"ok": ok, "tensors": details, "eager_error": eager_error}
 
 

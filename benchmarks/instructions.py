@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import harness, report
+from benchmarks import report
 from benchmarks.configs import DTYPES, SHAPES, VARIANTS, add_round_args, round_choices
 
 KERNELS = {"fwd": "sa_cuda::cpu::forward*", "bwd": "sa_cuda::cpu::backward*"}
@@ -66,11 +66,8 @@ def inner(args) -> int:
         for variant in variants:
             for name in shapes:
                 for dname in dtypes:
-                    dtype, device = DTYPES[dname], torch.device("cpu")
                     shape = SHAPES[name]
-                    ref, fused = harness.make_modules(variant, shape, dtype, device, args.seed)
-                    x, gy = harness.make_inputs(shape, dtype, device, args.seed)
-                    raw = RawOps(variant, ref, fused, x, gy)
+                    raw = RawOps.of_config(variant, shape, DTYPES[dname], args.seed)
                     raw.backward()  # (the forward ran in RawOps)
                     dump(b"warm-up")
                     for op, fn in (("fwd", raw.forward), ("bwd", raw.backward)):

@@ -33,10 +33,8 @@ Writes ``raw_ops-<device>-<tag>.json`` and a PNG of the ratios against the targe
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
 import ctypes.util
-import json
 import statistics
 import time
 from pathlib import Path
@@ -46,7 +44,6 @@ import torch
 from benchmarks import harness, report
 from benchmarks.configs import DTYPES, SHAPES, add_round_args, round_choices
 from benchmarks.timers import element_size
-from sa_cuda.testing import accuracy_bound
 from sa_cuda.variants import VARIANTS as SA_VARIANTS
 
 VARIANT = {v.name: v for v in SA_VARIANTS}
@@ -97,6 +94,13 @@ class RawOps:
         self.out, self.mean, self.rstd = self.forward()
         self.ref = ref
 
+    @classmethod
+    def of_config(cls, variant: str, shape, dtype: torch.dtype, seed: int) -> RawOps:
+        """The raw ops of a benchmark config on the CPU: harness's modules and inputs."""
+        device = torch.device("cpu")
+        ref, fused = harness.make_modules(variant, shape, dtype, device, seed)
+        return cls(variant, ref, fused, *harness.make_inputs(shape, dtype, device, seed))
+
     def forward(self):
         return self._forward(self.x, self.groups, *self.params, self.eps)
 
@@ -104,36 +108,18 @@ class RawOps:
         return self._backward(self.gy, self.x, self.mean, self.rstd, self.groups, *self.params)
 
     def check(self) -> dict:
-        """out and grad_x of the raw ops against the float64 reference, as harness.check_fused
-        checks a module."""
-        fused = {"out": self.out, "grad_x": self.backward()[0]}
-        truth = harness.forward_backward(_double(self.ref), self.x.double(), self.gy.double())
-        eager = harness.forward_backward(self.ref, self.x, self.gy)
-        details, ok = {}, True
-        for key, value in fused.items():
-            r = truth[key]
-            err = (value.double() - r).abs().max().item()
-            err_eager = (eager[key].double() - r).abs().max().item()
-            bound = accuracy_bound(value.dtype, r.abs().max().item(), err_eager)
-            good = bool(torch.isfinite(value).all()) and err <= bound and value.shape == r.shape
-            ok &= good
-            details[key] = {"err": err, "bound": bound, "err_eager": err_eager, "ok": good}
-        return {"ok": ok, "tensors": details}
-
-
-def _double(module: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(module).double()
+        """out and grad_x of the raw ops against the float64 reference (harness.check_results)."""
+        results = {"out": self.out, "grad_x": self.backward()[0]}
+        return harness.check_results(results, self.ref, self.x, self.gy)
 
 
 def time_config(args, variant: str, shape, dname: str) -> dict:
-    dtype, device = DTYPES[dname], torch.device(args.device)
-    ref, fused = harness.make_modules(variant, shape, dtype, device, args.seed)
-    x, gy = harness.make_inputs(shape, dtype, device, args.seed)
-    raw = RawOps(variant, ref, fused, x, gy)
+    dtype = DTYPES[dname]
+    raw = RawOps.of_config(variant, shape, dtype, args.seed)
     check = raw.check()
     if not check["ok"]:
         return {"check": check, "times": {}}
-    x = raw.x
+    x, gy = raw.x, raw.gy
     fns = {
         "fwd": raw.forward,
         "bwd": raw.backward,
@@ -141,7 +127,7 @@ def time_config(args, variant: str, shape, dname: str) -> dict:
         "add": lambda: torch.add(x, gy),
     }
     if not args.no_compile:
-        compiled = torch.compile(ref, dynamic=False)
+        compiled = torch.compile(raw.ref, dynamic=False)
 
         def compile_fwd():
             with torch.no_grad():
@@ -189,7 +175,7 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         lead = f"{r['variant']:<18} {r['shape']:<10} {r['dtype']:<5}"
         if not r["check"]["ok"]:
-            lines.append(lead + " FAILED check: " + json.dumps(r["check"])[:200])
+            lines.append(lead + " " + report.failed_check(r["check"]))
             continue
         cells = "".join(
             f"{r['times'][op]['p25_ms']:12.3f}" if op in r["times"] else f"{'-':>12}" for op in OPS

@@ -266,6 +266,11 @@ def save_rounds_run(kind: str, args, bencher, rows: list[dict], format_rows, plo
     return 1 if failed else 0
 
 
+def failed_check(check: dict) -> str:
+    """A table row's cells for a config whose check failed (what failed, cut to a line)."""
+    return "FAILED check: " + json.dumps(check)[:200]
+
+
 def grouped_bars(ax, groups: list[str], series: list, value, label) -> None:
     """One bar per (group, series) on ax, the series side by side within each group:
     ``value(series_key, group)`` its height, ``label(series_key)`` its legend entry."""

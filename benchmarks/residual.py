@@ -24,7 +24,6 @@ tail-fused's) and ``/ add`` (tail-fused's forward over the add). Writes
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -124,7 +123,7 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         lead = f"{r['variant']:<18} {r['shape']:<10} {r['dtype']:<5} {r['format']:<5} "
         if not r["check"]["ok"]:
-            lines.append(lead + "FAILED check: " + json.dumps(r["check"])[:200])
+            lines.append(lead + report.failed_check(r["check"]))
             continue
         for pass_ in PASSES:
             cells = "".join(f"{r['times'][i][pass_]:15.3f}" for i in IMPLS[:3])

@@ -22,8 +22,9 @@ namespace sa_cuda::cpu {
 // parts, so that n ln2_hi is exact), exp(r) = 1 + r + r^2 P(r) with Cephes' expf coefficients.
 // 2^n is formed from the exponent bits in two factors 2^(n >> 1) 2^(n - (n >> 1)): after the clamp
 // n lies in [-150, 128], so each factor is a normal float, the product rounds once to a
-// subnormal at the low end and overflows to inf at the top.
-inline __m256 exp_lanes(__m256 x) {
+// subnormal at the low end and overflows to inf at the top. Always inlined (sa_math.h,
+// SA_HOST_DEVICE, says why).
+__attribute__((always_inline)) inline __m256 exp_lanes(__m256 x) {
   // min / max return their second operand when either is NaN: x, so NaN goes on through.
   const __m256 hi = _mm256_set1_ps(88.72283935546875f);  // above ln(FLT_MAX): exp rounds to inf
   const __m256 lo = _mm256_set1_ps(-104.0f);             // exp(-104) rounds to 0

@@ -21,9 +21,10 @@
 #if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__) && defined(__FMA__)
 // The gates' exp on float lanes: exp_lanes (vec_exp.h), inlined, instead of at::vec's call into
 // Sleef. Declared here, before any kernel instantiates sa_exp (every CPU kernel includes this
-// header); double lanes keep at::vec's exp.
+// header); double lanes keep at::vec's exp. Always inlined, as sa_math.h's formulas (SA_HOST_DEVICE
+// says why).
 template <>
-inline at::vec::Vectorized<float> sa_cuda::sa_exp(const at::vec::Vectorized<float>& v) {
+C10_ALWAYS_INLINE at::vec::Vectorized<float> sa_cuda::sa_exp(const at::vec::Vectorized<float>& v) {
   return sa_cuda::cpu::exp_lanes(v);
 }
 #endif
@@ -167,8 +168,10 @@ C10_ALWAYS_INLINE std::array<acc_t, K> sums_over(int64_t n, const F& terms) {
       const std::array<Vec, K> a = terms(end - L, Vec());
       for (int k = 0; k < K; ++k) acc1[k] = acc1[k] + Vec::blendv(Vec(0), a[k], tail);
     } else {
-      for (; i < end; ++i) {
-        const std::array<acc_t, K> a = terms(i, acc_t());
+      // Counted down from the rest (at a plane size compiled in, gcc warned of an overflow in
+      // the dead loop `for (; i < end; ++i)` where the rest is 0).
+      for (int64_t rest = end - i; rest > 0; --rest) {
+        const std::array<acc_t, K> a = terms(end - rest, acc_t());
         for (int k = 0; k < K; ++k) block[k] += a[k];
       }
     }
@@ -376,7 +379,10 @@ C10_ALWAYS_INLINE acc_t plane_wide_mean(const acc_t* x, int64_t n, acc_t scale) 
   ((acc[0] + acc[1]) + (acc[2] + acc[3])).store(lanes);
   double total = 0;
   for (int64_t l = 0; l < L; ++l) total += lanes[l];
-  for (; i < n; ++i) total += wide_term(x[i], kFloat ? acc_t(1) : scale);
+  // (By pointer: the index loop `for (; i < n; ++i)` drew sums_over's overflow warning.)
+  for (const acc_t* rest = x + i; rest < x + n; ++rest) {
+    total += wide_term(*rest, kFloat ? acc_t(1) : scale);
+  }
   return wide_mean<acc_t>(kFloat ? total * static_cast<double>(scale) : total, n);
 }
 
@@ -396,23 +402,38 @@ inline acc_t max_abs(const acc_t* x, int64_t n) {
   return result;
 }
 
-// The plane's Standardizer: unscaled moments, redone scaled by 2^-e when they overflowed. With
-// exact_mean (channel-branch planes: the gate uses the mean itself) the mean is plane_wide_mean.
+// The moments of the plane's values x * scale: with exact_mean (channel-branch planes: the gate
+// uses the mean itself) the mean is plane_wide_mean.
+template <typename acc_t>
+C10_ALWAYS_INLINE PlaneMoments<acc_t> plane_moments(const acc_t* x, int64_t n, acc_t scale,
+                                                    bool exact_mean) {
+  const SplitMean<acc_t> mean =
+      exact_mean ? SplitMean<acc_t>{plane_wide_mean(x, n, scale), 0} : shifted_mean(x, n, scale);
+  return PlaneMoments<acc_t>{mean, centered_var(x, n, scale, mean.mean)};
+}
+
+// The Standardizer of a plane whose unscaled moments overflowed: redone scaled by 2^-e. Rare, so
+// out of line: a second inlined copy of the moments' loops made gcc outline both as a call per
+// plane (7x7 planes: ~40 instructions of the call and its closure, per plane).
+template <typename acc_t>
+C10_NOINLINE Standardizer<acc_t> rescaled_plane_stats(const acc_t* x, int64_t n, acc_t eps,
+                                                      bool exact_mean,
+                                                      const PlaneMoments<acc_t>& unscaled) {
+  const int e = rescale_exponent(max_abs(x, n));
+  const PlaneMoments<acc_t> mo =
+      e == 0 ? unscaled : plane_moments(x, n, sa_ldexp(acc_t(1), -e), exact_mean);
+  return finish_stats(mo.mean.mean, mo.var, eps, e, mo.mean.lo);
+}
+
+// The plane's Standardizer: unscaled moments, redone scaled by 2^-e when they overflowed.
 template <typename acc_t>
 C10_ALWAYS_INLINE Standardizer<acc_t> plane_stats(const acc_t* x, int64_t n, acc_t eps,
                                                   bool exact_mean) {
-  auto moments = [&](acc_t scale) {
-    const SplitMean<acc_t> mean =
-        exact_mean ? SplitMean<acc_t>{plane_wide_mean(x, n, scale), 0} : shifted_mean(x, n, scale);
-    return PlaneMoments<acc_t>{mean, centered_var(x, n, scale, mean.mean)};
-  };
-  PlaneMoments<acc_t> mo = moments(acc_t(1));
-  int e = 0;
+  const PlaneMoments<acc_t> mo = plane_moments(x, n, acc_t(1), exact_mean);
   if (stats_overflowed(mo.mean.mean, mo.var)) {
-    e = rescale_exponent(max_abs(x, n));
-    if (e != 0) mo = moments(sa_ldexp(acc_t(1), -e));
+    return rescaled_plane_stats(x, n, eps, exact_mean, mo);
   }
-  return finish_stats(mo.mean.mean, mo.var, eps, e, mo.mean.lo);
+  return finish_stats(mo.mean.mean, mo.var, eps, 0, mo.mean.lo);
 }
 
 template <typename acc_t>

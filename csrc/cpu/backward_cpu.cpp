@@ -27,11 +27,12 @@ constexpr int64_t kTaskElements = int64_t{1} << 14;  // elements per parallel_fo
 // SALayer, one plane: its N values of x and of grad_out (from unit.out_plane) in acc_t to its N
 // values of grad_x; `gate` is N values of scratch.
 // Not inlined: both loops call this one compiled body (forward_cpu.cpp, "One compiled body").
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// kN: the plane size compiled in, or 0 (with_plane_size).
+template <int64_t kN, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 C10_NOINLINE void sa_layer_plane_backward(const BackwardTensors<scalar_t>& t,
                                           const ForwardParams& p, const PlaneUnit& unit,
                                           const acc_t* x, const acc_t* gu, acc_t* dx, acc_t* gate) {
-  const int64_t N = p.plane_size;
+  const int64_t N = plane_size<kN>(p);
   const acc_t inv_n = acc_t(1) / acc_t(N);
   const ChannelRole& role = unit.role;
   const int64_t k = role.k, slot = unit.slot(p);
@@ -125,41 +126,48 @@ void backward_sa_layer(const BackwardParams& p) {
   if (p.fwd.channels_last) {
     const ChannelTiling tiling(p.fwd, 1);
     const int64_t tile_values = 2 * tiling.width * N;
-    at::parallel_for(
-        0, tiling.count(p.fwd.batch), grain_for(tile_values, kTaskElements),
-        [&](int64_t begin, int64_t end) {
-          TilePlanes<acc_t> planes(tile_values, N);  // + the gate
-          for (int64_t index = begin; index < end; ++index) {
-            backward_tile(t, tiling, tiling.tile(index), planes,
-                          [&](const ChannelTile& tile, TilePlanes<acc_t>& tp) {
-                            for (int64_t q = 0; q < 2 * tile.width; ++q) {
-                              const PlaneUnit unit =
-                                  plane_unit(p.fwd, tile.batch * C + tile.channel(q, C / 2));
-                              const int64_t out_q = unit.out_plane % C - 2 * tile.first;
-                              sa_layer_plane_backward(t, p.fwd, unit, tp.x + q * N,
-                                                      tp.gu + out_q * N, tp.dx + q * N, tp.extra());
-                            }
-                          });
-          }
-        });
+    with_plane_size(N, [&](auto size) {
+      at::parallel_for(0, tiling.count(p.fwd.batch), grain_for(tile_values, kTaskElements),
+                       [&](int64_t begin, int64_t end) {
+                         TilePlanes<acc_t> planes(tile_values, N);  // + the gate
+                         for (int64_t index = begin; index < end; ++index) {
+                           backward_tile(t, tiling, tiling.tile(index), planes,
+                                         [&](const ChannelTile& tile, TilePlanes<acc_t>& tp) {
+                                           for (int64_t q = 0; q < 2 * tile.width; ++q) {
+                                             const PlaneUnit unit = plane_unit(
+                                                 p.fwd, tile.batch * C + tile.channel(q, C / 2));
+                                             const int64_t out_q =
+                                                 unit.out_plane % C - 2 * tile.first;
+                                             sa_layer_plane_backward<decltype(size)::value>(
+                                                 t, p.fwd, unit, tp.x + q * N, tp.gu + out_q * N,
+                                                 tp.dx + q * N, tp.extra());
+                                           }
+                                         });
+                         }
+                       });
+    });
     return;
   }
-  at::parallel_for(
-      0, p.fwd.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
-        // x, grad_out and grad_x planes in acc_t (when converting); the spatial gate s.
-        std::vector<acc_t> scratch((kConvert ? 3 : 0) * N + N);
-        acc_t* gate = scratch.data() + (kConvert ? 3 : 0) * N;
-        for (int64_t index = begin; index < end; ++index) {
-          const PlaneUnit unit = plane_unit_at_output(p.fwd, index);
-          const int64_t plane = unit.plane;
-          const acc_t* x = as_acc(t.fwd.x + plane * N, N, scratch.data());
-          const acc_t* gu = as_acc(t.sa_grad(unit.out_plane * N, N), N, scratch.data() + N);
-          acc_t* dx =
-              result_buffer(t.grad_x + plane * N, kConvert ? scratch.data() + 2 * N : nullptr);
-          sa_layer_plane_backward(t, p.fwd, unit, x, gu, dx, gate);
-          finish_store(dx, t.grad_x + plane * N, N);
-        }
-      });
+  with_plane_size(N, [&](auto size) {
+    constexpr int64_t kN = decltype(size)::value;
+    at::parallel_for(
+        0, p.fwd.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
+          const int64_t n = plane_size<kN>(p.fwd);
+          // x, grad_out and grad_x planes in acc_t (when converting); the spatial gate s.
+          std::vector<acc_t> scratch((kConvert ? 3 : 0) * n + n);
+          acc_t* gate = scratch.data() + (kConvert ? 3 : 0) * n;
+          for (int64_t index = begin; index < end; ++index) {
+            const PlaneUnit unit = plane_unit_at_output(p.fwd, index);
+            const int64_t plane = unit.plane;
+            const acc_t* x = as_acc(t.fwd.x + plane * n, n, scratch.data());
+            const acc_t* gu = as_acc(t.sa_grad(unit.out_plane * n, n), n, scratch.data() + n);
+            acc_t* dx =
+                result_buffer(t.grad_x + plane * n, kConvert ? scratch.data() + 2 * n : nullptr);
+            sa_layer_plane_backward<kN>(t, p.fwd, unit, x, gu, dx, gate);
+            finish_store(dx, t.grad_x + plane * n, n);
+          }
+        });
+  });
 }
 
 // One ShuffleAttention work unit in acc_t: its m planes of x (contiguous), of grad_out (at the

@@ -34,10 +34,10 @@ constexpr int64_t kTaskElements = int64_t{1} << 15;  // elements per parallel_fo
 // at unit.out_plane).
 // Not inlined ("One compiled body"): both loops (NCHW planes, NHWC tiles) call this one compiled
 // body.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <int64_t kN, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 C10_NOINLINE void sa_layer_plane(const ForwardTensors<scalar_t>& t, const ForwardParams& p,
                                  const PlaneUnit& unit, const acc_t* x, acc_t* result) {
-  const int64_t N = p.plane_size;
+  const int64_t N = plane_size<kN>(p);
   const ChannelRole& role = unit.role;
   const Standardizer<acc_t> st = plane_stats(x, N, static_cast<acc_t>(p.eps), !role.spatial);
   t.mean[unit.plane] = st.mean;
@@ -90,38 +90,44 @@ void forward_sa_layer(const ForwardParams& p) {
   if (p.channels_last) {
     const ChannelTiling tiling(p, 1);
     const int64_t tile_values = 2 * tiling.width * N;
-    at::parallel_for(
-        0, tiling.count(p.batch), grain_for(tile_values, kTaskElements),
-        [&](int64_t begin, int64_t end) {
-          std::vector<acc_t> scratch(2 * tile_values);  // x planes (input order), output planes
-          acc_t* x = scratch.data();
-          acc_t* result = x + tile_values;
-          for (int64_t index = begin; index < end; ++index) {
-            const ChannelTile tile = tiling.tile(index);
-            gather_tile(t.x + tile.batch * N * C, tiling, tile, x);
-            for (int64_t q = 0; q < 2 * tile.width; ++q) {
-              const int64_t c = tile.channel(q, C / 2);
-              const PlaneUnit unit = plane_unit(p, tile.batch * C + c);
-              sa_layer_plane(t, p, unit, x + q * N,
-                             result + (unit.out_plane % C - 2 * tile.first) * N);
+    with_plane_size(N, [&](auto size) {
+      at::parallel_for(
+          0, tiling.count(p.batch), grain_for(tile_values, kTaskElements),
+          [&](int64_t begin, int64_t end) {
+            std::vector<acc_t> scratch(2 * tile_values);  // x planes (input order), output planes
+            acc_t* x = scratch.data();
+            acc_t* result = x + tile_values;
+            for (int64_t index = begin; index < end; ++index) {
+              const ChannelTile tile = tiling.tile(index);
+              gather_tile(t.x + tile.batch * N * C, tiling, tile, x);
+              for (int64_t q = 0; q < 2 * tile.width; ++q) {
+                const int64_t c = tile.channel(q, C / 2);
+                const PlaneUnit unit = plane_unit(p, tile.batch * C + c);
+                sa_layer_plane<decltype(size)::value>(
+                    t, p, unit, x + q * N, result + (unit.out_plane % C - 2 * tile.first) * N);
+              }
+              scatter_tile(result, tiling, tile, t.out + tile.batch * N * C,
+                           t.identity_item(tile.batch, N * C));
             }
-            scatter_tile(result, tiling, tile, t.out + tile.batch * N * C,
-                         t.identity_item(tile.batch, N * C));
-          }
-        });
+          });
+    });
     return;
   }
-  at::parallel_for(0, p.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(kConvert ? 2 * N : 0);  // x plane in acc_t, result plane
-    for (int64_t index = begin; index < end; ++index) {
-      const PlaneUnit unit = plane_unit_at_output(p, index);
-      const acc_t* x = as_acc(t.x + unit.plane * N, N, scratch.data());
-      scalar_t* dst = t.out + unit.out_plane * N;
-      acc_t* result = result_buffer(dst, kConvert ? scratch.data() + N : nullptr);
-      sa_layer_plane(t, p, unit, x, result);
-      if (t.identity != nullptr) add_identity_relu(result, t.identity + unit.out_plane * N, N);
-      finish_store(result, dst, N);
-    }
+  with_plane_size(N, [&](auto size) {
+    constexpr int64_t kN = decltype(size)::value;
+    at::parallel_for(0, p.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
+      const int64_t n = plane_size<kN>(p);
+      std::vector<acc_t> scratch(kConvert ? 2 * n : 0);  // x plane in acc_t, result plane
+      for (int64_t index = begin; index < end; ++index) {
+        const PlaneUnit unit = plane_unit_at_output(p, index);
+        const acc_t* x = as_acc(t.x + unit.plane * n, n, scratch.data());
+        scalar_t* dst = t.out + unit.out_plane * n;
+        acc_t* result = result_buffer(dst, kConvert ? scratch.data() + n : nullptr);
+        sa_layer_plane<kN>(t, p, unit, x, result);
+        if (t.identity != nullptr) add_identity_relu(result, t.identity + unit.out_plane * n, n);
+        finish_store(result, dst, n);
+      }
+    });
   });
 }
 
@@ -138,12 +144,12 @@ struct BranchScratch {
 // ShuffleAttention, one branch of one (batch item, group): its m planes of x in acc_t (contiguous,
 // [m, N]) to its m output planes, plane j at result0 + j * result_stride. Not inlined
 // ("One compiled body").
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <int64_t kN, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 C10_NOINLINE void shuffle_attention_branch(const ForwardTensors<scalar_t>& t,
                                            const ForwardParams& p, const BranchUnit& u,
                                            const acc_t* x, acc_t* result0, int64_t result_stride,
                                            BranchScratch<acc_t>& scratch) {
-  const int64_t m = p.branch_channels, N = p.plane_size;
+  const int64_t m = p.branch_channels, N = plane_size<kN>(p);
   auto result = [&](int64_t j) { return result0 + j * result_stride; };
   std::vector<Standardizer<acc_t>>& st = scratch.st;
   for (int64_t j = 0; j < m; ++j) {
@@ -203,49 +209,58 @@ void forward_shuffle_attention(const ForwardParams& p) {
   if (p.channels_last) {
     const ChannelTiling tiling(p, m);
     const int64_t tile_values = 2 * tiling.width * N;
-    at::parallel_for(
-        0, tiling.count(p.batch), grain_for(tile_values, kTaskElements),
-        [&](int64_t begin, int64_t end) {
-          std::vector<acc_t> planes(2 * tile_values);  // x planes (input order), output planes
-          acc_t* x = planes.data();
-          acc_t* out = x + tile_values;
-          BranchScratch<acc_t> scratch(m, N);
-          for (int64_t index = begin; index < end; ++index) {
-            const ChannelTile tile = tiling.tile(index);
-            gather_tile(t.x + tile.batch * N * C, tiling, tile, x);
-            for (int64_t q = 0; q < 2 * tile.width; q += m) {
-              const int64_t c0 = tile.channel(q, C / 2);  // the branch's first channel
-              const BranchUnit u = branch_unit(p, tile.batch * 2 * p.groups + c0 / m);
-              acc_t* out0 = out + (shuffle_dst(c0, C) - 2 * tile.first) * N;
-              shuffle_attention_branch(t, p, u, x + q * N, out0, 2 * N, scratch);
+    with_plane_size(N, [&](auto size) {
+      at::parallel_for(
+          0, tiling.count(p.batch), grain_for(tile_values, kTaskElements),
+          [&](int64_t begin, int64_t end) {
+            std::vector<acc_t> planes(2 * tile_values);  // x planes (input order), output planes
+            acc_t* x = planes.data();
+            acc_t* out = x + tile_values;
+            BranchScratch<acc_t> scratch(m, N);
+            for (int64_t index = begin; index < end; ++index) {
+              const ChannelTile tile = tiling.tile(index);
+              gather_tile(t.x + tile.batch * N * C, tiling, tile, x);
+              for (int64_t q = 0; q < 2 * tile.width; q += m) {
+                const int64_t c0 = tile.channel(q, C / 2);  // the branch's first channel
+                const BranchUnit u = branch_unit(p, tile.batch * 2 * p.groups + c0 / m);
+                acc_t* out0 = out + (shuffle_dst(c0, C) - 2 * tile.first) * N;
+                shuffle_attention_branch<decltype(size)::value>(t, p, u, x + q * N, out0, 2 * N,
+                                                                scratch);
+              }
+              scatter_tile(out, tiling, tile, t.out + tile.batch * N * C,
+                           t.identity_item(tile.batch, N * C));
             }
-            scatter_tile(out, tiling, tile, t.out + tile.batch * N * C,
-                         t.identity_item(tile.batch, N * C));
-          }
-        });
+          });
+    });
     return;
   }
-  at::parallel_for(
-      0, p.batch * p.groups * 2, grain_for(m * N, kTaskElements), [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> converted(kConvert ? 2 * m * N : 0);  // x planes, result planes
-        BranchScratch<acc_t> scratch(m, N);
-        for (int64_t index = begin; index < end; ++index) {
-          const BranchUnit u = branch_unit_at_output(p, index);
-          const acc_t* x = as_acc(t.x + u.plane0 * N, m * N, converted.data());
-          // The output planes themselves (2 N apart), or converted ones (N apart) when converting.
-          auto dst = [&](int64_t j) { return t.out + (u.out_plane0 + 2 * j) * N; };
-          acc_t* result0 = result_buffer(dst(0), kConvert ? converted.data() + m * N : nullptr);
-          const int64_t result_stride = kConvert ? N : 2 * N;
-          shuffle_attention_branch(t, p, u, x, result0, result_stride, scratch);
-          for (int64_t j = 0; j < m; ++j) {
-            acc_t* result = result0 + j * result_stride;
-            if (t.identity != nullptr) {
-              add_identity_relu(result, t.identity + (u.out_plane0 + 2 * j) * N, N);
+  with_plane_size(N, [&](auto size) {
+    constexpr int64_t kN = decltype(size)::value;
+    at::parallel_for(
+        0, p.batch * p.groups * 2, grain_for(m * N, kTaskElements),
+        [&](int64_t begin, int64_t end) {
+          const int64_t n = plane_size<kN>(p);
+          std::vector<acc_t> converted(kConvert ? 2 * m * n : 0);  // x planes, result planes
+          BranchScratch<acc_t> scratch(m, n);
+          for (int64_t index = begin; index < end; ++index) {
+            const BranchUnit u = branch_unit_at_output(p, index);
+            const acc_t* x = as_acc(t.x + u.plane0 * n, m * n, converted.data());
+            // The output planes themselves (2 n apart), or converted ones (n apart) when
+            // converting.
+            auto dst = [&](int64_t j) { return t.out + (u.out_plane0 + 2 * j) * n; };
+            acc_t* result0 = result_buffer(dst(0), kConvert ? converted.data() + m * n : nullptr);
+            const int64_t result_stride = kConvert ? n : 2 * n;
+            shuffle_attention_branch<kN>(t, p, u, x, result0, result_stride, scratch);
+            for (int64_t j = 0; j < m; ++j) {
+              acc_t* result = result0 + j * result_stride;
+              if (t.identity != nullptr) {
+                add_identity_relu(result, t.identity + (u.out_plane0 + 2 * j) * n, n);
+              }
+              finish_store(result, dst(j), n);
             }
-            finish_store(result, dst(j), N);
           }
-        }
-      });
+        });
+  });
 }
 
 }  // namespace

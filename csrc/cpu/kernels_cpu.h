@@ -106,6 +106,29 @@ struct BackwardTensors {
   }
 };
 
+// Plane sizes compiled in as constants: f(std::integral_constant<int64_t, N>) for the 7x7 and 14x14
+// planes (ResNet-50's stages 4 and 3 at 224x224), f(std::integral_constant<int64_t, 0>) for any
+// other size (read at run time). On small planes a plane's fixed cost is most of its instructions
+// (loop set-up, remainder, block and lane reductions: 7x7 SALayer forward, ~280 of ~470 a plane);
+// with the size a constant the loops are unrolled and their remainders known.
+template <typename F>
+decltype(auto) with_plane_size(int64_t n, const F& f) {
+  switch (n) {
+    case 49:
+      return f(std::integral_constant<int64_t, 49>{});
+    case 196:
+      return f(std::integral_constant<int64_t, 196>{});
+    default:
+      return f(std::integral_constant<int64_t, 0>{});
+  }
+}
+
+// The plane size of a unit body compiled for kN (with_plane_size): kN, or p.plane_size for 0.
+template <int64_t kN>
+inline int64_t plane_size(const ForwardParams& p) {
+  return kN > 0 ? kN : p.plane_size;
+}
+
 // The forward on channels_last rows (nhwc_rows.h, forward_nhwc_cpu.cpp) for float lanes: scalar_t
 // float, BFloat16, Half.
 template <typename scalar_t>

@@ -63,6 +63,9 @@ SHAPES = [
     pytest.param((1, 32, 64, 70), 2, id="N4480-width8"),  # the narrowest tile, long planes
     pytest.param((2, 128, 9, 11), 2, id="m32"),  # ShuffleAttention: 2 branches per tile
     pytest.param((1, 1024, 7, 7), 8, id="m64-g8"),  # ShuffleAttention: one branch per tile
+    # plane sizes compiled into the unit bodies (csrc/cpu/kernels_cpu.h), tiles of 48 channels
+    pytest.param((2, 96, 7, 7), 4, id="N49-m12"),
+    pytest.param((2, 96, 14, 14), 4, id="N196-m12"),
     pytest.param((1, 48, 3, 1), 3, id="b1-w1"),
     pytest.param((2, 16, 1, 5), 1, id="h1-g1"),
 ]

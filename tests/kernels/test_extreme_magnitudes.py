@@ -67,6 +67,9 @@ DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16
 SHAPES = {
     "cpu": ((8, 7, 9), 2),
     "cpu-large": ((4, 64, 72), 1),  # several kSumBlock blocks per plane
+    # plane sizes compiled into the unit bodies (csrc/cpu/kernels_cpu.h, with_plane_size)
+    "cpu-7x7": ((8, 7, 7), 2),
+    "cpu-14x14": ((8, 14, 14), 2),
     # channels_last ("-cl"): by columns (csrc/cpu/nhwc_columns.h) or the forward by rows
     # (csrc/cpu/nhwc_rows.h), whose statistics are sums in double over each channel, then NCHW's
     # plane_stats for a channel they overflow
@@ -180,6 +183,8 @@ GRID = [
     # where it adds a load/convert variant.
     ("cpu", (torch.float32, torch.bfloat16, torch.float16)),
     ("cpu-large", (torch.float32, torch.bfloat16, torch.float16)),
+    ("cpu-7x7", (torch.float32, torch.bfloat16, torch.float16)),
+    ("cpu-14x14", (torch.float32, torch.bfloat16)),
     ("cpu-cl", (torch.float32, torch.bfloat16, torch.float16)),
     ("cpu-cl-m16", (torch.float32, torch.bfloat16, torch.float16)),
     ("cpu-cl-mixed", (torch.float32, torch.bfloat16, torch.float16)),
@@ -195,6 +200,7 @@ GRID = [
 GROUP_GRID = [
     ("cpu", (torch.float32, torch.bfloat16, torch.float16)),
     ("cpu-large", (torch.float32, torch.bfloat16)),
+    ("cpu-7x7", (torch.float32, torch.bfloat16)),
     ("cpu-cl", (torch.float32, torch.bfloat16, torch.float16)),
     ("cpu-cl-m16", (torch.float32, torch.bfloat16)),
     ("cpu-cl-mixed", (torch.float32, torch.bfloat16)),

@@ -41,6 +41,8 @@ from sa_cuda.testing import assert_close_to_reference
 # (tests/kernels/test_emulated_kernels.py), small enough to emulate.
 SHAPES = [
     pytest.param((2, 32, 7, 9), 4, id="tiles-N63"),
+    pytest.param((2, 24, 7, 7), 3, id="planes-N49"),  # sizes compiled in (with_plane_size)
+    pytest.param((1, 16, 7, 28), 2, id="planes-N196"),
     pytest.param((2, 24, 5, 3), 3, id="tail-half12"),
     pytest.param((3, 16, 1, 1), 4, id="hw1"),
     pytest.param((2, 16, 8, 8), 4, id="warp-vector"),

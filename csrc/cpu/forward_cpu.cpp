@@ -33,7 +33,7 @@ constexpr int64_t kTaskElements = int64_t{1} << 15;  // elements per parallel_fo
 // SALayer, one plane: its N values of x in acc_t to its N output values (which the caller puts
 // at unit.out_plane).
 // Not inlined ("One compiled body"): both loops (NCHW planes, NHWC tiles) call this one compiled
-// body.
+// body. kN: the plane size compiled in, or 0 (with_plane_size, kernels_cpu.h).
 template <int64_t kN, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 C10_NOINLINE void sa_layer_plane(const ForwardTensors<scalar_t>& t, const ForwardParams& p,
                                  const PlaneUnit& unit, const acc_t* x, acc_t* result) {
@@ -143,7 +143,7 @@ struct BranchScratch {
 
 // ShuffleAttention, one branch of one (batch item, group): its m planes of x in acc_t (contiguous,
 // [m, N]) to its m output planes, plane j at result0 + j * result_stride. Not inlined
-// ("One compiled body").
+// ("One compiled body"). kN: the plane size compiled in, or 0 (with_plane_size).
 template <int64_t kN, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 C10_NOINLINE void shuffle_attention_branch(const ForwardTensors<scalar_t>& t,
                                            const ForwardParams& p, const BranchUnit& u,

@@ -16,12 +16,11 @@ import torch.nn.functional as F
 from conftest import (
     VARIANTS,
     all_grads,
-    clone_as,
-    forward_backward,
     make_input,
     make_ref,
     params_in_op_order,
     ref_functional,
+    run_high_precision,
 )
 
 from sa_cuda.reference import _merge
@@ -32,38 +31,6 @@ from sa_cuda.testing import (
     max_abs,
     max_err,
 )
-
-
-def run_high_precision(
-    variant,
-    backend,
-    shape,
-    groups,
-    *,
-    dtype=torch.float32,
-    seeds=(11, 1, 2),
-    offset=0.0,
-    scale=1.0,
-    x=None,
-    eps=1e-5,
-    memory_format=torch.contiguous_format,
-):
-    """(fused, eager reference in dtype, float64 reference) results of forward + backward, the
-    seeds of test_forward_backward._run_high_precision by default; x and grad_out in
-    memory_format."""
-    dev = backend.device
-    ref = make_ref(variant, shape[1], groups, seed=seeds[0], dtype=dtype, device=dev)
-    ref.gn.eps = eps
-    if x is None:
-        x = make_input(shape, seed=seeds[1], dtype=dtype, offset=offset, scale=scale)
-    x = x.to(dev).contiguous(memory_format=memory_format)
-    gy = make_input(shape, seed=seeds[2], dtype=dtype, device=dev)
-    gy = gy.contiguous(memory_format=memory_format)
-    Fu = forward_backward(backend.module_like(variant, ref), x, gy)
-    ref64 = clone_as(ref, torch.float64)
-    R = forward_backward(ref64, x.double(), gy.double())
-    E = R if dtype == torch.float64 else forward_backward(ref, x, gy)
-    return Fu, E, R
 
 
 # ================================================================================================

@@ -24,16 +24,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
+    BACKENDS,
     DTYPE_IDS,
     DTYPES,
     VARIANTS,
-    clone_as,
-    forward_backward,
     low_precision_runs,
-    make_fused_like,
     make_input,
-    make_ref,
     op_params,
+    run_high_precision,
 )
 
 from sa_cuda.ops import SA_CUDA_LIBRARY
@@ -48,19 +46,6 @@ FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 C, G = 48, 3
 
 
-def _run(variant, shape, dtype, memory_format, offset):
-    ref = make_ref(variant, C, G, seed=11, dtype=dtype)
-    fused = make_fused_like(variant, ref)
-    x = make_input(shape, seed=1, dtype=dtype, offset=offset).contiguous(
-        memory_format=memory_format
-    )
-    gy = make_input(shape, seed=2, dtype=dtype).contiguous(memory_format=memory_format)
-    F = forward_backward(fused, x, gy)
-    R = forward_backward(clone_as(ref, torch.float64), x.double(), gy.double())
-    E = R if dtype == torch.float64 else forward_backward(ref, x, gy)
-    return F, R, E
-
-
 @pytest.mark.parametrize("offset", [0.0, 3.0], ids=["centered", "offset3"])
 @pytest.mark.parametrize("memory_format", list(FORMATS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -70,7 +55,9 @@ def test_against_reference(variant, hw, dtype, memory_format, offset):
     shape = (2, C, *hw)
     fmt = FORMATS[memory_format]
     if dtype in (torch.float32, torch.float64):
-        F, R, E = _run(variant, shape, dtype, fmt, offset)
+        F, E, R = run_high_precision(
+            variant, BACKENDS["cpu"], shape, G, dtype=dtype, offset=offset, memory_format=fmt
+        )
         assert_close_to_reference(F, R, dtype, eager=E)
     else:
         if offset:

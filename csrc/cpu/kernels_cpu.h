@@ -109,8 +109,9 @@ struct BackwardTensors {
 // Plane sizes compiled in as constants: f(std::integral_constant<int64_t, N>) for the 7x7 and 14x14
 // planes (ResNet-50's stages 4 and 3 at 224x224), f(std::integral_constant<int64_t, 0>) for any
 // other size (read at run time). On small planes a plane's fixed cost is most of its instructions
-// (loop set-up, remainder, block and lane reductions: 7x7 SALayer forward, ~280 of ~470 a plane);
-// with the size a constant the loops are unrolled and their remainders known.
+// (loop set-up, remainders, block and lane reductions: in the 7x7 SALayer forward ~280 of ~470 a
+// plane with the size read at run time); with the size a constant the loops are unrolled and their
+// remainders known (docs/kernels.md, "Plane sizes compiled in").
 template <typename F>
 decltype(auto) with_plane_size(int64_t n, const F& f) {
   switch (n) {

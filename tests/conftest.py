@@ -254,9 +254,9 @@ def run_high_precision(
     eps=1e-5,
     memory_format=torch.contiguous_format,
 ):
-    """(fused, eager reference in dtype, float64 reference) results of forward + backward, the
-    seeds of test_forward_backward._run_high_precision by default; x and grad_out in
-    memory_format."""
+    """(fused, eager reference in dtype, float64 reference) results of forward + backward on the
+    backend: the reference module's parameters from seeds[0], x and grad_out from seeds[1] and
+    seeds[2] (in memory_format)."""
     dev = backend.device
     ref = make_ref(variant, shape[1], groups, seed=seeds[0], dtype=dtype, device=dev)
     ref.gn.eps = eps

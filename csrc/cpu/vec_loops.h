@@ -379,7 +379,8 @@ C10_ALWAYS_INLINE acc_t plane_wide_mean(const acc_t* x, int64_t n, acc_t scale) 
   ((acc[0] + acc[1]) + (acc[2] + acc[3])).store(lanes);
   double total = 0;
   for (int64_t l = 0; l < L; ++l) total += lanes[l];
-  // (By pointer: the index loop `for (; i < n; ++i)` drew sums_over's overflow warning.)
+  // By pointer: at a plane size compiled in, the index loop `for (; i < n; ++i)` drew gcc's
+  // warning of an overflow in a dead loop, as in sums_over.
   for (const acc_t* rest = x + i; rest < x + n; ++rest) {
     total += wide_term(*rest, kFloat ? acc_t(1) : scale);
   }

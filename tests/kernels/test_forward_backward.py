@@ -37,14 +37,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
+    BACKENDS,
     DEVICES,
     VARIANTS,
-    clone_as,
-    forward_backward,
     low_precision_runs,
-    make_fused_like,
-    make_input,
-    make_ref,
+    run_high_precision,
 )
 
 from sa_cuda.testing import assert_close_to_reference
@@ -72,26 +69,12 @@ SHAPES = [
 ]
 
 
-def _run_high_precision(variant, shape, groups, dtype, device, *, offset=0.0, scale=1.0):
-    C = shape[1]
-    ref = make_ref(variant, C, groups, seed=11, dtype=dtype, device=device)
-    fused = make_fused_like(variant, ref)
-    ref64 = clone_as(ref, torch.float64)
-    x = make_input(shape, seed=1, dtype=dtype, device=device, offset=offset, scale=scale)
-    gy = make_input(shape, seed=2, dtype=dtype, device=device)
-
-    F = forward_backward(fused, x, gy)
-    R = forward_backward(ref64, x.double(), gy.double())
-    E = R if dtype == torch.float64 else forward_backward(ref, x, gy)
-    return F, E, R
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape,groups", SHAPES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fp32_fp64(variant, shape, groups, dtype, device):
-    F, E, R = _run_high_precision(variant, shape, groups, dtype, device)
+    F, E, R = run_high_precision(variant, BACKENDS[device], shape, groups, dtype=dtype)
     assert_close_to_reference(F, R, dtype, eager=E)
 
 
@@ -101,8 +84,8 @@ def test_fp32_large_mean(variant, device):
     """|mean| >> std (x = 100 + 0.1 * randn): docs/design.md asks for cancellation-free
     statistics in this regime. Same criterion as test_fp32_fp64 (here the eager fp32 reference
     itself errs by ~1e-5..1e-4 of max|ref64|, so the bound is 2x the eager error)."""
-    F, E, R = _run_high_precision(
-        variant, (2, 64, 16, 16), 8, torch.float32, device, offset=100.0, scale=0.1
+    F, E, R = run_high_precision(
+        variant, BACKENDS[device], (2, 64, 16, 16), 8, offset=100.0, scale=0.1
     )
     assert_close_to_reference(F, R, torch.float32, eager=E)
 

@@ -127,9 +127,12 @@ SA_HOST_DEVICE PlaneUnit plane_unit(const ForwardParams& f, int64_t plane) {
 // grad_out and the residual epilogue's tensors (identity, out, grad_identity) are read and written
 // in address order, and x, grad_x in two runs (channel k and C / 2 + k), instead of the shuffled
 // tensors by every other plane.
+// Built from b and c directly, not through plane_unit: two 64-bit divisions a plane instead of
+// four (plane_unit's b * C + c over C again, and shuffle_dst), which are most of a 7x7 plane's
+// bookkeeping.
 SA_HOST_DEVICE PlaneUnit plane_unit_at_output(const ForwardParams& f, int64_t out_plane) {
-  const int64_t C = f.channels;
-  return plane_unit(f, out_plane / C * C + shuffle_src(out_plane % C, C));
+  const int64_t C = f.channels, b = out_plane / C, c = shuffle_src(out_plane - b * C, C);
+  return PlaneUnit{b * C + c, channel_role(c, f.branch_channels), out_plane};
 }
 
 // The work unit of ShuffleAttention: one branch of one (batch item b, group g) of the B * G * 2,

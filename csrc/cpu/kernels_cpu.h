@@ -5,6 +5,8 @@
 #include <ATen/OpMathType.h>
 #include <c10/core/ScalarType.h>
 
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../sa_math.h"
@@ -128,6 +130,24 @@ decltype(auto) with_plane_size(int64_t n, const F& f) {
 template <int64_t kN>
 inline int64_t plane_size(const ForwardParams& p) {
   return kN > 0 ? kN : p.plane_size;
+}
+
+// How many planes SALayer's forward body takes at once (sa_layer_planes, forward_cpu.cpp): two at
+// the compiled sizes, whose planes are short enough that one plane's chain of dependent steps
+// leaves the core idle, one elsewhere. (The backward takes one: docs/kernels.md, "Two planes at
+// once".)
+constexpr int64_t planes_at_once(int64_t kN) { return kN > 0 ? 2 : 1; }
+
+// f(std::integral_constant<int64_t, u>) for each slot u < kSlots of a unit body that takes several
+// planes at once, written out: a loop over the slots kept every slot's statistics in memory (the
+// 7x7 forward: 1.03x the instructions).
+template <typename F, int64_t... u>
+C10_ALWAYS_INLINE void for_each_slot_of(const F& f, std::integer_sequence<int64_t, u...>) {
+  (f(std::integral_constant<int64_t, u>{}), ...);
+}
+template <int64_t kSlots, typename F>
+C10_ALWAYS_INLINE void for_each_slot(const F& f) {
+  for_each_slot_of(f, std::make_integer_sequence<int64_t, kSlots>{});
 }
 
 // The forward on channels_last rows (nhwc_rows.h, forward_nhwc_cpu.cpp) for float lanes: scalar_t

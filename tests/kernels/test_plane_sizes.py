@@ -13,6 +13,11 @@ read at run time. The compiled sizes must compute the same function, whatever H 
   float64 value by 2.4x eager's error at 7x7, on the parent commit too; the statistics at such
   offsets: test_extreme_magnitudes.py.)
 
+At the compiled sizes SALayer's bodies take two planes at once (kernels_cpu.h, planes_at_once):
+a plane's bits must not depend on its slot, its partner, or where a thread's task ends (an odd
+task's last plane fills both slots), which test_pairs_do_not_depend_on_the_task_split checks
+against the float64 reference and bit for bit across thread counts.
+
 Elsewhere at these sizes: NHWC tiles equal NCHW bit for bit (test_channels_last.py, "N49-m12",
 "N196-m12": both run the same compiled bodies), the planes at the range's edges and the rescaled
 statistics (test_extreme_magnitudes.py, "cpu-7x7", "cpu-14x14"), the residual epilogue
@@ -28,6 +33,7 @@ from conftest import (
     DTYPE_IDS,
     DTYPES,
     VARIANTS,
+    assert_identical,
     low_precision_runs,
     make_input,
     op_params,
@@ -78,3 +84,54 @@ def test_statistics_are_the_true_ones(variant, hw, memory_format):
     x = make_input(shape, seed=4, offset=3.0).contiguous(memory_format=FORMATS[memory_format])
     _, mean, rstd = SA_CUDA_LIBRARY.forward_op(variant)(x, G, *params, 1e-5)
     assert_true_statistics(mean, rstd, x, 1e-5, f"{variant} {hw} {memory_format}")
+
+
+# 1342 planes (G = 11, m = 61): one task for one thread; two tasks of 671 planes for two threads
+# (the forward's and the backward's grains are at most 669 planes at 7x7), so thread 0's last
+# plane fills both slots of a pair and thread 1's pairs start on an odd plane, partnering every
+# plane with the other neighbour; three threads: tasks of 448, 448 and 446 planes.
+SPLIT_C, SPLIT_G = 1342, 11
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("hw", [(7, 7), (14, 14)], ids=["7x7", "14x14"])
+def test_pairs_do_not_depend_on_the_task_split(hw, dtype, residual):
+    """SALayer NCHW at the paired sizes: forward (out, mean, rstd) and backward (grad_x, the
+    identity's gradient, every parameter gradient) with 1, 2 and 3 threads, bit for bit, and the
+    two-thread run against the float64 reference."""
+    cpu = BACKENDS["cpu"]
+    shape = (1, SPLIT_C, *hw)
+    params = op_params("sa_layer", SPLIT_C, SPLIT_G, seed=5, dtype=dtype)
+    x = make_input(shape, seed=6, dtype=dtype)
+    gy = make_input(shape, seed=7, dtype=dtype)
+    identity = make_input(shape, seed=8, dtype=dtype) if residual else None
+
+    def run():
+        if identity is None:
+            forward = cpu.forward_op("sa_layer")(x, SPLIT_G, *params, 1e-5)
+            grads = cpu.backward_op("sa_layer")(gy, x, *forward[1:], SPLIT_G, *params)
+        else:
+            forward = torch.ops.sa_cuda.sa_layer_residual_forward(
+                x, identity, SPLIT_G, *params, 1e-5
+            )
+            grads = torch.ops.sa_cuda.sa_layer_residual_backward(
+                gy, forward[0], x, *forward[1:], SPLIT_G, *params
+            )
+        return forward, grads
+
+    threads = torch.get_num_threads()
+    try:
+        runs = {}
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs[n] = run()
+        if dtype == torch.float32 and not residual:
+            torch.set_num_threads(2)
+            F, E, R = run_high_precision("sa_layer", cpu, shape, SPLIT_G, seeds=(5, 6, 7))
+            assert_close_to_reference(F, R, dtype, eager=E)
+    finally:
+        torch.set_num_threads(threads)
+    for n in (2, 3):
+        for got, want in zip(runs[n], runs[1]):  # forward, backward
+            assert_identical(got, want, f"{n} threads against 1")

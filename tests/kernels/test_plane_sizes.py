@@ -87,7 +87,7 @@ def test_statistics_are_the_true_ones(variant, hw, memory_format):
 
 
 # 1342 planes (G = 11, m = 61): one task for one thread; two tasks of 671 planes for two threads
-# (the forward's and the backward's grains are at most 669 planes at 7x7), so thread 0's last
+# (the forward's and the backward's grains are at most 668 planes at 7x7), so thread 0's last
 # plane fills both slots of a pair and thread 1's pairs start on an odd plane, partnering every
 # plane with the other neighbour; three threads: tasks of 448, 448 and 446 planes.
 SPLIT_C, SPLIT_G = 1342, 11

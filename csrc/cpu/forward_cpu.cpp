@@ -85,6 +85,31 @@ C10_NOINLINE void sa_layer_planes(const ForwardTensors<scalar_t>& t, const Forwa
   }
 }
 
+// The channels_last forward by NHWC tiles, both variants: per task, the tile's x planes (input
+// order) and output planes in acc_t and make_state()'s scratch; per tile, x gathered once,
+// unit_bodies(tile, x, result, state) on its planes, the output planes scattered once (with the
+// residual epilogue's identity).
+template <typename scalar_t, typename acc_t, typename MakeState, typename UnitBodies>
+void forward_tiles(const ForwardTensors<scalar_t>& t, const ForwardParams& p,
+                   const ChannelTiling& tiling, const MakeState& make_state,
+                   const UnitBodies& unit_bodies) {
+  const int64_t N = p.plane_size, C = p.channels, tile_values = 2 * tiling.width * N;
+  at::parallel_for(0, tiling.count(p.batch), grain_for(tile_values, kTaskElements),
+                   [&](int64_t begin, int64_t end) {
+                     std::vector<acc_t> planes(2 * tile_values);
+                     acc_t* x = planes.data();
+                     acc_t* result = x + tile_values;
+                     auto state = make_state();
+                     for (int64_t index = begin; index < end; ++index) {
+                       const ChannelTile tile = tiling.tile(index);
+                       gather_tile(t.x + tile.batch * N * C, tiling, tile, x);
+                       unit_bodies(tile, x, result, state);
+                       scatter_tile(result, tiling, tile, t.out + tile.batch * N * C,
+                                    t.identity_item(tile.batch, N * C));
+                     }
+                   });
+}
+
 // Where the columns (by_columns) do not apply, the channels_last forward goes by rows (nhwc_rows.h)
 // where a tile would be narrower than 32 channels (128 bytes of float per pixel and half): planes
 // of more than 512 pixels (narrow tiles' strided reads are slow) and any C < 64. Wider tiles read
@@ -114,33 +139,22 @@ void forward_sa_layer(const ForwardParams& p) {
     }
   }
   if (p.channels_last) {
-    const ChannelTiling tiling(p, 1);
-    const int64_t tile_values = 2 * tiling.width * N;
     with_plane_size(N, [&](auto size) {
       constexpr int64_t kN = decltype(size)::value, kPlanes = planes_at_once(kN);
-      at::parallel_for(
-          0, tiling.count(p.batch), grain_for(tile_values, kTaskElements),
-          [&](int64_t begin, int64_t end) {
-            std::vector<acc_t> scratch(2 * tile_values);  // x planes (input order), output planes
-            acc_t* x = scratch.data();
-            acc_t* result = x + tile_values;
-            for (int64_t index = begin; index < end; ++index) {
-              const ChannelTile tile = tiling.tile(index);
-              gather_tile(t.x + tile.batch * N * C, tiling, tile, x);
-              // 2 * width planes: a whole number of kPlanes (1 or 2).
-              for (int64_t q = 0; q < 2 * tile.width; q += kPlanes) {
-                PlaneUnit units[kPlanes];
-                const acc_t* xs[kPlanes];
-                acc_t* results[kPlanes];
-                for (int64_t u = 0; u < kPlanes; ++u) {
-                  units[u] = plane_unit(p, tile.batch * C + tile.channel(q + u, C / 2));
-                  xs[u] = x + (q + u) * N;
-                  results[u] = result + (units[u].out_plane % C - 2 * tile.first) * N;
-                }
-                sa_layer_planes<kN>(t, p, units, xs, results);
+      forward_tiles<scalar_t, acc_t>(
+          t, p, ChannelTiling(p, 1), [] { return 0; },
+          [&](const ChannelTile& tile, const acc_t* x, acc_t* result, int) {
+            // 2 * width planes: a whole number of kPlanes (1 or 2).
+            for (int64_t q = 0; q < 2 * tile.width; q += kPlanes) {
+              PlaneUnit units[kPlanes];
+              const acc_t* xs[kPlanes];
+              acc_t* results[kPlanes];
+              for (int64_t u = 0; u < kPlanes; ++u) {
+                units[u] = plane_unit(p, tile.batch * C + tile.channel(q + u, C / 2));
+                xs[u] = x + (q + u) * N;
+                results[u] = result + (units[u].out_plane % C - 2 * tile.first) * N;
               }
-              scatter_tile(result, tiling, tile, t.out + tile.batch * N * C,
-                           t.identity_item(tile.batch, N * C));
+              sa_layer_planes<kN>(t, p, units, xs, results);
             }
           });
     });
@@ -251,28 +265,16 @@ void forward_shuffle_attention(const ForwardParams& p) {
     }
   }
   if (p.channels_last) {
-    const ChannelTiling tiling(p, m);
-    const int64_t tile_values = 2 * tiling.width * N;
     with_plane_size(N, [&](auto size) {
-      at::parallel_for(
-          0, tiling.count(p.batch), grain_for(tile_values, kTaskElements),
-          [&](int64_t begin, int64_t end) {
-            std::vector<acc_t> planes(2 * tile_values);  // x planes (input order), output planes
-            acc_t* x = planes.data();
-            acc_t* out = x + tile_values;
-            BranchScratch<acc_t> scratch(m, N);
-            for (int64_t index = begin; index < end; ++index) {
-              const ChannelTile tile = tiling.tile(index);
-              gather_tile(t.x + tile.batch * N * C, tiling, tile, x);
-              for (int64_t q = 0; q < 2 * tile.width; q += m) {
-                const int64_t c0 = tile.channel(q, C / 2);  // the branch's first channel
-                const BranchUnit u = branch_unit(p, tile.batch * 2 * p.groups + c0 / m);
-                acc_t* out0 = out + (shuffle_dst(c0, C) - 2 * tile.first) * N;
-                shuffle_attention_branch<decltype(size)::value>(t, p, u, x + q * N, out0, 2 * N,
-                                                                scratch);
-              }
-              scatter_tile(out, tiling, tile, t.out + tile.batch * N * C,
-                           t.identity_item(tile.batch, N * C));
+      forward_tiles<scalar_t, acc_t>(
+          t, p, ChannelTiling(p, m), [&] { return BranchScratch<acc_t>(m, N); },
+          [&](const ChannelTile& tile, const acc_t* x, acc_t* out, BranchScratch<acc_t>& scratch) {
+            for (int64_t q = 0; q < 2 * tile.width; q += m) {
+              const int64_t c0 = tile.channel(q, C / 2);  // the branch's first channel
+              const BranchUnit u = branch_unit(p, tile.batch * 2 * p.groups + c0 / m);
+              acc_t* out0 = out + (shuffle_dst(c0, C) - 2 * tile.first) * N;
+              shuffle_attention_branch<decltype(size)::value>(t, p, u, x + q * N, out0, 2 * N,
+                                                              scratch);
             }
           });
     });

@@ -31,11 +31,13 @@ constexpr int64_t kTaskElements = int64_t{1} << 15;  // elements per parallel_fo
 // always inlined into them.
 
 // SALayer's gate pass over one plane with its statistics st: its N values of x in acc_t to its N
-// output values (which the caller puts at unit.out_plane).
-template <int64_t kN, typename scalar_t, typename acc_t>
+// results, stored by store (ResultStore, vec_loops.h; identity: the plane at the result's position,
+// read where the store fuses the residual epilogue in).
+template <int64_t kN, typename Store, typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void sa_layer_gate(const ForwardTensors<scalar_t>& t, const ForwardParams& p,
                                      const PlaneUnit& unit, const Standardizer<acc_t>& st,
-                                     const acc_t* x, acc_t* result) {
+                                     const acc_t* x, acc_t* result, const acc_t* identity,
+                                     Store store) {
   const int64_t N = plane_size<kN>(p);
   const ChannelRole& role = unit.role;
   t.mean[unit.plane] = st.mean;
@@ -44,7 +46,7 @@ C10_ALWAYS_INLINE void sa_layer_gate(const ForwardTensors<scalar_t>& t, const Fo
     const acc_t s = sigmoid(t.w.cw[role.k] * st.mean + t.w.cb[role.k]);
     for_each<acc_t>(N, [&](int64_t i, auto tag) {
       using V = decltype(tag);
-      store(result + i, load<V>(x + i) * V(s));
+      store(result, identity, i, load<V>(x + i) * V(s));
     });
   } else {
     const int64_t k = role.k;
@@ -52,22 +54,23 @@ C10_ALWAYS_INLINE void sa_layer_gate(const ForwardTensors<scalar_t>& t, const Fo
     for_each<acc_t>(N, [&](int64_t i, auto tag) {
       using V = decltype(tag);
       const V xv = load<V>(x + i);
-      store(result + i, xv * sigmoid(g.z(xv)));
+      store(result, identity, i, xv * sigmoid(g.z(xv)));
     });
   }
 }
 
 // SALayer, kPlanes planes at once (planes_at_once, kernels_cpu.h): plane u's N values of x in
-// acc_t, x[u], to its N output values at result[u]. The statistics of every plane come first,
-// then the gates: on 7x7 planes one plane is a chain of dependent steps (the sums, their reduction
-// across lanes, sqrt and divide, the gate, exp), and a second plane's chain runs in its latency.
-// Every plane goes through the same expressions, so its bits do not depend on its slot or its
-// partner. Not inlined ("One compiled body"): both loops (NCHW planes, NHWC tiles) call this one
-// compiled body. kN: the plane size compiled in, or 0 (with_plane_size, kernels_cpu.h).
-template <int64_t kN, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// acc_t, x[u], to its N results at result[u], stored by Store (with identity[u] where it fuses the
+// residual epilogue in). The statistics of every plane come first, then the gates: on 7x7 planes
+// one plane is a chain of dependent steps (the sums, their reduction across lanes, sqrt and divide,
+// the gate, exp), and a second plane's chain runs in its latency. Every plane goes through the same
+// expressions, so its bits do not depend on its slot or its partner. Not inlined ("One compiled
+// body"): both loops (NCHW planes, NHWC tiles) call this one compiled body. kN: the plane size
+// compiled in, or 0 (with_plane_size, kernels_cpu.h).
+template <int64_t kN, typename Store, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 C10_NOINLINE void sa_layer_planes(const ForwardTensors<scalar_t>& t, const ForwardParams& p,
                                   const PlaneUnit* units, const acc_t* const* x,
-                                  acc_t* const* result) {
+                                  acc_t* const* result, const acc_t* const* identity) {
   constexpr int64_t kPlanes = planes_at_once(kN);
   const int64_t N = plane_size<kN>(p);
   const acc_t eps = static_cast<acc_t>(p.eps);
@@ -75,13 +78,14 @@ C10_NOINLINE void sa_layer_planes(const ForwardTensors<scalar_t>& t, const Forwa
     // Written out: through the slots' array, the large planes' gate loop kept one more constant
     // on the stack (stage 1: 1.5% more instructions, 3% slower).
     const Standardizer<acc_t> st = plane_stats(x[0], N, eps, !units[0].role.spatial);
-    sa_layer_gate<kN>(t, p, units[0], st, x[0], result[0]);
+    sa_layer_gate<kN>(t, p, units[0], st, x[0], result[0], identity[0], Store{});
   } else {
     Standardizer<acc_t> st[kPlanes];
     for_each_slot<kPlanes>(
         [&](auto u) { st[u] = plane_stats(x[u], N, eps, !units[u].role.spatial); });
-    for_each_slot<kPlanes>(
-        [&](auto u) { sa_layer_gate<kN>(t, p, units[u], st[u], x[u], result[u]); });
+    for_each_slot<kPlanes>([&](auto u) {
+      sa_layer_gate<kN>(t, p, units[u], st[u], x[u], result[u], identity[u], Store{});
+    });
   }
 }
 
@@ -149,42 +153,63 @@ void forward_sa_layer(const ForwardParams& p) {
               PlaneUnit units[kPlanes];
               const acc_t* xs[kPlanes];
               acc_t* results[kPlanes];
+              const acc_t* no_identity[kPlanes] = {};  // scatter_tile adds identity
               for (int64_t u = 0; u < kPlanes; ++u) {
                 units[u] = plane_unit(p, tile.batch * C + tile.channel(q + u, C / 2));
                 xs[u] = x + (q + u) * N;
                 results[u] = result + (units[u].out_plane % C - 2 * tile.first) * N;
               }
-              sa_layer_planes<kN>(t, p, units, xs, results);
+              sa_layer_planes<kN, ResultStore<false, false>>(t, p, units, xs, results, no_identity);
             }
           });
     });
     return;
   }
+  // NCHW: the planes in output order. Where the dtype is acc_t the gate writes the output planes
+  // themselves (ResultStore: a streamed output with the residual epilogue fused in, else the
+  // epilogue in place after the gate); converted dtypes compute into scratch, and write_output
+  // converts with the epilogue.
+  const bool residual = t.identity != nullptr;
+  const bool streaming = stream_results(p.batch * C * N * int64_t{sizeof(scalar_t)});
   with_plane_size(N, [&](auto size) {
     constexpr int64_t kN = decltype(size)::value, kPlanes = planes_at_once(kN);
-    at::parallel_for(0, p.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
-      const int64_t n = plane_size<kN>(p);
-      // Per plane in flight: x plane in acc_t, result plane.
-      std::vector<acc_t> scratch(kConvert ? 2 * kPlanes * n : 0);
-      for (int64_t index = begin; index < end; index += kPlanes) {
-        PlaneUnit units[kPlanes];
-        const acc_t* xs[kPlanes];
-        acc_t* results[kPlanes];
-        for (int64_t u = 0; u < kPlanes; ++u) {
-          // An odd last plane of the task fills both slots: done twice, the same values to the
-          // same place.
-          units[u] = plane_unit_at_output(p, std::min(index + u, end - 1));
-          acc_t* own = scratch.data() + 2 * u * n;
-          xs[u] = as_acc(t.x + units[u].plane * n, n, own);
-          results[u] = result_buffer(t.out + units[u].out_plane * n, kConvert ? own + n : nullptr);
-        }
-        sa_layer_planes<kN>(t, p, units, xs, results);
-        for (int64_t u = 0; u < kPlanes && index + u < end; ++u) {
-          const int64_t out_offset = units[u].out_plane * n;
-          if (t.identity != nullptr) add_identity_relu(results[u], t.identity + out_offset, n);
-          finish_store(results[u], t.out + out_offset, n);
-        }
-      }
+    with_result_store<scalar_t>(residual, streaming, [&](auto store) {
+      using Store = decltype(store);
+      at::parallel_for(
+          0, p.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
+            const int64_t n = plane_size<kN>(p);
+            // Per plane in flight: x plane in acc_t, result plane.
+            std::vector<acc_t> scratch(kConvert ? 2 * kPlanes * n : 0);
+            for (int64_t index = begin; index < end; index += kPlanes) {
+              PlaneUnit units[kPlanes];
+              const acc_t* xs[kPlanes];
+              acc_t* results[kPlanes];
+              const acc_t* identities[kPlanes] = {};
+              for (int64_t u = 0; u < kPlanes; ++u) {
+                // An odd last plane of the task fills both slots: done twice, the same values to
+                // the same place.
+                units[u] = plane_unit_at_output(p, std::min(index + u, end - 1));
+                acc_t* own = scratch.data() + 2 * u * n;
+                xs[u] = as_acc(t.x + units[u].plane * n, n, own);
+                results[u] =
+                    result_buffer(t.out + units[u].out_plane * n, kConvert ? own + n : nullptr);
+                if constexpr (Store::kFusesResidual) {
+                  identities[u] = t.identity + units[u].out_plane * n;
+                }
+              }
+              sa_layer_planes<kN, Store>(t, p, units, xs, results, identities);
+              for (int64_t u = 0; u < kPlanes && index + u < end; ++u) {
+                const int64_t out_offset = units[u].out_plane * n;
+                const scalar_t* identity = residual ? t.identity + out_offset : nullptr;
+                if constexpr (kConvert) {
+                  write_output(results[u], identity, t.out + out_offset, n, streaming);
+                } else if (!Store::kFusesResidual && residual) {
+                  add_identity_relu(results[u], identity, n);
+                }
+              }
+            }
+            if (streaming) stream_fence();
+          });
     });
   });
 }
@@ -200,15 +225,21 @@ struct BranchScratch {
 };
 
 // ShuffleAttention, one branch of one (batch item, group): its m planes of x in acc_t (contiguous,
-// [m, N]) to its m output planes, plane j at result0 + j * result_stride. Not inlined
-// ("One compiled body"). kN: the plane size compiled in, or 0 (with_plane_size).
-template <int64_t kN, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// [m, N]) to its m result planes, plane j at result0 + j * result_stride, stored by Store (with
+// the identity plane at identity0 + j * result_stride where the residual epilogue is fused in).
+// Not inlined ("One compiled body"). kN: the plane size compiled in, or 0 (with_plane_size).
+template <int64_t kN, typename Store, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 C10_NOINLINE void shuffle_attention_branch(const ForwardTensors<scalar_t>& t,
                                            const ForwardParams& p, const BranchUnit& u,
-                                           const acc_t* x, acc_t* result0, int64_t result_stride,
-                                           BranchScratch<acc_t>& scratch) {
+                                           const acc_t* x, acc_t* result0, const acc_t* identity0,
+                                           int64_t result_stride, BranchScratch<acc_t>& scratch) {
   const int64_t m = p.branch_channels, N = plane_size<kN>(p);
+  const Store store;
   auto result = [&](int64_t j) { return result0 + j * result_stride; };
+  auto identity = [&](int64_t j) -> const acc_t* {
+    if constexpr (Store::kFusesResidual) return identity0 + j * result_stride;
+    return nullptr;
+  };
   std::vector<Standardizer<acc_t>>& st = scratch.st;
   for (int64_t j = 0; j < m; ++j) {
     st[j] = plane_stats(x + j * N, N, static_cast<acc_t>(p.eps), !u.spatial);
@@ -221,9 +252,10 @@ C10_NOINLINE void shuffle_attention_branch(const ForwardTensors<scalar_t>& t,
       const acc_t s = sigmoid(scratch.z[j]);
       const acc_t* xj = x + j * N;
       acc_t* res = result(j);
+      const acc_t* id = identity(j);
       for_each<acc_t>(N, [&](int64_t i, auto tag) {
         using V = decltype(tag);
-        store(res + i, load<V>(xj + i) * V(s));
+        store(res, id, i, load<V>(xj + i) * V(s));
       });
     }
     return;
@@ -236,7 +268,7 @@ C10_NOINLINE void shuffle_attention_branch(const ForwardTensors<scalar_t>& t,
     const acc_t scale = t.w.gw[k] * sk.gate_rstd;
     for_each<acc_t>(N, [&](int64_t i, auto tag) {
       using V = decltype(tag);
-      store(y + k * N + i, V(scale) * sk.centered(load<V>(x + k * N + i)) + V(t.w.gb[k]));
+      cpu::store(y + k * N + i, V(scale) * sk.centered(load<V>(x + k * N + i)) + V(t.w.gb[k]));
     });
   }
   for_each<acc_t>(N, [&](int64_t i, auto tag) {
@@ -244,7 +276,7 @@ C10_NOINLINE void shuffle_attention_branch(const ForwardTensors<scalar_t>& t,
     for (int64_t j = 0; j < m; ++j) {
       V zj(t.w.sb[j]);
       for (int64_t k = 0; k < m; ++k) zj = zj + V(t.w.sw[j * m + k]) * load<V>(y + k * N + i);
-      store(result(j) + i, load<V>(x + j * N + i) * sigmoid(zj));
+      store(result(j), identity(j), i, load<V>(x + j * N + i) * sigmoid(zj));
     }
   });
 }
@@ -273,39 +305,52 @@ void forward_shuffle_attention(const ForwardParams& p) {
               const int64_t c0 = tile.channel(q, C / 2);  // the branch's first channel
               const BranchUnit u = branch_unit(p, tile.batch * 2 * p.groups + c0 / m);
               acc_t* out0 = out + (shuffle_dst(c0, C) - 2 * tile.first) * N;
-              shuffle_attention_branch<decltype(size)::value>(t, p, u, x + q * N, out0, 2 * N,
-                                                              scratch);
+              const acc_t* no_identity = nullptr;  // scatter_tile adds identity
+              shuffle_attention_branch<decltype(size)::value, ResultStore<false, false>>(
+                  t, p, u, x + q * N, out0, no_identity, 2 * N, scratch);
             }
           });
     });
     return;
   }
+  // NCHW: the branches in output order, their result planes and epilogue as in SALayer's.
+  const bool residual = t.identity != nullptr;
+  const bool streaming = stream_results(p.batch * C * N * int64_t{sizeof(scalar_t)});
   with_plane_size(N, [&](auto size) {
     constexpr int64_t kN = decltype(size)::value;
-    at::parallel_for(
-        0, p.batch * p.groups * 2, grain_for(m * N, kTaskElements),
-        [&](int64_t begin, int64_t end) {
-          const int64_t n = plane_size<kN>(p);
-          std::vector<acc_t> converted(kConvert ? 2 * m * n : 0);  // x planes, result planes
-          BranchScratch<acc_t> scratch(m, n);
-          for (int64_t index = begin; index < end; ++index) {
-            const BranchUnit u = branch_unit_at_output(p, index);
-            const acc_t* x = as_acc(t.x + u.plane0 * n, m * n, converted.data());
-            // The output planes themselves (2 n apart), or converted ones (n apart) when
-            // converting.
-            auto dst = [&](int64_t j) { return t.out + (u.out_plane0 + 2 * j) * n; };
-            acc_t* result0 = result_buffer(dst(0), kConvert ? converted.data() + m * n : nullptr);
-            const int64_t result_stride = kConvert ? n : 2 * n;
-            shuffle_attention_branch<kN>(t, p, u, x, result0, result_stride, scratch);
-            for (int64_t j = 0; j < m; ++j) {
-              acc_t* result = result0 + j * result_stride;
-              if (t.identity != nullptr) {
-                add_identity_relu(result, t.identity + (u.out_plane0 + 2 * j) * n, n);
+    with_result_store<scalar_t>(residual, streaming, [&](auto store) {
+      using Store = decltype(store);
+      at::parallel_for(
+          0, p.batch * p.groups * 2, grain_for(m * N, kTaskElements),
+          [&](int64_t begin, int64_t end) {
+            const int64_t n = plane_size<kN>(p);
+            std::vector<acc_t> converted(kConvert ? 2 * m * n : 0);  // x planes, result planes
+            BranchScratch<acc_t> scratch(m, n);
+            for (int64_t index = begin; index < end; ++index) {
+              const BranchUnit u = branch_unit_at_output(p, index);
+              const acc_t* x = as_acc(t.x + u.plane0 * n, m * n, converted.data());
+              // The output planes themselves (2 n apart), or converted ones (n apart).
+              auto dst = [&](int64_t j) { return (u.out_plane0 + 2 * j) * n; };  // an offset
+              acc_t* result0 =
+                  result_buffer(t.out + dst(0), kConvert ? converted.data() + m * n : nullptr);
+              const int64_t result_stride = kConvert ? n : 2 * n;
+              const acc_t* identity0 = nullptr;
+              if constexpr (Store::kFusesResidual) identity0 = t.identity + dst(0);
+              shuffle_attention_branch<kN, Store>(t, p, u, x, result0, identity0, result_stride,
+                                                  scratch);
+              for (int64_t j = 0; j < m; ++j) {
+                acc_t* result = result0 + j * result_stride;
+                const scalar_t* identity = residual ? t.identity + dst(j) : nullptr;
+                if constexpr (kConvert) {
+                  write_output(result, identity, t.out + dst(j), n, streaming);
+                } else if (!Store::kFusesResidual && residual) {
+                  add_identity_relu(result, identity, n);
+                }
               }
-              finish_store(result, dst(j), n);
             }
-          }
-        });
+            if (streaming) stream_fence();
+          });
+    });
   });
 }
 

@@ -119,8 +119,8 @@ void forward_rows(const ForwardParams& p, const ForwardTensors<scalar_t>& t, con
       float* y = scratch + C;
       gate_row(field.data(), x, y, scratch + 2 * C);
       const int64_t row = (chunk.item * N + px) * C;
-      if (t.identity != nullptr) add_identity_relu(y, t.identity + row, C);
-      store_row(y, t.out + row, C, streaming);
+      write_output(y, t.identity == nullptr ? nullptr : t.identity + row, t.out + row, C,
+                   streaming);
     }
   };
   run_waves(rows, (2 + kRowScratch) * C, make_wave, pass1, finish, pass2);

@@ -46,8 +46,6 @@
 
 namespace sa_cuda::cpu {
 
-using FloatVec = at::vec::Vectorized<float>;
-
 // The partition of the work: waves of batch items, each item's N pixels in chunks of `pixels`.
 struct RowChunks {
   int64_t batch, plane_size;
@@ -535,74 +533,6 @@ Standardizer<float> moment_stats(const scalar_t* item, int64_t C, int64_t N, dou
     return finish_stats(mean, var, eps, 0, static_cast<float>(mean_d - static_cast<double>(mean)));
   }
   return gathered_stats(item, C, N, c, eps, spatial);
-}
-
-// Whether pass 2 writes its rows with streaming (non-temporal) stores: when the result is larger
-// than the cache would keep until the next layer reads it, streaming stores skip reading each
-// line of it from memory before it is overwritten (a third of a copy's traffic).
-inline bool stream_results(int64_t bytes) { return bytes > (int64_t{8} << 20); }
-
-// 2L values of scalar_t from p as two float vectors (exact).
-template <typename scalar_t>
-inline std::pair<FloatVec, FloatVec> load_pair(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return {FloatVec::loadu(p), FloatVec::loadu(p + FloatVec::size())};
-  } else {
-    const auto [lo, hi] =
-        at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
-    return {lo, hi};
-  }
-}
-
-// Two float vectors to 2L values of dst in its dtype (rounded as at::vec::convert does), by
-// streaming stores when `streaming` and dst is 32-byte aligned.
-template <typename scalar_t>
-inline void store_pair(scalar_t* dst, const FloatVec& lo, const FloatVec& hi, bool streaming) {
-  constexpr int64_t L = FloatVec::size();
-#if defined(CPU_CAPABILITY_AVX2)
-  if (streaming && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      _mm256_stream_ps(dst, lo);
-      _mm256_stream_ps(dst + L, hi);
-    } else {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
-                          at::vec::convert_from_float<scalar_t>(lo, hi));
-    }
-    return;
-  }
-#endif
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    lo.store(dst);
-    hi.store(dst + L);
-  } else {
-    at::vec::Vectorized<scalar_t>(at::vec::convert_from_float<scalar_t>(lo, hi)).store(dst);
-  }
-}
-
-// A result row of C floats into dst in its dtype (rounded as at::vec::convert, the NCHW path,
-// does), by streaming stores (store_pair) when `streaming` and dst is 32-byte aligned. The caller
-// ends its task with stream_fence().
-template <typename scalar_t>
-inline void store_row(const float* y, scalar_t* dst, int64_t C, bool streaming) {
-  constexpr int64_t L = FloatVec::size();
-  int64_t c = 0;
-  if (streaming && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
-    for (; c + 2 * L <= C; c += 2 * L) {
-      store_pair(dst + c, FloatVec::loadu(y + c), FloatVec::loadu(y + c + L), true);
-    }
-  }
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    std::copy(y + c, y + C, dst + c);
-  } else {
-    at::vec::convert(y + c, dst + c, C - c);
-  }
-}
-
-// Orders a task's streaming stores before the parallel region ends (they are weakly ordered).
-inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
 }
 
 // The waves, one after the other: pass 1 over the wave's chunks (in parallel), finish(wave) (which

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <memory>
 #include <type_traits>
+#include <utility>
 
 #include "../sa_math.h"
 #include "vec_exp.h"
@@ -258,6 +259,122 @@ inline void prefetch_span(const T* p, int64_t n) {
   }
 }
 
+using FloatVec = at::vec::Vectorized<float>;
+
+// Whether a kernel writes its output with streaming (non-temporal) stores: when the output is
+// larger than the cache would keep until the next layer reads it, a streaming store skips reading
+// each line from memory before overwriting it (a third of a copy's traffic, a quarter of the
+// residual epilogue's). The caller ends each task with stream_fence().
+inline bool stream_results(int64_t bytes) { return bytes > (int64_t{8} << 20); }
+
+// Orders a task's streaming stores before the parallel region ends (they are weakly ordered).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+inline bool aligned_32(const void* p) { return reinterpret_cast<uintptr_t>(p) % 32 == 0; }
+
+// 2L values of scalar_t from p as two float vectors (exact).
+template <typename scalar_t>
+inline std::pair<FloatVec, FloatVec> load_pair(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return {FloatVec::loadu(p), FloatVec::loadu(p + FloatVec::size())};
+  } else {
+    const auto [lo, hi] =
+        at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
+    return {lo, hi};
+  }
+}
+
+// Two float vectors to 2L values of dst in its dtype (rounded as at::vec::convert does), by
+// streaming stores when `streaming` and dst is 32-byte aligned.
+template <typename scalar_t>
+inline void store_pair(scalar_t* dst, const FloatVec& lo, const FloatVec& hi, bool streaming) {
+  constexpr int64_t L = FloatVec::size();
+#if defined(CPU_CAPABILITY_AVX2)
+  if (streaming && aligned_32(dst)) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_stream_ps(dst, lo);
+      _mm256_stream_ps(dst + L, hi);
+    } else {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
+                          at::vec::convert_from_float<scalar_t>(lo, hi));
+    }
+    return;
+  }
+#endif
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    lo.store(dst);
+    hi.store(dst + L);
+  } else {
+    at::vec::Vectorized<scalar_t>(at::vec::convert_from_float<scalar_t>(lo, hi)).store(dst);
+  }
+}
+
+// v (float lanes, or one float or double) as a value of its own, rounded to its type: the
+// compiler may not contract it into the add that follows (an FMA), which would skip the rounding
+// of the product that eager's separate ops apply, and that the paths which store a result before
+// adding identity apply too (the same bits in every path). An empty asm statement that says it
+// may change v, in a vector register on AVX2 builds.
+template <typename V>
+C10_ALWAYS_INLINE V rounded(V v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<V, at::vec::Vectorized<float>>) {
+    __m256 raw = v;
+    asm("" : "+x"(raw));
+    return V(raw);
+  } else {
+    asm("" : "+x"(v));
+    return v;
+  }
+#else
+  asm("" : "+m"(v));
+  return v;
+#endif
+}
+
+// How a unit body's gate pass stores a result value y (V: a vector of acc_t or one acc_t) at
+// result + i. ResultStore<false, false> stores y as it is. Where the output is streamed
+// (stream_results) and the result planes are the NCHW output planes themselves (the dtype is
+// acc_t), the gate writes the output with streaming stores (kStreaming: float vectors that start
+// 32-byte aligned) and with the residual epilogue fused in (kResidual: relu(y + identity), identity
+// at the result's position): a pass of its own after the gate would write each line twice, the
+// second time after it has left for memory. Elsewhere the epilogue comes after the gate: the NCHW
+// output planes in place (add_identity_relu), NHWC tiles and converted dtypes as they write the
+// output (scatter_tile, write_output).
+template <bool kResidual, bool kStreaming>
+struct ResultStore {
+  static constexpr bool kFusesResidual = kResidual;
+
+  template <typename acc_t, typename V>
+  C10_ALWAYS_INLINE void operator()(acc_t* result, const acc_t* identity, int64_t i, V y) const {
+    if constexpr (kResidual) y = residual_relu(rounded(y), load<V>(identity + i));
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kStreaming && is_vec<V>::value && std::is_same_v<acc_t, float>) {
+      if (aligned_32(result + i)) {
+        _mm256_stream_ps(result + i, y);
+        return;
+      }
+    }
+#endif
+    store(result + i, y);
+  }
+};
+
+// f(ResultStore<residual, true>{}) for a streamed output of float (the flags as template
+// arguments), else f(ResultStore<false, false>{}).
+template <typename scalar_t, typename F>
+decltype(auto) with_result_store(bool residual, bool streaming, const F& f) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (streaming) {
+      return residual ? f(ResultStore<true, true>{}) : f(ResultStore<false, true>{});
+    }
+  }
+  return f(ResultStore<false, false>{});
+}
+
 // The residual epilogue (sa_math.h: residual_relu) on n results in acc_t before their one store:
 // y = relu(y + identity), identity read in its own dtype at the results' output positions.
 template <typename scalar_t, typename acc_t>
@@ -277,6 +394,34 @@ inline void add_identity_relu(acc_t* y, const scalar_t* identity, int64_t n) {
       residual_relu(Vec::loadu(y + i), Vec::loadu(identity + i)).store(y + i);
   }
   for (; i < n; ++i) y[i] = residual_relu(y[i], static_cast<acc_t>(identity[i]));
+}
+
+// n results in float (y) to dst in its dtype, rounded as at::vec::convert does, with the residual
+// epilogue (relu(y + identity), identity at dst's position) where identity is not null, by
+// streaming stores (store_pair) where `streaming`, from dst's first 32-byte boundary on.
+template <typename scalar_t>
+inline void write_output(const float* y, const scalar_t* identity, scalar_t* dst, int64_t n,
+                         bool streaming) {
+  constexpr int64_t L = FloatVec::size();
+  auto one = [&](int64_t i) {
+    const float v =
+        identity == nullptr ? y[i] : residual_relu(y[i], static_cast<float>(identity[i]));
+    dst[i] = static_cast<scalar_t>(v);
+  };
+  int64_t i = 0;
+  if (streaming) {
+    for (; i < n && !aligned_32(dst + i); ++i) one(i);
+  }
+  for (; i + 2 * L <= n; i += 2 * L) {
+    FloatVec lo = FloatVec::loadu(y + i), hi = FloatVec::loadu(y + i + L);
+    if (identity != nullptr) {
+      const auto [id_lo, id_hi] = load_pair(identity + i);
+      lo = residual_relu(lo, id_lo);
+      hi = residual_relu(hi, id_hi);
+    }
+    store_pair(dst + i, lo, hi, streaming);
+  }
+  for (; i < n; ++i) one(i);
 }
 
 // The residual epilogue's backward on n values (sa_math.h: relu_grad): grad_identity = grad_out

@@ -25,10 +25,11 @@ namespace {
 constexpr int64_t kTaskElements = int64_t{1} << 14;  // elements per parallel_for task, at least
 
 // SALayer, one plane: its N values of x and of grad_out (from unit.out_plane) in acc_t to its N
-// values of grad_x; `gate` is N values of scratch.
+// values of grad_x, stored by Store (ResultStore, vec_loops.h: streaming stores where grad_x is
+// the streamed output itself); `gate` is N values of scratch.
 // Not inlined: both loops call this one compiled body (forward_cpu.cpp, "One compiled body").
 // kN: the plane size compiled in, or 0 (with_plane_size).
-template <int64_t kN, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <int64_t kN, typename Store, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 C10_NOINLINE void sa_layer_plane_backward(const BackwardTensors<scalar_t>& t,
                                           const ForwardParams& p, const PlaneUnit& unit,
                                           const acc_t* x, const acc_t* gu, acc_t* dx, acc_t* gate) {
@@ -38,6 +39,7 @@ C10_NOINLINE void sa_layer_plane_backward(const BackwardTensors<scalar_t>& t,
   const int64_t k = role.k, slot = unit.slot(p);
   const acc_t mu = t.fwd.mean[unit.plane], r = t.fwd.rstd[unit.plane];
   const ParamArrays<acc_t>& w = t.fwd.w;
+  const Store store;
 
   if (!role.spatial) {
     // u = x * s with s = sigmoid(cw * mu + cb): dz = sum(gu * x) * s(1 - s), dmu = cw * dz.
@@ -47,7 +49,7 @@ C10_NOINLINE void sa_layer_plane_backward(const BackwardTensors<scalar_t>& t,
     const acc_t beta = channel_grad_coeffs(w.cw[k] * dz, inv_n).beta;
     for_each<acc_t>(N, [&](int64_t i, auto tag) {
       using V = decltype(tag);
-      store(dx + i, channel_input_grad(load<V>(gu + i), V(s), V(beta)));
+      store(dx, nullptr, i, channel_input_grad(load<V>(gu + i), V(s), V(beta)));
     });
     return;
   }
@@ -58,7 +60,7 @@ C10_NOINLINE void sa_layer_plane_backward(const BackwardTensors<scalar_t>& t,
     using V = decltype(tag);
     const V xh = st.normalized(load<V>(x + i));
     const V s = sigmoid(ga.z(load<V>(x + i)));
-    store(gate + i, s);
+    cpu::store(gate + i, s);
     const V t_i = gate_input_grad(load<V>(gu + i), load<V>(x + i), s);
     return std::array<V, 2>{t_i, t_i * xh};
   });
@@ -68,7 +70,7 @@ C10_NOINLINE void sa_layer_plane_backward(const BackwardTensors<scalar_t>& t,
   for_each<acc_t>(N, [&](int64_t i, auto tag) {
     using V = decltype(tag);
     const V gu_i = load<V>(gu + i), x_i = load<V>(x + i), s = load<V>(gate + i);
-    store(dx + i,
+    store(dx, nullptr, i,
           spatial_input_grad(gu_i, s, gate_input_grad(gu_i, x_i, s), st.normalized(x_i), coeffs));
   });
 }
@@ -127,46 +129,54 @@ void backward_sa_layer(const BackwardParams& p) {
     const ChannelTiling tiling(p.fwd, 1);
     const int64_t tile_values = 2 * tiling.width * N;
     with_plane_size(N, [&](auto size) {
-      at::parallel_for(0, tiling.count(p.fwd.batch), grain_for(tile_values, kTaskElements),
-                       [&](int64_t begin, int64_t end) {
-                         TilePlanes<acc_t> planes(tile_values, N);  // + the gate
-                         for (int64_t index = begin; index < end; ++index) {
-                           backward_tile(t, tiling, tiling.tile(index), planes,
-                                         [&](const ChannelTile& tile, TilePlanes<acc_t>& tp) {
-                                           for (int64_t q = 0; q < 2 * tile.width; ++q) {
-                                             const PlaneUnit unit = plane_unit(
-                                                 p.fwd, tile.batch * C + tile.channel(q, C / 2));
-                                             const int64_t out_q =
-                                                 unit.out_plane % C - 2 * tile.first;
-                                             sa_layer_plane_backward<decltype(size)::value>(
-                                                 t, p.fwd, unit, tp.x + q * N, tp.gu + out_q * N,
-                                                 tp.dx + q * N, tp.extra());
-                                           }
-                                         });
-                         }
-                       });
+      at::parallel_for(
+          0, tiling.count(p.fwd.batch), grain_for(tile_values, kTaskElements),
+          [&](int64_t begin, int64_t end) {
+            TilePlanes<acc_t> planes(tile_values, N);  // + the gate
+            for (int64_t index = begin; index < end; ++index) {
+              backward_tile(
+                  t, tiling, tiling.tile(index), planes,
+                  [&](const ChannelTile& tile, TilePlanes<acc_t>& tp) {
+                    for (int64_t q = 0; q < 2 * tile.width; ++q) {
+                      const PlaneUnit unit =
+                          plane_unit(p.fwd, tile.batch * C + tile.channel(q, C / 2));
+                      const int64_t out_q = unit.out_plane % C - 2 * tile.first;
+                      sa_layer_plane_backward<decltype(size)::value, ResultStore<false, false>>(
+                          t, p.fwd, unit, tp.x + q * N, tp.gu + out_q * N, tp.dx + q * N,
+                          tp.extra());
+                    }
+                  });
+            }
+          });
     });
     return;
   }
+  // NCHW: the planes in output order; grad_x by streaming stores where it is streamed
+  // (stream_results; a converted dtype's by write_output).
+  const bool streaming = stream_results(p.fwd.batch * C * N * int64_t{sizeof(scalar_t)});
   with_plane_size(N, [&](auto size) {
     constexpr int64_t kN = decltype(size)::value;
-    at::parallel_for(
-        0, p.fwd.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
-          const int64_t n = plane_size<kN>(p.fwd);
-          // x, grad_out and grad_x planes in acc_t (when converting); the spatial gate s.
-          std::vector<acc_t> scratch((kConvert ? 3 : 0) * n + n);
-          acc_t* gate = scratch.data() + (kConvert ? 3 : 0) * n;
-          for (int64_t index = begin; index < end; ++index) {
-            const PlaneUnit unit = plane_unit_at_output(p.fwd, index);
-            const int64_t plane = unit.plane;
-            const acc_t* x = as_acc(t.fwd.x + plane * n, n, scratch.data());
-            const acc_t* gu = as_acc(t.sa_grad(unit.out_plane * n, n), n, scratch.data() + n);
-            acc_t* dx =
-                result_buffer(t.grad_x + plane * n, kConvert ? scratch.data() + 2 * n : nullptr);
-            sa_layer_plane_backward<kN>(t, p.fwd, unit, x, gu, dx, gate);
-            finish_store(dx, t.grad_x + plane * n, n);
-          }
-        });
+    with_streaming_store<scalar_t>(streaming, [&](auto store) {
+      using Store = decltype(store);
+      at::parallel_for(
+          0, p.fwd.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
+            const int64_t n = plane_size<kN>(p.fwd);
+            // x, grad_out and grad_x planes in acc_t (when converting); the spatial gate s.
+            std::vector<acc_t> scratch((kConvert ? 3 : 0) * n + n);
+            acc_t* gate = scratch.data() + (kConvert ? 3 : 0) * n;
+            for (int64_t index = begin; index < end; ++index) {
+              const PlaneUnit unit = plane_unit_at_output(p.fwd, index);
+              const int64_t plane = unit.plane;
+              const acc_t* x = as_acc(t.fwd.x + plane * n, n, scratch.data());
+              const acc_t* gu = as_acc(t.sa_grad(unit.out_plane * n, n), n, scratch.data() + n);
+              acc_t* dx =
+                  result_buffer(t.grad_x + plane * n, kConvert ? scratch.data() + 2 * n : nullptr);
+              sa_layer_plane_backward<kN, Store>(t, p.fwd, unit, x, gu, dx, gate);
+              if constexpr (kConvert) write_output(dx, nullptr, t.grad_x + plane * n, n, streaming);
+            }
+            if (streaming) stream_fence();
+          });
+    });
   });
 }
 
@@ -185,8 +195,9 @@ struct BranchPlanes {
   std::vector<acc_t> vec_a, vec_b, A;  // m, m, m * m
 };
 
-// z = W1 mu + b1, s = sigmoid(z); dz_j = sum(gu_j x_j) s_j (1 - s_j); dmu = W1^T dz.
-template <typename acc_t>
+// z = W1 mu + b1, s = sigmoid(z); dz_j = sum(gu_j x_j) s_j (1 - s_j); dmu = W1^T dz. grad_x
+// stored by Store (ResultStore), as in spatial_branch_backward.
+template <typename Store, typename acc_t>
 void channel_branch_backward(const ParamArrays<acc_t>& w, acc_t* gate_grad, int64_t m, int64_t N,
                              BranchPlanes<acc_t>& u) {
   std::vector<acc_t>& s = u.vec_a;
@@ -204,7 +215,7 @@ void channel_branch_backward(const ParamArrays<acc_t>& w, acc_t* gate_grad, int6
     acc_t* dxj = u.dx + j * N;
     for_each<acc_t>(N, [&](int64_t i, auto tag) {
       using V = decltype(tag);
-      store(dxj + i, channel_input_grad(load<V>(gj + i), V(s[j]), V(beta)));
+      Store{}(dxj, nullptr, i, channel_input_grad(load<V>(gj + i), V(s[j]), V(beta)));
     });
   }
 }
@@ -238,8 +249,8 @@ void spatial_branch_gate(const ParamArrays<acc_t>& w, int64_t m, int64_t N,
 }
 
 // A[j, i] = sum_p t_j xh_i (xh first: t_j (x_i - mu_i) would be of order |x|^2 and overflow
-// first), T1[j] = sum_p t_j; then dx through dy(p) = W2^T t(p) (sa_math.h).
-template <typename acc_t>
+// first), T1[j] = sum_p t_j; then dx through dy(p) = W2^T t(p) (sa_math.h), stored by Store.
+template <typename Store, typename acc_t>
 void spatial_branch_backward(const ParamArrays<acc_t>& w, acc_t* t_sum, acc_t* t_xh, int64_t m,
                              int64_t N, BranchPlanes<acc_t>& u) {
   spatial_branch_gate(w, m, N, u);
@@ -262,8 +273,9 @@ void spatial_branch_backward(const ParamArrays<acc_t>& w, acc_t* t_sum, acc_t* t
     for (int64_t i = 0; i < m; ++i) {
       V dy(0);
       for (int64_t j = 0; j < m; ++j) dy = dy + V(w.sw[j * m + i]) * load<V>(u.tz + j * N + q);
-      store(u.dx + i * N + q, spatial_input_grad(load<V>(u.gu[i] + q), load<V>(u.gate + i * N + q),
-                                                 dy, load<V>(u.xh + i * N + q), coeffs[i]));
+      Store{}(u.dx + i * N, nullptr, q,
+              spatial_input_grad(load<V>(u.gu[i] + q), load<V>(u.gate + i * N + q), dy,
+                                 load<V>(u.xh + i * N + q), coeffs[i]));
     }
   });
 }
@@ -287,9 +299,10 @@ BranchPlanes<acc_t> branch_planes(int64_t m, acc_t* scratch, int64_t N) {
                              std::vector<acc_t>(m * m)};
 }
 
-// One branch of one (batch item, group), its planes set in u (x, gu, dx, saved statistics). Not
-// inlined: both loops call this one compiled body (forward_cpu.cpp, "One compiled body").
-template <typename scalar_t, typename acc_t>
+// One branch of one (batch item, group), its planes set in u (x, gu, dx, saved statistics), grad_x
+// stored by Store (ResultStore). Not inlined: both loops call this one compiled body
+// (forward_cpu.cpp, "One compiled body").
+template <typename Store, typename scalar_t, typename acc_t>
 C10_NOINLINE void shuffle_attention_branch_backward(const BackwardTensors<scalar_t>& t,
                                                     const BranchUnit& b, int64_t m, int64_t N,
                                                     BranchPlanes<acc_t>& u) {
@@ -297,9 +310,9 @@ C10_NOINLINE void shuffle_attention_branch_backward(const BackwardTensors<scalar
   u.r = t.fwd.rstd + b.plane0;
   u.slot0 = b.slot0;
   if (b.spatial) {
-    spatial_branch_backward(t.fwd.w, t.t_sum, t.t_xh, m, N, u);
+    spatial_branch_backward<Store>(t.fwd.w, t.t_sum, t.t_xh, m, N, u);
   } else {
-    channel_branch_backward(t.fwd.w, t.gate_grad, m, N, u);
+    channel_branch_backward<Store>(t.fwd.w, t.gate_grad, m, N, u);
   }
 }
 
@@ -331,7 +344,7 @@ void backward_shuffle_attention(const BackwardParams& p) {
                                  for (int64_t j = 0; j < m; ++j)
                                    u.gu[j] = tp.gu + (out_q + 2 * j) * N;
                                  u.dx = tp.dx + q * N;
-                                 shuffle_attention_branch_backward(
+                                 shuffle_attention_branch_backward<ResultStore<false, false>>(
                                      t, branch_unit(p.fwd, tile.batch * 2 * p.fwd.groups + c0 / m),
                                      m, N, u);
                                }
@@ -340,26 +353,33 @@ void backward_shuffle_attention(const BackwardParams& p) {
                      });
     return;
   }
-  at::parallel_for(0, p.fwd.batch * p.fwd.groups * 2, grain_for(mN, kTaskElements),
-                   [&](int64_t begin, int64_t end) {
-                     // Scratch planes: xh, y, gate, t; x, gu, grad_x in acc_t (when converting).
-                     std::vector<acc_t> scratch((kConvert ? 7 : 4) * mN);
-                     acc_t* x_buf = kConvert ? scratch.data() + 4 * mN : nullptr;
-                     acc_t* gu_buf = kConvert ? x_buf + mN : nullptr;
-                     acc_t* dx_buf = kConvert ? gu_buf + mN : nullptr;
-                     BranchPlanes<acc_t> u = branch_planes(m, scratch.data(), N);
-                     for (int64_t index = begin; index < end; ++index) {
-                       const BranchUnit b = branch_unit_at_output(p.fwd, index);
-                       u.x = as_acc(t.fwd.x + b.plane0 * N, mN, x_buf);
-                       for (int64_t j = 0; j < m; ++j) {
-                         u.gu[j] = as_acc(t.sa_grad((b.out_plane0 + 2 * j) * N, N), N,
-                                          kConvert ? gu_buf + j * N : nullptr);
+  // NCHW: the branches in output order, grad_x stored as in SALayer's NCHW loop.
+  const bool streaming = stream_results(p.fwd.batch * C * N * int64_t{sizeof(scalar_t)});
+  with_streaming_store<scalar_t>(streaming, [&](auto store) {
+    using Store = decltype(store);
+    at::parallel_for(0, p.fwd.batch * p.fwd.groups * 2, grain_for(mN, kTaskElements),
+                     [&](int64_t begin, int64_t end) {
+                       // Scratch planes: xh, y, gate, t; x, gu, grad_x in acc_t (when converting).
+                       std::vector<acc_t> scratch((kConvert ? 7 : 4) * mN);
+                       acc_t* x_buf = kConvert ? scratch.data() + 4 * mN : nullptr;
+                       acc_t* gu_buf = kConvert ? x_buf + mN : nullptr;
+                       acc_t* dx_buf = kConvert ? gu_buf + mN : nullptr;
+                       BranchPlanes<acc_t> u = branch_planes(m, scratch.data(), N);
+                       for (int64_t index = begin; index < end; ++index) {
+                         const BranchUnit b = branch_unit_at_output(p.fwd, index);
+                         u.x = as_acc(t.fwd.x + b.plane0 * N, mN, x_buf);
+                         for (int64_t j = 0; j < m; ++j) {
+                           u.gu[j] = as_acc(t.sa_grad((b.out_plane0 + 2 * j) * N, N), N,
+                                            kConvert ? gu_buf + j * N : nullptr);
+                         }
+                         u.dx = result_buffer(t.grad_x + b.plane0 * N, dx_buf);
+                         shuffle_attention_branch_backward<Store>(t, b, m, N, u);
+                         if constexpr (kConvert)
+                           write_output(u.dx, nullptr, t.grad_x + b.plane0 * N, mN, streaming);
                        }
-                       u.dx = result_buffer(t.grad_x + b.plane0 * N, dx_buf);
-                       shuffle_attention_branch_backward(t, b, m, N, u);
-                       finish_store(u.dx, t.grad_x + b.plane0 * N, mN);
-                     }
-                   });
+                       if (streaming) stream_fence();
+                     });
+  });
 }
 
 // The parameter gradients (sa_math.h) from the kernels' per-slot partials, serially, in double

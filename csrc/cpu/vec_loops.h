@@ -218,34 +218,13 @@ inline const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* scratch) {
 }
 
 // Where to compute a result plane in acc_t: straight into the output when the dtype is acc_t,
-// else into scratch, followed by finish_store (one converting write).
+// else into scratch, followed by write_output (one converting write).
 template <typename scalar_t, typename acc_t>
 inline acc_t* result_buffer(scalar_t* dst, acc_t* scratch) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return dst;
   } else {
     return scratch;
-  }
-}
-
-// The result plane in the output dtype. fp32 -> bf16/fp16 by vectors of the output dtype, rounded
-// to nearest even as the scalar conversion rounds (nhwc_tiles.h's store8 relies on the same); a NaN
-// stays a NaN.
-template <typename scalar_t, typename acc_t>
-inline void finish_store(const acc_t* result, scalar_t* dst, int64_t n) {
-  if constexpr (c10::is_reduced_floating_point_v<scalar_t> && std::is_same_v<acc_t, float>) {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    using FloatVec = at::vec::Vectorized<float>;
-    for_each_run<Vec::size()>(
-        n,
-        [&](int64_t i) {
-          const FloatVec lo = FloatVec::loadu(result + i),
-                         hi = FloatVec::loadu(result + i + FloatVec::size());
-          Vec(at::vec::convert_from_float<scalar_t>(lo, hi)).store(dst + i);
-        },
-        [&](int64_t i) { dst[i] = static_cast<scalar_t>(result[i]); });
-  } else if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-    at::vec::convert(result, dst, n);
   }
 }
 
@@ -349,7 +328,8 @@ struct ResultStore {
   static constexpr bool kFusesResidual = kResidual;
 
   template <typename acc_t, typename V>
-  C10_ALWAYS_INLINE void operator()(acc_t* result, const acc_t* identity, int64_t i, V y) const {
+  C10_ALWAYS_INLINE void operator()(acc_t* result, const std::type_identity_t<acc_t>* identity,
+                                    int64_t i, V y) const {
     if constexpr (kResidual) y = residual_relu(rounded(y), load<V>(identity + i));
 #if defined(CPU_CAPABILITY_AVX2)
     if constexpr (kStreaming && is_vec<V>::value && std::is_same_v<acc_t, float>) {
@@ -363,16 +343,24 @@ struct ResultStore {
   }
 };
 
-// f(ResultStore<residual, true>{}) for a streamed output of float (the flags as template
-// arguments), else f(ResultStore<false, false>{}).
+// f(ResultStore<false, true>{}) for a streamed output of float (the flag as a template
+// argument), else f(ResultStore<false, false>{}).
+template <typename scalar_t, typename F>
+decltype(auto) with_streaming_store(bool streaming, const F& f) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (streaming) return f(ResultStore<false, true>{});
+  }
+  return f(ResultStore<false, false>{});
+}
+
+// As with_streaming_store, with the residual epilogue fused in where the output is streamed:
+// f(ResultStore<true, true>{}).
 template <typename scalar_t, typename F>
 decltype(auto) with_result_store(bool residual, bool streaming, const F& f) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (streaming) {
-      return residual ? f(ResultStore<true, true>{}) : f(ResultStore<false, true>{});
-    }
+    if (residual && streaming) return f(ResultStore<true, true>{});
   }
-  return f(ResultStore<false, false>{});
+  return with_streaming_store<scalar_t>(streaming, f);
 }
 
 // The residual epilogue (sa_math.h: residual_relu) on n results in acc_t before their one store:
@@ -400,8 +388,8 @@ inline void add_identity_relu(acc_t* y, const scalar_t* identity, int64_t n) {
 // epilogue (relu(y + identity), identity at dst's position) where identity is not null, by
 // streaming stores (store_pair) where `streaming`, from dst's first 32-byte boundary on.
 template <typename scalar_t>
-inline void write_output(const float* y, const scalar_t* identity, scalar_t* dst, int64_t n,
-                         bool streaming) {
+inline void write_output(const float* y, const std::type_identity_t<scalar_t>* identity,
+                         scalar_t* dst, int64_t n, bool streaming) {
   constexpr int64_t L = FloatVec::size();
   auto one = [&](int64_t i) {
     const float v =

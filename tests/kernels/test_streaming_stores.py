@@ -113,3 +113,63 @@ def test_streamed_output_identity_layouts(variant, identity_layout):
     ref64 = _reference(variant, x, identity, groups, params, torch.float64)
     eager = _reference(variant, x, identity, groups, params, dtype)
     assert_close_to_reference({"out": out}, {"out": ref64}, dtype, eager={"out": eager})
+
+
+def _backward(variant, gy, x, identity, groups, params):
+    """(grad_x, grad_identity or None, parameter gradients...) of the backward op, with the residual
+    epilogue's mask when identity is given (its out from the forward op)."""
+    if identity is None:
+        _, mean, rstd = _run(variant, x, None, groups, params)
+        grads = SA_CUDA_LIBRARY.backward_op(variant)(gy, x, mean, rstd, groups, *params)
+        return (grads[0], None, *grads[1:])
+    out, mean, rstd = _run(variant, x, identity, groups, params)
+    op = SA_CUDA_LIBRARY.residual_backward_op(variant)
+    return op(gy, out, x, mean, rstd, groups, *params)
+
+
+def _reference_grads(variant, gy, x, groups, params, dtype, mask):
+    """grad_x and the parameter gradients of the reference in dtype, for gy (times relu's mask)."""
+    xl = x.to(dtype).requires_grad_(True)
+    ps = [p.to(dtype).requires_grad_(True) for p in params]
+    out = ref_functional(variant)(xl, groups, *ps)
+    g = gy.to(dtype) if mask is None else gy.to(dtype) * mask
+    grads = torch.autograd.grad(out, [xl, *ps], g)
+    return {"x": grads[0], **{f"p{i}": gp for i, gp in enumerate(grads[1:])}}
+
+
+@pytest.mark.parametrize("identity_layout", ["none", "nchw"])
+@pytest.mark.parametrize("variant,shape,groups,dtype", CASES)
+def test_streamed_grad_x(variant, shape, groups, dtype, identity_layout):
+    """The backward's grad_x above 8 MiB (and the residual op's grad_identity) bit for bit as item
+    by item, and with the parameter gradients against the float64 reference."""
+    x = make_input(shape, seed=1, dtype=dtype)
+    gy = make_input(shape, seed=2, dtype=dtype)
+    identity = None if identity_layout == "none" else _identity(shape, dtype, identity_layout)
+    params = op_params(variant, shape[1], groups, seed=3, dtype=dtype)
+    streamed = _backward(variant, gy, x, identity, groups, params)
+    items = [
+        _backward(
+            variant,
+            gy[b : b + 1],
+            x[b : b + 1],
+            None if identity is None else identity[b : b + 1],
+            groups,
+            params,
+        )
+        for b in range(shape[0])
+    ]
+    for k, name in enumerate(("grad_x", "grad_identity")):
+        if streamed[k] is None:
+            continue
+        want = torch.cat([item[k] for item in items])
+        assert torch.equal(streamed[k], want), (
+            f"{name}: max diff {(streamed[k].double() - want.double()).abs().max()}"
+        )
+    mask = None
+    if identity is not None:
+        mask = _run(variant, x, identity, groups, params)[0] > 0
+        assert torch.equal(streamed[1], torch.where(mask, gy, torch.zeros_like(gy)))
+    fused = {"x": streamed[0], **{f"p{i}": g for i, g in enumerate(streamed[2:])}}
+    ref64 = _reference_grads(variant, gy, x, groups, params, torch.float64, mask)
+    eager = _reference_grads(variant, gy, x, groups, params, dtype, mask)
+    assert_close_to_reference(fused, ref64, dtype, eager=eager)

@@ -151,24 +151,33 @@ void backward_sa_layer(const BackwardParams& p) {
     });
     return;
   }
-  // NCHW: the planes in output order; grad_x by streaming stores where it is streamed
-  // (stream_results; a converted dtype's by write_output).
+  // NCHW: the planes in output order; grad_x (a converted dtype's by write_output) and
+  // grad_identity by streaming stores where they are streamed (stream_results).
+  const bool residual = t.out != nullptr;
   const bool streaming = stream_results(p.fwd.batch * C * N * int64_t{sizeof(scalar_t)});
   with_plane_size(N, [&](auto size) {
     constexpr int64_t kN = decltype(size)::value;
     with_streaming_store<scalar_t>(streaming, [&](auto store) {
       using Store = decltype(store);
+      // Whether grad_identity may be streamed (sa_grad_streamed): a compile-time false keeps the
+      // plane loop of the cached sizes as short as it was (7x7: 17 more instructions a plane).
+      constexpr bool kMayStream = Store::kStreams || kConvert;
       at::parallel_for(
           0, p.fwd.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
             const int64_t n = plane_size<kN>(p.fwd);
             // x, grad_out and grad_x planes in acc_t (when converting); the spatial gate s.
             std::vector<acc_t> scratch((kConvert ? 3 : 0) * n + n);
             acc_t* gate = scratch.data() + (kConvert ? 3 : 0) * n;
+            std::vector<scalar_t> masked(streaming && residual ? n : 0);  // sa_grad_streamed
             for (int64_t index = begin; index < end; ++index) {
               const PlaneUnit unit = plane_unit_at_output(p.fwd, index);
               const int64_t plane = unit.plane;
               const acc_t* x = as_acc(t.fwd.x + plane * n, n, scratch.data());
-              const acc_t* gu = as_acc(t.sa_grad(unit.out_plane * n, n), n, scratch.data() + n);
+              const int64_t at = unit.out_plane * n;
+              const scalar_t* g = (kMayStream && !masked.empty())
+                                      ? t.sa_grad_streamed(at, n, masked.data())
+                                      : t.sa_grad(at, n);
+              const acc_t* gu = as_acc(g, n, scratch.data() + n);
               acc_t* dx =
                   result_buffer(t.grad_x + plane * n, kConvert ? scratch.data() + 2 * n : nullptr);
               sa_layer_plane_backward<kN, Store>(t, p.fwd, unit, x, gu, dx, gate);
@@ -353,10 +362,12 @@ void backward_shuffle_attention(const BackwardParams& p) {
                      });
     return;
   }
-  // NCHW: the branches in output order, grad_x stored as in SALayer's NCHW loop.
+  // NCHW: the branches in output order, grad_x and grad_identity stored as in SALayer's NCHW loop.
+  const bool residual = t.out != nullptr;
   const bool streaming = stream_results(p.fwd.batch * C * N * int64_t{sizeof(scalar_t)});
   with_streaming_store<scalar_t>(streaming, [&](auto store) {
     using Store = decltype(store);
+    constexpr bool kMayStream = Store::kStreams || kConvert;  // as in SALayer's NCHW loop
     at::parallel_for(0, p.fwd.batch * p.fwd.groups * 2, grain_for(mN, kTaskElements),
                      [&](int64_t begin, int64_t end) {
                        // Scratch planes: xh, y, gate, t; x, gu, grad_x in acc_t (when converting).
@@ -365,12 +376,18 @@ void backward_shuffle_attention(const BackwardParams& p) {
                        acc_t* gu_buf = kConvert ? x_buf + mN : nullptr;
                        acc_t* dx_buf = kConvert ? gu_buf + mN : nullptr;
                        BranchPlanes<acc_t> u = branch_planes(m, scratch.data(), N);
+                       // sa_grad_streamed's copies
+                       std::vector<scalar_t> masked(streaming && residual ? mN : 0);
                        for (int64_t index = begin; index < end; ++index) {
                          const BranchUnit b = branch_unit_at_output(p.fwd, index);
                          u.x = as_acc(t.fwd.x + b.plane0 * N, mN, x_buf);
                          for (int64_t j = 0; j < m; ++j) {
-                           u.gu[j] = as_acc(t.sa_grad((b.out_plane0 + 2 * j) * N, N), N,
-                                            kConvert ? gu_buf + j * N : nullptr);
+                           const int64_t at = (b.out_plane0 + 2 * j) * N;
+                           const scalar_t* g =
+                               (kMayStream && !masked.empty())
+                                   ? t.sa_grad_streamed(at, N, masked.data() + j * N)
+                                   : t.sa_grad(at, N);
+                           u.gu[j] = as_acc(g, N, kConvert ? gu_buf + j * N : nullptr);
                          }
                          u.dx = result_buffer(t.grad_x + b.plane0 * N, dx_buf);
                          shuffle_attention_branch_backward<Store>(t, b, m, N, u);

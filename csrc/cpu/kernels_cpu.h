@@ -106,6 +106,15 @@ struct BackwardTensors {
     }
     return grad_identity + offset;
   }
+
+  // sa_grad on one run for a streamed grad_identity (stream_results: the NCHW kernels): the masked
+  // gradient goes to grad_identity by streaming stores and to `copy` (count values of the
+  // caller's scratch), which is returned, to be read from cache.
+  const scalar_t* sa_grad_streamed(int64_t offset, int64_t count, scalar_t* copy) const {
+    if (out == nullptr) return grad_out + offset;
+    relu_grad_streamed(grad_out + offset, out + offset, grad_identity + offset, copy, count);
+    return copy;
+  }
 };
 
 // Plane sizes compiled in as constants: f(std::integral_constant<int64_t, N>) for the 7x7 and 14x14

@@ -326,6 +326,7 @@ C10_ALWAYS_INLINE V rounded(V v) {
 template <bool kResidual, bool kStreaming>
 struct ResultStore {
   static constexpr bool kFusesResidual = kResidual;
+  static constexpr bool kStreams = kStreaming;
 
   template <typename acc_t, typename V>
   C10_ALWAYS_INLINE void operator()(acc_t* result, const std::type_identity_t<acc_t>* identity,
@@ -412,31 +413,71 @@ inline void write_output(const float* y, const std::type_identity_t<scalar_t>* i
   for (; i < n; ++i) one(i);
 }
 
-// The residual epilogue's backward on n values (sa_math.h: relu_grad): grad_identity = grad_out
-// where out > 0, else 0. Exact in every dtype (each value is grad_out's or zero).
+// A vector of scalar_t to dst (32-byte aligned) by a streaming store.
+template <typename scalar_t>
+inline void stream_vector(scalar_t* dst, const at::vec::Vectorized<scalar_t>& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm256_stream_ps(dst, v);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    _mm256_stream_pd(dst, v);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), v);
+  }
+#else
+  v.store(dst);
+#endif
+}
+
+// The residual epilogue's backward (sa_math.h: relu_grad) on one vector of scalar_t from i, and
+// on one value: grad_out where out > 0, else 0. Exact in every dtype (each value is grad_out's or
+// zero).
+template <typename scalar_t>
+C10_ALWAYS_INLINE at::vec::Vectorized<scalar_t> relu_grad_vector(const scalar_t* grad_out,
+                                                                 const scalar_t* out, int64_t i) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+    const auto [g_lo, g_hi] = at::vec::convert_to_float<scalar_t>(Vec::loadu(grad_out + i));
+    const auto [o_lo, o_hi] = at::vec::convert_to_float<scalar_t>(Vec::loadu(out + i));
+    return Vec(at::vec::convert_from_float<scalar_t>(relu_grad(g_lo, o_lo), relu_grad(g_hi, o_hi)));
+  } else {
+    return relu_grad(Vec::loadu(grad_out + i), Vec::loadu(out + i));
+  }
+}
+template <typename scalar_t>
+C10_ALWAYS_INLINE scalar_t relu_grad_value(const scalar_t* grad_out, const scalar_t* out,
+                                           int64_t i) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return static_cast<scalar_t>(
+      relu_grad(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i])));
+}
+
+// grad_identity = the masked grad_out, on n values.
 template <typename scalar_t>
 inline void relu_grad_run(const scalar_t* grad_out, const scalar_t* out, scalar_t* grad_identity,
                           int64_t n) {
+  constexpr int64_t L = at::vec::Vectorized<scalar_t>::size();
   int64_t i = 0;
-  if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
-    using ScalarVec = at::vec::Vectorized<scalar_t>;
-    for (; i + ScalarVec::size() <= n; i += ScalarVec::size()) {
-      const auto [g_lo, g_hi] = at::vec::convert_to_float<scalar_t>(ScalarVec::loadu(grad_out + i));
-      const auto [o_lo, o_hi] = at::vec::convert_to_float<scalar_t>(ScalarVec::loadu(out + i));
-      ScalarVec(at::vec::convert_from_float<scalar_t>(relu_grad(g_lo, o_lo), relu_grad(g_hi, o_hi)))
-          .store(grad_identity + i);
-    }
-  } else {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      relu_grad(Vec::loadu(grad_out + i), Vec::loadu(out + i)).store(grad_identity + i);
-    }
+  for (; i + L <= n; i += L) relu_grad_vector(grad_out, out, i).store(grad_identity + i);
+  for (; i < n; ++i) grad_identity[i] = relu_grad_value(grad_out, out, i);
+}
+
+// relu_grad_run for a streamed grad_identity: the values go to `copy` (n values of the caller's
+// scratch), from which the kernel reads them back in cache, and to grad_identity by streaming
+// stores from its first 32-byte boundary on.
+template <typename scalar_t>
+inline void relu_grad_streamed(const scalar_t* grad_out, const scalar_t* out,
+                               scalar_t* grad_identity, scalar_t* copy, int64_t n) {
+  constexpr int64_t L = at::vec::Vectorized<scalar_t>::size();
+  auto one = [&](int64_t i) { grad_identity[i] = copy[i] = relu_grad_value(grad_out, out, i); };
+  int64_t i = 0;
+  for (; i < n && !aligned_32(grad_identity + i); ++i) one(i);
+  for (; i + L <= n; i += L) {
+    const at::vec::Vectorized<scalar_t> g = relu_grad_vector(grad_out, out, i);
+    g.store(copy + i);
+    stream_vector(grad_identity + i, g);
   }
-  using acc_t = at::opmath_type<scalar_t>;
-  for (; i < n; ++i) {
-    grad_identity[i] = static_cast<scalar_t>(
-        relu_grad(static_cast<acc_t>(grad_out[i]), static_cast<acc_t>(out[i])));
-  }
+  for (; i < n; ++i) one(i);
 }
 
 // Mean and centered variance of the values x * scale (scale a power of two; 1 for the plane

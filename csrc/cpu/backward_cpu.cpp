@@ -159,8 +159,9 @@ void backward_sa_layer(const BackwardParams& p) {
     constexpr int64_t kN = decltype(size)::value;
     with_streaming_store<scalar_t>(streaming, [&](auto store) {
       using Store = decltype(store);
-      // Whether grad_identity may be streamed (sa_grad_streamed): a compile-time false keeps the
-      // plane loop of the cached sizes as short as it was (7x7: 17 more instructions a plane).
+      // Whether grad_identity may be streamed (sa_grad_streamed into `masked`): float through
+      // Store, at compile time, which keeps the plane loop of cached outputs as short as it was
+      // (7x7: 17 instructions a plane more otherwise); converted dtypes at run time.
       constexpr bool kMayStream = Store::kStreams || kConvert;
       at::parallel_for(
           0, p.fwd.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
@@ -168,7 +169,7 @@ void backward_sa_layer(const BackwardParams& p) {
             // x, grad_out and grad_x planes in acc_t (when converting); the spatial gate s.
             std::vector<acc_t> scratch((kConvert ? 3 : 0) * n + n);
             acc_t* gate = scratch.data() + (kConvert ? 3 : 0) * n;
-            std::vector<scalar_t> masked(streaming && residual ? n : 0);  // sa_grad_streamed
+            std::vector<scalar_t> masked(kMayStream && streaming && residual ? n : 0);
             for (int64_t index = begin; index < end; ++index) {
               const PlaneUnit unit = plane_unit_at_output(p.fwd, index);
               const int64_t plane = unit.plane;
@@ -377,7 +378,7 @@ void backward_shuffle_attention(const BackwardParams& p) {
                        acc_t* dx_buf = kConvert ? gu_buf + mN : nullptr;
                        BranchPlanes<acc_t> u = branch_planes(m, scratch.data(), N);
                        // sa_grad_streamed's copies
-                       std::vector<scalar_t> masked(streaming && residual ? mN : 0);
+                       std::vector<scalar_t> masked(kMayStream && streaming && residual ? mN : 0);
                        for (int64_t index = begin; index < end; ++index) {
                          const BranchUnit b = branch_unit_at_output(p.fwd, index);
                          u.x = as_acc(t.fwd.x + b.plane0 * N, mN, x_buf);

@@ -292,7 +292,7 @@ inline void store_pair(scalar_t* dst, const FloatVec& lo, const FloatVec& hi, bo
   }
 }
 
-// v (float lanes, or one float or double) as a value of its own, rounded to its type: the
+// v (float lanes, or one float) as a value of its own, rounded to its type: the
 // compiler may not contract it into the add that follows (an FMA), which would skip the rounding
 // of the product that eager's separate ops apply, and that the paths which store a result before
 // adding identity apply too (the same bits in every path). An empty asm statement that says it
@@ -413,20 +413,20 @@ inline void write_output(const float* y, const std::type_identity_t<scalar_t>* i
   for (; i < n; ++i) one(i);
 }
 
-// A vector of scalar_t to dst (32-byte aligned) by a streaming store.
+// A vector of scalar_t to dst (32-byte aligned) by a streaming store: float, bfloat16 and half
+// (float64 is not streamed: its kernels take ResultStore<false, false>; a plain store).
 template <typename scalar_t>
 inline void stream_vector(scalar_t* dst, const at::vec::Vectorized<scalar_t>& v) {
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<scalar_t, float>) {
     _mm256_stream_ps(dst, v);
-  } else if constexpr (std::is_same_v<scalar_t, double>) {
-    _mm256_stream_pd(dst, v);
-  } else {
+    return;
+  } else if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
     _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), v);
+    return;
   }
-#else
-  v.store(dst);
 #endif
+  v.store(dst);
 }
 
 // The residual epilogue's backward (sa_math.h: relu_grad) on one vector of scalar_t from i, and

@@ -240,6 +240,15 @@ inline void prefetch_span(const T* p, int64_t n) {
 
 using FloatVec = at::vec::Vectorized<float>;
 
+// T in a parameter that takes no part in template argument deduction, so that a nullptr argument
+// is accepted (std::type_identity_t is C++20; the wheel's build may be C++17).
+template <typename T>
+struct NonDeduced {
+  using type = T;
+};
+template <typename T>
+using non_deduced_t = typename NonDeduced<T>::type;
+
 // Whether a kernel writes its output with streaming (non-temporal) stores: when the output is
 // larger than the cache would keep until the next layer reads it, a streaming store skips reading
 // each line from memory before overwriting it (a third of a copy's traffic, a quarter of the
@@ -329,8 +338,8 @@ struct ResultStore {
   static constexpr bool kStreams = kStreaming;
 
   template <typename acc_t, typename V>
-  C10_ALWAYS_INLINE void operator()(acc_t* result, const std::type_identity_t<acc_t>* identity,
-                                    int64_t i, V y) const {
+  C10_ALWAYS_INLINE void operator()(acc_t* result, const non_deduced_t<acc_t>* identity, int64_t i,
+                                    V y) const {
     if constexpr (kResidual) y = residual_relu(rounded(y), load<V>(identity + i));
 #if defined(CPU_CAPABILITY_AVX2)
     if constexpr (kStreaming && is_vec<V>::value && std::is_same_v<acc_t, float>) {
@@ -389,8 +398,8 @@ inline void add_identity_relu(acc_t* y, const scalar_t* identity, int64_t n) {
 // epilogue (relu(y + identity), identity at dst's position) where identity is not null, by
 // streaming stores (store_pair) where `streaming`, from dst's first 32-byte boundary on.
 template <typename scalar_t>
-inline void write_output(const float* y, const std::type_identity_t<scalar_t>* identity,
-                         scalar_t* dst, int64_t n, bool streaming) {
+inline void write_output(const float* y, const non_deduced_t<scalar_t>* identity, scalar_t* dst,
+                         int64_t n, bool streaming) {
   constexpr int64_t L = FloatVec::size();
   auto one = [&](int64_t i) {
     const float v =

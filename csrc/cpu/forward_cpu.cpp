@@ -89,6 +89,19 @@ C10_NOINLINE void sa_layer_planes(const ForwardTensors<scalar_t>& t, const Forwa
   }
 }
 
+// What an NCHW result plane (result_buffer's) still needs after its unit body, the output plane
+// at `offset` in out: a converted dtype's is written by write_output with the residual epilogue;
+// an output plane itself takes the epilogue in place, unless Store fused it into the gate.
+template <typename Store, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void finish_plane(const ForwardTensors<scalar_t>& t, acc_t* result,
+                                    int64_t offset, int64_t n, bool residual, bool streaming) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    write_output(result, residual ? t.identity + offset : nullptr, t.out + offset, n, streaming);
+  } else if (!Store::kFusesResidual && residual) {
+    add_identity_relu(result, t.identity + offset, n);
+  }
+}
+
 // The channels_last forward by NHWC tiles, both variants: per task, the tile's x planes (input
 // order) and output planes in acc_t and make_state()'s scratch; per tile, x gathered once,
 // unit_bodies(tile, x, result, state) on its planes, the output planes scattered once (with the
@@ -199,13 +212,7 @@ void forward_sa_layer(const ForwardParams& p) {
               }
               sa_layer_planes<kN, Store>(t, p, units, xs, results, identities);
               for (int64_t u = 0; u < kPlanes && index + u < end; ++u) {
-                const int64_t out_offset = units[u].out_plane * n;
-                const scalar_t* identity = residual ? t.identity + out_offset : nullptr;
-                if constexpr (kConvert) {
-                  write_output(results[u], identity, t.out + out_offset, n, streaming);
-                } else if (!Store::kFusesResidual && residual) {
-                  add_identity_relu(results[u], identity, n);
-                }
+                finish_plane<Store>(t, results[u], units[u].out_plane * n, n, residual, streaming);
               }
             }
             if (streaming) stream_fence();
@@ -339,13 +346,7 @@ void forward_shuffle_attention(const ForwardParams& p) {
               shuffle_attention_branch<kN, Store>(t, p, u, x, result0, identity0, result_stride,
                                                   scratch);
               for (int64_t j = 0; j < m; ++j) {
-                acc_t* result = result0 + j * result_stride;
-                const scalar_t* identity = residual ? t.identity + dst(j) : nullptr;
-                if constexpr (kConvert) {
-                  write_output(result, identity, t.out + dst(j), n, streaming);
-                } else if (!Store::kFusesResidual && residual) {
-                  add_identity_relu(result, identity, n);
-                }
+                finish_plane<Store>(t, result0 + j * result_stride, dst(j), n, residual, streaming);
               }
             }
             if (streaming) stream_fence();

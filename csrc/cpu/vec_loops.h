@@ -276,28 +276,43 @@ inline std::pair<FloatVec, FloatVec> load_pair(const scalar_t* p) {
   }
 }
 
+// A vector of scalar_t to dst (32-byte aligned) by a streaming store: float, bfloat16 and half
+// (float64 is not streamed: its kernels take ResultStore<false, false>; a plain store).
+template <typename scalar_t>
+inline void stream_vector(scalar_t* dst, const at::vec::Vectorized<scalar_t>& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    _mm256_stream_ps(dst, v);
+    return;
+  } else if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), v);
+    return;
+  }
+#endif
+  v.store(dst);
+}
+
 // Two float vectors to 2L values of dst in its dtype (rounded as at::vec::convert does), by
 // streaming stores when `streaming` and dst is 32-byte aligned.
 template <typename scalar_t>
 inline void store_pair(scalar_t* dst, const FloatVec& lo, const FloatVec& hi, bool streaming) {
   constexpr int64_t L = FloatVec::size();
-#if defined(CPU_CAPABILITY_AVX2)
-  if (streaming && aligned_32(dst)) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      _mm256_stream_ps(dst, lo);
-      _mm256_stream_ps(dst + L, hi);
-    } else {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst),
-                          at::vec::convert_from_float<scalar_t>(lo, hi));
-    }
-    return;
-  }
-#endif
+  const bool stream = streaming && aligned_32(dst);
   if constexpr (std::is_same_v<scalar_t, float>) {
-    lo.store(dst);
-    hi.store(dst + L);
+    if (stream) {
+      stream_vector(dst, lo);
+      stream_vector(dst + L, hi);
+    } else {
+      lo.store(dst);
+      hi.store(dst + L);
+    }
   } else {
-    at::vec::Vectorized<scalar_t>(at::vec::convert_from_float<scalar_t>(lo, hi)).store(dst);
+    const at::vec::Vectorized<scalar_t> v(at::vec::convert_from_float<scalar_t>(lo, hi));
+    if (stream) {
+      stream_vector(dst, v);
+    } else {
+      v.store(dst);
+    }
   }
 }
 
@@ -341,14 +356,12 @@ struct ResultStore {
   C10_ALWAYS_INLINE void operator()(acc_t* result, const non_deduced_t<acc_t>* identity, int64_t i,
                                     V y) const {
     if constexpr (kResidual) y = residual_relu(rounded(y), load<V>(identity + i));
-#if defined(CPU_CAPABILITY_AVX2)
     if constexpr (kStreaming && is_vec<V>::value && std::is_same_v<acc_t, float>) {
       if (aligned_32(result + i)) {
-        _mm256_stream_ps(result + i, y);
+        stream_vector(result + i, y);
         return;
       }
     }
-#endif
     store(result + i, y);
   }
 };
@@ -420,22 +433,6 @@ inline void write_output(const float* y, const non_deduced_t<scalar_t>* identity
     store_pair(dst + i, lo, hi, streaming);
   }
   for (; i < n; ++i) one(i);
-}
-
-// A vector of scalar_t to dst (32-byte aligned) by a streaming store: float, bfloat16 and half
-// (float64 is not streamed: its kernels take ResultStore<false, false>; a plain store).
-template <typename scalar_t>
-inline void stream_vector(scalar_t* dst, const at::vec::Vectorized<scalar_t>& v) {
-#if defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    _mm256_stream_ps(dst, v);
-    return;
-  } else if constexpr (c10::is_reduced_floating_point_v<scalar_t>) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), v);
-    return;
-  }
-#endif
-  v.store(dst);
 }
 
 // The residual epilogue's backward (sa_math.h: relu_grad) on one vector of scalar_t from i, and

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_input, op_params, ref_functional
+from conftest import assert_identical, make_input, op_params, ref_functional
 
 from sa_cuda.ops import SA_CUDA_LIBRARY
 from sa_cuda.testing import assert_close_to_reference
@@ -62,16 +62,14 @@ def _run(variant, x, identity, groups, params):
     return SA_CUDA_LIBRARY.residual_forward_op(variant)(x, identity, groups, *params, 1e-5)
 
 
-def _run_by_item(variant, x, identity, groups, params):
-    """The forward op on one batch item at a time (each below the streamed size), concatenated."""
+def _by_item(fn, variant, *tensors, groups, params):
+    """fn(variant, *tensors, groups, params) on one batch item at a time (each below the streamed
+    size; a None tensor stays None), its results concatenated (None where fn gives None)."""
     runs = [
-        _run(
-            variant, x[b : b + 1], None if identity is None else identity[b : b + 1], groups, params
-        )
-        for b in range(x.shape[0])
+        fn(variant, *(t if t is None else t[b : b + 1] for t in tensors), groups, params)
+        for b in range(tensors[0].shape[0])
     ]
-    out = torch.cat([r[0] for r in runs])
-    return out, torch.cat([r[1] for r in runs]), torch.cat([r[2] for r in runs])
+    return tuple(None if r[0] is None else torch.cat(r) for r in zip(*runs))
 
 
 def _reference(variant, x, identity, groups, params, dtype):
@@ -89,11 +87,8 @@ def test_streamed_output(variant, shape, groups, dtype, identity_layout):
     identity = None if identity_layout == "none" else _identity(shape, dtype, identity_layout)
     params = op_params(variant, shape[1], groups, seed=3, dtype=dtype)
     streamed = _run(variant, x, identity, groups, params)
-    by_item = _run_by_item(variant, x, identity, groups, params)
-    for name, got, want in zip(("out", "mean", "rstd"), streamed, by_item):
-        assert torch.equal(got, want), (
-            f"{name}: max diff {(got.double() - want.double()).abs().max()}"
-        )
+    by_item = _by_item(_run, variant, x, identity, groups=groups, params=params)
+    assert_identical(streamed, by_item, "out, mean, rstd")
     ref64 = _reference(variant, x, identity, groups, params, torch.float64)
     eager = _reference(variant, x, identity, groups, params, dtype)
     assert_close_to_reference({"out": streamed[0]}, {"out": ref64}, dtype, eager={"out": eager})
@@ -109,22 +104,21 @@ def test_streamed_output_identity_layouts(variant, identity_layout):
     identity = _identity(shape, dtype, identity_layout)
     params = op_params(variant, shape[1], groups, seed=3)
     out = _run(variant, x, identity, groups, params)[0]
-    assert torch.equal(out, _run_by_item(variant, x, identity, groups, params)[0])
+    assert_identical([out], [_by_item(_run, variant, x, identity, groups=groups, params=params)[0]])
     ref64 = _reference(variant, x, identity, groups, params, torch.float64)
     eager = _reference(variant, x, identity, groups, params, dtype)
     assert_close_to_reference({"out": out}, {"out": ref64}, dtype, eager={"out": eager})
 
 
 def _backward(variant, gy, x, identity, groups, params):
-    """(grad_x, grad_identity or None, parameter gradients...) of the backward op, with the residual
-    epilogue's mask when identity is given (its out from the forward op)."""
-    if identity is None:
-        _, mean, rstd = _run(variant, x, None, groups, params)
-        grads = SA_CUDA_LIBRARY.backward_op(variant)(gy, x, mean, rstd, groups, *params)
-        return (grads[0], None, *grads[1:])
+    """(out, grad_x, grad_identity or None, parameter gradients...): the forward op, then the
+    backward op for gy, with the residual epilogue's mask of that out when identity is given."""
     out, mean, rstd = _run(variant, x, identity, groups, params)
+    if identity is None:
+        grads = SA_CUDA_LIBRARY.backward_op(variant)(gy, x, mean, rstd, groups, *params)
+        return (out, grads[0], None, *grads[1:])
     op = SA_CUDA_LIBRARY.residual_backward_op(variant)
-    return op(gy, out, x, mean, rstd, groups, *params)
+    return (out, *op(gy, out, x, mean, rstd, groups, *params))
 
 
 def _reference_grads(variant, gy, x, groups, params, dtype, mask):
@@ -146,30 +140,15 @@ def test_streamed_grad_x(variant, shape, groups, dtype, identity_layout):
     gy = make_input(shape, seed=2, dtype=dtype)
     identity = None if identity_layout == "none" else _identity(shape, dtype, identity_layout)
     params = op_params(variant, shape[1], groups, seed=3, dtype=dtype)
-    streamed = _backward(variant, gy, x, identity, groups, params)
-    items = [
-        _backward(
-            variant,
-            gy[b : b + 1],
-            x[b : b + 1],
-            None if identity is None else identity[b : b + 1],
-            groups,
-            params,
-        )
-        for b in range(shape[0])
-    ]
-    for k, name in enumerate(("grad_x", "grad_identity")):
-        if streamed[k] is None:
-            continue
-        want = torch.cat([item[k] for item in items])
-        assert torch.equal(streamed[k], want), (
-            f"{name}: max diff {(streamed[k].double() - want.double()).abs().max()}"
-        )
+    out, grad_x, grad_identity, *param_grads = _backward(variant, gy, x, identity, groups, params)
+    by_item = _by_item(_backward, variant, gy, x, identity, groups=groups, params=params)
+    assert_identical([grad_x], [by_item[1]], "grad_x")
     mask = None
     if identity is not None:
-        mask = _run(variant, x, identity, groups, params)[0] > 0
-        assert torch.equal(streamed[1], torch.where(mask, gy, torch.zeros_like(gy)))
-    fused = {"x": streamed[0], **{f"p{i}": g for i, g in enumerate(streamed[2:])}}
+        assert_identical([grad_identity], [by_item[2]], "grad_identity")
+        mask = out > 0
+        assert torch.equal(grad_identity, torch.where(mask, gy, torch.zeros_like(gy)))
+    fused = {"x": grad_x, **{f"p{i}": g for i, g in enumerate(param_grads)}}
     ref64 = _reference_grads(variant, gy, x, groups, params, torch.float64, mask)
     eager = _reference_grads(variant, gy, x, groups, params, dtype, mask)
     assert_close_to_reference(fused, ref64, dtype, eager=eager)

@@ -33,8 +33,6 @@ Writes ``raw_ops-<device>-<tag>.json`` and a PNG of the ratios against the targe
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import statistics
 import time
 from pathlib import Path
@@ -43,7 +41,13 @@ import torch
 
 from benchmarks import harness, report
 from benchmarks.configs import DTYPES, SHAPES, add_round_args, round_choices
-from benchmarks.timers import element_size
+from benchmarks.timers import (
+    GLIBC_MMAP_MAX,
+    M_MMAP_THRESHOLD,
+    M_TRIM_THRESHOLD,
+    element_size,
+    mallopt,
+)
 from sa_cuda.variants import VARIANTS as SA_VARIANTS
 
 VARIANT = {v.name: v for v in SA_VARIANTS}
@@ -55,21 +59,9 @@ TARGETS = {
     "bwd_over_add": (2.5, True),
     "compile_over_fwd": (1.0, False),
 }
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-_GLIBC_MMAP_MAX = 32 << 20  # the largest mmap threshold 64-bit glibc accepts
-
-
-def raise_malloc_thresholds() -> bool:
-    """Sets glibc's mmap and trim thresholds to 32 MiB; False where there is no glibc mallopt."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_MAX)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _GLIBC_MMAP_MAX)
-    )
+# Repeated calls reuse their memory: blocks up to 32 MiB (every op here) come from the heap, and
+# the heap keeps up to 32 MiB free at its top.
+_MALLOC = {M_MMAP_THRESHOLD: GLIBC_MMAP_MAX, M_TRIM_THRESHOLD: GLIBC_MMAP_MAX}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -254,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes, dtypes, variants = round_choices(args)
     if args.quick:
         args.rounds, args.no_compile = 8, True
-    raised = not args.glibc_defaults and raise_malloc_thresholds()
+    raised = not args.glibc_defaults and mallopt(_MALLOC)
     malloc = "mmap/trim thresholds 32 MiB" if raised else "glibc defaults"
     rows = []
     for variant in variants:

@@ -17,6 +17,8 @@ bwd 3*n*e (read x and grad_out, write grad_x), fwdbwd 5*n*e.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import statistics
 import time
@@ -30,6 +32,23 @@ from torch import Tensor
 # torch.utils.benchmark imports torch.utils.cpp_extension, which logs "No CUDA runtime is found,
 # using CUDA_HOME=..." when it is imported on a machine without a GPU. Importing it here, at start
 # up, prints that line before the progress bar instead of through it.
+
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold 64-bit glibc accepts.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+GLIBC_MMAP_MAX = 32 << 20
+
+
+def mallopt(settings: dict[int, int]) -> bool:
+    """Applies glibc mallopt settings ``{parameter: value}``, for the rest of the process; False
+    where there is no glibc mallopt or it refuses one. Left alone, glibc returns a freed block
+    above its mmap threshold (or a free heap top above its trim threshold) to the kernel, so the
+    next allocation page-faults on every 4 KiB of it, on some calls and not on others."""
+    try:
+        libc_mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return all(bool(libc_mallopt(param, value)) for param, value in settings.items())
+
 
 BYTES_FACTOR = {"fwd": 2, "infer": 2, "bwd": 3, "fwdbwd": 5}  # model bytes = factor * n * e
 

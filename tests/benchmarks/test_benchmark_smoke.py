@@ -119,8 +119,9 @@ def test_residual_quick(tmp_path):
 @pytest.mark.slow
 def test_overhead_quick(tmp_path):
     """benchmarks.overhead --quick: the fused SA-ResNet-50 checked against the eager one, the three
-    models timed in train and inference, the overheads over ResNet-50 and the profiler's shares by
-    op kind written (the sa_cuda ops only in the fused model, SGD only in training)."""
+    models timed in train and inference, the overheads over ResNet-50, the bottleneck tails' times
+    per stage (forward; backward in training) and their price, and the profiler's shares by op
+    kind written (the sa_cuda ops only in the fused model, SGD only in training)."""
     report = _rounds_quick("overhead", tmp_path)
     [result] = report["results"]
     assert result["check"]["ok"], result["check"]
@@ -128,6 +129,14 @@ def test_overhead_quick(tmp_path):
     assert set(result["times"]) == {f"{m}/{s}" for m in models for s in steps}
     assert all(t["median_s"] > 0 for t in result["times"].values())
     assert set(result["overhead"]) == {f"{m}/{s}" for m in models[1:] for s in steps}
+    assert set(result["faults"]) == set(result["times"])
+    assert set(result["tail_price"]) == set(result["overhead"])
+    stages = ("layer1", "layer2", "layer3", "layer4")
+    for key, tails in result["tails"].items():
+        passes = ("fwd", "bwd") if key.endswith("/train") else ("fwd",)
+        assert set(tails) == {f"{s}/{p}" for s in (*stages, "all") for p in passes} | {"all"}, key
+        assert all(tails[f"{s}/{p}"] > 0 for s in stages for p in passes), key
+        assert tails["all"] < 1e3 * result["times"][key]["median_s"], key
     for key, shares in result["shares"].items():
         model, step = key.split("/")
         assert abs(sum(shares.values()) - 1) < 1e-9, key

@@ -152,9 +152,9 @@ void backward_sa_layer(const BackwardParams& p) {
     return;
   }
   // NCHW: the planes in output order; grad_x (a converted dtype's by write_output) and
-  // grad_identity by streaming stores where they are streamed (stream_results).
+  // grad_identity by streaming stores where they are streamed (stream_planes).
   const bool residual = t.out != nullptr;
-  const bool streaming = stream_results(p.fwd.batch * C * N * int64_t{sizeof(scalar_t)});
+  const bool streaming = stream_planes(p.fwd.batch * C, N * int64_t{sizeof(scalar_t)});
   with_plane_size(N, [&](auto size) {
     constexpr int64_t kN = decltype(size)::value;
     with_streaming_store<scalar_t>(streaming, [&](auto store) {
@@ -365,7 +365,7 @@ void backward_shuffle_attention(const BackwardParams& p) {
   }
   // NCHW: the branches in output order, grad_x and grad_identity stored as in SALayer's NCHW loop.
   const bool residual = t.out != nullptr;
-  const bool streaming = stream_results(p.fwd.batch * C * N * int64_t{sizeof(scalar_t)});
+  const bool streaming = stream_planes(p.fwd.batch * C, N * int64_t{sizeof(scalar_t)});
   with_streaming_store<scalar_t>(streaming, [&](auto store) {
     using Store = decltype(store);
     constexpr bool kMayStream = Store::kStreams || kConvert;  // as in SALayer's NCHW loop

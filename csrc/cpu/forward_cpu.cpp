@@ -183,7 +183,7 @@ void forward_sa_layer(const ForwardParams& p) {
   // epilogue in place after the gate); converted dtypes compute into scratch, and write_output
   // converts with the epilogue.
   const bool residual = t.identity != nullptr;
-  const bool streaming = stream_results(p.batch * C * N * int64_t{sizeof(scalar_t)});
+  const bool streaming = stream_planes(p.batch * C, N * int64_t{sizeof(scalar_t)});
   with_plane_size(N, [&](auto size) {
     constexpr int64_t kN = decltype(size)::value, kPlanes = planes_at_once(kN);
     with_result_store<scalar_t>(residual, streaming, [&](auto store) {
@@ -322,7 +322,7 @@ void forward_shuffle_attention(const ForwardParams& p) {
   }
   // NCHW: the branches in output order, their result planes and epilogue as in SALayer's.
   const bool residual = t.identity != nullptr;
-  const bool streaming = stream_results(p.batch * C * N * int64_t{sizeof(scalar_t)});
+  const bool streaming = stream_planes(p.batch * C, N * int64_t{sizeof(scalar_t)});
   with_plane_size(N, [&](auto size) {
     constexpr int64_t kN = decltype(size)::value;
     with_result_store<scalar_t>(residual, streaming, [&](auto store) {

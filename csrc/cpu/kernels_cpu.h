@@ -107,7 +107,7 @@ struct BackwardTensors {
     return grad_identity + offset;
   }
 
-  // sa_grad on one run for a streamed grad_identity (stream_results: the NCHW kernels): the masked
+  // sa_grad on one run for a streamed grad_identity (stream_planes: the NCHW kernels): the masked
   // gradient goes to grad_identity by streaming stores and to `copy` (count values of the
   // caller's scratch), which is returned, to be read from cache.
   const scalar_t* sa_grad_streamed(int64_t offset, int64_t count, scalar_t* copy) const {

@@ -9,10 +9,11 @@ test_channels_last.py (test_rows_streaming_stores).
   stored changes no bit of it, and the fused epilogue adds identity to the product rounded to the
   dtype (no FMA), as the unfused pass and eager do.
 * Values: against the float64 reference, relu(reference(x) + identity) for the epilogue.
-* Shapes: planes of a multiple of 32 bytes (every vector starts aligned) and odd planes (scalars up
-  to a plane's first 32-byte boundary, then a scalar or overlapping tail); the plane sizes compiled
-  in (7x7 and 14x14 planes, two at a time); identity at a misaligned storage offset and identity
-  channels_last beside an NCHW x.
+* Shapes: planes of whole 64-byte cache lines, which are streamed (from one line, 4x4 fp32
+  planes, up), and planes that share lines with their neighbours, which keep plain stores above
+  8 MiB too (a line both streamed and cached is slow: stream_planes): odd planes, and the plane
+  sizes compiled in (7x7 and 14x14 planes, two at a time); identity at a misaligned storage offset
+  and identity channels_last beside an NCHW x.
 """
 
 from __future__ import annotations
@@ -28,14 +29,20 @@ STREAMED_BYTES = 8 << 20  # csrc/cpu/vec_loops.h: stream_results
 
 CASES = [
     # variant, (B, C, H, W), groups, dtype
+    # Planes of whole 64-byte lines: streamed (csrc/cpu/vec_loops.h: stream_planes).
     pytest.param("sa_layer", (4, 64, 96, 96), 8, torch.float32, id="fp32-aligned"),
+    pytest.param("sa_layer", (66, 2048, 4, 4), 64, torch.float32, id="fp32-one-line-planes"),
+    pytest.param("sa_layer", (33, 1024, 8, 8), 32, torch.float32, id="fp32-8x8"),
+    pytest.param("sa_layer", (4, 64, 128, 130), 8, torch.bfloat16, id="bf16-aligned"),
+    pytest.param("sa_layer", (33, 512, 16, 16), 64, torch.bfloat16, id="bf16-16x16"),
+    pytest.param("sa_layer", (4, 64, 128, 130), 8, torch.float16, id="fp16-aligned"),
+    pytest.param("shuffle_attention", (4, 64, 96, 96), 8, torch.float32, id="sa-fp32-m4"),
+    pytest.param("shuffle_attention", (66, 2048, 4, 4), 64, torch.float32, id="sa-fp32-m16-line"),
+    # Planes that share lines: plain stores above 8 MiB too.
     pytest.param("sa_layer", (4, 64, 91, 97), 4, torch.float32, id="fp32-odd-planes"),
     pytest.param("sa_layer", (11, 1024, 14, 14), 64, torch.float32, id="fp32-14x14"),
     pytest.param("sa_layer", (22, 2048, 7, 7), 64, torch.float32, id="fp32-7x7"),
-    pytest.param("sa_layer", (4, 64, 128, 130), 8, torch.bfloat16, id="bf16-aligned"),
     pytest.param("sa_layer", (6, 64, 113, 115), 4, torch.bfloat16, id="bf16-odd-planes"),
-    pytest.param("sa_layer", (4, 64, 128, 130), 8, torch.float16, id="fp16-aligned"),
-    pytest.param("shuffle_attention", (4, 64, 96, 96), 8, torch.float32, id="sa-fp32-m4"),
     pytest.param("shuffle_attention", (5, 48, 101, 103), 3, torch.float32, id="sa-fp32-odd-m8"),
     pytest.param("shuffle_attention", (22, 2048, 7, 7), 64, torch.float32, id="sa-fp32-7x7-m16"),
     pytest.param("shuffle_attention", (6, 64, 113, 115), 8, torch.bfloat16, id="sa-bf16-odd"),
@@ -99,7 +106,7 @@ def test_streamed_output(variant, shape, groups, dtype, identity_layout):
 def test_streamed_output_identity_layouts(variant, identity_layout):
     """The fused epilogue reads identity as it lies: off a vector boundary, or converted from
     channels_last (the op's identity in x's memory format)."""
-    shape, groups, dtype = (4, 64, 91, 97), 4, torch.float32
+    shape, groups, dtype = (4, 64, 96, 96), 4, torch.float32  # streamed
     x = make_input(shape, seed=1, dtype=dtype)
     identity = _identity(shape, dtype, identity_layout)
     params = op_params(variant, shape[1], groups, seed=3)

@@ -292,7 +292,6 @@ def plot(results: list[dict], title: str, path: Path) -> bool:
         ax.axhline(0.0, color="k", linewidth=0.6)
         ax.set_xlabel("step and batch size")
         ax.set_ylabel(ylabel)
-        ax.set_yscale("symlog", linthresh=10)
     report.save_figure(fig, axes, 3, title, path, dpi=110)
     return True
 

@@ -11,6 +11,15 @@ step time over all rounds, and the overhead over ResNet-50, the median over the 
 ``SA-ResNet's round median / ResNet-50's round median - 1`` (with its quartiles): each round's two
 numbers come from the same minutes of a shared machine's load.
 
+On the CPU the bottleneck tails are timed in the same steps (benchmarks/tails.py: hooks that
+read the clock, microseconds a block in every model alike): per model, step, stage and pass the median
+ms a step, and the tails' price, the median over rounds of ``(SA-ResNet's tails - ResNet-50's
+tails) / ResNet-50's step`` (with its quartiles). The tails are the one part in which the three
+models differ, so their price is SA's cost over ResNet without the rest of the step's noise.
+Page faults are counted per step (``ru_minflt``); glibc's malloc neither mmaps nor trims during
+the run (``--glibc-defaults`` keeps glibc's settings), so that no model pays faults for the order
+of its allocations.
+
 Then torch.profiler (CPU) over ``--profile-steps`` more steps of each model and step, and the
 share of the profiled self time by kind of the outermost op around it: ``sa`` (the sa_cuda ops
 and their autograd.Function: the fused layers with their tails), ``conv``, ``batch_norm``,
@@ -19,8 +28,9 @@ and their autograd.Function: the fused layers with their tails), ``conv``, ``bat
 sigmoid, mul, cat, ...).
 
     python -m benchmarks.overhead [--batches 8,32] [--resolution 224] [--rounds 5] [--quick]
+                                  [--glibc-defaults]
 
-Writes ``overhead-<device>-<tag>.json`` and a PNG of the overheads.
+Writes ``overhead-<device>-<tag>.json`` and a PNG of the overheads and the tails' prices.
 """
 
 from __future__ import annotations

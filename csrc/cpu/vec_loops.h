@@ -260,9 +260,10 @@ inline bool stream_results(int64_t bytes) { return bytes > (int64_t{8} << 20); }
 // every plane is whole cache lines. Where two planes share a line, the line takes a streaming store
 // from one plane's pass and an ordinary store (an unaligned head or tail) from the other's, and a
 // line both cached and streamed is written out more than once: at (32, 2048, 7, 7) (196-byte
-// planes) the residual backward took 4.0 ns an element streamed against 0.83 not, the residual
-// forward 0.86-1.0 against 0.57; 14x14 planes (fp32 and bf16) were about 2x slower streamed; bf16
-// 28x28 planes (one shared line in 24.5) measured the same either way.
+// planes; raw op calls on fresh inputs, 2 threads) the residual backward took 4.0 ns an element
+// streamed against 0.83 not, the residual forward 0.86-1.0 against 0.57; 14x14 planes (fp32 and
+// bf16) were about 2x slower streamed; bf16 28x28 planes (one shared line in 24.5) measured the
+// same either way.
 inline bool stream_planes(int64_t planes, int64_t plane_bytes) {
   return stream_results(planes * plane_bytes) && plane_bytes % 64 == 0;
 }

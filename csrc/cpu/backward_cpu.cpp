@@ -207,9 +207,10 @@ struct BranchPlanes {
 
 // z = W1 mu + b1, s = sigmoid(z); dz_j = sum(gu_j x_j) s_j (1 - s_j); dmu = W1^T dz. grad_x
 // stored by Store (ResultStore), as in spatial_branch_backward.
-template <typename Store, typename acc_t>
-void channel_branch_backward(const ParamArrays<acc_t>& w, acc_t* gate_grad, int64_t m, int64_t N,
+template <int64_t kM, typename Store, typename acc_t>
+void channel_branch_backward(const ParamArrays<acc_t>& w, acc_t* gate_grad, int64_t m_, int64_t N,
                              BranchPlanes<acc_t>& u) {
+  const int64_t m = branch_size<kM>(m_);
   std::vector<acc_t>& s = u.vec_a;
   std::vector<acc_t>& dz = u.vec_b;
   matvec(w.cw, u.mu, w.cb, m, s.data());
@@ -231,9 +232,10 @@ void channel_branch_backward(const ParamArrays<acc_t>& w, acc_t* gate_grad, int6
 }
 
 // The spatial branch's forward again (xh, y, the gate s) and t = dL/dz, per pixel.
-template <typename acc_t>
-void spatial_branch_gate(const ParamArrays<acc_t>& w, int64_t m, int64_t N,
+template <int64_t kM, typename acc_t>
+void spatial_branch_gate(const ParamArrays<acc_t>& w, int64_t m_, int64_t N,
                          BranchPlanes<acc_t>& u) {
+  const int64_t m = branch_size<kM>(m_);
   for (int64_t i = 0; i < m; ++i) {
     const acc_t* xi = u.x + i * N;
     const Standardizer<acc_t> st = saved_stats(u.mu[i], u.r[i]);
@@ -245,30 +247,45 @@ void spatial_branch_gate(const ParamArrays<acc_t>& w, int64_t m, int64_t N,
       store(u.y + i * N + q, V(scale) * centered + V(w.gb[i]));
     });
   }
-  // Gate s_j(p) = sigmoid(z_j(p)), z(p) = W2 y(p) + b2, and t_j(p) = gu_j x_j s_j (1 - s_j).
+  // Gate s_j(p) = sigmoid(z_j(p)), z(p) = W2 y(p) + b2, and t_j(p) = gu_j x_j s_j (1 - s_j);
+  // kRows rows of z at a time (matrix_rows).
+  constexpr int64_t kRows = matrix_rows(kM);
   for_each<acc_t>(N, [&](int64_t q, auto tag) {
     using V = decltype(tag);
-    for (int64_t j = 0; j < m; ++j) {
-      V zj(w.sb[j]);
-      for (int64_t i = 0; i < m; ++i) zj = zj + V(w.sw[j * m + i]) * load<V>(u.y + i * N + q);
-      const V s = sigmoid(zj);
-      store(u.gate + j * N + q, s);
-      store(u.tz + j * N + q, gate_input_grad(load<V>(u.gu[j] + q), load<V>(u.x + j * N + q), s));
+    for (int64_t j0 = 0; j0 < m; j0 += kRows) {
+      std::array<V, kRows> z;
+      for (int64_t r = 0; r < kRows; ++r) z[r] = V(w.sb[j0 + r]);
+      for (int64_t i = 0; i < m; ++i) {
+        const V yi = load<V>(u.y + i * N + q);
+        for (int64_t r = 0; r < kRows; ++r) z[r] = z[r] + V(w.sw[(j0 + r) * m + i]) * yi;
+      }
+      for (int64_t r = 0; r < kRows; ++r) {
+        const int64_t j = j0 + r;
+        const V s = sigmoid(z[r]);
+        store(u.gate + j * N + q, s);
+        store(u.tz + j * N + q, gate_input_grad(load<V>(u.gu[j] + q), load<V>(u.x + j * N + q), s));
+      }
     }
   });
 }
 
 // A[j, i] = sum_p t_j xh_i (xh first: t_j (x_i - mu_i) would be of order |x|^2 and overflow
 // first), T1[j] = sum_p t_j; then dx through dy(p) = W2^T t(p) (sa_math.h), stored by Store.
-template <typename Store, typename acc_t>
-void spatial_branch_backward(const ParamArrays<acc_t>& w, acc_t* t_sum, acc_t* t_xh, int64_t m,
+template <int64_t kM, typename Store, typename acc_t>
+void spatial_branch_backward(const ParamArrays<acc_t>& w, acc_t* t_sum, acc_t* t_xh, int64_t m_,
                              int64_t N, BranchPlanes<acc_t>& u) {
-  spatial_branch_gate(w, m, N, u);
+  const int64_t m = branch_size<kM>(m_);
+  spatial_branch_gate<kM>(w, m, N, u);
   std::vector<acc_t>& T1 = u.vec_a;
+  // Row j of A kDots entries at a time (dots: t_j's vectors loaded once for them).
+  constexpr int kDots = static_cast<int>(matrix_rows(kM));
   for (int64_t j = 0; j < m; ++j) {
     T1[j] = sum_over<acc_t>(
         N, [&](int64_t q, auto tag) { return load<decltype(tag)>(u.tz + j * N + q); });
-    for (int64_t i = 0; i < m; ++i) u.A[j * m + i] = dot(u.tz + j * N, u.xh + i * N, N);
+    for (int64_t i = 0; i < m; i += kDots) {
+      const std::array<acc_t, kDots> row = dots<kDots>(u.tz + j * N, u.xh + i * N, N, N);
+      std::copy(row.begin(), row.end(), u.A.begin() + j * m + i);
+    }
     t_sum[u.slot0 + j] = T1[j];
   }
   std::copy(u.A.begin(), u.A.end(), t_xh + u.slot0 * m);
@@ -278,14 +295,23 @@ void spatial_branch_backward(const ParamArrays<acc_t>& w, acc_t* t_sum, acc_t* t
     coeffs[i] = shuffle_attention_spatial_coeffs(w.sw, T1.data(), u.A.data(), m, i,
                                                  w.gw[i] * u.r[i], inv_n);
   }
+  // dy(p) = W2^T t(p), kRows entries at a time (matrix_rows).
+  constexpr int64_t kRows = matrix_rows(kM);
   for_each<acc_t>(N, [&](int64_t q, auto tag) {
     using V = decltype(tag);
-    for (int64_t i = 0; i < m; ++i) {
-      V dy(0);
-      for (int64_t j = 0; j < m; ++j) dy = dy + V(w.sw[j * m + i]) * load<V>(u.tz + j * N + q);
-      Store{}(u.dx + i * N, nullptr, q,
-              spatial_input_grad(load<V>(u.gu[i] + q), load<V>(u.gate + i * N + q), dy,
-                                 load<V>(u.xh + i * N + q), coeffs[i]));
+    for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+      std::array<V, kRows> dy;
+      dy.fill(V(0));
+      for (int64_t j = 0; j < m; ++j) {
+        const V tj = load<V>(u.tz + j * N + q);
+        for (int64_t r = 0; r < kRows; ++r) dy[r] = dy[r] + V(w.sw[j * m + i0 + r]) * tj;
+      }
+      for (int64_t r = 0; r < kRows; ++r) {
+        const int64_t i = i0 + r;
+        Store{}(u.dx + i * N, nullptr, q,
+                spatial_input_grad(load<V>(u.gu[i] + q), load<V>(u.gate + i * N + q), dy[r],
+                                   load<V>(u.xh + i * N + q), coeffs[i]));
+      }
     }
   });
 }
@@ -312,7 +338,7 @@ BranchPlanes<acc_t> branch_planes(int64_t m, acc_t* scratch, int64_t N) {
 // One branch of one (batch item, group), its planes set in u (x, gu, dx, saved statistics), grad_x
 // stored by Store (ResultStore). Not inlined: both loops call this one compiled body
 // (forward_cpu.cpp, "One compiled body").
-template <typename Store, typename scalar_t, typename acc_t>
+template <int64_t kM, typename Store, typename scalar_t, typename acc_t>
 C10_NOINLINE void shuffle_attention_branch_backward(const BackwardTensors<scalar_t>& t,
                                                     const BranchUnit& b, int64_t m, int64_t N,
                                                     BranchPlanes<acc_t>& u) {
@@ -320,9 +346,9 @@ C10_NOINLINE void shuffle_attention_branch_backward(const BackwardTensors<scalar
   u.r = t.fwd.rstd + b.plane0;
   u.slot0 = b.slot0;
   if (b.spatial) {
-    spatial_branch_backward<Store>(t.fwd.w, t.t_sum, t.t_xh, m, N, u);
+    spatial_branch_backward<kM, Store>(t.fwd.w, t.t_sum, t.t_xh, m, N, u);
   } else {
-    channel_branch_backward<Store>(t.fwd.w, t.gate_grad, m, N, u);
+    channel_branch_backward<kM, Store>(t.fwd.w, t.gate_grad, m, N, u);
   }
 }
 
@@ -339,64 +365,71 @@ void backward_shuffle_attention(const BackwardParams& p) {
   if (p.fwd.channels_last) {
     const ChannelTiling tiling(p.fwd, m);
     const int64_t tile_values = 2 * tiling.width * N;
-    at::parallel_for(0, tiling.count(p.fwd.batch), grain_for(tile_values, kTaskElements),
-                     [&](int64_t begin, int64_t end) {
-                       TilePlanes<acc_t> planes(tile_values, 4 * mN);
-                       BranchPlanes<acc_t> u = branch_planes(m, planes.extra(), N);
-                       for (int64_t index = begin; index < end; ++index) {
-                         backward_tile(
-                             t, tiling, tiling.tile(index), planes,
-                             [&](const ChannelTile& tile, TilePlanes<acc_t>& tp) {
-                               for (int64_t q = 0; q < 2 * tile.width; q += m) {
-                                 const int64_t c0 = tile.channel(q, C / 2);
-                                 const int64_t out_q = shuffle_dst(c0, C) - 2 * tile.first;
-                                 u.x = tp.x + q * N;
-                                 for (int64_t j = 0; j < m; ++j)
-                                   u.gu[j] = tp.gu + (out_q + 2 * j) * N;
-                                 u.dx = tp.dx + q * N;
-                                 shuffle_attention_branch_backward<ResultStore<false, false>>(
-                                     t, branch_unit(p.fwd, tile.batch * 2 * p.fwd.groups + c0 / m),
-                                     m, N, u);
-                               }
-                             });
-                       }
-                     });
+    with_branch_channels(m, [&](auto branch) {
+      constexpr int64_t kM = decltype(branch)::value;
+      at::parallel_for(
+          0, tiling.count(p.fwd.batch), grain_for(tile_values, kTaskElements),
+          [&](int64_t begin, int64_t end) {
+            TilePlanes<acc_t> planes(tile_values, 4 * mN);
+            BranchPlanes<acc_t> u = branch_planes(m, planes.extra(), N);
+            for (int64_t index = begin; index < end; ++index) {
+              backward_tile(t, tiling, tiling.tile(index), planes,
+                            [&](const ChannelTile& tile, TilePlanes<acc_t>& tp) {
+                              for (int64_t q = 0; q < 2 * tile.width; q += m) {
+                                const int64_t c0 = tile.channel(q, C / 2);
+                                const int64_t out_q = shuffle_dst(c0, C) - 2 * tile.first;
+                                u.x = tp.x + q * N;
+                                for (int64_t j = 0; j < m; ++j)
+                                  u.gu[j] = tp.gu + (out_q + 2 * j) * N;
+                                u.dx = tp.dx + q * N;
+                                shuffle_attention_branch_backward<kM, ResultStore<false, false>>(
+                                    t, branch_unit(p.fwd, tile.batch * 2 * p.fwd.groups + c0 / m),
+                                    m, N, u);
+                              }
+                            });
+            }
+          });
+    });
     return;
   }
   // NCHW: the branches in output order, grad_x and grad_identity stored as in SALayer's NCHW loop.
   const bool residual = t.out != nullptr;
   const bool streaming = stream_planes(p.fwd.batch * C, N * int64_t{sizeof(scalar_t)});
-  with_streaming_store<scalar_t>(streaming, [&](auto store) {
-    using Store = decltype(store);
-    constexpr bool kMayStream = Store::kStreams || kConvert;  // as in SALayer's NCHW loop
-    at::parallel_for(0, p.fwd.batch * p.fwd.groups * 2, grain_for(mN, kTaskElements),
-                     [&](int64_t begin, int64_t end) {
-                       // Scratch planes: xh, y, gate, t; x, gu, grad_x in acc_t (when converting).
-                       std::vector<acc_t> scratch((kConvert ? 7 : 4) * mN);
-                       acc_t* x_buf = kConvert ? scratch.data() + 4 * mN : nullptr;
-                       acc_t* gu_buf = kConvert ? x_buf + mN : nullptr;
-                       acc_t* dx_buf = kConvert ? gu_buf + mN : nullptr;
-                       BranchPlanes<acc_t> u = branch_planes(m, scratch.data(), N);
-                       // sa_grad_streamed's copies
-                       std::vector<scalar_t> masked(kMayStream && streaming && residual ? mN : 0);
-                       for (int64_t index = begin; index < end; ++index) {
-                         const BranchUnit b = branch_unit_at_output(p.fwd, index);
-                         u.x = as_acc(t.fwd.x + b.plane0 * N, mN, x_buf);
-                         for (int64_t j = 0; j < m; ++j) {
-                           const int64_t at = (b.out_plane0 + 2 * j) * N;
-                           const scalar_t* g =
-                               (kMayStream && !masked.empty())
-                                   ? t.sa_grad_streamed(at, N, masked.data() + j * N)
-                                   : t.sa_grad(at, N);
-                           u.gu[j] = as_acc(g, N, kConvert ? gu_buf + j * N : nullptr);
+  with_branch_channels(m, [&](auto branch) {
+    with_streaming_store<scalar_t>(streaming, [&](auto store) {
+      constexpr int64_t kM = decltype(branch)::value;
+      using Store = decltype(store);
+      constexpr bool kMayStream = Store::kStreams || kConvert;  // as in SALayer's NCHW loop
+      at::parallel_for(0, p.fwd.batch * p.fwd.groups * 2, grain_for(mN, kTaskElements),
+                       [&](int64_t begin, int64_t end) {
+                         // Scratch planes: xh, y, gate, t; x, gu, grad_x in acc_t (when
+                         // converting).
+                         std::vector<acc_t> scratch((kConvert ? 7 : 4) * mN);
+                         acc_t* x_buf = kConvert ? scratch.data() + 4 * mN : nullptr;
+                         acc_t* gu_buf = kConvert ? x_buf + mN : nullptr;
+                         acc_t* dx_buf = kConvert ? gu_buf + mN : nullptr;
+                         BranchPlanes<acc_t> u = branch_planes(m, scratch.data(), N);
+                         // sa_grad_streamed's copies
+                         std::vector<scalar_t> masked(kMayStream && streaming && residual ? mN : 0);
+                         for (int64_t index = begin; index < end; ++index) {
+                           const BranchUnit b = branch_unit_at_output(p.fwd, index);
+                           u.x = as_acc(t.fwd.x + b.plane0 * N, mN, x_buf);
+                           for (int64_t j = 0; j < m; ++j) {
+                             const int64_t at = (b.out_plane0 + 2 * j) * N;
+                             const scalar_t* g =
+                                 (kMayStream && !masked.empty())
+                                     ? t.sa_grad_streamed(at, N, masked.data() + j * N)
+                                     : t.sa_grad(at, N);
+                             u.gu[j] = as_acc(g, N, kConvert ? gu_buf + j * N : nullptr);
+                           }
+                           u.dx = result_buffer(t.grad_x + b.plane0 * N, dx_buf);
+                           shuffle_attention_branch_backward<kM, Store>(t, b, m, N, u);
+                           if constexpr (kConvert)
+                             write_output(u.dx, nullptr, t.grad_x + b.plane0 * N, mN, streaming);
                          }
-                         u.dx = result_buffer(t.grad_x + b.plane0 * N, dx_buf);
-                         shuffle_attention_branch_backward<Store>(t, b, m, N, u);
-                         if constexpr (kConvert)
-                           write_output(u.dx, nullptr, t.grad_x + b.plane0 * N, mN, streaming);
-                       }
-                       if (streaming) stream_fence();
-                     });
+                         if (streaming) stream_fence();
+                       });
+    });
   });
 }
 

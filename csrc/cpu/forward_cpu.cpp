@@ -234,13 +234,15 @@ struct BranchScratch {
 // ShuffleAttention, one branch of one (batch item, group): its m planes of x in acc_t (contiguous,
 // [m, N]) to its m result planes, plane j at result0 + j * result_stride, stored by Store (with
 // the identity plane at identity0 + j * result_stride where the residual epilogue is fused in).
-// Not inlined ("One compiled body"). kN: the plane size compiled in, or 0 (with_plane_size).
-template <int64_t kN, typename Store, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// Not inlined ("One compiled body"). kN: the plane size compiled in, or 0 (with_plane_size); kM:
+// the branch size, or 0 (with_branch_channels).
+template <int64_t kN, int64_t kM, typename Store, typename scalar_t,
+          typename acc_t = at::opmath_type<scalar_t>>
 C10_NOINLINE void shuffle_attention_branch(const ForwardTensors<scalar_t>& t,
                                            const ForwardParams& p, const BranchUnit& u,
                                            const acc_t* x, acc_t* result0, const acc_t* identity0,
                                            int64_t result_stride, BranchScratch<acc_t>& scratch) {
-  const int64_t m = p.branch_channels, N = plane_size<kN>(p);
+  const int64_t m = branch_size<kM>(p.branch_channels), N = plane_size<kN>(p);
   const Store store;
   auto result = [&](int64_t j) { return result0 + j * result_stride; };
   auto identity = [&](int64_t j) -> const acc_t* {
@@ -278,12 +280,21 @@ C10_NOINLINE void shuffle_attention_branch(const ForwardTensors<scalar_t>& t,
       cpu::store(y + k * N + i, V(scale) * sk.centered(load<V>(x + k * N + i)) + V(t.w.gb[k]));
     });
   }
+  // kRows rows of z at a time (matrix_rows, kernels_cpu.h).
+  constexpr int64_t kRows = matrix_rows(kM);
   for_each<acc_t>(N, [&](int64_t i, auto tag) {
     using V = decltype(tag);
-    for (int64_t j = 0; j < m; ++j) {
-      V zj(t.w.sb[j]);
-      for (int64_t k = 0; k < m; ++k) zj = zj + V(t.w.sw[j * m + k]) * load<V>(y + k * N + i);
-      store(result(j), identity(j), i, load<V>(x + j * N + i) * sigmoid(zj));
+    for (int64_t j0 = 0; j0 < m; j0 += kRows) {
+      std::array<V, kRows> z;
+      for (int64_t r = 0; r < kRows; ++r) z[r] = V(t.w.sb[j0 + r]);
+      for (int64_t k = 0; k < m; ++k) {
+        const V yk = load<V>(y + k * N + i);
+        for (int64_t r = 0; r < kRows; ++r) z[r] = z[r] + V(t.w.sw[(j0 + r) * m + k]) * yk;
+      }
+      for (int64_t r = 0; r < kRows; ++r) {
+        const int64_t j = j0 + r;
+        store(result(j), identity(j), i, load<V>(x + j * N + i) * sigmoid(z[r]));
+      }
     }
   });
 }
@@ -304,7 +315,8 @@ void forward_shuffle_attention(const ForwardParams& p) {
     }
   }
   if (p.channels_last) {
-    with_plane_size(N, [&](auto size) {
+    with_branch_shape(m, N, [&](auto branch, auto size) {
+      constexpr int64_t kM = decltype(branch)::value, kN = decltype(size)::value;
       forward_tiles<scalar_t, acc_t>(
           t, p, ChannelTiling(p, m), [&] { return BranchScratch<acc_t>(m, N); },
           [&](const ChannelTile& tile, const acc_t* x, acc_t* out, BranchScratch<acc_t>& scratch) {
@@ -313,7 +325,7 @@ void forward_shuffle_attention(const ForwardParams& p) {
               const BranchUnit u = branch_unit(p, tile.batch * 2 * p.groups + c0 / m);
               acc_t* out0 = out + (shuffle_dst(c0, C) - 2 * tile.first) * N;
               const acc_t* no_identity = nullptr;  // scatter_tile adds identity
-              shuffle_attention_branch<decltype(size)::value, ResultStore<false, false>>(
+              shuffle_attention_branch<kN, kM, ResultStore<false, false>>(
                   t, p, u, x + q * N, out0, no_identity, 2 * N, scratch);
             }
           });
@@ -323,8 +335,8 @@ void forward_shuffle_attention(const ForwardParams& p) {
   // NCHW: the branches in output order, their result planes and epilogue as in SALayer's.
   const bool residual = t.identity != nullptr;
   const bool streaming = stream_planes(p.batch * C, N * int64_t{sizeof(scalar_t)});
-  with_plane_size(N, [&](auto size) {
-    constexpr int64_t kN = decltype(size)::value;
+  with_branch_shape(m, N, [&](auto branch, auto size) {
+    constexpr int64_t kM = decltype(branch)::value, kN = decltype(size)::value;
     with_result_store<scalar_t>(residual, streaming, [&](auto store) {
       using Store = decltype(store);
       at::parallel_for(
@@ -343,8 +355,8 @@ void forward_shuffle_attention(const ForwardParams& p) {
               const int64_t result_stride = kConvert ? n : 2 * n;
               const acc_t* identity0 = nullptr;
               if constexpr (Store::kFusesResidual) identity0 = t.identity + dst(0);
-              shuffle_attention_branch<kN, Store>(t, p, u, x, result0, identity0, result_stride,
-                                                  scratch);
+              shuffle_attention_branch<kN, kM, Store>(t, p, u, x, result0, identity0, result_stride,
+                                                      scratch);
               for (int64_t j = 0; j < m; ++j) {
                 finish_plane<Store>(t, result0 + j * result_stride, dst(j), n, residual, streaming);
               }

@@ -141,6 +141,62 @@ inline int64_t plane_size(const ForwardParams& p) {
   return kN > 0 ? kN : p.plane_size;
 }
 
+// ShuffleAttention's branch sizes compiled in as constants: f(std::integral_constant<int64_t, m>)
+// for m = 2, 4, 8 and 16 (SA-ResNet-50's stages 1-4 at G = 64), f(std::integral_constant<int64_t,
+// 0>) for any other m (read at run time). A branch's m x m gate matrix runs in loops over m inside
+// the loops over pixels: with m a constant they are unrolled and the matrix entries are addressed
+// at fixed offsets (docs/kernels.md, "Branch sizes compiled in").
+template <typename F>
+decltype(auto) with_branch_channels(int64_t m, const F& f) {
+  switch (m) {
+    case 2:
+      return f(std::integral_constant<int64_t, 2>{});
+    case 4:
+      return f(std::integral_constant<int64_t, 4>{});
+    case 8:
+      return f(std::integral_constant<int64_t, 8>{});
+    case 16:
+      return f(std::integral_constant<int64_t, 16>{});
+    default:
+      return f(std::integral_constant<int64_t, 0>{});
+  }
+}
+
+// ShuffleAttention's forward body compiled for a branch shape: f(kM, kN) as integral constants.
+// Both compiled in for SA-ResNet-50's stages 3 and 4 at G = 64 ((8, 196), (16, 49)); any other m
+// of with_branch_channels with the plane size read at run time; any other m (read at run time)
+// with with_plane_size's. (Every m with every plane size would compile the body 15 ways per store
+// and dtype.)
+template <typename F>
+decltype(auto) with_branch_shape(int64_t m, int64_t n, const F& f) {
+  using Zero = std::integral_constant<int64_t, 0>;
+  if (m == 8 && n == 196) {
+    return f(std::integral_constant<int64_t, 8>{}, std::integral_constant<int64_t, 196>{});
+  }
+  if (m == 16 && n == 49) {
+    return f(std::integral_constant<int64_t, 16>{}, std::integral_constant<int64_t, 49>{});
+  }
+  return with_branch_channels(m, [&](auto branch) {
+    if constexpr (decltype(branch)::value > 0) {
+      return f(branch, Zero{});
+    } else {
+      return with_plane_size(n, [&](auto size) { return f(Zero{}, size); });
+    }
+  });
+}
+
+// The branch size of a unit body compiled for kM (with_branch_channels): kM, or m for 0.
+template <int64_t kM>
+inline int64_t branch_size(int64_t m) {
+  return kM > 0 ? kM : m;
+}
+
+// How many rows of a branch's m x m gate matrix the ShuffleAttention bodies take at once per
+// vector of pixels (kM: with_branch_channels): each row's sum is a chain of m dependent FMAs, and
+// rows side by side in the loop run their chains in each other's latency, sharing the loads of
+// the vector they multiply. Every row is summed over the same terms in the same order either way.
+constexpr int64_t matrix_rows(int64_t kM) { return kM > 0 && kM % 4 == 0 ? 4 : (kM == 2 ? 2 : 1); }
+
 // How many planes SALayer's forward body takes at once (sa_layer_planes, forward_cpu.cpp): two at
 // the compiled sizes, whose planes are short enough that one plane's chain of dependent steps
 // leaves the core idle, one elsewhere. (The backward takes one: docs/kernels.md, "Two planes at

@@ -638,4 +638,18 @@ C10_ALWAYS_INLINE acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   });
 }
 
+// The K dot products of a with b, b + stride, ..., b + (K - 1) stride (n values each) in one pass:
+// each summed as dot sums it (sums_over), a's vectors loaded once for all K.
+template <int K, typename acc_t>
+C10_ALWAYS_INLINE std::array<acc_t, K> dots(const acc_t* a, const acc_t* b, int64_t stride,
+                                            int64_t n) {
+  return sums_over<acc_t, K>(n, [&](int64_t i, auto tag) {
+    using V = decltype(tag);
+    const V av = load<V>(a + i);
+    std::array<V, K> products;
+    for (int k = 0; k < K; ++k) products[k] = av * load<V>(b + k * stride + i);
+    return products;
+  });
+}
+
 }  // namespace sa_cuda::cpu

@@ -207,10 +207,10 @@ struct BranchPlanes {
 
 // z = W1 mu + b1, s = sigmoid(z); dz_j = sum(gu_j x_j) s_j (1 - s_j); dmu = W1^T dz. grad_x
 // stored by Store (ResultStore), as in spatial_branch_backward.
-template <int64_t kM, typename Store, typename acc_t>
-void channel_branch_backward(const ParamArrays<acc_t>& w, acc_t* gate_grad, int64_t m_, int64_t N,
+template <int64_t kM, int64_t kN, typename Store, typename acc_t>
+void channel_branch_backward(const ParamArrays<acc_t>& w, acc_t* gate_grad, int64_t m_, int64_t N_,
                              BranchPlanes<acc_t>& u) {
-  const int64_t m = branch_size<kM>(m_);
+  const int64_t m = branch_size<kM>(m_), N = kN > 0 ? kN : N_;
   std::vector<acc_t>& s = u.vec_a;
   std::vector<acc_t>& dz = u.vec_b;
   matvec(w.cw, u.mu, w.cb, m, s.data());
@@ -232,10 +232,10 @@ void channel_branch_backward(const ParamArrays<acc_t>& w, acc_t* gate_grad, int6
 }
 
 // The spatial branch's forward again (xh, y, the gate s) and t = dL/dz, per pixel.
-template <int64_t kM, typename acc_t>
-void spatial_branch_gate(const ParamArrays<acc_t>& w, int64_t m_, int64_t N,
+template <int64_t kM, int64_t kN, typename acc_t>
+void spatial_branch_gate(const ParamArrays<acc_t>& w, int64_t m_, int64_t N_,
                          BranchPlanes<acc_t>& u) {
-  const int64_t m = branch_size<kM>(m_);
+  const int64_t m = branch_size<kM>(m_), N = kN > 0 ? kN : N_;
   for (int64_t i = 0; i < m; ++i) {
     const acc_t* xi = u.x + i * N;
     const Standardizer<acc_t> st = saved_stats(u.mu[i], u.r[i]);
@@ -271,11 +271,11 @@ void spatial_branch_gate(const ParamArrays<acc_t>& w, int64_t m_, int64_t N,
 
 // A[j, i] = sum_p t_j xh_i (xh first: t_j (x_i - mu_i) would be of order |x|^2 and overflow
 // first), T1[j] = sum_p t_j; then dx through dy(p) = W2^T t(p) (sa_math.h), stored by Store.
-template <int64_t kM, typename Store, typename acc_t>
+template <int64_t kM, int64_t kN, typename Store, typename acc_t>
 void spatial_branch_backward(const ParamArrays<acc_t>& w, acc_t* t_sum, acc_t* t_xh, int64_t m_,
-                             int64_t N, BranchPlanes<acc_t>& u) {
-  const int64_t m = branch_size<kM>(m_);
-  spatial_branch_gate<kM>(w, m, N, u);
+                             int64_t N_, BranchPlanes<acc_t>& u) {
+  const int64_t m = branch_size<kM>(m_), N = kN > 0 ? kN : N_;
+  spatial_branch_gate<kM, kN>(w, m, N, u);
   std::vector<acc_t>& T1 = u.vec_a;
   // Row j of A kDots entries at a time (dots: t_j's vectors loaded once for them).
   constexpr int kDots = static_cast<int>(matrix_rows(kM));
@@ -338,7 +338,7 @@ BranchPlanes<acc_t> branch_planes(int64_t m, acc_t* scratch, int64_t N) {
 // One branch of one (batch item, group), its planes set in u (x, gu, dx, saved statistics), grad_x
 // stored by Store (ResultStore). Not inlined: both loops call this one compiled body
 // (forward_cpu.cpp, "One compiled body").
-template <int64_t kM, typename Store, typename scalar_t, typename acc_t>
+template <int64_t kM, int64_t kN, typename Store, typename scalar_t, typename acc_t>
 C10_NOINLINE void shuffle_attention_branch_backward(const BackwardTensors<scalar_t>& t,
                                                     const BranchUnit& b, int64_t m, int64_t N,
                                                     BranchPlanes<acc_t>& u) {
@@ -346,9 +346,9 @@ C10_NOINLINE void shuffle_attention_branch_backward(const BackwardTensors<scalar
   u.r = t.fwd.rstd + b.plane0;
   u.slot0 = b.slot0;
   if (b.spatial) {
-    spatial_branch_backward<kM, Store>(t.fwd.w, t.t_sum, t.t_xh, m, N, u);
+    spatial_branch_backward<kM, kN, Store>(t.fwd.w, t.t_sum, t.t_xh, m, N, u);
   } else {
-    channel_branch_backward<kM, Store>(t.fwd.w, t.gate_grad, m, N, u);
+    channel_branch_backward<kM, kN, Store>(t.fwd.w, t.gate_grad, m, N, u);
   }
 }
 
@@ -365,28 +365,27 @@ void backward_shuffle_attention(const BackwardParams& p) {
   if (p.fwd.channels_last) {
     const ChannelTiling tiling(p.fwd, m);
     const int64_t tile_values = 2 * tiling.width * N;
-    with_branch_channels(m, [&](auto branch) {
-      constexpr int64_t kM = decltype(branch)::value;
+    with_branch_shape(m, N, [&](auto branch, auto size) {
+      constexpr int64_t kM = decltype(branch)::value, kN = decltype(size)::value;
       at::parallel_for(
           0, tiling.count(p.fwd.batch), grain_for(tile_values, kTaskElements),
           [&](int64_t begin, int64_t end) {
             TilePlanes<acc_t> planes(tile_values, 4 * mN);
             BranchPlanes<acc_t> u = branch_planes(m, planes.extra(), N);
             for (int64_t index = begin; index < end; ++index) {
-              backward_tile(t, tiling, tiling.tile(index), planes,
-                            [&](const ChannelTile& tile, TilePlanes<acc_t>& tp) {
-                              for (int64_t q = 0; q < 2 * tile.width; q += m) {
-                                const int64_t c0 = tile.channel(q, C / 2);
-                                const int64_t out_q = shuffle_dst(c0, C) - 2 * tile.first;
-                                u.x = tp.x + q * N;
-                                for (int64_t j = 0; j < m; ++j)
-                                  u.gu[j] = tp.gu + (out_q + 2 * j) * N;
-                                u.dx = tp.dx + q * N;
-                                shuffle_attention_branch_backward<kM, ResultStore<false, false>>(
-                                    t, branch_unit(p.fwd, tile.batch * 2 * p.fwd.groups + c0 / m),
-                                    m, N, u);
-                              }
-                            });
+              backward_tile(
+                  t, tiling, tiling.tile(index), planes,
+                  [&](const ChannelTile& tile, TilePlanes<acc_t>& tp) {
+                    for (int64_t q = 0; q < 2 * tile.width; q += m) {
+                      const int64_t c0 = tile.channel(q, C / 2);
+                      const int64_t out_q = shuffle_dst(c0, C) - 2 * tile.first;
+                      u.x = tp.x + q * N;
+                      for (int64_t j = 0; j < m; ++j) u.gu[j] = tp.gu + (out_q + 2 * j) * N;
+                      u.dx = tp.dx + q * N;
+                      shuffle_attention_branch_backward<kM, kN, ResultStore<false, false>>(
+                          t, branch_unit(p.fwd, tile.batch * 2 * p.fwd.groups + c0 / m), m, N, u);
+                    }
+                  });
             }
           });
     });
@@ -395,9 +394,9 @@ void backward_shuffle_attention(const BackwardParams& p) {
   // NCHW: the branches in output order, grad_x and grad_identity stored as in SALayer's NCHW loop.
   const bool residual = t.out != nullptr;
   const bool streaming = stream_planes(p.fwd.batch * C, N * int64_t{sizeof(scalar_t)});
-  with_branch_channels(m, [&](auto branch) {
+  with_branch_shape(m, N, [&](auto branch, auto size) {
     with_streaming_store<scalar_t>(streaming, [&](auto store) {
-      constexpr int64_t kM = decltype(branch)::value;
+      constexpr int64_t kM = decltype(branch)::value, kN = decltype(size)::value;
       using Store = decltype(store);
       constexpr bool kMayStream = Store::kStreams || kConvert;  // as in SALayer's NCHW loop
       at::parallel_for(0, p.fwd.batch * p.fwd.groups * 2, grain_for(mN, kTaskElements),
@@ -423,7 +422,7 @@ void backward_shuffle_attention(const BackwardParams& p) {
                              u.gu[j] = as_acc(g, N, kConvert ? gu_buf + j * N : nullptr);
                            }
                            u.dx = result_buffer(t.grad_x + b.plane0 * N, dx_buf);
-                           shuffle_attention_branch_backward<kM, Store>(t, b, m, N, u);
+                           shuffle_attention_branch_backward<kM, kN, Store>(t, b, m, N, u);
                            if constexpr (kConvert)
                              write_output(u.dx, nullptr, t.grad_x + b.plane0 * N, mN, streaming);
                          }

@@ -365,7 +365,7 @@ void backward_shuffle_attention(const BackwardParams& p) {
   if (p.fwd.channels_last) {
     const ChannelTiling tiling(p.fwd, m);
     const int64_t tile_values = 2 * tiling.width * N;
-    with_branch_shape(m, N, [&](auto branch, auto size) {
+    with_backward_branch_shape(m, N, [&](auto branch, auto size) {
       constexpr int64_t kM = decltype(branch)::value, kN = decltype(size)::value;
       at::parallel_for(
           0, tiling.count(p.fwd.batch), grain_for(tile_values, kTaskElements),
@@ -394,7 +394,7 @@ void backward_shuffle_attention(const BackwardParams& p) {
   // NCHW: the branches in output order, grad_x and grad_identity stored as in SALayer's NCHW loop.
   const bool residual = t.out != nullptr;
   const bool streaming = stream_planes(p.fwd.batch * C, N * int64_t{sizeof(scalar_t)});
-  with_branch_shape(m, N, [&](auto branch, auto size) {
+  with_backward_branch_shape(m, N, [&](auto branch, auto size) {
     with_streaming_store<scalar_t>(streaming, [&](auto store) {
       constexpr int64_t kM = decltype(branch)::value, kN = decltype(size)::value;
       using Store = decltype(store);

@@ -2,7 +2,9 @@
 with_plane_size): planes of 49 and 196 pixels (7x7 and 14x14, SA-ResNet-50's stages 4 and 3 at
 224x224) run SALayer's plane bodies (forward and backward) and ShuffleAttention's forward branch
 body with the size a compile-time constant; every other size runs the same source with the size
-read at run time. The compiled sizes must compute the same function, whatever H and W make them:
+read at run time (ShuffleAttention's m = 8 here with its branch size compiled in too:
+with_branch_shape, test_branch_sizes.py). The compiled sizes must compute the same function,
+whatever H and W make them:
 
 * every H x W of 49 and 196 pixels, and the sizes beside them (48, 50, 195, 197: the run-time
   bodies), both variants, every dtype, x NCHW and channels_last: out and every gradient against

@@ -46,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import sa_cuda
 from sa_cuda import reference
 from sa_cuda.ops import SA_CUDA_LIBRARY
+from sa_cuda.testing import assert_close_to_reference
 
 # ------------------------------------------------------------------------------------------------
 # Devices: CPU always; CUDA when a GPU is present AND the extension was built with CUDA kernels.
@@ -323,6 +324,33 @@ def low_precision_runs(
         return F, RF, None, None, next(fused.parameters()).dtype
     RE = forward_backward(clone_as(eager, torch.float64), x.double(), gy.double())
     return F, RF, E, RE, next(fused.parameters()).dtype
+
+
+def check_cpu_against_reference(variant, shape, groups, dtype, memory_format, offset=0.0):
+    """The CPU layer's output and every gradient against the float64 reference (the criteria of
+    test_forward_backward.py), x in ``memory_format``: float32 and float64 by run_high_precision
+    (x at ``offset`` std), the 16-bit dtypes by low_precision_runs (centered only: an offset
+    skips, test_extreme_magnitudes.py holds those); out and grad_x in x's memory format."""
+    if dtype in (torch.float32, torch.float64):
+        F, E, R = run_high_precision(
+            variant,
+            BACKENDS["cpu"],
+            shape,
+            groups,
+            dtype=dtype,
+            offset=offset,
+            memory_format=memory_format,
+        )
+        assert_close_to_reference(F, R, dtype, eager=E)
+    else:
+        if offset:
+            pytest.skip("16-bit planes at an offset: test_extreme_magnitudes.py")
+        F, R, E, RE, param_dtype = low_precision_runs(
+            variant, shape, groups, dtype, memory_format=memory_format
+        )
+        assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
+    for key in ("out", "x"):
+        assert F[key].is_contiguous(memory_format=memory_format), key
 
 
 def input_at_offset(shape, storage_offset, dtype, seed, **kwargs):

@@ -234,9 +234,9 @@ struct BranchScratch {
 // ShuffleAttention, one branch of one (batch item, group): its m planes of x in acc_t (contiguous,
 // [m, N]) to its m result planes, plane j at result0 + j * result_stride, stored by Store (with
 // the identity plane at identity0 + j * result_stride where the residual epilogue is fused in).
-// Not inlined ("One compiled body"). kN: the plane size compiled in, or 0 (with_plane_size); kM:
-// the branch size, or 0 (with_branch_channels).
-template <int64_t kN, int64_t kM, typename Store, typename scalar_t,
+// Not inlined ("One compiled body"). kM, kN: the branch size and the plane size compiled in, or 0
+// (with_branch_shape).
+template <int64_t kM, int64_t kN, typename Store, typename scalar_t,
           typename acc_t = at::opmath_type<scalar_t>>
 C10_NOINLINE void shuffle_attention_branch(const ForwardTensors<scalar_t>& t,
                                            const ForwardParams& p, const BranchUnit& u,
@@ -325,7 +325,7 @@ void forward_shuffle_attention(const ForwardParams& p) {
               const BranchUnit u = branch_unit(p, tile.batch * 2 * p.groups + c0 / m);
               acc_t* out0 = out + (shuffle_dst(c0, C) - 2 * tile.first) * N;
               const acc_t* no_identity = nullptr;  // scatter_tile adds identity
-              shuffle_attention_branch<kN, kM, ResultStore<false, false>>(
+              shuffle_attention_branch<kM, kN, ResultStore<false, false>>(
                   t, p, u, x + q * N, out0, no_identity, 2 * N, scratch);
             }
           });
@@ -355,7 +355,7 @@ void forward_shuffle_attention(const ForwardParams& p) {
               const int64_t result_stride = kConvert ? n : 2 * n;
               const acc_t* identity0 = nullptr;
               if constexpr (Store::kFusesResidual) identity0 = t.identity + dst(0);
-              shuffle_attention_branch<kN, kM, Store>(t, p, u, x, result0, identity0, result_stride,
+              shuffle_attention_branch<kM, kN, Store>(t, p, u, x, result0, identity0, result_stride,
                                                       scratch);
               for (int64_t j = 0; j < m; ++j) {
                 finish_plane<Store>(t, result0 + j * result_stride, dst(j), n, residual, streaming);

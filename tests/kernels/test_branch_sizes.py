@@ -23,17 +23,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
-    BACKENDS,
     DTYPE_IDS,
     DTYPES,
     assert_identical,
-    low_precision_runs,
+    check_cpu_against_reference,
     make_input,
     op_params,
-    run_high_precision,
 )
-
-from sa_cuda.testing import assert_close_to_reference
 
 VARIANT = "shuffle_attention"
 G = 3
@@ -69,19 +65,7 @@ FORMATS = {"nchw": torch.contiguous_format, "cl": torch.channels_last}
 @pytest.mark.parametrize("m,hw", PARAMS)
 def test_against_reference(m, hw, dtype, memory_format, offset):
     shape = (2, 2 * G * m, *hw)
-    fmt = FORMATS[memory_format]
-    if dtype in (torch.float32, torch.float64):
-        F, E, R = run_high_precision(
-            VARIANT, BACKENDS["cpu"], shape, G, dtype=dtype, offset=offset, memory_format=fmt
-        )
-        assert_close_to_reference(F, R, dtype, eager=E)
-    else:
-        if offset:
-            pytest.skip("16-bit planes at an offset: test_extreme_magnitudes.py")
-        F, R, E, RE, param_dtype = low_precision_runs(VARIANT, shape, G, dtype, memory_format=fmt)
-        assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
-    for key in ("out", "x"):
-        assert F[key].is_contiguous(memory_format=fmt), key
+    check_cpu_against_reference(VARIANT, shape, G, dtype, FORMATS[memory_format], offset)
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])

@@ -36,7 +36,7 @@ from conftest import (
     DTYPES,
     VARIANTS,
     assert_identical,
-    low_precision_runs,
+    check_cpu_against_reference,
     make_input,
     op_params,
     run_high_precision,
@@ -60,20 +60,7 @@ C, G = 48, 3
 @pytest.mark.parametrize("hw", PLANES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_against_reference(variant, hw, dtype, memory_format, offset):
-    shape = (2, C, *hw)
-    fmt = FORMATS[memory_format]
-    if dtype in (torch.float32, torch.float64):
-        F, E, R = run_high_precision(
-            variant, BACKENDS["cpu"], shape, G, dtype=dtype, offset=offset, memory_format=fmt
-        )
-        assert_close_to_reference(F, R, dtype, eager=E)
-    else:
-        if offset:
-            pytest.skip("16-bit planes at an offset: test_extreme_magnitudes.py")
-        F, R, E, RE, param_dtype = low_precision_runs(variant, shape, G, dtype, memory_format=fmt)
-        assert_close_to_reference(F, R, dtype, eager=E, eager_ref64=RE, param_dtype=param_dtype)
-    for key in ("out", "x"):
-        assert F[key].is_contiguous(memory_format=fmt), key
+    check_cpu_against_reference(variant, (2, C, *hw), G, dtype, FORMATS[memory_format], offset)
 
 
 @pytest.mark.parametrize("memory_format", list(FORMATS))

@@ -253,12 +253,8 @@ void spatial_branch_gate(const ParamArrays<acc_t>& w, int64_t m_, int64_t N_,
   for_each<acc_t>(N, [&](int64_t q, auto tag) {
     using V = decltype(tag);
     for (int64_t j0 = 0; j0 < m; j0 += kRows) {
-      std::array<V, kRows> z;
-      for (int64_t r = 0; r < kRows; ++r) z[r] = V(w.sb[j0 + r]);
-      for (int64_t i = 0; i < m; ++i) {
-        const V yi = load<V>(u.y + i * N + q);
-        for (int64_t r = 0; r < kRows; ++r) z[r] = z[r] + V(w.sw[(j0 + r) * m + i]) * yi;
-      }
+      const std::array<V, kRows> z =
+          matrix_product_rows<kRows, V>(w.sw, m, 1, w.sb, u.y, N, m, j0, q);
       for (int64_t r = 0; r < kRows; ++r) {
         const int64_t j = j0 + r;
         const V s = sigmoid(z[r]);
@@ -300,12 +296,8 @@ void spatial_branch_backward(const ParamArrays<acc_t>& w, acc_t* t_sum, acc_t* t
   for_each<acc_t>(N, [&](int64_t q, auto tag) {
     using V = decltype(tag);
     for (int64_t i0 = 0; i0 < m; i0 += kRows) {
-      std::array<V, kRows> dy;
-      dy.fill(V(0));
-      for (int64_t j = 0; j < m; ++j) {
-        const V tj = load<V>(u.tz + j * N + q);
-        for (int64_t r = 0; r < kRows; ++r) dy[r] = dy[r] + V(w.sw[j * m + i0 + r]) * tj;
-      }
+      const std::array<V, kRows> dy =
+          matrix_product_rows<kRows, V>(w.sw, 1, m, nullptr, u.tz, N, m, i0, q);
       for (int64_t r = 0; r < kRows; ++r) {
         const int64_t i = i0 + r;
         Store{}(u.dx + i * N, nullptr, q,

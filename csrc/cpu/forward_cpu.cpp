@@ -280,17 +280,13 @@ C10_NOINLINE void shuffle_attention_branch(const ForwardTensors<scalar_t>& t,
       cpu::store(y + k * N + i, V(scale) * sk.centered(load<V>(x + k * N + i)) + V(t.w.gb[k]));
     });
   }
-  // kRows rows of z at a time (matrix_rows, kernels_cpu.h).
+  // kRows rows of z at a time (matrix_rows, kernels_cpu.h; matrix_product_rows, vec_loops.h).
   constexpr int64_t kRows = matrix_rows(kM);
   for_each<acc_t>(N, [&](int64_t i, auto tag) {
     using V = decltype(tag);
     for (int64_t j0 = 0; j0 < m; j0 += kRows) {
-      std::array<V, kRows> z;
-      for (int64_t r = 0; r < kRows; ++r) z[r] = V(t.w.sb[j0 + r]);
-      for (int64_t k = 0; k < m; ++k) {
-        const V yk = load<V>(y + k * N + i);
-        for (int64_t r = 0; r < kRows; ++r) z[r] = z[r] + V(t.w.sw[(j0 + r) * m + k]) * yk;
-      }
+      const std::array<V, kRows> z =
+          matrix_product_rows<kRows, V>(t.w.sw, m, 1, t.w.sb, y, N, m, j0, i);
       for (int64_t r = 0; r < kRows; ++r) {
         const int64_t j = j0 + r;
         store(result(j), identity(j), i, load<V>(x + j * N + i) * sigmoid(z[r]));

@@ -652,4 +652,27 @@ C10_ALWAYS_INLINE std::array<acc_t, K> dots(const acc_t* a, const acc_t* b, int6
   });
 }
 
+// kRows entries of a small matrix product at the vector of pixels from i: entry r is
+// init_r + sum over k < m of W[(row0 + r) row_stride + k col_stride] v_k(i), v_k the k-th of m
+// planes n values apart, summed in the order of k, init_r = bias[row0 + r] (0 without a bias).
+// Rows of W v + b for (row_stride, col_stride) = (m, 1), rows of W^T v for (1, m):
+// ShuffleAttention's spatial gate z = W2 y + b2 (forward and backward) and dy = W2^T t. The kRows
+// chains of m FMAs run side by side, sharing each v_k's load (matrix_rows, kernels_cpu.h).
+template <int64_t kRows, typename V, typename T>
+C10_ALWAYS_INLINE std::array<V, kRows> matrix_product_rows(const T* W, int64_t row_stride,
+                                                           int64_t col_stride,
+                                                           const non_deduced_t<T>* bias,
+                                                           const non_deduced_t<T>* v, int64_t n,
+                                                           int64_t m, int64_t row0, int64_t i) {
+  std::array<V, kRows> rows;
+  for (int64_t r = 0; r < kRows; ++r) rows[r] = bias == nullptr ? V(0) : V(bias[row0 + r]);
+  for (int64_t k = 0; k < m; ++k) {
+    const V vk = load<V>(v + k * n + i);
+    for (int64_t r = 0; r < kRows; ++r) {
+      rows[r] = rows[r] + V(W[(row0 + r) * row_stride + k * col_stride]) * vk;
+    }
+  }
+  return rows;
+}
+
 }  // namespace sa_cuda::cpu

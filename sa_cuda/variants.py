@@ -18,6 +18,7 @@ of a parameter is its argument name with the first "_" read as the submodule sep
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -60,15 +61,22 @@ class Variant:
     module_name: str
     params: tuple[Param, ...]
 
-    @property
+    # Cached: the modules read them on every call (a frozen dataclass still lets cached_property
+    # store into the instance's __dict__).
+    @cached_property
     def param_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params)
 
-    @property
+    @cached_property
     def state_keys(self) -> tuple[str, ...]:
         return tuple(p.state_key for p in self.params)
 
-    @property
+    @cached_property
+    def param_paths(self) -> tuple[tuple[str | None, str], ...]:
+        """(submodule or None, attribute name) of each parameter: ("gn", "weight")."""
+        return tuple((p.submodule, p.state_key.rpartition(".")[2]) for p in self.params)
+
+    @cached_property
     def gate_convs(self) -> tuple[str, ...]:
         """The 1x1-conv submodules of the gates (none for SALayer)."""
         return tuple(p.submodule for p in self.params if p.is_matrix)

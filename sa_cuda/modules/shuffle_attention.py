@@ -19,10 +19,15 @@ from ..variants import SA_LAYER, SHUFFLE_ATTENTION, Variant
 
 def _use_fused(x: Tensor) -> bool:
     """False only where the reference must run: a device without fused kernels, ONNX export. A
-    non-tensor x goes to the fused path, whose checks name the problem."""
+    non-tensor x goes to the fused path, whose checks name the problem. Both ONNX exporters trace
+    (torch.jit's tracer, or torch.export), so the export flag is read only while tracing: it takes
+    two imports a call."""
     if not isinstance(x, Tensor):
         return True
-    return fused_available(x.device) and not torch.onnx.is_in_onnx_export()
+    if not (x.is_cpu or fused_available(x.device)):
+        return False
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return not (tracing and torch.onnx.is_in_onnx_export())
 
 
 def _check_layout(channel, groups) -> None:
@@ -38,11 +43,22 @@ def _check_layout(channel, groups) -> None:
         )
 
 
-def _parameter(module: torch.nn.Module, state_key: str) -> Tensor:
-    """The parameter of ``module`` under ``state_key`` ("cweight", "gn.weight")."""
-    for name in state_key.split("."):
-        module = getattr(module, name)
-    return module
+def _parameters(module: torch.nn.Module, variant: Variant) -> tuple:
+    """The variant's six parameters of ``module`` in op order, each what ``getattr`` finds under
+    its state_dict key ("cweight", "gn.weight"). Read from the ``_parameters`` dict of its owner,
+    where nn.Module keeps a registered parameter and where ``getattr`` finds it (nn.Module's
+    ``__getattr__`` is Python: about half a microsecond a lookup, 8 of them a call); by
+    ``getattr`` where it is not there (a parametrization, weight_norm's plain attribute, a deleted
+    parameter, a replaced submodule)."""
+    found = []
+    for owner_name, name in variant.param_paths:
+        owner = module if owner_name is None else module._modules.get(owner_name)
+        param = owner._parameters.get(name) if isinstance(owner, torch.nn.Module) else None
+        if param is None:
+            param = module if owner_name is None else getattr(module, owner_name)
+            param = getattr(param, name)
+        found.append(param)
+    return tuple(found)
 
 
 class _FusedLayer:
@@ -71,10 +87,10 @@ class _FusedLayer:
         if not _use_fused(x):
             out = super().forward(x)
             return out if identity is None else torch.relu(out + identity)
-        params = tuple(_parameter(self, key) for key in self._variant.state_keys)
-        return SA_CUDA_LIBRARY.apply(
-            self._variant.name, x, self.groups, params, self.gn.eps, identity
-        )
+        gn = self._modules.get("gn")
+        eps = (self.gn if gn is None else gn).eps
+        params = _parameters(self, self._variant)
+        return SA_CUDA_LIBRARY.apply(self._variant.name, x, self.groups, params, eps, identity)
 
 
 class SALayer(_FusedLayer, reference.SALayer):

@@ -27,15 +27,16 @@ def stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check_tensor(t, name: str, x: Tensor | None = None) -> None:
+def _check_tensor(t, name: str, x_device: torch.device | None = None) -> None:
+    """A dense tensor of a kernel dtype; on x's device when ``x_device`` is given."""
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided or t.is_nested:
         raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dtype not in KERNEL_DTYPES:
         raise ValueError(f"{name} must be float64, float32, float16 or bfloat16, got {t.dtype}")
-    if x is not None and t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if x_device is not None and t.device != x_device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x_device}")
 
 
 def _check_x(x, groups) -> int:
@@ -61,8 +62,9 @@ def _check_params(
 ) -> None:
     """param_shapes: the functionals' rule (non-unit sizes (m,) or (m, m)) instead of the op's
     element count."""
+    x_device = x.device
     for param, p in zip(variant.params, params):
-        _check_tensor(p, param.name, x)
+        _check_tensor(p, param.name, x_device)
         expected = m * m if param.is_matrix else m
         if param_shapes:
             # The module's ((1, m, 1, 1), (m, m, 1, 1), (m,)) or any with that many elements whose
@@ -98,7 +100,7 @@ def check_forward_args(
 def _check_like_x(t, name: str, x: Tensor, *, same_dtype: bool = True) -> None:
     """A tensor of the residual epilogue (identity, or the forward's out): x's shape and dtype
     (the functionals cast identity to the compute dtype: ``same_dtype=False``)."""
-    _check_tensor(t, name, x)
+    _check_tensor(t, name, x.device)
     if t.shape != x.shape:
         raise ValueError(f"{name} must have x's shape {list(x.shape)}, got {list(t.shape)}")
     if same_dtype and t.dtype != x.dtype:
@@ -110,7 +112,7 @@ def check_backward_args(
 ) -> None:
     """The backward op's rules; with ``out``, the residual backward op's (out like x)."""
     m = _check_x(x, groups)
-    _check_tensor(grad_out, "grad_out", x)
+    _check_tensor(grad_out, "grad_out", x.device)
     if grad_out.shape != x.shape:
         raise ValueError(
             f"grad_out must have x's shape {list(x.shape)}, got {list(grad_out.shape)}"
@@ -119,7 +121,7 @@ def check_backward_args(
         _check_like_x(out, "out", x)
     want = (x.shape[0], x.shape[1])
     for name, stat in (("mean", mean), ("rstd", rstd)):
-        _check_tensor(stat, name, x)
+        _check_tensor(stat, name, x.device)
         if tuple(stat.shape) != want or stat.dtype != stat_dtype(x):
             stat_name = str(stat_dtype(x)).removeprefix("torch.")
             raise ValueError(

@@ -169,6 +169,26 @@ def _residual_autograd_function(
     return ShuffleAttentionResidualFunction
 
 
+def _combined_forward(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """``function`` with its forward and setup_context run as one ``forward(ctx, *inputs)``, the
+    same backward, and the same name. Outside torch.func transforms the two are the same
+    Function, but torch (2.11-2.14) binds the arguments of a Function that defines setup_context
+    with ``inspect.signature`` on every ``apply``: about 25 us a call of the 36 us this one's took
+    (a tiny input, one thread), paid by every training step's every SA layer. torch.func needs the
+    setup_context form, so ``OpLibrary.apply`` takes this one only where no functorch transform is
+    active and nothing traces (torch.compile, torch.jit.trace: the public Function, as before)."""
+    forward, setup_context = function.forward, function.setup_context
+
+    def combined(ctx, *inputs):
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    members = {"forward": staticmethod(combined), "backward": staticmethod(function.backward)}
+    members["__doc__"] = function.__doc__
+    return type(function.__name__, (torch.autograd.Function,), members)
+
+
 def layout_of(x: Tensor) -> torch.memory_format:
     """The memory format of the ops' out and grad_x for an x (csrc/host.cpp, is_channels_last):
     channels_last when x is channels_last-contiguous and not also NCHW-contiguous (C = 1 or
@@ -254,10 +274,15 @@ def _compute_dtype(x: Tensor, params: tuple) -> torch.dtype:
     """Outside autocast the layer computes in the promoted dtype of x and its parameters, as the
     eager layer does (bf16 x with fp32 parameters gives fp32). Under autocast it keeps x's dtype
     (the parameters are used in fp32 anyway), which is what the next autocast op wants."""
+    dtype = x.dtype
+    for p in params:
+        if p.dtype != dtype:
+            break
+    else:  # one dtype: both rules give it
+        return dtype
     device_type = x.device.type
     if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return x.dtype
-    dtype = x.dtype
+        return dtype
     for p in params:
         dtype = torch.promote_types(dtype, p.dtype)
     return dtype
@@ -285,6 +310,11 @@ class OpLibrary:
         self.residual_function = _residual_autograd_function(
             self._residual_forward_ops, self._residual_backward_ops
         )
+        # The same two Functions for calls outside torch.func transforms and tracing (apply).
+        self._untransformed = {
+            False: _combined_forward(self.function),
+            True: _combined_forward(self.residual_function),
+        }
         for variant in VARIANTS:
             ops_in_order = (
                 self._forward_ops[variant.name],
@@ -354,16 +384,20 @@ class OpLibrary:
         # (KeyError(AutogradFunctionContextVariable), "Observed exception"). torch.jit.trace
         # keeps the Function whatever the grad mode: its sanity check traces again under
         # no_grad and compares the two graphs.
-        op_alone = not (differentiable or torch.jit.is_tracing())
-        if identity is not None:
-            if op_alone:
+        tracing = torch.jit.is_tracing()
+        residual = identity is not None
+        if not (differentiable or tracing):
+            if residual:
                 op = self._residual_forward_ops[spec.name]
                 return op(x, identity, groups, *params, float(eps))[0]
-            function = self.residual_function
-            return function.apply(spec.name, x, identity, groups, float(eps), *params)[0]
-        if op_alone:
             return self._forward_ops[spec.name](x, groups, *params, float(eps))[0]
-        return self.function.apply(spec.name, x, groups, float(eps), *params)[0]
+        if tracing or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            function = self.residual_function if residual else self.function
+        else:
+            function = self._untransformed[residual]
+        if residual:
+            return function.apply(spec.name, x, identity, groups, float(eps), *params)[0]
+        return function.apply(spec.name, x, groups, float(eps), *params)[0]
 
 
 _LIBRARIES: dict[str, OpLibrary] = {}

@@ -391,6 +391,8 @@ class OpLibrary:
                 op = self._residual_forward_ops[spec.name]
                 return op(x, identity, groups, *params, float(eps))[0]
             return self._forward_ops[spec.name](x, groups, *params, float(eps))[0]
+        # The public Function where torch.func, torch.compile or torch.jit.trace may see it; the
+        # same one without setup_context elsewhere (_combined_forward says why).
         if tracing or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             function = self.residual_function if residual else self.function
         else:

@@ -96,4 +96,5 @@ print(f"test_wheel: sa_cuda {version} from the wheel on torch {torch.__version__
 EOF
 "$PY" -m pytest -q -p no:cacheprovider -n auto --dist loadfile \
   tests/ops/test_compile.py tests/ops/test_fake_kernels.py tests/ops/test_opcheck.py \
-  tests/ops/test_torch_func.py tests/modules/test_modules.py tests/ops/test_errors.py tests/test_convert.py "$@"
+  tests/ops/test_torch_func.py tests/modules/test_modules.py tests/modules/test_call_paths.py \
+  tests/ops/test_errors.py tests/test_convert.py "$@"

@@ -25,7 +25,6 @@ import argparse
 import copy
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -188,10 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ms step)"
             )
     result["loadavg"] = report.loadavg()
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or ("quick" if args.quick else "run")
-    path = out_dir / f"call_overhead-{result['device']}-{tag}.json"
+    path = report.output_stem("call_overhead", result["device"], args).with_suffix(".json")
     report.write_json(path, result)
     print(f"wrote {path}")
     failed = [row["variant"] for row in calls if not row["check"]["ok"]]

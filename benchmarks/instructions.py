@@ -165,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     print(format_rows(rows, bool(other)))
     label = f"cpu-{report.slug(report.cpu_model_name())}"
-    tag = args.tag or ("quick" if args.quick else "run")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"instructions-{label}-{tag}.json"
+    path = report.output_stem("instructions", label, args).with_suffix(".json")
     result = {"device": label, "compare": args.compare, "threads": 1, "rows": rows}
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")

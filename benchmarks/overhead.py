@@ -351,11 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_rows(results))
     if any(res["tails"] for res in results):
         print("\nthe tails, median ms a step:\n" + format_tails(results))
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = (
-        out_dir / f"overhead-{report.slug(label)}-{args.tag or ('quick' if args.quick else 'run')}"
-    )
+    stem = report.output_stem("overhead", label, args)
     summary = {
         "device": label,
         "resolution": args.resolution,

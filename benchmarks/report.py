@@ -239,6 +239,14 @@ def style_axis(ax, ticks, xlabels, *, title, ylabel, xlabel) -> None:
         ax.set_xlabel(xlabel, fontsize=8)
 
 
+def output_stem(kind: str, label: str, args) -> Path:
+    """``<args.out_dir>/<kind>-<slug(label)>-<tag>`` (the tag: ``--tag``, else "quick" or "run"),
+    the folder created: where a script writes its JSON and PNG."""
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir / f"{kind}-{slug(label)}-{args.tag or ('quick' if args.quick else 'run')}"
+
+
 def save_rounds_run(kind: str, args, bencher, rows: list[dict], format_rows, plot) -> int:
     """The end of an interleaved-rounds script (channels_last.py, residual.py): prints the table
     (``format_rows(rows)``), writes ``<kind>-<device>-<tag>.json`` and the PNG that ``plot(rows,
@@ -246,10 +254,7 @@ def save_rounds_run(kind: str, args, bencher, rows: list[dict], format_rows, plo
     label = device_label(torch.device(args.device), args.threads)
     print(f"\n{label}; timer: {bencher.description()}; {args.rounds} rounds\n")
     print(format_rows(rows))
-    tag = args.tag or ("quick" if args.quick else "run")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{kind}-{slug(label)}-{tag}"
+    stem = output_stem(kind, label, args)
     result = {
         "device": label,
         "timer": bencher.description(),

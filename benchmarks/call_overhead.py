@@ -9,8 +9,10 @@ autograd.Function, the op dispatch, the allocation of the results (CPU, host clo
   and gradients are first checked against the float64 reference.
 - **In SA-ResNet-50** (``model``, the layers as the model runs them): inference and training steps
   of the fused SA-ResNet-50 at batch ``--batch``, the bottleneck tails timed in place
-  (benchmarks.tails: in this model a tail is the SA module's call, forward and backward) while
-  torch.profiler records the sa_cuda ops' own CPU time. ``around`` = tails less ops, per step. In
+  (benchmarks.tails: in this model a tail is the block's code after bn3, the SA module's call
+  with the residual epilogue, forward and backward) while torch.profiler records the sa_cuda
+  ops' own CPU time. ``around`` = tails less ops, per step (and its share of the step, timed
+  under the profiler). In
   a model the code around the kernel runs with cold caches (the convolutions in between evict it):
   a call costs several times its time in the loop above.
 
@@ -29,7 +31,7 @@ import time
 import torch
 from torch import nn
 
-from benchmarks import report
+from benchmarks import e2e, report
 from benchmarks.configs import RESULTS_DIR, VARIANTS
 from benchmarks.tails import TailTimer
 from benchmarks.timers import M_MMAP_MAX, M_TRIM_THRESHOLD, mallopt
@@ -116,8 +118,6 @@ def calls_table(variant: str, calls: int, repeats: int) -> dict:
 
 def model_table(batch: int, resolution: int, steps: int) -> dict:
     """The fused SA-ResNet-50's tails, timed in place, against its sa_cuda ops' CPU time."""
-    from benchmarks import e2e
-
     model = e2e.make_models(torch.device("cpu"))["fused"]
     images = torch.randn(batch, 3, resolution, resolution)
     labels = torch.randint(0, 1000, (batch,))

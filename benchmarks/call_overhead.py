@@ -24,21 +24,21 @@ Prints both tables and writes ``call_overhead-<device>-<tag>.json``; exits 1 whe
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
 import torch
 from torch import nn
 
-from benchmarks import e2e, report
-from benchmarks.configs import RESULTS_DIR, VARIANTS
+from benchmarks import e2e, harness, report
+from benchmarks.configs import RESULTS_DIR, VARIANTS, Shape
+from benchmarks.residual import Tail
 from benchmarks.tails import TailTimer
 from benchmarks.timers import M_MMAP_MAX, M_TRIM_THRESHOLD, mallopt
 from sa_cuda.ops import SA_CUDA_LIBRARY
 
-SMALL = (1, 2 * 2 * 8, 4, 4)  # groups 8, m = 2
-GROUPS = 8
+SMALL = Shape("small", B=1, C=2 * 2 * 8, H=4, W=4, G=8)  # m = 2
+GROUPS = SMALL.G
 
 
 def per_call_us(fn, calls: int, repeats: int) -> float:
@@ -54,30 +54,16 @@ def per_call_us(fn, calls: int, repeats: int) -> float:
     return 1e6 * statistics.median(loops)
 
 
-def _check(ref: nn.Module, fused: nn.Module, x, identity, gy) -> bool:
-    """The residual module call and its gradients against the float64 reference (the same
-    parameter values), within 1e-4 relative."""
-    results = []
-    for module, dtype in ((fused, torch.float32), (copy.deepcopy(ref).double(), torch.float64)):
-        xs, ids = (t.detach().to(dtype).clone().requires_grad_() for t in (x, identity))
-        out = module(xs, identity=ids) if module is fused else torch.relu(module(xs) + ids)
-        out.backward(gy.to(dtype))
-        results.append([out, xs.grad, ids.grad, *(p.grad for p in module.parameters())])
-        module.zero_grad(set_to_none=True)
-    return all(torch.allclose(a.double(), b, rtol=1e-4, atol=1e-5) for a, b in zip(*results))
-
-
 def calls_table(variant: str, calls: int, repeats: int) -> dict:
-    ref_cls, fused_cls = VARIANTS[variant]
-    torch.manual_seed(0)
-    fused = fused_cls(SMALL[1], GROUPS)
-    with torch.no_grad():
-        for p in fused.parameters():
-            p.add_(torch.randn(p.shape) * 0.5)
-    ref = ref_cls(SMALL[1], GROUPS)
-    ref.load_state_dict(fused.state_dict())
-    x, identity, gy = (torch.randn(SMALL) for _ in range(3))
-    ok = _check(ref, fused, x, identity, gy)
+    cpu = torch.device("cpu")
+    ref, fused = harness.make_modules(variant, SMALL, torch.float32, cpu, seed=0)
+    x, gy = harness.make_inputs(SMALL, torch.float32, cpu, seed=0)
+    x = x.detach()
+    identity = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    # identity as a parameter of both tails, so that the check covers its gradient too
+    shortcut = nn.Parameter(identity.clone())
+    tails = (Tail(ref, shortcut, fused=False), Tail(fused, shortcut, fused=True))
+    check = harness.check_fused(*tails, x, gy)
     params = [fused.get_parameter(key) for key in fused._variant.state_keys]
     eps = fused.gn.eps
     forward_op = SA_CUDA_LIBRARY.residual_forward_op(variant)
@@ -113,7 +99,7 @@ def calls_table(variant: str, calls: int, repeats: int) -> dict:
         "module, forward+backward": times["forward op"] + times["backward op"],
     }
     around = {name: times[name] - ops_us for name, ops_us in kernels.items()}
-    return {"variant": variant, "check": {"ok": ok}, "us": times, "around_us": around}
+    return {"variant": variant, "check": check, "us": times, "around_us": around}
 
 
 def model_table(batch: int, resolution: int, steps: int) -> dict:

@@ -43,21 +43,24 @@ def _check_layout(channel, groups) -> None:
         )
 
 
+def _child(module: torch.nn.Module, name: str):
+    """``getattr(module, name)`` for a submodule, read from ``_modules`` where nn.Module keeps it
+    (its ``__getattr__`` is Python: about half a microsecond a lookup)."""
+    child = module._modules.get(name)
+    return getattr(module, name) if child is None else child
+
+
 def _parameters(module: torch.nn.Module, variant: Variant) -> tuple:
     """The variant's six parameters of ``module`` in op order, each what ``getattr`` finds under
-    its state_dict key ("cweight", "gn.weight"). Read from the ``_parameters`` dict of its owner,
-    where nn.Module keeps a registered parameter and where ``getattr`` finds it (nn.Module's
-    ``__getattr__`` is Python: about half a microsecond a lookup, 8 of them a call); by
-    ``getattr`` where it is not there (a parametrization, weight_norm's plain attribute, a deleted
-    parameter, a replaced submodule)."""
+    its state_dict key ("cweight", "gn.weight"): read from its owner's ``_parameters`` dict, where
+    nn.Module keeps a registered parameter (eight ``__getattr__`` lookups a call otherwise), and
+    by ``getattr`` where it is not there (a parametrization, weight_norm's plain attribute, a
+    deleted parameter)."""
     found = []
     for owner_name, name in variant.param_paths:
-        owner = module if owner_name is None else module._modules.get(owner_name)
+        owner = module if owner_name is None else _child(module, owner_name)
         param = owner._parameters.get(name) if isinstance(owner, torch.nn.Module) else None
-        if param is None:
-            param = module if owner_name is None else getattr(module, owner_name)
-            param = getattr(param, name)
-        found.append(param)
+        found.append(getattr(owner, name) if param is None else param)
     return tuple(found)
 
 
@@ -87,9 +90,8 @@ class _FusedLayer:
         if not _use_fused(x):
             out = super().forward(x)
             return out if identity is None else torch.relu(out + identity)
-        gn = self._modules.get("gn")
-        eps = (self.gn if gn is None else gn).eps
         params = _parameters(self, self._variant)
+        eps = _child(self, "gn").eps
         return SA_CUDA_LIBRARY.apply(self._variant.name, x, self.groups, params, eps, identity)
 
 

@@ -24,15 +24,17 @@ namespace {
 
 constexpr int64_t kTaskElements = int64_t{1} << 14;  // elements per parallel_for task, at least
 
-// SALayer, one plane: its N values of x and of grad_out (from unit.out_plane) in acc_t to its N
-// values of grad_x, stored by Store (ResultStore, vec_loops.h: streaming stores where grad_x is
-// the streamed output itself); `gate` is N values of scratch.
-// Not inlined: both loops call this one compiled body (forward_cpu.cpp, "One compiled body").
-// kN: the plane size compiled in, or 0 (with_plane_size).
-template <int64_t kN, typename Store, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// SALayer, one plane: its N values of x and of the gradient of SA(x) (grad, from unit.out_plane:
+// GradPlane or MaskedGradPlane, vec_loops.h) in acc_t to its N values of grad_x, stored by Store
+// (ResultStore, vec_loops.h: streaming stores where grad_x is the streamed output itself); `gate`
+// is N values of scratch. Not inlined: both loops call this one compiled body (forward_cpu.cpp,
+// "One compiled body"). kN: the plane size compiled in, or 0 (with_plane_size).
+template <int64_t kN, typename Store, typename Grad, typename scalar_t,
+          typename acc_t = at::opmath_type<scalar_t>>
 C10_NOINLINE void sa_layer_plane_backward(const BackwardTensors<scalar_t>& t,
                                           const ForwardParams& p, const PlaneUnit& unit,
-                                          const acc_t* x, const acc_t* gu, acc_t* dx, acc_t* gate) {
+                                          const acc_t* x, const Grad& grad, acc_t* dx,
+                                          acc_t* gate) {
   const int64_t N = plane_size<kN>(p);
   const acc_t inv_n = acc_t(1) / acc_t(N);
   const ChannelRole& role = unit.role;
@@ -44,12 +46,19 @@ C10_NOINLINE void sa_layer_plane_backward(const BackwardTensors<scalar_t>& t,
   if (!role.spatial) {
     // u = x * s with s = sigmoid(cw * mu + cb): dz = sum(gu * x) * s(1 - s), dmu = cw * dz.
     const acc_t s = sigmoid(w.cw[k] * mu + w.cb[k]);
-    const acc_t dz = dot(gu, x, N) * sigmoid_grad(s);
+    const acc_t dz = sum_over<acc_t>(N, [&](int64_t i, auto tag) {
+                       using V = decltype(tag);
+                       return grad.template read<V>(i) * load<V>(x + i);
+                     }) *
+                     sigmoid_grad(s);
     t.gate_grad[slot] = dz;
     const acc_t beta = channel_grad_coeffs(w.cw[k] * dz, inv_n).beta;
+    const acc_t* gu = grad.plane();
     for_each<acc_t>(N, [&](int64_t i, auto tag) {
       using V = decltype(tag);
-      store(dx, nullptr, i, channel_input_grad(load<V>(gu + i), V(s), V(beta)));
+      const V gu_i = load<V>(gu + i);
+      store(dx, nullptr, i, channel_input_grad(gu_i, V(s), V(beta)));
+      grad.template write<Store>(i, gu_i);
     });
     return;
   }
@@ -61,17 +70,19 @@ C10_NOINLINE void sa_layer_plane_backward(const BackwardTensors<scalar_t>& t,
     const V xh = st.normalized(load<V>(x + i));
     const V s = sigmoid(ga.z(load<V>(x + i)));
     cpu::store(gate + i, s);
-    const V t_i = gate_input_grad(load<V>(gu + i), load<V>(x + i), s);
+    const V t_i = gate_input_grad(grad.template read<V>(i), load<V>(x + i), s);
     return std::array<V, 2>{t_i, t_i * xh};
   });
   t.t_sum[slot] = T1;
   t.t_xh[slot] = T2;
   const InputGradCoeffs<acc_t> coeffs = spatial_grad_coeffs(w.gw[k] * r * w.sw[k], T1, T2, inv_n);
+  const acc_t* gu = grad.plane();
   for_each<acc_t>(N, [&](int64_t i, auto tag) {
     using V = decltype(tag);
     const V gu_i = load<V>(gu + i), x_i = load<V>(x + i), s = load<V>(gate + i);
     store(dx, nullptr, i,
           spatial_input_grad(gu_i, s, gate_input_grad(gu_i, x_i, s), st.normalized(x_i), coeffs));
+    grad.template write<Store>(i, gu_i);
   });
 }
 
@@ -117,6 +128,15 @@ bool ran_by_columns(Variant variant, const BackwardParams& p) {
   return false;
 }
 
+// Whether the NCHW residual backward of a float plane of n values makes the masked gradient in
+// the body's first pass (MaskedGradPlane) rather than in a pass of its own before the body
+// (BackwardTensors::sa_grad). On large planes the pass of its own streams grad_out and out with
+// nothing to hide them under (SALayer's residual backward 0.92x the time in the body at stages 1-2
+// of SA-ResNet-50, batch 8, 0.95x at 14x14). On 7x7 planes that pass is a few cache lines, and in
+// the body the masked read took 73 more instructions a plane (the body's registers run out) against
+// 32 saved outside it: 1.05x the time.
+inline bool masks_in_body(int64_t n) { return n >= 128; }
+
 template <typename scalar_t>
 void backward_sa_layer(const BackwardParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -142,8 +162,8 @@ void backward_sa_layer(const BackwardParams& p) {
                           plane_unit(p.fwd, tile.batch * C + tile.channel(q, C / 2));
                       const int64_t out_q = unit.out_plane % C - 2 * tile.first;
                       sa_layer_plane_backward<decltype(size)::value, ResultStore<false, false>>(
-                          t, p.fwd, unit, tp.x + q * N, tp.gu + out_q * N, tp.dx + q * N,
-                          tp.extra());
+                          t, p.fwd, unit, tp.x + q * N, GradPlane<acc_t>{tp.gu + out_q * N},
+                          tp.dx + q * N, tp.extra());
                     }
                   });
             }
@@ -152,36 +172,46 @@ void backward_sa_layer(const BackwardParams& p) {
     return;
   }
   // NCHW: the planes in output order; grad_x (a converted dtype's by write_output) and
-  // grad_identity by streaming stores where they are streamed (stream_planes).
+  // grad_identity by streaming stores where they are streamed (stream_planes). The residual
+  // epilogue's masked gradient: in the body's first pass where the dtype is acc_t and the plane
+  // large enough (masks_in_body), else in a pass of its own (sa_grad; converted dtypes as grad_out
+  // is read for the conversion).
   const bool residual = t.out != nullptr;
   const bool streaming = stream_planes(p.fwd.batch * C, N * int64_t{sizeof(scalar_t)});
   with_plane_size(N, [&](auto size) {
     constexpr int64_t kN = decltype(size)::value;
     with_streaming_store<scalar_t>(streaming, [&](auto store) {
       using Store = decltype(store);
-      // Whether grad_identity may be streamed (sa_grad_streamed into `masked`): float through
-      // Store, at compile time, which keeps the plane loop of cached outputs as short as it was
-      // (7x7: 17 instructions a plane more otherwise); converted dtypes at run time.
-      constexpr bool kMayStream = Store::kStreams || kConvert;
       at::parallel_for(
           0, p.fwd.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
             const int64_t n = plane_size<kN>(p.fwd);
-            // x, grad_out and grad_x planes in acc_t (when converting); the spatial gate s.
-            std::vector<acc_t> scratch((kConvert ? 3 : 0) * n + n);
-            acc_t* gate = scratch.data() + (kConvert ? 3 : 0) * n;
-            std::vector<scalar_t> masked(kMayStream && streaming && residual ? n : 0);
+            const bool in_body = !kConvert && residual && masks_in_body(n);
+            // x, grad_out and grad_x planes in acc_t when converting, else the masked gradient
+            // where it is made in the body; the spatial gate s.
+            const int64_t planes = kConvert ? 3 : (in_body ? 1 : 0);
+            std::vector<acc_t> scratch((planes + 1) * n);
+            acc_t* gate = scratch.data() + planes * n;
+            std::vector<scalar_t> masked(streaming && residual && !in_body ? n : 0);
             for (int64_t index = begin; index < end; ++index) {
               const PlaneUnit unit = plane_unit_at_output(p.fwd, index);
               const int64_t plane = unit.plane;
               const acc_t* x = as_acc(t.fwd.x + plane * n, n, scratch.data());
               const int64_t at = unit.out_plane * n;
-              const scalar_t* g = (kMayStream && !masked.empty())
-                                      ? t.sa_grad_streamed(at, n, masked.data())
-                                      : t.sa_grad(at, n);
-              const acc_t* gu = as_acc(g, n, scratch.data() + n);
               acc_t* dx =
                   result_buffer(t.grad_x + plane * n, kConvert ? scratch.data() + 2 * n : nullptr);
-              sa_layer_plane_backward<kN, Store>(t, p.fwd, unit, x, gu, dx, gate);
+              auto body = [&](const auto& grad) {
+                sa_layer_plane_backward<kN, Store>(t, p.fwd, unit, x, grad, dx, gate);
+              };
+              if constexpr (!kConvert) {
+                if (in_body) {
+                  body(MaskedGradPlane<acc_t>{t.grad_out + at, t.out + at, t.grad_identity + at,
+                                              scratch.data()});
+                  continue;
+                }
+              }
+              const scalar_t* g = masked.empty() ? t.sa_grad(at, n)
+                                                 : t.sa_grad_streamed(at, n, masked.data());
+              body(GradPlane<acc_t>{as_acc(g, n, scratch.data() + n)});
               if constexpr (kConvert) write_output(dx, nullptr, t.grad_x + plane * n, n, streaming);
             }
             if (streaming) stream_fence();

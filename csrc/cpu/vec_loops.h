@@ -499,6 +499,52 @@ inline void relu_grad_streamed(const scalar_t* grad_out, const scalar_t* out,
   for (; i < n; ++i) one(i);
 }
 
+// The gradient of SA(x), gu, as a unit body reads it: `read<V>(i)` in its first pass over the plane
+// (once per element, up to a tail vector read twice as for_each and sums_over read it), `plane()`
+// (N values in cache) in its later passes, and `write<Store>(i, gu)` in its last pass, after that
+// pass's own result. GradPlane: a plane already in memory (grad_out itself, or a masked gradient
+// made before the body: converted dtypes, NHWC tiles); it writes nothing.
+template <typename acc_t>
+struct GradPlane {
+  const acc_t* gu;
+
+  template <typename V>
+  C10_ALWAYS_INLINE V read(int64_t i) const {
+    return load<V>(gu + i);
+  }
+  const acc_t* plane() const { return gu; }
+  template <typename Store, typename V>
+  C10_ALWAYS_INLINE void write(int64_t, const V&) const {}
+};
+
+// The residual epilogue's masked gradient gu = relu_grad(grad_out, out) (sa_math.h), made in the
+// body's first pass, where grad_out and out are read from memory beside x, and kept in a scratch
+// plane (in cache) for the later passes; the last pass writes it to grad_identity (by Store:
+// streamed where grad_identity is). A pass of its own before the body (BackwardTensors::sa_grad)
+// took as long as a separate threshold_backward: two streams read and one written, with no
+// arithmetic to hide them under. Each gu is the same value either way, so the body's results are
+// the same bits; the streaming store comes after the pass's arithmetic, as the gate's does, so
+// that its branch (ResultStore) cannot change how the compiler contracts that arithmetic.
+template <typename acc_t>
+struct MaskedGradPlane {
+  const acc_t* grad_out;
+  const acc_t* out;
+  acc_t* grad_identity;
+  acc_t* kept;
+
+  template <typename V>
+  C10_ALWAYS_INLINE V read(int64_t i) const {
+    const V gu = relu_grad(load<V>(grad_out + i), load<V>(out + i));
+    store(kept + i, gu);
+    return gu;
+  }
+  const acc_t* plane() const { return kept; }
+  template <typename Store, typename V>
+  C10_ALWAYS_INLINE void write(int64_t i, const V& gu) const {
+    Store{}(grad_identity, nullptr, i, gu);
+  }
+};
+
 // Mean and centered variance of the values x * scale (scale a power of two; 1 for the plane
 // itself): two passes over data that is in cache, never E[x^2] - mu^2. The mean is summed relative
 // to the plane's first value (shift), so a large common offset (|mu| >> std) does not eat the

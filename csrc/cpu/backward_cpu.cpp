@@ -1,6 +1,7 @@
 // Fused backward on the CPU. Bytes moved: x and grad_out (at the shuffled channel) are read once
 // from memory, grad_x is written once; every other pass re-reads the unit from cache. With the
-// residual epilogue, out is read and grad_identity written once too (BackwardTensors::sa_grad).
+// residual epilogue, out is read and grad_identity written once too (BackwardTensors::sa_grad, or
+// MaskedGradPlane in the body's first pass).
 // channels_last tensors are read and written as they are: in float lanes by columns where m
 // divides 8 or is 16 and C / 2 is a multiple of 2 max(8, m) (nhwc_columns.h,
 // backward_nhwc_cpu.cpp), otherwise by tiles of channels (nhwc_tiles.h) that run the same unit
@@ -46,11 +47,11 @@ C10_NOINLINE void sa_layer_plane_backward(const BackwardTensors<scalar_t>& t,
   if (!role.spatial) {
     // u = x * s with s = sigmoid(cw * mu + cb): dz = sum(gu * x) * s(1 - s), dmu = cw * dz.
     const acc_t s = sigmoid(w.cw[k] * mu + w.cb[k]);
-    const acc_t dz = sum_over<acc_t>(N, [&](int64_t i, auto tag) {
-                       using V = decltype(tag);
-                       return grad.template read<V>(i) * load<V>(x + i);
-                     }) *
-                     sigmoid_grad(s);
+    const acc_t gu_x = sum_over<acc_t>(N, [&](int64_t i, auto tag) {
+      using V = decltype(tag);
+      return grad.template read<V>(i) * load<V>(x + i);
+    });
+    const acc_t dz = gu_x * sigmoid_grad(s);
     t.gate_grad[slot] = dz;
     const acc_t beta = channel_grad_coeffs(w.cw[k] * dz, inv_n).beta;
     const acc_t* gu = grad.plane();
@@ -209,8 +210,8 @@ void backward_sa_layer(const BackwardParams& p) {
                   continue;
                 }
               }
-              const scalar_t* g = masked.empty() ? t.sa_grad(at, n)
-                                                 : t.sa_grad_streamed(at, n, masked.data());
+              const scalar_t* g =
+                  masked.empty() ? t.sa_grad(at, n) : t.sa_grad_streamed(at, n, masked.data());
               body(GradPlane<acc_t>{as_acc(g, n, scratch.data() + n)});
               if constexpr (kConvert) write_output(dx, nullptr, t.grad_x + plane * n, n, streaming);
             }

@@ -96,7 +96,9 @@ struct BackwardTensors {
   // The gradient of SA(x) on `rows` runs of `count` values, `stride` apart, from `offset` (of
   // grad_out's elements): grad_out itself, or with the residual epilogue relu's masked gradient,
   // which is written to grad_identity here (grad_out and out read once) and read back from there
-  // by the caller, from cache. Every kernel reads grad_out through this, once per element.
+  // by the caller, from cache. The kernels read grad_out through this, once per element, except
+  // SALayer's NCHW float planes of 128 values and more, which mask in the body's first pass
+  // (MaskedGradPlane, masks_in_body).
   const scalar_t* sa_grad(int64_t offset, int64_t count, int64_t rows = 1,
                           int64_t stride = 0) const {
     if (out == nullptr) return grad_out + offset;

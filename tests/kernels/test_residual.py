@@ -105,6 +105,11 @@ def _reference_run(module, x, identity, gy, mask):
 @pytest.mark.parametrize("shape,groups", SHAPES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_residual_values(backend, variant, shape, groups, dtype, x_format, identity_format):
+    _assert_residual_values(backend, variant, shape, groups, dtype, x_format, identity_format)
+
+
+def _assert_residual_values(backend, variant, shape, groups, dtype, x_format, identity_format):
+    """out and every gradient of the fused tail against the float64 reference tail."""
     dev = backend.device
     ref = make_ref(variant, shape[1], groups, seed=5, dtype=dtype, device=dev)
     x, identity, gy = (t.to(dev) for t in _inputs(shape, dtype, x_format, identity_format))
@@ -126,6 +131,10 @@ def test_residual_values(backend, variant, shape, groups, dtype, x_format, ident
 def test_residual_backward_is_masked_backward(backend, variant, shape, groups, dtype, x_format):
     """residual_backward(gy, out) == (plain backward of g, g) with g = threshold_backward(gy,
     out, 0), bit for bit, for an out holding positive values, zeros, negatives and NaN."""
+    _assert_masked_backward(backend, variant, shape, groups, dtype, x_format)
+
+
+def _assert_masked_backward(backend, variant, shape, groups, dtype, x_format):
     dev = backend.device
     ref = make_ref(variant, shape[1], groups, seed=5, dtype=dtype, device=dev)
     params = [p.detach() for p in params_in_op_order(variant, ref)]
@@ -142,6 +151,32 @@ def test_residual_backward_is_masked_backward(backend, variant, shape, groups, d
     assert got[1].is_contiguous(memory_format=FORMATS[x_format])
     for i, (g, w) in enumerate(zip((got[0], *got[2:]), want)):
         assert g.dtype == w.dtype and torch.equal(g, w), f"result {i}"
+
+
+# SALayer's NCHW residual backward on float and double planes of 128 values and more makes relu's
+# masked gradient in the plane body's first pass (MaskedGradPlane, backward_cpu.cpp:
+# masks_in_body), on smaller planes in a pass of its own: both sides of that bound, a plane size
+# compiled in on each side (49, 196), and planes whose last values are a scalar tail (N % 8 = 1)
+# or a vector that overlaps the one before (N % 8 = 7).
+MASK_PATH_SHAPES = [
+    pytest.param((2, 8, 127, 1), 2, id="N127"),
+    pytest.param((2, 8, 8, 16), 2, id="N128"),
+    pytest.param((2, 8, 3, 43), 2, id="N129-scalar-tail"),
+    pytest.param((2, 8, 11, 13), 2, id="N143-vector-tail"),
+    pytest.param((2, 16, 7, 7), 4, id="N49-compiled"),
+    pytest.param((2, 16, 14, 14), 4, id="N196-compiled"),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape,groups", MASK_PATH_SHAPES)
+def test_residual_backward_mask_paths(backend, shape, groups, dtype):
+    """Where the residual backward masks the gradient (in the body's first pass or before it):
+    bit for bit the plain backward of the masked gradient, and every value of the tail against the
+    float64 reference."""
+    _assert_masked_backward(backend, "sa_layer", shape, groups, dtype, "nchw")
+    _assert_residual_values(backend, "sa_layer", shape, groups, dtype, "nchw", "nchw")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "emulated", "cuda"], indirect=True)

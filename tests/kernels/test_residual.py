@@ -155,9 +155,10 @@ def _assert_masked_backward(backend, variant, shape, groups, dtype, x_format):
 
 # SALayer's NCHW residual backward on float and double planes of 128 values and more makes relu's
 # masked gradient in the plane body's first pass (MaskedGradPlane, backward_cpu.cpp:
-# masks_in_body), on smaller planes in a pass of its own: both sides of that bound, a plane size
-# compiled in on each side (49, 196), and planes whose last values are a scalar tail (N % 8 = 1)
-# or a vector that overlaps the one before (N % 8 = 7).
+# masks_in_body), on smaller planes in a pass of its own (as ShuffleAttention's does on every
+# plane): both sides of that bound, a plane size compiled in on each side (49, 196), and planes
+# whose last values are a scalar tail (N % 8 = 1) or a vector that overlaps the one before
+# (N % 8 = 7).
 MASK_PATH_SHAPES = [
     pytest.param((2, 8, 127, 1), 2, id="N127"),
     pytest.param((2, 8, 8, 16), 2, id="N128"),
@@ -171,12 +172,13 @@ MASK_PATH_SHAPES = [
 @pytest.mark.parametrize("backend", ["cpu"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape,groups", MASK_PATH_SHAPES)
-def test_residual_backward_mask_paths(backend, shape, groups, dtype):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_residual_backward_mask_paths(backend, variant, shape, groups, dtype):
     """Where the residual backward masks the gradient (in the body's first pass or before it):
     bit for bit the plain backward of the masked gradient, and every value of the tail against the
     float64 reference."""
-    _assert_masked_backward(backend, "sa_layer", shape, groups, dtype, "nchw")
-    _assert_residual_values(backend, "sa_layer", shape, groups, dtype, "nchw", "nchw")
+    _assert_masked_backward(backend, variant, shape, groups, dtype, "nchw")
+    _assert_residual_values(backend, variant, shape, groups, dtype, "nchw", "nchw")
 
 
 @pytest.mark.parametrize("backend", ["cpu", "emulated", "cuda"], indirect=True)

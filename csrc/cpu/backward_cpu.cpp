@@ -129,13 +129,13 @@ bool ran_by_columns(Variant variant, const BackwardParams& p) {
   return false;
 }
 
-// Whether the NCHW residual backward of a float plane of n values makes the masked gradient in
-// the body's first pass (MaskedGradPlane) rather than in a pass of its own before the body
-// (BackwardTensors::sa_grad). On large planes the pass of its own streams grad_out and out with
-// nothing to hide them under (SALayer's residual backward 0.92x the time in the body at stages 1-2
-// of SA-ResNet-50, batch 8, 0.95x at 14x14). On 7x7 planes that pass is a few cache lines, and in
-// the body the masked read took 73 more instructions a plane (the body's registers run out) against
-// 32 saved outside it: 1.05x the time.
+// Whether SALayer's NCHW residual backward of a float or double plane of n values makes the masked
+// gradient in the body's first pass (MaskedGradPlane) rather than in a pass of its own before the
+// body (BackwardTensors::sa_grad). On large planes the pass of its own streams grad_out and out
+// with nothing to hide them under (the residual backward about 0.92x the time in the body at
+// stages 1-2 of SA-ResNet-50, batch 8, 0.95x at 14x14; docs/kernels.md). On 7x7 planes that pass
+// is a few cache lines, and in the body the masked read took 73 more instructions a plane
+// (callgrind) against 32 saved outside it: about 1.05x the time.
 inline bool masks_in_body(int64_t n) { return n >= 128; }
 
 template <typename scalar_t>
@@ -183,6 +183,11 @@ void backward_sa_layer(const BackwardParams& p) {
     constexpr int64_t kN = decltype(size)::value;
     with_streaming_store<scalar_t>(streaming, [&](auto store) {
       using Store = decltype(store);
+      // Whether grad_identity may be streamed by the pass of its own (sa_grad_streamed into
+      // `masked`): float through Store, at compile time, which keeps the plane loop of cached
+      // outputs as short as it was (7x7: 17 instructions a plane more otherwise); converted dtypes
+      // at run time.
+      constexpr bool kMayStream = Store::kStreams || kConvert;
       at::parallel_for(
           0, p.fwd.batch * C, grain_for(N, kTaskElements), [&](int64_t begin, int64_t end) {
             const int64_t n = plane_size<kN>(p.fwd);
@@ -192,7 +197,7 @@ void backward_sa_layer(const BackwardParams& p) {
             const int64_t planes = kConvert ? 3 : (in_body ? 1 : 0);
             std::vector<acc_t> scratch((planes + 1) * n);
             acc_t* gate = scratch.data() + planes * n;
-            std::vector<scalar_t> masked(streaming && residual && !in_body ? n : 0);
+            std::vector<scalar_t> masked(kMayStream && streaming && residual && !in_body ? n : 0);
             for (int64_t index = begin; index < end; ++index) {
               const PlaneUnit unit = plane_unit_at_output(p.fwd, index);
               const int64_t plane = unit.plane;
@@ -210,8 +215,9 @@ void backward_sa_layer(const BackwardParams& p) {
                   continue;
                 }
               }
-              const scalar_t* g =
-                  masked.empty() ? t.sa_grad(at, n) : t.sa_grad_streamed(at, n, masked.data());
+              const scalar_t* g = (kMayStream && !masked.empty())
+                                      ? t.sa_grad_streamed(at, n, masked.data())
+                                      : t.sa_grad(at, n);
               body(GradPlane<acc_t>{as_acc(g, n, scratch.data() + n)});
               if constexpr (kConvert) write_output(dx, nullptr, t.grad_x + plane * n, n, streaming);
             }

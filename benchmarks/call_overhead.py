@@ -176,10 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     path = report.output_stem("call_overhead", result["device"], args).with_suffix(".json")
     report.write_json(path, result)
     print(f"wrote {path}")
-    failed = [row["variant"] for row in calls if not row["check"]["ok"]]
-    for variant in failed:
-        print(f"FAILED: {variant}: module vs the float64 reference")
-    return 1 if failed else 0
+    return report.exit_status(
+        [
+            f"{row['variant']}: module vs the float64 reference"
+            for row in calls
+            if not row["check"]["ok"]
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -366,10 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     title = f"SA-ResNet-50 over ResNet-50, {label}, {args.resolution}px fp32"
     if plot(results, title, stem.with_suffix(".png")):
         print(f"wrote {stem}.json, {stem}.png")
-    failed = [res["batch"] for res in results if not res["check"]["ok"]]
-    for batch in failed:
-        print(f"FAILED: batch {batch}: fused vs eager check")
-    return 1 if failed else 0
+    return report.exit_status(
+        [f"batch {res['batch']}: fused vs eager check" for res in results if not res["check"]["ok"]]
+    )
 
 
 if __name__ == "__main__":

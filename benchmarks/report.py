@@ -265,9 +265,13 @@ def save_rounds_run(kind: str, args, bencher, rows: list[dict], format_rows, plo
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     if plot(rows, f"sa_cuda {kind}, {label}", stem.with_suffix(".png")):
         print(f"wrote {stem}.json, {stem}.png")
-    failed = [r["config"] for r in rows if not r["check"]["ok"]]
-    for name in failed:
-        print("FAILED:", name)
+    return exit_status([r["config"] for r in rows if not r["check"]["ok"]])
+
+
+def exit_status(failed: list[str]) -> int:
+    """A benchmark's exit status: prints ``FAILED: <what>`` for each failed check, 1 if any."""
+    for what in failed:
+        print("FAILED:", what)
     return 1 if failed else 0
 
 

@@ -75,7 +75,8 @@ struct BackwardParams {
   // The residual epilogue's backward, when `out` (the forward's output) is not null: the gradient
   // of SA(x) and of identity is grad_out where out > 0 and 0 elsewhere (relu's mask; NaN passes,
   // as in PyTorch). A kernel reads grad_out and out at a region once, writes the masked gradient
-  // to grad_identity, and reads it back from cache as the gradient of SA(x) (BackwardTensors).
+  // to grad_identity, and reads it back from there as the gradient of SA(x) where it reads the
+  // region again (CPU: BackwardTensors, MaskedGradPlane; CUDA: sa_grad.cuh).
   const void* out;
   void* grad_identity;
 

@@ -163,10 +163,14 @@ struct NhwcThread {
     return active ? channel : grid.channels - kVec;
   }
 
-  // Row `pixel` of this thread's batch item in a [B, N, C] tensor.
+  // Row `pixel` of this thread's batch item in a [B, N, C] tensor: its first element, and its
+  // address from the tensor's.
+  SA_DEVICE int64_t row_start(const NhwcGrid& grid, int64_t pixel) const {
+    return (item * grid.pixels + pixel) * grid.channels;
+  }
   template <typename T>
   SA_DEVICE T* row(T* base, const NhwcGrid& grid, int64_t pixel) const {
-    return base + (item * grid.pixels + pixel) * grid.channels;
+    return base + row_start(grid, pixel);
   }
 
   // Visits this thread's pixels, kPixelLoads pixels' packs in flight (unrolled_stream):

@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "nhwc_tiles.cuh"
+#include "sa_grad.cuh"
 #include "shuffle_attention_forward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
@@ -197,13 +198,14 @@ struct WindowBlock {
 
   // Walks the block's chunk in tiles of pixels [p0, p0 + n): per tile, after a barrier (the
   // staging, or the previous tile's reads, are done), load_tile, a barrier, with kGrad gate_tile
-  // and a barrier, then f(p0, n).
+  // and a barrier, then f(p0, n). With kGrad the gradient is read through `grad` (sa_grad.cuh).
   template <bool kGrad, typename scalar_t, typename F>
-  SA_DEVICE void for_each_tile(const scalar_t* x, const scalar_t* grad_out, const F& f) const {
+  SA_DEVICE void for_each_tile(const scalar_t* x, const SaGradRead<scalar_t>& grad,
+                               const F& f) const {
     for (int64_t p0 = win.first_pixel; p0 < win.end_pixel; p0 += w.tile) {
       const int n = static_cast<int>(win.end_pixel - p0 < w.tile ? win.end_pixel - p0 : w.tile);
       __syncthreads();
-      load_tile<kGrad>(x, grad_out, p0, n);
+      load_tile<kGrad>(x, grad, p0, n);
       __syncthreads();
       if constexpr (kGrad) {
         gate_tile(n);
@@ -214,21 +216,26 @@ struct WindowBlock {
   }
 
   // Pixels [p0, p0 + n) into the tiles: x, the spatial channels' GroupNorm output y and, with
-  // kGrad, grad_out (each channel's at its output channel). Consecutive threads take consecutive
-  // window channels of a pixel.
+  // kGrad, the gradient (each channel's at its output channel; a slot's v[2]: out on the
+  // gradient's first read with the epilogue). Consecutive threads take consecutive window
+  // channels of a pixel.
   template <bool kGrad, typename scalar_t>
-  SA_DEVICE void load_tile(const scalar_t* x, const scalar_t* grad_out, int64_t p0, int n) const {
-    for_each_cell_unrolled<kCellLoads, acc_t[2]>(
+  SA_DEVICE void load_tile(const scalar_t* x, const SaGradRead<scalar_t>& grad, int64_t p0,
+                           int n) const {
+    for_each_cell_unrolled<kCellLoads, acc_t[kGrad ? 3 : 1]>(
         n, win.K,
-        [&](int pt, int ch, acc_t(&v)[2]) {
+        [&](int pt, int ch, acc_t(&v)[kGrad ? 3 : 1]) {
           const int64_t row = win.row(w, p0 + pt);
           v[0] = static_cast<acc_t>(x[row + win.input_channel(w, ch)]);
-          if constexpr (kGrad) v[1] = static_cast<acc_t>(grad_out[row + win.output_channel(ch)]);
+          if constexpr (kGrad) grad.load_at(row + win.output_channel(ch), v[1], v[2]);
         },
-        [&](int pt, int ch, acc_t(&v)[2]) {
+        [&](int pt, int ch, acc_t(&v)[kGrad ? 3 : 1]) {
           const int c = ch * ts + pt;
           xt[c] = v[0];
-          if constexpr (kGrad) gt[c] = v[1];
+          if constexpr (kGrad) {
+            grad.mask_at(win.row(w, p0 + pt) + win.output_channel(ch), v[1], v[2]);
+            gt[c] = v[1];
+          }
           const int start = branch[ch];
           if (start >= 0) yt[c] = gp.group_norm_output(stats, ch, ch - start, v[0]);
         });

@@ -2,14 +2,16 @@
 //
 // Bytes moved: x and grad_out (at the shuffled channel) read once, grad_x written once, plus the
 // saved mean/rstd and two acc_t partials per plane (sa_params.h), reduced later by the host code
-// in a fixed order. kPacks > 0 keeps x, grad_out and the gate in registers between the reduction
-// and dx; kPacks == 0 streams the plane twice (sums, then dx), the second read from L2, with
-// kStreamLoads / 2 packs of each in flight per thread (kStreamLoads loads: as many as the
-// forward's, in as many registers). The staged warp-team path (kVec == 1) stages x through shared
-// memory as the forward does; grad_out's planes lie at shuffled channels (not one chunk) and are
-// read per plane.
+// in a fixed order; with the residual epilogue out read and grad_identity written once as well
+// (sa_grad.cuh). kPacks > 0 keeps x, grad_out and the gate in registers between the reduction
+// and dx; kPacks == 0 streams the plane twice (sums, then dx), the second read from L2 (grad_out's
+// from grad_identity with the epilogue), with kStreamLoads / 2 packs of each in flight per thread
+// (kStreamLoads loads: as many as the forward's, in as many registers). The staged warp-team path
+// (kVec == 1) stages x through shared memory as the forward does; grad_out's planes lie at
+// shuffled channels (not one chunk) and are read per plane.
 #pragma once
 
+#include "sa_grad.cuh"
 #include "sa_layer_forward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
@@ -83,17 +85,19 @@ void sa_layer_backward_kernel(BackwardParams p) {
   const acc_t mean = static_cast<const acc_t*>(f.mean)[team.plane];
   const acc_t rstd = static_cast<const acc_t*>(f.rstd)[team.plane];
   const scalar_t* x = x_planes + team.plane * N;
-  const scalar_t* gu = static_cast<const scalar_t*>(p.grad_out) + unit.out_plane * N;
+  const int64_t gu = unit.out_plane * N;  // the plane's gradient from element gu (sa_grad.cuh)
   scalar_t* dx = static_cast<scalar_t*>(p.grad_x) + team.plane * N;
   const Standardizer<acc_t> st = saved_stats(mean, rstd);
   const PlaneGate<acc_t> gate(w, role.spatial, st);
-  // A streamed pack: x and grad_out.
-  auto load_pair = [&](int64_t q, acc_t(&pair)[2][kVec]) {
-    load_acc<scalar_t, acc_t, kVec>(x, q, pair[0]);
-    load_acc<scalar_t, acc_t, kVec>(gu, q, pair[1]);
+  // A streamed pack: x, the gradient and (on its first read with the residual epilogue) out.
+  auto load_triple = [&](const SaGradRead<scalar_t>& grad, int64_t q, acc_t(&v)[3][kVec]) {
+    load_acc<scalar_t, acc_t, kVec>(x, q, v[0]);
+    grad.load(gu, q, v[1], v[2]);
   };
 
-  // Pass 1: T1 = sum t, T2 = sum t * xh with t = gu * x * s (1 - s) = dL/dz.
+  // Pass 1: T1 = sum t, T2 = sum t * xh with t = gu * x * s (1 - s) = dL/dz. The gradient's
+  // first read (a team past the last plane reads the last one's and stores nothing).
+  const SaGradRead<scalar_t> first = sa_grad_first_read<scalar_t>(p);
   acc_t sums[2] = {0, 0};
   auto accumulate = [&](const acc_t(&x_)[kVec], const acc_t(&g_)[kVec], acc_t(&s_)[kVec]) {
 #pragma unroll
@@ -101,15 +105,28 @@ void sa_layer_backward_kernel(BackwardParams p) {
   };
   if constexpr (kPacks > 0) {
     if constexpr (!kStaged) load_plane_packs<scalar_t, kLanes, kVec, kPacks>(x, team, packs, xv);
-    load_plane_packs<scalar_t, kLanes, kVec, kPacks>(gu, team, packs, gv);
+    acc_t ov[kPacks][kVec];  // out, with the epilogue
 #pragma unroll
     for (int k = 0; k < kPacks; ++k) {
-      if (team.rank + int64_t(k) * team.size < packs) accumulate(xv[k], gv[k], sv[k]);
+      const int64_t q = team.rank + int64_t(k) * team.size;
+      if (q < packs) first.load(gu, q, gv[k], ov[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) {
+      const int64_t q = team.rank + int64_t(k) * team.size;
+      if (q < packs) {
+        first.mask(gu, q, gv[k], ov[k], team.active);
+        accumulate(xv[k], gv[k], sv[k]);
+      }
     }
   } else {
-    unrolled_stream<kStreamLoads / 2, acc_t[2][kVec]>(
-        team.rank, team.size, packs, load_pair,
-        [&](int64_t, const acc_t(&pair)[2][kVec]) { accumulate(pair[0], pair[1], sv[0]); });
+    unrolled_stream<kStreamLoads / 2, acc_t[3][kVec]>(
+        team.rank, team.size, packs,
+        [&](int64_t q, acc_t(&v)[3][kVec]) { load_triple(first, q, v); },
+        [&](int64_t q, acc_t(&v)[3][kVec]) {
+          first.mask(gu, q, v[1], v[2], team.active);
+          accumulate(v[0], v[1], sv[0]);
+        });
   }
   team.sum(sums, scratch);
 
@@ -131,13 +148,15 @@ void sa_layer_backward_kernel(BackwardParams p) {
       if (q < packs) write_dx(q, xv[k], gv[k], sv[k]);
     }
   } else {
-    auto recompute_dx = [&](int64_t q, const acc_t(&pair)[2][kVec]) {
+    auto recompute_dx = [&](int64_t q, const acc_t(&v)[3][kVec]) {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) sv[0][i] = gate(pair[0][i]);
-      write_dx(q, pair[0], pair[1], sv[0]);
+      for (int i = 0; i < kVec; ++i) sv[0][i] = gate(v[0][i]);
+      write_dx(q, v[0], v[1], sv[0]);
     };
-    unrolled_stream<kStreamLoads / 2, acc_t[2][kVec]>(team.rank, team.size, packs, load_pair,
-                                                      recompute_dx);
+    const SaGradRead<scalar_t> reread = sa_grad_reread<scalar_t>(p);
+    unrolled_stream<kStreamLoads / 2, acc_t[3][kVec]>(
+        team.rank, team.size, packs,
+        [&](int64_t q, acc_t(&v)[3][kVec]) { load_triple(reread, q, v); }, recompute_dx);
   }
 }
 

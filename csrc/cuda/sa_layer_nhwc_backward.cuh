@@ -3,11 +3,14 @@
 //
 //   sa_layer_nhwc_grad_sums_kernel  reads x and grad_out once (a lane per kVec output channels:
 //                                   a pack of grad_out, two half packs of x): per (batch item,
-//                                   chunk, channel) T1 = sum t and T2 = sum t xh
+//                                   chunk, channel) T1 = sum t and T2 = sum t xh; with the
+//                                   residual epilogue it reads out too and writes grad_identity
+//                                   (sa_grad.cuh: the gradient's first read)
 //   sa_layer_nhwc_grad_coeffs_kernel a FinishTeam per (batch item, channel): the chunks' sums
 //                                   added in chunk order, stored into the channel's slot of the
 //                                   partials and turned into its input-gradient coefficients
-//   sa_layer_nhwc_input_grad_kernel reads x and grad_out again and writes grad_x
+//   sa_layer_nhwc_input_grad_kernel reads x and grad_out (grad_identity with the epilogue) again
+//                                   and writes grad_x
 //
 // The gate and every per-element formula are the NCHW kernel's (sa_layer_backward.cuh); only the
 // order of the sums differs. Bytes moved: x and grad_out read twice, grad_x written once, per
@@ -42,17 +45,17 @@ struct ChannelGrad {
 // load_unshuffled).
 template <typename acc_t, int kVec>
 struct GradPacks {
-  acc_t x[kVec], gu[kVec];  // x at shuffle_src(o0 + j), grad_out at o0 + j
+  acc_t x[kVec], gu[kVec];  // x at shuffle_src(o0 + j), the gradient at o0 + j
+  acc_t out[kVec];          // out at o0 + j, on the gradient's first read with the epilogue
 };
 
 template <typename scalar_t, typename acc_t, int kVec>
-SA_DEVICE void load_grad_packs(const BackwardParams& p, const NhwcGrid& grid,
-                               const NhwcThread<kVec>& t, int64_t o0, int64_t pixel,
-                               GradPacks<acc_t, kVec>& v) {
+SA_DEVICE void load_grad_packs(const BackwardParams& p, const SaGradRead<scalar_t>& grad,
+                               const NhwcGrid& grid, const NhwcThread<kVec>& t, int64_t o0,
+                               int64_t pixel, GradPacks<acc_t, kVec>& v) {
   load_unshuffled<scalar_t>(t.row(static_cast<const scalar_t*>(p.fwd.x), grid, pixel),
                             grid.channels, o0, v.x);
-  load_acc<scalar_t, acc_t, kVec>(t.row(static_cast<const scalar_t*>(p.grad_out), grid, pixel) + o0,
-                                  0, v.gu);
+  grad.load(t.row_start(grid, pixel) + o0, 0, v.gu, v.out);
 }
 
 // The per-channel state of a thread's kVec channels: channel j is shuffle_src(o0 + j).
@@ -90,11 +93,14 @@ void sa_layer_nhwc_grad_sums_kernel(BackwardParams p, ChunkSums<at::opmath_type<
   ChunkSums<acc_t> own[kVec];
 #pragma unroll
   for (int j = 0; j < kVec; ++j) own[j] = {{0, 0}};
+  // The gradient's first read; an idle thread reads the last channels again and stores nothing.
+  const SaGradRead<scalar_t> first = sa_grad_first_read<scalar_t>(p);
   t.template for_each_pixel<GradPacks<acc_t, kVec>>(
       [&](int64_t pixel, GradPacks<acc_t, kVec>& v) {
-        load_grad_packs<scalar_t>(p, grid, t, o0, pixel, v);
+        load_grad_packs<scalar_t>(p, first, grid, t, o0, pixel, v);
       },
-      [&](int64_t, const GradPacks<acc_t, kVec>& v) {
+      [&](int64_t pixel, GradPacks<acc_t, kVec>& v) {
+        first.mask(t.row_start(grid, pixel) + o0, 0, v.gu, v.out, t.active);
 #pragma unroll
         for (int j = 0; j < kVec; ++j)
           add_grad_terms(g[j].gate, g[j].st, v.x[j], v.gu[j], own[j].v);
@@ -140,9 +146,10 @@ void sa_layer_nhwc_input_grad_kernel(BackwardParams p,
   for (int j = 0; j < kVec; ++j)
     k[j] = coeffs[t.item * grid.channels + shuffle_src(o0 + j, grid.channels)];
   scalar_t* dx = static_cast<scalar_t*>(p.grad_x);
+  const SaGradRead<scalar_t> reread = sa_grad_reread<scalar_t>(p);
   t.template for_each_pixel<GradPacks<acc_t, kVec>>(
       [&](int64_t pixel, GradPacks<acc_t, kVec>& v) {
-        load_grad_packs<scalar_t>(p, grid, t, o0, pixel, v);
+        load_grad_packs<scalar_t>(p, reread, grid, t, o0, pixel, v);
       },
       [&](int64_t pixel, const GradPacks<acc_t, kVec>& v) {
         acc_t d[kVec];
@@ -162,7 +169,8 @@ void launch_sa_layer_nhwc_backward(const BackwardParams& b) {
   const Workspace coeffs(sizeof(InputGradCoeffs<acc_t>) * grid.planes());
   const Stream stream = current_stream();
   with_lane_channels<scalar_t>(
-      b.fwd, NhwcPass::kBackward, {b.fwd.x, b.grad_out, b.grad_x}, [&](auto vec) {
+      b.fwd, NhwcPass::kBackward, {b.fwd.x, b.grad_out, b.grad_x, b.out, b.grad_identity},
+      [&](auto vec) {
         constexpr int kVec = decltype(vec)::value;
         const int64_t blocks = nhwc_grid<scalar_t>(b.fwd, NhwcPass::kBackward, kVec).blocks();
         launch(&sa_layer_nhwc_grad_sums_kernel<scalar_t, kVec>, blocks, kNhwcThreads, 0, stream, b,

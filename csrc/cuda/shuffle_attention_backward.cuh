@@ -3,11 +3,12 @@
 // Bytes moved: x and grad_out (shuffled channels) read twice (sums, then dx; the second read hits
 // L2, and is skipped by the spatial branch when the plane fits one tile), grad_x written once,
 // saved mean/rstd and the per-unit partials (sa_params.h: dz for the channel branch, T1 and
-// A = sum_p t xh^T for the spatial branch) reduced later by the host code.
+// A = sum_p t xh^T for the spatial branch) reduced later by the host code. With the residual
+// epilogue the first read of grad_out reads out too and writes grad_identity, and the second
+// reads grad_identity (sa_grad.cuh).
 #pragma once
 
-#include <iterator>
-
+#include "sa_grad.cuh"
 #include "shuffle_attention_forward.cuh"
 
 namespace sa_cuda::SA_GPU_NS {
@@ -24,8 +25,9 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
   const GroupSmem L{m, tile};
   const BranchUnit unit = branch_unit(p, blockIdx.x);
   const scalar_t* x = static_cast<const scalar_t*>(p.x) + unit.plane0 * N;
-  const scalar_t* gu =
-      static_cast<const scalar_t*>(bp.grad_out) + unit.out_plane0 * N;  // plane j at gu + 2 j N
+  const int64_t gu = unit.out_plane0 * N;  // the gradient's plane j from element gu + 2 j N
+  const SaGradRead<scalar_t> first = sa_grad_first_read<scalar_t>(bp);
+  const SaGradRead<scalar_t> reread = sa_grad_reread<scalar_t>(bp);
   scalar_t* dx = static_cast<scalar_t*>(bp.grad_x) + unit.plane0 * N;
   const GroupStats<acc_t> stats(smem + L.stats(), m);
   const acc_t* mean = stats.mean;
@@ -50,13 +52,20 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
       gate[j] = sigmoid(matvec_row(w1, mean, b1, m, j));
     pieces.for_warp([&](int k, int j, int64_t begin, int64_t end) {
       acc_t s = 0;
-      // Half the statistics' steps per plane: as many values per step for the two planes.
-      warp_stream<group_unroll<kVec>() / 2, kVec, acc_t>(
-          begin, end,
-          [&](const auto& v) {
-            for (size_t i = 0; i < std::size(v[0]); ++i) s += v[0][i] * v[1][i];
+      const int64_t g0 = gu + 2 * j * N;
+      // The gradient's first read. Half the statistics' steps per plane: as many values per step
+      // for the two planes. A slot: x, the gradient, out (with the epilogue).
+      unrolled_stream<group_unroll<kVec>() / 2, acc_t[3][kVec]>(
+          begin + threadIdx.x % kWarpSize, kWarpSize, end,
+          [&](int64_t q, acc_t(&v)[3][kVec]) {
+            load_acc<scalar_t, acc_t, kVec>(x + j * N, q, v[0]);
+            first.load(g0, q, v[1], v[2]);
           },
-          gu + 2 * j * N, x + j * N);
+          [&](int64_t q, acc_t(&v)[3][kVec]) {
+            first.mask(g0, q, v[1], v[2], true);
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) s += v[1][i] * v[0][i];
+          });
       s = warp_sum(s);
       if (threadIdx.x % kWarpSize == 0) dots[k] = s;
     });
@@ -74,9 +83,7 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
     __syncthreads();
     for_each_cell_unrolled<kCellLoads, acc_t[kVec]>(
         int64_t(m), N / kVec,
-        [&](int64_t j, int64_t q, acc_t(&g)[kVec]) {
-          load_acc<scalar_t, acc_t, kVec>(gu + 2 * j * N, q, g);
-        },
+        [&](int64_t j, int64_t q, acc_t(&g)[kVec]) { reread.load(gu + 2 * j * N, q, g); },
         [&](int64_t j, int64_t q, acc_t(&g)[kVec]) {
           acc_t d[kVec];
 #pragma unroll
@@ -103,20 +110,21 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
   gp.stage(p, m, stats);
   for (int64_t idx = threadIdx.x; idx < L.accum_values(); idx += blockDim.x) accum[idx] = 0;
 
-  // One tile of pixels [p0, p0 + n): x and grad_out in, gate s and t = dL/dz = gu x s (1 - s) out;
-  // then the x tile is replaced by xh = (x - mu) r (each entry by the thread that read it: nobody
-  // else reads xt in that loop).
-  auto gate_tile = [&](int64_t p0, int n) {
+  // One tile of pixels [p0, p0 + n): x and the gradient (read through `grad`) in, gate s and
+  // t = dL/dz = gu x s (1 - s) out; then the x tile is replaced by xh = (x - mu) r (each entry by
+  // the thread that read it: nobody else reads xt in that loop).
+  auto gate_tile = [&](const SaGradRead<scalar_t>& grad, int64_t p0, int n) {
     // The previous tile is consumed (the first time: the gate's parameters are staged and the
     // partials zeroed).
     __syncthreads();
-    for_each_cell_unrolled<kCellLoads, acc_t[2]>(
+    for_each_cell_unrolled<kCellLoads, acc_t[3]>(
         m, n,
-        [&](int i, int pt, acc_t(&v)[2]) {
+        [&](int i, int pt, acc_t(&v)[3]) {
           v[0] = static_cast<acc_t>(x[i * N + p0 + pt]);
-          v[1] = static_cast<acc_t>(gu[2 * i * N + p0 + pt]);
+          grad.load_at(gu + 2 * i * N + p0 + pt, v[1], v[2]);
         },
-        [&](int i, int pt, acc_t(&v)[2]) {
+        [&](int i, int pt, acc_t(&v)[3]) {
+          grad.mask_at(gu + 2 * i * N + p0 + pt, v[1], v[2]);
           xt[i * ts + pt] = v[0];
           gt[i * ts + pt] = v[1];
           yt[i * ts + pt] = gp.group_norm_output(stats, i, i, v[0]);
@@ -142,7 +150,7 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
   const int64_t tiles = (N + tile - 1) / tile;
   for (int64_t p0 = 0; p0 < N; p0 += tile) {
     const int n = static_cast<int>(N - p0 < tile ? N - p0 : tile);
-    gate_tile(p0, n);
+    gate_tile(first, p0, n);
     for (int w = threadIdx.x; w < items; w += blockDim.x) {
       const int block = w / slices, slice = w % slices, jb = block / half, ib = block % half;
       const bool j1_in = jb + half < m, i1_in = ib + half < m;
@@ -200,7 +208,7 @@ void shuffle_attention_backward_kernel(BackwardParams bp, int64_t tile) {
   // one tile still has it in shared memory from pass 1.
   for (int64_t p0 = 0; p0 < N; p0 += tile) {
     const int n = static_cast<int>(N - p0 < tile ? N - p0 : tile);
-    if (tiles > 1) gate_tile(p0, n);
+    if (tiles > 1) gate_tile(reread, p0, n);
     for_each_cell(m, n, [&](int i, int pt) {
       const acc_t dy = gp.output_grad(m, m, ts, tt, i, pt);
       const int c = i * ts + pt;

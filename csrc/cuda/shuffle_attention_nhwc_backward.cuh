@@ -16,7 +16,9 @@
 //
 // Every per-element formula, and the gate, are the NCHW kernel's (shuffle_attention_backward.cuh);
 // only the order of the sums differs. Bytes moved: x and grad_out read twice, grad_x written once,
-// per (item, chunk, channel) m + 1 acc_t partials, per (item, channel) the coefficients.
+// per (item, chunk, channel) m + 1 acc_t partials, per (item, channel) the coefficients; with the
+// residual epilogue the first kernel reads out and writes grad_identity, the last reads
+// grad_identity instead of grad_out (sa_grad.cuh).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -63,7 +65,8 @@ void shuffle_attention_nhwc_grad_sums_kernel(BackwardParams bp, NhwcWindows w,
   for (int idx = threadIdx.x; idx < items * slices; idx += blockDim.x) accum[idx] = 0;
 
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  const scalar_t* gu = static_cast<const scalar_t*>(bp.grad_out);
+  // The gradient's first read (sa_grad.cuh).
+  const SaGradRead<scalar_t> gu = sa_grad_first_read<scalar_t>(bp);
   // Item (ch, col), slice: the tile pixels slice, + slices, ... (xh first in t_j xh_i: t_j
   // (x_i - mu_i) would be of order |x|^2 and overflow first). Entry idx = item * slices + slice of
   // the sums has one writer, the thread threadIdx.x = idx mod blockDim.x, on every tile.
@@ -162,7 +165,7 @@ void shuffle_attention_nhwc_input_grad_kernel(
   for (int ch = threadIdx.x; ch < B.win.K; ch += blockDim.x) B.coeffs[ch] = coeffs[B.plane(ch)];
 
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
-  const scalar_t* gu = static_cast<const scalar_t*>(bp.grad_out);
+  const SaGradRead<scalar_t> gu = sa_grad_reread<scalar_t>(bp);
   // dx = gu s + beta (channel), gu s + alpha (dy - d1 - xh d2) with dy_i = sum_j W2[j, i] t_j
   // (spatial), written as the window's two runs of each input row.
   B.template for_each_tile<true>(x, gu, [&](int64_t p0, int n) {

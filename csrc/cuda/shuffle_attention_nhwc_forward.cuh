@@ -42,7 +42,7 @@ void shuffle_attention_nhwc_gate_kernel(
   const scalar_t* x = static_cast<const scalar_t*>(p.x);
   scalar_t* out = static_cast<scalar_t*>(p.out);
   B.stage(p, [&](int64_t plane) { return standardizers[plane]; });
-  B.template for_each_tile<false>(x, x, [&](int64_t p0, int n) {
+  B.template for_each_tile<false>(x, SaGradRead<scalar_t>{}, [&](int64_t p0, int n) {
     // Output channel o of the window (consecutive threads: consecutive values of the output row)
     // from window channel ch = shuffle_src(o, K).
     for_each_cell(n, B.win.K, [&](int pt, int o) {

@@ -96,6 +96,40 @@ def test_launches_per_backward(variant, shape, groups):
     assert kernels + len(aten) <= 3, f"{kernels} kernel launches + compute ATen ops {aten}"
 
 
+@pytest.mark.parametrize("x_format", ["nchw", "cl"])
+@pytest.mark.parametrize(
+    "shape,groups",
+    [
+        pytest.param((2, 16, 7, 9), 2, id="warp-per-plane"),
+        pytest.param((1, 4, 64, 72), 1, id="streamed"),
+        pytest.param((2, 16, 8, 8), 4, id="m2"),
+    ],
+)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_residual_backward_launches_the_plain_kernels(variant, shape, groups, x_format):
+    """The residual backward launches what the plain backward launches, and no compute ATen op:
+    its kernels read relu's mask with grad_out and write grad_identity on the way
+    (csrc/cuda/sa_grad.cuh), with no element-wise kernel of their own."""
+    fmt = torch.channels_last if x_format == "cl" else torch.contiguous_format
+    args = [
+        a.contiguous(memory_format=fmt) if torch.is_tensor(a) and a.dim() == 4 else a
+        for a in op_inputs(EMU, variant, shape, groups)
+    ]
+    out = make_input(shape, seed=9).contiguous(memory_format=fmt)
+
+    def launches(fn):
+        EMU.emulated_launch_blocks()  # forget earlier launches
+        aten = compute_aten_ops(fn)
+        return [int(b) for b in EMU.emulated_launch_blocks()], aten
+
+    plain, _ = launches(lambda: backward(EMU, variant, args))
+    residual, aten = launches(
+        lambda: getattr(EMU, f"{variant}_residual_backward")(args[0], out, *args[1:])
+    )
+    assert residual == plain, f"residual launches {residual}, plain {plain}"
+    assert aten == [], aten
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_aten_ops_of_cpu_backward(variant):
     """The raw CPU op at (2, 256, 14, 14) float32: at most 4 compute ATen ops (it was 66 for

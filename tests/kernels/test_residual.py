@@ -134,7 +134,16 @@ def test_residual_backward_is_masked_backward(backend, variant, shape, groups, d
     _assert_masked_backward(backend, variant, shape, groups, dtype, x_format)
 
 
-def _assert_masked_backward(backend, variant, shape, groups, dtype, x_format):
+def _misaligned_copy(t):
+    """t's values and strides in a buffer one element past its start: every plane pointer
+    misaligned, so that the CUDA kernels must not read the tensor as wide packs."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].as_strided(t.shape, t.stride())
+    return view.copy_(t)
+
+
+def _assert_masked_backward(backend, variant, shape, groups, dtype, x_format, misaligned=()):
+    """misaligned: the names among "grad_out", "out" to pass one element past an aligned address."""
     dev = backend.device
     ref = make_ref(variant, shape[1], groups, seed=5, dtype=dtype, device=dev)
     params = [p.detach() for p in params_in_op_order(variant, ref)]
@@ -145,8 +154,15 @@ def _assert_masked_backward(backend, variant, shape, groups, dtype, x_format):
     out.view(-1)[::7] = float("nan")
     out = out.contiguous(memory_format=FORMATS[x_format])
     masked = torch.ops.aten.threshold_backward(gy, out, 0.0)
+    if "grad_out" in misaligned:
+        gy = _misaligned_copy(gy)
+    if "out" in misaligned:
+        out = _misaligned_copy(out)
     got = backend.residual_backward_op(variant)(gy, out, x, mean, rstd, groups, *params)
-    want = backend.backward_op(variant)(masked, x, mean, rstd, groups, *params)
+    # A misaligned tensor drops the CUDA kernels to one element a pack, whose sums run in another
+    # order: the plain backward then reads a misaligned gradient too, which takes the same path.
+    plain_grad = _misaligned_copy(masked) if misaligned else masked
+    want = backend.backward_op(variant)(plain_grad, x, mean, rstd, groups, *params)
     assert torch.equal(got[1], masked)
     assert got[1].is_contiguous(memory_format=FORMATS[x_format])
     for i, (g, w) in enumerate(zip((got[0], *got[2:]), want)):
@@ -198,6 +214,20 @@ def test_residual_misaligned_identity(backend, variant, dtype):
         clone_as(ref, torch.float64), x.double(), identity.double(), gy.double(), mask
     )
     assert_close_to_reference(F, R, dtype, eager=_reference_run(ref, x, identity, gy, mask))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "emulated", "cuda"], indirect=True)
+@pytest.mark.parametrize("misaligned", ["grad_out", "out"])
+@pytest.mark.parametrize("x_format", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_residual_backward_misaligned(backend, variant, dtype, x_format, misaligned):
+    """grad_out or out one element past an aligned address, x aligned, on the vector paths: the
+    CUDA kernels read out with grad_out and write grad_identity beside them (sa_grad.cuh), so a
+    misaligned one must drop the packs to one element (the emulator faults on a misaligned
+    pack). Bit for bit the plain backward of the masked gradient."""
+    shape, groups = (1, 8, 30, 32), 2
+    _assert_masked_backward(backend, variant, shape, groups, dtype, x_format, (misaligned,))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "emulated", "cuda"], indirect=True)

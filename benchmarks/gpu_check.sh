@@ -2,8 +2,8 @@
 # The one-command GPU check of sa_cuda (benchmarks/README.md, "GPU check"):
 #   bash benchmarks/gpu_check.sh [--cpu] [--budget S] [--steps a,b,...] OUTDIR
 # GPU mode: builds the CUDA kernels in place for the local card, then checks every launch path
-# against the CPU op in float64, runs compute-sanitizer, the CUDA tests, the timings (NCHW, and
-# both variants' channels_last kernels against the NCHW ones) and ncu; each
+# against the CPU op in float64, runs compute-sanitizer, the CUDA tests, the timings (NCHW, both
+# variants' channels_last kernels against the NCHW ones, the bottleneck tail) and ncu; each
 # step in its own time box, the whole run capped at --budget seconds (default 480): a step that no
 # longer fits is skipped and says so. CPU mode (--cpu, or SA_GPU_CHECK_CPU=1): everything that needs
 # no GPU (the launch-path check on the emulated kernels, the timing code on tiny CPU shapes, the ncu
@@ -19,7 +19,7 @@ set -u -o pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 HELPERS=$HERE/gpu_check
-STEPS_GPU="env build resources check tests timing channels_last memcheck racecheck ncu synccheck initcheck"
+STEPS_GPU="env build resources check tests timing channels_last residual memcheck racecheck ncu synccheck initcheck"
 
 usage() {
   cat <<EOF
@@ -182,6 +182,18 @@ else
   run_step channels_last 60 20 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cpu --tiny \
     --batches 1 --dtypes fp32 --channels-last --impls eager,fused --budget $((STEP_BOX - 15)) \
     --json "$OUT/timing-channels_last.json" --png "$OUT/timing-channels_last.png"'
+fi
+
+# ---- residual: the bottleneck tail relu(SA(x) + identity), the fused epilogue (forward and
+# backward in one op each) against eager and torch.compile of the layer followed by add and relu
+if [ "$MODE" = gpu ]; then
+  run_step residual 90 30 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cuda --residual \
+    --batches 8 --budget $((STEP_BOX - 20)) \
+    --json "$OUT/timing-residual.json" --png "$OUT/timing-residual.png"'
+else
+  run_step residual 60 20 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cpu --tiny \
+    --batches 1 --dtypes fp32 --residual --impls eager,fused --budget $((STEP_BOX - 15)) \
+    --json "$OUT/timing-residual.json" --png "$OUT/timing-residual.png"'
 fi
 
 # ---- compute-sanitizer on the small launch-path set (no caching allocator for memcheck/initcheck)

@@ -101,7 +101,7 @@ def format_timing_table(rows: list[dict], impls: list[str]) -> str:
     bandwidth, then the fused GB/s and the copy's."""
     cells = {(r["variant"], r["shape"], r["dtype"], r["pass"], r["impl"]): r for r in rows}
     head = (
-        f"{'variant':<17} {'shape':<13} {'dtype':<5} {'pass':<6}"
+        f"{'variant':<17} {'shape':<16} {'dtype':<5} {'pass':<6}"
         + "".join(f" | {impl + ' ms':>12} {'%copy':>5}" for impl in impls)
         + f" | {'fused GB/s':>10} {'copy GB/s':>9}"
     )
@@ -111,7 +111,7 @@ def format_timing_table(rows: list[dict], impls: list[str]) -> str:
         key=lambda k: (k[0], int(k[1].split("-b")[-1]), k[1], k[2], PASSES.index(k[3])),
     )
     for k in keys:
-        line = f"{k[0]:<17} {k[1]:<13} {k[2]:<5} {k[3]:<6}"
+        line = f"{k[0]:<17} {k[1]:<16} {k[2]:<5} {k[3]:<6}"
         for impl in impls:
             r = cells.get((*k, impl))
             if r is None or r["status"] != "ok":
@@ -176,7 +176,11 @@ def timing_verdict(timing: dict) -> tuple[str, dict]:
 
 
 # The JSON each timing step writes into OUTDIR.
-TIMING_FILES = {"timing": "timing.json", "channels_last": "timing-channels_last.json"}
+TIMING_FILES = {
+    "timing": "timing.json",
+    "channels_last": "timing-channels_last.json",
+    "residual": "timing-residual.json",
+}
 
 
 def read_timings(out: Path) -> dict:
@@ -237,7 +241,8 @@ def verdicts(out: Path, steps: list[dict], timings: dict) -> tuple[dict, dict]:
 
 
 def tables(details: dict, timings: dict) -> list[str]:
-    """The summary's tables after the step rows: timing, channels_last, ncu, launch-path failures;
+    """The summary's tables after the step rows: timing, channels_last, residual, ncu, launch-path
+    failures;
     timings: read_timings(out)."""
     lines: list[str] = []
     timing = timings["timing"]
@@ -258,6 +263,17 @@ def tables(details: dict, timings: dict) -> list[str]:
             "channels_last (the NHWC kernels; cl/NCHW = fused channels_last over fused NCHW of the "
             "timing step, x eager = eager channels_last over fused channels_last):",
             format_channels_last_table(timing["rows"] if timing else [], cl["rows"]),
+        ]
+    tail = timings["residual"]
+    if tail and tail["rows"]:
+        impls = [
+            i for i in ("eager", "compile", "fused") if any(r["impl"] == i for r in tail["rows"])
+        ]
+        lines += [
+            "",
+            f"residual (the bottleneck tail relu(SA(x) + identity): eager and compile = the layer, "
+            f"then add and relu; fused = the residual epilogue; {tail['model_bytes']}):",
+            format_timing_table(tail["rows"], impls),
         ]
     if details.get("ncu", {}).get("passes"):
         lines += [

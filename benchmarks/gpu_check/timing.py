@@ -10,6 +10,13 @@ retained graph). The copy moves the same bytes: model bytes / 2 elements read an
 --channels-last: x and grad_out channels_last (the NHWC kernels; shapes named ``<stage>-cl-b<B>``), for
 gpu_check.sh's channels_last step, whose fused rows divided by the timing step's give cl / NCHW.
 
+--residual: the bottleneck tail relu(SA(x) + identity) instead of the layer (shapes named
+``<stage>-tail-b<B>``), for gpu_check.sh's residual step: eager and torch.compile run the
+reference layer followed by the add and relu, fused the residual epilogue (one op each way; its
+backward reads out with grad_out and writes grad_identity on the way, csrc/cuda/sa_grad.cuh). Model
+bytes: fwd 3*n*e (x and identity read, out written), bwd 5*n*e (grad_out, out and x read, grad_x
+and grad_identity written), fwdbwd 8*n*e. identity is one tensor per config, not rotated.
+
 CUDA: CUDA-graph replay (benchmarks.timers.GraphTimer: several iterations per graph, inputs
 rotated over copies exceeding twice the L2 cache). CPU (the CPU mode of benchmarks/gpu_check.sh):
 the CPU timer of benchmarks.timers.Bencher, no graphs.
@@ -34,10 +41,19 @@ from summary import format_timing_table
 import sa_cuda
 from benchmarks import harness, report, timers
 from benchmarks.configs import stage_shapes
+from benchmarks.residual import Tail
 from benchmarks.timers import Bencher, GraphTimer, time_copy
 
 IMPLS = ("eager", "compile", "fused")
 PASSES = ("fwd", "bwd", "fwdbwd")
+TAIL_BYTES_FACTOR = {"fwd": 3, "bwd": 5, "fwdbwd": 8}  # --residual: model bytes = factor * n * e
+
+
+def pass_bytes(pass_: str, n: int, dtype: torch.dtype, residual: bool) -> int:
+    """Model bytes of a pass: the layer's (benchmarks.timers) or, with --residual, the tail's."""
+    if residual:
+        return TAIL_BYTES_FACTOR[pass_] * n * timers.element_size(dtype)
+    return timers.model_bytes(pass_, n, dtype)
 
 
 def compiled(ref: torch.nn.Module, backend: str) -> torch.nn.Module:
@@ -93,19 +109,30 @@ def time_config(
         "G": shape.G,
         "dtype": dname,
     }
+    stage, batch = shape.name.rsplit("-b", 1)
     if args.channels_last:
-        stage, batch = shape.name.rsplit("-b", 1)
-        common.update(shape=f"{stage}-cl-b{batch}", layout="channels_last")
+        stage += "-cl"
+        common.update(layout="channels_last")
+    if args.residual:
+        stage += "-tail"
+        common.update(residual=True)
+    common.update(shape=f"{stage}-b{batch}")
     ref, fused = harness.make_modules(variant, shape, dtype, device, args.seed)
     key = (shape.name, dname)
     if key not in inputs_cache:
         inputs_cache.clear()  # one shape's inputs at a time (B = 64 inputs are 200 MB each)
         x, gy = harness.make_inputs(shape, dtype, device, args.seed)
-        if args.channels_last:  # the clones of measure() keep the layout (preserve_format)
-            x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
-            gy = gy.contiguous(memory_format=torch.channels_last)
-        inputs_cache[key] = (x, gy)
-    x, gy = inputs_cache[key]
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        # the clones of measure() keep the layout (preserve_format)
+        x = x.detach().contiguous(memory_format=fmt).requires_grad_(True)
+        gy = gy.contiguous(memory_format=fmt)
+        g = torch.Generator().manual_seed(args.seed + 3)
+        identity = torch.randn(x.shape, generator=g).to(device=device, dtype=dtype)
+        inputs_cache[key] = (x, gy, identity.contiguous(memory_format=fmt))
+    x, gy, identity = inputs_cache[key]
+    if args.residual:
+        ref = Tail(ref, identity, fused=False)
+        fused = Tail(fused, identity, fused=True)
     rows, check = [], None
     fused_ok = True
     if "fused" in impls:
@@ -118,7 +145,7 @@ def time_config(
     for impl in impls:
         mod = None
         for pass_ in passes:
-            model_bytes = timers.model_bytes(pass_, n, dtype)
+            model_bytes = pass_bytes(pass_, n, dtype, args.residual)
             row = {**common, "impl": impl, "pass": pass_, "model_bytes": model_bytes}
             rows.append(row)
             if impl == "fused" and not fused_ok:
@@ -224,6 +251,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--channels-last", action="store_true", help="channels_last x and grad_out (NHWC kernels)"
     )
     p.add_argument(
+        "--residual", action="store_true", help="the bottleneck tail relu(SA(x) + identity)"
+    )
+    p.add_argument(
         "--budget",
         type=float,
         default=120.0,
@@ -308,7 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         "timer": (
             "CUDA graph replay" if device.type == "cuda" else "benchmarks.timers.Bencher CPU timer"
         ),
-        "model_bytes": "fwd 2*n*e, bwd 3*n*e, fwdbwd 5*n*e; copy of the same bytes",
+        "model_bytes": (
+            "fwd 3*n*e, bwd 5*n*e, fwdbwd 8*n*e (the tail)"
+            if args.residual
+            else "fwd 2*n*e, bwd 3*n*e, fwdbwd 5*n*e"
+        )
+        + "; copy of the same bytes",
         "compile": {"batches": sorted(args.compile_batches), "backend": args.compile_backend},
         "rows": rows,
         "checks": checks,

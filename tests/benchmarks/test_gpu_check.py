@@ -30,6 +30,7 @@ STEPS = [
     "tests",
     "timing",
     "channels_last",
+    "residual",
     "memcheck",
     "racecheck",
     "ncu",
@@ -65,10 +66,12 @@ def test_cpu_mode_passes_and_prints_the_summary_last(cpu_run):
         "check",
         "timing",
         "channels_last",
+        "residual",
         "ncu",
     }
     assert "cpu mode" in tail.split("\n\n")[0]
     assert "channels_last (the NHWC kernels" in tail and "tiny-l1-cl-b1" in tail
+    assert "residual (the bottleneck tail" in tail and "tiny-l1-tail-b1" in tail
     assert tail.rstrip().splitlines()[-1].startswith("RESULT: PASS")
     assert (out / "summary.txt").read_text().strip() == tail.strip()
 
@@ -91,6 +94,14 @@ def test_cpu_mode_json_holds_the_results(cpu_run):
     timed = [r for r in cl["rows"] if r["status"] == "ok"]
     assert len(timed) == 12 and {r["impl"] for r in timed} == {"eager", "fused"}
     assert all(r["layout"] == "channels_last" and r["shape"].endswith("-cl-b1") for r in timed)
+    tail = json.loads((out / "timing-residual.json").read_text())
+    assert all(c["ok"] for c in tail["checks"]) and len(tail["checks"]) == 2
+    timed = [r for r in tail["rows"] if r["status"] == "ok"]
+    assert len(timed) == 12 and {r["impl"] for r in timed} == {"eager", "fused"}
+    assert all(r["residual"] and r["shape"].endswith("-tail-b1") for r in timed)
+    n = 256 * 4 * 4  # the tiny shape's elements (benchmarks.configs.TINY_STAGES, B = 1)
+    bytes_per_pass = {"fwd": 3 * n * 4, "bwd": 5 * n * 4, "fwdbwd": 8 * n * 4}
+    assert all(r["model_bytes"] == bytes_per_pass[r["pass"]] for r in timed)
 
 
 def test_cpu_mode_launch_path_check_compared_real_values(cpu_run):

@@ -240,22 +240,28 @@ def verdicts(out: Path, steps: list[dict], timings: dict) -> tuple[dict, dict]:
     return v, details
 
 
+def timing_section(heading: str, timing: dict | None) -> list[str]:
+    """A timing step's table under its heading (nothing when the step timed nothing), with the
+    implementations it timed."""
+    if not (timing and timing["rows"]):
+        return []
+    impls = [
+        i for i in ("eager", "compile", "fused") if any(r["impl"] == i for r in timing["rows"])
+    ]
+    return ["", heading, format_timing_table(timing["rows"], impls)]
+
+
 def tables(details: dict, timings: dict) -> list[str]:
     """The summary's tables after the step rows: timing, channels_last, residual, ncu, launch-path
-    failures;
-    timings: read_timings(out)."""
-    lines: list[str] = []
-    timing = timings["timing"]
-    if timing and timing["rows"]:
-        impls = [
-            i for i in ("eager", "compile", "fused") if any(r["impl"] == i for r in timing["rows"])
-        ]
-        lines += [
-            "",
-            f"timing ({timing['timer']}; {timing['model_bytes']}; compile: "
-            f"batches {timing['compile']['batches']}, backend {timing['compile']['backend']}):",
-            format_timing_table(timing["rows"], impls),
-        ]
+    failures; timings: read_timings(out)."""
+    timing, tail = timings["timing"], timings["residual"]
+    lines = timing_section(
+        f"timing ({timing['timer']}; {timing['model_bytes']}; compile: "
+        f"batches {timing['compile']['batches']}, backend {timing['compile']['backend']}):"
+        if timing
+        else "",
+        timing,
+    )
     cl = timings["channels_last"]
     if cl and cl["rows"]:
         lines += [
@@ -264,17 +270,11 @@ def tables(details: dict, timings: dict) -> list[str]:
             "timing step, x eager = eager channels_last over fused channels_last):",
             format_channels_last_table(timing["rows"] if timing else [], cl["rows"]),
         ]
-    tail = timings["residual"]
-    if tail and tail["rows"]:
-        impls = [
-            i for i in ("eager", "compile", "fused") if any(r["impl"] == i for r in tail["rows"])
-        ]
-        lines += [
-            "",
-            f"residual (the bottleneck tail relu(SA(x) + identity): eager and compile = the layer, "
-            f"then add and relu; fused = the residual epilogue; {tail['model_bytes']}):",
-            format_timing_table(tail["rows"], impls),
-        ]
+    lines += timing_section(
+        "residual (the bottleneck tail relu(SA(x) + identity): eager and compile = the layer, then "
+        f"add and relu; fused = the residual epilogue; {tail['model_bytes'] if tail else ''}):",
+        tail,
+    )
     if details.get("ncu", {}).get("passes"):
         lines += [
             "",

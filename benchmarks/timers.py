@@ -51,10 +51,13 @@ def mallopt(settings: dict[int, int]) -> bool:
 
 
 BYTES_FACTOR = {"fwd": 2, "infer": 2, "bwd": 3, "fwdbwd": 5}  # model bytes = factor * n * e
+# The bottleneck tail relu(SA(x) + identity): the forward reads x and identity and writes out; the
+# backward reads grad_out, out and x and writes grad_x and grad_identity.
+TAIL_BYTES_FACTOR = {"fwd": 3, "infer": 3, "bwd": 5, "fwdbwd": 8}
 
 
-def model_bytes(pass_: str, n: int, dtype: torch.dtype) -> int:
-    return BYTES_FACTOR[pass_] * n * element_size(dtype)
+def model_bytes(pass_: str, n: int, dtype: torch.dtype, tail: bool = False) -> int:
+    return (TAIL_BYTES_FACTOR if tail else BYTES_FACTOR)[pass_] * n * element_size(dtype)
 
 
 def element_size(dtype: torch.dtype) -> int:

@@ -46,14 +46,6 @@ from benchmarks.timers import Bencher, GraphTimer, time_copy
 
 IMPLS = ("eager", "compile", "fused")
 PASSES = ("fwd", "bwd", "fwdbwd")
-TAIL_BYTES_FACTOR = {"fwd": 3, "bwd": 5, "fwdbwd": 8}  # --residual: model bytes = factor * n * e
-
-
-def pass_bytes(pass_: str, n: int, dtype: torch.dtype, residual: bool) -> int:
-    """Model bytes of a pass: the layer's (benchmarks.timers) or, with --residual, the tail's."""
-    if residual:
-        return TAIL_BYTES_FACTOR[pass_] * n * timers.element_size(dtype)
-    return timers.model_bytes(pass_, n, dtype)
 
 
 def compiled(ref: torch.nn.Module, backend: str) -> torch.nn.Module:
@@ -93,6 +85,27 @@ def measure(timer, impl, pass_, mod, inputs, params, model_bytes, copies) -> dic
     )
 
 
+def config_inputs(shape, dname, device, args, inputs_cache) -> tuple:
+    """(x, gy, identity) of a shape and dtype, in the layout of --channels-last; identity (the
+    tail's shortcut) only with --residual, else None. Cached for the shape's configs."""
+    key = (shape.name, dname)
+    if key not in inputs_cache:
+        inputs_cache.clear()  # one shape's inputs at a time (B = 64 inputs are 200 MB each)
+        dtype = DTYPES[dname]
+        x, gy = harness.make_inputs(shape, dtype, device, args.seed)
+        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+        # the clones of measure() keep the layout (preserve_format)
+        x = x.detach().contiguous(memory_format=fmt).requires_grad_(True)
+        gy = gy.contiguous(memory_format=fmt)
+        identity = None
+        if args.residual:
+            g = torch.Generator().manual_seed(args.seed + 3)
+            identity = torch.randn(x.shape, generator=g).to(device=device, dtype=dtype)
+            identity = identity.contiguous(memory_format=fmt)
+        inputs_cache[key] = (x, gy, identity)
+    return inputs_cache[key]
+
+
 def time_config(
     timer, variant, shape, dname, device, impls, passes, args, deadline, copies, inputs_cache
 ) -> tuple[list[dict], dict | None]:
@@ -118,18 +131,7 @@ def time_config(
         common.update(residual=True)
     common.update(shape=f"{stage}-b{batch}")
     ref, fused = harness.make_modules(variant, shape, dtype, device, args.seed)
-    key = (shape.name, dname)
-    if key not in inputs_cache:
-        inputs_cache.clear()  # one shape's inputs at a time (B = 64 inputs are 200 MB each)
-        x, gy = harness.make_inputs(shape, dtype, device, args.seed)
-        fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-        # the clones of measure() keep the layout (preserve_format)
-        x = x.detach().contiguous(memory_format=fmt).requires_grad_(True)
-        gy = gy.contiguous(memory_format=fmt)
-        g = torch.Generator().manual_seed(args.seed + 3)
-        identity = torch.randn(x.shape, generator=g).to(device=device, dtype=dtype)
-        inputs_cache[key] = (x, gy, identity.contiguous(memory_format=fmt))
-    x, gy, identity = inputs_cache[key]
+    x, gy, identity = config_inputs(shape, dname, device, args, inputs_cache)
     if args.residual:
         ref = Tail(ref, identity, fused=False)
         fused = Tail(fused, identity, fused=True)
@@ -145,7 +147,7 @@ def time_config(
     for impl in impls:
         mod = None
         for pass_ in passes:
-            model_bytes = pass_bytes(pass_, n, dtype, args.residual)
+            model_bytes = timers.model_bytes(pass_, n, dtype, tail=args.residual)
             row = {**common, "impl": impl, "pass": pass_, "model_bytes": model_bytes}
             rows.append(row)
             if impl == "fused" and not fused_ok:

@@ -353,6 +353,13 @@ def check_cpu_against_reference(variant, shape, groups, dtype, memory_format, of
         assert F[key].is_contiguous(memory_format=memory_format), key
 
 
+def misaligned_copy(t):
+    """t's values and strides in a buffer one element past its start: every plane (or row) pointer
+    misaligned, so that the CUDA kernels must not read the tensor as wide packs."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return buf[1:].as_strided(t.shape, t.stride()).copy_(t)
+
+
 def input_at_offset(shape, storage_offset, dtype, seed, **kwargs):
     """make_input's values as a contiguous view that starts ``storage_offset`` elements into its
     storage (1: every plane pointer misaligned, which selects the kernels' scalar paths)."""

@@ -25,6 +25,7 @@ from conftest import (
     VARIANTS,
     assert_identical,
     make_input,
+    misaligned_copy,
     op_params,
     run_raw_ops,
 )
@@ -57,11 +58,7 @@ def _pack(dtype):
 
 def _misaligned(t):
     """The same values, channels_last, its data one element past a pack's boundary."""
-    B, C, H, W = t.shape
-    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    rows = storage[1:].view(B, H, W, C)
-    rows.copy_(t.permute(0, 2, 3, 1))
-    shifted = rows.permute(0, 3, 1, 2)
+    shifted = misaligned_copy(t.contiguous(memory_format=CL))
     pack_bytes = _pack(t.dtype) * t.element_size()
     assert shifted.is_contiguous(memory_format=CL) and shifted.data_ptr() % pack_bytes != 0
     assert torch.equal(shifted, t)

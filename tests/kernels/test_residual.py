@@ -29,6 +29,7 @@ from conftest import (
     input_at_offset,
     make_input,
     make_ref,
+    misaligned_copy,
     params_in_op_order,
 )
 
@@ -134,14 +135,6 @@ def test_residual_backward_is_masked_backward(backend, variant, shape, groups, d
     _assert_masked_backward(backend, variant, shape, groups, dtype, x_format)
 
 
-def _misaligned_copy(t):
-    """t's values and strides in a buffer one element past its start: every plane pointer
-    misaligned, so that the CUDA kernels must not read the tensor as wide packs."""
-    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    view = buf[1:].as_strided(t.shape, t.stride())
-    return view.copy_(t)
-
-
 def _assert_masked_backward(backend, variant, shape, groups, dtype, x_format, misaligned=()):
     """misaligned: the names among "grad_out", "out" to pass one element past an aligned address."""
     dev = backend.device
@@ -155,13 +148,13 @@ def _assert_masked_backward(backend, variant, shape, groups, dtype, x_format, mi
     out = out.contiguous(memory_format=FORMATS[x_format])
     masked = torch.ops.aten.threshold_backward(gy, out, 0.0)
     if "grad_out" in misaligned:
-        gy = _misaligned_copy(gy)
+        gy = misaligned_copy(gy)
     if "out" in misaligned:
-        out = _misaligned_copy(out)
+        out = misaligned_copy(out)
     got = backend.residual_backward_op(variant)(gy, out, x, mean, rstd, groups, *params)
     # A misaligned tensor drops the CUDA kernels to one element a pack, whose sums run in another
     # order: the plain backward then reads a misaligned gradient too, which takes the same path.
-    plain_grad = _misaligned_copy(masked) if misaligned else masked
+    plain_grad = misaligned_copy(masked) if misaligned else masked
     want = backend.backward_op(variant)(plain_grad, x, mean, rstd, groups, *params)
     assert torch.equal(got[1], masked)
     assert got[1].is_contiguous(memory_format=FORMATS[x_format])

@@ -17,8 +17,7 @@ of a parameter is its argument name with the first "_" read as the submodule sep
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,25 +60,29 @@ class Variant:
     module_name: str
     params: tuple[Param, ...]
 
-    # Cached: the modules read them on every call (a frozen dataclass still lets cached_property
-    # store into the instance's __dict__).
-    @cached_property
-    def param_names(self) -> tuple[str, ...]:
-        return tuple(p.name for p in self.params)
+    # Derived once, the modules read them on every call. Plain attributes and not cached_property:
+    # Dynamo cannot trace a cached_property's first read (Python 3.11's takes an RLock), and a
+    # compiled module's first call may be the first read (tests/ops/test_compile.py).
+    #: The op's argument names, in op order.
+    param_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    #: The module's state_dict keys, in op order.
+    state_keys: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    #: (submodule or None, attribute name) of each parameter: ("gn", "weight").
+    param_paths: tuple[tuple[str | None, str], ...] = field(init=False, repr=False, compare=False)
+    #: The 1x1-conv submodules of the gates (none for SALayer).
+    gate_convs: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def state_keys(self) -> tuple[str, ...]:
-        return tuple(p.state_key for p in self.params)
-
-    @cached_property
-    def param_paths(self) -> tuple[tuple[str | None, str], ...]:
-        """(submodule or None, attribute name) of each parameter: ("gn", "weight")."""
-        return tuple((p.submodule, p.state_key.rpartition(".")[2]) for p in self.params)
-
-    @cached_property
-    def gate_convs(self) -> tuple[str, ...]:
-        """The 1x1-conv submodules of the gates (none for SALayer)."""
-        return tuple(p.submodule for p in self.params if p.is_matrix)
+    def __post_init__(self) -> None:
+        derived = {
+            "param_names": tuple(p.name for p in self.params),
+            "state_keys": tuple(p.state_key for p in self.params),
+            "param_paths": tuple(
+                (p.submodule, p.state_key.rpartition(".")[2]) for p in self.params
+            ),
+            "gate_convs": tuple(p.submodule for p in self.params if p.is_matrix),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)  # the frozen dataclass's own way to set them
 
     @property
     def forward_op_name(self) -> str:

@@ -64,6 +64,62 @@ def _parameters(module: torch.nn.Module, variant: Variant) -> tuple:
     return tuple(found)
 
 
+_SHAPES: dict[tuple[str, int], tuple[tuple[int, ...], ...]] = {}
+
+
+def _module_shapes(variant: Variant, m: int) -> tuple[tuple[int, ...], ...]:
+    """The shapes the layer gives its six parameters at m channels a branch, in op order."""
+    key = (variant.name, m)
+    shapes = _SHAPES.get(key)
+    if shapes is None:
+        shapes = _SHAPES[key] = tuple(p.module_shape(m) for p in variant.params)
+    return shapes
+
+
+# Bound once: the short path below reads them on every call.
+_jit_tracing = torch._C._is_tracing
+_is_compiling = torch.compiler.is_compiling
+_GroupNorm = torch.nn.GroupNorm
+
+
+def _short_path(layer: torch.nn.Module, x, identity) -> Tensor | None:
+    """The layer's output without OpLibrary.apply's checks and conversions, or None where forward
+    takes the full path.
+
+    In a model this Python runs with cold caches (the convolutions between two SA layers evict
+    it), and each line costs several times what it costs in a loop (docs/kernels.md,
+    python-per-call). The short path is taken where ``apply`` would hand the ops the arguments as
+    they are: nothing traces or compiles (ONNX export takes the reference there: ``_use_fused``),
+    x is a tensor on a device with kernels, identity (if any) and every parameter are tensors of
+    x's dtype (``apply`` converts none), each parameter has the shape the layer gives it at gn's
+    channel count, groups is an int >= 1 and eps a float. ``apply``'s other rules are the ops'
+    (csrc/host.cpp: the same rules, checked before any memory is touched), and a parameter of the
+    module's shape meets the functionals' shape rule wherever it has the element count the op
+    checks. Where the op refuses the arguments (its checks raise ValueError; the dispatcher raises
+    NotImplementedError for a tensor of a backend without kernels: sparse, nested), forward takes
+    the full path, which raises ``apply``'s error."""
+    # is_compiling first: Dynamo folds it to True, and cannot trace torch._C._is_tracing.
+    if _is_compiling() or _jit_tracing() or not isinstance(x, Tensor):
+        return None
+    if not (x.is_cpu or fused_available(x.device)):
+        return None
+    dtype, variant, groups, gn = x.dtype, layer._variant, layer.groups, _child(layer, "gn")
+    if identity is not None and not (isinstance(identity, Tensor) and identity.dtype == dtype):
+        return None
+    if not (type(groups) is int and groups >= 1 and isinstance(gn, _GroupNorm)):
+        return None
+    eps, params = gn.eps, _parameters(layer, variant)
+    if type(eps) is not float:
+        return None
+    for param, shape in zip(params, _module_shapes(variant, gn.num_channels)):
+        if not (isinstance(param, Tensor) and param.dtype == dtype and param.shape == shape):
+            return None
+    try:
+        return SA_CUDA_LIBRARY.dispatch(variant.name, x, groups, params, eps, identity)
+    except (ValueError, NotImplementedError):
+        return None
+
+
 class _FusedLayer:
     """What both fused modules add to their reference: checked construction with ``device=`` and
     ``dtype=``, and a fused forward over the parameters of ``_variant``."""
@@ -87,6 +143,9 @@ class _FusedLayer:
     def forward(self, x: Tensor, identity: Tensor | None = None) -> Tensor:
         """The layer of x; with ``identity`` (a bottleneck's shortcut, x's shape) the whole tail
         ``relu(layer(x) + identity)`` in the same one pass (the residual epilogue)."""
+        out = _short_path(self, x, identity)
+        if out is not None:
+            return out
         if not _use_fused(x):
             out = super().forward(x)
             return out if identity is None else torch.relu(out + identity)

@@ -72,6 +72,17 @@ def _guard_second_derivative(grads: list, tensors: tuple) -> list:
     return [None if g is None else next(wrapped) for g in grads]
 
 
+def _without_grad(op, *args):
+    """``op(*args)`` with grad mode off. A backward runs with it off already unless
+    create_graph=True, so ``torch.no_grad()`` is entered only then: its enter and exit are Python
+    calls that a training step pays for every layer, with cold caches
+    (docs/kernels.md#python-per-call)."""
+    if not torch.is_grad_enabled():
+        return op(*args)
+    with torch.no_grad():
+        return op(*args)
+
+
 def _autograd_function(forward_ops: dict, backward_ops: dict) -> type[torch.autograd.Function]:
     """The autograd.Function over one library's ops (keyed by variant name)."""
 
@@ -104,10 +115,8 @@ def _autograd_function(forward_ops: dict, backward_ops: dict) -> type[torch.auto
         def backward(ctx, grad_out: Tensor, _grad_mean, _grad_rstd):
             create_graph = torch.is_grad_enabled()
             x, mean, rstd, *params = ctx.saved_tensors
-            with torch.no_grad():
-                grad_x, *param_grads = backward_ops[ctx.variant](
-                    grad_out, x, mean, rstd, ctx.groups, *params
-                )
+            op = backward_ops[ctx.variant]
+            grad_x, *param_grads = _without_grad(op, grad_out, x, mean, rstd, ctx.groups, *params)
             needs = ctx.needs_input_grad
             grads = [grad_x if needs[1] else None] + [
                 g if needs[4 + i] else None for i, g in enumerate(param_grads)
@@ -152,10 +161,10 @@ def _residual_autograd_function(
         def backward(ctx, grad_out: Tensor, _grad_mean, _grad_rstd):
             create_graph = torch.is_grad_enabled()
             x, out, mean, rstd, *params = ctx.saved_tensors
-            with torch.no_grad():
-                grad_x, grad_identity, *param_grads = backward_ops[ctx.variant](
-                    grad_out, out, x, mean, rstd, ctx.groups, *params
-                )
+            op = backward_ops[ctx.variant]
+            grad_x, grad_identity, *param_grads = _without_grad(
+                op, grad_out, out, x, mean, rstd, ctx.groups, *params
+            )
             needs = ctx.needs_input_grad
             grads = [grad_x if needs[1] else None, grad_identity if needs[2] else None] + [
                 g if needs[5 + i] else None for i, g in enumerate(param_grads)
@@ -372,6 +381,21 @@ class OpLibrary:
                 identity = identity.to(dtype)
         if dtype != x.dtype:
             x = x.to(dtype)
+        return self.dispatch(spec.name, x, groups, params, float(eps), identity)
+
+    def dispatch(
+        self,
+        variant: str,
+        x: Tensor,
+        groups: int,
+        params: tuple,
+        eps: float,
+        identity: Tensor | None = None,
+    ) -> Tensor:
+        """``apply`` after its checks and conversions: the forward op alone where nothing is
+        differentiated or traced, the autograd.Function otherwise. For arguments that pass
+        ``apply``'s checks and that it would not convert (the modules' short path,
+        sa_cuda/modules); the ops check them again (csrc/host.cpp) before touching memory."""
         # The ops return out (and grad_x) in x's memory format (layout_of).
         differentiable = torch.is_grad_enabled() and (
             x.requires_grad
@@ -388,9 +412,9 @@ class OpLibrary:
         residual = identity is not None
         if not (differentiable or tracing):
             if residual:
-                op = self._residual_forward_ops[spec.name]
-                return op(x, identity, groups, *params, float(eps))[0]
-            return self._forward_ops[spec.name](x, groups, *params, float(eps))[0]
+                op = self._residual_forward_ops[variant]
+                return op(x, identity, groups, *params, eps)[0]
+            return self._forward_ops[variant](x, groups, *params, eps)[0]
         # The public Function where torch.func, torch.compile or torch.jit.trace may see it; the
         # same one without setup_context elsewhere (_combined_forward says why).
         if tracing or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
@@ -398,8 +422,8 @@ class OpLibrary:
         else:
             function = self._untransformed[residual]
         if residual:
-            return function.apply(spec.name, x, identity, groups, float(eps), *params)[0]
-        return function.apply(spec.name, x, groups, float(eps), *params)[0]
+            return function.apply(variant, x, identity, groups, eps, *params)[0]
+        return function.apply(variant, x, groups, eps, *params)[0]
 
 
 _LIBRARIES: dict[str, OpLibrary] = {}

@@ -7,6 +7,10 @@ autograd.Function, the op dispatch, the allocation of the results (CPU, host clo
   the residual epilogue. ``around`` is the module's time less the raw ops' (forward op, plus the
   backward op for forward and backward): what the layer adds to its kernels. The module's result
   and gradients are first checked against the float64 reference.
+- **Per call, cold** (``cold_us``): the same calls, each made right after a write of a buffer
+  twice the last-level cache (the caches then hold other data, as the convolutions between two
+  SA layers leave them): the raw forward op, and the module under no_grad and forward with
+  autograd. ``cold_around`` is the module's cold time less the raw op's.
 - **In SA-ResNet-50** (``model``, the layers as the model runs them): inference and training steps
   of the fused SA-ResNet-50 at batch ``--batch``, the bottleneck tails timed in place
   (benchmarks.tails: in this model a tail is the block's code after bn3, the SA module's call
@@ -17,6 +21,7 @@ autograd.Function, the op dispatch, the allocation of the results (CPU, host clo
   a call costs several times its time in the loop above.
 
     python -m benchmarks.call_overhead [--batch 8] [--resolution 224] [--steps 4] [--threads 2]
+                                       [--cold-calls 200]
 
 Prints both tables and writes ``call_overhead-<device>-<tag>.json``; exits 1 when a check fails.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -54,7 +60,29 @@ def per_call_us(fn, calls: int, repeats: int) -> float:
     return 1e6 * statistics.median(loops)
 
 
-def calls_table(variant: str, calls: int, repeats: int) -> dict:
+def evicting_buffer() -> torch.Tensor:
+    """A float32 buffer twice the largest cache that sysfs lists for CPU 0, at least 64 MiB."""
+    units = {"K": 1 << 10, "M": 1 << 20}
+    largest = 0
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size_file.read_text().strip()
+        if text[:-1].isdigit() and text[-1] in units:
+            largest = max(largest, int(text[:-1]) * units[text[-1]])
+    return torch.empty(max(2 * largest, 64 << 20) // 4)
+
+
+def cold_us(fn, calls: int, buffer: torch.Tensor) -> float:
+    """Median microseconds of a call made right after ``buffer`` is written over."""
+    times = []
+    for i in range(calls):
+        buffer.fill_(i)
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return 1e6 * statistics.median(times)
+
+
+def calls_table(variant: str, calls: int, repeats: int, cold_calls: int) -> dict:
     cpu = torch.device("cpu")
     ref, fused = harness.make_modules(variant, SMALL, torch.float32, cpu, seed=0)
     x, gy = harness.make_inputs(SMALL, torch.float32, cpu, seed=0)
@@ -99,7 +127,23 @@ def calls_table(variant: str, calls: int, repeats: int) -> dict:
         "module, forward+backward": times["forward op"] + times["backward op"],
     }
     around = {name: times[name] - ops_us for name, ops_us in kernels.items()}
-    return {"variant": variant, "check": check, "us": times, "around_us": around}
+    buffer = evicting_buffer()
+    cold = {
+        "forward op": cold_us(ops, cold_calls, buffer),
+        "module, no_grad": cold_us(no_grad_module, cold_calls, buffer),
+        "module, forward": cold_us(lambda: fused(xg, identity=identity), cold_calls, buffer),
+    }
+    cold_around = {
+        name: us - cold["forward op"] for name, us in cold.items() if name != "forward op"
+    }
+    return {
+        "variant": variant,
+        "check": check,
+        "us": times,
+        "around_us": around,
+        "cold_us": cold,
+        "cold_around_us": cold_around,
+    }
 
 
 def model_table(batch: int, resolution: int, steps: int) -> dict:
@@ -138,6 +182,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="profiled steps of each kind")
     p.add_argument("--calls", type=int, default=2000, help="calls a timed loop")
     p.add_argument("--repeats", type=int, default=9, help="timed loops of each case")
+    p.add_argument("--cold-calls", type=int, default=200, help="cold calls of each case")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-model", action="store_true", help="only the per-call table")
     p.add_argument("--quick", action="store_true", help="few calls, batch 2 at 64x64, 1 step")
@@ -146,6 +191,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.resolution, args.steps, args.calls, args.repeats = 2, 64, 1, 100, 3
+        args.cold_calls = 5
     return args
 
 
@@ -153,13 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     mallopt({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: -1})  # no page faults for the allocator's choices
-    calls = [calls_table(variant, args.calls, args.repeats) for variant in VARIANTS]
+    calls = [calls_table(v, args.calls, args.repeats, args.cold_calls) for v in VARIANTS]
     print("per call, us (small input; around = the module less its raw ops):")
     for row in calls:
         cells = "  ".join(f"{name} {us:.1f}" for name, us in row["us"].items())
         around = "  ".join(f"{name} {us:.1f}" for name, us in row["around_us"].items())
         print(f"  {row['variant']} [check {'ok' if row['check']['ok'] else 'FAILED'}]: {cells}")
         print(f"  {row['variant']} around: {around}")
+        cold = "  ".join(f"{name} {us:.1f}" for name, us in row["cold_us"].items())
+        cold_around = "  ".join(f"{name} {us:.1f}" for name, us in row["cold_around_us"].items())
+        print(f"  {row['variant']} cold: {cold}")
+        print(f"  {row['variant']} cold around: {cold_around}")
     result = {"device": report.device_label(torch.device("cpu"), args.threads), "calls": calls}
     if not args.no_model:
         result["model"] = model_table(args.batch, args.resolution, args.steps)

@@ -179,15 +179,19 @@ def test_instructions_quick(tmp_path):
 @pytest.mark.slow
 def test_call_overhead_quick(tmp_path):
     """benchmarks.call_overhead --quick: both variants' residual module call checked against the
-    float64 reference, each case timed per call with the module's time around its raw ops, and
-    the fused SA-ResNet-50's tails against its sa_cuda ops' profiled time, inference and
-    training."""
+    float64 reference, each case timed per call (warm and cold) with the module's time around its
+    raw ops, and the fused SA-ResNet-50's tails against its sa_cuda ops' profiled time, inference
+    and training."""
     report = json.loads(_run_quick("call_overhead", tmp_path).read_text())
     assert {row["variant"] for row in report["calls"]} == {"sa_layer", "shuffle_attention"}
     for row in report["calls"]:
         assert row["check"]["ok"], row
         assert all(us > 0 for us in row["us"].values()), row
         assert set(row["around_us"]) == {n for n in row["us"] if n.startswith("module")}
+        assert set(row["cold_us"]) == {"forward op", "module, no_grad", "module, forward"}
+        assert all(us > 0 for us in row["cold_us"].values()), row
+        for name, us in row["cold_around_us"].items():
+            assert us == pytest.approx(row["cold_us"][name] - row["cold_us"]["forward op"]), name
     for step, ms in report["model"]["ms"].items():
         assert 0 < ms["ops"] < ms["tails"] < ms["step"], (step, ms)
         assert ms["around"] == pytest.approx(ms["tails"] - ms["ops"], rel=1e-6), (step, ms)

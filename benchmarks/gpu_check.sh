@@ -197,17 +197,21 @@ else
 fi
 
 # ---- compute-sanitizer on the small launch-path set (no caching allocator for memcheck/initcheck)
-sanitize() {  # sanitize TOOL BOX MIN [compute-sanitizer options...]
-  local tool=$1 box=$2 min=$3
-  shift 3
+# The residual epilogue's kernels differ from the plain ones in their global reads and writes
+# (out, grad_identity), not in shared memory or barriers: memcheck and initcheck take both
+# epilogues' cases, racecheck and synccheck the plain ones.
+sanitize() {  # sanitize TOOL BOX MIN EPILOGUES [compute-sanitizer options...]
+  local tool=$1 box=$2 min=$3 epilogues=$4
+  shift 4
   if [ "$MODE" = cpu ]; then gpu_only "$tool" "$box"; return; fi
   local env=(env)
   [ "$tool" = memcheck ] || [ "$tool" = initcheck ] && env=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1)
   run_step "$tool" "$box" "$min" TERM 1 "${env[@]}" compute-sanitizer --tool "$tool" --error-exitcode 1 \
-    --print-limit 30 "$@" "$PY" "$LAUNCH_PATHS" --backend cuda --set small --json "$OUT/sanitizers/$tool.json"
+    --print-limit 30 "$@" "$PY" "$LAUNCH_PATHS" --backend cuda --set small --epilogues "$epilogues" \
+    --json "$OUT/sanitizers/$tool.json"
 }
-sanitize memcheck 60 30
-sanitize racecheck 120 30 --racecheck-report all
+sanitize memcheck 60 30 plain,residual
+sanitize racecheck 120 30 plain --racecheck-report all
 
 # ---- ncu on the forward and backward kernels, NCHW and NHWC (CPU mode: the parser on a fixture CSV)
 if [ "$MODE" = gpu ]; then
@@ -225,8 +229,8 @@ else
       --json "$OUT/ncu/ncu.json"'
 fi
 
-sanitize synccheck 40 25
-sanitize initcheck 40 25
+sanitize synccheck 40 25 plain
+sanitize initcheck 40 25 plain,residual
 
 # ---- the summary, last
 TOTAL=$(($(date +%s) - T0))

@@ -105,17 +105,25 @@ def test_cpu_mode_json_holds_the_results(cpu_run):
 
 
 def test_cpu_mode_launch_path_check_compared_real_values(cpu_run):
+    """Plain cases: all 10 outputs against the float64 truth. Residual cases: the forward's 3 so,
+    the backward's 8 equal to the plain backward of relu's masked gradient."""
     _, out = cpu_run
     check = json.loads((out / "check.json").read_text())
     paths = {c["path"] for c in check["cases"]}
     assert any(p.startswith("warp") for p in paths) and any(p.startswith("group") for p in paths)
     assert {c["offset"] for c in check["cases"]} == {0, 1}
     assert {c["dtype"] for c in check["cases"]} == {"fp32", "bf16"}
+    assert {c["epilogue"] for c in check["cases"]} == {"plain", "residual"}
     for case in check["cases"]:
-        names = ["out", "mean", "rstd", "grad_x"]
-        assert list(case["outputs"])[:4] == names and len(case["outputs"]) == 10
-        for o in case["outputs"].values():
+        residual = case["epilogue"] == "residual"
+        names = ["out", "mean", "rstd", "grad_x"] + ["grad_identity"] * residual
+        assert list(case["outputs"])[: len(names)] == names
+        assert len(case["outputs"]) == 10 + residual
+        for name, o in case["outputs"].items():
             assert o["ok"] and o["finite"] and o["bitwise_repeat"]
+            if residual and name not in ("out", "mean", "rstd"):
+                assert o["equal"] and "bound" not in o, name
+                continue
             assert 0 <= o["err"] <= o["bound"] and o["max_abs_ref"] > 0
             if case["dtype"] == "bf16":  # eager bf16 misses the float64 result: a real yardstick
                 assert o["err_eager"] > 0
@@ -136,35 +144,45 @@ def test_cpu_mode_timing_rows_and_plot(cpu_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_launch_path_check_fails_on_a_corrupted_output(tmp_path):
+@pytest.mark.parametrize(
+    "epilogue,corrupt",
+    [("plain", "grad_x"), ("residual", "out"), ("residual", "grad_identity")],
+)
+def test_launch_path_check_fails_on_a_corrupted_output(tmp_path, epilogue, corrupt):
     import launch_paths
 
     report = tmp_path / "check.json"
     rc = launch_paths.main(
         [
-            "--backend",
-            "emulated",
-            "--set",
-            "small",
-            "--cases",
-            "warp N=63",
-            "--dtypes",
-            "fp32",
-            "--offsets",
-            "0",
-            "--corrupt",
-            "grad_x",
-            "--json",
-            str(report),
+            *("--backend", "emulated", "--set", "small", "--cases", "warp N=63"),
+            *("--dtypes", "fp32", "--offsets", "0", "--epilogues", epilogue),
+            *("--corrupt", corrupt, "--json", str(report)),
         ]
     )
     assert rc == 1
     [case] = json.loads(report.read_text())["cases"]
-    assert not case["ok"]
+    assert not case["ok"] and case["epilogue"] == epilogue
     for name, o in case["outputs"].items():
-        assert o["accuracy"] == (name != "grad_x"), name
-        assert o["bitwise_repeat"] == (name != "grad_x"), name
-    assert case["outputs"]["grad_x"]["err"] > case["outputs"]["grad_x"]["bound"]
+        assert o["ok"] == (name != corrupt), name
+        assert o["bitwise_repeat"] == (name != corrupt), name
+    bad = case["outputs"][corrupt]
+    assert bad["err"] > bad["bound"] if "bound" in bad else not bad["equal"]
+
+
+def test_every_launch_path_has_residual_cases():
+    """Both sets take the residual epilogue on every spec, variant, dtype and offset they take
+    the plain one on."""
+    import launch_specs
+
+    for which in ("full", "small"):
+        keys = {
+            e: {
+                (c.spec.path, c.variant, c.dtype, c.offsets)
+                for c in launch_specs.cases(which, None, None, None, (e,))
+            }
+            for e in launch_specs.EPILOGUES
+        }
+        assert keys["plain"] and keys["plain"] == keys["residual"], which
 
 
 @pytest.mark.parametrize(

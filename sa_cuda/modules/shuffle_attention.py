@@ -92,10 +92,10 @@ def _short_path(layer: torch.nn.Module, x, identity) -> Tensor | None:
     they are: nothing traces or compiles (ONNX export takes the reference there: ``_use_fused``),
     x is a tensor on a device with kernels, identity (if any) and every parameter are tensors of
     x's dtype (``apply`` converts none), each parameter has the shape the layer gives it at gn's
-    channel count, groups is an int >= 1 and eps a float. ``apply``'s other rules are the ops'
-    (csrc/host.cpp: the same rules, checked before any memory is touched), and a parameter of the
-    module's shape meets the functionals' shape rule wherever it has the element count the op
-    checks. Where the op refuses the arguments (its checks raise ValueError; the dispatcher raises
+    channel count (an int), groups is an int >= 1 and eps a float. ``apply``'s other rules are
+    the ops' (csrc/host.cpp: the same rules, checked before any memory is touched), and a
+    parameter of the module's shape meets the functionals' shape rule wherever it has the element
+    count the op checks. Where the op refuses the arguments (its checks raise ValueError; the dispatcher raises
     NotImplementedError for a tensor of a backend without kernels: sparse, nested), forward takes
     the full path, which raises ``apply``'s error."""
     # is_compiling first: Dynamo folds it to True, and cannot trace torch._C._is_tracing.
@@ -108,10 +108,10 @@ def _short_path(layer: torch.nn.Module, x, identity) -> Tensor | None:
         return None
     if not (type(groups) is int and groups >= 1 and isinstance(gn, _GroupNorm)):
         return None
-    eps, params = gn.eps, _parameters(layer, variant)
-    if type(eps) is not float:
+    eps, m, params = gn.eps, gn.num_channels, _parameters(layer, variant)
+    if not (type(eps) is float and type(m) is int):
         return None
-    for param, shape in zip(params, _module_shapes(variant, gn.num_channels)):
+    for param, shape in zip(params, _module_shapes(variant, m)):
         if not (isinstance(param, Tensor) and param.dtype == dtype and param.shape == shape):
             return None
     try:

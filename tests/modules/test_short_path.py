@@ -128,6 +128,20 @@ def test_full_path_where_apply_converts(variant, change, apply_calls):
     assert_close_to_reference({"out": got}, {"out": want}, torch.float32)
 
 
+@pytest.mark.parametrize("value", [[6], 6.0, None])
+def test_full_path_where_gn_channels_are_not_an_int(value, apply_calls):
+    """gn.num_channels is read by the short path alone (the parameters' shapes): a value that is
+    not an int takes the full path, which computes the layer as before."""
+    _, fused = make_pair("sa_layer", CHANNELS, GROUPS, seed=11)
+    x, identity = make_input(SHAPE, seed=12), make_input(SHAPE, seed=13)
+    with torch.no_grad():
+        want = fused(x, identity=identity)
+        fused.gn.num_channels = value
+        got = fused(x, identity=identity)
+    assert apply_calls == ["sa_layer"]
+    assert torch.equal(got, want)
+
+
 def test_full_path_under_jit_trace(apply_calls):
     _, fused = make_pair("sa_layer", CHANNELS, GROUPS)
     torch.jit.trace(fused, (make_input(SHAPE),), check_trace=False)

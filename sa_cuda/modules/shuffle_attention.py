@@ -79,45 +79,61 @@ def _module_shapes(variant: Variant, m: int) -> tuple[tuple[int, ...], ...]:
 # Bound once: the short path below reads them on every call.
 _jit_tracing = torch._C._is_tracing
 _is_compiling = torch.compiler.is_compiling
-_GroupNorm = torch.nn.GroupNorm
+_STRIDED = torch.strided
+
+
+def _dense_like(t, dtype: torch.dtype, device: torch.device, shape: tuple) -> bool:
+    """t is a dense (strided, not nested) tensor of dtype, on device, of shape."""
+    return (
+        isinstance(t, Tensor)
+        and t.layout is _STRIDED
+        and not t.is_nested
+        and t.dtype == dtype
+        and t.device == device
+        and t.shape == shape
+    )
 
 
 def _short_path(layer: torch.nn.Module, x, identity) -> Tensor | None:
-    """The layer's output without OpLibrary.apply's checks and conversions, or None where forward
-    takes the full path.
+    """The layer's output without OpLibrary.apply's Python, or None where forward takes the full
+    path.
 
     In a model this Python runs with cold caches (the convolutions between two SA layers evict
     it), and each line costs several times what it costs in a loop (docs/kernels.md,
-    python-per-call). The short path is taken where ``apply`` would hand the ops the arguments as
-    they are: nothing traces or compiles (ONNX export takes the reference there: ``_use_fused``),
-    x is a tensor on a device with kernels, identity (if any) and every parameter are tensors of
-    x's dtype (``apply`` converts none), each parameter has the shape the layer gives it at gn's
-    channel count (an int), groups is an int >= 1 and eps a float. ``apply``'s other rules are
-    the ops' (csrc/host.cpp: the same rules, checked before any memory is touched), and a
-    parameter of the module's shape meets the functionals' shape rule wherever it has the element
-    count the op checks. Where the op refuses the arguments (its checks raise ValueError; the dispatcher raises
-    NotImplementedError for a tensor of a backend without kernels: sparse, nested), forward takes
-    the full path, which raises ``apply``'s error."""
+    python-per-call). The short path is taken only where every check of ``apply``
+    (``check_forward_args`` with the functionals' rules, checks.py) passes and ``apply``
+    converts nothing, and then makes ``apply``'s last call, ``OpLibrary.dispatch``, with the same
+    arguments: nothing traces or compiles (ONNX export takes the reference there: ``_use_fused``),
+    x is a dense 4-D tensor of a kernel dtype on a device with kernels, with C = 2 * groups * m
+    channels (m: gn's channel count) and a plane of at least one pixel; identity (if any) is a
+    dense tensor of x's dtype, device and shape; every parameter is a dense tensor of x's dtype
+    and device in the shape the layer gives it at m; groups is an int >= 1 and eps a float >= 0.
+    Where any of that does not hold, the full path runs, and raises (or converts) as before: the
+    short path catches nothing. The module's attributes are read in the full path's order."""
     # is_compiling first: Dynamo folds it to True, and cannot trace torch._C._is_tracing.
     if _is_compiling() or _jit_tracing() or not isinstance(x, Tensor):
         return None
     if not (x.is_cpu or fused_available(x.device)):
         return None
-    dtype, variant, groups, gn = x.dtype, layer._variant, layer.groups, _child(layer, "gn")
-    if identity is not None and not (isinstance(identity, Tensor) and identity.dtype == dtype):
+    variant = layer._variant
+    params = _parameters(layer, variant)
+    gn = _child(layer, "gn")
+    eps, groups, m = gn.eps, layer.groups, getattr(gn, "num_channels", None)
+    if not (type(eps) is float and eps >= 0 and type(groups) is int and type(m) is int):
         return None
-    if not (type(groups) is int and groups >= 1 and isinstance(gn, _GroupNorm)):
+    if not (x.layout is _STRIDED and not x.is_nested and x.dim() == 4):
         return None
-    eps, m, params = gn.eps, gn.num_channels, _parameters(layer, variant)
-    if not (type(eps) is float and type(m) is int):
+    dtype, device, shape = x.dtype, x.device, x.shape
+    if dtype not in KERNEL_DTYPES or groups < 1 or m < 1 or shape[1] != 2 * groups * m:
         return None
-    for param, shape in zip(params, _module_shapes(variant, m)):
-        if not (isinstance(param, Tensor) and param.dtype == dtype and param.shape == shape):
+    if shape[2] < 1 or shape[3] < 1:
+        return None
+    if identity is not None and not _dense_like(identity, dtype, device, shape):
+        return None
+    for param, param_shape in zip(params, _module_shapes(variant, m)):
+        if not _dense_like(param, dtype, device, param_shape):
             return None
-    try:
-        return SA_CUDA_LIBRARY.dispatch(variant.name, x, groups, params, eps, identity)
-    except (ValueError, NotImplementedError):
-        return None
+    return SA_CUDA_LIBRARY.dispatch(variant.name, x, groups, params, eps, identity)
 
 
 class _FusedLayer:

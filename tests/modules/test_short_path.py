@@ -206,6 +206,8 @@ HOSTILE = [
     _set_attr("", "groups", True),
     _set_attr("", "groups", 5),
     _set_attr("", "groups", 4.0),
+    _set_attr("", "groups", 2**63),
+    _input(lambda x, i: (torch.nested.nested_tensor(list(x)), i), "x_nested"),
 ]
 
 
@@ -230,3 +232,81 @@ def test_refused_inputs_raise_the_full_paths_error(variant, change, grad, monkey
     want = raised()
     assert got == want
     assert want[0] is ValueError, want
+
+
+def _fake_mode(module, x, identity):
+    """Under FakeTensorMode, a fake x of twice the channels (the mode forwards any op it meets)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        module(mode.from_tensor(torch.cat([x, x], 1)), identity=None)
+
+
+def _pack_hook_refuses(module, x, identity):
+    """A saved-tensors hook that refuses the first tensor it is given (an offload budget)."""
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        if len(packed) == 1:
+            raise ValueError("offload budget exceeded")
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x.requires_grad_(), identity=identity)
+    finally:
+        assert len(packed) == 1, len(packed)  # one attempt, not a retry
+
+
+def _forward_ad(module, x, identity):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        module(fwAD.make_dual(x, torch.ones_like(x)), identity=identity)
+
+
+def _vmap_over_no_parameters(module, x, identity):
+    """Parameters mapped over an empty dimension (the op never runs) and a 3-D x."""
+    params = {k: v.detach()[None].expand(0, *v.shape).clone() for k, v in module.named_parameters()}
+    call = torch.func.functional_call
+    torch.func.vmap(lambda p: call(module, p, (x[0],)))(params)
+
+
+def _deleted_groups_and_gn(module, x, identity):
+    del module.groups
+    del module.gn
+    module(x, identity=identity)
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [_fake_mode, _pack_hook_refuses, _forward_ad, _vmap_over_no_parameters, _deleted_groups_and_gn],
+    ids=lambda f: f.__name__.lstrip("_"),
+)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_modes_hooks_and_transforms_fail_as_the_full_path(variant, scenario, monkeypatch):
+    """The short path neither tries the op where the full path's checks refuse (a mode or a
+    transform would see an op call the full path never makes, and raise its own error) nor
+    catches what the op or user code raises (a hook's error would be swallowed and the op run
+    again): each scenario ends with the full path's exception, after as many op calls."""
+    calls = []
+    dispatch = library.OpLibrary.dispatch
+
+    def counted(self, *args, **kwargs):
+        calls.append(args[0])
+        return dispatch(self, *args, **kwargs)
+
+    monkeypatch.setattr(library.OpLibrary, "dispatch", counted)
+
+    def outcome():
+        _, fused = make_pair(variant, CHANNELS, GROUPS, seed=14)
+        x, identity = make_input(SHAPE, seed=15), make_input(SHAPE, seed=16)
+        calls.clear()
+        with pytest.raises(Exception) as info:
+            scenario(fused, x, identity)
+        return type(info.value), str(info.value), len(calls)
+
+    got = outcome()
+    _full_path_only(monkeypatch)
+    assert got == outcome()

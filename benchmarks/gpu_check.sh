@@ -19,7 +19,7 @@ set -u -o pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 HELPERS=$HERE/gpu_check
-STEPS_GPU="env build resources check tests timing channels_last residual memcheck racecheck ncu synccheck initcheck"
+STEPS_GPU="env build resources check tests timing channels_last residual residual_check memcheck racecheck ncu synccheck initcheck"
 
 usage() {
   cat <<EOF
@@ -137,12 +137,13 @@ else
 fi
 
 # ---- check: every launch path x dtype x variant vs the CPU op in float64
+CPU_CASES=(--set small --dtypes fp32,bf16 --offsets 0,1 --cases "${SA_GPU_CHECK_CPU_CASES:-warp N=63|group m=8}")
 if [ "$MODE" = gpu ]; then
-  run_step check 90 20 TERM 1 "$PY" "$LAUNCH_PATHS" --backend cuda --json "$OUT/check.json"
-else
-  run_step check 120 20 TERM 1 "$PY" "$LAUNCH_PATHS" --backend emulated --set small \
-    --dtypes fp32,bf16 --offsets 0,1 --cases "${SA_GPU_CHECK_CPU_CASES:-warp N=63|group m=8}" \
+  run_step check 90 20 TERM 1 "$PY" "$LAUNCH_PATHS" --backend cuda --epilogues plain \
     --json "$OUT/check.json"
+else
+  run_step check 120 20 TERM 1 "$PY" "$LAUNCH_PATHS" --backend emulated --epilogues plain \
+    "${CPU_CASES[@]}" --json "$OUT/check.json"
 fi
 
 # ---- the CUDA tests (skips visible); without what the visit cannot afford and what cannot import.
@@ -194,6 +195,18 @@ else
   run_step residual 60 20 TERM 1 bash -c '"$PY" "$HELPERS/timing.py" --device cpu --tiny \
     --batches 1 --dtypes fp32 --residual --impls eager,fused --budget $((STEP_BOX - 15)) \
     --json "$OUT/timing-residual.json" --png "$OUT/timing-residual.png"'
+fi
+
+# ---- residual_check: the launch paths with the residual epilogue (the forward against the float64
+# residual op, the backward bit for bit against the plain backward of relu's masked gradient),
+# fp32 and bf16 at every offset: half the check step's runs (1072 took 63 s there on the H200),
+# in a box of their own so that the plain check keeps its
+if [ "$MODE" = gpu ]; then
+  run_step residual_check 60 20 TERM 1 "$PY" "$LAUNCH_PATHS" --backend cuda --epilogues residual \
+    --dtypes fp32,bf16 --json "$OUT/check-residual.json"
+else
+  run_step residual_check 60 20 TERM 1 "$PY" "$LAUNCH_PATHS" --backend emulated \
+    --epilogues residual "${CPU_CASES[@]}" --json "$OUT/check-residual.json"
 fi
 
 # ---- compute-sanitizer on the small launch-path set (no caching allocator for memcheck/initcheck)

@@ -29,7 +29,7 @@ for. The paths are those of csrc/cuda/launch_common.cuh; add a spec when a path 
 --epilogues plain,residual (the default) takes both; one of them, only its cases.
 --backend emulated runs the same kernel source through the CPU SIMT emulator (tests/emulation.py).
 --corrupt OUTPUT adds an error to that output of the kernels' result before it is checked: a test
-hook showing that the check compares real values (the case must FAIL).
+hook showing that the check compares real values (every case that has the output must FAIL).
 
 Prints one line per case and a final PASS/FAIL count; exit code 1 when any case fails.
 """
@@ -48,7 +48,6 @@ from launch_specs import EPILOGUES, Case, cases
 from sa_cuda.testing import accuracy_bound, max_abs, max_err
 
 EPS = 1e-5
-FORWARD_OUTPUTS = 3  # out, mean, rstd: then the backward's
 
 
 def output_names(variant: str, residual: bool = False) -> list[str]:
@@ -56,17 +55,22 @@ def output_names(variant: str, residual: bool = False) -> list[str]:
     return ["out", "mean", "rstd", *grads, *(f"grad_{n}" for n in PARAM_ARG_NAMES[variant])]
 
 
+def run_forward(ops, variant: str, x, groups: int, params, identity=None) -> list:
+    """The forward op's (out, mean, rstd); with identity, the residual forward op's."""
+    if identity is None:
+        return list(getattr(ops, f"{variant}_forward")(x, groups, *params, EPS))
+    return list(getattr(ops, f"{variant}_residual_forward")(x, identity, groups, *params, EPS))
+
+
 def run_op(ops, variant: str, x, grad_out, groups: int, params, identity=None) -> list:
     """The forward op, then the backward op on the forward's statistics: 10 tensors; with
     identity, the residual ops: 11 (grad_identity after grad_x)."""
+    out, mean, rstd = run_forward(ops, variant, x, groups, params, identity)
     if identity is None:
-        out, mean, rstd = getattr(ops, f"{variant}_forward")(x, groups, *params, EPS)
         grads = getattr(ops, f"{variant}_backward")(grad_out, x, mean, rstd, groups, *params)
-        return [out, mean, rstd, *grads]
-    forward = getattr(ops, f"{variant}_residual_forward")
-    out, mean, rstd = forward(x, identity, groups, *params, EPS)
-    backward = getattr(ops, f"{variant}_residual_backward")
-    grads = backward(grad_out, out, x, mean, rstd, groups, *params)
+    else:
+        backward = getattr(ops, f"{variant}_residual_backward")
+        grads = backward(grad_out, out, x, mean, rstd, groups, *params)
     return [out, mean, rstd, *grads]
 
 
@@ -74,7 +78,7 @@ def masked_backward(ops, case: Case, offset: int, x, grad_out, params, run: list
     """The residual backward's yardstick for ``run`` (run_op's residual outputs on x and grad_out):
     the plain backward op on relu's masked gradient, placed at grad_out's offset, with the run's
     statistics: (grad_x, the masked gradient, six parameter gradients)."""
-    out, mean, rstd = run[:FORWARD_OUTPUTS]
+    out, mean, rstd = run[:3]
     masked = torch.ops.aten.threshold_backward(grad_out, out, 0.0)
     masked_at = at_offset(masked, offset, masked.device, case.spec.channels_last)
     grads = getattr(ops, f"{case.variant}_backward")(
@@ -139,15 +143,13 @@ def references(case: Case, seed: int) -> dict:
     named = dict(ref.named_parameters())
     params = [named[k].detach() for k in PARAM_KEYS[variant]]
 
-    truth = run_op(
-        torch.ops.sa_cuda,
-        variant,
-        x.double(),
-        grad_out.double(),
-        spec.groups,
-        [p.double() for p in params],
-        None if identity is None else identity.double(),
-    )
+    x64, params64 = x.double(), [p.double() for p in params]
+    if identity is not None:
+        truth = run_forward(
+            torch.ops.sa_cuda, variant, x64, spec.groups, params64, identity.double()
+        )
+    else:
+        truth = run_op(torch.ops.sa_cuda, variant, x64, grad_out.double(), spec.groups, params64)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     var, mean = torch.var_mean(x.to(acc), dim=(2, 3), unbiased=False)
     stats = [mean, (var + EPS).rsqrt()]
@@ -159,7 +161,7 @@ def references(case: Case, seed: int) -> dict:
             "grad_out": grad_out,
             "identity": identity,
             "params": params,
-            "truth": truth[:FORWARD_OUTPUTS],
+            "truth": truth,
             "eager": [eager_out, *stats],
             "want_dtypes": [dtype, acc, acc],
         }
@@ -300,7 +302,7 @@ def check_offset(ops, device, case, offset, prepared, corrupt) -> tuple[dict, st
         got, again, exact = run_twice(ops, device, case, offset, prepared)
         if corrupt in names:
             bad = got[names.index(corrupt)]
-            bad.view(-1)[0] += 1.0 + bad.detach().abs().max()
+            bad[(0,) * bad.dim()] += 1.0 + bad.detach().abs().max()  # any layout
         n = len(prepared["truth"])  # the outputs held to the float64 truth; the rest to `exact`
         yardsticks = (prepared["truth"], prepared["eager"], prepared["want_dtypes"])
         row["outputs"] = compare(names[:n], got[:n], again[:n], *yardsticks)

@@ -175,6 +175,9 @@ def timing_verdict(timing: dict) -> tuple[str, dict]:
     return verdict, counts
 
 
+# The JSON each launch-path step writes into OUTDIR (launch_paths.py: plain, residual epilogue).
+CHECK_FILES = {"check": "check.json", "residual_check": "check-residual.json"}
+
 # The JSON each timing step writes into OUTDIR.
 TIMING_FILES = {
     "timing": "timing.json",
@@ -193,15 +196,17 @@ def verdicts(out: Path, steps: list[dict], timings: dict) -> tuple[dict, dict]:
     """(one-line verdict per step, details for summary.json); timings: read_timings(out)."""
     logs = out / "logs"
     v, details = {}, {}
-    check = read_json(out / "check.json")
-    if check:
-        v["check"] = (
-            f"{check['passed']} PASS, {check['failed']} FAIL ({check['backend']}, set {check['set']})"
-        )
-        details["check"] = {
-            k: check[k] for k in ("backend", "set", "passed", "failed", "poisoned_allocator")
-        }
-        details["check"]["failures"] = [c for c in check["cases"] if not c["ok"]][:50]
+    for step, name in CHECK_FILES.items():
+        check = read_json(out / name)
+        if check:
+            v[step] = (
+                f"{check['passed']} PASS, {check['failed']} FAIL ({check['backend']}, "
+                f"set {check['set']})"
+            )
+            details[step] = {
+                k: check[k] for k in ("backend", "set", "passed", "failed", "poisoned_allocator")
+            }
+            details[step]["failures"] = [c for c in check["cases"] if not c["ok"]][:50]
     for tool in SANITIZERS:
         line = sanitizer_verdict(read_text(logs / f"{tool}.log"))
         res = read_json(out / "sanitizers" / f"{tool}.json")
@@ -282,11 +287,12 @@ def tables(details: dict, timings: dict) -> list[str]:
             "128-bit accesses of a full warp):",
             format_ncu_table(details["ncu"]["passes"]),
         ]
-    failures = details.get("check", {}).get("failures", [])
+    failures = [c for step in CHECK_FILES for c in details.get(step, {}).get("failures", [])]
     if failures:
         lines += ["", "launch-path failures (first 10):"]
         lines += [
-            f"  {c['variant']} {c['path']} {tuple(c['shape'])} {c['dtype']} off={c['offset']}: "
+            f"  {c['variant']} {c.get('epilogue', 'plain')} {c['path']} {tuple(c['shape'])} "
+            f"{c['dtype']} off={c['offset']}: "
             f"{c.get('error') or [k for k, o in c['outputs'].items() if not o['ok']]}"
             for c in failures[:10]
         ]

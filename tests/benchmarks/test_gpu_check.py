@@ -31,6 +31,7 @@ STEPS = [
     "timing",
     "channels_last",
     "residual",
+    "residual_check",
     "memcheck",
     "racecheck",
     "ncu",
@@ -67,6 +68,7 @@ def test_cpu_mode_passes_and_prints_the_summary_last(cpu_run):
         "timing",
         "channels_last",
         "residual",
+        "residual_check",
         "ncu",
     }
     assert "cpu mode" in tail.split("\n\n")[0]
@@ -85,8 +87,9 @@ def test_cpu_mode_json_holds_the_results(cpu_run):
         assert step["status"] in ("ran", "skipped")
         if step["status"] == "ran":
             assert step["rc"] == 0 and 0 <= step["seconds"] <= step["box"] + 20
-    assert s["check"]["backend"] == "emulated" and s["check"]["failed"] == 0
-    assert s["check"]["passed"] >= 4
+    for step in ("check", "residual_check"):
+        assert s[step]["backend"] == "emulated" and s[step]["failed"] == 0
+        assert s[step]["passed"] >= 4
     assert s["ncu"]["attribution"] == "ok" and len(s["ncu"]["passes"]) == 8
     assert s["timing"]["fused_checks_failed"] == 0 and s["timing"]["timed"] >= 12
     cl = json.loads((out / "timing-channels_last.json").read_text())
@@ -104,18 +107,20 @@ def test_cpu_mode_json_holds_the_results(cpu_run):
     assert all(r["model_bytes"] == bytes_per_pass[r["pass"]] for r in timed)
 
 
-def test_cpu_mode_launch_path_check_compared_real_values(cpu_run):
-    """Plain cases: all 10 outputs against the float64 truth. Residual cases: the forward's 3 so,
-    the backward's 8 equal to the plain backward of relu's masked gradient."""
+@pytest.mark.parametrize("step_json", ["check.json", "check-residual.json"])
+def test_cpu_mode_launch_path_check_compared_real_values(cpu_run, step_json):
+    """check: plain cases, all 10 outputs against the float64 truth. residual_check: residual
+    cases, the forward's 3 so, the backward's 8 equal to the plain backward of relu's masked
+    gradient."""
     _, out = cpu_run
-    check = json.loads((out / "check.json").read_text())
+    check = json.loads((out / step_json).read_text())
     paths = {c["path"] for c in check["cases"]}
     assert any(p.startswith("warp") for p in paths) and any(p.startswith("group") for p in paths)
     assert {c["offset"] for c in check["cases"]} == {0, 1}
     assert {c["dtype"] for c in check["cases"]} == {"fp32", "bf16"}
-    assert {c["epilogue"] for c in check["cases"]} == {"plain", "residual"}
+    residual = step_json == "check-residual.json"
+    assert {c["epilogue"] for c in check["cases"]} == {"residual" if residual else "plain"}
     for case in check["cases"]:
-        residual = case["epilogue"] == "residual"
         names = ["out", "mean", "rstd", "grad_x"] + ["grad_identity"] * residual
         assert list(case["outputs"])[: len(names)] == names
         assert len(case["outputs"]) == 10 + residual
@@ -145,23 +150,28 @@ def test_cpu_mode_timing_rows_and_plot(cpu_run):
 
 
 @pytest.mark.parametrize(
-    "epilogue,corrupt",
-    [("plain", "grad_x"), ("residual", "out"), ("residual", "grad_identity")],
+    "epilogue,corrupt,cases",
+    [
+        ("plain", "grad_x", "warp N=63"),
+        ("residual", "out", "warp N=63"),
+        ("residual", "grad_identity", "warp N=63"),
+        ("residual", "grad_x", "nhwc 32\\+8"),  # channels_last outputs
+    ],
 )
-def test_launch_path_check_fails_on_a_corrupted_output(tmp_path, epilogue, corrupt):
+def test_launch_path_check_fails_on_a_corrupted_output(tmp_path, epilogue, corrupt, cases):
     import launch_paths
 
     report = tmp_path / "check.json"
     rc = launch_paths.main(
         [
-            *("--backend", "emulated", "--set", "small", "--cases", "warp N=63"),
+            *("--backend", "emulated", "--set", "small", "--cases", cases),
             *("--dtypes", "fp32", "--offsets", "0", "--epilogues", epilogue),
             *("--corrupt", corrupt, "--json", str(report)),
         ]
     )
     assert rc == 1
     [case] = json.loads(report.read_text())["cases"]
-    assert not case["ok"] and case["epilogue"] == epilogue
+    assert not case["ok"] and case["epilogue"] == epilogue and "error" not in case
     for name, o in case["outputs"].items():
         assert o["ok"] == (name != corrupt), name
         assert o["bitwise_repeat"] == (name != corrupt), name

@@ -8,6 +8,9 @@ own parameters: the op runs once per slice.
 Backward: the parameter gradients are sums over the batch, and under vmap every slice needs its
 own sum, so the op runs once per slice (grad_x alone could be folded, but the op returns both).
 The residual ops (forward and backward) run once per slice too.
+A mapped dimension of size 0 has no slice to run the op on: the outputs are then empty tensors of
+the shapes and dtypes the op's fake kernel gives one slice (which checks the arguments as the op
+does).
 """
 
 from __future__ import annotations
@@ -19,8 +22,26 @@ def _slice(args, in_dims, index: int) -> list:
     return [a if d is None else a.select(d, index) for a, d in zip(args, in_dims)]
 
 
+def _meta_slice(a: torch.Tensor, d: int | None) -> torch.Tensor:
+    """One slice of a mapped tensor (a whole unmapped one) as an empty tensor on meta."""
+    shape = a.shape if d is None else a.shape[:d] + a.shape[d + 1 :]
+    return torch.empty(shape, dtype=a.dtype, device="meta")
+
+
+def _no_slices(op, args, in_dims) -> tuple:
+    """The outputs of ``op`` over a mapped dimension of size 0: its fake kernel run on meta
+    tensors of one slice's shape gives each output's shape and dtype; each is returned empty, with
+    a leading dimension of 0, on the arguments' device."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    one = [_meta_slice(a, d) if isinstance(a, torch.Tensor) else a for a, d in zip(args, in_dims)]
+    outputs = tuple(torch.empty((0, *o.shape), dtype=o.dtype, device=device) for o in op(*one))
+    return outputs, (0,) * len(outputs)
+
+
 def _per_slice(op, info, args, in_dims):
     """Runs ``op`` on every slice of the mapped arguments and stacks its outputs along dim 0."""
+    if info.batch_size == 0:
+        return _no_slices(op, args, in_dims)
     results = [op(*_slice(args, in_dims, v)) for v in range(info.batch_size)]
     outputs = tuple(torch.stack(list(column)) for column in zip(*results))
     return outputs, (0,) * len(outputs)
@@ -36,7 +57,8 @@ def _forward_rule(op):
         x = x.movedim(x_dim, 0)
         V, B = x.shape[0], x.shape[1]
         out, mean, rstd = op(x.reshape(V * B, *x.shape[2:]), groups, *params_and_eps)
-        return (out.view(V, B, *out.shape[1:]), mean.view(V, B, -1), rstd.view(V, B, -1)), (0, 0, 0)
+        stats = (V, B, mean.shape[1])  # not -1: V * B may be 0
+        return (out.view(V, B, *out.shape[1:]), mean.view(stats), rstd.view(stats)), (0, 0, 0)
 
     return rule
 

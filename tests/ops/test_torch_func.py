@@ -58,6 +58,32 @@ def test_vmap_over_parameters(variant):
     torch.testing.assert_close(fused, want, **TOL)
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("mapped", ["x", "params"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_vmap_over_an_empty_dimension(variant, mapped, residual):
+    """A mapped dimension of size 0 (no slice to run the op on; the reference layers cannot take
+    one) gives empty results of the shapes and dtypes a dimension of size 1 gives: the forward's,
+    and per-sample gradients vmap(grad(...)) of x and the parameters."""
+    params = _params(variant)
+    extra = {"identity": make_input(SHAPE, seed=7, dtype=torch.float64)} if residual else {}
+    x = make_input(SHAPE, dtype=torch.float64)
+    in_dims = (0, None) if mapped == "x" else (None, 0)
+
+    def forward(x_, ps):
+        return functional(variant)(x_, G, *ps, **extra)
+
+    per_sample_grads = grad(lambda x_, ps: forward(x_, ps).sum(), argnums=(0, 1))
+    for fn in (forward, per_sample_grads):
+        results = []
+        for size in (0, 1):
+            xs = x.expand(size, *SHAPE) if mapped == "x" else x
+            ps = [p.expand(size, *p.shape) for p in params] if mapped == "params" else params
+            results.append(torch.utils._pytree.tree_leaves(vmap(fn, in_dims=in_dims)(xs, ps)))
+        empty, one = results
+        assert [(t.shape, t.dtype) for t in empty] == [((0, *t.shape[1:]), t.dtype) for t in one]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_grad_and_vjp_match_reference(variant):
     params = _params(variant)

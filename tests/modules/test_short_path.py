@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import VARIANTS, make_input, make_pair
+from conftest import DEVICES, VARIANTS, make_input, make_pair
 from torch import nn
 
 from sa_cuda.modules import shuffle_attention as modules_code
@@ -61,17 +61,19 @@ def _run(module, x, identity, gy, grad: bool) -> dict:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("device", DEVICES)
 def test_short_path_equals_full_path(
-    variant, residual, dtype, layout, grad, apply_calls, monkeypatch
+    device, variant, residual, dtype, layout, grad, apply_calls, monkeypatch
 ):
     """A module of one dtype skips apply (no check_forward_args call) and gives the full path's
     output and gradients, bit for bit."""
-    _, fused = make_pair(variant, CHANNELS, GROUPS, seed=1, dtype=dtype)
+    _, fused = make_pair(variant, CHANNELS, GROUPS, seed=1, dtype=dtype, device=device)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = make_input(SHAPE, seed=2, dtype=dtype).contiguous(memory_format=fmt)
-    identity = make_input(SHAPE, seed=3, dtype=dtype).contiguous(memory_format=fmt)
+    on = dict(dtype=dtype, device=device)
+    x = make_input(SHAPE, seed=2, **on).contiguous(memory_format=fmt)
+    identity = make_input(SHAPE, seed=3, **on).contiguous(memory_format=fmt)
     identity = identity if residual else None
-    gy = make_input(SHAPE, seed=4, dtype=dtype)
+    gy = make_input(SHAPE, seed=4, **on)
     got = _run(fused, x, identity, gy, grad)
     assert apply_calls == [], "the short path was not taken"
     _full_path_only(monkeypatch)

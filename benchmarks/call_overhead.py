@@ -82,7 +82,9 @@ def cold_us(fn, calls: int, buffer: torch.Tensor) -> float:
     return 1e6 * statistics.median(times)
 
 
-def calls_table(variant: str, calls: int, repeats: int, cold_calls: int) -> dict:
+def calls_table(variant: str, calls: int, repeats: int, cold_calls: int, buffer) -> dict:
+    """The per-call table of one variant; ``buffer``: evicting_buffer(), written before each cold
+    call."""
     cpu = torch.device("cpu")
     ref, fused = harness.make_modules(variant, SMALL, torch.float32, cpu, seed=0)
     x, gy = harness.make_inputs(SMALL, torch.float32, cpu, seed=0)
@@ -127,7 +129,6 @@ def calls_table(variant: str, calls: int, repeats: int, cold_calls: int) -> dict
         "module, forward+backward": times["forward op"] + times["backward op"],
     }
     around = {name: times[name] - ops_us for name, ops_us in kernels.items()}
-    buffer = evicting_buffer()
     cold = {
         "forward op": cold_us(ops, cold_calls, buffer),
         "module, no_grad": cold_us(no_grad_module, cold_calls, buffer),
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     mallopt({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: -1})  # no page faults for the allocator's choices
-    calls = [calls_table(v, args.calls, args.repeats, args.cold_calls) for v in VARIANTS]
+    buffer = evicting_buffer()
+    calls = [calls_table(v, args.calls, args.repeats, args.cold_calls, buffer) for v in VARIANTS]
     print("per call, us (small input; around = the module less its raw ops):")
     for row in calls:
         cells = "  ".join(f"{name} {us:.1f}" for name, us in row["us"].items())

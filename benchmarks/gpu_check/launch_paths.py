@@ -138,8 +138,9 @@ def references(case: Case, seed: int) -> dict:
         + torch.randn(1, C, 1, 1, generator=gen, dtype=torch.float64)
     ).to(dtype)
     grad_out = torch.randn(spec.shape, generator=gen, dtype=torch.float64).to(dtype)
-    identity = torch.randn(spec.shape, generator=gen, dtype=torch.float64).to(dtype)
-    identity = identity if case.residual else None
+    identity = None
+    if case.residual:  # drawn last: x and grad_out are the plain case's
+        identity = torch.randn(spec.shape, generator=gen, dtype=torch.float64).to(dtype)
     named = dict(ref.named_parameters())
     params = [named[k].detach() for k in PARAM_KEYS[variant]]
 
